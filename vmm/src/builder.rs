@@ -1,0 +1,282 @@
+//! Assembles a VM from a validated [`VmConfig`]: KVM, guest RAM, the kernel
+//! and its boot data, the legacy devices on their buses, and configured
+//! vCPUs. Everything that can fail because of bad input fails here, before
+//! any guest code runs.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
+use crate::arch::x86_64::cpuid::VcpuTopology;
+use crate::arch::x86_64::layout::{
+    guest_ram_ranges, BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ,
+};
+use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::config::{host_memory_mib, ConfigError, HostLimits, SerialConfig, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::boot_timer::BootTimer;
+use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{
+    InputReady, SerialDevice, SerialOutput, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+};
+use crate::devices::legacy::IrqLine;
+use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
+use crate::platform::KvmFlavor;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{open_kvm, Vm, VmError};
+
+/// Errors in building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read the host's memory size: {0}")]
+    HostMemory(std::io::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot place a device on its bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {purpose} socket {path}: {source}")]
+    Listen {
+        purpose: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where serial input comes from.
+pub enum SerialInput {
+    /// The VMM's stdin.
+    Stdin,
+    /// Clients of a listening Unix socket; the current one is shared with the
+    /// UART's output side.
+    Socket {
+        listener: UnixListener,
+        path: PathBuf,
+        client: Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+    },
+    /// No input (file or discarded output).
+    None,
+}
+
+/// A VM ready to run: everything created and configured, no thread started.
+pub struct BuiltVm {
+    pub config: VmConfig,
+    pub kvm: Kvm,
+    pub vm: Vm,
+    pub memory: GuestMemoryMmap,
+    pub memfd: File,
+    pub kernel: LoadedKernel,
+    pub vcpus: Vec<Vcpu>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub serial_input: SerialInput,
+    pub serial_input_ready: EventFd,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub i8042_reset: EventFd,
+    pub boot_time_us: Arc<AtomicU64>,
+    pub control_listener: Option<(UnixListener, PathBuf)>,
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd { what, source })
+}
+
+fn irq_line(what: &'static str) -> Result<IrqLine, BuildError> {
+    IrqLine::new().map_err(|source| BuildError::EventFd { what, source })
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file but never
+/// any other kind of file.
+pub fn bind_unix_socket(path: &Path, purpose: &'static str) -> Result<UnixListener, BuildError> {
+    let listen_error = |source| BuildError::Listen {
+        purpose,
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if metadata.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(listen_error)?;
+        } else {
+            return Err(listen_error(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(listen_error)?;
+    listener.set_nonblocking(true).map_err(listen_error)?;
+    Ok(listener)
+}
+
+fn serial_backend(config: &SerialConfig) -> Result<(SerialOutput, SerialInput), BuildError> {
+    Ok(match config {
+        SerialConfig::Stdout => (SerialOutput::Stdout(std::io::stdout()), SerialInput::Stdin),
+        SerialConfig::Off => (SerialOutput::Sink, SerialInput::None),
+        SerialConfig::File { path } => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            (SerialOutput::File(file), SerialInput::None)
+        }
+        SerialConfig::Unix { path } => {
+            let listener = bind_unix_socket(path, "serial")?;
+            let client = Arc::new(Mutex::new(None));
+            (
+                SerialOutput::Socket(client.clone()),
+                SerialInput::Socket {
+                    listener,
+                    path: path.clone(),
+                    client,
+                },
+            )
+        }
+    })
+}
+
+/// Validates `config` against this host and builds the VM.
+pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
+    let kvm = open_kvm()?;
+    let limits = HostLimits {
+        max_vcpus: kvm.get_max_vcpus() as u32,
+        host_memory_mib: host_memory_mib().map_err(BuildError::HostMemory)?,
+    };
+    config.validate(&limits)?;
+    let flavor = KvmFlavor::detect();
+    let mem_size = config.memory_bytes();
+    let vcpu_count = config.machine.vcpus;
+    log::info!(
+        "building VM: {} vCPU(s), {} MiB, kernel {}, KVM flavor {:?}",
+        vcpu_count,
+        config.machine.memory_mib,
+        config.boot.kernel.display(),
+        flavor
+    );
+
+    let ram = create_guest_ram(&guest_ram_ranges(mem_size))?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&ram.memory)?;
+
+    let kernel = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
+    let initrd = match &config.boot.initrd {
+        Some(path) => Some(boot::load_initrd(&ram.memory, path, &kernel, mem_size)?),
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(&ram.memory, &config.boot.cmdline)?;
+    let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size);
+    boot::write_boot_params(&ram.memory, &params)?;
+    mptable::setup_mptable(&ram.memory, vcpu_count)?;
+
+    // Legacy devices.
+    let (serial_output, serial_input) = serial_backend(&config.serial)?;
+    let serial_irq = irq_line("the serial interrupt")?;
+    vm.register_irqfd(&serial_irq.0, SERIAL_IRQ)?;
+    let serial_input_ready = eventfd("serial input readiness")?;
+    let serial_ready_for_device = serial_input_ready
+        .try_clone()
+        .map_err(|source| BuildError::EventFd {
+            what: "serial input readiness",
+            source,
+        })?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        InputReady(serial_ready_for_device),
+        serial_output,
+    )));
+
+    let kbd_irq = irq_line("the keyboard interrupt")?;
+    vm.register_irqfd(&kbd_irq.0, I8042_KBD_IRQ)?;
+    let i8042_reset = eventfd("the i8042 reset line")?;
+    let reset_for_device = i8042_reset.try_clone().map_err(|source| BuildError::EventFd {
+        what: "the i8042 reset line",
+        source,
+    })?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, reset_for_device)));
+
+    let boot_timer = BootTimer::new();
+    let boot_time_us = boot_timer.boot_time();
+
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+    io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
+    let mut mmio_bus = Bus::new();
+    mmio_bus.insert(
+        Arc::new(Mutex::new(boot_timer)),
+        BOOT_TIMER_START,
+        BOOT_TIMER_SIZE,
+    )?;
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+    for index in 0..vcpu_count {
+        let vcpu = Vcpu::new(
+            &vm,
+            index,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            ram.memory.clone(),
+        )?;
+        let topology = VcpuTopology {
+            index,
+            count: vcpu_count,
+        };
+        vcpu.configure(&kvm, &base_cpuid, topology, flavor, kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let control_listener = match &config.control_socket {
+        Some(path) => Some((bind_unix_socket(path, "control")?, path.clone())),
+        None => None,
+    };
+
+    Ok(BuiltVm {
+        config,
+        kvm,
+        vm,
+        memory: ram.memory,
+        memfd: ram.memfd,
+        kernel,
+        vcpus,
+        serial,
+        serial_input,
+        serial_input_ready,
+        i8042,
+        i8042_reset,
+        boot_time_us,
+        control_listener,
+    })
+}

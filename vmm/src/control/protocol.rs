@@ -1,0 +1,182 @@
+//! The control protocol: newline-delimited JSON over a Unix stream socket.
+//!
+//! Each request is one JSON object on one line, answered by one JSON object
+//! on one line. A connection may carry any number of requests.
+//!
+//! | request                      | effect                                             |
+//! |------------------------------|----------------------------------------------------|
+//! | `{"command":"status"}`       | the VM's state, size, uptime and boot time         |
+//! | `{"command":"pause"}`        | every vCPU leaves the guest and waits              |
+//! | `{"command":"resume"}`       | paused vCPUs run again                             |
+//! | `{"command":"shutdown"}`     | Ctrl-Alt-Del to the guest; it decides what follows |
+//! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
+//!
+//! Answers: `{"ok":true}` (with `"status":{...}` for `status`), or
+//! `{"ok":false,"error":{"code":"bad_request"|"invalid_state"|"internal","message":"..."}}`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest request line accepted, in bytes.
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Shutdown,
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    /// Process start to the guest's boot-timer marker; absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_time_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidState,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            status: None,
+            error: None,
+        }
+    }
+
+    pub fn status(status: VmStatus) -> Self {
+        Self {
+            ok: true,
+            status: Some(status),
+            error: None,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            status: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
+    if line.len() > MAX_REQUEST_LEN {
+        return Err(Response::error(
+            ErrorCode::BadRequest,
+            format!("request of {} bytes exceeds {MAX_REQUEST_LEN}", line.len()),
+        ));
+    }
+    serde_json::from_slice(line)
+        .map_err(|err| Response::error(ErrorCode::BadRequest, format!("invalid request: {err}")))
+}
+
+/// Serializes a response as one line.
+pub fn encode_response(response: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(response).unwrap_or_else(|_| {
+        br#"{"ok":false,"error":{"code":"internal","message":"cannot encode response"}}"#.to_vec()
+    });
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(parse_request(br#"{"command":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(parse_request(br#"{"command":"pause"}"#).unwrap(), Request::Pause);
+        assert_eq!(parse_request(br#"{"command":"resume"}"#).unwrap(), Request::Resume);
+        assert_eq!(parse_request(br#"{"command":"shutdown"}"#).unwrap(), Request::Shutdown);
+        assert_eq!(parse_request(br#"{"command":"stop"}"#).unwrap(), Request::Stop);
+    }
+
+    #[test]
+    fn bad_requests_are_explained() {
+        for line in [
+            &b"{"[..],
+            br#"{"command":"reboot"}"#,
+            br#"{"command":"stop","force":true}"#,
+            br#"{}"#,
+            b"\xff\xfe",
+        ] {
+            let err = parse_request(line).unwrap_err();
+            assert!(!err.ok);
+            assert_eq!(err.error.unwrap().code, ErrorCode::BadRequest);
+        }
+        let huge = vec![b' '; MAX_REQUEST_LEN + 1];
+        assert!(parse_request(&huge).unwrap_err().error.unwrap().message.contains("exceeds"));
+    }
+
+    #[test]
+    fn responses_are_single_lines() {
+        let status = VmStatus {
+            state: VmState::Paused,
+            vcpus: 2,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            pid: 1,
+            uptime_ms: 5,
+            boot_time_ms: None,
+        };
+        let line = encode_response(&Response::status(status.clone()));
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let back: Response = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back.status, Some(status));
+        let text = String::from_utf8(encode_response(&Response::ok())).unwrap();
+        assert_eq!(text, "{\"ok\":true}\n");
+        let text = String::from_utf8(encode_response(&Response::error(
+            ErrorCode::InvalidState,
+            "not paused",
+        )))
+        .unwrap();
+        assert!(text.contains("\"invalid_state\""));
+    }
+}

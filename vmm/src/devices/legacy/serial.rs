@@ -1,0 +1,201 @@
+//! The 8250 UART at 0x3f8 (IRQ 4): the guest's console.
+//!
+//! The register model is vm-superio's; this module connects it to the host:
+//! output to stdout, a file, a Unix-socket client or nowhere, input pushed in
+//! by the event loop. The UART's receive FIFO is small (64 bytes), so the
+//! event loop stops reading input while it is full and resumes when the
+//! guest has drained it ([`InputReady`] wakes it).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::IrqLine;
+use crate::devices::bus::{lock, BusDevice};
+
+pub const SERIAL_PORT_BASE: u64 = 0x3f8;
+pub const SERIAL_PORT_LEN: u64 = 8;
+
+/// Where the guest's console output goes.
+pub enum SerialOutput {
+    Stdout(io::Stdout),
+    File(File),
+    /// The currently connected socket client, if any. Output while no client
+    /// is connected is dropped, as on a real serial line with nobody listening.
+    Socket(Arc<Mutex<Option<UnixStream>>>),
+    Sink,
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Stdout(out) => out.write(buf),
+            Self::File(file) => file.write(buf),
+            Self::Socket(client) => {
+                let mut client = lock(client);
+                if let Some(stream) = client.as_mut() {
+                    if stream.write_all(buf).is_err() {
+                        // The client went away; drop it and keep the guest running.
+                        *client = None;
+                    }
+                }
+                Ok(buf.len())
+            }
+            Self::Sink => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Stdout(out) => out.flush(),
+            Self::File(file) => file.flush(),
+            Self::Socket(_) | Self::Sink => Ok(()),
+        }
+    }
+}
+
+/// Signals the event loop when the guest has emptied the receive FIFO.
+pub struct InputReady(pub EventFd);
+
+impl SerialEvents for InputReady {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(err) = self.0.write(1) {
+            log::warn!("cannot signal serial input readiness: {err}");
+        }
+    }
+}
+
+pub struct SerialDevice {
+    uart: Serial<IrqLine, InputReady, SerialOutput>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqLine, input_ready: InputReady, output: SerialOutput) -> Self {
+        Self {
+            uart: Serial::with_events(irq, input_ready, output),
+        }
+    }
+
+    /// Free bytes in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues bytes typed by the user; returns how many were taken.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return Ok(0);
+        }
+        self.uart
+            .enqueue_raw_bytes(&bytes[..room])
+            .map_err(|err| io::Error::other(format!("{err:?}")))
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = if offset < SERIAL_PORT_LEN {
+            self.uart.read(offset as u8)
+        } else {
+            0xff
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        if offset >= SERIAL_PORT_LEN {
+            return;
+        }
+        if let Err(err) = self.uart.write(offset as u8, value) {
+            log::warn!("serial write at offset {offset} failed: {err:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 0x01;
+
+    fn device(output: SerialOutput) -> (SerialDevice, EventFd, EventFd) {
+        let irq = IrqLine::new().unwrap();
+        let irq_probe = irq.0.try_clone().unwrap();
+        let ready = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ready_probe = ready.try_clone().unwrap();
+        (
+            SerialDevice::new(irq, InputReady(ready), output),
+            irq_probe,
+            ready_probe,
+        )
+    }
+
+    #[test]
+    fn output_reaches_the_socket_client() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let client = Arc::new(Mutex::new(Some(ours)));
+        let (mut dev, _irq, _ready) = device(SerialOutput::Socket(client));
+        for byte in b"hi" {
+            dev.write(THR, &[*byte]);
+        }
+        let mut got = [0u8; 2];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+    }
+
+    #[test]
+    fn output_without_a_client_is_dropped() {
+        let client = Arc::new(Mutex::new(None));
+        let (mut dev, _irq, _ready) = device(SerialOutput::Socket(client));
+        dev.write(THR, b"x");
+    }
+
+    #[test]
+    fn input_fills_the_fifo_then_refuses_and_signals_when_drained() {
+        let (mut dev, irq, ready) = device(SerialOutput::Sink);
+        dev.write(IER, &[0x01]); // receive-data interrupt on
+        let input = vec![b'a'; 100];
+        let taken = dev.enqueue_input(&input).unwrap();
+        assert_eq!(taken, 64);
+        assert_eq!(dev.enqueue_input(&input).unwrap(), 0);
+        assert!(irq.read().unwrap() >= 1);
+        let mut byte = [0u8; 1];
+        for _ in 0..64 {
+            dev.read(LSR, &mut byte);
+            assert_ne!(byte[0] & LSR_DATA_READY, 0);
+            dev.read(THR, &mut byte);
+            assert_eq!(byte[0], b'a');
+        }
+        dev.read(LSR, &mut byte);
+        assert_eq!(byte[0] & LSR_DATA_READY, 0);
+        assert_eq!(ready.read().unwrap(), 1);
+        assert_eq!(dev.input_capacity(), 64);
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_ignored() {
+        let (mut dev, _irq, _ready) = device(SerialOutput::Sink);
+        let mut byte = [0u8; 1];
+        dev.read(100, &mut byte);
+        assert_eq!(byte[0], 0xff);
+        dev.write(100, &[1]);
+        dev.write(THR, &[]);
+    }
+}

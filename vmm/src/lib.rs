@@ -1,0 +1,19 @@
+//! Nubis VMM: one KVM microVM per process.
+//!
+//! The crate is laid out like the machine it builds: `arch` knows how an x86_64
+//! guest is booted (memory map, page tables, CPUID, MP table), `vstate` wraps the
+//! KVM VM and vCPU file descriptors, `devices` holds the emulated hardware,
+//! `builder` assembles a VM from a [`config::VmConfig`], `runtime` runs it (the
+//! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
+//! through which the host agent drives a running VM.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod logger;
+pub mod memory;
+pub mod platform;
+pub mod runtime;
+pub mod vstate;

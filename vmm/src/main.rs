@@ -1,0 +1,116 @@
+//! `nubis-vmm`: runs one microVM.
+//!
+//! Exit status: 0 when the VM stopped cleanly (guest reboot or power-off,
+//! control-socket `stop`, SIGTERM), 1 for bad input or a VMM failure (one
+//! line on stderr names the problem), 2 when the guest crashed the VM
+//! (triple fault, KVM emulation failure; the message names the exit and RIP).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use vmm::builder::build_vm;
+use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
+use vmm::logger;
+use vmm::runtime::{self, exit::EXIT_VMM_ERROR};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nubis-vmm",
+    version,
+    about = "Run one KVM microVM",
+    long_about = "Run one KVM microVM from a JSON config (--config) and/or flags; flags override the config.\n\
+                  Exit status: 0 clean stop, 1 bad input or VMM error, 2 guest crash."
+)]
+struct Cli {
+    /// VM configuration file (JSON, see the README).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "M")]
+    memory_mib: Option<u64>,
+    /// Console: stdout, off, file:PATH or unix:PATH.
+    #[arg(long, value_name = "stdout|off|file:PATH|unix:PATH")]
+    serial: Option<String>,
+    /// Unix socket for the control protocol.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("nubis-vmm: error: {message}");
+    ExitCode::from(EXIT_VMM_ERROR as u8)
+}
+
+fn assemble(cli: Cli) -> Result<VmConfig, String> {
+    let base = match &cli.config {
+        Some(path) => Some(VmConfig::from_file(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let serial = match &cli.serial {
+        Some(text) => Some(text.parse::<SerialConfig>().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let flags = ConfigOverrides {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory_mib,
+        serial,
+        control_socket: cli.control_socket,
+    };
+    VmConfig::assemble(base, flags).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    logger::mark_process_start();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                err.exit();
+            }
+            // One line: clap's first line, without its own "error: " prefix.
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(first.trim_start_matches("error: "));
+        }
+    };
+    logger::init();
+
+    let config = match assemble(cli) {
+        Ok(config) => config,
+        Err(message) => return fail(message),
+    };
+    let built = match build_vm(config) {
+        Ok(built) => built,
+        Err(err) => return fail(err),
+    };
+    match runtime::run(built) {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            if code == 0 {
+                log::info!("VM stopped: {}", reason.describe());
+            } else {
+                eprintln!("nubis-vmm: {}", reason.describe());
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(err) => fail(err),
+    }
+}

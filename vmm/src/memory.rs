@@ -1,0 +1,108 @@
+//! Guest RAM, backed by one memfd.
+//!
+//! Shared memory rather than anonymous memory, so that a snapshot can write
+//! the file, a migration can stream it, and another process (a device
+//! backend, the agent) can be handed the fd and map the very same pages.
+//! Each guest RAM region maps its own slice of the memfd.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress};
+
+/// Guest memory with a dirty-page bitmap per region: pages the VMM itself
+/// writes (device emulation) are not in KVM's dirty log, and a live
+/// migration needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// Errors in creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memfd_create for guest RAM failed: {0}")]
+    Memfd(std::io::Error),
+    #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
+    Resize { size: u64, source: std::io::Error },
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Map {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("guest RAM region at {addr:#x} of {size} bytes does not fit this host's address space")]
+    RegionTooLarge { addr: u64, size: u64 },
+}
+
+/// Guest RAM and the memfd behind it.
+pub struct GuestRam {
+    pub memory: GuestMemoryMmap,
+    pub memfd: File,
+}
+
+fn create_memfd(size: u64) -> Result<File, MemoryError> {
+    let name = c"nubis-guest-ram";
+    // SAFETY: `name` is a valid NUL-terminated string; the returned fd is
+    // checked before use and owned by the File below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a freshly created, valid descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Resize { size, source })?;
+    Ok(file)
+}
+
+/// Creates memfd-backed guest RAM for the given `(guest address, size)`
+/// ranges, laid out back to back in one memfd.
+pub fn create_guest_ram(ranges: &[(GuestAddress, u64)]) -> Result<GuestRam, MemoryError> {
+    let total: u64 = ranges.iter().map(|(_, size)| *size).sum();
+    let memfd = create_memfd(total)?;
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (addr, size) in ranges {
+        let len = usize::try_from(*size).map_err(|_| MemoryError::RegionTooLarge {
+            addr: addr.0,
+            size: *size,
+        })?;
+        let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
+        regions.push((*addr, len, Some(FileOffset::new(file, offset))));
+        offset += size;
+    }
+    let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(|source| {
+        MemoryError::Map {
+            size: total,
+            source,
+        }
+    })?;
+    Ok(GuestRam { memory, memfd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom};
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn regions_share_one_memfd() {
+        let ranges = [
+            (GuestAddress(0), 0x10_0000u64),
+            (GuestAddress(0x1_0000_0000), 0x10_0000u64),
+        ];
+        let mut ram = create_guest_ram(&ranges).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1_0000_0010))
+            .unwrap();
+        ram.memory.write_obj(0x1234_u16, GuestAddress(0x20)).unwrap();
+        assert_eq!(ram.memfd.metadata().unwrap().len(), 0x20_0000);
+        let mut word = [0u8; 4];
+        ram.memfd.seek(SeekFrom::Start(0x10_0010)).unwrap();
+        ram.memfd.read_exact(&mut word).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xdead_beef);
+        assert!(ram.memory.read_obj::<u8>(GuestAddress(0x20_0000)).is_err());
+    }
+}

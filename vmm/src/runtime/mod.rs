@@ -1,0 +1,200 @@
+//! Running a built VM: one thread per vCPU and one event-loop thread (this
+//! one) that waits in epoll for console input, control-socket requests,
+//! signals and the VM's end. Nothing polls.
+
+pub mod exit;
+mod serial_input;
+mod signals;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use crate::builder::BuiltVm;
+use crate::control::protocol::{ErrorCode, Request, Response, VmState, VmStatus};
+use crate::control::server::{ControlServer, VmControl};
+use crate::devices::bus::lock;
+use crate::devices::legacy::boot_timer::NOT_BOOTED;
+use crate::devices::legacy::i8042::I8042;
+use crate::vstate::vcpu::{install_kick_handler, RunControl, VcpusState};
+use exit::{ExitNotifier, ExitReason};
+use serial_input::SerialInputHandler;
+use signals::{ExitWatcher, TerminationSignals};
+
+/// How long vCPUs get to leave the guest when paused or stopped.
+const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors that keep a built VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create the event loop: {0:?}")]
+    EventManager(event_manager::Error),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot create the exit notifier: {0}")]
+    ExitNotifier(std::io::Error),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+}
+
+/// The running VM as the control socket sees it.
+pub struct VmHandle {
+    control: Arc<RunControl>,
+    exit: Arc<ExitNotifier>,
+    i8042: Arc<Mutex<I8042>>,
+    boot_time_us: Arc<AtomicU64>,
+    started: Instant,
+    vcpus: u32,
+    memory_mib: u64,
+    kernel: std::path::PathBuf,
+}
+
+impl VmHandle {
+    fn status(&self) -> VmStatus {
+        let state = match self.control.state() {
+            VcpusState::Running | VcpusState::Pausing => VmState::Running,
+            VcpusState::Paused => VmState::Paused,
+            VcpusState::Stopping => VmState::Stopping,
+        };
+        let boot = self.boot_time_us.load(Ordering::SeqCst);
+        VmStatus {
+            state,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel.clone(),
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            boot_time_ms: (boot != NOT_BOOTED).then_some(boot / 1000),
+        }
+    }
+}
+
+impl VmControl for VmHandle {
+    fn handle(&self, request: Request) -> Response {
+        let state = self.control.state();
+        if state == VcpusState::Stopping && request != Request::Status {
+            return Response::error(ErrorCode::InvalidState, "the VM is stopping");
+        }
+        match request {
+            Request::Status => Response::status(self.status()),
+            Request::Pause => {
+                if state == VcpusState::Paused {
+                    return Response::error(ErrorCode::InvalidState, "the VM is already paused");
+                }
+                match self.control.pause_all(VCPU_TIMEOUT) {
+                    Ok(()) => {
+                        log::info!("VM paused");
+                        Response::ok()
+                    }
+                    Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
+                }
+            }
+            Request::Resume => {
+                if state != VcpusState::Paused {
+                    return Response::error(ErrorCode::InvalidState, "the VM is not paused");
+                }
+                self.control.resume_all();
+                log::info!("VM resumed");
+                Response::ok()
+            }
+            Request::Shutdown => {
+                if state == VcpusState::Paused {
+                    return Response::error(
+                        ErrorCode::InvalidState,
+                        "the VM is paused: resume it before asking the guest to shut down",
+                    );
+                }
+                match lock(&self.i8042).send_ctrl_alt_del() {
+                    Ok(()) => {
+                        log::info!("sent Ctrl-Alt-Del to the guest");
+                        Response::ok()
+                    }
+                    Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
+                }
+            }
+            Request::Stop => {
+                self.exit
+                    .notify(ExitReason::Stopped("a control-socket request".into()));
+                Response::ok()
+            }
+        }
+    }
+}
+
+fn add_subscriber<T: MutEventSubscriber + 'static>(
+    manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber>>>,
+    subscriber: T,
+) {
+    manager.add_subscriber(Arc::new(Mutex::new(subscriber)));
+}
+
+/// Runs `built` until the guest or the host ends it; returns why it ended.
+pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
+    // Block termination signals before any thread exists, so that every
+    // thread inherits the mask and they arrive only through the signalfd.
+    let signals = TerminationSignals::new().map_err(RuntimeError::Signals)?;
+    install_kick_handler()?;
+    let exit = Arc::new(ExitNotifier::new().map_err(RuntimeError::ExitNotifier)?);
+    let vcpu_count = built.vcpus.len() as u32;
+    let control = Arc::new(RunControl::new(vcpu_count));
+
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber>>> =
+        EventManager::new().map_err(RuntimeError::EventManager)?;
+    add_subscriber(
+        &mut manager,
+        ExitWatcher::new(exit.clone(), built.i8042_reset, signals),
+    );
+    let serial_handler =
+        SerialInputHandler::new(built.serial.clone(), built.serial_input, built.serial_input_ready);
+    let terminal_guard = serial_handler.terminal_guard();
+    add_subscriber(&mut manager, serial_handler);
+    if let Some((listener, path)) = built.control_listener {
+        let handle = Arc::new(VmHandle {
+            control: control.clone(),
+            exit: exit.clone(),
+            i8042: built.i8042.clone(),
+            boot_time_us: built.boot_time_us.clone(),
+            started: Instant::now(),
+            vcpus: vcpu_count,
+            memory_mib: built.config.machine.memory_mib,
+            kernel: built.config.boot.kernel.clone(),
+        });
+        add_subscriber(&mut manager, ControlServer::new(listener, path, handle));
+    }
+
+    let mut threads = Vec::with_capacity(built.vcpus.len());
+    for vcpu in built.vcpus {
+        match vcpu.start(control.clone(), exit.clone()) {
+            Ok(thread) => threads.push(thread),
+            Err(err) => {
+                exit.notify(ExitReason::VmmError(err.to_string()));
+                break;
+            }
+        }
+    }
+
+    while exit.reason().is_none() {
+        if let Err(err) = manager.run() {
+            exit.notify(ExitReason::VmmError(format!("event loop failed: {err:?}")));
+        }
+    }
+    let reason = exit
+        .reason()
+        .unwrap_or_else(|| ExitReason::VmmError("no exit reason recorded".into()));
+
+    if let Err(err) = control.stop_all(VCPU_TIMEOUT) {
+        log::error!("{err}; exiting without waiting for them");
+        drop(terminal_guard);
+        return Ok(reason);
+    }
+    for thread in threads {
+        if thread.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+    drop(terminal_guard);
+    drop(manager);
+    Ok(reason)
+}

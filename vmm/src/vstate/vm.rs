@@ -1,0 +1,106 @@
+//! The KVM VM: memory slots, the in-kernel interrupt controllers (PIC,
+//! IOAPIC, LAPICs) and PIT, and irqfd registration for device interrupts.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::memory::GuestMemoryMmap;
+
+/// Errors in creating or configuring the KVM VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (expected 12)")]
+    ApiVersion(i32),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTssAddress(kvm_ioctls::Error),
+    #[error("KVM_SET_IDENTITY_MAP_ADDR failed: {0}")]
+    SetIdentityMap(kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqChip(kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(kvm_ioctls::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} at {addr:#x} failed: {source}")]
+    SetMemoryRegion {
+        slot: u32,
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+}
+
+/// Opens `/dev/kvm` and checks the API version.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::ApiVersion(version));
+    }
+    Ok(kvm)
+}
+
+/// A KVM VM with its interrupt controllers created.
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM, the in-kernel irqchip and the PIT.
+    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(VmError::SetTssAddress)?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(VmError::SetIdentityMap)?;
+        fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        Ok(Self { fd })
+    }
+
+    /// Gives every guest RAM region to KVM, one slot each.
+    pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in memory.iter().enumerate() {
+            let slot = slot as u32;
+            let addr = region.start_addr().0;
+            let host_addr = region.as_ptr() as u64;
+            let region_spec = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: addr,
+                memory_size: region.len(),
+                userspace_addr: host_addr,
+            };
+            // SAFETY: the host range [host_addr, host_addr + len) is a live
+            // mapping owned by `memory`, which outlives the VM (the VMM keeps
+            // both until the process exits).
+            unsafe { self.fd.set_user_memory_region(region_spec) }.map_err(|source| {
+                VmError::SetMemoryRegion { slot, addr, source }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Routes writes to `evt` to the interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
