@@ -112,8 +112,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
             format!("request of {} bytes exceeds {MAX_REQUEST_LEN}", line.len()),
         ));
     }
-    serde_json::from_slice(line)
-        .map_err(|err| Response::error(ErrorCode::BadRequest, format!("invalid request: {err}")))
+    let bad = |message: String| Response::error(ErrorCode::BadRequest, message);
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|err| bad(format!("invalid request: {err}")))?;
+    // serde ignores deny_unknown_fields on unit variants of tagged enums, so
+    // extra fields are refused here: a misspelt option must not be ignored.
+    if let Some(object) = value.as_object() {
+        if let Some(extra) = object.keys().find(|key| key.as_str() != "command") {
+            return Err(bad(format!("invalid request: unknown field `{extra}`")));
+        }
+    }
+    serde_json::from_value(value).map_err(|err| bad(format!("invalid request: {err}")))
 }
 
 /// Serializes a response as one line.

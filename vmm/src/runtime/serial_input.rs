@@ -31,6 +31,18 @@ impl Drop for TerminalGuard {
     }
 }
 
+/// Reads fd 0 directly: `std::io::Stdin` buffers, and bytes held in its
+/// buffer would be invisible to epoll (and so never reach the guest).
+fn read_stdin_unbuffered(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
+    let read = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
+    if read < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(read as usize)
+    }
+}
+
 fn stdin_is_terminal() -> bool {
     use std::io::IsTerminal;
     io::stdin().is_terminal()
@@ -95,7 +107,7 @@ impl SerialInputHandler {
 
     fn read_source(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.input {
-            SerialInput::Stdin => io::stdin().lock().read(buf),
+            SerialInput::Stdin => read_stdin_unbuffered(buf),
             SerialInput::Socket { client, .. } => match lock(client).as_mut() {
                 Some(stream) => stream.read(buf),
                 None => Ok(0),

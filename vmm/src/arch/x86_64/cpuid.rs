@@ -40,6 +40,7 @@ const ECX7_PKU: u32 = 1 << 3;
 const ECX7_OSPKE: u32 = 1 << 4;
 const ECX7_RDPID: u32 = 1 << 22;
 
+
 /// Where a vCPU sits in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuTopology {

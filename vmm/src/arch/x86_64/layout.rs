@@ -184,7 +184,8 @@ mod tests {
         assert!(BOOT_TIMER_START + BOOT_TIMER_SIZE <= VIRTIO_MMIO_START);
         assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
         assert!(BOOT_STACK_POINTER < PML4_START);
-        assert!(PDE_START + 0x1000 <= CMDLINE_START);
+        let page_tables_end = PDE_START + 0x1000 * super::super::paging::IDENTITY_MAPPED_GIB as u64;
+        assert!(page_tables_end <= CMDLINE_START);
         assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
     }
 }

@@ -1,7 +1,8 @@
 //! The identity page tables the 64-bit boot protocol requires: the first
-//! GiB of guest-physical memory mapped 1:1 with 2 MiB pages, enough for the
-//! kernel, the zero page and the command line. The kernel builds its own
-//! tables as soon as it runs.
+//! 4 GiB of guest-physical memory mapped 1:1 with 2 MiB pages. Linux needs
+//! only the kernel, the zero page and the command line mapped (and builds
+//! its own tables at once); the rest lets small test guests reach the MMIO
+//! gap without building tables of their own.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -22,17 +23,30 @@ pub enum PagingError {
     },
 }
 
-/// The three tables (PML4, PDPT, PD) as `(guest address, entries)`.
-pub fn identity_tables() -> [(u64, [u64; ENTRIES]); 3] {
+/// GiBs identity-mapped, one page directory each.
+pub const IDENTITY_MAPPED_GIB: usize = 4;
+const TABLE_SIZE: u64 = 0x1000;
+
+/// The tables (PML4, PDPT, one PD per GiB) as `(guest address, entries)`.
+pub fn identity_tables() -> Vec<(u64, [u64; ENTRIES])> {
+    let mut tables = Vec::with_capacity(2 + IDENTITY_MAPPED_GIB);
     let mut pml4 = [0u64; ENTRIES];
     pml4[0] = PDPTE_START | PRESENT | WRITABLE;
+    tables.push((PML4_START, pml4));
     let mut pdpt = [0u64; ENTRIES];
-    pdpt[0] = PDE_START | PRESENT | WRITABLE;
-    let mut pd = [0u64; ENTRIES];
-    for (index, entry) in pd.iter_mut().enumerate() {
-        *entry = ((index as u64) << 21) | PRESENT | WRITABLE | PAGE_SIZE_2M;
+    for (gib, entry) in pdpt.iter_mut().take(IDENTITY_MAPPED_GIB).enumerate() {
+        *entry = (PDE_START + gib as u64 * TABLE_SIZE) | PRESENT | WRITABLE;
     }
-    [(PML4_START, pml4), (PDPTE_START, pdpt), (PDE_START, pd)]
+    tables.push((PDPTE_START, pdpt));
+    for gib in 0..IDENTITY_MAPPED_GIB {
+        let mut pd = [0u64; ENTRIES];
+        for (index, entry) in pd.iter_mut().enumerate() {
+            let addr = ((gib * ENTRIES + index) as u64) << 21;
+            *entry = addr | PRESENT | WRITABLE | PAGE_SIZE_2M;
+        }
+        tables.push((PDE_START + gib as u64 * TABLE_SIZE, pd));
+    }
+    tables
 }
 
 /// Writes the identity tables; returns the value for CR3.
@@ -88,10 +102,10 @@ mod tests {
         let mem = memory();
         let cr3 = setup_identity_mapping(&mem).unwrap();
         assert_eq!(cr3, PML4_START);
-        for addr in [0u64, 0x7000, 0x1000_000, 0x3fff_ffff, 0x1234_5678] {
+        for addr in [0u64, 0x7000, 0x100_0000, 0x3fff_ffff, 0x1234_5678, 0xc000_0000, 0xffff_ffff] {
             assert_eq!(translate(&mem, cr3, addr), Some(addr), "{addr:#x}");
         }
-        assert_eq!(translate(&mem, cr3, 0x4000_0000), None);
+        assert_eq!(translate(&mem, cr3, 0x1_0000_0000), None);
         assert_eq!(translate(&mem, cr3, 0xffff_ffff_8100_0000), None);
     }
 
