@@ -49,6 +49,8 @@ rootfs_key="$( {
 kernel_dir="$cache/kernel-$kernel_key"
 rootfs_dir="$cache/rootfs-$rootfs_key"
 mkdir -p "$cache"
+# Leftovers of interrupted builds.
+rm -rf "$cache"/*.build
 
 # kernel-recipe-begin
 build_kernel() {

@@ -137,7 +137,10 @@ mod tests {
         let entry = u64::from_le_bytes(elf[24..32].try_into().unwrap());
         assert_eq!(entry, LOAD_ADDRESS + 120);
         let code = &elf[120..];
-        assert_eq!(code, &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xb0, 0xfe, 0xe6, 0x64]);
+        assert_eq!(
+            code,
+            &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xb0, 0xfe, 0xe6, 0x64]
+        );
     }
 
     #[test]

@@ -42,7 +42,9 @@ fn collect<R: Read + Send + 'static>(mut source: R, into: Buffer) -> JoinHandle<
             if n == 0 {
                 break;
             }
-            into.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&chunk[..n]);
+            into.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&chunk[..n]);
         }
     })
 }
@@ -236,7 +238,10 @@ mod tests {
     #[test]
     fn console_values() {
         let console = "boot\r\nMEM=1234 kB\r\nNUBIS_EXIT_CODE=42\r\n";
-        assert_eq!(console_value(console, "NUBIS_EXIT_CODE").as_deref(), Some("42"));
+        assert_eq!(
+            console_value(console, "NUBIS_EXIT_CODE").as_deref(),
+            Some("42")
+        );
         assert_eq!(console_value(console, "MEM").as_deref(), Some("1234 kB"));
         assert_eq!(console_value(console, "NOPE"), None);
     }

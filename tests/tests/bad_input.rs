@@ -166,7 +166,12 @@ fn unreadable_initrd() {
     expect_rejected(&outcome, &["initrd", "/nonexistent/initrd.img"]);
     // A directory opens but cannot be read as a file.
     let outcome = run_vmm(
-        ["--kernel", &kernel, "--initrd", dir.path().to_str().unwrap()],
+        [
+            "--kernel",
+            &kernel,
+            "--initrd",
+            dir.path().to_str().unwrap(),
+        ],
         HANG_GUARD,
     );
     expect_rejected(&outcome, &["initrd", "Is a directory"]);
@@ -181,7 +186,14 @@ fn initrd_larger_than_guest_memory() {
     let file = std::fs::File::create(&initrd).unwrap();
     file.set_len(200 << 20).unwrap();
     let outcome = run_vmm(
-        ["--kernel", &kernel, "--initrd", initrd.to_str().unwrap(), "--memory-mib", "64"],
+        [
+            "--kernel",
+            &kernel,
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory-mib",
+            "64",
+        ],
         HANG_GUARD,
     );
     expect_rejected(&outcome, &["big.img", "does not fit"]);
@@ -205,7 +217,12 @@ fn control_socket_path_in_the_way() {
     let blocker = dir.join("control.sock");
     std::fs::write(&blocker, b"precious data").unwrap();
     let outcome = run_vmm(
-        ["--kernel", &kernel, "--control-socket", blocker.to_str().unwrap()],
+        [
+            "--kernel",
+            &kernel,
+            "--control-socket",
+            blocker.to_str().unwrap(),
+        ],
         HANG_GUARD,
     );
     expect_rejected(&outcome, &["control.sock", "not a socket"]);

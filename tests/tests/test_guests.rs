@@ -27,13 +27,24 @@ fn guest_prints_marks_boot_and_resets_cleanly() {
     let dir = TestDir::new("hello");
     let kernel = write_guest(
         &dir,
-        Program::new().print("hello from the guest\n").boot_marker().reset(),
+        Program::new()
+            .print("hello from the guest\n")
+            .boot_marker()
+            .reset(),
     );
     let outcome = run_vmm(["--kernel", &kernel, "--memory-mib", "32"], QUICK);
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert_eq!(outcome.stdout, "hello from the guest\n");
-    assert!(outcome.stderr.contains("Guest-boot-time ="), "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("vCPU 0 entering the guest"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("Guest-boot-time ="),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("vCPU 0 entering the guest"),
+        "{}",
+        outcome.stderr
+    );
     assert!(outcome.stderr.contains("guest reset"), "{}", outcome.stderr);
 }
 
@@ -52,7 +63,10 @@ fn two_vcpus_boot_and_reset() {
 fn triple_fault_is_a_guest_crash_with_registers() {
     require_kvm();
     let dir = TestDir::new("triple-fault");
-    let kernel = write_guest(&dir, Program::new().print("about to fault\n").triple_fault());
+    let kernel = write_guest(
+        &dir,
+        Program::new().print("about to fault\n").triple_fault(),
+    );
     let outcome = run_vmm(["--kernel", &kernel], QUICK);
     assert_eq!(outcome.code, Some(2), "{outcome:?}");
     assert_eq!(outcome.stdout, "about to fault\n");
@@ -76,7 +90,11 @@ fn sigterm_stops_the_vm_cleanly() {
     let outcome = vm.wait(QUICK);
     assert!(!outcome.timed_out, "{outcome:?}");
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    assert!(outcome.stderr.contains("stopped by SIGTERM"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("stopped by SIGTERM"),
+        "{}",
+        outcome.stderr
+    );
 }
 
 #[test]
@@ -87,7 +105,9 @@ fn console_input_reaches_the_guest() {
     let mut vm = VmProcess::spawn(["--kernel", kernel.as_str()]);
     assert!(vm.wait_for_console("ready\n", WAIT), "{}", vm.stderr());
     // More than the UART's 64-byte FIFO, so the VMM must throttle and resume.
-    let message: String = (0..300).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let message: String = (0..300)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     vm.type_input(message.as_bytes());
     let echoed = vm.wait_for_console(&format!("ready\n{message}"), WAIT);
     let console = vm.stdout();
@@ -153,8 +173,13 @@ fn control_socket_status_pause_resume_stop() {
     assert_eq!(stopped["ok"], true, "{stopped}");
     let outcome = vm.wait(QUICK);
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    assert!(outcome.stderr.contains("stopped by a control-socket request"));
-    assert!(!socket.exists(), "the control socket file is removed at exit");
+    assert!(outcome
+        .stderr
+        .contains("stopped by a control-socket request"));
+    assert!(
+        !socket.exists(),
+        "the control socket file is removed at exit"
+    );
 }
 
 #[test]

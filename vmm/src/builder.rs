@@ -202,12 +202,13 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let serial_irq = irq_line("the serial interrupt")?;
     vm.register_irqfd(&serial_irq.0, SERIAL_IRQ)?;
     let serial_input_ready = eventfd("serial input readiness")?;
-    let serial_ready_for_device = serial_input_ready
-        .try_clone()
-        .map_err(|source| BuildError::EventFd {
-            what: "serial input readiness",
-            source,
-        })?;
+    let serial_ready_for_device =
+        serial_input_ready
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "serial input readiness",
+                source,
+            })?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
         InputReady(serial_ready_for_device),
@@ -217,10 +218,12 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let kbd_irq = irq_line("the keyboard interrupt")?;
     vm.register_irqfd(&kbd_irq.0, I8042_KBD_IRQ)?;
     let i8042_reset = eventfd("the i8042 reset line")?;
-    let reset_for_device = i8042_reset.try_clone().map_err(|source| BuildError::EventFd {
-        what: "the i8042 reset line",
-        source,
-    })?;
+    let reset_for_device = i8042_reset
+        .try_clone()
+        .map_err(|source| BuildError::EventFd {
+            what: "the i8042 reset line",
+            source,
+        })?;
     let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, reset_for_device)));
 
     let boot_timer = BootTimer::new();

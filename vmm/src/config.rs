@@ -410,7 +410,10 @@ mod tests {
         ));
         assert!(matches!(
             with_machine(255, 128).validate(&LIMITS),
-            Err(ConfigError::TooManyVcpus { requested: 255, max: 254 })
+            Err(ConfigError::TooManyVcpus {
+                requested: 255,
+                max: 254
+            })
         ));
         let small_host = HostLimits {
             max_vcpus: 8,
@@ -418,7 +421,10 @@ mod tests {
         };
         assert!(matches!(
             with_machine(9, 128).validate(&small_host),
-            Err(ConfigError::TooManyVcpus { requested: 9, max: 8 })
+            Err(ConfigError::TooManyVcpus {
+                requested: 9,
+                max: 8
+            })
         ));
         with_machine(8, 128).validate(&small_host).unwrap();
     }
@@ -446,8 +452,9 @@ mod tests {
 
     #[test]
     fn flags_override_the_document() {
-        let base = parse(r#"{"version":1,"boot":{"kernel":"/k","cmdline":"a"},"machine":{"vcpus":2}}"#)
-            .unwrap();
+        let base =
+            parse(r#"{"version":1,"boot":{"kernel":"/k","cmdline":"a"},"machine":{"vcpus":2}}"#)
+                .unwrap();
         let config = VmConfig::assemble(
             Some(base),
             ConfigOverrides {
@@ -472,11 +479,16 @@ mod tests {
 
     #[test]
     fn serial_flag_syntax() {
-        assert_eq!("stdout".parse::<SerialConfig>().unwrap(), SerialConfig::Stdout);
+        assert_eq!(
+            "stdout".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Stdout
+        );
         assert_eq!("off".parse::<SerialConfig>().unwrap(), SerialConfig::Off);
         assert_eq!(
             "file:/a:b".parse::<SerialConfig>().unwrap(),
-            SerialConfig::File { path: "/a:b".into() }
+            SerialConfig::File {
+                path: "/a:b".into()
+            }
         );
         assert_eq!(
             "unix:/s".parse::<SerialConfig>().unwrap(),

@@ -30,7 +30,9 @@ pub enum MemoryError {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
-    #[error("guest RAM region at {addr:#x} of {size} bytes does not fit this host's address space")]
+    #[error(
+        "guest RAM region at {addr:#x} of {size} bytes does not fit this host's address space"
+    )]
     RegionTooLarge { addr: u64, size: u64 },
 }
 
@@ -71,12 +73,11 @@ pub fn create_guest_ram(ranges: &[(GuestAddress, u64)]) -> Result<GuestRam, Memo
         regions.push((*addr, len, Some(FileOffset::new(file, offset))));
         offset += size;
     }
-    let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(|source| {
-        MemoryError::Map {
+    let memory =
+        GuestMemoryMmap::from_ranges_with_files(regions).map_err(|source| MemoryError::Map {
             size: total,
             source,
-        }
-    })?;
+        })?;
     Ok(GuestRam { memory, memfd })
 }
 
@@ -97,7 +98,9 @@ mod tests {
         ram.memory
             .write_obj(0xdead_beef_u32, GuestAddress(0x1_0000_0010))
             .unwrap();
-        ram.memory.write_obj(0x1234_u16, GuestAddress(0x20)).unwrap();
+        ram.memory
+            .write_obj(0x1234_u16, GuestAddress(0x20))
+            .unwrap();
         assert_eq!(ram.memfd.metadata().unwrap().len(), 0x20_0000);
         let mut word = [0u8; 4];
         ram.memfd.seek(SeekFrom::Start(0x10_0010)).unwrap();

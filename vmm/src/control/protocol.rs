@@ -140,11 +140,26 @@ mod tests {
 
     #[test]
     fn requests_parse() {
-        assert_eq!(parse_request(br#"{"command":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(parse_request(br#"{"command":"pause"}"#).unwrap(), Request::Pause);
-        assert_eq!(parse_request(br#"{"command":"resume"}"#).unwrap(), Request::Resume);
-        assert_eq!(parse_request(br#"{"command":"shutdown"}"#).unwrap(), Request::Shutdown);
-        assert_eq!(parse_request(br#"{"command":"stop"}"#).unwrap(), Request::Stop);
+        assert_eq!(
+            parse_request(br#"{"command":"status"}"#).unwrap(),
+            Request::Status
+        );
+        assert_eq!(
+            parse_request(br#"{"command":"pause"}"#).unwrap(),
+            Request::Pause
+        );
+        assert_eq!(
+            parse_request(br#"{"command":"resume"}"#).unwrap(),
+            Request::Resume
+        );
+        assert_eq!(
+            parse_request(br#"{"command":"shutdown"}"#).unwrap(),
+            Request::Shutdown
+        );
+        assert_eq!(
+            parse_request(br#"{"command":"stop"}"#).unwrap(),
+            Request::Stop
+        );
     }
 
     #[test]
@@ -161,7 +176,12 @@ mod tests {
             assert_eq!(err.error.unwrap().code, ErrorCode::BadRequest);
         }
         let huge = vec![b' '; MAX_REQUEST_LEN + 1];
-        assert!(parse_request(&huge).unwrap_err().error.unwrap().message.contains("exceeds"));
+        assert!(parse_request(&huge)
+            .unwrap_err()
+            .error
+            .unwrap()
+            .message
+            .contains("exceeds"));
     }
 
     #[test]

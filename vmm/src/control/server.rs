@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::protocol::{encode_response, parse_request, ErrorCode, Request, Response, MAX_REQUEST_LEN};
+use super::protocol::{
+    encode_response, parse_request, ErrorCode, Request, Response, MAX_REQUEST_LEN,
+};
 
 /// What the server asks of the VM.
 pub trait VmControl: Send + Sync {
@@ -65,7 +67,10 @@ impl ControlServer {
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(err) => {
-                    log::warn!("control socket {}: accept failed: {err}", self.path.display());
+                    log::warn!(
+                        "control socket {}: accept failed: {err}",
+                        self.path.display()
+                    );
                     break;
                 }
             }
@@ -100,7 +105,11 @@ impl ControlServer {
                 Ok(request) => self.vm.handle(request),
                 Err(response) => response,
             };
-            if client.stream.write_all(&encode_response(&response)).is_err() {
+            if client
+                .stream
+                .write_all(&encode_response(&response))
+                .is_err()
+            {
                 return false;
             }
         }
@@ -119,7 +128,10 @@ impl ControlServer {
 impl MutEventSubscriber for ControlServer {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("control socket {}: cannot watch it: {err:?}", self.path.display());
+            log::error!(
+                "control socket {}: cannot watch it: {err:?}",
+                self.path.display()
+            );
         }
     }
 

@@ -106,7 +106,9 @@ impl Bus {
 /// Locks a device, recovering it if a previous holder panicked: device state
 /// is plain data and stays usable.
 pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -137,7 +139,7 @@ mod tests {
         let mut data = [0u8; 1];
         assert!(bus.read(0x3fd, &mut data));
         assert_eq!(data, [5]);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert!(bus.write(0x60, &[1]));
         assert!(!bus.write(0x61, &[1]));
         assert!(!bus.read(0x400, &mut data));

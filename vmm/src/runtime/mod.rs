@@ -146,8 +146,11 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
         &mut manager,
         ExitWatcher::new(exit.clone(), built.i8042_reset, signals),
     );
-    let serial_handler =
-        SerialInputHandler::new(built.serial.clone(), built.serial_input, built.serial_input_ready);
+    let serial_handler = SerialInputHandler::new(
+        built.serial.clone(),
+        built.serial_input,
+        built.serial_input_ready,
+    );
     let terminal_guard = serial_handler.terminal_guard();
     add_subscriber(&mut manager, serial_handler);
     if let Some((listener, path)) = built.control_listener {

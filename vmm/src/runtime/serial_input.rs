@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -148,7 +148,7 @@ impl SerialInputHandler {
         }
     }
 
-    fn accept(listener: &UnixListener, path: &PathBuf) -> Option<UnixStream> {
+    fn accept(listener: &UnixListener, path: &Path) -> Option<UnixStream> {
         match listener.accept() {
             Ok((stream, _)) => Some(stream),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,

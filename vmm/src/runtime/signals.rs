@@ -50,7 +50,9 @@ impl TerminationSignals {
     fn next(&mut self) -> Option<u32> {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         match self.fd.read(&mut info) {
-            Ok(n) if n == info.len() => Some(u32::from_ne_bytes([info[0], info[1], info[2], info[3]])),
+            Ok(n) if n == info.len() => {
+                Some(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]))
+            }
             _ => None,
         }
     }

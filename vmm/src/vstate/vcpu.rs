@@ -55,10 +55,7 @@ pub enum VcpuError {
         source: interrupts::InterruptsError,
     },
     #[error("cannot start the thread of vCPU {index}: {source}")]
-    Spawn {
-        index: u32,
-        source: std::io::Error,
-    },
+    Spawn { index: u32, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("{waiting} vCPU(s) did not {action} within {timeout_ms} ms")]
@@ -317,7 +314,8 @@ impl Vcpu {
             .map_err(|source| VcpuError::SetCpuid { index, source })?;
         msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
         if index == 0 {
-            regs::setup_regs(&self.fd, entry).map_err(|source| VcpuError::Regs { index, source })?;
+            regs::setup_regs(&self.fd, entry)
+                .map_err(|source| VcpuError::Regs { index, source })?;
             regs::setup_sregs(&self.memory, &self.fd)
                 .map_err(|source| VcpuError::Regs { index, source })?;
         }
@@ -341,7 +339,13 @@ impl Vcpu {
     fn run(mut self, control: Arc<RunControl>, exit: Arc<ExitNotifier>) {
         control.register_thread();
         let mut first_entry = true;
-        while control.wait_until_runnable() {
+        loop {
+            if !control.wait_until_runnable() {
+                // Where the guest was when the host stopped it: what a hang
+                // report needs.
+                log::debug!("{}", self.describe_failure("stopped by the host"));
+                break;
+            }
             if first_entry {
                 first_entry = false;
                 log::info!(
@@ -519,6 +523,9 @@ mod tests {
     fn pause_times_out_when_a_vcpu_never_parks() {
         let control = RunControl::new(1);
         let err = control.pause_all(Duration::from_millis(20)).unwrap_err();
-        assert!(matches!(err, VcpuError::Timeout { waiting: 1, .. }), "{err}");
+        assert!(
+            matches!(err, VcpuError::Timeout { waiting: 1, .. }),
+            "{err}"
+        );
     }
 }

@@ -86,9 +86,8 @@ impl Vm {
             // SAFETY: the host range [host_addr, host_addr + len) is a live
             // mapping owned by `memory`, which outlives the VM (the VMM keeps
             // both until the process exits).
-            unsafe { self.fd.set_user_memory_region(region_spec) }.map_err(|source| {
-                VmError::SetMemoryRegion { slot, addr, source }
-            })?;
+            unsafe { self.fd.set_user_memory_region(region_spec) }
+                .map_err(|source| VmError::SetMemoryRegion { slot, addr, source })?;
         }
         Ok(())
     }

@@ -46,7 +46,9 @@ pub enum BootError {
         path: PathBuf,
         source: linux_loader::loader::Error,
     },
-    #[error("bzImage {path} does not support the 64-bit boot protocol (xloadflags {xloadflags:#x})")]
+    #[error(
+        "bzImage {path} does not support the 64-bit boot protocol (xloadflags {xloadflags:#x})"
+    )]
     No64BitEntry { path: PathBuf, xloadflags: u16 },
     #[error("cannot open initrd {path}: {source}")]
     OpenInitrd {
@@ -297,7 +299,10 @@ pub fn build_boot_params(
 }
 
 /// Writes the zero page at [`ZERO_PAGE_START`].
-pub fn write_boot_params<M: GuestMemoryBackend>(mem: &M, params: &boot_params) -> Result<(), BootError> {
+pub fn write_boot_params<M: GuestMemoryBackend>(
+    mem: &M,
+    params: &boot_params,
+) -> Result<(), BootError> {
     mem.write_obj(BootParamsPage(*params), GuestAddress(ZERO_PAGE_START))
         .map_err(|source| BootError::WriteGuest {
             what: "the zero page",
@@ -320,9 +325,15 @@ mod tests {
             detect_format(&mut Cursor::new(bz)).unwrap(),
             Some(KernelFormat::BzImage)
         );
-        assert_eq!(detect_format(&mut Cursor::new(vec![0u8; 0x400])).unwrap(), None);
+        assert_eq!(
+            detect_format(&mut Cursor::new(vec![0u8; 0x400])).unwrap(),
+            None
+        );
         assert_eq!(detect_format(&mut Cursor::new(Vec::new())).unwrap(), None);
-        assert_eq!(detect_format(&mut Cursor::new(b"#!/bin/sh\n".to_vec())).unwrap(), None);
+        assert_eq!(
+            detect_format(&mut Cursor::new(b"#!/bin/sh\n".to_vec())).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -338,7 +349,10 @@ mod tests {
 
     #[test]
     fn initrd_that_would_overlap_the_kernel_is_refused() {
-        assert_eq!(initrd_address(0x700_0000, 0x200_0000, 0x800_0000, u64::MAX), None);
+        assert_eq!(
+            initrd_address(0x700_0000, 0x200_0000, 0x800_0000, u64::MAX),
+            None
+        );
         assert_eq!(initrd_address(u64::MAX, 0, 0x800_0000, u64::MAX), None);
     }
 
@@ -377,7 +391,7 @@ mod tests {
             header: BZIMAGE_MAGIC,
             version: 0x20f,
             xloadflags: 0x1,
-            init_size: 0x1234_000,
+            init_size: 0x0123_4000,
             ..Default::default()
         };
         let kernel = LoadedKernel {
@@ -388,7 +402,7 @@ mod tests {
         };
         let params = build_boot_params(&kernel, 0, None, 1 << 30);
         assert_eq!({ params.hdr.version }, 0x20f);
-        assert_eq!({ params.hdr.init_size }, 0x1234_000);
+        assert_eq!({ params.hdr.init_size }, 0x0123_4000);
         assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
         assert_eq!({ params.hdr.ramdisk_size }, 0);
     }
@@ -399,7 +413,8 @@ mod tests {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert_eq!(write_cmdline(&mem, "console=ttyS0").unwrap(), 13);
         let mut read = [0u8; 14];
-        mem.read_slice(&mut read, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut read, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&read, b"console=ttyS0\0");
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(

@@ -14,6 +14,14 @@ const LEAF_PMU: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_XSAVE: u32 = 0xd;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
+// KVM paravirtual features (leaf 0x4000_0001 EAX) that are hypercalls. On
+// kvm_pvm hosts a guest hypercall does not return (measured: a 2-vCPU Linux
+// hangs in kvm_hypercall4(KVM_HC_SEND_IPI) while bringing up CPU 1).
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
 // Leaf 1 ECX.
 const ECX_PCID: u32 = 1 << 17;
@@ -39,7 +47,6 @@ const EBX7_AVX512F: u32 = 1 << 16;
 const ECX7_PKU: u32 = 1 << 3;
 const ECX7_OSPKE: u32 = 1 << 4;
 const ECX7_RDPID: u32 = 1 << 22;
-
 
 /// Where a vCPU sits in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +119,10 @@ pub fn filter_entries(
                     | EBX7_SMAP
                     | EBX7_AVX512F);
                 entry.ecx &= !(ECX7_PKU | ECX7_OSPKE | ECX7_RDPID);
+            }
+            LEAF_KVM_FEATURES if flavor == KvmFlavor::Pvm => {
+                entry.eax &=
+                    !(KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD);
             }
             LEAF_PMU => {
                 entry.eax = 0;
@@ -188,6 +199,7 @@ mod tests {
             entry(0xb, 1),
             entry(0xb, 2),
             entry(0xd, 0),
+            entry(LEAF_KVM_FEATURES, 0),
         ]
     }
 
@@ -256,18 +268,29 @@ mod tests {
         let topology = VcpuTopology { index: 0, count: 1 };
         filter_entries(&mut pvm, topology, KvmFlavor::Pvm, false);
         let leaf1 = find(&pvm, 1, 0);
-        for bit in [ECX_CX16, ECX_XSAVE, ECX_POPCNT, ECX_RDRAND, ECX_MOVBE, ECX_PCID] {
+        for bit in [
+            ECX_CX16, ECX_XSAVE, ECX_POPCNT, ECX_RDRAND, ECX_MOVBE, ECX_PCID,
+        ] {
             assert_eq!(leaf1.ecx & bit, 0, "bit {bit:#x}");
         }
         let leaf7 = find(&pvm, 7, 0);
-        assert_eq!(leaf7.ebx & (EBX7_SMAP | EBX7_RDSEED | EBX7_FSGSBASE | EBX7_INVPCID), 0);
+        assert_eq!(
+            leaf7.ebx & (EBX7_SMAP | EBX7_RDSEED | EBX7_FSGSBASE | EBX7_INVPCID),
+            0
+        );
         assert_eq!(leaf7.ecx & (ECX7_PKU | ECX7_RDPID), 0);
         assert_eq!(find(&pvm, 0xd, 0).eax, 0);
+        let kvm = find(&pvm, LEAF_KVM_FEATURES, 0).eax;
+        assert_eq!(kvm & (KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_UNHALT), 0);
 
         let mut hw = sample();
         filter_entries(&mut hw, topology, KvmFlavor::Hardware, false);
         assert_ne!(find(&hw, 1, 0).ecx & ECX_XSAVE, 0);
         assert_ne!(find(&hw, 7, 0).ebx & EBX7_SMAP, 0);
+        assert_ne!(
+            find(&hw, LEAF_KVM_FEATURES, 0).eax & KVM_FEATURE_PV_SEND_IPI,
+            0
+        );
     }
 
     #[test]

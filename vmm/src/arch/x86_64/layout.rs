@@ -52,6 +52,14 @@ pub const I8042_KBD_IRQ: u32 = 1;
 pub const FIRST_DEVICE_IRQ: u32 = 5;
 pub const LAST_DEVICE_IRQ: u32 = 23;
 
+// The boot structures must not overlap: checked when compiling.
+const _: () = assert!(BOOT_TIMER_START + BOOT_TIMER_SIZE <= VIRTIO_MMIO_START);
+const _: () = assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
+const _: () =
+    assert!(PDE_START + 0x1000 * super::paging::IDENTITY_MAPPED_GIB as u64 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
+
 /// e820 entry types (Linux's `E820_TYPE_*`).
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -137,7 +145,10 @@ mod tests {
 
     #[test]
     fn small_guest_is_one_region() {
-        assert_eq!(guest_ram_ranges(128 * MIB), vec![(GuestAddress(0), 128 * MIB)]);
+        assert_eq!(
+            guest_ram_ranges(128 * MIB),
+            vec![(GuestAddress(0), 128 * MIB)]
+        );
         assert_eq!(
             guest_ram_ranges(MMIO_GAP_START),
             vec![(GuestAddress(0), MMIO_GAP_START)]
@@ -149,10 +160,7 @@ mod tests {
         let ranges = guest_ram_ranges(8 * GIB);
         assert_eq!(
             ranges,
-            vec![
-                (GuestAddress(0), 3 * GIB),
-                (GuestAddress(4 * GIB), 5 * GIB)
-            ]
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 5 * GIB)]
         );
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert_eq!(total, 8 * GIB);
@@ -171,21 +179,23 @@ mod tests {
             // No RAM inside the MMIO gap.
             for entry in map.iter().filter(|e| e.kind == E820_RAM) {
                 let end = entry.addr + entry.size;
-                assert!(end <= MMIO_GAP_START || entry.addr >= MMIO_GAP_END, "{entry:?}");
+                assert!(
+                    end <= MMIO_GAP_START || entry.addr >= MMIO_GAP_END,
+                    "{entry:?}"
+                );
             }
         }
     }
 
     #[test]
     fn devices_live_in_the_gap() {
-        for addr in [BOOT_TIMER_START, VIRTIO_MMIO_START, IOAPIC_START, APIC_START] {
+        for addr in [
+            BOOT_TIMER_START,
+            VIRTIO_MMIO_START,
+            IOAPIC_START,
+            APIC_START,
+        ] {
             assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr));
         }
-        assert!(BOOT_TIMER_START + BOOT_TIMER_SIZE <= VIRTIO_MMIO_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
-        assert!(BOOT_STACK_POINTER < PML4_START);
-        let page_tables_end = PDE_START + 0x1000 * super::super::paging::IDENTITY_MAPPED_GIB as u64;
-        assert!(page_tables_end <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
     }
 }

@@ -8,7 +8,9 @@ use super::layout::{APIC_START, HIMEM_START, IOAPIC_START, LAST_DEVICE_IRQ, MPTA
 
 const FLOATING_POINTER_SIZE: usize = 16;
 const HEADER_SIZE: usize = 44;
+#[cfg(test)]
 const PROCESSOR_ENTRY_SIZE: usize = 20;
+#[cfg(test)]
 const SMALL_ENTRY_SIZE: usize = 8;
 
 const ENTRY_PROCESSOR: u8 = 0;
@@ -123,7 +125,6 @@ pub fn build(num_cpus: u32, base: u64) -> Result<Vec<u8>, MptableError> {
     if base + size as u64 > HIMEM_START {
         return Err(MptableError::TooLarge { size });
     }
-    let _ = (PROCESSOR_ENTRY_SIZE, SMALL_ENTRY_SIZE);
     Ok(out)
 }
 
@@ -176,7 +177,8 @@ mod tests {
                 }
                 ENTRY_IOAPIC => {
                     assert_eq!(table[offset + 1], ioapic_id(cpus));
-                    let addr = u32::from_le_bytes(table[offset + 4..offset + 8].try_into().unwrap());
+                    let addr =
+                        u32::from_le_bytes(table[offset + 4..offset + 8].try_into().unwrap());
                     assert_eq!(u64::from(addr), IOAPIC_START);
                     offset += SMALL_ENTRY_SIZE;
                 }
@@ -192,8 +194,17 @@ mod tests {
 
     #[test]
     fn invalid_cpu_counts() {
-        assert!(matches!(build(0, MPTABLE_START), Err(MptableError::TooManyCpus(0))));
-        assert!(matches!(build(255, MPTABLE_START), Err(MptableError::TooManyCpus(255))));
-        assert!(matches!(build(254, HIMEM_START - 64), Err(MptableError::TooLarge { .. })));
+        assert!(matches!(
+            build(0, MPTABLE_START),
+            Err(MptableError::TooManyCpus(0))
+        ));
+        assert!(matches!(
+            build(255, MPTABLE_START),
+            Err(MptableError::TooManyCpus(255))
+        ));
+        assert!(matches!(
+            build(254, HIMEM_START - 64),
+            Err(MptableError::TooLarge { .. })
+        ));
     }
 }

@@ -81,7 +81,10 @@ mod tests {
         indices.sort_unstable();
         indices.dedup();
         assert_eq!(indices.len(), entries.len());
-        let mtrr = entries.iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        let mtrr = entries
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(mtrr.data, (1 << 11) | 6);
     }
 }

@@ -102,7 +102,15 @@ mod tests {
         let mem = memory();
         let cr3 = setup_identity_mapping(&mem).unwrap();
         assert_eq!(cr3, PML4_START);
-        for addr in [0u64, 0x7000, 0x100_0000, 0x3fff_ffff, 0x1234_5678, 0xc000_0000, 0xffff_ffff] {
+        for addr in [
+            0u64,
+            0x7000,
+            0x100_0000,
+            0x3fff_ffff,
+            0x1234_5678,
+            0xc000_0000,
+            0xffff_ffff,
+        ] {
             assert_eq!(translate(&mem, cr3, addr), Some(addr), "{addr:#x}");
         }
         assert_eq!(translate(&mem, cr3, 0x1_0000_0000), None);
@@ -121,9 +129,12 @@ mod tests {
         let cr3 = 0x10_0000u64;
         // PML4 -> PDPT -> PD -> PT, virt 0x40_3000 -> phys 0x20_5000.
         mem.write_obj(0x10_1000u64 | 3, GuestAddress(cr3)).unwrap();
-        mem.write_obj(0x10_2000u64 | 3, GuestAddress(0x10_1000)).unwrap();
-        mem.write_obj(0x10_3000u64 | 3, GuestAddress(0x10_2000 + 2 * 8)).unwrap();
-        mem.write_obj(0x20_5000u64 | 3, GuestAddress(0x10_3000 + 3 * 8)).unwrap();
+        mem.write_obj(0x10_2000u64 | 3, GuestAddress(0x10_1000))
+            .unwrap();
+        mem.write_obj(0x10_3000u64 | 3, GuestAddress(0x10_2000 + 2 * 8))
+            .unwrap();
+        mem.write_obj(0x20_5000u64 | 3, GuestAddress(0x10_3000 + 3 * 8))
+            .unwrap();
         assert_eq!(translate(&mem, cr3, 0x40_3abc), Some(0x20_5abc));
         assert_eq!(translate(&mem, cr3, 0x40_4000), None);
     }

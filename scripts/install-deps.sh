@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Nubis needs on a Debian 12 x86_64 host: the guest-image
+# build's packages (Debian's kernel source, busybox-static, a kernel
+# toolchain, e2fsprogs) and checks for the Rust toolchain. Idempotent: it
+# calls apt only when a package is missing.
+set -euo pipefail
+
+packages=(
+    linux-source-6.1 busybox-static
+    build-essential bc flex bison libelf-dev libssl-dev
+    e2fsprogs cpio lz4 xz-utils file python3
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null || { echo "install-deps: cargo (Rust) is not installed" >&2; exit 1; }
+
+if [ ! -e /dev/kvm ]; then
+    echo "install-deps: warning: /dev/kvm does not exist; VMs cannot run on this machine" >&2
+fi

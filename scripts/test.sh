@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting and lints, unit tests, and the
+# end-to-end tests that boot real guests on KVM. Needs root and /dev/kvm;
+# installs what is missing and builds the guest images (cached) first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "test: the end-to-end tests need root (tap devices, bridges, namespaces)" >&2
+    exit 1
+fi
+if [ ! -e /dev/kvm ]; then
+    echo "test: the end-to-end tests need /dev/kvm, which this machine does not have" >&2
+    exit 1
+fi
+
+scripts/install-deps.sh
+guest-images/build.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,184 @@
+//! Linux boots on KVM, end to end: the guest images' kernel and init, run by
+//! `nubis-vmm`. Each boot costs ~30 s on nested kvm_pvm hosts, so each test
+//! boots once and checks many things in that boot.
+
+use std::time::Duration;
+
+use nubis_tests::vm::{console_value, control_request, run_vmm, VmProcess};
+use nubis_tests::{guest_images, require_kvm, TestDir};
+
+/// Hang guard for one Linux boot, not a timing assertion.
+const BOOT_GUARD: Duration = Duration::from_secs(300);
+
+/// A guest command built from shell builtins only (every exec costs ~1 s
+/// here): the online CPUs, MemTotal, then an exit code.
+fn report_and_exit(code: u8) -> String {
+    format!(
+        "read online < /sys/devices/system/cpu/online; echo ONLINE=$online; \
+         while read key value unit; do [ $key = MemTotal: ] && echo MEMTOTAL_KB=$value; \
+         done < /proc/meminfo; exit {code}"
+    )
+}
+
+fn memtotal_mib(console: &str) -> u64 {
+    console_value(console, "MEMTOTAL_KB")
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or_else(|| panic!("no MEMTOTAL_KB line in the console:\n{console}"))
+}
+
+#[test]
+fn elf_kernel_initramfs_two_vcpus_one_gib_exit_code_42() {
+    require_kvm();
+    let images = guest_images();
+    let cmdline = format!("{} nubis_cmd=\"{}\"", images.cmdline, report_and_exit(42));
+    let outcome = run_vmm(
+        [
+            "--kernel",
+            images.vmlinux.to_str().unwrap(),
+            "--initrd",
+            images.initramfs.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "1024",
+        ],
+        BOOT_GUARD,
+    );
+    assert!(
+        !outcome.timed_out,
+        "boot hung:\n{}\n{}",
+        outcome.stdout, outcome.stderr
+    );
+    // The guest reboots when its command is done: a clean stop.
+    assert_eq!(
+        outcome.code,
+        Some(0),
+        "{}\n{}",
+        outcome.stdout,
+        outcome.stderr
+    );
+    let console = &outcome.stdout;
+    assert!(
+        console.contains("nubis-init: user space started"),
+        "{console}"
+    );
+    assert_eq!(
+        console_value(console, "NUBIS_EXIT_CODE").as_deref(),
+        Some("42"),
+        "{console}"
+    );
+    assert_eq!(
+        console_value(console, "ONLINE").as_deref(),
+        Some("0-1"),
+        "{console}"
+    );
+    let mem = memtotal_mib(console);
+    assert!(
+        (900..=1024).contains(&mem),
+        "MemTotal {mem} MiB for a 1024 MiB guest"
+    );
+    assert!(
+        outcome.stderr.contains("Guest-boot-time ="),
+        "{}",
+        outcome.stderr
+    );
+    assert!(outcome.stderr.contains("guest reset"), "{}", outcome.stderr);
+}
+
+#[test]
+fn bzimage_gzip_initramfs_one_vcpu_controlled_over_the_socket() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("linux-control");
+    let socket = dir.join("control.sock");
+    let command = format!(
+        "{} ; echo READY; read line; echo GOT=$line",
+        report_and_exit(0)
+    )
+    .replace("exit 0 ;", "");
+    let cmdline = format!("{} nubis_cmd=\"{command}\"", images.cmdline);
+    let mut vm = VmProcess::spawn([
+        "--kernel",
+        images.bzimage.to_str().unwrap(),
+        "--initrd",
+        images.initramfs_gz.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory-mib",
+        "128",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    // At the start of a line: the kernel also echoes its command line.
+    assert!(
+        vm.wait_for_console("\nREADY", BOOT_GUARD),
+        "no READY:\n{}\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    let console = vm.stdout();
+    assert_eq!(
+        console_value(&console, "ONLINE").as_deref(),
+        Some("0"),
+        "{console}"
+    );
+    let mem = memtotal_mib(&console);
+    assert!(
+        (100..=128).contains(&mem),
+        "MemTotal {mem} MiB for a 128 MiB guest"
+    );
+
+    let status = control_request(&socket, r#"{"command":"status"}"#);
+    assert_eq!(status["status"]["state"], "running", "{status}");
+    assert!(
+        status["status"]["boot_time_ms"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
+
+    // Paused, the guest does not see its input; resumed, it does.
+    assert_eq!(
+        control_request(&socket, r#"{"command":"pause"}"#)["ok"],
+        true
+    );
+    vm.type_input(b"hello-guest\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !vm.stdout().contains("GOT=hello-guest"),
+        "guest ran while paused"
+    );
+    assert_eq!(
+        control_request(&socket, r#"{"command":"resume"}"#)["ok"],
+        true
+    );
+    assert!(
+        vm.wait_for_console("GOT=hello-guest", BOOT_GUARD),
+        "input not seen after resume:\n{}",
+        vm.stdout()
+    );
+
+    // Ctrl-Alt-Del: the guest kernel restarts, and the VMM stops cleanly.
+    let shutdown = control_request(&socket, r#"{"command":"shutdown"}"#);
+    assert_eq!(shutdown["ok"], true, "{shutdown}");
+    let outcome = vm.wait(BOOT_GUARD);
+    assert!(
+        !outcome.timed_out,
+        "the guest ignored Ctrl-Alt-Del:\n{}",
+        outcome.stdout
+    );
+    assert_eq!(
+        outcome.code,
+        Some(0),
+        "{}\n{}",
+        outcome.stdout,
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("sent Ctrl-Alt-Del"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(outcome.stderr.contains("guest reset"), "{}", outcome.stderr);
+}
