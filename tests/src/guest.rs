@@ -55,6 +55,16 @@ impl Program {
         self
     }
 
+    /// `xsave` in ring 0 with CR4.OSXSAVE clear: #UD and a triple fault on
+    /// VMX/SVM hosts, an emulation failure on kvm_pvm hosts. Either way the
+    /// guest cannot go on.
+    pub fn xsave(mut self) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xb8]); // mov rax, 0x20_0000
+        self.code.extend_from_slice(&0x20_0000u64.to_le_bytes());
+        self.code.extend_from_slice(&[0x0f, 0xae, 0x20]); // xsave [rax]
+        self
+    }
+
     /// Loops forever without touching any device.
     pub fn spin(mut self) -> Self {
         self.code.extend_from_slice(&[0xeb, 0xfe]); // jmp $

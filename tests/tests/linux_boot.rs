@@ -52,7 +52,7 @@ fn elf_kernel_initramfs_two_vcpus_one_gib_exit_code_42() {
         "boot hung:\n{}\n{}",
         outcome.stdout, outcome.stderr
     );
-    // The guest reboots when its command is done: a clean stop.
+    // The guest powers off (ACPI S5) when its command is done: a clean stop.
     assert_eq!(
         outcome.code,
         Some(0),

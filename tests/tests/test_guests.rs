@@ -80,6 +80,50 @@ fn triple_fault_is_a_guest_crash_with_registers() {
 }
 
 #[test]
+fn unrunnable_instruction_is_a_guest_crash_with_registers() {
+    require_kvm();
+    let dir = TestDir::new("xsave");
+    let kernel = write_guest(
+        &dir,
+        Program::new()
+            .print("xsave next\n")
+            .xsave()
+            .print("survived\n")
+            .reset(),
+    );
+    let outcome = run_vmm(["--kernel", &kernel], QUICK);
+    assert_eq!(outcome.code, Some(2), "{outcome:?}");
+    assert_eq!(outcome.stdout, "xsave next\n");
+    let errors = outcome.error_lines();
+    assert_eq!(errors.len(), 1, "{outcome:?}");
+    assert!(errors[0].contains("RIP 0x"), "{}", errors[0]);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(errors[0].contains("emulation failure"), "{}", errors[0]);
+        assert!(
+            errors[0].contains("instruction bytes at RIP: 0f ae 20"),
+            "{}",
+            errors[0]
+        );
+    } else {
+        assert!(errors[0].contains("triple fault"), "{}", errors[0]);
+    }
+}
+
+#[test]
+fn memory_on_both_sides_of_the_mmio_gap() {
+    require_kvm();
+    let dir = TestDir::new("big-memory");
+    let kernel = write_guest(&dir, Program::new().print("big\n").reset());
+    // 5 GiB: 3 GiB below the gap and 2 GiB above 4 GiB (memfd pages are
+    // only allocated when touched).
+    let outcome = run_vmm(["--kernel", &kernel, "--memory-mib", "5120"], QUICK);
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert_eq!(outcome.stdout, "big\n");
+    let outcome = run_vmm(["--kernel", &kernel, "--memory-mib", "32"], QUICK);
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+}
+
+#[test]
 fn sigterm_stops_the_vm_cleanly() {
     require_kvm();
     let dir = TestDir::new("sigterm");

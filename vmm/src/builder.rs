@@ -14,14 +14,16 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
 use crate::arch::x86_64::cpuid::VcpuTopology;
 use crate::arch::x86_64::layout::{
-    guest_ram_ranges, BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ,
+    guest_ram_ranges, ACPI_PM_PORT, BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ,
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{host_memory_mib, ConfigError, HostLimits, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{
@@ -48,6 +50,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot place a device on its bus: {0}")]
@@ -99,6 +103,7 @@ pub struct BuiltVm {
     pub serial_input_ready: EventFd,
     pub i8042: Arc<Mutex<I8042>>,
     pub i8042_reset: EventFd,
+    pub acpi_poweroff: EventFd,
     pub boot_time_us: Arc<AtomicU64>,
     pub control_listener: Option<(UnixListener, PathBuf)>,
 }
@@ -193,9 +198,10 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         None => None,
     };
     let cmdline_len = boot::write_cmdline(&ram.memory, &config.boot.cmdline)?;
-    let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size);
-    boot::write_boot_params(&ram.memory, &params)?;
     mptable::setup_mptable(&ram.memory, vcpu_count)?;
+    let rsdp = acpi::setup_acpi(&ram.memory, vcpu_count)?;
+    let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
+    boot::write_boot_params(&ram.memory, &params)?;
 
     // Legacy devices.
     let (serial_output, serial_input) = serial_backend(&config.serial)?;
@@ -226,12 +232,33 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         })?;
     let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, reset_for_device)));
 
+    let acpi_poweroff = eventfd("the ACPI power-off line")?;
+    let acpi_pm = AcpiPm::new(
+        acpi_poweroff
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "the ACPI power-off line",
+                source,
+            })?,
+        i8042_reset
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "the ACPI reset line",
+                source,
+            })?,
+    );
+
     let boot_timer = BootTimer::new();
     let boot_time_us = boot_timer.boot_time();
 
     let mut io_bus = Bus::new();
     io_bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
     io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(acpi_pm)),
+        u64::from(ACPI_PM_PORT),
+        ACPI_PM_PORT_LEN,
+    )?;
     let mut mmio_bus = Bus::new();
     mmio_bus.insert(
         Arc::new(Mutex::new(boot_timer)),
@@ -279,6 +306,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         serial_input_ready,
         i8042,
         i8042_reset,
+        acpi_poweroff,
         boot_time_us,
         control_listener,
     })

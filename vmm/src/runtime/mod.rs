@@ -144,7 +144,12 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
         EventManager::new().map_err(RuntimeError::EventManager)?;
     add_subscriber(
         &mut manager,
-        ExitWatcher::new(exit.clone(), built.i8042_reset, signals),
+        ExitWatcher::new(
+            exit.clone(),
+            built.i8042_reset,
+            built.acpi_poweroff,
+            signals,
+        ),
     );
     let serial_handler = SerialInputHandler::new(
         built.serial.clone(),

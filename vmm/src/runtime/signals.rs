@@ -71,14 +71,21 @@ fn signal_name(signal: u32) -> String {
 pub struct ExitWatcher {
     exit: Arc<ExitNotifier>,
     guest_reset: EventFd,
+    guest_poweroff: EventFd,
     signals: TerminationSignals,
 }
 
 impl ExitWatcher {
-    pub fn new(exit: Arc<ExitNotifier>, guest_reset: EventFd, signals: TerminationSignals) -> Self {
+    pub fn new(
+        exit: Arc<ExitNotifier>,
+        guest_reset: EventFd,
+        guest_poweroff: EventFd,
+        signals: TerminationSignals,
+    ) -> Self {
         Self {
             exit,
             guest_reset,
+            guest_poweroff,
             signals,
         }
     }
@@ -89,6 +96,7 @@ impl MutEventSubscriber for ExitWatcher {
         for events in [
             Events::new(self.exit.event(), EventSet::IN),
             Events::new(&self.guest_reset, EventSet::IN),
+            Events::new(&self.guest_poweroff, EventSet::IN),
             Events::new(&self.signals.fd, EventSet::IN),
         ] {
             if let Err(err) = ops.add(events) {
@@ -106,6 +114,9 @@ impl MutEventSubscriber for ExitWatcher {
         } else if fd == self.guest_reset.as_raw_fd() {
             let _ = self.guest_reset.read();
             self.exit.notify(ExitReason::GuestReset);
+        } else if fd == self.guest_poweroff.as_raw_fd() {
+            let _ = self.guest_poweroff.read();
+            self.exit.notify(ExitReason::GuestShutdown);
         } else if fd == self.signals.fd.as_raw_fd() {
             while let Some(signal) = self.signals.next() {
                 let name = signal_name(signal);

@@ -266,8 +266,12 @@ pub fn build_boot_params(
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
     mem_size: u64,
+    acpi_rsdp: Option<u64>,
 ) -> boot_params {
     let mut params = boot_params::default();
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     if let Some(header) = kernel.setup_header {
         params.hdr = header;
     } else {
@@ -371,7 +375,8 @@ mod tests {
             addr: 0x700_0000,
             size: 0x1000,
         };
-        let params = build_boot_params(&elf_kernel(), 42, Some(initrd), 128 << 20);
+        let params = build_boot_params(&elf_kernel(), 42, Some(initrd), 128 << 20, Some(0xe0000));
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
         let hdr = params.hdr;
         assert_eq!({ hdr.header }, BZIMAGE_MAGIC);
         assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
@@ -400,7 +405,7 @@ mod tests {
             end: 0x30_0000,
             setup_header: Some(header),
         };
-        let params = build_boot_params(&kernel, 0, None, 1 << 30);
+        let params = build_boot_params(&kernel, 0, None, 1 << 30, None);
         assert_eq!({ params.hdr.version }, 0x20f);
         assert_eq!({ params.hdr.init_size }, 0x0123_4000);
         assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);

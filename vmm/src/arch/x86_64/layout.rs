@@ -5,6 +5,7 @@
 //! 0x0000_0500  boot GDT            0x0000_7000  zero page (boot_params)
 //! 0x0000_8ff0  boot stack top      0x0000_9000  PML4, PDPT, PD (identity map)
 //! 0x0002_0000  kernel command line 0x0009_fc00  MP table (to 0x10_0000: not RAM in e820)
+//! 0x000e_0000  ACPI tables (RSDP, XSDT, FADT, DSDT, MADT)
 //! 0x0010_0000  high memory: kernel, initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO gap (1 GiB): boot timer, virtio-mmio, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above the gap, when the guest has more than 3 GiB
@@ -24,6 +25,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the EBDA, where the MP table goes (the last KiB of base memory).
 pub const MPTABLE_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first) in the BIOS area, where Linux also looks for them.
+pub const ACPI_TABLES_START: u64 = 0xe_0000;
+pub const ACPI_TABLES_END: u64 = 0x10_0000;
 /// Start of high memory; the kernel is loaded at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -45,6 +49,11 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// The hardware-reduced ACPI sleep control/status and reset register.
+pub const ACPI_PM_PORT: u16 = 0x3c0;
+/// The ACPI SCI line named in the FADT; Linux claims it (level, active low),
+/// so devices must not use it.
+pub const ACPI_SCI_IRQ: u32 = 9;
 /// Legacy IRQs: the UART and the i8042 keyboard line.
 pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_KBD_IRQ: u32 = 1;
@@ -59,6 +68,7 @@ const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
 const _: () =
     assert!(PDE_START + 0x1000 * super::paging::IDENTITY_MAPPED_GIB as u64 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
+const _: () = assert!(MPTABLE_START < ACPI_TABLES_START && ACPI_TABLES_END <= HIMEM_START);
 
 /// e820 entry types (Linux's `E820_TYPE_*`).
 pub const E820_RAM: u32 = 1;

@@ -3,6 +3,7 @@
 //! registers), CPUID and MSRs per vCPU, the LAPIC's LINT pins, and the MP
 //! table through which an SMP guest finds its CPUs and IOAPIC.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;

@@ -1,6 +1,8 @@
 //! The legacy PC devices a microVM keeps: the 8250 UART console, an i8042
-//! (reset line and Ctrl-Alt-Del), and the boot-timer page.
+//! (reset line and Ctrl-Alt-Del), the ACPI power-off/reset port and the
+//! boot-timer page.
 
+pub mod acpi_pm;
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
