@@ -5,6 +5,8 @@
 # instead (exit it to stop the VM).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# rustup installs cargo here; a non-login shell may not have it on PATH.
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/install-deps.sh
 guest-images/build.sh

@@ -4,6 +4,8 @@
 # installs what is missing and builds the guest images (cached) first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# rustup installs cargo here; a non-login shell may not have it on PATH.
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
 if [ "$(id -u)" != 0 ]; then
     echo "test: the end-to-end tests need root (tap devices, bridges, namespaces)" >&2

@@ -18,12 +18,13 @@ use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
 use crate::arch::x86_64::cpuid::VcpuTopology;
 use crate::arch::x86_64::layout::{
-    guest_ram_ranges, ACPI_PM_PORT, BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ,
+    guest_ram_ranges, ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN, BOOT_TIMER_SIZE, BOOT_TIMER_START,
+    I8042_KBD_IRQ, SERIAL_IRQ,
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{host_memory_mib, ConfigError, HostLimits, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
+use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{
@@ -256,8 +257,8 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
     io_bus.insert(
         Arc::new(Mutex::new(acpi_pm)),
-        u64::from(ACPI_PM_PORT),
-        ACPI_PM_PORT_LEN,
+        u64::from(ACPI_PM1_EVT_PORT),
+        ACPI_PM_PORTS_LEN,
     )?;
     let mut mmio_bus = Bus::new();
     mmio_bus.insert(

@@ -1,17 +1,21 @@
 //! Minimal ACPI tables: RSDP, XSDT, FADT, DSDT and MADT.
 //!
 //! Why ACPI at all: without it a Linux guest cannot power off (it halts and
-//! the VM hangs). The FADT declares a hardware-reduced platform whose sleep
-//! control register is an I/O port of the VMM's (see
-//! `devices::legacy::acpi_pm`), and the DSDT holds the `\_S5` object, so a
-//! guest `poweroff` becomes one port write that ends the VM. With ACPI on,
-//! Linux takes its CPUs and IOAPIC from the MADT, which therefore mirrors the
-//! MP table.
+//! the VM hangs). The FADT points the PM1a event and control blocks and the
+//! reset register at I/O ports of the VMM's (see `devices::legacy::acpi_pm`),
+//! and the DSDT holds the `\_S5` object, so a guest `poweroff` becomes one
+//! port write that ends the VM. With ACPI on, Linux takes its CPUs and IOAPIC
+//! from the MADT, which therefore mirrors the MP table.
+//!
+//! Why not a hardware-reduced platform: Linux then drops the legacy PIC and
+//! no longer preallocates ISA IRQs 0-15, and the UART's and the i8042's
+//! interrupts stop working (measured: the i8042 probe fails with -EINVAL).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{
-    ACPI_PM_PORT, ACPI_SCI_IRQ, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, IOAPIC_START,
+    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_RESET_PORT, ACPI_SCI_IRQ, ACPI_TABLES_END,
+    ACPI_TABLES_START, APIC_START, IOAPIC_START,
 };
 use super::mptable::ioapic_id;
 
@@ -20,12 +24,15 @@ const OEM_TABLE_ID: &[u8; 8] = b"MICROVM ";
 const CREATOR_ID: &[u8; 4] = b"NUBS";
 const HEADER_SIZE: usize = 36;
 const FADT_SIZE: usize = 276;
+const FACS_SIZE: usize = 64;
+/// PM1 event block: 2 bytes of status, 2 of enable. PM1 control: 2 bytes.
+pub const PM1_EVT_LEN: u8 = 4;
+pub const PM1_CNT_LEN: u8 = 2;
 
-/// FADT flags: fixed buttons absent, reset register supported, hardware-reduced.
+/// FADT flags: fixed buttons absent, reset register supported.
 const FADT_POWER_BUTTON_ABSENT: u32 = 1 << 4;
 const FADT_SLEEP_BUTTON_ABSENT: u32 = 1 << 5;
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
-const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// IA-PC boot architecture flags: an 8042 is present, no VGA, no CMOS RTC.
 const IAPC_8042: u16 = 1 << 1;
 const IAPC_NO_VGA: u16 = 1 << 2;
@@ -67,15 +74,28 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     table
 }
 
-/// A Generic Address Structure for an 8-bit I/O port.
-fn io_port_gas(port: u16) -> [u8; 12] {
+/// A Generic Address Structure for an I/O port register of `bits` bits.
+fn io_port_gas(port: u16, bits: u8) -> [u8; 12] {
     let mut gas = [0u8; 12];
     gas[0] = 1; // system I/O space
-    gas[1] = 8; // register bit width
+    gas[1] = bits; // register bit width
     gas[2] = 0; // bit offset
-    gas[3] = 1; // byte access
+    gas[3] = match bits {
+        8 => 1,
+        16 => 2,
+        _ => 3,
+    }; // access size: byte, word, dword
     gas[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
     gas
+}
+
+/// The FACS: no waking vector, no global lock owner.
+fn facs() -> Vec<u8> {
+    let mut facs = vec![0u8; FACS_SIZE];
+    facs[0..4].copy_from_slice(b"FACS");
+    facs[4..8].copy_from_slice(&(FACS_SIZE as u32).to_le_bytes());
+    facs[32] = 2; // version
+    facs
 }
 
 /// The DSDT's AML: `Name (_S5_, Package (4) { 5, 5, 0, 0 })`.
@@ -98,24 +118,28 @@ fn dsdt_aml() -> Vec<u8> {
     ]
 }
 
-fn fadt(dsdt_addr: u64) -> Vec<u8> {
+fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     let mut body = vec![0u8; FADT_SIZE - HEADER_SIZE];
     let at = |offset: usize| offset - HEADER_SIZE;
+    body[at(36)..at(40)].copy_from_slice(&(facs_addr as u32).to_le_bytes());
     body[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
     body[at(46)..at(48)].copy_from_slice(&(ACPI_SCI_IRQ as u16).to_le_bytes());
+    // SMI_CMD stays 0: the platform is always in ACPI mode.
+    body[at(56)..at(60)].copy_from_slice(&u32::from(ACPI_PM1_EVT_PORT).to_le_bytes());
+    body[at(64)..at(68)].copy_from_slice(&u32::from(ACPI_PM1_CNT_PORT).to_le_bytes());
+    body[at(88)] = PM1_EVT_LEN;
+    body[at(89)] = PM1_CNT_LEN;
     body[at(109)..at(111)]
         .copy_from_slice(&(IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).to_le_bytes());
-    let flags = FADT_POWER_BUTTON_ABSENT
-        | FADT_SLEEP_BUTTON_ABSENT
-        | FADT_RESET_REG_SUP
-        | FADT_HW_REDUCED_ACPI;
+    let flags = FADT_POWER_BUTTON_ABSENT | FADT_SLEEP_BUTTON_ABSENT | FADT_RESET_REG_SUP;
     body[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
-    body[at(116)..at(128)].copy_from_slice(&io_port_gas(ACPI_PM_PORT));
+    body[at(116)..at(128)].copy_from_slice(&io_port_gas(ACPI_RESET_PORT, 8));
     body[at(128)] = RESET_VALUE;
     body[at(131)] = 5; // FADT minor version (ACPI 6.5)
+    body[at(132)..at(140)].copy_from_slice(&facs_addr.to_le_bytes());
     body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
-    body[at(244)..at(256)].copy_from_slice(&io_port_gas(ACPI_PM_PORT));
-    body[at(256)..at(268)].copy_from_slice(&io_port_gas(ACPI_PM_PORT));
+    body[at(148)..at(160)].copy_from_slice(&io_port_gas(ACPI_PM1_EVT_PORT, PM1_EVT_LEN * 8));
+    body[at(172)..at(184)].copy_from_slice(&io_port_gas(ACPI_PM1_CNT_PORT, PM1_CNT_LEN * 8));
     body[at(268)..at(276)].copy_from_slice(b"NUBISVMM");
     sdt(b"FACP", 6, &body)
 }
@@ -161,10 +185,13 @@ fn align8(value: u64) -> u64 {
 /// Builds all tables to be placed at `base` (RSDP first). Returns the bytes.
 pub fn build(num_cpus: u32, base: u64) -> Result<Vec<u8>, AcpiError> {
     let rsdp_len = 36u64;
-    let dsdt_addr = align8(base + rsdp_len);
+    // The FACS must be 64-byte aligned.
+    let facs_addr = (base + rsdp_len + 63) & !63;
+    let facs = facs();
+    let dsdt_addr = align8(facs_addr + facs.len() as u64);
     let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
-    let fadt = fadt(dsdt_addr);
+    let fadt = fadt(dsdt_addr, facs_addr);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
     let madt = madt(num_cpus);
     let xsdt_addr = align8(madt_addr + madt.len() as u64);
@@ -180,6 +207,7 @@ pub fn build(num_cpus: u32, base: u64) -> Result<Vec<u8>, AcpiError> {
         image[offset..offset + bytes.len()].copy_from_slice(bytes);
     };
     place(base, &rsdp(xsdt_addr));
+    place(facs_addr, &facs);
     place(dsdt_addr, &dsdt);
     place(fadt_addr, &fadt);
     place(madt_addr, &madt);
@@ -259,15 +287,33 @@ mod tests {
     }
 
     #[test]
-    fn fadt_points_sleep_and_reset_at_the_pm_port() {
-        let image = build(1, ACPI_TABLES_START).unwrap();
-        let fadt = tables(&image, ACPI_TABLES_START).remove(0).1;
-        assert_ne!(u32_at(&fadt, 112) & FADT_HW_REDUCED_ACPI, 0);
-        for gas_offset in [116usize, 244, 256] {
+    fn fadt_points_pm1_and_reset_at_the_vmm_ports() {
+        let base = ACPI_TABLES_START;
+        let image = build(1, base).unwrap();
+        let fadt = tables(&image, base).remove(0).1;
+        // Legacy (not hardware-reduced), always in ACPI mode.
+        assert_eq!(u32_at(&fadt, 112) & (1 << 20), 0);
+        assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD");
+        assert_eq!(u32_at(&fadt, 56), u32::from(ACPI_PM1_EVT_PORT));
+        assert_eq!(u32_at(&fadt, 64), u32::from(ACPI_PM1_CNT_PORT));
+        assert_eq!((fadt[88], fadt[89]), (PM1_EVT_LEN, PM1_CNT_LEN));
+        for (gas_offset, port, bits) in [
+            (116usize, ACPI_RESET_PORT, 8u8),
+            (148, ACPI_PM1_EVT_PORT, 32),
+            (172, ACPI_PM1_CNT_PORT, 16),
+        ] {
             assert_eq!(fadt[gas_offset], 1, "I/O space");
-            assert_eq!(u64_at(&fadt, gas_offset + 4), u64::from(ACPI_PM_PORT));
+            assert_eq!(fadt[gas_offset + 1], bits);
+            assert_eq!(u64_at(&fadt, gas_offset + 4), u64::from(port));
         }
         assert_eq!(fadt[128], RESET_VALUE);
+        // The FACS is 64-byte aligned and named by both pointers.
+        let facs = u64_at(&fadt, 132);
+        assert_eq!(u64::from(u32_at(&fadt, 36)), facs);
+        assert_eq!(facs % 64, 0);
+        let offset = (facs - base) as usize;
+        assert_eq!(&image[offset..offset + 4], b"FACS");
+        assert_eq!(u32_at(&image, offset + 4) as usize, FACS_SIZE);
     }
 
     #[test]

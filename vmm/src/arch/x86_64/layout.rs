@@ -49,8 +49,12 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
-/// The hardware-reduced ACPI sleep control/status and reset register.
-pub const ACPI_PM_PORT: u16 = 0x3c0;
+/// ACPI fixed hardware: the PM1a event block (status, enable), the PM1a
+/// control block and the reset register, as I/O ports.
+pub const ACPI_PM1_EVT_PORT: u16 = 0x3c0;
+pub const ACPI_PM1_CNT_PORT: u16 = 0x3c4;
+pub const ACPI_RESET_PORT: u16 = 0x3c6;
+pub const ACPI_PM_PORTS_LEN: u64 = 8;
 /// The ACPI SCI line named in the FADT; Linux claims it (level, active low),
 /// so devices must not use it.
 pub const ACPI_SCI_IRQ: u32 = 9;
