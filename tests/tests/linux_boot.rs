@@ -85,7 +85,11 @@ fn elf_kernel_initramfs_two_vcpus_one_gib_exit_code_42() {
         "{}",
         outcome.stderr
     );
-    assert!(outcome.stderr.contains("guest reset"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("the guest powered the VM off"),
+        "{}",
+        outcome.stderr
+    );
 }
 
 #[test]
@@ -95,7 +99,7 @@ fn bzimage_gzip_initramfs_one_vcpu_controlled_over_the_socket() {
     let dir = TestDir::new("linux-control");
     let socket = dir.join("control.sock");
     let command = format!(
-        "{} ; echo READY; read line; echo GOT=$line",
+        "{} ; echo READY; read line; echo GOT=$line; read wait_for_shutdown",
         report_and_exit(0)
     )
     .replace("exit 0 ;", "");
