@@ -228,3 +228,27 @@ fn control_socket_path_in_the_way() {
     expect_rejected(&outcome, &["control.sock", "not a socket"]);
     assert_eq!(std::fs::read(&blocker).unwrap(), b"precious data");
 }
+
+#[test]
+fn bad_disks() {
+    require_kvm();
+    let dir = TestDir::new("bad-disk");
+    let kernel = good_kernel(&dir);
+    let outcome = run_vmm(
+        ["--kernel", &kernel, "--disk", "path=/nonexistent/disk.img"],
+        HANG_GUARD,
+    );
+    expect_rejected(&outcome, &["/nonexistent/disk.img", "No such file"]);
+    let outcome = run_vmm(["--kernel", &kernel, "--disk", "file=/x.img"], HANG_GUARD);
+    expect_rejected(&outcome, &["file=/x.img", "invalid disk"]);
+    let outcome = run_vmm(
+        [
+            "--kernel",
+            &kernel,
+            "--disk",
+            &format!("path={}", dir.path().display()),
+        ],
+        HANG_GUARD,
+    );
+    expect_rejected(&outcome, &["bad-disk", "Is a directory"]);
+}

@@ -186,3 +186,62 @@ fn bzimage_gzip_initramfs_one_vcpu_controlled_over_the_socket() {
     );
     assert!(outcome.stderr.contains("guest reset"), "{}", outcome.stderr);
 }
+
+#[test]
+fn root_filesystem_on_a_read_only_virtio_disk() {
+    require_kvm();
+    let images = guest_images();
+    let before = std::fs::read(&images.rootfs).expect("read rootfs.ext4");
+    let command =
+        "while read dev mnt fs rest; do [ $mnt = / ] && echo ROOTFS=$fs; done < /proc/mounts; \
+                   echo probe > /written-file; echo WRITE_STATUS=$?; exit 7";
+    let cmdline = format!(
+        "{} root=/dev/vda ro nubis_cmd=\"{command}\"",
+        images.cmdline
+    );
+    let disk = format!("path={},ro=on,id=rootfs", images.rootfs.display());
+    let outcome = run_vmm(
+        [
+            "--kernel",
+            images.vmlinux.to_str().unwrap(),
+            "--disk",
+            &disk,
+            "--cmdline",
+            &cmdline,
+        ],
+        BOOT_GUARD,
+    );
+    assert!(
+        !outcome.timed_out,
+        "boot hung:\n{}\n{}",
+        outcome.stdout, outcome.stderr
+    );
+    assert_eq!(
+        outcome.code,
+        Some(0),
+        "{}\n{}",
+        outcome.stdout,
+        outcome.stderr
+    );
+    let console = &outcome.stdout;
+    assert!(console.contains("[vda]"), "{console}");
+    assert_eq!(
+        console_value(console, "ROOTFS").as_deref(),
+        Some("ext4"),
+        "{console}"
+    );
+    // The root is mounted read-only: the write fails inside the guest.
+    assert_ne!(
+        console_value(console, "WRITE_STATUS").as_deref(),
+        Some("0"),
+        "{console}"
+    );
+    assert_eq!(
+        console_value(console, "NUBIS_EXIT_CODE").as_deref(),
+        Some("7"),
+        "{console}"
+    );
+    assert!(outcome.stderr.contains("virtio-blk"), "{}", outcome.stderr);
+    let after = std::fs::read(&images.rootfs).expect("read rootfs.ext4");
+    assert!(before == after, "the read-only image changed");
+}

@@ -18,8 +18,8 @@ use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
 use crate::arch::x86_64::cpuid::VcpuTopology;
 use crate::arch::x86_64::layout::{
-    guest_ram_ranges, ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN, BOOT_TIMER_SIZE, BOOT_TIMER_START,
-    I8042_KBD_IRQ, SERIAL_IRQ,
+    guest_ram_ranges, virtio_mmio_cmdline, virtio_mmio_slot, ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN,
+    BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ, VIRTIO_MMIO_SIZE,
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{host_memory_mib, ConfigError, HostLimits, SerialConfig, VmConfig};
@@ -31,6 +31,9 @@ use crate::devices::legacy::serial::{
     InputReady, SerialDevice, SerialOutput, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::devices::legacy::IrqLine;
+use crate::devices::virtio::block::{Block, BlockError, BlockEventHandler};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::platform::KvmFlavor;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -55,6 +58,15 @@ pub enum BuildError {
     Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error("cannot register the queue notification of virtio device {index}: {source}")]
+    Ioeventfd {
+        index: usize,
+        source: kvm_ioctls::Error,
+    },
+    #[error("no MMIO slot or IRQ left for virtio device {0}")]
+    NoDeviceSlot(usize),
     #[error("cannot place a device on its bus: {0}")]
     Bus(#[from] BusError),
     #[error("cannot create an eventfd for {what}: {source}")]
@@ -107,6 +119,7 @@ pub struct BuiltVm {
     pub acpi_poweroff: EventFd,
     pub boot_time_us: Arc<AtomicU64>,
     pub control_listener: Option<(UnixListener, PathBuf)>,
+    pub block_handlers: Vec<BlockEventHandler>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -198,7 +211,49 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         Some(path) => Some(boot::load_initrd(&ram.memory, path, &kernel, mem_size)?),
         None => None,
     };
-    let cmdline_len = boot::write_cmdline(&ram.memory, &config.boot.cmdline)?;
+    // virtio-mmio devices: MMIO window, IRQ, queue ioeventfd, and their
+    // declaration on the kernel command line.
+    let mut cmdline = config.boot.cmdline.clone();
+    let mut mmio_bus = Bus::new();
+    let mut block_handlers = Vec::with_capacity(config.disks.len());
+    for (index, disk) in config.disks.iter().enumerate() {
+        let (base, irq) = virtio_mmio_slot(index).ok_or(BuildError::NoDeviceSlot(index))?;
+        let irq_line = irq_line("a virtio interrupt")?;
+        vm.register_irqfd(&irq_line.0, irq)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irq_line));
+        let id = disk
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("nubis-disk{index}"));
+        let block = Arc::new(Mutex::new(Block::new(
+            &disk.path,
+            disk.read_only,
+            &id,
+            interrupt.clone(),
+        )?));
+        let notify = kvm_ioctls::IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+        for (queue, evt) in crate::devices::bus::lock(&block)
+            .queue_events()
+            .iter()
+            .enumerate()
+        {
+            vm.fd()
+                .register_ioevent(evt, &notify, queue as u32)
+                .map_err(|source| BuildError::Ioeventfd { index, source })?;
+        }
+        block_handlers.push(BlockEventHandler::new(block.clone()).map_err(|source| {
+            BuildError::EventFd {
+                what: "a virtio queue",
+                source,
+            }
+        })?);
+        let device: Arc<Mutex<dyn VirtioDevice>> = block;
+        let transport = MmioTransport::new(device, interrupt, ram.memory.clone());
+        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        cmdline.push(' ');
+        cmdline.push_str(&virtio_mmio_cmdline(base, irq));
+    }
+    let cmdline_len = boot::write_cmdline(&ram.memory, &cmdline)?;
     mptable::setup_mptable(&ram.memory, vcpu_count)?;
     let rsdp = acpi::setup_acpi(&ram.memory, vcpu_count)?;
     let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
@@ -260,7 +315,6 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         u64::from(ACPI_PM1_EVT_PORT),
         ACPI_PM_PORTS_LEN,
     )?;
-    let mut mmio_bus = Bus::new();
     mmio_bus.insert(
         Arc::new(Mutex::new(boot_timer)),
         BOOT_TIMER_START,
@@ -310,5 +364,6 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         acpi_poweroff,
         boot_time_us,
         control_listener,
+        block_handlers,
     })
 }

@@ -68,7 +68,16 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("cmdline contains a NUL or non-ASCII byte")]
     CmdlineInvalid,
+    #[error("invalid disk '{value}': {reason} (expected path=FILE[,ro=on|off][,id=NAME])")]
+    InvalidDisk { value: String, reason: String },
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooManyDevices(usize),
+    #[error("disk id '{0}' is longer than 20 bytes")]
+    DiskIdTooLong(String),
 }
+
+/// virtio-mmio devices get IRQs 5-23 except the ACPI SCI (9).
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 
 /// The whole configuration of one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +90,9 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-blk disks, in order: the first is /dev/vda.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
     /// Unix socket for the control protocol (see `control`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -97,6 +109,55 @@ pub struct BootConfig {
     /// Kernel command line. The VMM appends what its devices need.
     #[serde(default)]
     pub cmdline: String,
+}
+
+/// One virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The serial the guest reads (GET_ID), at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `path=FILE[,ro=on|off][,id=NAME]`
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: &str| ConfigError::InvalidDisk {
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        for part in value.split(',') {
+            let (key, val) = part
+                .split_once('=')
+                .ok_or_else(|| invalid(&format!("'{part}' is not key=value")))?;
+            match key {
+                "path" if !val.is_empty() => path = Some(PathBuf::from(val)),
+                "ro" => {
+                    read_only = match val {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(invalid("ro must be on or off")),
+                    }
+                }
+                "id" if !val.is_empty() => id = Some(val.to_string()),
+                _ => return Err(invalid(&format!("unknown or empty key '{key}'"))),
+            }
+        }
+        Ok(Self {
+            path: path.ok_or_else(|| invalid("path is missing"))?,
+            read_only,
+            id,
+        })
+    }
 }
 
 /// The virtual hardware's size.
@@ -179,6 +240,8 @@ pub struct ConfigOverrides {
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub serial: Option<SerialConfig>,
+    /// Disks added after the config file's.
+    pub disks: Vec<DiskConfig>,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -222,6 +285,7 @@ impl VmConfig {
                 },
                 machine: MachineConfig::default(),
                 serial: SerialConfig::default(),
+                disks: Vec::new(),
                 control_socket: None,
             },
         };
@@ -243,6 +307,7 @@ impl VmConfig {
         if let Some(serial) = flags.serial {
             config.serial = serial;
         }
+        config.disks.extend(flags.disks);
         if let Some(socket) = flags.control_socket {
             config.control_socket = Some(socket);
         }
@@ -283,6 +348,14 @@ impl VmConfig {
         }
         if !self.boot.cmdline.is_ascii() || self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);
+        }
+        if self.disks.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.disks.len()));
+        }
+        for disk in &self.disks {
+            if let Some(id) = disk.id.as_ref().filter(|id| id.len() > 20) {
+                return Err(ConfigError::DiskIdTooLong(id.clone()));
+            }
         }
         Ok(())
     }
@@ -509,6 +582,58 @@ mod tests {
         assert!(matches!(
             config.validate(&LIMITS),
             Err(ConfigError::CmdlineInvalid)
+        ));
+    }
+
+    #[test]
+    fn disk_flag_syntax() {
+        let disk: DiskConfig = "path=/img/root.ext4,ro=on,id=root".parse().unwrap();
+        assert_eq!(
+            disk,
+            DiskConfig {
+                path: "/img/root.ext4".into(),
+                read_only: true,
+                id: Some("root".into())
+            }
+        );
+        let disk: DiskConfig = "path=/d".parse().unwrap();
+        assert!(!disk.read_only);
+        for bad in [
+            "",
+            "/d",
+            "ro=on",
+            "path=",
+            "path=/d,ro=yes",
+            "path=/d,bw=1",
+            "path=/d,id=",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn disks_in_documents_and_limits() {
+        let config = parse(
+            r#"{"version":1,"boot":{"kernel":"/k"},"disks":[{"path":"/a"},{"path":"/b","read_only":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].read_only);
+        assert!(
+            parse(r#"{"version":1,"boot":{"kernel":"/k"},"disks":[{"path":"/a","ro":true}]}"#)
+                .is_err()
+        );
+        let mut many = with_machine(1, 128);
+        many.disks = vec!["path=/d".parse().unwrap(); MAX_VIRTIO_DEVICES + 1];
+        assert!(matches!(
+            many.validate(&LIMITS),
+            Err(ConfigError::TooManyDevices(19))
+        ));
+        let mut long_id = with_machine(1, 128);
+        long_id.disks = vec!["path=/d,id=aaaaaaaaaaaaaaaaaaaaa".parse().unwrap()];
+        assert!(matches!(
+            long_id.validate(&LIMITS),
+            Err(ConfigError::DiskIdTooLong(_))
         ));
     }
 

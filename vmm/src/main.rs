@@ -45,6 +45,9 @@ struct Cli {
     /// Console: stdout, off, file:PATH or unix:PATH.
     #[arg(long, value_name = "stdout|off|file:PATH|unix:PATH")]
     serial: Option<String>,
+    /// A virtio-blk disk, repeatable (the first is /dev/vda).
+    #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
+    disk: Vec<String>,
     /// Unix socket for the control protocol.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -64,7 +67,16 @@ fn assemble(cli: Cli) -> Result<VmConfig, String> {
         Some(text) => Some(text.parse::<SerialConfig>().map_err(|e| e.to_string())?),
         None => None,
     };
+    let disks = cli
+        .disk
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|e: vmm::config::ConfigError| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let flags = ConfigOverrides {
+        disks,
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,

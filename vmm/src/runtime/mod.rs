@@ -158,6 +158,9 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
     );
     let terminal_guard = serial_handler.terminal_guard();
     add_subscriber(&mut manager, serial_handler);
+    for handler in built.block_handlers {
+        add_subscriber(&mut manager, handler);
+    }
     if let Some((listener, path)) = built.control_listener {
         let handle = Arc::new(VmHandle {
             control: control.clone(),

@@ -74,6 +74,21 @@ const _: () =
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
 const _: () = assert!(MPTABLE_START < ACPI_TABLES_START && ACPI_TABLES_END <= HIMEM_START);
 
+/// Where the `index`-th virtio-mmio device lives: its MMIO window base and
+/// its IRQ (5, 6, 7, 8, 10, ... 23: the ACPI SCI is skipped). None when the
+/// IRQs are used up.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let irq = (FIRST_DEVICE_IRQ..=LAST_DEVICE_IRQ)
+        .filter(|irq| *irq != ACPI_SCI_IRQ)
+        .nth(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, irq))
+}
+
+/// The kernel argument that declares a virtio-mmio device to Linux.
+pub fn virtio_mmio_cmdline(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
 /// e820 entry types (Linux's `E820_TYPE_*`).
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -199,6 +214,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn virtio_slots_skip_the_sci_and_run_out() {
+        assert_eq!(virtio_mmio_slot(0), Some((VIRTIO_MMIO_START, 5)));
+        assert_eq!(virtio_mmio_slot(3), Some((VIRTIO_MMIO_START + 0x3000, 8)));
+        assert_eq!(virtio_mmio_slot(4), Some((VIRTIO_MMIO_START + 0x4000, 10)));
+        assert_eq!(virtio_mmio_slot(17).map(|s| s.1), Some(23));
+        assert_eq!(virtio_mmio_slot(18), None);
+        assert_eq!(crate::config::MAX_VIRTIO_DEVICES, 18);
+        assert_eq!(
+            virtio_mmio_cmdline(0xc000_1000, 5),
+            "virtio_mmio.device=4K@0xc0001000:5"
+        );
     }
 
     #[test]

@@ -1,0 +1,244 @@
+//! The virtio-blk device: one request queue, served from the event loop when
+//! the guest kicks it (through an ioeventfd), against a raw image file.
+//! Capacity comes from the file size; read-only disks offer
+//! `VIRTIO_BLK_F_RO`; FLUSH maps to `fdatasync`, and without FLUSH
+//! negotiated every write is made durable before it completes.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{self, Disk, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
+use crate::devices::bus::lock;
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMemoryMmap;
+
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_BLK_F_RO: u32 = 5;
+const VIRTIO_BLK_F_FLUSH: u32 = 9;
+const QUEUE_SIZE: u16 = 256;
+
+/// Errors in opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("cannot create the queue eventfd of disk {path}: {source}")]
+    EventFd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+struct ActiveQueue {
+    memory: GuestMemoryMmap,
+    queue: Queue,
+    flush_negotiated: bool,
+}
+
+pub struct Block {
+    path: PathBuf,
+    file: File,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+    capacity_bytes: u64,
+    config: [u8; 8],
+    queue_sizes: [u16; 1],
+    queue_events: Vec<EventFd>,
+    interrupt: Arc<VirtioInterrupt>,
+    active: Option<ActiveQueue>,
+}
+
+impl Block {
+    /// Opens the image at `path`. `id` (at most 20 bytes are used) is what
+    /// the guest reads as the disk's serial.
+    pub fn new(
+        path: &Path,
+        read_only: bool,
+        id: &str,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<Self, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_error)?;
+        let metadata = file.metadata().map_err(open_error)?;
+        if !metadata.is_file() {
+            return Err(BlockError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        // Whole sectors only: a partial last sector is not addressable.
+        let capacity_bytes = metadata.len() / SECTOR_SIZE * SECTOR_SIZE;
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+        let bytes = id.as_bytes();
+        let len = bytes.len().min(VIRTIO_BLK_ID_BYTES);
+        serial[..len].copy_from_slice(&bytes[..len]);
+        let queue_event =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BlockError::EventFd {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            read_only,
+            id: serial,
+            capacity_bytes,
+            config: (capacity_bytes / SECTOR_SIZE).to_le_bytes(),
+            queue_sizes: [QUEUE_SIZE],
+            queue_events: vec![queue_event],
+            interrupt,
+            active: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves every request the guest has made available.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut disk = Disk {
+            file: &mut self.file,
+            capacity_bytes: self.capacity_bytes,
+            read_only: self.read_only,
+            id: &self.id,
+            write_through: !active.flush_negotiated,
+        };
+        let memory = &active.memory;
+        let mut used_any = false;
+        while let Some(chain) = active.queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let descriptors: Vec<_> = chain.collect();
+            let written = match request::parse(&descriptors, memory) {
+                Ok(request) => {
+                    let done = request::execute(&request, memory, &mut disk);
+                    done.written.saturating_add(1)
+                }
+                Err(err) => {
+                    log::warn!("virtio-blk {}: bad request: {err}", self.path.display());
+                    0
+                }
+            };
+            if let Err(err) = active.queue.add_used(memory, head, written) {
+                log::warn!(
+                    "virtio-blk {}: cannot complete a request: {err}",
+                    self.path.display()
+                );
+            }
+            used_any = true;
+        }
+        if used_any {
+            match active.queue.needs_notification(memory) {
+                Ok(false) => {}
+                _ => self.interrupt.signal_used_queue(),
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if self.read_only {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Capacity is read-only; writeback mode is not offered.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let mut queues = activation.queues;
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(ActiveQueue {
+            memory: activation.memory,
+            queue,
+            flush_negotiated: activation.acked_features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+        });
+        log::info!(
+            "virtio-blk {}: active ({} sectors{})",
+            self.path.display(),
+            self.capacity_bytes / SECTOR_SIZE,
+            if self.read_only { ", read-only" } else { "" }
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+}
+
+/// Serves a block device's queue from the event loop.
+pub struct BlockEventHandler {
+    block: Arc<Mutex<Block>>,
+    queue_event: EventFd,
+}
+
+impl BlockEventHandler {
+    pub fn new(block: Arc<Mutex<Block>>) -> std::io::Result<Self> {
+        let queue_event = lock(&block).queue_events[0].try_clone()?;
+        Ok(Self { block, queue_event })
+    }
+}
+
+impl MutEventSubscriber for BlockEventHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.queue_event, EventSet::IN)) {
+            log::error!("virtio-blk: cannot watch the queue: {err:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.queue_event.as_raw_fd() {
+            let _ = self.queue_event.read();
+            lock(&self.block).process_queue();
+        }
+    }
+}

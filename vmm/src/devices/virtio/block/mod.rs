@@ -1,0 +1,6 @@
+//! virtio-blk: a raw disk image file as a guest block device.
+
+pub mod device;
+pub mod request;
+
+pub use device::{Block, BlockError, BlockEventHandler};

@@ -1,0 +1,460 @@
+//! The virtio-mmio transport (virtio 1.x, register layout version 2): one
+//! 4 KiB MMIO window per device with feature negotiation, queue setup, the
+//! device status state machine, interrupt status/ack and the device's
+//! configuration space at offset 0x100.
+//!
+//! Every value here is written by the untrusted guest: unknown offsets and
+//! odd access sizes are ignored, queue registers only change before the
+//! driver sets DRIVER_OK, and a device is activated only when every queue it
+//! needs is valid in guest memory.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{status, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::bus::{lock, BusDevice};
+use crate::memory::GuestMemoryMmap;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5342_554e; // "NUBS"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// Kicks normally go to an ioeventfd registered at this offset.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    interrupt: Arc<VirtioInterrupt>,
+    memory: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    queue_select: u32,
+    device_status: u32,
+    activated: bool,
+}
+
+fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .filter_map(|max| Queue::new(*max).ok())
+        .collect()
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: Arc<VirtioInterrupt>,
+        memory: GuestMemoryMmap,
+    ) -> Self {
+        let queues = new_queues(&*lock(&device));
+        Self {
+            device,
+            interrupt,
+            memory,
+            queues,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            queue_select: 0,
+            device_status: 0,
+            activated: false,
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.device_status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            lock(&self.device).reset();
+        }
+        self.queues = new_queues(&*lock(&self.device));
+        self.acked_features = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.queue_select = 0;
+        self.device_status = 0;
+        self.activated = false;
+        self.interrupt.acknowledge(u32::MAX);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & status::FEATURES_OK != 0 && self.device_status & status::FEATURES_OK == 0 {
+            let offered = lock(&self.device).avail_features();
+            let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+            if self.acked_features & !offered != 0 || self.acked_features & version_1 == 0 {
+                log::warn!(
+                    "virtio: driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
+                    self.acked_features,
+                    offered
+                );
+                value &= !status::FEATURES_OK;
+            }
+        }
+        self.device_status = value;
+        if value & status::DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        if self.device_status & status::FEATURES_OK == 0 {
+            log::warn!("virtio: DRIVER_OK without FEATURES_OK; device not started");
+            self.device_status |= status::FAILED;
+            return;
+        }
+        for (index, queue) in self.queues.iter().enumerate() {
+            if !queue.ready() || !queue.is_valid(&self.memory) {
+                log::warn!("virtio: queue {index} is not ready or not valid; device not started");
+                self.device_status |= status::FAILED;
+                return;
+            }
+        }
+        let activation = Activation {
+            memory: self.memory.clone(),
+            queues: std::mem::take(&mut self.queues),
+            acked_features: self.acked_features,
+        };
+        match lock(&self.device).activate(activation) {
+            Ok(()) => self.activated = true,
+            Err(err) => {
+                log::warn!("virtio: activation failed: {err}");
+                self.device_status |= status::FAILED;
+            }
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let device = lock(&self.device);
+        match offset {
+            REG_MAGIC => MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_select {
+                0 => device.avail_features() as u32,
+                1 => (device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => device
+                .queue_max_sizes()
+                .get(self.queue_select as usize)
+                .map_or(0, |max| u32::from(*max)),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.device_status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_DRIVER_FEATURES => {
+                if self.device_status & status::FEATURES_OK != 0 {
+                    return;
+                }
+                match self.driver_features_select {
+                    0 => {
+                        self.acked_features =
+                            (self.acked_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_size(value as u16);
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => {
+                // Without an ioeventfd (it is always registered) the kick would land here.
+                if let Some(evt) = lock(&self.device).queue_events().get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            REG_QUEUE_AVAIL_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            REG_QUEUE_AVAIL_HIGH => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_USED_LOW => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            REG_QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, apply: impl FnOnce(&mut Queue)) {
+        if let Some(queue) = self.selected_queue() {
+            apply(queue);
+        }
+    }
+
+    pub fn device_status(&self) -> u32 {
+        self.device_status
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.device_status & status::DRIVER_OK == 0 || self.activated {
+                lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        if data.len() == 4 && offset.is_multiple_of(4) {
+            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.write_register(offset, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::IrqLine;
+    use crate::devices::virtio::ActivateError;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Dummy {
+        sizes: Vec<u16>,
+        events: Vec<EventFd>,
+        activated: Option<u64>,
+        resets: u32,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn avail_features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | (1 << 9)
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&self.config, offset, data)
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+            assert_eq!(activation.queues.len(), self.sizes.len());
+            self.activated = Some(activation.acked_features);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.activated = None;
+            self.resets += 1;
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dummy = Arc::new(Mutex::new(Dummy {
+            sizes: vec![16],
+            events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            activated: None,
+            resets: 0,
+            config: [1, 2, 3, 4, 5, 6, 7, 8],
+        }));
+        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new().unwrap()));
+        (MmioTransport::new(dummy.clone(), interrupt, memory), dummy)
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, high: u32, low: u32) {
+        write(t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, high);
+        write(t, REG_DRIVER_FEATURES_SEL, 0);
+        write(t, REG_DRIVER_FEATURES, low);
+        write(
+            t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport) {
+        write(t, REG_QUEUE_SEL, 0);
+        write(t, REG_QUEUE_NUM, 16);
+        write(t, REG_QUEUE_DESC_LOW, 0x1000);
+        write(t, REG_QUEUE_AVAIL_LOW, 0x2000);
+        write(t, REG_QUEUE_USED_LOW, 0x3000);
+        write(t, REG_QUEUE_READY, 1);
+    }
+
+    const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = setup();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC_VALUE);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 2);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 16);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1 << 9);
+        write(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn full_handshake_activates_with_acked_features() {
+        let (mut t, dummy) = setup();
+        negotiate(&mut t, 1, 1 << 9);
+        assert_ne!(read(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
+        setup_queue(&mut t);
+        write(&mut t, REG_STATUS, ALL);
+        assert_eq!(dummy.lock().unwrap().activated, Some((1 << 32) | (1 << 9)));
+        assert_eq!(read(&mut t, REG_STATUS), ALL);
+        // Queue registers are frozen once running.
+        write(&mut t, REG_QUEUE_NUM, 2);
+        write(&mut t, 0, 0); // read-only register: ignored
+                             // Reset stops the device and the handshake can start again.
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(dummy.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn features_without_version_1_or_unoffered_are_refused() {
+        let (mut t, _) = setup();
+        negotiate(&mut t, 0, 1 << 9);
+        assert_eq!(read(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
+        let (mut t, _) = setup();
+        negotiate(&mut t, 1, 1 << 3);
+        assert_eq!(read(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_with_a_bad_queue_fails_the_device() {
+        let (mut t, dummy) = setup();
+        negotiate(&mut t, 1, 0);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0xffff_0000); // outside guest memory
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(&mut t, REG_STATUS, ALL);
+        assert!(dummy.lock().unwrap().activated.is_none());
+        assert_ne!(read(&mut t, REG_STATUS) & status::FAILED, 0);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_fails_the_device() {
+        let (mut t, dummy) = setup();
+        setup_queue(&mut t);
+        write(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert!(dummy.lock().unwrap().activated.is_none());
+        assert_ne!(read(&mut t, REG_STATUS) & status::FAILED, 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored_and_config_is_forwarded() {
+        let (mut t, _) = setup();
+        let mut byte = [0xffu8; 1];
+        t.read(REG_MAGIC, &mut byte);
+        assert_eq!(byte, [0]);
+        t.write(REG_STATUS, &[1, 2]);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        let mut config = [0u8; 2];
+        t.read(CONFIG_SPACE + 3, &mut config);
+        assert_eq!(config, [4, 5]);
+        t.read(CONFIG_SPACE + 0xf00, &mut config);
+        assert_eq!(config, [0, 0]);
+    }
+
+    #[test]
+    fn notify_register_kicks_the_queue_event() {
+        let (mut t, dummy) = setup();
+        write(&mut t, REG_QUEUE_NOTIFY, 0);
+        write(&mut t, REG_QUEUE_NOTIFY, 7);
+        assert_eq!(dummy.lock().unwrap().events[0].read().unwrap(), 1);
+    }
+}
