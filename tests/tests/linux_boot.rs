@@ -245,3 +245,58 @@ fn root_filesystem_on_a_read_only_virtio_disk() {
     let after = std::fs::read(&images.rootfs).expect("read rootfs.ext4");
     assert!(before == after, "the read-only image changed");
 }
+
+/// Data the guest wrote and flushed to a virtio-blk disk survives a SIGKILL
+/// of the VMM right after the guest's `sync` returned.
+#[test]
+fn flushed_writes_survive_sigkill() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("linux-flush");
+    let data = dir.join("data.ext4");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "nubis-data"])
+        .arg(&data)
+        .arg("16M")
+        .status()
+        .expect("run mkfs.ext4");
+    assert!(mkfs.success(), "mkfs.ext4 failed");
+    let command = "mount -t ext4 /dev/vdb /mnt && echo durable-nubis-data > /mnt/proof && sync \
+                   && echo SYNCED=1; read wait_for_kill";
+    let cmdline = format!(
+        "{} root=/dev/vda ro nubis_cmd=\"{command}\"",
+        images.cmdline
+    );
+    let root = format!("path={},ro=on", images.rootfs.display());
+    let data_disk = format!("path={}", data.display());
+    let mut vm = VmProcess::spawn([
+        "--kernel",
+        images.vmlinux.to_str().unwrap(),
+        "--disk",
+        &root,
+        "--disk",
+        &data_disk,
+        "--cmdline",
+        &cmdline,
+    ]);
+    assert!(
+        vm.wait_for_console("\nSYNCED=1", BOOT_GUARD),
+        "no SYNCED:\n{}\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    vm.signal(libc::SIGKILL);
+    let outcome = vm.wait(BOOT_GUARD);
+    assert_eq!(outcome.code, None, "the VMM was killed");
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /proof"])
+        .arg(&data)
+        .output()
+        .expect("run debugfs");
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        "durable-nubis-data\n",
+        "debugfs stderr: {}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+}
