@@ -247,7 +247,7 @@ fn root_filesystem_on_a_read_only_virtio_disk() {
 }
 
 /// Data the guest wrote and flushed to a virtio-blk disk survives a SIGKILL
-/// of the VMM right after the guest's `sync` returned.
+/// of the VMM right after the guest's `sync` returned; DISCARD works (fstrim).
 #[test]
 fn flushed_writes_survive_sigkill() {
     require_kvm();
@@ -261,8 +261,10 @@ fn flushed_writes_survive_sigkill() {
         .status()
         .expect("run mkfs.ext4");
     assert!(mkfs.success(), "mkfs.ext4 failed");
-    let command = "mount -t ext4 /dev/vdb /mnt && echo durable-nubis-data > /mnt/proof && sync \
-                   && echo SYNCED=1; read wait_for_kill";
+    // fstrim sends DISCARD requests for the free space first.
+    let command = "mount -t ext4 /dev/vdb /mnt; read max < /sys/block/vdb/queue/discard_max_bytes; \
+                   echo DISCARD_MAX=$max; fstrim /mnt; echo FSTRIM_STATUS=$?; \
+                   echo durable-nubis-data > /mnt/proof && sync && echo SYNCED=1; read wait_for_kill";
     let cmdline = format!(
         "{} root=/dev/vda ro nubis_cmd=\"{command}\"",
         images.cmdline
@@ -285,9 +287,33 @@ fn flushed_writes_survive_sigkill() {
         vm.stdout(),
         vm.stderr()
     );
+    let console = vm.stdout();
     vm.signal(libc::SIGKILL);
     let outcome = vm.wait(BOOT_GUARD);
+    let discard_max: u64 = console_value(&console, "DISCARD_MAX")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        discard_max > 0,
+        "the guest sees no DISCARD support:\n{console}"
+    );
+    assert_eq!(
+        console_value(&console, "FSTRIM_STATUS").as_deref(),
+        Some("0"),
+        "{console}"
+    );
     assert_eq!(outcome.code, None, "the VMM was killed");
+    // Recover as a mount would: replay the journal the guest committed.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(&data)
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        matches!(fsck.status.code(), Some(0) | Some(1)),
+        "e2fsck found damage: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     let cat = std::process::Command::new("debugfs")
         .args(["-R", "cat /proof"])
         .arg(&data)

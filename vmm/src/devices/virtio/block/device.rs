@@ -13,7 +13,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, Disk, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
+use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 use crate::devices::bus::lock;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -23,6 +23,12 @@ use crate::memory::GuestMemoryMmap;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_FLUSH: u32 = 9;
+const VIRTIO_BLK_F_DISCARD: u32 = 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+/// Largest DISCARD/WRITE_ZEROES range in one segment: 2 GiB in sectors.
+const MAX_ZEROING_SECTORS: u32 = 1 << 22;
+/// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (and padding).
+const CONFIG_LEN: usize = 60;
 const QUEUE_SIZE: u16 = 256;
 
 /// Errors in opening a disk.
@@ -48,13 +54,31 @@ struct ActiveQueue {
     flush_negotiated: bool,
 }
 
+/// The device's configuration space: capacity, and the DISCARD and
+/// WRITE_ZEROES limits.
+fn config_space(capacity_sectors: u64) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    for (offset, value) in [
+        (36, MAX_ZEROING_SECTORS), // max_discard_sectors
+        (40, MAX_SEGMENTS),        // max_discard_seg
+        (44, 1),                   // discard_sector_alignment
+        (48, MAX_ZEROING_SECTORS), // max_write_zeroes_sectors
+        (52, MAX_SEGMENTS),        // max_write_zeroes_seg
+    ] {
+        config[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+    }
+    config[56] = 1; // write_zeroes_may_unmap
+    config
+}
+
 pub struct Block {
     path: PathBuf,
     file: File,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
     capacity_bytes: u64,
-    config: [u8; 8],
+    config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
     queue_events: Vec<EventFd>,
     interrupt: Arc<VirtioInterrupt>,
@@ -102,7 +126,7 @@ impl Block {
             read_only,
             id: serial,
             capacity_bytes,
-            config: (capacity_bytes / SECTOR_SIZE).to_le_bytes(),
+            config: config_space(capacity_bytes / SECTOR_SIZE),
             queue_sizes: [QUEUE_SIZE],
             queue_events: vec![queue_event],
             interrupt,
@@ -171,6 +195,8 @@ impl VirtioDevice for Block {
         let mut features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
         if self.read_only {
             features |= 1u64 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         features
     }

@@ -20,6 +20,13 @@ pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+/// DISCARD/WRITE_ZEROES segments: sector u64, num_sectors u32, flags u32.
+pub const SEGMENT_LEN: u32 = 16;
+/// Segments accepted in one DISCARD/WRITE_ZEROES request.
+pub const MAX_SEGMENTS: u32 = 16;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
@@ -93,7 +100,10 @@ pub fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Reques
         .map_err(|_| ParseError::UnreadableHeader(header.addr().0))?;
     let middle = &descriptors[1..descriptors.len() - 1];
     let device_writes = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
-    let device_reads = kind == VIRTIO_BLK_T_OUT;
+    let device_reads = matches!(
+        kind,
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+    );
     for (index, desc) in middle.iter().enumerate() {
         if (device_writes && !desc.is_write_only()) || (device_reads && desc.is_write_only()) {
             return Err(ParseError::WrongDirection { index, kind });
@@ -138,6 +148,69 @@ fn transfer(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Result
     Ok(written)
 }
 
+/// Frees or zeroes a byte range of the image without writing data.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate only acts on the descriptor, which `file` keeps open
+    // for the whole call; offsets and lengths are checked by the kernel.
+    let ret = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// DISCARD and WRITE_ZEROES: punch holes (or zero ranges) in the image.
+fn zero_ranges(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Result<u32, u8> {
+    let mut segments = 0u32;
+    for (addr, len) in &request.data {
+        if len % SEGMENT_LEN != 0 {
+            return Err(VIRTIO_BLK_S_UNSUPP);
+        }
+        for index in 0..len / SEGMENT_LEN {
+            segments += 1;
+            if segments > MAX_SEGMENTS {
+                return Err(VIRTIO_BLK_S_UNSUPP);
+            }
+            let at = addr
+                .checked_add(u64::from(index * SEGMENT_LEN))
+                .ok_or(VIRTIO_BLK_S_IOERR)?;
+            let field = |offset: u64| at.checked_add(offset).ok_or(VIRTIO_BLK_S_IOERR);
+            let sector: u64 = mem.read_obj(at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            let num: u32 = mem.read_obj(field(8)?).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            let flags: u32 = mem.read_obj(field(12)?).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            let allowed = if request.kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
+            if flags & !allowed != 0 {
+                return Err(VIRTIO_BLK_S_UNSUPP);
+            }
+            let len = u64::from(num) * SECTOR_SIZE;
+            let offset = in_range(sector, len, disk.capacity_bytes).ok_or(VIRTIO_BLK_S_IOERR)?;
+            if len == 0 {
+                continue;
+            }
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let result = if request.kind == VIRTIO_BLK_T_WRITE_ZEROES
+                && flags & WRITE_ZEROES_FLAG_UNMAP == 0
+            {
+                // Keep the blocks allocated; fall back to a hole (which
+                // reads as zeroes too) where ZERO_RANGE is unsupported.
+                fallocate(disk.file, zero, offset, len)
+                    .or_else(|_| fallocate(disk.file, punch, offset, len))
+            } else {
+                fallocate(disk.file, punch, offset, len)
+            };
+            result.map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        }
+    }
+    Ok(0)
+}
+
 /// Runs a parsed request against the disk and writes its status byte.
 pub fn execute(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Completion {
     let result = match request.kind {
@@ -149,6 +222,10 @@ pub fn execute(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Com
             .sync_data()
             .map(|_| 0)
             .map_err(|_| VIRTIO_BLK_S_IOERR),
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if disk.read_only => {
+            Err(VIRTIO_BLK_S_IOERR)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => zero_ranges(request, mem, disk),
         VIRTIO_BLK_T_GET_ID => match request.data.first() {
             Some((addr, len)) => {
                 let count = (*len as usize).min(VIRTIO_BLK_ID_BYTES);
@@ -341,6 +418,88 @@ mod tests {
             parse(&[far_header, status], &mem),
             Err(ParseError::UnreadableHeader(_))
         ));
+    }
+
+    fn segment(mem: &GuestMemoryMmap, at: u64, sector: u64, num: u32, flags: u32) {
+        mem.write_obj(sector, GuestAddress(at)).unwrap();
+        mem.write_obj(num, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+    }
+
+    fn sector_bytes(file: &mut File, sector: u64) -> Vec<u8> {
+        let mut data = vec![0u8; 512];
+        file.seek(SeekFrom::Start(sector * 512)).unwrap();
+        file.read_exact(&mut data).unwrap();
+        data
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_sectors() {
+        let mem = memory();
+        for (kind, flags) in [
+            (VIRTIO_BLK_T_DISCARD, 0),
+            (VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            (VIRTIO_BLK_T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP),
+        ] {
+            let mut file = disk_file(8 * 4096);
+            segment(&mem, 0x2000, 8, 8, flags); // the second 4 KiB block
+            let chain = [
+                header(&mem, 0x1000, kind, 0),
+                Descriptor::new(0x2000, 16, 0, 0),
+                Descriptor::new(0x3000, 1, WRITE, 0),
+            ];
+            let request = parse(&chain, &mem).unwrap();
+            assert_eq!(
+                run(&request, &mem, &mut file, false).status,
+                VIRTIO_BLK_S_OK
+            );
+            assert_eq!(sector_bytes(&mut file, 8), vec![0u8; 512]);
+            assert_eq!(sector_bytes(&mut file, 15), vec![0u8; 512]);
+            assert_ne!(sector_bytes(&mut file, 7), vec![0u8; 512]);
+            assert_ne!(sector_bytes(&mut file, 16), vec![0u8; 512]);
+            assert_eq!(file.metadata().unwrap().len(), 8 * 4096);
+            // Read-only disks refuse.
+            assert_eq!(
+                run(&request, &mem, &mut file, true).status,
+                VIRTIO_BLK_S_IOERR
+            );
+        }
+    }
+
+    #[test]
+    fn bad_discard_segments_are_refused() {
+        let mem = memory();
+        let mut file = disk_file(4096);
+        let cases: [(u64, u32, u32, u32, u8); 4] = [
+            (7, 2, 0, 16, VIRTIO_BLK_S_IOERR),        // past the end
+            (u64::MAX, 1, 0, 16, VIRTIO_BLK_S_IOERR), // overflowing sector
+            (0, 1, 0x80, 16, VIRTIO_BLK_S_UNSUPP),    // unknown flag
+            (0, 1, 0, 12, VIRTIO_BLK_S_UNSUPP),       // not whole segments
+        ];
+        for (sector, num, flags, len, expected) in cases {
+            segment(&mem, 0x2000, sector, num, flags);
+            let chain = [
+                header(&mem, 0x1000, VIRTIO_BLK_T_DISCARD, 0),
+                Descriptor::new(0x2000, len, 0, 0),
+                Descriptor::new(0x3000, 1, WRITE, 0),
+            ];
+            let request = parse(&chain, &mem).unwrap();
+            let status = run(&request, &mem, &mut file, false).status;
+            assert_eq!(status, expected, "{sector} {num} {flags} {len}");
+        }
+        // More segments than allowed.
+        mem.write_slice(&[0u8; 16 * 17], GuestAddress(0x2000))
+            .unwrap();
+        let chain = [
+            header(&mem, 0x1000, VIRTIO_BLK_T_DISCARD, 0),
+            Descriptor::new(0x2000, SEGMENT_LEN * (MAX_SEGMENTS + 1), 0, 0),
+            Descriptor::new(0x3000, 1, WRITE, 0),
+        ];
+        let request = parse(&chain, &mem).unwrap();
+        assert_eq!(
+            run(&request, &mem, &mut file, false).status,
+            VIRTIO_BLK_S_UNSUPP
+        );
     }
 
     #[test]
