@@ -188,13 +188,15 @@ fn bzimage_gzip_initramfs_one_vcpu_controlled_over_the_socket() {
 }
 
 #[test]
-fn root_filesystem_on_a_read_only_virtio_disk() {
+fn root_filesystem_on_a_read_only_virtio_disk_with_an_entropy_device() {
     require_kvm();
     let images = guest_images();
     let before = std::fs::read(&images.rootfs).expect("read rootfs.ext4");
     let command =
         "while read dev mnt fs rest; do [ $mnt = / ] && echo ROOTFS=$fs; done < /proc/mounts; \
-                   echo probe > /written-file; echo WRITE_STATUS=$?; exit 7";
+                   echo probe > /written-file; echo WRITE_STATUS=$?; \
+                   read rng < /sys/class/misc/hw_random/rng_current; echo RNG=$rng; \
+                   head -c 64 /dev/hwrng > /dev/null; echo HWRNG_STATUS=$?; exit 7";
     let cmdline = format!(
         "{} root=/dev/vda ro nubis_cmd=\"{command}\"",
         images.cmdline
@@ -206,6 +208,7 @@ fn root_filesystem_on_a_read_only_virtio_disk() {
             images.vmlinux.to_str().unwrap(),
             "--disk",
             &disk,
+            "--rng",
             "--cmdline",
             &cmdline,
         ],
@@ -240,6 +243,21 @@ fn root_filesystem_on_a_read_only_virtio_disk() {
         console_value(console, "NUBIS_EXIT_CODE").as_deref(),
         Some("7"),
         "{console}"
+    );
+    // The entropy device is the guest's hardware RNG and yields bytes.
+    assert!(
+        console_value(console, "RNG").is_some_and(|v| v.starts_with("virtio_rng")),
+        "{console}"
+    );
+    assert_eq!(
+        console_value(console, "HWRNG_STATUS").as_deref(),
+        Some("0"),
+        "{console}"
+    );
+    assert!(
+        outcome.stderr.contains("virtio-rng: active"),
+        "{}",
+        outcome.stderr
     );
     assert!(outcome.stderr.contains("virtio-blk"), "{}", outcome.stderr);
     let after = std::fs::read(&images.rootfs).expect("read rootfs.ext4");

@@ -33,6 +33,7 @@ use crate::devices::legacy::serial::{
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::{Block, BlockError, BlockEventHandler};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::rng::{Rng, RngEventHandler};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::platform::KvmFlavor;
@@ -120,6 +121,7 @@ pub struct BuiltVm {
     pub boot_time_us: Arc<AtomicU64>,
     pub control_listener: Option<(UnixListener, PathBuf)>,
     pub block_handlers: Vec<BlockEventHandler>,
+    pub rng_handler: Option<RngEventHandler>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -183,6 +185,49 @@ fn serial_backend(config: &SerialConfig) -> Result<(SerialOutput, SerialInput), 
     })
 }
 
+/// Hands out virtio-mmio slots: each device gets its MMIO window and IRQ
+/// (irqfd), its queues' ioeventfds, and a `virtio_mmio.device=` argument.
+struct VirtioSlots<'a> {
+    vm: &'a Vm,
+    memory: &'a GuestMemoryMmap,
+    mmio_bus: Bus,
+    cmdline: String,
+    next: usize,
+}
+
+impl VirtioSlots<'_> {
+    fn attach<D: VirtioDevice + 'static>(
+        &mut self,
+        make: impl FnOnce(Arc<VirtioInterrupt>) -> Result<Arc<Mutex<D>>, BuildError>,
+    ) -> Result<Arc<Mutex<D>>, BuildError> {
+        let index = self.next;
+        let (base, irq) = virtio_mmio_slot(index).ok_or(BuildError::NoDeviceSlot(index))?;
+        let irq_line = irq_line("a virtio interrupt")?;
+        self.vm.register_irqfd(&irq_line.0, irq)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irq_line));
+        let device = make(interrupt.clone())?;
+        let notify = kvm_ioctls::IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+        for (queue, evt) in crate::devices::bus::lock(&device)
+            .queue_events()
+            .iter()
+            .enumerate()
+        {
+            self.vm
+                .fd()
+                .register_ioevent(evt, &notify, queue as u32)
+                .map_err(|source| BuildError::Ioeventfd { index, source })?;
+        }
+        let dyn_device: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+        let transport = MmioTransport::new(dyn_device, interrupt, self.memory.clone());
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        self.cmdline.push(' ');
+        self.cmdline.push_str(&virtio_mmio_cmdline(base, irq));
+        self.next += 1;
+        Ok(device)
+    }
+}
+
 /// Validates `config` against this host and builds the VM.
 pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let kvm = open_kvm()?;
@@ -211,48 +256,55 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         Some(path) => Some(boot::load_initrd(&ram.memory, path, &kernel, mem_size)?),
         None => None,
     };
-    // virtio-mmio devices: MMIO window, IRQ, queue ioeventfd, and their
-    // declaration on the kernel command line.
-    let mut cmdline = config.boot.cmdline.clone();
-    let mut mmio_bus = Bus::new();
+    // virtio-mmio devices, in slot order: disks, then the entropy device.
+    let mut slots = VirtioSlots {
+        vm: &vm,
+        memory: &ram.memory,
+        mmio_bus: Bus::new(),
+        cmdline: config.boot.cmdline.clone(),
+        next: 0,
+    };
     let mut block_handlers = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
-        let (base, irq) = virtio_mmio_slot(index).ok_or(BuildError::NoDeviceSlot(index))?;
-        let irq_line = irq_line("a virtio interrupt")?;
-        vm.register_irqfd(&irq_line.0, irq)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq_line));
         let id = disk
             .id
             .clone()
             .unwrap_or_else(|| format!("nubis-disk{index}"));
-        let block = Arc::new(Mutex::new(Block::new(
-            &disk.path,
-            disk.read_only,
-            &id,
-            interrupt.clone(),
-        )?));
-        let notify = kvm_ioctls::IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
-        for (queue, evt) in crate::devices::bus::lock(&block)
-            .queue_events()
-            .iter()
-            .enumerate()
-        {
-            vm.fd()
-                .register_ioevent(evt, &notify, queue as u32)
-                .map_err(|source| BuildError::Ioeventfd { index, source })?;
-        }
-        block_handlers.push(BlockEventHandler::new(block.clone()).map_err(|source| {
+        let block = slots.attach(|interrupt| {
+            Ok(Arc::new(Mutex::new(Block::new(
+                &disk.path,
+                disk.read_only,
+                &id,
+                interrupt,
+            )?)))
+        })?;
+        block_handlers.push(BlockEventHandler::new(block).map_err(|source| {
             BuildError::EventFd {
                 what: "a virtio queue",
                 source,
             }
         })?);
-        let device: Arc<Mutex<dyn VirtioDevice>> = block;
-        let transport = MmioTransport::new(device, interrupt, ram.memory.clone());
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
-        cmdline.push(' ');
-        cmdline.push_str(&virtio_mmio_cmdline(base, irq));
     }
+    let eventfd_error = |source| BuildError::EventFd {
+        what: "the entropy device's queue",
+        source,
+    };
+    let rng_handler = match config.rng {
+        true => {
+            let rng = slots.attach(|interrupt| {
+                Ok(Arc::new(Mutex::new(
+                    Rng::new(interrupt).map_err(eventfd_error)?,
+                )))
+            })?;
+            Some(RngEventHandler::new(rng).map_err(eventfd_error)?)
+        }
+        false => None,
+    };
+    let VirtioSlots {
+        mut mmio_bus,
+        cmdline,
+        ..
+    } = slots;
     let cmdline_len = boot::write_cmdline(&ram.memory, &cmdline)?;
     mptable::setup_mptable(&ram.memory, vcpu_count)?;
     let rsdp = acpi::setup_acpi(&ram.memory, vcpu_count)?;
@@ -365,5 +417,6 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         boot_time_us,
         control_listener,
         block_handlers,
+        rng_handler,
     })
 }

@@ -93,6 +93,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order: the first is /dev/vda.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-rng entropy device fed by the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
     /// Unix socket for the control protocol (see `control`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -242,6 +245,8 @@ pub struct ConfigOverrides {
     pub serial: Option<SerialConfig>,
     /// Disks added after the config file's.
     pub disks: Vec<DiskConfig>,
+    /// Adds the entropy device.
+    pub rng: bool,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -286,6 +291,7 @@ impl VmConfig {
                 machine: MachineConfig::default(),
                 serial: SerialConfig::default(),
                 disks: Vec::new(),
+                rng: false,
                 control_socket: None,
             },
         };
@@ -308,6 +314,7 @@ impl VmConfig {
             config.serial = serial;
         }
         config.disks.extend(flags.disks);
+        config.rng |= flags.rng;
         if let Some(socket) = flags.control_socket {
             config.control_socket = Some(socket);
         }
@@ -349,8 +356,9 @@ impl VmConfig {
         if !self.boot.cmdline.is_ascii() || self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);
         }
-        if self.disks.len() > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(self.disks.len()));
+        let devices = self.disks.len() + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         for disk in &self.disks {
             if let Some(id) = disk.id.as_ref().filter(|id| id.len() > 20) {

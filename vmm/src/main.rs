@@ -48,6 +48,9 @@ struct Cli {
     /// A virtio-blk disk, repeatable (the first is /dev/vda).
     #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
     disk: Vec<String>,
+    /// Add a virtio-rng entropy device (host getrandom).
+    #[arg(long)]
+    rng: bool,
     /// Unix socket for the control protocol.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -77,6 +80,7 @@ fn assemble(cli: Cli) -> Result<VmConfig, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let flags = ConfigOverrides {
         disks,
+        rng: cli.rng,
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,

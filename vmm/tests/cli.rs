@@ -21,6 +21,8 @@ fn help_names_every_flag() {
         "--vcpus",
         "--memory-mib",
         "--serial",
+        "--disk",
+        "--rng",
         "--control-socket",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");

@@ -161,6 +161,9 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
     for handler in built.block_handlers {
         add_subscriber(&mut manager, handler);
     }
+    if let Some(handler) = built.rng_handler {
+        add_subscriber(&mut manager, handler);
+    }
     if let Some((listener, path)) = built.control_listener {
         let handle = Arc::new(VmHandle {
             control: control.clone(),

@@ -1,0 +1,207 @@
+//! virtio-rng (entropy device): fills the guest's buffers from the host's
+//! `getrandom`. One queue, served from the event loop on each kick.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
+use crate::devices::virtio::{
+    ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMemoryMmap;
+
+pub const VIRTIO_ID_RNG: u32 = 4;
+const QUEUE_SIZE: u16 = 64;
+/// Bytes served per request at most: a guest asking for more gets less.
+const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// Fills `buf` from the host's getrandom.
+fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += got as usize;
+    }
+    Ok(())
+}
+
+pub struct Rng {
+    queue_sizes: [u16; 1],
+    queue_events: Vec<EventFd>,
+    interrupt: Arc<VirtioInterrupt>,
+    active: Option<(GuestMemoryMmap, Queue)>,
+}
+
+impl Rng {
+    pub fn new(interrupt: Arc<VirtioInterrupt>) -> std::io::Result<Self> {
+        Ok(Self {
+            queue_sizes: [QUEUE_SIZE],
+            queue_events: vec![EventFd::new(libc::EFD_NONBLOCK)?],
+            interrupt,
+            active: None,
+        })
+    }
+
+    /// Fills the write-only buffers of one chain; returns the bytes written.
+    fn fill(memory: &GuestMemoryMmap, buffers: &[(GuestAddress, u32)]) -> u32 {
+        let mut written = 0usize;
+        for (addr, len) in buffers {
+            let len = (*len as usize).min(MAX_BYTES_PER_REQUEST - written);
+            if len == 0 {
+                break;
+            }
+            let mut bytes = vec![0u8; len];
+            if host_random(&mut bytes).is_err() || memory.write_slice(&bytes, *addr).is_err() {
+                break;
+            }
+            written += len;
+        }
+        written as u32
+    }
+
+    /// Serves every request the guest has made available.
+    pub fn process_queue(&mut self) {
+        let Some((memory, queue)) = self.active.as_mut() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&*memory) {
+            let head = chain.head_index();
+            let buffers: Vec<(GuestAddress, u32)> = chain
+                .filter(|desc| desc.is_write_only())
+                .map(|desc| (desc.addr(), desc.len()))
+                .collect();
+            let written = Self::fill(memory, &buffers);
+            if let Err(err) = queue.add_used(&*memory, head, written) {
+                log::warn!("virtio-rng: cannot complete a request: {err}");
+            }
+            used_any = true;
+        }
+        if used_any && !matches!(queue.needs_notification(&*memory), Ok(false)) {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        1u64 << VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let mut queues = activation.queues;
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        self.active = Some((activation.memory, queues.remove(0)));
+        log::info!("virtio-rng: active");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+}
+
+/// Serves the entropy device's queue from the event loop.
+pub struct RngEventHandler {
+    rng: Arc<Mutex<Rng>>,
+    queue_event: EventFd,
+}
+
+impl RngEventHandler {
+    pub fn new(rng: Arc<Mutex<Rng>>) -> std::io::Result<Self> {
+        let queue_event = lock(&rng).queue_events[0].try_clone()?;
+        Ok(Self { rng, queue_event })
+    }
+}
+
+impl MutEventSubscriber for RngEventHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.queue_event, EventSet::IN)) {
+            log::error!("virtio-rng: cannot watch the queue: {err:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.queue_event.as_raw_fd() {
+            let _ = self.queue_event.read();
+            lock(&self.rng).process_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn buffers_are_filled_and_bounded() {
+        let mem = memory();
+        let written = Rng::fill(
+            &mem,
+            &[(GuestAddress(0x1000), 64), (GuestAddress(0x2000), 64)],
+        );
+        assert_eq!(written, 128);
+        let mut data = [0u8; 64];
+        mem.read_slice(&mut data, GuestAddress(0x1000)).unwrap();
+        assert_ne!(data, [0u8; 64], "64 random bytes are not all zero");
+        let past_end = Rng::fill(&mem, &[(GuestAddress(0xf_ff00), 0x1000)]);
+        assert_eq!(
+            past_end, 0,
+            "a buffer crossing the end of guest RAM gets nothing"
+        );
+        let huge = Rng::fill(&mem, &[(GuestAddress(0), u32::MAX)]);
+        assert_eq!(
+            huge as usize, MAX_BYTES_PER_REQUEST,
+            "huge buffers are capped"
+        );
+        let capped = Rng::fill(
+            &mem,
+            &[
+                (GuestAddress(0), 0x8_0000),
+                (GuestAddress(0x8_0000), 0x8_0000),
+            ],
+        );
+        assert_eq!(capped as usize, MAX_BYTES_PER_REQUEST);
+    }
+}
