@@ -24,6 +24,12 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Fails unless the VMM ended by itself with exit status 0.
+    pub fn assert_clean_stop(&self) {
+        assert!(!self.timed_out, "hung:\n{}\n{}", self.stdout, self.stderr);
+        assert_eq!(self.code, Some(0), "{}\n{}", self.stdout, self.stderr);
+    }
+
     /// The lines of stderr that are errors meant for the user (not log lines).
     pub fn error_lines(&self) -> Vec<&str> {
         self.stderr
@@ -219,6 +225,15 @@ pub fn control_request(socket: &Path, request: &str) -> serde_json::Value {
         .read_line(&mut line)
         .expect("read the control answer");
     serde_json::from_str(&line).unwrap_or_else(|err| panic!("bad answer {line:?}: {err}"))
+}
+
+/// Fails unless the console has a `KEY=expected` line (the first `KEY=`).
+pub fn assert_console_value(console: &str, key: &str, expected: &str) {
+    assert_eq!(
+        console_value(console, key).as_deref(),
+        Some(expected),
+        "{key} in the console:\n{console}"
+    );
 }
 
 /// The value of the first `KEY=value` line in a guest's console output.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use nubis_tests::vm::{console_value, control_request, run_vmm, VmProcess};
+use nubis_tests::vm::{assert_console_value, console_value, control_request, run_vmm, VmProcess};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 
 /// Hang guard for one Linux boot, not a timing assertion.
@@ -47,34 +47,15 @@ fn elf_kernel_initramfs_two_vcpus_one_gib_exit_code_42() {
         ],
         BOOT_GUARD,
     );
-    assert!(
-        !outcome.timed_out,
-        "boot hung:\n{}\n{}",
-        outcome.stdout, outcome.stderr
-    );
     // The guest powers off (ACPI S5) when its command is done: a clean stop.
-    assert_eq!(
-        outcome.code,
-        Some(0),
-        "{}\n{}",
-        outcome.stdout,
-        outcome.stderr
-    );
+    outcome.assert_clean_stop();
     let console = &outcome.stdout;
     assert!(
         console.contains("nubis-init: user space started"),
         "{console}"
     );
-    assert_eq!(
-        console_value(console, "NUBIS_EXIT_CODE").as_deref(),
-        Some("42"),
-        "{console}"
-    );
-    assert_eq!(
-        console_value(console, "ONLINE").as_deref(),
-        Some("0-1"),
-        "{console}"
-    );
+    assert_console_value(console, "NUBIS_EXIT_CODE", "42");
+    assert_console_value(console, "ONLINE", "0-1");
     let mem = memtotal_mib(console);
     assert!(
         (900..=1024).contains(&mem),
@@ -124,11 +105,7 @@ fn bzimage_gzip_initramfs_one_vcpu_controlled_over_the_socket() {
         vm.stderr()
     );
     let console = vm.stdout();
-    assert_eq!(
-        console_value(&console, "ONLINE").as_deref(),
-        Some("0"),
-        "{console}"
-    );
+    assert_console_value(&console, "ONLINE", "0");
     let mem = memtotal_mib(&console);
     assert!(
         (100..=128).contains(&mem),
@@ -214,46 +191,23 @@ fn root_filesystem_on_a_read_only_virtio_disk_with_an_entropy_device() {
         ],
         BOOT_GUARD,
     );
-    assert!(
-        !outcome.timed_out,
-        "boot hung:\n{}\n{}",
-        outcome.stdout, outcome.stderr
-    );
-    assert_eq!(
-        outcome.code,
-        Some(0),
-        "{}\n{}",
-        outcome.stdout,
-        outcome.stderr
-    );
+    outcome.assert_clean_stop();
     let console = &outcome.stdout;
     assert!(console.contains("[vda]"), "{console}");
-    assert_eq!(
-        console_value(console, "ROOTFS").as_deref(),
-        Some("ext4"),
-        "{console}"
-    );
+    assert_console_value(console, "ROOTFS", "ext4");
     // The root is mounted read-only: the write fails inside the guest.
     assert_ne!(
         console_value(console, "WRITE_STATUS").as_deref(),
         Some("0"),
         "{console}"
     );
-    assert_eq!(
-        console_value(console, "NUBIS_EXIT_CODE").as_deref(),
-        Some("7"),
-        "{console}"
-    );
+    assert_console_value(console, "NUBIS_EXIT_CODE", "7");
     // The entropy device is the guest's hardware RNG and yields bytes.
     assert!(
         console_value(console, "RNG").is_some_and(|v| v.starts_with("virtio_rng")),
         "{console}"
     );
-    assert_eq!(
-        console_value(console, "HWRNG_STATUS").as_deref(),
-        Some("0"),
-        "{console}"
-    );
+    assert_console_value(console, "HWRNG_STATUS", "0");
     assert!(
         outcome.stderr.contains("virtio-rng: active"),
         "{}",
@@ -315,11 +269,7 @@ fn flushed_writes_survive_sigkill() {
         discard_max > 0,
         "the guest sees no DISCARD support:\n{console}"
     );
-    assert_eq!(
-        console_value(&console, "FSTRIM_STATUS").as_deref(),
-        Some("0"),
-        "{console}"
-    );
+    assert_console_value(&console, "FSTRIM_STATUS", "0");
     assert_eq!(outcome.code, None, "the VMM was killed");
     // Recover as a mount would: replay the journal the guest committed.
     let fsck = std::process::Command::new("e2fsck")

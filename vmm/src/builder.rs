@@ -31,9 +31,10 @@ use crate::devices::legacy::serial::{
     InputReady, SerialDevice, SerialOutput, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::devices::legacy::IrqLine;
-use crate::devices::virtio::block::{Block, BlockError, BlockEventHandler};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::rng::{Rng, RngEventHandler};
+use crate::devices::virtio::queue_handler::QueueEventHandler;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::platform::KvmFlavor;
@@ -120,8 +121,8 @@ pub struct BuiltVm {
     pub acpi_poweroff: EventFd,
     pub boot_time_us: Arc<AtomicU64>,
     pub control_listener: Option<(UnixListener, PathBuf)>,
-    pub block_handlers: Vec<BlockEventHandler>,
-    pub rng_handler: Option<RngEventHandler>,
+    pub block_handlers: Vec<QueueEventHandler<Block>>,
+    pub rng_handler: Option<QueueEventHandler<Rng>>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -278,7 +279,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
                 interrupt,
             )?)))
         })?;
-        block_handlers.push(BlockEventHandler::new(block).map_err(|source| {
+        block_handlers.push(QueueEventHandler::new(block).map_err(|source| {
             BuildError::EventFd {
                 what: "a virtio queue",
                 source,
@@ -296,7 +297,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
                     Rng::new(interrupt).map_err(eventfd_error)?,
                 )))
             })?;
-            Some(RngEventHandler::new(rng).map_err(eventfd_error)?)
+            Some(QueueEventHandler::new(rng).map_err(eventfd_error)?)
         }
         false => None,
     };

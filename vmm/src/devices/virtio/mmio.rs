@@ -209,8 +209,11 @@ impl MmioTransport {
             }
             REG_QUEUE_SEL => self.queue_select = value,
             REG_QUEUE_NUM => {
+                // A size that does not fit 16 bits is invalid (virtio-queue
+                // ignores it), not truncated into a valid-looking one.
+                let size = u16::try_from(value).unwrap_or(0);
                 if let Some(queue) = self.selected_queue() {
-                    queue.set_size(value as u16);
+                    queue.set_size(size);
                 }
             }
             REG_QUEUE_READY => {

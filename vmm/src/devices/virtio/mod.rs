@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod queue_handler;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};

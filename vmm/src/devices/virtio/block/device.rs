@@ -5,16 +5,14 @@
 //! negotiated every write is made durable before it completes.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
-use crate::devices::bus::lock;
+use crate::devices::virtio::queue_handler::{notify_used, ServeQueue};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -137,9 +135,10 @@ impl Block {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
-    /// Serves every request the guest has made available.
-    pub fn process_queue(&mut self) {
+impl ServeQueue for Block {
+    fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -174,10 +173,7 @@ impl Block {
             used_any = true;
         }
         if used_any {
-            match active.queue.needs_notification(memory) {
-                Ok(false) => {}
-                _ => self.interrupt.signal_used_queue(),
-            }
+            notify_used(&mut active.queue, memory, &self.interrupt);
         }
     }
 }
@@ -238,34 +234,6 @@ impl VirtioDevice for Block {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
-    }
-}
-
-/// Serves a block device's queue from the event loop.
-pub struct BlockEventHandler {
-    block: Arc<Mutex<Block>>,
-    queue_event: EventFd,
-}
-
-impl BlockEventHandler {
-    pub fn new(block: Arc<Mutex<Block>>) -> std::io::Result<Self> {
-        let queue_event = lock(&block).queue_events[0].try_clone()?;
-        Ok(Self { block, queue_event })
-    }
-}
-
-impl MutEventSubscriber for BlockEventHandler {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::new(&self.queue_event, EventSet::IN)) {
-            log::error!("virtio-blk: cannot watch the queue: {err:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_event.as_raw_fd() {
-            let _ = self.queue_event.read();
-            lock(&self.block).process_queue();
-        }
     }
 }
 

@@ -3,4 +3,4 @@
 pub mod device;
 pub mod request;
 
-pub use device::{Block, BlockError, BlockEventHandler};
+pub use device::{Block, BlockError};

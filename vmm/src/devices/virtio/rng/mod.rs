@@ -1,15 +1,13 @@
 //! virtio-rng (entropy device): fills the guest's buffers from the host's
 //! `getrandom`. One queue, served from the event loop on each kick.
 
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::lock;
+use crate::devices::virtio::queue_handler::{notify_used, ServeQueue};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -72,9 +70,10 @@ impl Rng {
         }
         written as u32
     }
+}
 
-    /// Serves every request the guest has made available.
-    pub fn process_queue(&mut self) {
+impl ServeQueue for Rng {
+    fn process_queue(&mut self) {
         let Some((memory, queue)) = self.active.as_mut() else {
             return;
         };
@@ -91,8 +90,8 @@ impl Rng {
             }
             used_any = true;
         }
-        if used_any && !matches!(queue.needs_notification(&*memory), Ok(false)) {
-            self.interrupt.signal_used_queue();
+        if used_any {
+            notify_used(queue, memory, &self.interrupt);
         }
     }
 }
@@ -135,34 +134,6 @@ impl VirtioDevice for Rng {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
-    }
-}
-
-/// Serves the entropy device's queue from the event loop.
-pub struct RngEventHandler {
-    rng: Arc<Mutex<Rng>>,
-    queue_event: EventFd,
-}
-
-impl RngEventHandler {
-    pub fn new(rng: Arc<Mutex<Rng>>) -> std::io::Result<Self> {
-        let queue_event = lock(&rng).queue_events[0].try_clone()?;
-        Ok(Self { rng, queue_event })
-    }
-}
-
-impl MutEventSubscriber for RngEventHandler {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::new(&self.queue_event, EventSet::IN)) {
-            log::error!("virtio-rng: cannot watch the queue: {err:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_event.as_raw_fd() {
-            let _ = self.queue_event.read();
-            lock(&self.rng).process_queue();
-        }
     }
 }
 
