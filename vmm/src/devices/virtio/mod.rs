@@ -83,6 +83,20 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+impl Activation {
+    /// The one queue of a single-queue device.
+    pub fn single_queue(mut self) -> Result<(GuestMemoryMmap, Queue, u64), ActivateError> {
+        if self.queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: self.queues.len(),
+            });
+        }
+        let queue = self.queues.remove(0);
+        Ok((self.memory, queue, self.acked_features))
+    }
+}
+
 /// A virtio device, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (2 = block).

@@ -206,18 +206,11 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let mut queues = activation.queues;
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
+        let (memory, queue, acked_features) = activation.single_queue()?;
         self.active = Some(ActiveQueue {
-            memory: activation.memory,
+            memory,
             queue,
-            flush_negotiated: activation.acked_features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+            flush_negotiated: acked_features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
         });
         log::info!(
             "virtio-blk {}: active ({} sectors{})",

@@ -116,14 +116,8 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let mut queues = activation.queues;
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        self.active = Some((activation.memory, queues.remove(0)));
+        let (memory, queue, _) = activation.single_queue()?;
+        self.active = Some((memory, queue));
         log::info!("virtio-rng: active");
         Ok(())
     }
