@@ -13,13 +13,21 @@ use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::mmio::MmioTransport;
 use vmm::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use vmm::memory::GuestMemoryMmap;
+use vmm::rate_limiter::RateLimit;
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
     let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
     image.as_file().set_len(8 * 512).unwrap();
     let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new().unwrap()));
-    let block = Block::new(image.as_path(), false, "fuzz", interrupt.clone()).unwrap();
+    let block = Block::new(
+        image.as_path(),
+        false,
+        "fuzz",
+        RateLimit::default(),
+        interrupt.clone(),
+    )
+    .unwrap();
     let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
     let mut transport = MmioTransport::new(device, interrupt, mem);
     for op in data.chunks_exact(8) {

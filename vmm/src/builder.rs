@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use event_manager::MutEventSubscriber;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +23,10 @@ use crate::arch::x86_64::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ, SERIAL_IRQ, VIRTIO_MMIO_SIZE,
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
-use crate::config::{host_memory_mib, ConfigError, HostLimits, SerialConfig, VmConfig};
+use crate::config::{
+    disk_id, host_memory_mib, net_id, ConfigError, HostLimits, MacAddr, NetConfig, SerialConfig,
+    VmConfig,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::boot_timer::BootTimer;
@@ -33,9 +37,10 @@ use crate::devices::legacy::serial::{
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::queue_handler::QueueEventHandler;
+use crate::devices::virtio::net::{Net, NetError, Tap, TapError};
+use crate::devices::virtio::queue_handler::{DeviceEventHandler, EventDrivenDevice};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{RateLimited, VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::platform::KvmFlavor;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -62,6 +67,10 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("NIC {id}: {source}")]
+    Tap { id: String, source: TapError },
     #[error("cannot register the queue notification of virtio device {index}: {source}")]
     Ioeventfd {
         index: usize,
@@ -121,8 +130,10 @@ pub struct BuiltVm {
     pub acpi_poweroff: EventFd,
     pub boot_time_us: Arc<AtomicU64>,
     pub control_listener: Option<(UnixListener, PathBuf)>,
-    pub block_handlers: Vec<QueueEventHandler<Block>>,
-    pub rng_handler: Option<QueueEventHandler<Rng>>,
+    /// The event-loop subscribers of the virtio devices.
+    pub device_handlers: Vec<Arc<Mutex<dyn MutEventSubscriber>>>,
+    /// The rate-limited devices by id, for the control socket.
+    pub rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -186,6 +197,22 @@ fn serial_backend(config: &SerialConfig) -> Result<(SerialOutput, SerialInput), 
     })
 }
 
+/// Opens the tap of NIC `id`.
+fn open_tap(id: &str, net: &NetConfig) -> Result<Tap, BuildError> {
+    let tap_error = |source| BuildError::Tap {
+        id: id.to_string(),
+        source,
+    };
+    match (&net.tap, net.fd) {
+        (Some(name), _) => Tap::open(name).map_err(tap_error),
+        (None, Some(fd)) => Tap::from_inherited_fd(fd).map_err(tap_error),
+        (None, None) => Err(BuildError::Config(ConfigError::InvalidNet {
+            value: id.to_string(),
+            reason: "one of tap=NAME or fd=N is required".into(),
+        })),
+    }
+}
+
 /// Hands out virtio-mmio slots: each device gets its MMIO window and IRQ
 /// (irqfd), its queues' ioeventfds, and a `virtio_mmio.device=` argument.
 struct VirtioSlots<'a> {
@@ -229,6 +256,13 @@ impl VirtioSlots<'_> {
     }
 }
 
+/// The event-loop subscriber of `device`.
+fn handler<D: EventDrivenDevice + 'static>(
+    device: &Arc<Mutex<D>>,
+) -> Arc<Mutex<dyn MutEventSubscriber>> {
+    Arc::new(Mutex::new(DeviceEventHandler::new(device.clone())))
+}
+
 /// Validates `config` against this host and builds the VM.
 pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let kvm = open_kvm()?;
@@ -265,42 +299,49 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         cmdline: config.boot.cmdline.clone(),
         next: 0,
     };
-    let mut block_handlers = Vec::with_capacity(config.disks.len());
+    let mut device_handlers = Vec::new();
+    let mut rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)> = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
-        let id = disk
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("nubis-disk{index}"));
+        let id = disk_id(disk, index);
         let block = slots.attach(|interrupt| {
             Ok(Arc::new(Mutex::new(Block::new(
                 &disk.path,
                 disk.read_only,
                 &id,
+                disk.rate_limit,
                 interrupt,
             )?)))
         })?;
-        block_handlers.push(QueueEventHandler::new(block).map_err(|source| {
-            BuildError::EventFd {
-                what: "a virtio queue",
-                source,
-            }
-        })?);
+        device_handlers.push(handler(&block));
+        rate_limited.push((id, block));
     }
-    let eventfd_error = |source| BuildError::EventFd {
-        what: "the entropy device's queue",
-        source,
-    };
-    let rng_handler = match config.rng {
-        true => {
-            let rng = slots.attach(|interrupt| {
-                Ok(Arc::new(Mutex::new(
-                    Rng::new(interrupt).map_err(eventfd_error)?,
-                )))
+    for (index, net) in config.nets.iter().enumerate() {
+        let id = net_id(net, index);
+        let tap = open_tap(&id, net)?;
+        let mac = net.mac.unwrap_or_else(MacAddr::random);
+        log::info!("NIC {id}: tap {}, guest MAC {mac}", tap.name());
+        let nic = slots.attach(|interrupt| {
+            Ok(Arc::new(Mutex::new(Net::new(
+                &id,
+                tap,
+                mac.0,
+                net.rate_limit,
+                interrupt,
+            )?)))
+        })?;
+        device_handlers.push(handler(&nic));
+        rate_limited.push((id, nic));
+    }
+    if config.rng {
+        let rng = slots.attach(|interrupt| {
+            let rng = Rng::new(interrupt).map_err(|source| BuildError::EventFd {
+                what: "the entropy device's queue",
+                source,
             })?;
-            Some(QueueEventHandler::new(rng).map_err(eventfd_error)?)
-        }
-        false => None,
-    };
+            Ok(Arc::new(Mutex::new(rng)))
+        })?;
+        device_handlers.push(handler(&rng));
+    }
     let VirtioSlots {
         mut mmio_bus,
         cmdline,
@@ -417,7 +458,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         acpi_poweroff,
         boot_time_us,
         control_listener,
-        block_handlers,
-        rng_handler,
+        device_handlers,
+        rate_limited,
     })
 }

@@ -15,5 +15,6 @@ pub mod devices;
 pub mod logger;
 pub mod memory;
 pub mod platform;
+pub mod rate_limiter;
 pub mod runtime;
 pub mod vstate;

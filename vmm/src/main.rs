@@ -45,9 +45,21 @@ struct Cli {
     /// Console: stdout, off, file:PATH or unix:PATH.
     #[arg(long, value_name = "stdout|off|file:PATH|unix:PATH")]
     serial: Option<String>,
-    /// A virtio-blk disk, repeatable (the first is /dev/vda).
-    #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
+    /// A virtio-blk disk, repeatable (the first is /dev/vda). bw: bytes/s,
+    /// iops: requests/s.
+    #[arg(
+        long,
+        value_name = "path=FILE[,ro=on][,id=NAME][,bw=BYTES_PER_S][,iops=N]"
+    )]
     disk: Vec<String>,
+    /// A virtio-net NIC on a tap (by name, or an inherited open descriptor),
+    /// repeatable (the first is eth0). bw: bytes/s, pps: frames/s, each
+    /// direction.
+    #[arg(
+        long,
+        value_name = "tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N]"
+    )]
+    net: Vec<String>,
     /// Add a virtio-rng entropy device (host getrandom).
     #[arg(long)]
     rng: bool,
@@ -61,6 +73,20 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_VMM_ERROR as u8)
 }
 
+/// Parses every occurrence of a repeatable `key=value,...` flag.
+fn parse_all<T>(values: &[String]) -> Result<Vec<T>, String>
+where
+    T: std::str::FromStr<Err = vmm::config::ConfigError>,
+{
+    values
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|e: vmm::config::ConfigError| e.to_string())
+        })
+        .collect()
+}
+
 fn assemble(cli: Cli) -> Result<VmConfig, String> {
     let base = match &cli.config {
         Some(path) => Some(VmConfig::from_file(path).map_err(|e| e.to_string())?),
@@ -70,16 +96,9 @@ fn assemble(cli: Cli) -> Result<VmConfig, String> {
         Some(text) => Some(text.parse::<SerialConfig>().map_err(|e| e.to_string())?),
         None => None,
     };
-    let disks = cli
-        .disk
-        .iter()
-        .map(|text| {
-            text.parse()
-                .map_err(|e: vmm::config::ConfigError| e.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let flags = ConfigOverrides {
-        disks,
+        disks: parse_all(&cli.disk)?,
+        nets: parse_all(&cli.net)?,
         rng: cli.rng,
         kernel: cli.kernel,
         initrd: cli.initrd,

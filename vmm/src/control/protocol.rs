@@ -10,6 +10,7 @@
 //! | `{"command":"resume"}`       | paused vCPUs run again                             |
 //! | `{"command":"shutdown"}`     | Ctrl-Alt-Del to the guest; it decides what follows |
 //! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
+//! | `{"command":"set_rate_limit","device":ID,"bytes_per_s":N,"ops_per_s":N}` | replaces a disk's or NIC's limits; an absent rate is unlimited |
 //!
 //! Answers: `{"ok":true}` (with `"status":{...}` for `status`), or
 //! `{"ok":false,"error":{"code":"bad_request"|"invalid_state"|"internal","message":"..."}}`.
@@ -17,6 +18,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::rate_limiter::RateLimit;
 
 /// The longest request line accepted, in bytes.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -29,6 +32,23 @@ pub enum Request {
     Resume,
     Shutdown,
     Stop,
+    SetRateLimit {
+        device: String,
+        #[serde(default)]
+        bytes_per_s: Option<u64>,
+        #[serde(default)]
+        ops_per_s: Option<u64>,
+    },
+}
+
+/// The commands that take no argument.
+const PLAIN_COMMANDS: [&str; 5] = ["status", "pause", "resume", "shutdown", "stop"];
+
+/// A rate-limited device as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub id: String,
+    pub rate_limit: RateLimit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +70,9 @@ pub struct VmStatus {
     /// Process start to the guest's boot-timer marker; absent until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_time_ms: Option<u64>,
+    /// The disks and NICs, with their current rate limits.
+    #[serde(default)]
+    pub devices: Vec<DeviceStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +80,7 @@ pub struct VmStatus {
 pub enum ErrorCode {
     BadRequest,
     InvalidState,
+    NotFound,
     Internal,
 }
 
@@ -70,7 +94,7 @@ pub struct ErrorBody {
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<VmStatus>,
+    pub status: Option<Box<VmStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
 }
@@ -87,7 +111,7 @@ impl Response {
     pub fn status(status: VmStatus) -> Self {
         Self {
             ok: true,
-            status: Some(status),
+            status: Some(Box::new(status)),
             error: None,
         }
     }
@@ -116,10 +140,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|err| bad(format!("invalid request: {err}")))?;
     // serde ignores deny_unknown_fields on unit variants of tagged enums, so
-    // extra fields are refused here: a misspelt option must not be ignored.
+    // extra fields of argument-less commands are refused here: a misspelt
+    // option must not be ignored.
     if let Some(object) = value.as_object() {
-        if let Some(extra) = object.keys().find(|key| key.as_str() != "command") {
-            return Err(bad(format!("invalid request: unknown field `{extra}`")));
+        let command = object.get("command").and_then(|command| command.as_str());
+        if command.is_some_and(|command| PLAIN_COMMANDS.contains(&command)) {
+            if let Some(extra) = object.keys().find(|key| key.as_str() != "command") {
+                return Err(bad(format!("invalid request: unknown field `{extra}`")));
+            }
         }
     }
     serde_json::from_value(value).map_err(|err| bad(format!("invalid request: {err}")))
@@ -160,6 +188,14 @@ mod tests {
             parse_request(br#"{"command":"stop"}"#).unwrap(),
             Request::Stop
         );
+        assert_eq!(
+            parse_request(br#"{"command":"set_rate_limit","device":"d","bytes_per_s":5}"#).unwrap(),
+            Request::SetRateLimit {
+                device: "d".into(),
+                bytes_per_s: Some(5),
+                ops_per_s: None
+            }
+        );
     }
 
     #[test]
@@ -168,6 +204,9 @@ mod tests {
             &b"{"[..],
             br#"{"command":"reboot"}"#,
             br#"{"command":"stop","force":true}"#,
+            br#"{"command":"set_rate_limit","device":"d","bw":5}"#,
+            br#"{"command":"set_rate_limit","bytes_per_s":5}"#,
+            br#"{"command":"set_rate_limit","device":"d","ops_per_s":-1}"#,
             br#"{}"#,
             b"\xff\xfe",
         ] {
@@ -194,11 +233,18 @@ mod tests {
             pid: 1,
             uptime_ms: 5,
             boot_time_ms: None,
+            devices: vec![DeviceStatus {
+                id: "nubis-disk0".into(),
+                rate_limit: RateLimit {
+                    bytes_per_s: Some(1),
+                    ops_per_s: None,
+                },
+            }],
         };
         let line = encode_response(&Response::status(status.clone()));
         assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
         let back: Response = serde_json::from_slice(&line).unwrap();
-        assert_eq!(back.status, Some(status));
+        assert_eq!(back.status, Some(Box::new(status)));
         let text = String::from_utf8(encode_response(&Response::ok())).unwrap();
         assert_eq!(text, "{\"ok\":true}\n");
         let text = String::from_utf8(encode_response(&Response::error(

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use crate::builder::BuiltVm;
-use crate::control::protocol::{ErrorCode, Request, Response, VmState, VmStatus};
+use crate::control::protocol::{DeviceStatus, ErrorCode, Request, Response, VmState, VmStatus};
 use crate::control::server::{ControlServer, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::legacy::boot_timer::NOT_BOOTED;
 use crate::devices::legacy::i8042::I8042;
+use crate::devices::virtio::RateLimited;
+use crate::rate_limiter::RateLimit;
 use crate::vstate::vcpu::{install_kick_handler, RunControl, VcpusState};
 use exit::{ExitNotifier, ExitReason};
 use serial_input::SerialInputHandler;
@@ -49,6 +51,7 @@ pub struct VmHandle {
     vcpus: u32,
     memory_mib: u64,
     kernel: std::path::PathBuf,
+    rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)>,
 }
 
 impl VmHandle {
@@ -67,6 +70,41 @@ impl VmHandle {
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             boot_time_ms: (boot != NOT_BOOTED).then_some(boot / 1000),
+            devices: self
+                .rate_limited
+                .iter()
+                .map(|(id, device)| DeviceStatus {
+                    id: id.clone(),
+                    rate_limit: lock(device).rate_limit(),
+                })
+                .collect(),
+        }
+    }
+
+    fn set_rate_limit(&self, id: &str, limit: RateLimit) -> Response {
+        if limit.has_zero_rate() {
+            return Response::error(
+                ErrorCode::BadRequest,
+                "a rate of 0 would stop the device for good: leave the limit out instead",
+            );
+        }
+        match self.rate_limited.iter().find(|(known, _)| known == id) {
+            Some((_, device)) => {
+                lock(device).set_rate_limit(limit);
+                log::info!("device {id}: rate limit now {limit:?}");
+                Response::ok()
+            }
+            None => {
+                let known: Vec<&str> = self
+                    .rate_limited
+                    .iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                Response::error(
+                    ErrorCode::NotFound,
+                    format!("no device '{id}' (devices: {})", known.join(", ")),
+                )
+            }
         }
     }
 }
@@ -114,6 +152,17 @@ impl VmControl for VmHandle {
                     Err(err) => Response::error(ErrorCode::Internal, err.to_string()),
                 }
             }
+            Request::SetRateLimit {
+                device,
+                bytes_per_s,
+                ops_per_s,
+            } => self.set_rate_limit(
+                &device,
+                RateLimit {
+                    bytes_per_s,
+                    ops_per_s,
+                },
+            ),
             Request::Stop => {
                 self.exit
                     .notify(ExitReason::Stopped("a control-socket request".into()));
@@ -158,11 +207,8 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
     );
     let terminal_guard = serial_handler.terminal_guard();
     add_subscriber(&mut manager, serial_handler);
-    for handler in built.block_handlers {
-        add_subscriber(&mut manager, handler);
-    }
-    if let Some(handler) = built.rng_handler {
-        add_subscriber(&mut manager, handler);
+    for handler in built.device_handlers {
+        manager.add_subscriber(handler);
     }
     if let Some((listener, path)) = built.control_listener {
         let handle = Arc::new(VmHandle {
@@ -174,6 +220,7 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
             vcpus: vcpu_count,
             memory_mib: built.config.machine.memory_mib,
             kernel: built.config.boot.kernel.clone(),
+            rate_limited: built.rate_limited,
         });
         add_subscriber(&mut manager, ControlServer::new(listener, path, handle));
     }

@@ -8,8 +8,11 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue_handler;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -18,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::legacy::IrqLine;
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::RateLimit;
 
 /// Feature bit: the device speaks virtio 1.x (modern) only.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -43,6 +47,8 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     #[error("queue {0} is not valid in guest memory")]
     InvalidQueue(usize),
+    #[error("the device's backend refused the setup: {0}")]
+    Backend(String),
 }
 
 /// The interrupt line of one virtio-mmio device, with its status register.
@@ -115,6 +121,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The eventfds the guest kicks, one per queue.
     fn queue_events(&self) -> &[EventFd];
+}
+
+/// A device whose I/O is rate limited, with limits the control socket can
+/// change while the VM runs.
+pub trait RateLimited: Send {
+    fn rate_limit(&self) -> RateLimit;
+    fn set_rate_limit(&mut self, limit: RateLimit);
 }
 
 /// Reads `data.len()` bytes at `offset` from a configuration blob; bytes

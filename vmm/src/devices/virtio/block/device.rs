@@ -2,21 +2,31 @@
 //! the guest kicks it (through an ioeventfd), against a raw image file.
 //! Capacity comes from the file size; read-only disks offer
 //! `VIRTIO_BLK_F_RO`; FLUSH maps to `fdatasync`, and without FLUSH
-//! negotiated every write is made durable before it completes.
+//! negotiated every write is made durable before it completes. A rate
+//! limiter (bytes/s, requests/s) holds requests in the guest's queue while
+//! the disk is over its limit.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
-use crate::devices::virtio::queue_handler::{notify_used, ServeQueue};
+use crate::devices::virtio::queue_handler::{
+    clear_event, notify_used, undo_pop, EventDrivenDevice,
+};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, RateLimited, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::{RateLimit, RateLimiter, RateLimiterError};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
@@ -43,6 +53,11 @@ pub enum BlockError {
     EventFd {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("disk {path}: {source}")]
+    RateLimiter {
+        path: PathBuf,
+        source: RateLimiterError,
     },
 }
 
@@ -78,10 +93,15 @@ pub struct Block {
     capacity_bytes: u64,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
-    queue_events: Vec<EventFd>,
+    queue_events: [EventFd; 1],
     interrupt: Arc<VirtioInterrupt>,
+    limiter: RateLimiter,
     active: Option<ActiveQueue>,
 }
+
+/// Event sources of a disk, in [`EventDrivenDevice::event_sources`] order.
+const SOURCE_QUEUE: usize = 0;
+const SOURCE_LIMITER: usize = 1;
 
 impl Block {
     /// Opens the image at `path`. `id` (at most 20 bytes are used) is what
@@ -90,6 +110,7 @@ impl Block {
         path: &Path,
         read_only: bool,
         id: &str,
+        rate_limit: RateLimit,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open {
@@ -118,6 +139,10 @@ impl Block {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let limiter = RateLimiter::new(rate_limit).map_err(|source| BlockError::RateLimiter {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -126,8 +151,9 @@ impl Block {
             capacity_bytes,
             config: config_space(capacity_bytes / SECTOR_SIZE),
             queue_sizes: [QUEUE_SIZE],
-            queue_events: vec![queue_event],
+            queue_events: [queue_event],
             interrupt,
+            limiter,
             active: None,
         })
     }
@@ -137,11 +163,16 @@ impl Block {
     }
 }
 
-impl ServeQueue for Block {
+impl Block {
+    /// Serves every request the guest has made available, until the queue
+    /// is empty or the rate limiter holds the next request back.
     fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if self.limiter.is_blocked() {
+            return;
+        }
         let mut disk = Disk {
             file: &mut self.file,
             capacity_bytes: self.capacity_bytes,
@@ -156,6 +187,12 @@ impl ServeQueue for Block {
             let descriptors: Vec<_> = chain.collect();
             let written = match request::parse(&descriptors, memory) {
                 Ok(request) => {
+                    if !self.limiter.consume(1, request.data_bytes()) {
+                        // Over the limit: the request stays in the queue
+                        // until the limiter's timer fires.
+                        undo_pop(&mut active.queue);
+                        break;
+                    }
                     let done = request::execute(&request, memory, &mut disk);
                     done.written.saturating_add(1)
                 }
@@ -175,6 +212,35 @@ impl ServeQueue for Block {
         if used_any {
             notify_used(&mut active.queue, memory, &self.interrupt);
         }
+    }
+}
+
+impl EventDrivenDevice for Block {
+    fn event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        // In SOURCE_QUEUE, SOURCE_LIMITER order.
+        vec![
+            (self.queue_events[0].as_raw_fd(), EventSet::IN),
+            (self.limiter.timer_fd(), EventSet::IN),
+        ]
+    }
+
+    fn on_event(&mut self, source: usize) {
+        match source {
+            SOURCE_QUEUE => clear_event(&self.queue_events[0]),
+            SOURCE_LIMITER => self.limiter.on_timer(),
+            _ => return,
+        }
+        self.process_queue();
+    }
+}
+
+impl RateLimited for Block {
+    fn rate_limit(&self) -> RateLimit {
+        self.limiter.limit()
+    }
+
+    fn set_rate_limit(&mut self, limit: RateLimit) {
+        self.limiter.set_limit(limit, Instant::now());
     }
 }
 
@@ -233,13 +299,10 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::legacy::IrqLine;
+    use crate::devices::virtio::testing::{interrupt, TestQueue};
     use proptest::prelude::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    const DESC_TABLE: u64 = 0x1000;
-    const AVAIL_RING: u64 = 0x3000;
-    const USED_RING: u64 = 0x4000;
     const MEM_SIZE: usize = 0x10_0000;
     const SIZE: u16 = 16;
 
@@ -249,21 +312,31 @@ mod tests {
         file
     }
 
+    /// The request queue's rings, in the block tests' fixed layout.
+    const QUEUE: TestQueue = TestQueue {
+        desc_table: 0x1000,
+        avail_ring: 0x3000,
+        used_ring: 0x4000,
+        size: SIZE,
+    };
+
     /// A block device activated on a queue whose descriptor table and
     /// available ring hold whatever the "guest" wrote.
     fn active_block(mem: &GuestMemoryMmap, path: &Path, read_only: bool) -> Block {
-        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new().unwrap()));
-        let mut block = Block::new(path, read_only, "fuzz", interrupt).unwrap();
-        let mut queue = Queue::new(SIZE).unwrap();
-        queue.set_size(SIZE);
-        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        queue.set_ready(true);
+        active_limited_block(mem, path, read_only, RateLimit::default())
+    }
+
+    fn active_limited_block(
+        mem: &GuestMemoryMmap,
+        path: &Path,
+        read_only: bool,
+        limit: RateLimit,
+    ) -> Block {
+        let mut block = Block::new(path, read_only, "fuzz", limit, interrupt()).unwrap();
         block
             .activate(Activation {
                 memory: mem.clone(),
-                queues: vec![queue],
+                queues: vec![QUEUE.queue()],
                 acked_features: 1 << VIRTIO_F_VERSION_1,
             })
             .unwrap();
@@ -271,24 +344,15 @@ mod tests {
     }
 
     fn write_desc(mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = DESC_TABLE + u64::from(index) * 16;
-        mem.write_obj(addr, GuestAddress(base)).unwrap();
-        mem.write_obj(len, GuestAddress(base + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(base + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(base + 14)).unwrap();
+        QUEUE.write_desc(mem, index, addr, len, flags, next);
     }
 
     fn publish(mem: &GuestMemoryMmap, heads: &[u16]) {
-        for (slot, head) in heads.iter().enumerate() {
-            mem.write_obj(*head, GuestAddress(AVAIL_RING + 4 + slot as u64 * 2))
-                .unwrap();
-        }
-        mem.write_obj(heads.len() as u16, GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        QUEUE.publish(mem, heads);
     }
 
     fn used_idx(mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+        QUEUE.used_idx(mem)
     }
 
     #[test]
@@ -306,8 +370,56 @@ mod tests {
         block.process_queue();
         assert_eq!(used_idx(&mem), 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), 0);
-        let used_len: u32 = mem.read_obj(GuestAddress(USED_RING + 8)).unwrap();
+        let used_len: u32 = mem.read_obj(GuestAddress(QUEUE.used_ring + 8)).unwrap();
         assert_eq!(used_len, 513);
+    }
+
+    /// Publishes `count` one-sector read requests.
+    fn publish_reads(mem: &GuestMemoryMmap, count: u16) {
+        for request in 0..count {
+            let (head, at) = (request * 3, 0x8000 + u64::from(request) * 0x1000);
+            mem.write_obj(0u32, GuestAddress(at)).unwrap(); // VIRTIO_BLK_T_IN
+            mem.write_obj(0u64, GuestAddress(at + 8)).unwrap();
+            write_desc(mem, head, at, 16, 1, head + 1);
+            write_desc(mem, head + 1, at + 0x100, 512, 1 | 2, head + 2);
+            write_desc(mem, head + 2, at + 0x300, 1, 2, 0);
+        }
+        publish(
+            mem,
+            &(0..count).map(|request| request * 3).collect::<Vec<_>>(),
+        );
+    }
+
+    #[test]
+    fn the_rate_limiter_holds_requests_in_the_queue_until_its_timer() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let disk = image(8 * 512);
+        // 10 requests/s: a bucket of one request, refilled every 100 ms.
+        let limit = RateLimit {
+            bytes_per_s: None,
+            ops_per_s: Some(10),
+        };
+        let mut block = active_limited_block(&mem, disk.as_path(), false, limit);
+        publish_reads(&mem, 3);
+        block.on_event(SOURCE_QUEUE);
+        assert_eq!(used_idx(&mem), 1, "one request passes, two wait");
+        block.on_event(SOURCE_QUEUE);
+        assert_eq!(used_idx(&mem), 1, "a kick does not bypass the limiter");
+        let mut poll = libc::pollfd {
+            fd: block.limiter.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 2000) }, 1);
+        block.on_event(SOURCE_LIMITER);
+        assert_eq!(used_idx(&mem), 2, "the timer lets the next request go");
+        block.set_rate_limit(RateLimit::default());
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 2000) }, 1);
+        block.on_event(SOURCE_LIMITER);
+        assert_eq!(used_idx(&mem), 3, "lifting the limit serves the rest");
+        assert_eq!(block.rate_limit(), RateLimit::default());
     }
 
     #[test]

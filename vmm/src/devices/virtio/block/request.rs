@@ -57,6 +57,19 @@ pub struct Request {
     pub status: GuestAddress,
 }
 
+impl Request {
+    /// The bytes the request moves between guest and disk, as the rate
+    /// limiter counts them: the data buffers of reads and writes.
+    pub fn data_bytes(&self) -> u64 {
+        match self.kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                self.data.iter().map(|(_, len)| u64::from(*len)).sum()
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// What the device did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {

@@ -1,13 +1,16 @@
 //! virtio-rng (entropy device): fills the guest's buffers from the host's
 //! `getrandom`. One queue, served from the event loop on each kick.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+
+use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::virtio::queue_handler::{notify_used, ServeQueue};
+use crate::devices::virtio::queue_handler::{clear_event, notify_used, EventDrivenDevice};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -72,7 +75,7 @@ impl Rng {
     }
 }
 
-impl ServeQueue for Rng {
+impl Rng {
     fn process_queue(&mut self) {
         let Some((memory, queue)) = self.active.as_mut() else {
             return;
@@ -93,6 +96,22 @@ impl ServeQueue for Rng {
         if used_any {
             notify_used(queue, memory, &self.interrupt);
         }
+    }
+}
+
+impl EventDrivenDevice for Rng {
+    fn event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        self.queue_events
+            .iter()
+            .map(|event| (event.as_raw_fd(), EventSet::IN))
+            .collect()
+    }
+
+    fn on_event(&mut self, _source: usize) {
+        for event in &self.queue_events {
+            clear_event(event);
+        }
+        self.process_queue();
     }
 }
 

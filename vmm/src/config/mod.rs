@@ -21,6 +21,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod devices;
+pub use devices::{DiskConfig, MacAddr, NetConfig, MAX_DISK_ID_LEN};
+
 /// The configuration format version this VMM reads and writes.
 pub const CONFIG_VERSION: u32 = 1;
 /// Smallest guest RAM accepted: below this a Linux guest cannot boot.
@@ -68,12 +71,22 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("cmdline contains a NUL or non-ASCII byte")]
     CmdlineInvalid,
-    #[error("invalid disk '{value}': {reason} (expected path=FILE[,ro=on|off][,id=NAME])")]
+    #[error("invalid disk '{value}': {reason} (expected path=FILE[,ro=on|off][,id=NAME][,bw=BYTES_PER_S][,iops=N])")]
     InvalidDisk { value: String, reason: String },
+    #[error("invalid NIC '{value}': {reason} (expected tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N])")]
+    InvalidNet { value: String, reason: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
-    #[error("disk id '{0}' is longer than 20 bytes")]
+    #[error("disk id '{0}' is longer than {MAX_DISK_ID_LEN} bytes")]
     DiskIdTooLong(String),
+    #[error("device id '{0}' is used twice")]
+    DuplicateDeviceId(String),
+    #[error("tap '{0}' is used by two NICs")]
+    DuplicateTap(String),
+    #[error("descriptor {0} is given to two NICs")]
+    DuplicateFd(i32),
+    #[error("a rate of 0 would stop device '{0}' for good: leave the limit out instead")]
+    ZeroRate(String),
 }
 
 /// virtio-mmio devices get IRQs 5-23 except the ACPI SCI (9).
@@ -93,6 +106,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order: the first is /dev/vda.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in order: the first is eth0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng entropy device fed by the host's getrandom.
     #[serde(default)]
     pub rng: bool,
@@ -112,55 +128,6 @@ pub struct BootConfig {
     /// Kernel command line. The VMM appends what its devices need.
     #[serde(default)]
     pub cmdline: String,
-}
-
-/// One virtio-blk disk backed by a raw image file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    /// The serial the guest reads (GET_ID), at most 20 bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-}
-
-impl FromStr for DiskConfig {
-    type Err = ConfigError;
-
-    /// `path=FILE[,ro=on|off][,id=NAME]`
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason: &str| ConfigError::InvalidDisk {
-            value: value.to_string(),
-            reason: reason.to_string(),
-        };
-        let mut path = None;
-        let mut read_only = false;
-        let mut id = None;
-        for part in value.split(',') {
-            let (key, val) = part
-                .split_once('=')
-                .ok_or_else(|| invalid(&format!("'{part}' is not key=value")))?;
-            match key {
-                "path" if !val.is_empty() => path = Some(PathBuf::from(val)),
-                "ro" => {
-                    read_only = match val {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(invalid("ro must be on or off")),
-                    }
-                }
-                "id" if !val.is_empty() => id = Some(val.to_string()),
-                _ => return Err(invalid(&format!("unknown or empty key '{key}'"))),
-            }
-        }
-        Ok(Self {
-            path: path.ok_or_else(|| invalid("path is missing"))?,
-            read_only,
-            id,
-        })
-    }
 }
 
 /// The virtual hardware's size.
@@ -245,6 +212,8 @@ pub struct ConfigOverrides {
     pub serial: Option<SerialConfig>,
     /// Disks added after the config file's.
     pub disks: Vec<DiskConfig>,
+    /// NICs added after the config file's.
+    pub nets: Vec<NetConfig>,
     /// Adds the entropy device.
     pub rng: bool,
     pub control_socket: Option<PathBuf>,
@@ -291,6 +260,7 @@ impl VmConfig {
                 machine: MachineConfig::default(),
                 serial: SerialConfig::default(),
                 disks: Vec::new(),
+                nets: Vec::new(),
                 rng: false,
                 control_socket: None,
             },
@@ -314,6 +284,7 @@ impl VmConfig {
             config.serial = serial;
         }
         config.disks.extend(flags.disks);
+        config.nets.extend(flags.nets);
         config.rng |= flags.rng;
         if let Some(socket) = flags.control_socket {
             config.control_socket = Some(socket);
@@ -356,22 +327,75 @@ impl VmConfig {
         if !self.boot.cmdline.is_ascii() || self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);
         }
-        let devices = self.disks.len() + usize::from(self.rng);
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
         for disk in &self.disks {
-            if let Some(id) = disk.id.as_ref().filter(|id| id.len() > 20) {
+            if let Some(id) = disk.id.as_ref().filter(|id| id.len() > MAX_DISK_ID_LEN) {
                 return Err(ConfigError::DiskIdTooLong(id.clone()));
             }
         }
+        let mut ids = std::collections::HashSet::new();
+        let mut taps = std::collections::HashSet::new();
+        let mut fds = std::collections::HashSet::new();
+        for (id, limit) in self.device_ids() {
+            if limit.has_zero_rate() {
+                return Err(ConfigError::ZeroRate(id));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId(id));
+            }
+        }
+        for net in &self.nets {
+            net.check().map_err(|reason| ConfigError::InvalidNet {
+                value: serde_json::to_string(net).unwrap_or_default(),
+                reason,
+            })?;
+            if let Some(tap) = net.tap.as_ref().filter(|tap| !taps.insert(*tap)) {
+                return Err(ConfigError::DuplicateTap(tap.clone()));
+            }
+            if let Some(fd) = net.fd.filter(|fd| !fds.insert(*fd)) {
+                return Err(ConfigError::DuplicateFd(fd));
+            }
+        }
         Ok(())
+    }
+
+    /// Every disk's and NIC's id (the configured one or its default), with
+    /// its rate limit, disks first.
+    pub fn device_ids(&self) -> Vec<(String, crate::rate_limiter::RateLimit)> {
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| (disk_id(disk, index), disk.rate_limit));
+        let nets = self
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(index, net)| (net_id(net, index), net.rate_limit));
+        disks.chain(nets).collect()
     }
 
     /// Guest RAM in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.machine.memory_mib << 20
     }
+}
+
+/// The id of disk number `index`: its configured id or `nubis-diskN`.
+pub fn disk_id(disk: &DiskConfig, index: usize) -> String {
+    disk.id
+        .clone()
+        .unwrap_or_else(|| format!("nubis-disk{index}"))
+}
+
+/// The id of NIC number `index`: its configured id or `nubis-netN`.
+pub fn net_id(net: &NetConfig, index: usize) -> String {
+    net.id
+        .clone()
+        .unwrap_or_else(|| format!("nubis-net{index}"))
 }
 
 /// Reads the host's physical memory from `/proc/meminfo`.
@@ -594,32 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn disk_flag_syntax() {
-        let disk: DiskConfig = "path=/img/root.ext4,ro=on,id=root".parse().unwrap();
-        assert_eq!(
-            disk,
-            DiskConfig {
-                path: "/img/root.ext4".into(),
-                read_only: true,
-                id: Some("root".into())
-            }
-        );
-        let disk: DiskConfig = "path=/d".parse().unwrap();
-        assert!(!disk.read_only);
-        for bad in [
-            "",
-            "/d",
-            "ro=on",
-            "path=",
-            "path=/d,ro=yes",
-            "path=/d,bw=1",
-            "path=/d,id=",
-        ] {
-            assert!(bad.parse::<DiskConfig>().is_err(), "accepted {bad}");
-        }
-    }
-
-    #[test]
     fn disks_in_documents_and_limits() {
         let config = parse(
             r#"{"version":1,"boot":{"kernel":"/k"},"disks":[{"path":"/a"},{"path":"/b","read_only":true}]}"#,
@@ -642,6 +640,55 @@ mod tests {
         assert!(matches!(
             long_id.validate(&LIMITS),
             Err(ConfigError::DiskIdTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn device_ids_rates_taps_and_fds_are_checked() {
+        let mut config = with_machine(1, 128);
+        config.disks = vec![
+            "path=/a".parse().unwrap(),
+            "path=/b,id=nubis-net0".parse().unwrap(),
+        ];
+        config.nets = vec!["tap=t0".parse().unwrap()];
+        assert!(matches!(
+            config.validate(&LIMITS),
+            Err(ConfigError::DuplicateDeviceId(id)) if id == "nubis-net0"
+        ));
+        config.disks.pop();
+        assert!(config.validate(&LIMITS).is_ok());
+        assert_eq!(
+            config
+                .device_ids()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect::<Vec<_>>(),
+            ["nubis-disk0", "nubis-net0"]
+        );
+        config.nets.push("tap=t0,id=second".parse().unwrap());
+        assert!(matches!(
+            config.validate(&LIMITS),
+            Err(ConfigError::DuplicateTap(_))
+        ));
+        config.nets = vec!["fd=5".parse().unwrap(), "fd=5,id=x".parse().unwrap()];
+        assert!(matches!(
+            config.validate(&LIMITS),
+            Err(ConfigError::DuplicateFd(5))
+        ));
+        let zero = parse(
+            r#"{"version":1,"boot":{"kernel":"/k"},"disks":[{"path":"/a","rate_limit":{"ops_per_s":0}}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            zero.validate(&LIMITS),
+            Err(ConfigError::ZeroRate(_))
+        ));
+        let bad_tap =
+            parse(r#"{"version":1,"boot":{"kernel":"/k"},"nets":[{"mac":"02:00:00:00:00:01"}]}"#)
+                .unwrap();
+        assert!(matches!(
+            bad_tap.validate(&LIMITS),
+            Err(ConfigError::InvalidNet { .. })
         ));
     }
 

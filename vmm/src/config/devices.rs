@@ -1,0 +1,345 @@
+//! The configuration of the VM's virtio devices (disks and NICs) and the
+//! `key=value,...` syntax of their command-line flags.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::ConfigError;
+use crate::rate_limiter::RateLimit;
+
+/// The serial a disk reports (GET_ID) holds at most this many bytes.
+pub const MAX_DISK_ID_LEN: usize = 20;
+
+/// Splits `key=value,key=value` into pairs; `invalid` explains a bad part.
+fn key_values<'a>(
+    value: &'a str,
+    invalid: &impl Fn(String) -> ConfigError,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    value
+        .split(',')
+        .map(|part| {
+            part.split_once('=')
+                .filter(|(key, val)| !key.is_empty() && !val.is_empty())
+                .ok_or_else(|| invalid(format!("'{part}' is not key=value")))
+        })
+        .collect()
+}
+
+fn positive_number(
+    key: &str,
+    value: &str,
+    invalid: &impl Fn(String) -> ConfigError,
+) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(number) if number > 0 => Ok(number),
+        _ => Err(invalid(format!(
+            "{key} must be a positive integer, got '{value}'"
+        ))),
+    }
+}
+
+/// One virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The serial the guest reads (GET_ID), at most 20 bytes; also the name
+    /// the control socket knows the disk by. Default `nubis-diskN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub rate_limit: RateLimit,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `path=FILE[,ro=on|off][,id=NAME][,bw=BYTES_PER_S][,iops=N]`
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: String| ConfigError::InvalidDisk {
+            value: value.to_string(),
+            reason,
+        };
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        let mut rate_limit = RateLimit::default();
+        for (key, val) in key_values(value, &invalid)? {
+            match key {
+                "path" => path = Some(PathBuf::from(val)),
+                "ro" => {
+                    read_only = match val {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(invalid("ro must be on or off".into())),
+                    }
+                }
+                "id" => id = Some(val.to_string()),
+                "bw" => rate_limit.bytes_per_s = Some(positive_number(key, val, &invalid)?),
+                "iops" => rate_limit.ops_per_s = Some(positive_number(key, val, &invalid)?),
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        Ok(Self {
+            path: path.ok_or_else(|| invalid("path is missing".into()))?,
+            read_only,
+            id,
+            rate_limit,
+        })
+    }
+}
+
+/// A MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 6];
+        // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if got != bytes.len() as isize {
+            // Not secret, only unique: fall back to the clock and the pid.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|time| time.subsec_nanos())
+                .unwrap_or_default();
+            bytes[2..].copy_from_slice(&(nanos ^ std::process::id()).to_le_bytes());
+        }
+        bytes[0] = (bytes[0] & 0xfc) | 0x02;
+        Self(bytes)
+    }
+
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts
+                .next()
+                .filter(|part| part.len() == 2)
+                .ok_or_else(bad)?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One virtio-net NIC on a tap device: named (`tap`, attached to or
+/// created) or an inherited open descriptor (`fd`, as the agent passes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// The guest's MAC; a random locally administered one by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// The name the control socket knows the NIC by. Default `nubis-netN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Applies to each direction separately (`pps` is `ops_per_s`).
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub rate_limit: RateLimit,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// `tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N]`
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: String| ConfigError::InvalidNet {
+            value: value.to_string(),
+            reason,
+        };
+        let mut net = NetConfig {
+            tap: None,
+            fd: None,
+            mac: None,
+            id: None,
+            rate_limit: RateLimit::default(),
+        };
+        for (key, val) in key_values(value, &invalid)? {
+            match key {
+                "tap" => net.tap = Some(val.to_string()),
+                "fd" => {
+                    net.fd = Some(val.parse().map_err(|_| {
+                        invalid(format!("fd must be a descriptor number, got '{val}'"))
+                    })?)
+                }
+                "mac" => net.mac = Some(val.parse().map_err(invalid)?),
+                "id" => net.id = Some(val.to_string()),
+                "bw" => net.rate_limit.bytes_per_s = Some(positive_number(key, val, &invalid)?),
+                "pps" => net.rate_limit.ops_per_s = Some(positive_number(key, val, &invalid)?),
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        net.check().map_err(invalid)?;
+        Ok(net)
+    }
+}
+
+impl NetConfig {
+    /// Checks what does not depend on the rest of the VM.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.tap, self.fd) {
+            (None, None) => return Err("one of tap=NAME or fd=N is required".into()),
+            (Some(_), Some(_)) => return Err("tap and fd exclude each other".into()),
+            (Some(name), None) if !crate::devices::virtio::net::tap::valid_tap_name(name) => {
+                return Err(format!(
+                    "tap name '{name}' must be 1 to 15 letters, digits, '-', '_' or '.'"
+                ))
+            }
+            (None, Some(fd)) if fd < 3 => {
+                return Err(format!("fd {fd} is stdin, stdout or stderr, not a tap"))
+            }
+            _ => {}
+        }
+        if let Some(mac) = self.mac.filter(|mac| !mac.is_unicast()) {
+            return Err(format!("mac {mac} is not a unicast address"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flag_syntax() {
+        let disk: DiskConfig = "path=/img/root.ext4,ro=on,id=root,bw=1048576,iops=100"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            disk,
+            DiskConfig {
+                path: "/img/root.ext4".into(),
+                read_only: true,
+                id: Some("root".into()),
+                rate_limit: RateLimit {
+                    bytes_per_s: Some(1 << 20),
+                    ops_per_s: Some(100)
+                },
+            }
+        );
+        let disk: DiskConfig = "path=/d".parse().unwrap();
+        assert!(!disk.read_only);
+        assert!(disk.rate_limit.is_unlimited());
+        for bad in [
+            "",
+            "/d",
+            "ro=on",
+            "path=",
+            "path=/d,ro=yes",
+            "path=/d,bw=0",
+            "path=/d,iops=-1",
+            "path=/d,bw=1k",
+            "path=/d,pps=1",
+            "path=/d,id=",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn net_flag_syntax() {
+        let net: NetConfig = "tap=nbtap0,mac=02:aa:bb:cc:dd:0e,id=eth0,bw=6250000,pps=1000"
+            .parse()
+            .unwrap();
+        assert_eq!(net.tap.as_deref(), Some("nbtap0"));
+        assert_eq!(net.mac, Some(MacAddr([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])));
+        assert_eq!(net.id.as_deref(), Some("eth0"));
+        assert_eq!(net.rate_limit.bytes_per_s, Some(6_250_000));
+        assert_eq!(net.rate_limit.ops_per_s, Some(1000));
+        let net: NetConfig = "fd=7".parse().unwrap();
+        assert_eq!(net.fd, Some(7));
+        for (bad, why) in [
+            ("", "not key=value"),
+            ("mac=02:00:00:00:00:01", "required"),
+            ("tap=a,fd=5", "exclude"),
+            ("tap=this-name-is-too-long", "1 to 15"),
+            ("tap=a b", "1 to 15"),
+            ("fd=1", "stdout"),
+            ("fd=x", "descriptor number"),
+            ("tap=t,mac=01:00:5e:00:00:01", "unicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "unicast"),
+            ("tap=t,mac=02:00:00:00:00", "MAC address"),
+            ("tap=t,mac=02:00:00:00:00:01:02", "MAC address"),
+            ("tap=t,mac=0g:00:00:00:00:01", "MAC address"),
+            ("tap=t,bw=0", "positive"),
+            ("tap=t,iops=5", "unknown key 'iops'"),
+        ] {
+            let err = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn mac_addresses_round_trip() {
+        let mac: MacAddr = "02:0a:FF:00:10:01".parse().unwrap();
+        assert_eq!(mac.to_string(), "02:0a:ff:00:10:01");
+        let json = serde_json::to_string(&mac).unwrap();
+        assert_eq!(json, "\"02:0a:ff:00:10:01\"");
+        assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), mac);
+        assert!(serde_json::from_str::<MacAddr>("\"nope\"").is_err());
+        for _ in 0..32 {
+            let random = MacAddr::random();
+            assert!(random.is_unicast());
+            assert_eq!(random.0[0] & 2, 2, "locally administered");
+        }
+    }
+
+    #[test]
+    fn nics_in_documents() {
+        let net: NetConfig = serde_json::from_str(
+            r#"{"tap":"t0","mac":"02:00:00:00:00:01","rate_limit":{"bytes_per_s":1000}}"#,
+        )
+        .unwrap();
+        assert_eq!(net.rate_limit.bytes_per_s, Some(1000));
+        assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t0","bw":1}"#).is_err());
+        assert!(serde_json::from_str::<NetConfig>(
+            r#"{"tap":"t0","rate_limit":{"bytes_per_s":1,"burst":2}}"#
+        )
+        .is_err());
+    }
+}

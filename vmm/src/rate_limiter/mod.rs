@@ -1,0 +1,406 @@
+//! Token-bucket rate limiting of device I/O, as Firecracker has it: per disk
+//! and per NIC direction, one bucket of bytes per second and one of
+//! operations per second. It is how the host agent gives each tenant a fair
+//! share of a host's disks and network.
+//!
+//! A device asks [`RateLimiter::consume`] before it serves a request. When a
+//! bucket is short, the request waits in the guest's queue and the limiter
+//! arms its timerfd for the moment enough tokens will have accrued; the event
+//! loop watches that timerfd and lets the device carry on. Nothing polls.
+//!
+//! A bucket holds at most [`BURST_FRACTION`] of a second's tokens, so the
+//! average rate holds over short intervals too. A request larger than a whole
+//! bucket is let through when the bucket is full and leaves it in debt, which
+//! later requests wait out: large requests cannot starve, and they cannot
+//! beat the limit either.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::timerfd::TimerFd;
+
+/// A bucket's capacity is this fraction of a second's worth of tokens.
+pub const BURST_FRACTION: u64 = 10;
+const NANOS_PER_SEC: i128 = 1_000_000_000;
+
+/// Errors of a rate limiter.
+#[derive(Debug, thiserror::Error)]
+pub enum RateLimiterError {
+    #[error("cannot create the rate limiter's timer: {0}")]
+    Timer(std::io::Error),
+}
+
+/// The limits of one device (or one NIC direction). `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_per_s: Option<u64>,
+}
+
+impl RateLimit {
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_s.is_none() && self.ops_per_s.is_none()
+    }
+
+    /// A zero rate would stop the device for good: it is refused.
+    pub fn has_zero_rate(&self) -> bool {
+        self.bytes_per_s == Some(0) || self.ops_per_s == Some(0)
+    }
+}
+
+/// One token bucket, refilled continuously at `rate` tokens per second.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: u64,
+    capacity: u64,
+    /// Tokens times 1e9, so that refills of a few nanoseconds are not lost;
+    /// negative while a large request's debt is being repaid.
+    budget_nanotokens: i128,
+    last_refill: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket of `rate` tokens per second (`rate` > 0).
+    pub fn new(rate: u64, now: Instant) -> Self {
+        let rate = rate.max(1);
+        let capacity = (rate / BURST_FRACTION).max(1);
+        Self {
+            rate,
+            capacity,
+            budget_nanotokens: i128::from(capacity) * NANOS_PER_SEC,
+            last_refill: now,
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last_refill).as_nanos();
+        self.last_refill = now;
+        let added = i128::try_from(elapsed)
+            .unwrap_or(i128::MAX / 4)
+            .min(i128::MAX / 4 / i128::from(self.rate))
+            * i128::from(self.rate);
+        let full = i128::from(self.capacity) * NANOS_PER_SEC;
+        self.budget_nanotokens = self.budget_nanotokens.saturating_add(added).min(full);
+    }
+
+    /// How long until `tokens` may be taken; zero when they may be now.
+    fn wait_for(&mut self, tokens: u64, now: Instant) -> Duration {
+        self.refill(now);
+        let needed = i128::from(tokens.min(self.capacity)) * NANOS_PER_SEC;
+        if self.budget_nanotokens >= needed {
+            return Duration::ZERO;
+        }
+        let missing = needed - self.budget_nanotokens;
+        // Round up so that the timer never fires a nanosecond early.
+        let nanos = (missing + i128::from(self.rate) - 1) / i128::from(self.rate);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    fn take(&mut self, tokens: u64) {
+        self.budget_nanotokens -= i128::from(tokens) * NANOS_PER_SEC;
+    }
+
+    /// Takes `tokens` if the bucket allows it now; otherwise returns how
+    /// long to wait and takes nothing.
+    pub fn try_consume(&mut self, tokens: u64, now: Instant) -> Result<(), Duration> {
+        match self.wait_for(tokens, now) {
+            wait if wait.is_zero() => {
+                self.take(tokens);
+                Ok(())
+            }
+            wait => Err(wait),
+        }
+    }
+}
+
+/// The two buckets of one device (or NIC direction) and the timer that wakes
+/// the device when a blocked request may go.
+#[derive(Debug)]
+pub struct RateLimiter {
+    limit: RateLimit,
+    bytes: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+    timer: TimerFd,
+    blocked: bool,
+    throttled_count: u64,
+}
+
+impl RateLimiter {
+    pub fn new(limit: RateLimit) -> Result<Self, RateLimiterError> {
+        let timer = TimerFd::new().map_err(|err| RateLimiterError::Timer(err.into()))?;
+        // SAFETY: F_SETFL on a descriptor this function owns; no memory is
+        // passed and the result is checked.
+        let ret = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if ret < 0 {
+            return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
+        }
+        let mut limiter = Self {
+            limit: RateLimit::default(),
+            bytes: None,
+            ops: None,
+            timer,
+            blocked: false,
+            throttled_count: 0,
+        };
+        limiter.set_limit(limit, Instant::now());
+        Ok(limiter)
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Replaces the limits (full buckets). A request blocked under the old
+    /// limits is retried at once.
+    pub fn set_limit(&mut self, limit: RateLimit, now: Instant) {
+        self.limit = limit;
+        self.bytes = limit.bytes_per_s.map(|rate| TokenBucket::new(rate, now));
+        self.ops = limit.ops_per_s.map(|rate| TokenBucket::new(rate, now));
+        if self.blocked {
+            self.arm(Duration::from_nanos(1));
+        }
+    }
+
+    /// Whether a request is waiting for the timer: the device should not
+    /// serve its queue until [`RateLimiter::on_timer`].
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// How often a request had to wait.
+    pub fn throttled_count(&self) -> u64 {
+        self.throttled_count
+    }
+
+    /// Asks for one request of `ops` operations and `bytes` bytes. Either
+    /// both buckets give their tokens or neither does; in that case the
+    /// timer is armed and the limiter is blocked until it fires.
+    pub fn consume(&mut self, ops: u64, bytes: u64) -> bool {
+        self.consume_at(ops, bytes, Instant::now())
+    }
+
+    pub fn consume_at(&mut self, ops: u64, bytes: u64, now: Instant) -> bool {
+        if self.blocked {
+            return false;
+        }
+        let wait_bytes = self
+            .bytes
+            .as_mut()
+            .map_or(Duration::ZERO, |bucket| bucket.wait_for(bytes, now));
+        let wait_ops = self
+            .ops
+            .as_mut()
+            .map_or(Duration::ZERO, |bucket| bucket.wait_for(ops, now));
+        let wait = wait_bytes.max(wait_ops);
+        if !wait.is_zero() {
+            self.blocked = true;
+            self.throttled_count += 1;
+            self.arm(wait);
+            return false;
+        }
+        if let Some(bucket) = self.bytes.as_mut() {
+            bucket.take(bytes);
+        }
+        if let Some(bucket) = self.ops.as_mut() {
+            bucket.take(ops);
+        }
+        true
+    }
+
+    fn arm(&mut self, wait: Duration) {
+        if let Err(err) = self.timer.reset(wait, None) {
+            // Without the timer the device would wait for the next guest
+            // kick: unblock now rather than risk a stall.
+            log::error!("rate limiter: cannot arm the timer: {err}");
+            self.blocked = false;
+        }
+    }
+
+    /// The timer fired: the blocked request may be retried.
+    pub fn on_timer(&mut self) {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a local buffer of 8 bytes from
+        // a non-blocking timerfd this limiter owns; the result is ignored
+        // because a spurious wake-up only retries the request.
+        unsafe {
+            libc::read(
+                self.timer.as_raw_fd(),
+                expirations.as_mut_ptr().cast(),
+                expirations.len(),
+            )
+        };
+        self.blocked = false;
+    }
+
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_full_bucket_gives_its_capacity_then_waits() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, start);
+        assert_eq!(bucket.capacity(), 100);
+        assert_eq!(bucket.try_consume(100, start), Ok(()));
+        assert_eq!(bucket.try_consume(1, start), Err(MS));
+        assert_eq!(bucket.try_consume(10, start), Err(10 * MS));
+        assert_eq!(bucket.try_consume(10, start + 10 * MS), Ok(()));
+    }
+
+    #[test]
+    fn refill_never_exceeds_capacity() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, start);
+        assert_eq!(
+            bucket.try_consume(100, start + Duration::from_secs(3600)),
+            Ok(())
+        );
+        assert!(bucket
+            .try_consume(1, start + Duration::from_secs(3600))
+            .is_err());
+    }
+
+    #[test]
+    fn oversized_requests_pass_when_full_and_leave_a_debt() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, start);
+        // 500 tokens is five buckets: allowed once, then 400 ms of debt.
+        assert_eq!(bucket.try_consume(500, start), Ok(()));
+        assert_eq!(bucket.try_consume(1, start), Err(401 * MS));
+        assert_eq!(bucket.try_consume(1, start + 401 * MS), Ok(()));
+    }
+
+    #[test]
+    fn the_average_rate_holds_over_many_requests() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10_000, start);
+        let mut now = start;
+        let mut sent = 0u64;
+        while sent < 100_000 {
+            match bucket.try_consume(4096, now) {
+                Ok(()) => sent += 4096,
+                Err(wait) => now += wait,
+            }
+        }
+        let elapsed = now.duration_since(start).as_secs_f64();
+        // 100 000 tokens at 10 000/s, minus the initial burst of 1 000.
+        assert!(
+            (9.5..=10.5).contains(&elapsed),
+            "took {elapsed} s for 10 s worth of tokens"
+        );
+    }
+
+    #[test]
+    fn tiny_rates_have_a_bucket_of_one() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1, start);
+        assert_eq!(bucket.capacity(), 1);
+        assert_eq!(bucket.try_consume(1, start), Ok(()));
+        assert_eq!(bucket.try_consume(1, start), Err(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn huge_rates_and_long_idle_times_do_not_overflow() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(u64::MAX, start);
+        assert_eq!(bucket.try_consume(u64::MAX, start), Ok(()));
+        let later = start + Duration::from_secs(10 * 365 * 24 * 3600);
+        assert_eq!(bucket.try_consume(1, later), Ok(()));
+    }
+
+    #[test]
+    fn both_buckets_or_neither() {
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(RateLimit {
+            bytes_per_s: Some(1_000_000),
+            ops_per_s: Some(10),
+        })
+        .unwrap();
+        limiter.set_limit(limiter.limit(), start);
+        // The ops bucket holds one op.
+        assert!(limiter.consume_at(1, 1000, start));
+        assert!(!limiter.consume_at(1, 1000, start));
+        assert!(limiter.is_blocked());
+        assert_eq!(limiter.throttled_count(), 1);
+        // The bytes bucket was not charged for the refused request: after
+        // the ops bucket refills, 99 000 bytes (its remainder) still pass.
+        limiter.on_timer();
+        assert!(!limiter.is_blocked());
+        assert!(limiter.consume_at(1, 99_000, start + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_timer_fires_when_the_wait_is_over() {
+        let mut limiter = RateLimiter::new(RateLimit {
+            bytes_per_s: None,
+            ops_per_s: Some(100),
+        })
+        .unwrap();
+        let now = Instant::now();
+        limiter.set_limit(limiter.limit(), now);
+        assert!(limiter.consume_at(10, 0, now));
+        assert!(!limiter.consume_at(1, 0, now));
+        let mut poll = libc::pollfd {
+            fd: limiter.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, 1000) };
+        assert_eq!(ready, 1, "the timer fires within a second (wait is 10 ms)");
+        limiter.on_timer();
+        assert!(limiter.consume_at(1, 0, Instant::now()));
+    }
+
+    #[test]
+    fn changing_the_limit_unblocks_a_waiting_request() {
+        let mut limiter = RateLimiter::new(RateLimit {
+            bytes_per_s: Some(1),
+            ops_per_s: None,
+        })
+        .unwrap();
+        assert!(limiter.consume(0, 1));
+        assert!(!limiter.consume(0, 1));
+        limiter.set_limit(RateLimit::default(), Instant::now());
+        let mut poll = libc::pollfd {
+            fd: limiter.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, 1000) };
+        assert_eq!(ready, 1, "the new limit wakes the device at once");
+        limiter.on_timer();
+        assert!(limiter.consume(1, u64::MAX), "unlimited after the change");
+    }
+
+    #[test]
+    fn zero_rates_are_flagged() {
+        assert!(RateLimit {
+            bytes_per_s: Some(0),
+            ops_per_s: None
+        }
+        .has_zero_rate());
+        assert!(!RateLimit::default().has_zero_rate());
+        assert!(RateLimit::default().is_unlimited());
+    }
+}
