@@ -252,3 +252,75 @@ fn bad_disks() {
     );
     expect_rejected(&outcome, &["bad-disk", "Is a directory"]);
 }
+
+#[test]
+fn bad_nics() {
+    require_kvm();
+    let dir = TestDir::new("bad-nic");
+    let kernel = good_kernel(&dir);
+    for (flag, words) in [
+        ("tap=", &["tap=", "invalid NIC"][..]),
+        ("mac=02:00:00:00:00:01", &["tap=NAME or fd=N"][..]),
+        ("tap=much-too-long-name", &["1 to 15"][..]),
+        ("tap=t0,mac=ff:ff:ff:ff:ff:ff", &["not a unicast"][..]),
+        ("tap=t0,mac=nope", &["MAC address"][..]),
+        ("tap=t0,bw=0", &["positive"][..]),
+        ("tap=t0,fd=9", &["exclude"][..]),
+        ("fd=2", &["stderr"][..]),
+    ] {
+        let outcome = run_vmm(["--kernel", &kernel, "--net", flag], HANG_GUARD);
+        expect_rejected(&outcome, words);
+    }
+    // A descriptor that is not open, and one that is open but not a tap.
+    let outcome = run_vmm(["--kernel", &kernel, "--net", "fd=987"], HANG_GUARD);
+    expect_rejected(&outcome, &["descriptor 987", "not an open tap"]);
+    let outcome = run_vmm(
+        [
+            "--kernel",
+            &kernel,
+            "--net",
+            "tap=nbdup0",
+            "--net",
+            "tap=nbdup0,id=second",
+        ],
+        HANG_GUARD,
+    );
+    expect_rejected(&outcome, &["nbdup0", "two NICs"]);
+    let outcome = run_vmm(
+        [
+            "--kernel",
+            &kernel,
+            "--disk",
+            "path=/d,id=same",
+            "--net",
+            "tap=t0,id=same",
+        ],
+        HANG_GUARD,
+    );
+    expect_rejected(&outcome, &["'same'", "used twice"]);
+}
+
+#[test]
+fn bad_rate_limits() {
+    require_kvm();
+    let dir = TestDir::new("bad-limit");
+    let kernel = good_kernel(&dir);
+    for (flag, words) in [
+        ("path=/d,bw=0", &["bw must be a positive integer"][..]),
+        ("path=/d,iops=1.5", &["iops must be a positive integer"][..]),
+        ("path=/d,pps=5", &["unknown key 'pps'"][..]),
+    ] {
+        let outcome = run_vmm(["--kernel", &kernel, "--disk", flag], HANG_GUARD);
+        expect_rejected(&outcome, words);
+    }
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"version":1,"boot":{{"kernel":"{kernel}"}},"disks":[{{"path":"/d","rate_limit":{{"ops_per_s":0}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let outcome = run_vmm(["--config", config.to_str().unwrap()], HANG_GUARD);
+    expect_rejected(&outcome, &["rate of 0", "nubis-disk0"]);
+}
