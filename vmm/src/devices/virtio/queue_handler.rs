@@ -3,10 +3,12 @@
 //! rate-limiter timers) and says what to do when one of them is ready.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, VirtioInterrupt};
@@ -36,6 +38,40 @@ pub fn notify_used(queue: &mut Queue, memory: &GuestMemoryMmap, interrupt: &Virt
 /// a request that must wait (rate limiting): the next pop returns it again.
 pub fn undo_pop(queue: &mut Queue) {
     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+}
+
+/// Returns several chains to the guest at once: every used element is
+/// written before the used index moves, so that a driver reading the ring
+/// concurrently never sees part of a frame that spans several buffers.
+pub fn add_used_batch(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let size = queue.size();
+    if size == 0 || used.iter().any(|(head, _)| *head >= size) {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    let ring = queue.used_ring();
+    let start = queue.next_used();
+    for (offset, (head, len)) in used.iter().enumerate() {
+        let slot = u64::from(start.wrapping_add(offset as u16) % size);
+        let addr = ring
+            .checked_add(4 + slot * 8)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        memory
+            .write_obj(u32::from(*head).to_le(), GuestAddress(addr))
+            .and_then(|()| memory.write_obj(len.to_le(), GuestAddress(addr + 4)))
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    let next = start.wrapping_add(used.len() as u16);
+    queue.set_next_used(next);
+    let index = ring
+        .checked_add(2)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    memory
+        .store(next.to_le(), GuestAddress(index), Ordering::Release)
+        .map_err(virtio_queue::Error::GuestMemory)
 }
 
 /// Consumes a queue kick (or any eventfd signal). Nothing is lost if the
@@ -70,5 +106,35 @@ impl<D: EventDrivenDevice> MutEventSubscriber for DeviceEventHandler<D> {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         lock(&self.device).on_event(events.data() as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::{memory, TestQueue};
+
+    #[test]
+    fn a_batch_is_published_whole_and_wraps_around_the_ring() {
+        let mem = memory(0x10000);
+        let layout = TestQueue::at(0x1000, 4);
+        let mut queue = layout.queue();
+        queue.set_next_used(3);
+        add_used_batch(&mut queue, &mem, &[(1, 100), (2, 200), (3, 0)]).unwrap();
+        assert_eq!(layout.used_idx(&mem), 6);
+        assert_eq!(layout.used_elem(&mem, 3), (1, 100));
+        assert_eq!(layout.used_elem(&mem, 4), (2, 200), "slot 0 after the wrap");
+        assert_eq!(layout.used_elem(&mem, 5), (3, 0));
+        assert_eq!(queue.next_used(), 6);
+    }
+
+    #[test]
+    fn a_batch_with_a_bad_head_publishes_nothing() {
+        let mem = memory(0x10000);
+        let layout = TestQueue::at(0x1000, 4);
+        let mut queue = layout.queue();
+        assert!(add_used_batch(&mut queue, &mem, &[(1, 100), (4, 1)]).is_err());
+        assert_eq!(layout.used_idx(&mem), 0);
+        assert_eq!(queue.next_used(), 0);
     }
 }

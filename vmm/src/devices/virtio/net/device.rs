@@ -21,6 +21,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{self, MAX_FRAME_LEN};
+use super::rx::{self, Delivery};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::devices::virtio::queue_handler::{
     clear_event, notify_used, undo_pop, EventDrivenDevice,
@@ -42,6 +43,7 @@ const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
 const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
 const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -81,6 +83,8 @@ struct ActiveQueues {
     memory: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive chains.
+    mergeable: bool,
 }
 
 pub struct Net {
@@ -161,10 +165,7 @@ impl Net {
             if self.rx_pending == 0 {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(0) => break,
-                    Ok(len) => {
-                        self.rx_pending = len;
-                        frame::set_single_buffer(&mut self.rx_frame[..len]);
-                    }
+                    Ok(len) => self.rx_pending = len,
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(err) => {
@@ -173,35 +174,27 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = active.rx.pop_descriptor_chain(memory) else {
-                // No receive buffer: the frame waits for the guest's next
-                // RX kick, and the tap is not read meanwhile.
-                break;
-            };
             let frame_len = self.rx_pending as u64;
-            if !self.rx_limiter.consume(1, frame_len) {
-                undo_pop(&mut active.rx);
-                break;
+            match rx::deliver(
+                &mut active.rx,
+                memory,
+                &mut self.rx_frame[..self.rx_pending],
+                active.mergeable,
+                &mut self.rx_limiter,
+            ) {
+                Delivery::Delivered => {
+                    self.counters.rx_frames += 1;
+                    self.counters.rx_bytes += frame_len;
+                }
+                Delivery::Dropped(err) => {
+                    self.counters.rx_dropped += 1;
+                    log::warn!("virtio-net {}: receive frame dropped: {err}", self.id);
+                }
+                // The frame waits: for the guest's next RX kick (the tap
+                // is not read meanwhile), or for the limiter's timer.
+                Delivery::NoBuffers | Delivery::Throttled => break,
             }
-            let head = chain.head_index();
-            let descriptors: Vec<_> = chain.collect();
-            let written =
-                match frame::scatter(memory, &descriptors, &self.rx_frame[..self.rx_pending]) {
-                    Ok(written) => {
-                        self.counters.rx_frames += 1;
-                        self.counters.rx_bytes += frame_len;
-                        written
-                    }
-                    Err(err) => {
-                        self.counters.rx_dropped += 1;
-                        log::warn!("virtio-net {}: receive frame dropped: {err}", self.id);
-                        0
-                    }
-                };
             self.rx_pending = 0;
-            if let Err(err) = active.rx.add_used(memory, head, written) {
-                log::warn!("virtio-net {}: cannot return an RX buffer: {err}", self.id);
-            }
             used_any = true;
         }
         if used_any {
@@ -343,6 +336,7 @@ impl VirtioDevice for Net {
             VIRTIO_NET_F_GUEST_TSO6,
             VIRTIO_NET_F_HOST_TSO4,
             VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
         ]
         .iter()
         .fold(0u64, |features, bit| features | (1u64 << bit))
@@ -373,11 +367,17 @@ impl VirtioDevice for Net {
             memory: activation.memory,
             rx,
             tx,
+            mergeable: activation.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
         });
         log::info!(
-            "virtio-net {}: active on tap {} (tap offloads {offloads:#x})",
+            "virtio-net {}: active on tap {} (tap offloads {offloads:#x}, {} receive buffers)",
             self.id,
-            self.tap.name()
+            self.tap.name(),
+            if self.active.as_ref().is_some_and(|active| active.mergeable) {
+                "mergeable"
+            } else {
+                "one chain per frame"
+            }
         );
         Ok(())
     }

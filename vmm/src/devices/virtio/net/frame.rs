@@ -62,6 +62,21 @@ pub fn gather(
     Ok(len)
 }
 
+/// The bytes a receive chain can take; an error if any of its buffers is
+/// device-readable.
+pub fn writable_room(descriptors: &[Descriptor]) -> Result<usize, FrameError> {
+    descriptors
+        .iter()
+        .enumerate()
+        .try_fold(0usize, |room, (index, desc)| {
+            if desc.is_write_only() {
+                Ok(room.saturating_add(desc.len() as usize))
+            } else {
+                Err(FrameError::WrongDirection(index, "receive"))
+            }
+        })
+}
+
 /// Copies `frame` into a receive chain (device-writable buffers only);
 /// returns the bytes written, which is the whole frame.
 pub fn scatter(
@@ -71,13 +86,7 @@ pub fn scatter(
 ) -> Result<u32, FrameError> {
     // Check the whole chain before writing anything, so that a refused chain
     // leaves guest memory as it was.
-    let mut room = 0usize;
-    for (index, desc) in descriptors.iter().enumerate() {
-        if !desc.is_write_only() {
-            return Err(FrameError::WrongDirection(index, "receive"));
-        }
-        room = room.saturating_add(desc.len() as usize);
-    }
+    let room = writable_room(descriptors)?;
     if room < frame.len() {
         return Err(FrameError::NoRoom {
             room,
@@ -101,11 +110,11 @@ pub fn scatter(
     u32::try_from(done).map_err(|_| FrameError::TooLarge)
 }
 
-/// Sets the header's `num_buffers` to 1: without VIRTIO_NET_F_MRG_RXBUF a
-/// frame always fills exactly one chain.
-pub fn set_single_buffer(frame: &mut [u8]) {
+/// Sets the header's `num_buffers`: how many chains the frame fills (1
+/// unless VIRTIO_NET_F_MRG_RXBUF was negotiated).
+pub fn set_num_buffers(frame: &mut [u8], count: u16) {
     if let Some(field) = frame.get_mut(10..VNET_HDR_LEN) {
-        field.copy_from_slice(&1u16.to_le_bytes());
+        field.copy_from_slice(&count.to_le_bytes());
     }
 }
 
@@ -192,10 +201,12 @@ mod tests {
     #[test]
     fn num_buffers_is_set() {
         let mut frame = [0xffu8; 20];
-        set_single_buffer(&mut frame);
+        set_num_buffers(&mut frame, 1);
         assert_eq!(&frame[10..12], &[1, 0]);
         assert_eq!(frame[12], 0xff);
-        set_single_buffer(&mut [0u8; 4]);
+        set_num_buffers(&mut frame, 0x0203);
+        assert_eq!(&frame[10..12], &[3, 2]);
+        set_num_buffers(&mut [0u8; 4], 1);
     }
 
     proptest! {
