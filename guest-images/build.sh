@@ -5,6 +5,8 @@
 #                           gzip decompression costs seconds under KVM's emulator)
 #   initramfs.cpio.gz       the same, gzip-compressed
 #   rootfs.ext4             the same tree as an ext4 root disk (mkfs.ext4 -d, no mounts)
+#   rootfs-bench.ext4       rootfs.ext4's tree plus Debian's fio and iperf3 with their
+#                           shared-library closure, for bench/devices.py
 #   cmdline                 kernel arguments these images need
 #
 # Outputs are cached outside the repo, keyed by a hash of their recipe, in
@@ -25,7 +27,7 @@ die() { echo "guest-images: error: $*" >&2; exit 1; }
 need_file() { [ -e "$1" ] || die "$1 is missing (install Debian package $2: scripts/install-deps.sh)"; }
 need_file "$linux_tarball" linux-source-6.1
 need_file "$busybox" busybox-static
-for tool in make gcc flex bison bc cpio mkfs.ext4 patch sha256sum lz4 file; do
+for tool in make gcc flex bison bc cpio mkfs.ext4 debugfs patch sha256sum lz4 file ldd; do
     command -v "$tool" >/dev/null || die "$tool is missing (scripts/install-deps.sh installs it)"
 done
 file -L "$busybox" 2>/dev/null | grep -q 'statically linked' || \
@@ -33,6 +35,19 @@ file -L "$busybox" 2>/dev/null | grep -q 'statically linked' || \
     die "$busybox is not statically linked (install busybox-static, not busybox)"
 
 pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
+
+# The benchmark tools for rootfs-bench.ext4 (host binaries from Debian's amd64
+# packages) and their shared-library closure, dynamic loader included: one path a line.
+bench_tools=(/usr/bin/fio:fio /usr/bin/iperf3:iperf3)
+for entry in "${bench_tools[@]}"; do
+    need_file "${entry%%:*}" "${entry#*:}"
+    unresolved="$(ldd "${entry%%:*}" | grep 'not found' || true)"
+    [ -z "$unresolved" ] || die "${entry%%:*} needs a library that is not installed: $unresolved"
+done
+bench_files="$(for entry in "${bench_tools[@]}"; do
+    echo "${entry%%:*}"
+    ldd "${entry%%:*}" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+done | LC_ALL=C sort -u)"
 
 kernel_key="$( {
     echo "linux-source-6.1 $(pkg_version linux-source-6.1)"
@@ -45,9 +60,19 @@ rootfs_key="$( {
     cat "$here"/rootfs/*
     sed -n '/^# rootfs-recipe-begin/,/^# rootfs-recipe-end/p' "$here/build.sh"
 } | sha256sum | cut -c1-16)"
+# The bench rootfs: the rootfs above (its key), the tools' package versions, the
+# content of every file copied from the host (so a library upgrade rebuilds it),
+# and its own build steps.
+bench_key="$( {
+    echo "rootfs $rootfs_key"
+    for entry in "${bench_tools[@]}"; do echo "${entry#*:} $(pkg_version "${entry#*:}")"; done
+    echo "$bench_files" | while IFS= read -r f; do sha256sum "$f"; done
+    sed -n '/^# bench-recipe-begin/,/^# bench-recipe-end/p' "$here/build.sh"
+} | sha256sum | cut -c1-16)"
 
 kernel_dir="$cache/kernel-$kernel_key"
 rootfs_dir="$cache/rootfs-$rootfs_key"
+bench_dir="$cache/rootfs-bench-$bench_key"
 mkdir -p "$cache"
 # Leftovers of interrupted builds.
 rm -rf "$cache"/*.build
@@ -122,11 +147,49 @@ build_rootfs() {
 }
 # rootfs-recipe-end
 
+# bench-recipe-begin
+# rootfs-bench.ext4: the initramfs tree (unpacked from the cached rootfs, so it
+# is exactly rootfs.ext4's) plus fio and iperf3, each file at the path the
+# host's dynamic loader resolves it to; the guest's ld.so finds them through
+# its built-in search path and librados' RUNPATH, without an ld.so.cache.
+build_rootfs_bench() {
+    local work="$cache/rootfs-bench-$bench_key.build"
+    rm -rf "$work"
+    mkdir -p "$work/tree" "$work/out"
+    local tree="$work/tree"
+    (cd "$tree" && cpio --extract --make-directories --preserve-modification-time --quiet) \
+        < "$rootfs_dir/initramfs.cpio"
+    local f
+    while IFS= read -r f; do
+        mkdir -p "$tree$(dirname "$f")"
+        cp -L "$f" "$tree$f"
+    done <<< "$bench_files"
+    chown -R 0:0 "$tree"
+    find "$tree" -exec touch -h -d @0 {} +
+    # Reproducible: e2fsprogs 1.47.0 ignores E2FSPROGS_FAKE_TIME=0 (it takes 0
+    # for "unset"), so the fake time is 1, and `mkfs -d` copies each inode's
+    # ctime from the host, where it cannot be set: debugfs rewrites them.
+    E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L nubis-bench -U 6e756269-7300-4000-8000-000000000003 \
+        -E root_owner=0:0,hash_seed=6e756269-7300-4000-8000-000000000004 \
+        -d "$tree" "$work/out/rootfs-bench.ext4" 256M
+    (cd "$tree" && find . | LC_ALL=C sort | sed 's|^\.||; s|^$|/|' | \
+        while IFS= read -r p; do printf 'sif "%s" ctime 1\nsif "%s" atime 0\n' "$p" "$p"; done) > "$work/times.debugfs"
+    E2FSPROGS_FAKE_TIME=1 debugfs -w -f "$work/times.debugfs" "$work/out/rootfs-bench.ext4" >/dev/null 2>"$work/debugfs.err" || \
+        die "debugfs failed: $(cat "$work/debugfs.err")"
+    ! grep -v '^debugfs [0-9.]* ' "$work/debugfs.err" | grep -q . || die "debugfs: $(head -3 "$work/debugfs.err")"
+    rm -rf "$bench_dir"
+    mv "$work/out" "$bench_dir"
+    rm -rf "$work"
+}
+# bench-recipe-end
+
 if [ -f "$kernel_dir/vmlinux" ]; then log "kernel $kernel_key: cached"; else build_kernel; fi
 if [ -f "$rootfs_dir/rootfs.ext4" ]; then log "rootfs $rootfs_key: cached"; else build_rootfs; fi
+if [ -f "$bench_dir/rootfs-bench.ext4" ]; then log "rootfs-bench $bench_key: cached"; else build_rootfs_bench; fi
 
 mkdir -p "$out"
 for f in vmlinux bzImage config; do cp --reflink=auto "$kernel_dir/$f" "$out/$f"; done
 for f in initramfs.cpio initramfs.cpio.gz rootfs.ext4; do cp --reflink=auto "$rootfs_dir/$f" "$out/$f"; done
+cp --reflink=auto "$bench_dir/rootfs-bench.ext4" "$out/rootfs-bench.ext4"
 cp "$here/cmdline" "$out/cmdline"
 log "images in $out: $(cd "$out" && ls | tr '\n' ' ')"

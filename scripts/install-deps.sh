@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Nubis needs on a Debian 12 x86_64 host: the guest-image
 # build's packages (Debian's kernel source, busybox-static, a kernel
-# toolchain, e2fsprogs) and checks for the Rust toolchain. Idempotent: it
+# toolchain, e2fsprogs; fio and iperf3 for the benchmark rootfs and the
+# host side of bench/devices.py) and checks for the Rust toolchain. Idempotent: it
 # calls apt only when a package is missing.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ packages=(
     linux-source-6.1 busybox-static
     build-essential bc flex bison libelf-dev libssl-dev
     e2fsprogs cpio lz4 xz-utils file python3
+    fio iperf3 iproute2
 )
 
 missing=()
