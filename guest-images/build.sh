@@ -116,6 +116,22 @@ build_kernel() {
 # kernel-recipe-end
 
 # rootfs-recipe-begin
+# make_ext4 TREE IMAGE LABEL UUID HASH_SEED SIZE WORK: an ext4 image of TREE
+# that is the same bytes on every build. e2fsprogs 1.47.0 ignores
+# E2FSPROGS_FAKE_TIME=0 (it takes 0 for "unset"), so the fake time is 1, and
+# `mkfs -d` copies each inode's ctime from the host, where it cannot be set:
+# debugfs rewrites them.
+make_ext4() {
+    local tree="$1" image="$2" label="$3" uuid="$4" seed="$5" size="$6" work="$7"
+    E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L "$label" -U "$uuid" \
+        -E root_owner=0:0,hash_seed="$seed" -d "$tree" "$image" "$size"
+    (cd "$tree" && find . | LC_ALL=C sort | sed 's|^\.||; s|^$|/|' | \
+        while IFS= read -r p; do printf 'sif "%s" ctime 1\nsif "%s" atime 0\n' "$p" "$p"; done) > "$work/times.debugfs"
+    E2FSPROGS_FAKE_TIME=1 debugfs -w -f "$work/times.debugfs" "$image" >/dev/null 2>"$work/debugfs.err" || \
+        die "debugfs failed: $(cat "$work/debugfs.err")"
+    ! grep -v '^debugfs [0-9.]* ' "$work/debugfs.err" | grep -q . || die "debugfs: $(head -3 "$work/debugfs.err")"
+}
+
 build_rootfs() {
     local work="$cache/rootfs-$rootfs_key.build"
     rm -rf "$work"
@@ -138,9 +154,8 @@ build_rootfs() {
     (cd "$tree" && find . -print0 | LC_ALL=C sort -z | \
         cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) > "$work/out/initramfs.cpio"
     gzip -9 -n -c "$work/out/initramfs.cpio" > "$work/out/initramfs.cpio.gz"
-    E2FSPROGS_FAKE_TIME=0 mkfs.ext4 -q -F -L nubis-root -U 6e756269-7300-4000-8000-000000000001 \
-        -E root_owner=0:0,hash_seed=6e756269-7300-4000-8000-000000000002 \
-        -d "$tree" "$work/out/rootfs.ext4" 64M
+    make_ext4 "$tree" "$work/out/rootfs.ext4" nubis-root 6e756269-7300-4000-8000-000000000001 \
+        6e756269-7300-4000-8000-000000000002 64M "$work"
     rm -rf "$rootfs_dir"
     mv "$work/out" "$rootfs_dir"
     rm -rf "$work"
@@ -166,17 +181,8 @@ build_rootfs_bench() {
     done <<< "$bench_files"
     chown -R 0:0 "$tree"
     find "$tree" -exec touch -h -d @0 {} +
-    # Reproducible: e2fsprogs 1.47.0 ignores E2FSPROGS_FAKE_TIME=0 (it takes 0
-    # for "unset"), so the fake time is 1, and `mkfs -d` copies each inode's
-    # ctime from the host, where it cannot be set: debugfs rewrites them.
-    E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L nubis-bench -U 6e756269-7300-4000-8000-000000000003 \
-        -E root_owner=0:0,hash_seed=6e756269-7300-4000-8000-000000000004 \
-        -d "$tree" "$work/out/rootfs-bench.ext4" 256M
-    (cd "$tree" && find . | LC_ALL=C sort | sed 's|^\.||; s|^$|/|' | \
-        while IFS= read -r p; do printf 'sif "%s" ctime 1\nsif "%s" atime 0\n' "$p" "$p"; done) > "$work/times.debugfs"
-    E2FSPROGS_FAKE_TIME=1 debugfs -w -f "$work/times.debugfs" "$work/out/rootfs-bench.ext4" >/dev/null 2>"$work/debugfs.err" || \
-        die "debugfs failed: $(cat "$work/debugfs.err")"
-    ! grep -v '^debugfs [0-9.]* ' "$work/debugfs.err" | grep -q . || die "debugfs: $(head -3 "$work/debugfs.err")"
+    make_ext4 "$tree" "$work/out/rootfs-bench.ext4" nubis-bench 6e756269-7300-4000-8000-000000000003 \
+        6e756269-7300-4000-8000-000000000004 256M "$work"
     rm -rf "$bench_dir"
     mv "$work/out" "$bench_dir"
     rm -rf "$work"
