@@ -54,10 +54,10 @@ fn timed(key: &str, command: &str) -> String {
 }
 
 /// Two disks (read-only root, ext4 data) and a NIC on one VM: the guest and
-/// the host ping each other, the guest downloads 2 MiB from the host, stores
+/// the host ping each other, the guest downloads 3 MiB from the host, stores
 /// it on the data disk and uploads it back; after a clean stop the host
-/// reads the files back from the image. (Receiving 2 MiB costs the emulated
-/// guest kernel ~30 s on nested kvm_pvm hosts; see the README.)
+/// reads the files back from the image. (Receiving 3 MiB costs the emulated
+/// guest kernel ~40 s on nested kvm_pvm hosts; see the README.)
 #[test]
 fn network_and_two_disks_transfer_intact_data() {
     require_kvm();
@@ -67,7 +67,7 @@ fn network_and_two_disks_transfer_intact_data() {
     let mkfs = run("mkfs.ext4", &["-q", "-F", data.to_str().unwrap(), "32M"]);
     assert!(mkfs.status.success(), "mkfs.ext4 failed");
     let tap = HostTap::create(&interface_name("nbna"), "172.31.1.1/24");
-    let blob = test_blob(2 * MIB, 0x6e75_6269);
+    let blob = test_blob(3 * MIB, 0x6e75_6269);
     let server = HttpServer::start(SocketAddr::from(([172, 31, 1, 1], 8080)), blob.clone());
 
     let url = "http://172.31.1.1:8080";
@@ -120,7 +120,7 @@ fn network_and_two_disks_transfer_intact_data() {
         "{}",
         outcome.stderr
     );
-    // Host -> guest -> disk -> guest -> host: the same 2 MiB came back.
+    // Host -> guest -> disk -> guest -> host: the same 3 MiB came back.
     let uploads = server.uploads.lock().unwrap().clone();
     assert_eq!(uploads.len(), 1, "one upload expected");
     assert!(
