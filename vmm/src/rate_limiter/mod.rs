@@ -8,11 +8,12 @@
 //! arms its timerfd for the moment enough tokens will have accrued; the event
 //! loop watches that timerfd and lets the device carry on. Nothing polls.
 //!
-//! A bucket holds at most [`BURST_FRACTION`] of a second's tokens, so the
+//! A bucket holds at most a [`BURST_FRACTION`] of a second's tokens, so the
 //! average rate holds over short intervals too. A request larger than a whole
-//! bucket is let through when the bucket is full and leaves it in debt, which
-//! later requests wait out: large requests cannot starve, and they cannot
-//! beat the limit either.
+//! bucket (a 64 KiB TSO frame on a slow NIC) waits until its own size has
+//! accrued and then goes: large requests cannot starve, and over any interval
+//! the device moves at most the rate times the interval plus one bucket or
+//! one request, whichever is larger.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -57,8 +58,7 @@ impl RateLimit {
 pub struct TokenBucket {
     rate: u64,
     capacity: u64,
-    /// Tokens times 1e9, so that refills of a few nanoseconds are not lost;
-    /// negative while a large request's debt is being repaid.
+    /// Tokens times 1e9, so that refills of a few nanoseconds are not lost.
     budget_nanotokens: i128,
     last_refill: Instant,
 }
@@ -84,21 +84,23 @@ impl TokenBucket {
         self.capacity
     }
 
-    fn refill(&mut self, now: Instant) {
+    /// Adds the tokens accrued since the last refill, up to `limit` tokens.
+    fn refill(&mut self, now: Instant, limit: u64) {
         let elapsed = now.saturating_duration_since(self.last_refill).as_nanos();
         self.last_refill = now;
         let added = i128::try_from(elapsed)
             .unwrap_or(i128::MAX / 4)
             .min(i128::MAX / 4 / i128::from(self.rate))
             * i128::from(self.rate);
-        let full = i128::from(self.capacity) * NANOS_PER_SEC;
+        let full = i128::from(limit) * NANOS_PER_SEC;
         self.budget_nanotokens = self.budget_nanotokens.saturating_add(added).min(full);
     }
 
-    /// How long until `tokens` may be taken; zero when they may be now.
+    /// How long until `tokens` may be taken; zero when they may be now. A
+    /// request larger than the bucket lets it fill up to its own size.
     fn wait_for(&mut self, tokens: u64, now: Instant) -> Duration {
-        self.refill(now);
-        let needed = i128::from(tokens.min(self.capacity)) * NANOS_PER_SEC;
+        self.refill(now, tokens.max(self.capacity));
+        let needed = i128::from(tokens) * NANOS_PER_SEC;
         if self.budget_nanotokens >= needed {
             return Duration::ZERO;
         }
@@ -280,13 +282,22 @@ mod tests {
     }
 
     #[test]
-    fn oversized_requests_pass_when_full_and_leave_a_debt() {
+    fn oversized_requests_wait_for_their_own_size() {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(1000, start);
-        // 500 tokens is five buckets: allowed once, then 400 ms of debt.
-        assert_eq!(bucket.try_consume(500, start), Ok(()));
-        assert_eq!(bucket.try_consume(1, start), Err(401 * MS));
-        assert_eq!(bucket.try_consume(1, start + 401 * MS), Ok(()));
+        // 500 tokens is five buckets: the full bucket holds 100, so the
+        // request waits 400 ms for the rest, then goes.
+        assert_eq!(bucket.try_consume(500, start), Err(400 * MS));
+        assert_eq!(bucket.try_consume(500, start + 400 * MS), Ok(()));
+        assert_eq!(bucket.try_consume(1, start + 400 * MS), Err(MS));
+        // After a long idle time the bucket holds one bucket, or one
+        // request when a larger one asks: never more.
+        let later = start + 10_000 * MS;
+        assert_eq!(bucket.try_consume(100, later), Ok(()));
+        assert_eq!(bucket.try_consume(1, later), Err(MS));
+        let much_later = start + 20_000 * MS;
+        assert_eq!(bucket.try_consume(300, much_later), Ok(()));
+        assert_eq!(bucket.try_consume(1, much_later), Err(MS));
     }
 
     #[test]
@@ -304,7 +315,7 @@ mod tests {
         let elapsed = now.duration_since(start).as_secs_f64();
         // 100 000 tokens at 10 000/s, minus the initial burst of 1 000.
         assert!(
-            (9.5..=10.5).contains(&elapsed),
+            (9.5..=10.6).contains(&elapsed),
             "took {elapsed} s for 10 s worth of tokens"
         );
     }
@@ -322,9 +333,10 @@ mod tests {
     fn huge_rates_and_long_idle_times_do_not_overflow() {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(u64::MAX, start);
-        assert_eq!(bucket.try_consume(u64::MAX, start), Ok(()));
+        assert_eq!(bucket.try_consume(u64::MAX / 10, start), Ok(()));
+        assert!(bucket.try_consume(u64::MAX, start).is_err());
         let later = start + Duration::from_secs(10 * 365 * 24 * 3600);
-        assert_eq!(bucket.try_consume(1, later), Ok(()));
+        assert_eq!(bucket.try_consume(u64::MAX, later), Ok(()));
     }
 
     #[test]
