@@ -6,6 +6,7 @@
 //! Every KVM test calls [`require_kvm`] first: without `/dev/kvm` or root the
 //! test fails with a message saying so. It never skips silently.
 
+pub mod agent;
 pub mod guest;
 pub mod net;
 pub mod vm;

@@ -1,0 +1,20 @@
+//! The Nubis host agent's REST API: request and response bodies, shared by
+//! the agent (`nubis-agent`), its CLI (`nubisctl`) and the tests, so that a
+//! field cannot mean one thing on one side and another on the other.
+//!
+//! Everything is versioned under `/v1`. The OpenAPI document is generated
+//! from these types and the agent's handlers (`nubis-agent --openapi`) and
+//! checked in as `api/openapi.json`.
+
+pub mod error;
+pub mod image;
+pub mod tenant;
+pub mod vm;
+
+pub use error::{ApiError, ErrorCode};
+pub use image::{Image, ImageCreate};
+pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
+pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState};
+
+/// The API version prefix.
+pub const API_PREFIX: &str = "/v1";

@@ -1,0 +1,182 @@
+//! microVMs: what a tenant asks for, and what the agent reports.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A rate limit: bytes and operations (requests or frames) per second; an
+/// absent rate is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_per_s: Option<u64>,
+}
+
+/// An extra data disk, created empty (sparse) for the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmDisk {
+    pub size_mib: u64,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+}
+
+/// A NIC on the tenant's bridge; MAC and address are assigned by the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNic {
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// Assigned by the agent; ignored in requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Assigned by the agent (CIDR); ignored in requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The host tap device; ignored in requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// 1 to 63 characters: lower-case letters, digits and '-'.
+    pub name: String,
+    /// Image id or name.
+    pub image: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Appended to the image's kernel command line.
+    #[serde(default)]
+    pub kernel_args: String,
+    #[serde(default)]
+    pub root_rate_limit: RateLimit,
+    #[serde(default)]
+    pub disks: Vec<VmDisk>,
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    128
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Defined, never started or stopped since.
+    Stopped,
+    /// The VMM process is starting.
+    Starting,
+    Running,
+    Paused,
+    /// A graceful stop is in progress.
+    Stopping,
+    /// The VMM exited with an error or the guest crashed; `last_exit` says why.
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Stopped,
+            Self::Starting,
+            Self::Running,
+            Self::Paused,
+            Self::Stopping,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
+    }
+
+    /// Whether a VMM process exists in this state.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Paused | Self::Stopping
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub image_id: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel_args: String,
+    pub root_rate_limit: RateLimit,
+    pub disks: Vec<VmDisk>,
+    pub nics: Vec<VmNic>,
+    /// The VMM's process id while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Why the VMM last exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    pub created_at: u64,
+}
+
+/// One entry of a VM's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmEvent {
+    pub at: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_defaults_and_strictness() {
+        let vm: VmCreate = serde_json::from_str(r#"{"name":"web-1","image":"debian"}"#).unwrap();
+        assert_eq!((vm.vcpus, vm.memory_mib), (1, 128));
+        assert!(vm.disks.is_empty() && vm.nics.is_empty());
+        assert!(serde_json::from_str::<VmCreate>(r#"{"name":"a","image":"b","cpus":2}"#).is_err());
+    }
+
+    #[test]
+    fn states_round_trip_as_text() {
+        for state in [
+            VmState::Stopped,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Paused,
+            VmState::Stopping,
+            VmState::Failed,
+        ] {
+            assert_eq!(VmState::parse(state.as_str()), Some(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        assert_eq!(VmState::parse("zombie"), None);
+    }
+}

@@ -1,0 +1,154 @@
+//! The agent's configuration: flags, and an optional JSON file for the rest.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors in assembling the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no operator token: set NUBIS_OPERATOR_TOKEN or operator_token_file in the config")]
+    NoOperatorToken,
+    #[error("cannot read the operator token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the operator token must be at least 16 characters")]
+    WeakOperatorToken,
+}
+
+/// The config file (`--config`): everything optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// File holding the operator token (one line).
+    pub operator_token_file: Option<PathBuf>,
+    /// The `nubis-vmm` binary; by default the one next to `nubis-agent`.
+    pub vmm_binary: Option<PathBuf>,
+    /// Seconds a graceful stop waits for the guest before forcing it.
+    pub stop_timeout_s: Option<u64>,
+    /// Directories tenants may register image files from; by default only
+    /// `DATA_DIR/images`. A path elsewhere (say /etc/shadow as a "root
+    /// disk") is refused.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// The settings the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub operator_token: String,
+    pub vmm_binary: PathBuf,
+    pub stop_timeout_s: u64,
+    pub image_dirs: Vec<PathBuf>,
+}
+
+impl AgentConfig {
+    /// From the data directory, the config file and the environment's
+    /// `NUBIS_OPERATOR_TOKEN` (which wins over the file).
+    pub fn assemble(
+        data_dir: PathBuf,
+        file: ConfigFile,
+        env_token: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let operator_token = match (env_token, &file.operator_token_file) {
+            (Some(token), _) => token,
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_string(),
+            (None, None) => return Err(ConfigError::NoOperatorToken),
+        };
+        if operator_token.trim().len() < 16 {
+            return Err(ConfigError::WeakOperatorToken);
+        }
+        let vmm_binary = file.vmm_binary.unwrap_or_else(default_vmm_binary);
+        let mut image_dirs = vec![data_dir.join("images")];
+        image_dirs.extend(file.image_dirs);
+        Ok(Self {
+            data_dir,
+            operator_token,
+            vmm_binary,
+            stop_timeout_s: file.stop_timeout_s.unwrap_or(30),
+            image_dirs,
+        })
+    }
+}
+
+/// `nubis-vmm` next to this executable.
+fn default_vmm_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("nubis-vmm")))
+        .unwrap_or_else(|| PathBuf::from("nubis-vmm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operator_token_comes_from_the_environment_or_a_file() {
+        let dir = std::env::temp_dir().join(format!("nubis-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = ConfigFile::default();
+        assert!(matches!(
+            AgentConfig::assemble(dir.clone(), file, None),
+            Err(ConfigError::NoOperatorToken)
+        ));
+        let config = AgentConfig::assemble(
+            dir.clone(),
+            ConfigFile::default(),
+            Some("0123456789abcdef".into()),
+        )
+        .unwrap();
+        assert_eq!(config.operator_token, "0123456789abcdef");
+        assert!(matches!(
+            AgentConfig::assemble(dir.clone(), ConfigFile::default(), Some("short".into())),
+            Err(ConfigError::WeakOperatorToken)
+        ));
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "from-a-file-0123456789\n").unwrap();
+        let file = ConfigFile {
+            operator_token_file: Some(token_file),
+            ..ConfigFile::default()
+        };
+        let config = AgentConfig::assemble(dir.clone(), file, None).unwrap();
+        assert_eq!(config.operator_token, "from-a-file-0123456789");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn unknown_config_fields_are_refused() {
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"operator_token":"x"}"#).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"stop_timeout_s":5}"#).is_ok());
+    }
+}

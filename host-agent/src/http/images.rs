@@ -1,0 +1,131 @@
+//! `/v1/images`: a tenant's guest images, registered by host path.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use nubis_api::{ApiError, ErrorCode, Image, ImageCreate};
+
+use super::{AppState, Body, Caller, HttpError, Result};
+use crate::validate;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/images", get(list).post(create))
+        .route("/v1/images/{id}", get(show).delete(remove))
+}
+
+fn unprocessable(field: &str, message: String) -> HttpError {
+    HttpError(ApiError {
+        error: nubis_api::error::ErrorBody {
+            code: ErrorCode::Unprocessable,
+            message,
+            field: Some(field.to_string()),
+        },
+    })
+}
+
+/// The file at `path` must be a regular file inside one of the image
+/// directories (after resolving symlinks); its resolved path and size.
+fn regular_file(state: &AppState, field: &str, path: &str) -> Result<(String, u64)> {
+    validate::absolute_path(field, path)?;
+    let resolved = std::fs::canonicalize(path)
+        .map_err(|err| unprocessable(field, format!("cannot use {path}: {err}")))?;
+    let allowed = state
+        .image_dirs
+        .iter()
+        .any(|dir| std::fs::canonicalize(dir).is_ok_and(|dir| resolved.starts_with(dir)));
+    if !allowed {
+        return Err(HttpError(ApiError {
+            error: nubis_api::error::ErrorBody {
+                code: ErrorCode::InvalidInput,
+                message: format!("{path} is outside the agent's image directories"),
+                field: Some(field.to_string()),
+            },
+        }));
+    }
+    match std::fs::metadata(&resolved) {
+        Ok(meta) if meta.is_file() => Ok((resolved.display().to_string(), meta.len())),
+        Ok(_) => Err(unprocessable(
+            field,
+            format!("{path} is not a regular file"),
+        )),
+        Err(err) => Err(unprocessable(field, format!("cannot use {path}: {err}"))),
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(mut request): Body<ImageCreate>,
+) -> Result<(StatusCode, Json<Image>)> {
+    let tenant = caller.tenant()?;
+    validate::name("name", &request.name, true)?;
+    validate::kernel_args("cmdline", &request.cmdline)?;
+    // The resolved paths are stored: a symlink changed later does not
+    // redirect the image.
+    request.kernel = regular_file(&state, "kernel", &request.kernel)?.0;
+    let (rootfs, rootfs_bytes) = regular_file(&state, "rootfs", &request.rootfs)?;
+    request.rootfs = rootfs;
+    if rootfs_bytes < 512 {
+        return Err(
+            ApiError::invalid("rootfs", "a root disk image holds at least one sector").into(),
+        );
+    }
+    if let Some(initrd) = &request.initrd {
+        request.initrd = Some(regular_file(&state, "initrd", initrd)?.0);
+    }
+    let image = state.store.create_image(tenant, &request, rootfs_bytes)?;
+    tracing::info!(tenant, image = %image.id, "image registered");
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Image>>> {
+    let images = match caller.scope() {
+        Some(tenant) => state.store.list_images(tenant)?,
+        None => {
+            let mut all = Vec::new();
+            for tenant in state.store.list_tenants()? {
+                all.extend(state.store.list_images(&tenant.id)?);
+            }
+            all
+        }
+    };
+    Ok(Json(images))
+}
+
+/// The caller's image `id` (any tenant's for the operator).
+pub fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Image> {
+    let found = match caller.scope() {
+        Some(tenant) => state.store.get_image(tenant, id)?,
+        None => {
+            let mut found = None;
+            for tenant in state.store.list_tenants()? {
+                if let Some(image) = state.store.get_image(&tenant.id, id)? {
+                    found = Some(image);
+                    break;
+                }
+            }
+            found
+        }
+    };
+    found.ok_or_else(|| HttpError::not_found("image", id))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Image>> {
+    Ok(Json(find(&state, &caller, &id)?))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let image = find(&state, &caller, &id)?;
+    state.store.delete_image(&image.tenant_id, &image.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,357 @@
+//! `/v1/vms`: a tenant's microVMs, their lifecycle, console and events.
+
+use axum::body::Body as ResponseBody;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
+use serde::Deserialize;
+
+use super::{images, AppState, Body, Caller, HttpError, Result};
+use crate::store::NewVm;
+use crate::supervisor::read_console;
+use crate::validate;
+
+/// Largest vCPU count and memory a VM may ask for here (the VMM checks
+/// against the host again).
+const MAX_VCPUS: u32 = 254;
+const MIN_MEMORY_MIB: u64 = 32;
+const MAX_DATA_DISKS: usize = 8;
+const MAX_DISK_MIB: u64 = 1 << 24;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{id}", get(show).delete(remove))
+        .route("/v1/vms/{id}/start", post(start))
+        .route("/v1/vms/{id}/stop", post(stop))
+        .route("/v1/vms/{id}/force-stop", post(force_stop))
+        .route("/v1/vms/{id}/reboot", post(reboot))
+        .route("/v1/vms/{id}/pause", post(pause))
+        .route("/v1/vms/{id}/resume", post(resume))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/vms/{id}/events", get(events))
+}
+
+fn check_rate(field: &str, limit: &nubis_api::RateLimit) -> Result<()> {
+    if limit.bytes_per_s == Some(0) || limit.ops_per_s == Some(0) {
+        return Err(
+            ApiError::invalid(field, "a rate of 0 would stop the device: leave it out").into(),
+        );
+    }
+    Ok(())
+}
+
+fn check(request: &VmCreate) -> Result<()> {
+    validate::name("name", &request.name, false)?;
+    validate::kernel_args("kernel_args", &request.kernel_args)?;
+    if !(1..=MAX_VCPUS).contains(&request.vcpus) {
+        return Err(ApiError::invalid("vcpus", format!("must be 1 to {MAX_VCPUS}")).into());
+    }
+    if request.memory_mib < MIN_MEMORY_MIB {
+        return Err(
+            ApiError::invalid("memory_mib", format!("must be at least {MIN_MEMORY_MIB}")).into(),
+        );
+    }
+    if request.disks.len() > MAX_DATA_DISKS {
+        return Err(
+            ApiError::invalid("disks", format!("at most {MAX_DATA_DISKS} data disks")).into(),
+        );
+    }
+    check_rate("root_rate_limit", &request.root_rate_limit)?;
+    for (index, disk) in request.disks.iter().enumerate() {
+        if !(1..=MAX_DISK_MIB).contains(&disk.size_mib) {
+            return Err(ApiError::invalid(
+                &format!("disks[{index}].size_mib"),
+                format!("must be 1 to {MAX_DISK_MIB}"),
+            )
+            .into());
+        }
+        check_rate(&format!("disks[{index}].rate_limit"), &disk.rate_limit)?;
+    }
+    if !request.nics.is_empty() {
+        return Err(ApiError::invalid(
+            "nics",
+            "NICs on tenant bridges are not available yet on this agent",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(request): Body<VmCreate>,
+) -> Result<(StatusCode, Json<Vm>)> {
+    let tenant_id = caller.tenant()?.to_string();
+    check(&request)?;
+    let image = images::find(&state, &caller, &request.image).map_err(|_| {
+        HttpError(ApiError::invalid(
+            "image",
+            format!("no image '{}'", request.image),
+        ))
+    })?;
+    let tenant = state
+        .store
+        .get_tenant(&tenant_id)?
+        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?;
+    let vm = state.store.create_vm(
+        &NewVm {
+            tenant_id,
+            name: request.name,
+            image_id: image.id,
+            vcpus: request.vcpus,
+            memory_mib: request.memory_mib,
+            kernel_args: request.kernel_args,
+            root_rate_limit: request.root_rate_limit,
+            disks: request.disks,
+            nics: request.nics,
+        },
+        tenant.quota,
+    )?;
+    state.store.add_event(&vm.id, "created", "VM defined")?;
+    tracing::info!(vm = %vm.id, tenant = %vm.tenant_id, "VM created");
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    name: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<Vm>>> {
+    let wanted = match &query.state {
+        Some(text) => Some(VmState::parse(text).ok_or_else(|| {
+            HttpError(ApiError::invalid(
+                "state",
+                format!("unknown state '{text}'"),
+            ))
+        })?),
+        None => None,
+    };
+    let mut vms = state.store.list_vms(caller.scope(), wanted)?;
+    if let Some(name) = &query.name {
+        vms.retain(|vm| &vm.name == name);
+    }
+    Ok(Json(vms))
+}
+
+/// The caller's VM `id` (id or name; any tenant's, by id, for the operator).
+fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Vm> {
+    state
+        .store
+        .get_vm(caller.scope(), id)?
+        .ok_or_else(|| HttpError::not_found("VM", id))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    Ok(Json(find(&state, &caller, &id)?))
+}
+
+/// Runs `action` on the VM under its lock, with a fresh copy of it, and
+/// returns the VM as it is afterwards.
+async fn act<F, Fut>(state: &AppState, caller: &Caller, id: &str, action: F) -> Result<Json<Vm>>
+where
+    F: FnOnce(AppState, Vm) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let vm = find(state, caller, id)?;
+    let _guard = state.supervisor.lock(&vm.id).await;
+    let vm = find(state, caller, &vm.id)?;
+    let vm_id = vm.id.clone();
+    action(state.clone(), vm).await?;
+    Ok(Json(find(state, caller, &vm_id)?))
+}
+
+async fn start(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        let image = state
+            .store
+            .get_image(&vm.tenant_id, &vm.image_id)?
+            .ok_or_else(|| HttpError::new(ErrorCode::Unprocessable, "the VM's image is gone"))?;
+        state.supervisor.start(&vm, &image).await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        Ok(state.supervisor.stop(&vm, false).await?)
+    })
+    .await
+}
+
+async fn force_stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        Ok(state.supervisor.stop(&vm, true).await?)
+    })
+    .await
+}
+
+async fn reboot(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        state.supervisor.stop(&vm, false).await?;
+        let image = state
+            .store
+            .get_image(&vm.tenant_id, &vm.image_id)?
+            .ok_or_else(|| HttpError::new(ErrorCode::Unprocessable, "the VM's image is gone"))?;
+        let stopped = state
+            .store
+            .get_vm(None, &vm.id)?
+            .ok_or_else(|| HttpError::not_found("VM", &vm.id))?;
+        state.supervisor.start(&stopped, &image).await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        Ok(state.supervisor.pause(&vm, true).await?)
+    })
+    .await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>> {
+    act(&state, &caller, &id, |state, vm| async move {
+        Ok(state.supervisor.pause(&vm, false).await?)
+    })
+    .await
+}
+
+/// Deletes a VM, stopping it at once first if it runs.
+async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+    let vm = find(&state, &caller, &id)?;
+    let _guard = state.supervisor.lock(&vm.id).await;
+    let vm = find(&state, &caller, &vm.id)?;
+    if vm.state.has_process() {
+        state.supervisor.stop(&vm, true).await?;
+    }
+    state.supervisor.remove_files(&vm)?;
+    state.store.delete_vm(&vm.id)?;
+    tracing::info!(vm = %vm.id, "VM deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    follow: bool,
+}
+
+const CONSOLE_CHUNK: usize = 256 * 1024;
+
+/// The serial console log: `offset` resumes a read (the next offset is in
+/// `X-Console-Offset`); `follow=true` streams new output until the VM stops.
+async fn console(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<ConsoleQuery>,
+) -> Result<Response> {
+    let vm = find(&state, &caller, &id)?;
+    let path = state.supervisor.console_path(&vm.id);
+    if !query.follow {
+        let (data, next) = read_console(&path, query.offset, CONSOLE_CHUNK).map_err(|err| {
+            HttpError::new(
+                ErrorCode::Internal,
+                format!("cannot read the console log: {err}"),
+            )
+        })?;
+        return Ok((
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8".to_string(),
+                ),
+                (
+                    header::HeaderName::from_static("x-console-offset"),
+                    next.to_string(),
+                ),
+            ],
+            data,
+        )
+            .into_response());
+    }
+    let store = state.store.clone();
+    let stream = futures_util::stream::unfold((query.offset, false), move |(offset, done)| {
+        let (path, store, vm_id) = (path.clone(), store.clone(), vm.id.clone());
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let (data, next) = match read_console(&path, offset, CONSOLE_CHUNK) {
+                    Ok(read) => read,
+                    Err(err) => return Some((Err(err), (offset, true))),
+                };
+                if !data.is_empty() {
+                    return Some((Ok::<_, std::io::Error>(data), (next, false)));
+                }
+                let running = matches!(
+                    store.get_vm(None, &vm_id),
+                    Ok(Some(vm)) if vm.state.has_process()
+                );
+                if !running {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        ResponseBody::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<VmEvent>>> {
+    let vm = find(&state, &caller, &id)?;
+    Ok(Json(state.store.events(&vm.id)?))
+}

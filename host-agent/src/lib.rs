@@ -1,0 +1,14 @@
+//! Nubis host agent: the daemon that makes a host part of a cloud. It keeps
+//! tenants, images and VMs in SQLite (`store`), authenticates every request
+//! (`auth`), serves the REST API (`http`, one file per resource), and runs
+//! each VM as its own `nubis-vmm` process that it supervises, adopts again
+//! after its own restart, and drives through the VMM's control socket
+//! (`supervisor`).
+
+pub mod auth;
+pub mod config;
+pub mod disks;
+pub mod http;
+pub mod store;
+pub mod supervisor;
+pub mod validate;

@@ -1,0 +1,118 @@
+//! `nubis-agent`: the host daemon. Serves the REST API and supervises one
+//! `nubis-vmm` per VM. Stopping the agent leaves the VMs running; the next
+//! agent adopts them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use nubis_agent::auth::OperatorToken;
+use nubis_agent::config::{AgentConfig, ConfigFile};
+use nubis_agent::http::{router, AppState};
+use nubis_agent::store::Store;
+use nubis_agent::supervisor::Supervisor;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nubis-agent",
+    version,
+    about = "Nubis host agent: microVMs for tenants over a REST API"
+)]
+struct Cli {
+    /// Address and port to serve the API on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// Directory for the database and the VMs' files.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// JSON config file (operator_token_file, vmm_binary, stop_timeout_s, image_dirs).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("nubis-agent: error: {message}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NUBIS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = match &cli.config {
+        Some(path) => match ConfigFile::load(path) {
+            Ok(file) => file,
+            Err(err) => return fail(err),
+        },
+        None => ConfigFile::default(),
+    };
+    let env_token = std::env::var("NUBIS_OPERATOR_TOKEN").ok();
+    let config = match AgentConfig::assemble(cli.data_dir.clone(), file, env_token) {
+        Ok(config) => config,
+        Err(err) => return fail(err),
+    };
+    for dir in [
+        config.data_dir.clone(),
+        config.data_dir.join("vms"),
+        config.data_dir.join("images"),
+    ] {
+        if let Err(err) = std::fs::create_dir_all(&dir) {
+            return fail(format!("cannot create {}: {err}", dir.display()));
+        }
+    }
+    let store = match Store::open(&config.data_dir.join("agent.db")) {
+        Ok(store) => Arc::new(store),
+        Err(err) => return fail(err),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(format!("cannot start the async runtime: {err}")),
+    };
+    match runtime.block_on(serve(cli.listen, config, store)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(message),
+    }
+}
+
+async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Result<(), String> {
+    let operator = Arc::new(OperatorToken::new(&config.operator_token));
+    let image_dirs = Arc::new(config.image_dirs.clone());
+    let supervisor = Supervisor::new(store.clone(), config);
+    supervisor
+        .adopt_all()
+        .await
+        .map_err(|err| format!("cannot reconcile the VMs: {err}"))?;
+    let app = router(AppState {
+        store,
+        supervisor,
+        operator,
+        image_dirs,
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+    tracing::info!("nubis-agent listening on {listen}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(signal) => signal,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down; the VMs keep running");
+        })
+        .await
+        .map_err(|err| format!("the API server failed: {err}"))
+}

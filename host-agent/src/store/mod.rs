@@ -1,0 +1,252 @@
+//! The agent's state in an embedded SQLite database (`DATA_DIR/agent.db`):
+//! tenants, hashed tokens, images, VMs and their event logs.
+//!
+//! The schema is migrated forward at open, one numbered step at a time,
+//! recorded in `PRAGMA user_version`: an older agent's database opens in a
+//! newer agent, and a newer one is refused rather than misread. One
+//! connection behind a mutex: every operation is a short statement, and
+//! SQLite serializes writers anyway.
+
+mod images;
+mod tenants;
+mod vms;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+pub use vms::{NewVm, Usage};
+
+/// The schema, one migration per entry; entry N brings the database from
+/// version N to N + 1.
+const MIGRATIONS: &[&str] = &[
+    // 1: tenants, tokens, images, VMs, events.
+    "CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        max_vcpus INTEGER NOT NULL,
+        max_memory_mib INTEGER NOT NULL,
+        max_vms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+        hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        rootfs TEXT NOT NULL,
+        initrd TEXT,
+        cmdline TEXT NOT NULL,
+        rootfs_bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (tenant_id, name)
+     );
+     CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL,
+        image_id TEXT NOT NULL REFERENCES images(id),
+        state TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        kernel_args TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        pid INTEGER,
+        last_exit TEXT,
+        created_at INTEGER NOT NULL,
+        UNIQUE (tenant_id, name)
+     );
+     CREATE TABLE vm_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+     );
+     CREATE INDEX vm_events_by_vm ON vm_events (vm_id, seq);",
+];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("the database is at schema version {found}; this agent knows up to {known}")]
+    TooNew { found: u32, known: u32 },
+    #[error("database migration to version {version} failed: {source}")]
+    Migration {
+        version: u32,
+        source: rusqlite::Error,
+    },
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    Quota(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// The database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::init(conn)
+    }
+
+    /// A private database in memory, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The schema version.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))?)
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let found: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as u32 + 1;
+        let step = || -> rusqlite::Result<()> {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()
+        };
+        step().map_err(|source| StoreError::Migration { version, source })?;
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or_default()
+}
+
+/// A new random id: `prefix` and 16 hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", random_hex(8))
+}
+
+/// `bytes` random bytes from the kernel, as hex.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got > 0 {
+            filled += got as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // getrandom does not fail on Linux >= 3.17 once the pool is
+            // ready; if it does, the ids are no longer unpredictable but
+            // stay unique through the clock.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or_default();
+            for (i, byte) in rest.iter_mut().enumerate() {
+                *byte = (nanos >> ((i % 16) * 8)) as u8;
+            }
+            break;
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Maps a UNIQUE-constraint failure to [`StoreError::Exists`].
+fn exists_or(err: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    match err {
+        rusqlite::Error::SqliteFailure(code, _)
+            if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Exists(what())
+        }
+        other => StoreError::Sql(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_database_is_at_the_latest_version_and_reopens() {
+        let dir = std::env::temp_dir().join(format!("nubis-store-{}", random_hex(4)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.db");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        drop(store);
+        // A database from a newer agent is refused, not misread.
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn ids_are_prefixed_and_distinct() {
+        let a = new_id("vm");
+        let b = new_id("vm");
+        assert!(a.starts_with("vm-") && a.len() == 19, "{a}");
+        assert_ne!(a, b);
+    }
+}

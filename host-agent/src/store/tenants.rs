@@ -1,0 +1,201 @@
+//! Tenants and their API tokens. A token is 256 random bits shown once;
+//! only its SHA-256 is stored, so a leaked database leaks no credential.
+
+use nubis_api::{Quota, Tenant, TokenCreated, TokenInfo};
+use rusqlite::{params, OptionalExtension, Row};
+use sha2::{Digest, Sha256};
+
+use super::{exists_or, new_id, now, random_hex, Store, StoreError};
+
+/// The stored form of a token.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn tenant_from_row(row: &Row) -> rusqlite::Result<Tenant> {
+    Ok(Tenant {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        quota: Quota {
+            max_vcpus: row.get(2)?,
+            max_memory_mib: row.get(3)?,
+            max_vms: row.get(4)?,
+        },
+        created_at: row.get(5)?,
+    })
+}
+
+const TENANT_COLUMNS: &str = "id, name, max_vcpus, max_memory_mib, max_vms, created_at";
+
+impl Store {
+    pub fn create_tenant(&self, name: &str, quota: Quota) -> Result<Tenant, StoreError> {
+        let tenant = Tenant {
+            id: new_id("t"),
+            name: name.to_string(),
+            quota,
+            created_at: now(),
+        };
+        self.conn()
+            .execute(
+                "INSERT INTO tenants (id, name, max_vcpus, max_memory_mib, max_vms, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    tenant.id,
+                    tenant.name,
+                    quota.max_vcpus,
+                    quota.max_memory_mib,
+                    quota.max_vms,
+                    tenant.created_at
+                ],
+            )
+            .map_err(|err| exists_or(err, || format!("tenant '{name}'")))?;
+        Ok(tenant)
+    }
+
+    pub fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"),
+                [id],
+                tenant_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY created_at, id"
+        ))?;
+        let tenants = statement
+            .query_map([], tenant_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(tenants)
+    }
+
+    /// Deletes a tenant and its tokens; refused while it has VMs or images.
+    pub fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let owned: u32 = conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM vms WHERE tenant_id = ?1)
+                  + (SELECT COUNT(*) FROM images WHERE tenant_id = ?1)",
+            [id],
+            |row| row.get(0),
+        )?;
+        if owned > 0 {
+            return Err(StoreError::InUse(format!(
+                "tenant {id} still has {owned} VM(s) or image(s): delete them first"
+            )));
+        }
+        Ok(conn.execute("DELETE FROM tenants WHERE id = ?1", [id])? > 0)
+    }
+
+    /// A new token for `tenant_id`; the secret is in the result only.
+    pub fn create_token(&self, tenant_id: &str) -> Result<TokenCreated, StoreError> {
+        let created = TokenCreated {
+            id: new_id("tok"),
+            tenant_id: tenant_id.to_string(),
+            token: format!("nbs_{}", random_hex(32)),
+            created_at: now(),
+        };
+        self.conn().execute(
+            "INSERT INTO tokens (id, tenant_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                created.id,
+                created.tenant_id,
+                token_hash(&created.token),
+                created.created_at
+            ],
+        )?;
+        Ok(created)
+    }
+
+    pub fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenInfo>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT id, tenant_id, created_at FROM tokens WHERE tenant_id = ?1
+             ORDER BY created_at, id",
+        )?;
+        let tokens = statement
+            .query_map([tenant_id], |row| {
+                Ok(TokenInfo {
+                    id: row.get(0)?,
+                    tenant_id: row.get(1)?,
+                    created_at: row.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(tokens)
+    }
+
+    pub fn delete_token(&self, tenant_id: &str, token_id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM tokens WHERE id = ?1 AND tenant_id = ?2",
+            [token_id, tenant_id],
+        )? > 0)
+    }
+
+    /// The tenant a token belongs to, if it is a known token.
+    pub fn tenant_for_token(&self, token: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT tenant_id FROM tokens WHERE hash = ?1",
+                [token_hash(token)],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_are_unique_by_name_and_listed() {
+        let store = Store::open_in_memory().unwrap();
+        let a = store.create_tenant("acme", Quota::default()).unwrap();
+        assert!(matches!(
+            store.create_tenant("acme", Quota::default()),
+            Err(StoreError::Exists(_))
+        ));
+        let b = store.create_tenant("globex", Quota::default()).unwrap();
+        assert_eq!(store.get_tenant(&a.id).unwrap(), Some(a.clone()));
+        assert_eq!(store.list_tenants().unwrap().len(), 2);
+        assert!(store.delete_tenant(&b.id).unwrap());
+        assert!(!store.delete_tenant(&b.id).unwrap());
+        assert_eq!(store.get_tenant(&b.id).unwrap(), None);
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed_and_resolve_to_their_tenant() {
+        let store = Store::open_in_memory().unwrap();
+        let tenant = store.create_tenant("acme", Quota::default()).unwrap();
+        let token = store.create_token(&tenant.id).unwrap();
+        assert!(token.token.starts_with("nbs_") && token.token.len() == 68);
+        assert_eq!(
+            store.tenant_for_token(&token.token).unwrap(),
+            Some(tenant.id.clone())
+        );
+        assert_eq!(store.tenant_for_token("nbs_wrong").unwrap(), None);
+        let stored: String = store
+            .conn()
+            .query_row("SELECT hash FROM tokens", [], |row| row.get(0))
+            .unwrap();
+        assert_ne!(stored, token.token, "the secret itself is not stored");
+        assert_eq!(stored, token_hash(&token.token));
+        assert_eq!(store.list_tokens(&tenant.id).unwrap().len(), 1);
+        assert!(!store.delete_token("t-other", &token.id).unwrap());
+        assert!(store.delete_token(&tenant.id, &token.id).unwrap());
+        assert_eq!(store.tenant_for_token(&token.token).unwrap(), None);
+        // Deleting a tenant takes its tokens with it.
+        let again = store.create_token(&tenant.id).unwrap();
+        assert!(store.delete_tenant(&tenant.id).unwrap());
+        assert_eq!(store.tenant_for_token(&again.token).unwrap(), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! VMs and their event logs. A VM's devices (disks, NICs, rate limits) are
+//! one JSON column: they are read and written whole, never queried.
+
+use nubis_api::{Quota, RateLimit, Vm, VmDisk, VmEvent, VmNic, VmState};
+use rusqlite::{params, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+use super::{exists_or, new_id, now, Store, StoreError};
+
+/// A VM to define.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub tenant_id: String,
+    pub name: String,
+    pub image_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel_args: String,
+    pub root_rate_limit: RateLimit,
+    pub disks: Vec<VmDisk>,
+    pub nics: Vec<VmNic>,
+}
+
+/// What a tenant's VMs take of its quota (every defined VM counts: a
+/// stopped VM can be started again at any time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub vms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Spec {
+    root_rate_limit: RateLimit,
+    disks: Vec<VmDisk>,
+    nics: Vec<VmNic>,
+}
+
+const VM_COLUMNS: &str = "id, tenant_id, name, image_id, state, vcpus, memory_mib, kernel_args, spec, pid, last_exit, created_at";
+
+fn vm_from_row(row: &Row) -> rusqlite::Result<Vm> {
+    let corrupt = |index: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            Box::new(StoreError::Corrupt(what)),
+        )
+    };
+    let state: String = row.get(4)?;
+    let spec: String = row.get(8)?;
+    let spec: Spec =
+        serde_json::from_str(&spec).map_err(|err| corrupt(8, format!("VM spec: {err}")))?;
+    Ok(Vm {
+        id: row.get(0)?,
+        tenant_id: row.get(1)?,
+        name: row.get(2)?,
+        image_id: row.get(3)?,
+        state: VmState::parse(&state).ok_or_else(|| corrupt(4, format!("VM state '{state}'")))?,
+        vcpus: row.get(5)?,
+        memory_mib: row.get(6)?,
+        kernel_args: row.get(7)?,
+        root_rate_limit: spec.root_rate_limit,
+        disks: spec.disks,
+        nics: spec.nics,
+        pid: row.get(9)?,
+        last_exit: row.get(10)?,
+        created_at: row.get(11)?,
+    })
+}
+
+impl Store {
+    /// Defines a VM if the tenant's quota allows it (checked and inserted
+    /// in one transaction, so concurrent requests cannot both squeeze in).
+    pub fn create_vm(&self, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let usage = usage(&tx, &new.tenant_id)?;
+        let over = |what: &str, used: u64, asked: u64, max: u64| {
+            StoreError::Quota(format!(
+                "{what}: {used} in use + {asked} requested exceeds the tenant's quota of {max}"
+            ))
+        };
+        if usage.vms + 1 > u64::from(quota.max_vms) {
+            return Err(over("VMs", usage.vms, 1, u64::from(quota.max_vms)));
+        }
+        if usage.vcpus + u64::from(new.vcpus) > u64::from(quota.max_vcpus) {
+            return Err(over(
+                "vCPUs",
+                usage.vcpus,
+                u64::from(new.vcpus),
+                u64::from(quota.max_vcpus),
+            ));
+        }
+        if usage.memory_mib + new.memory_mib > quota.max_memory_mib {
+            return Err(over(
+                "memory MiB",
+                usage.memory_mib,
+                new.memory_mib,
+                quota.max_memory_mib,
+            ));
+        }
+        let vm = Vm {
+            id: new_id("vm"),
+            tenant_id: new.tenant_id.clone(),
+            name: new.name.clone(),
+            image_id: new.image_id.clone(),
+            state: VmState::Stopped,
+            vcpus: new.vcpus,
+            memory_mib: new.memory_mib,
+            kernel_args: new.kernel_args.clone(),
+            root_rate_limit: new.root_rate_limit,
+            disks: new.disks.clone(),
+            nics: new.nics.clone(),
+            pid: None,
+            last_exit: None,
+            created_at: now(),
+        };
+        tx.execute(
+            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            params![
+                vm.id,
+                vm.tenant_id,
+                vm.name,
+                vm.image_id,
+                vm.state.as_str(),
+                vm.vcpus,
+                vm.memory_mib,
+                vm.kernel_args,
+                spec_json(&vm)?,
+                vm.pid,
+                vm.last_exit,
+                vm.created_at
+            ],
+        )
+        .map_err(|err| exists_or(err, || format!("VM '{}'", new.name)))?;
+        tx.commit()?;
+        Ok(vm)
+    }
+
+    /// A VM by id or name; with `tenant_id`, only that tenant's.
+    pub fn get_vm(
+        &self,
+        tenant_id: Option<&str>,
+        id_or_name: &str,
+    ) -> Result<Option<Vm>, StoreError> {
+        let conn = self.conn();
+        let vm = match tenant_id {
+            Some(tenant) => conn
+                .query_row(
+                    &format!("SELECT {VM_COLUMNS} FROM vms WHERE tenant_id = ?1 AND (id = ?2 OR name = ?2)"),
+                    [tenant, id_or_name],
+                    vm_from_row,
+                )
+                .optional()?,
+            None => conn
+                .query_row(
+                    &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"),
+                    [id_or_name],
+                    vm_from_row,
+                )
+                .optional()?,
+        };
+        Ok(vm)
+    }
+
+    /// VMs, optionally of one tenant and in one state.
+    pub fn list_vms(
+        &self,
+        tenant_id: Option<&str>,
+        state: Option<VmState>,
+    ) -> Result<Vec<Vm>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {VM_COLUMNS} FROM vms
+             WHERE (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR state = ?2)
+             ORDER BY created_at, id"
+        ))?;
+        let vms = statement
+            .query_map(params![tenant_id, state.map(VmState::as_str)], vm_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(vms)
+    }
+
+    /// Records a VM's state, VMM pid and last exit reason.
+    pub fn set_vm_state(
+        &self,
+        id: &str,
+        state: VmState,
+        pid: Option<u32>,
+        last_exit: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE vms SET state = ?2, pid = ?3, last_exit = COALESCE(?4, last_exit) WHERE id = ?1",
+            params![id, state.as_str(), pid, last_exit],
+        )?;
+        Ok(())
+    }
+
+    /// Replaces a VM's NICs (the agent fills in MACs, addresses, taps).
+    pub fn set_vm_nics(&self, vm: &Vm) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE vms SET spec = ?2 WHERE id = ?1",
+            params![vm.id, spec_json(vm)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+    }
+
+    pub fn tenant_usage(&self, tenant_id: &str) -> Result<Usage, StoreError> {
+        usage(&self.conn(), tenant_id)
+    }
+
+    pub fn add_event(&self, vm_id: &str, kind: &str, message: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO vm_events (vm_id, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![vm_id, now(), kind, message],
+        )?;
+        Ok(())
+    }
+
+    pub fn events(&self, vm_id: &str) -> Result<Vec<VmEvent>, StoreError> {
+        let conn = self.conn();
+        let mut statement =
+            conn.prepare("SELECT at, kind, message FROM vm_events WHERE vm_id = ?1 ORDER BY seq")?;
+        let events = statement
+            .query_map([vm_id], |row| {
+                Ok(VmEvent {
+                    at: row.get(0)?,
+                    kind: row.get(1)?,
+                    message: row.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(events)
+    }
+}
+
+fn spec_json(vm: &Vm) -> Result<String, StoreError> {
+    serde_json::to_string(&Spec {
+        root_rate_limit: vm.root_rate_limit,
+        disks: vm.disks.clone(),
+        nics: vm.nics.clone(),
+    })
+    .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))
+}
+
+fn usage(conn: &rusqlite::Connection, tenant_id: &str) -> Result<Usage, StoreError> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COUNT(*)
+         FROM vms WHERE tenant_id = ?1",
+        [tenant_id],
+        |row| {
+            Ok(Usage {
+                vcpus: row.get(0)?,
+                memory_mib: row.get(1)?,
+                vms: row.get(2)?,
+            })
+        },
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nubis_api::ImageCreate;
+
+    fn setup(quota: Quota) -> (Store, String, String) {
+        let store = Store::open_in_memory().unwrap();
+        let tenant = store.create_tenant("acme", quota).unwrap();
+        let image = store
+            .create_image(
+                &tenant.id,
+                &ImageCreate {
+                    name: "debian".into(),
+                    kernel: "/k".into(),
+                    rootfs: "/r".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                1,
+            )
+            .unwrap();
+        (store, tenant.id, image.id)
+    }
+
+    fn new_vm(tenant: &str, image: &str, name: &str, vcpus: u32, memory_mib: u64) -> NewVm {
+        NewVm {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            image_id: image.into(),
+            vcpus,
+            memory_mib,
+            kernel_args: String::new(),
+            root_rate_limit: RateLimit::default(),
+            disks: vec![VmDisk {
+                size_mib: 16,
+                rate_limit: RateLimit {
+                    bytes_per_s: Some(1),
+                    ops_per_s: None,
+                },
+            }],
+            nics: vec![VmNic::default()],
+        }
+    }
+
+    #[test]
+    fn vms_round_trip_with_their_devices_and_state() {
+        let (store, tenant, image) = setup(Quota::default());
+        let vm = store
+            .create_vm(&new_vm(&tenant, &image, "web", 2, 256), Quota::default())
+            .unwrap();
+        assert_eq!(vm.state, VmState::Stopped);
+        assert_eq!(
+            store.get_vm(Some(&tenant), "web").unwrap(),
+            Some(vm.clone())
+        );
+        assert_eq!(store.get_vm(Some("t-other"), &vm.id).unwrap(), None);
+        assert_eq!(store.get_vm(None, &vm.id).unwrap(), Some(vm.clone()));
+        store
+            .set_vm_state(&vm.id, VmState::Running, Some(42), None)
+            .unwrap();
+        store
+            .set_vm_state(&vm.id, VmState::Failed, None, Some("exit 2"))
+            .unwrap();
+        let failed = store.get_vm(None, &vm.id).unwrap().unwrap();
+        assert_eq!((failed.state, failed.pid), (VmState::Failed, None));
+        assert_eq!(failed.last_exit.as_deref(), Some("exit 2"));
+        assert_eq!(failed.disks, vm.disks);
+        assert_eq!(
+            store
+                .list_vms(Some(&tenant), Some(VmState::Failed))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(store
+            .list_vms(Some(&tenant), Some(VmState::Running))
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            store.delete_image(&tenant, &image),
+            Err(StoreError::InUse(_))
+        ));
+        store.add_event(&vm.id, "created", "defined").unwrap();
+        assert_eq!(store.events(&vm.id).unwrap()[0].kind, "created");
+        assert!(store.delete_vm(&vm.id).unwrap());
+        assert!(store.events(&vm.id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn quotas_hold() {
+        let quota = Quota {
+            max_vcpus: 3,
+            max_memory_mib: 512,
+            max_vms: 2,
+        };
+        let (store, tenant, image) = setup(quota);
+        store
+            .create_vm(&new_vm(&tenant, &image, "a", 2, 256), quota)
+            .unwrap();
+        let err = store
+            .create_vm(&new_vm(&tenant, &image, "b", 2, 128), quota)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("vCPUs: 2 in use + 2 requested"),
+            "{err}"
+        );
+        let err = store
+            .create_vm(&new_vm(&tenant, &image, "b", 1, 512), quota)
+            .unwrap_err();
+        assert!(err.to_string().contains("memory MiB"), "{err}");
+        store
+            .create_vm(&new_vm(&tenant, &image, "b", 1, 128), quota)
+            .unwrap();
+        let err = store
+            .create_vm(&new_vm(&tenant, &image, "c", 0, 0), quota)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Quota(_)), "{err}");
+        assert_eq!(
+            store.tenant_usage(&tenant).unwrap(),
+            Usage {
+                vcpus: 3,
+                memory_mib: 384,
+                vms: 2
+            }
+        );
+        assert!(matches!(
+            store.create_vm(&new_vm(&tenant, &image, "a", 0, 0), Quota::default()),
+            Err(StoreError::Exists(_))
+        ));
+    }
+}

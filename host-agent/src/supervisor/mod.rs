@@ -1,0 +1,473 @@
+//! Running VMs: one `nubis-vmm` process per VM, in its own process group
+//! with its files in `DATA_DIR/vms/ID/` (VMM config, control socket,
+//! console log, VMM log, disks), so that it outlives the agent: an agent
+//! that restarts adopts the VMMs still running and records why the others
+//! ended.
+//!
+//! Operations on one VM are serialized by a per-VM lock; different VMs
+//! proceed in parallel. A watcher task per VMM records its exit.
+
+pub mod control;
+mod process;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nubis_api::{Image, Vm, VmState};
+use tokio::sync::{watch, OwnedMutexGuard};
+
+use crate::config::AgentConfig;
+use crate::disks::{self, DiskError};
+use crate::store::{Store, StoreError};
+use control::ControlError;
+use process::{ExitWatch, VmmExit};
+
+/// Errors of VM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot prepare the VM's files in {path}: {source}")]
+    Files {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during start-up: {0}")]
+    StartFailed(String),
+    #[error("the VM is {0}, which does not allow this")]
+    WrongState(&'static str),
+}
+
+/// Where one VM's files live.
+pub struct VmPaths {
+    pub dir: PathBuf,
+    pub vmm_config: PathBuf,
+    pub control: PathBuf,
+    pub console: PathBuf,
+    pub vmm_log: PathBuf,
+    pub root_disk: PathBuf,
+}
+
+impl VmPaths {
+    pub fn data_disk(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("data{index}.raw"))
+    }
+}
+
+pub struct Supervisor {
+    store: Arc<Store>,
+    config: AgentConfig,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Exit notifications of the VMMs being watched, by VM id.
+    exits: Mutex<HashMap<String, watch::Receiver<Option<VmmExit>>>>,
+}
+
+impl Supervisor {
+    pub fn new(store: Arc<Store>, config: AgentConfig) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            config,
+            locks: Mutex::new(HashMap::new()),
+            exits: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn paths(&self, vm_id: &str) -> VmPaths {
+        let dir = self.config.data_dir.join("vms").join(vm_id);
+        VmPaths {
+            vmm_config: dir.join("vm.json"),
+            control: dir.join("control.sock"),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            root_disk: dir.join("root.raw"),
+            dir,
+        }
+    }
+
+    /// Serializes operations on one VM.
+    pub async fn lock(&self, vm_id: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(vm_id.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn event(&self, vm_id: &str, kind: &str, message: &str) {
+        if let Err(err) = self.store.add_event(vm_id, kind, message) {
+            tracing::warn!(vm = vm_id, "cannot record event {kind}: {err}");
+        }
+    }
+
+    /// Starts a stopped or failed VM: disks, VMM config, process, watcher.
+    /// Returns once the VMM answers on its control socket.
+    pub async fn start(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<(), SupervisorError> {
+        if vm.state.has_process() {
+            return Err(SupervisorError::WrongState(vm.state.as_str()));
+        }
+        let paths = self.paths(&vm.id);
+        self.prepare_files(vm, image, &paths).await?;
+        // A socket left by a VMM that died cannot be bound over by a file
+        // of another kind, but a stale one is replaced by the VMM itself.
+        let spawned = process::spawn(&self.config.vmm_binary, &paths)?;
+        let pid = spawned.pid;
+        self.store
+            .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
+        self.event(&vm.id, "starting", &format!("VMM pid {pid}"));
+        let exit = self.watch(vm.id.clone(), spawned.watch);
+        match process::wait_for_control(&paths.control, exit).await {
+            Ok(()) => {
+                self.store
+                    .set_vm_state(&vm.id, VmState::Running, Some(pid), None)?;
+                self.event(&vm.id, "running", "the VMM answers on its control socket");
+                Ok(())
+            }
+            Err(reason) => Err(SupervisorError::StartFailed(reason)),
+        }
+    }
+
+    async fn prepare_files(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        paths: &VmPaths,
+    ) -> Result<(), SupervisorError> {
+        std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
+            path: paths.dir.clone(),
+            source,
+        })?;
+        if !paths.root_disk.exists() {
+            let (source, target) = (PathBuf::from(&image.rootfs), paths.root_disk.clone());
+            let kind = tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
+                .await
+                .map_err(|err| SupervisorError::Files {
+                    path: paths.root_disk.clone(),
+                    source: std::io::Error::other(err.to_string()),
+                })??;
+            self.event(
+                &vm.id,
+                "root_disk",
+                &format!("cloned from {} ({kind:?})", image.rootfs),
+            );
+        }
+        for (index, disk) in vm.disks.iter().enumerate() {
+            let path = paths.data_disk(index);
+            if !path.exists() {
+                disks::create_data_disk(&path, disk.size_mib)?;
+            }
+        }
+        let config = vmm_config(vm, image, paths);
+        std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
+            SupervisorError::Files {
+                path: paths.vmm_config.clone(),
+                source,
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Records the VMM's exit when it comes.
+    fn watch(self: &Arc<Self>, vm_id: String, exit: ExitWatch) -> watch::Receiver<Option<VmmExit>> {
+        let (sender, receiver) = watch::channel(None);
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm_id.clone(), receiver.clone());
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            let exit = exit.wait().await;
+            let log_tail = process::last_log_line(&supervisor.paths(&vm_id).vmm_log);
+            let (state, reason) = exit.describe(&log_tail);
+            tracing::info!(vm = %vm_id, "VMM exited: {reason}");
+            if let Err(err) = supervisor
+                .store
+                .set_vm_state(&vm_id, state, None, Some(&reason))
+            {
+                tracing::error!(vm = %vm_id, "cannot record the VMM's exit: {err}");
+            }
+            supervisor.event(&vm_id, "exited", &reason);
+            let _ = sender.send(Some(exit));
+        });
+        receiver
+    }
+
+    fn exit_receiver(&self, vm_id: &str) -> Option<watch::Receiver<Option<VmmExit>>> {
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm_id)
+            .cloned()
+    }
+
+    /// Waits up to `timeout` for the VM's VMM to exit.
+    async fn wait_exit(&self, vm_id: &str, timeout: Duration) -> bool {
+        let Some(mut receiver) = self.exit_receiver(vm_id) else {
+            return true;
+        };
+        let exited = tokio::time::timeout(timeout, receiver.wait_for(|exit| exit.is_some()))
+            .await
+            .is_ok_and(|result| result.is_ok());
+        exited
+    }
+
+    /// Stops a VM: Ctrl-Alt-Del and up to the stop timeout for the guest,
+    /// then the VMM's `stop`, then SIGKILL. `force` skips the guest.
+    pub async fn stop(&self, vm: &Vm, force: bool) -> Result<(), SupervisorError> {
+        if !vm.state.has_process() {
+            return Err(SupervisorError::WrongState(vm.state.as_str()));
+        }
+        let paths = self.paths(&vm.id);
+        self.store
+            .set_vm_state(&vm.id, VmState::Stopping, vm.pid, None)?;
+        if !force {
+            if vm.state == VmState::Paused {
+                let _ = control::command(&paths.control, "resume").await;
+            }
+            match control::command(&paths.control, "shutdown").await {
+                Ok(_) => {
+                    self.event(&vm.id, "stopping", "sent Ctrl-Alt-Del to the guest");
+                    let timeout = Duration::from_secs(self.config.stop_timeout_s);
+                    if self.wait_exit(&vm.id, timeout).await {
+                        return Ok(());
+                    }
+                    self.event(
+                        &vm.id,
+                        "stopping",
+                        "the guest did not stop in time: forcing",
+                    );
+                }
+                Err(err) => self.event(&vm.id, "stopping", &format!("graceful stop failed: {err}")),
+            }
+        }
+        if control::command(&paths.control, "stop").await.is_ok()
+            && self.wait_exit(&vm.id, Duration::from_secs(10)).await
+        {
+            self.event(&vm.id, "stopped", "forced stop through the control socket");
+            return Ok(());
+        }
+        if let Some(pid) = vm.pid {
+            // SAFETY: kill with a pid this agent started and a fixed signal.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            self.event(&vm.id, "stopped", "the VMM did not answer: SIGKILL");
+        }
+        self.wait_exit(&vm.id, Duration::from_secs(10)).await;
+        Ok(())
+    }
+
+    /// Pauses or resumes a running VM.
+    pub async fn pause(&self, vm: &Vm, pause: bool) -> Result<(), SupervisorError> {
+        let expected = if pause {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        if vm.state != expected {
+            return Err(SupervisorError::WrongState(vm.state.as_str()));
+        }
+        let command = if pause { "pause" } else { "resume" };
+        control::command(&self.paths(&vm.id).control, command).await?;
+        let state = if pause {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        self.store.set_vm_state(&vm.id, state, vm.pid, None)?;
+        self.event(&vm.id, command, &format!("VM {}", state.as_str()));
+        Ok(())
+    }
+
+    /// Removes a stopped VM's files.
+    pub fn remove_files(&self, vm: &Vm) -> Result<(), SupervisorError> {
+        let dir = self.paths(&vm.id).dir;
+        match std::fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SupervisorError::Files {
+                path: dir,
+                source: err,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// At agent start: VMs recorded with a VMM are adopted if it still runs,
+    /// otherwise marked with why it ended.
+    pub async fn adopt_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        for vm in self.store.list_vms(None, None)? {
+            if !vm.state.has_process() {
+                continue;
+            }
+            let paths = self.paths(&vm.id);
+            match vm
+                .pid
+                .and_then(|pid| process::adopt(pid, &paths.vmm_config))
+            {
+                Some(watch) => {
+                    tracing::info!(vm = %vm.id, "adopted the running VMM (pid {:?})", vm.pid);
+                    self.event(&vm.id, "adopted", "the agent restarted; the VMM still runs");
+                    self.watch(vm.id.clone(), watch);
+                    if vm.state == VmState::Starting || vm.state == VmState::Stopping {
+                        let state = match control::command(&paths.control, "status").await {
+                            Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
+                            _ => VmState::Running,
+                        };
+                        self.store.set_vm_state(&vm.id, state, vm.pid, None)?;
+                    }
+                }
+                None => {
+                    let log_tail = process::last_log_line(&paths.vmm_log);
+                    let (state, reason) = VmmExit::Unknown.describe(&log_tail);
+                    let reason = format!("the VMM ended while the agent was down: {reason}");
+                    self.store
+                        .set_vm_state(&vm.id, state, None, Some(&reason))?;
+                    self.event(&vm.id, "exited", &reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn console_path(&self, vm_id: &str) -> PathBuf {
+        self.paths(vm_id).console
+    }
+}
+
+/// The VMM's JSON config for `vm`.
+fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
+    let limit = |limit: &nubis_api::RateLimit| serde_json::to_value(limit).unwrap_or_default();
+    let mut disks = vec![serde_json::json!({
+        "path": paths.root_disk,
+        "id": "root",
+        "rate_limit": limit(&vm.root_rate_limit),
+    })];
+    for (index, disk) in vm.disks.iter().enumerate() {
+        disks.push(serde_json::json!({
+            "path": paths.data_disk(index),
+            "id": format!("data{index}"),
+            "rate_limit": limit(&disk.rate_limit),
+        }));
+    }
+    let cmdline = [image.cmdline.as_str(), vm.kernel_args.as_str()]
+        .iter()
+        .filter(|part| !part.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut boot = serde_json::json!({ "kernel": image.kernel, "cmdline": cmdline });
+    if let Some(initrd) = &image.initrd {
+        boot["initrd"] = serde_json::json!(initrd);
+    }
+    serde_json::json!({
+        "version": 1,
+        "boot": boot,
+        "machine": { "vcpus": vm.vcpus, "memory_mib": vm.memory_mib },
+        "serial": { "mode": "file", "path": paths.console },
+        "disks": disks,
+        "rng": true,
+        "control_socket": paths.control,
+    })
+}
+
+/// Reads a console log from `offset`; at most `limit` bytes.
+pub fn read_console(path: &Path, offset: u64, limit: usize) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(err) => return Err(err),
+    };
+    let len = file.metadata()?.len();
+    let start = offset.min(len);
+    file.seek(SeekFrom::Start(start))?;
+    let mut data = Vec::new();
+    file.take(limit as u64).read_to_end(&mut data)?;
+    let next = start + data.len() as u64;
+    Ok((data, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nubis_api::{RateLimit, VmDisk};
+
+    #[test]
+    fn the_vmm_config_has_the_root_clone_data_disks_and_limits() {
+        let paths = VmPaths {
+            dir: "/d".into(),
+            vmm_config: "/d/vm.json".into(),
+            control: "/d/control.sock".into(),
+            console: "/d/console.log".into(),
+            vmm_log: "/d/vmm.log".into(),
+            root_disk: "/d/root.raw".into(),
+        };
+        let image = Image {
+            id: "img-1".into(),
+            tenant_id: "t-1".into(),
+            name: "debian".into(),
+            kernel: "/images/vmlinux".into(),
+            rootfs: "/images/rootfs.ext4".into(),
+            initrd: None,
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+            rootfs_bytes: 1,
+            created_at: 0,
+        };
+        let vm = Vm {
+            id: "vm-1".into(),
+            tenant_id: "t-1".into(),
+            name: "web".into(),
+            image_id: "img-1".into(),
+            state: VmState::Stopped,
+            vcpus: 2,
+            memory_mib: 256,
+            kernel_args: "quiet".into(),
+            root_rate_limit: RateLimit::default(),
+            disks: vec![VmDisk {
+                size_mib: 8,
+                rate_limit: RateLimit {
+                    bytes_per_s: Some(1000),
+                    ops_per_s: None,
+                },
+            }],
+            nics: vec![],
+            pid: None,
+            last_exit: None,
+            created_at: 0,
+        };
+        let config = vmm_config(&vm, &image, &paths);
+        assert_eq!(
+            config["boot"]["cmdline"],
+            "console=ttyS0 root=/dev/vda quiet"
+        );
+        assert_eq!(config["disks"][0]["path"], "/d/root.raw");
+        assert_eq!(config["disks"][1]["path"], "/d/data0.raw");
+        assert_eq!(config["disks"][1]["rate_limit"]["bytes_per_s"], 1000);
+        assert_eq!(config["machine"]["vcpus"], 2);
+        assert_eq!(config["serial"]["path"], "/d/console.log");
+        assert!(config["boot"].get("initrd").is_none());
+    }
+
+    #[test]
+    fn console_reads_resume_at_an_offset() {
+        let dir = std::env::temp_dir().join(format!("nubis-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        assert_eq!(read_console(&path, 0, 10).unwrap(), (vec![], 0));
+        std::fs::write(&path, b"hello world").unwrap();
+        assert_eq!(read_console(&path, 0, 5).unwrap(), (b"hello".to_vec(), 5));
+        assert_eq!(
+            read_console(&path, 6, 100).unwrap(),
+            (b"world".to_vec(), 11)
+        );
+        assert_eq!(read_console(&path, 99, 100).unwrap(), (vec![], 11));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,211 @@
+//! Running a real `nubis-agent` for the tests, and a small HTTP/1.1 client
+//! for its API (one request per connection, JSON in and out).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The operator token the tests' agents run with.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
+/// A free TCP port on localhost.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// An API response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The error code of an error reply.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// One HTTP request to `address`.
+pub fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Reply {
+    let mut stream = TcpStream::connect(address)
+        .unwrap_or_else(|err| panic!("connect to the agent at {address}: {err}"));
+    stream.set_read_timeout(Some(Duration::from_secs(300))).ok();
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if body.is_some() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str(&format!(
+        "Content-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    ));
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the reply");
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("an HTTP reply with headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(key, value)| {
+        key.eq_ignore_ascii_case("transfer-encoding") && value.contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body);
+    }
+    let text = String::from_utf8_lossy(&body).to_string();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        body,
+        text,
+        headers,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// A running agent, killed (SIGKILL, as a crash would) on drop.
+pub struct Agent {
+    pub address: SocketAddr,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent on a free port with `data_dir`, allowed to use
+    /// images from `image_dir`.
+    pub fn start(data_dir: &Path, image_dir: &Path) -> Self {
+        std::fs::create_dir_all(data_dir).expect("create the data dir");
+        let config = data_dir.join("agent.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({
+                "vmm_binary": crate::vmm_binary(),
+                "image_dirs": [image_dir],
+                "stop_timeout_s": 60,
+            })
+            .to_string(),
+        )
+        .expect("write the agent config");
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = data_dir.join("agent.log");
+        let log_file = std::fs::File::create(&log).expect("create the agent log");
+        let child = Command::new(crate::workspace_binary("nubis-agent"))
+            .arg("--listen")
+            .arg(address.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--config")
+            .arg(&config)
+            .env("NUBIS_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start nubis-agent");
+        let agent = Self {
+            address,
+            data_dir: data_dir.to_path_buf(),
+            child: Some(child),
+            log,
+        };
+        let start = Instant::now();
+        while TcpStream::connect(address).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the agent did not listen on {address}:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        http(self.address, method, path, token, body)
+    }
+
+    /// Kills the agent with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

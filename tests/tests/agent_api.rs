@@ -1,0 +1,495 @@
+//! The host agent end to end: a real `nubis-agent` over real HTTP, with
+//! real VMs booted by real `nubis-vmm` processes.
+
+use std::time::{Duration, Instant};
+
+use nubis_tests::agent::{Agent, Reply, OPERATOR_TOKEN};
+use nubis_tests::{guest_images, require_kvm, TestDir};
+use serde_json::{json, Value};
+
+const OP: Option<&str> = Some(OPERATOR_TOKEN);
+/// Hang guard for a Linux boot, not a timing assertion.
+const BOOT_GUARD: Duration = Duration::from_secs(300);
+
+fn expect(reply: &Reply, status: u16) -> &Value {
+    assert_eq!(reply.status, status, "{reply:?}");
+    &reply.body
+}
+
+/// A tenant and its token.
+fn tenant(agent: &Agent, name: &str) -> (String, String) {
+    let created = agent.call("POST", "/v1/tenants", OP, Some(&json!({"name": name})));
+    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let token = agent.call("POST", &format!("/v1/tenants/{id}/tokens"), OP, None);
+    let secret = expect(&token, 201)["token"].as_str().unwrap().to_string();
+    (id, secret)
+}
+
+fn register_image(agent: &Agent, token: &str, command: &str) -> String {
+    let images = guest_images();
+    let reply = agent.call(
+        "POST",
+        "/v1/images",
+        Some(token),
+        Some(&json!({
+            "name": "busybox",
+            "kernel": images.vmlinux,
+            "rootfs": images.rootfs,
+            "cmdline": format!("{} root=/dev/vda ro nubis_cmd=\"{command}\"", images.cmdline),
+        })),
+    );
+    expect(&reply, 201)["id"].as_str().unwrap().to_string()
+}
+
+fn wait_for_console(agent: &Agent, token: &str, vm: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let reply = agent.call("GET", &format!("/v1/vms/{vm}/console"), Some(token), None);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if reply.text.contains(needle) {
+            return reply.text;
+        }
+        assert!(
+            start.elapsed() < BOOT_GUARD,
+            "{needle} never appeared on {vm}'s console:\n{}\nagent log:\n{}",
+            reply.text,
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn vmm_running_with(config: &std::path::Path) -> bool {
+    let wanted = config.as_os_str().as_encoded_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries.flatten().any(|entry| {
+                std::fs::read(entry.path().join("cmdline"))
+                    .map(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == wanted))
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Two VMs boot at once through the API; the agent is killed with SIGKILL
+/// and restarted, adopts the running VMMs, then stops and deletes them:
+/// nothing is left behind.
+#[test]
+fn vms_boot_through_the_api_and_survive_an_agent_crash() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("agent-e2e");
+    let data_dir = dir.join("agent");
+    let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
+    let mut agent = Agent::start(&data_dir, &image_dir);
+    let (_, acme) = tenant(&agent, "acme");
+    let (_, globex) = tenant(&agent, "globex");
+    let image = register_image(&agent, &acme, "echo AGENT_VM_UP; read wait_forever");
+
+    let mut vms = Vec::new();
+    for name in ["web", "db"] {
+        let reply = agent.call(
+            "POST",
+            "/v1/vms",
+            Some(&acme),
+            Some(&json!({"name": name, "image": image, "memory_mib": 128,
+                         "disks": [{"size_mib": 16, "rate_limit": {"bytes_per_s": 10485760}}]})),
+        );
+        let vm = expect(&reply, 201);
+        assert_eq!(vm["state"], "stopped");
+        vms.push(vm["id"].as_str().unwrap().to_string());
+    }
+    // Both start at once: requests on different VMs run in parallel.
+    let starts: Vec<_> = vms
+        .iter()
+        .map(|vm| {
+            let (address, token, path) =
+                (agent.address, acme.clone(), format!("/v1/vms/{vm}/start"));
+            std::thread::spawn(move || {
+                nubis_tests::agent::http(address, "POST", &path, Some(&token), None)
+            })
+        })
+        .collect();
+    for start in starts {
+        let reply = start.join().unwrap();
+        assert_eq!(expect(&reply, 200)["state"], "running");
+    }
+    for vm in &vms {
+        wait_for_console(&agent, &acme, vm, "\nAGENT_VM_UP");
+    }
+    let web = &vms[0];
+    let before = agent.call("GET", &format!("/v1/vms/{web}"), Some(&acme), None);
+    let pid = expect(&before, 200)["pid"]
+        .as_u64()
+        .expect("a running VM has a pid");
+    // Another tenant sees nothing of it.
+    for (method, path) in [
+        ("GET", format!("/v1/vms/{web}")),
+        ("POST", format!("/v1/vms/{web}/stop")),
+        ("GET", format!("/v1/vms/{web}/console")),
+        ("DELETE", format!("/v1/vms/{web}")),
+    ] {
+        let reply = agent.call(method, &path, Some(&globex), None);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "not_found"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/vms", Some(&globex), None), 200),
+        &json!([])
+    );
+    // A VM that runs cannot be started again.
+    let again = agent.call("POST", &format!("/v1/vms/{web}/start"), Some(&acme), None);
+    assert_eq!((again.status, again.code()), (409, "conflict"));
+
+    // The agent crashes; a new one adopts the VMMs that still run.
+    agent.kill();
+    let vm_config = data_dir.join("vms").join(web).join("vm.json");
+    assert!(vmm_running_with(&vm_config), "the VMM died with the agent");
+    let agent = Agent::start(&data_dir, &image_dir);
+    let after = agent.call("GET", &format!("/v1/vms/{web}"), Some(&acme), None);
+    let after = expect(&after, 200);
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["pid"].as_u64(), Some(pid));
+    let events = agent.call("GET", &format!("/v1/vms/{web}/events"), Some(&acme), None);
+    assert!(
+        expect(&events, 200)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "adopted"),
+        "{events:?}"
+    );
+    // Pause and resume go through the VMM's control socket.
+    let paused = agent.call("POST", &format!("/v1/vms/{web}/pause"), Some(&acme), None);
+    assert_eq!(expect(&paused, 200)["state"], "paused");
+    let resumed = agent.call("POST", &format!("/v1/vms/{web}/resume"), Some(&acme), None);
+    assert_eq!(expect(&resumed, 200)["state"], "running");
+
+    // Graceful stop: Ctrl-Alt-Del, the guest restarts, the VMM exits 0.
+    let stopped = agent.call("POST", &format!("/v1/vms/{web}/stop"), Some(&acme), None);
+    let stopped = expect(&stopped, 200);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(stopped.get("pid").is_none(), "{stopped}");
+    assert!(
+        !vmm_running_with(&vm_config),
+        "the VMM still runs after stop"
+    );
+    // Deleting the running one stops it too; nothing is left behind.
+    for vm in &vms {
+        let reply = agent.call("DELETE", &format!("/v1/vms/{vm}"), Some(&acme), None);
+        assert_eq!(reply.status, 204, "{reply:?}");
+        assert!(
+            !data_dir.join("vms").join(vm).exists(),
+            "files of {vm} remain"
+        );
+        assert!(!vmm_running_with(
+            &data_dir.join("vms").join(vm).join("vm.json")
+        ));
+    }
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/vms", Some(&acme), None), 200),
+        &json!([])
+    );
+    assert_eq!(
+        agent
+            .call("DELETE", &format!("/v1/images/{image}"), Some(&acme), None)
+            .status,
+        204
+    );
+}
+
+/// Every endpoint with no token, a wrong token, a tenant token where the
+/// operator's is needed, and another tenant's token; bad input on the
+/// fields; quotas.
+#[test]
+fn authorization_bad_input_and_quotas() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("agent-auth");
+    let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
+    let agent = Agent::start(&dir.join("agent"), &image_dir);
+    let (acme_id, acme) = tenant(&agent, "acme");
+    let (_, globex) = tenant(&agent, "globex");
+    let image = register_image(&agent, &acme, "true");
+    let vm = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme),
+        Some(&json!({"name": "web", "image": "busybox"})),
+    );
+    let vm = expect(&vm, 201)["id"].as_str().unwrap().to_string();
+
+    let operator_only = [
+        ("GET", "/v1/tenants".to_string()),
+        ("POST", "/v1/tenants".to_string()),
+        ("GET", format!("/v1/tenants/{acme_id}")),
+        ("DELETE", format!("/v1/tenants/{acme_id}")),
+        ("POST", format!("/v1/tenants/{acme_id}/tokens")),
+        ("GET", format!("/v1/tenants/{acme_id}/tokens")),
+    ];
+    let tenant_resources = [
+        ("GET", format!("/v1/images/{image}")),
+        ("DELETE", format!("/v1/images/{image}")),
+        ("GET", format!("/v1/vms/{vm}")),
+        ("DELETE", format!("/v1/vms/{vm}")),
+        ("POST", format!("/v1/vms/{vm}/start")),
+        ("POST", format!("/v1/vms/{vm}/stop")),
+        ("POST", format!("/v1/vms/{vm}/force-stop")),
+        ("POST", format!("/v1/vms/{vm}/reboot")),
+        ("POST", format!("/v1/vms/{vm}/pause")),
+        ("POST", format!("/v1/vms/{vm}/resume")),
+        ("GET", format!("/v1/vms/{vm}/console")),
+        ("GET", format!("/v1/vms/{vm}/events")),
+    ];
+    let collections = [
+        ("GET", "/v1/images".to_string()),
+        ("GET", "/v1/vms".to_string()),
+    ];
+    for (method, path) in operator_only
+        .iter()
+        .chain(&tenant_resources)
+        .chain(&collections)
+    {
+        let none = agent.call(method, path, None, None);
+        assert_eq!(
+            (none.status, none.code()),
+            (401, "unauthorized"),
+            "{method} {path} without a token"
+        );
+        let wrong = agent.call(method, path, Some("nbs_not-a-token"), None);
+        assert_eq!(
+            (wrong.status, wrong.code()),
+            (401, "unauthorized"),
+            "{method} {path} with a wrong token"
+        );
+    }
+    for (method, path) in &operator_only {
+        let reply = agent.call(method, path, Some(&acme), Some(&json!({"name": "x"})));
+        assert_eq!(
+            (reply.status, reply.code()),
+            (403, "forbidden"),
+            "{method} {path} as a tenant"
+        );
+    }
+    for (method, path) in &tenant_resources {
+        let reply = agent.call(method, path, Some(&globex), None);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "not_found"),
+            "{method} {path} as another tenant"
+        );
+    }
+    // The operator sees every tenant's VMs.
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/vms", OP, None), 200)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(agent.call("GET", "/healthz", None, None).status, 200);
+
+    // Bad input: 400 with the field named, never a 500.
+    let bad = |method: &str, path: &str, token: &str, body: Value, field: &str| {
+        let reply = agent.call(method, path, Some(token), Some(&body));
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, "invalid_input"),
+            "{body}: {reply:?}"
+        );
+        assert_eq!(reply.body["error"]["field"], field, "{body}: {reply:?}");
+    };
+    bad(
+        "POST",
+        "/v1/tenants",
+        OPERATOR_TOKEN,
+        json!({"name": "Bad Name"}),
+        "name",
+    );
+    bad(
+        "POST",
+        "/v1/tenants",
+        OPERATOR_TOKEN,
+        json!({"name": "ok", "quota": {"max_vcpus": 0, "max_memory_mib": 1, "max_vms": 1}}),
+        "quota",
+    );
+    bad(
+        "POST",
+        "/v1/tenants",
+        OPERATOR_TOKEN,
+        json!({"name": "ok", "colour": "red"}),
+        "colour",
+    );
+    bad("POST", "/v1/tenants", OPERATOR_TOKEN, json!({}), "name");
+    let vm_body = |extra: Value| {
+        let mut body = json!({"name": "db", "image": "busybox"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"vcpus": 0})),
+        "vcpus",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"memory_mib": 1})),
+        "memory_mib",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"image": "nope"})),
+        "image",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"name": "-x"})),
+        "name",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"cpus": 2})),
+        "cpus",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"kernel_args": "a\nb"})),
+        "kernel_args",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"disks": [{"size_mib": 0}]})),
+        "disks[0].size_mib",
+    );
+    bad(
+        "POST",
+        "/v1/vms",
+        &acme,
+        vm_body(json!({"disks": [{"size_mib": 1, "rate_limit": {"ops_per_s": 0}}]})),
+        "disks[0].rate_limit",
+    );
+    bad(
+        "POST",
+        "/v1/images",
+        &acme,
+        json!({"name": "x", "kernel": "/etc/passwd", "rootfs": images.rootfs}),
+        "kernel",
+    );
+    bad(
+        "POST",
+        "/v1/images",
+        &acme,
+        json!({"name": "x", "kernel": "relative/vmlinux", "rootfs": images.rootfs}),
+        "kernel",
+    );
+    let malformed = agent.call("POST", "/v1/vms", Some(&acme), None);
+    assert_eq!(malformed.status, 400, "{malformed:?}");
+    let missing = agent.call(
+        "POST",
+        "/v1/images",
+        Some(&acme),
+        Some(&json!({"name": "x", "kernel": image_dir.join("no-such-kernel"), "rootfs": images.rootfs})),
+    );
+    assert_eq!(
+        (missing.status, missing.code()),
+        (422, "unprocessable"),
+        "{missing:?}"
+    );
+    let duplicate = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme),
+        Some(&json!({"name": "web", "image": "busybox"})),
+    );
+    assert_eq!((duplicate.status, duplicate.code()), (409, "conflict"));
+    let in_use = agent.call("DELETE", &format!("/v1/images/{image}"), Some(&acme), None);
+    assert_eq!((in_use.status, in_use.code()), (409, "conflict"));
+    let not_running = agent.call("POST", &format!("/v1/vms/{vm}/stop"), Some(&acme), None);
+    assert_eq!((not_running.status, not_running.code()), (409, "conflict"));
+
+    // Quotas: 429, and nothing is created.
+    let small = agent.call(
+        "POST",
+        "/v1/tenants",
+        OP,
+        Some(&json!({"name": "small", "quota": {"max_vcpus": 2, "max_memory_mib": 256, "max_vms": 1}})),
+    );
+    let small_id = expect(&small, 201)["id"].as_str().unwrap().to_string();
+    let token = agent.call("POST", &format!("/v1/tenants/{small_id}/tokens"), OP, None);
+    let small = expect(&token, 201)["token"].as_str().unwrap().to_string();
+    register_image(&agent, &small, "true");
+    let too_big = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&small),
+        Some(&json!({"name": "a", "image": "busybox", "vcpus": 4})),
+    );
+    assert_eq!(
+        (too_big.status, too_big.code()),
+        (429, "quota_exceeded"),
+        "{too_big:?}"
+    );
+    let first = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&small),
+        Some(&json!({"name": "a", "image": "busybox"})),
+    );
+    assert_eq!(first.status, 201);
+    let second = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&small),
+        Some(&json!({"name": "b", "image": "busybox"})),
+    );
+    assert_eq!((second.status, second.code()), (429, "quota_exceeded"));
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/vms", Some(&small), None), 200)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A tenant with resources cannot be deleted; a token can be revoked.
+    let busy = agent.call("DELETE", &format!("/v1/tenants/{acme_id}"), OP, None);
+    assert_eq!((busy.status, busy.code()), (409, "conflict"));
+    let tokens = agent.call("GET", &format!("/v1/tenants/{acme_id}/tokens"), OP, None);
+    let token_id = expect(&tokens, 200)[0]["id"].as_str().unwrap().to_string();
+    assert!(
+        tokens.text.find(&acme).is_none(),
+        "a token listing shows the secret"
+    );
+    assert_eq!(
+        agent
+            .call(
+                "DELETE",
+                &format!("/v1/tenants/{acme_id}/tokens/{token_id}"),
+                OP,
+                None
+            )
+            .status,
+        204
+    );
+    assert_eq!(agent.call("GET", "/v1/vms", Some(&acme), None).status, 401);
+}
