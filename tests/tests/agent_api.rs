@@ -83,21 +83,35 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     let data_dir = dir.join("agent");
     let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
     let mut agent = Agent::start(&data_dir, &image_dir);
-    let (_, acme) = tenant(&agent, "acme");
+    let (acme_id, acme) = tenant(&agent, "acme");
     let (_, globex) = tenant(&agent, "globex");
     let image = register_image(&agent, &acme, "echo AGENT_VM_UP; read wait_forever");
 
     let mut vms = Vec::new();
+    let mut addresses = Vec::new();
     for name in ["web", "db"] {
         let reply = agent.call(
             "POST",
             "/v1/vms",
             Some(&acme),
             Some(&json!({"name": name, "image": image, "memory_mib": 128,
-                         "disks": [{"size_mib": 16, "rate_limit": {"bytes_per_s": 10485760}}]})),
+                         "disks": [{"size_mib": 16, "rate_limit": {"bytes_per_s": 10485760}}],
+                         "nics": [{}]})),
         );
         let vm = expect(&reply, 201);
         assert_eq!(vm["state"], "stopped");
+        let nic = &vm["nics"][0];
+        assert!(
+            nic["mac"].as_str().unwrap().starts_with("02:4e:42:"),
+            "{vm}"
+        );
+        let address = nic["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/24")
+            .to_string();
+        assert!(!addresses.contains(&address), "two NICs got {address}");
+        addresses.push(address);
         vms.push(vm["id"].as_str().unwrap().to_string());
     }
     // Both start at once: requests on different VMs run in parallel.
@@ -118,6 +132,15 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     for vm in &vms {
         wait_for_console(&agent, &acme, vm, "\nAGENT_VM_UP");
     }
+    // Each guest has its agent-assigned address on the tenant's bridge.
+    for address in &addresses {
+        assert!(
+            nubis_tests::net::host_ping(address, 3),
+            "the host cannot ping the guest at {address}"
+        );
+    }
+    let web_tap = format!("nbt{}0", &vms[0][3..11]);
+    assert!(link_exists(&web_tap), "no tap {web_tap}");
     let web = &vms[0];
     let before = agent.call("GET", &format!("/v1/vms/{web}"), Some(&acme), None);
     let pid = expect(&before, 200)["pid"]
@@ -178,6 +201,7 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         !vmm_running_with(&vm_config),
         "the VMM still runs after stop"
     );
+    assert!(!link_exists(&web_tap), "the tap outlived the VM's stop");
     // Deleting the running one stops it too; nothing is left behind.
     for vm in &vms {
         let reply = agent.call("DELETE", &format!("/v1/vms/{vm}"), Some(&acme), None);
@@ -200,6 +224,36 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
             .status,
         204
     );
+    let bridges_before = links_with_prefix("nbr");
+    assert_eq!(
+        agent
+            .call("DELETE", &format!("/v1/tenants/{acme_id}"), OP, None)
+            .status,
+        204
+    );
+    assert_eq!(
+        links_with_prefix("nbr").len() + 1,
+        bridges_before.len(),
+        "the tenant's bridge remains: {:?}",
+        links_with_prefix("nbr")
+    );
+    assert!(links_with_prefix(&format!("nbt{}", &vms[1][3..11])).is_empty());
+}
+
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+fn links_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().to_string())
+                .filter(|name| name.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Every endpoint with no token, a wrong token, a tenant token where the

@@ -73,7 +73,13 @@ async fn remove(
 ) -> Result<StatusCode> {
     caller.require_operator()?;
     find(&state, &id).await?;
+    let subnet = state.store.existing_tenant_subnet(&id)?;
     state.store.delete_tenant(&id)?;
+    if let Some(subnet) = subnet {
+        if let Err(err) = crate::network::delete_link(&crate::network::bridge_name(subnet)).await {
+            tracing::warn!(tenant = %id, "cannot remove the tenant's bridge: {err}");
+        }
+    }
     tracing::info!(tenant = %id, "tenant deleted");
     Ok(StatusCode::NO_CONTENT)
 }

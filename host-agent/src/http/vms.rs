@@ -10,6 +10,7 @@ use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
 use super::{images, AppState, Body, Caller, HttpError, Result};
+use crate::network;
 use crate::store::NewVm;
 use crate::supervisor::read_console;
 use crate::validate;
@@ -20,6 +21,7 @@ const MAX_VCPUS: u32 = 254;
 const MIN_MEMORY_MIB: u64 = 32;
 const MAX_DATA_DISKS: usize = 8;
 const MAX_DISK_MIB: u64 = 1 << 24;
+const MAX_NICS: usize = 4;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -71,12 +73,11 @@ fn check(request: &VmCreate) -> Result<()> {
         }
         check_rate(&format!("disks[{index}].rate_limit"), &disk.rate_limit)?;
     }
-    if !request.nics.is_empty() {
-        return Err(ApiError::invalid(
-            "nics",
-            "NICs on tenant bridges are not available yet on this agent",
-        )
-        .into());
+    if request.nics.len() > MAX_NICS {
+        return Err(ApiError::invalid("nics", format!("at most {MAX_NICS} NICs")).into());
+    }
+    for (index, nic) in request.nics.iter().enumerate() {
+        check_rate(&format!("nics[{index}].rate_limit"), &nic.rate_limit)?;
     }
     Ok(())
 }
@@ -84,7 +85,7 @@ fn check(request: &VmCreate) -> Result<()> {
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    Body(request): Body<VmCreate>,
+    Body(mut request): Body<VmCreate>,
 ) -> Result<(StatusCode, Json<Vm>)> {
     let tenant_id = caller.tenant()?.to_string();
     check(&request)?;
@@ -98,6 +99,22 @@ async fn create(
         .store
         .get_tenant(&tenant_id)?
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?;
+    // Addresses and MACs are assigned under one lock, so that concurrent
+    // creations never hand out the same address.
+    let _network = state.supervisor.network_lock().await;
+    if !request.nics.is_empty() {
+        let subnet = state.store.tenant_subnet(&tenant_id)?;
+        let vms = state.store.list_vms(Some(&tenant_id), None)?;
+        let mut used = network::used_hosts(&vms, subnet);
+        for nic in &mut request.nics {
+            let host = network::free_host(&used, subnet)
+                .map_err(|err| HttpError::new(ErrorCode::QuotaExceeded, err.to_string()))?;
+            used.insert(host);
+            nic.address = Some(format!("{}/24", network::address(subnet, host)));
+            nic.mac = Some(network::random_mac());
+            nic.tap = None;
+        }
+    }
     let vm = state.store.create_vm(
         &NewVm {
             tenant_id,
@@ -258,7 +275,11 @@ async fn resume(
 }
 
 /// Deletes a VM, stopping it at once first if it runs.
-async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     let vm = find(&state, &caller, &id)?;
     let _guard = state.supervisor.lock(&vm.id).await;
     let vm = find(&state, &caller, &vm.id)?;

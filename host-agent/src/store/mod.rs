@@ -71,6 +71,11 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
      );
      CREATE INDEX vm_events_by_vm ON vm_events (vm_id, seq);",
+    // 2: each tenant's /24 for its bridge, allocated at its first NIC.
+    "CREATE TABLE tenant_subnets (
+        tenant_id TEXT PRIMARY KEY REFERENCES tenants(id) ON DELETE CASCADE,
+        subnet INTEGER NOT NULL UNIQUE
+     );",
 ];
 
 /// Errors of the store.

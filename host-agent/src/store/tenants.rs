@@ -139,6 +139,48 @@ impl Store {
         )? > 0)
     }
 
+    /// The tenant's subnet number (1 to 254), allocated lowest-first at the
+    /// first call.
+    pub fn tenant_subnet(&self, tenant_id: &str) -> Result<u8, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing: Option<u8> = tx
+            .query_row(
+                "SELECT subnet FROM tenant_subnets WHERE tenant_id = ?1",
+                [tenant_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(subnet) = existing {
+            return Ok(subnet);
+        }
+        let used: std::collections::HashSet<u8> = tx
+            .prepare("SELECT subnet FROM tenant_subnets")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let subnet = (1..=254u8)
+            .find(|subnet| !used.contains(subnet))
+            .ok_or_else(|| StoreError::Quota("every tenant subnet of this host is taken".into()))?;
+        tx.execute(
+            "INSERT INTO tenant_subnets (tenant_id, subnet) VALUES (?1, ?2)",
+            params![tenant_id, subnet],
+        )?;
+        tx.commit()?;
+        Ok(subnet)
+    }
+
+    /// The tenant's subnet if it has one.
+    pub fn existing_tenant_subnet(&self, tenant_id: &str) -> Result<Option<u8>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT subnet FROM tenant_subnets WHERE tenant_id = ?1",
+                [tenant_id],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
     /// The tenant a token belongs to, if it is a known token.
     pub fn tenant_for_token(&self, token: &str) -> Result<Option<String>, StoreError> {
         Ok(self
@@ -170,6 +212,24 @@ mod tests {
         assert!(store.delete_tenant(&b.id).unwrap());
         assert!(!store.delete_tenant(&b.id).unwrap());
         assert_eq!(store.get_tenant(&b.id).unwrap(), None);
+    }
+
+    #[test]
+    fn subnets_are_allocated_once_per_tenant_and_freed_with_it() {
+        let store = Store::open_in_memory().unwrap();
+        let a = store.create_tenant("a", Quota::default()).unwrap();
+        let b = store.create_tenant("b", Quota::default()).unwrap();
+        assert_eq!(store.existing_tenant_subnet(&a.id).unwrap(), None);
+        assert_eq!(store.tenant_subnet(&a.id).unwrap(), 1);
+        assert_eq!(store.tenant_subnet(&a.id).unwrap(), 1);
+        assert_eq!(store.tenant_subnet(&b.id).unwrap(), 2);
+        store.delete_tenant(&a.id).unwrap();
+        let c = store.create_tenant("c", Quota::default()).unwrap();
+        assert_eq!(
+            store.tenant_subnet(&c.id).unwrap(),
+            1,
+            "a's subnet is free again"
+        );
     }
 
     #[test]

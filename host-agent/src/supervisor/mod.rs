@@ -20,6 +20,7 @@ use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
 use crate::disks::{self, DiskError};
+use crate::network::{self, NetworkError};
 use crate::store::{Store, StoreError};
 use control::ControlError;
 use process::{ExitWatch, VmmExit};
@@ -33,6 +34,8 @@ pub enum SupervisorError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("cannot prepare the VM's files in {path}: {source}")]
     Files {
         path: PathBuf,
@@ -71,6 +74,8 @@ pub struct Supervisor {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Exit notifications of the VMMs being watched, by VM id.
     exits: Mutex<HashMap<String, watch::Receiver<Option<VmmExit>>>>,
+    /// Serializes address assignment and bridge creation.
+    network: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Supervisor {
@@ -80,7 +85,37 @@ impl Supervisor {
             config,
             locks: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
+            network: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Held while addresses are assigned or bridges made.
+    pub async fn network_lock(&self) -> OwnedMutexGuard<()> {
+        self.network.clone().lock_owned().await
+    }
+
+    /// Creates the taps of `vm`'s NICs on its tenant's bridge.
+    async fn plug_nics(&self, vm: &Vm) -> Result<Option<u8>, SupervisorError> {
+        if vm.nics.is_empty() {
+            return Ok(None);
+        }
+        let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
+        let _network = self.network_lock().await;
+        network::ensure_bridge(subnet).await?;
+        for index in 0..vm.nics.len() {
+            network::create_tap(&network::tap_name(&vm.id, index), subnet).await?;
+        }
+        Ok(Some(subnet))
+    }
+
+    /// Removes the taps of `vm_id`'s NICs.
+    async fn unplug_nics(&self, vm_id: &str, count: usize) {
+        for index in 0..count {
+            let tap = network::tap_name(vm_id, index);
+            if let Err(err) = network::delete_link(&tap).await {
+                tracing::warn!(vm = vm_id, "cannot remove tap {tap}: {err}");
+            }
+        }
     }
 
     pub fn paths(&self, vm_id: &str) -> VmPaths {
@@ -117,7 +152,8 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let paths = self.paths(&vm.id);
-        self.prepare_files(vm, image, &paths).await?;
+        let subnet = self.plug_nics(vm).await?;
+        self.prepare_files(vm, image, &paths, subnet).await?;
         // A socket left by a VMM that died cannot be bound over by a file
         // of another kind, but a stale one is replaced by the VMM itself.
         let spawned = process::spawn(&self.config.vmm_binary, &paths)?;
@@ -142,6 +178,7 @@ impl Supervisor {
         vm: &Vm,
         image: &Image,
         paths: &VmPaths,
+        subnet: Option<u8>,
     ) -> Result<(), SupervisorError> {
         std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
             path: paths.dir.clone(),
@@ -167,7 +204,7 @@ impl Supervisor {
                 disks::create_data_disk(&path, disk.size_mib)?;
             }
         }
-        let config = vmm_config(vm, image, paths);
+        let config = vmm_config(vm, image, paths, subnet);
         std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
             SupervisorError::Files {
                 path: paths.vmm_config.clone(),
@@ -195,6 +232,9 @@ impl Supervisor {
                 .set_vm_state(&vm_id, state, None, Some(&reason))
             {
                 tracing::error!(vm = %vm_id, "cannot record the VMM's exit: {err}");
+            }
+            if let Ok(Some(vm)) = supervisor.store.get_vm(None, &vm_id) {
+                supervisor.unplug_nics(&vm_id, vm.nics.len()).await;
             }
             supervisor.event(&vm_id, "exited", &reason);
             let _ = sender.send(Some(exit));
@@ -304,6 +344,8 @@ impl Supervisor {
     pub async fn adopt_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
         for vm in self.store.list_vms(None, None)? {
             if !vm.state.has_process() {
+                // A tap left by a VM that stopped while no agent watched.
+                self.unplug_nics(&vm.id, vm.nics.len()).await;
                 continue;
             }
             let paths = self.paths(&vm.id);
@@ -330,6 +372,7 @@ impl Supervisor {
                     self.store
                         .set_vm_state(&vm.id, state, None, Some(&reason))?;
                     self.event(&vm.id, "exited", &reason);
+                    self.unplug_nics(&vm.id, vm.nics.len()).await;
                 }
             }
         }
@@ -342,7 +385,8 @@ impl Supervisor {
 }
 
 /// The VMM's JSON config for `vm`.
-fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
+/// `subnet` is the tenant's when the VM has NICs.
+fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths, subnet: Option<u8>) -> serde_json::Value {
     let limit = |limit: &nubis_api::RateLimit| serde_json::to_value(limit).unwrap_or_default();
     let mut disks = vec![serde_json::json!({
         "path": paths.root_disk,
@@ -356,12 +400,40 @@ fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
             "rate_limit": limit(&disk.rate_limit),
         }));
     }
-    let cmdline = [image.cmdline.as_str(), vm.kernel_args.as_str()]
+    let nets: Vec<serde_json::Value> = vm
+        .nics
         .iter()
-        .filter(|part| !part.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
+        .enumerate()
+        .map(|(index, nic)| {
+            serde_json::json!({
+                "tap": network::tap_name(&vm.id, index),
+                "mac": nic.mac,
+                "id": format!("net{index}"),
+                "rate_limit": limit(&nic.rate_limit),
+            })
+        })
+        .collect();
+    // The kernel configures one interface from `ip=`: the first NIC's.
+    let ip_arg = match (
+        subnet,
+        vm.nics.first().and_then(|nic| nic.address.as_deref()),
+    ) {
+        (Some(subnet), Some(address)) => {
+            let address = address.split('/').next().unwrap_or(address);
+            network::kernel_ip_arg(address, subnet, "eth0")
+        }
+        _ => String::new(),
+    };
+    let cmdline = [
+        image.cmdline.as_str(),
+        vm.kernel_args.as_str(),
+        ip_arg.as_str(),
+    ]
+    .iter()
+    .filter(|part| !part.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ");
     let mut boot = serde_json::json!({ "kernel": image.kernel, "cmdline": cmdline });
     if let Some(initrd) = &image.initrd {
         boot["initrd"] = serde_json::json!(initrd);
@@ -372,6 +444,7 @@ fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
         "machine": { "vcpus": vm.vcpus, "memory_mib": vm.memory_mib },
         "serial": { "mode": "file", "path": paths.console },
         "disks": disks,
+        "nets": nets,
         "rng": true,
         "control_socket": paths.control,
     })
@@ -442,7 +515,7 @@ mod tests {
             last_exit: None,
             created_at: 0,
         };
-        let config = vmm_config(&vm, &image, &paths);
+        let config = vmm_config(&vm, &image, &paths, None);
         assert_eq!(
             config["boot"]["cmdline"],
             "console=ttyS0 root=/dev/vda quiet"

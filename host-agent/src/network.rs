@@ -1,0 +1,161 @@
+//! Tenant networking, first step: each tenant gets a Linux bridge with a
+//! gateway address on a /24 of its own (10.88.N.0/24), and each NIC a tap
+//! on that bridge, a MAC and an address, which the guest learns from the
+//! kernel command line (`ip=`). Everything created here is removed when
+//! the VM stops or is deleted and when the tenant is deleted; names are
+//! derived from ids, so a restarted agent finds what it made.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+
+use nubis_api::Vm;
+
+/// Errors in setting up host networking.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("`ip {args}` failed: {message}")]
+    Ip { args: String, message: String },
+    #[error("no free address left in {0}")]
+    Exhausted(String),
+}
+
+/// The first two octets of every tenant subnet.
+const PREFIX: &str = "10.88";
+
+/// The bridge of tenant subnet `subnet`.
+pub fn bridge_name(subnet: u8) -> String {
+    format!("nbr{subnet}")
+}
+
+/// The tap of NIC `index` of `vm_id` (at most 15 bytes).
+pub fn tap_name(vm_id: &str, index: usize) -> String {
+    let hex: String = vm_id.trim_start_matches("vm-").chars().take(8).collect();
+    format!("nbt{hex}{index}")
+}
+
+pub fn gateway(subnet: u8) -> String {
+    format!("{PREFIX}.{subnet}.1")
+}
+
+/// Address `host` (2..=254) of a subnet.
+pub fn address(subnet: u8, host: u8) -> String {
+    format!("{PREFIX}.{subnet}.{host}")
+}
+
+/// The kernel's `ip=` argument for a NIC.
+pub fn kernel_ip_arg(address: &str, subnet: u8, device: &str) -> String {
+    format!(
+        "ip={address}::{}:255.255.255.0::{device}:off",
+        gateway(subnet)
+    )
+}
+
+/// The lowest host number not in `used`.
+pub fn free_host(used: &HashSet<u8>, subnet: u8) -> Result<u8, NetworkError> {
+    (2..=254)
+        .find(|host| !used.contains(host))
+        .ok_or_else(|| NetworkError::Exhausted(format!("{PREFIX}.{subnet}.0/24")))
+}
+
+/// The host numbers the VMs' NICs hold in a subnet.
+pub fn used_hosts(vms: &[Vm], subnet: u8) -> HashSet<u8> {
+    let prefix = format!("{PREFIX}.{subnet}.");
+    vms.iter()
+        .flat_map(|vm| vm.nics.iter())
+        .filter_map(|nic| nic.address.as_deref())
+        .filter_map(|address| address.strip_prefix(&prefix))
+        .filter_map(|host| host.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// A random locally administered unicast MAC with the 02:4e:42 prefix.
+pub fn random_mac() -> String {
+    let bytes = crate::store::random_hex(3);
+    format!(
+        "02:4e:42:{}:{}:{}",
+        &bytes[0..2],
+        &bytes[2..4],
+        &bytes[4..6]
+    )
+}
+
+async fn ip(args: &[&str]) -> Result<(), NetworkError> {
+    let output = tokio::process::Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|err| NetworkError::Ip {
+            args: args.join(" "),
+            message: err.to_string(),
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(NetworkError::Ip {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+async fn link_exists(name: &str) -> bool {
+    ip(&["link", "show", "dev", name]).await.is_ok()
+}
+
+/// Creates the tenant's bridge with its gateway address, if missing.
+pub async fn ensure_bridge(subnet: u8) -> Result<(), NetworkError> {
+    let bridge = bridge_name(subnet);
+    if !link_exists(&bridge).await {
+        ip(&["link", "add", "name", &bridge, "type", "bridge"]).await?;
+        let gateway = format!("{}/24", gateway(subnet));
+        ip(&["addr", "add", &gateway, "dev", &bridge]).await?;
+    }
+    ip(&["link", "set", "dev", &bridge, "up"]).await
+}
+
+/// Creates a NIC's tap on the tenant's bridge (replacing a stale one).
+pub async fn create_tap(tap: &str, subnet: u8) -> Result<(), NetworkError> {
+    if link_exists(tap).await {
+        ip(&["link", "del", "dev", tap]).await?;
+    }
+    ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
+    ip(&["link", "set", "dev", tap, "master", &bridge_name(subnet)]).await?;
+    ip(&["link", "set", "dev", tap, "up"]).await
+}
+
+/// Removes a link if it exists.
+pub async fn delete_link(name: &str) -> Result<(), NetworkError> {
+    if link_exists(name).await {
+        ip(&["link", "del", "dev", name]).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        assert_eq!(tap_name("vm-0123456789abcdef", 3), "nbt012345673");
+        assert!(tap_name("vm-0123456789abcdef", 7).len() <= 15);
+        assert_eq!(bridge_name(255), "nbr255");
+        assert_eq!(
+            kernel_ip_arg("10.88.4.2", 4, "eth0"),
+            "ip=10.88.4.2::10.88.4.1:255.255.255.0::eth0:off"
+        );
+    }
+
+    #[test]
+    fn addresses_are_allocated_lowest_first_without_duplicates() {
+        let mut used = HashSet::new();
+        assert_eq!(free_host(&used, 1).unwrap(), 2);
+        used.extend([2, 3, 5]);
+        assert_eq!(free_host(&used, 1).unwrap(), 4);
+        let full: HashSet<u8> = (2..=254).collect();
+        assert!(free_host(&full, 1).is_err());
+        let mac = random_mac();
+        assert!(mac.starts_with("02:4e:42:") && mac.len() == 17, "{mac}");
+    }
+}
