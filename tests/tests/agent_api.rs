@@ -547,3 +547,111 @@ fn authorization_bad_input_and_quotas() {
     );
     assert_eq!(agent.call("GET", "/v1/vms", Some(&acme), None).status, 401);
 }
+
+/// `nubisctl` against a real agent: human and JSON output, and errors as
+/// one line with exit status 1.
+#[test]
+fn nubisctl_covers_the_api() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("agent-cli");
+    let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
+    let agent = Agent::start(&dir.join("agent"), &image_dir);
+    let url = format!("http://{}", agent.address);
+    let ctl = |token: &str, args: &[&str]| {
+        let output = std::process::Command::new(nubis_tests::workspace_binary("nubisctl"))
+            .arg("--url")
+            .arg(&url)
+            .arg("--token")
+            .arg(token)
+            .args(args)
+            .output()
+            .expect("run nubisctl");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = ctl(
+        OPERATOR_TOKEN,
+        &["--json", "tenant", "create", "cli", "--max-vms", "3"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let tenant: Value = serde_json::from_str(&out).expect("JSON output");
+    assert_eq!(tenant["quota"]["max_vms"], 3);
+    let tenant_id = tenant["id"].as_str().unwrap();
+    let (_, out, _) = ctl(OPERATOR_TOKEN, &["--json", "token", "create", tenant_id]);
+    let token: Value = serde_json::from_str(&out).unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let (code, out, err) = ctl(OPERATOR_TOKEN, &["tenant", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("ID") && out.contains("cli"), "{out}");
+    let kernel = images.vmlinux.display().to_string();
+    let rootfs = images.rootfs.display().to_string();
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "image",
+            "create",
+            "busybox",
+            "--kernel",
+            &kernel,
+            "--rootfs",
+            &rootfs,
+            "--cmdline",
+            "console=ttyS0",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("rootfs_bytes"), "{out}");
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "--json",
+            "vm",
+            "create",
+            "web",
+            "--image",
+            "busybox",
+            "--memory-mib",
+            "64",
+            "--disk",
+            "8,bw=1000000",
+            "--nic",
+            "",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let vm: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(vm["disks"][0]["rate_limit"]["bytes_per_s"], 1_000_000);
+    assert_eq!(vm["nics"].as_array().unwrap().len(), 1);
+    let (code, out, _) = ctl(&token, &["vm", "list", "--state", "stopped"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("web") && out.contains("stopped"), "{out}");
+    let (code, out, _) = ctl(&token, &["vm", "events", "web"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("created"), "{out}");
+    // Errors: one line naming the code, exit status 1.
+    let (code, out, err) = ctl(&token, &["vm", "stop", "web"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.starts_with("nubisctl: error: conflict (409)"), "{err}");
+    let (code, _, err) = ctl(&token, &["vm", "show", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not_found (404)"), "{err}");
+    let (code, _, err) = ctl(
+        &token,
+        &["vm", "create", "x", "--image", "busybox", "--vcpus", "0"],
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("invalid_input") && err.contains("field: vcpus"),
+        "{err}"
+    );
+    let (code, _, err) = ctl("wrong", &["vm", "list"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unauthorized (401)"), "{err}");
+    let (code, out, err) = ctl(&token, &["vm", "delete", "web"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("deleted"), "{out}");
+}

@@ -1,0 +1,105 @@
+//! The agent's API over HTTP, for the CLI.
+
+use std::time::Duration;
+
+use nubis_api::ApiError;
+use serde_json::Value;
+
+/// Errors of a CLI request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("{code} ({status}): {message}{field}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        field: String,
+    },
+    #[error("unexpected answer from the agent ({status}): {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|source| ClientError::Connect {
+                url: base.to_string(),
+                source,
+            })?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
+    }
+
+    /// Sends a request; returns the body (JSON, or text as a JSON string).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let (_, text) = self.raw(method, path, body)?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Sends a request; returns the status and the body text, or the API
+    /// error.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().unwrap_or_default();
+        if status >= 400 {
+            return Err(match serde_json::from_str::<ApiError>(&text) {
+                Ok(error) => ClientError::Api {
+                    status,
+                    code: serde_json::to_value(error.error.code)
+                        .ok()
+                        .and_then(|code| code.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    message: error.error.message,
+                    field: error
+                        .error
+                        .field
+                        .map(|field| format!(" (field: {field})"))
+                        .unwrap_or_default(),
+                },
+                Err(_) => ClientError::Unexpected { status, body: text },
+            });
+        }
+        Ok((status, text))
+    }
+}

@@ -1,0 +1,412 @@
+//! `nubisctl`: the host agent's CLI. Every endpoint, human output by
+//! default and the API's JSON with `--json`; a spinner while it waits on
+//! long operations (starting, stopping, waiting for a guest's console).
+
+mod client;
+mod output;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use client::{Client, ClientError};
+
+#[derive(Debug, Parser)]
+#[command(name = "nubisctl", version, about = "Control a Nubis host agent")]
+struct Cli {
+    /// The agent's URL.
+    #[arg(
+        long,
+        env = "NUBIS_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// Bearer token (the operator's or a tenant's).
+    #[arg(long, env = "NUBIS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The agent's health.
+    Health,
+    /// Tenants (operator).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API tokens of a tenant (operator).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// microVMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+        #[arg(long)]
+        max_vms: Option<u32>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Creates a token; the secret is printed once.
+    Create {
+        tenant: String,
+    },
+    List {
+        tenant: String,
+    },
+    Delete {
+        tenant: String,
+        token: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Registers an image from files on the agent's host.
+    Create {
+        name: String,
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        rootfs: String,
+        #[arg(long)]
+        initrd: Option<String>,
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
+        cmdline: String,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct VmCreate {
+    name: String,
+    #[arg(long)]
+    image: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    kernel_args: String,
+    /// A data disk: SIZE_MIB[,bw=BYTES_PER_S][,iops=N] (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// A NIC on the tenant's bridge: "" or bw=BYTES_PER_S[,pps=N] (repeatable).
+    #[arg(long)]
+    nic: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    Create(VmCreate),
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Starts a VM; with --wait-for, waits until its console shows TEXT.
+    Start {
+        id: String,
+        #[arg(long, value_name = "TEXT")]
+        wait_for: Option<String>,
+        /// Seconds to wait for TEXT.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Graceful stop (Ctrl-Alt-Del), forced after the agent's timeout.
+    Stop {
+        id: String,
+    },
+    ForceStop {
+        id: String,
+    },
+    Reboot {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// The serial console log; --follow streams it until the VM stops.
+    Console {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    Events {
+        id: String,
+    },
+}
+
+/// Parses `VALUE[,key=value...]` into the first value and a rate limit.
+fn parse_device(text: &str, first_is_size: bool) -> Result<(Option<u64>, Value), String> {
+    let mut size = None;
+    let mut limit = serde_json::Map::new();
+    for (index, part) in text.split(',').filter(|part| !part.is_empty()).enumerate() {
+        match part.split_once('=') {
+            Some(("bw", value)) => {
+                limit.insert("bytes_per_s".into(), json!(number(value)?));
+            }
+            Some(("iops" | "pps", value)) => {
+                limit.insert("ops_per_s".into(), json!(number(value)?));
+            }
+            None if index == 0 && first_is_size => size = Some(number(part)?),
+            _ => return Err(format!("cannot parse '{part}' in '{text}'")),
+        }
+    }
+    Ok((size, Value::Object(limit)))
+}
+
+fn number(text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not a number"))
+}
+
+fn run(cli: Cli) -> Result<(), ClientError> {
+    let client = Client::new(&cli.url, cli.token.clone())?;
+    let out = output::Output { json: cli.json };
+    match cli.command {
+        Command::Health => out.object(&client.call("GET", "/healthz", None)?),
+        Command::Tenant(command) => match command {
+            TenantCommand::Create {
+                name,
+                max_vcpus,
+                max_memory_mib,
+                max_vms,
+            } => {
+                let mut body = json!({ "name": name });
+                if max_vcpus.is_some() || max_memory_mib.is_some() || max_vms.is_some() {
+                    let default = nubis_api::Quota::default();
+                    body["quota"] = json!({
+                        "max_vcpus": max_vcpus.unwrap_or(default.max_vcpus),
+                        "max_memory_mib": max_memory_mib.unwrap_or(default.max_memory_mib),
+                        "max_vms": max_vms.unwrap_or(default.max_vms),
+                    });
+                }
+                out.object(&client.call("POST", "/v1/tenants", Some(&body))?)
+            }
+            TenantCommand::List => out.table(
+                &client.call("GET", "/v1/tenants", None)?,
+                &["id", "name", "quota", "created_at"],
+            ),
+            TenantCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/tenants/{id}"), None)?)
+            }
+            TenantCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/tenants/{id}"), None)?,
+                &format!("tenant {id} deleted"),
+            ),
+        },
+        Command::Token(command) => match command {
+            TokenCommand::Create { tenant } => {
+                out.object(&client.call("POST", &format!("/v1/tenants/{tenant}/tokens"), None)?)
+            }
+            TokenCommand::List { tenant } => out.table(
+                &client.call("GET", &format!("/v1/tenants/{tenant}/tokens"), None)?,
+                &["id", "tenant_id", "created_at"],
+            ),
+            TokenCommand::Delete { tenant, token } => out.done(
+                &client.call(
+                    "DELETE",
+                    &format!("/v1/tenants/{tenant}/tokens/{token}"),
+                    None,
+                )?,
+                &format!("token {token} revoked"),
+            ),
+        },
+        Command::Image(command) => match command {
+            ImageCommand::Create {
+                name,
+                kernel,
+                rootfs,
+                initrd,
+                cmdline,
+            } => {
+                let body = json!({ "name": name, "kernel": kernel, "rootfs": rootfs, "initrd": initrd, "cmdline": cmdline });
+                out.object(&client.call("POST", "/v1/images", Some(&body))?)
+            }
+            ImageCommand::List => out.table(
+                &client.call("GET", "/v1/images", None)?,
+                &["id", "name", "kernel", "rootfs", "rootfs_bytes"],
+            ),
+            ImageCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/images/{id}"), None)?)
+            }
+            ImageCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/images/{id}"), None)?,
+                &format!("image {id} deleted"),
+            ),
+        },
+        Command::Vm(command) => vm(&client, &out, command)?,
+    }
+    Ok(())
+}
+
+fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), ClientError> {
+    let action = |id: &str, verb: &str, message: &str| -> Result<(), ClientError> {
+        let spinner = out.spinner(&format!("{message} {id}"));
+        let result = client.call("POST", &format!("/v1/vms/{id}/{verb}"), None);
+        spinner.finish();
+        out.object(&result?);
+        Ok(())
+    };
+    match command {
+        VmCommand::Create(create) => {
+            let mut disks = Vec::new();
+            for text in &create.disk {
+                let (size, limit) = parse_device(text, true).map_err(usage)?;
+                let size =
+                    size.ok_or_else(|| usage(format!("--disk '{text}' needs a size in MiB")))?;
+                disks.push(json!({ "size_mib": size, "rate_limit": limit }));
+            }
+            let mut nics = Vec::new();
+            for text in &create.nic {
+                let (_, limit) = parse_device(text, false).map_err(usage)?;
+                nics.push(json!({ "rate_limit": limit }));
+            }
+            let body = json!({
+                "name": create.name, "image": create.image, "vcpus": create.vcpus,
+                "memory_mib": create.memory_mib, "kernel_args": create.kernel_args,
+                "disks": disks, "nics": nics,
+            });
+            out.object(&client.call("POST", "/v1/vms", Some(&body))?);
+        }
+        VmCommand::List { state, name } => {
+            let mut query = Vec::new();
+            if let Some(state) = state {
+                query.push(format!("state={state}"));
+            }
+            if let Some(name) = name {
+                query.push(format!("name={name}"));
+            }
+            let path = if query.is_empty() {
+                "/v1/vms".to_string()
+            } else {
+                format!("/v1/vms?{}", query.join("&"))
+            };
+            out.table(
+                &client.call("GET", &path, None)?,
+                &["id", "name", "state", "vcpus", "memory_mib", "pid"],
+            );
+        }
+        VmCommand::Show { id } => {
+            out.object(&client.call("GET", &format!("/v1/vms/{id}"), None)?)
+        }
+        VmCommand::Delete { id } => {
+            let spinner = out.spinner(&format!("deleting {id}"));
+            let result = client.call("DELETE", &format!("/v1/vms/{id}"), None);
+            spinner.finish();
+            out.done(&result?, &format!("VM {id} deleted"));
+        }
+        VmCommand::Start {
+            id,
+            wait_for,
+            timeout,
+        } => {
+            action(&id, "start", "starting")?;
+            if let Some(text) = wait_for {
+                let spinner = out.spinner(&format!("waiting for '{text}' on the console of {id}"));
+                let start = Instant::now();
+                let found = loop {
+                    let (_, console) = client.raw("GET", &format!("/v1/vms/{id}/console"), None)?;
+                    if console.contains(&text) {
+                        break true;
+                    }
+                    if start.elapsed() > Duration::from_secs(timeout) {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                };
+                spinner.finish();
+                if !found {
+                    return Err(ClientError::Unexpected {
+                        status: 0,
+                        body: format!("'{text}' did not appear on the console within {timeout} s"),
+                    });
+                }
+                out.note(&format!(
+                    "'{text}' appeared after {:.1} s",
+                    start.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        VmCommand::Stop { id } => action(&id, "stop", "stopping")?,
+        VmCommand::ForceStop { id } => action(&id, "force-stop", "forcing off")?,
+        VmCommand::Reboot { id } => action(&id, "reboot", "rebooting")?,
+        VmCommand::Pause { id } => action(&id, "pause", "pausing")?,
+        VmCommand::Resume { id } => action(&id, "resume", "resuming")?,
+        VmCommand::Console { id, follow } => {
+            let path = format!(
+                "/v1/vms/{id}/console{}",
+                if follow { "?follow=true" } else { "" }
+            );
+            let (_, text) = client.raw("GET", &path, None)?;
+            print!("{text}");
+        }
+        VmCommand::Events { id } => out.table(
+            &client.call("GET", &format!("/v1/vms/{id}/events"), None)?,
+            &["at", "kind", "message"],
+        ),
+    }
+    Ok(())
+}
+
+fn usage(message: String) -> ClientError {
+    ClientError::Unexpected {
+        status: 0,
+        body: message,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("nubisctl: error: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
