@@ -23,11 +23,14 @@ use nubis_agent::supervisor::Supervisor;
 )]
 struct Cli {
     /// Address and port to serve the API on.
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: SocketAddr,
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "openapi")]
+    listen: Option<SocketAddr>,
     /// Directory for the database and the VMs' files.
-    #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "openapi")]
+    data_dir: Option<PathBuf>,
+    /// Print the API's OpenAPI document and exit.
+    #[arg(long)]
+    openapi: bool,
     /// JSON config file (operator_token_file, vmm_binary, stop_timeout_s, image_dirs).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -40,6 +43,13 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.openapi {
+        print!("{}", nubis_agent::http::openapi::document());
+        return ExitCode::SUCCESS;
+    }
+    let (Some(listen), Some(data_dir)) = (cli.listen, cli.data_dir.clone()) else {
+        return fail("--listen and --data-dir are required");
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NUBIS_LOG")
@@ -55,7 +65,7 @@ fn main() -> ExitCode {
         None => ConfigFile::default(),
     };
     let env_token = std::env::var("NUBIS_OPERATOR_TOKEN").ok();
-    let config = match AgentConfig::assemble(cli.data_dir.clone(), file, env_token) {
+    let config = match AgentConfig::assemble(data_dir, file, env_token) {
         Ok(config) => config,
         Err(err) => return fail(err),
     };
@@ -76,7 +86,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the async runtime: {err}")),
     };
-    match runtime.block_on(serve(cli.listen, config, store)) {
+    match runtime.block_on(serve(listen, config, store)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(message),
     }

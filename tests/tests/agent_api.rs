@@ -346,6 +346,12 @@ fn authorization_bad_input_and_quotas() {
         1
     );
     assert_eq!(agent.call("GET", "/healthz", None, None).status, 200);
+    // The OpenAPI document is served as checked in.
+    let document = agent.call("GET", "/v1/openapi.json", None, None);
+    assert!(expect(&document, 200)["paths"]["/v1/vms/{id}/start"].is_object());
+    let checked_in =
+        std::fs::read_to_string(nubis_tests::workspace_root().join("api/openapi.json")).unwrap();
+    assert_eq!(document.text, checked_in);
 
     // Bad input: 400 with the field named, never a 500.
     let bad = |method: &str, path: &str, token: &str, body: Value, field: &str| {

@@ -54,7 +54,22 @@ fn regular_file(state: &AppState, field: &str, path: &str) -> Result<(String, u6
     }
 }
 
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    tag = "images",
+    request_body = ImageCreate,
+    responses(
+        (status = 201, description = "success", body = Image),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError),
+        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Body(mut request): Body<ImageCreate>,
@@ -80,7 +95,20 @@ async fn create(
     Ok((StatusCode::CREATED, Json(image)))
 }
 
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Image>>> {
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    tag = "images",
+    responses(
+        (status = 200, description = "success", body = Vec<Image>),
+        (status = 401, description = "no or unknown token", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Image>>> {
     let images = match caller.scope() {
         Some(tenant) => state.store.list_images(tenant)?,
         None => {
@@ -112,7 +140,19 @@ pub fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Image> {
     found.ok_or_else(|| HttpError::not_found("image", id))
 }
 
-async fn show(
+#[utoipa::path(
+    get,
+    path = "/v1/images/{id}",
+    tag = "images",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Image),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -120,7 +160,20 @@ async fn show(
     Ok(Json(find(&state, &caller, &id)?))
 }
 
-async fn remove(
+#[utoipa::path(
+    delete,
+    path = "/v1/images/{id}",
+    tag = "images",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

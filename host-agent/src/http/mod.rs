@@ -5,6 +5,7 @@
 //! tenant's resource gets 404, exactly as for one that does not exist.
 
 mod images;
+pub mod openapi;
 mod system;
 mod tenants;
 mod vms;

@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use nubis_api::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
+use nubis_api::{ApiError, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
 use super::{AppState, Body, Caller, HttpError, Result};
 use crate::validate;
@@ -31,7 +31,21 @@ fn check_quota(quota: &Quota) -> Result<()> {
     Ok(())
 }
 
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    request_body = TenantCreate,
+    responses(
+        (status = 201, description = "success", body = Tenant),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Body(request): Body<TenantCreate>,
@@ -45,7 +59,21 @@ async fn create(
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Tenant>>> {
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    responses(
+        (status = 200, description = "success", body = Vec<Tenant>),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Tenant>>> {
     caller.require_operator()?;
     Ok(Json(state.store.list_tenants()?))
 }
@@ -57,7 +85,20 @@ async fn find(state: &AppState, id: &str) -> Result<Tenant> {
         .ok_or_else(|| HttpError::not_found("tenant", id))
 }
 
-async fn show(
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{id}",
+    tag = "tenants",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Tenant),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -66,7 +107,21 @@ async fn show(
     Ok(Json(find(&state, &id).await?))
 }
 
-async fn remove(
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{id}",
+    tag = "tenants",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -84,7 +139,20 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn create_token(
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{id}/tokens",
+    tag = "tenants",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 201, description = "the token; its secret is shown only here", body = TokenCreated),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create_token(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -94,7 +162,20 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(state.store.create_token(&id)?)))
 }
 
-async fn list_tokens(
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{id}/tokens",
+    tag = "tenants",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Vec<TokenInfo>),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -104,7 +185,20 @@ async fn list_tokens(
     Ok(Json(state.store.list_tokens(&id)?))
 }
 
-async fn remove_token(
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{id}/tokens/{token_id}",
+    tag = "tenants",
+    params(("id" = String, Path, description = "id (or name)"), ("token_id" = String, Path, description = "token id")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn remove_token(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, token_id)): Path<(String, String)>,

@@ -82,7 +82,22 @@ fn check(request: &VmCreate) -> Result<()> {
     Ok(())
 }
 
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "vms",
+    request_body = VmCreate,
+    responses(
+        (status = 201, description = "success", body = Vm),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError),
+        (status = 429, description = "quota exceeded", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Body(mut request): Body<VmCreate>,
@@ -136,12 +151,24 @@ async fn create(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     state: Option<String>,
     name: Option<String>,
 }
 
-async fn list(
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    params(("state" = Option<String>, Query, description = "only VMs in this state"), ("name" = Option<String>, Query, description = "only the VM with this name")),
+    responses(
+        (status = 200, description = "success", body = Vec<Vm>),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Query(query): Query<ListQuery>,
@@ -170,7 +197,19 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Vm> {
         .ok_or_else(|| HttpError::not_found("VM", id))
 }
 
-async fn show(
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -193,7 +232,21 @@ where
     Ok(Json(find(state, caller, &vm_id)?))
 }
 
-async fn start(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/start",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "running", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError),
+        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn start(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -209,7 +262,20 @@ async fn start(
     .await
 }
 
-async fn stop(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/stop",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "stopped (Ctrl-Alt-Del, forced after the agent's timeout)", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn stop(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -220,7 +286,20 @@ async fn stop(
     .await
 }
 
-async fn force_stop(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/force-stop",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "stopped", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn force_stop(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -231,7 +310,21 @@ async fn force_stop(
     .await
 }
 
-async fn reboot(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/reboot",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "running again", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError),
+        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn reboot(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -252,7 +345,20 @@ async fn reboot(
     .await
 }
 
-async fn pause(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/pause",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "paused", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -263,7 +369,20 @@ async fn pause(
     .await
 }
 
-async fn resume(
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/resume",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "running", body = Vm),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "wrong state or already exists", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn resume(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -275,7 +394,19 @@ async fn resume(
 }
 
 /// Deletes a VM, stopping it at once first if it runs.
-async fn remove(
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{id}",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 204, description = "deleted (stopped first if it ran)"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -294,7 +425,7 @@ async fn remove(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConsoleQuery {
+pub(crate) struct ConsoleQuery {
     #[serde(default)]
     offset: u64,
     #[serde(default)]
@@ -305,7 +436,19 @@ const CONSOLE_CHUNK: usize = 256 * 1024;
 
 /// The serial console log: `offset` resumes a read (the next offset is in
 /// `X-Console-Offset`); `follow=true` streams new output until the VM stops.
-async fn console(
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}/console",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)"), ("offset" = Option<u64>, Query, description = "byte offset to read from; the next one is in X-Console-Offset"), ("follow" = Option<bool>, Query, description = "stream new output until the VM stops")),
+    responses(
+        (status = 200, description = "the console log as text", body = String),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn console(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -368,7 +511,19 @@ async fn console(
         .into_response())
 }
 
-async fn events(
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}/events",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Vec<VmEvent>),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

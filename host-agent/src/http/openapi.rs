@@ -1,0 +1,115 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and
+//! the `nubis_api` types; served at `/v1/openapi.json` and checked in as
+//! `api/openapi.json` (a test keeps the two equal).
+
+use nubis_api::error::ErrorBody;
+use nubis_api::{
+    ApiError, ErrorCode, Image, ImageCreate, Quota, RateLimit, Tenant, TenantCreate, TokenCreated,
+    TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{images, system, tenants, vms};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Nubis host agent API",
+        version = "1",
+        description = "Multi-tenant provisioning of microVMs. Every request carries `Authorization: Bearer TOKEN`: the operator's or a tenant's."
+    ),
+    paths(
+        system::health,
+        tenants::create, tenants::list, tenants::show, tenants::remove,
+        tenants::create_token, tenants::list_tokens, tenants::remove_token,
+        images::create, images::list, images::show, images::remove,
+        vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
+        vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
+    ),
+    components(schemas(
+        ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
+        Image, ImageCreate, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tenants", description = "Tenants and their tokens (operator only)"),
+        (name = "images", description = "Guest images"),
+        (name = "vms", description = "microVMs"),
+        (name = "system", description = "Health"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The document as pretty JSON, newline-terminated.
+pub fn document() -> String {
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|err| {
+        format!("{{\"error\": \"cannot render the OpenAPI document: {err}\"}}")
+    });
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_document_is_current() {
+        let checked_in =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.json");
+        let current = document();
+        if std::env::var_os("NUBIS_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&checked_in, &current).unwrap();
+        }
+        let stored = std::fs::read_to_string(&checked_in).unwrap_or_default();
+        assert!(
+            stored == current,
+            "api/openapi.json is out of date: run `NUBIS_UPDATE_OPENAPI=1 cargo test -p nubis-agent openapi`"
+        );
+    }
+
+    #[test]
+    fn every_route_is_documented() {
+        let document: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        let paths = document["paths"].as_object().unwrap();
+        for path in [
+            "/healthz",
+            "/v1/tenants",
+            "/v1/tenants/{id}",
+            "/v1/tenants/{id}/tokens",
+            "/v1/tenants/{id}/tokens/{token_id}",
+            "/v1/images",
+            "/v1/images/{id}",
+            "/v1/vms",
+            "/v1/vms/{id}",
+            "/v1/vms/{id}/start",
+            "/v1/vms/{id}/stop",
+            "/v1/vms/{id}/force-stop",
+            "/v1/vms/{id}/reboot",
+            "/v1/vms/{id}/pause",
+            "/v1/vms/{id}/resume",
+            "/v1/vms/{id}/console",
+            "/v1/vms/{id}/events",
+        ] {
+            assert!(
+                paths.contains_key(path),
+                "{path} is not in the OpenAPI document"
+            );
+        }
+        assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+    }
+}
