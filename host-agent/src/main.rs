@@ -105,6 +105,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         supervisor,
         operator,
         image_dirs,
+        metrics: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -141,6 +141,31 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     }
     let web_tap = format!("nbt{}0", &vms[0][3..11]);
     assert!(link_exists(&web_tap), "no tap {web_tap}");
+    // Metrics: VMs by state, API latency, and each VMM's device counters.
+    let metrics = agent.call("GET", "/metrics", OP, None);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics.text.contains("nubis_vms{state=\"running\"} 2"),
+        "{}",
+        metrics.text
+    );
+    assert!(metrics.text.contains("nubis_api_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/vms/{id}/start\""), "{}", metrics.text);
+    let root_reads = metrics
+        .text
+        .lines()
+        .find(|line| {
+            line.contains(&format!("vm=\"{}\"", vms[0]))
+                && line.contains("device=\"root\",counter=\"read_bytes\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no root read_bytes for {}:\n{}", vms[0], metrics.text));
+    assert!(root_reads > 0, "the guest booted from a disk it never read");
+    assert!(
+        metrics.text.contains("counter=\"rx_frames\""),
+        "{}",
+        metrics.text
+    );
+    assert_eq!(agent.call("GET", "/metrics", Some(&acme), None).status, 403);
     let web = &vms[0];
     let before = agent.call("GET", &format!("/v1/vms/{web}"), Some(&acme), None);
     let pid = expect(&before, 200)["pid"]

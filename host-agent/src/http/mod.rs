@@ -5,6 +5,7 @@
 //! tenant's resource gets 404, exactly as for one that does not exist.
 
 mod images;
+pub mod metrics;
 pub mod openapi;
 mod system;
 mod tenants;
@@ -33,6 +34,7 @@ pub struct AppState {
     pub operator: Arc<OperatorToken>,
     /// Where image files may come from.
     pub image_dirs: Arc<Vec<std::path::PathBuf>>,
+    pub metrics: Arc<metrics::ApiMetrics>,
 }
 
 /// The whole API.
@@ -42,7 +44,12 @@ pub fn router(state: AppState) -> Router {
         .merge(tenants::routes())
         .merge(images::routes())
         .merge(vms::routes())
+        .merge(metrics::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 

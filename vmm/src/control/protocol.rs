@@ -49,6 +49,9 @@ const PLAIN_COMMANDS: [&str; 5] = ["status", "pause", "resume", "shutdown", "sto
 pub struct DeviceStatus {
     pub id: String,
     pub rate_limit: RateLimit,
+    /// I/O counters since the VMM started, by name.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +237,7 @@ mod tests {
             uptime_ms: 5,
             boot_time_ms: None,
             devices: vec![DeviceStatus {
+                counters: [("read_bytes".to_string(), 512)].into(),
                 id: "nubis-disk0".into(),
                 rate_limit: RateLimit {
                     bytes_per_s: Some(1),

@@ -73,9 +73,17 @@ impl VmHandle {
             devices: self
                 .rate_limited
                 .iter()
-                .map(|(id, device)| DeviceStatus {
-                    id: id.clone(),
-                    rate_limit: lock(device).rate_limit(),
+                .map(|(id, device)| {
+                    let device = lock(device);
+                    DeviceStatus {
+                        id: id.clone(),
+                        rate_limit: device.rate_limit(),
+                        counters: device
+                            .counters()
+                            .into_iter()
+                            .map(|(name, value)| (name.to_string(), value))
+                            .collect(),
+                    }
                 })
                 .collect(),
         }

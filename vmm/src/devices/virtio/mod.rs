@@ -128,6 +128,9 @@ pub trait VirtioDevice: Send {
 pub trait RateLimited: Send {
     fn rate_limit(&self) -> RateLimit;
     fn set_rate_limit(&mut self, limit: RateLimit);
+    /// The device's I/O counters, by name, for the control socket's
+    /// `status` (the agent exports them as metrics).
+    fn counters(&self) -> Vec<(&'static str, u64)>;
 }
 
 /// Reads `data.len()` bytes at `offset` from a configuration blob; bytes

@@ -97,6 +97,39 @@ pub struct Block {
     interrupt: Arc<VirtioInterrupt>,
     limiter: RateLimiter,
     active: Option<ActiveQueue>,
+    counters: BlockCounters,
+}
+
+/// Request counters, for the control socket's `status`.
+#[derive(Debug, Default, Clone, Copy)]
+struct BlockCounters {
+    read_requests: u64,
+    read_bytes: u64,
+    write_requests: u64,
+    write_bytes: u64,
+    flushes: u64,
+    /// Malformed requests and requests that completed with an error.
+    errors: u64,
+}
+
+impl BlockCounters {
+    fn record(&mut self, kind: u32, bytes: u64, status: u8) {
+        match kind {
+            request::VIRTIO_BLK_T_IN => {
+                self.read_requests += 1;
+                self.read_bytes += bytes;
+            }
+            request::VIRTIO_BLK_T_OUT => {
+                self.write_requests += 1;
+                self.write_bytes += bytes;
+            }
+            request::VIRTIO_BLK_T_FLUSH => self.flushes += 1,
+            _ => {}
+        }
+        if status != request::VIRTIO_BLK_S_OK {
+            self.errors += 1;
+        }
+    }
 }
 
 /// Event sources of a disk, in [`EventDrivenDevice::event_sources`] order.
@@ -155,6 +188,7 @@ impl Block {
             interrupt,
             limiter,
             active: None,
+            counters: BlockCounters::default(),
         })
     }
 
@@ -194,9 +228,12 @@ impl Block {
                         break;
                     }
                     let done = request::execute(&request, memory, &mut disk);
+                    self.counters
+                        .record(request.kind, request.data_bytes(), done.status);
                     done.written.saturating_add(1)
                 }
                 Err(err) => {
+                    self.counters.errors += 1;
                     log::warn!("virtio-blk {}: bad request: {err}", self.path.display());
                     0
                 }
@@ -241,6 +278,19 @@ impl RateLimited for Block {
 
     fn set_rate_limit(&mut self, limit: RateLimit) {
         self.limiter.set_limit(limit, Instant::now());
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("read_requests", c.read_requests),
+            ("read_bytes", c.read_bytes),
+            ("write_requests", c.write_requests),
+            ("write_bytes", c.write_bytes),
+            ("flushes", c.flushes),
+            ("errors", c.errors),
+            ("throttled", self.limiter.throttled_count()),
+        ]
     }
 }
 
@@ -372,6 +422,10 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), 0);
         let used_len: u32 = mem.read_obj(GuestAddress(QUEUE.used_ring + 8)).unwrap();
         assert_eq!(used_len, 513);
+        let counters = block.counters();
+        assert!(counters.contains(&("read_requests", 1)), "{counters:?}");
+        assert!(counters.contains(&("read_bytes", 512)), "{counters:?}");
+        assert!(counters.contains(&("errors", 0)), "{counters:?}");
     }
 
     /// Publishes `count` one-sector read requests.

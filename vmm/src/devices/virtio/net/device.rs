@@ -315,6 +315,20 @@ impl RateLimited for Net {
         self.rx_limiter.set_limit(limit, now);
         self.tx_limiter.set_limit(limit, now);
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("rx_frames", c.rx_frames),
+            ("rx_bytes", c.rx_bytes),
+            ("rx_dropped", c.rx_dropped),
+            ("tx_frames", c.tx_frames),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_dropped", c.tx_dropped),
+            ("rx_throttled", self.rx_limiter.throttled_count()),
+            ("tx_throttled", self.tx_limiter.throttled_count()),
+        ]
+    }
 }
 
 impl VirtioDevice for Net {
