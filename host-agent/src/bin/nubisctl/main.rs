@@ -144,7 +144,9 @@ enum VmCommand {
     Delete {
         id: String,
     },
-    /// Starts a VM; with --wait-for, waits until its console shows TEXT.
+    /// Starts a VM; with --wait-for, waits until a console line starts with
+    /// TEXT (at a line's start, so that the kernel's echo of its command
+    /// line does not count).
     Start {
         id: String,
         #[arg(long, value_name = "TEXT")]
@@ -351,7 +353,10 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
                 let start = Instant::now();
                 let found = loop {
                     let (_, console) = client.raw("GET", &format!("/v1/vms/{id}/console"), None)?;
-                    if console.contains(&text) {
+                    if console
+                        .lines()
+                        .any(|line| line.trim_end_matches('\r').starts_with(&text))
+                    {
                         break true;
                     }
                     if start.elapsed() > Duration::from_secs(timeout) {
