@@ -149,7 +149,7 @@ def main():
                 t1 = time.monotonic()
                 api.call("POST", f"/v1/vms/{vm['id']}/start")
                 t2 = time.monotonic()
-                while MARKER not in api.call("GET", f"/v1/vms/{vm['id']}/console"):
+                while "\n" + MARKER not in api.call("GET", f"/v1/vms/{vm['id']}/console"):
                     if time.monotonic() - t2 > 600:
                         raise RuntimeError(f"{vm['id']}: no marker after 600 s")
                     time.sleep(0.2)

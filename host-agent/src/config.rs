@@ -93,6 +93,9 @@ impl AgentConfig {
         let vmm_binary = file.vmm_binary.unwrap_or_else(default_vmm_binary);
         let mut image_dirs = vec![data_dir.join("images")];
         image_dirs.extend(file.image_dirs);
+        // Tenants' uploads are reachable only by their owner (see
+        // http/uploads.rs), never through a shared image directory.
+        image_dirs.retain(|dir| !dir.starts_with(data_dir.join("uploads")));
         Ok(Self {
             data_dir,
             operator_token,

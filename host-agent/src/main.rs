@@ -95,6 +95,7 @@ fn main() -> ExitCode {
 async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Result<(), String> {
     let operator = Arc::new(OperatorToken::new(&config.operator_token));
     let image_dirs = Arc::new(config.image_dirs.clone());
+    let data_dir = config.data_dir.clone();
     let supervisor = Supervisor::new(store.clone(), config);
     supervisor
         .adopt_all()
@@ -106,6 +107,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         operator,
         image_dirs,
         metrics: Default::default(),
+        data_dir,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

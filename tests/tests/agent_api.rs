@@ -609,9 +609,9 @@ fn nubisctl_covers_the_api() {
         &["--json", "tenant", "create", "cli", "--max-vms", "3"],
     );
     assert_eq!(code, Some(0), "{err}");
-    let tenant: Value = serde_json::from_str(&out).expect("JSON output");
-    assert_eq!(tenant["quota"]["max_vms"], 3);
-    let tenant_id = tenant["id"].as_str().unwrap();
+    let created: Value = serde_json::from_str(&out).expect("JSON output");
+    assert_eq!(created["quota"]["max_vms"], 3);
+    let tenant_id = created["id"].as_str().unwrap();
     let (_, out, _) = ctl(OPERATOR_TOKEN, &["--json", "token", "create", tenant_id]);
     let token: Value = serde_json::from_str(&out).unwrap();
     let token = token["token"].as_str().unwrap().to_string();
@@ -685,4 +685,51 @@ fn nubisctl_covers_the_api() {
     let (code, out, err) = ctl(&token, &["vm", "delete", "web"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("deleted"), "{out}");
+    // Upload: the files are streamed to the agent and an image registered
+    // from them; another tenant cannot use them.
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "--json",
+            "image",
+            "upload",
+            "uploaded",
+            "--kernel",
+            &kernel,
+            "--rootfs",
+            &rootfs,
+            "--cmdline",
+            "console=ttyS0",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let image: Value = serde_json::from_str(&out).expect("JSON output");
+    let stored_kernel = image["kernel"].as_str().unwrap().to_string();
+    assert!(stored_kernel.contains("/uploads/"), "{image}");
+    assert!(
+        std::fs::read(&stored_kernel).unwrap() == std::fs::read(&images.vmlinux).unwrap(),
+        "the uploaded kernel differs"
+    );
+    assert_eq!(
+        image["rootfs_bytes"].as_u64(),
+        Some(std::fs::metadata(&images.rootfs).unwrap().len())
+    );
+    let uploads = agent.call("GET", "/v1/uploads", Some(&token), None);
+    assert_eq!(expect(&uploads, 200).as_array().unwrap().len(), 2);
+    let (_, other) = tenant(&agent, "other");
+    let stolen = agent.call(
+        "POST",
+        "/v1/images",
+        Some(&other),
+        Some(&json!({"name": "stolen", "kernel": stored_kernel, "rootfs": image["rootfs"]})),
+    );
+    assert_eq!(
+        (stolen.status, stolen.code()),
+        (400, "invalid_input"),
+        "{stolen:?}"
+    );
+    let in_use = agent.call("DELETE", "/v1/uploads/uploaded.kernel", Some(&token), None);
+    assert_eq!((in_use.status, in_use.code()), (409, "conflict"));
+    let bad_name = agent.call("PUT", "/v1/uploads/..", Some(&token), None);
+    assert_eq!(bad_name.status, 400, "{bad_name:?}");
 }

@@ -27,14 +27,29 @@ fn unprocessable(field: &str, message: String) -> HttpError {
 
 /// The file at `path` must be a regular file inside one of the image
 /// directories (after resolving symlinks); its resolved path and size.
-fn regular_file(state: &AppState, field: &str, path: &str) -> Result<(String, u64)> {
+fn regular_file(
+    state: &AppState,
+    caller_uploads: Option<&str>,
+    field: &str,
+    path: &str,
+) -> Result<(String, u64)> {
     validate::absolute_path(field, path)?;
     let resolved = std::fs::canonicalize(path)
         .map_err(|err| unprocessable(field, format!("cannot use {path}: {err}")))?;
+    // The operator's image directories, and the caller's own uploads.
+    let own_uploads = caller_uploads.map(|tenant| super::uploads::tenant_dir(state, tenant));
     let allowed = state
         .image_dirs
         .iter()
+        .chain(own_uploads.iter())
         .any(|dir| std::fs::canonicalize(dir).is_ok_and(|dir| resolved.starts_with(dir)));
+    // Another tenant's uploads stay out of reach even under a broad
+    // operator image directory.
+    let uploads_root = std::fs::canonicalize(state.data_dir.join("uploads")).ok();
+    let own = own_uploads.and_then(|dir| std::fs::canonicalize(dir).ok());
+    let foreign_upload = uploads_root.is_some_and(|root| resolved.starts_with(&root))
+        && !own.is_some_and(|own| resolved.starts_with(own));
+    let allowed = allowed && !foreign_upload;
     if !allowed {
         return Err(HttpError(ApiError {
             error: nubis_api::error::ErrorBody {
@@ -79,8 +94,8 @@ pub(crate) async fn create(
     validate::kernel_args("cmdline", &request.cmdline)?;
     // The resolved paths are stored: a symlink changed later does not
     // redirect the image.
-    request.kernel = regular_file(&state, "kernel", &request.kernel)?.0;
-    let (rootfs, rootfs_bytes) = regular_file(&state, "rootfs", &request.rootfs)?;
+    request.kernel = regular_file(&state, Some(tenant), "kernel", &request.kernel)?.0;
+    let (rootfs, rootfs_bytes) = regular_file(&state, Some(tenant), "rootfs", &request.rootfs)?;
     request.rootfs = rootfs;
     if rootfs_bytes < 512 {
         return Err(
@@ -88,7 +103,7 @@ pub(crate) async fn create(
         );
     }
     if let Some(initrd) = &request.initrd {
-        request.initrd = Some(regular_file(&state, "initrd", initrd)?.0);
+        request.initrd = Some(regular_file(&state, Some(tenant), "initrd", initrd)?.0);
     }
     let image = state.store.create_image(tenant, &request, rootfs_bytes)?;
     tracing::info!(tenant, image = %image.id, "image registered");

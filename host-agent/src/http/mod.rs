@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod openapi;
 mod system;
 mod tenants;
+mod uploads;
 mod vms;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub struct AppState {
     /// Where image files may come from.
     pub image_dirs: Arc<Vec<std::path::PathBuf>>,
     pub metrics: Arc<metrics::ApiMetrics>,
+    pub data_dir: std::path::PathBuf,
 }
 
 /// The whole API.
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(images::routes())
         .merge(vms::routes())
         .merge(metrics::routes())
+        .merge(uploads::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

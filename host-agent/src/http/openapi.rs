@@ -10,7 +10,7 @@ use nubis_api::{
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, system, tenants, vms};
+use super::{images, system, tenants, uploads, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,12 +24,13 @@ use super::{images, system, tenants, vms};
         tenants::create, tenants::list, tenants::show, tenants::remove,
         tenants::create_token, tenants::list_tokens, tenants::remove_token,
         images::create, images::list, images::show, images::remove,
+        uploads::upload, uploads::list, uploads::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+        Image, ImageCreate, uploads::Upload, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
     )),
     modifiers(&BearerAuth),
     tags(

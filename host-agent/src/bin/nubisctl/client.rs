@@ -57,6 +57,29 @@ impl Client {
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// Streams a local file as a request body (PUT).
+    pub fn upload(&self, path: &str, local: &std::path::Path) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let file = std::fs::File::open(local).map_err(|err| ClientError::Unexpected {
+            status: 0,
+            body: format!("cannot read {}: {err}", local.display()),
+        })?;
+        let mut request = self.http.put(&url).body(reqwest::blocking::Body::new(file));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().unwrap_or_default();
+        if status >= 400 {
+            return Err(api_error(status, text));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
     /// Sends a request; returns the status and the body text, or the API
     /// error.
     pub fn raw(
@@ -83,23 +106,28 @@ impl Client {
         let status = response.status().as_u16();
         let text = response.text().unwrap_or_default();
         if status >= 400 {
-            return Err(match serde_json::from_str::<ApiError>(&text) {
-                Ok(error) => ClientError::Api {
-                    status,
-                    code: serde_json::to_value(error.error.code)
-                        .ok()
-                        .and_then(|code| code.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    message: error.error.message,
-                    field: error
-                        .error
-                        .field
-                        .map(|field| format!(" (field: {field})"))
-                        .unwrap_or_default(),
-                },
-                Err(_) => ClientError::Unexpected { status, body: text },
-            });
+            return Err(api_error(status, text));
         }
         Ok((status, text))
+    }
+}
+
+/// The client error for an HTTP error reply.
+fn api_error(status: u16, text: String) -> ClientError {
+    match serde_json::from_str::<ApiError>(&text) {
+        Ok(error) => ClientError::Api {
+            status,
+            code: serde_json::to_value(error.error.code)
+                .ok()
+                .and_then(|code| code.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            message: error.error.message,
+            field: error
+                .error
+                .field
+                .map(|field| format!(" (field: {field})"))
+                .unwrap_or_default(),
+        },
+        Err(_) => ClientError::Unexpected { status, body: text },
     }
 }

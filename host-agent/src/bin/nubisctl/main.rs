@@ -101,6 +101,18 @@ enum ImageCommand {
         #[arg(long, default_value = "", allow_hyphen_values = true)]
         cmdline: String,
     },
+    /// Uploads local files to the agent and registers an image from them.
+    Upload {
+        name: String,
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
+        cmdline: String,
+    },
     List,
     Show {
         id: String,
@@ -268,6 +280,38 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             } => {
                 let body = json!({ "name": name, "kernel": kernel, "rootfs": rootfs, "initrd": initrd, "cmdline": cmdline });
                 out.object(&client.call("POST", "/v1/images", Some(&body))?)
+            }
+            ImageCommand::Upload {
+                name,
+                kernel,
+                rootfs,
+                initrd,
+                cmdline,
+            } => {
+                let mut stored = serde_json::Map::new();
+                let files = [
+                    ("kernel", Some(kernel)),
+                    ("rootfs", Some(rootfs)),
+                    ("initrd", initrd),
+                ];
+                for (role, local) in files {
+                    let Some(local) = local else { continue };
+                    let upload = format!("{name}.{role}");
+                    let spinner =
+                        out.spinner(&format!("uploading {} as {upload}", local.display()));
+                    let result = client.upload(&format!("/v1/uploads/{upload}"), &local);
+                    spinner.finish();
+                    let reply = result?;
+                    out.note(&format!(
+                        "uploaded {} ({} bytes)",
+                        local.display(),
+                        reply["bytes"]
+                    ));
+                    stored.insert(role.to_string(), reply["path"].clone());
+                }
+                stored.insert("name".into(), json!(name));
+                stored.insert("cmdline".into(), json!(cmdline));
+                out.object(&client.call("POST", "/v1/images", Some(&Value::Object(stored)))?)
             }
             ImageCommand::List => out.table(
                 &client.call("GET", "/v1/images", None)?,
