@@ -59,17 +59,24 @@ fn wait_for_console(agent: &Agent, token: &str, vm: &str, needle: &str) -> Strin
     }
 }
 
-fn vmm_running_with(config: &std::path::Path) -> bool {
+/// The pid of the VMM whose command line names `config`.
+fn vmm_pid(config: &std::path::Path) -> Option<u64> {
     let wanted = config.as_os_str().as_encoded_bytes().to_vec();
     std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries.flatten().any(|entry| {
-                std::fs::read(entry.path().join("cmdline"))
-                    .map(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == wanted))
-                    .unwrap_or(false)
-            })
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            if cmdline.split(|b| *b == 0).any(|arg| arg == wanted) {
+                entry.file_name().to_string_lossy().parse().ok()
+            } else {
+                None
+            }
         })
-        .unwrap_or(false)
+}
+
+fn vmm_running_with(config: &std::path::Path) -> bool {
+    vmm_pid(config).is_some()
 }
 
 /// Two VMs boot at once through the API; the agent is killed with SIGKILL
@@ -197,7 +204,31 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     agent.kill();
     let vm_config = data_dir.join("vms").join(web).join("vm.json");
     assert!(vmm_running_with(&vm_config), "the VMM died with the agent");
+    // While no agent watches, db's VMM dies.
+    let db = &vms[1];
+    let db_config = data_dir.join("vms").join(db).join("vm.json");
+    let db_pid = vmm_pid(&db_config).expect("db's VMM runs");
+    // SAFETY: kill with the pid of db's VMM, found by its command line.
+    unsafe { libc::kill(db_pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vmm_running_with(&db_config) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let agent = Agent::start(&data_dir, &image_dir);
+    let db_after = agent.call("GET", &format!("/v1/vms/{db}"), Some(&acme), None);
+    let db_after = expect(&db_after, 200);
+    assert_eq!(db_after["state"], "failed", "{db_after}");
+    assert!(
+        db_after["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("while the agent was down"),
+        "{db_after}"
+    );
+    assert!(
+        !link_exists(&format!("nbt{}0", &db[3..11])),
+        "the dead VM's tap was left behind"
+    );
     let after = agent.call("GET", &format!("/v1/vms/{web}"), Some(&acme), None);
     let after = expect(&after, 200);
     assert_eq!(after["state"], "running", "{after}");
@@ -216,6 +247,24 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     assert_eq!(expect(&paused, 200)["state"], "paused");
     let resumed = agent.call("POST", &format!("/v1/vms/{web}/resume"), Some(&acme), None);
     assert_eq!(expect(&resumed, 200)["state"], "running");
+    // Reboot: a graceful stop and a new VMM; the guest's init runs again.
+    let rebooted = agent.call("POST", &format!("/v1/vms/{web}/reboot"), Some(&acme), None);
+    let rebooted = expect(&rebooted, 200);
+    assert_eq!(rebooted["state"], "running", "{rebooted}");
+    assert_ne!(
+        rebooted["pid"].as_u64(),
+        Some(pid),
+        "the same VMM after a reboot"
+    );
+    let start = Instant::now();
+    while wait_for_console(&agent, &acme, web, "\nAGENT_VM_UP")
+        .matches("\nAGENT_VM_UP")
+        .count()
+        < 2
+    {
+        assert!(start.elapsed() < BOOT_GUARD, "the guest did not boot again");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Graceful stop: Ctrl-Alt-Del, the guest restarts, the VMM exits 0.
     let stopped = agent.call("POST", &format!("/v1/vms/{web}/stop"), Some(&acme), None);
