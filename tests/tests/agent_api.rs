@@ -276,6 +276,32 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         "the VMM still runs after stop"
     );
     assert!(!link_exists(&web_tap), "the tap outlived the VM's stop");
+    // The streaming console of a stopped VM returns what there is and ends.
+    let followed = agent.call(
+        "GET",
+        &format!("/v1/vms/{web}/console?follow=true"),
+        Some(&acme),
+        None,
+    );
+    assert_eq!(followed.status, 200);
+    assert_eq!(
+        followed.text.matches("\nAGENT_VM_UP").count(),
+        2,
+        "{}",
+        followed.text
+    );
+    let tail = agent.call(
+        "GET",
+        &format!("/v1/vms/{web}/console?offset=100"),
+        Some(&acme),
+        None,
+    );
+    let next: u64 = tail.header("x-console-offset").unwrap().parse().unwrap();
+    assert_eq!(
+        next as usize,
+        followed.text.len(),
+        "the next offset is the log's end"
+    );
     // Deleting the running one stops it too; nothing is left behind.
     for vm in &vms {
         let reply = agent.call("DELETE", &format!("/v1/vms/{vm}"), Some(&acme), None);
@@ -781,4 +807,23 @@ fn nubisctl_covers_the_api() {
     assert_eq!((in_use.status, in_use.code()), (409, "conflict"));
     let bad_name = agent.call("PUT", "/v1/uploads/..", Some(&token), None);
     assert_eq!(bad_name.status, 400, "{bad_name:?}");
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "not a kernel").unwrap();
+    let (code, _, err) = ctl(&token, &["upload", "put", "notes", notes.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = ctl(&token, &["upload", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("notes") && out.contains("uploaded.rootfs"),
+        "{out}"
+    );
+    let (code, out, err) = ctl(&token, &["upload", "delete", "notes"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    let (code, out, _) = ctl(OPERATOR_TOKEN, &["metrics"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("nubis_vms{state=\"stopped\"}"), "{out}");
+    let (code, out, _) = ctl(&token, &["openapi"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"openapi\""), "{out}");
 }

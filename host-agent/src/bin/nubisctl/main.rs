@@ -50,6 +50,26 @@ enum Command {
     /// microVMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Files uploaded for images.
+    #[command(subcommand)]
+    Upload(UploadCommand),
+    /// The agent's Prometheus metrics (operator).
+    Metrics,
+    /// The agent's OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+enum UploadCommand {
+    /// Uploads one local file under NAME.
+    Put {
+        name: String,
+        file: std::path::PathBuf,
+    },
+    List,
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -326,6 +346,24 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             ),
         },
         Command::Vm(command) => vm(&client, &out, command)?,
+        Command::Upload(command) => match command {
+            UploadCommand::Put { name, file } => {
+                let spinner = out.spinner(&format!("uploading {}", file.display()));
+                let result = client.upload(&format!("/v1/uploads/{name}"), &file);
+                spinner.finish();
+                out.object(&result?)
+            }
+            UploadCommand::List => out.table(
+                &client.call("GET", "/v1/uploads", None)?,
+                &["name", "bytes", "path"],
+            ),
+            UploadCommand::Delete { name } => out.done(
+                &client.call("DELETE", &format!("/v1/uploads/{name}"), None)?,
+                &format!("upload {name} deleted"),
+            ),
+        },
+        Command::Metrics => print!("{}", client.raw("GET", "/metrics", None)?.1),
+        Command::Openapi => print!("{}", client.raw("GET", "/v1/openapi.json", None)?.1),
     }
     Ok(())
 }
