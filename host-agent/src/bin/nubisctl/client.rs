@@ -59,24 +59,13 @@ impl Client {
 
     /// Streams a local file as a request body (PUT).
     pub fn upload(&self, path: &str, local: &std::path::Path) -> Result<Value, ClientError> {
-        let url = format!("{}{path}", self.base);
         let file = std::fs::File::open(local).map_err(|err| ClientError::Unexpected {
             status: 0,
             body: format!("cannot read {}: {err}", local.display()),
         })?;
-        let mut request = self.http.put(&url).body(reqwest::blocking::Body::new(file));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().map_err(|source| ClientError::Connect {
-            url: url.clone(),
-            source,
-        })?;
-        let status = response.status().as_u16();
-        let text = response.text().unwrap_or_default();
-        if status >= 400 {
-            return Err(api_error(status, text));
-        }
+        let url = format!("{}{path}", self.base);
+        let request = self.http.put(&url).body(reqwest::blocking::Body::new(file));
+        let (_, text) = self.send(request, &url)?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
@@ -91,16 +80,25 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut request = self.http.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_string());
         }
+        self.send(request, &url)
+    }
+
+    /// Adds the token, sends, and turns an HTTP error into the API's error.
+    fn send(
+        &self,
+        mut request: reqwest::blocking::RequestBuilder,
+        url: &str,
+    ) -> Result<(u16, String), ClientError> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         let response = request.send().map_err(|source| ClientError::Connect {
-            url: url.clone(),
+            url: url.to_string(),
             source,
         })?;
         let status = response.status().as_u16();
