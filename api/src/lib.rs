@@ -8,11 +8,13 @@
 
 pub mod error;
 pub mod image;
+pub mod network;
 pub mod tenant;
 pub mod vm;
 
 pub use error::{ApiError, ErrorCode};
 pub use image::{Image, ImageCreate};
+pub use network::{Network, NetworkCreate};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState};
 

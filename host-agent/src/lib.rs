@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod disks;
 pub mod http;
+pub mod ipv4;
 pub mod network;
 pub mod store;
 pub mod supervisor;

@@ -636,6 +636,83 @@ fn authorization_bad_input_and_quotas() {
         1
     );
 
+    // Virtual networks: CIDRs checked, no overlap on the host, tenancy.
+    let network = agent.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme),
+        Some(&json!({"name": "front", "cidr": "10.42.0.0/24"})),
+    );
+    let network = expect(&network, 201).clone();
+    assert_eq!(network["gateway"], "10.42.0.1");
+    assert!(network["vni"].as_u64().unwrap() >= 4096);
+    let net_id = network["id"].as_str().unwrap();
+    bad(
+        "POST",
+        "/v1/networks",
+        &acme,
+        json!({"name": "x", "cidr": "10.42.1.5/24"}),
+        "cidr",
+    );
+    bad(
+        "POST",
+        "/v1/networks",
+        &acme,
+        json!({"name": "x", "cidr": "10.0.0.0/8"}),
+        "cidr",
+    );
+    bad(
+        "POST",
+        "/v1/networks",
+        &acme,
+        json!({"name": "X", "cidr": "10.43.0.0/24"}),
+        "name",
+    );
+    let overlap = agent.call(
+        "POST",
+        "/v1/networks",
+        Some(&globex),
+        Some(&json!({"name": "b", "cidr": "10.42.0.128/25"})),
+    );
+    assert_eq!(
+        (overlap.status, overlap.code()),
+        (409, "conflict"),
+        "{overlap:?}"
+    );
+    for (method, path) in [
+        ("GET", format!("/v1/networks/{net_id}")),
+        ("DELETE", format!("/v1/networks/{net_id}")),
+    ] {
+        let reply = agent.call(method, &path, Some(&globex), None);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "not_found"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/networks", Some(&globex), None), 200),
+        &json!([])
+    );
+    assert_eq!(
+        expect(&agent.call("GET", "/v1/networks", OP, None), 200)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        agent
+            .call(
+                "DELETE",
+                &format!("/v1/networks/{net_id}"),
+                Some(&acme),
+                None
+            )
+            .status,
+        204
+    );
+
     // A tenant with resources cannot be deleted; a token can be revoked.
     let busy = agent.call("DELETE", &format!("/v1/tenants/{acme_id}"), OP, None);
     assert_eq!((busy.status, busy.code()), (409, "conflict"));

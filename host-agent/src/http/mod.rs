@@ -6,6 +6,7 @@
 
 mod images;
 pub mod metrics;
+mod networks;
 pub mod openapi;
 mod system;
 mod tenants;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(vms::routes())
         .merge(metrics::routes())
         .merge(uploads::routes())
+        .merge(networks::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

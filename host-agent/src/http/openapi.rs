@@ -4,13 +4,13 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    ApiError, ErrorCode, Image, ImageCreate, Quota, RateLimit, Tenant, TenantCreate, TokenCreated,
-    TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
+    ApiError, ErrorCode, Image, ImageCreate, Network, NetworkCreate, Quota, RateLimit, Tenant,
+    TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, system, tenants, uploads, vms};
+use super::{images, networks, system, tenants, uploads, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,18 +25,20 @@ use super::{images, system, tenants, uploads, vms};
         tenants::create_token, tenants::list_tokens, tenants::remove_token,
         images::create, images::list, images::show, images::remove,
         uploads::upload, uploads::list, uploads::remove,
+        networks::create, networks::list, networks::show, networks::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, uploads::Upload, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "tenants", description = "Tenants and their tokens (operator only)"),
         (name = "images", description = "Guest images"),
         (name = "vms", description = "microVMs"),
+        (name = "networks", description = "Tenant virtual networks"),
         (name = "system", description = "Health"),
     )
 )]

@@ -8,6 +8,7 @@
 //! SQLite serializes writers anyway.
 
 mod images;
+mod networks;
 mod tenants;
 mod vms;
 
@@ -75,6 +76,17 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE tenant_subnets (
         tenant_id TEXT PRIMARY KEY REFERENCES tenants(id) ON DELETE CASCADE,
         subnet INTEGER NOT NULL UNIQUE
+     );",
+    // 3: tenant virtual networks.
+    "CREATE TABLE networks (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL,
+        cidr TEXT NOT NULL,
+        nat INTEGER NOT NULL,
+        vni INTEGER NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        UNIQUE (tenant_id, name)
      );",
 ];
 

@@ -82,13 +82,14 @@ impl Store {
         let conn = self.conn();
         let owned: u32 = conn.query_row(
             "SELECT (SELECT COUNT(*) FROM vms WHERE tenant_id = ?1)
-                  + (SELECT COUNT(*) FROM images WHERE tenant_id = ?1)",
+                  + (SELECT COUNT(*) FROM images WHERE tenant_id = ?1)
+                  + (SELECT COUNT(*) FROM networks WHERE tenant_id = ?1)",
             [id],
             |row| row.get(0),
         )?;
         if owned > 0 {
             return Err(StoreError::InUse(format!(
-                "tenant {id} still has {owned} VM(s) or image(s): delete them first"
+                "tenant {id} still has {owned} VM(s), image(s) or network(s): delete them first"
             )));
         }
         Ok(conn.execute("DELETE FROM tenants WHERE id = ?1", [id])? > 0)

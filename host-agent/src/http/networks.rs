@@ -1,0 +1,113 @@
+//! `/v1/networks`: a tenant's virtual networks (CIDR, gateway, VXLAN id).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use nubis_api::{ApiError, Network, NetworkCreate};
+
+use super::{AppState, Body, Caller, HttpError, Result};
+use crate::ipv4::Cidr;
+use crate::validate;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/networks", get(list).post(create))
+        .route("/v1/networks/{id}", get(show).delete(remove))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/networks",
+    tag = "networks",
+    request_body = NetworkCreate,
+    responses(
+        (status = 201, description = "created", body = Network),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator token", body = ApiError),
+        (status = 409, description = "the name exists or the CIDR overlaps another network", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(request): Body<NetworkCreate>,
+) -> Result<(StatusCode, Json<Network>)> {
+    let tenant = caller.tenant()?;
+    validate::name("name", &request.name, false)?;
+    let cidr: Cidr = request
+        .cidr
+        .parse()
+        .map_err(|err: String| ApiError::invalid("cidr", err))?;
+    let network = state.store.create_network(tenant, &request, cidr)?;
+    tracing::info!(tenant, network = %network.id, cidr = %network.cidr, "network created");
+    Ok((StatusCode::CREATED, Json(network)))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/networks",
+    tag = "networks",
+    responses(
+        (status = 200, description = "the caller's networks (all for the operator)", body = Vec<Network>),
+        (status = 401, description = "no or unknown token", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Network>>> {
+    Ok(Json(state.store.list_networks(caller.scope())?))
+}
+
+fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Network> {
+    state
+        .store
+        .get_network(caller.scope(), id)?
+        .ok_or_else(|| HttpError::not_found("network", id))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/networks/{id}",
+    tag = "networks",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 200, description = "success", body = Network),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Network>> {
+    Ok(Json(find(&state, &caller, &id)?))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/networks/{id}",
+    tag = "networks",
+    params(("id" = String, Path, description = "id (or name)")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let network = find(&state, &caller, &id)?;
+    state.store.delete_network(&network.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
