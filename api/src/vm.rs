@@ -29,6 +29,10 @@ pub struct VmDisk {
 pub struct VmNic {
     #[serde(default)]
     pub rate_limit: RateLimit,
+    /// A virtual network (id or name, see `/v1/networks`); the tenant's
+    /// default bridge when absent. Stored as the network's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Assigned by the agent; ignored in requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,

@@ -25,6 +25,20 @@ impl Cidr {
             .unwrap_or(0)
     }
 
+    /// The network of `address` with `prefix` (host bits cleared).
+    pub fn of(address: Ipv4Addr, prefix: u8) -> Self {
+        let mut cidr = Cidr {
+            base: u32::from(address),
+            prefix: prefix.min(32),
+        };
+        cidr.base &= cidr.mask();
+        cidr
+    }
+
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.mask())
+    }
+
     pub fn base(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.base)
     }

@@ -8,8 +8,6 @@
 use std::collections::HashSet;
 use std::process::Stdio;
 
-use nubis_api::Vm;
-
 /// Errors in setting up host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -42,12 +40,23 @@ pub fn address(subnet: u8, host: u8) -> String {
     format!("{PREFIX}.{subnet}.{host}")
 }
 
-/// The kernel's `ip=` argument for a NIC.
-pub fn kernel_ip_arg(address: &str, subnet: u8, device: &str) -> String {
-    format!(
-        "ip={address}::{}:255.255.255.0::{device}:off",
-        gateway(subnet)
-    )
+/// The kernel's `ip=` argument for a NIC with `address_cidr` (like
+/// "10.88.4.2/24"): the gateway is its network's first address, as on
+/// every bridge the agent makes.
+pub fn kernel_ip_arg(address_cidr: &str, device: &str) -> Option<String> {
+    let (address, prefix) = address_cidr.split_once('/')?;
+    let address: std::net::Ipv4Addr = address.parse().ok()?;
+    let network = crate::ipv4::Cidr::of(address, prefix.parse().ok()?);
+    Some(format!(
+        "ip={address}::{}:{}::{device}:off",
+        network.gateway(),
+        network.netmask()
+    ))
+}
+
+/// The bridge of a virtual network (see `/v1/networks`).
+pub fn network_bridge_name(vni: u32) -> String {
+    format!("nbn{vni}")
 }
 
 /// The lowest host number not in `used`.
@@ -55,17 +64,6 @@ pub fn free_host(used: &HashSet<u8>, subnet: u8) -> Result<u8, NetworkError> {
     (2..=254)
         .find(|host| !used.contains(host))
         .ok_or_else(|| NetworkError::Exhausted(format!("{PREFIX}.{subnet}.0/24")))
-}
-
-/// The host numbers the VMs' NICs hold in a subnet.
-pub fn used_hosts(vms: &[Vm], subnet: u8) -> HashSet<u8> {
-    let prefix = format!("{PREFIX}.{subnet}.");
-    vms.iter()
-        .flat_map(|vm| vm.nics.iter())
-        .filter_map(|nic| nic.address.as_deref())
-        .filter_map(|address| address.strip_prefix(&prefix))
-        .filter_map(|host| host.split('/').next()?.parse().ok())
-        .collect()
 }
 
 /// A random locally administered unicast MAC with the 02:4e:42 prefix.
@@ -103,24 +101,23 @@ async fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).await.is_ok()
 }
 
-/// Creates the tenant's bridge with its gateway address, if missing.
-pub async fn ensure_bridge(subnet: u8) -> Result<(), NetworkError> {
-    let bridge = bridge_name(subnet);
-    if !link_exists(&bridge).await {
-        ip(&["link", "add", "name", &bridge, "type", "bridge"]).await?;
-        let gateway = format!("{}/24", gateway(subnet));
-        ip(&["addr", "add", &gateway, "dev", &bridge]).await?;
+/// Creates `bridge` with the gateway address `gateway_cidr` (like
+/// "10.88.4.1/24"), if missing.
+pub async fn ensure_bridge(bridge: &str, gateway_cidr: &str) -> Result<(), NetworkError> {
+    if !link_exists(bridge).await {
+        ip(&["link", "add", "name", bridge, "type", "bridge"]).await?;
+        ip(&["addr", "add", gateway_cidr, "dev", bridge]).await?;
     }
-    ip(&["link", "set", "dev", &bridge, "up"]).await
+    ip(&["link", "set", "dev", bridge, "up"]).await
 }
 
-/// Creates a NIC's tap on the tenant's bridge (replacing a stale one).
-pub async fn create_tap(tap: &str, subnet: u8) -> Result<(), NetworkError> {
+/// Creates a NIC's tap on `bridge` (replacing a stale one).
+pub async fn create_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
     if link_exists(tap).await {
         ip(&["link", "del", "dev", tap]).await?;
     }
     ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
-    ip(&["link", "set", "dev", tap, "master", &bridge_name(subnet)]).await?;
+    ip(&["link", "set", "dev", tap, "master", bridge]).await?;
     ip(&["link", "set", "dev", tap, "up"]).await
 }
 
@@ -142,9 +139,15 @@ mod tests {
         assert!(tap_name("vm-0123456789abcdef", 7).len() <= 15);
         assert_eq!(bridge_name(255), "nbr255");
         assert_eq!(
-            kernel_ip_arg("10.88.4.2", 4, "eth0"),
-            "ip=10.88.4.2::10.88.4.1:255.255.255.0::eth0:off"
+            kernel_ip_arg("10.88.4.2/24", "eth0").as_deref(),
+            Some("ip=10.88.4.2::10.88.4.1:255.255.255.0::eth0:off")
         );
+        assert_eq!(
+            kernel_ip_arg("10.77.0.130/25", "eth0").as_deref(),
+            Some("ip=10.77.0.130::10.77.0.129:255.255.255.128::eth0:off")
+        );
+        assert_eq!(kernel_ip_arg("nonsense", "eth0"), None);
+        assert_eq!(network_bridge_name(16777215), "nbn16777215");
     }
 
     #[test]

@@ -94,16 +94,24 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     let (_, globex) = tenant(&agent, "globex");
     let image = register_image(&agent, &acme, "echo AGENT_VM_UP; read wait_forever");
 
+    // web's NIC goes on the tenant's default bridge, db's on a network.
+    let back = agent.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme),
+        Some(&json!({"name": "back", "cidr": "10.77.0.0/24"})),
+    );
+    let back = expect(&back, 201).clone();
     let mut vms = Vec::new();
     let mut addresses = Vec::new();
-    for name in ["web", "db"] {
+    for (name, nic) in [("web", json!({})), ("db", json!({"network": "back"}))] {
         let reply = agent.call(
             "POST",
             "/v1/vms",
             Some(&acme),
             Some(&json!({"name": name, "image": image, "memory_mib": 128,
                          "disks": [{"size_mib": 16, "rate_limit": {"bytes_per_s": 10485760}}],
-                         "nics": [{}]})),
+                         "nics": [nic]})),
         );
         let vm = expect(&reply, 201);
         assert_eq!(vm["state"], "stopped");
@@ -117,6 +125,10 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
             .unwrap()
             .trim_end_matches("/24")
             .to_string();
+        if name == "db" {
+            assert_eq!(address, "10.77.0.2", "db's address comes from its network");
+            assert_eq!(nic["network"], back["id"]);
+        }
         assert!(!addresses.contains(&address), "two NICs got {address}");
         addresses.push(address);
         vms.push(vm["id"].as_str().unwrap().to_string());
@@ -328,6 +340,24 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
             .call("DELETE", &format!("/v1/images/{image}"), Some(&acme), None)
             .status,
         204
+    );
+    let network_bridge = format!("nbn{}", back["vni"]);
+    assert!(link_exists(&network_bridge), "no bridge {network_bridge}");
+    let back_id = back["id"].as_str().unwrap();
+    assert_eq!(
+        agent
+            .call(
+                "DELETE",
+                &format!("/v1/networks/{back_id}"),
+                Some(&acme),
+                None
+            )
+            .status,
+        204
+    );
+    assert!(
+        !link_exists(&network_bridge),
+        "the network's bridge remains"
     );
     let bridges_before = links_with_prefix("nbr");
     assert_eq!(

@@ -98,7 +98,8 @@ pub(crate) async fn show(
     responses(
         (status = 204, description = "deleted"),
         (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        (status = 409, description = "NICs are attached to it", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -108,6 +109,33 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let network = find(&state, &caller, &id)?;
+    let _lock = state.supervisor.network_lock().await;
+    let users: Vec<String> = state
+        .store
+        .list_vms(Some(&network.tenant_id), None)?
+        .into_iter()
+        .filter(|vm| {
+            vm.nics
+                .iter()
+                .any(|nic| nic.network.as_deref() == Some(network.id.as_str()))
+        })
+        .map(|vm| vm.name)
+        .collect();
+    if !users.is_empty() {
+        return Err(HttpError::new(
+            nubis_api::ErrorCode::Conflict,
+            format!(
+                "network {} has NICs of VM(s) {}: delete them first",
+                network.id,
+                users.join(", ")
+            ),
+        ));
+    }
     state.store.delete_network(&network.id)?;
+    if let Err(err) =
+        crate::network::delete_link(&crate::network::network_bridge_name(network.vni)).await
+    {
+        tracing::warn!(network = %network.id, "cannot remove the network's bridge: {err}");
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -10,6 +10,7 @@ use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
 use super::{images, AppState, Body, Caller, HttpError, Result};
+use crate::ipv4::Cidr;
 use crate::network;
 use crate::store::NewVm;
 use crate::supervisor::read_console;
@@ -118,14 +119,56 @@ pub(crate) async fn create(
     // creations never hand out the same address.
     let _network = state.supervisor.network_lock().await;
     if !request.nics.is_empty() {
-        let subnet = state.store.tenant_subnet(&tenant_id)?;
         let vms = state.store.list_vms(Some(&tenant_id), None)?;
-        let mut used = network::used_hosts(&vms, subnet);
-        for nic in &mut request.nics {
-            let host = network::free_host(&used, subnet)
-                .map_err(|err| HttpError::new(ErrorCode::QuotaExceeded, err.to_string()))?;
-            used.insert(host);
-            nic.address = Some(format!("{}/24", network::address(subnet, host)));
+        // Addresses in use, across the tenant's VMs and this request.
+        let mut used: std::collections::HashSet<std::net::Ipv4Addr> = vms
+            .iter()
+            .flat_map(|vm| vm.nics.iter())
+            .filter_map(|nic| nic.address.as_deref()?.split('/').next()?.parse().ok())
+            .collect();
+        let exhausted = |what: &str| {
+            HttpError::new(
+                ErrorCode::QuotaExceeded,
+                format!("no free address left in {what}"),
+            )
+        };
+        for (index, nic) in request.nics.iter_mut().enumerate() {
+            let (address, prefix) = match &nic.network {
+                Some(wanted) => {
+                    let net = state
+                        .store
+                        .get_network(Some(&tenant_id), wanted)?
+                        .ok_or_else(|| {
+                            HttpError(ApiError::invalid(
+                                &format!("nics[{index}].network"),
+                                format!("no network '{wanted}'"),
+                            ))
+                        })?;
+                    let cidr: Cidr = net.cidr.parse().map_err(|err: String| {
+                        HttpError::new(
+                            ErrorCode::Internal,
+                            format!("stored network {}: {err}", net.id),
+                        )
+                    })?;
+                    nic.network = Some(net.id);
+                    let address = cidr.allocate(&used).ok_or_else(|| exhausted(&net.cidr))?;
+                    (address, cidr.prefix())
+                }
+                None => {
+                    let subnet = state.store.tenant_subnet(&tenant_id)?;
+                    let hosts = used
+                        .iter()
+                        .filter(|address| address.octets()[..3] == [10, 88, subnet])
+                        .map(|address| address.octets()[3])
+                        .collect();
+                    let host = network::free_host(&hosts, subnet)
+                        .map_err(|_| exhausted(&format!("10.88.{subnet}.0/24")))?;
+                    let address = std::net::Ipv4Addr::new(10, 88, subnet, host);
+                    (address, 24)
+                }
+            };
+            used.insert(address);
+            nic.address = Some(format!("{address}/{prefix}"));
             nic.mac = Some(network::random_mac());
             nic.tap = None;
         }

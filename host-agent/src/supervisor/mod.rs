@@ -94,18 +94,37 @@ impl Supervisor {
         self.network.clone().lock_owned().await
     }
 
-    /// Creates the taps of `vm`'s NICs on its tenant's bridge.
-    async fn plug_nics(&self, vm: &Vm) -> Result<Option<u8>, SupervisorError> {
-        if vm.nics.is_empty() {
-            return Ok(None);
-        }
-        let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
+    /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
+    /// or on the tenant's default bridge.
+    async fn plug_nics(&self, vm: &Vm) -> Result<(), SupervisorError> {
         let _network = self.network_lock().await;
-        network::ensure_bridge(subnet).await?;
-        for index in 0..vm.nics.len() {
-            network::create_tap(&network::tap_name(&vm.id, index), subnet).await?;
+        for (index, nic) in vm.nics.iter().enumerate() {
+            let (bridge, gateway) = match &nic.network {
+                Some(id) => {
+                    let net = self.store.get_network(None, id)?.ok_or_else(|| {
+                        SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
+                    })?;
+                    let cidr: crate::ipv4::Cidr = net
+                        .cidr
+                        .parse()
+                        .map_err(|err: String| SupervisorError::Store(StoreError::Corrupt(err)))?;
+                    (
+                        network::network_bridge_name(net.vni),
+                        format!("{}/{}", cidr.gateway(), cidr.prefix()),
+                    )
+                }
+                None => {
+                    let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
+                    (
+                        network::bridge_name(subnet),
+                        format!("{}/24", network::gateway(subnet)),
+                    )
+                }
+            };
+            network::ensure_bridge(&bridge, &gateway).await?;
+            network::create_tap(&network::tap_name(&vm.id, index), &bridge).await?;
         }
-        Ok(Some(subnet))
+        Ok(())
     }
 
     /// Removes the taps of `vm_id`'s NICs.
@@ -152,8 +171,8 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let paths = self.paths(&vm.id);
-        let subnet = self.plug_nics(vm).await?;
-        self.prepare_files(vm, image, &paths, subnet).await?;
+        self.plug_nics(vm).await?;
+        self.prepare_files(vm, image, &paths).await?;
         // A socket left by a VMM that died cannot be bound over by a file
         // of another kind, but a stale one is replaced by the VMM itself.
         let spawned = process::spawn(&self.config.vmm_binary, &paths)?;
@@ -178,7 +197,6 @@ impl Supervisor {
         vm: &Vm,
         image: &Image,
         paths: &VmPaths,
-        subnet: Option<u8>,
     ) -> Result<(), SupervisorError> {
         std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
             path: paths.dir.clone(),
@@ -204,7 +222,7 @@ impl Supervisor {
                 disks::create_data_disk(&path, disk.size_mib)?;
             }
         }
-        let config = vmm_config(vm, image, paths, subnet);
+        let config = vmm_config(vm, image, paths);
         std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
             SupervisorError::Files {
                 path: paths.vmm_config.clone(),
@@ -385,8 +403,7 @@ impl Supervisor {
 }
 
 /// The VMM's JSON config for `vm`.
-/// `subnet` is the tenant's when the VM has NICs.
-fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths, subnet: Option<u8>) -> serde_json::Value {
+fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
     let limit = |limit: &nubis_api::RateLimit| serde_json::to_value(limit).unwrap_or_default();
     let mut disks = vec![serde_json::json!({
         "path": paths.root_disk,
@@ -414,16 +431,12 @@ fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths, subnet: Option<u8>) -> se
         })
         .collect();
     // The kernel configures one interface from `ip=`: the first NIC's.
-    let ip_arg = match (
-        subnet,
-        vm.nics.first().and_then(|nic| nic.address.as_deref()),
-    ) {
-        (Some(subnet), Some(address)) => {
-            let address = address.split('/').next().unwrap_or(address);
-            network::kernel_ip_arg(address, subnet, "eth0")
-        }
-        _ => String::new(),
-    };
+    let ip_arg = vm
+        .nics
+        .first()
+        .and_then(|nic| nic.address.as_deref())
+        .and_then(|address| network::kernel_ip_arg(address, "eth0"))
+        .unwrap_or_default();
     let cmdline = [
         image.cmdline.as_str(),
         vm.kernel_args.as_str(),
@@ -515,7 +528,7 @@ mod tests {
             last_exit: None,
             created_at: 0,
         };
-        let config = vmm_config(&vm, &image, &paths, None);
+        let config = vmm_config(&vm, &image, &paths);
         assert_eq!(
             config["boot"]["cmdline"],
             "console=ttyS0 root=/dev/vda quiet"
