@@ -33,8 +33,45 @@ pub enum CloneKind {
     SparseCopy,
 }
 
+/// Makes `target` through `make`, which writes `TARGET.partial`: the
+/// target appears only whole. A copy cut short (a full disk, a crash)
+/// never passes for a disk, since `target` existing means "prepared".
+fn write_whole<T>(
+    target: &Path,
+    make: impl FnOnce(&Path) -> Result<T, DiskError>,
+) -> Result<T, DiskError> {
+    let target_error = |source| DiskError::Target {
+        path: target.to_path_buf(),
+        source,
+    };
+    if target.exists() {
+        return Err(target_error(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        )));
+    }
+    let mut partial = target.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    // A leftover of an earlier attempt that was cut short.
+    let _ = std::fs::remove_file(&partial);
+    match make(&partial) {
+        Ok(value) => {
+            std::fs::rename(&partial, target).map_err(target_error)?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(err)
+        }
+    }
+}
+
 /// Clones `source` to a new file `target` (which must not exist).
 pub fn clone_disk(source: &Path, target: &Path) -> Result<CloneKind, DiskError> {
+    write_whole(target, |partial| clone_into(source, partial))
+}
+
+fn clone_into(source: &Path, target: &Path) -> Result<CloneKind, DiskError> {
     let source_error = |source_err| DiskError::Source {
         path: source.to_path_buf(),
         source: source_err,
@@ -77,6 +114,10 @@ pub fn clone_disk(source: &Path, target: &Path) -> Result<CloneKind, DiskError> 
 
 /// A new sparse data disk of `size_mib`.
 pub fn create_data_disk(path: &Path, size_mib: u64) -> Result<(), DiskError> {
+    write_whole(path, |partial| sparse_file(partial, size_mib))
+}
+
+fn sparse_file(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     let target_error = |source| DiskError::Target {
         path: path.to_path_buf(),
         source,
@@ -115,7 +156,14 @@ mod tests {
         assert!(meta.blocks() * 512 < 8 << 20, "the 64 MiB hole was copied");
         // Never over an existing file.
         assert!(clone_disk(&source, &target).is_err());
+        // A failed clone leaves nothing that could pass for a disk.
         assert!(clone_disk(&dir.join("missing"), &dir.join("x")).is_err());
+        assert!(!dir.join("x").exists() && !dir.join("x.partial").exists());
+        // A copy cut short by an earlier crash is redone, not used.
+        std::fs::write(dir.join("y.partial"), b"half").unwrap();
+        clone_disk(&source, &dir.join("y")).unwrap();
+        assert!(std::fs::read(dir.join("y")).unwrap() == a);
+        assert!(!dir.join("y.partial").exists());
         create_data_disk(&dir.join("data.raw"), 16).unwrap();
         assert_eq!(
             std::fs::metadata(dir.join("data.raw")).unwrap().len(),
