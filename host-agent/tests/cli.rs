@@ -1,0 +1,38 @@
+//! The agent's programs' command lines. (An integration test in this
+//! package also makes `cargo test --workspace` build `nubis-agent` and
+//! `nubisctl`, which the end-to-end tests in `tests/` run: without one,
+//! a fresh checkout's test run finds neither binary.)
+
+use std::process::Command;
+
+#[test]
+fn agent_help_names_every_flag() {
+    let output = Command::new(env!("CARGO_BIN_EXE_nubis-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in ["--listen", "--data-dir", "--config", "--openapi"] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+#[test]
+fn agent_without_listen_is_refused_with_one_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_nubis-agent"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "clap's usage error");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--listen"));
+}
+
+#[test]
+fn nubisctl_version_is_printed() {
+    let output = Command::new(env!("CARGO_BIN_EXE_nubisctl"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("nubisctl "));
+}
