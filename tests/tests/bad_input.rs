@@ -265,6 +265,7 @@ fn bad_nics() {
         ("tap=t0,mac=ff:ff:ff:ff:ff:ff", &["not a unicast"][..]),
         ("tap=t0,mac=nope", &["MAC address"][..]),
         ("tap=t0,bw=0", &["positive"][..]),
+        ("tap=t0,mtu=40", &["mtu 40", "68..=9000"][..]),
         ("tap=t0,fd=9", &["exclude"][..]),
         ("fd=2", &["stderr"][..]),
     ] {

@@ -325,6 +325,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
                 &id,
                 tap,
                 mac.0,
+                net.mtu,
                 net.rate_limit,
                 interrupt,
             )?)))

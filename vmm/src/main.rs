@@ -57,7 +57,7 @@ struct Cli {
     /// direction.
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N]"
+        value_name = "tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N][,mtu=N]"
     )]
     net: Vec<String>,
     /// Add a virtio-rng entropy device (host getrandom).

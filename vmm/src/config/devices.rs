@@ -180,12 +180,19 @@ pub struct NetConfig {
     /// Applies to each direction separately (`pps` is `ops_per_s`).
     #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
     pub rate_limit: RateLimit,
+    /// The MTU the guest is told to use (VIRTIO_NET_F_MTU), e.g. lowered
+    /// for an overlay's encapsulation; the guest's own default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
+
+/// The MTUs a NIC may be given: IPv4's minimum up to a jumbo frame.
+pub const NET_MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9000;
 
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N]`
+    /// `tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N][,mtu=N]`
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         let invalid = |reason: String| ConfigError::InvalidNet {
             value: value.to_string(),
@@ -197,6 +204,7 @@ impl FromStr for NetConfig {
             mac: None,
             id: None,
             rate_limit: RateLimit::default(),
+            mtu: None,
         };
         for (key, val) in key_values(value, &invalid)? {
             match key {
@@ -210,6 +218,11 @@ impl FromStr for NetConfig {
                 "id" => net.id = Some(val.to_string()),
                 "bw" => net.rate_limit.bytes_per_s = Some(positive_number(key, val, &invalid)?),
                 "pps" => net.rate_limit.ops_per_s = Some(positive_number(key, val, &invalid)?),
+                "mtu" => {
+                    net.mtu = Some(val.parse().map_err(|_| {
+                        invalid(format!("mtu must be a number of bytes, got '{val}'"))
+                    })?)
+                }
                 _ => return Err(invalid(format!("unknown key '{key}'"))),
             }
         }
@@ -236,6 +249,13 @@ impl NetConfig {
         }
         if let Some(mac) = self.mac.filter(|mac| !mac.is_unicast()) {
             return Err(format!("mac {mac} is not a unicast address"));
+        }
+        if let Some(mtu) = self.mtu.filter(|mtu| !NET_MTU_RANGE.contains(mtu)) {
+            return Err(format!(
+                "mtu {mtu} is outside {}..={}",
+                NET_MTU_RANGE.start(),
+                NET_MTU_RANGE.end()
+            ));
         }
         Ok(())
     }
@@ -283,9 +303,11 @@ mod tests {
 
     #[test]
     fn net_flag_syntax() {
-        let net: NetConfig = "tap=nbtap0,mac=02:aa:bb:cc:dd:0e,id=eth0,bw=6250000,pps=1000"
-            .parse()
-            .unwrap();
+        let net: NetConfig =
+            "tap=nbtap0,mac=02:aa:bb:cc:dd:0e,id=eth0,bw=6250000,pps=1000,mtu=1450"
+                .parse()
+                .unwrap();
+        assert_eq!(net.mtu, Some(1450));
         assert_eq!(net.tap.as_deref(), Some("nbtap0"));
         assert_eq!(net.mac, Some(MacAddr([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])));
         assert_eq!(net.id.as_deref(), Some("eth0"));
@@ -308,6 +330,9 @@ mod tests {
             ("tap=t,mac=0g:00:00:00:00:01", "MAC address"),
             ("tap=t,bw=0", "positive"),
             ("tap=t,iops=5", "unknown key 'iops'"),
+            ("tap=t,mtu=67", "outside 68..=9000"),
+            ("tap=t,mtu=9001", "outside 68..=9000"),
+            ("tap=t,mtu=big", "number of bytes"),
         ] {
             let err = bad.parse::<NetConfig>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");

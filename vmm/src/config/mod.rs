@@ -73,7 +73,7 @@ pub enum ConfigError {
     CmdlineInvalid,
     #[error("invalid disk '{value}': {reason} (expected path=FILE[,ro=on|off][,id=NAME][,bw=BYTES_PER_S][,iops=N])")]
     InvalidDisk { value: String, reason: String },
-    #[error("invalid NIC '{value}': {reason} (expected tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N])")]
+    #[error("invalid NIC '{value}': {reason} (expected tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N][,mtu=N])")]
     InvalidNet { value: String, reason: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),

@@ -38,6 +38,7 @@ pub const VIRTIO_ID_NET: u32 = 1;
 /// Feature bits (virtio spec 5.1.3).
 const VIRTIO_NET_F_CSUM: u32 = 0;
 const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
+const VIRTIO_NET_F_MTU: u32 = 3;
 const VIRTIO_NET_F_MAC: u32 = 5;
 const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
 const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
@@ -87,10 +88,25 @@ struct ActiveQueues {
     mergeable: bool,
 }
 
+/// Bytes of config space up to and including `mtu`.
+const CONFIG_LEN: usize = 12;
+
+/// The device's config space for `mac` and an optional MTU.
+fn config_space(mac: [u8; 6], mtu: Option<u16>) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    config[..6].copy_from_slice(&mac);
+    config[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+    config
+}
+
 pub struct Net {
     id: String,
     tap: Tap,
-    config: [u8; 6],
+    /// The config space: mac (6 bytes), status (2, unused: no
+    /// VIRTIO_NET_F_STATUS), max_virtqueue_pairs (2, no multi-queue), mtu (2).
+    config: [u8; CONFIG_LEN],
+    /// Whether VIRTIO_NET_F_MTU is offered (an MTU was given).
+    mtu_offered: bool,
     queue_sizes: [u16; 2],
     queue_events: [EventFd; 2],
     interrupt: Arc<VirtioInterrupt>,
@@ -107,11 +123,13 @@ pub struct Net {
 
 impl Net {
     /// A NIC named `id` with guest MAC `mac` on `tap`; `rate_limit` applies
-    /// to each direction separately.
+    /// to each direction separately; `mtu`, when given, is offered to the
+    /// guest as the MTU to use.
     pub fn new(
         id: &str,
         tap: Tap,
         mac: [u8; 6],
+        mtu: Option<u16>,
         rate_limit: RateLimit,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<Self, NetError> {
@@ -130,7 +148,8 @@ impl Net {
         Ok(Self {
             id: id.to_string(),
             tap,
-            config: mac,
+            config: config_space(mac, mtu),
+            mtu_offered: mtu.is_some(),
             queue_sizes: [QUEUE_SIZE; 2],
             queue_events: [eventfd()?, eventfd()?],
             interrupt,
@@ -354,6 +373,7 @@ impl VirtioDevice for Net {
         ]
         .iter()
         .fold(0u64, |features, bit| features | (1u64 << bit))
+            | (u64::from(self.mtu_offered) << VIRTIO_NET_F_MTU)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -537,7 +557,7 @@ mod tests {
     }
 
     fn active_net(mem: &GuestMemoryMmap, tap: Tap, limit: RateLimit) -> Net {
-        let mut net = Net::new("test", tap, [2, 0, 0, 0, 0, 1], limit, interrupt()).unwrap();
+        let mut net = Net::new("test", tap, [2, 0, 0, 0, 0, 1], None, limit, interrupt()).unwrap();
         net.activate(Activation {
             memory: mem.clone(),
             queues: vec![RX.queue(), TX.queue()],
@@ -687,6 +707,7 @@ mod tests {
             "test",
             tap,
             [2, 0, 0, 0, 0, 1],
+            None,
             RateLimit::default(),
             interrupt(),
         )
@@ -708,6 +729,29 @@ mod tests {
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(net.avail_features() & (1 << VIRTIO_NET_F_MTU), 0);
+    }
+
+    #[test]
+    fn an_mtu_is_offered_in_the_config_space() {
+        let (tap, _host) = HostSide::new("mtu");
+        let net = Net::new(
+            "test",
+            tap,
+            [2, 0, 0, 0, 0, 1],
+            Some(1450),
+            RateLimit::default(),
+            interrupt(),
+        )
+        .unwrap();
+        assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MTU), 0);
+        let mut mtu = [0u8; 2];
+        net.read_config(10, &mut mtu);
+        assert_eq!(u16::from_le_bytes(mtu), 1450);
+        // A read past the config space is zeros, never a panic.
+        let mut past = [0xffu8; 4];
+        net.read_config(11, &mut past);
+        assert_eq!(past, [0x05, 0, 0, 0]);
     }
 
     proptest::proptest! {
