@@ -2,7 +2,8 @@
 # Installs what Nubis needs on a Debian 12 x86_64 host: the guest-image
 # build's packages (Debian's kernel source, busybox-static, a kernel
 # toolchain, e2fsprogs; fio and iperf3 for the benchmark rootfs and the
-# host side of bench/devices.py) and checks for the Rust toolchain. Idempotent: it
+# host side of bench/devices.py; nftables for the agent's tenant network
+# rules) and checks for the Rust toolchain. Idempotent: it
 # calls apt only when a package is missing.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ packages=(
     build-essential bc flex bison libelf-dev libssl-dev
     e2fsprogs cpio lz4 xz-utils file python3
     fio iperf3 iproute2
+    nftables
 )
 
 missing=()

@@ -14,7 +14,7 @@ pub mod vm;
 
 pub use error::{ApiError, ErrorCode};
 pub use image::{Image, ImageCreate};
-pub use network::{Network, NetworkCreate};
+pub use network::{Network, NetworkCreate, PortForward, PortForwardCreate, Protocol};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState};
 

@@ -1,5 +1,5 @@
 //! Tenant virtual networks: an IPv4 CIDR that VMs attach NICs to, like a
-//! cloud VPC subnet.
+//! cloud VPC subnet; and port forwards from the host to a VM.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,6 +14,21 @@ pub struct NetworkCreate {
     /// NAT egress to the host's uplink (off by default).
     #[serde(default)]
     pub nat: bool,
+    /// The agent serves DHCP on the network (on by default); without it
+    /// guests get their address from the kernel command line (`ip=`).
+    #[serde(default = "default_true")]
+    pub dhcp: bool,
+    /// DNS servers handed out by DHCP (at most 4); the host's own
+    /// (non-loopback) resolvers when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+    /// The guests' MTU, 576 to 9000; 1500 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -25,7 +40,63 @@ pub struct Network {
     /// The network's first address, held by the host's bridge.
     pub gateway: String,
     pub nat: bool,
+    pub dhcp: bool,
+    pub dns: Vec<String>,
+    pub mtu: u16,
     /// The VXLAN network identifier of the network's overlay.
     pub vni: u32,
+    /// The host bridge that carries the network.
+    pub bridge: String,
+    pub created_at: u64,
+}
+
+/// Transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardCreate {
+    /// The VM (id or name).
+    pub vm: String,
+    /// The VM's NIC, by index; 0 by default.
+    #[serde(default)]
+    pub nic: usize,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// The port on the host's addresses, 1024 to 65535.
+    pub host_port: u16,
+    /// The port in the VM.
+    pub vm_port: u16,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+/// Traffic that reaches `host_port` on one of the host's addresses from
+/// outside the host goes to `vm_port` on the VM's NIC address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortForward {
+    pub id: String,
+    pub tenant_id: String,
+    pub vm_id: String,
+    pub nic: usize,
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub vm_port: u16,
     pub created_at: u64,
 }

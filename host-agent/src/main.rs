@@ -101,6 +101,10 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .adopt_all()
         .await
         .map_err(|err| format!("cannot reconcile the VMs: {err}"))?;
+    supervisor
+        .reconcile_network()
+        .await
+        .map_err(|err| format!("cannot set up the tenant networks: {err}"))?;
     let app = router(AppState {
         store,
         supervisor,

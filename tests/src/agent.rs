@@ -9,6 +9,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// An agent owns its host's tenant bridges (`nbn*`, `nbr*`), its nftables
+/// tables and DHCP port: two agents in one network namespace would take
+/// the same bridge names and replace each other's rules. Every test that
+/// starts an agent holds this for its whole run (one agent per host, as in
+/// production); tests in other network namespaces are separate hosts.
+static HOST_NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held by a test while its agent runs in this network namespace.
+pub fn one_agent_per_host() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it leaves it poisoned, not wrong.
+    HOST_NETWORK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The operator token the tests' agents run with.
 pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 
@@ -204,8 +219,78 @@ impl Agent {
     }
 }
 
+/// Pids of the processes whose command line mentions a path under `dir`.
+fn processes_under(dir: &Path) -> Vec<i32> {
+    let wanted = dir.as_os_str().as_encoded_bytes().to_vec();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|byte| *byte == 0)
+                .any(|arg| arg.starts_with(&wanted))
+                .then_some(pid)
+        })
+        .collect()
+}
+
 impl Drop for Agent {
+    /// The agent, and the VMMs it started (they outlive an agent by
+    /// design): a test that fails midway leaves no guest running.
     fn drop(&mut self) {
         self.kill();
+        for pid in processes_under(&self.data_dir) {
+            // SAFETY: kill with a pid read from /proc and a fixed signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Hang guard for a Linux boot through the agent (and a guest's script
+/// after it), not a timing assertion: three guests booting at once on two
+/// emulated cores reach user space after about three minutes.
+pub const BOOT_GUARD: Duration = Duration::from_secs(600);
+
+/// The body of `reply`, which must have `status`.
+pub fn expect(reply: &Reply, status: u16) -> &Value {
+    assert_eq!(reply.status, status, "{reply:?}");
+    &reply.body
+}
+
+/// A new tenant `name` and a token of its: (tenant id, token).
+pub fn tenant(agent: &Agent, name: &str) -> (String, String) {
+    let operator = Some(OPERATOR_TOKEN);
+    let created = agent.call(
+        "POST",
+        "/v1/tenants",
+        operator,
+        Some(&serde_json::json!({"name": name})),
+    );
+    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let token = agent.call("POST", &format!("/v1/tenants/{id}/tokens"), operator, None);
+    let secret = expect(&token, 201)["token"].as_str().unwrap().to_string();
+    (id, secret)
+}
+
+/// Polls `vm`'s console until it contains `needle`; returns the console.
+pub fn wait_for_console(agent: &Agent, token: &str, vm: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let reply = agent.call("GET", &format!("/v1/vms/{vm}/console"), Some(token), None);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if reply.text.contains(needle) {
+            return reply.text;
+        }
+        assert!(
+            start.elapsed() < BOOT_GUARD,
+            "{needle} never appeared on {vm}'s console:\n{}\nagent log:\n{}",
+            reply.text,
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod guest;
 pub mod net;
+pub mod netns;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

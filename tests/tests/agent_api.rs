@@ -3,27 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{Agent, Reply, OPERATOR_TOKEN};
+use nubis_tests::agent::{
+    expect, tenant, wait_for_console, Agent, Reply, BOOT_GUARD, OPERATOR_TOKEN,
+};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
 
 const OP: Option<&str> = Some(OPERATOR_TOKEN);
-/// Hang guard for a Linux boot, not a timing assertion.
-const BOOT_GUARD: Duration = Duration::from_secs(300);
-
-fn expect(reply: &Reply, status: u16) -> &Value {
-    assert_eq!(reply.status, status, "{reply:?}");
-    &reply.body
-}
-
-/// A tenant and its token.
-fn tenant(agent: &Agent, name: &str) -> (String, String) {
-    let created = agent.call("POST", "/v1/tenants", OP, Some(&json!({"name": name})));
-    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
-    let token = agent.call("POST", &format!("/v1/tenants/{id}/tokens"), OP, None);
-    let secret = expect(&token, 201)["token"].as_str().unwrap().to_string();
-    (id, secret)
-}
 
 fn register_image(agent: &Agent, token: &str, command: &str) -> String {
     let images = guest_images();
@@ -39,24 +25,6 @@ fn register_image(agent: &Agent, token: &str, command: &str) -> String {
         })),
     );
     expect(&reply, 201)["id"].as_str().unwrap().to_string()
-}
-
-fn wait_for_console(agent: &Agent, token: &str, vm: &str, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let reply = agent.call("GET", &format!("/v1/vms/{vm}/console"), Some(token), None);
-        assert_eq!(reply.status, 200, "{reply:?}");
-        if reply.text.contains(needle) {
-            return reply.text;
-        }
-        assert!(
-            start.elapsed() < BOOT_GUARD,
-            "{needle} never appeared on {vm}'s console:\n{}\nagent log:\n{}",
-            reply.text,
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// The pid of the VMM whose command line names `config`.
@@ -85,6 +53,7 @@ fn vmm_running_with(config: &std::path::Path) -> bool {
 #[test]
 fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     require_kvm();
+    let _host = nubis_tests::agent::one_agent_per_host();
     let images = guest_images();
     let dir = TestDir::new("agent-e2e");
     let data_dir = dir.join("agent");
@@ -397,6 +366,7 @@ fn links_with_prefix(prefix: &str) -> Vec<String> {
 #[test]
 fn authorization_bad_input_and_quotas() {
     require_kvm();
+    let _host = nubis_tests::agent::one_agent_per_host();
     let images = guest_images();
     let dir = TestDir::new("agent-auth");
     let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
@@ -743,6 +713,94 @@ fn authorization_bad_input_and_quotas() {
         204
     );
 
+    bad(
+        "POST",
+        "/v1/networks",
+        &acme,
+        json!({"name": "x", "cidr": "10.44.0.0/24", "dns": ["192.0.2.1", "nope"]}),
+        "dns[1]",
+    );
+    bad(
+        "POST",
+        "/v1/networks",
+        &acme,
+        json!({"name": "x", "cidr": "10.44.0.0/24", "mtu": 100}),
+        "mtu",
+    );
+
+    // Port forwards: ports and NICs checked, host ports unique, tenancy.
+    for (body, field) in [
+        (
+            json!({"vm": "web", "host_port": 80, "vm_port": 80}),
+            "host_port",
+        ),
+        (
+            json!({"vm": "web", "host_port": 18080, "vm_port": 0}),
+            "vm_port",
+        ),
+        (
+            json!({"vm": "web", "host_port": 18080, "vm_port": 80}),
+            "nic",
+        ),
+        (
+            json!({"vm": "nope", "host_port": 18080, "vm_port": 80}),
+            "vm",
+        ),
+    ] {
+        bad("POST", "/v1/port-forwards", &acme, body, field);
+    }
+    let edge = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme),
+        Some(&json!({"name": "edge", "image": "busybox", "nics": [{}]})),
+    );
+    let edge = expect(&edge, 201)["id"].as_str().unwrap().to_string();
+    let forward = json!({"vm": "edge", "host_port": 18080, "vm_port": 80});
+    let created = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
+    let created = expect(&created, 201).clone();
+    assert_eq!(
+        (created["protocol"].as_str(), created["nic"].as_u64()),
+        (Some("tcp"), Some(0))
+    );
+    let taken = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
+    assert_eq!((taken.status, taken.code()), (409, "conflict"), "{taken:?}");
+    let forward_id = created["id"].as_str().unwrap();
+    for method in ["GET", "DELETE"] {
+        let reply = agent.call(
+            method,
+            &format!("/v1/port-forwards/{forward_id}"),
+            Some(&globex),
+            None,
+        );
+        assert_eq!((reply.status, reply.code()), (404, "not_found"), "{method}");
+    }
+    assert_eq!(
+        expect(
+            &agent.call("GET", "/v1/port-forwards", Some(&globex), None),
+            200
+        ),
+        &json!([])
+    );
+    assert_eq!(
+        agent.call("GET", "/v1/port-forwards", None, None).status,
+        401
+    );
+    // Deleting the VM takes its forwards along.
+    assert_eq!(
+        agent
+            .call("DELETE", &format!("/v1/vms/{edge}"), Some(&acme), None)
+            .status,
+        204
+    );
+    assert_eq!(
+        expect(
+            &agent.call("GET", "/v1/port-forwards", Some(&acme), None),
+            200
+        ),
+        &json!([])
+    );
+
     // A tenant with resources cannot be deleted; a token can be revoked.
     let busy = agent.call("DELETE", &format!("/v1/tenants/{acme_id}"), OP, None);
     assert_eq!((busy.status, busy.code()), (409, "conflict"));
@@ -771,6 +829,7 @@ fn authorization_bad_input_and_quotas() {
 #[test]
 fn nubisctl_covers_the_api() {
     require_kvm();
+    let _host = nubis_tests::agent::one_agent_per_host();
     let images = guest_images();
     let dir = TestDir::new("agent-cli");
     let image_dir = images.vmlinux.parent().unwrap().to_path_buf();

@@ -8,6 +8,7 @@ mod images;
 pub mod metrics;
 mod networks;
 pub mod openapi;
+mod port_forwards;
 mod system;
 mod tenants;
 mod uploads;
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(uploads::routes())
         .merge(networks::routes())
+        .merge(port_forwards::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -8,6 +8,7 @@ use nubis_api::{ApiError, Network, NetworkCreate};
 
 use super::{AppState, Body, Caller, HttpError, Result};
 use crate::ipv4::Cidr;
+use crate::supervisor::networking::host_resolvers;
 use crate::validate;
 
 pub fn routes() -> Router<AppState> {
@@ -26,7 +27,8 @@ pub fn routes() -> Router<AppState> {
         (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the name exists or the CIDR overlaps another network", body = ApiError)
+        (status = 409, description = "the name exists or the CIDR overlaps another network", body = ApiError),
+        (status = 500, description = "the host refused the bridge or its rules", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -41,9 +43,68 @@ pub(crate) async fn create(
         .cidr
         .parse()
         .map_err(|err: String| ApiError::invalid("cidr", err))?;
-    let network = state.store.create_network(tenant, &request, cidr)?;
+    let dns = match &request.dns {
+        Some(servers) => dns_servers(servers)?,
+        None => host_resolvers(),
+    };
+    let mtu = request.mtu.unwrap_or(DEFAULT_MTU);
+    if !MTU_RANGE.contains(&mtu) {
+        return Err(ApiError::invalid(
+            "mtu",
+            format!(
+                "{mtu} is outside {}..={}",
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            ),
+        )
+        .into());
+    }
+    let network = state
+        .store
+        .create_network(tenant, &request, cidr, dns, mtu)?;
+    // The bridge, its filter rules and DHCP server come up now; if the host
+    // refuses, the network is not kept half made.
+    if let Err(err) = state.supervisor.reconcile_network().await {
+        state.store.delete_network(&network.id)?;
+        if let Err(again) = state.supervisor.reconcile_network().await {
+            tracing::error!(network = %network.id, "cannot undo the network on the host: {again}");
+        }
+        return Err(err.into());
+    }
     tracing::info!(tenant, network = %network.id, cidr = %network.cidr, "network created");
     Ok((StatusCode::CREATED, Json(network)))
+}
+
+/// The MTUs a network may have: IPv4's guaranteed datagram size up to a
+/// jumbo frame.
+const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9000;
+const DEFAULT_MTU: u16 = 1500;
+const MAX_DNS_SERVERS: usize = 4;
+
+fn dns_servers(servers: &[String]) -> std::result::Result<Vec<String>, ApiError> {
+    if servers.len() > MAX_DNS_SERVERS {
+        return Err(ApiError::invalid(
+            "dns",
+            format!("at most {MAX_DNS_SERVERS} servers"),
+        ));
+    }
+    servers
+        .iter()
+        .enumerate()
+        .map(|(index, server)| {
+            server
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .filter(|address| !address.is_unspecified() && !address.is_broadcast())
+                .map(|address| address.to_string())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        &format!("dns[{index}]"),
+                        format!("'{server}' is not a unicast IPv4 address"),
+                    )
+                })
+        })
+        .collect()
 }
 
 #[utoipa::path(
@@ -109,7 +170,7 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let network = find(&state, &caller, &id)?;
-    let _lock = state.supervisor.network_lock().await;
+    let lock = state.supervisor.network_lock().await;
     let users: Vec<String> = state
         .store
         .list_vms(Some(&network.tenant_id), None)?
@@ -132,10 +193,8 @@ pub(crate) async fn remove(
         ));
     }
     state.store.delete_network(&network.id)?;
-    if let Err(err) =
-        crate::network::delete_link(&crate::network::network_bridge_name(network.vni)).await
-    {
-        tracing::warn!(network = %network.id, "cannot remove the network's bridge: {err}");
-    }
+    drop(lock);
+    // Its bridge, rules and DHCP server go with it.
+    state.supervisor.reconcile_network().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,13 +4,14 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    ApiError, ErrorCode, Image, ImageCreate, Network, NetworkCreate, Quota, RateLimit, Tenant,
-    TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
+    ApiError, ErrorCode, Image, ImageCreate, Network, NetworkCreate, PortForward,
+    PortForwardCreate, Protocol, Quota, RateLimit, Tenant, TenantCreate, TokenCreated, TokenInfo,
+    Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, networks, system, tenants, uploads, vms};
+use super::{images, networks, port_forwards, system, tenants, uploads, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,12 +27,13 @@ use super::{images, networks, system, tenants, uploads, vms};
         images::create, images::list, images::show, images::remove,
         uploads::upload, uploads::list, uploads::remove,
         networks::create, networks::list, networks::show, networks::remove,
+        port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -39,6 +41,7 @@ use super::{images, networks, system, tenants, uploads, vms};
         (name = "images", description = "Guest images"),
         (name = "vms", description = "microVMs"),
         (name = "networks", description = "Tenant virtual networks"),
+        (name = "port-forwards", description = "Host ports forwarded to VMs"),
         (name = "system", description = "Health"),
     )
 )]

@@ -134,6 +134,7 @@ pub(crate) async fn remove(
         if let Err(err) = crate::network::delete_link(&crate::network::bridge_name(subnet)).await {
             tracing::warn!(tenant = %id, "cannot remove the tenant's bridge: {err}");
         }
+        state.supervisor.reconcile_network().await?;
     }
     tracing::info!(tenant = %id, "tenant deleted");
     Ok(StatusCode::NO_CONTENT)

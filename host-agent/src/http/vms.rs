@@ -117,7 +117,7 @@ pub(crate) async fn create(
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?;
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
-    let _network = state.supervisor.network_lock().await;
+    let network_lock = state.supervisor.network_lock().await;
     if !request.nics.is_empty() {
         let vms = state.store.list_vms(Some(&tenant_id), None)?;
         // Addresses in use, across the tenant's VMs and this request.
@@ -188,6 +188,11 @@ pub(crate) async fn create(
         tenant.quota,
     )?;
     state.store.add_event(&vm.id, "created", "VM defined")?;
+    drop(network_lock);
+    if !vm.nics.is_empty() {
+        // The anti-spoofing rules of its NICs exist before its taps do.
+        state.supervisor.reconcile_network().await?;
+    }
     tracing::info!(vm = %vm.id, tenant = %vm.tenant_id, "VM created");
     Ok((StatusCode::CREATED, Json(vm)))
 }
@@ -462,6 +467,10 @@ pub(crate) async fn remove(
     }
     state.supervisor.remove_files(&vm)?;
     state.store.delete_vm(&vm.id)?;
+    if !vm.nics.is_empty() {
+        // Its NICs' rules and port forwards go with it.
+        state.supervisor.reconcile_network().await?;
+    }
     tracing::info!(vm = %vm.id, "VM deleted");
     Ok(StatusCode::NO_CONTENT)
 }

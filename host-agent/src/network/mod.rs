@@ -1,9 +1,14 @@
-//! Tenant networking, first step: each tenant gets a Linux bridge with a
-//! gateway address on a /24 of its own (10.88.N.0/24), and each NIC a tap
-//! on that bridge, a MAC and an address, which the guest learns from the
-//! kernel command line (`ip=`). Everything created here is removed when
-//! the VM stops or is deleted and when the tenant is deleted; names are
-//! derived from ids, so a restarted agent finds what it made.
+//! Tenant networking on the host: Linux bridges and taps (made with `ip`),
+//! the DHCP server (`dhcp`, `dhcp_server`) and the packet filter
+//! (`firewall`). A virtual network is a bridge `nbn<vni>` with the gateway
+//! address; a tenant's NICs without a network go on its default bridge
+//! `nbrN` (10.88.N.0/24). Each NIC is a tap on its bridge with a MAC and an
+//! address the agent assigned. Names are derived from ids, so a restarted
+//! agent finds what it made.
+
+pub mod dhcp;
+pub mod dhcp_server;
+pub mod firewall;
 
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -25,10 +30,13 @@ pub fn bridge_name(subnet: u8) -> String {
     format!("nbr{subnet}")
 }
 
+/// The name prefix of VM taps.
+pub const TAP_PREFIX: &str = "nbt";
+
 /// The tap of NIC `index` of `vm_id` (at most 15 bytes).
 pub fn tap_name(vm_id: &str, index: usize) -> String {
     let hex: String = vm_id.trim_start_matches("vm-").chars().take(8).collect();
-    format!("nbt{hex}{index}")
+    format!("{TAP_PREFIX}{hex}{index}")
 }
 
 pub fn gateway(subnet: u8) -> String {
@@ -54,9 +62,17 @@ pub fn kernel_ip_arg(address_cidr: &str, device: &str) -> Option<String> {
     ))
 }
 
+/// The name prefix of virtual networks' bridges.
+pub const NETWORK_BRIDGE_PREFIX: &str = "nbn";
+
 /// The bridge of a virtual network (see `/v1/networks`).
 pub fn network_bridge_name(vni: u32) -> String {
-    format!("nbn{vni}")
+    format!("{NETWORK_BRIDGE_PREFIX}{vni}")
+}
+
+/// The kernel's `ip=` argument that makes it configure `device` by DHCP.
+pub fn kernel_dhcp_arg(device: &str) -> String {
+    format!("ip=:::::{device}:dhcp")
 }
 
 /// The lowest host number not in `used`.
@@ -78,6 +94,10 @@ pub fn random_mac() -> String {
 }
 
 async fn ip(args: &[&str]) -> Result<(), NetworkError> {
+    ip_output(args).await.map(|_| ())
+}
+
+async fn ip_output(args: &[&str]) -> Result<String, NetworkError> {
     let output = tokio::process::Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -88,7 +108,7 @@ async fn ip(args: &[&str]) -> Result<(), NetworkError> {
             message: err.to_string(),
         })?;
     if output.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(NetworkError::Ip {
             args: args.join(" "),
@@ -111,14 +131,45 @@ pub async fn ensure_bridge(bridge: &str, gateway_cidr: &str) -> Result<(), Netwo
     ip(&["link", "set", "dev", bridge, "up"]).await
 }
 
-/// Creates a NIC's tap on `bridge` (replacing a stale one).
-pub async fn create_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
+/// Creates a NIC's tap on `bridge` (replacing a stale one), with `mtu`
+/// when given.
+pub async fn create_tap(tap: &str, bridge: &str, mtu: Option<u16>) -> Result<(), NetworkError> {
     if link_exists(tap).await {
         ip(&["link", "del", "dev", tap]).await?;
     }
     ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
+    if let Some(mtu) = mtu {
+        ip(&["link", "set", "dev", tap, "mtu", &mtu.to_string()]).await?;
+    }
     ip(&["link", "set", "dev", tap, "master", bridge]).await?;
     ip(&["link", "set", "dev", tap, "up"]).await
+}
+
+/// The host's bridges whose names start with `prefix`.
+pub async fn bridges_named(prefix: &str) -> Result<Vec<String>, NetworkError> {
+    let listing = ip_output(&["-o", "link", "show", "type", "bridge"]).await?;
+    Ok(parse_link_names(&listing)
+        .into_iter()
+        .filter(|name| name.starts_with(prefix))
+        .collect())
+}
+
+/// The host's links (of any kind) whose names start with `prefix`.
+pub async fn links_named(prefix: &str) -> Result<Vec<String>, NetworkError> {
+    let listing = ip_output(&["-o", "link", "show"]).await?;
+    Ok(parse_link_names(&listing)
+        .into_iter()
+        .filter(|name| name.starts_with(prefix))
+        .collect())
+}
+
+/// The names in `ip -o link show` output ("3: nbn4096: <BROADCAST...").
+fn parse_link_names(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .collect()
 }
 
 /// Removes a link if it exists.
@@ -148,6 +199,15 @@ mod tests {
         );
         assert_eq!(kernel_ip_arg("nonsense", "eth0"), None);
         assert_eq!(network_bridge_name(16777215), "nbn16777215");
+        assert_eq!(kernel_dhcp_arg("eth0"), "ip=:::::eth0:dhcp");
+    }
+
+    #[test]
+    fn link_listings_are_parsed() {
+        let listing = "5: nbn4096: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue\n\
+                       7: nbt012345670@if2: <BROADCAST> mtu 1500\n";
+        assert_eq!(parse_link_names(listing), ["nbn4096", "nbt012345670"]);
+        assert!(parse_link_names("").is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 mod images;
 mod networks;
+mod port_forwards;
 mod tenants;
 mod vms;
 
@@ -87,6 +88,21 @@ const MIGRATIONS: &[&str] = &[
         vni INTEGER NOT NULL UNIQUE,
         created_at INTEGER NOT NULL,
         UNIQUE (tenant_id, name)
+     );",
+    // 4: DHCP, DNS and MTU of networks; port forwards to VMs.
+    "ALTER TABLE networks ADD COLUMN dhcp INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE networks ADD COLUMN dns TEXT NOT NULL DEFAULT '';
+     ALTER TABLE networks ADD COLUMN mtu INTEGER NOT NULL DEFAULT 1500;
+     CREATE TABLE port_forwards (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        nic INTEGER NOT NULL,
+        protocol TEXT NOT NULL,
+        host_port INTEGER NOT NULL,
+        vm_port INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (protocol, host_port)
      );",
 ];
 

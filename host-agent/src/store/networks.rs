@@ -14,7 +14,7 @@ pub const RESERVED: &str = "10.88.0.0/16";
 /// The first VXLAN network identifier handed out.
 const FIRST_VNI: u32 = 4096;
 
-const NETWORK_COLUMNS: &str = "id, tenant_id, name, cidr, nat, vni, created_at";
+const NETWORK_COLUMNS: &str = "id, tenant_id, name, cidr, nat, vni, created_at, dhcp, dns, mtu";
 
 fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
     let cidr: String = row.get(3)?;
@@ -22,6 +22,8 @@ fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
         .parse::<Cidr>()
         .map(|cidr| cidr.gateway().to_string())
         .unwrap_or_default();
+    let vni: u32 = row.get(5)?;
+    let dns: String = row.get(8)?;
     Ok(Network {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
@@ -29,19 +31,30 @@ fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
         cidr,
         gateway,
         nat: row.get(4)?,
-        vni: row.get(5)?,
+        dhcp: row.get(7)?,
+        dns: dns
+            .split(',')
+            .filter(|server| !server.is_empty())
+            .map(str::to_string)
+            .collect(),
+        mtu: row.get(9)?,
+        vni,
+        bridge: crate::network::network_bridge_name(vni),
         created_at: row.get(6)?,
     })
 }
 
 impl Store {
-    /// Defines a network; `cidr` is already validated. Refused when it
-    /// overlaps another network on this host or the reserved range.
+    /// Defines a network; `cidr`, `dns` and `mtu` are already validated.
+    /// Refused when it overlaps another network on this host or the
+    /// reserved range.
     pub fn create_network(
         &self,
         tenant_id: &str,
         request: &NetworkCreate,
         cidr: Cidr,
+        dns: Vec<String>,
+        mtu: u16,
     ) -> Result<Network, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -77,12 +90,16 @@ impl Store {
             cidr: cidr.to_string(),
             gateway: cidr.gateway().to_string(),
             nat: request.nat,
+            dhcp: request.dhcp,
+            dns,
+            mtu,
             vni,
+            bridge: crate::network::network_bridge_name(vni),
             created_at: now(),
         };
         tx.execute(
             &format!(
-                "INSERT INTO networks ({NETWORK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                "INSERT INTO networks ({NETWORK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ),
             params![
                 network.id,
@@ -91,7 +108,10 @@ impl Store {
                 network.cidr,
                 network.nat,
                 network.vni,
-                network.created_at
+                network.created_at,
+                network.dhcp,
+                network.dns.join(","),
+                network.mtu
             ],
         )
         .map_err(|err| exists_or(err, || format!("network '{}'", request.name)))?;
@@ -154,9 +174,20 @@ mod tests {
                 name: name.into(),
                 cidr: cidr.into(),
                 nat: false,
+                dhcp: true,
+                dns: None,
+                mtu: None,
             },
             cidr.parse().unwrap(),
         )
+    }
+
+    fn create(
+        store: &Store,
+        tenant: &str,
+        (request, cidr): &(NetworkCreate, Cidr),
+    ) -> Result<Network, StoreError> {
+        store.create_network(tenant, request, *cidr, vec!["192.0.2.53".into()], 1500)
     }
 
     #[test]
@@ -164,29 +195,29 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let acme = store.create_tenant("acme", Quota::default()).unwrap();
         let globex = store.create_tenant("globex", Quota::default()).unwrap();
-        let (a, cidr) = request("front", "10.10.0.0/24");
-        let front = store.create_network(&acme.id, &a, cidr).unwrap();
+        let front = create(&store, &acme.id, &request("front", "10.10.0.0/24")).unwrap();
         assert_eq!(
             (front.gateway.as_str(), front.vni),
             ("10.10.0.1", FIRST_VNI)
         );
-        let (b, cidr) = request("back", "10.10.0.128/25");
-        let err = store.create_network(&globex.id, &b, cidr).unwrap_err();
+        assert_eq!(front.bridge, "nbn4096");
+        assert_eq!(front.dns, ["192.0.2.53"]);
+        assert!(front.dhcp);
+        let err = create(&store, &globex.id, &request("back", "10.10.0.128/25")).unwrap_err();
         assert!(
             err.to_string().contains("overlaps network 10.10.0.0/24"),
             "{err}"
         );
-        let (c, cidr) = request("res", "10.88.4.0/24");
         assert!(matches!(
-            store.create_network(&acme.id, &c, cidr),
+            create(&store, &acme.id, &request("res", "10.88.4.0/24")),
             Err(StoreError::InUse(_))
         ));
-        let (d, cidr) = request("front", "10.20.0.0/24");
+        let d = request("front", "10.20.0.0/24");
         assert!(matches!(
-            store.create_network(&acme.id, &d, cidr),
+            create(&store, &acme.id, &d),
             Err(StoreError::Exists(_))
         ));
-        let back = store.create_network(&globex.id, &d, cidr).unwrap();
+        let back = create(&store, &globex.id, &d).unwrap();
         assert_eq!(back.vni, FIRST_VNI + 1);
         assert_eq!(
             store.get_network(Some(&acme.id), "front").unwrap(),

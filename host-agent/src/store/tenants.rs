@@ -170,6 +170,17 @@ impl Store {
         Ok(subnet)
     }
 
+    /// Every tenant's subnet: (tenant id, subnet number).
+    pub fn list_tenant_subnets(&self) -> Result<Vec<(String, u8)>, StoreError> {
+        let conn = self.conn();
+        let mut statement =
+            conn.prepare("SELECT tenant_id, subnet FROM tenant_subnets ORDER BY subnet")?;
+        let subnets = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(subnets)
+    }
+
     /// The tenant's subnet if it has one.
     pub fn existing_tenant_subnet(&self, tenant_id: &str) -> Result<Option<u8>, StoreError> {
         Ok(self

@@ -8,6 +8,7 @@
 //! proceed in parallel. A watcher task per VMM records its exit.
 
 pub mod control;
+pub mod networking;
 mod process;
 
 use std::collections::HashMap;
@@ -15,11 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nubis_api::{Image, Vm, VmState};
+use nubis_api::{Image, Network, Vm, VmState};
 use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
 use crate::disks::{self, DiskError};
+use crate::network::dhcp_server::{DhcpServerError, DhcpServers};
+use crate::network::firewall::FirewallError;
 use crate::network::{self, NetworkError};
 use crate::store::{Store, StoreError};
 use control::ControlError;
@@ -36,6 +39,10 @@ pub enum SupervisorError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Dhcp(#[from] DhcpServerError),
     #[error("cannot prepare the VM's files in {path}: {source}")]
     Files {
         path: PathBuf,
@@ -76,65 +83,25 @@ pub struct Supervisor {
     exits: Mutex<HashMap<String, watch::Receiver<Option<VmmExit>>>>,
     /// Serializes address assignment and bridge creation.
     network: Arc<tokio::sync::Mutex<()>>,
+    /// One DHCP server per network that has DHCP.
+    dhcp: DhcpServers,
 }
 
 impl Supervisor {
     pub fn new(store: Arc<Store>, config: AgentConfig) -> Arc<Self> {
         Arc::new(Self {
-            store,
             config,
             locks: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
             network: Arc::new(tokio::sync::Mutex::new(())),
+            dhcp: DhcpServers::new(Arc::new(networking::StoreLeases(store.clone()))),
+            store,
         })
     }
 
     /// Held while addresses are assigned or bridges made.
     pub async fn network_lock(&self) -> OwnedMutexGuard<()> {
         self.network.clone().lock_owned().await
-    }
-
-    /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
-    /// or on the tenant's default bridge.
-    async fn plug_nics(&self, vm: &Vm) -> Result<(), SupervisorError> {
-        let _network = self.network_lock().await;
-        for (index, nic) in vm.nics.iter().enumerate() {
-            let (bridge, gateway) = match &nic.network {
-                Some(id) => {
-                    let net = self.store.get_network(None, id)?.ok_or_else(|| {
-                        SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
-                    })?;
-                    let cidr: crate::ipv4::Cidr = net
-                        .cidr
-                        .parse()
-                        .map_err(|err: String| SupervisorError::Store(StoreError::Corrupt(err)))?;
-                    (
-                        network::network_bridge_name(net.vni),
-                        format!("{}/{}", cidr.gateway(), cidr.prefix()),
-                    )
-                }
-                None => {
-                    let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
-                    (
-                        network::bridge_name(subnet),
-                        format!("{}/24", network::gateway(subnet)),
-                    )
-                }
-            };
-            network::ensure_bridge(&bridge, &gateway).await?;
-            network::create_tap(&network::tap_name(&vm.id, index), &bridge).await?;
-        }
-        Ok(())
-    }
-
-    /// Removes the taps of `vm_id`'s NICs.
-    async fn unplug_nics(&self, vm_id: &str, count: usize) {
-        for index in 0..count {
-            let tap = network::tap_name(vm_id, index);
-            if let Err(err) = network::delete_link(&tap).await {
-                tracing::warn!(vm = vm_id, "cannot remove tap {tap}: {err}");
-            }
-        }
     }
 
     pub fn paths(&self, vm_id: &str) -> VmPaths {
@@ -222,7 +189,15 @@ impl Supervisor {
                 disks::create_data_disk(&path, disk.size_mib)?;
             }
         }
-        let config = vmm_config(vm, image, paths);
+        let networks = vm
+            .nics
+            .iter()
+            .map(|nic| match &nic.network {
+                Some(id) => self.store.get_network(None, id),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = vmm_config(vm, image, paths, &networks);
         std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
             SupervisorError::Files {
                 path: paths.vmm_config.clone(),
@@ -402,8 +377,14 @@ impl Supervisor {
     }
 }
 
-/// The VMM's JSON config for `vm`.
-fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
+/// The VMM's JSON config for `vm`; `networks` are its NICs' networks (None
+/// for a NIC on the tenant's default bridge).
+fn vmm_config(
+    vm: &Vm,
+    image: &Image,
+    paths: &VmPaths,
+    networks: &[Option<Network>],
+) -> serde_json::Value {
     let limit = |limit: &nubis_api::RateLimit| serde_json::to_value(limit).unwrap_or_default();
     let mut disks = vec![serde_json::json!({
         "path": paths.root_disk,
@@ -422,21 +403,29 @@ fn vmm_config(vm: &Vm, image: &Image, paths: &VmPaths) -> serde_json::Value {
         .iter()
         .enumerate()
         .map(|(index, nic)| {
-            serde_json::json!({
+            let mut net = serde_json::json!({
                 "tap": network::tap_name(&vm.id, index),
                 "mac": nic.mac,
                 "id": format!("net{index}"),
                 "rate_limit": limit(&nic.rate_limit),
-            })
+            });
+            if let Some(Some(network)) = networks.get(index) {
+                net["mtu"] = serde_json::json!(network.mtu);
+            }
+            net
         })
         .collect();
-    // The kernel configures one interface from `ip=`: the first NIC's.
-    let ip_arg = vm
-        .nics
-        .first()
-        .and_then(|nic| nic.address.as_deref())
-        .and_then(|address| network::kernel_ip_arg(address, "eth0"))
-        .unwrap_or_default();
+    // The kernel configures one interface from `ip=`: the first NIC's, by
+    // DHCP where its network serves it, else with its address.
+    let ip_arg = match (vm.nics.first(), networks.first()) {
+        (Some(_), Some(Some(network))) if network.dhcp => network::kernel_dhcp_arg("eth0"),
+        (Some(nic), _) => nic
+            .address
+            .as_deref()
+            .and_then(|address| network::kernel_ip_arg(address, "eth0"))
+            .unwrap_or_default(),
+        (None, _) => String::new(),
+    };
     let cmdline = [
         image.cmdline.as_str(),
         vm.kernel_args.as_str(),
@@ -528,7 +517,7 @@ mod tests {
             last_exit: None,
             created_at: 0,
         };
-        let config = vmm_config(&vm, &image, &paths);
+        let config = vmm_config(&vm, &image, &paths, &[]);
         assert_eq!(
             config["boot"]["cmdline"],
             "console=ttyS0 root=/dev/vda quiet"
@@ -539,6 +528,59 @@ mod tests {
         assert_eq!(config["machine"]["vcpus"], 2);
         assert_eq!(config["serial"]["path"], "/d/console.log");
         assert!(config["boot"].get("initrd").is_none());
+
+        // A NIC on a DHCP network: `ip=dhcp` and the network's MTU; one on
+        // the default bridge: its address in `ip=`.
+        let network = Network {
+            id: "net-1".into(),
+            tenant_id: "t-1".into(),
+            name: "front".into(),
+            cidr: "10.30.0.0/24".into(),
+            gateway: "10.30.0.1".into(),
+            nat: false,
+            dhcp: true,
+            dns: vec![],
+            mtu: 1450,
+            vni: 4096,
+            bridge: "nbn4096".into(),
+            created_at: 0,
+        };
+        let nic = |network: Option<&str>, address: &str| nubis_api::VmNic {
+            network: network.map(str::to_string),
+            mac: Some("02:4e:42:00:00:01".into()),
+            address: Some(address.into()),
+            ..Default::default()
+        };
+        let on_network = Vm {
+            nics: vec![nic(Some("net-1"), "10.30.0.2/24")],
+            ..vm.clone()
+        };
+        let config = vmm_config(&on_network, &image, &paths, &[Some(network.clone())]);
+        assert_eq!(
+            config["boot"]["cmdline"],
+            "console=ttyS0 root=/dev/vda quiet ip=:::::eth0:dhcp"
+        );
+        assert_eq!(config["nets"][0]["mtu"], 1450);
+        assert_eq!(config["nets"][0]["mac"], "02:4e:42:00:00:01");
+        let static_network = Network {
+            dhcp: false,
+            ..network
+        };
+        let config = vmm_config(&on_network, &image, &paths, &[Some(static_network)]);
+        assert_eq!(
+            config["boot"]["cmdline"],
+            "console=ttyS0 root=/dev/vda quiet ip=10.30.0.2::10.30.0.1:255.255.255.0::eth0:off"
+        );
+        let default_bridge = Vm {
+            nics: vec![nic(None, "10.88.1.2/24")],
+            ..vm
+        };
+        let config = vmm_config(&default_bridge, &image, &paths, &[None]);
+        assert!(config["nets"][0].get("mtu").is_none());
+        assert!(config["boot"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("ip=10.88.1.2::10.88.1.1:255.255.255.0::eth0:off"));
     }
 
     #[test]

@@ -1,0 +1,185 @@
+//! Port forwards: a host port (per protocol, unique on the host) that
+//! leads to a port on one of a VM's NICs. They go with their VM.
+
+use nubis_api::{PortForward, Protocol};
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{exists_or, new_id, now, Store, StoreError};
+
+const COLUMNS: &str = "id, tenant_id, vm_id, nic, protocol, host_port, vm_port, created_at";
+
+fn protocol_from(text: &str) -> Protocol {
+    match text {
+        "udp" => Protocol::Udp,
+        _ => Protocol::Tcp,
+    }
+}
+
+fn forward_from_row(row: &Row) -> rusqlite::Result<PortForward> {
+    let protocol: String = row.get(4)?;
+    let nic: i64 = row.get(3)?;
+    Ok(PortForward {
+        id: row.get(0)?,
+        tenant_id: row.get(1)?,
+        vm_id: row.get(2)?,
+        nic: usize::try_from(nic).unwrap_or_default(),
+        protocol: protocol_from(&protocol),
+        host_port: row.get(5)?,
+        vm_port: row.get(6)?,
+        created_at: row.get(7)?,
+    })
+}
+
+impl Store {
+    /// Records a forward; refused when the host port is taken for the
+    /// protocol.
+    pub fn create_port_forward(
+        &self,
+        tenant_id: &str,
+        vm_id: &str,
+        nic: usize,
+        protocol: Protocol,
+        host_port: u16,
+        vm_port: u16,
+    ) -> Result<PortForward, StoreError> {
+        let forward = PortForward {
+            id: new_id("pf"),
+            tenant_id: tenant_id.to_string(),
+            vm_id: vm_id.to_string(),
+            nic,
+            protocol,
+            host_port,
+            vm_port,
+            created_at: now(),
+        };
+        self.conn()
+            .execute(
+                &format!(
+                    "INSERT INTO port_forwards ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                ),
+                params![
+                    forward.id,
+                    forward.tenant_id,
+                    forward.vm_id,
+                    forward.nic as i64,
+                    forward.protocol.as_str(),
+                    forward.host_port,
+                    forward.vm_port,
+                    forward.created_at
+                ],
+            )
+            .map_err(|err| {
+                exists_or(err, || {
+                    format!("a forward of {} port {host_port}", protocol.as_str())
+                })
+            })?;
+        Ok(forward)
+    }
+
+    /// With `tenant_id`, only that tenant's.
+    pub fn get_port_forward(
+        &self,
+        tenant_id: Option<&str>,
+        id: &str,
+    ) -> Result<Option<PortForward>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM port_forwards WHERE id = ?1 AND (?2 IS NULL OR tenant_id = ?2)"
+                ),
+                params![id, tenant_id],
+                forward_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn list_port_forwards(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<PortForward>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM port_forwards WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY protocol, host_port"
+        ))?;
+        let forwards = statement
+            .query_map(params![tenant_id], forward_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(forwards)
+    }
+
+    pub fn delete_port_forward(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM port_forwards WHERE id = ?1", [id])?
+            > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewVm;
+    use nubis_api::{ImageCreate, Quota, RateLimit};
+
+    #[test]
+    fn host_ports_are_unique_per_protocol_and_forwards_go_with_their_vm() {
+        let store = Store::open_in_memory().unwrap();
+        let tenant = store.create_tenant("acme", Quota::default()).unwrap();
+        let image = store
+            .create_image(
+                &tenant.id,
+                &ImageCreate {
+                    name: "img".into(),
+                    kernel: "/k".into(),
+                    rootfs: "/r".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                1,
+            )
+            .unwrap();
+        let vm = store
+            .create_vm(
+                &NewVm {
+                    tenant_id: tenant.id.clone(),
+                    name: "web".into(),
+                    image_id: image.id,
+                    vcpus: 1,
+                    memory_mib: 128,
+                    kernel_args: String::new(),
+                    root_rate_limit: RateLimit::default(),
+                    disks: vec![],
+                    nics: vec![],
+                },
+                Quota::default(),
+            )
+            .unwrap();
+        let http = store
+            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 80)
+            .unwrap();
+        assert!(matches!(
+            store.create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 81),
+            Err(StoreError::Exists(_))
+        ));
+        let dns = store
+            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Udp, 18080, 53)
+            .unwrap();
+        assert_eq!(
+            store.get_port_forward(Some(&tenant.id), &http.id).unwrap(),
+            Some(http.clone())
+        );
+        assert_eq!(
+            store.get_port_forward(Some("t-other"), &http.id).unwrap(),
+            None
+        );
+        assert_eq!(
+            store.list_port_forwards(None).unwrap(),
+            vec![http.clone(), dns]
+        );
+        assert!(store.delete_port_forward(&http.id).unwrap());
+        assert!(!store.delete_port_forward(&http.id).unwrap());
+        store.delete_vm(&vm.id).unwrap();
+        assert!(store.list_port_forwards(None).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,364 @@
+//! The host side of tenant networking, made to match the database: each
+//! network's bridge with its gateway address, the VMs' taps, the packet
+//! filter (`network::firewall`) and one DHCP server per network. The
+//! database is the truth: `reconcile` renders everything from it, at agent
+//! start and after every change, so a restarted agent duplicates nothing
+//! and leftovers of a crash are removed.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use nubis_api::{Network, Vm};
+
+use super::{Supervisor, SupervisorError};
+use crate::ipv4::Cidr;
+use crate::network::dhcp::Lease;
+use crate::network::dhcp_server::LeaseLookup;
+use crate::network::firewall::{self, Forward, GuardedNic, Policy, Segment};
+use crate::network::{self, NETWORK_BRIDGE_PREFIX};
+use crate::store::{Store, StoreError};
+
+/// How long a DHCP lease lasts; the address is the NIC's for as long as the
+/// VM exists, so this only sets how often guests renew.
+const LEASE_SECS: u32 = 86_400;
+
+fn corrupt(err: String) -> SupervisorError {
+    SupervisorError::Store(StoreError::Corrupt(err))
+}
+
+fn parse_cidr(text: &str) -> Result<Cidr, SupervisorError> {
+    text.parse().map_err(corrupt)
+}
+
+/// The IPv4 address of a NIC's "A.B.C.D/N".
+fn nic_address(address: &str) -> Option<Ipv4Addr> {
+    address.split('/').next()?.parse().ok()
+}
+
+/// The segments, guarded NICs and forwards the rules are made of.
+pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
+    let mut policy = Policy::default();
+    for net in store.list_networks(None)? {
+        let cidr = parse_cidr(&net.cidr)?;
+        policy.segments.push(Segment {
+            bridge: net.bridge.clone(),
+            cidr,
+            gateway: cidr.gateway(),
+            nat: net.nat,
+            dhcp: net.dhcp,
+        });
+    }
+    for (_tenant, subnet) in store.list_tenant_subnets()? {
+        let cidr = parse_cidr(&format!("10.88.{subnet}.0/24"))?;
+        policy.segments.push(Segment {
+            bridge: network::bridge_name(subnet),
+            cidr,
+            gateway: cidr.gateway(),
+            nat: false,
+            dhcp: false,
+        });
+    }
+    let vms = store.list_vms(None, None)?;
+    for vm in &vms {
+        for (index, nic) in vm.nics.iter().enumerate() {
+            let (Some(mac), Some(address)) = (
+                nic.mac.as_deref(),
+                nic.address.as_deref().and_then(nic_address),
+            ) else {
+                continue;
+            };
+            policy.nics.push(GuardedNic {
+                tap: network::tap_name(&vm.id, index),
+                mac: mac.to_string(),
+                address,
+            });
+        }
+    }
+    for forward in store.list_port_forwards(None)? {
+        let address = vms
+            .iter()
+            .find(|vm| vm.id == forward.vm_id)
+            .and_then(|vm| vm.nics.get(forward.nic))
+            .and_then(|nic| nic.address.as_deref().and_then(nic_address));
+        if let Some(address) = address {
+            policy.forwards.push(Forward {
+                protocol: forward.protocol,
+                host_port: forward.host_port,
+                address,
+                port: forward.vm_port,
+            });
+        }
+    }
+    Ok(policy)
+}
+
+impl Supervisor {
+    /// Makes the host's bridges, packet filter and DHCP servers match the
+    /// database.
+    pub async fn reconcile_network(&self) -> Result<(), SupervisorError> {
+        let _network = self.network_lock().await;
+        self.reconcile_network_locked().await
+    }
+
+    async fn reconcile_network_locked(&self) -> Result<(), SupervisorError> {
+        let networks = self.store.list_networks(None)?;
+        for net in &networks {
+            let cidr = parse_cidr(&net.cidr)?;
+            network::ensure_bridge(
+                &net.bridge,
+                &format!("{}/{}", cidr.gateway(), cidr.prefix()),
+            )
+            .await?;
+        }
+        // Bridges of networks deleted while the agent was down.
+        for bridge in network::bridges_named(NETWORK_BRIDGE_PREFIX).await? {
+            if !networks.iter().any(|net| net.bridge == bridge) {
+                tracing::info!("removing {bridge}: it belongs to no network");
+                network::delete_link(&bridge).await?;
+            }
+        }
+        // Taps of VMs this agent does not know (a crash between creating a
+        // tap and recording the VM, or a database restored from backup).
+        let known: Vec<String> = self
+            .store
+            .list_vms(None, None)?
+            .iter()
+            .flat_map(|vm| (0..vm.nics.len()).map(|index| network::tap_name(&vm.id, index)))
+            .collect();
+        for tap in network::links_named(network::TAP_PREFIX).await? {
+            if !known.contains(&tap) {
+                tracing::info!("removing {tap}: it belongs to no VM");
+                network::delete_link(&tap).await?;
+            }
+        }
+        firewall::apply(&policy(&self.store)?).await?;
+        let served: Vec<(String, String, Ipv4Addr)> = networks
+            .iter()
+            .filter(|net| net.dhcp)
+            .filter_map(|net| {
+                let cidr: Cidr = net.cidr.parse().ok()?;
+                Some((net.id.clone(), net.bridge.clone(), cidr.gateway()))
+            })
+            .collect();
+        self.dhcp.reconcile(&served)?;
+        Ok(())
+    }
+
+    /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
+    /// or on the tenant's default bridge.
+    pub(super) async fn plug_nics(&self, vm: &Vm) -> Result<(), SupervisorError> {
+        let _network = self.network_lock().await;
+        for (index, nic) in vm.nics.iter().enumerate() {
+            let (bridge, gateway, mtu) = match &nic.network {
+                Some(id) => {
+                    let net = self.store.get_network(None, id)?.ok_or_else(|| {
+                        SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
+                    })?;
+                    let cidr = parse_cidr(&net.cidr)?;
+                    (
+                        net.bridge,
+                        format!("{}/{}", cidr.gateway(), cidr.prefix()),
+                        Some(net.mtu),
+                    )
+                }
+                None => {
+                    let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
+                    (
+                        network::bridge_name(subnet),
+                        format!("{}/24", network::gateway(subnet)),
+                        None,
+                    )
+                }
+            };
+            network::ensure_bridge(&bridge, &gateway).await?;
+            network::create_tap(&network::tap_name(&vm.id, index), &bridge, mtu).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the taps of `vm_id`'s NICs.
+    pub(super) async fn unplug_nics(&self, vm_id: &str, count: usize) {
+        for index in 0..count {
+            let tap = network::tap_name(vm_id, index);
+            if let Err(err) = network::delete_link(&tap).await {
+                tracing::warn!(vm = vm_id, "cannot remove tap {tap}: {err}");
+            }
+        }
+    }
+}
+
+/// The host's own DNS resolvers (`/etc/resolv.conf`), except loopback
+/// ones, which a guest cannot reach: what a network hands out by default.
+pub fn host_resolvers() -> Vec<String> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| parse_resolvers(&text))
+        .unwrap_or_default()
+}
+
+fn parse_resolvers(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<Ipv4Addr>().ok())
+        .filter(|address| !address.is_loopback() && !address.is_unspecified())
+        .map(|address| address.to_string())
+        .take(4)
+        .collect()
+}
+
+/// DHCP leases come from the VMs' records: a MAC gets the address the
+/// agent assigned to that NIC, on that NIC's network only.
+pub struct StoreLeases(pub Arc<Store>);
+
+impl StoreLeases {
+    fn lease_of(network: &Network, vm: &Vm, mac: &str) -> Option<Lease> {
+        let nic = vm.nics.iter().find(|nic| {
+            nic.network.as_deref() == Some(network.id.as_str())
+                && nic
+                    .mac
+                    .as_deref()
+                    .is_some_and(|own| own.eq_ignore_ascii_case(mac))
+        })?;
+        let cidr: Cidr = network.cidr.parse().ok()?;
+        Some(Lease {
+            address: nic_address(nic.address.as_deref()?)?,
+            prefix: cidr.prefix(),
+            gateway: cidr.gateway(),
+            dns: network
+                .dns
+                .iter()
+                .filter_map(|server| server.parse().ok())
+                .collect(),
+            mtu: Some(network.mtu),
+            lease_secs: LEASE_SECS,
+        })
+    }
+}
+
+impl LeaseLookup for StoreLeases {
+    fn lease(&self, network_id: &str, mac: &str) -> Option<Lease> {
+        let network = self.0.get_network(None, network_id).ok()??;
+        let vms = self.0.list_vms(Some(&network.tenant_id), None).ok()?;
+        vms.iter().find_map(|vm| Self::lease_of(&network, vm, mac))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nubis_api::{ImageCreate, NetworkCreate, Protocol, Quota, RateLimit, VmNic};
+
+    #[test]
+    fn resolvers_skip_loopback_and_junk() {
+        let text = "# comment\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver nonsense\n nameserver 192.0.2.1 \nsearch example\n";
+        assert_eq!(parse_resolvers(text), ["10.255.255.53", "192.0.2.1"]);
+        assert!(parse_resolvers("").is_empty());
+    }
+
+    /// A store with a network, a VM with a NIC on it and one on the
+    /// tenant's default bridge, and a port forward.
+    fn populated() -> (Arc<Store>, Network, Vm) {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let tenant = store.create_tenant("acme", Quota::default()).unwrap();
+        let image = store
+            .create_image(
+                &tenant.id,
+                &ImageCreate {
+                    name: "img".into(),
+                    kernel: "/k".into(),
+                    rootfs: "/r".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                1,
+            )
+            .unwrap();
+        let net = store
+            .create_network(
+                &tenant.id,
+                &NetworkCreate {
+                    name: "front".into(),
+                    cidr: "10.30.0.0/24".into(),
+                    nat: true,
+                    dhcp: true,
+                    dns: None,
+                    mtu: None,
+                },
+                "10.30.0.0/24".parse().unwrap(),
+                vec!["192.0.2.53".into()],
+                1450,
+            )
+            .unwrap();
+        let subnet = store.tenant_subnet(&tenant.id).unwrap();
+        let vm = store
+            .create_vm(
+                &crate::store::NewVm {
+                    tenant_id: tenant.id.clone(),
+                    name: "web".into(),
+                    image_id: image.id,
+                    vcpus: 1,
+                    memory_mib: 128,
+                    kernel_args: String::new(),
+                    root_rate_limit: RateLimit::default(),
+                    disks: vec![],
+                    nics: vec![
+                        VmNic {
+                            network: Some(net.id.clone()),
+                            mac: Some("02:4e:42:00:00:01".into()),
+                            address: Some("10.30.0.2/24".into()),
+                            ..VmNic::default()
+                        },
+                        VmNic {
+                            mac: Some("02:4e:42:00:00:02".into()),
+                            address: Some(format!("10.88.{subnet}.2/24")),
+                            ..VmNic::default()
+                        },
+                    ],
+                },
+                Quota::default(),
+            )
+            .unwrap();
+        store
+            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 8080)
+            .unwrap();
+        (store, net, vm)
+    }
+
+    #[test]
+    fn the_policy_covers_every_bridge_nic_and_forward() {
+        let (store, net, vm) = populated();
+        let policy = policy(&store).unwrap();
+        let bridges: Vec<&str> = policy.segments.iter().map(|s| s.bridge.as_str()).collect();
+        assert_eq!(bridges, [net.bridge.as_str(), "nbr1"]);
+        assert!(policy.segments[0].nat && policy.segments[0].dhcp);
+        assert!(!policy.segments[1].nat && !policy.segments[1].dhcp);
+        assert_eq!(policy.nics.len(), 2);
+        assert_eq!(policy.nics[0].tap, network::tap_name(&vm.id, 0));
+        assert_eq!(policy.nics[0].address, Ipv4Addr::new(10, 30, 0, 2));
+        assert_eq!(policy.nics[1].address, Ipv4Addr::new(10, 88, 1, 2));
+        assert_eq!(
+            policy.forwards,
+            [Forward {
+                protocol: Protocol::Tcp,
+                host_port: 18080,
+                address: Ipv4Addr::new(10, 30, 0, 2),
+                port: 8080,
+            }]
+        );
+    }
+
+    #[test]
+    fn leases_are_the_nics_own_addresses_on_their_own_network() {
+        let (store, net, _vm) = populated();
+        let leases = StoreLeases(store);
+        let lease = leases.lease(&net.id, "02:4E:42:00:00:01").unwrap();
+        assert_eq!(lease.address, Ipv4Addr::new(10, 30, 0, 2));
+        assert_eq!(lease.gateway, Ipv4Addr::new(10, 30, 0, 1));
+        assert_eq!(lease.prefix, 24);
+        assert_eq!(lease.mtu, Some(1450));
+        assert_eq!(lease.dns, [Ipv4Addr::new(192, 0, 2, 53)]);
+        // The NIC on the default bridge, an unknown MAC, an unknown network.
+        assert_eq!(leases.lease(&net.id, "02:4e:42:00:00:02"), None);
+        assert_eq!(leases.lease(&net.id, "02:4e:42:00:00:99"), None);
+        assert_eq!(leases.lease("net-nope", "02:4e:42:00:00:01"), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! Network namespaces as the tests' other hosts: an "outside" host joined to
+//! this one by a veth pair (the uplink that NAT egress and port forwards
+//! use), and commands run inside it. Removed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A network namespace, deleted (with what is inside) on drop.
+pub struct NetNs {
+    pub name: String,
+    /// The host end of the veth pair, if any.
+    host_link: Option<String>,
+}
+
+impl NetNs {
+    /// Creates namespace `name` with its loopback up.
+    pub fn create(name: &str) -> Self {
+        Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        Self {
+            name: name.to_string(),
+            host_link: None,
+        }
+    }
+
+    /// Joins the namespace to this host with a veth pair: `host_link` with
+    /// `host_cidr` here, `inner_cidr` on `eth0` inside.
+    pub fn link_to_host(&mut self, host_link: &str, host_cidr: &str, inner_cidr: &str) {
+        Command::new("ip")
+            .args(["link", "del", host_link])
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+        ip(&[
+            "link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", &self.name,
+        ]);
+        self.host_link = Some(host_link.to_string());
+        ip(&["addr", "add", host_cidr, "dev", host_link]);
+        ip(&["link", "set", host_link, "up"]);
+        ip(&["-n", &self.name, "addr", "add", inner_cidr, "dev", "eth0"]);
+        ip(&["-n", &self.name, "link", "set", "eth0", "up"]);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// Runs `program args` inside and returns its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("run {program} in {}: {err}", self.name))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Some(link) = &self.host_link {
+            Command::new("ip")
+                .args(["link", "del", link])
+                .stderr(Stdio::null())
+                .status()
+                .ok();
+        }
+        Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status()
+            .ok();
+    }
+}
+
+/// An HTTP server on port `port` inside a namespace (python3's
+/// http.server): `GET /whoami` answers the client's address as the server
+/// sees it (to check NAT), `GET /go` answers "go" once `flag` exists and
+/// "wait" before (to release guests that wait for the test).
+pub struct OutsideServer {
+    child: Child,
+    pub flag: PathBuf,
+}
+
+impl OutsideServer {
+    pub fn start(netns: &NetNs, port: u16, flag: PathBuf) -> Self {
+        let script = format!(
+            r#"
+import http.server, os
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/whoami":
+            body = self.client_address[0]
+        elif self.path == "/go":
+            body = "go" if os.path.exists({flag:?}) else "wait"
+        else:
+            self.send_error(404)
+            return
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", {port}), Handler).serve_forever()
+"#,
+            flag = flag.display().to_string(),
+        );
+        let child = netns
+            .command("python3")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the outside HTTP server");
+        Self { child, flag }
+    }
+
+    /// Lets waiting guests go on.
+    pub fn release(&self) {
+        std::fs::write(&self.flag, b"go").expect("write the go flag");
+    }
+}
+
+impl Drop for OutsideServer {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
