@@ -59,6 +59,42 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_agent(bin_dir, images):
+    """A nubis-agent on a free port and a fresh data directory, allowed to use
+    `images`; returns (process, operator Api, data directory) once it answers."""
+    data = tempfile.mkdtemp(prefix="nubis-bench-agent-")
+    port = free_port()
+    with open(os.path.join(data, "agent.json"), "w") as config:
+        json.dump({"image_dirs": [images], "vmm_binary": os.path.join(bin_dir, "nubis-vmm")}, config)
+    log = open(os.path.join(data, "agent.log"), "w")
+    agent = subprocess.Popen(
+        [os.path.join(bin_dir, "nubis-agent"), "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+         "--config", os.path.join(data, "agent.json")],
+        env=dict(os.environ, NUBIS_OPERATOR_TOKEN=OPERATOR), stderr=log)
+    operator = Api(port, OPERATOR)
+    for _ in range(200):
+        try:
+            operator.call("GET", "/healthz")
+            break
+        except OSError:
+            time.sleep(0.05)
+    return agent, operator, data
+
+
+def tenant_api(operator, name):
+    """A tenant with room for benchmark VMs, and an Api with its token."""
+    tenant = operator.call("POST", "/v1/tenants", {"name": name, "quota": {
+        "max_vcpus": 64, "max_memory_mib": 65536, "max_vms": 64}})
+    token = operator.call("POST", f"/v1/tenants/{tenant['id']}/tokens")["token"]
+    return Api(operator.port, token)
+
+
+def machine_line(what):
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    nested = " nested kvm_pvm" if os.path.exists("/sys/module/kvm_pvm") else ""
+    return f"{what} on {os.uname().nodename}: {os.cpu_count()} CPUs, {cpu}{nested}"
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -87,28 +123,10 @@ def main():
     parser.add_argument("--images", default=os.path.join(ROOT, "guest-images/out"))
     args = parser.parse_args()
     images = os.path.abspath(args.images)
-    data = tempfile.mkdtemp(prefix="nubis-bench-agent-")
-    port = free_port()
-    with open(os.path.join(data, "agent.json"), "w") as config:
-        json.dump({"image_dirs": [images], "vmm_binary": os.path.join(args.bin, "nubis-vmm")}, config)
-    log = open(os.path.join(data, "agent.log"), "w")
-    agent = subprocess.Popen(
-        [os.path.join(args.bin, "nubis-agent"), "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-         "--config", os.path.join(data, "agent.json")],
-        env=dict(os.environ, NUBIS_OPERATOR_TOKEN=OPERATOR), stderr=log)
-    operator = Api(port, OPERATOR)
+    agent, operator, data = start_agent(args.bin, images)
     vm_ids = []
     try:
-        for _ in range(200):
-            try:
-                operator.call("GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.05)
-        tenant = operator.call("POST", "/v1/tenants", {"name": "bench", "quota": {
-            "max_vcpus": 64, "max_memory_mib": 65536, "max_vms": 64}})
-        token = operator.call("POST", f"/v1/tenants/{tenant['id']}/tokens")["token"]
-        api = Api(port, token)
+        api = tenant_api(operator, "bench")
         with open(os.path.join(images, "cmdline")) as f:
             cmdline = f.read().strip()
         api.call("POST", "/v1/images", {
@@ -116,9 +134,7 @@ def main():
             "rootfs": os.path.join(images, "rootfs.ext4"),
             "cmdline": f'{cmdline} root=/dev/vda ro nubis_cmd="echo {MARKER}; read wait_forever"'})
 
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-        nested = " nested kvm_pvm" if os.path.exists("/sys/module/kvm_pvm") else ""
-        print(f"nubis-agent benchmark on {os.uname().nodename}: {os.cpu_count()} CPUs, {cpu}{nested}")
+        print(machine_line("nubis-agent benchmark"))
         print("API read latency (GET /v1/vms):")
         print(latency_line("idle, one client", timed_reads(api, 300)))
         results, lock = [], threading.Lock()

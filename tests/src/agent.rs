@@ -252,8 +252,9 @@ impl Drop for Agent {
 
 /// Hang guard for a Linux boot through the agent (and a guest's script
 /// after it), not a timing assertion: three guests booting at once on two
-/// emulated cores reach user space after about three minutes.
-pub const BOOT_GUARD: Duration = Duration::from_secs(600);
+/// emulated cores reach user space after three minutes or more (one
+/// guest's boot has taken from 27 s to 90 s on this kind of shared machine).
+pub const BOOT_GUARD: Duration = Duration::from_secs(900);
 
 /// The body of `reply`, which must have `status`.
 pub fn expect(reply: &Reply, status: u16) -> &Value {

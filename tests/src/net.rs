@@ -88,6 +88,19 @@ impl Drop for HostTap {
     }
 }
 
+/// The host's network interfaces whose names start with `prefix`.
+pub fn links_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().to_string())
+                .filter(|name| name.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A name for a host interface, unique per test process: `prefix` (at most
 /// 5 bytes) and the pid.
 pub fn interface_name(prefix: &str) -> String {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use nubis_tests::agent::{
     expect, tenant, wait_for_console, Agent, Reply, BOOT_GUARD, OPERATOR_TOKEN,
 };
+use nubis_tests::net::links_with_prefix;
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
 
@@ -346,18 +347,6 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
 
 fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
-}
-
-fn links_with_prefix(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().to_string())
-                .filter(|name| name.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Every endpoint with no token, a wrong token, a tenant token where the
@@ -903,6 +892,81 @@ fn nubisctl_covers_the_api() {
     let vm: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(vm["disks"][0]["rate_limit"]["bytes_per_s"], 1_000_000);
     assert_eq!(vm["nics"].as_array().unwrap().len(), 1);
+    // Networks and port forwards.
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "--json",
+            "network",
+            "create",
+            "lan",
+            "--cidr",
+            "10.61.0.0/24",
+            "--nat",
+            "--dns",
+            "192.0.2.53",
+            "--mtu",
+            "1450",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let lan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            lan["nat"].as_bool(),
+            lan["mtu"].as_u64(),
+            lan["dns"][0].as_str()
+        ),
+        (Some(true), Some(1450), Some("192.0.2.53"))
+    );
+    let (code, out, _) = ctl(&token, &["network", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("lan") && out.contains("10.61.0.0/24"), "{out}");
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "--json",
+            "vm",
+            "create",
+            "gw",
+            "--image",
+            "busybox",
+            "--nic",
+            "network=lan,bw=5000",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let gw: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(gw["nics"][0]["network"], lan["id"]);
+    assert_eq!(gw["nics"][0]["address"], "10.61.0.2/24");
+    let (code, out, err) = ctl(
+        &token,
+        &[
+            "--json",
+            "port-forward",
+            "create",
+            "gw",
+            "--host-port",
+            "18022",
+            "--vm-port",
+            "22",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let forward: Value = serde_json::from_str(&out).unwrap();
+    let (code, out, _) = ctl(&token, &["port-forward", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("18022"), "{out}");
+    let forward_id = forward["id"].as_str().unwrap();
+    let (code, _, err) = ctl(&token, &["port-forward", "delete", forward_id]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = ctl(&token, &["network", "delete", "lan"]);
+    assert_eq!(code, Some(1), "a network with NICs is kept");
+    assert!(err.contains("conflict (409)"), "{err}");
+    let (code, _, err) = ctl(&token, &["vm", "delete", "gw"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = ctl(&token, &["network", "delete", "lan"]);
+    assert_eq!(code, Some(0), "{err}");
     let (code, out, _) = ctl(&token, &["vm", "list", "--state", "stopped"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("web") && out.contains("stopped"), "{out}");

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nubis_tests::agent::{expect, one_agent_per_host, tenant, wait_for_console, Agent};
+use nubis_tests::net::links_with_prefix;
 use nubis_tests::netns::{NetNs, OutsideServer};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
@@ -101,18 +102,6 @@ fn counted(ruleset: &str, chain: &str, rule: &str) -> u64 {
                 chain_text.join("\n")
             )
         })
-}
-
-fn links_with_prefix(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().to_string())
-                .filter(|name| name.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn create_vm(agent: &Agent, token: &str, name: &str, network: &str, script: &str) -> Value {

@@ -10,8 +10,9 @@ use nubis_tests::net::{host_ping, interface_name, test_blob, HostTap, HttpServer
 use nubis_tests::vm::{assert_console_value, console_value, control_request, VmProcess};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 
-/// Hang guard for one Linux boot and its workload, not a timing assertion.
-const GUARD: Duration = Duration::from_secs(400);
+/// Hang guard for one Linux boot and its workload, not a timing assertion:
+/// the same boot has taken 27 s and 100 s on this kind of shared machine.
+const GUARD: Duration = Duration::from_secs(900);
 const MIB: usize = 1 << 20;
 
 fn run(program: &str, args: &[&str]) -> std::process::Output {

@@ -249,6 +249,30 @@ fn exists_or(err: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError 
     }
 }
 
+/// For other modules' tests: a store in memory with tenant "acme" (default
+/// quota) and its image "img"; returns (store, tenant id, image id).
+#[cfg(test)]
+pub(crate) fn fixture() -> (Store, String, String) {
+    let store = Store::open_in_memory().unwrap();
+    let tenant = store
+        .create_tenant("acme", nubis_api::Quota::default())
+        .unwrap();
+    let image = store
+        .create_image(
+            &tenant.id,
+            &nubis_api::ImageCreate {
+                name: "img".into(),
+                kernel: "/k".into(),
+                rootfs: "/r".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            1,
+        )
+        .unwrap();
+    (store, tenant.id, image.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

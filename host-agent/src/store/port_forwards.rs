@@ -120,31 +120,17 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::NewVm;
-    use nubis_api::{ImageCreate, Quota, RateLimit};
+    use nubis_api::{Quota, RateLimit};
 
     #[test]
     fn host_ports_are_unique_per_protocol_and_forwards_go_with_their_vm() {
-        let store = Store::open_in_memory().unwrap();
-        let tenant = store.create_tenant("acme", Quota::default()).unwrap();
-        let image = store
-            .create_image(
-                &tenant.id,
-                &ImageCreate {
-                    name: "img".into(),
-                    kernel: "/k".into(),
-                    rootfs: "/r".into(),
-                    initrd: None,
-                    cmdline: String::new(),
-                },
-                1,
-            )
-            .unwrap();
+        let (store, tenant, image) = crate::store::fixture();
         let vm = store
             .create_vm(
                 &NewVm {
-                    tenant_id: tenant.id.clone(),
+                    tenant_id: tenant.clone(),
                     name: "web".into(),
-                    image_id: image.id,
+                    image_id: image,
                     vcpus: 1,
                     memory_mib: 128,
                     kernel_args: String::new(),
@@ -156,17 +142,17 @@ mod tests {
             )
             .unwrap();
         let http = store
-            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 80)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 80)
             .unwrap();
         assert!(matches!(
-            store.create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 81),
+            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 81),
             Err(StoreError::Exists(_))
         ));
         let dns = store
-            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Udp, 18080, 53)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18080, 53)
             .unwrap();
         assert_eq!(
-            store.get_port_forward(Some(&tenant.id), &http.id).unwrap(),
+            store.get_port_forward(Some(&tenant), &http.id).unwrap(),
             Some(http.clone())
         );
         assert_eq!(

@@ -245,7 +245,7 @@ impl LeaseLookup for StoreLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nubis_api::{ImageCreate, NetworkCreate, Protocol, Quota, RateLimit, VmNic};
+    use nubis_api::{NetworkCreate, Protocol, Quota, RateLimit, VmNic};
 
     #[test]
     fn resolvers_skip_loopback_and_junk() {
@@ -257,24 +257,11 @@ mod tests {
     /// A store with a network, a VM with a NIC on it and one on the
     /// tenant's default bridge, and a port forward.
     fn populated() -> (Arc<Store>, Network, Vm) {
-        let store = Arc::new(Store::open_in_memory().unwrap());
-        let tenant = store.create_tenant("acme", Quota::default()).unwrap();
-        let image = store
-            .create_image(
-                &tenant.id,
-                &ImageCreate {
-                    name: "img".into(),
-                    kernel: "/k".into(),
-                    rootfs: "/r".into(),
-                    initrd: None,
-                    cmdline: String::new(),
-                },
-                1,
-            )
-            .unwrap();
+        let (store, tenant, image) = crate::store::fixture();
+        let store = Arc::new(store);
         let net = store
             .create_network(
-                &tenant.id,
+                &tenant,
                 &NetworkCreate {
                     name: "front".into(),
                     cidr: "10.30.0.0/24".into(),
@@ -288,13 +275,13 @@ mod tests {
                 1450,
             )
             .unwrap();
-        let subnet = store.tenant_subnet(&tenant.id).unwrap();
+        let subnet = store.tenant_subnet(&tenant).unwrap();
         let vm = store
             .create_vm(
                 &crate::store::NewVm {
-                    tenant_id: tenant.id.clone(),
+                    tenant_id: tenant.clone(),
                     name: "web".into(),
-                    image_id: image.id,
+                    image_id: image,
                     vcpus: 1,
                     memory_mib: 128,
                     kernel_args: String::new(),
@@ -318,7 +305,7 @@ mod tests {
             )
             .unwrap();
         store
-            .create_port_forward(&tenant.id, &vm.id, 0, Protocol::Tcp, 18080, 8080)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 8080)
             .unwrap();
         (store, net, vm)
     }

@@ -53,6 +53,12 @@ enum Command {
     /// Files uploaded for images.
     #[command(subcommand)]
     Upload(UploadCommand),
+    /// Virtual networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Host ports forwarded to VMs.
+    #[command(subcommand)]
+    PortForward(PortForwardCommand),
     /// The agent's Prometheus metrics (operator).
     Metrics,
     /// The agent's OpenAPI document.
@@ -69,6 +75,59 @@ enum UploadCommand {
     List,
     Delete {
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    Create {
+        name: String,
+        /// IPv4 CIDR, /16 to /29.
+        #[arg(long)]
+        cidr: String,
+        /// NAT egress to the host's uplink.
+        #[arg(long)]
+        nat: bool,
+        /// No DHCP: guests get their address from the kernel command line.
+        #[arg(long)]
+        no_dhcp: bool,
+        /// A DNS server handed out by DHCP (repeatable; the host's by default).
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        mtu: Option<u16>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PortForwardCommand {
+    /// Forwards HOST_PORT on the host's addresses to VM_PORT of a VM.
+    Create {
+        vm: String,
+        #[arg(long)]
+        host_port: u16,
+        #[arg(long)]
+        vm_port: u16,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// The VM's NIC, by index.
+        #[arg(long, default_value_t = 0)]
+        nic: usize,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
     },
 }
 
@@ -156,7 +215,8 @@ struct VmCreate {
     /// A data disk: SIZE_MIB[,bw=BYTES_PER_S][,iops=N] (repeatable).
     #[arg(long)]
     disk: Vec<String>,
-    /// A NIC on the tenant's bridge: "" or bw=BYTES_PER_S[,pps=N] (repeatable).
+    /// A NIC: "" (the tenant's bridge) or
+    /// [network=NAME][,bw=BYTES_PER_S][,pps=N] (repeatable).
     #[arg(long)]
     nic: Vec<String>,
 }
@@ -214,12 +274,23 @@ enum VmCommand {
     },
 }
 
-/// Parses `VALUE[,key=value...]` into the first value and a rate limit.
-fn parse_device(text: &str, first_is_size: bool) -> Result<(Option<u64>, Value), String> {
+/// A disk or NIC flag: `VALUE[,key=value...]`.
+#[derive(Debug, Default, PartialEq)]
+struct DeviceFlag {
+    size: Option<u64>,
+    network: Option<String>,
+    limit: Value,
+}
+
+/// Parses `VALUE[,key=value...]`: a leading size (disks), `network=`
+/// (NICs) and a rate limit.
+fn parse_device(text: &str, first_is_size: bool) -> Result<DeviceFlag, String> {
     let mut size = None;
+    let mut network = None;
     let mut limit = serde_json::Map::new();
     for (index, part) in text.split(',').filter(|part| !part.is_empty()).enumerate() {
         match part.split_once('=') {
+            Some(("network", value)) if !first_is_size => network = Some(value.to_string()),
             Some(("bw", value)) => {
                 limit.insert("bytes_per_s".into(), json!(number(value)?));
             }
@@ -230,7 +301,11 @@ fn parse_device(text: &str, first_is_size: bool) -> Result<(Option<u64>, Value),
             _ => return Err(format!("cannot parse '{part}' in '{text}'")),
         }
     }
-    Ok((size, Value::Object(limit)))
+    Ok(DeviceFlag {
+        size,
+        network,
+        limit: Value::Object(limit),
+    })
 }
 
 fn number(text: &str) -> Result<u64, String> {
@@ -362,6 +437,62 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &format!("upload {name} deleted"),
             ),
         },
+        Command::Network(command) => match command {
+            NetworkCommand::Create {
+                name,
+                cidr,
+                nat,
+                no_dhcp,
+                dns,
+                mtu,
+            } => {
+                let mut body = json!({ "name": name, "cidr": cidr, "nat": nat, "dhcp": !no_dhcp });
+                if !dns.is_empty() {
+                    body["dns"] = json!(dns);
+                }
+                if let Some(mtu) = mtu {
+                    body["mtu"] = json!(mtu);
+                }
+                out.object(&client.call("POST", "/v1/networks", Some(&body))?)
+            }
+            NetworkCommand::List => out.table(
+                &client.call("GET", "/v1/networks", None)?,
+                &[
+                    "id", "name", "cidr", "gateway", "nat", "dhcp", "mtu", "bridge",
+                ],
+            ),
+            NetworkCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/networks/{id}"), None)?)
+            }
+            NetworkCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/networks/{id}"), None)?,
+                &format!("network {id} deleted"),
+            ),
+        },
+        Command::PortForward(command) => match command {
+            PortForwardCommand::Create {
+                vm,
+                host_port,
+                vm_port,
+                protocol,
+                nic,
+            } => {
+                let body = json!({ "vm": vm, "host_port": host_port, "vm_port": vm_port,
+                                   "protocol": protocol, "nic": nic });
+                out.object(&client.call("POST", "/v1/port-forwards", Some(&body))?)
+            }
+            PortForwardCommand::List => out.table(
+                &client.call("GET", "/v1/port-forwards", None)?,
+                &["id", "vm_id", "nic", "protocol", "host_port", "vm_port"],
+            ),
+            PortForwardCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/port-forwards/{id}"), None)?)
+            }
+            PortForwardCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/port-forwards/{id}"), None)?,
+                &format!("port forward {id} deleted"),
+            ),
+        },
         Command::Metrics => print!("{}", client.raw("GET", "/metrics", None)?.1),
         Command::Openapi => print!("{}", client.raw("GET", "/v1/openapi.json", None)?.1),
     }
@@ -380,15 +511,20 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
         VmCommand::Create(create) => {
             let mut disks = Vec::new();
             for text in &create.disk {
-                let (size, limit) = parse_device(text, true).map_err(usage)?;
-                let size =
-                    size.ok_or_else(|| usage(format!("--disk '{text}' needs a size in MiB")))?;
-                disks.push(json!({ "size_mib": size, "rate_limit": limit }));
+                let disk = parse_device(text, true).map_err(usage)?;
+                let size = disk
+                    .size
+                    .ok_or_else(|| usage(format!("--disk '{text}' needs a size in MiB")))?;
+                disks.push(json!({ "size_mib": size, "rate_limit": disk.limit }));
             }
             let mut nics = Vec::new();
             for text in &create.nic {
-                let (_, limit) = parse_device(text, false).map_err(usage)?;
-                nics.push(json!({ "rate_limit": limit }));
+                let nic = parse_device(text, false).map_err(usage)?;
+                let mut body = json!({ "rate_limit": nic.limit });
+                if let Some(network) = nic.network {
+                    body["network"] = json!(network);
+                }
+                nics.push(body);
             }
             let body = json!({
                 "name": create.name, "image": create.image, "vcpus": create.vcpus,
@@ -494,6 +630,30 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("nubisctl: error: {err}");
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_flags_are_parsed() {
+        let disk = parse_device("16,bw=1000,iops=5", true).unwrap();
+        assert_eq!(disk.size, Some(16));
+        assert_eq!(disk.limit, json!({"bytes_per_s": 1000, "ops_per_s": 5}));
+        let nic = parse_device("network=front,pps=100", false).unwrap();
+        assert_eq!(nic.network.as_deref(), Some("front"));
+        assert_eq!(nic.limit, json!({"ops_per_s": 100}));
+        assert_eq!(parse_device("", false).unwrap().limit, json!({}));
+        for (bad, first_is_size) in [
+            ("network=front", true),
+            ("16", false),
+            ("bw=lots", false),
+            ("x=1", false),
+        ] {
+            assert!(parse_device(bad, first_is_size).is_err(), "{bad}");
         }
     }
 }
