@@ -56,11 +56,14 @@ def main():
             "rootfs": os.path.join(images, "rootfs-bench.ext4"),
             "cmdline": f"{cmdline} root=/dev/vda ro"})
         network = api.call("POST", "/v1/networks", {"name": "bench", "cidr": CIDR})
+        # iperf3 needs a writable TMPDIR (its buffers are mkstemp files) and
+        # the root disk is read-only: devtmpfs is writable.
         scripts = {
-            "server": "echo SERVER_UP; iperf3 -s -1; read x",
-            "client": (f"n=0; until ping -c1 -W1 {SERVER_IP} >/dev/null; do n=$((n+1)); [ $n -gt 300 ] && break; done; "
-                       f"ping -c 20 -q {SERVER_IP}; sleep 5; "
-                       f"until iperf3 -c {SERVER_IP} -t {args.seconds} -f m; do sleep 2; done; echo CLIENT_DONE; read x"),
+            "server": "export TMPDIR=/dev; echo SERVER_UP; iperf3 -s -1; read x",
+            "client": (f"export TMPDIR=/dev; n=0; until ping -c1 -W1 {SERVER_IP} >/dev/null; do n=$((n+1)); [ $n -gt 300 ] && break; done; "
+                       f"ping -c 20 -q {SERVER_IP}; n=0; "
+                       f"until iperf3 -c {SERVER_IP} -t {args.seconds} -f m; do n=$((n+1)); [ $n -gt 30 ] && break; sleep 5; done; "
+                       "echo CLIENT_DONE; read x"),
         }
         for name in ("server", "client"):
             vm = api.call("POST", "/v1/vms", {
