@@ -66,6 +66,11 @@ impl Cidr {
         self.base | !self.mask()
     }
 
+    /// The network's broadcast address.
+    pub fn broadcast_address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.broadcast())
+    }
+
     /// The lowest address for a NIC not in `used` (never the network,
     /// gateway or broadcast address).
     pub fn allocate(&self, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {

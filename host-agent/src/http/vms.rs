@@ -13,6 +13,7 @@ use super::{images, AppState, Body, Caller, HttpError, Result};
 use crate::ipv4::Cidr;
 use crate::network;
 use crate::store::NewVm;
+use crate::supervisor::networking::nic_address;
 use crate::supervisor::read_console;
 use crate::validate;
 
@@ -124,7 +125,7 @@ pub(crate) async fn create(
         let mut used: std::collections::HashSet<std::net::Ipv4Addr> = vms
             .iter()
             .flat_map(|vm| vm.nics.iter())
-            .filter_map(|nic| nic.address.as_deref()?.split('/').next()?.parse().ok())
+            .filter_map(|nic| nic.address.as_deref().and_then(nic_address))
             .collect();
         let exhausted = |what: &str| {
             HttpError::new(
@@ -190,8 +191,12 @@ pub(crate) async fn create(
     state.store.add_event(&vm.id, "created", "VM defined")?;
     drop(network_lock);
     if !vm.nics.is_empty() {
-        // The anti-spoofing rules of its NICs exist before its taps do.
-        state.supervisor.reconcile_network().await?;
+        // The anti-spoofing rules of its NICs exist before its taps do; a
+        // VM whose rules the host refused is not kept, to run unguarded.
+        if let Err(err) = state.supervisor.reconcile_network().await {
+            state.store.delete_vm(&vm.id)?;
+            return Err(err.into());
+        }
     }
     tracing::info!(vm = %vm.id, tenant = %vm.tenant_id, "VM created");
     Ok((StatusCode::CREATED, Json(vm)))

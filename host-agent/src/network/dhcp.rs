@@ -7,6 +7,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::ipv4::Cidr;
+
 /// The fixed BOOTP header, before the magic cookie.
 const HEADER_LEN: usize = 236;
 const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
@@ -229,16 +231,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn netmask(&self) -> Ipv4Addr {
-        Ipv4Addr::from(
-            u32::MAX
-                .checked_shl(32 - u32::from(self.prefix.min(32)))
-                .unwrap_or(0),
-        )
-    }
-
-    fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.address) | !u32::from(self.netmask()))
+    fn network(&self) -> Cidr {
+        Cidr::of(self.address, self.prefix)
     }
 }
 
@@ -321,8 +315,8 @@ pub fn build_reply(
                 &(lease.lease_secs / 8 * 7).to_be_bytes(),
             );
         }
-        option(OPT_SUBNET_MASK, &lease.netmask().octets());
-        option(OPT_BROADCAST, &lease.broadcast().octets());
+        option(OPT_SUBNET_MASK, &lease.network().netmask().octets());
+        option(OPT_BROADCAST, &lease.network().broadcast_address().octets());
         option(OPT_ROUTER, &lease.gateway.octets());
         if !lease.dns.is_empty() {
             // At most 63 servers fit one option; a network has a few.

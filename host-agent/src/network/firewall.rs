@@ -74,6 +74,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Nothing to enforce.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty() && self.nics.is_empty() && self.forwards.is_empty()
+    }
+
     /// Whether the host must route between interfaces (NAT or forwards).
     pub fn needs_forwarding(&self) -> bool {
         !self.forwards.is_empty() || self.segments.iter().any(|segment| segment.nat)
@@ -91,7 +96,7 @@ pub fn render(policy: &Policy) -> String {
     let mut out = String::from(
         "table inet nubis {}\ndelete table inet nubis\ntable bridge nubis {}\ndelete table bridge nubis\n",
     );
-    if policy.segments.is_empty() && policy.nics.is_empty() && policy.forwards.is_empty() {
+    if policy.is_empty() {
         return out;
     }
     render_inet(policy, &mut out);
@@ -215,13 +220,21 @@ pub async fn apply(policy: &Policy) -> Result<(), FirewallError> {
             .map_err(FirewallError::Forwarding)?;
     }
     let script = render(policy);
-    let mut child = tokio::process::Command::new("nft")
+    let spawned = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .map_err(FirewallError::Spawn)?;
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        // Without nftables there are no tables of ours to remove either: a
+        // host without networks runs without it; one with networks cannot.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && policy.is_empty() => {
+            return Ok(())
+        }
+        Err(err) => return Err(FirewallError::Spawn(err)),
+    };
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
@@ -294,6 +307,7 @@ mod tests {
             ]
         );
         assert!(!Policy::default().needs_forwarding());
+        assert!(Policy::default().is_empty() && !policy().is_empty());
     }
 
     #[test]

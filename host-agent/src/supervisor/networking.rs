@@ -31,7 +31,7 @@ fn parse_cidr(text: &str) -> Result<Cidr, SupervisorError> {
 }
 
 /// The IPv4 address of a NIC's "A.B.C.D/N".
-fn nic_address(address: &str) -> Option<Ipv4Addr> {
+pub fn nic_address(address: &str) -> Option<Ipv4Addr> {
     address.split('/').next()?.parse().ok()
 }
 
