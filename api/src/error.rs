@@ -23,6 +23,8 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// 500: the agent failed; the message says how.
     Internal,
+    /// 502: a peer host (see `/v1/hosts`) failed or could not be reached.
+    PeerFailed,
 }
 
 impl ErrorCode {
@@ -36,6 +38,7 @@ impl ErrorCode {
             Self::Unprocessable => 422,
             Self::QuotaExceeded => 429,
             Self::Internal => 500,
+            Self::PeerFailed => 502,
         }
     }
 }

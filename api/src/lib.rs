@@ -7,14 +7,16 @@
 //! checked in as `api/openapi.json`.
 
 pub mod error;
+pub mod host;
 pub mod image;
 pub mod network;
 pub mod tenant;
 pub mod vm;
 
 pub use error::{ApiError, ErrorCode};
+pub use host::{AddressGrant, AddressRequest, Host, HostCreate, NetworkReplica};
 pub use image::{Image, ImageCreate};
-pub use network::{Network, NetworkCreate, PortForward, PortForwardCreate, Protocol};
+pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState};
 

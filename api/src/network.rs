@@ -22,9 +22,15 @@ pub struct NetworkCreate {
     /// (non-loopback) resolvers when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Vec<String>>,
-    /// The guests' MTU, 576 to 9000; 1500 by default.
+    /// The guests' MTU, 576 to 9000; 1500 by default, and on an overlay
+    /// network the underlay's MTU less the 50 bytes of VXLAN encapsulation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
+    /// Peer hosts (names from `/v1/hosts`) that carry the network too: it
+    /// becomes one L2 segment across them, over VXLAN. This host is its
+    /// home and hands out its addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -47,7 +53,22 @@ pub struct Network {
     pub vni: u32,
     /// The host bridge that carries the network.
     pub bridge: String,
+    /// Present when the network spans hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
     pub created_at: u64,
+}
+
+/// How a network spans hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Overlay {
+    /// Underlay address of the network's home host, which owns its
+    /// addresses (IPAM) and its lifetime.
+    pub home: String,
+    /// Underlay addresses of every host that carries it, the home included.
+    pub hosts: Vec<String>,
+    /// This host's VXLAN interface for it (on the network's bridge).
+    pub vxlan: String,
 }
 
 /// Transport protocol of a port forward.

@@ -1,5 +1,6 @@
 //! The agent's configuration: flags, and an optional JSON file for the rest.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -43,6 +44,9 @@ pub struct ConfigFile {
     /// disk") is refused.
     #[serde(default)]
     pub image_dirs: Vec<PathBuf>,
+    /// This host's underlay IPv4 address: where the VXLAN tunnels of
+    /// overlay networks start and end (`--underlay-address` wins).
+    pub underlay_address: Option<Ipv4Addr>,
 }
 
 impl ConfigFile {
@@ -66,6 +70,8 @@ pub struct AgentConfig {
     pub vmm_binary: PathBuf,
     pub stop_timeout_s: u64,
     pub image_dirs: Vec<PathBuf>,
+    /// Without it this host carries no overlay networks.
+    pub underlay_address: Option<Ipv4Addr>,
 }
 
 impl AgentConfig {
@@ -102,6 +108,7 @@ impl AgentConfig {
             vmm_binary,
             stop_timeout_s: file.stop_timeout_s.unwrap_or(30),
             image_dirs,
+            underlay_address: file.underlay_address,
         })
     }
 }
@@ -153,5 +160,8 @@ mod tests {
     fn unknown_config_fields_are_refused() {
         assert!(serde_json::from_str::<ConfigFile>(r#"{"operator_token":"x"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"stop_timeout_s":5}"#).is_ok());
+        let file: ConfigFile = serde_json::from_str(r#"{"underlay_address":"192.0.2.1"}"#).unwrap();
+        assert_eq!(file.underlay_address, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"underlay_address":"nope"}"#).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //! (`auth`), serves the REST API (`http`, one file per resource), and runs
 //! each VM as its own `nubis-vmm` process that it supervises, adopts again
 //! after its own restart, and drives through the VMM's control socket
-//! (`supervisor`).
+//! (`supervisor`). Hosts that carry a network together call each other
+//! (`peers`).
 
 pub mod auth;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod disks;
 pub mod http;
 pub mod ipv4;
 pub mod network;
+pub mod peers;
 pub mod store;
 pub mod supervisor;
 pub mod validate;

@@ -31,9 +31,13 @@ struct Cli {
     /// Print the API's OpenAPI document and exit.
     #[arg(long)]
     openapi: bool,
-    /// JSON config file (operator_token_file, vmm_binary, stop_timeout_s, image_dirs).
+    /// JSON config file (operator_token_file, vmm_binary, stop_timeout_s, image_dirs, underlay_address).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// This host's IPv4 address on the network between hosts: the end of
+    /// the VXLAN tunnels of networks that span hosts (see /v1/hosts).
+    #[arg(long, value_name = "IPV4")]
+    underlay_address: Option<std::net::Ipv4Addr>,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -57,13 +61,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let file = match &cli.config {
+    let mut file = match &cli.config {
         Some(path) => match ConfigFile::load(path) {
             Ok(file) => file,
             Err(err) => return fail(err),
         },
         None => ConfigFile::default(),
     };
+    if cli.underlay_address.is_some() {
+        file.underlay_address = cli.underlay_address;
+    }
     let env_token = std::env::var("NUBIS_OPERATOR_TOKEN").ok();
     let config = match AgentConfig::assemble(data_dir, file, env_token) {
         Ok(config) => config,
@@ -112,6 +119,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         image_dirs,
         metrics: Default::default(),
         data_dir,
+        peers: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

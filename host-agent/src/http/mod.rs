@@ -4,10 +4,12 @@
 //! field at fault named for bad input. A tenant asking for another
 //! tenant's resource gets 404, exactly as for one that does not exist.
 
+mod hosts;
 mod images;
 pub mod metrics;
 mod networks;
 pub mod openapi;
+mod overlay;
 mod port_forwards;
 mod system;
 mod tenants;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub image_dirs: Arc<Vec<std::path::PathBuf>>,
     pub metrics: Arc<metrics::ApiMetrics>,
     pub data_dir: std::path::PathBuf,
+    /// Calls to peer hosts.
+    pub peers: Arc<crate::peers::PeerClient>,
 }
 
 /// The whole API.
@@ -52,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .merge(uploads::routes())
         .merge(networks::routes())
         .merge(port_forwards::routes())
+        .merge(hosts::routes())
+        .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -108,6 +114,7 @@ impl From<SupervisorError> for HttpError {
             SupervisorError::WrongState(_) => ErrorCode::Conflict,
             SupervisorError::StartFailed(_) | SupervisorError::Disk(_) => ErrorCode::Unprocessable,
             SupervisorError::Store(StoreError::Quota(_)) => ErrorCode::QuotaExceeded,
+            SupervisorError::NoUnderlay(_) => ErrorCode::Unprocessable,
             _ => ErrorCode::Internal,
         };
         Self::new(code, error.to_string())

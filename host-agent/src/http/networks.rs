@@ -1,4 +1,6 @@
 //! `/v1/networks`: a tenant's virtual networks (CIDR, gateway, VXLAN id).
+//! A network created with `hosts` spans them: this host is its home, gives
+//! it to each of them (`/v1/overlay`) and deletes it from them.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -6,8 +8,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Network, NetworkCreate};
 
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::hosts::peer_failed;
+use super::{overlay, AppState, Body, Caller, HttpError, Result};
 use crate::ipv4::Cidr;
+use crate::store::Peer;
 use crate::supervisor::networking::host_resolvers;
 use crate::validate;
 
@@ -27,8 +31,10 @@ pub fn routes() -> Router<AppState> {
         (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the name exists or the CIDR overlaps another network", body = ApiError),
-        (status = 500, description = "the host refused the bridge or its rules", body = ApiError)
+        (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
+        (status = 422, description = "hosts given, but this host has no underlay", body = ApiError),
+        (status = 500, description = "the host refused the bridge or its rules", body = ApiError),
+        (status = 502, description = "a spanned host failed", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -47,32 +53,100 @@ pub(crate) async fn create(
         Some(servers) => dns_servers(servers)?,
         None => host_resolvers(),
     };
-    let mtu = request.mtu.unwrap_or(DEFAULT_MTU);
-    if !MTU_RANGE.contains(&mtu) {
-        return Err(ApiError::invalid(
-            "mtu",
-            format!(
-                "{mtu} is outside {}..={}",
-                MTU_RANGE.start(),
-                MTU_RANGE.end()
-            ),
-        )
-        .into());
-    }
+    let peers = spanned_peers(&state, &request.hosts)?;
+    let (mtu, overlay) = if peers.is_empty() {
+        (request.mtu.unwrap_or(DEFAULT_MTU), None)
+    } else {
+        let local = overlay::local_underlay(&state)?;
+        let max = overlay::max_overlay_mtu(local).await?;
+        let mtu = request.mtu.unwrap_or(max);
+        if mtu > max {
+            return Err(ApiError::invalid(
+                "mtu",
+                format!("{mtu} does not fit the underlay: at most {max} with VXLAN's 50 bytes"),
+            )
+            .into());
+        }
+        let mut hosts = vec![local.to_string()];
+        hosts.extend(peers.iter().map(|peer| peer.host.address.clone()));
+        (mtu, Some((local.to_string(), hosts)))
+    };
+    check_mtu(mtu)?;
     let network = state
         .store
-        .create_network(tenant, &request, cidr, dns, mtu)?;
-    // The bridge, its filter rules and DHCP server come up now; if the host
-    // refuses, the network is not kept half made.
-    if let Err(err) = state.supervisor.reconcile_network().await {
+        .create_network(tenant, &request, cidr, dns, mtu, overlay)?;
+    // The bridge, its filter rules and DHCP server come up now, then the
+    // other hosts take the network on; if any refuses, the network is not
+    // kept half made.
+    let made = match state.supervisor.reconcile_network().await {
+        Ok(()) => replicate(&state, &network, &peers).await,
+        Err(err) => Err(err.into()),
+    };
+    if let Err(err) = made {
         state.store.delete_network(&network.id)?;
         if let Err(again) = state.supervisor.reconcile_network().await {
             tracing::error!(network = %network.id, "cannot undo the network on the host: {again}");
         }
-        return Err(err.into());
+        return Err(err);
     }
-    tracing::info!(tenant, network = %network.id, cidr = %network.cidr, "network created");
+    tracing::info!(tenant, network = %network.id, cidr = %network.cidr, hosts = peers.len(), "network created");
     Ok((StatusCode::CREATED, Json(network)))
+}
+
+/// The registered peers named in a network's `hosts`.
+fn spanned_peers(state: &AppState, names: &[String]) -> Result<Vec<Peer>> {
+    let mut peers: Vec<Peer> = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        let peer = state.store.get_host(name)?.ok_or_else(|| {
+            ApiError::invalid(
+                &format!("hosts[{index}]"),
+                format!("no host '{name}' (see /v1/hosts)"),
+            )
+        })?;
+        if peers.iter().any(|known| known.host.name == peer.host.name) {
+            return Err(ApiError::invalid(
+                &format!("hosts[{index}]"),
+                format!("'{name}' is named twice"),
+            )
+            .into());
+        }
+        peers.push(peer);
+    }
+    Ok(peers)
+}
+
+/// Gives `network` to each of `peers`; on a refusal takes it back from
+/// those that had taken it.
+async fn replicate(state: &AppState, network: &Network, peers: &[Peer]) -> Result<()> {
+    let replica = overlay::replica(state, network)?;
+    for (index, peer) in peers.iter().enumerate() {
+        if let Err(err) = state.peers.put_network(peer, &replica).await {
+            // The one that failed may have taken it before failing.
+            for taken in &peers[..=index] {
+                if let Err(undo) = state.peers.delete_network(taken, &network.id).await {
+                    tracing::error!(network = %network.id, "cannot take the network back: {undo}");
+                }
+            }
+            return Err(peer_failed(err));
+        }
+    }
+    Ok(())
+}
+
+/// A network's MTU: IPv4's guaranteed datagram size up to a jumbo frame.
+pub(super) fn check_mtu(mtu: u16) -> Result<()> {
+    if MTU_RANGE.contains(&mtu) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "mtu",
+        format!(
+            "{mtu} is outside {}..={}",
+            MTU_RANGE.start(),
+            MTU_RANGE.end()
+        ),
+    )
+    .into())
 }
 
 /// The MTUs a network may have: IPv4's guaranteed datagram size up to a
@@ -160,7 +234,8 @@ pub(crate) async fn show(
         (status = 204, description = "deleted"),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "NICs are attached to it", body = ApiError)
+        (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
+        (status = 502, description = "a spanned host failed", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -170,7 +245,36 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let network = find(&state, &caller, &id)?;
-    let lock = state.supervisor.network_lock().await;
+    if let Some(home) = overlay::remote_home(&state, &network)? {
+        return Err(HttpError::new(
+            nubis_api::ErrorCode::Conflict,
+            format!(
+                "network {} belongs to host '{}': delete it there",
+                network.id, home.host.name
+            ),
+        ));
+    }
+    let peers = overlay::member_peers(&state, &network)?;
+    check_unused(&state, &network)?;
+    // The other hosts let go first (each refuses while its VMs use the
+    // network); if one cannot, those that had let go take it on again.
+    for (index, peer) in peers.iter().enumerate() {
+        if let Err(err) = state.peers.delete_network(peer, &network.id).await {
+            let replica = overlay::replica(&state, &network)?;
+            for undone in &peers[..index] {
+                if let Err(again) = state.peers.put_network(undone, &replica).await {
+                    tracing::error!(network = %network.id, "cannot give the network back: {again}");
+                }
+            }
+            return Err(peer_failed(err));
+        }
+    }
+    delete_unused(&state, &network).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses while VMs on this host have NICs on `network`.
+fn check_unused(state: &AppState, network: &Network) -> Result<()> {
     let users: Vec<String> = state
         .store
         .list_vms(Some(&network.tenant_id), None)?
@@ -192,9 +296,17 @@ pub(crate) async fn remove(
             ),
         ));
     }
+    Ok(())
+}
+
+/// Deletes `network` here, unless a VM uses it; its bridge, tunnel, rules
+/// and DHCP server go with it.
+pub(super) async fn delete_unused(state: &AppState, network: &Network) -> Result<()> {
+    let lock = state.supervisor.network_lock().await;
+    check_unused(state, network)?;
     state.store.delete_network(&network.id)?;
     drop(lock);
-    // Its bridge, rules and DHCP server go with it.
     state.supervisor.reconcile_network().await?;
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(network = %network.id, "network deleted");
+    Ok(())
 }

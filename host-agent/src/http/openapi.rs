@@ -4,14 +4,15 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    ApiError, ErrorCode, Image, ImageCreate, Network, NetworkCreate, PortForward,
-    PortForwardCreate, Protocol, Quota, RateLimit, Tenant, TenantCreate, TokenCreated, TokenInfo,
-    Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState,
+    AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, Image, ImageCreate,
+    Network, NetworkCreate, NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol,
+    Quota, RateLimit, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
+    VmNic, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, networks, port_forwards, system, tenants, uploads, vms};
+use super::{hosts, images, networks, overlay, port_forwards, system, tenants, uploads, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,10 +31,13 @@ use super::{images, networks, port_forwards, system, tenants, uploads, vms};
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
+        hosts::create, hosts::list, hosts::show, hosts::remove,
+        overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+        Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -42,6 +46,8 @@ use super::{images, networks, port_forwards, system, tenants, uploads, vms};
         (name = "vms", description = "microVMs"),
         (name = "networks", description = "Tenant virtual networks"),
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
+        (name = "hosts", description = "Peer hosts that networks span (operator only)"),
+        (name = "overlay", description = "Host to host: overlay networks and their addresses (peer agents, with this host's operator token)"),
         (name = "system", description = "Health"),
     )
 )]
@@ -110,6 +116,15 @@ mod tests {
             "/v1/vms/{id}/resume",
             "/v1/vms/{id}/console",
             "/v1/vms/{id}/events",
+            "/v1/networks",
+            "/v1/networks/{id}",
+            "/v1/port-forwards",
+            "/v1/port-forwards/{id}",
+            "/v1/hosts",
+            "/v1/hosts/{name}",
+            "/v1/overlay/networks/{id}",
+            "/v1/overlay/networks/{id}/addresses",
+            "/v1/overlay/networks/{id}/addresses/{address}",
         ] {
             assert!(
                 paths.contains_key(path),

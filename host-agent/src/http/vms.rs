@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
-use super::{images, AppState, Body, Caller, HttpError, Result};
+use super::{images, overlay, AppState, Body, Caller, HttpError, Result};
 use crate::ipv4::Cidr;
 use crate::network;
 use crate::store::NewVm;
@@ -116,6 +116,67 @@ pub(crate) async fn create(
         .store
         .get_tenant(&tenant_id)?
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?;
+    // NICs on overlay networks homed on another host get their address
+    // from that host (no lock held while asking: the home takes its own).
+    let mut remote_grants = Vec::new();
+    for (index, nic) in request.nics.iter_mut().enumerate() {
+        let Some(wanted) = &nic.network else { continue };
+        let net = nic_network(&state, &tenant_id, index, wanted)?;
+        if let Some(home) = overlay::remote_home(&state, &net)? {
+            let granted = overlay::remote_address(&state, &home, &net, &request.name).await;
+            let address = match granted {
+                Ok(address) => address,
+                Err(err) => {
+                    overlay::release_remote_addresses(&state, &remote_grants).await;
+                    return Err(err);
+                }
+            };
+            if let Some(parsed) = nic_address(&address) {
+                remote_grants.push((net.clone(), parsed));
+            }
+            nic.network = Some(net.id);
+            nic.address = Some(address);
+            nic.mac = Some(network::random_mac());
+            nic.tap = None;
+        }
+    }
+    let created = create_locked(&state, request, &tenant_id, image.id, tenant.quota).await;
+    match created {
+        Ok(vm) => Ok((StatusCode::CREATED, Json(vm))),
+        Err(err) => {
+            overlay::release_remote_addresses(&state, &remote_grants).await;
+            Err(err)
+        }
+    }
+}
+
+/// The tenant's network that NIC `index` names.
+fn nic_network(
+    state: &AppState,
+    tenant_id: &str,
+    index: usize,
+    wanted: &str,
+) -> Result<nubis_api::Network> {
+    state
+        .store
+        .get_network(Some(tenant_id), wanted)?
+        .ok_or_else(|| {
+            HttpError(ApiError::invalid(
+                &format!("nics[{index}].network"),
+                format!("no network '{wanted}'"),
+            ))
+        })
+}
+
+/// Assigns this host's addresses and MACs, and records the VM.
+async fn create_locked(
+    state: &AppState,
+    mut request: VmCreate,
+    tenant_id: &str,
+    image_id: String,
+    quota: nubis_api::Quota,
+) -> Result<Vm> {
+    let tenant_id = tenant_id.to_string();
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
     let network_lock = state.supervisor.network_lock().await;
@@ -134,17 +195,15 @@ pub(crate) async fn create(
             )
         };
         for (index, nic) in request.nics.iter_mut().enumerate() {
+            if nic.address.is_some() {
+                // Granted by the network's home host.
+                continue;
+            }
             let (address, prefix) = match &nic.network {
                 Some(wanted) => {
-                    let net = state
-                        .store
-                        .get_network(Some(&tenant_id), wanted)?
-                        .ok_or_else(|| {
-                            HttpError(ApiError::invalid(
-                                &format!("nics[{index}].network"),
-                                format!("no network '{wanted}'"),
-                            ))
-                        })?;
+                    let net = nic_network(state, &tenant_id, index, wanted)?;
+                    // Those the home granted to other hosts' VMs too.
+                    used.extend(overlay::used_addresses(state, &net)?);
                     let cidr: Cidr = net.cidr.parse().map_err(|err: String| {
                         HttpError::new(
                             ErrorCode::Internal,
@@ -178,7 +237,7 @@ pub(crate) async fn create(
         &NewVm {
             tenant_id,
             name: request.name,
-            image_id: image.id,
+            image_id,
             vcpus: request.vcpus,
             memory_mib: request.memory_mib,
             kernel_args: request.kernel_args,
@@ -186,7 +245,7 @@ pub(crate) async fn create(
             disks: request.disks,
             nics: request.nics,
         },
-        tenant.quota,
+        quota,
     )?;
     state.store.add_event(&vm.id, "created", "VM defined")?;
     drop(network_lock);
@@ -199,7 +258,7 @@ pub(crate) async fn create(
         }
     }
     tracing::info!(vm = %vm.id, tenant = %vm.tenant_id, "VM created");
-    Ok((StatusCode::CREATED, Json(vm)))
+    Ok(vm)
 }
 
 #[derive(Deserialize)]
@@ -475,9 +534,31 @@ pub(crate) async fn remove(
     if !vm.nics.is_empty() {
         // Its NICs' rules and port forwards go with it.
         state.supervisor.reconcile_network().await?;
+        overlay::release_remote_addresses(&state, &overlay_nics(&state, &vm)?).await;
     }
     tracing::info!(vm = %vm.id, "VM deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `vm`'s NICs on overlay networks, with their addresses.
+fn overlay_nics(
+    state: &AppState,
+    vm: &Vm,
+) -> Result<Vec<(nubis_api::Network, std::net::Ipv4Addr)>> {
+    let mut nics = Vec::new();
+    for nic in &vm.nics {
+        let (Some(id), Some(address)) =
+            (&nic.network, nic.address.as_deref().and_then(nic_address))
+        else {
+            continue;
+        };
+        if let Some(net) = state.store.get_network(None, id)? {
+            if net.overlay.is_some() {
+                nics.push((net, address));
+            }
+        }
+    }
+    Ok(nics)
 }
 
 #[derive(Deserialize)]

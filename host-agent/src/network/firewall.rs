@@ -8,6 +8,8 @@
 //! - `bridge nubis`: anti-spoofing on every VM tap: a frame from a VM must
 //!   carry the MAC the agent assigned and, for IPv4 and ARP, its address
 //!   (DHCP's 0.0.0.0 excepted); other protocols are dropped.
+//!   On an overlay network's VXLAN port the gateway's frames, ARP for the
+//!   gateway and DHCP are dropped both ways: each host is its own gateway.
 //! - `inet nubis`: isolation. A VM reaches its own network (bridged), the
 //!   gateway's DHCP and ping, and the uplink only when its network has NAT
 //!   egress (masqueraded); nothing from one network or the outside reaches
@@ -45,6 +47,18 @@ pub struct Segment {
     pub nat: bool,
     /// The agent serves DHCP on the bridge.
     pub dhcp: bool,
+    /// The network spans hosts through this VXLAN port of the bridge.
+    pub overlay: Option<OverlayPort>,
+}
+
+/// A bridge's VXLAN port to the other hosts of an overlay network. Every
+/// host has the same gateway (address and MAC) on the network, so the
+/// gateway's own traffic, ARP for it and DHCP stay on each host: a guest
+/// always talks to its local gateway, never to a remote one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayPort {
+    pub vxlan: String,
+    pub gateway_mac: String,
 }
 
 /// A VM's NIC: frames from its tap must carry these.
@@ -190,6 +204,13 @@ fn render_bridge(policy: &Policy, out: &mut String) {
     for nic in &policy.nics {
         let _ = writeln!(out, "    iifname \"{}\" jump nic_{}", nic.tap, nic.tap);
     }
+    for port in policy.segments.iter().filter_map(|s| s.overlay.as_ref()) {
+        let _ = writeln!(
+            out,
+            "    iifname \"{}\" jump overlay_{}",
+            port.vxlan, port.vxlan
+        );
+    }
     out.push_str("  }\n");
     for nic in &policy.nics {
         // Counters on the drops show spoofing attempts (`nft list table
@@ -206,6 +227,33 @@ fn render_bridge(policy: &Policy, out: &mut String) {
         out.push_str("    ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept\n");
         let _ = writeln!(out, "    ip saddr != {} counter drop", nic.address);
         out.push_str("    ether type { ip, arp } accept\n    counter drop\n  }\n");
+    }
+    let overlays: Vec<(&Segment, &OverlayPort)> = policy
+        .segments
+        .iter()
+        .filter_map(|segment| Some((segment, segment.overlay.as_ref()?)))
+        .collect();
+    if !overlays.is_empty() {
+        for (hook, direction) in [("forward", "oifname"), ("output", "oifname")] {
+            let _ = writeln!(
+                out,
+                "  chain {hook} {{\n    type filter hook {hook} priority filter; policy accept;"
+            );
+            for (_, port) in &overlays {
+                let _ = writeln!(
+                    out,
+                    "    {direction} \"{}\" jump overlay_{}",
+                    port.vxlan, port.vxlan
+                );
+            }
+            out.push_str("  }\n");
+        }
+        for (segment, port) in &overlays {
+            let _ = writeln!(out, "  chain overlay_{} {{", port.vxlan);
+            let _ = writeln!(out, "    ether saddr {} counter drop", port.gateway_mac);
+            let _ = writeln!(out, "    arp daddr ip {} counter drop", segment.gateway);
+            out.push_str("    udp dport { 67, 68 } counter drop\n  }\n");
+        }
     }
     out.push_str("}\n");
 }
@@ -267,6 +315,7 @@ mod tests {
                     gateway: Ipv4Addr::new(10, 30, 0, 1),
                     nat: true,
                     dhcp: true,
+                    overlay: None,
                 },
                 Segment {
                     bridge: "nbn4097".into(),
@@ -274,6 +323,7 @@ mod tests {
                     gateway: Ipv4Addr::new(10, 40, 0, 1),
                     nat: false,
                     dhcp: false,
+                    overlay: None,
                 },
             ],
             nics: vec![GuardedNic {
@@ -370,5 +420,42 @@ mod tests {
     fn the_script_is_balanced() {
         let script = render(&policy());
         assert_eq!(script.matches('{').count(), script.matches('}').count());
+        let script = render(&overlay_policy());
+        assert_eq!(script.matches('{').count(), script.matches('}').count());
+    }
+
+    fn overlay_policy() -> Policy {
+        let mut policy = policy();
+        policy.segments[1].overlay = Some(OverlayPort {
+            vxlan: "nvx1048577".into(),
+            gateway_mac: "02:4e:47:10:00:01".into(),
+        });
+        policy
+    }
+
+    #[test]
+    fn the_gateway_arp_and_dhcp_stay_off_the_overlay_both_ways() {
+        assert!(!render(&policy()).contains("overlay_"));
+        let script = render(&overlay_policy());
+        let lines = lines(&script);
+        for rule in [
+            "iifname \"nvx1048577\" jump overlay_nvx1048577",
+            "oifname \"nvx1048577\" jump overlay_nvx1048577",
+            "type filter hook forward priority filter; policy accept;",
+            "type filter hook output priority filter; policy accept;",
+            "ether saddr 02:4e:47:10:00:01 counter drop",
+            "arp daddr ip 10.40.0.1 counter drop",
+            "udp dport { 67, 68 } counter drop",
+        ] {
+            assert!(lines.contains(&rule), "missing {rule}:\n{script}");
+        }
+        // Into the bridge, forwarded out of it, and sent by the host.
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.ends_with("jump overlay_nvx1048577"))
+                .count(),
+            3
+        );
     }
 }

@@ -9,6 +9,7 @@
 pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
+pub mod vxlan;
 
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -16,8 +17,14 @@ use std::process::Stdio;
 /// Errors in setting up host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("`ip {args}` failed: {message}")]
-    Ip { args: String, message: String },
+    #[error("`{program} {args}` failed: {message}")]
+    Command {
+        program: &'static str,
+        args: String,
+        message: String,
+    },
+    #[error("no interface holds the underlay address {0} (see --underlay-address)")]
+    NoUnderlay(std::net::Ipv4Addr),
     #[error("no free address left in {0}")]
     Exhausted(String),
 }
@@ -70,6 +77,22 @@ pub fn network_bridge_name(vni: u32) -> String {
     format!("{NETWORK_BRIDGE_PREFIX}{vni}")
 }
 
+/// The name prefix of overlay networks' VXLAN interfaces.
+pub const VXLAN_PREFIX: &str = "nvx";
+
+/// The VXLAN interface of an overlay network on its bridge.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("{VXLAN_PREFIX}{vni}")
+}
+
+/// The MAC of a virtual network's gateway (its bridge), derived from the
+/// VNI: the same on every host that carries the network, so that a guest
+/// keeps its gateway's ARP entry wherever the gateway answers from.
+pub fn gateway_mac(vni: u32) -> String {
+    let [_, high, mid, low] = vni.to_be_bytes();
+    format!("02:4e:47:{high:02x}:{mid:02x}:{low:02x}")
+}
+
 /// The kernel's `ip=` argument that makes it configure `device` by DHCP.
 pub fn kernel_dhcp_arg(device: &str) -> String {
     format!("ip=:::::{device}:dhcp")
@@ -98,22 +121,28 @@ async fn ip(args: &[&str]) -> Result<(), NetworkError> {
 }
 
 async fn ip_output(args: &[&str]) -> Result<String, NetworkError> {
-    let output = tokio::process::Command::new("ip")
+    run("ip", args).await
+}
+
+/// Runs an iproute2 tool; its standard output, or its complaint.
+async fn run(program: &'static str, args: &[&str]) -> Result<String, NetworkError> {
+    let failed = |message: String| NetworkError::Command {
+        program,
+        args: args.join(" "),
+        message,
+    };
+    let output = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|err| NetworkError::Ip {
-            args: args.join(" "),
-            message: err.to_string(),
-        })?;
+        .map_err(|err| failed(err.to_string()))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        Err(NetworkError::Ip {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
+        Err(failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -122,11 +151,20 @@ async fn link_exists(name: &str) -> bool {
 }
 
 /// Creates `bridge` with the gateway address `gateway_cidr` (like
-/// "10.88.4.1/24"), if missing.
-pub async fn ensure_bridge(bridge: &str, gateway_cidr: &str) -> Result<(), NetworkError> {
+/// "10.88.4.1/24"), if missing; a virtual network's bridge also gets its
+/// gateway MAC and MTU (`identity`), the same on every host.
+pub async fn ensure_bridge(
+    bridge: &str,
+    gateway_cidr: &str,
+    identity: Option<(&str, u16)>,
+) -> Result<(), NetworkError> {
     if !link_exists(bridge).await {
         ip(&["link", "add", "name", bridge, "type", "bridge"]).await?;
         ip(&["addr", "add", gateway_cidr, "dev", bridge]).await?;
+    }
+    if let Some((mac, mtu)) = identity {
+        let mtu = mtu.to_string();
+        ip(&["link", "set", "dev", bridge, "address", mac, "mtu", &mtu]).await?;
     }
     ip(&["link", "set", "dev", bridge, "up"]).await
 }
@@ -199,6 +237,9 @@ mod tests {
         );
         assert_eq!(kernel_ip_arg("nonsense", "eth0"), None);
         assert_eq!(network_bridge_name(16777215), "nbn16777215");
+        assert_eq!(vxlan_name(16777215), "nvx16777215");
+        assert_eq!(gateway_mac(0x12_3456), "02:4e:47:12:34:56");
+        assert_eq!(gateway_mac(4096), "02:4e:47:00:10:00");
         assert_eq!(kernel_dhcp_arg("eth0"), "ip=:::::eth0:dhcp");
     }
 

@@ -1,5 +1,6 @@
 //! The agent's state in an embedded SQLite database (`DATA_DIR/agent.db`):
-//! tenants, hashed tokens, images, VMs and their event logs.
+//! tenants, hashed tokens, images, VMs and their event logs, networks and
+//! the peer hosts they span.
 //!
 //! The schema is migrated forward at open, one numbered step at a time,
 //! recorded in `PRAGMA user_version`: an older agent's database opens in a
@@ -7,6 +8,7 @@
 //! connection behind a mutex: every operation is a short statement, and
 //! SQLite serializes writers anyway.
 
+mod hosts;
 mod images;
 mod networks;
 mod port_forwards;
@@ -18,6 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
+pub use hosts::Peer;
 pub use vms::{NewVm, Usage};
 
 /// The schema, one migration per entry; entry N brings the database from
@@ -104,6 +107,25 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         UNIQUE (protocol, host_port)
      );",
+    // 5: peer hosts and overlay networks: a network's home host and member
+    // hosts (underlay addresses); addresses the home granted to peers' VMs.
+    "CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
+        api_url TEXT NOT NULL,
+        token TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     ALTER TABLE networks ADD COLUMN overlay_home TEXT;
+     ALTER TABLE networks ADD COLUMN overlay_hosts TEXT NOT NULL DEFAULT '';
+     CREATE TABLE address_grants (
+        network_id TEXT NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        host TEXT NOT NULL,
+        vm TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (network_id, address)
+     );",
 ];
 
 /// Errors of the store.
@@ -114,6 +136,8 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error("cannot make the database {path} private: {message}")]
+    Permissions { path: String, message: String },
     #[error("the database is at schema version {found}; this agent knows up to {known}")]
     TooNew { found: u32, known: u32 },
     #[error("database migration to version {version} failed: {source}")]
@@ -144,6 +168,15 @@ impl Store {
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
+        })?;
+        // Peers' operator tokens live here (see `hosts.rs`): root only.
+        // SQLite gives its -wal and -shm files the database's mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
+            StoreError::Permissions {
+                path: path.display().to_string(),
+                message: err.to_string(),
+            }
         })?;
         Self::init(conn)
     }
@@ -284,6 +317,9 @@ mod tests {
         let path = dir.join("agent.db");
         let store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         drop(store);
         let store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);

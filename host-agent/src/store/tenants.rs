@@ -38,6 +38,14 @@ impl Store {
             quota,
             created_at: now(),
         };
+        self.create_tenant_with_id(&tenant)?;
+        Ok(tenant)
+    }
+
+    /// Records `tenant` as it is: a tenant replicated from the home host of
+    /// one of its overlay networks keeps its id on every host.
+    pub fn create_tenant_with_id(&self, tenant: &Tenant) -> Result<(), StoreError> {
+        let (name, quota) = (&tenant.name, tenant.quota);
         self.conn()
             .execute(
                 "INSERT INTO tenants (id, name, max_vcpus, max_memory_mib, max_vms, created_at)
@@ -52,7 +60,7 @@ impl Store {
                 ],
             )
             .map_err(|err| exists_or(err, || format!("tenant '{name}'")))?;
-        Ok(tenant)
+        Ok(())
     }
 
     pub fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {

@@ -57,6 +57,10 @@ pub enum SupervisorError {
     StartFailed(String),
     #[error("the VM is {0}, which does not allow this")]
     WrongState(&'static str),
+    #[error(
+        "network {0} spans hosts, but this agent has no underlay address (--underlay-address)"
+    )]
+    NoUnderlay(String),
 }
 
 /// Where one VM's files live.
@@ -100,6 +104,11 @@ impl Supervisor {
     }
 
     /// Held while addresses are assigned or bridges made.
+    /// This host's end of the overlay's tunnels, when configured.
+    pub fn underlay_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.config.underlay_address
+    }
+
     pub async fn network_lock(&self) -> OwnedMutexGuard<()> {
         self.network.clone().lock_owned().await
     }
@@ -543,6 +552,7 @@ mod tests {
             mtu: 1450,
             vni: 4096,
             bridge: "nbn4096".into(),
+            overlay: None,
             created_at: 0,
         };
         let nic = |network: Option<&str>, address: &str| nubis_api::VmNic {

@@ -14,8 +14,9 @@ use super::{Supervisor, SupervisorError};
 use crate::ipv4::Cidr;
 use crate::network::dhcp::Lease;
 use crate::network::dhcp_server::LeaseLookup;
-use crate::network::firewall::{self, Forward, GuardedNic, Policy, Segment};
-use crate::network::{self, NETWORK_BRIDGE_PREFIX};
+use crate::network::firewall::{self, Forward, GuardedNic, OverlayPort, Policy, Segment};
+use crate::network::vxlan::{self, Tunnel};
+use crate::network::{self, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX};
 use crate::store::{Store, StoreError};
 
 /// How long a DHCP lease lasts; the address is the NIC's for as long as the
@@ -46,6 +47,10 @@ pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
             gateway: cidr.gateway(),
             nat: net.nat,
             dhcp: net.dhcp,
+            overlay: net.overlay.as_ref().map(|overlay| OverlayPort {
+                vxlan: overlay.vxlan.clone(),
+                gateway_mac: network::gateway_mac(net.vni),
+            }),
         });
     }
     for (_tenant, subnet) in store.list_tenant_subnets()? {
@@ -56,6 +61,7 @@ pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
             gateway: cidr.gateway(),
             nat: false,
             dhcp: false,
+            overlay: None,
         });
     }
     let vms = store.list_vms(None, None)?;
@@ -102,13 +108,31 @@ impl Supervisor {
 
     async fn reconcile_network_locked(&self) -> Result<(), SupervisorError> {
         let networks = self.store.list_networks(None)?;
+        // Tunnels of networks no longer carried here (their bridge port
+        // would outlive the bridge otherwise).
+        for link in network::links_named(VXLAN_PREFIX).await? {
+            let known = networks.iter().any(|net| {
+                net.overlay
+                    .as_ref()
+                    .is_some_and(|overlay| overlay.vxlan == link)
+            });
+            if !known {
+                tracing::info!("removing {link}: it belongs to no network");
+                network::delete_link(&link).await?;
+            }
+        }
         for net in &networks {
             let cidr = parse_cidr(&net.cidr)?;
+            let gateway_mac = network::gateway_mac(net.vni);
             network::ensure_bridge(
                 &net.bridge,
                 &format!("{}/{}", cidr.gateway(), cidr.prefix()),
+                Some((&gateway_mac, net.mtu)),
             )
             .await?;
+            if let Some(tunnel) = self.tunnel(net)? {
+                vxlan::ensure(&tunnel).await?;
+            }
         }
         // Bridges of networks deleted while the agent was down.
         for bridge in network::bridges_named(NETWORK_BRIDGE_PREFIX).await? {
@@ -144,12 +168,39 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The VXLAN interface `net` needs on this host, if it spans hosts.
+    fn tunnel(&self, net: &Network) -> Result<Option<Tunnel>, SupervisorError> {
+        let Some(overlay) = &net.overlay else {
+            return Ok(None);
+        };
+        let local = self
+            .underlay_address()
+            .ok_or_else(|| SupervisorError::NoUnderlay(net.id.clone()))?;
+        let peers = overlay
+            .hosts
+            .iter()
+            .map(|host| {
+                host.parse::<Ipv4Addr>()
+                    .map_err(|_| corrupt(format!("network {}: host '{host}'", net.id)))
+            })
+            .filter(|peer| peer.as_ref().map_or(true, |peer| *peer != local))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Tunnel {
+            name: overlay.vxlan.clone(),
+            vni: net.vni,
+            local,
+            bridge: net.bridge.clone(),
+            mtu: net.mtu,
+            peers,
+        }))
+    }
+
     /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
     /// or on the tenant's default bridge.
     pub(super) async fn plug_nics(&self, vm: &Vm) -> Result<(), SupervisorError> {
         let _network = self.network_lock().await;
         for (index, nic) in vm.nics.iter().enumerate() {
-            let (bridge, gateway, mtu) = match &nic.network {
+            let (bridge, gateway, identity) = match &nic.network {
                 Some(id) => {
                     let net = self.store.get_network(None, id)?.ok_or_else(|| {
                         SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
@@ -158,7 +209,7 @@ impl Supervisor {
                     (
                         net.bridge,
                         format!("{}/{}", cidr.gateway(), cidr.prefix()),
-                        Some(net.mtu),
+                        Some((network::gateway_mac(net.vni), net.mtu)),
                     )
                 }
                 None => {
@@ -170,7 +221,9 @@ impl Supervisor {
                     )
                 }
             };
-            network::ensure_bridge(&bridge, &gateway).await?;
+            let identity = identity.as_ref().map(|(mac, mtu)| (mac.as_str(), *mtu));
+            network::ensure_bridge(&bridge, &gateway, identity).await?;
+            let mtu = identity.map(|(_, mtu)| mtu);
             network::create_tap(&network::tap_name(&vm.id, index), &bridge, mtu).await?;
         }
         Ok(())
@@ -269,10 +322,12 @@ mod tests {
                     dhcp: true,
                     dns: None,
                     mtu: None,
+                    hosts: vec![],
                 },
                 "10.30.0.0/24".parse().unwrap(),
                 vec!["192.0.2.53".into()],
                 1450,
+                None,
             )
             .unwrap();
         let subnet = store.tenant_subnet(&tenant).unwrap();

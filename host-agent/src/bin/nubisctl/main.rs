@@ -59,6 +59,9 @@ enum Command {
     /// Host ports forwarded to VMs.
     #[command(subcommand)]
     PortForward(PortForwardCommand),
+    /// Peer hosts that networks span (operator).
+    #[command(subcommand)]
+    Host(HostCommand),
     /// The agent's Prometheus metrics (operator).
     Metrics,
     /// The agent's OpenAPI document.
@@ -96,6 +99,10 @@ enum NetworkCommand {
         dns: Vec<String>,
         #[arg(long)]
         mtu: Option<u16>,
+        /// A peer host (see `nubisctl host`) that carries the network too
+        /// (repeatable): the network spans the hosts over VXLAN.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
     },
     List,
     Show {
@@ -103,6 +110,30 @@ enum NetworkCommand {
     },
     Delete {
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Registers a peer agent: its underlay address, API and operator token.
+    Add {
+        name: String,
+        /// The peer's underlay IPv4 address (its VXLAN tunnel end).
+        #[arg(long)]
+        address: String,
+        /// The peer agent's API, like http://192.0.2.2:8080.
+        #[arg(long)]
+        api_url: String,
+        /// The peer agent's operator token (or NUBIS_PEER_TOKEN).
+        #[arg(long, env = "NUBIS_PEER_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
     },
 }
 
@@ -445,8 +476,12 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 no_dhcp,
                 dns,
                 mtu,
+                hosts,
             } => {
                 let mut body = json!({ "name": name, "cidr": cidr, "nat": nat, "dhcp": !no_dhcp });
+                if !hosts.is_empty() {
+                    body["hosts"] = json!(hosts);
+                }
                 if !dns.is_empty() {
                     body["dns"] = json!(dns);
                 }
@@ -467,6 +502,29 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             NetworkCommand::Delete { id } => out.done(
                 &client.call("DELETE", &format!("/v1/networks/{id}"), None)?,
                 &format!("network {id} deleted"),
+            ),
+        },
+        Command::Host(command) => match command {
+            HostCommand::Add {
+                name,
+                address,
+                api_url,
+                token,
+            } => {
+                let body =
+                    json!({ "name": name, "address": address, "api_url": api_url, "token": token });
+                out.object(&client.call("POST", "/v1/hosts", Some(&body))?)
+            }
+            HostCommand::List => out.table(
+                &client.call("GET", "/v1/hosts", None)?,
+                &["name", "address", "api_url"],
+            ),
+            HostCommand::Show { name } => {
+                out.object(&client.call("GET", &format!("/v1/hosts/{name}"), None)?)
+            }
+            HostCommand::Delete { name } => out.done(
+                &client.call("DELETE", &format!("/v1/hosts/{name}"), None)?,
+                &format!("host {name} removed"),
             ),
         },
         Command::PortForward(command) => match command {

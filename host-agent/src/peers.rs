@@ -1,0 +1,184 @@
+//! Calls from this agent to its peers (`/v1/hosts`), with the peer's
+//! operator token: replicating overlay networks to the hosts they span and
+//! asking a network's home host for addresses. Peers talk over the
+//! underlay, plain HTTP: it is the hosts' private network (TLS is not built
+//! into this agent).
+
+use std::time::Duration;
+
+use nubis_api::{AddressGrant, AddressRequest, ApiError, ErrorCode, Network, NetworkReplica};
+use serde::de::DeserializeOwned;
+
+use crate::store::Peer;
+
+/// A failed call to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("host '{host}' ({url}) cannot be reached: {message}")]
+    Unreachable {
+        host: String,
+        url: String,
+        message: String,
+    },
+    #[error("host '{host}' refused ({status}): {message}")]
+    Refused {
+        host: String,
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    #[error("host '{host}' sent an answer this agent cannot read: {message}")]
+    Garbled { host: String, message: String },
+}
+
+impl PeerError {
+    /// The API error code the peer answered with, if it answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            PeerError::Refused { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// How long a call to a peer may take; a peer that is down must not hang
+/// the request that needs it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The HTTP client for peers.
+pub struct PeerClient {
+    http: reqwest::Client,
+}
+
+impl Default for PeerClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeerClient {
+    pub fn new() -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        Self { http }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        peer: &Peer,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Option<T>, PeerError> {
+        let url = format!("{}{path}", peer.host.api_url.trim_end_matches('/'));
+        let mut request = self.http.request(method, &url).bearer_auth(&peer.token);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let unreachable = |err: reqwest::Error| PeerError::Unreachable {
+            host: peer.host.name.clone(),
+            url: url.clone(),
+            message: err.to_string(),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let error = serde_json::from_slice::<ApiError>(&bytes).ok();
+            return Err(PeerError::Refused {
+                host: peer.host.name.clone(),
+                status: status.as_u16(),
+                code: error.as_ref().map(|error| error.error.code),
+                message: error
+                    .map(|error| error.error.message)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|err| PeerError::Garbled {
+                host: peer.host.name.clone(),
+                message: err.to_string(),
+            })
+    }
+
+    fn garbled(peer: &Peer, what: &str) -> PeerError {
+        PeerError::Garbled {
+            host: peer.host.name.clone(),
+            message: format!("no {what} in the answer"),
+        }
+    }
+
+    fn json<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
+        serde_json::to_vec(value).ok()
+    }
+
+    /// Proves that the peer is up and takes the token as its operator's
+    /// (its host list is for the operator only).
+    pub async fn check(&self, peer: &Peer) -> Result<(), PeerError> {
+        self.call::<serde_json::Value>(peer, reqwest::Method::GET, "/v1/hosts", None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Gives the peer an overlay network (or its new member list).
+    pub async fn put_network(
+        &self,
+        peer: &Peer,
+        replica: &NetworkReplica,
+    ) -> Result<Network, PeerError> {
+        let path = format!("/v1/overlay/networks/{}", replica.network.id);
+        self.call(peer, reqwest::Method::PUT, &path, Self::json(replica))
+            .await?
+            .ok_or_else(|| Self::garbled(peer, "network"))
+    }
+
+    /// Takes an overlay network off the peer; one it does not have is gone
+    /// already.
+    pub async fn delete_network(&self, peer: &Peer, id: &str) -> Result<(), PeerError> {
+        let path = format!("/v1/overlay/networks/{id}");
+        match self
+            .call::<serde_json::Value>(peer, reqwest::Method::DELETE, &path, None)
+            .await
+        {
+            Err(err) if err.code() == Some(ErrorCode::NotFound) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Asks the network's home host for an address.
+    pub async fn request_address(
+        &self,
+        home: &Peer,
+        network_id: &str,
+        request: &AddressRequest,
+    ) -> Result<AddressGrant, PeerError> {
+        let path = format!("/v1/overlay/networks/{network_id}/addresses");
+        self.call(home, reqwest::Method::POST, &path, Self::json(request))
+            .await?
+            .ok_or_else(|| Self::garbled(home, "address"))
+    }
+
+    /// Gives an address back to the network's home host.
+    pub async fn release_address(
+        &self,
+        home: &Peer,
+        network_id: &str,
+        address: std::net::Ipv4Addr,
+        host: std::net::Ipv4Addr,
+    ) -> Result<(), PeerError> {
+        let path = format!("/v1/overlay/networks/{network_id}/addresses/{address}?host={host}");
+        self.call::<serde_json::Value>(home, reqwest::Method::DELETE, &path, None)
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,144 @@
+//! Peer hosts (`/v1/hosts`). A peer's operator token is kept in clear,
+//! since this agent must present it: the database file is therefore
+//! readable by root only (see `Store::open`).
+
+use nubis_api::Host;
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{exists_or, now, Store, StoreError};
+
+/// A peer with the credential to call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host: Host,
+    pub token: String,
+}
+
+const HOST_COLUMNS: &str = "name, address, api_url, created_at, token";
+
+fn peer_from_row(row: &Row) -> rusqlite::Result<Peer> {
+    Ok(Peer {
+        host: Host {
+            name: row.get(0)?,
+            address: row.get(1)?,
+            api_url: row.get(2)?,
+            created_at: row.get(3)?,
+        },
+        token: row.get(4)?,
+    })
+}
+
+impl Store {
+    /// Registers a peer; its name and address are unique.
+    pub fn create_host(
+        &self,
+        name: &str,
+        address: &str,
+        api_url: &str,
+        token: &str,
+    ) -> Result<Host, StoreError> {
+        let host = Host {
+            name: name.to_string(),
+            address: address.to_string(),
+            api_url: api_url.to_string(),
+            created_at: now(),
+        };
+        self.conn()
+            .execute(
+                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![
+                    host.name,
+                    host.address,
+                    host.api_url,
+                    host.created_at,
+                    token
+                ],
+            )
+            .map_err(|err| exists_or(err, || format!("host '{name}' or address {address}")))?;
+        Ok(host)
+    }
+
+    /// A peer by name or underlay address.
+    pub fn get_host(&self, name_or_address: &str) -> Result<Option<Peer>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?1 OR address = ?1"),
+                [name_or_address],
+                peer_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn list_hosts(&self) -> Result<Vec<Host>, StoreError> {
+        let conn = self.conn();
+        let mut statement =
+            conn.prepare(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))?;
+        let hosts = statement
+            .query_map([], |row| peer_from_row(row).map(|peer| peer.host))?
+            .collect::<Result<_, _>>()?;
+        Ok(hosts)
+    }
+
+    /// Removes a peer; refused while a network spans it.
+    pub fn delete_host(&self, name: &str) -> Result<bool, StoreError> {
+        let Some(peer) = self.get_host(name)? else {
+            return Ok(false);
+        };
+        let spanning: Vec<String> = self
+            .list_networks(None)?
+            .into_iter()
+            .filter(|net| {
+                net.overlay
+                    .as_ref()
+                    .is_some_and(|overlay| overlay.hosts.contains(&peer.host.address))
+            })
+            .map(|net| net.id)
+            .collect();
+        if !spanning.is_empty() {
+            return Err(StoreError::InUse(format!(
+                "host '{}' carries network(s) {}: delete them first",
+                peer.host.name,
+                spanning.join(", ")
+            )));
+        }
+        Ok(self
+            .conn()
+            .execute("DELETE FROM hosts WHERE name = ?1", [&peer.host.name])?
+            > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_unique_by_name_and_address_and_keep_their_token() {
+        let store = Store::open_in_memory().unwrap();
+        let b = store
+            .create_host(
+                "b",
+                "192.0.2.2",
+                "http://192.0.2.2:8080",
+                "secret-of-b-0123",
+            )
+            .unwrap();
+        assert!(matches!(
+            store.create_host("b", "192.0.2.3", "http://x", "t"),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(matches!(
+            store.create_host("c", "192.0.2.2", "http://x", "t"),
+            Err(StoreError::Exists(_))
+        ));
+        let peer = store.get_host("192.0.2.2").unwrap().unwrap();
+        assert_eq!(peer.host, b);
+        assert_eq!(peer.token, "secret-of-b-0123");
+        assert_eq!(store.get_host("b").unwrap().unwrap().host, b);
+        assert_eq!(store.list_hosts().unwrap(), vec![b]);
+        assert!(store.delete_host("b").unwrap());
+        assert!(!store.delete_host("b").unwrap());
+        assert!(store.list_hosts().unwrap().is_empty());
+    }
+}
