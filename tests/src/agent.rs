@@ -140,16 +140,63 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 
 /// A running agent, killed (SIGKILL, as a crash would) on drop.
 pub struct Agent {
+    /// Where the tests reach its API.
     pub address: SocketAddr,
     pub data_dir: PathBuf,
+    pub operator_token: String,
     child: Option<Child>,
     log: PathBuf,
+}
+
+/// An agent on another simulated host: inside network namespace `netns`,
+/// serving on every address of it at `port` (the tests reach it at
+/// `reach`), with its own operator token and underlay address.
+pub struct RemoteHost<'a> {
+    pub netns: &'a str,
+    pub port: u16,
+    pub reach: std::net::Ipv4Addr,
+    pub operator_token: &'a str,
+    pub underlay: std::net::Ipv4Addr,
 }
 
 impl Agent {
     /// Starts an agent on a free port with `data_dir`, allowed to use
     /// images from `image_dir`.
     pub fn start(data_dir: &Path, image_dir: &Path) -> Self {
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::launch(
+            data_dir,
+            image_dir,
+            None,
+            address,
+            address,
+            OPERATOR_TOKEN,
+            None,
+        )
+    }
+
+    /// Starts an agent as another host (see [`RemoteHost`]).
+    pub fn start_remote(data_dir: &Path, image_dir: &Path, host: &RemoteHost) -> Self {
+        Self::launch(
+            data_dir,
+            image_dir,
+            Some(host.netns),
+            SocketAddr::from(([0, 0, 0, 0], host.port)),
+            SocketAddr::from((host.reach, host.port)),
+            host.operator_token,
+            Some(host.underlay),
+        )
+    }
+
+    fn launch(
+        data_dir: &Path,
+        image_dir: &Path,
+        netns: Option<&str>,
+        listen: SocketAddr,
+        address: SocketAddr,
+        operator_token: &str,
+        underlay: Option<std::net::Ipv4Addr>,
+    ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let config = data_dir.join("agent.json");
         std::fs::write(
@@ -162,17 +209,28 @@ impl Agent {
             .to_string(),
         )
         .expect("write the agent config");
-        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = data_dir.join("agent.log");
         let log_file = std::fs::File::create(&log).expect("create the agent log");
-        let child = Command::new(crate::workspace_binary("nubis-agent"))
+        let agent_binary = crate::workspace_binary("nubis-agent");
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(agent_binary);
+                command
+            }
+            None => Command::new(agent_binary),
+        };
+        if let Some(underlay) = underlay {
+            command.arg("--underlay-address").arg(underlay.to_string());
+        }
+        let child = command
             .arg("--listen")
-            .arg(address.to_string())
+            .arg(listen.to_string())
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--config")
             .arg(&config)
-            .env("NUBIS_OPERATOR_TOKEN", OPERATOR_TOKEN)
+            .env("NUBIS_OPERATOR_TOKEN", operator_token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -181,6 +239,7 @@ impl Agent {
         let agent = Self {
             address,
             data_dir: data_dir.to_path_buf(),
+            operator_token: operator_token.to_string(),
             child: Some(child),
             log,
         };
@@ -264,7 +323,7 @@ pub fn expect(reply: &Reply, status: u16) -> &Value {
 
 /// A new tenant `name` and a token of its: (tenant id, token).
 pub fn tenant(agent: &Agent, name: &str) -> (String, String) {
-    let operator = Some(OPERATOR_TOKEN);
+    let operator = Some(agent.operator_token.as_str());
     let created = agent.call(
         "POST",
         "/v1/tenants",
@@ -272,9 +331,56 @@ pub fn tenant(agent: &Agent, name: &str) -> (String, String) {
         Some(&serde_json::json!({"name": name})),
     );
     let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    (id.clone(), tenant_token(agent, &id))
+}
+
+/// A new token of tenant `id`.
+pub fn tenant_token(agent: &Agent, id: &str) -> String {
+    let operator = Some(agent.operator_token.as_str());
     let token = agent.call("POST", &format!("/v1/tenants/{id}/tokens"), operator, None);
-    let secret = expect(&token, 201)["token"].as_str().unwrap().to_string();
-    (id, secret)
+    expect(&token, 201)["token"].as_str().unwrap().to_string()
+}
+
+/// Registers the test guest image as "busybox" for `token`'s tenant, with
+/// a writable root (guests write their test files to it).
+pub fn busybox_image(agent: &Agent, token: &str, images: &crate::GuestImages) {
+    let reply = agent.call(
+        "POST",
+        "/v1/images",
+        Some(token),
+        Some(&serde_json::json!({
+            "name": "busybox",
+            "kernel": images.vmlinux,
+            "rootfs": images.rootfs,
+            "cmdline": format!("{} root=/dev/vda rw", images.cmdline),
+        })),
+    );
+    expect(&reply, 201);
+}
+
+/// Defines VM `name` of the busybox image (see [`busybox_image`]) with one
+/// NIC on `network`, running `script` as its init's command.
+pub fn network_vm(agent: &Agent, token: &str, name: &str, network: &str, script: &str) -> Value {
+    let reply = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(token),
+        Some(&serde_json::json!({
+            "name": name, "image": "busybox", "memory_mib": 128,
+            "kernel_args": format!("nubis_cmd=\"{script}\""),
+            "nics": [{"network": network}],
+        })),
+    );
+    expect(&reply, 201).clone()
+}
+
+/// The value after `key ` on the console's line that starts with `key`.
+pub fn console_value<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key} ")))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} line on the console:\n{console}"))
 }
 
 /// Polls `vm`'s console until it contains `needle`; returns the console.

@@ -56,6 +56,37 @@ impl NetNs {
         ip(&["-n", &self.name, "link", "set", "eth0", "up"]);
     }
 
+    /// Joins this namespace to `other` with a veth pair: `here` with
+    /// `here_cidr` in this one, `there` with `there_cidr` in the other (the
+    /// pair goes with the namespaces).
+    pub fn link_to(
+        &self,
+        other: &NetNs,
+        here: &str,
+        here_cidr: &str,
+        there: &str,
+        there_cidr: &str,
+    ) {
+        ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            there,
+            "netns",
+            &other.name,
+        ]);
+        ip(&["-n", &self.name, "addr", "add", here_cidr, "dev", here]);
+        ip(&["-n", &self.name, "link", "set", here, "up"]);
+        ip(&["-n", &other.name, "addr", "add", there_cidr, "dev", there]);
+        ip(&["-n", &other.name, "link", "set", there, "up"]);
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");

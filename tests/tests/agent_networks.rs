@@ -11,7 +11,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{expect, one_agent_per_host, tenant, wait_for_console, Agent};
+use nubis_tests::agent::{
+    busybox_image, console_value, expect, network_vm, one_agent_per_host, tenant, wait_for_console,
+    Agent,
+};
 use nubis_tests::net::links_with_prefix;
 use nubis_tests::netns::{NetNs, OutsideServer};
 use nubis_tests::{guest_images, require_kvm, TestDir};
@@ -60,15 +63,6 @@ fn b1_script() -> String {
     )
 }
 
-/// The value after `key ` on the console's line that starts with `key`.
-fn console_value<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{key} ")))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {key} line on the console:\n{console}"))
-}
-
 fn nft_ruleset() -> String {
     let output = Command::new("nft")
         .args(["list", "ruleset"])
@@ -104,20 +98,6 @@ fn counted(ruleset: &str, chain: &str, rule: &str) -> u64 {
         })
 }
 
-fn create_vm(agent: &Agent, token: &str, name: &str, network: &str, script: &str) -> Value {
-    let reply = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(token),
-        Some(&json!({
-            "name": name, "image": "busybox", "memory_mib": 128,
-            "kernel_args": format!("nubis_cmd=\"{script}\""),
-            "nics": [{"network": network}],
-        })),
-    );
-    expect(&reply, 201).clone()
-}
-
 #[test]
 fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     require_kvm();
@@ -139,18 +119,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     let (_, acme) = tenant(&agent, "acme");
     let (_, globex) = tenant(&agent, "globex");
     for token in [&acme, &globex] {
-        let reply = agent.call(
-            "POST",
-            "/v1/images",
-            Some(token),
-            Some(&json!({
-                "name": "busybox",
-                "kernel": images.vmlinux,
-                "rootfs": images.rootfs,
-                "cmdline": format!("{} root=/dev/vda rw", images.cmdline),
-            })),
-        );
-        expect(&reply, 201);
+        busybox_image(&agent, token, &images);
     }
     let front = agent.call(
         "POST",
@@ -180,9 +149,9 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         assert_eq!(links_with_prefix(bridge), std::slice::from_ref(bridge));
     }
 
-    let a1 = create_vm(&agent, &acme, "a1", "front", &a1_script());
-    let a2 = create_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
-    let b1 = create_vm(&agent, &globex, "b1", "other", &b1_script());
+    let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script());
+    let a2 = network_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
+    let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script());
     assert_eq!(a1["nics"][0]["address"], "10.30.0.2/24");
     assert_eq!(a2["nics"][0]["address"], "10.30.0.3/24");
     assert_eq!(b1["nics"][0]["address"], "10.40.0.2/24");

@@ -1,0 +1,347 @@
+//! A network across two hosts (issue #5), end to end: two simulated hosts,
+//! each a network namespace running its own agent, joined by an underlay
+//! veth pair; the test reaches each agent over a management veth from this
+//! namespace. The peers register each other (`/v1/hosts`), a tenant's
+//! network created on host A spans host B over VXLAN, a guest on A and a
+//! guest on B get their addresses from the network's one IPAM (A), their
+//! MTU lowered for VXLAN by DHCP, and talk to each other through the
+//! tunnel; then everything goes, on both hosts.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use nubis_tests::agent::{
+    busybox_image, console_value, expect, network_vm, tenant, tenant_token, wait_for_console,
+    Agent, RemoteHost,
+};
+use nubis_tests::netns::NetNs;
+use nubis_tests::{guest_images, require_kvm, TestDir};
+use serde_json::{json, Value};
+
+const PORT: u16 = 8181;
+const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The test's ends of the management links are .1, the hosts' .2.
+const MANAGEMENT_A: Ipv4Addr = Ipv4Addr::new(10, 97, 1, 2);
+const MANAGEMENT_B: Ipv4Addr = Ipv4Addr::new(10, 97, 2, 2);
+const TOKEN_A: &str = "host-a-operator-token-0001";
+const TOKEN_B: &str = "host-b-operator-token-0002";
+/// veth's 1500 less VXLAN's 50 bytes.
+const OVERLAY_MTU: u64 = 1450;
+
+/// y (on host B) serves 200 KB of its busybox binary and waits.
+const Y_SCRIPT: &str = "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
+    mkdir /www; head -c 200000 /bin/busybox > /www/blob; \
+    echo SERVED $(md5sum < /www/blob); httpd -p 8080 -h /www; echo Y_UP; read x";
+
+/// x (on host A) reaches y across the overlay: ping, then TCP.
+const X_SCRIPT: &str = "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
+    n=0; until ping -c1 -W1 10.60.0.3 >/dev/null; do n=$((n+1)); [ $n -gt 300 ] && break; done; echo PING_Y $n; \
+    n=0; until wget -q -O /tmp/b http://10.60.0.3:8080/blob; do n=$((n+1)); [ $n -gt 120 ] && break; sleep 1; done; \
+    echo GOT $(md5sum < /tmp/b); echo X_DONE; read x";
+
+/// A simulated host: its namespace, with a management link to this one.
+fn host(name: &str, subnet: u8) -> NetNs {
+    let mut netns = NetNs::create(&nubis_tests::net::interface_name(name));
+    netns.link_to_host(
+        &nubis_tests::net::interface_name(&format!("{name}m")),
+        &format!("10.97.{subnet}.1/30"),
+        &format!("10.97.{subnet}.2/30"),
+    );
+    netns
+}
+
+fn links(netns: &NetNs) -> String {
+    String::from_utf8_lossy(&netns.run("ip", &["-br", "link"]).stdout).to_string()
+}
+
+fn nft_ruleset(netns: &NetNs) -> String {
+    String::from_utf8_lossy(&netns.run("nft", &["list", "ruleset"]).stdout).to_string()
+}
+
+/// Bytes sent through a link, as the kernel counts them.
+fn tx_bytes(netns: &NetNs, link: &str) -> u64 {
+    let path = format!("/sys/class/net/{link}/statistics/tx_bytes");
+    let out = netns.run("cat", &[&path]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no counter {path} in {}: {out:?}", netns.name))
+}
+
+/// The flood list of a VXLAN interface: one all-zero entry per peer.
+fn flood_entries(netns: &NetNs, vxlan: &str) -> Vec<String> {
+    let out = netns.run("bridge", &["fdb", "show", "dev", vxlan]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.starts_with("00:00:00:00:00:00"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn register(agent: &Agent, name: &str, address: Ipv4Addr, token: &str) -> Value {
+    let reply = agent.call(
+        "POST",
+        "/v1/hosts",
+        Some(&agent.operator_token),
+        Some(&json!({"name": name, "address": address.to_string(),
+                     "api_url": format!("http://{address}:{PORT}"), "token": token})),
+    );
+    expect(&reply, 201).clone()
+}
+
+#[test]
+fn a_network_spans_two_hosts_over_vxlan() {
+    require_kvm();
+    let images = guest_images();
+    let dir = TestDir::new("agent-overlay");
+    let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
+
+    let host_a = host("nbha", 1);
+    let host_b = host("nbhb", 2);
+    host_a.link_to(
+        &host_b,
+        "under",
+        &format!("{UNDERLAY_A}/24"),
+        "under",
+        &format!("{UNDERLAY_B}/24"),
+    );
+    let spec_a = RemoteHost {
+        netns: &host_a.name,
+        port: PORT,
+        reach: MANAGEMENT_A,
+        operator_token: TOKEN_A,
+        underlay: UNDERLAY_A,
+    };
+    let spec_b = RemoteHost {
+        netns: &host_b.name,
+        reach: MANAGEMENT_B,
+        operator_token: TOKEN_B,
+        underlay: UNDERLAY_B,
+        ..spec_a
+    };
+    let agent_a = Agent::start_remote(&dir.join("a"), &image_dir, &spec_a);
+    let mut agent_b = Agent::start_remote(&dir.join("b"), &image_dir, &spec_b);
+
+    // Peers: a wrong token, a non-HTTP URL and a host that is not there
+    // are refused at registration; then A and B know each other.
+    let bad_token = agent_a.call(
+        "POST",
+        "/v1/hosts",
+        Some(TOKEN_A),
+        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
+                     "api_url": format!("http://{UNDERLAY_B}:{PORT}"), "token": TOKEN_A})),
+    );
+    assert_eq!(
+        (bad_token.status, bad_token.body["error"]["field"].as_str()),
+        (400, Some("token")),
+        "{bad_token:?}"
+    );
+    let https = agent_a.call(
+        "POST",
+        "/v1/hosts",
+        Some(TOKEN_A),
+        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
+                     "api_url": format!("https://{UNDERLAY_B}:{PORT}"), "token": TOKEN_B})),
+    );
+    assert_eq!(https.status, 400, "{https:?}");
+    let absent = agent_a.call(
+        "POST",
+        "/v1/hosts",
+        Some(TOKEN_A),
+        Some(&json!({"name": "c", "address": "10.99.0.3",
+                     "api_url": format!("http://10.99.0.3:{PORT}"), "token": TOKEN_B})),
+    );
+    assert_eq!(
+        (absent.status, absent.code()),
+        (502, "peer_failed"),
+        "{absent:?}"
+    );
+    register(&agent_a, "b", UNDERLAY_B, TOKEN_B);
+    register(&agent_b, "a", UNDERLAY_A, TOKEN_A);
+    let again = agent_a.call(
+        "POST",
+        "/v1/hosts",
+        Some(TOKEN_A),
+        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
+                     "api_url": format!("http://{UNDERLAY_B}:{PORT}"), "token": TOKEN_B})),
+    );
+    assert_eq!(again.status, 409, "{again:?}");
+    let hosts = agent_a.call("GET", "/v1/hosts", Some(TOKEN_A), None);
+    assert_eq!(expect(&hosts, 200)[0]["address"], UNDERLAY_B.to_string());
+    assert!(
+        !hosts.text.contains(TOKEN_B),
+        "the peer's token is shown: {}",
+        hosts.text
+    );
+
+    // The network, created on A for tenant acme, spanning B.
+    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
+    busybox_image(&agent_a, &acme_a, &images);
+    let too_big = agent_a.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme_a),
+        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["b"], "mtu": 1500})),
+    );
+    assert_eq!(
+        (too_big.status, too_big.body["error"]["field"].as_str()),
+        (400, Some("mtu")),
+        "{too_big:?}"
+    );
+    let unknown = agent_a.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme_a),
+        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["nowhere"]})),
+    );
+    assert_eq!(unknown.status, 400, "{unknown:?}");
+    let span = agent_a.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme_a),
+        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["b"]})),
+    );
+    let span = expect(&span, 201).clone();
+    assert_eq!(span["mtu"], OVERLAY_MTU);
+    assert_eq!(span["overlay"]["home"], UNDERLAY_A.to_string());
+    assert_eq!(
+        span["overlay"]["hosts"],
+        json!([UNDERLAY_A.to_string(), UNDERLAY_B.to_string()])
+    );
+    let network_id = span["id"].as_str().unwrap().to_string();
+    let vxlan = span["overlay"]["vxlan"].as_str().unwrap().to_string();
+    let bridge = span["bridge"].as_str().unwrap().to_string();
+
+    // B carries it as it is, for the same tenant (same id); the tenant
+    // gets its own token there from B's operator.
+    let on_b = agent_b.call(
+        "GET",
+        &format!("/v1/networks/{network_id}"),
+        Some(TOKEN_B),
+        None,
+    );
+    let on_b = expect(&on_b, 200).clone();
+    for field in ["vni", "cidr", "gateway", "mtu", "tenant_id", "overlay"] {
+        assert_eq!(on_b[field], span[field], "{field} differs on B");
+    }
+    let acme_b = tenant_token(&agent_b, &tenant_id);
+    busybox_image(&agent_b, &acme_b, &images);
+    let not_here = agent_b.call(
+        "DELETE",
+        &format!("/v1/networks/{network_id}"),
+        Some(&acme_b),
+        None,
+    );
+    assert_eq!(not_here.status, 409, "B deleted A's network: {not_here:?}");
+    for (netns, peer) in [(&host_a, UNDERLAY_B), (&host_b, UNDERLAY_A)] {
+        let listing = links(netns);
+        assert!(
+            listing.contains(&vxlan) && listing.contains(&bridge),
+            "{}: {listing}",
+            netns.name
+        );
+        let flood = flood_entries(netns, &vxlan);
+        assert_eq!(flood.len(), 1, "{flood:?}");
+        assert!(flood[0].contains(&format!("dst {peer} ")), "{flood:?}");
+    }
+
+    // One IPAM: x on A gets .2, y on B gets .3 from A, z on A .4.
+    let x = network_vm(&agent_a, &acme_a, "x", "span", X_SCRIPT);
+    let y = network_vm(&agent_b, &acme_b, "y", "span", Y_SCRIPT);
+    let z = network_vm(&agent_a, &acme_a, "z", "span", "true");
+    assert_eq!(x["nics"][0]["address"], "10.60.0.2/24");
+    assert_eq!(y["nics"][0]["address"], "10.60.0.3/24");
+    assert_eq!(z["nics"][0]["address"], "10.60.0.4/24");
+    let id = |vm: &Value| vm["id"].as_str().unwrap().to_string();
+    let (x, y, z) = (id(&x), id(&y), id(&z));
+    let deleted = agent_a.call("DELETE", &format!("/v1/vms/{z}"), Some(&acme_a), None);
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    for (agent, token, vm) in [(&agent_a, &acme_a, &x), (&agent_b, &acme_b, &y)] {
+        let started = agent.call("POST", &format!("/v1/vms/{vm}/start"), Some(token), None);
+        assert_eq!(expect(&started, 200)["state"], "running");
+    }
+    let sent_before = tx_bytes(&host_b, &vxlan);
+
+    // Each guest has its address from its own host's DHCP server, with the
+    // overlay's MTU; x fetches y's file through the tunnel.
+    let y_console = wait_for_console(&agent_b, &acme_b, &y, "\nY_UP");
+    assert!(
+        y_console.contains("Got DHCP answer from 10.60.0.1, my address is 10.60.0.3"),
+        "{y_console}"
+    );
+    assert_eq!(console_value(&y_console, "MTU"), OVERLAY_MTU.to_string());
+    let digest_of = |value: &str| value.split_whitespace().next().unwrap_or("").to_string();
+    let served = digest_of(console_value(&y_console, "SERVED"));
+    assert_eq!(served.len(), 32, "{y_console}");
+    let x_console = wait_for_console(&agent_a, &acme_a, &x, "\nX_DONE");
+    assert!(
+        x_console.contains("Got DHCP answer from 10.60.0.1, my address is 10.60.0.2"),
+        "{x_console}"
+    );
+    assert_eq!(console_value(&x_console, "MTU"), OVERLAY_MTU.to_string());
+    let pings: u32 = console_value(&x_console, "PING_Y").parse().unwrap();
+    assert!(pings <= 300, "x never reached y:\n{x_console}");
+    assert_eq!(
+        digest_of(console_value(&x_console, "GOT")),
+        served,
+        "x did not get y's file:\n{x_console}"
+    );
+    // The file went through B's end of the tunnel.
+    let sent = tx_bytes(&host_b, &vxlan) - sent_before;
+    assert!(sent > 200_000, "only {sent} bytes left B through {vxlan}");
+
+    // A restarted B sets up the same tunnel and rules, no second copy.
+    let rules_before = nft_ruleset(&host_b);
+    agent_b.kill();
+    let agent_b = Agent::start_remote(&dir.join("b"), &image_dir, &spec_b);
+    assert_eq!(flood_entries(&host_b, &vxlan).len(), 1);
+    let rules_after = nft_ruleset(&host_b);
+    assert_eq!(
+        rules_after.lines().count(),
+        rules_before.lines().count(),
+        "{rules_after}"
+    );
+
+    // The network cannot go while y uses it on B; then everything goes.
+    let path = format!("/v1/networks/{network_id}");
+    let busy = agent_a.call("DELETE", &path, Some(&acme_a), None);
+    assert_eq!(busy.status, 409, "{busy:?}");
+    let deleted = agent_a.call("DELETE", &format!("/v1/vms/{x}"), Some(&acme_a), None);
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    let still = agent_a.call("DELETE", &path, Some(&acme_a), None);
+    assert_eq!(still.status, 409, "y on B still uses it: {still:?}");
+    assert!(still.text.contains("VM(s) y"), "{still:?}");
+    let deleted = agent_b.call("DELETE", &format!("/v1/vms/{y}"), Some(&acme_b), None);
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    assert_eq!(
+        agent_a.call("DELETE", &path, Some(&acme_a), None).status,
+        204
+    );
+    let gone = agent_b.call("GET", &path, Some(TOKEN_B), None);
+    assert_eq!(gone.status, 404, "B still has the network: {gone:?}");
+    let start = Instant::now();
+    for netns in [&host_a, &host_b] {
+        loop {
+            let listing = links(netns);
+            if !listing.contains("nbn") && !listing.contains("nvx") && !listing.contains("nbt") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{} keeps links: {listing}",
+                netns.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let left = nft_ruleset(netns);
+        assert!(
+            !left.contains("table inet nubis") && !left.contains("table bridge nubis"),
+            "{} keeps rules:\n{left}",
+            netns.name
+        );
+    }
+    // With no network left, B can be forgotten.
+    let forgotten = agent_a.call("DELETE", "/v1/hosts/b", Some(TOKEN_A), None);
+    assert_eq!(forgotten.status, 204, "{forgotten:?}");
+}
