@@ -32,11 +32,11 @@ MARKER = "BENCH_VM_UP"
 
 
 class Api:
-    def __init__(self, port, token):
-        self.port, self.token = port, token
+    def __init__(self, port, token, host="127.0.0.1"):
+        self.port, self.token, self.host = port, token, host
 
     def call(self, method, path, body=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
         headers = {"Authorization": f"Bearer {self.token}"}
         payload = None
         if body is not None:
@@ -59,19 +59,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_agent(bin_dir, images):
+def start_agent(bin_dir, images, netns=None, reach="127.0.0.1", port=None, underlay=None,
+                token=OPERATOR):
     """A nubis-agent on a free port and a fresh data directory, allowed to use
-    `images`; returns (process, operator Api, data directory) once it answers."""
+    `images`; returns (process, operator Api, data directory) once it answers.
+    With `netns` it runs inside that network namespace as another host,
+    listening on all of its addresses at `port` and reached at `reach`."""
     data = tempfile.mkdtemp(prefix="nubis-bench-agent-")
-    port = free_port()
+    port = port or free_port()
     with open(os.path.join(data, "agent.json"), "w") as config:
         json.dump({"image_dirs": [images], "vmm_binary": os.path.join(bin_dir, "nubis-vmm")}, config)
     log = open(os.path.join(data, "agent.log"), "w")
-    agent = subprocess.Popen(
-        [os.path.join(bin_dir, "nubis-agent"), "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-         "--config", os.path.join(data, "agent.json")],
-        env=dict(os.environ, NUBIS_OPERATOR_TOKEN=OPERATOR), stderr=log)
-    operator = Api(port, OPERATOR)
+    listen = f"0.0.0.0:{port}" if netns else f"127.0.0.1:{port}"
+    command = [os.path.join(bin_dir, "nubis-agent"), "--listen", listen, "--data-dir", data,
+               "--config", os.path.join(data, "agent.json")]
+    if underlay:
+        command += ["--underlay-address", underlay]
+    if netns:
+        command = ["ip", "netns", "exec", netns] + command
+    agent = subprocess.Popen(command, env=dict(os.environ, NUBIS_OPERATOR_TOKEN=token), stderr=log)
+    operator = Api(port, token, reach)
     for _ in range(200):
         try:
             operator.call("GET", "/healthz")
@@ -86,7 +93,7 @@ def tenant_api(operator, name):
     tenant = operator.call("POST", "/v1/tenants", {"name": name, "quota": {
         "max_vcpus": 64, "max_memory_mib": 65536, "max_vms": 64}})
     token = operator.call("POST", f"/v1/tenants/{tenant['id']}/tokens")["token"]
-    return Api(operator.port, token)
+    return Api(operator.port, token, operator.host)
 
 
 def machine_line(what):
