@@ -17,4 +17,5 @@ pub mod memory;
 pub mod platform;
 pub mod rate_limiter;
 pub mod runtime;
+pub mod snapshot;
 pub mod vstate;

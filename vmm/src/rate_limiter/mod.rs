@@ -127,6 +127,17 @@ impl TokenBucket {
     }
 }
 
+/// A limiter's state for a snapshot: its limits, the tokens left in each
+/// bucket (in nanotokens; they refill from the moment of restore), how
+/// often it throttled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimiterState {
+    pub limit: RateLimit,
+    pub bytes_budget: Option<i128>,
+    pub ops_budget: Option<i128>,
+    pub throttled_count: u64,
+}
+
 /// The two buckets of one device (or NIC direction) and the timer that wakes
 /// the device when a blocked request may go.
 #[derive(Debug)]
@@ -173,6 +184,32 @@ impl RateLimiter {
         if self.blocked {
             self.arm(Duration::from_nanos(1));
         }
+    }
+
+    pub fn save(&self) -> LimiterState {
+        LimiterState {
+            limit: self.limit,
+            bytes_budget: self.bytes.as_ref().map(|bucket| bucket.budget_nanotokens),
+            ops_budget: self.ops.as_ref().map(|bucket| bucket.budget_nanotokens),
+            throttled_count: self.throttled_count,
+        }
+    }
+
+    /// Takes on a saved state: its limits, and its buckets' levels (never
+    /// above a full bucket, whatever the file says). A request that was
+    /// blocked is retried at once.
+    pub fn restore(&mut self, state: &LimiterState) {
+        self.set_limit(state.limit, Instant::now());
+        for (bucket, budget) in [
+            (self.bytes.as_mut(), state.bytes_budget),
+            (self.ops.as_mut(), state.ops_budget),
+        ] {
+            if let (Some(bucket), Some(budget)) = (bucket, budget) {
+                let full = i128::from(bucket.capacity) * NANOS_PER_SEC;
+                bucket.budget_nanotokens = budget.clamp(-full, full);
+            }
+        }
+        self.throttled_count = state.throttled_count;
     }
 
     /// Whether a request is waiting for the timer: the device should not
@@ -253,6 +290,28 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_saved_limiter_comes_back_with_its_levels_clamped() {
+        let limit = RateLimit {
+            bytes_per_s: Some(1000),
+            ops_per_s: None,
+        };
+        let mut limiter = RateLimiter::new(limit).unwrap();
+        let now = Instant::now();
+        assert!(limiter.consume_at(1, 60, now));
+        let saved = limiter.save();
+        assert_eq!(saved.limit, limit);
+        assert_eq!(saved.bytes_budget, Some(40 * NANOS_PER_SEC));
+        assert_eq!(saved.ops_budget, None);
+        let mut restored = RateLimiter::new(RateLimit::default()).unwrap();
+        restored.restore(&saved);
+        assert_eq!(restored.save().bytes_budget, Some(40 * NANOS_PER_SEC));
+        let mut forged = saved.clone();
+        forged.bytes_budget = Some(i128::MAX);
+        restored.restore(&forged);
+        assert_eq!(restored.save().bytes_budget, Some(100 * NANOS_PER_SEC));
+    }
+
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);

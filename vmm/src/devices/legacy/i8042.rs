@@ -76,7 +76,33 @@ pub struct I8042 {
     reset_evt: EventFd,
 }
 
+/// The controller's registers and unread output, for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub control: u8,
+    pub status: u8,
+    pub output: Vec<u8>,
+    pub pending_command: Option<u8>,
+}
+
 impl I8042 {
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            pending_command: self.pending_command,
+        }
+    }
+
+    /// Takes on a saved state (output beyond the buffer's limit dropped).
+    pub fn restore(&mut self, state: &I8042State) {
+        self.control = state.control;
+        self.status = state.status;
+        self.output = state.output.iter().copied().take(OUTPUT_BUFFER_LIMIT).collect();
+        self.pending_command = state.pending_command;
+    }
+
     /// `reset_evt` is written when the guest resets the machine.
     pub fn new(kbd_irq: IrqLine, reset_evt: EventFd) -> Self {
         Self {

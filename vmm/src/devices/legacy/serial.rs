@@ -11,7 +11,8 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,10 +78,65 @@ pub struct SerialDevice {
     uart: Serial<IrqLine, InputReady, SerialOutput>,
 }
 
+/// The UART's registers and unread input, for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     pub fn new(irq: IrqLine, input_ready: InputReady, output: SerialOutput) -> Self {
         Self {
             uart: Serial::with_events(irq, input_ready, output),
+        }
+    }
+
+    /// A UART in a saved state (its pending interrupts raised again).
+    pub fn restored(
+        irq: IrqLine,
+        input_ready: InputReady,
+        output: SerialOutput,
+        state: &SerialDeviceState,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        Serial::from_state(&state, irq, input_ready, output)
+            .map(|uart| Self { uart })
+            .map_err(|err| format!("the saved UART state is refused: {err:?}"))
+    }
+
+    pub fn save(&self) -> SerialDeviceState {
+        let state = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
         }
     }
 
@@ -187,6 +243,30 @@ mod tests {
         assert_eq!(byte[0] & LSR_DATA_READY, 0);
         assert_eq!(ready.read().unwrap(), 1);
         assert_eq!(dev.input_capacity(), 64);
+    }
+
+    #[test]
+    fn a_saved_uart_comes_back_with_its_registers_and_input() {
+        let (mut dev, _irq, _ready) = device(SerialOutput::Sink);
+        dev.write(3, &[0x03]); // line control: 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"ab").unwrap();
+        let saved = dev.save();
+        assert_eq!(saved.scratch, 0x5a);
+        assert_eq!(saved.in_buffer, b"ab");
+        let (irq, ready) = (IrqLine::new().unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut back =
+            SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &saved).unwrap();
+        assert_eq!(back.save(), saved);
+        let mut byte = [0u8; 1];
+        back.read(THR, &mut byte);
+        assert_eq!(byte[0], b'a');
+        let mut overfull = saved;
+        overfull.in_buffer = vec![0; 65];
+        let (irq, ready) = (IrqLine::new().unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        assert!(
+            SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &overfull).is_err()
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod queue_handler;
 pub mod rng;
 #[cfg(test)]
@@ -80,6 +81,12 @@ impl VirtioInterrupt {
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Sets status bits without raising the line (a restored device's
+    /// pending interrupt status; the restored irqchip holds the line).
+    pub fn raise_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device gets when the driver has finished setting it up.
@@ -121,6 +128,15 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The eventfds the guest kicks, one per queue.
     fn queue_events(&self) -> &[EventFd];
+    /// The queues the device runs on, with their ring positions; empty
+    /// before activation (a snapshot saves them).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// The device's own state for a snapshot.
+    fn save_state(&self) -> persist::DeviceState;
+    /// Takes on saved state, before its queues are handed back; refused
+    /// (with why) when the state is another kind of device's or does not
+    /// fit this device's backend.
+    fn restore_state(&mut self, state: &persist::DeviceState) -> Result<(), String>;
 }
 
 /// A device whose I/O is rate limited, with limits the control socket can

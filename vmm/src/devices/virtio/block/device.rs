@@ -15,6 +15,9 @@ use std::time::Instant;
 use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
+
+use super::persist::BlockState;
+use crate::devices::virtio::persist::DeviceState;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
@@ -343,6 +346,64 @@ impl VirtioDevice for Block {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .map(|active| active.queue.state())
+            .collect()
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let c = self.counters;
+        DeviceState::Block(BlockState {
+            capacity_bytes: self.capacity_bytes,
+            read_only: self.read_only,
+            limiter: self.limiter.save(),
+            counters: [
+                c.read_requests,
+                c.read_bytes,
+                c.write_requests,
+                c.write_bytes,
+                c.flushes,
+                c.errors,
+            ],
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        let DeviceState::Block(state) = state else {
+            return Err(format!("a {} device's state, not a disk's", state.kind()));
+        };
+        if state.capacity_bytes != self.capacity_bytes {
+            return Err(format!(
+                "disk {} holds {} bytes, the saved disk held {}",
+                self.path.display(),
+                self.capacity_bytes,
+                state.capacity_bytes
+            ));
+        }
+        if state.read_only != self.read_only {
+            return Err(format!(
+                "disk {} is {}, the saved disk was {}",
+                self.path.display(),
+                if self.read_only { "read-only" } else { "writable" },
+                if state.read_only { "read-only" } else { "writable" }
+            ));
+        }
+        self.limiter.restore(&state.limiter);
+        let [read_requests, read_bytes, write_requests, write_bytes, flushes, errors] =
+            state.counters;
+        self.counters = BlockCounters {
+            read_requests,
+            read_bytes,
+            write_requests,
+            write_bytes,
+            flushes,
+            errors,
+        };
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! virtio-blk: a raw disk image file as a guest block device.
 
 pub mod device;
+pub mod persist;
 pub mod request;
 
 pub use device::{Block, BlockError};

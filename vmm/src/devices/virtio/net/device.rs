@@ -18,6 +18,9 @@ use std::time::Instant;
 
 use event_manager::EventSet;
 use virtio_queue::{Queue, QueueT};
+
+use super::persist::NetState;
+use crate::devices::virtio::persist::DeviceState;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{self, MAX_FRAME_LEN};
@@ -424,6 +427,67 @@ impl VirtioDevice for Net {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|active| [active.rx.state(), active.tx.state()])
+            .collect()
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let c = self.counters;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        DeviceState::Net(NetState {
+            mac,
+            rx_limiter: self.rx_limiter.save(),
+            tx_limiter: self.tx_limiter.save(),
+            pending_rx_frame: self.rx_frame[..self.rx_pending].to_vec(),
+            counters: [
+                c.rx_frames,
+                c.rx_bytes,
+                c.rx_dropped,
+                c.tx_frames,
+                c.tx_bytes,
+                c.tx_dropped,
+            ],
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        let DeviceState::Net(state) = state else {
+            return Err(format!("a {} device's state, not a NIC's", state.kind()));
+        };
+        if state.mac[..] != self.config[..6] {
+            return Err(format!(
+                "NIC {} has another MAC than the saved NIC (the guest's driver knows the saved one)",
+                self.id
+            ));
+        }
+        if state.pending_rx_frame.len() > self.rx_frame.len() {
+            return Err(format!(
+                "NIC {}: a pending frame of {} bytes is larger than any frame",
+                self.id,
+                state.pending_rx_frame.len()
+            ));
+        }
+        self.rx_limiter.restore(&state.rx_limiter);
+        self.tx_limiter.restore(&state.tx_limiter);
+        let pending = state.pending_rx_frame.len();
+        self.rx_frame[..pending].copy_from_slice(&state.pending_rx_frame);
+        self.rx_pending = pending;
+        let [rx_frames, rx_bytes, rx_dropped, tx_frames, tx_bytes, tx_dropped] = state.counters;
+        self.counters = NetCounters {
+            rx_frames,
+            rx_bytes,
+            rx_dropped,
+            tx_frames,
+            tx_bytes,
+            tx_dropped,
+        };
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 //! timers drive it; nothing polls.
 
 pub mod device;
+pub mod persist;
 pub mod frame;
 pub mod rx;
 pub mod tap;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
+
+use super::persist::DeviceState;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -147,6 +149,24 @@ impl VirtioDevice for Rng {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .map(|(_, queue)| queue.state())
+            .collect()
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Rng
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            other => Err(format!("a {} device's state, not an entropy device's", other.kind())),
+        }
     }
 }
 

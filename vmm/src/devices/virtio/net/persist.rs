@@ -1,0 +1,16 @@
+//! What a virtio-net device adds to its transport's snapshot state: both
+//! directions' rate limiters, the counters, and a frame read from the tap
+//! but not yet delivered to the guest (lost otherwise).
+
+use serde::{Deserialize, Serialize};
+
+use crate::rate_limiter::LimiterState;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub rx_limiter: LimiterState,
+    pub tx_limiter: LimiterState,
+    pub pending_rx_frame: Vec<u8>,
+    pub counters: [u64; 6],
+}

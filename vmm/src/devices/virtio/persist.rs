@@ -1,0 +1,90 @@
+//! Snapshot state of virtio devices: the transport's registers and the
+//! queues' positions (so that the driver and the device agree on where the
+//! rings stand after a restore), and each device's own state.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueState;
+
+use super::block::persist::BlockState;
+use super::net::persist::NetState;
+
+/// A queue's configuration and ring positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(state: QueueState) -> Self {
+        Self {
+            max_size: state.max_size,
+            size: state.size,
+            ready: state.ready,
+            desc_table: state.desc_table,
+            avail_ring: state.avail_ring,
+            used_ring: state.used_ring,
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            event_idx: state.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(snapshot: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: snapshot.max_size,
+            next_avail: snapshot.next_avail,
+            next_used: snapshot.next_used,
+            event_idx_enabled: snapshot.event_idx,
+            size: snapshot.size,
+            ready: snapshot.ready,
+            desc_table: snapshot.desc_table,
+            avail_ring: snapshot.avail_ring,
+            used_ring: snapshot.used_ring,
+        }
+    }
+}
+
+/// A device's own state, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceState {
+    Block(BlockState),
+    Net(NetState),
+    Rng,
+}
+
+impl DeviceState {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::Block(_) => "block",
+            DeviceState::Net(_) => "net",
+            DeviceState::Rng => "rng",
+        }
+    }
+}
+
+/// One virtio-mmio device: its transport registers, queues and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub device_status: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    /// The transport's queues before activation, the device's after.
+    pub queues: Vec<QueueSnapshot>,
+    pub device: DeviceState,
+}
