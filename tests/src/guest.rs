@@ -9,6 +9,8 @@ const PROGRAM_HEADER_SIZE: usize = 56;
 const SERIAL_DATA: u16 = 0x3f8;
 const SERIAL_LSR: u16 = 0x3fd;
 const BOOT_TIMER: u64 = 0xc000_0000;
+/// Where [`Program::count`] keeps its counter (2 MiB, above the code).
+pub const COUNTER_ADDRESS: u64 = 0x20_0000;
 
 /// A straight-line program, assembled by hand.
 #[derive(Default, Clone)]
@@ -76,6 +78,27 @@ impl Program {
         self.mov_dx(SERIAL_DATA);
         let top = self.code.len();
         self.code.extend_from_slice(&[0xb0, byte, 0xee]); // mov al, b; out dx, al
+        self.code.push(0xb9); // mov ecx, imm32
+        self.code.extend_from_slice(&delay.to_le_bytes());
+        self.code.extend_from_slice(&[0xe2, 0xfe]); // loop $
+        let rel = top as i64 - (self.code.len() as i64 + 2);
+        self.code.extend_from_slice(&[0xeb, rel as i8 as u8]); // jmp top
+        self
+    }
+
+    /// Counts forever in a byte of RAM at [`COUNTER_ADDRESS`], printing each
+    /// new value (a raw byte) to the UART, with a delay loop of `delay`
+    /// iterations between: a snapshot's restore must continue the sequence
+    /// from where it stopped, from RAM and registers alike.
+    pub fn count(mut self, delay: u32) -> Self {
+        self.mov_dx(SERIAL_DATA);
+        self.code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, imm64
+        self.code.extend_from_slice(&COUNTER_ADDRESS.to_le_bytes());
+        let top = self.code.len();
+        self.code.extend_from_slice(&[0x8a, 0x03]); // mov al, [rbx]
+        self.code.extend_from_slice(&[0xfe, 0xc0]); // inc al
+        self.code.extend_from_slice(&[0x88, 0x03]); // mov [rbx], al
+        self.code.push(0xee); // out dx, al
         self.code.push(0xb9); // mov ecx, imm32
         self.code.extend_from_slice(&delay.to_le_bytes());
         self.code.extend_from_slice(&[0xe2, 0xfe]); // loop $
@@ -161,6 +184,10 @@ mod tests {
         assert_eq!(jz_end as i64 + i64::from(code[jz_end - 1] as i8), 0);
         let jmp_end = code.len();
         assert_eq!(jmp_end as i64 + i64::from(code[jmp_end - 1] as i8), 0);
+        let count = Program::new().count(10).code;
+        let end = count.len();
+        // Back to the load from the counter, after `mov dx` and `mov rbx`.
+        assert_eq!(end as i64 + i64::from(count[end - 1] as i8), 4 + 10);
         let beat = Program::new().heartbeat(b'.', 10).code;
         let end = beat.len();
         assert_eq!(end as i64 + i64::from(beat[end - 1] as i8), 4);

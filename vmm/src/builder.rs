@@ -16,7 +16,7 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{self, AcpiError};
-use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
+use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::VcpuTopology;
 use crate::arch::x86_64::layout::{
     guest_ram_ranges, virtio_mmio_cmdline, virtio_mmio_slot, ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN,
@@ -27,7 +27,7 @@ use crate::config::{
     disk_id, host_memory_mib, net_id, ConfigError, HostLimits, MacAddr, NetConfig, SerialConfig,
     VmConfig,
 };
-use crate::devices::bus::{Bus, BusError};
+use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
@@ -43,6 +43,10 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{RateLimited, VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::platform::KvmFlavor;
+use crate::snapshot::file::{read_memory, read_state, SnapshotError};
+use crate::snapshot::state::{MachineShape, VmSnapshot};
+use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+use crate::vstate::persist::{saved_msr_indices, PersistError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
@@ -90,6 +94,12 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore the VM's KVM state: {0}")]
+    VmState(PersistError),
+    #[error("cannot probe the vCPUs' MSRs: {0}")]
+    MsrProbe(PersistError),
     #[error("cannot listen on {purpose} socket {path}: {source}")]
     Listen {
         purpose: &'static str,
@@ -120,7 +130,6 @@ pub struct BuiltVm {
     pub vm: Vm,
     pub memory: GuestMemoryMmap,
     pub memfd: File,
-    pub kernel: LoadedKernel,
     pub vcpus: Vec<Vcpu>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub serial_input: SerialInput,
@@ -134,6 +143,10 @@ pub struct BuiltVm {
     pub device_handlers: Vec<Arc<Mutex<dyn MutEventSubscriber>>>,
     /// The rate-limited devices by id, for the control socket.
     pub rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)>,
+    /// The virtio devices' transports, in slot order, for snapshots.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What a snapshot of this VM must be restored into.
+    pub shape: MachineShape,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -221,6 +234,7 @@ struct VirtioSlots<'a> {
     mmio_bus: Bus,
     cmdline: String,
     next: usize,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl VirtioSlots<'_> {
@@ -246,9 +260,13 @@ impl VirtioSlots<'_> {
                 .map_err(|source| BuildError::Ioeventfd { index, source })?;
         }
         let dyn_device: Arc<Mutex<dyn VirtioDevice>> = device.clone();
-        let transport = MmioTransport::new(dyn_device, interrupt, self.memory.clone());
-        self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dyn_device,
+            interrupt,
+            self.memory.clone(),
+        )));
+        self.transports.push(transport.clone());
+        self.mmio_bus.insert(transport, base, VIRTIO_MMIO_SIZE)?;
         self.cmdline.push(' ');
         self.cmdline.push_str(&virtio_mmio_cmdline(base, irq));
         self.next += 1;
@@ -263,8 +281,33 @@ fn handler<D: EventDrivenDevice + 'static>(
     Arc::new(Mutex::new(DeviceEventHandler::new(device.clone())))
 }
 
-/// Validates `config` against this host and builds the VM.
+/// The virtio devices' kinds, in slot order (the order `build` attaches
+/// them in).
+fn device_kinds(config: &VmConfig) -> Vec<String> {
+    let mut kinds = vec!["block".to_string(); config.disks.len()];
+    kinds.extend(std::iter::repeat_n("net".to_string(), config.nets.len()));
+    if config.rng {
+        kinds.push("rng".into());
+    }
+    kinds
+}
+
+/// Validates `config` against this host and builds the VM, to boot its
+/// kernel.
 pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
+    build(config, None)
+}
+
+/// Builds the VM of `config` in the state saved in snapshot directory
+/// `dir`: its RAM, devices and vCPUs as they were, the kernel not loaded
+/// again. The snapshot must be of a machine of the same shape; the
+/// backends (disk files, taps, sockets) are `config`'s.
+pub fn restore_vm(config: VmConfig, dir: &Path) -> Result<BuiltVm, BuildError> {
+    let snapshot = read_state(&dir.join(STATE_FILE))?;
+    build(config, Some((snapshot, dir)))
+}
+
+fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<BuiltVm, BuildError> {
     let kvm = open_kvm()?;
     let limits = HostLimits {
         max_vcpus: kvm.get_max_vcpus() as u32,
@@ -282,14 +325,46 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         flavor
     );
 
+    let shape = MachineShape {
+        vcpus: vcpu_count,
+        memory_bytes: mem_size,
+        devices: device_kinds(&config),
+    };
+    if let Some((snapshot, dir)) = &restore {
+        snapshot.machine.check(&shape)?;
+        if snapshot.vcpus.len() != vcpu_count as usize
+            || snapshot.devices.len() != shape.devices.len()
+        {
+            return Err(SnapshotError::Mismatch(format!(
+                "it holds {} vCPU and {} device state(s) for a machine of {} and {}",
+                snapshot.vcpus.len(),
+                snapshot.devices.len(),
+                vcpu_count,
+                shape.devices.len()
+            ))
+            .into());
+        }
+        log::info!("restoring the VM saved in {}", dir.display());
+    }
+
     let ram = create_guest_ram(&guest_ram_ranges(mem_size))?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&ram.memory)?;
 
-    let kernel = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
-    let initrd = match &config.boot.initrd {
-        Some(path) => Some(boot::load_initrd(&ram.memory, path, &kernel, mem_size)?),
-        None => None,
+    // A restored VM's RAM is the snapshot's; a booting one gets the kernel.
+    let boot_files = match &restore {
+        Some((_, dir)) => {
+            read_memory(&dir.join(MEMORY_FILE), &ram.memory)?;
+            None
+        }
+        None => {
+            let kernel = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
+            let initrd = match &config.boot.initrd {
+                Some(path) => Some(boot::load_initrd(&ram.memory, path, &kernel, mem_size)?),
+                None => None,
+            };
+            Some((kernel, initrd))
+        }
     };
     // virtio-mmio devices, in slot order: disks, then the entropy device.
     let mut slots = VirtioSlots {
@@ -298,6 +373,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         mmio_bus: Bus::new(),
         cmdline: config.boot.cmdline.clone(),
         next: 0,
+        transports: Vec::new(),
     };
     let mut device_handlers = Vec::new();
     let mut rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)> = Vec::new();
@@ -346,13 +422,31 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let VirtioSlots {
         mut mmio_bus,
         cmdline,
+        transports,
         ..
     } = slots;
-    let cmdline_len = boot::write_cmdline(&ram.memory, &cmdline)?;
-    mptable::setup_mptable(&ram.memory, vcpu_count)?;
-    let rsdp = acpi::setup_acpi(&ram.memory, vcpu_count)?;
-    let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
-    boot::write_boot_params(&ram.memory, &params)?;
+    let entry = match boot_files {
+        Some((kernel, initrd)) => {
+            let cmdline_len = boot::write_cmdline(&ram.memory, &cmdline)?;
+            mptable::setup_mptable(&ram.memory, vcpu_count)?;
+            let rsdp = acpi::setup_acpi(&ram.memory, vcpu_count)?;
+            let params =
+                boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
+            boot::write_boot_params(&ram.memory, &params)?;
+            Some(kernel.entry)
+        }
+        None => None,
+    };
+    if let Some((snapshot, _)) = &restore {
+        for (index, (transport, state)) in transports.iter().zip(&snapshot.devices).enumerate() {
+            lock(transport)
+                .restore(state)
+                .map_err(|detail| SnapshotError::Restore {
+                    what: format!("virtio device {index} ({})", state.device.kind()),
+                    detail,
+                })?;
+        }
+    }
 
     // Legacy devices.
     let (serial_output, serial_input) = serial_backend(&config.serial)?;
@@ -366,11 +460,24 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
                 what: "serial input readiness",
                 source,
             })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        InputReady(serial_ready_for_device),
-        serial_output,
-    )));
+    let serial = match &restore {
+        Some((snapshot, _)) => SerialDevice::restored(
+            serial_irq,
+            InputReady(serial_ready_for_device),
+            serial_output,
+            &snapshot.serial,
+        )
+        .map_err(|detail| SnapshotError::Restore {
+            what: "serial port".into(),
+            detail,
+        })?,
+        None => SerialDevice::new(
+            serial_irq,
+            InputReady(serial_ready_for_device),
+            serial_output,
+        ),
+    };
+    let serial = Arc::new(Mutex::new(serial));
 
     let kbd_irq = irq_line("the keyboard interrupt")?;
     vm.register_irqfd(&kbd_irq.0, I8042_KBD_IRQ)?;
@@ -381,7 +488,11 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
             what: "the i8042 reset line",
             source,
         })?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, reset_for_device)));
+    let mut keyboard = I8042::new(kbd_irq, reset_for_device);
+    if let Some((snapshot, _)) = &restore {
+        keyboard.restore(&snapshot.i8042);
+    }
+    let i8042 = Arc::new(Mutex::new(keyboard));
 
     let acpi_poweroff = eventfd("the ACPI power-off line")?;
     let acpi_pm = AcpiPm::new(
@@ -430,12 +541,27 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
             mmio_bus.clone(),
             ram.memory.clone(),
         )?;
-        let topology = VcpuTopology {
-            index,
-            count: vcpu_count,
-        };
-        vcpu.configure(&kvm, &base_cpuid, topology, flavor, kernel.entry)?;
+        if let Some(entry) = entry {
+            let topology = VcpuTopology {
+                index,
+                count: vcpu_count,
+            };
+            vcpu.configure(&kvm, &base_cpuid, topology, flavor, entry)?;
+        }
         vcpus.push(vcpu);
+    }
+    if let Some((snapshot, _)) = &restore {
+        snapshot.vm.restore(vm.fd()).map_err(BuildError::VmState)?;
+        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+            vcpu.restore(state)?;
+        }
+    }
+    // What a snapshot saves of each vCPU: the MSRs this host lets it read.
+    if let Some(first) = vcpus.first() {
+        let indices = Arc::new(saved_msr_indices(&kvm, first.fd()).map_err(BuildError::MsrProbe)?);
+        for vcpu in &mut vcpus {
+            vcpu.set_saved_msrs(indices.clone());
+        }
     }
 
     let control_listener = match &config.control_socket {
@@ -449,7 +575,6 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         vm,
         memory: ram.memory,
         memfd: ram.memfd,
-        kernel,
         vcpus,
         serial,
         serial_input,
@@ -461,5 +586,7 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
         control_listener,
         device_handlers,
         rate_limited,
+        transports,
+        shape,
     })
 }

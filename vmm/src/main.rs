@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use vmm::builder::build_vm;
+use vmm::builder::{build_vm, restore_vm};
 use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
 use vmm::runtime::{self, exit::EXIT_VMM_ERROR};
@@ -66,6 +66,11 @@ struct Cli {
     /// Unix socket for the control protocol.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Resume the VM saved in this snapshot directory (see the control
+    /// socket's `snapshot`) instead of booting the kernel; the config gives
+    /// a machine of the same shape and its backends.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -131,11 +136,16 @@ fn main() -> ExitCode {
     };
     logger::init();
 
+    let restore = cli.restore.clone();
     let config = match assemble(cli) {
         Ok(config) => config,
         Err(message) => return fail(message),
     };
-    let built = match build_vm(config) {
+    let built = match restore {
+        Some(dir) => restore_vm(config, &dir),
+        None => build_vm(config),
+    };
+    let built = match built {
         Ok(built) => built,
         Err(err) => return fail(err),
     };

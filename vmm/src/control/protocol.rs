@@ -11,6 +11,7 @@
 //! | `{"command":"shutdown"}`     | Ctrl-Alt-Del to the guest; it decides what follows |
 //! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
 //! | `{"command":"set_rate_limit","device":ID,"bytes_per_s":N,"ops_per_s":N}` | replaces a disk's or NIC's limits; an absent rate is unlimited |
+//! | `{"command":"snapshot","dir":PATH}` | a paused VM's state and RAM into directory PATH (`nubis-vmm --restore PATH` resumes it) |
 //!
 //! Answers: `{"ok":true}` (with `"status":{...}` for `status`), or
 //! `{"ok":false,"error":{"code":"bad_request"|"invalid_state"|"internal","message":"..."}}`.
@@ -38,6 +39,9 @@ pub enum Request {
         bytes_per_s: Option<u64>,
         #[serde(default)]
         ops_per_s: Option<u64>,
+    },
+    Snapshot {
+        dir: PathBuf,
     },
 }
 

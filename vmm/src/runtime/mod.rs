@@ -12,15 +12,25 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
+use std::path::Path;
+
 use crate::builder::BuiltVm;
 use crate::control::protocol::{DeviceStatus, ErrorCode, Request, Response, VmState, VmStatus};
 use crate::control::server::{ControlServer, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::legacy::boot_timer::NOT_BOOTED;
 use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::RateLimited;
+use crate::memory::GuestMemoryMmap;
 use crate::rate_limiter::RateLimit;
+use crate::snapshot::file::{write_memory, write_state};
+use crate::snapshot::state::{MachineShape, VmSnapshot};
+use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+use crate::vstate::persist::VmState as KvmVmState;
 use crate::vstate::vcpu::{install_kick_handler, RunControl, VcpusState};
+use crate::vstate::vm::Vm;
 use exit::{ExitNotifier, ExitReason};
 use serial_input::SerialInputHandler;
 use signals::{ExitWatcher, TerminationSignals};
@@ -52,6 +62,53 @@ pub struct VmHandle {
     memory_mib: u64,
     kernel: std::path::PathBuf,
     rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)>,
+    snapshot: SnapshotSources,
+}
+
+/// What a snapshot is taken from.
+struct SnapshotSources {
+    vm: Arc<Vm>,
+    memory: GuestMemoryMmap,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    shape: MachineShape,
+}
+
+impl VmHandle {
+    /// Writes a snapshot of the paused VM into `dir`: RAM first, the state
+    /// file last (renamed into place), so that a directory with a state
+    /// file holds a whole snapshot.
+    fn take_snapshot(&self, dir: &Path) -> Result<(), String> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir)
+            .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+        let sources = &self.snapshot;
+        let vcpus = self
+            .control
+            .save_all(VCPU_TIMEOUT)
+            .map_err(|err| err.to_string())?;
+        let vm = KvmVmState::save(sources.vm.fd()).map_err(|err| err.to_string())?;
+        let state = VmSnapshot {
+            machine: sources.shape.clone(),
+            vm,
+            vcpus,
+            devices: sources
+                .transports
+                .iter()
+                .map(|transport| lock(transport).save())
+                .collect(),
+            serial: lock(&sources.serial).save(),
+            i8042: lock(&self.i8042).save(),
+        };
+        write_memory(&dir.join(MEMORY_FILE), &sources.memory).map_err(|err| err.to_string())?;
+        write_state(&dir.join(STATE_FILE), &state).map_err(|err| err.to_string())?;
+        log::info!(
+            "snapshot written to {} in {} ms",
+            dir.display(),
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
 }
 
 impl VmHandle {
@@ -176,6 +233,18 @@ impl VmControl for VmHandle {
                     .notify(ExitReason::Stopped("a control-socket request".into()));
                 Response::ok()
             }
+            Request::Snapshot { dir } => {
+                if state != VcpusState::Paused {
+                    return Response::error(
+                        ErrorCode::InvalidState,
+                        "the VM is running: pause it before taking a snapshot",
+                    );
+                }
+                match self.take_snapshot(&dir) {
+                    Ok(()) => Response::ok(),
+                    Err(message) => Response::error(ErrorCode::Internal, message),
+                }
+            }
         }
     }
 }
@@ -195,6 +264,9 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
     install_kick_handler()?;
     let exit = Arc::new(ExitNotifier::new().map_err(RuntimeError::ExitNotifier)?);
     let vcpu_count = built.vcpus.len() as u32;
+    // Shared with the control socket's snapshots; the VM lives as long as
+    // this function runs.
+    let vm = Arc::new(built.vm);
     let control = Arc::new(RunControl::new(vcpu_count));
 
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber>>> =
@@ -229,6 +301,13 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
             memory_mib: built.config.machine.memory_mib,
             kernel: built.config.boot.kernel.clone(),
             rate_limited: built.rate_limited,
+            snapshot: SnapshotSources {
+                vm: vm.clone(),
+                memory: built.memory.clone(),
+                transports: built.transports,
+                serial: built.serial.clone(),
+                shape: built.shape,
+            },
         });
         add_subscriber(&mut manager, ControlServer::new(listener, path, handle));
     }

@@ -57,7 +57,10 @@ pub enum SnapshotError {
     Restore { what: String, detail: String },
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         action,
         path: path.to_path_buf(),
@@ -165,7 +168,8 @@ pub fn write_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), Snapsho
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         for page in bytes.chunks(PAGE) {
             if page.iter().any(|byte| *byte != 0) {
-                file.seek(SeekFrom::Start(offset)).map_err(io("seek", path))?;
+                file.seek(SeekFrom::Start(offset))
+                    .map_err(io("seek", path))?;
                 file.write_all(page).map_err(io("write", path))?;
             }
             offset += page.len() as u64;
@@ -238,7 +242,8 @@ mod tests {
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let err = decode_state(&newer, path).unwrap_err();
         assert!(
-            err.to_string().contains("version 2; this VMM reads version 1"),
+            err.to_string()
+                .contains("version 2; this VMM reads version 1"),
             "{err}"
         );
         assert!(decode_state(&[], path).is_err());
@@ -249,16 +254,29 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nubis-snap-mem-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("memory");
-        let ranges = [(GuestAddress(0), 0x10_0000u64), (GuestAddress(0x20_0000), 0x10_0000)];
+        let ranges = [
+            (GuestAddress(0), 0x10_0000u64),
+            (GuestAddress(0x20_0000), 0x10_0000),
+        ];
         let ram = create_guest_ram(&ranges).unwrap();
-        ram.memory.write_obj(0x1122_3344_u32, GuestAddress(0x1000)).unwrap();
-        ram.memory.write_obj(0x55_u8, GuestAddress(0x2f_ffff)).unwrap();
+        ram.memory
+            .write_obj(0x1122_3344_u32, GuestAddress(0x1000))
+            .unwrap();
+        ram.memory
+            .write_obj(0x55_u8, GuestAddress(0x2f_ffff))
+            .unwrap();
         write_memory(&path, &ram.memory).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x20_0000);
         let copy = create_guest_ram(&ranges).unwrap();
         read_memory(&path, &copy.memory).unwrap();
-        assert_eq!(copy.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
-        assert_eq!(copy.memory.read_obj::<u8>(GuestAddress(0x2f_ffff)).unwrap(), 0x55);
+        assert_eq!(
+            copy.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0x1122_3344
+        );
+        assert_eq!(
+            copy.memory.read_obj::<u8>(GuestAddress(0x2f_ffff)).unwrap(),
+            0x55
+        );
         let smaller = create_guest_ram(&ranges[..1]).unwrap();
         let err = read_memory(&path, &smaller.memory).unwrap_err();
         assert!(matches!(err, SnapshotError::MemorySize { .. }), "{err}");

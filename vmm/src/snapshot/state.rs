@@ -87,12 +87,24 @@ mod tests {
         assert!(shape.check(&shape.clone()).is_ok());
         let mut more = shape.clone();
         more.vcpus = 2;
-        assert!(shape.check(&more).unwrap_err().to_string().contains("1 vCPU(s), the VM 2"));
+        assert!(shape
+            .check(&more)
+            .unwrap_err()
+            .to_string()
+            .contains("1 vCPU(s), the VM 2"));
         let mut bigger = shape.clone();
         bigger.memory_bytes = 256 << 20;
-        assert!(shape.check(&bigger).unwrap_err().to_string().contains("128 MiB"));
+        assert!(shape
+            .check(&bigger)
+            .unwrap_err()
+            .to_string()
+            .contains("128 MiB"));
         let mut other = shape.clone();
         other.devices.push("net".into());
-        assert!(shape.check(&other).unwrap_err().to_string().contains("[block, net]"));
+        assert!(shape
+            .check(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("[block, net]"));
     }
 }

@@ -156,7 +156,11 @@ impl VcpuState {
             mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?.region.to_vec(),
+            xsave: fd
+                .get_xsave()
+                .map_err(kvm("KVM_GET_XSAVE"))?
+                .region
+                .to_vec(),
             xcrs: fd.get_xcrs().ok(),
             debugregs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,

@@ -22,6 +22,7 @@ use crate::logger::since_process_start;
 use crate::memory::GuestMemoryMmap;
 use crate::platform::KvmFlavor;
 use crate::runtime::exit::{ExitNotifier, ExitReason};
+use crate::vstate::persist::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -58,6 +59,15 @@ pub enum VcpuError {
     Spawn { index: u32, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
+    #[error("the vCPUs are not all paused")]
+    NotPaused,
+    #[error("vCPU {index}: cannot save its state: {message}")]
+    Save { index: u32, message: String },
+    #[error("vCPU {index}: cannot restore its state: {source}")]
+    Restore {
+        index: u32,
+        source: crate::vstate::persist::PersistError,
+    },
     #[error("{waiting} vCPU(s) did not {action} within {timeout_ms} ms")]
     Timeout {
         action: &'static str,
@@ -82,6 +92,11 @@ struct ControlState {
     exited: u32,
     /// Threads still running, to be kicked.
     threads: Vec<libc::pthread_t>,
+    /// Snapshot rounds: paused vCPUs save their state into `saved` when
+    /// `save_round` passes the round each last served.
+    save_round: u64,
+    served_round: Vec<u64>,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Shared between the vCPU threads and the host side that controls them.
@@ -123,6 +138,9 @@ impl RunControl {
                 parked: 0,
                 exited: 0,
                 threads: Vec::new(),
+                save_round: 0,
+                served_round: vec![0; vcpu_count as usize],
+                saved: (0..vcpu_count).map(|_| None).collect(),
             }),
             changed: Condvar::new(),
         }
@@ -225,8 +243,55 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Blocks while paused. Returns false when the thread must stop.
-    fn wait_until_runnable(&self) -> bool {
+    /// Saves every paused vCPU's state (each thread saves its own, out of
+    /// the guest); the VM stays paused.
+    pub fn save_all(&self, timeout: Duration) -> Result<Vec<VcpuState>, VcpuError> {
+        let start = Instant::now();
+        let mut state = lock(&self.state);
+        if state.request != RunRequest::Pause || state.parked < self.vcpu_count {
+            return Err(VcpuError::NotPaused);
+        }
+        state.save_round += 1;
+        for slot in state.saved.iter_mut() {
+            *slot = None;
+        }
+        self.changed.notify_all();
+        while state.saved.iter().any(Option::is_none) {
+            if start.elapsed() > timeout {
+                return Err(VcpuError::Timeout {
+                    action: "save their state",
+                    waiting: state.saved.iter().filter(|slot| slot.is_none()).count() as u32,
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(5))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+        state
+            .saved
+            .iter_mut()
+            .enumerate()
+            .map(|(index, slot)| match slot.take() {
+                Some(Ok(saved)) => Ok(saved),
+                Some(Err(message)) => Err(VcpuError::Save {
+                    index: index as u32,
+                    message,
+                }),
+                None => Err(VcpuError::NotPaused),
+            })
+            .collect()
+    }
+
+    /// Blocks while paused, saving the vCPU's state with `save` when a
+    /// snapshot asks. Returns false when the thread must stop.
+    fn wait_until_runnable(
+        &self,
+        index: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    ) -> bool {
         let mut state = lock(&self.state);
         let mut parked = false;
         loop {
@@ -242,6 +307,22 @@ impl RunControl {
                         parked = true;
                         state.parked += 1;
                         self.changed.notify_all();
+                    }
+                    let round = state.save_round;
+                    if state
+                        .served_round
+                        .get(index)
+                        .is_some_and(|served| *served < round)
+                    {
+                        state.served_round[index] = round;
+                        drop(state);
+                        let saved = save();
+                        state = lock(&self.state);
+                        if let Some(slot) = state.saved.get_mut(index) {
+                            *slot = Some(saved);
+                        }
+                        self.changed.notify_all();
+                        continue;
                     }
                     state = self
                         .changed
@@ -268,6 +349,8 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     memory: GuestMemoryMmap,
+    /// The MSRs a snapshot saves.
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -288,7 +371,46 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             memory,
+            msr_indices: Arc::new(Vec::new()),
         })
+    }
+
+    /// The vCPU's KVM descriptor (for probing what it can save).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets the MSRs that a snapshot of this vCPU saves.
+    pub fn set_saved_msrs(&mut self, indices: Arc<Vec<u32>>) {
+        self.msr_indices = indices;
+    }
+
+    /// Puts a saved state into this vCPU, which has not run.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        state
+            .restore(&self.fd)
+            .map_err(|source| VcpuError::Restore {
+                index: self.index,
+                source,
+            })
+    }
+
+    /// Saves the vCPU's state; called on its own thread while paused. An
+    /// I/O exit whose result KVM has not taken in yet (an `in` the guest is
+    /// waiting for) is completed first: `KVM_RUN` with `immediate_exit`
+    /// finishes it and returns without entering the guest.
+    fn save_state(&mut self) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let finished = match self.fd.run() {
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => Ok(()),
+            Err(err) => Err(format!("cannot complete pending I/O: {err}")),
+            Ok(exit) => Err(format!(
+                "the vCPU left KVM_RUN with {exit:?} instead of stopping at once"
+            )),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        finished?;
+        VcpuState::save(&self.fd, &self.msr_indices).map_err(|err| err.to_string())
     }
 
     pub fn index(&self) -> u32 {
@@ -339,8 +461,9 @@ impl Vcpu {
     fn run(mut self, control: Arc<RunControl>, exit: Arc<ExitNotifier>) {
         control.register_thread();
         let mut first_entry = true;
+        let index = self.index as usize;
         loop {
-            if !control.wait_until_runnable() {
+            if !control.wait_until_runnable(index, &mut || self.save_state()) {
                 // Where the guest was when the host stopped it: what a hang
                 // report needs.
                 log::debug!("{}", self.describe_failure("stopped by the host"));
@@ -493,11 +616,20 @@ mod tests {
         // Two fake vCPU threads that follow the protocol.
         let control = Arc::new(RunControl::new(2));
         let mut handles = Vec::new();
-        for _ in 0..2 {
+        for index in 0..2 {
             let control = control.clone();
             handles.push(std::thread::spawn(move || {
                 control.register_thread();
-                while control.wait_until_runnable() {
+                let mut save = || {
+                    Ok(VcpuState {
+                        msrs: vec![kvm_bindings::kvm_msr_entry {
+                            index: index as u32,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                };
+                while control.wait_until_runnable(index, &mut save) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 control.thread_exited();
@@ -505,7 +637,18 @@ mod tests {
         }
         install_kick_handler().unwrap();
         assert_eq!(control.state(), VcpusState::Running);
+        assert!(matches!(
+            control.save_all(Duration::from_secs(5)),
+            Err(VcpuError::NotPaused)
+        ));
         control.pause_all(Duration::from_secs(5)).unwrap();
+        assert_eq!(control.state(), VcpusState::Paused);
+        // Each paused thread saves its own state, once per round.
+        for _ in 0..2 {
+            let saved = control.save_all(Duration::from_secs(5)).unwrap();
+            let owners: Vec<u32> = saved.iter().map(|state| state.msrs[0].index).collect();
+            assert_eq!(owners, [0, 1]);
+        }
         assert_eq!(control.state(), VcpusState::Paused);
         control.resume_all();
         assert_eq!(control.state(), VcpusState::Running);

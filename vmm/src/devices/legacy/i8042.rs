@@ -99,7 +99,12 @@ impl I8042 {
     pub fn restore(&mut self, state: &I8042State) {
         self.control = state.control;
         self.status = state.status;
-        self.output = state.output.iter().copied().take(OUTPUT_BUFFER_LIMIT).collect();
+        self.output = state
+            .output
+            .iter()
+            .copied()
+            .take(OUTPUT_BUFFER_LIMIT)
+            .collect();
         self.pending_command = state.pending_command;
     }
 

@@ -254,7 +254,10 @@ mod tests {
         let saved = dev.save();
         assert_eq!(saved.scratch, 0x5a);
         assert_eq!(saved.in_buffer, b"ab");
-        let (irq, ready) = (IrqLine::new().unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (irq, ready) = (
+            IrqLine::new().unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
         let mut back =
             SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &saved).unwrap();
         assert_eq!(back.save(), saved);
@@ -263,7 +266,10 @@ mod tests {
         assert_eq!(byte[0], b'a');
         let mut overfull = saved;
         overfull.in_buffer = vec![0; 65];
-        let (irq, ready) = (IrqLine::new().unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (irq, ready) = (
+            IrqLine::new().unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
         assert!(
             SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &overfull).is_err()
         );

@@ -287,7 +287,9 @@ impl MmioTransport {
                 state.device_type
             ));
         }
-        if state.queues.len() != device.queue_max_sizes().len() && (state.activated || !state.queues.is_empty()) {
+        if state.queues.len() != device.queue_max_sizes().len()
+            && (state.activated || !state.queues.is_empty())
+        {
             return Err(format!(
                 "{} queue(s) saved, the device has {}",
                 state.queues.len(),
@@ -295,9 +297,17 @@ impl MmioTransport {
             ));
         }
         let mut queues = Vec::with_capacity(state.queues.len());
-        for (index, (saved, max)) in state.queues.iter().zip(device.queue_max_sizes()).enumerate() {
+        for (index, (saved, max)) in state
+            .queues
+            .iter()
+            .zip(device.queue_max_sizes())
+            .enumerate()
+        {
             if saved.max_size != *max {
-                return Err(format!("queue {index}: saved with {} entries at most, the device has {max}", saved.max_size));
+                return Err(format!(
+                    "queue {index}: saved with {} entries at most, the device has {max}",
+                    saved.max_size
+                ));
             }
             let queue = Queue::try_from(QueueState::from(*saved))
                 .map_err(|err| format!("queue {index}: {err:?}"))?;
@@ -329,7 +339,11 @@ impl MmioTransport {
             }
         } else {
             self.activated = false;
-            self.queues = if queues.is_empty() { new_queues(&*device) } else { queues };
+            self.queues = if queues.is_empty() {
+                new_queues(&*device)
+            } else {
+                queues
+            };
         }
         Ok(())
     }
@@ -397,7 +411,11 @@ mod tests {
         fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
             assert_eq!(activation.queues.len(), self.sizes.len());
             self.activated = Some(activation.acked_features);
-            self.queues = activation.queues.iter().map(|queue| queue.state()).collect();
+            self.queues = activation
+                .queues
+                .iter()
+                .map(|queue| queue.state())
+                .collect();
             Ok(())
         }
         fn reset(&mut self) {

@@ -388,8 +388,16 @@ impl VirtioDevice for Block {
             return Err(format!(
                 "disk {} is {}, the saved disk was {}",
                 self.path.display(),
-                if self.read_only { "read-only" } else { "writable" },
-                if state.read_only { "read-only" } else { "writable" }
+                if self.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if state.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                }
             ));
         }
         self.limiter.restore(&state.limiter);

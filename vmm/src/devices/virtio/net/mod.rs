@@ -10,8 +10,8 @@
 //! timers drive it; nothing polls.
 
 pub mod device;
-pub mod persist;
 pub mod frame;
+pub mod persist;
 pub mod rx;
 pub mod tap;
 

@@ -152,10 +152,7 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active
-            .iter()
-            .map(|(_, queue)| queue.state())
-            .collect()
+        self.active.iter().map(|(_, queue)| queue.state()).collect()
     }
 
     fn save_state(&self) -> DeviceState {
@@ -165,7 +162,10 @@ impl VirtioDevice for Rng {
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
         match state {
             DeviceState::Rng => Ok(()),
-            other => Err(format!("a {} device's state, not an entropy device's", other.kind())),
+            other => Err(format!(
+                "a {} device's state, not an entropy device's",
+                other.kind()
+            )),
         }
     }
 }
