@@ -75,8 +75,15 @@ impl VmProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(crate::vmm_binary())
-            .args(args)
+        let mut command = Command::new(crate::vmm_binary());
+        command.args(args);
+        Self::spawn_command(command)
+    }
+
+    /// Starts `command` (a `nubis-vmm` with its arguments and environment)
+    /// with its standard streams captured.
+    pub fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

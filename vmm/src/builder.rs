@@ -298,16 +298,58 @@ pub fn build_vm(config: VmConfig) -> Result<BuiltVm, BuildError> {
     build(config, None)
 }
 
+/// Where a restored VM's RAM and state come from: a snapshot directory or
+/// a migration stream. `load` fills guest RAM and returns the state.
+pub trait RestoreSource {
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError>;
+}
+
+/// A snapshot directory (see [`crate::snapshot`]).
+struct SnapshotDir<'a>(&'a Path);
+
+impl RestoreSource for SnapshotDir<'_> {
+    fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError> {
+        let snapshot = read_state(&self.0.join(STATE_FILE))?;
+        // The shape first: RAM of another size is refused by its length.
+        read_memory(&self.0.join(MEMORY_FILE), memory).map_err(|err| match err {
+            SnapshotError::MemorySize { .. } => SnapshotError::Mismatch(format!(
+                "it has {} MiB of RAM, the VM {}",
+                snapshot.machine.memory_bytes >> 20,
+                crate::snapshot::file::memory_len(memory) >> 20
+            )),
+            other => other,
+        })?;
+        Ok(snapshot)
+    }
+}
+
 /// Builds the VM of `config` in the state saved in snapshot directory
 /// `dir`: its RAM, devices and vCPUs as they were, the kernel not loaded
 /// again. The snapshot must be of a machine of the same shape; the
 /// backends (disk files, taps, sockets) are `config`'s.
 pub fn restore_vm(config: VmConfig, dir: &Path) -> Result<BuiltVm, BuildError> {
-    let snapshot = read_state(&dir.join(STATE_FILE))?;
-    build(config, Some((snapshot, dir)))
+    log::info!("restoring the VM saved in {}", dir.display());
+    build(config, Some(&mut SnapshotDir(dir)))
 }
 
-fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<BuiltVm, BuildError> {
+/// Builds the VM of `config` from `source`'s RAM and state.
+pub fn restore_from(
+    config: VmConfig,
+    source: &mut dyn RestoreSource,
+) -> Result<BuiltVm, BuildError> {
+    build(config, Some(source))
+}
+
+/// The shape of the machine `config` describes, as snapshots record it.
+pub fn machine_shape(config: &VmConfig) -> MachineShape {
+    MachineShape {
+        vcpus: config.machine.vcpus,
+        memory_bytes: config.memory_bytes(),
+        devices: device_kinds(config),
+    }
+}
+
+fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<BuiltVm, BuildError> {
     let kvm = open_kvm()?;
     let limits = HostLimits {
         max_vcpus: kvm.get_max_vcpus() as u32,
@@ -325,12 +367,17 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
         flavor
     );
 
-    let shape = MachineShape {
-        vcpus: vcpu_count,
-        memory_bytes: mem_size,
-        devices: device_kinds(&config),
+    let shape = machine_shape(&config);
+
+    let ram = create_guest_ram(&guest_ram_ranges(mem_size))?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&ram.memory)?;
+
+    let snapshot = match restore {
+        Some(source) => Some(source.load(&ram.memory)?),
+        None => None,
     };
-    if let Some((snapshot, dir)) = &restore {
+    if let Some(snapshot) = &snapshot {
         snapshot.machine.check(&shape)?;
         if snapshot.vcpus.len() != vcpu_count as usize
             || snapshot.devices.len() != shape.devices.len()
@@ -344,19 +391,11 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
             ))
             .into());
         }
-        log::info!("restoring the VM saved in {}", dir.display());
     }
 
-    let ram = create_guest_ram(&guest_ram_ranges(mem_size))?;
-    let vm = Vm::new(&kvm)?;
-    vm.register_memory(&ram.memory)?;
-
     // A restored VM's RAM is the snapshot's; a booting one gets the kernel.
-    let boot_files = match &restore {
-        Some((_, dir)) => {
-            read_memory(&dir.join(MEMORY_FILE), &ram.memory)?;
-            None
-        }
+    let boot_files = match &snapshot {
+        Some(_) => None,
         None => {
             let kernel = boot::load_kernel(&ram.memory, &config.boot.kernel)?;
             let initrd = match &config.boot.initrd {
@@ -437,7 +476,7 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
         }
         None => None,
     };
-    if let Some((snapshot, _)) = &restore {
+    if let Some(snapshot) = &snapshot {
         for (index, (transport, state)) in transports.iter().zip(&snapshot.devices).enumerate() {
             lock(transport)
                 .restore(state)
@@ -460,8 +499,8 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
                 what: "serial input readiness",
                 source,
             })?;
-    let serial = match &restore {
-        Some((snapshot, _)) => SerialDevice::restored(
+    let serial = match &snapshot {
+        Some(snapshot) => SerialDevice::restored(
             serial_irq,
             InputReady(serial_ready_for_device),
             serial_output,
@@ -489,7 +528,7 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
             source,
         })?;
     let mut keyboard = I8042::new(kbd_irq, reset_for_device);
-    if let Some((snapshot, _)) = &restore {
+    if let Some(snapshot) = &snapshot {
         keyboard.restore(&snapshot.i8042);
     }
     let i8042 = Arc::new(Mutex::new(keyboard));
@@ -550,7 +589,7 @@ fn build(config: VmConfig, restore: Option<(VmSnapshot, &Path)>) -> Result<Built
         }
         vcpus.push(vcpu);
     }
-    if let Some((snapshot, _)) = &restore {
+    if let Some(snapshot) = &snapshot {
         snapshot.vm.restore(vm.fd()).map_err(BuildError::VmState)?;
         for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
             vcpu.restore(state)?;

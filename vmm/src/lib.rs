@@ -5,7 +5,8 @@
 //! KVM VM and vCPU file descriptors, `devices` holds the emulated hardware,
 //! `builder` assembles a VM from a [`config::VmConfig`], `runtime` runs it (the
 //! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
-//! through which the host agent drives a running VM.
+//! through which the host agent drives a running VM; `snapshot` and
+//! `migration` save a VM and move it to another process or host.
 
 pub mod arch;
 pub mod builder;
@@ -14,6 +15,7 @@ pub mod control;
 pub mod devices;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod platform;
 pub mod rate_limiter;
 pub mod runtime;

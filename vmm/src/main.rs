@@ -13,6 +13,7 @@ use clap::Parser;
 use vmm::builder::{build_vm, restore_vm};
 use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
+use vmm::migration::destination::receive_vm;
 use vmm::runtime::{self, exit::EXIT_VMM_ERROR};
 
 #[derive(Debug, Parser)]
@@ -69,8 +70,12 @@ struct Cli {
     /// Resume the VM saved in this snapshot directory (see the control
     /// socket's `snapshot`) instead of booting the kernel; the config gives
     /// a machine of the same shape and its backends.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "migrate_listen")]
     restore: Option<PathBuf>,
+    /// Receive a live migration on this address instead of booting; the
+    /// token the source must present is NUBIS_MIGRATION_TOKEN.
+    #[arg(long, value_name = "ADDR:PORT")]
+    migrate_listen: Option<String>,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -137,13 +142,25 @@ fn main() -> ExitCode {
     logger::init();
 
     let restore = cli.restore.clone();
+    let migrate_listen = cli.migrate_listen.clone();
     let config = match assemble(cli) {
         Ok(config) => config,
         Err(message) => return fail(message),
     };
-    let built = match restore {
-        Some(dir) => restore_vm(config, &dir),
-        None => build_vm(config),
+    let built = match (restore, migrate_listen) {
+        (Some(dir), _) => restore_vm(config, &dir).map_err(|err| err.to_string()),
+        (None, Some(listen)) => {
+            let token = match std::env::var("NUBIS_MIGRATION_TOKEN") {
+                Ok(token) if token.len() >= 16 => token,
+                _ => {
+                    return fail(
+                        "--migrate-listen needs NUBIS_MIGRATION_TOKEN (at least 16 characters)",
+                    )
+                }
+            };
+            receive_vm(config, &listen, &token).map_err(|err| err.to_string())
+        }
+        (None, None) => build_vm(config).map_err(|err| err.to_string()),
     };
     let built = match built {
         Ok(built) => built,

@@ -12,6 +12,9 @@
 //! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
 //! | `{"command":"set_rate_limit","device":ID,"bytes_per_s":N,"ops_per_s":N}` | replaces a disk's or NIC's limits; an absent rate is unlimited |
 //! | `{"command":"snapshot","dir":PATH}` | a paused VM's state and RAM into directory PATH (`nubis-vmm --restore PATH` resumes it) |
+//! | `{"command":"migrate","to":"HOST:PORT","token":T,"downtime_ms":N,"max_rounds":N,"max_seconds":N}` | starts a live migration to a `nubis-vmm --migrate-listen` (the limits are optional) |
+//! | `{"command":"migration_status"}` | the last migration's progress, as `"migration":{...}` |
+//! | `{"command":"migrate_cancel"}` | gives the running migration up; the VM runs on here |
 //!
 //! Answers: `{"ok":true}` (with `"status":{...}` for `status`), or
 //! `{"ok":false,"error":{"code":"bad_request"|"invalid_state"|"internal","message":"..."}}`.
@@ -20,6 +23,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::Progress;
 use crate::rate_limiter::RateLimit;
 
 /// The longest request line accepted, in bytes.
@@ -43,10 +47,30 @@ pub enum Request {
     Snapshot {
         dir: PathBuf,
     },
+    Migrate {
+        to: String,
+        token: String,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        #[serde(default)]
+        max_rounds: Option<u32>,
+        #[serde(default)]
+        max_seconds: Option<u64>,
+    },
+    MigrationStatus,
+    MigrateCancel,
 }
 
 /// The commands that take no argument.
-const PLAIN_COMMANDS: [&str; 5] = ["status", "pause", "resume", "shutdown", "stop"];
+const PLAIN_COMMANDS: [&str; 7] = [
+    "status",
+    "pause",
+    "resume",
+    "shutdown",
+    "stop",
+    "migration_status",
+    "migrate_cancel",
+];
 
 /// A rate-limited device as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,13 +121,15 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Box<VmStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Box<Progress>>,
 }
 
 impl Response {
@@ -112,6 +138,14 @@ impl Response {
             ok: true,
             status: None,
             error: None,
+            migration: None,
+        }
+    }
+
+    pub fn migration(progress: Progress) -> Self {
+        Self {
+            migration: Some(Box::new(progress)),
+            ..Self::ok()
         }
     }
 
@@ -120,6 +154,7 @@ impl Response {
             ok: true,
             status: Some(Box::new(status)),
             error: None,
+            migration: None,
         }
     }
 
@@ -131,6 +166,7 @@ impl Response {
                 code,
                 message: message.into(),
             }),
+            migration: None,
         }
     }
 }
@@ -196,6 +232,21 @@ mod tests {
             Request::Stop
         );
         assert_eq!(
+            parse_request(br#"{"command":"migrate","to":"h:1","token":"t","downtime_ms":50}"#)
+                .unwrap(),
+            Request::Migrate {
+                to: "h:1".into(),
+                token: "t".into(),
+                downtime_ms: Some(50),
+                max_rounds: None,
+                max_seconds: None
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"command":"migration_status"}"#).unwrap(),
+            Request::MigrationStatus
+        );
+        assert_eq!(
             parse_request(br#"{"command":"set_rate_limit","device":"d","bytes_per_s":5}"#).unwrap(),
             Request::SetRateLimit {
                 device: "d".into(),
@@ -211,6 +262,9 @@ mod tests {
             &b"{"[..],
             br#"{"command":"reboot"}"#,
             br#"{"command":"stop","force":true}"#,
+            br#"{"command":"migrate_cancel","now":true}"#,
+            br#"{"command":"migrate","to":"h:1"}"#,
+            br#"{"command":"snapshot"}"#,
             br#"{"command":"set_rate_limit","device":"d","bw":5}"#,
             br#"{"command":"set_rate_limit","bytes_per_s":5}"#,
             br#"{"command":"set_rate_limit","device":"d","ops_per_s":-1}"#,

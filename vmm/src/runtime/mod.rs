@@ -3,6 +3,7 @@
 //! signals and the VM's end. Nothing polls.
 
 pub mod exit;
+pub mod parts;
 mod serial_input;
 mod signals;
 
@@ -20,18 +21,17 @@ use crate::control::server::{ControlServer, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::legacy::boot_timer::NOT_BOOTED;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::SerialDevice;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::RateLimited;
-use crate::memory::GuestMemoryMmap;
+use crate::migration::source::Migration;
+use crate::migration::{
+    Settings, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_COPY_SECONDS, DEFAULT_MAX_ROUNDS,
+};
 use crate::rate_limiter::RateLimit;
 use crate::snapshot::file::{write_memory, write_state};
-use crate::snapshot::state::{MachineShape, VmSnapshot};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
-use crate::vstate::persist::VmState as KvmVmState;
 use crate::vstate::vcpu::{install_kick_handler, RunControl, VcpusState};
-use crate::vstate::vm::Vm;
 use exit::{ExitNotifier, ExitReason};
+use parts::VmParts;
 use serial_input::SerialInputHandler;
 use signals::{ExitWatcher, TerminationSignals};
 
@@ -62,19 +62,40 @@ pub struct VmHandle {
     memory_mib: u64,
     kernel: std::path::PathBuf,
     rate_limited: Vec<(String, Arc<Mutex<dyn RateLimited>>)>,
-    snapshot: SnapshotSources,
-}
-
-/// What a snapshot is taken from.
-struct SnapshotSources {
-    vm: Arc<Vm>,
-    memory: GuestMemoryMmap,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    serial: Arc<Mutex<SerialDevice>>,
-    shape: MachineShape,
+    parts: Arc<VmParts>,
+    /// The last migration started, if any.
+    migration: Mutex<Option<Arc<Migration>>>,
 }
 
 impl VmHandle {
+    fn start_migration(&self, settings: Settings) -> Response {
+        let mut current = lock(&self.migration);
+        if current
+            .as_ref()
+            .is_some_and(|migration| !migration.progress().is_over())
+        {
+            return Response::error(ErrorCode::InvalidState, "a migration is already running");
+        }
+        if settings.token.len() < 16 {
+            return Response::error(
+                ErrorCode::BadRequest,
+                "the migration token must be at least 16 characters",
+            );
+        }
+        log::info!("migrating to {}", settings.to);
+        match crate::migration::source::start(self.parts.clone(), settings) {
+            Ok(migration) => {
+                let progress = migration.progress();
+                *current = Some(migration);
+                Response::migration(progress)
+            }
+            Err(err) => Response::error(
+                ErrorCode::Internal,
+                format!("cannot start the migration thread: {err}"),
+            ),
+        }
+    }
+
     /// Writes a snapshot of the paused VM into `dir`: RAM first, the state
     /// file last (renamed into place), so that a directory with a state
     /// file holds a whole snapshot.
@@ -82,26 +103,11 @@ impl VmHandle {
         let started = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
-        let sources = &self.snapshot;
-        let vcpus = self
-            .control
-            .save_all(VCPU_TIMEOUT)
-            .map_err(|err| err.to_string())?;
-        let vm = KvmVmState::save(sources.vm.fd()).map_err(|err| err.to_string())?;
-        let state = VmSnapshot {
-            machine: sources.shape.clone(),
-            vm,
-            vcpus,
-            devices: sources
-                .transports
-                .iter()
-                .map(|transport| lock(transport).save())
-                .collect(),
-            serial: lock(&sources.serial).save(),
-            i8042: lock(&self.i8042).save(),
-        };
-        write_memory(&dir.join(MEMORY_FILE), &sources.memory).map_err(|err| err.to_string())?;
+        let held = self.parts.hold_devices();
+        let state = self.parts.capture_state(&held)?;
+        write_memory(&dir.join(MEMORY_FILE), &self.parts.memory).map_err(|err| err.to_string())?;
         write_state(&dir.join(STATE_FILE), &state).map_err(|err| err.to_string())?;
+        drop(held);
         log::info!(
             "snapshot written to {} in {} ms",
             dir.display(),
@@ -233,6 +239,30 @@ impl VmControl for VmHandle {
                     .notify(ExitReason::Stopped("a control-socket request".into()));
                 Response::ok()
             }
+            Request::Migrate {
+                to,
+                token,
+                downtime_ms,
+                max_rounds,
+                max_seconds,
+            } => self.start_migration(Settings {
+                to,
+                token,
+                downtime_budget: Duration::from_millis(downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+                max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+                max_copy_time: Duration::from_secs(max_seconds.unwrap_or(DEFAULT_MAX_COPY_SECONDS)),
+            }),
+            Request::MigrationStatus => match lock(&self.migration).as_ref() {
+                Some(migration) => Response::migration(migration.progress()),
+                None => Response::error(ErrorCode::NotFound, "no migration was started"),
+            },
+            Request::MigrateCancel => match lock(&self.migration).as_ref() {
+                Some(migration) if !migration.progress().is_over() => {
+                    migration.cancel();
+                    Response::ok()
+                }
+                _ => Response::error(ErrorCode::InvalidState, "no migration is running"),
+            },
             Request::Snapshot { dir } => {
                 if state != VcpusState::Paused {
                     return Response::error(
@@ -301,13 +331,17 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
             memory_mib: built.config.machine.memory_mib,
             kernel: built.config.boot.kernel.clone(),
             rate_limited: built.rate_limited,
-            snapshot: SnapshotSources {
-                vm: vm.clone(),
-                memory: built.memory.clone(),
-                transports: built.transports,
-                serial: built.serial.clone(),
-                shape: built.shape,
-            },
+            parts: Arc::new(VmParts::new(
+                vm.clone(),
+                built.memory.clone(),
+                built.transports,
+                built.serial.clone(),
+                built.i8042.clone(),
+                control.clone(),
+                exit.clone(),
+                built.shape,
+            )),
+            migration: Mutex::new(None),
         });
         add_subscriber(&mut manager, ControlServer::new(listener, path, handle));
     }

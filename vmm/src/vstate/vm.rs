@@ -1,7 +1,9 @@
 //! The KVM VM: memory slots, the in-kernel interrupt controllers (PIC,
 //! IOAPIC, LAPICs) and PIT, and irqfd registration for device interrupts.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -30,6 +32,11 @@ pub enum VmError {
     SetMemoryRegion {
         slot: u32,
         addr: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
         source: kvm_ioctls::Error,
     },
     #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
@@ -72,13 +79,31 @@ impl Vm {
 
     /// Gives every guest RAM region to KVM, one slot each.
     pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.set_memory_slots(memory, 0)
+    }
+
+    /// Switches KVM's dirty-page log of every slot on or off (slot N is
+    /// region N; switching it on starts from a clean log).
+    pub fn set_dirty_logging(&self, memory: &GuestMemoryMmap, on: bool) -> Result<(), VmError> {
+        self.set_memory_slots(memory, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// The pages of slot `slot` (`len` bytes) written by the guest since the
+    /// last call, as a bitmap of 64 pages per word; reading clears it.
+    pub fn dirty_log(&self, slot: u32, len: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, len)
+            .map_err(|source| VmError::DirtyLog { slot, source })
+    }
+
+    fn set_memory_slots(&self, memory: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
             let addr = region.start_addr().0;
             let host_addr = region.as_ptr() as u64;
             let region_spec = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: addr,
                 memory_size: region.len(),
                 userspace_addr: host_addr,

@@ -254,7 +254,18 @@ impl MmioTransport {
 
     /// The transport's and its device's state, for a snapshot.
     pub fn save(&self) -> TransportState {
-        let device = lock(&self.device);
+        self.save_locked(&*lock(&self.device))
+    }
+
+    /// The device behind the transport: held (with the transport) while a
+    /// migration takes its final state, so that the event loop cannot
+    /// serve it meanwhile.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        self.device.clone()
+    }
+
+    /// [`MmioTransport::save`] with the device already locked by the caller.
+    pub fn save_locked(&self, device: &dyn VirtioDevice) -> TransportState {
         let queues = if self.activated {
             device.queue_states()
         } else {

@@ -1,0 +1,170 @@
+//! Live migration: the running guest moves to another VMM process,
+//! normally on another host, with a pause of a fraction of a second.
+//!
+//! Pre-copy: the source sends all of guest RAM while the guest runs, then
+//! in rounds the pages written meanwhile (KVM's dirty log plus the pages
+//! device emulation wrote), until what is left would go within the
+//! downtime budget, or a round or time limit is reached. Then it pauses
+//! the vCPUs, holds every device, sends the last pages and the whole
+//! device and vCPU state (as a snapshot has it), and hands over. The wire
+//! protocol, with its version check, token and hand-over rules, is in
+//! [`protocol`]. Until the hand-over the source VM keeps running, whatever
+//! fails; see `protocol` for what happens after it.
+
+pub mod destination;
+pub mod dirty;
+pub mod protocol;
+pub mod source;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::SnapshotError;
+use crate::vstate::vm::VmError;
+use protocol::ProtocolError;
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to the destination {to}: {source}")]
+    Connect { to: String, source: std::io::Error },
+    #[error("cannot listen for the migration on {listen}: {source}")]
+    Listen {
+        listen: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("the source gave up: {0}")]
+    Aborted(String),
+    #[error("the migration was cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Kvm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("the source sent a page at {0:#x}, outside guest RAM")]
+    PageOutsideRam(u64),
+    #[error("{0}")]
+    Vcpus(String),
+}
+
+/// How a migration is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The destination VMM's migration address, "HOST:PORT".
+    pub to: String,
+    pub token: String,
+    /// The pause the guest may see at the hand-over.
+    pub downtime_budget: Duration,
+    /// Copy rounds after the first full one, at most.
+    pub max_rounds: u32,
+    /// Time for the copy rounds, at most; then the hand-over happens
+    /// whatever the estimate.
+    pub max_copy_time: Duration,
+}
+
+/// The default downtime budget.
+pub const DEFAULT_DOWNTIME_MS: u64 = 100;
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+pub const DEFAULT_MAX_COPY_SECONDS: u64 = 300;
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Connecting,
+    Copying,
+    HandingOver,
+    /// The destination runs the guest; the source is stopping.
+    Completed,
+    /// The source runs on.
+    Failed,
+    Cancelled,
+    /// `Commit` went out but the destination never said `Running`: the
+    /// source stays paused until whoever drives the migration decides.
+    Unconfirmed,
+}
+
+/// What `migration_status` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub to: String,
+    /// Copy rounds done; round 0 is the full copy.
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Pages found dirty at the start of the last round.
+    pub dirty_pages: u64,
+    /// Pages the guest dirtied per second, in the last round.
+    pub dirty_rate_pages_per_s: f64,
+    /// Bytes per second the last round reached.
+    pub bandwidth_bytes_per_s: f64,
+    /// What the hand-over would cost now, at that bandwidth.
+    pub expected_downtime_ms: u64,
+    /// The pause the guest saw, once handed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    pub elapsed_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Progress {
+    pub fn new(to: &str) -> Self {
+        Self {
+            phase: Phase::Connecting,
+            to: to.to_string(),
+            rounds: 0,
+            bytes_sent: 0,
+            pages_sent: 0,
+            dirty_pages: 0,
+            dirty_rate_pages_per_s: 0.0,
+            bandwidth_bytes_per_s: 0.0,
+            expected_downtime_ms: 0,
+            downtime_ms: None,
+            elapsed_ms: 0,
+            error: None,
+        }
+    }
+
+    /// Whether the migration has ended, one way or the other.
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::Unconfirmed
+        )
+    }
+}
+
+/// The time `pages` pages take at `bandwidth` bytes per second.
+pub fn estimate_downtime(pages: u64, bandwidth_bytes_per_s: f64) -> Duration {
+    if bandwidth_bytes_per_s <= 0.0 {
+        return Duration::MAX;
+    }
+    let bytes = pages as f64 * (protocol::PAGE_SIZE + 8) as f64;
+    Duration::from_secs_f64((bytes / bandwidth_bytes_per_s).min(1e9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downtime_estimates_follow_the_bandwidth() {
+        let pages = 1000;
+        let at = |bandwidth| estimate_downtime(pages, bandwidth).as_millis();
+        assert_eq!(at(4104.0 * 1000.0 * 10.0), 100);
+        assert_eq!(at(4104.0 * 1000.0), 1000);
+        assert_eq!(estimate_downtime(0, 1.0), Duration::ZERO);
+        assert_eq!(estimate_downtime(1, 0.0), Duration::MAX);
+        let mut progress = Progress::new("h:1");
+        assert!(!progress.is_over());
+        progress.phase = Phase::Unconfirmed;
+        assert!(progress.is_over());
+    }
+}

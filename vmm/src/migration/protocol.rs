@@ -1,0 +1,252 @@
+//! The live-migration wire protocol, over one TCP connection from the
+//! source VMM to the destination VMM.
+//!
+//! Every message is a frame: a one-byte kind, a little-endian u64 payload
+//! length, the payload. JSON payloads are UTF-8 JSON objects.
+//!
+//! | step | direction | kind | payload |
+//! |---|---|---|---|
+//! | 1 | source → dest | `Hello` | JSON [`Hello`]: protocol magic and version, the token, the machine's shape |
+//! | 2 | dest → source | `Accept` or `Refuse` | empty, or JSON [`Refusal`] (bad token, other version, other shape) |
+//! | 3 | source → dest | `Pages`, repeated | batches of (u64 guest address, 4096 bytes) |
+//! | 4 | source → dest | `State` | JSON `VmSnapshot` (sent once the vCPUs are paused and the last dirty pages went) |
+//! | 5 | dest → source | `Ready` or `Refuse` | the destination built the VM and waits, not running |
+//! | 6 | source → dest | `Commit` | the hand-over: from now on only the destination may run the guest |
+//! | 7 | dest → source | `Running` | the destination runs the guest; the source exits |
+//!
+//! Either side may send `Abort` (JSON [`Refusal`]) before step 6; the
+//! source then resumes its guest. A destination runs the guest only after
+//! `Commit`; a source stops only after `Running`. If the connection drops
+//! between `Commit` and `Running`, the source stays paused and reports
+//! that the hand-over is unconfirmed: whoever drives the migration (the
+//! agent) asks the destination and either stops or resumes the source.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::state::MachineShape;
+
+/// The first field of every `Hello`.
+pub const MAGIC: &str = "nubis-migration";
+/// The protocol version this VMM speaks.
+pub const VERSION: u32 = 1;
+/// Guest pages travel whole.
+pub const PAGE_SIZE: usize = 4096;
+/// Pages per `Pages` frame.
+pub const PAGES_PER_FRAME: usize = 256;
+/// The largest payload accepted: a full `Pages` frame or a state file.
+const MAX_PAYLOAD: u64 = 64 << 20;
+
+/// Errors of the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("a {kind:?} message of {len} bytes is larger than any message")]
+    TooLarge { kind: Kind, len: u64 },
+    #[error("expected {expected}, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("undecodable {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+    #[error("a Pages message of {0} bytes is not whole pages")]
+    RaggedPages(usize),
+}
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Accept = 2,
+    Refuse = 3,
+    Pages = 4,
+    State = 5,
+    Ready = 6,
+    Commit = 7,
+    Running = 8,
+    Abort = 9,
+}
+
+impl TryFrom<u8> for Kind {
+    type Error = ProtocolError;
+
+    fn try_from(byte: u8) -> Result<Self, ProtocolError> {
+        Ok(match byte {
+            1 => Kind::Hello,
+            2 => Kind::Accept,
+            3 => Kind::Refuse,
+            4 => Kind::Pages,
+            5 => Kind::State,
+            6 => Kind::Ready,
+            7 => Kind::Commit,
+            8 => Kind::Running,
+            9 => Kind::Abort,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+}
+
+/// What the source says first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: String,
+    pub version: u32,
+    pub token: String,
+    pub machine: MachineShape,
+}
+
+/// Why a side refused or gave up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub message: String,
+}
+
+/// Writes one frame.
+pub fn send(stream: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    let mut header = [0u8; 9];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    stream.write_all(&header)?;
+    stream.write_all(payload)?;
+    Ok(())
+}
+
+/// Writes one frame with a JSON payload.
+pub fn send_json<T: Serialize>(
+    stream: &mut impl Write,
+    kind: Kind,
+    value: &T,
+) -> Result<(), ProtocolError> {
+    let payload = serde_json::to_vec(value).map_err(|err| ProtocolError::Decode {
+        what: "outgoing message",
+        detail: err.to_string(),
+    })?;
+    send(stream, kind, &payload)
+}
+
+/// Reads one frame.
+pub fn receive(stream: &mut impl Read) -> Result<(Kind, Vec<u8>), ProtocolError> {
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header)?;
+    let kind = Kind::try_from(header[0])?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[1..]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge { kind, len });
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload)?;
+    Ok((kind, payload))
+}
+
+/// Decodes a JSON payload.
+pub fn decode<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    payload: &[u8],
+) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|err| ProtocolError::Decode {
+        what,
+        detail: err.to_string(),
+    })
+}
+
+/// Appends one page at `address` to a `Pages` payload.
+pub fn push_page(payload: &mut Vec<u8>, address: u64, page: &[u8]) {
+    payload.extend_from_slice(&address.to_le_bytes());
+    payload.extend_from_slice(page);
+}
+
+/// The (address, page) entries of a `Pages` payload.
+pub fn pages(payload: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, ProtocolError> {
+    const ENTRY: usize = 8 + PAGE_SIZE;
+    if payload.len() % ENTRY != 0 {
+        return Err(ProtocolError::RaggedPages(payload.len()));
+    }
+    Ok(payload.chunks(ENTRY).map(|entry| {
+        let mut address = [0u8; 8];
+        address.copy_from_slice(&entry[..8]);
+        (u64::from_le_bytes(address), &entry[8..])
+    }))
+}
+
+/// Compares tokens in time independent of where they differ.
+pub fn tokens_match(expected: &str, given: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let a = Sha256::digest(expected.as_bytes());
+    let b = Sha256::digest(given.as_bytes());
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut wire = Vec::new();
+        send(&mut wire, Kind::Commit, &[]).unwrap();
+        send_json(
+            &mut wire,
+            Kind::Refuse,
+            &Refusal {
+                message: "no".into(),
+            },
+        )
+        .unwrap();
+        let mut reader = wire.as_slice();
+        assert_eq!(receive(&mut reader).unwrap(), (Kind::Commit, vec![]));
+        let (kind, payload) = receive(&mut reader).unwrap();
+        assert_eq!(kind, Kind::Refuse);
+        let refusal: Refusal = decode("refusal", &payload).unwrap();
+        assert_eq!(refusal.message, "no");
+        assert!(matches!(receive(&mut reader), Err(ProtocolError::Io(_))));
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let mut reader: &[u8] = &[42, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            receive(&mut reader),
+            Err(ProtocolError::UnknownKind(42))
+        ));
+        let mut huge = vec![Kind::Pages as u8];
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            receive(&mut huge.as_slice()),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        let mut short = vec![Kind::State as u8];
+        short.extend_from_slice(&100u64.to_le_bytes());
+        short.extend_from_slice(b"{}");
+        assert!(matches!(
+            receive(&mut short.as_slice()),
+            Err(ProtocolError::Io(_))
+        ));
+        assert!(decode::<Refusal>("refusal", b"not json").is_err());
+    }
+
+    #[test]
+    fn pages_pack_and_unpack() {
+        let mut payload = Vec::new();
+        push_page(&mut payload, 0x1000, &[7u8; PAGE_SIZE]);
+        push_page(&mut payload, 0x20_0000, &[9u8; PAGE_SIZE]);
+        let entries: Vec<(u64, u8)> = pages(&payload).unwrap().map(|(a, p)| (a, p[0])).collect();
+        assert_eq!(entries, [(0x1000, 7), (0x20_0000, 9)]);
+        assert!(pages(&payload[..100]).is_err());
+        assert_eq!(pages(&[]).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(tokens_match("secret-token", "secret-token"));
+        assert!(!tokens_match("secret-token", "secret-tokem"));
+        assert!(!tokens_match("secret-token", ""));
+    }
+}

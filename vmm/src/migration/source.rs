@@ -1,0 +1,413 @@
+//! The sending side: a thread that copies guest RAM while the guest runs,
+//! then hands the VM over (see the module docs and [`super::protocol`]).
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::dirty::{all_pages, is_zero, reset_vmm_bitmaps, take_dirty_pages};
+use super::protocol::{
+    self, decode, push_page, receive, send, send_json, Hello, Kind, Refusal, PAGES_PER_FRAME,
+    PAGE_SIZE,
+};
+use super::{estimate_downtime, MigrationError, Phase, Progress, Settings};
+use crate::devices::bus::lock;
+use crate::runtime::exit::ExitReason;
+use crate::runtime::parts::VmParts;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to answer, or to build the VM.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long vCPUs get to stop.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A migration in progress (or ended), as the control socket sees it.
+pub struct Migration {
+    progress: Mutex<Progress>,
+    cancel: AtomicBool,
+    /// The connection, shut down by a cancel so that a blocked send or
+    /// receive gives up at once.
+    connection: Mutex<Option<TcpStream>>,
+}
+
+impl Migration {
+    pub fn progress(&self) -> Progress {
+        lock(&self.progress).clone()
+    }
+
+    /// Asks the migration to give up; it does so at its next step, unless
+    /// it has already handed over.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(stream) = lock(&self.connection).as_ref() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Progress)) {
+        change(&mut lock(&self.progress));
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::SeqCst) {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Starts migrating `parts`' VM; returns at once.
+pub fn start(parts: Arc<VmParts>, settings: Settings) -> std::io::Result<Arc<Migration>> {
+    let migration = Arc::new(Migration {
+        progress: Mutex::new(Progress::new(&settings.to)),
+        cancel: AtomicBool::new(false),
+        connection: Mutex::new(None),
+    });
+    let worker = migration.clone();
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || run(&parts, &settings, &worker))?;
+    Ok(migration)
+}
+
+fn run(parts: &VmParts, settings: &Settings, migration: &Migration) {
+    let started = Instant::now();
+    let outcome = migrate(parts, settings, migration, started);
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(downtime) => {
+            log::info!(
+                "migrated to {} in {elapsed_ms} ms, guest paused {} ms",
+                settings.to,
+                downtime.as_millis()
+            );
+            migration.update(|p| {
+                p.phase = Phase::Completed;
+                p.downtime_ms = Some(downtime.as_millis() as u64);
+                p.elapsed_ms = elapsed_ms;
+            });
+            parts
+                .exit
+                .notify(ExitReason::Stopped(format!("migrated to {}", settings.to)));
+        }
+        Err(Outcome::Unconfirmed(err)) => {
+            log::error!(
+                "migration to {}: the hand-over is unconfirmed ({err}); the VM stays paused",
+                settings.to
+            );
+            migration.update(|p| {
+                p.phase = Phase::Unconfirmed;
+                p.error = Some(err.to_string());
+                p.elapsed_ms = elapsed_ms;
+            });
+        }
+        Err(Outcome::Failed(err)) => {
+            let cancelled = migration.cancelled();
+            log::warn!(
+                "migration to {} ended, the VM runs on here: {err}",
+                settings.to
+            );
+            migration.update(|p| {
+                p.phase = if cancelled {
+                    Phase::Cancelled
+                } else {
+                    Phase::Failed
+                };
+                p.error = Some(err.to_string());
+                p.elapsed_ms = elapsed_ms;
+            });
+        }
+    }
+}
+
+/// How a migration that did not complete ended.
+enum Outcome {
+    /// Before the hand-over: the source runs on.
+    Failed(MigrationError),
+    /// After `Commit`, without `Running`.
+    Unconfirmed(MigrationError),
+}
+
+impl<E: Into<MigrationError>> From<E> for Outcome {
+    fn from(err: E) -> Self {
+        Outcome::Failed(err.into())
+    }
+}
+
+fn connect(to: &str) -> Result<TcpStream, MigrationError> {
+    let failed = |source| MigrationError::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let address = to
+        .to_socket_addrs()
+        .map_err(failed)?
+        .next()
+        .ok_or_else(|| failed(std::io::Error::other("no address")))?;
+    let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).map_err(failed)?;
+    stream.set_nodelay(true).map_err(failed)?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(failed)?;
+    Ok(stream)
+}
+
+/// Waits for `expected` from the destination.
+fn expect(stream: &mut TcpStream, expected: Kind) -> Result<(), MigrationError> {
+    match receive(stream)? {
+        (kind, _) if kind == expected => Ok(()),
+        (Kind::Refuse | Kind::Abort, payload) => {
+            let refusal: Refusal = decode("refusal", &payload)?;
+            Err(MigrationError::Refused(refusal.message))
+        }
+        (got, _) => Err(protocol::ProtocolError::Unexpected {
+            expected: match expected {
+                Kind::Accept => "Accept",
+                Kind::Ready => "Ready",
+                _ => "Running",
+            },
+            got,
+        }
+        .into()),
+    }
+}
+
+/// Sends the non-zero (`skip_zero`) or all of `pages`; returns the bytes sent.
+fn send_pages(
+    stream: &mut TcpStream,
+    parts: &VmParts,
+    pages: &[u64],
+    skip_zero: bool,
+    migration: &Migration,
+) -> Result<u64, MigrationError> {
+    let mut payload = Vec::with_capacity(PAGES_PER_FRAME * (PAGE_SIZE + 8));
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut sent = 0u64;
+    let mut count = 0u64;
+    for address in pages {
+        parts
+            .memory
+            .read_slice(&mut page, GuestAddress(*address))
+            .map_err(|_| MigrationError::PageOutsideRam(*address))?;
+        if skip_zero && is_zero(&page) {
+            continue;
+        }
+        push_page(&mut payload, *address, &page);
+        count += 1;
+        if payload.len() >= PAGES_PER_FRAME * (PAGE_SIZE + 8) {
+            send(stream, Kind::Pages, &payload)?;
+            sent += payload.len() as u64;
+            payload.clear();
+            migration.update(|p| {
+                p.bytes_sent += (PAGES_PER_FRAME * (PAGE_SIZE + 8)) as u64;
+                p.pages_sent += PAGES_PER_FRAME as u64;
+            });
+            migration.check_cancel()?;
+        }
+    }
+    if !payload.is_empty() {
+        send(stream, Kind::Pages, &payload)?;
+        sent += payload.len() as u64;
+        let rest = payload.len() as u64;
+        migration.update(|p| {
+            p.bytes_sent += rest;
+            p.pages_sent += rest / (PAGE_SIZE as u64 + 8);
+        });
+    }
+    let _ = count;
+    Ok(sent)
+}
+
+fn migrate(
+    parts: &VmParts,
+    settings: &Settings,
+    migration: &Migration,
+    started: Instant,
+) -> Result<Duration, Outcome> {
+    let mut stream = connect(&settings.to)?;
+    if let Ok(clone) = stream.try_clone() {
+        *lock(&migration.connection) = Some(clone);
+    }
+    migration.check_cancel()?;
+    send_json(
+        &mut stream,
+        Kind::Hello,
+        &Hello {
+            magic: protocol::MAGIC.into(),
+            version: protocol::VERSION,
+            token: settings.token.clone(),
+            machine: parts.shape.clone(),
+        },
+    )?;
+    expect(&mut stream, Kind::Accept)?;
+    migration.update(|p| p.phase = Phase::Copying);
+
+    // From here on the source must be put back as it was on failure.
+    parts.vm.set_dirty_logging(&parts.memory, true)?;
+    reset_vmm_bitmaps(&parts.memory);
+    let copied = copy_rounds(&mut stream, parts, settings, migration, started);
+    let handed = match copied {
+        Ok(()) => hand_over(&mut stream, parts, settings, migration),
+        Err(err) => Err(Outcome::Failed(err)),
+    };
+    if let Err(err) = parts.vm.set_dirty_logging(&parts.memory, false) {
+        log::warn!("cannot switch dirty-page logging off: {err}");
+    }
+    if let Err(Outcome::Failed(err)) = &handed {
+        // Tell the destination, if it still listens, and run on here.
+        let _ = send_json(
+            &mut stream,
+            Kind::Abort,
+            &Refusal {
+                message: err.to_string(),
+            },
+        );
+    }
+    handed
+}
+
+/// Round 0 sends all of RAM; the next rounds what was written meanwhile,
+/// until the rest fits the downtime budget or a limit is reached.
+fn copy_rounds(
+    stream: &mut TcpStream,
+    parts: &VmParts,
+    settings: &Settings,
+    migration: &Migration,
+    started: Instant,
+) -> Result<(), MigrationError> {
+    let round_start = Instant::now();
+    let sent = send_pages(stream, parts, &all_pages(&parts.memory), true, migration)?;
+    let mut bandwidth = sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
+    let mut round_time = round_start.elapsed();
+    let mut rounds = 0u32;
+    loop {
+        migration.check_cancel()?;
+        let dirty = take_dirty_pages(&parts.vm, &parts.memory)?;
+        let expected = estimate_downtime(dirty.len() as u64, bandwidth);
+        let rate = dirty.len() as f64 / round_time.as_secs_f64().max(1e-6);
+        migration.update(|p| {
+            p.rounds = rounds;
+            p.dirty_pages = dirty.len() as u64;
+            p.dirty_rate_pages_per_s = rate;
+            p.bandwidth_bytes_per_s = bandwidth;
+            p.expected_downtime_ms = expected.as_millis().min(u128::from(u64::MAX)) as u64;
+            p.elapsed_ms = started.elapsed().as_millis() as u64;
+        });
+        let converged = expected <= settings.downtime_budget;
+        let out_of_rounds = rounds >= settings.max_rounds;
+        let out_of_time = started.elapsed() >= settings.max_copy_time;
+        if converged || out_of_rounds || out_of_time {
+            log::info!(
+                "migration: handing over after {rounds} round(s): {} dirty pages, expected downtime {} ms{}",
+                dirty.len(),
+                expected.as_millis(),
+                if converged { "" } else { " (a limit was reached)" }
+            );
+            // Those pages go again in the final round, with the rest.
+            mark_dirty(parts, &dirty);
+            return Ok(());
+        }
+        let round_start = Instant::now();
+        let sent = send_pages(stream, parts, &dirty, false, migration)?;
+        round_time = round_start.elapsed();
+        bandwidth = sent as f64 / round_time.as_secs_f64().max(1e-6);
+        rounds += 1;
+    }
+}
+
+/// Puts pages back into the VMM's own dirty bitmap, so that the final
+/// collection sends them.
+fn mark_dirty(parts: &VmParts, pages: &[u64]) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for address in pages {
+        if let Some(region) = parts.memory.find_region(GuestAddress(*address)) {
+            let offset = (*address - region.start_addr().0) as usize;
+            super::dirty::vmm_bitmap(region).mark_dirty(offset, PAGE_SIZE);
+        }
+    }
+}
+
+/// Pauses, sends the last pages and the state, and hands over; on any
+/// failure before `Commit` the vCPUs run again.
+fn hand_over(
+    stream: &mut TcpStream,
+    parts: &VmParts,
+    settings: &Settings,
+    migration: &Migration,
+) -> Result<Duration, Outcome> {
+    migration.check_cancel()?;
+    migration.update(|p| p.phase = Phase::HandingOver);
+    let paused_at = Instant::now();
+    let was_paused = parts.control.state() == crate::vstate::vcpu::VcpusState::Paused;
+    parts
+        .control
+        .pause_all(PAUSE_TIMEOUT)
+        .map_err(|err| MigrationError::Vcpus(err.to_string()))?;
+    let held = parts.hold_devices();
+    let sent = final_copy(stream, parts, &held);
+    let committed = match sent {
+        Ok(()) => {
+            let result = send(stream, Kind::Commit, &[]).map_err(MigrationError::from);
+            result.map(|()| ())
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = committed {
+        drop(held);
+        if !was_paused {
+            parts.control.resume_all();
+        }
+        return Err(Outcome::Failed(err));
+    }
+    // Committed: the destination may run the guest; this side must not.
+    let confirmed = expect(stream, Kind::Running);
+    let downtime = paused_at.elapsed();
+    drop(held);
+    match confirmed {
+        Ok(()) => {
+            log::info!("the destination {} runs the guest", settings.to);
+            Ok(downtime)
+        }
+        Err(err) => Err(Outcome::Unconfirmed(err)),
+    }
+}
+
+/// The pages dirtied since the last round and the whole state, then
+/// `Ready` from the destination.
+fn final_copy(
+    stream: &mut TcpStream,
+    parts: &VmParts,
+    held: &crate::runtime::parts::HeldDevices<'_>,
+) -> Result<(), MigrationError> {
+    // The vCPUs' pending I/O is completed as they save their state, which
+    // may still write RAM: save first, then collect the last pages.
+    let state = parts.capture_state(held).map_err(MigrationError::Vcpus)?;
+    let dirty = take_dirty_pages(&parts.vm, &parts.memory)?;
+    let mut payload = Vec::new();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for address in &dirty {
+        parts
+            .memory
+            .read_slice(&mut page, GuestAddress(*address))
+            .map_err(|_| MigrationError::PageOutsideRam(*address))?;
+        push_page(&mut payload, *address, &page);
+        if payload.len() >= PAGES_PER_FRAME * (PAGE_SIZE + 8) {
+            send(stream, Kind::Pages, &payload)?;
+            payload.clear();
+        }
+    }
+    if !payload.is_empty() {
+        send(stream, Kind::Pages, &payload)?;
+    }
+    send_json(stream, Kind::State, &state)?;
+    expect(stream, Kind::Ready)
+}
