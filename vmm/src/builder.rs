@@ -485,6 +485,10 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
                     detail,
                 })?;
         }
+        for transport in &transports {
+            let device = lock(transport).device();
+            lock(&device).announce();
+        }
     }
 
     // Legacy devices.

@@ -137,6 +137,9 @@ pub trait VirtioDevice: Send {
     /// (with why) when the state is another kind of device's or does not
     /// fit this device's backend.
     fn restore_state(&mut self, state: &persist::DeviceState) -> Result<(), String>;
+    /// Tells the network where the device now is (after a restore or a
+    /// migration); nothing for devices that are not on a network.
+    fn announce(&mut self) {}
 }
 
 /// A device whose I/O is rate limited, with limits the control socket can

@@ -456,6 +456,19 @@ impl VirtioDevice for Net {
         })
     }
 
+    fn announce(&mut self) {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        match self.tap.write_frame(&super::frame::announcement(mac)) {
+            Ok(_) => log::info!(
+                "virtio-net {}: announced on tap {}",
+                self.id,
+                self.tap.name()
+            ),
+            Err(err) => log::warn!("virtio-net {}: cannot announce: {err}", self.id),
+        }
+    }
+
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
         let DeviceState::Net(state) = state else {
             return Err(format!("a {} device's state, not a NIC's", state.kind()));

@@ -15,6 +15,25 @@ use crate::memory::GuestMemoryMmap;
 /// VLAN headers, and the virtio-net header.
 pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 14 + 4 + 65535;
 
+/// A RARP announcement from `mac` with a zeroed virtio-net header before
+/// it: after a restore or a migration the NIC sends it so that bridges and
+/// switches (and VXLAN peers) learn at once where the guest's MAC now is,
+/// as a guest that moved cannot be expected to say so itself.
+pub fn announcement(mac: [u8; 6]) -> Vec<u8> {
+    const ETHERTYPE_RARP: [u8; 2] = [0x80, 0x35];
+    let mut frame = vec![0u8; VNET_HDR_LEN];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETHERTYPE_RARP);
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]); // Ethernet, IPv4, reverse request
+    frame.extend_from_slice(&mac); // sender hardware address
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(&mac); // target hardware address
+    frame.extend_from_slice(&[0; 4]);
+    frame.resize(VNET_HDR_LEN + 60, 0); // the minimum Ethernet frame
+    frame
+}
+
 /// Why a frame could not be moved; the chain is returned to the guest
 /// unused and the frame is dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +140,20 @@ pub fn set_num_buffers(frame: &mut [u8], count: u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announcement_is_a_broadcast_rarp_from_the_mac() {
+        let mac = [0x02, 0x4e, 0x42, 1, 2, 3];
+        let frame = announcement(mac);
+        assert_eq!(frame.len(), VNET_HDR_LEN + 60);
+        let ethernet = &frame[VNET_HDR_LEN..];
+        assert_eq!(&ethernet[..6], &[0xff; 6]);
+        assert_eq!(&ethernet[6..12], &mac);
+        assert_eq!(&ethernet[12..14], &[0x80, 0x35]);
+        assert_eq!(&ethernet[20..22], &[0, 3]);
+        assert_eq!(&ethernet[22..28], &mac);
+        assert_eq!(&ethernet[32..38], &mac);
+    }
     use crate::devices::virtio::testing::{memory, VIRTQ_DESC_F_WRITE};
     use proptest::prelude::*;
     use vm_memory::GuestAddress;
