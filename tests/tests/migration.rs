@@ -1,11 +1,11 @@
 //! Live migration between two VMM processes (issue #6), with the counting
 //! test guest (it writes RAM all the time and prints every value): the
-//! destination goes on with the very next value; a wrong token, a
-//! destination that vanishes mid-transfer and a cancel leave the source
-//! running, and a later migration still succeeds.
+//! destination goes on with the very next value, and its local disk arrives
+//! with it; a wrong token, a destination that vanishes mid-transfer and a
+//! cancel leave the source running, and a later migration still succeeds.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,10 @@ struct Counter {
     socket: PathBuf,
 }
 
-fn vmm_args(kernel: &str, out: &Path, socket: &Path) -> Vec<String> {
+fn vmm_args(kernel: &str, out: &Path, socket: &Path, disk: &Path) -> Vec<String> {
     vec![
+        "--disk".into(),
+        format!("path={}", disk.display()),
         "--kernel".into(),
         kernel.into(),
         "--memory-mib".into(),
@@ -80,7 +82,8 @@ fn vmm_args(kernel: &str, out: &Path, socket: &Path) -> Vec<String> {
 }
 
 fn migrate(socket: &Path, to: &str, token: &str) -> Value {
-    let request = serde_json::json!({"command": "migrate", "to": to, "token": token});
+    let request =
+        serde_json::json!({"command": "migrate", "to": to, "token": token, "disks": "copy"});
     control_request(socket, &request.to_string())
 }
 
@@ -111,6 +114,15 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
     let kernel = dir.join("count.elf");
     Program::new().count(20_000).write(&kernel);
     let kernel = kernel.display().to_string();
+    // A local disk with data all over it, and holes.
+    let source_disk = dir.join("source.img");
+    let mut contents = vec![0u8; 3 << 20];
+    for (index, byte) in contents.iter_mut().enumerate().take(2 << 20) {
+        *byte = (index * 7 % 251) as u8 + 1;
+    }
+    std::fs::write(&source_disk, &contents).unwrap();
+    let dest_disk = dir.join("dest.img");
+    std::fs::write(&dest_disk, b"stale data that must not survive").unwrap();
     let source = Counter {
         out: dir.join("source.out"),
         socket: dir.join("source.sock"),
@@ -118,6 +130,7 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
             &kernel,
             &dir.join("source.out"),
             &dir.join("source.sock"),
+            &source_disk,
         )),
     };
     wait_for_growth(&source.out, 0, &source.vm);
@@ -171,7 +184,7 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
     let dest_out = dir.join("dest.out");
     let dest_socket = dir.join("dest.sock");
     let spawn_destination = |token: &str| {
-        let mut args = vmm_args(&kernel, &dest_out, &dest_socket);
+        let mut args = vmm_args(&kernel, &dest_out, &dest_socket, &dest_disk);
         args.extend(["--migrate-listen".to_string(), listen.clone()]);
         let mut command = std::process::Command::new(nubis_tests::vmm_binary());
         command.args(&args).env("NUBIS_MIGRATION_TOKEN", token);
@@ -227,4 +240,8 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
     assert_counts(&after, "on the destination");
     let status = control_request(&dest_socket, r#"{"command":"status"}"#);
     assert_eq!(status["status"]["state"], "running", "{status}");
+    assert!(
+        std::fs::read(&dest_disk).unwrap() == contents,
+        "the destination's disk differs from the source's"
+    );
 }

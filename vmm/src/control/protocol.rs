@@ -12,7 +12,7 @@
 //! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
 //! | `{"command":"set_rate_limit","device":ID,"bytes_per_s":N,"ops_per_s":N}` | replaces a disk's or NIC's limits; an absent rate is unlimited |
 //! | `{"command":"snapshot","dir":PATH}` | a paused VM's state and RAM into directory PATH (`nubis-vmm --restore PATH` resumes it) |
-//! | `{"command":"migrate","to":"HOST:PORT","token":T,"downtime_ms":N,"max_rounds":N,"max_seconds":N}` | starts a live migration to a `nubis-vmm --migrate-listen` (the limits are optional) |
+//! | `{"command":"migrate","to":"HOST:PORT","token":T,"disks":"shared"\|"copy","downtime_ms":N,"max_rounds":N,"max_seconds":N}` | starts a live migration to a `nubis-vmm --migrate-listen`; `copy` sends local disks too (the rest is optional) |
 //! | `{"command":"migration_status"}` | the last migration's progress, as `"migration":{...}` |
 //! | `{"command":"migrate_cancel"}` | gives the running migration up; the VM runs on here |
 //!
@@ -56,9 +56,23 @@ pub enum Request {
         max_rounds: Option<u32>,
         #[serde(default)]
         max_seconds: Option<u64>,
+        #[serde(default)]
+        disks: DiskMigration,
     },
     MigrationStatus,
     MigrateCancel,
+}
+
+/// What a migration does with the VM's disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskMigration {
+    /// Both hosts see the same files: nothing to copy.
+    #[default]
+    Shared,
+    /// The disks are local to this host: copied to the destination's disk
+    /// files (its config's paths) while the guest runs.
+    Copy,
 }
 
 /// The commands that take no argument.
@@ -239,7 +253,8 @@ mod tests {
                 token: "t".into(),
                 downtime_ms: Some(50),
                 max_rounds: None,
-                max_seconds: None
+                max_seconds: None,
+                disks: DiskMigration::Shared,
             }
         );
         assert_eq!(

@@ -28,6 +28,35 @@ pub enum ReceiveError {
 /// A migration stream as the builder's source of RAM and state.
 struct Incoming<'a> {
     stream: &'a mut TcpStream,
+    /// The disks being copied here: (file, size), in config order.
+    disks: Vec<(std::fs::File, u64)>,
+}
+
+/// Opens the config's disk files to receive copies: emptied, then sized as
+/// the source's (what is not sent is zero).
+fn receive_disks(config: &VmConfig, sizes: &[u64]) -> Result<Vec<(std::fs::File, u64)>, String> {
+    if sizes.len() != config.disks.len() {
+        return Err(format!(
+            "{} disk(s) offered, the VM has {}",
+            sizes.len(),
+            config.disks.len()
+        ));
+    }
+    config
+        .disks
+        .iter()
+        .zip(sizes)
+        .map(|(disk, size)| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&disk.path)
+                .and_then(|file| file.set_len(*size).map(|()| file))
+                .map_err(|err| format!("cannot prepare disk {}: {err}", disk.path.display()))?;
+            Ok((file, *size))
+        })
+        .collect()
 }
 
 impl RestoreSource for Incoming<'_> {
@@ -48,8 +77,29 @@ impl RestoreSource for Incoming<'_> {
                             })?;
                     }
                 }
+                Kind::Disk => {
+                    use std::os::unix::fs::FileExt;
+                    let (index, offset, data) = protocol::parse_disk_chunk(&payload)
+                        .map_err(|err| failed(err.to_string()))?;
+                    let (file, size) = self.disks.get(index as usize).ok_or_else(|| {
+                        failed(format!("a chunk of disk {index}, which is not copied"))
+                    })?;
+                    let end = offset.checked_add(data.len() as u64);
+                    if end.is_none_or(|end| end > *size) {
+                        return Err(failed(format!(
+                            "a chunk of disk {index} at {offset} (+{}) is past its end",
+                            data.len()
+                        )));
+                    }
+                    file.write_all_at(data, offset)
+                        .map_err(|err| failed(format!("cannot write disk {index}: {err}")))?;
+                }
                 Kind::State => {
-                    return decode("state", &payload).map_err(|err| failed(err.to_string()))
+                    for (file, _) in &self.disks {
+                        file.sync_all()
+                            .map_err(|err| failed(format!("cannot sync a copied disk: {err}")))?;
+                    }
+                    return decode("state", &payload).map_err(|err| failed(err.to_string()));
                 }
                 Kind::Abort => {
                     let refusal: Refusal = decode("abort", &payload).unwrap_or(Refusal {
@@ -115,13 +165,22 @@ pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm
     if let Err(err) = hello.machine.check(&shape) {
         return Err(refuse(&mut stream, err.to_string()).into());
     }
+    let disks = if hello.disks.is_empty() {
+        Vec::new()
+    } else {
+        match receive_disks(&config, &hello.disks) {
+            Ok(disks) => disks,
+            Err(message) => return Err(refuse(&mut stream, message).into()),
+        }
+    };
     send(&mut stream, Kind::Accept, &[]).map_err(MigrationError::from)?;
-    let built = match restore_from(
-        config,
-        &mut Incoming {
-            stream: &mut stream,
-        },
-    ) {
+    let mut incoming = Incoming {
+        stream: &mut stream,
+        disks,
+    };
+    let built = restore_from(config, &mut incoming);
+    drop(incoming);
+    let built = match built {
         Ok(built) => built,
         Err(err) => {
             let _ = send_json(

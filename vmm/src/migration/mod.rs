@@ -46,6 +46,12 @@ pub enum MigrationError {
     Kvm(#[from] VmError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("disk {index} ({path}): {source}")]
+    Disk {
+        index: usize,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the source sent a page at {0:#x}, outside guest RAM")]
     PageOutsideRam(u64),
     #[error("{0}")]
@@ -65,6 +71,9 @@ pub struct Settings {
     /// Time for the copy rounds, at most; then the hand-over happens
     /// whatever the estimate.
     pub max_copy_time: Duration,
+    /// Copy the disks too (they are local to this host); without it both
+    /// hosts see the same disk files (shared storage).
+    pub copy_disks: bool,
 }
 
 /// The default downtime budget.

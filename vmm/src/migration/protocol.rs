@@ -8,6 +8,7 @@
 //! |---|---|---|---|
 //! | 1 | source → dest | `Hello` | JSON [`Hello`]: protocol magic and version, the token, the machine's shape |
 //! | 2 | dest → source | `Accept` or `Refuse` | empty, or JSON [`Refusal`] (bad token, other version, other shape) |
+//! | 3a | source → dest | `Disk`, repeated | (u32 disk index, u64 offset, up to 64 KiB): a local disk being copied (only when `Hello` offers disks) |
 //! | 3 | source → dest | `Pages`, repeated | batches of (u64 guest address, 4096 bytes) |
 //! | 4 | source → dest | `State` | JSON `VmSnapshot` (sent once the vCPUs are paused and the last dirty pages went) |
 //! | 5 | dest → source | `Ready` or `Refuse` | the destination built the VM and waits, not running |
@@ -68,6 +69,7 @@ pub enum Kind {
     Commit = 7,
     Running = 8,
     Abort = 9,
+    Disk = 10,
 }
 
 impl TryFrom<u8> for Kind {
@@ -84,6 +86,7 @@ impl TryFrom<u8> for Kind {
             7 => Kind::Commit,
             8 => Kind::Running,
             9 => Kind::Abort,
+            10 => Kind::Disk,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -96,6 +99,10 @@ pub struct Hello {
     pub version: u32,
     pub token: String,
     pub machine: MachineShape,
+    /// The sizes of the disks the source copies, in config order; empty
+    /// when the disks are on storage both hosts share.
+    #[serde(default)]
+    pub disks: Vec<u64>,
 }
 
 /// Why a side refused or gave up.
@@ -163,7 +170,7 @@ pub fn push_page(payload: &mut Vec<u8>, address: u64, page: &[u8]) {
 /// The (address, page) entries of a `Pages` payload.
 pub fn pages(payload: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, ProtocolError> {
     const ENTRY: usize = 8 + PAGE_SIZE;
-    if payload.len() % ENTRY != 0 {
+    if !payload.len().is_multiple_of(ENTRY) {
         return Err(ProtocolError::RaggedPages(payload.len()));
     }
     Ok(payload.chunks(ENTRY).map(|entry| {
@@ -171,6 +178,34 @@ pub fn pages(payload: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, Proto
         address.copy_from_slice(&entry[..8]);
         (u64::from_le_bytes(address), &entry[8..])
     }))
+}
+
+/// A `Disk` payload: a piece of disk `index` at `offset`.
+pub fn disk_chunk(index: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(12 + data.len());
+    payload.extend_from_slice(&index.to_le_bytes());
+    payload.extend_from_slice(&offset.to_le_bytes());
+    payload.extend_from_slice(data);
+    payload
+}
+
+/// The (disk index, offset, data) of a `Disk` payload.
+pub fn parse_disk_chunk(payload: &[u8]) -> Result<(u32, u64, &[u8]), ProtocolError> {
+    if payload.len() < 12 {
+        return Err(ProtocolError::Decode {
+            what: "disk chunk",
+            detail: format!("{} bytes, shorter than its header", payload.len()),
+        });
+    }
+    let mut index = [0u8; 4];
+    index.copy_from_slice(&payload[..4]);
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&payload[4..12]);
+    Ok((
+        u32::from_le_bytes(index),
+        u64::from_le_bytes(offset),
+        &payload[12..],
+    ))
 }
 
 /// Compares tokens in time independent of where they differ.
@@ -241,6 +276,16 @@ mod tests {
         assert_eq!(entries, [(0x1000, 7), (0x20_0000, 9)]);
         assert!(pages(&payload[..100]).is_err());
         assert_eq!(pages(&[]).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn disk_chunks_pack_and_unpack() {
+        let payload = disk_chunk(2, 0x1_0000, b"data");
+        assert_eq!(
+            parse_disk_chunk(&payload).unwrap(),
+            (2, 0x1_0000, &b"data"[..])
+        );
+        assert!(parse_disk_chunk(&payload[..11]).is_err());
     }
 
     #[test]

@@ -10,11 +10,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::dirty::{all_pages, is_zero, reset_vmm_bitmaps, take_dirty_pages};
 use super::protocol::{
-    self, decode, push_page, receive, send, send_json, Hello, Kind, Refusal, PAGES_PER_FRAME,
-    PAGE_SIZE,
+    self, decode, disk_chunk, push_page, receive, send, send_json, Hello, Kind, Refusal,
+    PAGES_PER_FRAME, PAGE_SIZE,
 };
 use super::{estimate_downtime, MigrationError, Phase, Progress, Settings};
 use crate::devices::bus::lock;
+use crate::devices::virtio::block::tracker::CHUNK;
+use crate::devices::virtio::DiskCopySource;
 use crate::runtime::exit::ExitReason;
 use crate::runtime::parts::VmParts;
 
@@ -142,6 +144,81 @@ impl<E: Into<MigrationError>> From<E> for Outcome {
     }
 }
 
+/// A local disk being copied, with its own read handle.
+struct CopiedDisk {
+    index: u32,
+    source: DiskCopySource,
+    file: std::fs::File,
+}
+
+/// Starts tracking writes on every disk and opens each for reading.
+fn start_disk_copies(parts: &VmParts) -> Result<Vec<CopiedDisk>, MigrationError> {
+    let mut disks = Vec::new();
+    for device in parts.devices() {
+        let Some(source) = lock(device).track_writes(true) else {
+            continue;
+        };
+        let index = disks.len();
+        let file = std::fs::File::open(&source.path).map_err(|err| MigrationError::Disk {
+            index,
+            path: source.path.display().to_string(),
+            source: err,
+        })?;
+        disks.push(CopiedDisk {
+            index: index as u32,
+            source,
+            file,
+        });
+    }
+    Ok(disks)
+}
+
+fn stop_disk_copies(parts: &VmParts) {
+    for device in parts.devices() {
+        lock(device).track_writes(false);
+    }
+}
+
+/// Sends chunks of `disk` (all of them with `skip_zero` on the first
+/// pass); returns the bytes sent.
+fn send_chunks(
+    stream: &mut TcpStream,
+    disk: &CopiedDisk,
+    chunks: impl Iterator<Item = u64>,
+    skip_zero: bool,
+    migration: &Migration,
+) -> Result<u64, MigrationError> {
+    use std::os::unix::fs::FileExt;
+    let mut sent = 0u64;
+    let mut buffer = vec![0u8; CHUNK as usize];
+    for chunk in chunks {
+        let offset = chunk * CHUNK;
+        let len = CHUNK.min(disk.source.capacity.saturating_sub(offset)) as usize;
+        if len == 0 {
+            continue;
+        }
+        disk.file
+            .read_exact_at(&mut buffer[..len], offset)
+            .map_err(|source| MigrationError::Disk {
+                index: disk.index as usize,
+                path: disk.source.path.display().to_string(),
+                source,
+            })?;
+        if skip_zero && is_zero(&buffer[..len]) {
+            continue;
+        }
+        send(
+            stream,
+            Kind::Disk,
+            &disk_chunk(disk.index, offset, &buffer[..len]),
+        )?;
+        sent += len as u64 + 12;
+        migration.update(|p| p.bytes_sent += len as u64 + 12);
+        migration.check_cancel()?;
+    }
+    Ok(sent)
+}
+
 fn connect(to: &str) -> Result<TcpStream, MigrationError> {
     let failed = |source| MigrationError::Connect {
         to: to.to_string(),
@@ -191,7 +268,6 @@ fn send_pages(
     let mut payload = Vec::with_capacity(PAGES_PER_FRAME * (PAGE_SIZE + 8));
     let mut page = vec![0u8; PAGE_SIZE];
     let mut sent = 0u64;
-    let mut count = 0u64;
     for address in pages {
         parts
             .memory
@@ -201,7 +277,6 @@ fn send_pages(
             continue;
         }
         push_page(&mut payload, *address, &page);
-        count += 1;
         if payload.len() >= PAGES_PER_FRAME * (PAGE_SIZE + 8) {
             send(stream, Kind::Pages, &payload)?;
             sent += payload.len() as u64;
@@ -222,7 +297,6 @@ fn send_pages(
             p.pages_sent += rest / (PAGE_SIZE as u64 + 8);
         });
     }
-    let _ = count;
     Ok(sent)
 }
 
@@ -237,25 +311,51 @@ fn migrate(
         *lock(&migration.connection) = Some(clone);
     }
     migration.check_cancel()?;
+    // Writes are tracked from before the first copy of each disk.
+    let disks = if settings.copy_disks {
+        match start_disk_copies(parts) {
+            Ok(disks) => disks,
+            Err(err) => {
+                stop_disk_copies(parts);
+                return Err(Outcome::Failed(err));
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let result = migrate_with(&mut stream, parts, settings, migration, started, &disks);
+    stop_disk_copies(parts);
+    result
+}
+
+fn migrate_with(
+    stream: &mut TcpStream,
+    parts: &VmParts,
+    settings: &Settings,
+    migration: &Migration,
+    started: Instant,
+    disks: &[CopiedDisk],
+) -> Result<Duration, Outcome> {
     send_json(
-        &mut stream,
+        stream,
         Kind::Hello,
         &Hello {
             magic: protocol::MAGIC.into(),
             version: protocol::VERSION,
             token: settings.token.clone(),
             machine: parts.shape.clone(),
+            disks: disks.iter().map(|disk| disk.source.capacity).collect(),
         },
     )?;
-    expect(&mut stream, Kind::Accept)?;
+    expect(stream, Kind::Accept)?;
     migration.update(|p| p.phase = Phase::Copying);
 
     // From here on the source must be put back as it was on failure.
     parts.vm.set_dirty_logging(&parts.memory, true)?;
     reset_vmm_bitmaps(&parts.memory);
-    let copied = copy_rounds(&mut stream, parts, settings, migration, started);
+    let copied = copy_rounds(stream, parts, settings, migration, started, disks);
     let handed = match copied {
-        Ok(()) => hand_over(&mut stream, parts, settings, migration),
+        Ok(()) => hand_over(stream, parts, settings, migration, disks),
         Err(err) => Err(Outcome::Failed(err)),
     };
     if let Err(err) = parts.vm.set_dirty_logging(&parts.memory, false) {
@@ -264,7 +364,7 @@ fn migrate(
     if let Err(Outcome::Failed(err)) = &handed {
         // Tell the destination, if it still listens, and run on here.
         let _ = send_json(
-            &mut stream,
+            stream,
             Kind::Abort,
             &Refusal {
                 message: err.to_string(),
@@ -282,16 +382,28 @@ fn copy_rounds(
     settings: &Settings,
     migration: &Migration,
     started: Instant,
+    disks: &[CopiedDisk],
 ) -> Result<(), MigrationError> {
     let round_start = Instant::now();
-    let sent = send_pages(stream, parts, &all_pages(&parts.memory), true, migration)?;
+    let mut sent = 0;
+    for disk in disks {
+        let chunks = disk.source.capacity.div_ceil(CHUNK);
+        sent += send_chunks(stream, disk, 0..chunks, true, migration)?;
+    }
+    sent += send_pages(stream, parts, &all_pages(&parts.memory), true, migration)?;
     let mut bandwidth = sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
     let mut round_time = round_start.elapsed();
     let mut rounds = 0u32;
     loop {
         migration.check_cancel()?;
         let dirty = take_dirty_pages(&parts.vm, &parts.memory)?;
-        let expected = estimate_downtime(dirty.len() as u64, bandwidth);
+        let dirty_chunks: Vec<Vec<u64>> = disks
+            .iter()
+            .map(|disk| disk.source.tracker.take())
+            .collect();
+        let chunk_pages: u64 =
+            dirty_chunks.iter().map(|c| c.len() as u64).sum::<u64>() * (CHUNK / PAGE_SIZE as u64);
+        let expected = estimate_downtime(dirty.len() as u64 + chunk_pages, bandwidth);
         let rate = dirty.len() as f64 / round_time.as_secs_f64().max(1e-6);
         migration.update(|p| {
             p.rounds = rounds;
@@ -311,12 +423,21 @@ fn copy_rounds(
                 expected.as_millis(),
                 if converged { "" } else { " (a limit was reached)" }
             );
-            // Those pages go again in the final round, with the rest.
+            // Those pages and chunks go in the final round, with the rest.
             mark_dirty(parts, &dirty);
+            for (disk, chunks) in disks.iter().zip(&dirty_chunks) {
+                for chunk in chunks {
+                    disk.source.tracker.mark(chunk * CHUNK, 1);
+                }
+            }
             return Ok(());
         }
         let round_start = Instant::now();
-        let sent = send_pages(stream, parts, &dirty, false, migration)?;
+        let mut sent = 0;
+        for (disk, chunks) in disks.iter().zip(dirty_chunks) {
+            sent += send_chunks(stream, disk, chunks.into_iter(), false, migration)?;
+        }
+        sent += send_pages(stream, parts, &dirty, false, migration)?;
         round_time = round_start.elapsed();
         bandwidth = sent as f64 / round_time.as_secs_f64().max(1e-6);
         rounds += 1;
@@ -343,6 +464,7 @@ fn hand_over(
     parts: &VmParts,
     settings: &Settings,
     migration: &Migration,
+    disks: &[CopiedDisk],
 ) -> Result<Duration, Outcome> {
     migration.check_cancel()?;
     migration.update(|p| p.phase = Phase::HandingOver);
@@ -353,12 +475,9 @@ fn hand_over(
         .pause_all(PAUSE_TIMEOUT)
         .map_err(|err| MigrationError::Vcpus(err.to_string()))?;
     let held = parts.hold_devices();
-    let sent = final_copy(stream, parts, &held);
+    let sent = final_copy(stream, parts, &held, disks, migration);
     let committed = match sent {
-        Ok(()) => {
-            let result = send(stream, Kind::Commit, &[]).map_err(MigrationError::from);
-            result.map(|()| ())
-        }
+        Ok(()) => send(stream, Kind::Commit, &[]).map_err(MigrationError::from),
         Err(err) => Err(err),
     };
     if let Err(err) = committed {
@@ -387,7 +506,19 @@ fn final_copy(
     stream: &mut TcpStream,
     parts: &VmParts,
     held: &crate::runtime::parts::HeldDevices<'_>,
+    disks: &[CopiedDisk],
+    migration: &Migration,
 ) -> Result<(), MigrationError> {
+    // The devices are held: no write reaches a disk from here on.
+    for disk in disks {
+        send_chunks(
+            stream,
+            disk,
+            disk.source.tracker.take().into_iter(),
+            false,
+            migration,
+        )?;
+    }
     // The vCPUs' pending I/O is completed as they save their state, which
     // may still write RAM: save first, then collect the last pages.
     let state = parts.capture_state(held).map_err(MigrationError::Vcpus)?;

@@ -16,7 +16,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use std::path::Path;
 
 use crate::builder::BuiltVm;
-use crate::control::protocol::{DeviceStatus, ErrorCode, Request, Response, VmState, VmStatus};
+use crate::control::protocol::{
+    DeviceStatus, DiskMigration, ErrorCode, Request, Response, VmState, VmStatus,
+};
 use crate::control::server::{ControlServer, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::legacy::boot_timer::NOT_BOOTED;
@@ -245,12 +247,14 @@ impl VmControl for VmHandle {
                 downtime_ms,
                 max_rounds,
                 max_seconds,
+                disks,
             } => self.start_migration(Settings {
                 to,
                 token,
                 downtime_budget: Duration::from_millis(downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
                 max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
                 max_copy_time: Duration::from_secs(max_seconds.unwrap_or(DEFAULT_MAX_COPY_SECONDS)),
+                copy_disks: disks == DiskMigration::Copy,
             }),
             Request::MigrationStatus => match lock(&self.migration).as_ref() {
                 Some(migration) => Response::migration(migration.progress()),

@@ -70,6 +70,11 @@ impl VmParts {
         }
     }
 
+    /// The virtio devices, in slot order.
+    pub fn devices(&self) -> &[Arc<Mutex<dyn VirtioDevice>>] {
+        &self.devices
+    }
+
     /// Locks every device until the guard goes.
     pub fn hold_devices(&self) -> HeldDevices<'_> {
         HeldDevices {

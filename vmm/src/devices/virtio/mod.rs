@@ -140,6 +140,19 @@ pub trait VirtioDevice: Send {
     /// Tells the network where the device now is (after a restore or a
     /// migration); nothing for devices that are not on a network.
     fn announce(&mut self) {}
+    /// Starts (or stops) marking what the guest writes, for a disk that is
+    /// being copied to another host; None for devices without a disk.
+    fn track_writes(&mut self, _on: bool) -> Option<DiskCopySource> {
+        None
+    }
+}
+
+/// What copying a disk to another host needs: its file, its size, and the
+/// tracker of what the guest writes meanwhile.
+pub struct DiskCopySource {
+    pub path: std::path::PathBuf,
+    pub capacity: u64,
+    pub tracker: std::sync::Arc<block::tracker::WriteTracker>,
 }
 
 /// A device whose I/O is rate limited, with limits the control socket can

@@ -17,7 +17,9 @@ use event_manager::EventSet;
 use virtio_queue::{Queue, QueueT};
 
 use super::persist::BlockState;
+use super::tracker::WriteTracker;
 use crate::devices::virtio::persist::DeviceState;
+use crate::devices::virtio::DiskCopySource;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
@@ -101,6 +103,8 @@ pub struct Block {
     limiter: RateLimiter,
     active: Option<ActiveQueue>,
     counters: BlockCounters,
+    /// Set while the disk is being copied to another host.
+    tracker: Option<Arc<WriteTracker>>,
 }
 
 /// Request counters, for the control socket's `status`.
@@ -192,6 +196,7 @@ impl Block {
             limiter,
             active: None,
             counters: BlockCounters::default(),
+            tracker: None,
         })
     }
 
@@ -216,6 +221,7 @@ impl Block {
             read_only: self.read_only,
             id: &self.id,
             write_through: !active.flush_negotiated,
+            tracker: self.tracker.as_deref(),
         };
         let memory = &active.memory;
         let mut used_any = false;
@@ -369,6 +375,20 @@ impl VirtioDevice for Block {
                 c.flushes,
                 c.errors,
             ],
+        })
+    }
+
+    fn track_writes(&mut self, on: bool) -> Option<DiskCopySource> {
+        if !on {
+            self.tracker = None;
+            return None;
+        }
+        let tracker = Arc::new(WriteTracker::new(self.capacity_bytes));
+        self.tracker = Some(tracker.clone());
+        Some(DiskCopySource {
+            path: self.path.clone(),
+            capacity: self.capacity_bytes,
+            tracker,
         })
     }
 

@@ -3,5 +3,6 @@
 pub mod device;
 pub mod persist;
 pub mod request;
+pub mod tracker;
 
 pub use device::{Block, BlockError};

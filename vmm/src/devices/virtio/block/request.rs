@@ -86,6 +86,8 @@ pub struct Disk<'a> {
     pub id: &'a [u8; VIRTIO_BLK_ID_BYTES],
     /// FLUSH was not negotiated: every write is made durable at once.
     pub write_through: bool,
+    /// Marks what is written, while the disk is being copied elsewhere.
+    pub tracker: Option<&'a super::tracker::WriteTracker>,
 }
 
 /// Checks a chain's shape and reads its header.
@@ -155,6 +157,11 @@ fn transfer(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Result
                 .map_err(|_| VIRTIO_BLK_S_IOERR)?;
         }
     }
+    if request.kind == VIRTIO_BLK_T_OUT {
+        if let Some(tracker) = disk.tracker {
+            tracker.mark(offset, total);
+        }
+    }
     if request.kind == VIRTIO_BLK_T_OUT && disk.write_through {
         disk.file.sync_data().map_err(|_| VIRTIO_BLK_S_IOERR)?;
     }
@@ -205,6 +212,9 @@ fn zero_ranges(request: &Request, mem: &GuestMemoryMmap, disk: &mut Disk) -> Res
             let offset = in_range(sector, len, disk.capacity_bytes).ok_or(VIRTIO_BLK_S_IOERR)?;
             if len == 0 {
                 continue;
+            }
+            if let Some(tracker) = disk.tracker {
+                tracker.mark(offset, len);
             }
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -297,6 +307,7 @@ mod tests {
             read_only,
             id: &id,
             write_through: false,
+            tracker: None,
         };
         execute(request, mem, &mut disk)
     }
