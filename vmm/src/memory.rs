@@ -81,6 +81,58 @@ pub fn create_guest_ram(ranges: &[(GuestAddress, u64)]) -> Result<GuestRam, Memo
     Ok(GuestRam { memory, memfd })
 }
 
+/// The next data extent of `file` at or after `from`, clipped to `limit`
+/// (`SEEK_DATA`/`SEEK_HOLE`): where a sparse file, or a memfd, holds pages.
+pub fn next_extent(file: &File, from: u64, limit: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |offset: u64, whence| {
+        // SAFETY: lseek only moves the descriptor's offset, which nothing
+        // here relies on (reads and writes use explicit offsets or maps).
+        let ret = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if ret < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(ret as u64)
+        }
+    };
+    let data = match seek(from, libc::SEEK_DATA) {
+        Ok(data) => data,
+        // ENXIO: no data after `from`.
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    if data >= limit {
+        return Ok(None);
+    }
+    let end = seek(data, libc::SEEK_HOLE)?.min(limit);
+    Ok(Some((data, end)))
+}
+
+/// The guest address ranges whose pages exist in the memfd: everything
+/// else has never been touched and reads as zero. Reading RAM through its
+/// mapping would allocate those pages; this does not.
+pub fn populated_ranges(
+    memfd: &File,
+    memory: &GuestMemoryMmap,
+) -> std::io::Result<Vec<(GuestAddress, u64)>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut ranges = Vec::new();
+    let mut file_start = 0u64;
+    for region in memory.iter() {
+        let len = region.len();
+        let mut at = file_start;
+        while let Some((data, end)) = next_extent(memfd, at, file_start + len)? {
+            ranges.push((
+                GuestAddress(region.start_addr().0 + (data - file_start)),
+                end - data,
+            ));
+            at = end;
+        }
+        file_start += len;
+    }
+    Ok(ranges)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +159,14 @@ mod tests {
         ram.memfd.read_exact(&mut word).unwrap();
         assert_eq!(u32::from_le_bytes(word), 0xdead_beef);
         assert!(ram.memory.read_obj::<u8>(GuestAddress(0x20_0000)).is_err());
+        // Only the two touched pages exist.
+        let populated = populated_ranges(&ram.memfd, &ram.memory).unwrap();
+        assert_eq!(
+            populated,
+            [
+                (GuestAddress(0), 0x1000),
+                (GuestAddress(0x1_0000_0000), 0x1000)
+            ]
+        );
     }
 }

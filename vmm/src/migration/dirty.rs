@@ -23,13 +23,14 @@ pub fn pages_in_bitmap(bitmap: &[u64], base: u64) -> impl Iterator<Item = u64> +
         })
 }
 
-/// Every page of guest RAM, as (guest address) in order.
-pub fn all_pages(memory: &GuestMemoryMmap) -> Vec<u64> {
-    memory
+/// The guest addresses of the pages in `ranges` (whole pages: the ranges
+/// are page aligned).
+pub fn pages_of(ranges: &[(vm_memory::GuestAddress, u64)]) -> Vec<u64> {
+    ranges
         .iter()
-        .flat_map(|region| {
-            let base = region.start_addr().0;
-            (0..region.len() / PAGE_SIZE as u64).map(move |page| base + page * PAGE_SIZE as u64)
+        .flat_map(|(start, len)| {
+            let base = start.0;
+            (0..len.div_ceil(PAGE_SIZE as u64)).map(move |page| base + page * PAGE_SIZE as u64)
         })
         .collect()
 }
@@ -95,7 +96,8 @@ mod tests {
             pages_in_bitmap(&vmm_bitmap(region).get_and_reset(), 0).count(),
             0
         );
-        assert_eq!(all_pages(&ram.memory).len(), 256);
+        let populated = crate::memory::populated_ranges(&ram.memfd, &ram.memory).unwrap();
+        assert_eq!(pages_of(&populated), [0x3000]);
         assert!(is_zero(&[0; 16]) && !is_zero(&[0, 1]));
     }
 }

@@ -52,6 +52,8 @@ pub enum MigrationError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot list guest RAM's pages: {0}")]
+    Memory(std::io::Error),
     #[error("the source sent a page at {0:#x}, outside guest RAM")]
     PageOutsideRam(u64),
     #[error("{0}")]

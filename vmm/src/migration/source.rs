@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::dirty::{all_pages, is_zero, reset_vmm_bitmaps, take_dirty_pages};
+use super::dirty::{is_zero, pages_of, reset_vmm_bitmaps, take_dirty_pages};
 use super::protocol::{
     self, decode, disk_chunk, push_page, receive, send, send_json, Hello, Kind, Refusal,
     PAGES_PER_FRAME, PAGE_SIZE,
@@ -390,7 +390,10 @@ fn copy_rounds(
         let chunks = disk.source.capacity.div_ceil(CHUNK);
         sent += send_chunks(stream, disk, 0..chunks, true, migration)?;
     }
-    sent += send_pages(stream, parts, &all_pages(&parts.memory), true, migration)?;
+    // Round 0: the pages that exist (untouched ones are zero on both sides).
+    let populated = crate::memory::populated_ranges(&parts.memfd, &parts.memory)
+        .map_err(MigrationError::Memory)?;
+    sent += send_pages(stream, parts, &pages_of(&populated), true, migration)?;
     let mut bandwidth = sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
     let mut round_time = round_start.elapsed();
     let mut rounds = 0u32;

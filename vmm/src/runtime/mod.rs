@@ -107,7 +107,12 @@ impl VmHandle {
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
         let held = self.parts.hold_devices();
         let state = self.parts.capture_state(&held)?;
-        write_memory(&dir.join(MEMORY_FILE), &self.parts.memory).map_err(|err| err.to_string())?;
+        write_memory(
+            &dir.join(MEMORY_FILE),
+            &self.parts.memory,
+            &self.parts.memfd,
+        )
+        .map_err(|err| err.to_string())?;
         write_state(&dir.join(STATE_FILE), &state).map_err(|err| err.to_string())?;
         drop(held);
         log::info!(
@@ -338,6 +343,7 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
             parts: Arc::new(VmParts::new(
                 vm.clone(),
                 built.memory.clone(),
+                built.memfd,
                 built.transports,
                 built.serial.clone(),
                 built.i8042.clone(),

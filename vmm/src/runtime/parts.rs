@@ -24,6 +24,8 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct VmParts {
     pub vm: Arc<Vm>,
     pub memory: GuestMemoryMmap,
+    /// The memfd behind `memory`: which pages exist at all.
+    pub memfd: std::fs::File,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
@@ -46,6 +48,7 @@ impl VmParts {
     pub fn new(
         vm: Arc<Vm>,
         memory: GuestMemoryMmap,
+        memfd: std::fs::File,
         transports: Vec<Arc<Mutex<MmioTransport>>>,
         serial: Arc<Mutex<SerialDevice>>,
         i8042: Arc<Mutex<I8042>>,
@@ -60,6 +63,7 @@ impl VmParts {
         Self {
             vm,
             memory,
+            memfd,
             transports,
             devices,
             serial,

@@ -2,11 +2,11 @@
 //! length, checksum) and guest RAM's file.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::state::VmSnapshot;
 use crate::memory::GuestMemoryMmap;
@@ -155,33 +155,63 @@ pub fn memory_len(memory: &GuestMemoryMmap) -> u64 {
     memory.iter().map(|region| region.len()).sum()
 }
 
-/// Writes guest RAM, region after region, leaving zero pages as holes.
-pub fn write_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-    let mut file = File::create(path).map_err(io("create", path))?;
-    let mut offset = 0u64;
-    for region in memory.iter() {
-        let len = region.len() as usize;
-        let host = region.as_ptr();
-        // SAFETY: `host` points at `len` bytes of a live mapping owned by
-        // `memory`; the vCPUs are paused, so only device emulation in this
-        // thread could change it, and it does not run while we read.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
-        for page in bytes.chunks(PAGE) {
-            if page.iter().any(|byte| *byte != 0) {
-                file.seek(SeekFrom::Start(offset))
-                    .map_err(io("seek", path))?;
-                file.write_all(page).map_err(io("write", path))?;
+/// Writes guest RAM, region after region, leaving zero pages as holes;
+/// pages the guest never touched (absent from `memfd`) are not even read.
+pub fn write_memory(
+    path: &Path,
+    memory: &GuestMemoryMmap,
+    memfd: &File,
+) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let file = File::create(path).map_err(io("create", path))?;
+    file.set_len(memory_len(memory)).map_err(io("size", path))?;
+    let ranges =
+        crate::memory::populated_ranges(memfd, memory).map_err(io("map the RAM of", path))?;
+    let mut page = vec![0u8; PAGE];
+    for (start, len) in ranges {
+        let offset_of = |address: u64| file_offset(memory, address);
+        let mut address = start.0;
+        while address < start.0 + len {
+            let chunk = PAGE.min((start.0 + len - address) as usize);
+            memory
+                .read_slice(&mut page[..chunk], vm_memory::GuestAddress(address))
+                .map_err(|err| SnapshotError::Save {
+                    what: "memory".into(),
+                    detail: format!("guest page {address:#x}: {err}"),
+                })?;
+            if page[..chunk].iter().any(|byte| *byte != 0) {
+                let offset = offset_of(address).ok_or_else(|| SnapshotError::Save {
+                    what: "memory".into(),
+                    detail: format!("guest page {address:#x} is in no region"),
+                })?;
+                file.write_all_at(&page[..chunk], offset)
+                    .map_err(io("write", path))?;
             }
-            offset += page.len() as u64;
+            address += chunk as u64;
         }
     }
-    file.set_len(offset).map_err(io("size", path))?;
     file.sync_all().map_err(io("sync", path))
 }
 
+/// Where guest address `address` is in a memory file (regions back to back).
+fn file_offset(memory: &GuestMemoryMmap, address: u64) -> Option<u64> {
+    let mut offset = 0u64;
+    for region in memory.iter() {
+        let start = region.start_addr().0;
+        if (start..start + region.len()).contains(&address) {
+            return Some(offset + address - start);
+        }
+        offset += region.len();
+    }
+    None
+}
+
 /// Reads a memory file into guest RAM, which must be exactly its size.
+/// Only the file's data extents are read (`SEEK_DATA`/`SEEK_HOLE`): fresh
+/// guest RAM is zero already, and most of an idle guest's file is holes.
 pub fn read_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-    let mut file = File::open(path).map_err(io("open", path))?;
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path).map_err(io("open", path))?;
     let found = file.metadata().map_err(io("stat", path))?.len();
     let expected = memory_len(memory);
     if found != expected {
@@ -191,13 +221,30 @@ pub fn read_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), Snapshot
             expected,
         });
     }
+    let mut region_start = 0u64;
     for region in memory.iter() {
-        let len = region.len() as usize;
+        let len = region.len();
         let host = region.as_ptr();
         // SAFETY: `host` points at `len` bytes of a live, writable mapping
         // owned by `memory`; no vCPU runs yet.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        file.read_exact(bytes).map_err(io("read", path))?;
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+        let mut at = 0u64;
+        while at < len {
+            let Some((data, end)) =
+                crate::memory::next_extent(&file, region_start + at, region_start + len)
+                    .map_err(io("seek in", path))?
+            else {
+                break;
+            };
+            let (from, to) = (
+                (data - region_start) as usize,
+                (end - region_start) as usize,
+            );
+            file.read_exact_at(&mut bytes[from..to], data)
+                .map_err(io("read", path))?;
+            at = end - region_start;
+        }
+        region_start += len;
     }
     Ok(())
 }
@@ -206,7 +253,7 @@ pub fn read_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), Snapshot
 mod tests {
     use super::*;
     use crate::memory::create_guest_ram;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::GuestAddress;
 
     fn sample() -> VmSnapshot {
         VmSnapshot::sample_for_tests()
@@ -265,7 +312,7 @@ mod tests {
         ram.memory
             .write_obj(0x55_u8, GuestAddress(0x2f_ffff))
             .unwrap();
-        write_memory(&path, &ram.memory).unwrap();
+        write_memory(&path, &ram.memory, &ram.memfd).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x20_0000);
         let copy = create_guest_ram(&ranges).unwrap();
         read_memory(&path, &copy.memory).unwrap();
