@@ -10,6 +10,7 @@ pub mod error;
 pub mod host;
 pub mod image;
 pub mod network;
+pub mod snapshot;
 pub mod tenant;
 pub mod vm;
 
@@ -17,6 +18,7 @@ pub use error::{ApiError, ErrorCode};
 pub use host::{AddressGrant, AddressRequest, Host, HostCreate, NetworkReplica};
 pub use image::{Image, ImageCreate};
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};
+pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmState};
 

@@ -142,6 +142,10 @@ pub struct Vm {
     /// Why the VMM last exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// The snapshot the VM resumes from at its next start (a VM restored
+    /// from a snapshot and not started yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
     pub created_at: u64,
 }
 

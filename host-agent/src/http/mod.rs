@@ -11,6 +11,7 @@ mod networks;
 pub mod openapi;
 mod overlay;
 mod port_forwards;
+mod snapshots;
 mod system;
 mod tenants;
 mod uploads;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .merge(networks::routes())
         .merge(port_forwards::routes())
         .merge(hosts::routes())
+        .merge(snapshots::routes())
         .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(

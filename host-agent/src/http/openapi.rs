@@ -6,13 +6,15 @@ use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, Image, ImageCreate,
     Network, NetworkCreate, NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol,
-    Quota, RateLimit, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
-    VmNic, VmState,
+    Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
+    VmCreate, VmDisk, VmEvent, VmNic, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{hosts, images, networks, overlay, port_forwards, system, tenants, uploads, vms};
+use super::{
+    hosts, images, networks, overlay, port_forwards, snapshots, system, tenants, uploads, vms,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,11 +35,12 @@ use super::{hosts, images, networks, overlay, port_forwards, system, tenants, up
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
         hosts::create, hosts::list, hosts::show, hosts::remove,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
+        snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
-        Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant,
+        Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -46,6 +49,7 @@ use super::{hosts, images, networks, overlay, port_forwards, system, tenants, up
         (name = "vms", description = "microVMs"),
         (name = "networks", description = "Tenant virtual networks"),
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
+        (name = "snapshots", description = "Snapshots of VMs, restored into new VMs"),
         (name = "hosts", description = "Peer hosts that networks span (operator only)"),
         (name = "overlay", description = "Host to host: overlay networks and their addresses (peer agents, with this host's operator token)"),
         (name = "system", description = "Health"),
@@ -122,6 +126,10 @@ mod tests {
             "/v1/port-forwards/{id}",
             "/v1/hosts",
             "/v1/hosts/{name}",
+            "/v1/vms/{id}/snapshots",
+            "/v1/snapshots",
+            "/v1/snapshots/{id}",
+            "/v1/snapshots/{id}/restore",
             "/v1/overlay/networks/{id}",
             "/v1/overlay/networks/{id}/addresses",
             "/v1/overlay/networks/{id}/addresses/{address}",

@@ -244,6 +244,7 @@ async fn create_locked(
             root_rate_limit: request.root_rate_limit,
             disks: request.disks,
             nics: request.nics,
+            restore_from: None,
         },
         quota,
     )?;
@@ -302,7 +303,7 @@ pub(crate) async fn list(
 }
 
 /// The caller's VM `id` (id or name; any tenant's, by id, for the operator).
-fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Vm> {
+pub(super) fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Vm> {
     state
         .store
         .get_vm(caller.scope(), id)?

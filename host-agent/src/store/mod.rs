@@ -12,6 +12,7 @@ mod hosts;
 mod images;
 mod networks;
 mod port_forwards;
+mod snapshots;
 mod tenants;
 mod vms;
 
@@ -21,6 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use hosts::Peer;
+pub use snapshots::SavedVm;
 pub use vms::{NewVm, Usage};
 
 /// The schema, one migration per entry; entry N brings the database from
@@ -125,6 +127,20 @@ const MIGRATIONS: &[&str] = &[
         vm TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         PRIMARY KEY (network_id, address)
+     );",
+    // 6: snapshots of VMs (their files are in DATA_DIR/snapshots/ID).
+    "CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        vm_id TEXT NOT NULL,
+        vm_name TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        kernel_args TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
      );",
 ];
 

@@ -137,6 +137,7 @@ mod tests {
                     root_rate_limit: RateLimit::default(),
                     disks: vec![],
                     nics: vec![],
+                    restore_from: None,
                 },
                 Quota::default(),
             )

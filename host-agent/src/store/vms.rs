@@ -19,6 +19,8 @@ pub struct NewVm {
     pub root_rate_limit: RateLimit,
     pub disks: Vec<VmDisk>,
     pub nics: Vec<VmNic>,
+    /// A snapshot the VM resumes from at its first start.
+    pub restore_from: Option<String>,
 }
 
 /// What a tenant's VMs take of its quota (every defined VM counts: a
@@ -31,10 +33,12 @@ pub struct Usage {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Spec {
-    root_rate_limit: RateLimit,
-    disks: Vec<VmDisk>,
-    nics: Vec<VmNic>,
+pub(super) struct Spec {
+    pub(super) root_rate_limit: RateLimit,
+    pub(super) disks: Vec<VmDisk>,
+    pub(super) nics: Vec<VmNic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) restore_from: Option<String>,
 }
 
 const VM_COLUMNS: &str = "id, tenant_id, name, image_id, state, vcpus, memory_mib, kernel_args, spec, pid, last_exit, created_at";
@@ -63,6 +67,7 @@ fn vm_from_row(row: &Row) -> rusqlite::Result<Vm> {
         root_rate_limit: spec.root_rate_limit,
         disks: spec.disks,
         nics: spec.nics,
+        restore_from: spec.restore_from,
         pid: row.get(9)?,
         last_exit: row.get(10)?,
         created_at: row.get(11)?,
@@ -114,6 +119,7 @@ impl Store {
             nics: new.nics.clone(),
             pid: None,
             last_exit: None,
+            restore_from: new.restore_from.clone(),
             created_at: now(),
         };
         tx.execute(
@@ -197,8 +203,8 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a VM's NICs (the agent fills in MACs, addresses, taps).
-    pub fn set_vm_nics(&self, vm: &Vm) -> Result<(), StoreError> {
+    /// Replaces a VM's devices and restore point (its JSON spec).
+    pub fn set_vm_spec(&self, vm: &Vm) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET spec = ?2 WHERE id = ?1",
             params![vm.id, spec_json(vm)?],
@@ -244,6 +250,7 @@ fn spec_json(vm: &Vm) -> Result<String, StoreError> {
         root_rate_limit: vm.root_rate_limit,
         disks: vm.disks.clone(),
         nics: vm.nics.clone(),
+        restore_from: vm.restore_from.clone(),
     })
     .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))
 }
@@ -304,6 +311,7 @@ mod tests {
                 },
             }],
             nics: vec![VmNic::default()],
+            restore_from: None,
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod control;
 pub mod networking;
 mod process;
+pub mod snapshots;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,7 +76,22 @@ pub struct VmPaths {
 
 impl VmPaths {
     pub fn data_disk(&self, index: usize) -> PathBuf {
-        self.dir.join(format!("data{index}.raw"))
+        self.dir.join(data_disk_name(index))
+    }
+}
+
+/// The root disk's file name, in a VM's directory and in a snapshot's.
+pub const ROOT_DISK: &str = "root.raw";
+
+/// Data disk `index`'s file name, in a VM's directory and in a snapshot's.
+pub fn data_disk_name(index: usize) -> String {
+    format!("data{index}.raw")
+}
+
+fn source_name(saved: &Option<PathBuf>, image_rootfs: &str) -> String {
+    match saved {
+        Some(dir) => dir.join(ROOT_DISK).display().to_string(),
+        None => image_rootfs.to_string(),
     }
 }
 
@@ -120,7 +136,7 @@ impl Supervisor {
             control: dir.join("control.sock"),
             console: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
-            root_disk: dir.join("root.raw"),
+            root_disk: dir.join(ROOT_DISK),
             dir,
         }
     }
@@ -149,9 +165,10 @@ impl Supervisor {
         let paths = self.paths(&vm.id);
         self.plug_nics(vm).await?;
         self.prepare_files(vm, image, &paths).await?;
+        let restore = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         // A socket left by a VMM that died cannot be bound over by a file
         // of another kind, but a stale one is replaced by the VMM itself.
-        let spawned = process::spawn(&self.config.vmm_binary, &paths)?;
+        let spawned = process::spawn(&self.config.vmm_binary, &paths, restore.as_deref())?;
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
@@ -162,6 +179,17 @@ impl Supervisor {
                 self.store
                     .set_vm_state(&vm.id, VmState::Running, Some(pid), None)?;
                 self.event(&vm.id, "running", "the VMM answers on its control socket");
+                if let Some(snapshot) = &vm.restore_from {
+                    // Resumed once; from now on the VM boots from its disk.
+                    let mut resumed = vm.clone();
+                    resumed.restore_from = None;
+                    self.store.set_vm_spec(&resumed)?;
+                    self.event(
+                        &vm.id,
+                        "restored",
+                        &format!("resumed from snapshot {snapshot}"),
+                    );
+                }
                 Ok(())
             }
             Err(reason) => Err(SupervisorError::StartFailed(reason)),
@@ -178,8 +206,14 @@ impl Supervisor {
             path: paths.dir.clone(),
             source,
         })?;
+        // A VM restored from a snapshot starts from the snapshot's disks.
+        let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         if !paths.root_disk.exists() {
-            let (source, target) = (PathBuf::from(&image.rootfs), paths.root_disk.clone());
+            let source = match &saved {
+                Some(dir) => dir.join(ROOT_DISK),
+                None => PathBuf::from(&image.rootfs),
+            };
+            let target = paths.root_disk.clone();
             let kind = tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
                 .await
                 .map_err(|err| SupervisorError::Files {
@@ -189,13 +223,28 @@ impl Supervisor {
             self.event(
                 &vm.id,
                 "root_disk",
-                &format!("cloned from {} ({kind:?})", image.rootfs),
+                &format!(
+                    "cloned from {} ({kind:?})",
+                    source_name(&saved, &image.rootfs)
+                ),
             );
         }
         for (index, disk) in vm.disks.iter().enumerate() {
             let path = paths.data_disk(index);
             if !path.exists() {
-                disks::create_data_disk(&path, disk.size_mib)?;
+                match &saved {
+                    Some(dir) => {
+                        let source = dir.join(data_disk_name(index));
+                        let target = path.clone();
+                        tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
+                            .await
+                            .map_err(|err| SupervisorError::Files {
+                                path: path.clone(),
+                                source: std::io::Error::other(err.to_string()),
+                            })??;
+                    }
+                    None => disks::create_data_disk(&path, disk.size_mib)?,
+                }
             }
         }
         let networks = vm
@@ -524,6 +573,7 @@ mod tests {
             nics: vec![],
             pid: None,
             last_exit: None,
+            restore_from: None,
             created_at: 0,
         };
         let config = vmm_config(&vm, &image, &paths, &[]);

@@ -355,6 +355,7 @@ mod tests {
                             ..VmNic::default()
                         },
                     ],
+                    restore_from: None,
                 },
                 Quota::default(),
             )

@@ -82,7 +82,11 @@ impl VmmExit {
 }
 
 /// Starts `nubis-vmm --config` for a VM, detached from the agent.
-pub fn spawn(binary: &Path, paths: &VmPaths) -> Result<Spawned, SupervisorError> {
+pub fn spawn(
+    binary: &Path,
+    paths: &VmPaths,
+    restore: Option<&Path>,
+) -> Result<Spawned, SupervisorError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -95,9 +99,12 @@ pub fn spawn(binary: &Path, paths: &VmPaths) -> Result<Spawned, SupervisorError>
         path: paths.vmm_log.clone(),
         source,
     })?;
-    let child = tokio::process::Command::new(binary)
-        .arg("--config")
-        .arg(&paths.vmm_config)
+    let mut command = tokio::process::Command::new(binary);
+    command.arg("--config").arg(&paths.vmm_config);
+    if let Some(snapshot) = restore {
+        command.arg("--restore").arg(snapshot);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

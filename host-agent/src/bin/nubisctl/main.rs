@@ -62,6 +62,9 @@ enum Command {
     /// Peer hosts that networks span (operator).
     #[command(subcommand)]
     Host(HostCommand),
+    /// Snapshots of VMs.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// The agent's Prometheus metrics (operator).
     Metrics,
     /// The agent's OpenAPI document.
@@ -110,6 +113,28 @@ enum NetworkCommand {
     },
     Delete {
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshots a running or paused VM (it runs on).
+    Create {
+        vm: String,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// A new VM that resumes from the snapshot when started.
+    Restore {
+        id: String,
+        /// The new VM's name.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -503,6 +528,27 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &client.call("DELETE", &format!("/v1/networks/{id}"), None)?,
                 &format!("network {id} deleted"),
             ),
+        },
+        Command::Snapshot(command) => match command {
+            SnapshotCommand::Create { vm } => {
+                out.object(&client.call("POST", &format!("/v1/vms/{vm}/snapshots"), None)?)
+            }
+            SnapshotCommand::List => out.table(
+                &client.call("GET", "/v1/snapshots", None)?,
+                &["id", "vm_name", "vcpus", "memory_mib", "size_bytes"],
+            ),
+            SnapshotCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/snapshots/{id}"), None)?)
+            }
+            SnapshotCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/snapshots/{id}"), None)?,
+                &format!("snapshot {id} deleted"),
+            ),
+            SnapshotCommand::Restore { id, name } => out.object(&client.call(
+                "POST",
+                &format!("/v1/snapshots/{id}/restore"),
+                Some(&json!({ "name": name })),
+            )?),
         },
         Command::Host(command) => match command {
             HostCommand::Add {
