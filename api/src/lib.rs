@@ -9,6 +9,7 @@
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod migration;
 pub mod network;
 pub mod snapshot;
 pub mod tenant;
@@ -17,6 +18,7 @@ pub mod vm;
 pub use error::{ApiError, ErrorCode};
 pub use host::{AddressGrant, AddressRequest, Host, HostCreate, NetworkReplica};
 pub use image::{Image, ImageCreate};
+pub use migration::{IncomingMigration, IncomingReady, Migration, MigrationCreate};
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};

@@ -120,6 +120,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         metrics: Default::default(),
         data_dir,
         peers: Default::default(),
+        migrations: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use nubis_api::{AddressGrant, AddressRequest, ApiError, ErrorCode, Network, NetworkReplica};
+use nubis_api::{
+    AddressGrant, AddressRequest, ApiError, ErrorCode, IncomingMigration, IncomingReady, Network,
+    NetworkReplica, Vm,
+};
 use serde::de::DeserializeOwned;
 
 use crate::store::Peer;
@@ -180,5 +183,50 @@ impl PeerClient {
         self.call::<serde_json::Value>(home, reqwest::Method::DELETE, &path, None)
             .await
             .map(|_| ())
+    }
+
+    /// Asks the peer to receive a VM: it prepares the VM and a VMM that
+    /// waits for ours.
+    pub async fn incoming(
+        &self,
+        peer: &Peer,
+        incoming: &IncomingMigration,
+    ) -> Result<IncomingReady, PeerError> {
+        self.call(
+            peer,
+            reqwest::Method::POST,
+            "/v1/overlay/migrations",
+            Self::json(incoming),
+        )
+        .await?
+        .ok_or_else(|| Self::garbled(peer, "listen address"))
+    }
+
+    /// Tells the peer that the VM it received is handed over.
+    pub async fn incoming_done(&self, peer: &Peer, vm_id: &str) -> Result<(), PeerError> {
+        let path = format!("/v1/overlay/migrations/{vm_id}");
+        self.call::<serde_json::Value>(peer, reqwest::Method::PUT, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Tells the peer to drop the VM it was receiving.
+    pub async fn incoming_abort(&self, peer: &Peer, vm_id: &str) -> Result<(), PeerError> {
+        let path = format!("/v1/overlay/migrations/{vm_id}");
+        match self
+            .call::<serde_json::Value>(peer, reqwest::Method::DELETE, &path, None)
+            .await
+        {
+            Err(err) if err.code() == Some(ErrorCode::NotFound) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// The peer's record of a VM (as its operator sees it).
+    pub async fn vm(&self, peer: &Peer, vm_id: &str) -> Result<Vm, PeerError> {
+        let path = format!("/v1/vms/{vm_id}");
+        self.call(peer, reqwest::Method::GET, &path, None)
+            .await?
+            .ok_or_else(|| Self::garbled(peer, "VM"))
     }
 }

@@ -7,6 +7,7 @@
 mod hosts;
 mod images;
 pub mod metrics;
+mod migrations;
 mod networks;
 pub mod openapi;
 mod overlay;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Calls to peer hosts.
     pub peers: Arc<crate::peers::PeerClient>,
+    /// Migrations this host drives.
+    pub migrations: Arc<migrations::Migrations>,
 }
 
 /// The whole API.
@@ -59,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .merge(port_forwards::routes())
         .merge(hosts::routes())
         .merge(snapshots::routes())
+        .merge(migrations::routes())
         .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(

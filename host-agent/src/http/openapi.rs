@@ -5,15 +5,17 @@
 use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, Image, ImageCreate,
-    Network, NetworkCreate, NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol,
-    Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
-    VmCreate, VmDisk, VmEvent, VmNic, VmState,
+    IncomingMigration, IncomingReady, Migration, MigrationCreate, Network, NetworkCreate,
+    NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol, Quota, RateLimit, Snapshot,
+    SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
+    VmNic, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    hosts, images, networks, overlay, port_forwards, snapshots, system, tenants, uploads, vms,
+    hosts, images, migrations, networks, overlay, port_forwards, snapshots, system, tenants,
+    uploads, vms,
 };
 
 #[derive(OpenApi)]
@@ -36,11 +38,14 @@ use super::{
         hosts::create, hosts::list, hosts::show, hosts::remove,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
+        migrations::create, migrations::show, migrations::cancel,
+        overlay::incoming, overlay::incoming_done, overlay::incoming_abort,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
         Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
+        Migration, MigrationCreate, IncomingMigration, IncomingReady,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -130,6 +135,9 @@ mod tests {
             "/v1/snapshots",
             "/v1/snapshots/{id}",
             "/v1/snapshots/{id}/restore",
+            "/v1/vms/{id}/migration",
+            "/v1/overlay/migrations",
+            "/v1/overlay/migrations/{id}",
             "/v1/overlay/networks/{id}",
             "/v1/overlay/networks/{id}/addresses",
             "/v1/overlay/networks/{id}/addresses/{address}",

@@ -34,6 +34,217 @@ pub fn routes() -> Router<AppState> {
             "/v1/overlay/networks/{id}/addresses/{address}",
             delete(release),
         )
+        .route("/v1/overlay/migrations", post(incoming))
+        .route(
+            "/v1/overlay/migrations/{id}",
+            put(incoming_done).delete(incoming_abort),
+        )
+}
+
+/// A free TCP port on `address` (the VMM binds it right after).
+fn free_port(address: Ipv4Addr) -> Result<u16> {
+    std::net::TcpListener::bind((address, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|local| local.port())
+        .map_err(|err| {
+            HttpError::new(
+                ErrorCode::Internal,
+                format!("no free port on {address}: {err}"),
+            )
+        })
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/overlay/migrations",
+    tag = "overlay",
+    request_body = nubis_api::IncomingMigration,
+    responses(
+        (status = 201, description = "a VMM waits for the source", body = nubis_api::IncomingReady),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 409, description = "the VM exists here, its image is not registered here, or this host does not carry its networks", body = ApiError),
+        (status = 422, description = "this host has no underlay", body = ApiError),
+        (status = 429, description = "the tenant's quota here is exceeded", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn incoming(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(request): Body<nubis_api::IncomingMigration>,
+) -> Result<(StatusCode, Json<nubis_api::IncomingReady>)> {
+    caller.require_operator()?;
+    let local = local_underlay(&state)?;
+    let vm = &request.vm;
+    validate::name("vm.name", &vm.name, false)?;
+    validate::name("vm.id", &vm.id, false)?;
+    let conflict = |message: String| HttpError::new(ErrorCode::Conflict, message);
+    if state.store.get_vm(None, &vm.id)?.is_some() {
+        return Err(conflict(format!("VM {} exists here", vm.id)));
+    }
+    let tenant = &request.tenant;
+    match state.store.get_tenant(&tenant.id)? {
+        Some(known) if known.name != tenant.name => {
+            return Err(conflict(format!(
+                "tenant {} is '{}' here, not '{}'",
+                tenant.id, known.name, tenant.name
+            )))
+        }
+        Some(_) => {}
+        None => state.store.create_tenant_with_id(tenant)?,
+    }
+    let image = state
+        .store
+        .get_image(&tenant.id, &request.image.name)?
+        .ok_or_else(|| {
+            conflict(format!(
+                "the tenant has no image '{}' on this host: register it here first",
+                request.image.name
+            ))
+        })?;
+    for (index, nic) in vm.nics.iter().enumerate() {
+        let carried = match &nic.network {
+            Some(id) => state
+                .store
+                .get_network(None, id)?
+                .and_then(|net| net.overlay)
+                .is_some_and(|overlay| overlay.hosts.contains(&local.to_string())),
+            None => false,
+        };
+        if !carried {
+            return Err(conflict(format!(
+                "NIC {index} is on {}, which this host does not carry",
+                nic.network
+                    .as_deref()
+                    .unwrap_or("the tenant's default bridge")
+            )));
+        }
+    }
+    let quota = state
+        .store
+        .get_tenant(&tenant.id)?
+        .map(|tenant| tenant.quota)
+        .unwrap_or(tenant.quota);
+    let created = state.store.create_vm_with_id(
+        &vm.id,
+        &crate::store::NewVm {
+            tenant_id: tenant.id.clone(),
+            name: vm.name.clone(),
+            image_id: image.id.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel_args: vm.kernel_args.clone(),
+            root_rate_limit: vm.root_rate_limit,
+            disks: vm.disks.clone(),
+            nics: vm.nics.clone(),
+            restore_from: None,
+        },
+        quota,
+    )?;
+    state.store.add_event(
+        &created.id,
+        "created",
+        &format!("migrating in from {}", request.source),
+    )?;
+    let port = free_port(local)?;
+    let listen = format!("{local}:{port}");
+    let token = crate::store::random_hex(24);
+    let prepared = async {
+        state.supervisor.reconcile_network().await?;
+        state
+            .supervisor
+            .receive(&created, &image, &listen, &token)
+            .await
+    };
+    if let Err(err) = prepared.await {
+        state.supervisor.remove_files(&created)?;
+        state.store.delete_vm(&created.id)?;
+        if let Err(again) = state.supervisor.reconcile_network().await {
+            tracing::error!(vm = %created.id, "cannot undo the VM's network rules: {again}");
+        }
+        return Err(err.into());
+    }
+    tracing::info!(vm = %created.id, %listen, source = %request.source, "receiving a VM");
+    Ok((
+        StatusCode::CREATED,
+        Json(nubis_api::IncomingReady { listen, token }),
+    ))
+}
+
+fn incoming_vm(state: &AppState, id: &str) -> Result<nubis_api::Vm> {
+    state
+        .store
+        .get_vm(None, id)?
+        .ok_or_else(|| HttpError::not_found("VM", id))
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/overlay/migrations/{id}",
+    tag = "overlay",
+    params(("id" = String, Path, description = "the VM's id")),
+    responses(
+        (status = 204, description = "the VM runs here now"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such VM here", body = ApiError),
+        (status = 409, description = "its VMM is not running", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn incoming_done(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    caller.require_operator()?;
+    let vm = incoming_vm(&state, &id)?;
+    if !vm.state.has_process() {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            format!("VM {id} has no VMM here ({})", vm.state.as_str()),
+        ));
+    }
+    state.supervisor.incoming_done(&vm, "its source")?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/overlay/migrations/{id}",
+    tag = "overlay",
+    params(("id" = String, Path, description = "the VM's id")),
+    responses(
+        (status = 204, description = "the VM being received is gone"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError),
+        (status = 404, description = "no such VM here", body = ApiError),
+        (status = 409, description = "the VM runs here (the hand-over happened)", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn incoming_abort(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    caller.require_operator()?;
+    let vm = incoming_vm(&state, &id)?;
+    let _guard = state.supervisor.lock(&vm.id).await;
+    let vm = incoming_vm(&state, &id)?;
+    if vm.state == nubis_api::VmState::Running {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            format!("VM {id} runs here: it was handed over"),
+        ));
+    }
+    state.supervisor.incoming_abort(&vm).await?;
+    state.store.delete_vm(&vm.id)?;
+    state.supervisor.reconcile_network().await?;
+    tracing::info!(vm = %id, "migration in abandoned");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// This host's underlay address, which overlay networks need.

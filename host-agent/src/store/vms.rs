@@ -78,6 +78,12 @@ impl Store {
     /// Defines a VM if the tenant's quota allows it (checked and inserted
     /// in one transaction, so concurrent requests cannot both squeeze in).
     pub fn create_vm(&self, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
+        self.create_vm_with_id(&new_id("vm"), new, quota)
+    }
+
+    /// [`Store::create_vm`] with a given id: a VM migrating in keeps the
+    /// id it had on its source host.
+    pub fn create_vm_with_id(&self, id: &str, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let usage = usage(&tx, &new.tenant_id)?;
@@ -106,7 +112,7 @@ impl Store {
             ));
         }
         let vm = Vm {
-            id: new_id("vm"),
+            id: id.to_string(),
             tenant_id: new.tenant_id.clone(),
             name: new.name.clone(),
             image_id: new.image_id.clone(),

@@ -8,6 +8,7 @@
 //! proceed in parallel. A watcher task per VMM records its exit.
 
 pub mod control;
+pub mod migration;
 pub mod networking;
 mod process;
 pub mod snapshots;
@@ -164,11 +165,15 @@ impl Supervisor {
         }
         let paths = self.paths(&vm.id);
         self.plug_nics(vm).await?;
-        self.prepare_files(vm, image, &paths).await?;
+        self.prepare_files(vm, image, &paths, false).await?;
         let restore = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
+        let launch = match &restore {
+            Some(dir) => process::Launch::Restore(dir),
+            None => process::Launch::Boot,
+        };
         // A socket left by a VMM that died cannot be bound over by a file
         // of another kind, but a stale one is replaced by the VMM itself.
-        let spawned = process::spawn(&self.config.vmm_binary, &paths, restore.as_deref())?;
+        let spawned = process::spawn(&self.config.vmm_binary, &paths, &launch)?;
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
@@ -196,16 +201,22 @@ impl Supervisor {
         }
     }
 
+    /// The VM's directory, disks and VMM config; a VM `receiving` a
+    /// migration gets its disks from the source instead.
     async fn prepare_files(
         &self,
         vm: &Vm,
         image: &Image,
         paths: &VmPaths,
+        receiving: bool,
     ) -> Result<(), SupervisorError> {
         std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
             path: paths.dir.clone(),
             source,
         })?;
+        if receiving {
+            return self.write_vmm_config(vm, image, paths);
+        }
         // A VM restored from a snapshot starts from the snapshot's disks.
         let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         if !paths.root_disk.exists() {
@@ -247,6 +258,15 @@ impl Supervisor {
                 }
             }
         }
+        self.write_vmm_config(vm, image, paths)
+    }
+
+    fn write_vmm_config(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        paths: &VmPaths,
+    ) -> Result<(), SupervisorError> {
         let networks = vm
             .nics
             .iter()

@@ -82,11 +82,18 @@ impl VmmExit {
 }
 
 /// Starts `nubis-vmm --config` for a VM, detached from the agent.
-pub fn spawn(
-    binary: &Path,
-    paths: &VmPaths,
-    restore: Option<&Path>,
-) -> Result<Spawned, SupervisorError> {
+/// How a VMM starts its VM.
+pub enum Launch<'a> {
+    /// Boots the kernel.
+    Boot,
+    /// Resumes a snapshot (`--restore`).
+    Restore(&'a Path),
+    /// Receives a live migration (`--migrate-listen`, its token in the
+    /// environment, never on the command line).
+    Receive { listen: &'a str, token: &'a str },
+}
+
+pub fn spawn(binary: &Path, paths: &VmPaths, launch: &Launch) -> Result<Spawned, SupervisorError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -101,8 +108,17 @@ pub fn spawn(
     })?;
     let mut command = tokio::process::Command::new(binary);
     command.arg("--config").arg(&paths.vmm_config);
-    if let Some(snapshot) = restore {
-        command.arg("--restore").arg(snapshot);
+    match launch {
+        Launch::Boot => {}
+        Launch::Restore(snapshot) => {
+            command.arg("--restore").arg(snapshot);
+        }
+        Launch::Receive { listen, token } => {
+            command
+                .arg("--migrate-listen")
+                .arg(listen)
+                .env("NUBIS_MIGRATION_TOKEN", token);
+        }
     }
     let child = command
         .stdin(Stdio::null())

@@ -1,0 +1,407 @@
+//! `/v1/vms/{id}/migration`: moves a running VM to another host without
+//! stopping it. This host drives it: the destination agent prepares the VM
+//! and a VMM that waits (`/v1/overlay/migrations`), this host's VMM sends
+//! RAM, disks and state (see `vmm/src/migration`), and once the destination
+//! runs the guest the VM is gone from here. Until then a failure leaves
+//! the VM running here and nothing on the destination.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use nubis_api::{ApiError, ErrorCode, IncomingMigration, Migration, MigrationCreate, Vm, VmState};
+
+use super::hosts::peer_failed;
+use super::{overlay, vms, AppState, Body, Caller, HttpError, Result};
+use crate::store::Peer;
+use crate::supervisor::control;
+use crate::supervisor::networking::nic_address;
+
+/// The migrations this host drives (or drove), by VM id.
+#[derive(Default)]
+pub struct Migrations(Mutex<HashMap<String, Migration>>);
+
+impl Migrations {
+    fn get(&self, vm_id: &str) -> Option<Migration> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm_id)
+            .cloned()
+    }
+
+    fn set(&self, migration: Migration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(migration.vm_id.clone(), migration);
+    }
+
+    fn update(&self, vm_id: &str, change: impl FnOnce(&mut Migration)) {
+        if let Some(migration) = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(vm_id)
+        {
+            change(migration);
+        }
+    }
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route(
+        "/v1/vms/{id}/migration",
+        get(show).post(create).delete(cancel),
+    )
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/migration",
+    tag = "vms",
+    params(("id" = String, Path, description = "the VM's id (or name)")),
+    request_body = MigrationCreate,
+    responses(
+        (status = 202, description = "started; GET shows its progress", body = Migration),
+        (status = 400, description = "invalid input", body = ApiError),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+        (status = 409, description = "the VM is not running, a migration runs, or the destination does not carry its networks", body = ApiError),
+        (status = 422, description = "this host has no underlay", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(request): Body<MigrationCreate>,
+) -> Result<(StatusCode, Json<Migration>)> {
+    let vm = vms::find(&state, &caller, &id)?;
+    overlay::local_underlay(&state)?;
+    let peer = state.store.get_host(&request.host)?.ok_or_else(|| {
+        ApiError::invalid(
+            "host",
+            format!("no host '{}' (see /v1/hosts)", request.host),
+        )
+    })?;
+    if vm.state != VmState::Running {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            format!(
+                "VM {} is {}: only a running VM migrates",
+                vm.id,
+                vm.state.as_str()
+            ),
+        ));
+    }
+    if state.migrations.get(&vm.id).is_some_and(|m| !m.is_over()) {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            "a migration of this VM runs",
+        ));
+    }
+    for (index, nic) in vm.nics.iter().enumerate() {
+        let spans = match &nic.network {
+            Some(network) => state
+                .store
+                .get_network(None, network)?
+                .and_then(|net| net.overlay)
+                .is_some_and(|overlay| overlay.hosts.contains(&peer.host.address)),
+            None => false,
+        };
+        if !spans {
+            return Err(HttpError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "NIC {index} is on a network that host '{}' does not carry",
+                    peer.host.name
+                ),
+            ));
+        }
+    }
+    let migration = Migration {
+        vm_id: vm.id.clone(),
+        tenant_id: vm.tenant_id.clone(),
+        host: peer.host.name.clone(),
+        phase: "preparing".into(),
+        rounds: 0,
+        bytes_sent: 0,
+        dirty_pages: 0,
+        expected_downtime_ms: 0,
+        downtime_ms: None,
+        elapsed_ms: 0,
+        error: None,
+    };
+    state.migrations.set(migration.clone());
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let vm_id = vm.id.clone();
+        let outcome = drive(&task_state, vm, &peer, request.downtime_ms, started).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(()) => task_state.migrations.update(&vm_id, |m| {
+                m.phase = "completed".into();
+                m.elapsed_ms = elapsed_ms;
+            }),
+            Err(err) => {
+                tracing::warn!(vm = %vm_id, "migration failed: {}", err.0.error.message);
+                task_state.migrations.update(&vm_id, |m| {
+                    if !m.is_over() || m.phase == "completed" {
+                        m.phase = "failed".into();
+                    }
+                    m.error = Some(err.0.error.message.clone());
+                    m.elapsed_ms = elapsed_ms;
+                })
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(migration)))
+}
+
+/// How often the VMM's progress is read.
+const POLL: Duration = Duration::from_millis(100);
+
+async fn drive(
+    state: &AppState,
+    vm: Vm,
+    peer: &Peer,
+    downtime_ms: Option<u64>,
+    started: Instant,
+) -> Result<()> {
+    let _guard = state.supervisor.lock(&vm.id).await;
+    let failed = |message: String| HttpError::new(ErrorCode::Internal, message);
+    let tenant = state
+        .store
+        .get_tenant(&vm.tenant_id)?
+        .ok_or_else(|| failed("the VM's tenant is gone".into()))?;
+    let image = state
+        .store
+        .get_image(&vm.tenant_id, &vm.image_id)?
+        .ok_or_else(|| failed("the VM's image is gone".into()))?;
+    let local = overlay::local_underlay(state)?;
+    let ready = state
+        .peers
+        .incoming(
+            peer,
+            &IncomingMigration {
+                vm: vm.clone(),
+                tenant,
+                image,
+                source: local.to_string(),
+            },
+        )
+        .await
+        .map_err(peer_failed)?;
+    let socket = state.supervisor.paths(&vm.id).control;
+    let request = serde_json::json!({
+        "command": "migrate", "to": ready.listen, "token": ready.token, "disks": "copy",
+        "downtime_ms": downtime_ms.unwrap_or(100),
+    });
+    if let Err(err) = control::request(&socket, request).await {
+        abort_destination(state, peer, &vm.id).await;
+        return Err(crate::supervisor::SupervisorError::from(err).into());
+    }
+    // Follow the VMM until its migration ends; the VMM exits right after a
+    // hand-over, so a vanished control socket means "look at its exit".
+    let phase = loop {
+        tokio::time::sleep(POLL).await;
+        match control::command(&socket, "migration_status").await {
+            Ok(answer) => {
+                let progress = &answer["migration"];
+                let phase = progress["phase"].as_str().unwrap_or("").to_string();
+                state.migrations.update(&vm.id, |m| {
+                    m.phase = phase.clone();
+                    m.rounds = progress["rounds"].as_u64().unwrap_or(0) as u32;
+                    m.bytes_sent = progress["bytes_sent"].as_u64().unwrap_or(0);
+                    m.dirty_pages = progress["dirty_pages"].as_u64().unwrap_or(0);
+                    m.expected_downtime_ms = progress["expected_downtime_ms"].as_u64().unwrap_or(0);
+                    m.downtime_ms = progress["downtime_ms"].as_u64();
+                    m.error = progress["error"].as_str().map(str::to_string);
+                    m.elapsed_ms = started.elapsed().as_millis() as u64;
+                });
+                if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
+                    break phase;
+                }
+            }
+            Err(_) => break exited_phase(state, &vm.id).await,
+        }
+    };
+    match phase.as_str() {
+        "completed" => finish(state, &vm, peer, local).await,
+        "unconfirmed" => {
+            // Does the destination run it? Then it is there; otherwise it
+            // runs on here.
+            let there = state.peers.vm(peer, &vm.id).await;
+            if there.is_ok_and(|remote| remote.state.has_process()) {
+                let _ = control::command(&socket, "stop").await;
+                finish(state, &vm, peer, local).await
+            } else {
+                let _ = control::command(&socket, "resume").await;
+                abort_destination(state, peer, &vm.id).await;
+                Err(failed(
+                    "the hand-over was not confirmed; the VM runs on here".into(),
+                ))
+            }
+        }
+        _ => {
+            abort_destination(state, peer, &vm.id).await;
+            let error = state
+                .migrations
+                .get(&vm.id)
+                .and_then(|m| m.error)
+                .unwrap_or_else(|| format!("the migration ended {phase}"));
+            state.migrations.update(&vm.id, |m| m.phase = phase.clone());
+            Err(failed(error))
+        }
+    }
+}
+
+/// After the VMM went: "completed" when it left for the destination.
+async fn exited_phase(state: &AppState, vm_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(vm)) = state.store.get_vm(None, vm_id) {
+            if !vm.state.has_process() {
+                let migrated = vm
+                    .last_exit
+                    .as_deref()
+                    .is_some_and(|exit| exit.contains("migrated to"));
+                return if migrated { "completed" } else { "failed" }.into();
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    "failed".into()
+}
+
+async fn abort_destination(state: &AppState, peer: &Peer, vm_id: &str) {
+    if let Err(err) = state.peers.incoming_abort(peer, vm_id).await {
+        tracing::error!(
+            vm = vm_id,
+            "cannot drop the VM on host '{}': {err}",
+            peer.host.name
+        );
+    }
+}
+
+/// The VM runs on the destination: tell it, hand its addresses over, and
+/// forget the VM here.
+async fn finish(state: &AppState, vm: &Vm, peer: &Peer, local: std::net::Ipv4Addr) -> Result<()> {
+    state
+        .peers
+        .incoming_done(peer, &vm.id)
+        .await
+        .map_err(peer_failed)?;
+    for nic in &vm.nics {
+        let (Some(network), Some(address)) =
+            (&nic.network, nic.address.as_deref().and_then(nic_address))
+        else {
+            continue;
+        };
+        let Some(net) = state.store.get_network(None, network)? else {
+            continue;
+        };
+        let Some(home) = net.overlay.as_ref().map(|overlay| overlay.home.clone()) else {
+            continue;
+        };
+        if home == local.to_string() {
+            // This host keeps the network's addresses: this one is the
+            // destination's now.
+            state
+                .store
+                .grant_address(&net.id, address, &peer.host.address, &vm.name)?;
+        } else if home == peer.host.address {
+            // The destination is the home: the address it granted to this
+            // host is its own VM's again.
+            if let Err(err) = state
+                .peers
+                .release_address(peer, &net.id, address, local)
+                .await
+            {
+                tracing::warn!(vm = %vm.id, "cannot return {address} to its home: {err}");
+            }
+        }
+    }
+    let vm = state
+        .store
+        .get_vm(None, &vm.id)?
+        .unwrap_or_else(|| vm.clone());
+    if vm.state.has_process() {
+        state.supervisor.stop(&vm, true).await?;
+    }
+    state.supervisor.remove_files(&vm)?;
+    state.store.delete_vm(&vm.id)?;
+    state.supervisor.reconcile_network().await?;
+    tracing::info!(vm = %vm.id, host = %peer.host.name, "VM migrated away");
+    Ok(())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}/migration",
+    tag = "vms",
+    params(("id" = String, Path, description = "the VM's id")),
+    responses(
+        (status = 200, description = "the VM's last migration from this host", body = Migration),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no migration of this VM from this host", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Migration>> {
+    // The VM is gone from here once migrated: the record of its migration
+    // is found by id; a tenant sees only its own.
+    let migration = state
+        .migrations
+        .get(&id)
+        .ok_or_else(|| HttpError::not_found("migration of VM", &id))?;
+    if caller
+        .scope()
+        .is_some_and(|tenant| tenant != migration.tenant_id)
+    {
+        return Err(HttpError::not_found("migration of VM", &id));
+    }
+    Ok(Json(migration))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{id}/migration",
+    tag = "vms",
+    params(("id" = String, Path, description = "the VM's id (or name)")),
+    responses(
+        (status = 204, description = "cancelled: the VM runs on here"),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+        (status = 409, description = "no migration runs", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let vm = vms::find(&state, &caller, &id)?;
+    if state.migrations.get(&vm.id).is_none_or(|m| m.is_over()) {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            "no migration of this VM runs",
+        ));
+    }
+    control::command(&state.supervisor.paths(&vm.id).control, "migrate_cancel")
+        .await
+        .map_err(crate::supervisor::SupervisorError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
