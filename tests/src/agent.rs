@@ -341,6 +341,27 @@ pub fn tenant_token(agent: &Agent, id: &str) -> String {
     expect(&token, 201)["token"].as_str().unwrap().to_string()
 }
 
+/// Registers host `name` (underlay `address`, its agent on `port` there,
+/// operator token `token`) as a peer of `agent`.
+pub fn register_peer(
+    agent: &Agent,
+    name: &str,
+    address: std::net::Ipv4Addr,
+    port: u16,
+    token: &str,
+) -> Value {
+    let reply = agent.call(
+        "POST",
+        "/v1/hosts",
+        Some(&agent.operator_token),
+        Some(
+            &serde_json::json!({"name": name, "address": address.to_string(),
+                     "api_url": format!("http://{address}:{port}"), "token": token}),
+        ),
+    );
+    expect(&reply, 201).clone()
+}
+
 /// Registers the test guest image as "busybox" for `token`'s tenant, with
 /// a writable root (guests write their test files to it).
 pub fn busybox_image(agent: &Agent, token: &str, images: &crate::GuestImages) {

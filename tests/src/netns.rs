@@ -121,6 +121,19 @@ impl Drop for NetNs {
     }
 }
 
+/// A simulated host: namespace `name` (made unique per test process) with
+/// a management link to this namespace, 10.97.`subnet`.1/30 here and .2 in
+/// it, over which the tests reach its agent.
+pub fn simulated_host(name: &str, subnet: u8) -> NetNs {
+    let mut netns = NetNs::create(&crate::net::interface_name(name));
+    netns.link_to_host(
+        &crate::net::interface_name(&format!("{name}m")),
+        &format!("10.97.{subnet}.1/30"),
+        &format!("10.97.{subnet}.2/30"),
+    );
+    netns
+}
+
 /// An HTTP server on port `port` inside a namespace (python3's
 /// http.server): `GET /whoami` answers the client's address as the server
 /// sees it (to check NAT), `GET /go` answers "go" once `flag` exists and

@@ -11,10 +11,10 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use nubis_tests::agent::{
-    busybox_image, console_value, expect, network_vm, tenant, tenant_token, wait_for_console,
-    Agent, RemoteHost,
+    busybox_image, console_value, expect, network_vm, register_peer, tenant, tenant_token,
+    wait_for_console, Agent, RemoteHost,
 };
-use nubis_tests::netns::NetNs;
+use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
 
@@ -39,17 +39,6 @@ const X_SCRIPT: &str = "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mt
     n=0; until ping -c1 -W1 10.60.0.3 >/dev/null; do n=$((n+1)); [ $n -gt 300 ] && break; done; echo PING_Y $n; \
     n=0; until wget -q -O /tmp/b http://10.60.0.3:8080/blob; do n=$((n+1)); [ $n -gt 120 ] && break; sleep 1; done; \
     echo GOT $(md5sum < /tmp/b); echo X_DONE; read x";
-
-/// A simulated host: its namespace, with a management link to this one.
-fn host(name: &str, subnet: u8) -> NetNs {
-    let mut netns = NetNs::create(&nubis_tests::net::interface_name(name));
-    netns.link_to_host(
-        &nubis_tests::net::interface_name(&format!("{name}m")),
-        &format!("10.97.{subnet}.1/30"),
-        &format!("10.97.{subnet}.2/30"),
-    );
-    netns
-}
 
 fn links(netns: &NetNs) -> String {
     String::from_utf8_lossy(&netns.run("ip", &["-br", "link"]).stdout).to_string()
@@ -79,17 +68,6 @@ fn flood_entries(netns: &NetNs, vxlan: &str) -> Vec<String> {
         .collect()
 }
 
-fn register(agent: &Agent, name: &str, address: Ipv4Addr, token: &str) -> Value {
-    let reply = agent.call(
-        "POST",
-        "/v1/hosts",
-        Some(&agent.operator_token),
-        Some(&json!({"name": name, "address": address.to_string(),
-                     "api_url": format!("http://{address}:{PORT}"), "token": token})),
-    );
-    expect(&reply, 201).clone()
-}
-
 #[test]
 fn a_network_spans_two_hosts_over_vxlan() {
     require_kvm();
@@ -97,8 +75,8 @@ fn a_network_spans_two_hosts_over_vxlan() {
     let dir = TestDir::new("agent-overlay");
     let image_dir = images.vmlinux.parent().unwrap().to_path_buf();
 
-    let host_a = host("nbha", 1);
-    let host_b = host("nbhb", 2);
+    let host_a = simulated_host("nbha", 1);
+    let host_b = simulated_host("nbhb", 2);
     host_a.link_to(
         &host_b,
         "under",
@@ -157,8 +135,8 @@ fn a_network_spans_two_hosts_over_vxlan() {
         (502, "peer_failed"),
         "{absent:?}"
     );
-    register(&agent_a, "b", UNDERLAY_B, TOKEN_B);
-    register(&agent_b, "a", UNDERLAY_A, TOKEN_A);
+    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
+    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
     let again = agent_a.call(
         "POST",
         "/v1/hosts",

@@ -230,7 +230,18 @@ async fn drive(
                     break phase;
                 }
             }
-            Err(_) => break exited_phase(state, &vm.id).await,
+            Err(_) => {
+                let phase = exited_phase(state, &vm.id).await;
+                // The VMM is gone; its log has the pause the guest saw.
+                let log = std::fs::read_to_string(state.supervisor.paths(&vm.id).vmm_log)
+                    .unwrap_or_default();
+                if let Some(downtime) = downtime_in_log(&log) {
+                    state
+                        .migrations
+                        .update(&vm.id, |m| m.downtime_ms = Some(downtime));
+                }
+                break phase;
+            }
         }
     };
     match phase.as_str() {
@@ -261,6 +272,16 @@ async fn drive(
             Err(failed(error))
         }
     }
+}
+
+/// The pause of a completed migration, from the VMM's last log line about
+/// it ("migrated to ADDR in N ms, guest paused D ms").
+fn downtime_in_log(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find_map(|line| line.split("guest paused ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|ms| ms.parse().ok())
 }
 
 /// After the VMM went: "completed" when it left for the destination.
@@ -404,4 +425,19 @@ pub(crate) async fn cancel(
         .await
         .map_err(crate::supervisor::SupervisorError::from)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_downtime_is_read_from_the_vmm_log() {
+        let log = "[nubis-vmm 1.0 ms INFO ] migrating to 10.0.0.2:7100\n\
+                   [nubis-vmm 812.2 ms INFO ] migrated to 10.0.0.2:7100 in 640 ms, guest paused 37 ms\n\
+                   [nubis-vmm 812.9 ms INFO ] VM stopped: migrated to 10.0.0.2:7100\n";
+        assert_eq!(downtime_in_log(log), Some(37));
+        assert_eq!(downtime_in_log("no migration here"), None);
+        assert_eq!(downtime_in_log("guest paused lots ms"), None);
+    }
 }

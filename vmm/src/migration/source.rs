@@ -229,7 +229,20 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
         .map_err(failed)?
         .next()
         .ok_or_else(|| failed(std::io::Error::other("no address")))?;
-    let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).map_err(failed)?;
+    // A destination VMM started a moment ago may not listen yet.
+    let start = Instant::now();
+    let stream = loop {
+        match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+            Ok(stream) => break stream,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < CONNECT_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(err) => return Err(failed(err)),
+        }
+    };
     stream.set_nodelay(true).map_err(failed)?;
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))

@@ -1,0 +1,304 @@
+//! Live migration through the agents (issue #6): two simulated hosts
+//! (network namespaces with an agent each, an underlay veth), a tenant's
+//! network spanning both, and a VM with a NIC on it running the counting
+//! test guest. `POST /v1/vms/{id}/migration` moves it from A to B while it
+//! runs: it keeps its id, MAC and address, its count goes on from where it
+//! was on A, and it is gone from A; then it moves back. A VM whose NIC the
+//! destination does not carry, and a stopped VM, are refused.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nubis_tests::agent::{expect, register_peer, tenant, tenant_token, Agent, RemoteHost};
+use nubis_tests::guest::Program;
+use nubis_tests::netns::simulated_host;
+use nubis_tests::{require_kvm, TestDir};
+use serde_json::{json, Value};
+
+const PORT: u16 = 8181;
+const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const TOKEN_A: &str = "host-a-operator-token-0001";
+const TOKEN_B: &str = "host-b-operator-token-0002";
+/// Hang guard, not a timing assertion.
+const WAIT: Duration = Duration::from_secs(120);
+
+fn console_path(agent: &Agent, vm: &str) -> PathBuf {
+    agent.data_dir.join("vms").join(vm).join("console.log")
+}
+
+fn wait_for_output(path: &Path) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        let out = std::fs::read(path).unwrap_or_default();
+        if out.len() > 100 {
+            return out;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "only {} bytes in {}",
+            out.len(),
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_counts(bytes: &[u8], what: &str) {
+    for (index, pair) in bytes.windows(2).enumerate() {
+        assert_eq!(
+            pair[1],
+            pair[0].wrapping_add(1),
+            "{what}: byte {} breaks the count",
+            index + 1
+        );
+    }
+}
+
+/// Reads `path` until it disappears (the VM left the host); returns the
+/// last bytes seen.
+fn follow_until_gone(path: PathBuf) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut last = Vec::new();
+        let start = Instant::now();
+        while let Ok(bytes) = std::fs::read(&path) {
+            last = bytes;
+            if start.elapsed() > WAIT {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        last
+    })
+}
+
+/// Moves `vm` with `agent` (the source) to `host`; returns the final
+/// progress.
+fn migrate(agent: &Agent, token: &str, vm: &str, host: &str) -> Value {
+    let started = agent.call(
+        "POST",
+        &format!("/v1/vms/{vm}/migration"),
+        Some(token),
+        Some(&json!({"host": host})),
+    );
+    assert_eq!(started.status, 202, "{started:?}");
+    let start = Instant::now();
+    loop {
+        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
+        let progress = expect(&progress, 200).clone();
+        let phase = progress["phase"].as_str().unwrap_or("").to_string();
+        if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
+            return progress;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the migration never ended: {progress}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first byte on the destination follows the last one seen on the
+/// source within a few values (the source may print a few more between
+/// the last look and the pause), and the count goes on.
+fn assert_continues(before: &[u8], after: &[u8]) {
+    let last = *before.last().expect("output before the move");
+    let step = after[0].wrapping_sub(last);
+    assert!(
+        (1..=64).contains(&step),
+        "the count went from {last} to {} across the move",
+        after[0]
+    );
+    assert_counts(after, "after the move");
+}
+
+#[test]
+fn a_running_vm_moves_between_hosts_and_back() {
+    require_kvm();
+    let dir = TestDir::new("agent-migration");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let kernel = images.join("count.elf");
+    Program::new().count(20_000).write(&kernel);
+    let rootfs = images.join("root.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+
+    let host_a = simulated_host("nbma", 1);
+    let host_b = simulated_host("nbmb", 2);
+    host_a.link_to(
+        &host_b,
+        "under",
+        &format!("{UNDERLAY_A}/24"),
+        "under",
+        &format!("{UNDERLAY_B}/24"),
+    );
+    let spec_a = RemoteHost {
+        netns: &host_a.name,
+        port: PORT,
+        reach: Ipv4Addr::new(10, 97, 1, 2),
+        operator_token: TOKEN_A,
+        underlay: UNDERLAY_A,
+    };
+    let spec_b = RemoteHost {
+        netns: &host_b.name,
+        reach: Ipv4Addr::new(10, 97, 2, 2),
+        operator_token: TOKEN_B,
+        underlay: UNDERLAY_B,
+        ..spec_a
+    };
+    let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
+    let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
+    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
+    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
+
+    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
+    let image = json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""});
+    expect(
+        &agent_a.call("POST", "/v1/images", Some(&acme_a), Some(&image)),
+        201,
+    );
+    let span = agent_a.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme_a),
+        Some(&json!({"name": "span", "cidr": "10.70.0.0/24", "hosts": ["b"]})),
+    );
+    expect(&span, 201);
+    let acme_b = tenant_token(&agent_b, &tenant_id);
+    expect(
+        &agent_b.call("POST", "/v1/images", Some(&acme_b), Some(&image)),
+        201,
+    );
+
+    let created = agent_a.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme_a),
+        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
+    );
+    let x = expect(&created, 201).clone();
+    let id = x["id"].as_str().unwrap().to_string();
+    let nic = x["nics"][0].clone();
+
+    // Refused: a stopped VM; a VM on the tenant's default bridge, which
+    // does not span hosts.
+    let stopped = agent_a.call(
+        "POST",
+        &format!("/v1/vms/{id}/migration"),
+        Some(&acme_a),
+        Some(&json!({"host": "b"})),
+    );
+    assert_eq!(stopped.status, 409, "{stopped:?}");
+    let local = agent_a.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme_a),
+        Some(&json!({"name": "y", "image": "counter", "memory_mib": 32, "nics": [{}]})),
+    );
+    let y = expect(&local, 201)["id"].as_str().unwrap().to_string();
+    expect(
+        &agent_a.call("POST", &format!("/v1/vms/{y}/start"), Some(&acme_a), None),
+        200,
+    );
+    let bridged = agent_a.call(
+        "POST",
+        &format!("/v1/vms/{y}/migration"),
+        Some(&acme_a),
+        Some(&json!({"host": "b"})),
+    );
+    assert_eq!(bridged.status, 409, "{bridged:?}");
+    assert!(bridged.text.contains("does not carry"), "{bridged:?}");
+    let unknown = agent_a.call(
+        "POST",
+        &format!("/v1/vms/{y}/migration"),
+        Some(&acme_a),
+        Some(&json!({"host": "nowhere"})),
+    );
+    assert_eq!(unknown.status, 400, "{unknown:?}");
+    assert_eq!(
+        agent_a
+            .call("DELETE", &format!("/v1/vms/{y}"), Some(&acme_a), None)
+            .status,
+        204
+    );
+
+    // A to B, running.
+    expect(
+        &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
+        200,
+    );
+    wait_for_output(&console_path(&agent_a, &id));
+    let follower = follow_until_gone(console_path(&agent_a, &id));
+    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    assert_eq!(
+        progress["phase"],
+        "completed",
+        "{progress}\n{}\n{}",
+        agent_a.log(),
+        agent_b.log()
+    );
+    assert!(progress["downtime_ms"].is_u64(), "{progress}");
+    let before = follower.join().unwrap();
+    assert_counts(&before, "on A");
+    let gone = agent_a.call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None);
+    assert_eq!(gone.status, 404, "the VM is still on A: {gone:?}");
+    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
+    let on_b = expect(&on_b, 200).clone();
+    assert_eq!(on_b["state"], "running", "{on_b}");
+    assert_eq!(on_b["nics"][0]["mac"], nic["mac"]);
+    assert_eq!(on_b["nics"][0]["address"], nic["address"]);
+    let after = wait_for_output(&console_path(&agent_b, &id));
+    assert_continues(&before, &after);
+
+    // A, the network's home, keeps the address for the VM on B: a new VM
+    // on A gets another one.
+    let other = agent_a.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme_a),
+        Some(&json!({"name": "z", "image": "counter", "memory_mib": 32, "nics": [{"network": "span"}]})),
+    );
+    let other = expect(&other, 201).clone();
+    assert_ne!(
+        other["nics"][0]["address"], nic["address"],
+        "the moved VM's address was handed out again"
+    );
+    let z = other["id"].as_str().unwrap();
+    assert_eq!(
+        agent_a
+            .call("DELETE", &format!("/v1/vms/{z}"), Some(&acme_a), None)
+            .status,
+        204
+    );
+
+    // And back to A (the network's home).
+    let follower = follow_until_gone(console_path(&agent_b, &id));
+    let progress = migrate(&agent_b, &acme_b, &id, "a");
+    assert_eq!(
+        progress["phase"],
+        "completed",
+        "{progress}\n{}\n{}",
+        agent_b.log(),
+        agent_a.log()
+    );
+    let before = follower.join().unwrap();
+    let back = agent_a.call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None);
+    assert_eq!(expect(&back, 200)["state"], "running");
+    assert_eq!(
+        agent_b
+            .call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None)
+            .status,
+        404
+    );
+    let after = wait_for_output(&console_path(&agent_a, &id));
+    assert_continues(&before, &after);
+
+    assert_eq!(
+        agent_a
+            .call("DELETE", &format!("/v1/vms/{id}"), Some(&acme_a), None)
+            .status,
+        204
+    );
+}
