@@ -273,16 +273,32 @@ fn a_running_vm_moves_between_hosts_and_back() {
         204
     );
 
-    // And back to A (the network's home).
+    // And back to A (the network's home), with nubisctl.
     let follower = follow_until_gone(console_path(&agent_b, &id));
-    let progress = migrate(&agent_b, &acme_b, &id, "a");
-    assert_eq!(
-        progress["phase"],
-        "completed",
-        "{progress}\n{}\n{}",
-        agent_b.log(),
-        agent_a.log()
+    let moved = std::process::Command::new(nubis_tests::workspace_binary("nubisctl"))
+        .args([
+            "--url",
+            &format!("http://{}", agent_b.address),
+            "--token",
+            &acme_b,
+        ])
+        .args(["vm", "migrate", &id, "--host", "a"])
+        .output()
+        .expect("run nubisctl");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&moved.stdout),
+        String::from_utf8_lossy(&moved.stderr),
     );
+    assert!(
+        moved.status.success(),
+        "{stdout}\n{stderr}\n{}",
+        agent_b.log()
+    );
+    assert!(
+        stderr.contains(&format!("{id} runs on a; the guest was paused")),
+        "{stderr}"
+    );
+    assert!(stdout.contains("completed"), "{stdout}");
     let before = follower.join().unwrap();
     let back = agent_a.call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None);
     assert_eq!(expect(&back, 200)["state"], "running");

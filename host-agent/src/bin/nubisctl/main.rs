@@ -328,6 +328,39 @@ enum VmCommand {
     Events {
         id: String,
     },
+    /// Moves a running VM to another host while it runs; shows progress
+    /// and, at the end, the pause the guest saw.
+    Migrate {
+        id: String,
+        /// The destination (a host registered with `nubisctl host add`).
+        #[arg(long)]
+        host: String,
+        /// The pause the guest may see, in ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
+}
+
+/// One line of a migration's progress: phase, a bar of what went over
+/// (against the last round's dirty pages), rounds and expected downtime.
+fn migration_line(progress: &Value) -> String {
+    let sent = progress["bytes_sent"].as_u64().unwrap_or(0);
+    let dirty = progress["dirty_pages"].as_u64().unwrap_or(0);
+    let rounds = progress["rounds"].as_u64().unwrap_or(0);
+    let expected = progress["expected_downtime_ms"].as_u64().unwrap_or(0);
+    let phase = progress["phase"].as_str().unwrap_or("?");
+    let filled = match phase {
+        "completed" => 20,
+        "handing_over" => 19,
+        "copying" => (rounds as usize * 4 + 4).min(18),
+        _ => 0,
+    };
+    format!(
+        "[{}{}] {phase:<12} {:>8.1} MiB sent, round {rounds}, {dirty} dirty pages, expected downtime {expected} ms",
+        "#".repeat(filled),
+        ".".repeat(20 - filled),
+        sent as f64 / (1 << 20) as f64
+    )
 }
 
 /// A disk or NIC flag: `VALUE[,key=value...]`.
@@ -664,6 +697,46 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
             spinner.finish();
             out.done(&result?, &format!("VM {id} deleted"));
         }
+        VmCommand::Migrate {
+            id,
+            host,
+            downtime_ms,
+        } => {
+            let mut body = json!({ "host": host });
+            if let Some(ms) = downtime_ms {
+                body["downtime_ms"] = json!(ms);
+            }
+            let started = client.call("POST", &format!("/v1/vms/{id}/migration"), Some(&body))?;
+            // By id: the VM's name is gone from this host once it moved.
+            let vm_id = started["vm_id"].as_str().unwrap_or(&id).to_string();
+            let progress = loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let progress = client.call("GET", &format!("/v1/vms/{vm_id}/migration"), None)?;
+                out.progress(&migration_line(&progress));
+                let phase = progress["phase"].as_str().unwrap_or("");
+                if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase) {
+                    break progress;
+                }
+            };
+            out.progress_done();
+            if progress["phase"] != "completed" {
+                return Err(ClientError::Unexpected {
+                    status: 0,
+                    body: format!(
+                        "the migration {}: {}",
+                        progress["phase"].as_str().unwrap_or("ended"),
+                        progress["error"].as_str().unwrap_or("no reason given")
+                    ),
+                });
+            }
+            out.object(&progress);
+            out.note(&format!(
+                "{vm_id} runs on {host}; the guest was paused {} ms",
+                progress["downtime_ms"]
+                    .as_u64()
+                    .map_or_else(|| "an unknown number of".to_string(), |ms| ms.to_string())
+            ));
+        }
         VmCommand::Start {
             id,
             wait_for,
@@ -741,6 +814,21 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_progress_lines_show_phase_bytes_and_rounds() {
+        let line = migration_line(
+            &json!({"phase": "copying", "bytes_sent": 3145728, "rounds": 1,
+                                          "dirty_pages": 12, "expected_downtime_ms": 40}),
+        );
+        assert!(line.starts_with("[########............] copying"), "{line}");
+        assert!(
+            line.contains("3.0 MiB sent, round 1, 12 dirty pages, expected downtime 40 ms"),
+            "{line}"
+        );
+        let done = migration_line(&json!({"phase": "completed"}));
+        assert!(done.starts_with(&format!("[{}]", "#".repeat(20))), "{done}");
+    }
 
     #[test]
     fn device_flags_are_parsed() {

@@ -105,6 +105,21 @@ impl Output {
         }
     }
 
+    /// Rewrites one status line on stderr (terminals only).
+    pub fn progress(&self, line: &str) {
+        if !self.json && std::io::stderr().is_terminal() {
+            eprint!("\r{line}\x1b[K");
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    /// Ends a [`Output::progress`] line.
+    pub fn progress_done(&self) {
+        if !self.json && std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+    }
+
     /// A spinner with `message` on stderr until [`Spinner::finish`].
     pub fn spinner(&self, message: &str) -> Spinner {
         let stop = Arc::new(AtomicBool::new(false));
