@@ -15,6 +15,12 @@ pub struct MigrationCreate {
     /// The pause the guest may see, in ms (100 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// Copy rounds at most before the hand-over (30 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Seconds of copying at most before the hand-over (300 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seconds: Option<u64>,
 }
 
 /// A migration's progress, as the source host sees it.

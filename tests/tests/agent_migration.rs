@@ -318,3 +318,226 @@ fn a_running_vm_moves_between_hosts_and_back() {
         204
     );
 }
+
+/// Waits until the migration of `vm` from `agent` has ended.
+fn wait_for_end(agent: &Agent, token: &str, vm: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
+        let progress = expect(&progress, 200).clone();
+        let phase = progress["phase"].as_str().unwrap_or("").to_string();
+        if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
+            return progress;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the migration never ended: {progress}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a migration that never converges (a zero downtime budget): it
+/// copies until something ends it. Returns once it copies.
+fn start_endless(agent: &Agent, token: &str, vm: &str) {
+    let started = agent.call(
+        "POST",
+        &format!("/v1/vms/{vm}/migration"),
+        Some(token),
+        Some(
+            &json!({"host": "b", "downtime_ms": 0, "max_rounds": 100_000_000, "max_seconds": 600}),
+        ),
+    );
+    assert_eq!(started.status, 202, "{started:?}");
+    let start = Instant::now();
+    loop {
+        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
+        let progress = expect(&progress, 200).clone();
+        if progress["phase"] == "copying" {
+            return;
+        }
+        assert!(
+            !progress["phase"]
+                .as_str()
+                .is_some_and(|p| p == "failed" || p == "completed"),
+            "{progress}"
+        );
+        assert!(
+            start.elapsed() < WAIT,
+            "the migration never started copying: {progress}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM still runs on `agent`: running, and its console grows.
+fn assert_runs_on(agent: &Agent, token: &str, vm: &str) {
+    let shown = agent.call("GET", &format!("/v1/vms/{vm}"), Some(token), None);
+    assert_eq!(expect(&shown, 200)["state"], "running", "{shown:?}");
+    let path = console_path(agent, vm);
+    let seen = std::fs::read(&path).unwrap_or_default().len();
+    let start = Instant::now();
+    while std::fs::read(&path).unwrap_or_default().len() <= seen + 50 {
+        assert!(start.elapsed() < WAIT, "the VM stopped counting");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The destination holds no running copy of `vm`.
+fn assert_not_running_on(agent: &Agent, vm: &str) {
+    let start = Instant::now();
+    loop {
+        let shown = agent.call(
+            "GET",
+            &format!("/v1/vms/{vm}"),
+            Some(&agent.operator_token),
+            None,
+        );
+        if shown.status == 404
+            || !["running", "starting"].contains(&shown.body["state"].as_str().unwrap_or(""))
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the destination still holds the VM: {shown:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
+    require_kvm();
+    let dir = TestDir::new("agent-migration-failures");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let kernel = images.join("count.elf");
+    Program::new().count(20_000).write(&kernel);
+    let rootfs = images.join("root.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+
+    let host_a = simulated_host("nbfa", 3);
+    let host_b = simulated_host("nbfb", 4);
+    host_a.link_to(
+        &host_b,
+        "under",
+        &format!("{UNDERLAY_A}/24"),
+        "under",
+        &format!("{UNDERLAY_B}/24"),
+    );
+    let spec_a = RemoteHost {
+        netns: &host_a.name,
+        port: PORT,
+        reach: Ipv4Addr::new(10, 97, 3, 2),
+        operator_token: TOKEN_A,
+        underlay: UNDERLAY_A,
+    };
+    let spec_b = RemoteHost {
+        netns: &host_b.name,
+        reach: Ipv4Addr::new(10, 97, 4, 2),
+        operator_token: TOKEN_B,
+        underlay: UNDERLAY_B,
+        ..spec_a
+    };
+    let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
+    let mut agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
+    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
+    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
+    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
+    let (_, globex) = tenant(&agent_a, "globex");
+    let image = json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""});
+    expect(
+        &agent_a.call("POST", "/v1/images", Some(&acme_a), Some(&image)),
+        201,
+    );
+    let span = agent_a.call(
+        "POST",
+        "/v1/networks",
+        Some(&acme_a),
+        Some(&json!({"name": "span", "cidr": "10.71.0.0/24", "hosts": ["b"]})),
+    );
+    expect(&span, 201);
+    let acme_b = tenant_token(&agent_b, &tenant_id);
+    expect(
+        &agent_b.call("POST", "/v1/images", Some(&acme_b), Some(&image)),
+        201,
+    );
+    let created = agent_a.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme_a),
+        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
+    );
+    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    expect(
+        &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
+        200,
+    );
+    wait_for_output(&console_path(&agent_a, &id));
+
+    // Only the VM's tenant (or the operator) moves it.
+    let foreign = agent_a.call(
+        "POST",
+        &format!("/v1/vms/{id}/migration"),
+        Some(&globex),
+        Some(&json!({"host": "b"})),
+    );
+    assert_eq!(foreign.status, 404, "{foreign:?}");
+
+    // A cancel while it copies.
+    start_endless(&agent_a, &acme_a, &id);
+    let cancelled = agent_a.call(
+        "DELETE",
+        &format!("/v1/vms/{id}/migration"),
+        Some(&acme_a),
+        None,
+    );
+    assert_eq!(cancelled.status, 204, "{cancelled:?}");
+    assert_eq!(wait_for_end(&agent_a, &acme_a, &id)["phase"], "cancelled");
+    assert_runs_on(&agent_a, &acme_a, &id);
+    assert_not_running_on(&agent_b, &id);
+
+    // The link between the hosts cut while it copies.
+    start_endless(&agent_a, &acme_a, &id);
+    let down = host_a.run("ip", &["link", "set", "under", "down"]);
+    assert!(down.status.success(), "{down:?}");
+    let ended = wait_for_end(&agent_a, &acme_a, &id);
+    assert_eq!(ended["phase"], "failed", "{ended}");
+    assert_runs_on(&agent_a, &acme_a, &id);
+    let up = host_a.run("ip", &["link", "set", "under", "up"]);
+    assert!(up.status.success(), "{up:?}");
+    assert_not_running_on(&agent_b, &id);
+
+    // The destination's agent killed while it copies: its receiving VMM
+    // goes with it.
+    start_endless(&agent_a, &acme_a, &id);
+    agent_b.kill();
+    let ended = wait_for_end(&agent_a, &acme_a, &id);
+    assert_eq!(ended["phase"], "failed", "{ended}");
+    assert_runs_on(&agent_a, &acme_a, &id);
+    let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
+    assert_not_running_on(&agent_b, &id);
+
+    // After all that, a migration succeeds.
+    let follower = follow_until_gone(console_path(&agent_a, &id));
+    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    assert_eq!(
+        progress["phase"],
+        "completed",
+        "{progress}\n{}\n{}",
+        agent_a.log(),
+        agent_b.log()
+    );
+    let before = follower.join().unwrap();
+    let after = wait_for_output(&console_path(&agent_b, &id));
+    assert_continues(&before, &after);
+    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
+    assert_eq!(expect(&on_b, 200)["state"], "running");
+    assert_eq!(
+        agent_b
+            .call("DELETE", &format!("/v1/vms/{id}"), Some(&acme_b), None)
+            .status,
+        204
+    );
+}

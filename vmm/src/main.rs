@@ -78,6 +78,14 @@ struct Cli {
     migrate_listen: Option<String>,
 }
 
+fn set_parent_death_signal(signal: libc::c_int) {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number (or 0) and touches no
+    // memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong);
+    }
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("nubis-vmm: error: {message}");
     ExitCode::from(EXIT_VMM_ERROR as u8)
@@ -158,7 +166,14 @@ fn main() -> ExitCode {
                     )
                 }
             };
-            receive_vm(config, &listen, &token).map_err(|err| err.to_string())
+            // While it receives, this VMM dies with whoever started it (an
+            // agent killed mid-migration must not leave a guest half
+            // received, nor one the source still runs); once the VM is
+            // handed over it outlives its agent like any VMM.
+            set_parent_death_signal(libc::SIGKILL);
+            let received = receive_vm(config, &listen, &token).map_err(|err| err.to_string());
+            set_parent_death_signal(0);
+            received
         }
         (None, None) => build_vm(config).map_err(|err| err.to_string()),
     };

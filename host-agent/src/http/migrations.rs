@@ -143,7 +143,7 @@ pub(crate) async fn create(
     tokio::spawn(async move {
         let started = Instant::now();
         let vm_id = vm.id.clone();
-        let outcome = drive(&task_state, vm, &peer, request.downtime_ms, started).await;
+        let outcome = drive(&task_state, vm, &peer, &request, started).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match outcome {
             Ok(()) => task_state.migrations.update(&vm_id, |m| {
@@ -172,7 +172,7 @@ async fn drive(
     state: &AppState,
     vm: Vm,
     peer: &Peer,
-    downtime_ms: Option<u64>,
+    limits: &MigrationCreate,
     started: Instant,
 ) -> Result<()> {
     let _guard = state.supervisor.lock(&vm.id).await;
@@ -200,10 +200,16 @@ async fn drive(
         .await
         .map_err(peer_failed)?;
     let socket = state.supervisor.paths(&vm.id).control;
-    let request = serde_json::json!({
+    let mut request = serde_json::json!({
         "command": "migrate", "to": ready.listen, "token": ready.token, "disks": "copy",
-        "downtime_ms": downtime_ms.unwrap_or(100),
+        "downtime_ms": limits.downtime_ms.unwrap_or(100),
     });
+    if let Some(rounds) = limits.max_rounds {
+        request["max_rounds"] = rounds.into();
+    }
+    if let Some(seconds) = limits.max_seconds {
+        request["max_seconds"] = seconds.into();
+    }
     if let Err(err) = control::request(&socket, request).await {
         abort_destination(state, peer, &vm.id).await;
         return Err(crate::supervisor::SupervisorError::from(err).into());

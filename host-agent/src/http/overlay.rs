@@ -81,8 +81,20 @@ pub(crate) async fn incoming(
     validate::name("vm.name", &vm.name, false)?;
     validate::name("vm.id", &vm.id, false)?;
     let conflict = |message: String| HttpError::new(ErrorCode::Conflict, message);
-    if state.store.get_vm(None, &vm.id)?.is_some() {
-        return Err(conflict(format!("VM {} exists here", vm.id)));
+    if let Some(known) = state.store.get_vm(None, &vm.id)? {
+        // What a migration that failed while this agent was down left: a
+        // VM that never ran here. A new attempt replaces it.
+        let leftover = !known.state.has_process()
+            && state
+                .store
+                .events(&known.id)?
+                .iter()
+                .all(|event| event.kind != "migrated_in" && event.kind != "running");
+        if !leftover {
+            return Err(conflict(format!("VM {} exists here", vm.id)));
+        }
+        state.supervisor.remove_files(&known)?;
+        state.store.delete_vm(&known.id)?;
     }
     let tenant = &request.tenant;
     match state.store.get_tenant(&tenant.id)? {

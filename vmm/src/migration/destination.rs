@@ -16,6 +16,9 @@ use crate::memory::GuestMemoryMmap;
 use crate::snapshot::file::SnapshotError;
 use crate::snapshot::state::VmSnapshot;
 
+/// How long the source may send nothing before it counts as gone.
+const SOURCE_SILENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -139,6 +142,9 @@ pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm
     })?;
     drop(listener);
     stream.set_nodelay(true).ok();
+    // A source that goes silent (dead, or its link cut) ends the wait: this
+    // VMM exits instead of holding the VM's place forever.
+    stream.set_read_timeout(Some(SOURCE_SILENCE)).ok();
     log::info!("migration from {peer}");
     let (kind, payload) = receive(&mut stream).map_err(MigrationError::from)?;
     if kind != Kind::Hello {

@@ -66,7 +66,8 @@ pub struct Settings {
     /// The destination VMM's migration address, "HOST:PORT".
     pub to: String,
     pub token: String,
-    /// The pause the guest may see at the hand-over.
+    /// The pause the guest may see at the hand-over; zero means "copy
+    /// until a limit", never by the estimate.
     pub downtime_budget: Duration,
     /// Copy rounds after the first full one, at most.
     pub max_rounds: u32,

@@ -23,6 +23,8 @@ use crate::runtime::parts::VmParts;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to answer, or to build the VM.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a send may block before the destination counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long vCPUs get to stop.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -247,6 +249,11 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(failed)?;
+    // A destination that stops taking data (a cut link) fails the
+    // migration instead of hanging it.
+    stream
+        .set_write_timeout(Some(SEND_TIMEOUT))
+        .map_err(failed)?;
     Ok(stream)
 }
 
@@ -429,7 +436,8 @@ fn copy_rounds(
             p.expected_downtime_ms = expected.as_millis().min(u128::from(u64::MAX)) as u64;
             p.elapsed_ms = started.elapsed().as_millis() as u64;
         });
-        let converged = expected <= settings.downtime_budget;
+        // A zero budget never converges: the copy goes on until a limit.
+        let converged = !settings.downtime_budget.is_zero() && expected <= settings.downtime_budget;
         let out_of_rounds = rounds >= settings.max_rounds;
         let out_of_time = started.elapsed() >= settings.max_copy_time;
         if converged || out_of_rounds || out_of_time {
@@ -447,6 +455,10 @@ fn copy_rounds(
                 }
             }
             return Ok(());
+        }
+        if dirty.is_empty() && dirty_chunks.iter().all(Vec::is_empty) {
+            // Nothing to send: give the guest time to write something.
+            std::thread::sleep(Duration::from_millis(10));
         }
         let round_start = Instant::now();
         let mut sent = 0;
