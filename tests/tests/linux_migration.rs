@@ -76,6 +76,12 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
         .expect("run mkfs.ext4");
     assert!(mkfs.success());
     let dest_disk = dir.join("dest.ext4");
+    // Each "host" has its own copy of the root image: the destination
+    // writes the disks it receives into its own files, and must never be
+    // given the very file the source reads.
+    let dest_root = dir.join("dest-root.ext4");
+    std::fs::copy(&images.rootfs, &dest_root).expect("copy the root image");
+    let original_root = std::fs::read(&images.rootfs).expect("read the root image");
     let segment = Segment::create();
 
     // The host's end of the guest's connection: the values, in order.
@@ -104,26 +110,32 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
         "{} root=/dev/vda ro ip=172.31.4.2::172.31.4.1:255.255.255.0::eth0:off nubis_cmd=\"{command}\"",
         images.cmdline
     );
-    let args = |tap: &str, disk: &std::path::Path, socket: &std::path::Path| {
-        vec![
-            "--kernel".to_string(),
-            images.vmlinux.display().to_string(),
-            "--memory-mib".into(),
-            "128".into(),
-            "--disk".into(),
-            format!("path={},ro=on,id=root", images.rootfs.display()),
-            "--disk".into(),
-            format!("path={},id=data", disk.display()),
-            "--net".into(),
-            format!("tap={tap},mac=02:4e:42:00:04:02"),
-            "--cmdline".into(),
-            cmdline.clone(),
-            "--control-socket".into(),
-            socket.display().to_string(),
-        ]
-    };
+    let args =
+        |tap: &str, root: &std::path::Path, disk: &std::path::Path, socket: &std::path::Path| {
+            vec![
+                "--kernel".to_string(),
+                images.vmlinux.display().to_string(),
+                "--memory-mib".into(),
+                "128".into(),
+                "--disk".into(),
+                format!("path={},ro=on,id=root", root.display()),
+                "--disk".into(),
+                format!("path={},id=data", disk.display()),
+                "--net".into(),
+                format!("tap={tap},mac=02:4e:42:00:04:02"),
+                "--cmdline".into(),
+                cmdline.clone(),
+                "--control-socket".into(),
+                socket.display().to_string(),
+            ]
+        };
     let source_socket = dir.join("source.sock");
-    let source = VmProcess::spawn(args(&segment.taps[0], &source_disk, &source_socket));
+    let source = VmProcess::spawn(args(
+        &segment.taps[0],
+        &images.rootfs,
+        &source_disk,
+        &source_socket,
+    ));
     let start = Instant::now();
     while received.lock().unwrap().len() < 5 {
         assert!(
@@ -144,7 +156,7 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
             .port()
     );
     let dest_socket = dir.join("dest.sock");
-    let mut dest_args = args(&segment.taps[1], &dest_disk, &dest_socket);
+    let mut dest_args = args(&segment.taps[1], &dest_root, &dest_disk, &dest_socket);
     dest_args.extend(["--migrate-listen".to_string(), listen.clone()]);
     let mut command = Command::new(nubis_tests::vmm_binary());
     command.args(&dest_args).env("NUBIS_MIGRATION_TOKEN", TOKEN);
