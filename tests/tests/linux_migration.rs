@@ -213,4 +213,9 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
         String::from_utf8_lossy(&count.stdout).trim(),
         COUNT.to_string()
     );
+    // The source's root image, shared by every test, is as it was.
+    assert!(
+        std::fs::read(&images.rootfs).expect("read the root image") == original_root,
+        "the migration changed the source's root image"
+    );
 }
