@@ -37,8 +37,8 @@ fn guest_script() -> String {
         &format!(
             "i=0; while [ $i -lt {COUNT} ]; do i=$((i+1)); echo $i; echo $i > /c; dd if=/c of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null; sleep 1; done | nc -l -p 7000"
         ),
-        "echo DISK_MARK=$(dd if=/dev/vdb bs=512 skip=1 count=1 2>/dev/null | head -n 1)",
-        "echo DISK_COUNT=$(dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -n 1)",
+        "echo DISK_MARK $(dd if=/dev/vdb bs=512 skip=1 count=1 2>/dev/null | head -n 1)",
+        "echo DISK_COUNT $(dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -n 1)",
         "echo MOVE_DONE; read x",
     ]
     .join("; ")
