@@ -107,11 +107,16 @@ pub fn interface_name(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id() % 1_000_000)
 }
 
-/// `count` pings from the host to `address`; true when all were answered.
-/// busybox's ping: busybox-static is already needed for the guest images.
+/// Whether `address` answers the host's pings: up to `count` replies are
+/// awaited for as long as a deadline of 60 s allows, and one reply is
+/// enough. A guest under KVM's emulator can take seconds to answer its
+/// first ping after idling (the CI run that failed on a 3-ping, 5 s window
+/// had a guest that answered everything else); a guest that does not
+/// answer at all still fails. busybox's ping: busybox-static is already
+/// needed for the guest images.
 pub fn host_ping(address: &str, count: u32) -> bool {
     Command::new("busybox")
-        .args(["ping", "-c", &count.to_string(), "-W", "5", "-q", address])
+        .args(["ping", "-c", &count.to_string(), "-w", "60", "-q", address])
         .stdout(std::process::Stdio::null())
         .status()
         .map(|status| status.success())
