@@ -27,6 +27,8 @@ pub enum ConfigError {
     },
     #[error("the operator token must be at least 16 characters")]
     WeakOperatorToken,
+    #[error("jail_uid_first is 0: jailed VMMs never run as root")]
+    RootJailUid,
 }
 
 /// The config file (`--config`): everything optional.
@@ -47,6 +49,20 @@ pub struct ConfigFile {
     /// This host's underlay IPv4 address: where the VXLAN tunnels of
     /// overlay networks start and end (`--underlay-address` wins).
     pub underlay_address: Option<Ipv4Addr>,
+    /// The `nubis-jailer` binary; by default the one next to `nubis-agent`.
+    pub jailer_binary: Option<PathBuf>,
+    /// Where jails' roots are mounted (`DIR/<vm-id>/root`); by default
+    /// `DATA_DIR/jails`.
+    pub jail_dir: Option<PathBuf>,
+    /// The cgroup that VMs' cgroups are made under (default `nubis`).
+    pub parent_cgroup: Option<String>,
+    /// The first uid (and gid) given to VMs' jailed VMMs, one each
+    /// (default 900000), and how many there are (default 65536).
+    pub jail_uid_first: Option<u32>,
+    pub jail_uid_count: Option<u32>,
+    /// Memory a VMM may use beyond its guest's RAM before its cgroup stops
+    /// it (default 96 MiB).
+    pub vmm_memory_overhead_mib: Option<u64>,
 }
 
 impl ConfigFile {
@@ -72,6 +88,18 @@ pub struct AgentConfig {
     pub image_dirs: Vec<PathBuf>,
     /// Without it this host carries no overlay networks.
     pub underlay_address: Option<Ipv4Addr>,
+    pub jail: JailConfig,
+}
+
+/// How every VMM is sandboxed (see `supervisor/jail.rs`).
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    pub jailer_binary: PathBuf,
+    pub jail_dir: PathBuf,
+    pub parent_cgroup: String,
+    pub uid_first: u32,
+    pub uid_count: u32,
+    pub memory_overhead_mib: u64,
 }
 
 impl AgentConfig {
@@ -103,22 +131,41 @@ impl AgentConfig {
         // http/uploads.rs), never through a shared image directory.
         image_dirs.retain(|dir| !dir.starts_with(data_dir.join("uploads")));
         Ok(Self {
-            data_dir,
             operator_token,
             vmm_binary,
             stop_timeout_s: file.stop_timeout_s.unwrap_or(30),
             image_dirs,
             underlay_address: file.underlay_address,
+            jail: JailConfig {
+                jailer_binary: file
+                    .jailer_binary
+                    .unwrap_or_else(|| sibling_binary("nubis-jailer")),
+                jail_dir: file.jail_dir.unwrap_or_else(|| data_dir.join("jails")),
+                parent_cgroup: file.parent_cgroup.unwrap_or_else(|| "nubis".to_string()),
+                uid_first: match file.jail_uid_first {
+                    Some(0) => return Err(ConfigError::RootJailUid),
+                    Some(first) => first,
+                    None => 900_000,
+                },
+                uid_count: file.jail_uid_count.unwrap_or(65_536).max(1),
+                memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(96),
+            },
+            data_dir,
         })
     }
 }
 
 /// `nubis-vmm` next to this executable.
 fn default_vmm_binary() -> PathBuf {
+    sibling_binary("nubis-vmm")
+}
+
+/// The program `name` next to this executable.
+fn sibling_binary(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("nubis-vmm")))
-        .unwrap_or_else(|| PathBuf::from("nubis-vmm"))
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 #[cfg(test)]

@@ -89,6 +89,16 @@ fn main() -> ExitCode {
         Ok(store) => Arc::new(store),
         Err(err) => return fail(err),
     };
+    // VMMs are started by nubis-jailer, which exits once they run: as a
+    // child subreaper the agent inherits them as its children and sees how
+    // they exit. Set before the runtime starts its threads.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return fail(format!(
+            "cannot become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the async runtime: {err}")),

@@ -203,6 +203,7 @@ impl Agent {
             &config,
             serde_json::json!({
                 "vmm_binary": crate::vmm_binary(),
+                "parent_cgroup": parent_cgroup(data_dir),
                 "image_dirs": [image_dir],
                 "stop_timeout_s": 60,
             })
@@ -214,8 +215,14 @@ impl Agent {
         let agent_binary = crate::workspace_binary("nubis-agent");
         let mut command = match netns {
             Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns]).arg(agent_binary);
+                // Only the network namespace changes, as on a real host: `ip
+                // netns exec` would also remount /sys and so hide the
+                // cgroup hierarchies that the agent jails its VMMs in.
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(agent_binary);
                 command
             }
             None => Command::new(agent_binary),
@@ -278,6 +285,79 @@ impl Agent {
     }
 }
 
+/// The cgroup that the VMs of the agent with data directory `data_dir` are
+/// jailed under: one per test agent (the same after its restart), so that
+/// tests find their own VMMs and leave nothing behind.
+pub fn parent_cgroup(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    format!("nubis-test-{:016x}", hasher.finish())
+}
+
+/// Pids of the processes in the cgroups under `parent` (only VM `vm`'s
+/// when given), read from every process's `/proc/PID/cgroup`.
+pub fn jailed_pids(parent: &str, vm: Option<&str>) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted = match vm {
+        Some(vm) => format!("/{parent}/{vm}"),
+        None => format!("/{parent}/"),
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().ok()?;
+            let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+            cgroups
+                .lines()
+                .any(|line| match vm {
+                    Some(_) => line.ends_with(&wanted),
+                    None => line.contains(&wanted),
+                })
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// The pid of VM `vm`'s VMM, started by the agent with data directory
+/// `data_dir`, while it runs.
+pub fn vmm_pid(data_dir: &Path, vm: &str) -> Option<i32> {
+    jailed_pids(&parent_cgroup(data_dir), Some(vm))
+        .into_iter()
+        .next()
+}
+
+/// Removes the (empty) cgroups under `parent`, in every hierarchy.
+fn remove_cgroups(parent: &str) {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|entry| entry.path()));
+    }
+    for root in roots {
+        let dir = root.join(parent);
+        let Ok(children) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let children: Vec<PathBuf> = children
+            .flatten()
+            .map(|child| child.path())
+            .filter(|child| child.is_dir())
+            .collect();
+        // A cgroup stays busy for a moment after its last process exited.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for path in children.iter().chain(std::iter::once(&dir)) {
+            while std::fs::remove_dir(path)
+                .is_err_and(|err| err.raw_os_error() == Some(libc::EBUSY))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// Pids of the processes whose command line mentions a path under `dir`.
 fn processes_under(dir: &Path) -> Vec<i32> {
     let wanted = dir.as_os_str().as_encoded_bytes().to_vec();
@@ -299,13 +379,24 @@ fn processes_under(dir: &Path) -> Vec<i32> {
 
 impl Drop for Agent {
     /// The agent, and the VMMs it started (they outlive an agent by
-    /// design): a test that fails midway leaves no guest running.
+    /// design) with their cgroups: a test that fails midway leaves no
+    /// guest running.
     fn drop(&mut self) {
         self.kill();
-        for pid in processes_under(&self.data_dir) {
+        let parent = parent_cgroup(&self.data_dir);
+        for pid in processes_under(&self.data_dir)
+            .into_iter()
+            .chain(jailed_pids(&parent, None))
+        {
             // SAFETY: kill with a pid read from /proc and a fixed signal.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // Killed processes leave their cgroups a moment later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !jailed_pids(&parent, None).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        remove_cgroups(&parent);
     }
 }
 

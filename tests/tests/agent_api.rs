@@ -28,24 +28,8 @@ fn register_image(agent: &Agent, token: &str, command: &str) -> String {
     expect(&reply, 201)["id"].as_str().unwrap().to_string()
 }
 
-/// The pid of the VMM whose command line names `config`.
-fn vmm_pid(config: &std::path::Path) -> Option<u64> {
-    let wanted = config.as_os_str().as_encoded_bytes().to_vec();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            if cmdline.split(|b| *b == 0).any(|arg| arg == wanted) {
-                entry.file_name().to_string_lossy().parse().ok()
-            } else {
-                None
-            }
-        })
-}
-
-fn vmm_running_with(config: &std::path::Path) -> bool {
-    vmm_pid(config).is_some()
+fn vmm_running(data_dir: &std::path::Path, vm: &str) -> bool {
+    nubis_tests::agent::vmm_pid(data_dir, vm).is_some()
 }
 
 /// Two VMs boot at once through the API; the agent is killed with SIGKILL
@@ -189,16 +173,14 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
 
     // The agent crashes; a new one adopts the VMMs that still run.
     agent.kill();
-    let vm_config = data_dir.join("vms").join(web).join("vm.json");
-    assert!(vmm_running_with(&vm_config), "the VMM died with the agent");
+    assert!(vmm_running(&data_dir, web), "the VMM died with the agent");
     // While no agent watches, db's VMM dies.
     let db = &vms[1];
-    let db_config = data_dir.join("vms").join(db).join("vm.json");
-    let db_pid = vmm_pid(&db_config).expect("db's VMM runs");
-    // SAFETY: kill with the pid of db's VMM, found by its command line.
-    unsafe { libc::kill(db_pid as i32, libc::SIGKILL) };
+    let db_pid = nubis_tests::agent::vmm_pid(&data_dir, db).expect("db's VMM runs");
+    // SAFETY: kill with the pid of db's VMM, found by its cgroup.
+    unsafe { libc::kill(db_pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while vmm_running_with(&db_config) && Instant::now() < deadline {
+    while vmm_running(&data_dir, db) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let agent = Agent::start(&data_dir, &image_dir);
@@ -259,7 +241,7 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert!(stopped.get("pid").is_none(), "{stopped}");
     assert!(
-        !vmm_running_with(&vm_config),
+        !vmm_running(&data_dir, web),
         "the VMM still runs after stop"
     );
     assert!(!link_exists(&web_tap), "the tap outlived the VM's stop");
@@ -297,9 +279,7 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
             !data_dir.join("vms").join(vm).exists(),
             "files of {vm} remain"
         );
-        assert!(!vmm_running_with(
-            &data_dir.join("vms").join(vm).join("vm.json")
-        ));
+        assert!(!vmm_running(&data_dir, vm));
     }
     assert_eq!(
         expect(&agent.call("GET", "/v1/vms", Some(&acme), None), 200),

@@ -176,6 +176,10 @@ pub fn bind_unix_socket(path: &Path, purpose: &'static str) -> Result<UnixListen
         }
     }
     let listener = UnixListener::bind(path).map_err(listen_error)?;
+    // Only this VMM's user (and root) may connect; peers are checked too
+    // (control/server.rs).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_error)?;
     listener.set_nonblocking(true).map_err(listen_error)?;
     Ok(listener)
 }

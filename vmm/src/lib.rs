@@ -6,13 +6,15 @@
 //! `builder` assembles a VM from a [`config::VmConfig`], `runtime` runs it (the
 //! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
 //! through which the host agent drives a running VM; `snapshot` and
-//! `migration` save a VM and move it to another process or host.
+//! `migration` save a VM and move it to another process or host; `jailer`
+//! builds the sandbox that `nubis-jailer` starts a VMM in.
 
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod jailer;
 pub mod logger;
 pub mod memory;
 pub mod migration;

@@ -25,6 +25,33 @@ fn unprocessable(field: &str, message: String) -> HttpError {
     })
 }
 
+/// The image VM `vm` starts from, with its files checked again: a file
+/// that became a symlink out of the image directories (or into another
+/// tenant's uploads) since it was registered is refused, so the jail never
+/// mounts a file the tenant may not use.
+pub(crate) fn usable_image(state: &AppState, vm: &nubis_api::Vm) -> Result<Image> {
+    let image = state
+        .store
+        .get_image(&vm.tenant_id, &vm.image_id)?
+        .ok_or_else(|| HttpError::new(ErrorCode::Unprocessable, "the VM's image is gone"))?;
+    let mut files = vec![("kernel", &image.kernel), ("rootfs", &image.rootfs)];
+    if let Some(initrd) = &image.initrd {
+        files.push(("initrd", initrd));
+    }
+    for (field, path) in files {
+        regular_file(state, Some(&image.tenant_id), field, path).map_err(|HttpError(err)| {
+            HttpError(ApiError {
+                error: nubis_api::error::ErrorBody {
+                    code: ErrorCode::Unprocessable,
+                    message: format!("image {}: {}", image.id, err.error.message),
+                    field: err.error.field,
+                },
+            })
+        })?;
+    }
+    Ok(image)
+}
+
 /// The file at `path` must be a regular file inside one of the image
 /// directories (after resolving symlinks); its resolved path and size.
 fn regular_file(

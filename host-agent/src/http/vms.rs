@@ -365,10 +365,7 @@ pub(crate) async fn start(
     Path(id): Path<String>,
 ) -> Result<Json<Vm>> {
     act(&state, &caller, &id, |state, vm| async move {
-        let image = state
-            .store
-            .get_image(&vm.tenant_id, &vm.image_id)?
-            .ok_or_else(|| HttpError::new(ErrorCode::Unprocessable, "the VM's image is gone"))?;
+        let image = super::images::usable_image(&state, &vm)?;
         state.supervisor.start(&vm, &image).await?;
         Ok(())
     })
@@ -444,10 +441,7 @@ pub(crate) async fn reboot(
 ) -> Result<Json<Vm>> {
     act(&state, &caller, &id, |state, vm| async move {
         state.supervisor.stop(&vm, false).await?;
-        let image = state
-            .store
-            .get_image(&vm.tenant_id, &vm.image_id)?
-            .ok_or_else(|| HttpError::new(ErrorCode::Unprocessable, "the VM's image is gone"))?;
+        let image = super::images::usable_image(&state, &vm)?;
         let stopped = state
             .store
             .get_vm(None, &vm.id)?

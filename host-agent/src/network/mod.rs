@@ -170,12 +170,21 @@ pub async fn ensure_bridge(
 }
 
 /// Creates a NIC's tap on `bridge` (replacing a stale one), with `mtu`
-/// when given.
-pub async fn create_tap(tap: &str, bridge: &str, mtu: Option<u16>) -> Result<(), NetworkError> {
+/// when given, owned by user and group `owner` (a jailed VMM's).
+pub async fn create_tap(
+    tap: &str,
+    bridge: &str,
+    mtu: Option<u16>,
+    owner: u32,
+) -> Result<(), NetworkError> {
     if link_exists(tap).await {
         ip(&["link", "del", "dev", tap]).await?;
     }
-    ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
+    let owner = owner.to_string();
+    ip(&[
+        "tuntap", "add", "dev", tap, "mode", "tap", "user", &owner, "group", &owner,
+    ])
+    .await?;
     if let Some(mtu) = mtu {
         ip(&["link", "set", "dev", tap, "mtu", &mtu.to_string()]).await?;
     }

@@ -10,6 +10,7 @@
 
 mod hosts;
 mod images;
+mod jail_users;
 mod networks;
 mod port_forwards;
 mod snapshots;
@@ -141,6 +142,11 @@ const MIGRATIONS: &[&str] = &[
         spec TEXT NOT NULL,
         size_bytes INTEGER NOT NULL,
         created_at INTEGER NOT NULL
+     );",
+    // 7: each VM's own unprivileged user in its jail (uid = gid).
+    "CREATE TABLE jail_users (
+        vm_id TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL UNIQUE
      );",
 ];
 

@@ -218,8 +218,11 @@ impl Store {
         Ok(())
     }
 
+    /// Removes VM `id`'s record; its jail uid is free again.
     pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+        let conn = self.conn();
+        conn.execute("DELETE FROM jail_users WHERE vm_id = ?1", [id])?;
+        Ok(conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
     }
 
     pub fn tenant_usage(&self, tenant_id: &str) -> Result<Usage, StoreError> {

@@ -4,7 +4,7 @@
 
 use nubis_api::{Image, Vm, VmState};
 
-use super::process::{self, Launch};
+use super::process::Launch;
 use super::{Supervisor, SupervisorError};
 
 impl Supervisor {
@@ -18,13 +18,12 @@ impl Supervisor {
         token: &str,
     ) -> Result<u32, SupervisorError> {
         let paths = self.paths(&vm.id);
-        self.plug_nics(vm).await?;
+        let uid = self.jail_uid(&vm.id)?;
+        self.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, true).await?;
-        let spawned = process::spawn(
-            &self.config.vmm_binary,
-            &paths,
-            &Launch::Receive { listen, token },
-        )?;
+        let spawned = self
+            .spawn_jailed(vm, image, &paths, uid, &Launch::Receive { listen, token })
+            .await?;
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;

@@ -8,6 +8,7 @@
 //! proceed in parallel. A watcher task per VMM records its exit.
 
 pub mod control;
+pub mod jail;
 pub mod migration;
 pub mod networking;
 mod process;
@@ -15,6 +16,7 @@ pub mod snapshots;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +78,18 @@ pub struct VmPaths {
 }
 
 impl VmPaths {
+    /// The files of a VM whose directory is `dir`.
+    pub fn under(dir: PathBuf) -> Self {
+        Self {
+            vmm_config: dir.join("vm.json"),
+            control: dir.join("control.sock"),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            root_disk: dir.join(ROOT_DISK),
+            dir,
+        }
+    }
+
     pub fn data_disk(&self, index: usize) -> PathBuf {
         self.dir.join(data_disk_name(index))
     }
@@ -131,15 +145,35 @@ impl Supervisor {
     }
 
     pub fn paths(&self, vm_id: &str) -> VmPaths {
-        let dir = self.config.data_dir.join("vms").join(vm_id);
-        VmPaths {
-            vmm_config: dir.join("vm.json"),
-            control: dir.join("control.sock"),
-            console: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            root_disk: dir.join(ROOT_DISK),
-            dir,
-        }
+        VmPaths::under(self.config.data_dir.join("vms").join(vm_id))
+    }
+
+    /// VM `vm_id`'s own user and group in its jail.
+    fn jail_uid(&self, vm_id: &str) -> Result<u32, SupervisorError> {
+        let jail = &self.config.jail;
+        Ok(self.store.jail_uid(vm_id, jail.uid_first, jail.uid_count)?)
+    }
+
+    /// Starts `vm`'s VMM in its jail.
+    async fn spawn_jailed(
+        &self,
+        vm: &Vm,
+        image: &Image,
+        paths: &VmPaths,
+        uid: u32,
+        launch: &process::Launch<'_>,
+    ) -> Result<process::Spawned, SupervisorError> {
+        jail::own_files(paths, vm, uid)?;
+        let command = jail::command(
+            &self.config.jail,
+            &self.config.vmm_binary,
+            vm,
+            image,
+            paths,
+            uid,
+            launch,
+        );
+        process::spawn(command, paths).await
     }
 
     /// Serializes operations on one VM.
@@ -164,7 +198,8 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let paths = self.paths(&vm.id);
-        self.plug_nics(vm).await?;
+        let uid = self.jail_uid(&vm.id)?;
+        self.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, false).await?;
         let restore = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         let launch = match &restore {
@@ -173,7 +208,7 @@ impl Supervisor {
         };
         // A socket left by a VMM that died cannot be bound over by a file
         // of another kind, but a stale one is replaced by the VMM itself.
-        let spawned = process::spawn(&self.config.vmm_binary, &paths, &launch)?;
+        let spawned = self.spawn_jailed(vm, image, &paths, uid, &launch).await?;
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
@@ -275,7 +310,13 @@ impl Supervisor {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let config = vmm_config(vm, image, paths, &networks);
+        // The VMM reads it in its jail, where the paths are the jail's.
+        let config = vmm_config(
+            vm,
+            &jail::inside_image(image),
+            &jail::inside_paths(),
+            &networks,
+        );
         std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
             SupervisorError::Files {
                 path: paths.vmm_config.clone(),
@@ -307,10 +348,40 @@ impl Supervisor {
             if let Ok(Some(vm)) = supervisor.store.get_vm(None, &vm_id) {
                 supervisor.unplug_nics(&vm_id, vm.nics.len()).await;
             }
+            supervisor.clean_jail(&vm_id).await;
             supervisor.event(&vm_id, "exited", &reason);
             let _ = sender.send(Some(exit));
         });
         receiver
+    }
+
+    /// Removes what VM `vm_id`'s finished jail left (its cgroups, its
+    /// root's mount point).
+    async fn clean_jail(&self, vm_id: &str) {
+        let jail = &self.config.jail;
+        let outcome = tokio::process::Command::new(&jail.jailer_binary)
+            .env_clear()
+            .args([
+                "--cleanup",
+                "--id",
+                vm_id,
+                "--parent-cgroup",
+                &jail.parent_cgroup,
+            ])
+            .arg("--chroot-base-dir")
+            .arg(&jail.jail_dir)
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        match outcome {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => tracing::warn!(
+                vm = vm_id,
+                "jail cleanup failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(err) => tracing::warn!(vm = vm_id, "cannot run the jail cleanup: {err}"),
+        }
     }
 
     fn exit_receiver(&self, vm_id: &str) -> Option<watch::Receiver<Option<VmmExit>>> {
@@ -420,10 +491,8 @@ impl Supervisor {
                 continue;
             }
             let paths = self.paths(&vm.id);
-            match vm
-                .pid
-                .and_then(|pid| process::adopt(pid, &paths.vmm_config))
-            {
+            let marker = jail::cgroup_marker(&self.config.jail, &vm.id);
+            match vm.pid.and_then(|pid| process::adopt(pid, &marker)) {
                 Some(watch) => {
                     tracing::info!(vm = %vm.id, "adopted the running VMM (pid {:?})", vm.pid);
                     self.event(&vm.id, "adopted", "the agent restarted; the VMM still runs");

@@ -197,7 +197,9 @@ impl Supervisor {
 
     /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
     /// or on the tenant's default bridge.
-    pub(super) async fn plug_nics(&self, vm: &Vm) -> Result<(), SupervisorError> {
+    /// Makes `vm`'s taps, owned by its jail's user `uid` (who may then
+    /// attach to them without any capability).
+    pub(super) async fn plug_nics(&self, vm: &Vm, uid: u32) -> Result<(), SupervisorError> {
         let _network = self.network_lock().await;
         for (index, nic) in vm.nics.iter().enumerate() {
             let (bridge, gateway, identity) = match &nic.network {
@@ -224,7 +226,7 @@ impl Supervisor {
             let identity = identity.as_ref().map(|(mac, mtu)| (mac.as_str(), *mtu));
             network::ensure_bridge(&bridge, &gateway, identity).await?;
             let mtu = identity.map(|(_, mtu)| mtu);
-            network::create_tap(&network::tap_name(&vm.id, index), &bridge, mtu).await?;
+            network::create_tap(&network::tap_name(&vm.id, index), &bridge, mtu, uid).await?;
         }
         Ok(())
     }

@@ -1,8 +1,10 @@
-//! VMM processes: spawning them detached from the agent (own process group,
-//! output to files, no pipes), watching their exit (as a child, or through
-//! a pidfd once adopted by a restarted agent), and explaining it.
+//! VMM processes: started in their jails by `nubis-jailer` (see jail.rs),
+//! which exits once the VMM runs and leaves it to the agent (a child
+//! subreaper, so the VMM becomes its child); watched through a pidfd,
+//! with the exit status when the VMM is the agent's child (not after an
+//! agent restart, when the log tells); and explained.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -19,13 +21,8 @@ pub struct Spawned {
     pub watch: ExitWatch,
 }
 
-/// How the agent learns that a VMM exited.
-pub enum ExitWatch {
-    /// A child of this agent: its exit status is known.
-    Child(tokio::process::Child),
-    /// A VMM started by an earlier agent: only the fact that it ended.
-    Adopted(AsyncFd<OwnedFd>),
-}
+/// How the agent learns that a VMM exited: a pidfd, readable once it has.
+pub struct ExitWatch(AsyncFd<OwnedFd>);
 
 /// How a VMM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,24 +35,36 @@ pub enum VmmExit {
 
 impl ExitWatch {
     pub async fn wait(self) -> VmmExit {
-        match self {
-            Self::Child(mut child) => match child.wait().await {
-                Ok(status) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (status.code(), status.signal()) {
-                        (Some(code), _) => VmmExit::Code(code),
-                        (None, Some(signal)) => VmmExit::Signal(signal),
-                        _ => VmmExit::Unknown,
-                    }
-                }
-                Err(_) => VmmExit::Unknown,
-            },
-            Self::Adopted(pidfd) => {
-                // A pidfd becomes readable when the process exits.
-                let _ = pidfd.readable().await;
-                VmmExit::Unknown
-            }
-        }
+        // A pidfd becomes readable when the process exits.
+        let _ = self.0.readable().await;
+        reap(self.0.get_ref())
+    }
+}
+
+/// The exit status of the exited process behind `pidfd` if it is our
+/// child (it is then reaped), Unknown otherwise.
+fn reap(pidfd: &OwnedFd) -> VmmExit {
+    // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into `info` only; the pidfd is open for the call.
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if ret != 0 {
+        return VmmExit::Unknown;
+    }
+    // SAFETY: waitid succeeded for an exited child, so the status field of
+    // the union is the one set.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => VmmExit::Code(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => VmmExit::Signal(status),
+        _ => VmmExit::Unknown,
     }
 }
 
@@ -81,7 +90,6 @@ impl VmmExit {
     }
 }
 
-/// Starts `nubis-vmm --config` for a VM, detached from the agent.
 /// How a VMM starts its VM.
 pub enum Launch<'a> {
     /// Boots the kernel.
@@ -93,53 +101,72 @@ pub enum Launch<'a> {
     Receive { listen: &'a str, token: &'a str },
 }
 
-pub fn spawn(binary: &Path, paths: &VmPaths, launch: &Launch) -> Result<Spawned, SupervisorError> {
+/// Runs `jailer` (a `nubis-jailer` command, see jail.rs) with the VM's log
+/// as its output and the VMM's; returns the VMM once it runs in its jail.
+pub async fn spawn(
+    mut jailer: tokio::process::Command,
+    paths: &VmPaths,
+) -> Result<Spawned, SupervisorError> {
+    let files = |source| SupervisorError::Files {
+        path: paths.vmm_log.clone(),
+        source,
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&paths.vmm_log)
-        .map_err(|source| SupervisorError::Files {
-            path: paths.vmm_log.clone(),
-            source,
-        })?;
-    let log_err = log.try_clone().map_err(|source| SupervisorError::Files {
-        path: paths.vmm_log.clone(),
-        source,
-    })?;
-    let mut command = tokio::process::Command::new(binary);
-    command.arg("--config").arg(&paths.vmm_config);
-    match launch {
-        Launch::Boot => {}
-        Launch::Restore(snapshot) => {
-            command.arg("--restore").arg(snapshot);
-        }
-        Launch::Receive { listen, token } => {
-            command
-                .arg("--migrate-listen")
-                .arg(listen)
-                .env("NUBIS_MIGRATION_TOKEN", token);
-        }
-    }
-    let child = command
+        .map_err(files)?;
+    let log_err = log.try_clone().map_err(files)?;
+    let pid_file = paths.dir.join(super::jail::PID_FILE);
+    let _ = std::fs::remove_file(&pid_file);
+    let program = std::path::PathBuf::from(jailer.as_std().get_program());
+    let status = jailer
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
-        // Its own process group: a signal to the agent's group (Ctrl-C in
-        // a terminal, a service manager's stop) does not reach the VMs.
+        // Its own process group, inherited by the VMM: a signal to the
+        // agent's group (Ctrl-C in a terminal, a service manager's stop)
+        // does not reach the VMs.
         .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+        .status()
+        .await
         .map_err(|source| SupervisorError::Spawn {
-            binary: binary.to_path_buf(),
+            binary: program,
             source,
         })?;
-    let pid = child
-        .id()
-        .ok_or_else(|| SupervisorError::StartFailed("the VMM exited before it had a pid".into()))?;
-    Ok(Spawned {
-        pid,
-        watch: ExitWatch::Child(child),
-    })
+    if !status.success() {
+        return Err(SupervisorError::StartFailed(format!(
+            "the jailer failed ({status}): {}",
+            last_log_line(&paths.vmm_log)
+        )));
+    }
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .ok_or_else(|| {
+            SupervisorError::StartFailed(format!(
+                "the jailer left no pid in {}",
+                pid_file.display()
+            ))
+        })?;
+    let watch = pidfd(pid).ok_or_else(|| {
+        SupervisorError::StartFailed(format!("the VMM (pid {pid}) cannot be watched"))
+    })?;
+    Ok(Spawned { pid, watch })
+}
+
+fn pidfd(pid: u32) -> Option<ExitWatch> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `owned` is an open pidfd, moved into the AsyncFd, which keeps
+    // it open and unchanged until it is dropped.
+    unsafe { AsyncFd::register(owned) }.ok().map(ExitWatch)
 }
 
 /// Waits until the VMM answers `status` on its control socket, or exits.
@@ -165,28 +192,15 @@ pub async fn wait_for_control(
     }
 }
 
-/// A pidfd watch on `pid` if it is still the VMM of this VM (its command
-/// line names this VM's config), None otherwise.
-pub fn adopt(pid: u32, vmm_config: &Path) -> Option<ExitWatch> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let config = vmm_config.as_os_str().as_encoded_bytes();
-    let is_ours = cmdline.split(|b| *b == 0).any(|arg| arg == config);
+/// A pidfd watch on `pid` if it is still this VM's VMM: a process in the
+/// VM's own cgroup (`marker`, see jail.rs), which nothing else joins.
+pub fn adopt(pid: u32, marker: &str) -> Option<ExitWatch> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let is_ours = cgroups.lines().any(|line| line.ends_with(marker));
     if !is_ours {
         return None;
     }
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
-    // or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: `owned` is an open pidfd, moved into the AsyncFd, which keeps
-    // it open and unchanged until it is dropped.
-    unsafe { AsyncFd::register(owned) }
-        .ok()
-        .map(ExitWatch::Adopted)
+    pidfd(pid)
 }
 
 /// The last non-empty line of a VMM log, without its timestamp prefix.
@@ -244,7 +258,7 @@ mod tests {
     #[test]
     fn a_process_that_is_not_this_vms_vmm_is_not_adopted() {
         // Our own process is alive but its command line names no VM config.
-        assert!(adopt(std::process::id(), Path::new("/nonexistent/vm.json")).is_none());
-        assert!(adopt(u32::MAX - 1, Path::new("/x")).is_none());
+        assert!(adopt(std::process::id(), "/nubis/vm-none").is_none());
+        assert!(adopt(u32::MAX - 1, "/nubis/vm-none").is_none());
     }
 }

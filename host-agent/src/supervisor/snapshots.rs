@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nubis_api::{Vm, VmState};
 
-use super::{control, data_disk_name, Supervisor, SupervisorError, ROOT_DISK};
+use super::{control, data_disk_name, jail, Supervisor, SupervisorError, ROOT_DISK};
 use crate::disks;
 
 impl Supervisor {
@@ -50,16 +50,28 @@ impl Supervisor {
 
     /// Memory and state through the VMM, then the disks, while paused.
     async fn save(&self, vm: &Vm, socket: &Path, dir: &Path) -> Result<(), SupervisorError> {
-        std::fs::create_dir_all(dir).map_err(|source| SupervisorError::Files {
+        // The jailed VMM writes into its own VM directory (the only place it
+        // can); the files then move to the snapshot store.
+        let paths = self.paths(&vm.id);
+        let out = jail::snapshot_out(&paths, self.jail_uid(&vm.id)?)?;
+        let inside = Path::new(jail::VM_DIR).join(jail::SNAPSHOT_OUT);
+        control::request(
+            socket,
+            serde_json::json!({"command": "snapshot", "dir": inside}),
+        )
+        .await?;
+        let store = self.config.data_dir.join("snapshots");
+        let moved = std::fs::create_dir_all(&store)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700))
+            })
+            .and_then(|()| std::fs::rename(&out, dir));
+        moved.map_err(|source| SupervisorError::Files {
             path: dir.to_path_buf(),
             source,
         })?;
-        control::request(
-            socket,
-            serde_json::json!({"command": "snapshot", "dir": dir}),
-        )
-        .await?;
-        let paths = self.paths(&vm.id);
+        jail::seal_snapshot(dir)?;
         let mut copies = vec![(paths.root_disk.clone(), dir.join(ROOT_DISK))];
         for index in 0..vm.disks.len() {
             copies.push((paths.data_disk(index), dir.join(data_disk_name(index))));

@@ -31,6 +31,49 @@ pub struct ControlServer {
     vm: Arc<dyn VmControl>,
 }
 
+/// The user ids allowed to drive the VM: root (the agent) and the VMM's
+/// own user (in a jail, a user no other process has).
+pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
+/// Refuses a client whose credentials (SO_PEERCRED) are not allowed.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `credentials`,
+    // which is a ucred on the stack, and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(format!(
+            "cannot read its credentials: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if peer_allowed(credentials.uid, own) {
+        Ok(())
+    } else {
+        Err(format!(
+            "pid {} runs as uid {}, not root or {own}",
+            credentials.pid, credentials.uid
+        ))
+    }
+}
+
 impl ControlServer {
     pub fn new(listener: UnixListener, path: PathBuf, vm: Arc<dyn VmControl>) -> Self {
         Self {
@@ -45,6 +88,10 @@ impl ControlServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if let Err(refused) = check_peer(&stream) {
+                        log::warn!("control socket: refused a client: {refused}");
+                        continue;
+                    }
                     // Reads happen only when epoll reports data; writes of small
                     // answers may block briefly, which is fine.
                     if let Err(err) = stream.set_nonblocking(false) {
@@ -151,5 +198,25 @@ impl MutEventSubscriber for ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_and_the_vmms_own_user_may_connect() {
+        assert!(peer_allowed(0, 900_001));
+        assert!(peer_allowed(900_001, 900_001));
+        assert!(!peer_allowed(900_002, 900_001));
+        assert!(!peer_allowed(1000, 900_001));
+        assert!(peer_allowed(0, 0));
+    }
+
+    #[test]
+    fn a_peer_as_ourselves_is_accepted() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        assert!(check_peer(&ours).is_ok());
     }
 }
