@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct Outcome {
     /// The exit code; None if killed by a signal (including at a timeout).
     pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
     pub timed_out: bool,
     pub stdout: String,
     pub stderr: String,
@@ -182,6 +184,7 @@ impl VmProcess {
         }
         Outcome {
             code: status.and_then(|s| if s.signal().is_some() { None } else { s.code() }),
+            signal: status.and_then(|s| s.signal()),
             timed_out,
             stdout: self.stdout(),
             stderr: self.stderr(),

@@ -160,6 +160,22 @@ fn vmms_run_jailed_unprivileged_and_limited() {
         assert_eq!(status[set], "0000000000000000", "{set}");
     }
     assert_eq!(status["NoNewPrivs"], "1");
+    // Every thread (the event loop, each vCPU) runs under a seccomp filter.
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tasks.len() >= 3, "main and two vCPU threads expected");
+    for task in tasks {
+        let text = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        assert!(
+            text.lines().any(|line| line == "Seccomp:\t2"),
+            "thread {} ({}) has no seccomp filter",
+            task.file_name().to_string_lossy(),
+            comm.trim()
+        );
+    }
     let uid_b: u32 = proc_status(pid_b)["Uid"]
         .split_whitespace()
         .next()

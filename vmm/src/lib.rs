@@ -21,5 +21,6 @@ pub mod migration;
 pub mod platform;
 pub mod rate_limiter;
 pub mod runtime;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;

@@ -76,6 +76,10 @@ struct Cli {
     /// token the source must present is NUBIS_MIGRATION_TOKEN.
     #[arg(long, value_name = "ADDR:PORT")]
     migrate_listen: Option<String>,
+    /// Run without the system-call filters (for debugging the VMM only:
+    /// by default every thread runs under its seccomp filter).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn set_parent_death_signal(signal: libc::c_int) {
@@ -148,6 +152,11 @@ fn main() -> ExitCode {
         }
     };
     logger::init();
+    if cli.no_seccomp {
+        log::warn!("--no-seccomp: the VMM runs without system-call filters");
+    } else if let Err(err) = vmm::seccomp::enable() {
+        return fail(err);
+    }
 
     let restore = cli.restore.clone();
     let migrate_listen = cli.migrate_listen.clone();

@@ -27,6 +27,8 @@ use protocol::ProtocolError;
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    #[error("the migration thread cannot start: {0}")]
+    Seccomp(String),
     #[error("cannot connect to the destination {to}: {source}")]
     Connect { to: String, source: std::io::Error },
     #[error("cannot listen for the migration on {listen}: {source}")]

@@ -84,7 +84,9 @@ pub fn start(parts: Arc<VmParts>, settings: Settings) -> std::io::Result<Arc<Mig
 
 fn run(parts: &VmParts, settings: &Settings, migration: &Migration) {
     let started = Instant::now();
-    let outcome = migrate(parts, settings, migration, started);
+    let outcome = crate::seccomp::apply(crate::seccomp::ThreadClass::Migration)
+        .map_err(|err| Outcome::Failed(MigrationError::Seccomp(err.to_string())))
+        .and_then(|()| migrate(parts, settings, migration, started));
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match outcome {
         Ok(downtime) => {

@@ -367,6 +367,11 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
         }
     }
 
+    // Everything is set up: from here on the main thread is the event loop
+    // and needs only what its filter allows.
+    if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadClass::Vmm) {
+        exit.notify(ExitReason::VmmError(err.to_string()));
+    }
     while exit.reason().is_none() {
         if let Err(err) = manager.run() {
             exit.notify(ExitReason::VmmError(format!("event loop failed: {err:?}")));

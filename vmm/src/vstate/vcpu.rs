@@ -460,6 +460,10 @@ impl Vcpu {
 
     fn run(mut self, control: Arc<RunControl>, exit: Arc<ExitNotifier>) {
         control.register_thread();
+        if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadClass::Vcpu) {
+            exit.notify(ExitReason::VmmError(err.to_string()));
+            return;
+        }
         let mut first_entry = true;
         let index = self.index as usize;
         loop {

@@ -1,0 +1,195 @@
+//! System-call filters, one per thread class: what is left to a VMM that a
+//! guest has taken over. The lists are data (`vmm/seccomp/x86_64.json`,
+//! seccompiler's JSON format, each entry with why it is there), compiled
+//! once at start; a call outside its thread's list kills the whole process
+//! (SIGSYS).
+//!
+//! - `vmm`: the main thread once the VM runs (the event loop: devices, the
+//!   control socket, snapshots). Installed after every setup step, so
+//!   opening the kernel, creating the VM and mapping its memory need no
+//!   place in it. Threads it starts later (a migration's) inherit it.
+//! - `vcpu`: each vCPU thread, before its first `KVM_RUN`; only the KVM
+//!   ioctls a vCPU makes (running, saving its state for a snapshot).
+//! - `migration`: a live migration's sender, on top of `vmm`'s.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use seccompiler::BpfProgram;
+
+/// The filter lists, built into the binary.
+const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("the built-in seccomp filters do not compile: {0}")]
+    Compile(seccompiler::Error),
+    #[error("the built-in seccomp filters have no {0:?} filter")]
+    Missing(&'static str),
+    #[error("cannot install the {class} seccomp filter: {source}")]
+    Install {
+        class: &'static str,
+        source: seccompiler::Error,
+    },
+}
+
+/// A class of threads, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadClass {
+    Vmm,
+    Vcpu,
+    Migration,
+}
+
+impl ThreadClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vmm => "vmm",
+            Self::Vcpu => "vcpu",
+            Self::Migration => "migration",
+        }
+    }
+
+    const ALL: [Self; 3] = [Self::Vmm, Self::Vcpu, Self::Migration];
+}
+
+/// The compiled filters of this process: set once by [`enable`]; without
+/// it (`--no-seccomp`), [`apply`] installs nothing.
+static FILTERS: OnceLock<HashMap<&'static str, BpfProgram>> = OnceLock::new();
+
+/// The built-in filters, compiled for this machine.
+pub fn compile() -> Result<HashMap<&'static str, BpfProgram>, SeccompError> {
+    let mut compiled =
+        seccompiler::compile_from_json(FILTERS_JSON.as_bytes(), seccompiler::TargetArch::x86_64)
+            .map_err(SeccompError::Compile)?;
+    ThreadClass::ALL
+        .iter()
+        .map(|class| {
+            compiled
+                .remove(class.name())
+                .map(|program| (class.name(), program))
+                .ok_or(SeccompError::Missing(class.name()))
+        })
+        .collect()
+}
+
+/// Compiles the filters; from now on each thread class installs its own.
+pub fn enable() -> Result<(), SeccompError> {
+    let filters = compile()?;
+    let _ = FILTERS.set(filters);
+    Ok(())
+}
+
+/// Installs `class`'s filter on the calling thread (nothing if filters
+/// are not enabled).
+pub fn apply(class: ThreadClass) -> Result<(), SeccompError> {
+    if let Some(filters) = FILTERS.get() {
+        let program = filters
+            .get(class.name())
+            .ok_or(SeccompError::Missing(class.name()))?;
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+            class: class.name(),
+            source,
+        })?;
+    }
+    // Also without filters: the tests show that the same call is then
+    // harmless, so that it is the filter that kills.
+    test_trigger(class);
+    Ok(())
+}
+
+/// Debug builds only (what the tests run): with NUBIS_SECCOMP_TEST_TRIGGER
+/// naming this class, the thread makes a call no filter allows, right
+/// after installing its filter, which must kill the process.
+fn test_trigger(class: ThreadClass) {
+    if cfg!(debug_assertions)
+        && std::env::var("NUBIS_SECCOMP_TEST_TRIGGER").is_ok_and(|wanted| wanted == class.name())
+    {
+        log::warn!(
+            "seccomp test trigger: {} thread calls personality(2)",
+            class.name()
+        );
+        // SAFETY: personality(0xffffffff) only queries the execution domain.
+        unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
+        log::error!("seccomp test trigger: the forbidden call returned");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_filters_compile_for_every_class() {
+        let filters = compile().unwrap();
+        for class in ThreadClass::ALL {
+            assert!(!filters[class.name()].is_empty(), "{class:?}");
+        }
+    }
+
+    #[test]
+    fn every_rule_says_why_it_is_there() {
+        let document: serde_json::Value = serde_json::from_str(FILTERS_JSON).unwrap();
+        for class in ThreadClass::ALL {
+            let filter = &document[class.name()];
+            assert_eq!(filter["default_action"], "kill_process", "{class:?}");
+            for rule in filter["filter"].as_array().unwrap() {
+                assert!(
+                    rule["comment"]
+                        .as_str()
+                        .is_some_and(|text| !text.is_empty()),
+                    "{class:?}: {rule} has no comment"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dangerous_calls_are_in_no_list() {
+        let document: serde_json::Value = serde_json::from_str(FILTERS_JSON).unwrap();
+        for class in ThreadClass::ALL {
+            let names: Vec<&str> = document[class.name()]["filter"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|rule| rule["syscall"].as_str())
+                .collect();
+            for forbidden in [
+                "execve",
+                "execveat",
+                "ptrace",
+                "mount",
+                "umount2",
+                "pivot_root",
+                "chroot",
+                "setuid",
+                "setgid",
+                "unshare",
+                "setns",
+                "kexec_load",
+                "init_module",
+                "bpf",
+                "personality",
+                "open_by_handle_at",
+                "process_vm_writev",
+            ] {
+                assert!(!names.contains(&forbidden), "{class:?} allows {forbidden}");
+            }
+            // Only the main thread installs a filter after its own (the
+            // migration thread's, which narrows what it inherits).
+            assert_eq!(
+                names.contains(&"seccomp"),
+                class == ThreadClass::Vmm,
+                "{class:?}"
+            );
+            // Sockets only for the migration stream: IPv4 or IPv6, nothing
+            // raw and no packet sockets.
+            for rule in document[class.name()]["filter"].as_array().unwrap() {
+                if rule["syscall"] == "socket" {
+                    let domain = rule["args"][0]["val"].as_u64();
+                    assert!(matches!(domain, Some(2) | Some(10)), "{class:?}: {rule}");
+                }
+            }
+        }
+    }
+}
