@@ -163,6 +163,12 @@ impl Agent {
     /// Starts an agent on a free port with `data_dir`, allowed to use
     /// images from `image_dir`.
     pub fn start(data_dir: &Path, image_dir: &Path) -> Self {
+        Self::start_with(data_dir, image_dir, &Value::Null)
+    }
+
+    /// [`Agent::start`] with `settings` (a JSON object) added to its
+    /// config file.
+    pub fn start_with(data_dir: &Path, image_dir: &Path, settings: &Value) -> Self {
         let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         Self::launch(
             data_dir,
@@ -172,6 +178,7 @@ impl Agent {
             address,
             OPERATOR_TOKEN,
             None,
+            settings,
         )
     }
 
@@ -185,9 +192,11 @@ impl Agent {
             SocketAddr::from((host.reach, host.port)),
             host.operator_token,
             Some(host.underlay),
+            &Value::Null,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         data_dir: &Path,
         image_dir: &Path,
@@ -196,20 +205,20 @@ impl Agent {
         address: SocketAddr,
         operator_token: &str,
         underlay: Option<std::net::Ipv4Addr>,
+        settings: &Value,
     ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let config = data_dir.join("agent.json");
-        std::fs::write(
-            &config,
-            serde_json::json!({
-                "vmm_binary": crate::vmm_binary(),
-                "parent_cgroup": parent_cgroup(data_dir),
-                "image_dirs": [image_dir],
-                "stop_timeout_s": 60,
-            })
-            .to_string(),
-        )
-        .expect("write the agent config");
+        let mut document = serde_json::json!({
+            "vmm_binary": crate::vmm_binary(),
+            "parent_cgroup": parent_cgroup(data_dir),
+            "image_dirs": [image_dir],
+            "stop_timeout_s": 60,
+        });
+        if let (Some(document), Some(settings)) = (document.as_object_mut(), settings.as_object()) {
+            document.extend(settings.clone());
+        }
+        std::fs::write(&config, document.to_string()).expect("write the agent config");
         let log = data_dir.join("agent.log");
         let log_file = std::fs::File::create(&log).expect("create the agent log");
         let agent_binary = crate::workspace_binary("nubis-agent");

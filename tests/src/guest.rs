@@ -67,6 +67,23 @@ impl Program {
         self
     }
 
+    /// Writes one byte in every 4 KiB page from `start` up to `end`: the
+    /// guest makes the host back all of that RAM.
+    pub fn touch_memory(mut self, start: u64, end: u64) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, imm64
+        self.code.extend_from_slice(&start.to_le_bytes());
+        self.code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, imm64
+        self.code.extend_from_slice(&end.to_le_bytes());
+        let top = self.code.len();
+        self.code.extend_from_slice(&[0xc6, 0x03, 0x01]); // mov byte [rbx], 1
+        self.code
+            .extend_from_slice(&[0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00]); // add rbx, 4096
+        self.code.extend_from_slice(&[0x48, 0x39, 0xcb]); // cmp rbx, rcx
+        let rel = top as i64 - (self.code.len() as i64 + 2);
+        self.code.extend_from_slice(&[0x72, rel as i8 as u8]); // jb top
+        self
+    }
+
     /// Loops forever without touching any device.
     pub fn spin(mut self) -> Self {
         self.code.extend_from_slice(&[0xeb, 0xfe]); // jmp $

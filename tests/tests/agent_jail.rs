@@ -416,3 +416,95 @@ fn a_vm_whose_files_left_the_image_directories_is_not_started() {
     let started = agent.call("POST", &format!("/v1/vms/{a}/start"), Some(&acme), None);
     assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
 }
+
+/// A guest that writes all of its RAM, with (for this test) no room left
+/// for the VMM beyond it (`vmm_memory_overhead_mib` 0: the VMM's own few
+/// MiB do not fit): its cgroup's limit stops its VMM alone; the agent and
+/// the other VM go on.
+#[test]
+fn a_vm_that_outgrows_its_memory_limit_is_stopped_alone() {
+    require_kvm();
+    let _host = one_agent_per_host();
+    let dir = TestDir::new("agent-jail-memory");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let counter = images.join("count.elf");
+    Program::new().count(20_000).write(&counter);
+    let filler = images.join("fill.elf");
+    Program::new()
+        .print("FILLING\n")
+        .touch_memory(0x11_0000, 64 << 20)
+        .print("FILLED\n")
+        .spin()
+        .write(&filler);
+    let rootfs = images.join("root.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    let data_dir = dir.join("agent");
+    let agent = Agent::start_with(&data_dir, &images, &json!({"vmm_memory_overhead_mib": 0}));
+    let (_, acme) = tenant(&agent, "acme");
+    for (name, kernel) in [("counter", &counter), ("filler", &filler)] {
+        let image = agent.call(
+            "POST",
+            "/v1/images",
+            Some(&acme),
+            Some(&json!({"name": name, "kernel": kernel, "rootfs": rootfs, "cmdline": ""})),
+        );
+        expect(&image, 201);
+    }
+    let mut ids = Vec::new();
+    for (name, image) in [("steady", "counter"), ("greedy", "filler")] {
+        let created = agent.call(
+            "POST",
+            "/v1/vms",
+            Some(&acme),
+            Some(&json!({"name": name, "image": image, "memory_mib": 64})),
+        );
+        let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+        let started = agent.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme), None);
+        assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
+        ids.push(id);
+    }
+    let (steady, greedy) = (&ids[0], &ids[1]);
+    // The greedy VMM is killed by its cgroup before its guest is done.
+    let start = Instant::now();
+    let shown = loop {
+        let shown = agent.call("GET", &format!("/v1/vms/{greedy}"), Some(&acme), None);
+        let shown = expect(&shown, 200).clone();
+        if shown["state"] != "running" {
+            break shown;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the greedy VM outgrew its limit and runs on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(shown["state"], "failed", "{shown}");
+    assert!(
+        shown["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal 9"),
+        "{shown}"
+    );
+    let console = std::fs::read_to_string(data_dir.join("vms").join(greedy).join("console.log"))
+        .unwrap_or_default();
+    assert!(
+        console.contains("FILLING") && !console.contains("FILLED"),
+        "{console}"
+    );
+    // The other VM counts on and the agent answers.
+    let steady_console = data_dir.join("vms").join(steady).join("console.log");
+    let before = std::fs::metadata(&steady_console).unwrap().len();
+    let start = Instant::now();
+    while std::fs::metadata(&steady_console).unwrap().len() == before {
+        assert!(
+            start.elapsed() < WAIT,
+            "the steady VM stopped with the greedy one"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let steady_shown = agent.call("GET", &format!("/v1/vms/{steady}"), Some(&acme), None);
+    assert_eq!(expect(&steady_shown, 200)["state"], "running");
+    assert_eq!(agent.call("GET", "/healthz", None, None).status, 200);
+}
