@@ -125,7 +125,9 @@ fn vmms_run_jailed_unprivileged_and_limited() {
             Some(&acme),
             Some(&json!({
                 "name": name, "image": "counter", "vcpus": vcpus, "memory_mib": memory,
-                "disks": [{"size_mib": 4}], "nics": [{"network": "jailnet"}],
+                "root_rate_limit": {"bytes_per_s": 4_000_000},
+                "disks": [{"size_mib": 4, "rate_limit": {"bytes_per_s": 1_000_000}}],
+                "nics": [{"network": "jailnet"}],
             })),
         );
         let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
@@ -295,6 +297,51 @@ fn vmms_run_jailed_unprivileged_and_limited() {
         cgroup_value(&cgroup, a, "pids", "pids.max", "pids.max"),
         "34"
     );
+    // I/O: the disks' limits added up on the block device their files are
+    // on (where there is one).
+    let device = {
+        let dev = std::fs::metadata(data_dir.join("vms").join(a).join("root.raw"))
+            .unwrap()
+            .dev();
+        let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+        Path::new("/sys/dev/block")
+            .join(&device)
+            .exists()
+            .then_some(device)
+    };
+    let v1_io = Path::new("/sys/fs/cgroup/blkio")
+        .join(&cgroup)
+        .join(a)
+        .join("blkio.throttle.read_bps_device");
+    let io = std::fs::read_to_string(&v1_io)
+        .or_else(|_| {
+            std::fs::read_to_string(
+                Path::new("/sys/fs/cgroup")
+                    .join(&cgroup)
+                    .join(a)
+                    .join("io.max"),
+            )
+        })
+        .unwrap_or_default();
+    match device {
+        Some(device)
+            if !Path::new("/sys/dev/block")
+                .join(&device)
+                .join("partition")
+                .exists() =>
+        {
+            assert!(
+                io.contains(&format!("{device} 5000000"))
+                    || io.contains(&format!("{device} rbps=5000000")),
+                "io limits of {device}: {io:?}"
+            );
+        }
+        Some(_) => assert!(!io.trim().is_empty(), "no io limits: {io:?}"),
+        None => assert!(
+            io.trim().is_empty(),
+            "io limits without a block device: {io:?}"
+        ),
+    }
     let memory_b = cgroup_value(&cgroup, b, "memory", "memory.limit_in_bytes", "memory.max");
     assert_eq!(memory_b, ((32u64 + 96) << 20).to_string());
 

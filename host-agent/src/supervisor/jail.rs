@@ -59,6 +59,73 @@ pub fn cgroup_limits(vm: &Vm, overhead_mib: u64) -> Vec<String> {
     ]
 }
 
+/// The whole block device (`MAJ:MIN`) that the file at `path` is on, if it
+/// is on one (a partition counts as its disk; tmpfs, overlays and network
+/// file systems have none).
+pub fn backing_device(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let sys = PathBuf::from("/sys/dev/block").join(&device);
+    if !sys.exists() {
+        return None;
+    }
+    if sys.join("partition").exists() {
+        let disk = std::fs::read_to_string(sys.join("..").join("dev")).ok()?;
+        return Some(disk.trim().to_string());
+    }
+    Some(device)
+}
+
+/// `io.max` settings for disks given as (block device, rate limit): one per
+/// device, the sum of its disks' limits, for each kind of limit that every
+/// disk on it has (a disk without one leaves the device unlimited). The
+/// VMM's own rate limiters hold each disk to its limit; these hold a VMM
+/// that no longer cooperates.
+pub fn io_limits(disks: &[(String, nubis_api::RateLimit)]) -> Vec<String> {
+    let mut devices: Vec<&str> = disks.iter().map(|(device, _)| device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let mut settings = Vec::new();
+    for device in devices {
+        let limits: Vec<&nubis_api::RateLimit> = disks
+            .iter()
+            .filter(|(on, _)| on == device)
+            .map(|(_, limit)| limit)
+            .collect();
+        let sum = |pick: fn(&nubis_api::RateLimit) -> Option<u64>| {
+            limits.iter().map(|limit| pick(limit)).sum::<Option<u64>>()
+        };
+        let mut parts = Vec::new();
+        if let Some(bytes) = sum(|limit| limit.bytes_per_s) {
+            parts.push(format!("rbps={bytes} wbps={bytes}"));
+        }
+        if let Some(ops) = sum(|limit| limit.ops_per_s) {
+            parts.push(format!("riops={ops} wiops={ops}"));
+        }
+        if !parts.is_empty() {
+            settings.push(format!("io.max={device} {}", parts.join(" ")));
+        }
+    }
+    settings
+}
+
+/// The rate limits of `vm`'s disks with the block devices their files
+/// are on (disks on no block device are left out).
+pub fn disk_devices(vm: &Vm, paths: &VmPaths) -> Vec<(String, nubis_api::RateLimit)> {
+    let mut disks = vec![(paths.root_disk.clone(), vm.root_rate_limit)];
+    disks.extend(
+        vm.disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| (paths.data_disk(index), disk.rate_limit)),
+    );
+    disks
+        .into_iter()
+        .filter_map(|(path, limit)| backing_device(&path).map(|device| (device, limit)))
+        .collect()
+}
+
 /// The marker that a process's `/proc/PID/cgroup` lines end with when it
 /// is VM `vm_id`'s VMM.
 pub fn cgroup_marker(config: &JailConfig, vm_id: &str) -> String {
@@ -110,7 +177,10 @@ pub fn command(
     if let Launch::Restore(snapshot) = launch {
         mount(snapshot, RESTORE, true);
     }
-    for limit in cgroup_limits(vm, config.memory_overhead_mib) {
+    for limit in cgroup_limits(vm, config.memory_overhead_mib)
+        .into_iter()
+        .chain(io_limits(&disk_devices(vm, paths)))
+    {
         command.arg("--cgroup").arg(limit);
     }
     if matches!(launch, Launch::Receive { .. }) {
@@ -253,6 +323,31 @@ mod tests {
                 "pids.max=34".to_string(),
             ]
         );
+    }
+
+    #[test]
+    fn io_limits_add_up_per_device_and_need_every_disk_limited() {
+        let limit = |bytes: Option<u64>, ops: Option<u64>| nubis_api::RateLimit {
+            bytes_per_s: bytes,
+            ops_per_s: ops,
+        };
+        let disks = vec![
+            ("254:0".to_string(), limit(Some(1000), Some(10))),
+            ("254:0".to_string(), limit(Some(500), None)),
+            ("8:16".to_string(), limit(None, Some(7))),
+            ("8:32".to_string(), limit(None, None)),
+        ];
+        assert_eq!(
+            io_limits(&disks),
+            vec![
+                "io.max=254:0 rbps=1500 wbps=1500".to_string(),
+                "io.max=8:16 riops=7 wiops=7".to_string(),
+            ]
+        );
+        assert!(io_limits(&[]).is_empty());
+        // A file on the root file system, and one on no block device.
+        assert!(backing_device(Path::new("/proc/self/status")).is_none());
+        assert!(backing_device(Path::new("/nonexistent")).is_none());
     }
 
     #[test]
