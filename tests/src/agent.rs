@@ -522,3 +522,44 @@ pub fn wait_for_console(agent: &Agent, token: &str, vm: &str, needle: &str) -> S
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// An image directory holding the counting test guest as a kernel
+/// ([`crate::guest::Program::count`]) and a zeroed 1 MiB root disk: the
+/// agent tests' VM in milliseconds.
+pub struct CounterImages {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl CounterImages {
+    /// Writes them into `DIR/images`.
+    pub fn new(dir: &crate::TestDir) -> Self {
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).expect("create the image directory");
+        let kernel = images.join("count.elf");
+        crate::guest::Program::new().count(20_000).write(&kernel);
+        let rootfs = images.join("root.img");
+        std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("write the root disk");
+        Self {
+            dir: images,
+            kernel,
+            rootfs,
+        }
+    }
+
+    /// Registers image `name` (`kernel` or the counter's) with the tenant
+    /// of `token`.
+    pub fn register(&self, agent: &Agent, token: &str, name: &str, kernel: Option<&Path>) {
+        let image = serde_json::json!({
+            "name": name,
+            "kernel": kernel.unwrap_or(&self.kernel),
+            "rootfs": self.rootfs,
+            "cmdline": "",
+        });
+        expect(
+            &agent.call("POST", "/v1/images", Some(token), Some(&image)),
+            201,
+        );
+    }
+}

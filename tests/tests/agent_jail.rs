@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{expect, one_agent_per_host, parent_cgroup, tenant, vmm_pid, Agent};
+use nubis_tests::agent::{
+    expect, one_agent_per_host, parent_cgroup, tenant, vmm_pid, Agent, CounterImages,
+};
 use nubis_tests::guest::Program;
 use nubis_tests::vm::control_request;
 use nubis_tests::{require_kvm, TestDir};
@@ -94,22 +96,11 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     require_kvm();
     let _host = one_agent_per_host();
     let dir = TestDir::new("agent-jail");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let kernel = images.join("count.elf");
-    Program::new().count(20_000).write(&kernel);
-    let rootfs = images.join("root.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    let images = CounterImages::new(&dir);
     let data_dir = dir.join("agent");
-    let agent = Agent::start(&data_dir, &images);
+    let agent = Agent::start(&data_dir, &images.dir);
     let (_, acme) = tenant(&agent, "acme");
-    let image = agent.call(
-        "POST",
-        "/v1/images",
-        Some(&acme),
-        Some(&json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""})),
-    );
-    expect(&image, 201);
+    images.register(&agent, &acme, "counter", None);
     let network = agent.call(
         "POST",
         "/v1/networks",
@@ -420,23 +411,13 @@ fn a_vm_whose_files_left_the_image_directories_is_not_started() {
     require_kvm();
     let _host = one_agent_per_host();
     let dir = TestDir::new("agent-jail-files");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let kernel = images.join("count.elf");
-    Program::new().count(20_000).write(&kernel);
-    let rootfs = images.join("root.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    let images = CounterImages::new(&dir);
+    let kernel = images.kernel.clone();
     let secret = dir.join("outside-secret");
     std::fs::write(&secret, b"not the tenant's").unwrap();
-    let agent = Agent::start(&dir.join("agent"), &images);
+    let agent = Agent::start(&dir.join("agent"), &images.dir);
     let (_, acme) = tenant(&agent, "acme");
-    let image = agent.call(
-        "POST",
-        "/v1/images",
-        Some(&acme),
-        Some(&json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""})),
-    );
-    expect(&image, 201);
+    images.register(&agent, &acme, "counter", None);
     let created = agent.call(
         "POST",
         "/v1/vms",
@@ -444,7 +425,7 @@ fn a_vm_whose_files_left_the_image_directories_is_not_started() {
         Some(&json!({"name": "a", "image": "counter", "memory_mib": 32})),
     );
     let a = expect(&created, 201)["id"].as_str().unwrap().to_string();
-    let saved = images.join("count.elf.saved");
+    let saved = images.dir.join("count.elf.saved");
     std::fs::rename(&kernel, &saved).unwrap();
     std::os::unix::fs::symlink(&secret, &kernel).unwrap();
     let refused = agent.call("POST", &format!("/v1/vms/{a}/start"), Some(&acme), None);
@@ -473,31 +454,23 @@ fn a_vm_that_outgrows_its_memory_limit_is_stopped_alone() {
     require_kvm();
     let _host = one_agent_per_host();
     let dir = TestDir::new("agent-jail-memory");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let counter = images.join("count.elf");
-    Program::new().count(20_000).write(&counter);
-    let filler = images.join("fill.elf");
+    let images = CounterImages::new(&dir);
+    let filler = images.dir.join("fill.elf");
     Program::new()
         .print("FILLING\n")
         .touch_memory(0x11_0000, 64 << 20)
         .print("FILLED\n")
         .spin()
         .write(&filler);
-    let rootfs = images.join("root.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
     let data_dir = dir.join("agent");
-    let agent = Agent::start_with(&data_dir, &images, &json!({"vmm_memory_overhead_mib": 0}));
+    let agent = Agent::start_with(
+        &data_dir,
+        &images.dir,
+        &json!({"vmm_memory_overhead_mib": 0}),
+    );
     let (_, acme) = tenant(&agent, "acme");
-    for (name, kernel) in [("counter", &counter), ("filler", &filler)] {
-        let image = agent.call(
-            "POST",
-            "/v1/images",
-            Some(&acme),
-            Some(&json!({"name": name, "kernel": kernel, "rootfs": rootfs, "cmdline": ""})),
-        );
-        expect(&image, 201);
-    }
+    images.register(&agent, &acme, "counter", None);
+    images.register(&agent, &acme, "filler", Some(&filler));
     let mut ids = Vec::new();
     for (name, image) in [("steady", "counter"), ("greedy", "filler")] {
         let created = agent.call(

@@ -10,8 +10,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{expect, register_peer, tenant, tenant_token, Agent, RemoteHost};
-use nubis_tests::guest::Program;
+use nubis_tests::agent::{
+    expect, register_peer, tenant, tenant_token, Agent, CounterImages, RemoteHost,
+};
 use nubis_tests::netns::simulated_host;
 use nubis_tests::{require_kvm, TestDir};
 use serde_json::{json, Value};
@@ -118,12 +119,8 @@ fn assert_continues(before: &[u8], after: &[u8]) {
 fn a_running_vm_moves_between_hosts_and_back() {
     require_kvm();
     let dir = TestDir::new("agent-migration");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let kernel = images.join("count.elf");
-    Program::new().count(20_000).write(&kernel);
-    let rootfs = images.join("root.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    let counter = CounterImages::new(&dir);
+    let images = counter.dir.clone();
 
     let host_a = simulated_host("nbma", 1);
     let host_b = simulated_host("nbmb", 2);
@@ -154,11 +151,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
     register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
 
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
-    let image = json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""});
-    expect(
-        &agent_a.call("POST", "/v1/images", Some(&acme_a), Some(&image)),
-        201,
-    );
+    counter.register(&agent_a, &acme_a, "counter", None);
     let span = agent_a.call(
         "POST",
         "/v1/networks",
@@ -167,10 +160,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
     );
     expect(&span, 201);
     let acme_b = tenant_token(&agent_b, &tenant_id);
-    expect(
-        &agent_b.call("POST", "/v1/images", Some(&acme_b), Some(&image)),
-        201,
-    );
+    counter.register(&agent_b, &acme_b, "counter", None);
 
     let created = agent_a.call(
         "POST",
@@ -410,12 +400,8 @@ fn assert_not_running_on(agent: &Agent, vm: &str) {
 fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     require_kvm();
     let dir = TestDir::new("agent-migration-failures");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let kernel = images.join("count.elf");
-    Program::new().count(20_000).write(&kernel);
-    let rootfs = images.join("root.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    let counter = CounterImages::new(&dir);
+    let images = counter.dir.clone();
 
     let host_a = simulated_host("nbfa", 3);
     let host_b = simulated_host("nbfb", 4);
@@ -446,11 +432,7 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     let (_, globex) = tenant(&agent_a, "globex");
-    let image = json!({"name": "counter", "kernel": kernel, "rootfs": rootfs, "cmdline": ""});
-    expect(
-        &agent_a.call("POST", "/v1/images", Some(&acme_a), Some(&image)),
-        201,
-    );
+    counter.register(&agent_a, &acme_a, "counter", None);
     let span = agent_a.call(
         "POST",
         "/v1/networks",
@@ -459,10 +441,7 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     );
     expect(&span, 201);
     let acme_b = tenant_token(&agent_b, &tenant_id);
-    expect(
-        &agent_b.call("POST", "/v1/images", Some(&acme_b), Some(&image)),
-        201,
-    );
+    counter.register(&agent_b, &acme_b, "counter", None);
     let created = agent_a.call(
         "POST",
         "/v1/vms",

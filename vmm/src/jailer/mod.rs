@@ -8,10 +8,10 @@
 //! resource limits, becomes the VM's own unprivileged user with no
 //! capabilities and `no_new_privs`, and execs `nubis-vmm`.
 //!
-//! The parent waits only until the exec happened (or reports why it could
-//! not), writes the VMM's pid to `--pid-file` and exits: the VMM is
-//! reparented to the agent, a child subreaper, which sees its exit status
-//! as it would a child's. `--cleanup` removes what a jail leaves behind
+//! The parent waits only until the jail is built (or reports why it could
+//! not), writes the VMM's pid to `--pid-file` and exits; the child execs
+//! once it has been reparented to the agent, a child subreaper, which
+//! then sees the VMM's exit status as it would a child's. `--cleanup` removes what a jail leaves behind
 //! (its cgroups and root mount point) once the VMM is gone.
 
 pub mod cgroup;
@@ -172,12 +172,13 @@ fn start_child(
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(os_error("unshare a PID namespace"));
     }
-    // `report`: the child tells "ready" or what failed. `release`: the
-    // child execs once this parent is gone (its end reads EOF), so that the
-    // VMM's parent is already the agent when the VMM starts (a receiving
-    // VMM ties its life to its parent's with PR_SET_PDEATHSIG).
+    // `report`: the child tells "ready" or what failed. The child execs
+    // only once this parent is gone and the child has been handed to its
+    // new parent (the agent, a subreaper): a receiving VMM ties its life to
+    // its parent's with PR_SET_PDEATHSIG, which must not be this short-lived
+    // process. A parent-death signal is what tells the child: the kernel
+    // sends it after the reparenting (a pipe closing comes too early).
     let (report_read, report_write) = exec_pipe()?;
-    let (release_read, release_write) = exec_pipe()?;
     // SAFETY: the jailer is single-threaded (see `run`), so the child may
     // go on running ordinary Rust code until it execs.
     let pid = unsafe { libc::fork() };
@@ -186,15 +187,15 @@ fn start_child(
     }
     if pid == 0 {
         drop(report_read);
-        drop(release_write);
         let mut report = std::fs::File::from(report_write);
-        let error = match build(spec, libraries, procs) {
-            Ok(()) => {
+        let error = match build(spec, libraries, procs).and_then(|()| ParentGone::arm()) {
+            Ok(parent_gone) => {
                 let _ = report.write_all(READY);
                 drop(report);
-                let mut gone = [0u8; 1];
-                let _ = std::fs::File::from(release_read).read(&mut gone);
-                exec(spec)
+                match parent_gone.wait() {
+                    Ok(()) => exec(spec),
+                    Err(err) => err,
+                }
             }
             Err(err) => {
                 let _ = report.write_all(err.to_string().as_bytes());
@@ -209,12 +210,9 @@ fn start_child(
         unsafe { libc::_exit(1) };
     }
     drop(report_write);
-    drop(release_read);
     let mut message = Vec::new();
     let _ = std::fs::File::from(report_read).read_to_end(&mut message);
     if message == READY {
-        // `release_write` closes when this process exits.
-        std::mem::forget(release_write);
         return Ok(pid as u32);
     }
     let mut status = 0;
@@ -226,6 +224,65 @@ fn start_child(
     } else {
         message
     }))
+}
+
+/// The jail's first process waiting for the jailer to exit: SIGUSR2 as
+/// its parent-death signal, blocked and waited for.
+struct ParentGone {
+    set: libc::sigset_t,
+    previous: libc::sigset_t,
+}
+
+impl ParentGone {
+    /// Arms the signal; the parent must still be alive (it is: it waits
+    /// for "ready").
+    fn arm() -> Result<Self, JailerError> {
+        // SAFETY: sigset_t is plain data; all-zero is a valid starting
+        // value that sigemptyset then initializes.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the sigset functions write into the sets on our stack;
+        // prctl takes integers only.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous) != 0 {
+                return Err(os_error("block SIGUSR2"));
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGUSR2 as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(os_error("set the parent-death signal"));
+            }
+        }
+        Ok(Self { set, previous })
+    }
+
+    /// Returns once the parent has exited; leaves no trace of the signal
+    /// for the VMM (mask restored, parent-death signal cleared).
+    fn wait(self) -> Result<(), JailerError> {
+        let mut signal = 0;
+        // SAFETY: sigwait reads the set and writes the signal number; the
+        // prctl and sigmask calls take integers and sets on our stack.
+        unsafe {
+            if libc::sigwait(&self.set, &mut signal) != 0 {
+                return Err(os_error("wait for the jailer to exit"));
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) != 0 {
+                return Err(os_error("clear the parent-death signal"));
+            }
+            if libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) != 0 {
+                return Err(os_error("restore the signal mask"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the child writes once the jail is built.
