@@ -52,6 +52,18 @@ fn tree(root: &Path) -> BTreeSet<String> {
     found
 }
 
+/// A path under the jail's /lib, /lib64 or /usr that is a directory on
+/// the way to a shared library, or the library (or dynamic loader) itself:
+/// nothing else of the host's library trees.
+fn is_library_path(root: &Path, path: &str) -> bool {
+    let top = path.split('/').next().unwrap_or("");
+    let name = path.rsplit('/').next().unwrap_or("");
+    let under_a_library_tree = ["lib", "lib64", "usr"].contains(&top);
+    let is_dir = std::fs::symlink_metadata(root.join(path)).is_ok_and(|meta| meta.is_dir());
+    let is_library = (name.starts_with("lib") || name.starts_with("ld-")) && name.contains(".so");
+    under_a_library_tree && (is_dir || is_library)
+}
+
 /// A cgroup file of VM `vm`: the v1 file in `controller`'s hierarchy, or
 /// the v2 file in the unified one, whichever the host uses.
 fn cgroup_value(cgroup: &str, vm: &str, controller: &str, v1: &str, v2: &str) -> String {
@@ -221,10 +233,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
         ) || path
             .strip_prefix("vm/")
             .is_some_and(|name| vm_files.contains(name))
-            || ["lib", "lib64", "usr"].contains(&path.split('/').next().unwrap_or(""))
-                && (path.rsplit('/').next().unwrap_or("").starts_with("lib")
-                    || path.rsplit('/').next().unwrap_or("").starts_with("ld-")
-                    || !path.contains(".so"));
+            || is_library_path(&root, path);
         assert!(allowed, "{path} is in the jail: {listed:#?}");
     }
     for needed in [

@@ -301,6 +301,14 @@ mod tests {
         }
     }
 
+    fn args_of(command: &tokio::process::Command) -> Vec<String> {
+        command
+            .as_std()
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
     fn config() -> JailConfig {
         JailConfig {
             jailer_binary: "/usr/bin/nubis-jailer".into(),
@@ -374,11 +382,7 @@ mod tests {
             900_003,
             &Launch::Restore(&restore),
         );
-        let args: Vec<String> = command
-            .as_std()
-            .get_args()
-            .map(|arg| arg.to_string_lossy().into_owned())
-            .collect();
+        let args = args_of(&command);
         let joined = args.join(" ");
         for expected in [
             "--id vm-1",
@@ -405,11 +409,7 @@ mod tests {
                 token: "secret",
             },
         );
-        let receive_args: Vec<String> = receive
-            .as_std()
-            .get_args()
-            .map(|arg| arg.to_string_lossy().into_owned())
-            .collect();
+        let receive_args = args_of(&receive);
         let separator = receive_args.iter().position(|arg| arg == "--").unwrap();
         let env = receive_args.iter().position(|arg| arg == "--env").unwrap();
         assert!(
