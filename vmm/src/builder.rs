@@ -36,6 +36,7 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::console::{Console, ConsoleBackend, ConsoleBackendError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, NetError, Tap, TapError};
 use crate::devices::virtio::queue_handler::{DeviceEventHandler, EventDrivenDevice};
@@ -75,6 +76,11 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error("NIC {id}: {source}")]
     Tap { id: String, source: TapError },
+    #[error("{id}: {source}")]
+    Console {
+        id: String,
+        source: ConsoleBackendError,
+    },
     #[error("cannot register the queue notification of virtio device {index}: {source}")]
     Ioeventfd {
         index: usize,
@@ -293,6 +299,10 @@ fn device_kinds(config: &VmConfig) -> Vec<String> {
     if config.rng {
         kinds.push("rng".into());
     }
+    kinds.extend(std::iter::repeat_n(
+        "console".to_string(),
+        config.consoles.len(),
+    ));
     kinds
 }
 
@@ -409,7 +419,8 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
             Some((kernel, initrd))
         }
     };
-    // virtio-mmio devices, in slot order: disks, then the entropy device.
+    // virtio-mmio devices, in slot order: disks, NICs, the entropy device,
+    // the console ports.
     let mut slots = VirtioSlots {
         vm: &vm,
         memory: &ram.memory,
@@ -461,6 +472,32 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
             Ok(Arc::new(Mutex::new(rng)))
         })?;
         device_handlers.push(handler(&rng));
+    }
+    for (index, console) in config.consoles.iter().enumerate() {
+        let id = format!("nubis-console{index}");
+        let backend = match (console.fd, &console.file) {
+            (Some(fd), _) => ConsoleBackend::from_inherited_fd(fd),
+            (None, Some(path)) => ConsoleBackend::append_to(path),
+            (None, None) => {
+                return Err(BuildError::Config(ConfigError::InvalidConsole {
+                    value: id,
+                    reason: "one of fd=N or file=PATH is required".into(),
+                }))
+            }
+        }
+        .map_err(|source| BuildError::Console {
+            id: id.clone(),
+            source,
+        })?;
+        let port = slots.attach(|interrupt| {
+            let console =
+                Console::new(&id, backend, interrupt).map_err(|source| BuildError::EventFd {
+                    what: "a console's queues",
+                    source,
+                })?;
+            Ok(Arc::new(Mutex::new(console)))
+        })?;
+        device_handlers.push(handler(&port));
     }
     let VirtioSlots {
         mut mmio_bus,

@@ -64,6 +64,10 @@ struct Cli {
     /// Add a virtio-rng entropy device (host getrandom).
     #[arg(long)]
     rng: bool,
+    /// A virtio-console port, repeatable (the first is /dev/hvc0): an
+    /// inherited descriptor (read and written) or a file (appended to).
+    #[arg(long, value_name = "fd=N|file=PATH")]
+    virtio_console: Vec<String>,
     /// Unix socket for the control protocol.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -122,6 +126,7 @@ fn assemble(cli: Cli) -> Result<VmConfig, String> {
         disks: parse_all(&cli.disk)?,
         nets: parse_all(&cli.net)?,
         rng: cli.rng,
+        consoles: parse_all(&cli.virtio_console)?,
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,

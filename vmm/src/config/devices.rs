@@ -261,6 +261,61 @@ impl NetConfig {
     }
 }
 
+/// One virtio-console port: an inherited descriptor (`fd`, a socket or
+/// pipe the guest also reads from, or a file) or a file the guest's output
+/// is appended to (`file`). The first is `/dev/hvc0` in a Linux guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = ConfigError;
+
+    /// `fd=N|file=PATH`
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: String| ConfigError::InvalidConsole {
+            value: value.to_string(),
+            reason,
+        };
+        let mut console = ConsoleConfig {
+            fd: None,
+            file: None,
+        };
+        for (key, val) in key_values(value, &invalid)? {
+            match key {
+                "fd" => {
+                    console.fd = Some(val.parse().map_err(|_| {
+                        invalid(format!("fd must be a descriptor number, got '{val}'"))
+                    })?)
+                }
+                "file" => console.file = Some(PathBuf::from(val)),
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        console.check().map_err(invalid)?;
+        Ok(console)
+    }
+}
+
+impl ConsoleConfig {
+    /// Checks what does not depend on the rest of the VM.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.fd, &self.file) {
+            (None, None) => Err("one of fd=N or file=PATH is required".into()),
+            (Some(_), Some(_)) => Err("fd and file exclude each other".into()),
+            (Some(fd), None) if fd < 3 => Err(format!(
+                "fd {fd} is stdin, stdout or stderr, which the VMM keeps for itself"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +392,28 @@ mod tests {
             let err = bad.parse::<NetConfig>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn console_flag_syntax() {
+        let console: ConsoleConfig = "fd=5".parse().unwrap();
+        assert_eq!(console.fd, Some(5));
+        let console: ConsoleConfig = "file=/tmp/out".parse().unwrap();
+        assert_eq!(
+            console.file.as_deref(),
+            Some(std::path::Path::new("/tmp/out"))
+        );
+        for (bad, why) in [
+            ("", "not key=value"),
+            ("fd=5,file=/x", "exclude"),
+            ("fd=2", "stderr"),
+            ("fd=x", "descriptor number"),
+            ("path=/x", "unknown key 'path'"),
+        ] {
+            let err = bad.parse::<ConsoleConfig>().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!(serde_json::from_str::<ConsoleConfig>(r#"{"fd":4,"tty":true}"#).is_err());
     }
 
     #[test]

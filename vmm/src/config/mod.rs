@@ -22,7 +22,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod devices;
-pub use devices::{DiskConfig, MacAddr, NetConfig, MAX_DISK_ID_LEN};
+pub use devices::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, MAX_DISK_ID_LEN};
 
 /// The configuration format version this VMM reads and writes.
 pub const CONFIG_VERSION: u32 = 1;
@@ -75,6 +75,8 @@ pub enum ConfigError {
     InvalidDisk { value: String, reason: String },
     #[error("invalid NIC '{value}': {reason} (expected tap=NAME|fd=N[,mac=MAC][,id=NAME][,bw=BYTES_PER_S][,pps=N][,mtu=N])")]
     InvalidNet { value: String, reason: String },
+    #[error("invalid console '{value}': {reason} (expected fd=N|file=PATH)")]
+    InvalidConsole { value: String, reason: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
     #[error("disk id '{0}' is longer than {MAX_DISK_ID_LEN} bytes")]
@@ -83,7 +85,7 @@ pub enum ConfigError {
     DuplicateDeviceId(String),
     #[error("tap '{0}' is used by two NICs")]
     DuplicateTap(String),
-    #[error("descriptor {0} is given to two NICs")]
+    #[error("descriptor {0} is given to two devices")]
     DuplicateFd(i32),
     #[error("a rate of 0 would stop device '{0}' for good: leave the limit out instead")]
     ZeroRate(String),
@@ -112,6 +114,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device fed by the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-console ports, in order: the first is /dev/hvc0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consoles: Vec<ConsoleConfig>,
     /// Unix socket for the control protocol (see `control`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -216,6 +221,8 @@ pub struct ConfigOverrides {
     pub nets: Vec<NetConfig>,
     /// Adds the entropy device.
     pub rng: bool,
+    /// Console ports added after the config file's.
+    pub consoles: Vec<ConsoleConfig>,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -262,6 +269,7 @@ impl VmConfig {
                 disks: Vec::new(),
                 nets: Vec::new(),
                 rng: false,
+                consoles: Vec::new(),
                 control_socket: None,
             },
         };
@@ -286,6 +294,7 @@ impl VmConfig {
         config.disks.extend(flags.disks);
         config.nets.extend(flags.nets);
         config.rng |= flags.rng;
+        config.consoles.extend(flags.consoles);
         if let Some(socket) = flags.control_socket {
             config.control_socket = Some(socket);
         }
@@ -327,7 +336,8 @@ impl VmConfig {
         if !self.boot.cmdline.is_ascii() || self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        let devices =
+            self.disks.len() + self.nets.len() + usize::from(self.rng) + self.consoles.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -356,6 +366,17 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateTap(tap.clone()));
             }
             if let Some(fd) = net.fd.filter(|fd| !fds.insert(*fd)) {
+                return Err(ConfigError::DuplicateFd(fd));
+            }
+        }
+        for console in &self.consoles {
+            console
+                .check()
+                .map_err(|reason| ConfigError::InvalidConsole {
+                    value: serde_json::to_string(console).unwrap_or_default(),
+                    reason,
+                })?;
+            if let Some(fd) = console.fd.filter(|fd| !fds.insert(*fd)) {
                 return Err(ConfigError::DuplicateFd(fd));
             }
         }
@@ -675,6 +696,15 @@ mod tests {
             config.validate(&LIMITS),
             Err(ConfigError::DuplicateFd(5))
         ));
+        config.nets = vec!["fd=5".parse().unwrap()];
+        config.consoles = vec!["fd=5".parse().unwrap()];
+        assert!(matches!(
+            config.validate(&LIMITS),
+            Err(ConfigError::DuplicateFd(5))
+        ));
+        config.consoles = vec!["fd=6".parse().unwrap(), "file=/x".parse().unwrap()];
+        assert!(config.validate(&LIMITS).is_ok());
+        config.consoles = vec![];
         let zero = parse(
             r#"{"version":1,"boot":{"kernel":"/k"},"disks":[{"path":"/a","rate_limit":{"ops_per_s":0}}]}"#,
         )

@@ -7,6 +7,7 @@
 //! interrupts leave through an irqfd.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod persist;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
 use super::block::persist::BlockState;
+use super::console::persist::ConsoleState;
 use super::net::persist::NetState;
 
 /// A queue's configuration and ring positions.
@@ -61,6 +62,7 @@ pub enum DeviceState {
     Block(BlockState),
     Net(NetState),
     Rng,
+    Console(ConsoleState),
 }
 
 impl DeviceState {
@@ -69,6 +71,7 @@ impl DeviceState {
             DeviceState::Block(_) => "block",
             DeviceState::Net(_) => "net",
             DeviceState::Rng => "rng",
+            DeviceState::Console(_) => "console",
         }
     }
 }
