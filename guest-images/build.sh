@@ -5,6 +5,7 @@
 #                           gzip decompression costs seconds under KVM's emulator)
 #   initramfs.cpio.gz       the same, gzip-compressed
 #   rootfs.ext4             the same tree as an ext4 root disk (mkfs.ext4 -d, no mounts)
+#   run-initramfs.cpio      `nubis run`'s initramfs: rootfs/nubis-run-init as PID 1
 #   rootfs-bench.ext4       rootfs.ext4's tree plus Debian's fio and iperf3 with their
 #                           shared-library closure, for bench/devices.py
 #   cmdline                 kernel arguments these images need
@@ -27,7 +28,7 @@ die() { echo "guest-images: error: $*" >&2; exit 1; }
 need_file() { [ -e "$1" ] || die "$1 is missing (install Debian package $2: scripts/install-deps.sh)"; }
 need_file "$linux_tarball" linux-source-6.1
 need_file "$busybox" busybox-static
-for tool in make gcc flex bison bc cpio mkfs.ext4 debugfs patch sha256sum lz4 file ldd; do
+for tool in make gcc musl-gcc strip flex bison bc cpio mkfs.ext4 debugfs patch sha256sum lz4 file ldd; do
     command -v "$tool" >/dev/null || die "$tool is missing (scripts/install-deps.sh installs it)"
 done
 file -L "$busybox" 2>/dev/null | grep -q 'statically linked' || \
@@ -57,6 +58,8 @@ kernel_key="$( {
 } | sha256sum | cut -c1-16)"
 rootfs_key="$( {
     echo "busybox-static $(pkg_version busybox-static)"
+    # nubis-run-init is compiled here and linked statically with musl.
+    echo "gcc $(gcc -dumpfullversion) musl-tools $(pkg_version musl-tools)"
     cat "$here"/rootfs/*
     sed -n '/^# rootfs-recipe-begin/,/^# rootfs-recipe-end/p' "$here/build.sh"
 } | sha256sum | cut -c1-16)"
@@ -156,6 +159,18 @@ build_rootfs() {
     gzip -9 -n -c "$work/out/initramfs.cpio" > "$work/out/initramfs.cpio.gz"
     make_ext4 "$tree" "$work/out/rootfs.ext4" nubis-root 6e756269-7300-4000-8000-000000000001 \
         6e756269-7300-4000-8000-000000000002 64M "$work"
+    # The `nubis run` initramfs: only its PID 1 (rdinit=/sbin/nubis-run-init)
+    # and the mount points it uses; the command's user space comes from a
+    # root disk (rootfs.ext4 by default). Small because unpacking an
+    # initramfs costs ~20 s per MiB under KVM's emulator on kvm_pvm hosts.
+    local run_tree="$work/run-tree"
+    mkdir -p "$run_tree"/{sbin,dev,proc,sys,tmp,run,mnt/lower,mnt/upper,mnt/root}
+    musl-gcc -static -Os -Wall -Wextra -Werror -ffile-prefix-map="$here"=. \
+        -o "$run_tree/sbin/nubis-run-init" "$here/rootfs/nubis-run-init.c"
+    strip "$run_tree/sbin/nubis-run-init"
+    find "$run_tree" -exec touch -h -d @0 {} +
+    (cd "$run_tree" && find . -print0 | LC_ALL=C sort -z | \
+        cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) > "$work/out/run-initramfs.cpio"
     rm -rf "$rootfs_dir"
     mv "$work/out" "$rootfs_dir"
     rm -rf "$work"
@@ -190,12 +205,12 @@ build_rootfs_bench() {
 # bench-recipe-end
 
 if [ -f "$kernel_dir/vmlinux" ]; then log "kernel $kernel_key: cached"; else build_kernel; fi
-if [ -f "$rootfs_dir/rootfs.ext4" ]; then log "rootfs $rootfs_key: cached"; else build_rootfs; fi
+if [ -f "$rootfs_dir/run-initramfs.cpio" ]; then log "rootfs $rootfs_key: cached"; else build_rootfs; fi
 if [ -f "$bench_dir/rootfs-bench.ext4" ]; then log "rootfs-bench $bench_key: cached"; else build_rootfs_bench; fi
 
 mkdir -p "$out"
 for f in vmlinux bzImage config; do cp --reflink=auto "$kernel_dir/$f" "$out/$f"; done
-for f in initramfs.cpio initramfs.cpio.gz rootfs.ext4; do cp --reflink=auto "$rootfs_dir/$f" "$out/$f"; done
+for f in initramfs.cpio initramfs.cpio.gz rootfs.ext4 run-initramfs.cpio; do cp --reflink=auto "$rootfs_dir/$f" "$out/$f"; done
 cp --reflink=auto "$bench_dir/rootfs-bench.ext4" "$out/rootfs-bench.ext4"
 cp "$here/cmdline" "$out/cmdline"
 log "images in $out: $(cd "$out" && ls | tr '\n' ' ')"

@@ -10,7 +10,7 @@ set -euo pipefail
 packages=(
     linux-source-6.1 busybox-static
     build-essential bc flex bison libelf-dev libssl-dev
-    e2fsprogs cpio lz4 xz-utils file python3
+    e2fsprogs cpio lz4 xz-utils file python3 musl-tools
     fio iperf3 iproute2
     nftables
 )
