@@ -7,7 +7,8 @@
 //! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
 //! through which the host agent drives a running VM; `snapshot` and
 //! `migration` save a VM and move it to another process or host; `jailer`
-//! builds the sandbox that `nubis-jailer` starts a VMM in.
+//! builds the sandbox that `nubis-jailer` starts a VMM in; `run` is `nubis
+//! run`, one command in a fresh guest, as a library.
 
 pub mod arch;
 pub mod builder;
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod migration;
 pub mod platform;
 pub mod rate_limiter;
+pub mod run;
 pub mod runtime;
 pub mod seccomp;
 pub mod snapshot;

@@ -1,0 +1,866 @@
+//! One run: prepare the guest's files, start a `nubis-vmm`, hand the
+//! command to the guest, follow it to its end, copy back and clean up.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::images::{self, identity};
+use super::protocol::{parse_event, take_lines, GuestEvent, Request};
+use super::share::{self, Share, SHARE_DISK_BYTES};
+use super::warm::{cache_dir, WarmCache, WarmInputs};
+use super::{ConsoleOutput, GuestStatus, Root, RunConfig, RunError, RunReport, StartKind};
+use crate::config::{
+    BootConfig, ConsoleConfig, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    CONFIG_VERSION,
+};
+use crate::runtime::exit::EXIT_GUEST_CRASH;
+
+/// The kernel command line when the guest images give none.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+/// Descriptor numbers of the console ports in the VMM (control, stdout,
+/// stderr: /dev/hvc0..2 in the guest).
+const PORT_FDS: [RawFd; 3] = [3, 4, 5];
+/// How long a stopped VMM may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const POLL_TICK_MS: i32 = 50;
+/// The MAC of a run's NIC (locally administered, "NR" for Nubis run).
+const RUN_NIC_MAC: [u8; 6] = [0x02, 0x4e, 0x52, 0x00, 0x00, 0x02];
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Io { what, source }
+}
+
+/// The run's scratch directory; removed at the end unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create() -> Result<Self, RunError> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|time| time.subsec_nanos())
+                .unwrap_or_default();
+            let path = base.join(format!(
+                "nubis-run-{}-{:08x}",
+                std::process::id(),
+                nanos.wrapping_add(attempt)
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+                    // NUBIS_RUN_KEEP=1 keeps every run's directory (debugging).
+                    let keep = std::env::var_os("NUBIS_RUN_KEEP").is_some_and(|v| v == "1");
+                    return Ok(Self { path, keep });
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(err) => {
+                    return Err(io_error(format!(
+                        "create a directory in {}",
+                        base.display()
+                    ))(err))
+                }
+            }
+        }
+        Err(RunError::Invalid(format!(
+            "cannot find a free run directory name in {}",
+            base.display()
+        )))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The VMM program: `config`'s, `$NUBIS_VMM`, next to the running program
+/// (or one directory up, for test binaries in `target/*/deps`), or PATH.
+fn find_vmm(config: &RunConfig) -> Result<PathBuf, RunError> {
+    if let Some(path) = &config.vmm_binary {
+        return Ok(path.clone());
+    }
+    if let Some(path) = std::env::var_os("NUBIS_VMM") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("nubis-vmm");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            tried.push(candidate.display().to_string());
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let candidate = dir.join("nubis-vmm");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    tried.push("$PATH".into());
+    Err(RunError::NoVmm {
+        tried: tried.join(", "),
+    })
+}
+
+/// A tap of the run's own with a /30 on the host side (`--net`): the
+/// guest gets the other address, in its request (a warm guest's NIC is
+/// on a new tap each run).
+struct RunTap {
+    name: String,
+    guest: String,
+    gateway: String,
+}
+
+impl RunTap {
+    fn create() -> Result<Self, RunError> {
+        let id = std::process::id() % 16384;
+        let name = format!("nrun{id}");
+        let (third, fourth) = ((id * 4) / 256, (id * 4) % 256);
+        let host = format!("172.30.{third}.{}", fourth + 1);
+        let guest = format!("172.30.{third}.{}", fourth + 2);
+        let ip = |args: &[&str]| -> Result<(), RunError> {
+            let output = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(io_error("run ip (iproute2) for --net"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(RunError::Invalid(format!(
+                    "--net: ip {} failed (creating a tap needs CAP_NET_ADMIN): {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )))
+            }
+        };
+        let _ = Command::new("ip")
+            .args(["link", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"])?;
+        let tap = Self {
+            name: name.clone(),
+            guest,
+            gateway: host.clone(),
+        };
+        ip(&["addr", "add", &format!("{host}/30"), "dev", &name])?;
+        ip(&["link", "set", &name, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for RunTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Everything a run's VMM is started from.
+struct Plan {
+    vm: VmConfig,
+    vmm: PathBuf,
+    request: Request,
+    share_image: Option<PathBuf>,
+    console_log: PathBuf,
+    vmm_log: PathBuf,
+    control_socket: PathBuf,
+    warm: Option<(WarmCache, WarmInputs)>,
+}
+
+fn read_cmdline(images_dir: Option<&Path>) -> String {
+    images_dir
+        .and_then(|dir| fs::read_to_string(dir.join(images::CMDLINE_FILE)).ok())
+        .map(|text| text.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string())
+}
+
+fn plan(
+    config: &RunConfig,
+    argv: Vec<OsString>,
+    work: &WorkDir,
+    tap: Option<&RunTap>,
+) -> Result<Plan, RunError> {
+    if config.vcpus == 0 {
+        return Err(RunError::Invalid("--vcpus must be at least 1".into()));
+    }
+    let images_dir = match (&config.images_dir, &config.kernel, &config.initrd) {
+        (Some(dir), _, _) => Some(dir.clone()),
+        (None, Some(_), Some(_)) => images::find_images_dir().ok(),
+        _ => Some(images::find_images_dir()?),
+    };
+    let from_images = |file: &str| images_dir.as_ref().map(|dir| dir.join(file));
+    let kernel = config
+        .kernel
+        .clone()
+        .or_else(|| from_images(images::KERNEL_FILE))
+        .ok_or_else(|| RunError::Invalid("no kernel: give --kernel".into()))?;
+    let initrd = config
+        .initrd
+        .clone()
+        .or_else(|| from_images(images::INITRD_FILE))
+        .ok_or_else(|| RunError::Invalid("no initramfs".into()))?;
+    for (what, path) in [("kernel", &kernel), ("initramfs", &initrd)] {
+        if !path.is_file() {
+            return Err(RunError::Invalid(format!(
+                "the {what} {} does not exist",
+                path.display()
+            )));
+        }
+    }
+    let cache_root = config.cache_dir.clone().unwrap_or_else(cache_dir);
+    let root_disk = match &config.root {
+        Root::Default => from_images(images::ROOTFS_FILE)
+            .ok_or_else(|| RunError::Invalid("no root disk: give --rootfs or --image".into()))?,
+        Root::Disk(path) => path.clone(),
+        Root::Tree(dir) => images::root_disk_from_tree(dir, &cache_root)?,
+    };
+    if !root_disk.is_file() {
+        return Err(RunError::Invalid(format!(
+            "the root disk {} does not exist",
+            root_disk.display()
+        )));
+    }
+
+    let mut cmdline = read_cmdline(images_dir.as_deref());
+    cmdline.push_str(" rdinit=/sbin/nubis-run-init");
+    if config.console == ConsoleOutput::Log {
+        // Every console byte is a VM exit: a quiet boot is a faster one.
+        // Panics are printed all the same.
+        cmdline.push_str(" quiet");
+    }
+    cmdline.push_str(" nubis_root=/dev/vda");
+    if let Some(extra) = &config.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+
+    let mut disks = vec![DiskConfig {
+        path: root_disk.clone(),
+        read_only: true,
+        id: Some("root".into()),
+        rate_limit: Default::default(),
+    }];
+    let share_device = "/dev/vdb";
+    let share_image = if config.share.is_some() || config.warm {
+        let image = work.path.join("share.img");
+        match &config.share {
+            Some(share) => share::build_image(share, &image)?,
+            // A warm guest was booted with a share disk: an empty one of
+            // the same size stands in for it.
+            None => share::create_sparse(&image, SHARE_DISK_BYTES)?,
+        }
+        disks.push(DiskConfig {
+            path: image.clone(),
+            read_only: false,
+            id: Some("share".into()),
+            rate_limit: Default::default(),
+        });
+        Some(image)
+    } else {
+        None
+    };
+    let nets = tap
+        .map(|tap| {
+            vec![NetConfig {
+                tap: Some(tap.name.clone()),
+                fd: None,
+                // Fixed: a warm guest keeps the MAC it booted with.
+                mac: Some(crate::config::MacAddr(RUN_NIC_MAC)),
+                id: None,
+                rate_limit: Default::default(),
+                mtu: None,
+            }]
+        })
+        .unwrap_or_default();
+
+    let console_log = work.path.join("console.log");
+    let control_socket = work.path.join("control.sock");
+    let vm = VmConfig {
+        version: CONFIG_VERSION,
+        boot: BootConfig {
+            kernel: kernel.clone(),
+            initrd: Some(initrd.clone()),
+            cmdline: cmdline.clone(),
+        },
+        machine: MachineConfig {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+        },
+        serial: SerialConfig::File {
+            path: console_log.clone(),
+        },
+        disks,
+        nets,
+        rng: true,
+        consoles: PORT_FDS
+            .iter()
+            .map(|fd| ConsoleConfig {
+                fd: Some(*fd),
+                file: None,
+            })
+            .collect(),
+        control_socket: Some(control_socket.clone()),
+    };
+
+    let request = Request {
+        argv,
+        env: config.env.clone(),
+        cwd: config.share.as_ref().map(|_| "/share".to_string()),
+        share: config.share.as_ref().map(|share: &Share| {
+            format!(
+                "{share_device} {}",
+                if share.writable { "rw" } else { "ro" }
+            )
+        }),
+        net: tap.map(|tap| format!("{} 30 {}", tap.guest, tap.gateway)),
+    };
+    // Refuse a bad command before anything boots.
+    request.encode()?;
+
+    let vmm = find_vmm(config)?;
+    let warm = if config.warm {
+        let inputs = WarmInputs {
+            vmm: identity(&vmm)?,
+            kernel: identity(&kernel)?,
+            initrd: identity(&initrd)?,
+            root: identity(&root_disk)?,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            cmdline,
+            net: tap.is_some(),
+            share_disk_bytes: SHARE_DISK_BYTES,
+        };
+        Some((WarmCache::new(cache_root), inputs))
+    } else {
+        None
+    };
+    Ok(Plan {
+        vm,
+        vmm,
+        request,
+        share_image,
+        console_log,
+        vmm_log: work.path.join("vmm.log"),
+        control_socket,
+        warm,
+    })
+}
+
+/// A socket pair's ends: ours, and the VMM's (moved to a high descriptor
+/// number so that placing it at 3, 4 or 5 in the child clobbers nothing).
+fn port_pair() -> Result<(UnixStream, OwnedFd), RunError> {
+    let (ours, theirs) = UnixStream::pair().map_err(io_error("create a console socket pair"))?;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new
+    // one (>= 64), which we then own; no memory is passed.
+    let high = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+    if high < 0 {
+        return Err(io_error("duplicate a console socket")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `high` was just returned by fcntl and is owned by nobody else.
+    Ok((ours, unsafe { OwnedFd::from_raw_fd(high) }))
+}
+
+/// The running VMM and our ends of its console ports.
+struct Vmm {
+    child: Child,
+    control: UnixStream,
+    stdout: UnixStream,
+    stderr: UnixStream,
+    started: Instant,
+}
+
+fn spawn_vmm(plan: &Plan, work: &WorkDir, restore: Option<&Path>) -> Result<Vmm, RunError> {
+    let config_path = work.path.join("vm.json");
+    let document = serde_json::to_vec_pretty(&plan.vm)
+        .map_err(|err| RunError::Invalid(format!("cannot write the VM's config: {err}")))?;
+    fs::write(&config_path, document)
+        .map_err(io_error(format!("write {}", config_path.display())))?;
+    let _ = fs::remove_file(&plan.control_socket);
+    let (control, control_vmm) = port_pair()?;
+    let (stdout, stdout_vmm) = port_pair()?;
+    let (stderr, stderr_vmm) = port_pair()?;
+    let vmm_ends = [
+        control_vmm.as_raw_fd(),
+        stdout_vmm.as_raw_fd(),
+        stderr_vmm.as_raw_fd(),
+    ];
+    let log = fs::File::create(&plan.vmm_log)
+        .map_err(io_error(format!("create {}", plan.vmm_log.display())))?;
+    let mut command = Command::new(&plan.vmm);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(dir) = restore {
+        command.arg("--restore").arg(dir);
+    }
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only async-signal-safe functions (dup2, prctl) on descriptors
+    // that exist in the child; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            for (source, target) in vmm_ends.iter().zip(PORT_FDS) {
+                if libc::dup2(*source, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The VMM dies with its run (a killed `nubis run` leaves no VM).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(io_error(format!("start {}", plan.vmm.display())))?;
+    // Our copies of the VMM's ends close here, so that its exit is our end
+    // of file.
+    drop((control_vmm, stdout_vmm, stderr_vmm));
+    Ok(Vmm {
+        child,
+        control,
+        stdout,
+        stderr,
+        started: Instant::now(),
+    })
+}
+
+/// One request on the VMM's control socket; Ok when it answered ok.
+fn control_request(socket: &Path, request: &str) -> Result<(), RunError> {
+    let what = format!("{request} on {}", socket.display());
+    let stream = UnixStream::connect(socket).map_err(io_error(format!("connect for {what}")))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io_error(format!("set a timeout for {what}")))?;
+    (&stream)
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io_error(format!("send {what}")))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(io_error(format!("read the answer to {what}")))?;
+    let ok = serde_json::from_str::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|value| value.get("ok").and_then(|ok| ok.as_bool()))
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(RunError::Control {
+            what,
+            answer: answer.trim().to_string(),
+        })
+    }
+}
+
+/// Pauses the guest, snapshots it into the warm cache and resumes it.
+fn save_warm(plan: &Plan) -> Result<(), RunError> {
+    let Some((cache, inputs)) = &plan.warm else {
+        return Ok(());
+    };
+    let staging = cache.staging_dir()?;
+    control_request(&plan.control_socket, r#"{"command":"pause"}"#)?;
+    let snapshot = serde_json::json!({"command": "snapshot", "dir": staging}).to_string();
+    let saved = control_request(&plan.control_socket, &snapshot)
+        .and_then(|()| cache.commit(&staging, inputs).map(|_| ()));
+    if saved.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    control_request(&plan.control_socket, r#"{"command":"resume"}"#)?;
+    saved
+}
+
+/// Waits for the VMM to exit, asking it to stop first when `stop`.
+fn finish_vmm(child: &mut Child, stop: bool) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if stop {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// The kernel's panic line in the console log, if it panicked.
+fn panic_line(console_log: &Path) -> Option<String> {
+    let text = fs::read(console_log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    text.lines()
+        .find(|line| line.contains("Kernel panic - not syncing"))
+        .map(|line| {
+            let line = line.trim();
+            // Drop the printk timestamp.
+            match line.split_once("] ") {
+                Some((stamp, rest)) if stamp.starts_with('[') => rest.to_string(),
+                _ => line.to_string(),
+            }
+        })
+}
+
+/// The VMM log's last error line.
+fn vmm_error(vmm_log: &Path) -> String {
+    fs::read_to_string(vmm_log)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .find(|line| line.contains("nubis-vmm") || line.contains("ERROR"))
+                .map(|line| line.trim().to_string())
+        })
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// How one VMM's life ended, before interpretation.
+struct Watch {
+    status: Option<GuestStatus>,
+    ready_at: Option<Instant>,
+    started_at: Option<Instant>,
+    ended_at: Option<Instant>,
+    exit: Option<ExitStatus>,
+    warnings: Vec<String>,
+}
+
+/// Follows the guest's control messages until the command ends, the VMM
+/// exits or a deadline passes; `on_ready` runs at the guest's `ready`.
+fn watch(
+    vmm: &mut Vmm,
+    config: &RunConfig,
+    mut on_ready: impl FnMut() -> Result<(), RunError>,
+    request: &[u8],
+    send_at_once: bool,
+) -> Watch {
+    let mut watch = Watch {
+        status: None,
+        ready_at: None,
+        started_at: None,
+        ended_at: None,
+        exit: None,
+        warnings: Vec::new(),
+    };
+    let mut sent = false;
+    let send = |control: &UnixStream, warnings: &mut Vec<String>| {
+        if let Err(err) = (&*control).write_all(request) {
+            warnings.push(format!("cannot send the command to the guest: {err}"));
+        }
+    };
+    if send_at_once {
+        send(&vmm.control, &mut watch.warnings);
+        sent = true;
+    }
+    let _ = vmm.control.set_nonblocking(true);
+    let mut buffer = Vec::new();
+    let mut control_open = true;
+    loop {
+        let now = Instant::now();
+        if let Some(started) = watch.started_at {
+            if let Some(limit) = config.timeout.filter(|limit| now >= started + *limit) {
+                watch.status = Some(GuestStatus::TimedOut { limit });
+                break;
+            }
+        } else if now >= vmm.started + config.boot_timeout {
+            watch.status = Some(GuestStatus::NeverStarted {
+                reason: format!(
+                    "no command started within {} s of the VM's start",
+                    config.boot_timeout.as_secs()
+                ),
+            });
+            break;
+        }
+        if let Ok(Some(status)) = vmm.child.try_wait() {
+            watch.exit = Some(status);
+        }
+        let mut pollfd = libc::pollfd {
+            fd: vmm.control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if control_open {
+            // SAFETY: poll reads and writes one pollfd that lives on our
+            // stack for the whole call.
+            unsafe { libc::poll(&mut pollfd, 1, POLL_TICK_MS) };
+            let mut chunk = [0u8; 4096];
+            match (&vmm.control).read(&mut chunk) {
+                Ok(0) => control_open = false,
+                Ok(got) => buffer.extend_from_slice(&chunk[..got]),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => control_open = false,
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(POLL_TICK_MS as u64));
+        }
+        for line in take_lines(&mut buffer) {
+            match parse_event(&line) {
+                Some(GuestEvent::Ready) => {
+                    watch.ready_at = Some(Instant::now());
+                    if let Err(err) = on_ready() {
+                        watch
+                            .warnings
+                            .push(format!("the warm snapshot was not saved: {err}"));
+                    }
+                    if !sent {
+                        send(&vmm.control, &mut watch.warnings);
+                        sent = true;
+                    }
+                }
+                Some(GuestEvent::Started) => watch.started_at = Some(Instant::now()),
+                Some(GuestEvent::Warning(text)) => watch.warnings.push(format!("guest: {text}")),
+                Some(GuestEvent::ExecFailed { errno, message }) => {
+                    watch.status = Some(GuestStatus::ExecFailed { errno, message });
+                }
+                Some(GuestEvent::Error(reason)) => {
+                    watch.status = Some(GuestStatus::NeverStarted { reason });
+                }
+                Some(GuestEvent::Exited(code)) => watch.status = Some(GuestStatus::Exited(code)),
+                Some(GuestEvent::Signaled(signal)) => {
+                    watch.status = Some(GuestStatus::Signaled(signal))
+                }
+                None => {}
+            }
+            if watch.status.is_some() {
+                break;
+            }
+        }
+        if watch.status.is_some() || (watch.exit.is_some() && !control_open) {
+            break;
+        }
+    }
+    watch.ended_at = Some(Instant::now());
+    watch
+}
+
+/// Copies a console port to a sink until the VMM closes it.
+fn pump(mut from: UnixStream, to: &mut (dyn Write + Send)) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(got) => {
+                if to.write_all(&buf[..got]).and_then(|()| to.flush()).is_err() {
+                    // The reader went away: drain so the guest is not held.
+                    while from.read(&mut buf).is_ok_and(|got| got > 0) {}
+                    break;
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// Copies the console log to stderr as it grows, until `done`.
+fn follow_console(path: &Path, done: &AtomicBool) {
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        if let Ok(mut file) = fs::File::open(path) {
+            use std::io::Seek;
+            if file.seek(std::io::SeekFrom::Start(offset)).is_ok() {
+                while let Ok(got) = file.read(&mut buf) {
+                    if got == 0 {
+                        break;
+                    }
+                    offset += got as u64;
+                    let _ = std::io::stderr().write_all(&buf[..got]);
+                }
+            }
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the watch and the VMM's exit say about the run.
+fn interpret(watch: &Watch, exit: Option<ExitStatus>, plan: &Plan) -> GuestStatus {
+    if let Some(status) = &watch.status {
+        return status.clone();
+    }
+    if let Some(message) = panic_line(&plan.console_log) {
+        return GuestStatus::KernelPanic { message };
+    }
+    let code = exit.and_then(|status| status.code());
+    let detail = match code {
+        Some(code) => format!(
+            "the VMM exited with status {code}: {}",
+            vmm_error(&plan.vmm_log)
+        ),
+        None => "the VMM was killed".to_string(),
+    };
+    if code == Some(EXIT_GUEST_CRASH) {
+        return GuestStatus::Crashed { message: detail };
+    }
+    if watch.started_at.is_some() {
+        GuestStatus::Crashed {
+            message: format!("the guest stopped while the command ran ({detail})"),
+        }
+    } else {
+        GuestStatus::NeverStarted { reason: detail }
+    }
+}
+
+enum Attempt {
+    Done(GuestStatus, Watch),
+    /// A warm snapshot failed to restore: boot instead.
+    RestoreFailed(String),
+}
+
+pub(super) fn run(
+    config: &RunConfig,
+    argv: Vec<OsString>,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Result<RunReport, RunError> {
+    let begin = Instant::now();
+    let mut work = WorkDir::create()?;
+    let tap = if config.net {
+        Some(RunTap::create()?)
+    } else {
+        None
+    };
+    let plan = plan(config, argv, &work, tap.as_ref())?;
+    let request = plan.request.encode()?;
+    let mut warnings = Vec::new();
+    let mut restore = plan
+        .warm
+        .as_ref()
+        .and_then(|(cache, inputs)| cache.lookup(inputs));
+    let (status, watch, start) = loop {
+        let start = match (&plan.warm, &restore) {
+            (None, _) => StartKind::Cold,
+            (Some(_), Some(_)) => StartKind::WarmRestored,
+            (Some(_), None) => StartKind::WarmBuilt,
+        };
+        let mut vmm = spawn_vmm(&plan, &work, restore.as_deref())?;
+        let done = AtomicBool::new(false);
+        let attempt = std::thread::scope(|scope| {
+            let out = vmm.stdout.try_clone();
+            let err = vmm.stderr.try_clone();
+            let (Ok(out), Ok(err)) = (out, err) else {
+                return Err(RunError::Invalid("cannot clone a console socket".into()));
+            };
+            let out_sink: &mut (dyn Write + Send) = &mut *stdout;
+            let err_sink: &mut (dyn Write + Send) = &mut *stderr;
+            let out_thread = scope.spawn(move || pump(out, out_sink));
+            let err_thread = scope.spawn(move || pump(err, err_sink));
+            let console_thread = (config.console == ConsoleOutput::Stderr)
+                .then(|| scope.spawn(|| follow_console(&plan.console_log, &done)));
+            let restored = restore.is_some();
+            let on_ready = || {
+                if restored {
+                    Ok(())
+                } else {
+                    save_warm(&plan)
+                }
+            };
+            let watch = watch(&mut vmm, config, on_ready, &request, restored);
+            let stop = watch.status.is_some() || watch.exit.is_none();
+            let exit = finish_vmm(&mut vmm.child, stop);
+            // The VMM is gone, and with it the other ends of the ports:
+            // the pumps read to end of file.
+            let _ = out_thread.join();
+            let _ = err_thread.join();
+            done.store(true, Ordering::SeqCst);
+            if let Some(thread) = console_thread {
+                let _ = thread.join();
+            }
+            let restore_failed = restored
+                && watch.started_at.is_none()
+                && watch.status.is_none()
+                && exit.and_then(|status| status.code()) == Some(1);
+            if restore_failed {
+                return Ok(Attempt::RestoreFailed(vmm_error(&plan.vmm_log)));
+            }
+            let status = interpret(&watch, exit, &plan);
+            Ok(Attempt::Done(status, watch))
+        })?;
+        match attempt {
+            Attempt::Done(status, watch) => break (status, watch, start),
+            Attempt::RestoreFailed(why) => {
+                warnings.push(format!(
+                    "the warm snapshot did not restore ({why}); booting instead"
+                ));
+                if let Some((cache, inputs)) = &plan.warm {
+                    cache.forget(inputs);
+                }
+                restore = None;
+            }
+        }
+    };
+    warnings.extend(watch.warnings.iter().cloned());
+    let mut copied_back = None;
+    if let (Some(share), Some(image)) = (&config.share, &plan.share_image) {
+        if share.writable {
+            if matches!(status, GuestStatus::Exited(_) | GuestStatus::Signaled(_)) {
+                copied_back = Some(share::copy_back(image, share, &work.path)?);
+            } else {
+                warnings.push(format!(
+                    "nothing was copied back to {}: the command did not finish",
+                    share.host_dir.display()
+                ));
+            }
+        }
+    }
+    let failed = !matches!(
+        status,
+        GuestStatus::Exited(_) | GuestStatus::Signaled(_) | GuestStatus::ExecFailed { .. }
+    );
+    let kept_dir = if failed {
+        work.keep = true;
+        if let Some(image) = &plan.share_image {
+            let _ = fs::remove_file(image);
+        }
+        Some(work.path.clone())
+    } else {
+        None
+    };
+    Ok(RunReport {
+        startup: watch.started_at.map(|at| at.duration_since(begin)),
+        command_time: watch
+            .started_at
+            .zip(watch.ended_at)
+            .map(|(started, ended)| ended.duration_since(started)),
+        total: begin.elapsed(),
+        status,
+        start,
+        copied_back,
+        kept_dir,
+        warnings,
+    })
+}
