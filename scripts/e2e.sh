@@ -59,7 +59,7 @@ run_lane() {
     done
 }
 
-BALANCE="linux_snapshot"
+BALANCE="linux_snapshot nubis_run"
 in_agents_lane() { [[ "$1" == agent_* || " $BALANCE " == *" $1 "* ]]; }
 agents=()
 others=()
