@@ -299,6 +299,27 @@ fn a_command_that_is_not_there_or_never_starts_has_its_own_exit_code() {
 }
 
 #[test]
+fn long_arguments_arrive_whole() {
+    require_kvm();
+    // 300 KB of arguments: more than a socket buffer holds, so the request
+    // goes while the guest reads it. Each stays under Linux's 128 KiB
+    // limit for one argument.
+    let args: Vec<String> = (b'a'..=b'c')
+        .map(|letter| String::from(letter as char).repeat(100_000))
+        .collect();
+    let mut command = vec!["sh", "-c", "echo $# ${#1} ${#2} ${#3} ${3%%c*}end", "sh"];
+    command.extend(args.iter().map(String::as_str));
+    let output = run_in_guest(&config(true), &command);
+    assert_eq!(
+        output.report.status,
+        GuestStatus::Exited(0),
+        "{}",
+        output.stderr_text()
+    );
+    assert_eq!(output.stdout_text(), "3 100000 100000 100000 end\n");
+}
+
+#[test]
 fn a_shared_directory_goes_in_and_what_the_command_writes_comes_back() {
     require_kvm();
     let dir = TestDir::new("run-share");

@@ -189,4 +189,38 @@ mod tests {
         assert!(id.contains("size=0"), "{id}");
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// `--image DIR`: the tree becomes an ext4 image, built once per
+    /// version of the tree.
+    #[test]
+    fn a_tree_becomes_a_cached_root_disk() {
+        let base = std::env::temp_dir().join(format!("nubis-tree-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let tree = base.join("tree");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::write(tree.join("bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
+        let cache = base.join("cache");
+        let image = root_disk_from_tree(&tree, &cache).unwrap();
+        assert_eq!(root_disk_from_tree(&tree, &cache).unwrap(), image, "cached");
+        let listing = Command::new("debugfs")
+            .args(["-R", "cat /bin/tool"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&listing.stdout),
+            "#!/bin/sh\necho hi\n"
+        );
+        fs::write(tree.join("bin/tool"), "changed, longer").unwrap();
+        assert_ne!(
+            root_disk_from_tree(&tree, &cache).unwrap(),
+            image,
+            "rebuilt"
+        );
+        assert!(matches!(
+            root_disk_from_tree(&base.join("missing"), &cache),
+            Err(RunError::Invalid(_))
+        ));
+        fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -31,6 +31,8 @@ const PORT_FDS: [RawFd; 3] = [3, 4, 5];
 /// How long a stopped VMM may take to exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL_TICK_MS: i32 = 50;
+/// How long the guest may take to read its request.
+const REQUEST_SEND_TIMEOUT: Duration = Duration::from_secs(120);
 /// The MAC of a run's NIC (locally administered, "NR" for Nubis run).
 const RUN_NIC_MAC: [u8; 6] = [0x02, 0x4e, 0x52, 0x00, 0x00, 0x02];
 
@@ -573,16 +575,23 @@ fn watch(
         warnings: Vec::new(),
     };
     let mut sent = false;
+    // Blocking, with a limit: a request larger than the socket's buffer
+    // goes as fast as the guest reads it.
     let send = |control: &UnixStream, warnings: &mut Vec<String>| {
-        if let Err(err) = (&*control).write_all(request) {
+        let sent = control
+            .set_nonblocking(false)
+            .and_then(|()| control.set_write_timeout(Some(REQUEST_SEND_TIMEOUT)))
+            .and_then(|()| (&*control).write_all(request))
+            .and_then(|()| control.set_nonblocking(true));
+        if let Err(err) = sent {
             warnings.push(format!("cannot send the command to the guest: {err}"));
         }
     };
+    let _ = vmm.control.set_nonblocking(true);
     if send_at_once {
         send(&vmm.control, &mut watch.warnings);
         sent = true;
     }
-    let _ = vmm.control.set_nonblocking(true);
     let mut buffer = Vec::new();
     let mut control_open = true;
     loop {
