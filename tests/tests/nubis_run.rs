@@ -241,10 +241,60 @@ fn a_hanging_command_is_stopped_at_its_timeout() {
 }
 
 #[test]
+fn an_interrupted_run_stops_its_vm_and_cleans_up() {
+    require_kvm();
+    let scratch = TestDir::new("run-interrupt");
+    let _serial = warm_lock();
+    let child = Command::new(workspace_binary("nubis"))
+        .args(["run", "--warm", "--", "sleep", "600"])
+        .env("NUBIS_RUN_CACHE", cache_dir())
+        .env("NUBIS_GUEST_IMAGES", images_dir())
+        .env("TMPDIR", scratch.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start nubis run");
+    // Wait for its VMM (its run directory's log), then Ctrl-C it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let has_vmm_log = || {
+        std::fs::read_dir(scratch.path())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|entry| entry.path().join("vmm.log").exists())
+            })
+            .unwrap_or(false)
+    };
+    while !has_vmm_log() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no run directory appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let output = child.wait_with_output().expect("wait for nubis run");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: the VM was stopped"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(scratch.path())
+        .expect("read the scratch directory")
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn a_kernel_panic_is_reported_as_such() {
     require_kvm();
     let output = nubis_run(&[
         "--warm",
+        "--console",
         "--",
         "sh",
         "-c",
@@ -252,6 +302,8 @@ fn a_kernel_panic_is_reported_as_such() {
     ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(121), "stderr: {stderr}");
+    // --console: the kernel's own messages came on stderr as they came.
+    assert!(stderr.contains("sysrq: Trigger a crash"), "{stderr}");
     assert!(
         stderr.contains(
             "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash"

@@ -148,11 +148,31 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_RUN_ERROR as u8)
 }
 
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    vmm::run::interrupt();
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP stop the VM and clean up (its run
+/// directory, its tap) before `nubis run` exits 130.
+fn stop_on_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; the sigaction struct lives for the call.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let config = match config(&args) {
         Ok(config) => config,
         Err(message) => return fail(message),
     };
+    stop_on_signals();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let report = match run_streaming(&config, &args.command, &mut stdout, &mut stderr) {

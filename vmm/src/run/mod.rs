@@ -173,6 +173,8 @@ pub enum GuestStatus {
     TimedOut { limit: Duration },
     /// The guest never started the command.
     NeverStarted { reason: String },
+    /// The run was interrupted ([`interrupt`]: Ctrl-C on `nubis run`).
+    Interrupted,
 }
 
 impl GuestStatus {
@@ -186,6 +188,7 @@ impl GuestStatus {
             Self::KernelPanic { .. } | Self::Crashed { .. } => EXIT_GUEST_CRASHED,
             Self::TimedOut { .. } => EXIT_TIMED_OUT,
             Self::NeverStarted { .. } => EXIT_NEVER_STARTED,
+            Self::Interrupted => 128 + libc::SIGINT,
         }
     }
 
@@ -204,6 +207,7 @@ impl GuestStatus {
             Self::NeverStarted { reason } => {
                 Some(format!("the guest never started the command: {reason}"))
             }
+            Self::Interrupted => Some("interrupted: the VM was stopped".into()),
         }
     }
 }
@@ -256,6 +260,13 @@ impl RunOutput {
     pub fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
+}
+
+/// Stops every run in this process as soon as it can (its VM stopped, its
+/// files and tap removed; it reports [`GuestStatus::Interrupted`]). Only
+/// stores a flag: it may be called from a signal handler.
+pub fn interrupt() {
+    session::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Runs `command` in a guest and collects its output.

@@ -41,6 +41,9 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError 
     move |source| RunError::Io { what, source }
 }
 
+/// Set by [`super::interrupt`]: every run stops.
+pub(super) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// The run's scratch directory; removed at the end unless kept.
 struct WorkDir {
     path: PathBuf,
@@ -248,11 +251,11 @@ fn plan(
 
     let mut cmdline = read_cmdline(images_dir.as_deref());
     cmdline.push_str(" rdinit=/sbin/nubis-run-init");
-    if config.console == ConsoleOutput::Log {
-        // Every console byte is a VM exit: a quiet boot is a faster one.
-        // Panics are printed all the same.
-        cmdline.push_str(" quiet");
-    }
+    // Every console byte is a VM exit: a quiet boot is a faster one.
+    // Panics and warnings are printed all the same, and `--console` does
+    // not change the command line (so it can use the same warm snapshot);
+    // `loglevel=7` in the extra arguments shows the whole boot.
+    cmdline.push_str(" quiet");
     cmdline.push_str(" nubis_root=/dev/vda");
     if let Some(extra) = &config.kernel_args {
         cmdline.push(' ');
@@ -596,6 +599,10 @@ fn watch(
     let mut control_open = true;
     loop {
         let now = Instant::now();
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            watch.status = Some(GuestStatus::Interrupted);
+            break;
+        }
         if let Some(started) = watch.started_at {
             if let Some(limit) = config.timeout.filter(|limit| now >= started + *limit) {
                 watch.status = Some(GuestStatus::TimedOut { limit });
@@ -848,7 +855,10 @@ pub(super) fn run(
     }
     let failed = !matches!(
         status,
-        GuestStatus::Exited(_) | GuestStatus::Signaled(_) | GuestStatus::ExecFailed { .. }
+        GuestStatus::Exited(_)
+            | GuestStatus::Signaled(_)
+            | GuestStatus::ExecFailed { .. }
+            | GuestStatus::Interrupted
     );
     let kept_dir = if failed {
         work.keep = true;
