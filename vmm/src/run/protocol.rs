@@ -40,11 +40,14 @@ pub enum RequestError {
     TooLong { what: &'static str, len: usize },
     #[error("{count} arguments; the guest takes at most {MAX_ARGS}")]
     TooManyArguments { count: usize },
+    #[error("{count} environment entries; the guest takes at most {MAX_ENVS}")]
+    TooManyEnvironmentEntries { count: usize },
 }
 
 /// Limits of the guest side (`nubis-run-init.c`).
 pub const MAX_RECORD: usize = 1 << 20;
 pub const MAX_ARGS: usize = 4096;
+pub const MAX_ENVS: usize = 1024;
 
 /// One run's request: the command, its environment and directory, the
 /// shared directory's disk (`"/dev/vdb rw"`) and eth0's address
@@ -72,6 +75,11 @@ impl Request {
         if self.argv.len() > MAX_ARGS {
             return Err(RequestError::TooManyArguments {
                 count: self.argv.len(),
+            });
+        }
+        if self.env.len() > MAX_ENVS {
+            return Err(RequestError::TooManyEnvironmentEntries {
+                count: self.env.len(),
             });
         }
         let mut out = Vec::new();
@@ -199,6 +207,15 @@ mod tests {
         assert!(matches!(
             many.encode(),
             Err(RequestError::TooManyArguments { .. })
+        ));
+        let crowded = Request {
+            argv: vec!["true".into()],
+            env: vec![("A".into(), "1".into()); MAX_ENVS + 1],
+            ..Default::default()
+        };
+        assert!(matches!(
+            crowded.encode(),
+            Err(RequestError::TooManyEnvironmentEntries { .. })
         ));
     }
 

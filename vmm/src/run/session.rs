@@ -31,6 +31,8 @@ const PORT_FDS: [RawFd; 3] = [3, 4, 5];
 /// How long a stopped VMM may take to exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL_TICK_MS: i32 = 50;
+/// `--net` taps `nrun0`..: one /30 of 172.30.0.0/16 each.
+const TAP_SLOTS: u32 = 16384;
 /// How long the guest may take to read its request.
 const REQUEST_SEND_TIMEOUT: Duration = Duration::from_secs(120);
 /// The MAC of a run's NIC (locally administered, "NR" for Nubis run).
@@ -137,8 +139,33 @@ struct RunTap {
 
 impl RunTap {
     fn create() -> Result<Self, RunError> {
-        let id = std::process::id() % 16384;
-        let name = format!("nrun{id}");
+        // A slot (a tap name and a /30) of our own: the first free one
+        // from our pid on. A taken name is another run's tap, never ours
+        // to remove.
+        let first = std::process::id() % TAP_SLOTS;
+        let mut chosen = None;
+        for offset in 0..64 {
+            let id = (first + offset) % TAP_SLOTS;
+            let name = format!("nrun{id}");
+            let added = Command::new("ip")
+                .args(["tuntap", "add", "dev", &name, "mode", "tap"])
+                .stderr(Stdio::null())
+                .status()
+                .map_err(io_error("run ip (iproute2) for --net"))?;
+            if added.success() {
+                chosen = Some((id, name));
+                break;
+            }
+            if !Path::new("/sys/class/net").join(&name).exists() {
+                // Not taken: the add itself failed (no CAP_NET_ADMIN).
+                break;
+            }
+        }
+        let Some((id, name)) = chosen else {
+            return Err(RunError::Invalid(
+                "--net: cannot create a tap (it needs CAP_NET_ADMIN, and a free nrunN name)".into(),
+            ));
+        };
         let (third, fourth) = ((id * 4) / 256, (id * 4) % 256);
         let host = format!("172.30.{third}.{}", fourth + 1);
         let guest = format!("172.30.{third}.{}", fourth + 2);
@@ -151,17 +178,12 @@ impl RunTap {
                 Ok(())
             } else {
                 Err(RunError::Invalid(format!(
-                    "--net: ip {} failed (creating a tap needs CAP_NET_ADMIN): {}",
+                    "--net: ip {} failed: {}",
                     args.join(" "),
                     String::from_utf8_lossy(&output.stderr).trim()
                 )))
             }
         };
-        let _ = Command::new("ip")
-            .args(["link", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"])?;
         let tap = Self {
             name: name.clone(),
             guest,
@@ -844,11 +866,25 @@ pub(super) fn run(
     if let (Some(share), Some(image)) = (&config.share, &plan.share_image) {
         if share.writable {
             if matches!(status, GuestStatus::Exited(_) | GuestStatus::Signaled(_)) {
-                copied_back = Some(share::copy_back(image, share, &work.path)?);
+                match share::copy_back(image, share, &work.path) {
+                    Ok(stats) => copied_back = Some(stats),
+                    // What the command wrote must not go with the run's
+                    // directory: the disk stays, named.
+                    Err(err) => {
+                        work.keep = true;
+                        warnings.push(format!(
+                            "{err}; the share's disk is kept at {}",
+                            image.display()
+                        ));
+                    }
+                }
             } else {
+                work.keep = true;
                 warnings.push(format!(
-                    "nothing was copied back to {}: the command did not finish",
-                    share.host_dir.display()
+                    "nothing was copied back to {}: the command did not finish; what it wrote \
+                     is on the share's disk, kept at {}",
+                    share.host_dir.display(),
+                    image.display()
                 ));
             }
         }
@@ -860,9 +896,12 @@ pub(super) fn run(
             | GuestStatus::ExecFailed { .. }
             | GuestStatus::Interrupted
     );
-    let kept_dir = if failed {
+    let kept_dir = if failed || work.keep {
         work.keep = true;
-        if let Some(image) = &plan.share_image {
+        // A read-only share's disk holds nothing new: only a writable
+        // one's is worth keeping.
+        let writable = config.share.as_ref().is_some_and(|share| share.writable);
+        if let Some(image) = plan.share_image.as_ref().filter(|_| !writable) {
             let _ = fs::remove_file(image);
         }
         Some(work.path.clone())
