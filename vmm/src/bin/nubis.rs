@@ -209,8 +209,8 @@ fn run(args: RunArgs) -> ExitCode {
         );
         if let Some(copied) = report.copied_back {
             eprintln!(
-                "nubis run: copied back {} file(s), {} bytes",
-                copied.files, copied.bytes
+                "nubis run: copied back {} file(s), {} bytes; {} entries skipped",
+                copied.files, copied.bytes, copied.skipped
             );
         }
     }

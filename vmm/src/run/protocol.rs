@@ -146,15 +146,52 @@ pub fn parse_event(line: &str) -> Option<GuestEvent> {
     }
 }
 
-/// Splits the bytes read so far into complete lines; the incomplete rest
-/// stays in `buffer`.
-pub fn take_lines(buffer: &mut Vec<u8>) -> Vec<String> {
-    let mut lines = Vec::new();
-    while let Some(end) = buffer.iter().position(|byte| *byte == b'\n') {
-        let line: Vec<u8> = buffer.drain(..=end).collect();
-        lines.push(String::from_utf8_lossy(&line).into_owned());
+/// The longest event line taken from the guest, newline included: its
+/// PID 1 writes lines of at most 512 bytes. A longer line is dropped whole
+/// and counted, so that nothing in the guest can make the host's buffer
+/// grow without bound.
+pub const MAX_EVENT_LINE: usize = 4096;
+
+/// Splits the guest's bytes into event lines, bounded by [`MAX_EVENT_LINE`].
+#[derive(Debug, Default)]
+pub struct EventLines {
+    partial: Vec<u8>,
+    /// In a line past the limit: its bytes go until its newline.
+    discarding: bool,
+    /// Lines dropped for their length.
+    pub overlong: u64,
+}
+
+impl EventLines {
+    /// Takes the bytes read; returns the lines they complete (with their
+    /// newline). The incomplete rest is kept for the next call.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for piece in bytes.split_inclusive(|byte| *byte == b'\n') {
+            let complete = piece.last() == Some(&b'\n');
+            if self.discarding {
+                self.discarding = !complete;
+                continue;
+            }
+            if self.partial.len() + piece.len() > MAX_EVENT_LINE {
+                self.partial.clear();
+                self.overlong += 1;
+                self.discarding = !complete;
+                continue;
+            }
+            self.partial.extend_from_slice(piece);
+            if complete {
+                let line = std::mem::take(&mut self.partial);
+                lines.push(String::from_utf8_lossy(&line).into_owned());
+            }
+        }
+        lines
     }
-    lines
+
+    /// Bytes held for an incomplete line.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
 }
 
 #[cfg(test)]
@@ -243,11 +280,33 @@ mod tests {
 
     #[test]
     fn lines_are_split_and_the_rest_is_kept() {
-        let mut buffer = b"ready\nstar".to_vec();
-        assert_eq!(take_lines(&mut buffer), vec!["ready\n".to_string()]);
-        assert_eq!(buffer, b"star");
-        buffer.extend_from_slice(b"ted\nexit 0\n");
-        assert_eq!(take_lines(&mut buffer), vec!["started\n", "exit 0\n"]);
-        assert!(buffer.is_empty());
+        let mut lines = EventLines::default();
+        assert_eq!(lines.feed(b"ready\nstar"), vec!["ready\n".to_string()]);
+        assert_eq!(lines.pending(), 4);
+        assert_eq!(lines.feed(b"ted\nexit 0\n"), vec!["started\n", "exit 0\n"]);
+        assert_eq!(lines.pending(), 0);
+        assert_eq!(lines.overlong, 0);
+    }
+
+    #[test]
+    fn an_endless_line_is_dropped_and_memory_stays_bounded() {
+        let mut lines = EventLines::default();
+        let chunk = [b'x'; 4096];
+        for _ in 0..1024 {
+            assert!(lines.feed(&chunk).is_empty());
+            assert!(lines.pending() <= MAX_EVENT_LINE);
+        }
+        // The long line ends; the next one comes through whole.
+        assert_eq!(lines.feed(b"xxx\nexit 3\n"), vec!["exit 3\n"]);
+        assert_eq!(lines.overlong, 1);
+        // A line just at the limit passes, one byte more does not.
+        let mut exact = vec![b'w'; MAX_EVENT_LINE - 1];
+        exact.push(b'\n');
+        assert_eq!(lines.feed(&exact).len(), 1);
+        let mut over = vec![b'w'; MAX_EVENT_LINE];
+        over.push(b'\n');
+        assert!(lines.feed(&over).is_empty());
+        assert_eq!(lines.overlong, 2);
+        assert_eq!(lines.feed(b"ready\n"), vec!["ready\n"]);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::images::{self, identity};
-use super::protocol::{parse_event, take_lines, GuestEvent, Request};
+use super::protocol::{parse_event, EventLines, GuestEvent, Request, MAX_EVENT_LINE};
 use super::share::{self, Share, SHARE_DISK_BYTES};
 use super::warm::{cache_dir, WarmCache, WarmInputs};
 use super::{ConsoleOutput, GuestStatus, Root, RunConfig, RunError, RunReport, StartKind};
@@ -490,6 +490,7 @@ fn control_request(socket: &Path, request: &str) -> Result<(), RunError> {
         .map_err(io_error(format!("send {what}")))?;
     let mut answer = String::new();
     BufReader::new(&stream)
+        .take(MAX_CONTROL_ANSWER)
         .read_line(&mut answer)
         .map_err(io_error(format!("read the answer to {what}")))?;
     let ok = serde_json::from_str::<serde_json::Value>(&answer)
@@ -543,9 +544,31 @@ fn finish_vmm(child: &mut Child, stop: bool) -> Option<ExitStatus> {
     child.wait().ok()
 }
 
+/// Bytes read from the end of a log the guest can make as large as it
+/// likes.
+const LOG_TAIL_BYTES: u64 = 1 << 20;
+/// Warnings from the guest shown at most; the rest are counted.
+const MAX_GUEST_WARNINGS: usize = 32;
+/// The longest answer read from the VMM's control socket.
+const MAX_CONTROL_ANSWER: u64 = 64 * 1024;
+
+/// The last `max` bytes of a file.
+fn read_tail(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Seek;
+    let mut file = fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 /// The kernel's panic line in the console log, if it panicked.
 fn panic_line(console_log: &Path) -> Option<String> {
-    let text = fs::read(console_log).ok()?;
+    // The guest writes this file: only its end is read (a panic is the
+    // last thing a kernel prints).
+    let text = read_tail(console_log, LOG_TAIL_BYTES)?;
     let text = String::from_utf8_lossy(&text);
     text.lines()
         .find(|line| line.contains("Kernel panic - not syncing"))
@@ -561,8 +584,8 @@ fn panic_line(console_log: &Path) -> Option<String> {
 
 /// The VMM log's last error line.
 fn vmm_error(vmm_log: &Path) -> String {
-    fs::read_to_string(vmm_log)
-        .ok()
+    read_tail(vmm_log, LOG_TAIL_BYTES)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .and_then(|text| {
             text.lines()
                 .rev()
@@ -617,7 +640,8 @@ fn watch(
         send(&vmm.control, &mut watch.warnings);
         sent = true;
     }
-    let mut buffer = Vec::new();
+    let mut lines = EventLines::default();
+    let mut guest_warnings = 0usize;
     let mut control_open = true;
     loop {
         let now = Instant::now();
@@ -647,21 +671,22 @@ fn watch(
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut chunk = [0u8; 4096];
+        let mut got_bytes = 0;
         if control_open {
             // SAFETY: poll reads and writes one pollfd that lives on our
             // stack for the whole call.
             unsafe { libc::poll(&mut pollfd, 1, POLL_TICK_MS) };
-            let mut chunk = [0u8; 4096];
             match (&vmm.control).read(&mut chunk) {
                 Ok(0) => control_open = false,
-                Ok(got) => buffer.extend_from_slice(&chunk[..got]),
+                Ok(got) => got_bytes = got,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => control_open = false,
             }
         } else {
             std::thread::sleep(Duration::from_millis(POLL_TICK_MS as u64));
         }
-        for line in take_lines(&mut buffer) {
+        for line in lines.feed(&chunk[..got_bytes]) {
             match parse_event(&line) {
                 Some(GuestEvent::Ready) => {
                     watch.ready_at = Some(Instant::now());
@@ -676,7 +701,12 @@ fn watch(
                     }
                 }
                 Some(GuestEvent::Started) => watch.started_at = Some(Instant::now()),
-                Some(GuestEvent::Warning(text)) => watch.warnings.push(format!("guest: {text}")),
+                Some(GuestEvent::Warning(text)) => {
+                    guest_warnings += 1;
+                    if guest_warnings <= MAX_GUEST_WARNINGS {
+                        watch.warnings.push(format!("guest: {text}"));
+                    }
+                }
                 Some(GuestEvent::ExecFailed { errno, message }) => {
                     watch.status = Some(GuestStatus::ExecFailed { errno, message });
                 }
@@ -696,6 +726,18 @@ fn watch(
         if watch.status.is_some() || (watch.exit.is_some() && !control_open) {
             break;
         }
+    }
+    if guest_warnings > MAX_GUEST_WARNINGS {
+        watch.warnings.push(format!(
+            "guest: {} more warnings not shown",
+            guest_warnings - MAX_GUEST_WARNINGS
+        ));
+    }
+    if lines.overlong > 0 {
+        watch.warnings.push(format!(
+            "the guest sent {} control line(s) longer than {MAX_EVENT_LINE} bytes, ignored",
+            lines.overlong
+        ));
     }
     watch.ended_at = Some(Instant::now());
     watch
@@ -867,7 +909,17 @@ pub(super) fn run(
         if share.writable {
             if matches!(status, GuestStatus::Exited(_) | GuestStatus::Signaled(_)) {
                 match share::copy_back(image, share, &work.path) {
-                    Ok(stats) => copied_back = Some(stats),
+                    Ok((stats, notes)) => {
+                        copied_back = Some(stats);
+                        let explained = notes.0.len() as u64;
+                        warnings.extend(notes.0.into_iter().map(|note| format!("share: {note}")));
+                        if stats.skipped > explained {
+                            warnings.push(format!(
+                                "share: {} more entries were not copied back",
+                                stats.skipped - explained
+                            ));
+                        }
+                    }
                     // What the command wrote must not go with the run's
                     // directory: the disk stays, named.
                     Err(err) => {
@@ -921,4 +973,26 @@ pub(super) fn run(
         kept_dir,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_end_of_a_guest_written_log_is_read() {
+        let path = std::env::temp_dir().join(format!("nubis-run-tail-{}", std::process::id()));
+        let mut log = vec![b'x'; 3 * LOG_TAIL_BYTES as usize];
+        log.extend_from_slice(b"\n[    1.234] Kernel panic - not syncing: sysrq triggered crash\n");
+        fs::write(&path, &log).unwrap();
+        let tail = read_tail(&path, LOG_TAIL_BYTES).unwrap();
+        assert_eq!(tail.len() as u64, LOG_TAIL_BYTES);
+        assert_eq!(
+            panic_line(&path).as_deref(),
+            Some("Kernel panic - not syncing: sysrq triggered crash")
+        );
+        fs::write(&path, b"short").unwrap();
+        assert_eq!(read_tail(&path, LOG_TAIL_BYTES).unwrap(), b"short");
+        fs::remove_file(&path).unwrap();
+    }
 }
