@@ -19,6 +19,15 @@ pub trait VmControl: Send + Sync {
     fn handle(&self, request: Request) -> Response;
 }
 
+/// Clients connected at once, at most: each holds a descriptor and up to
+/// [`MAX_REQUEST_LEN`] bytes of a request.
+const MAX_CLIENTS: usize = 64;
+/// How long an answer may wait for a client that does not read: the event
+/// loop must not hang on it.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bytes read from a client per readiness event.
+const READ_CHUNK: usize = 4096;
+
 struct Client {
     stream: UnixStream,
     pending: Vec<u8>,
@@ -92,9 +101,17 @@ impl ControlServer {
                         log::warn!("control socket: refused a client: {refused}");
                         continue;
                     }
+                    if self.clients.len() >= MAX_CLIENTS {
+                        log::warn!("control socket: refused a client: {MAX_CLIENTS} are connected");
+                        continue;
+                    }
                     // Reads happen only when epoll reports data; writes of small
-                    // answers may block briefly, which is fine.
-                    if let Err(err) = stream.set_nonblocking(false) {
+                    // answers may block briefly, and a client that reads none
+                    // is dropped after a while.
+                    if let Err(err) = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_write_timeout(Some(ANSWER_TIMEOUT)))
+                    {
                         log::warn!("control socket: cannot configure a client: {err}");
                         continue;
                     }
@@ -136,7 +153,7 @@ impl ControlServer {
         let Some(client) = self.clients.get_mut(&fd) else {
             return false;
         };
-        let mut buf = [0u8; 4096];
+        let mut buf = [0u8; READ_CHUNK];
         let read = match client.stream.read(&mut buf) {
             Ok(0) | Err(_) => return false,
             Ok(n) => n,
@@ -212,6 +229,75 @@ mod tests {
         assert!(!peer_allowed(900_002, 900_001));
         assert!(!peer_allowed(1000, 900_001));
         assert!(peer_allowed(0, 0));
+    }
+
+    struct Answers;
+
+    impl VmControl for Answers {
+        fn handle(&self, _request: Request) -> Response {
+            Response::ok()
+        }
+    }
+
+    /// A server with one client connected through a socket pair; returns
+    /// the server, the client's descriptor there and the client's end.
+    fn server_with_client(name: &str) -> (ControlServer, RawFd, UnixStream, PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("nubis-control-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut server = ControlServer::new(listener, path.clone(), Arc::new(Answers));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let fd = ours.as_raw_fd();
+        server.clients.insert(
+            fd,
+            Client {
+                stream: ours,
+                pending: Vec::new(),
+            },
+        );
+        (server, fd, theirs, path)
+    }
+
+    #[test]
+    fn requests_are_answered_line_by_line() {
+        let (mut server, fd, mut theirs, _path) = server_with_client("lines");
+        theirs
+            .write_all(b"{\"command\":\"status\"}\n\n{\"command\":\"bogus\"}\n{\"comm")
+            .unwrap();
+        assert!(server.serve(fd));
+        let mut answers = [0u8; 256];
+        let got = theirs.read(&mut answers).unwrap();
+        let text = String::from_utf8_lossy(&answers[..got]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("\"ok\":true"), "{text}");
+        assert!(lines[1].contains("bad_request"), "{text}");
+        assert_eq!(server.clients[&fd].pending, b"{\"comm");
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_and_the_client_dropped() {
+        let (mut server, fd, mut theirs, _path) = server_with_client("endless");
+        let chunk = [b' '; READ_CHUNK];
+        let mut rounds = 0;
+        loop {
+            theirs.write_all(&chunk).unwrap();
+            rounds += 1;
+            if !server.serve(fd) {
+                break;
+            }
+            assert!(server.clients[&fd].pending.len() <= MAX_REQUEST_LEN);
+            assert!(rounds <= MAX_REQUEST_LEN / READ_CHUNK + 1, "never refused");
+        }
+        assert_eq!(rounds, MAX_REQUEST_LEN / READ_CHUNK + 1);
+        theirs
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&theirs), &mut answer).unwrap();
+        assert!(answer.contains("bad_request"), "{answer}");
+        assert!(answer.contains("exceeds"), "{answer}");
     }
 
     #[test]
