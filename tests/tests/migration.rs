@@ -2,7 +2,8 @@
 //! test guest (it writes RAM all the time and prints every value): the
 //! destination goes on with the very next value, and its local disk arrives
 //! with it; a wrong token, a destination that vanishes mid-transfer and a
-//! cancel leave the source running, and a later migration still succeeds.
+//! cancel leave the source running, and a later migration still succeeds;
+//! strangers connecting to the destination first do not end its wait.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -177,22 +178,31 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
     let seen = console(&source.out).len();
     wait_for_growth(&source.out, seen, &source.vm);
 
-    // A real destination with another token refuses; with the token it
-    // takes the guest over.
+    // A real destination: strangers that reach its address first (a port
+    // scanner, garbage, a huge frame, a source with another token, which
+    // is refused and fails) are closed, and it waits on for its source.
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dest_out = dir.join("dest.out");
     let dest_socket = dir.join("dest.sock");
-    let spawn_destination = |token: &str| {
-        let mut args = vmm_args(&kernel, &dest_out, &dest_socket, &dest_disk);
-        args.extend(["--migrate-listen".to_string(), listen.clone()]);
-        let mut command = std::process::Command::new(nubis_tests::vmm_binary());
-        command.args(&args).env("NUBIS_MIGRATION_TOKEN", token);
-        VmProcess::spawn_command(command)
-    };
-    let refusing = spawn_destination("another-token-0123456789");
-    std::thread::sleep(Duration::from_millis(200));
-    let started = migrate(&source.socket, &listen, TOKEN);
+    let mut args = vmm_args(&kernel, &dest_out, &dest_socket, &dest_disk);
+    args.extend(["--migrate-listen".to_string(), listen.clone()]);
+    let mut command = std::process::Command::new(nubis_tests::vmm_binary());
+    command.args(&args).env("NUBIS_MIGRATION_TOKEN", TOKEN);
+    let mut destination = VmProcess::spawn_command(command);
+    assert!(
+        destination.wait_for_log("waiting for a migration", WAIT),
+        "{}",
+        destination.stderr()
+    );
+    drop(std::net::TcpStream::connect(&listen).unwrap());
+    let mut garbage = std::net::TcpStream::connect(&listen).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut huge = std::net::TcpStream::connect(&listen).unwrap();
+    let mut header = vec![5u8]; // State
+    header.extend_from_slice(&(64u64 << 20).to_le_bytes());
+    huge.write_all(&header).unwrap();
+    let started = migrate(&source.socket, &listen, "another-token-0123456789");
     assert_eq!(started["ok"], true, "{started}");
     let ended = wait_for_end(&source.socket);
     assert_eq!(ended["phase"], "failed", "{ended}");
@@ -200,11 +210,13 @@ fn a_running_guest_moves_to_another_process_and_failures_leave_it_running() {
         ended["error"].as_str().unwrap_or("").contains("token"),
         "{ended}"
     );
-    let refused = refusing.wait(WAIT);
-    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        destination.wait_for_log("wrong migration token", WAIT),
+        "{}",
+        destination.stderr()
+    );
+    drop((garbage, huge));
 
-    let destination = spawn_destination(TOKEN);
-    std::thread::sleep(Duration::from_millis(200));
     let seen = console(&source.out).len();
     wait_for_growth(&source.out, seen, &source.vm);
     let started = migrate(&source.socket, &listen, TOKEN);

@@ -1,8 +1,17 @@
 //! The receiving side: `nubis-vmm --migrate-listen ADDR:PORT` waits for one
 //! source, checks its token, version and machine, takes RAM and state, and
 //! builds the VM; it runs it only after the source's `Commit`.
+//!
+//! The address may be reachable by others than the source: until a
+//! connection has presented the right token (in a `Hello` of bounded size,
+//! within [`HELLO_TIMEOUT`]) nothing is allocated for it beyond that
+//! `Hello`, and a connection that fails (a port scanner, garbage, a wrong
+//! token) is closed while the destination waits on for its source.
 
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -17,7 +26,15 @@ use crate::snapshot::file::SnapshotError;
 use crate::snapshot::state::VmSnapshot;
 
 /// How long the source may send nothing before it counts as gone.
-const SOURCE_SILENCE: std::time::Duration = std::time::Duration::from_secs(30);
+const SOURCE_SILENCE: Duration = Duration::from_secs(30);
+/// How long a connection may take to present its `Hello`; then it is
+/// closed (the source sends it at once).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections waiting to present their `Hello` at once, at most; a new
+/// one closes the oldest.
+pub const MAX_PENDING_CONNECTIONS: usize = 16;
+/// Refused connections logged one by one; after that every 100th.
+const LOGGED_REFUSALS: u64 = 20;
 
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +46,250 @@ pub enum ReceiveError {
 }
 
 /// A migration stream as the builder's source of RAM and state.
-struct Incoming<'a> {
-    stream: &'a mut TcpStream,
+struct Incoming<'a, S: Read> {
+    stream: &'a mut S,
     /// The disks being copied here: (file, size), in config order.
     disks: Vec<(std::fs::File, u64)>,
+}
+
+/// What one connection's first message says.
+#[derive(Debug)]
+pub enum HelloVerdict {
+    /// Not our source: close it and wait on (why, for the log).
+    Stranger(String),
+    /// The source, with the right token.
+    Source(Hello),
+}
+
+/// Judges a connection's first frame (header and payload): anything but a
+/// decodable `Hello` with the right token is a stranger.
+pub fn judge_hello(frame: &[u8], token: &str) -> HelloVerdict {
+    let stranger = |why: String| HelloVerdict::Stranger(why);
+    let Some((header, payload)) = frame.split_first_chunk::<{ protocol::HEADER_LEN }>() else {
+        return stranger(format!("{} bytes, shorter than a header", frame.len()));
+    };
+    let (kind, len) = match protocol::parse_header(header) {
+        Ok(header) => header,
+        Err(err) => return stranger(err.to_string()),
+    };
+    if kind != Kind::Hello {
+        return stranger(format!("{kind:?} instead of Hello"));
+    }
+    if payload.len() as u64 != len {
+        return stranger(format!(
+            "a Hello of {} bytes announced as {len}",
+            payload.len()
+        ));
+    }
+    let hello: Hello = match decode("hello", payload) {
+        Ok(hello) => hello,
+        Err(err) => return stranger(err.to_string()),
+    };
+    if hello.magic != protocol::MAGIC {
+        return stranger(format!("protocol {:?}", hello.magic));
+    }
+    if !tokens_match(token, &hello.token) {
+        return stranger("wrong migration token".into());
+    }
+    HelloVerdict::Source(hello)
+}
+
+/// A connection that has not yet presented its `Hello`.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    since: Instant,
+    /// The header, then the payload as its length says (bounded by
+    /// [`protocol::MAX_JSON_MESSAGE`] once the header is checked).
+    frame: Vec<u8>,
+}
+
+impl Pending {
+    /// The bytes this connection's first frame still lacks, as far as is
+    /// known (the header's, then the payload's); Err when the header is
+    /// not a `Hello`'s.
+    fn missing(&self) -> Result<usize, String> {
+        let Some(header) = self.frame.first_chunk::<{ protocol::HEADER_LEN }>() else {
+            return Ok(protocol::HEADER_LEN - self.frame.len());
+        };
+        match protocol::parse_header(header) {
+            Ok((Kind::Hello, len)) => Ok(protocol::HEADER_LEN + len as usize - self.frame.len()),
+            Ok((kind, _)) => Err(format!("{kind:?} instead of Hello")),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    /// Reads what is there (never past the first frame). Ok(true) when the
+    /// frame is whole, Err when the connection is to be closed.
+    fn read(&mut self) -> Result<bool, String> {
+        loop {
+            let missing = self.missing()?;
+            if missing == 0 {
+                return Ok(true);
+            }
+            let have = self.frame.len();
+            self.frame.resize(have + missing, 0);
+            let got = (&self.stream).read(&mut self.frame[have..]);
+            match got {
+                Ok(0) => {
+                    self.frame.truncate(have);
+                    return Err("closed before its Hello".into());
+                }
+                Ok(got) => self.frame.truncate(have + got),
+                Err(err) => {
+                    self.frame.truncate(have);
+                    return match err.kind() {
+                        std::io::ErrorKind::WouldBlock => Ok(false),
+                        std::io::ErrorKind::Interrupted => continue,
+                        _ => Err(err.to_string()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Waits on `listener` for the connection that presents the right token,
+/// closing any other; returns it (blocking again) with its `Hello`.
+fn wait_for_source(
+    listener: &TcpListener,
+    token: &str,
+) -> Result<(TcpStream, SocketAddr, Hello), MigrationError> {
+    let listen_error = |source| MigrationError::Listen {
+        listen: listener
+            .local_addr()
+            .map(|addr| addr.to_string())
+            .unwrap_or_default(),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(listen_error)?;
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut refused = 0u64;
+    let mut refuse = |peer: SocketAddr, why: &str| {
+        refused += 1;
+        if refused <= LOGGED_REFUSALS || refused.is_multiple_of(100) {
+            log::warn!("migration: closed a connection from {peer} ({refused} so far): {why}");
+        }
+    };
+    loop {
+        let now = Instant::now();
+        pending.retain(|connection| {
+            let late = now.duration_since(connection.since) >= HELLO_TIMEOUT;
+            if late {
+                log::warn!(
+                    "migration: closed a connection from {}: no Hello within {} s",
+                    connection.peer,
+                    HELLO_TIMEOUT.as_secs()
+                );
+            }
+            !late
+        });
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(
+                pending
+                    .iter()
+                    .map(|connection| connection.stream.as_raw_fd()),
+            )
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let wait_ms = pending
+            .iter()
+            .map(|connection| HELLO_TIMEOUT.saturating_sub(now.duration_since(connection.since)))
+            .min()
+            .map_or(-1, |left| left.as_millis().clamp(1, 60_000) as libc::c_int);
+        // SAFETY: poll reads and writes `fds.len()` pollfds in a vector
+        // that lives for the whole call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        if ready < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(listen_error(err));
+        }
+        // The connections first (their indices are those of `fds` less
+        // one), then new ones.
+        let mut index = 0;
+        let mut fd_index = 1;
+        while index < pending.len() {
+            let revents = fds.get(fd_index).map_or(0, |fd| fd.revents);
+            fd_index += 1;
+            if revents == 0 {
+                index += 1;
+                continue;
+            }
+            match pending[index].read() {
+                Ok(false) => index += 1,
+                Err(why) => {
+                    let connection = pending.remove(index);
+                    refuse(connection.peer, &why);
+                }
+                Ok(true) => {
+                    let mut connection = pending.remove(index);
+                    match judge_hello(&connection.frame, token) {
+                        HelloVerdict::Source(hello) => {
+                            connection
+                                .stream
+                                .set_nonblocking(false)
+                                .map_err(listen_error)?;
+                            return Ok((connection.stream, connection.peer, hello));
+                        }
+                        HelloVerdict::Stranger(why) => {
+                            // Told why, as a source with the wrong token
+                            // would want to know; the send cannot block
+                            // for long (a small frame, a fresh socket).
+                            let _ = connection
+                                .stream
+                                .set_write_timeout(Some(Duration::from_millis(100)));
+                            let _ = connection.stream.set_nonblocking(false);
+                            let _ = send_json(
+                                &mut connection.stream,
+                                Kind::Refuse,
+                                &Refusal {
+                                    message: why.clone(),
+                                },
+                            );
+                            refuse(connection.peer, &why);
+                        }
+                    }
+                }
+            }
+        }
+        if fds[0].revents != 0 {
+            loop {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        if stream.set_nonblocking(true).is_err() {
+                            continue;
+                        }
+                        stream.set_nodelay(true).ok();
+                        if pending.len() >= MAX_PENDING_CONNECTIONS {
+                            let oldest = pending.remove(0);
+                            refuse(oldest.peer, "too many connections without a Hello");
+                        }
+                        pending.push(Pending {
+                            stream,
+                            peer,
+                            since: Instant::now(),
+                            frame: Vec::new(),
+                        });
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    // A connection that went before it was accepted, or
+                    // no descriptor left for now: the listener goes on.
+                    Err(err) => {
+                        log::warn!("migration: accept failed: {err}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Opens the config's disk files to receive copies: emptied, then sized as
@@ -62,14 +319,26 @@ fn receive_disks(config: &VmConfig, sizes: &[u64]) -> Result<Vec<(std::fs::File,
         .collect()
 }
 
-impl RestoreSource for Incoming<'_> {
+impl<S: Read> RestoreSource for Incoming<'_, S> {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError> {
+        receive_ram_and_state(self.stream, memory, &self.disks)
+    }
+}
+
+/// Takes RAM pages and disk pieces into `memory` and `disks` until the
+/// state comes; what the source sends after its `Hello` and our `Accept`.
+pub fn receive_ram_and_state(
+    stream: &mut impl Read,
+    memory: &GuestMemoryMmap,
+    disks: &[(std::fs::File, u64)],
+) -> Result<VmSnapshot, SnapshotError> {
+    {
         let failed = |detail: String| SnapshotError::Restore {
             what: "migrated".into(),
             detail,
         };
         loop {
-            let (kind, payload) = receive(self.stream).map_err(|err| failed(err.to_string()))?;
+            let (kind, payload) = receive(stream).map_err(|err| failed(err.to_string()))?;
             match kind {
                 Kind::Pages => {
                     for (address, page) in pages(&payload).map_err(|err| failed(err.to_string()))? {
@@ -84,7 +353,7 @@ impl RestoreSource for Incoming<'_> {
                     use std::os::unix::fs::FileExt;
                     let (index, offset, data) = protocol::parse_disk_chunk(&payload)
                         .map_err(|err| failed(err.to_string()))?;
-                    let (file, size) = self.disks.get(index as usize).ok_or_else(|| {
+                    let (file, size) = disks.get(index as usize).ok_or_else(|| {
                         failed(format!("a chunk of disk {index}, which is not copied"))
                     })?;
                     let end = offset.checked_add(data.len() as u64);
@@ -98,7 +367,7 @@ impl RestoreSource for Incoming<'_> {
                         .map_err(|err| failed(format!("cannot write disk {index}: {err}")))?;
                 }
                 Kind::State => {
-                    for (file, _) in &self.disks {
+                    for (file, _) in disks {
                         file.sync_all()
                             .map_err(|err| failed(format!("cannot sync a copied disk: {err}")))?;
                     }
@@ -136,22 +405,13 @@ pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm
         source,
     })?;
     log::info!("waiting for a migration on {listen}");
-    let (mut stream, peer) = listener.accept().map_err(|source| MigrationError::Listen {
-        listen: listen.to_string(),
-        source,
-    })?;
+    let (mut stream, peer, hello) = wait_for_source(&listener, token)?;
     drop(listener);
-    stream.set_nodelay(true).ok();
     // A source that goes silent (dead, or its link cut) ends the wait: this
     // VMM exits instead of holding the VM's place forever.
     stream.set_read_timeout(Some(SOURCE_SILENCE)).ok();
     log::info!("migration from {peer}");
-    let (kind, payload) = receive(&mut stream).map_err(MigrationError::from)?;
-    if kind != Kind::Hello {
-        return Err(refuse(&mut stream, format!("expected Hello, got {kind:?}")).into());
-    }
-    let hello: Hello = decode("hello", &payload).map_err(MigrationError::from)?;
-    if hello.magic != protocol::MAGIC || hello.version != protocol::VERSION {
+    if hello.version != protocol::VERSION {
         return Err(refuse(
             &mut stream,
             format!(
@@ -163,9 +423,6 @@ pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm
             ),
         )
         .into());
-    }
-    if !tokens_match(token, &hello.token) {
-        return Err(refuse(&mut stream, "wrong migration token".into()).into());
     }
     let shape = crate::builder::machine_shape(&config);
     if let Err(err) = hello.machine.check(&shape) {
@@ -215,4 +472,156 @@ pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm
     send(&mut stream, Kind::Running, &[]).map_err(MigrationError::from)?;
     log::info!("migration from {peer} handed over");
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const TOKEN: &str = "the-right-token-0123";
+
+    fn hello_frame(token: &str) -> Vec<u8> {
+        let hello = Hello {
+            magic: protocol::MAGIC.into(),
+            version: protocol::VERSION,
+            token: token.into(),
+            machine: crate::snapshot::state::MachineShape {
+                vcpus: 1,
+                memory_bytes: 1 << 20,
+                devices: Vec::new(),
+            },
+            disks: Vec::new(),
+        };
+        let mut frame = Vec::new();
+        send_json(&mut frame, Kind::Hello, &hello).unwrap();
+        frame
+    }
+
+    #[test]
+    fn only_a_hello_with_the_right_token_is_the_source() {
+        assert!(matches!(
+            judge_hello(&hello_frame(TOKEN), TOKEN),
+            HelloVerdict::Source(_)
+        ));
+        let mut other_magic = hello_frame(TOKEN);
+        let at = other_magic
+            .windows(protocol::MAGIC.len())
+            .position(|window| window == protocol::MAGIC.as_bytes())
+            .unwrap();
+        other_magic[at] = b'N';
+        let mut truncated = hello_frame(TOKEN);
+        truncated.pop();
+        let mut commit = Vec::new();
+        send(&mut commit, Kind::Commit, &[]).unwrap();
+        let mut not_json = Vec::new();
+        send(&mut not_json, Kind::Hello, b"{not json").unwrap();
+        for (what, frame) in [
+            ("wrong token", hello_frame("another-token-0123")),
+            ("other magic", other_magic),
+            ("truncated", truncated),
+            ("commit", commit),
+            ("not json", not_json),
+            ("empty", Vec::new()),
+            ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        ] {
+            assert!(
+                matches!(judge_hello(&frame, TOKEN), HelloVerdict::Stranger(_)),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn strangers_do_not_stop_the_wait_for_the_source() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let peers = std::thread::spawn(move || {
+            // A port scanner: connects and closes.
+            drop(TcpStream::connect(address).unwrap());
+            // Silent ones, more than may wait at once.
+            let silent: Vec<TcpStream> = (0..MAX_PENDING_CONNECTIONS + 4)
+                .map(|_| TcpStream::connect(address).unwrap())
+                .collect();
+            // Garbage, and a State frame of 64 MiB announced first thing.
+            let mut garbage = TcpStream::connect(address).unwrap();
+            garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut huge = TcpStream::connect(address).unwrap();
+            let mut header = vec![Kind::State as u8];
+            header.extend_from_slice(&protocol::MAX_STATE_PAYLOAD.to_le_bytes());
+            huge.write_all(&header).unwrap();
+            // A Hello with a wrong token is told so.
+            let mut wrong = TcpStream::connect(address).unwrap();
+            wrong.write_all(&hello_frame("another-token-0123")).unwrap();
+            let (kind, payload) = receive(&mut wrong).unwrap();
+            assert_eq!(kind, Kind::Refuse);
+            let refusal: Refusal = decode("refusal", &payload).unwrap();
+            assert!(refusal.message.contains("token"), "{}", refusal.message);
+            // The source, its Hello in two pieces.
+            let mut source = TcpStream::connect(address).unwrap();
+            let frame = hello_frame(TOKEN);
+            source.write_all(&frame[..5]).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            source.write_all(&frame[5..]).unwrap();
+            (source, silent, garbage, huge)
+        });
+        let started = Instant::now();
+        let (mut stream, _, hello) = wait_for_source(&listener, TOKEN).unwrap();
+        assert!(started.elapsed() < HELLO_TIMEOUT);
+        assert_eq!(hello.token, TOKEN);
+        let (mut source, _silent, _garbage, _huge) = peers.join().unwrap();
+        // The stream is the source's, and blocking again.
+        send(&mut stream, Kind::Accept, &[]).unwrap();
+        assert_eq!(receive(&mut source).unwrap(), (Kind::Accept, Vec::new()));
+    }
+
+    #[test]
+    fn a_pending_connection_reads_its_header_and_refuses_a_bad_one() {
+        // A connection that has sent part of a header waits for the rest;
+        // a header too large for a Hello is refused before its payload.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, peer) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let mut pending = Pending {
+            stream,
+            peer,
+            since: Instant::now(),
+            frame: Vec::new(),
+        };
+        assert_eq!(pending.read(), Ok(false));
+        client.write_all(&[Kind::Hello as u8, 0xff]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pending.read(), Ok(false));
+        assert_eq!(pending.missing(), Ok(7));
+        client.write_all(&[0xff; 7]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pending.read().unwrap_err().contains("larger than any"));
+    }
+
+    #[test]
+    fn a_stream_of_pages_disk_pieces_and_state_is_taken() {
+        use crate::memory::GuestMemoryMmap;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut stream = Vec::new();
+        let mut pages_payload = Vec::new();
+        protocol::push_page(&mut pages_payload, 0x2000, &[7u8; protocol::PAGE_SIZE]);
+        send(&mut stream, Kind::Pages, &pages_payload).unwrap();
+        let mut outside = Vec::new();
+        protocol::push_page(&mut outside, 0x10000, &[1u8; protocol::PAGE_SIZE]);
+        let mut bad = stream.clone();
+        send(&mut bad, Kind::Pages, &outside).unwrap();
+        let failed = receive_ram_and_state(&mut bad.as_slice(), &memory, &[]).unwrap_err();
+        assert!(failed.to_string().contains("outside guest RAM"), "{failed}");
+        let mut chunk = stream.clone();
+        send(&mut chunk, Kind::Disk, &protocol::disk_chunk(0, 0, b"x")).unwrap();
+        let failed = receive_ram_and_state(&mut chunk.as_slice(), &memory, &[]).unwrap_err();
+        assert!(failed.to_string().contains("not copied"), "{failed}");
+        send(&mut stream, Kind::State, b"{}").unwrap();
+        let failed = receive_ram_and_state(&mut stream.as_slice(), &memory, &[]).unwrap_err();
+        assert!(failed.to_string().contains("state"), "{failed}");
+        let mut page = [0u8; 4];
+        memory.read_slice(&mut page, GuestAddress(0x2000)).unwrap();
+        assert_eq!(page, [7; 4]);
+    }
 }

@@ -86,6 +86,93 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 100;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 pub const DEFAULT_MAX_COPY_SECONDS: u64 = 300;
 
+/// The downtime budgets accepted, in ms: 0 is "never by the estimate, copy
+/// until a limit"; a pause of more than a minute is no live migration.
+pub const DOWNTIME_MS_RANGE: std::ops::RangeInclusive<u64> = 0..=60_000;
+/// The round limits accepted: 0 hands over right after the full copy. The
+/// copy's time is bounded by `max_seconds`, so a high count only means
+/// "until the time is up" (an idle guest's round takes ~10 ms: a day is
+/// ~9 million rounds); beyond 100 million it is a mistake.
+pub const MAX_ROUNDS_RANGE: std::ops::RangeInclusive<u32> = 0..=100_000_000;
+/// The copy time limits accepted, in seconds: at least one (0 would end
+/// the copy before it began), at most a day.
+pub const MAX_SECONDS_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+/// The token lengths accepted, in bytes: the destination takes at least
+/// 16, and its `Hello` is bounded.
+pub const TOKEN_LEN_RANGE: std::ops::RangeInclusive<usize> = 16..=4096;
+
+/// A `migrate` request's limit outside its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name} {value} is outside {min}..={max}")]
+pub struct LimitError {
+    pub name: &'static str,
+    pub value: u64,
+    pub min: u64,
+    pub max: u64,
+}
+
+fn in_range<T: Copy + PartialOrd + Into<u64>>(
+    name: &'static str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<T, LimitError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(LimitError {
+            name,
+            value: value.into(),
+            min: (*range.start()).into(),
+            max: (*range.end()).into(),
+        })
+    }
+}
+
+impl Settings {
+    /// Settings from a `migrate` request, its absent limits the defaults;
+    /// a limit or token outside its range is refused.
+    pub fn new(
+        to: String,
+        token: String,
+        downtime_ms: Option<u64>,
+        max_rounds: Option<u32>,
+        max_seconds: Option<u64>,
+        copy_disks: bool,
+    ) -> Result<Self, LimitError> {
+        let downtime_ms = in_range(
+            "downtime_ms",
+            downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+            &DOWNTIME_MS_RANGE,
+        )?;
+        let max_rounds = in_range(
+            "max_rounds",
+            max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+            &MAX_ROUNDS_RANGE,
+        )?;
+        let max_seconds = in_range(
+            "max_seconds",
+            max_seconds.unwrap_or(DEFAULT_MAX_COPY_SECONDS),
+            &MAX_SECONDS_RANGE,
+        )?;
+        if !TOKEN_LEN_RANGE.contains(&token.len()) {
+            return Err(LimitError {
+                name: "the token's length",
+                value: token.len() as u64,
+                min: *TOKEN_LEN_RANGE.start() as u64,
+                max: *TOKEN_LEN_RANGE.end() as u64,
+            });
+        }
+        Ok(Self {
+            to,
+            token,
+            downtime_budget: Duration::from_millis(downtime_ms),
+            max_rounds,
+            max_copy_time: Duration::from_secs(max_seconds),
+            copy_disks,
+        })
+    }
+}
+
 /// Where a migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -167,6 +254,37 @@ pub fn estimate_downtime(pages: u64, bandwidth_bytes_per_s: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_limits_are_bounded() {
+        let token = || "a-token-of-16-chars".to_string();
+        let settings = |downtime, rounds, seconds| {
+            Settings::new("h:1".into(), token(), downtime, rounds, seconds, false)
+        };
+        let defaults = settings(None, None, None).unwrap();
+        assert_eq!(defaults.downtime_budget, Duration::from_millis(100));
+        assert_eq!(defaults.max_rounds, 30);
+        assert_eq!(defaults.max_copy_time, Duration::from_secs(300));
+        // The ends of each range pass.
+        assert!(settings(Some(0), Some(0), Some(1)).is_ok());
+        assert!(settings(Some(60_000), Some(100_000_000), Some(86_400)).is_ok());
+        for (downtime, rounds, seconds, name) in [
+            (Some(60_001), None, None, "downtime_ms"),
+            (Some(u64::MAX), None, None, "downtime_ms"),
+            (None, Some(100_000_001), None, "max_rounds"),
+            (None, Some(u32::MAX), None, "max_rounds"),
+            (None, None, Some(0), "max_seconds"),
+            (None, None, Some(86_401), "max_seconds"),
+            (None, None, Some(u64::MAX), "max_seconds"),
+        ] {
+            let refused = settings(downtime, rounds, seconds).unwrap_err();
+            assert_eq!(refused.name, name);
+        }
+        for bad in ["short".to_string(), "t".repeat(4097)] {
+            let refused = Settings::new("h:1".into(), bad, None, None, None, false).unwrap_err();
+            assert_eq!(refused.name, "the token's length");
+        }
+    }
 
     #[test]
     fn downtime_estimates_follow_the_bandwidth() {

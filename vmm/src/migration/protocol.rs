@@ -36,8 +36,28 @@ pub const VERSION: u32 = 1;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages per `Pages` frame.
 pub const PAGES_PER_FRAME: usize = 256;
-/// The largest payload accepted: a full `Pages` frame or a state file.
-const MAX_PAYLOAD: u64 = 64 << 20;
+/// The largest `State` payload: the same bound as a snapshot's state file.
+pub const MAX_STATE_PAYLOAD: u64 = 64 << 20;
+/// The largest `Hello`, `Refuse` or `Abort` payload (a JSON object of a
+/// few hundred bytes).
+pub const MAX_JSON_MESSAGE: u64 = 64 << 10;
+/// The largest piece of disk in a `Disk` message.
+pub const MAX_DISK_CHUNK: u64 = crate::devices::virtio::block::tracker::CHUNK;
+/// Bytes allocated for a payload before they have arrived: a longer one
+/// grows as it comes, so a length alone cannot make the receiver allocate.
+const FIRST_ALLOCATION: u64 = 1 << 20;
+
+/// The largest payload a message of `kind` may have; a longer one is
+/// refused before any of it is read.
+pub fn max_payload(kind: Kind) -> u64 {
+    match kind {
+        Kind::Accept | Kind::Ready | Kind::Commit | Kind::Running => 0,
+        Kind::Hello | Kind::Refuse | Kind::Abort => MAX_JSON_MESSAGE,
+        Kind::Pages => (PAGES_PER_FRAME * (8 + PAGE_SIZE)) as u64,
+        Kind::Disk => 12 + MAX_DISK_CHUNK,
+        Kind::State => MAX_STATE_PAYLOAD,
+    }
+}
 
 /// Errors of the protocol.
 #[derive(Debug, thiserror::Error)]
@@ -134,19 +154,38 @@ pub fn send_json<T: Serialize>(
     send(stream, kind, &payload)
 }
 
-/// Reads one frame.
-pub fn receive(stream: &mut impl Read) -> Result<(Kind, Vec<u8>), ProtocolError> {
-    let mut header = [0u8; 9];
-    stream.read_exact(&mut header)?;
+/// The size of a frame's header: kind and payload length.
+pub const HEADER_LEN: usize = 9;
+
+/// Checks a frame's header: its kind, and its length against the kind's
+/// bound.
+pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u64), ProtocolError> {
     let kind = Kind::try_from(header[0])?;
     let mut len = [0u8; 8];
     len.copy_from_slice(&header[1..]);
     let len = u64::from_le_bytes(len);
-    if len > MAX_PAYLOAD {
+    if len > max_payload(kind) {
         return Err(ProtocolError::TooLarge { kind, len });
     }
-    let mut payload = vec![0u8; len as usize];
-    stream.read_exact(&mut payload)?;
+    Ok((kind, len))
+}
+
+/// Reads one frame.
+pub fn receive(stream: &mut impl Read) -> Result<(Kind, Vec<u8>), ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    stream.read_exact(&mut header)?;
+    let (kind, len) = parse_header(&header)?;
+    let mut payload = Vec::with_capacity(len.min(FIRST_ALLOCATION) as usize);
+    stream.take(len).read_to_end(&mut payload)?;
+    if (payload.len() as u64) < len {
+        return Err(ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "a {kind:?} message ended after {} of its {len} bytes",
+                payload.len()
+            ),
+        )));
+    }
     Ok((kind, payload))
 }
 
@@ -257,6 +296,30 @@ mod tests {
             receive(&mut huge.as_slice()),
             Err(ProtocolError::TooLarge { .. })
         ));
+        // Each kind has its own bound: a Hello of a state's size, a
+        // Commit with a payload, a Pages frame of one page too many.
+        for (kind, len) in [
+            (Kind::Hello, MAX_JSON_MESSAGE + 1),
+            (Kind::Commit, 1),
+            (Kind::Running, 1),
+            (Kind::Disk, 12 + MAX_DISK_CHUNK + 1),
+            (
+                Kind::Pages,
+                ((PAGES_PER_FRAME + 1) * (8 + PAGE_SIZE)) as u64,
+            ),
+            (Kind::State, MAX_STATE_PAYLOAD + 1),
+        ] {
+            let mut frame = vec![kind as u8];
+            frame.extend_from_slice(&len.to_le_bytes());
+            frame.resize(frame.len() + 16, 0);
+            assert!(
+                matches!(
+                    receive(&mut frame.as_slice()),
+                    Err(ProtocolError::TooLarge { .. })
+                ),
+                "{kind:?} of {len} bytes"
+            );
+        }
         let mut short = vec![Kind::State as u8];
         short.extend_from_slice(&100u64.to_le_bytes());
         short.extend_from_slice(b"{}");
@@ -265,6 +328,37 @@ mod tests {
             Err(ProtocolError::Io(_))
         ));
         assert!(decode::<Refusal>("refusal", b"not json").is_err());
+    }
+
+    /// A reader that counts what it hands out and has only `left` bytes.
+    struct Trickle {
+        left: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.left).min(4096);
+            buf[..n].fill(0);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_length_alone_does_not_allocate() {
+        // A State frame announcing 64 MiB that brings 10 bytes: the reader
+        // fails at the end of the stream, having allocated what came (and
+        // at most its first allocation), not what was announced.
+        let mut header = vec![Kind::State as u8];
+        header.extend_from_slice(&MAX_STATE_PAYLOAD.to_le_bytes());
+        let mut stream = header.as_slice().chain(Trickle { left: 10 });
+        match receive(&mut stream) {
+            Err(ProtocolError::Io(err)) => {
+                assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+                assert!(err.to_string().contains("after 10 of its"), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

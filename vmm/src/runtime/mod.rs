@@ -25,9 +25,7 @@ use crate::devices::legacy::boot_timer::NOT_BOOTED;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::virtio::RateLimited;
 use crate::migration::source::Migration;
-use crate::migration::{
-    Settings, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_COPY_SECONDS, DEFAULT_MAX_ROUNDS,
-};
+use crate::migration::Settings;
 use crate::rate_limiter::RateLimit;
 use crate::snapshot::file::{write_memory, write_state};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
@@ -253,14 +251,17 @@ impl VmControl for VmHandle {
                 max_rounds,
                 max_seconds,
                 disks,
-            } => self.start_migration(Settings {
+            } => match Settings::new(
                 to,
                 token,
-                downtime_budget: Duration::from_millis(downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
-                max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
-                max_copy_time: Duration::from_secs(max_seconds.unwrap_or(DEFAULT_MAX_COPY_SECONDS)),
-                copy_disks: disks == DiskMigration::Copy,
-            }),
+                downtime_ms,
+                max_rounds,
+                max_seconds,
+                disks == DiskMigration::Copy,
+            ) {
+                Ok(settings) => self.start_migration(settings),
+                Err(err) => Response::error(ErrorCode::BadRequest, err.to_string()),
+            },
             Request::MigrationStatus => match lock(&self.migration).as_ref() {
                 Some(migration) => Response::migration(migration.progress()),
                 None => Response::error(ErrorCode::NotFound, "no migration was started"),
