@@ -76,6 +76,11 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error("NIC {id}: {source}")]
     Tap { id: String, source: TapError },
+    #[error("NIC {id}: no MAC given and no random one to make: {source}")]
+    RandomMac {
+        id: String,
+        source: crate::config::RandomError,
+    },
     #[error("{id}: {source}")]
     Console {
         id: String,
@@ -448,7 +453,13 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
     for (index, net) in config.nets.iter().enumerate() {
         let id = net_id(net, index);
         let tap = open_tap(&id, net)?;
-        let mac = net.mac.unwrap_or_else(MacAddr::random);
+        let mac = match net.mac {
+            Some(mac) => mac,
+            None => MacAddr::random().map_err(|source| BuildError::RandomMac {
+                id: id.clone(),
+                source,
+            })?,
+        };
         log::info!("NIC {id}: tap {}, guest MAC {mac}", tap.name());
         let nic = slots.attach(|interrupt| {
             Ok(Arc::new(Mutex::new(Net::new(

@@ -98,22 +98,46 @@ impl FromStr for DiskConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
 
+/// The kernel did not give the random bytes asked for: nothing random is
+/// made up from a clock or a pid instead (two VMs could get the same MAC).
+#[derive(Debug, thiserror::Error)]
+pub enum RandomError {
+    #[error("getrandom failed for {len} bytes: {source}")]
+    Failed { len: usize, source: std::io::Error },
+    #[error("getrandom gave {got} of {len} bytes")]
+    Short { got: usize, len: usize },
+}
+
 impl MacAddr {
     /// A random locally administered unicast address.
-    pub fn random() -> Self {
+    pub fn random() -> Result<Self, RandomError> {
         let mut bytes = [0u8; 6];
-        // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
-        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-        if got != bytes.len() as isize {
-            // Not secret, only unique: fall back to the clock and the pid.
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|time| time.subsec_nanos())
-                .unwrap_or_default();
-            bytes[2..].copy_from_slice(&(nanos ^ std::process::id()).to_le_bytes());
+        loop {
+            // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+            let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            let err = std::io::Error::last_os_error();
+            if got < 0 && err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Self::from_random(got, err, bytes);
+        }
+    }
+
+    /// The address from getrandom's result `got` (its error `err` when
+    /// negative) and the bytes it wrote.
+    fn from_random(
+        got: isize,
+        err: std::io::Error,
+        mut bytes: [u8; 6],
+    ) -> Result<Self, RandomError> {
+        let len = bytes.len();
+        match usize::try_from(got) {
+            Err(_) => return Err(RandomError::Failed { len, source: err }),
+            Ok(got) if got != len => return Err(RandomError::Short { got, len }),
+            Ok(_) => {}
         }
         bytes[0] = (bytes[0] & 0xfc) | 0x02;
-        Self(bytes)
+        Ok(Self(bytes))
     }
 
     pub fn is_unicast(&self) -> bool {
@@ -425,10 +449,32 @@ mod tests {
         assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), mac);
         assert!(serde_json::from_str::<MacAddr>("\"nope\"").is_err());
         for _ in 0..32 {
-            let random = MacAddr::random();
+            let random = MacAddr::random().unwrap();
             assert!(random.is_unicast());
             assert_eq!(random.0[0] & 2, 2, "locally administered");
         }
+    }
+
+    #[test]
+    fn a_mac_is_never_made_up_when_getrandom_fails() {
+        let failed =
+            MacAddr::from_random(-1, std::io::Error::from_raw_os_error(libc::ENOSYS), [0; 6]);
+        assert!(
+            matches!(failed, Err(RandomError::Failed { len: 6, .. })),
+            "{failed:?}"
+        );
+        let short = MacAddr::from_random(3, std::io::Error::other("unused"), [1; 6]);
+        assert!(
+            matches!(short, Err(RandomError::Short { got: 3, len: 6 })),
+            "{short:?}"
+        );
+        let zero = MacAddr::from_random(0, std::io::Error::other("unused"), [1; 6]);
+        assert!(
+            matches!(zero, Err(RandomError::Short { got: 0, len: 6 })),
+            "{zero:?}"
+        );
+        let whole = MacAddr::from_random(6, std::io::Error::other("unused"), [0xff; 6]).unwrap();
+        assert_eq!(whole.to_string(), "fe:ff:ff:ff:ff:ff");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod devices;
-pub use devices::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, MAX_DISK_ID_LEN};
+pub use devices::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, RandomError, MAX_DISK_ID_LEN};
 
 /// The configuration format version this VMM reads and writes.
 pub const CONFIG_VERSION: u32 = 1;
