@@ -218,9 +218,33 @@ mod tests {
 
     #[test]
     fn output_without_a_client_is_dropped() {
+        const LSR_THR_EMPTY: u8 = 0x20;
         let client = Arc::new(Mutex::new(None));
-        let (mut dev, _irq, _ready) = device(SerialOutput::Socket(client));
-        dev.write(THR, b"x");
+        let (mut dev, _irq, _ready) = device(SerialOutput::Socket(client.clone()));
+        for byte in b"lost" {
+            dev.write(THR, &[*byte]);
+        }
+        // The guest is not held: the transmitter is empty at once.
+        let mut lsr = [0u8; 1];
+        dev.read(LSR, &mut lsr);
+        assert_ne!(lsr[0] & LSR_THR_EMPTY, 0, "LSR {:#x}", lsr[0]);
+        // Nothing was kept for a later client: it sees only what comes
+        // after it connected.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        *client.lock().unwrap() = Some(ours);
+        dev.write(THR, b"y");
+        theirs.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 8];
+        assert_eq!(theirs.read(&mut got).unwrap(), 1);
+        assert_eq!(got[0], b'y');
+        // A client that went away is dropped, and output goes on.
+        drop(theirs);
+        dev.write(THR, b"z");
+        assert!(
+            client.lock().unwrap().is_none(),
+            "the vanished client is kept"
+        );
+        dev.write(THR, b"!");
     }
 
     #[test]

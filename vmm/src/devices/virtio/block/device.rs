@@ -569,11 +569,36 @@ mod tests {
     fn a_descriptor_loop_does_not_hang_or_panic() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let disk = image(8 * 512);
+        std::fs::write(disk.as_path(), [0x5au8; 8 * 512]).unwrap();
         let mut block = active_block(&mem, disk.as_path(), false);
+        // A write request whose chain goes 0 -> 1 -> 0 -> ... for ever.
+        mem.write_obj(1u32, GuestAddress(0x8000)).unwrap(); // VIRTIO_BLK_T_OUT
+        mem.write_obj(0u64, GuestAddress(0x8008)).unwrap();
         write_desc(&mem, 0, 0x8000, 16, 1, 1);
-        write_desc(&mem, 1, 0x9000, 16, 1, 0); // back to 0
+        write_desc(&mem, 1, 0x9000, 512, 1, 0); // back to 0
         publish(&mem, &[0]);
-        block.process_queue();
+        // Done within a bounded time, on a thread so that a hang fails the
+        // test instead of stalling the run.
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            block.process_queue();
+            let _ = done.send(());
+            block
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok(),
+            "process_queue hangs on a descriptor loop"
+        );
+        let block = worker.join().unwrap();
+        // The chain is given back to the guest with nothing written, counted
+        // as an error, and the disk is untouched.
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(QUEUE.used_elem(&mem, 0), (0, 0));
+        assert_eq!(block.counters.errors, 1);
+        assert_eq!(block.counters.write_requests, 0);
+        assert_eq!(std::fs::read(disk.as_path()).unwrap(), [0x5au8; 8 * 512]);
     }
 
     proptest! {
