@@ -11,7 +11,7 @@ packages=(
     linux-source-6.1 busybox-static
     build-essential bc flex bison libelf-dev libssl-dev
     e2fsprogs cpio lz4 xz-utils file python3 musl-tools
-    fio iperf3 iproute2
+    fio iperf3 iproute2 iputils-ping
     nftables
 )
 
