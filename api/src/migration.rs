@@ -6,21 +6,59 @@ use utoipa::ToSchema;
 
 use crate::{Image, Tenant, Vm};
 
+/// The bounds of a migration's limits (`MigrationCreate`).
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
+pub const MAX_ROUNDS: std::ops::RangeInclusive<u32> = 1..=1000;
+pub const MAX_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
+
 /// `POST /v1/vms/{id}/migration`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationCreate {
     /// The destination: a registered peer host's name.
     pub host: String,
-    /// The pause the guest may see, in ms (100 by default).
+    /// The pause the guest may see, in ms, 0 to 60000 (100 by default; 0
+    /// copies until a round or time limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 60000)]
     pub downtime_ms: Option<u64>,
-    /// Copy rounds at most before the hand-over (30 by default).
+    /// Copy rounds at most before the hand-over, 1 to 1000 (30 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_rounds: Option<u32>,
-    /// Seconds of copying at most before the hand-over (300 by default).
+    /// Seconds of copying at most before the hand-over, 1 to 86400 (300 by
+    /// default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub max_seconds: Option<u64>,
+}
+
+impl MigrationCreate {
+    /// The field and reason of the first limit out of its bounds.
+    pub fn out_of_bounds(&self) -> Option<(&'static str, String)> {
+        if self.downtime_ms.is_some_and(|ms| ms > MAX_DOWNTIME_MS) {
+            return Some(("downtime_ms", format!("must be 0 to {MAX_DOWNTIME_MS}")));
+        }
+        if self
+            .max_rounds
+            .is_some_and(|rounds| !MAX_ROUNDS.contains(&rounds))
+        {
+            return Some((
+                "max_rounds",
+                format!("must be {} to {}", MAX_ROUNDS.start(), MAX_ROUNDS.end()),
+            ));
+        }
+        if self
+            .max_seconds
+            .is_some_and(|secs| !MAX_SECONDS.contains(&secs))
+        {
+            return Some((
+                "max_seconds",
+                format!("must be {} to {}", MAX_SECONDS.start(), MAX_SECONDS.end()),
+            ));
+        }
+        None
+    }
 }
 
 /// A migration's progress, as the source host sees it.
@@ -70,4 +108,34 @@ pub struct IncomingReady {
     /// "ADDRESS:PORT" on the destination's underlay.
     pub listen: String,
     pub token: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_limits_have_bounds() {
+        let limits = |downtime_ms, max_rounds, max_seconds| MigrationCreate {
+            host: "b".into(),
+            downtime_ms,
+            max_rounds,
+            max_seconds,
+        };
+        assert_eq!(limits(None, None, None).out_of_bounds(), None);
+        assert_eq!(limits(Some(0), Some(1), Some(1)).out_of_bounds(), None);
+        assert_eq!(
+            limits(Some(60_000), Some(1000), Some(86_400)).out_of_bounds(),
+            None
+        );
+        for (bad, field) in [
+            (limits(Some(60_001), None, None), "downtime_ms"),
+            (limits(None, Some(0), None), "max_rounds"),
+            (limits(None, Some(1001), None), "max_rounds"),
+            (limits(None, None, Some(0)), "max_seconds"),
+            (limits(None, None, Some(u64::MAX)), "max_seconds"),
+        ] {
+            assert_eq!(bad.out_of_bounds().map(|(f, _)| f), Some(field));
+        }
+    }
 }

@@ -98,7 +98,8 @@ pub struct PortForwardCreate {
     pub nic: usize,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
-    /// The port on the host's addresses, 1024 to 65535.
+    /// The port on the host's addresses, from the host's port forward
+    /// range (30000 to 39999 unless the operator set another).
     pub host_port: u16,
     /// The port in the VM.
     pub vm_port: u16,

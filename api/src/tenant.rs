@@ -3,21 +3,66 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// What a tenant may use on this host at once.
+/// What a tenant may use on this host at once: everything that costs the
+/// host. Fields left out of a request take their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
+    #[serde(default = "defaults::vcpus")]
     pub max_vcpus: u32,
+    #[serde(default = "defaults::memory_mib")]
     pub max_memory_mib: u64,
+    #[serde(default = "defaults::vms")]
     pub max_vms: u32,
+    /// Virtual networks.
+    #[serde(default = "defaults::networks")]
+    pub max_networks: u32,
+    /// Port forwards (host ports).
+    #[serde(default = "defaults::port_forwards")]
+    pub max_port_forwards: u32,
+    /// Snapshots kept.
+    #[serde(default = "defaults::snapshots")]
+    pub max_snapshots: u32,
+    /// Disk space in MiB: the VMs' root and data disks (at their full
+    /// size), uploaded files and snapshots.
+    #[serde(default = "defaults::storage_mib")]
+    pub max_storage_mib: u64,
+}
+
+mod defaults {
+    pub fn vcpus() -> u32 {
+        8
+    }
+    pub fn memory_mib() -> u64 {
+        4096
+    }
+    pub fn vms() -> u32 {
+        8
+    }
+    pub fn networks() -> u32 {
+        8
+    }
+    pub fn port_forwards() -> u32 {
+        16
+    }
+    pub fn snapshots() -> u32 {
+        16
+    }
+    pub fn storage_mib() -> u64 {
+        64 * 1024
+    }
 }
 
 impl Default for Quota {
     fn default() -> Self {
         Self {
-            max_vcpus: 8,
-            max_memory_mib: 4096,
-            max_vms: 8,
+            max_vcpus: defaults::vcpus(),
+            max_memory_mib: defaults::memory_mib(),
+            max_vms: defaults::vms(),
+            max_networks: defaults::networks(),
+            max_port_forwards: defaults::port_forwards(),
+            max_snapshots: defaults::snapshots(),
+            max_storage_mib: defaults::storage_mib(),
         }
     }
 }

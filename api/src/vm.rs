@@ -23,23 +23,37 @@ pub struct VmDisk {
     pub rate_limit: RateLimit,
 }
 
-/// A NIC on the tenant's bridge; MAC and address are assigned by the agent.
+/// A NIC as a tenant asks for it. Its MAC, address and tap are the
+/// agent's to assign: a request that names them is refused (they are in
+/// [`VmNic`], the NIC as the agent reports it), so nothing a client sends
+/// can choose an address outside its network or an unguarded MAC.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct VmNic {
+pub struct VmNicCreate {
     #[serde(default)]
     pub rate_limit: RateLimit,
     /// A virtual network (id or name, see `/v1/networks`); the tenant's
-    /// default bridge when absent. Stored as the network's id.
+    /// default bridge when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub network: Option<String>,
+}
+
+/// A VM's NIC as the agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNic {
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// The virtual network's id; absent on the tenant's default bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
-    /// Assigned by the agent; ignored in requests.
+    /// Assigned by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
-    /// Assigned by the agent (CIDR); ignored in requests.
+    /// Assigned by the agent (CIDR notation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// The host tap device; ignored in requests.
+    /// The host tap device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
 }
@@ -63,7 +77,7 @@ pub struct VmCreate {
     #[serde(default)]
     pub disks: Vec<VmDisk>,
     #[serde(default)]
-    pub nics: Vec<VmNic>,
+    pub nics: Vec<VmNicCreate>,
 }
 
 fn default_vcpus() -> u32 {
@@ -167,6 +181,24 @@ mod tests {
         assert_eq!((vm.vcpus, vm.memory_mib), (1, 128));
         assert!(vm.disks.is_empty() && vm.nics.is_empty());
         assert!(serde_json::from_str::<VmCreate>(r#"{"name":"a","image":"b","cpus":2}"#).is_err());
+    }
+
+    #[test]
+    fn nic_fields_the_agent_assigns_are_refused_in_requests() {
+        for field in ["mac", "address", "tap"] {
+            let body = format!(r#"{{"name":"a","image":"b","nics":[{{"{field}":"x"}}]}}"#);
+            let err = serde_json::from_str::<VmCreate>(&body).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("unknown field `{field}`")),
+                "{err}"
+            );
+        }
+        let vm: VmCreate =
+            serde_json::from_str(r#"{"name":"a","image":"b","nics":[{"network":"lan"},{}]}"#)
+                .unwrap();
+        assert_eq!(vm.nics[0].network.as_deref(), Some("lan"));
+        assert_eq!(vm.nics[1], VmNicCreate::default());
     }
 
     #[test]

@@ -29,7 +29,80 @@ pub enum ConfigError {
     WeakOperatorToken,
     #[error("jail_uid_first is 0: jailed VMMs never run as root")]
     RootJailUid,
+    #[error("{field} '{value}' is not a port range like 30000-39999 (1024 to 65535, low to high)")]
+    PortRange { field: &'static str, value: String },
+    #[error(
+        "port_forward_range {forwards} holds {what} port {port}: tenants' forwards would take it"
+    )]
+    ReservedPort {
+        forwards: String,
+        what: &'static str,
+        port: u16,
+    },
+    #[error("port_forward_range {forwards} and migration_port_range {migrations} overlap")]
+    RangesOverlap {
+        forwards: String,
+        migrations: String,
+    },
+    #[error("egress_deny entry '{0}' is not an IPv4 network like 10.0.0.0/8")]
+    EgressDeny(String),
+    #[error("image directory {image_dir} holds the data directory {data_dir} (and with it agent.db): tenants could register it as an image")]
+    ImageDirHoldsData {
+        image_dir: PathBuf,
+        data_dir: PathBuf,
+    },
 }
+
+/// An inclusive range of TCP/UDP ports, written "LOW-HIGH".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.low <= other.high && other.low <= self.high
+    }
+
+    fn parse(field: &'static str, text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::PortRange {
+            field,
+            value: text.to_string(),
+        };
+        let (low, high) = text.split_once('-').ok_or_else(bad)?;
+        let (low, high): (u16, u16) = (
+            low.trim().parse().map_err(|_| bad())?,
+            high.trim().parse().map_err(|_| bad())?,
+        );
+        if low < 1024 || low > high {
+            return Err(bad());
+        }
+        Ok(Self { low, high })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.low, self.high)
+    }
+}
+
+/// Host ports tenants' forwards come from by default: clear of the
+/// kernel's well-known and registered services' usual ports.
+pub const DEFAULT_PORT_FORWARD_RANGE: PortRange = PortRange {
+    low: 30000,
+    high: 39999,
+};
+/// Ports receiving VMMs listen on for migrations by default.
+pub const DEFAULT_MIGRATION_PORT_RANGE: PortRange = PortRange {
+    low: 40000,
+    high: 40999,
+};
 
 /// The config file (`--config`): everything optional.
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +136,18 @@ pub struct ConfigFile {
     /// Memory a VMM may use beyond its guest's RAM before its cgroup stops
     /// it (default 96 MiB).
     pub vmm_memory_overhead_mib: Option<u64>,
+    /// Host ports tenants' port forwards may take, "LOW-HIGH" (default
+    /// 30000-39999). It may not hold the API's port, VXLAN's 4789 or the
+    /// migration ports.
+    pub port_forward_range: Option<String>,
+    /// Ports a VM migrating in is received on, "LOW-HIGH" (default
+    /// 40000-40999).
+    pub migration_port_range: Option<String>,
+    /// More IPv4 networks that tenants' NAT egress never reaches and their
+    /// networks may not overlap (say the hosts' management network); the
+    /// underlay, peers, link-local and the host's routes are always kept.
+    #[serde(default)]
+    pub egress_deny: Vec<String>,
 }
 
 impl ConfigFile {
@@ -89,6 +174,9 @@ pub struct AgentConfig {
     /// Without it this host carries no overlay networks.
     pub underlay_address: Option<Ipv4Addr>,
     pub jail: JailConfig,
+    pub port_forward_range: PortRange,
+    pub migration_port_range: PortRange,
+    pub egress_deny: Vec<crate::ipv4::Cidr>,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -125,6 +213,40 @@ impl AgentConfig {
             return Err(ConfigError::WeakOperatorToken);
         }
         let vmm_binary = file.vmm_binary.unwrap_or_else(default_vmm_binary);
+        for image_dir in &file.image_dirs {
+            if data_dir.starts_with(image_dir) {
+                return Err(ConfigError::ImageDirHoldsData {
+                    image_dir: image_dir.clone(),
+                    data_dir: data_dir.clone(),
+                });
+            }
+        }
+        let port_forward_range = match &file.port_forward_range {
+            Some(text) => PortRange::parse("port_forward_range", text)?,
+            None => DEFAULT_PORT_FORWARD_RANGE,
+        };
+        let migration_port_range = match &file.migration_port_range {
+            Some(text) => PortRange::parse("migration_port_range", text)?,
+            None => DEFAULT_MIGRATION_PORT_RANGE,
+        };
+        if port_forward_range.overlaps(&migration_port_range) {
+            return Err(ConfigError::RangesOverlap {
+                forwards: port_forward_range.to_string(),
+                migrations: migration_port_range.to_string(),
+            });
+        }
+        if port_forward_range.contains(crate::network::vxlan::VXLAN_PORT) {
+            return Err(ConfigError::ReservedPort {
+                forwards: port_forward_range.to_string(),
+                what: "VXLAN's",
+                port: crate::network::vxlan::VXLAN_PORT,
+            });
+        }
+        let egress_deny = file
+            .egress_deny
+            .iter()
+            .map(|text| parse_any_cidr(text).ok_or_else(|| ConfigError::EgressDeny(text.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut image_dirs = vec![data_dir.join("images")];
         image_dirs.extend(file.image_dirs);
         // Tenants' uploads are reachable only by their owner (see
@@ -151,8 +273,31 @@ impl AgentConfig {
                 memory_overhead_mib: file.vmm_memory_overhead_mib.unwrap_or(96),
             },
             data_dir,
+            port_forward_range,
+            migration_port_range,
+            egress_deny,
         })
     }
+
+    /// Refuses a forward range that holds the port the API listens on
+    /// (peers' calls would reach a tenant's VM instead).
+    pub fn check_api_port(&self, port: u16) -> Result<(), ConfigError> {
+        if self.port_forward_range.contains(port) || self.migration_port_range.contains(port) {
+            return Err(ConfigError::ReservedPort {
+                forwards: self.port_forward_range.to_string(),
+                what: "the API's",
+                port,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// "A.B.C.D/N" with any prefix, host bits ignored.
+fn parse_any_cidr(text: &str) -> Option<crate::ipv4::Cidr> {
+    let (address, prefix) = text.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|prefix| *prefix <= 32)?;
+    Some(crate::ipv4::Cidr::of(address.parse().ok()?, prefix))
 }
 
 /// `nubis-vmm` next to this executable.
@@ -201,6 +346,80 @@ mod tests {
         let config = AgentConfig::assemble(dir.clone(), file, None).unwrap();
         assert_eq!(config.operator_token, "from-a-file-0123456789");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn port_ranges_keep_clear_of_the_hosts_own_ports() {
+        let dir = std::env::temp_dir().join(format!("nubis-agent-ports-{}", std::process::id()));
+        let token = || Some("0123456789abcdef".to_string());
+        let with = |forwards: &str, migrations: Option<&str>| ConfigFile {
+            port_forward_range: Some(forwards.into()),
+            migration_port_range: migrations.map(str::to_string),
+            ..ConfigFile::default()
+        };
+        let config = AgentConfig::assemble(dir.clone(), ConfigFile::default(), token()).unwrap();
+        assert_eq!(config.port_forward_range, DEFAULT_PORT_FORWARD_RANGE);
+        assert!(config.check_api_port(8080).is_ok());
+        assert!(config.check_api_port(30080).is_err());
+        assert!(config.check_api_port(40000).is_err());
+        for (forwards, migrations) in [
+            ("4000-5000", None),
+            ("40500-41000", None),
+            ("100-2000", None),
+            ("3000-2000", None),
+            ("30000", None),
+            ("x-y", None),
+            ("30000-39999", Some("39000-39100")),
+        ] {
+            assert!(
+                AgentConfig::assemble(dir.clone(), with(forwards, migrations), token()).is_err(),
+                "{forwards} {migrations:?}"
+            );
+        }
+        let config = AgentConfig::assemble(
+            dir.clone(),
+            with("20000-20099", Some("20100-20199")),
+            token(),
+        )
+        .unwrap();
+        assert!(config.port_forward_range.contains(20099));
+        assert!(!config.port_forward_range.contains(20100));
+    }
+
+    #[test]
+    fn an_image_directory_may_not_hold_the_data_directory() {
+        let file = ConfigFile {
+            image_dirs: vec!["/var/lib".into()],
+            ..ConfigFile::default()
+        };
+        let err = AgentConfig::assemble(
+            "/var/lib/nubis".into(),
+            file,
+            Some("0123456789abcdef".into()),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ImageDirHoldsData { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn egress_deny_entries_are_networks() {
+        let file = ConfigFile {
+            egress_deny: vec!["10.0.0.0/8".into(), "192.0.2.7/32".into()],
+            ..ConfigFile::default()
+        };
+        let config =
+            AgentConfig::assemble("/tmp/x".into(), file, Some("0123456789abcdef".into())).unwrap();
+        assert_eq!(config.egress_deny.len(), 2);
+        let file = ConfigFile {
+            egress_deny: vec!["10.0.0.0".into()],
+            ..ConfigFile::default()
+        };
+        assert!(
+            AgentConfig::assemble("/tmp/x".into(), file, Some("0123456789abcdef".into())).is_err()
+        );
     }
 
     #[test]

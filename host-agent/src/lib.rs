@@ -13,6 +13,7 @@ pub mod http;
 pub mod ipv4;
 pub mod network;
 pub mod peers;
+pub mod quota;
 pub mod store;
 pub mod supervisor;
 pub mod validate;

@@ -76,6 +76,9 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(err),
     };
+    if let Err(err) = config.check_api_port(listen.port()) {
+        return fail(err);
+    }
     for dir in [
         config.data_dir.clone(),
         config.data_dir.join("vms"),

@@ -28,6 +28,28 @@ pub fn name(field: &str, value: &str, allow_dot: bool) -> Result<(), ApiError> {
     }
 }
 
+/// A resource id the agent made: `prefix`, '-' and 16 lower-case hex
+/// digits (see `store::new_id`).
+pub fn id(field: &str, value: &str, prefix: &str) -> Result<(), ApiError> {
+    let ok = value
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hex| {
+            hex.len() == 16
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("'{value}' is not a {prefix} id ({prefix}- and 16 hex digits)"),
+        ))
+    }
+}
+
 /// An absolute host path without `..` components.
 pub fn absolute_path(field: &str, value: &str) -> Result<(), ApiError> {
     let path = std::path::Path::new(value);
@@ -72,6 +94,20 @@ mod tests {
             assert_eq!(err.error.field.as_deref(), Some("name"));
         }
         assert!(name("name", "debian-12.1", true).is_ok());
+    }
+
+    #[test]
+    fn ids() {
+        assert!(id("vm.id", "vm-0123456789abcdef", "vm").is_ok());
+        for bad in [
+            "vm-0123456789abcde",
+            "vm-0123456789ABCDEF",
+            "net-0123456789abcdef",
+            "vm-0123456789abcdef0",
+            "vm-01234567\" x;y",
+        ] {
+            assert!(id("vm.id", bad, "vm").is_err(), "{bad}");
+        }
     }
 
     #[test]

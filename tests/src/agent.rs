@@ -27,12 +27,15 @@ pub fn one_agent_per_host() -> std::sync::MutexGuard<'static, ()> {
 /// The operator token the tests' agents run with.
 pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 
-/// A free TCP port on localhost.
+/// A free TCP port on localhost for an agent's API: below the agent's
+/// default port forward and migration ranges (30000-40999), which it
+/// refuses to listen in, and below the kernel's ephemeral ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
+    let start = 20000 + (std::process::id() % 9000) as u16;
+    (0..9000u16)
+        .map(|step| 20000 + (start - 20000 + step) % 9000)
+        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port in 20000-28999")
 }
 
 /// An API response.
@@ -66,25 +69,63 @@ pub fn http(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Reply {
+    let payload = body.map(Value::to_string);
+    send(
+        address,
+        method,
+        path,
+        token,
+        payload
+            .as_deref()
+            .map(|payload| ("application/json", payload.as_bytes())),
+    )
+}
+
+/// One HTTP request with a raw `body` (an upload).
+pub fn http_raw(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> Reply {
+    send(
+        address,
+        method,
+        path,
+        token,
+        Some(("application/octet-stream", body)),
+    )
+}
+
+fn send(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<(&str, &[u8])>,
+) -> Reply {
     let mut stream = TcpStream::connect(address)
         .unwrap_or_else(|err| panic!("connect to the agent at {address}: {err}"));
     stream.set_read_timeout(Some(Duration::from_secs(300))).ok();
-    let payload = body.map(Value::to_string).unwrap_or_default();
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
-    if body.is_some() {
-        request.push_str("Content-Type: application/json\r\n");
-    }
-    request.push_str(&format!(
-        "Content-Length: {}\r\n\r\n{payload}",
-        payload.len()
-    ));
+    let payload = match body {
+        Some((content_type, payload)) => {
+            request.push_str(&format!("Content-Type: {content_type}\r\n"));
+            payload
+        }
+        None => &[][..],
+    };
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
     stream
         .write_all(request.as_bytes())
         .expect("send the request");
+    // The agent may answer (and close) before it has read a refused body.
+    let _ = stream.write_all(payload);
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read the reply");
     parse_reply(&raw)

@@ -704,15 +704,15 @@ fn authorization_bad_input_and_quotas() {
             "host_port",
         ),
         (
-            json!({"vm": "web", "host_port": 18080, "vm_port": 0}),
+            json!({"vm": "web", "host_port": 31080, "vm_port": 0}),
             "vm_port",
         ),
         (
-            json!({"vm": "web", "host_port": 18080, "vm_port": 80}),
+            json!({"vm": "web", "host_port": 31080, "vm_port": 80}),
             "nic",
         ),
         (
-            json!({"vm": "nope", "host_port": 18080, "vm_port": 80}),
+            json!({"vm": "nope", "host_port": 31080, "vm_port": 80}),
             "vm",
         ),
     ] {
@@ -725,7 +725,7 @@ fn authorization_bad_input_and_quotas() {
         Some(&json!({"name": "edge", "image": "busybox", "nics": [{}]})),
     );
     let edge = expect(&edge, 201)["id"].as_str().unwrap().to_string();
-    let forward = json!({"vm": "edge", "host_port": 18080, "vm_port": 80});
+    let forward = json!({"vm": "edge", "host_port": 31080, "vm_port": 80});
     let created = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
     let created = expect(&created, 201).clone();
     assert_eq!(

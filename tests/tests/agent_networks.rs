@@ -161,7 +161,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         "POST",
         "/v1/port-forwards",
         Some(&acme),
-        Some(&json!({"vm": "a2", "host_port": 18080, "vm_port": 8080})),
+        Some(&json!({"vm": "a2", "host_port": 31080, "vm_port": 8080})),
     );
     expect(&forward, 201);
     for (token, vm) in [(&acme, &a1), (&acme, &a2), (&globex, &b1)] {
@@ -217,7 +217,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
             "-q",
             "-O",
             "-",
-            &format!("http://{HOST_UPLINK}:18080/blob"),
+            &format!("http://{HOST_UPLINK}:31080/blob"),
         ],
     );
     assert!(fetched.status.success(), "{fetched:?}");

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Host, HostCreate};
 
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::{AppState, Body, HttpError, Operator, Result};
 use crate::peers::PeerError;
 use crate::store::Peer;
 use crate::validate;
@@ -87,10 +87,9 @@ pub(crate) fn peer_failed(err: PeerError) -> HttpError {
 )]
 pub(crate) async fn create(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Body(request): Body<HostCreate>,
 ) -> Result<(StatusCode, Json<Host>)> {
-    caller.require_operator()?;
     validate::name("name", &request.name, false)?;
     let address = check_address(&state, &request.address)?;
     check_api_url(&request.api_url)?;
@@ -147,8 +146,10 @@ pub(crate) async fn create(
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Host>>> {
-    caller.require_operator()?;
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    _operator: Operator,
+) -> Result<Json<Vec<Host>>> {
     Ok(Json(state.store.list_hosts()?))
 }
 
@@ -174,10 +175,9 @@ fn find(state: &AppState, name: &str) -> Result<Peer> {
 )]
 pub(crate) async fn show(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<Json<Host>> {
-    caller.require_operator()?;
     Ok(Json(find(&state, &name)?.host))
 }
 
@@ -197,10 +197,9 @@ pub(crate) async fn show(
 )]
 pub(crate) async fn remove(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     let peer = find(&state, &name)?;
     state.store.delete_host(&peer.host.name)?;
     tracing::info!(host = %peer.host.name, "peer host removed");

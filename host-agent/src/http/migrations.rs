@@ -83,6 +83,9 @@ pub(crate) async fn create(
     Body(request): Body<MigrationCreate>,
 ) -> Result<(StatusCode, Json<Migration>)> {
     let vm = vms::find(&state, &caller, &id)?;
+    if let Some((field, reason)) = request.out_of_bounds() {
+        return Err(ApiError::invalid(field, reason).into());
+    }
     overlay::local_underlay(&state)?;
     let peer = state.store.get_host(&request.host)?.ok_or_else(|| {
         ApiError::invalid(

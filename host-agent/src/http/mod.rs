@@ -151,16 +151,6 @@ impl Caller {
             )
         })
     }
-
-    pub fn require_operator(&self) -> Result<()> {
-        match self.0 {
-            Principal::Operator => Ok(()),
-            Principal::Tenant(_) => Err(HttpError::new(
-                ErrorCode::Forbidden,
-                "this endpoint is for the operator",
-            )),
-        }
-    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -175,6 +165,24 @@ impl FromRequestParts<AppState> for Caller {
             Ok(principal) => Ok(Caller(principal)),
             Err(AuthError::Store(err)) => Err(err.into()),
             Err(err) => Err(HttpError::new(ErrorCode::Unauthorized, err.to_string())),
+        }
+    }
+}
+
+/// The operator, for operator-only endpoints: a tenant's token is a 403
+/// before anything else of the request (its body included) is looked at.
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        match Caller::from_request_parts(parts, state).await?.0 {
+            Principal::Operator => Ok(Operator),
+            Principal::Tenant(_) => Err(HttpError::new(
+                ErrorCode::Forbidden,
+                "this endpoint is for the operator",
+            )),
         }
     }
 }
@@ -196,10 +204,62 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 fn json_rejection(rejection: JsonRejection) -> HttpError {
     let message = rejection.body_text();
     let mut error = ApiError::new(ErrorCode::InvalidInput, message.clone());
-    // serde names the field in backquotes: "missing field `name`",
-    // "unknown field `cpus`"; a type error says "at line ... column".
-    if let Some(field) = message.split('`').nth(1) {
-        error.error.field = Some(field.to_string());
-    }
+    error.error.field = rejected_field(&message);
     HttpError(error)
+}
+
+/// The field a serde error is about, with its path: "nics[0].mac" for
+/// "...: nics[0]: unknown field `mac`, expected ...", "nics[0].network"
+/// for "...: nics[0].network: invalid type: ...", "name" for "missing
+/// field `name`".
+fn rejected_field(message: &str) -> Option<String> {
+    // axum: "Failed to deserialize the JSON body into the target type: "
+    // then serde_path_to_error's "PATH: ERROR" (no path at the top level).
+    let detail = message
+        .split_once("target type: ")
+        .map_or(message, |(_, rest)| rest);
+    let (path, error) = match detail.split_once(": ") {
+        Some((path, error)) if !path.contains(' ') && path != "." => (Some(path), error),
+        _ => (None, detail),
+    };
+    // serde_path_to_error's path already ends with an unknown field's name.
+    let named = error
+        .strip_prefix("unknown field `")
+        .or_else(|| error.strip_prefix("missing field `"))
+        .and_then(|rest| rest.split('`').next());
+    match (path, named) {
+        (Some(path), Some(field)) if path == field || path.ends_with(&format!(".{field}")) => {
+            Some(path.to_string())
+        }
+        (Some(path), Some(field)) => Some(format!("{path}.{field}")),
+        (None, Some(field)) => Some(field.to_string()),
+        (Some(path), None) => Some(path.to_string()),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_name_the_field_with_its_path() {
+        let prefix = "Failed to deserialize the JSON body into the target type: ";
+        for (message, field) in [
+            ("nics[0]: unknown field `mac`, expected `rate_limit` or `network` at line 1 column 40", Some("nics[0].mac")),
+            ("nics[0].mac: unknown field `mac`, expected `rate_limit` or `network` at line 1 column 40", Some("nics[0].mac")),
+            ("quota.max_vms: invalid type: string \"x\", expected u32 at line 1 column 9", Some("quota.max_vms")),
+            ("missing field `name` at line 1 column 2", Some("name")),
+            ("unknown field `cpus`, expected one of ... at line 1 column 9", Some("cpus")),
+            ("nics[1].network: invalid type: integer `3`, expected a string at line 1 column 60", Some("nics[1].network")),
+            ("vcpus: invalid value: integer `-1`, expected u32 at line 1 column 12", Some("vcpus")),
+            ("expected value at line 1 column 1", None),
+        ] {
+            assert_eq!(rejected_field(&format!("{prefix}{message}")).as_deref(), field, "{message}");
+        }
+        assert_eq!(
+            rejected_field("Failed to parse the request body as JSON: EOF while parsing"),
+            None
+        );
+    }
 }

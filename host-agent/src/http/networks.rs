@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use nubis_api::{ApiError, Network, NetworkCreate};
+use nubis_api::{ApiError, ErrorCode, Network, NetworkCreate};
 
 use super::hosts::peer_failed;
 use super::{overlay, AppState, Body, Caller, HttpError, Result};
@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
         (status = 422, description = "hosts given, but this host has no underlay", body = ApiError),
+        (status = 429, description = "the tenant's network quota is used up", body = ApiError),
         (status = 500, description = "the host refused the bridge or its rules", body = ApiError),
         (status = 502, description = "a spanned host failed", body = ApiError)
     ),
@@ -49,6 +50,14 @@ pub(crate) async fn create(
         .cidr
         .parse()
         .map_err(|err: String| ApiError::invalid("cidr", err))?;
+    if let Some(reason) = state.supervisor.shadowed_host_network(cidr).await? {
+        return Err(ApiError::invalid("cidr", reason).into());
+    }
+    let quota = state
+        .store
+        .get_tenant(tenant)?
+        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?
+        .quota;
     let dns = match &request.dns {
         Some(servers) => dns_servers(servers)?,
         None => host_resolvers(),
@@ -72,9 +81,15 @@ pub(crate) async fn create(
         (mtu, Some((local.to_string(), hosts)))
     };
     check_mtu(mtu)?;
-    let network = state
-        .store
-        .create_network(tenant, &request, cidr, dns, mtu, overlay)?;
+    let network = state.store.create_network(
+        tenant,
+        &request,
+        cidr,
+        dns,
+        mtu,
+        overlay,
+        quota.max_networks,
+    )?;
     // The bridge, its filter rules and DHCP server come up now, then the
     // other hosts take the network on; if any refuses, the network is not
     // kept half made.

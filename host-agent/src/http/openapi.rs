@@ -8,7 +8,7 @@ use nubis_api::{
     IncomingMigration, IncomingReady, Migration, MigrationCreate, Network, NetworkCreate,
     NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol, Quota, RateLimit, Snapshot,
     SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
-    VmNic, VmState,
+    VmNic, VmNicCreate, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -43,7 +43,7 @@ use super::{
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmState, VmEvent,
+        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
         Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
     )),

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::hosts::peer_failed;
 use super::networks::check_mtu;
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::{AppState, Body, HttpError, Operator, Result};
 use crate::ipv4::Cidr;
 use crate::network::vxlan::{underlay_mtu, VXLAN_OVERHEAD};
 use crate::store::Peer;
@@ -41,17 +41,66 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-/// A free TCP port on `address` (the VMM binds it right after).
-fn free_port(address: Ipv4Addr) -> Result<u16> {
-    std::net::TcpListener::bind((address, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|local| local.port())
-        .map_err(|err| {
+/// A free TCP port on `address` in the host's migration port range (the
+/// VMM binds it right after): never one a tenant's port forward may take.
+fn free_port(address: Ipv4Addr, range: crate::config::PortRange) -> Result<u16> {
+    let span = u32::from(range.high - range.low) + 1;
+    let start = crate::store::random_hex(4)
+        .ok()
+        .and_then(|hex| u32::from_str_radix(&hex, 16).ok())
+        .unwrap_or_default()
+        % span;
+    (0..span)
+        .filter_map(|step| u16::try_from(u32::from(range.low) + (start + step) % span).ok())
+        .find(|port| std::net::TcpListener::bind((address, *port)).is_ok())
+        .ok_or_else(|| {
             HttpError::new(
                 ErrorCode::Internal,
-                format!("no free port on {address}: {err}"),
+                format!("no free port on {address} in the migration range {range}"),
             )
         })
+}
+
+/// A VM definition a peer sent: every value that reaches a command line, a
+/// rule or a path is checked as if a tenant had sent it. NICs keep their
+/// MAC and address (a migrating VM keeps its identity), but only a unicast
+/// MAC and an address inside the NIC's own network are taken.
+fn check_incoming_vm(state: &AppState, vm: &nubis_api::Vm) -> Result<()> {
+    validate::name("vm.name", &vm.name, false)?;
+    validate::id("vm.id", &vm.id, "vm")?;
+    validate::kernel_args("vm.kernel_args", &vm.kernel_args)?;
+    for (index, nic) in vm.nics.iter().enumerate() {
+        let field = |name: &str| format!("vm.nics[{index}].{name}");
+        let mac = nic.mac.as_deref().unwrap_or_default();
+        crate::network::MacAddr::parse_unicast(mac)
+            .map_err(|err| ApiError::invalid(&field("mac"), err.to_string()))?;
+        let address = nic
+            .address
+            .as_deref()
+            .and_then(nic_address)
+            .ok_or_else(|| ApiError::invalid(&field("address"), "an IPv4 address is needed"))?;
+        let inside = match &nic.network {
+            Some(id) => state
+                .store
+                .get_network(None, id)?
+                .and_then(|net| net.cidr.parse::<Cidr>().ok())
+                .is_some_and(|cidr| {
+                    cidr.contains(address)
+                        && address != cidr.gateway()
+                        && address != cidr.base()
+                        && address != cidr.broadcast_address()
+                }),
+            None => false,
+        };
+        if !inside {
+            return Err(ApiError::invalid(
+                &field("address"),
+                format!("{address} is not a NIC address of the NIC's network"),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 #[utoipa::path(
@@ -72,14 +121,12 @@ fn free_port(address: Ipv4Addr) -> Result<u16> {
 )]
 pub(crate) async fn incoming(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Body(request): Body<nubis_api::IncomingMigration>,
 ) -> Result<(StatusCode, Json<nubis_api::IncomingReady>)> {
-    caller.require_operator()?;
     let local = local_underlay(&state)?;
     let vm = &request.vm;
-    validate::name("vm.name", &vm.name, false)?;
-    validate::name("vm.id", &vm.id, false)?;
+    check_incoming_vm(&state, vm)?;
     let conflict = |message: String| HttpError::new(ErrorCode::Conflict, message);
     if let Some(known) = state.store.get_vm(None, &vm.id)? {
         // What a migration that failed while this agent was down left: a
@@ -160,9 +207,9 @@ pub(crate) async fn incoming(
         "created",
         &format!("migrating in from {}", request.source),
     )?;
-    let port = free_port(local)?;
+    let port = free_port(local, state.supervisor.config().migration_port_range)?;
     let listen = format!("{local}:{port}");
-    let token = crate::store::random_hex(24);
+    let token = crate::store::random_hex(24)?;
     let prepared = async {
         state.supervisor.reconcile_network().await?;
         state
@@ -208,10 +255,9 @@ fn incoming_vm(state: &AppState, id: &str) -> Result<nubis_api::Vm> {
 )]
 pub(crate) async fn incoming_done(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     let vm = incoming_vm(&state, &id)?;
     if !vm.state.has_process() {
         return Err(HttpError::new(
@@ -239,10 +285,9 @@ pub(crate) async fn incoming_done(
 )]
 pub(crate) async fn incoming_abort(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     let vm = incoming_vm(&state, &id)?;
     let _guard = state.supervisor.lock(&vm.id).await;
     let vm = incoming_vm(&state, &id)?;
@@ -424,11 +469,10 @@ async fn check_replica(state: &AppState, id: &str, replica: &NetworkReplica) -> 
 )]
 pub(crate) async fn adopt(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
     Body(replica): Body<NetworkReplica>,
 ) -> Result<Json<Network>> {
-    caller.require_operator()?;
     check_replica(&state, &id, &replica).await?;
     let tenant = &replica.tenant;
     match state.store.get_tenant(&tenant.id)? {
@@ -478,10 +522,9 @@ pub(crate) async fn adopt(
 )]
 pub(crate) async fn abandon(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     let net = find_overlay(&state, &id)?;
     if remote_home(&state, &net)?.is_none() {
         return Err(HttpError::new(
@@ -512,11 +555,10 @@ pub(crate) async fn abandon(
 )]
 pub(crate) async fn grant(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
     Body(request): Body<AddressRequest>,
 ) -> Result<(StatusCode, Json<AddressGrant>)> {
-    caller.require_operator()?;
     let net = find_overlay(&state, &id)?;
     if remote_home(&state, &net)?.is_some() {
         return Err(HttpError::new(
@@ -587,11 +629,10 @@ pub(crate) struct ReleaseQuery {
 )]
 pub(crate) async fn release(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path((id, address)): Path<(String, String)>,
     Query(query): Query<ReleaseQuery>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     let parsed: Ipv4Addr = address
         .parse()
         .map_err(|_| ApiError::invalid("address", format!("'{address}' is not an IPv4 address")))?;

@@ -6,12 +6,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use nubis_api::{ApiError, PortForward, PortForwardCreate};
+use nubis_api::{ApiError, ErrorCode, PortForward, PortForwardCreate};
 
 use super::{AppState, Body, Caller, HttpError, Result};
-
-/// Host ports below this are the host's own services'.
-const MIN_HOST_PORT: u16 = 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -29,7 +26,8 @@ pub fn routes() -> Router<AppState> {
         (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the host port is taken", body = ApiError)
+        (status = 409, description = "the host port is taken", body = ApiError),
+        (status = 429, description = "the tenant's port forward quota is used up", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -39,10 +37,13 @@ pub(crate) async fn create(
     Body(request): Body<PortForwardCreate>,
 ) -> Result<(StatusCode, Json<PortForward>)> {
     let tenant = caller.tenant()?;
-    if request.host_port < MIN_HOST_PORT {
+    // Only the operator's range: never the API's, VXLAN's or the
+    // migrations' ports, nor any other service of the host's.
+    let range = state.supervisor.config().port_forward_range;
+    if !range.contains(request.host_port) {
         return Err(ApiError::invalid(
             "host_port",
-            format!("must be {MIN_HOST_PORT} to 65535 (lower ports are the host's)"),
+            format!("must be in this host's port forward range, {range}"),
         )
         .into());
     }
@@ -60,6 +61,11 @@ pub(crate) async fn create(
         )
         .into());
     }
+    let quota = state
+        .store
+        .get_tenant(tenant)?
+        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?
+        .quota;
     let forward = state.store.create_port_forward(
         tenant,
         &vm.id,
@@ -67,6 +73,7 @@ pub(crate) async fn create(
         request.protocol,
         request.host_port,
         request.vm_port,
+        quota.max_port_forwards,
     )?;
     if let Err(err) = state.supervisor.reconcile_network().await {
         state.store.delete_port_forward(&forward.id)?;

@@ -29,7 +29,8 @@ pub fn routes() -> Router<AppState> {
         (status = 201, description = "taken; the VM runs on (or stays paused)", body = Snapshot),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
-        (status = 409, description = "the VM is not running or paused", body = ApiError)
+        (status = 409, description = "the VM is not running or paused", body = ApiError),
+        (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -41,7 +42,8 @@ pub(crate) async fn create(
     let vm = vms::find(&state, &caller, &id)?;
     let _guard = state.supervisor.lock(&vm.id).await;
     let vm = vms::find(&state, &caller, &vm.id)?;
-    let snapshot_id = state.store.new_snapshot_id();
+    check_quota(&state, &vm)?;
+    let snapshot_id = state.store.new_snapshot_id()?;
     let size = state.supervisor.snapshot(&vm, &snapshot_id).await?;
     let snapshot = match state.store.record_snapshot(&snapshot_id, &vm, size) {
         Ok(snapshot) => snapshot,
@@ -52,6 +54,31 @@ pub(crate) async fn create(
     };
     tracing::info!(vm = %vm.id, snapshot = %snapshot.id, size, "snapshot taken");
     Ok((StatusCode::CREATED, Json(snapshot)))
+}
+
+/// A snapshot takes one of the tenant's snapshots and, at most, the VM's
+/// memory and disks of its storage.
+fn check_quota(state: &AppState, vm: &nubis_api::Vm) -> Result<()> {
+    let quota = state
+        .store
+        .get_tenant(&vm.tenant_id)?
+        .ok_or_else(|| HttpError::new(ErrorCode::NotFound, "the VM's tenant is gone"))?
+        .quota;
+    let kept = state.store.count_snapshots(&vm.tenant_id)?;
+    if kept >= quota.max_snapshots {
+        return Err(crate::store::StoreError::Quota(format!(
+            "snapshots: {kept} kept + 1 requested exceeds the tenant's quota of {}",
+            quota.max_snapshots
+        ))
+        .into());
+    }
+    let root_mib = state
+        .store
+        .get_image(&vm.tenant_id, &vm.image_id)?
+        .map_or(0, |image| crate::quota::mib_of(image.rootfs_bytes));
+    let asked = vm.memory_mib + root_mib + vm.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
+    crate::quota::check_storage(&state.store, &state.data_dir, &vm.tenant_id, &quota, asked)?;
+    Ok(())
 }
 
 #[utoipa::path(

@@ -6,7 +6,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::{AppState, Body, HttpError, Operator, Result};
 use crate::validate;
 
 pub fn routes() -> Router<AppState> {
@@ -47,10 +47,9 @@ fn check_quota(quota: &Quota) -> Result<()> {
 )]
 pub(crate) async fn create(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Body(request): Body<TenantCreate>,
 ) -> Result<(StatusCode, Json<Tenant>)> {
-    caller.require_operator()?;
     validate::name("name", &request.name, false)?;
     let quota = request.quota.unwrap_or_default();
     check_quota(&quota)?;
@@ -72,9 +71,8 @@ pub(crate) async fn create(
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
 ) -> Result<Json<Vec<Tenant>>> {
-    caller.require_operator()?;
     Ok(Json(state.store.list_tenants()?))
 }
 
@@ -100,10 +98,9 @@ async fn find(state: &AppState, id: &str) -> Result<Tenant> {
 )]
 pub(crate) async fn show(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Tenant>> {
-    caller.require_operator()?;
     Ok(Json(find(&state, &id).await?))
 }
 
@@ -123,10 +120,9 @@ pub(crate) async fn show(
 )]
 pub(crate) async fn remove(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     find(&state, &id).await?;
     let subnet = state.store.existing_tenant_subnet(&id)?;
     state.store.delete_tenant(&id)?;
@@ -155,10 +151,9 @@ pub(crate) async fn remove(
 )]
 pub(crate) async fn create_token(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<TokenCreated>)> {
-    caller.require_operator()?;
     find(&state, &id).await?;
     Ok((StatusCode::CREATED, Json(state.store.create_token(&id)?)))
 }
@@ -178,10 +173,9 @@ pub(crate) async fn create_token(
 )]
 pub(crate) async fn list_tokens(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<TokenInfo>>> {
-    caller.require_operator()?;
     find(&state, &id).await?;
     Ok(Json(state.store.list_tokens(&id)?))
 }
@@ -201,10 +195,9 @@ pub(crate) async fn list_tokens(
 )]
 pub(crate) async fn remove_token(
     State(state): State<AppState>,
-    caller: Caller,
+    _operator: Operator,
     Path((id, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode> {
-    caller.require_operator()?;
     if state.store.delete_token(&id, &token_id)? {
         Ok(StatusCode::NO_CONTENT)
     } else {

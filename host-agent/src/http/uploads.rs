@@ -59,7 +59,7 @@ fn internal(what: &str, err: impl std::fmt::Display) -> HttpError {
         (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
         (status = 403, description = "operator token", body = nubis_api::ApiError),
         (status = 409, description = "a file of that name exists", body = nubis_api::ApiError),
-        (status = 429, description = "larger than the upload limit", body = nubis_api::ApiError)
+        (status = 429, description = "larger than the upload limit or the tenant's storage quota", body = nubis_api::ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -76,14 +76,30 @@ pub(crate) async fn upload(
         .await
         .map_err(|err| internal("cannot create the upload directory", err))?;
     let path = dir.join(&name);
-    let partial = dir.join(format!(".{name}.partial"));
-    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-        return Err(HttpError::new(
+    let exists = || {
+        HttpError::new(
             ErrorCode::Conflict,
             format!("an upload named '{name}' exists: delete it first"),
-        ));
+        )
+    };
+    if tokio::fs::symlink_metadata(&path).await.is_ok() {
+        return Err(exists());
     }
-    let mut file = tokio::fs::File::create(&partial)
+    // What is left of the tenant's storage quota bounds this upload.
+    let quota = state
+        .store
+        .get_tenant(&tenant)?
+        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?
+        .quota;
+    let left = crate::quota::storage_left_bytes(&state.store, &state.data_dir, &tenant, &quota)?;
+    let limit = left.min(MAX_UPLOAD_BYTES);
+    // Each upload writes its own partial file (two uploads of one name
+    // never share one), created new, never through an existing path.
+    let partial = dir.join(format!(".{name}.{}.partial", crate::store::random_hex(8)?));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
         .await
         .map_err(|err| internal("cannot create the upload", err))?;
     let mut stream = body.into_data_stream();
@@ -97,10 +113,16 @@ pub(crate) async fn upload(
                 )
             })?;
             bytes += chunk.len() as u64;
-            if bytes > MAX_UPLOAD_BYTES {
+            if bytes > limit {
                 return Err(HttpError::new(
                     ErrorCode::QuotaExceeded,
-                    format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes"),
+                    if limit < MAX_UPLOAD_BYTES {
+                        format!(
+                            "the upload exceeds the tenant's storage quota ({limit} bytes left)"
+                        )
+                    } else {
+                        format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes")
+                    },
                 ));
             }
             file.write_all(&chunk)
@@ -116,9 +138,15 @@ pub(crate) async fn upload(
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(err);
     }
-    tokio::fs::rename(&partial, &path)
-        .await
-        .map_err(|err| internal("cannot store the upload", err))?;
+    // A link, not a rename: it fails rather than replace an upload of the
+    // same name that finished first.
+    let linked = tokio::fs::hard_link(&partial, &path).await;
+    let _ = tokio::fs::remove_file(&partial).await;
+    match linked {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+        Err(err) => return Err(internal("cannot store the upload", err)),
+    }
     tracing::info!(tenant, name, bytes, "file uploaded");
     Ok((
         StatusCode::CREATED,

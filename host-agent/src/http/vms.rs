@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
+use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmNic, VmState};
 use serde::Deserialize;
 
 use super::{images, overlay, AppState, Body, Caller, HttpError, Result};
@@ -102,10 +102,21 @@ fn check(request: &VmCreate) -> Result<()> {
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    Body(mut request): Body<VmCreate>,
+    Body(request): Body<VmCreate>,
 ) -> Result<(StatusCode, Json<Vm>)> {
     let tenant_id = caller.tenant()?.to_string();
     check(&request)?;
+    // The NICs as the agent will record them: MAC, address and tap are
+    // assigned here, never taken from the request.
+    let mut nics: Vec<VmNic> = request
+        .nics
+        .iter()
+        .map(|nic| VmNic {
+            rate_limit: nic.rate_limit,
+            network: nic.network.clone(),
+            ..VmNic::default()
+        })
+        .collect();
     let image = images::find(&state, &caller, &request.image).map_err(|_| {
         HttpError(ApiError::invalid(
             "image",
@@ -119,7 +130,7 @@ pub(crate) async fn create(
     // NICs on overlay networks homed on another host get their address
     // from that host (no lock held while asking: the home takes its own).
     let mut remote_grants = Vec::new();
-    for (index, nic) in request.nics.iter_mut().enumerate() {
+    for (index, nic) in nics.iter_mut().enumerate() {
         let Some(wanted) = &nic.network else { continue };
         let net = nic_network(&state, &tenant_id, index, wanted)?;
         if let Some(home) = overlay::remote_home(&state, &net)? {
@@ -136,11 +147,11 @@ pub(crate) async fn create(
             }
             nic.network = Some(net.id);
             nic.address = Some(address);
-            nic.mac = Some(network::random_mac());
+            nic.mac = Some(network::random_mac()?.to_string());
             nic.tap = None;
         }
     }
-    let created = create_locked(&state, request, &tenant_id, image.id, tenant.quota).await;
+    let created = create_locked(&state, request, nics, &tenant_id, &image, tenant.quota).await;
     match created {
         Ok(vm) => Ok((StatusCode::CREATED, Json(vm))),
         Err(err) => {
@@ -171,16 +182,22 @@ fn nic_network(
 /// Assigns this host's addresses and MACs, and records the VM.
 async fn create_locked(
     state: &AppState,
-    mut request: VmCreate,
+    request: VmCreate,
+    mut nics: Vec<VmNic>,
     tenant_id: &str,
-    image_id: String,
+    image: &nubis_api::Image,
     quota: nubis_api::Quota,
 ) -> Result<Vm> {
     let tenant_id = tenant_id.to_string();
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
     let network_lock = state.supervisor.network_lock().await;
-    if !request.nics.is_empty() {
+    // Disk space: the root disk (the image's size) and the data disks at
+    // their full size, as a cloud bills them.
+    let asked_mib = crate::quota::mib_of(image.rootfs_bytes)
+        + request.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
+    crate::quota::check_storage(&state.store, &state.data_dir, &tenant_id, &quota, asked_mib)?;
+    if !nics.is_empty() {
         let vms = state.store.list_vms(Some(&tenant_id), None)?;
         // Addresses in use, across the tenant's VMs and this request.
         let mut used: std::collections::HashSet<std::net::Ipv4Addr> = vms
@@ -194,9 +211,9 @@ async fn create_locked(
                 format!("no free address left in {what}"),
             )
         };
-        for (index, nic) in request.nics.iter_mut().enumerate() {
+        for (index, nic) in nics.iter_mut().enumerate() {
             if nic.address.is_some() {
-                // Granted by the network's home host.
+                // Granted by the network's home host (see `create`).
                 continue;
             }
             let (address, prefix) = match &nic.network {
@@ -229,7 +246,7 @@ async fn create_locked(
             };
             used.insert(address);
             nic.address = Some(format!("{address}/{prefix}"));
-            nic.mac = Some(network::random_mac());
+            nic.mac = Some(network::random_mac()?.to_string());
             nic.tap = None;
         }
     }
@@ -237,13 +254,13 @@ async fn create_locked(
         &NewVm {
             tenant_id,
             name: request.name,
-            image_id,
+            image_id: image.id.clone(),
             vcpus: request.vcpus,
             memory_mib: request.memory_mib,
             kernel_args: request.kernel_args,
             root_rate_limit: request.root_rate_limit,
             disks: request.disks,
-            nics: request.nics,
+            nics,
             restore_from: None,
         },
         quota,

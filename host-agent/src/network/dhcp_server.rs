@@ -3,11 +3,18 @@
 //! served by a task that looks the client's MAC up in the agent's
 //! database. Replies go out by broadcast on the bridge, or unicast to a
 //! client that already has its address.
+//!
+//! A guest controls what arrives here, so it may not cost the agent more
+//! than a trickle: requests are rate-limited per network and per client MAC
+//! (`RateLimiter`; what goes over is dropped and counted), the database
+//! lookup runs on the blocking pool rather than the async runtime that
+//! serves the API, and per-request logging is at debug level.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::dhcp::{self, Answer, Lease, Request};
 
@@ -185,6 +192,81 @@ fn bind(bridge: &str) -> Result<tokio::net::UdpSocket, DhcpServerError> {
     })
 }
 
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn take(&mut self, burst: f64, per_second: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How many DHCP requests one network's server answers: per network and
+/// per client MAC. A client that keeps its lease asks a few times a day;
+/// a booting guest a handful of times in a few seconds.
+pub struct RateLimiter {
+    network: Bucket,
+    clients: HashMap<String, Bucket>,
+    /// Requests dropped so far.
+    pub dropped: u64,
+}
+
+impl RateLimiter {
+    const NETWORK_BURST: f64 = 64.0;
+    const NETWORK_PER_SECOND: f64 = 32.0;
+    const CLIENT_BURST: f64 = 8.0;
+    const CLIENT_PER_SECOND: f64 = 2.0;
+    /// Clients remembered at most (a flood of made-up MACs cannot grow
+    /// the table): past it, the table starts anew.
+    const MAX_CLIENTS: usize = 4096;
+
+    pub fn new(now: Instant) -> Self {
+        Self {
+            network: Bucket::full(Self::NETWORK_BURST, now),
+            clients: HashMap::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Whether a request from `mac` may be answered now.
+    pub fn admit(&mut self, mac: &str, now: Instant) -> bool {
+        if self.clients.len() >= Self::MAX_CLIENTS && !self.clients.contains_key(mac) {
+            self.clients.clear();
+        }
+        let client = self
+            .clients
+            .entry(mac.to_string())
+            .or_insert_with(|| Bucket::full(Self::CLIENT_BURST, now));
+        let admitted = client.take(Self::CLIENT_BURST, Self::CLIENT_PER_SECOND, now)
+            && self
+                .network
+                .take(Self::NETWORK_BURST, Self::NETWORK_PER_SECOND, now);
+        if !admitted {
+            self.dropped += 1;
+        }
+        admitted
+    }
+}
+
 async fn serve(
     socket: tokio::net::UdpSocket,
     network: String,
@@ -193,6 +275,8 @@ async fn serve(
     leases: Arc<dyn LeaseLookup>,
 ) {
     let mut buf = vec![0u8; 1500];
+    let mut limiter = RateLimiter::new(Instant::now());
+    let mut last_warning: Option<Instant> = None;
     loop {
         let len = match socket.recv_from(&mut buf).await {
             Ok((len, _from)) => len,
@@ -210,7 +294,26 @@ async fn serve(
             }
         };
         let mac = request.mac();
-        let lease = leases.lease(&network, &mac);
+        let now = Instant::now();
+        if !limiter.admit(&mac, now) {
+            if last_warning.is_none_or(|at| now.duration_since(at) > Duration::from_secs(60)) {
+                tracing::warn!(bridge = %bridge, mac = %mac, dropped = limiter.dropped, "DHCP requests over the rate limit are dropped");
+                last_warning = Some(now);
+            }
+            continue;
+        }
+        // The lookup takes the database's lock: off the async runtime.
+        let lookup = {
+            let (leases, network, mac) = (leases.clone(), network.clone(), mac.clone());
+            tokio::task::spawn_blocking(move || leases.lease(&network, &mac))
+        };
+        let lease = match lookup.await {
+            Ok(lease) => lease,
+            Err(err) => {
+                tracing::warn!(bridge = %bridge, "DHCP lease lookup failed: {err}");
+                continue;
+            }
+        };
         let kind = match dhcp::decide(&request, lease.as_ref(), server_id) {
             Answer::Reply(kind) => kind,
             Answer::Ignore(why) => {
@@ -222,11 +325,47 @@ async fn serve(
         let reply = dhcp::build_reply(&request, kind, &lease, server_id);
         let destination = SocketAddrV4::new(dhcp::reply_destination(&request), CLIENT_PORT);
         match socket.send_to(&reply, destination).await {
-            Ok(_) => tracing::info!(
+            Ok(_) => tracing::debug!(
                 bridge = %bridge, mac = %mac, address = %lease.address,
                 "DHCP {:?} answered with {kind:?}", request.kind
             ),
             Err(err) => tracing::warn!(bridge = %bridge, mac = %mac, "DHCP reply failed: {err}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flooding_client_is_held_to_its_rate_and_others_still_get_answers() {
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(start);
+        let admitted = (0..100)
+            .filter(|_| limiter.admit("02:4e:42:00:00:01", start))
+            .count();
+        assert_eq!(admitted, RateLimiter::CLIENT_BURST as usize);
+        assert_eq!(limiter.dropped, 100 - admitted as u64);
+        // Another client is not starved by the first one's flood.
+        assert!(limiter.admit("02:4e:42:00:00:02", start));
+        // Tokens come back with time.
+        assert!(limiter.admit("02:4e:42:00:00:01", start + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_flood_of_made_up_macs_is_held_to_the_network_rate() {
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(start);
+        let admitted = (0..10_000)
+            .filter(|index| {
+                limiter.admit(
+                    &format!("02:00:00:00:{:02x}:{:02x}", index / 256, index % 256),
+                    start,
+                )
+            })
+            .count();
+        assert_eq!(admitted, RateLimiter::NETWORK_BURST as usize);
+        assert!(limiter.clients.len() <= RateLimiter::MAX_CLIENTS);
     }
 }

@@ -14,6 +14,14 @@
 //!   gateway's DHCP and ping, and the uplink only when its network has NAT
 //!   egress (masqueraded); nothing from one network or the outside reaches
 //!   another network except replies and port forwards (DNAT to a VM).
+//!   NAT egress is to the outside world only: never to the host's
+//!   neighbours that a VM has no business with (`Policy::egress_denied`:
+//!   the underlay, peer hosts, link-local addresses such as a cloud's
+//!   metadata service, and what the operator adds).
+//!
+//! Every name, address and MAC in the script is a typed value
+//! (`super::typed`, `Ipv4Addr`, `Cidr`): the script cannot carry text that
+//! a tenant or a peer chose.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -23,6 +31,7 @@ use tokio::io::AsyncWriteExt;
 
 use nubis_api::Protocol;
 
+use super::typed::{IfName, MacAddr};
 use crate::ipv4::Cidr;
 
 /// Errors in applying the rules.
@@ -40,7 +49,7 @@ pub enum FirewallError {
 /// bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
-    pub bridge: String,
+    pub bridge: IfName,
     pub cidr: Cidr,
     pub gateway: Ipv4Addr,
     /// NAT egress to the host's uplink.
@@ -57,15 +66,15 @@ pub struct Segment {
 /// always talks to its local gateway, never to a remote one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayPort {
-    pub vxlan: String,
-    pub gateway_mac: String,
+    pub vxlan: IfName,
+    pub gateway_mac: MacAddr,
 }
 
 /// A VM's NIC: frames from its tap must carry these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardedNic {
-    pub tap: String,
-    pub mac: String,
+    pub tap: IfName,
+    pub mac: MacAddr,
     pub address: Ipv4Addr,
 }
 
@@ -85,6 +94,8 @@ pub struct Policy {
     pub segments: Vec<Segment>,
     pub nics: Vec<GuardedNic>,
     pub forwards: Vec<Forward>,
+    /// Destinations NAT egress never reaches (see the module doc).
+    pub egress_denied: Vec<Cidr>,
 }
 
 impl Policy {
@@ -157,6 +168,17 @@ fn render_inet(policy: &Policy, out: &mut String) {
     }
     out.push_str("    ct state established,related accept\n");
     out.push_str("    ct status dnat accept\n");
+    if !policy.egress_denied.is_empty() {
+        let denied: Vec<String> = policy.egress_denied.iter().map(Cidr::to_string).collect();
+        for segment in policy.segments.iter().filter(|segment| segment.nat) {
+            let _ = writeln!(
+                out,
+                "    iifname \"{}\" ip daddr {{ {} }} counter drop",
+                segment.bridge,
+                denied.join(", ")
+            );
+        }
+    }
     for segment in policy.segments.iter().filter(|segment| segment.nat) {
         let _ = write!(out, "    iifname \"{}\"", segment.bridge);
         for pattern in BRIDGE_PATTERNS {
@@ -310,7 +332,7 @@ mod tests {
         Policy {
             segments: vec![
                 Segment {
-                    bridge: "nbn4096".into(),
+                    bridge: name("nbn4096"),
                     cidr: "10.30.0.0/24".parse().unwrap(),
                     gateway: Ipv4Addr::new(10, 30, 0, 1),
                     nat: true,
@@ -318,7 +340,7 @@ mod tests {
                     overlay: None,
                 },
                 Segment {
-                    bridge: "nbn4097".into(),
+                    bridge: name("nbn4097"),
                     cidr: "10.40.0.0/24".parse().unwrap(),
                     gateway: Ipv4Addr::new(10, 40, 0, 1),
                     nat: false,
@@ -327,8 +349,8 @@ mod tests {
                 },
             ],
             nics: vec![GuardedNic {
-                tap: "nbt0123abcd0".into(),
-                mac: "02:4e:42:00:00:01".into(),
+                tap: name("nbt0123abcd0"),
+                mac: "02:4e:42:00:00:01".parse().unwrap(),
                 address: Ipv4Addr::new(10, 30, 0, 2),
             }],
             forwards: vec![Forward {
@@ -337,7 +359,15 @@ mod tests {
                 address: Ipv4Addr::new(10, 30, 0, 2),
                 port: 8080,
             }],
+            egress_denied: vec![
+                "169.254.0.0/16".parse().unwrap(),
+                Cidr::of(Ipv4Addr::new(192, 0, 2, 7), 32),
+            ],
         }
+    }
+
+    fn name(text: &str) -> IfName {
+        text.parse().unwrap()
     }
 
     fn lines(script: &str) -> Vec<&str> {
@@ -417,6 +447,19 @@ mod tests {
     }
 
     #[test]
+    fn nat_egress_never_reaches_the_denied_destinations() {
+        let script = render(&policy());
+        let lines = lines(&script);
+        let deny = "iifname \"nbn4096\" ip daddr { 169.254.0.0/16, 192.0.2.7/32 } counter drop";
+        let accept = "iifname \"nbn4096\" oifname != \"nbn*\" oifname != \"nbr*\" accept";
+        let deny_at = lines.iter().position(|l| *l == deny);
+        let accept_at = lines.iter().position(|l| *l == accept);
+        assert!(deny_at.is_some() && deny_at < accept_at, "{script}");
+        // A network without NAT reaches nothing outside anyway.
+        assert!(!script.contains("iifname \"nbn4097\" ip daddr"), "{script}");
+    }
+
+    #[test]
     fn the_script_is_balanced() {
         let script = render(&policy());
         assert_eq!(script.matches('{').count(), script.matches('}').count());
@@ -427,8 +470,8 @@ mod tests {
     fn overlay_policy() -> Policy {
         let mut policy = policy();
         policy.segments[1].overlay = Some(OverlayPort {
-            vxlan: "nvx1048577".into(),
-            gateway_mac: "02:4e:47:10:00:01".into(),
+            vxlan: name("nvx1048577"),
+            gateway_mac: "02:4e:47:10:00:01".parse().unwrap(),
         });
         policy
     }

@@ -9,10 +9,13 @@
 pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
+pub mod typed;
 pub mod vxlan;
 
 use std::collections::HashSet;
 use std::process::Stdio;
+
+pub use typed::{IfName, MacAddr};
 
 /// Errors in setting up host networking.
 #[derive(Debug, thiserror::Error)]
@@ -33,17 +36,19 @@ pub enum NetworkError {
 const PREFIX: &str = "10.88";
 
 /// The bridge of tenant subnet `subnet`.
-pub fn bridge_name(subnet: u8) -> String {
-    format!("nbr{subnet}")
+pub fn bridge_name(subnet: u8) -> IfName {
+    IfName::generated("nbr", &subnet.to_string())
 }
 
 /// The name prefix of VM taps.
 pub const TAP_PREFIX: &str = "nbt";
 
-/// The tap of NIC `index` of `vm_id` (at most 15 bytes).
-pub fn tap_name(vm_id: &str, index: usize) -> String {
+/// The tap of NIC `index` of `vm_id` (at most 15 bytes): the first 8
+/// characters of the id's random part, which the store keeps unique among
+/// the host's VMs (`store::vms`).
+pub fn tap_name(vm_id: &str, index: usize) -> IfName {
     let hex: String = vm_id.trim_start_matches("vm-").chars().take(8).collect();
-    format!("{TAP_PREFIX}{hex}{index}")
+    IfName::generated(TAP_PREFIX, &format!("{hex}{index}"))
 }
 
 pub fn gateway(subnet: u8) -> String {
@@ -73,24 +78,24 @@ pub fn kernel_ip_arg(address_cidr: &str, device: &str) -> Option<String> {
 pub const NETWORK_BRIDGE_PREFIX: &str = "nbn";
 
 /// The bridge of a virtual network (see `/v1/networks`).
-pub fn network_bridge_name(vni: u32) -> String {
-    format!("{NETWORK_BRIDGE_PREFIX}{vni}")
+pub fn network_bridge_name(vni: u32) -> IfName {
+    IfName::generated(NETWORK_BRIDGE_PREFIX, &vni.to_string())
 }
 
 /// The name prefix of overlay networks' VXLAN interfaces.
 pub const VXLAN_PREFIX: &str = "nvx";
 
 /// The VXLAN interface of an overlay network on its bridge.
-pub fn vxlan_name(vni: u32) -> String {
-    format!("{VXLAN_PREFIX}{vni}")
+pub fn vxlan_name(vni: u32) -> IfName {
+    IfName::generated(VXLAN_PREFIX, &vni.to_string())
 }
 
 /// The MAC of a virtual network's gateway (its bridge), derived from the
 /// VNI: the same on every host that carries the network, so that a guest
 /// keeps its gateway's ARP entry wherever the gateway answers from.
-pub fn gateway_mac(vni: u32) -> String {
+pub fn gateway_mac(vni: u32) -> MacAddr {
     let [_, high, mid, low] = vni.to_be_bytes();
-    format!("02:4e:47:{high:02x}:{mid:02x}:{low:02x}")
+    MacAddr::new([0x02, 0x4e, 0x47, high, mid, low])
 }
 
 /// The kernel's `ip=` argument that makes it configure `device` by DHCP.
@@ -106,14 +111,10 @@ pub fn free_host(used: &HashSet<u8>, subnet: u8) -> Result<u8, NetworkError> {
 }
 
 /// A random locally administered unicast MAC with the 02:4e:42 prefix.
-pub fn random_mac() -> String {
-    let bytes = crate::store::random_hex(3);
-    format!(
-        "02:4e:42:{}:{}:{}",
-        &bytes[0..2],
-        &bytes[2..4],
-        &bytes[4..6]
-    )
+pub fn random_mac() -> Result<MacAddr, crate::store::StoreError> {
+    let hex = crate::store::random_hex(3)?;
+    let byte = |at: usize| u8::from_str_radix(&hex[at..at + 2], 16).unwrap_or_default();
+    Ok(MacAddr::new([0x02, 0x4e, 0x42, byte(0), byte(2), byte(4)]))
 }
 
 async fn ip(args: &[&str]) -> Result<(), NetworkError> {
@@ -146,40 +147,42 @@ async fn run(program: &'static str, args: &[&str]) -> Result<String, NetworkErro
     }
 }
 
-async fn link_exists(name: &str) -> bool {
-    ip(&["link", "show", "dev", name]).await.is_ok()
+async fn link_exists(name: &IfName) -> bool {
+    ip(&["link", "show", "dev", name.as_str()]).await.is_ok()
 }
 
 /// Creates `bridge` with the gateway address `gateway_cidr` (like
 /// "10.88.4.1/24"), if missing; a virtual network's bridge also gets its
 /// gateway MAC and MTU (`identity`), the same on every host.
 pub async fn ensure_bridge(
-    bridge: &str,
-    gateway_cidr: &str,
-    identity: Option<(&str, u16)>,
+    bridge: &IfName,
+    gateway: std::net::Ipv4Addr,
+    prefix: u8,
+    identity: Option<(MacAddr, u16)>,
 ) -> Result<(), NetworkError> {
+    let name = bridge.as_str();
     if !link_exists(bridge).await {
-        ip(&["link", "add", "name", bridge, "type", "bridge"]).await?;
-        ip(&["addr", "add", gateway_cidr, "dev", bridge]).await?;
+        ip(&["link", "add", "name", name, "type", "bridge"]).await?;
+        let gateway_cidr = format!("{gateway}/{prefix}");
+        ip(&["addr", "add", &gateway_cidr, "dev", name]).await?;
     }
     if let Some((mac, mtu)) = identity {
-        let mtu = mtu.to_string();
-        ip(&["link", "set", "dev", bridge, "address", mac, "mtu", &mtu]).await?;
+        let (mac, mtu) = (mac.to_string(), mtu.to_string());
+        ip(&["link", "set", "dev", name, "address", &mac, "mtu", &mtu]).await?;
     }
-    ip(&["link", "set", "dev", bridge, "up"]).await
+    ip(&["link", "set", "dev", name, "up"]).await
 }
 
 /// Creates a NIC's tap on `bridge` (replacing a stale one), with `mtu`
 /// when given, owned by user and group `owner` (a jailed VMM's).
 pub async fn create_tap(
-    tap: &str,
-    bridge: &str,
+    tap: &IfName,
+    bridge: &IfName,
     mtu: Option<u16>,
     owner: u32,
 ) -> Result<(), NetworkError> {
-    if link_exists(tap).await {
-        ip(&["link", "del", "dev", tap]).await?;
-    }
+    delete_link(tap).await?;
+    let (tap, bridge) = (tap.as_str(), bridge.as_str());
     let owner = owner.to_string();
     ip(&[
         "tuntap", "add", "dev", tap, "mode", "tap", "user", &owner, "group", &owner,
@@ -193,38 +196,108 @@ pub async fn create_tap(
 }
 
 /// The host's bridges whose names start with `prefix`.
-pub async fn bridges_named(prefix: &str) -> Result<Vec<String>, NetworkError> {
+pub async fn bridges_named(prefix: &str) -> Result<Vec<IfName>, NetworkError> {
     let listing = ip_output(&["-o", "link", "show", "type", "bridge"]).await?;
     Ok(parse_link_names(&listing)
         .into_iter()
-        .filter(|name| name.starts_with(prefix))
+        .filter(|name| name.as_str().starts_with(prefix))
         .collect())
 }
 
 /// The host's links (of any kind) whose names start with `prefix`.
-pub async fn links_named(prefix: &str) -> Result<Vec<String>, NetworkError> {
+pub async fn links_named(prefix: &str) -> Result<Vec<IfName>, NetworkError> {
     let listing = ip_output(&["-o", "link", "show"]).await?;
     Ok(parse_link_names(&listing)
         .into_iter()
-        .filter(|name| name.starts_with(prefix))
+        .filter(|name| name.as_str().starts_with(prefix))
         .collect())
 }
 
 /// The names in `ip -o link show` output ("3: nbn4096: <BROADCAST...").
-fn parse_link_names(listing: &str) -> Vec<String> {
+fn parse_link_names(listing: &str) -> Vec<IfName> {
     listing
         .lines()
         .filter_map(|line| line.split(": ").nth(1))
-        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .filter_map(|name| name.split('@').next().unwrap_or(name).parse().ok())
         .collect()
 }
 
 /// Removes a link if it exists.
-pub async fn delete_link(name: &str) -> Result<(), NetworkError> {
+pub async fn delete_link(name: &IfName) -> Result<(), NetworkError> {
     if link_exists(name).await {
-        ip(&["link", "del", "dev", name]).await?;
+        ip(&["link", "del", "dev", name.as_str()]).await?;
     }
     Ok(())
+}
+
+/// An IPv4 destination the host routes or holds an address in, and the
+/// device it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    pub destination: crate::ipv4::Cidr,
+    pub device: Option<String>,
+}
+
+/// The host's IPv4 routes (main table, the default route left out) and the
+/// networks of its own addresses: what a tenant network must not shadow.
+pub async fn host_routes() -> Result<Vec<HostRoute>, NetworkError> {
+    let routes = ip_output(&["-o", "-4", "route", "show", "table", "main"]).await?;
+    let addresses = ip_output(&["-o", "-4", "addr", "show"]).await?;
+    let mut all = parse_routes(&routes);
+    all.extend(parse_addresses(&addresses));
+    Ok(all)
+}
+
+/// "A.B.C.D/N" or "A.B.C.D" (a host route) as a network.
+fn parse_destination(text: &str) -> Option<crate::ipv4::Cidr> {
+    let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
+    let prefix: u8 = prefix.parse().ok().filter(|prefix| *prefix <= 32)?;
+    Some(crate::ipv4::Cidr::of(address.parse().ok()?, prefix))
+}
+
+/// `ip -o -4 route show` lines: "10.0.2.0/24 dev eth0 proto kernel ...",
+/// "192.0.2.9 via 10.0.2.2 dev eth0"; the default route is skipped.
+fn parse_routes(listing: &str) -> Vec<HostRoute> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let mut first = words.next()?;
+            // Typed routes: "unreachable 10.9.0.0/16", "blackhole ...".
+            if matches!(
+                first,
+                "unicast" | "unreachable" | "blackhole" | "prohibit" | "throw"
+            ) {
+                first = words.next()?;
+            }
+            let destination = parse_destination(first)?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let device = words
+                .windows(2)
+                .find(|pair| pair[0] == "dev")
+                .map(|pair| pair[1].to_string());
+            Some(HostRoute {
+                destination,
+                device,
+            })
+        })
+        .collect()
+}
+
+/// `ip -o -4 addr show` lines: "4: eth0    inet 192.0.2.2/24 brd ...".
+fn parse_addresses(listing: &str) -> Vec<HostRoute> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|word| *word == "inet")?;
+            let destination = parse_destination(words.get(at + 1)?)?;
+            Some(HostRoute {
+                destination,
+                device: words.get(1).map(|device| device.to_string()),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -232,10 +305,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_routes_and_addresses_are_parsed() {
+        let routes = "default via 192.0.2.1 dev eth0 \n\
+                      192.0.2.0/24 dev eth0 proto kernel scope link src 192.0.2.2 \n\
+                      198.51.100.7 via 192.0.2.1 dev eth0 \n\
+                      unreachable 10.9.0.0/16 \n\
+                      garbage\n";
+        let parsed = parse_routes(routes);
+        let shown: Vec<String> = parsed
+            .iter()
+            .map(|route| format!("{} {:?}", route.destination, route.device))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "192.0.2.0/24 Some(\"eth0\")",
+                "198.51.100.7/32 Some(\"eth0\")",
+                "10.9.0.0/16 None"
+            ]
+        );
+        let addresses = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n\
+                         4: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0\n";
+        let parsed = parse_addresses(addresses);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].destination.to_string(), "192.0.2.0/24");
+        assert_eq!(parsed[1].device.as_deref(), Some("eth0"));
+    }
+
+    #[test]
     fn names_fit_the_kernel_limit() {
-        assert_eq!(tap_name("vm-0123456789abcdef", 3), "nbt012345673");
-        assert!(tap_name("vm-0123456789abcdef", 7).len() <= 15);
-        assert_eq!(bridge_name(255), "nbr255");
+        assert_eq!(tap_name("vm-0123456789abcdef", 3).as_str(), "nbt012345673");
+        assert!(tap_name("vm-0123456789abcdef", 7).as_str().len() <= 15);
+        assert_eq!(bridge_name(255).as_str(), "nbr255");
         assert_eq!(
             kernel_ip_arg("10.88.4.2/24", "eth0").as_deref(),
             Some("ip=10.88.4.2::10.88.4.1:255.255.255.0::eth0:off")
@@ -245,10 +346,12 @@ mod tests {
             Some("ip=10.77.0.130::10.77.0.129:255.255.255.128::eth0:off")
         );
         assert_eq!(kernel_ip_arg("nonsense", "eth0"), None);
-        assert_eq!(network_bridge_name(16777215), "nbn16777215");
-        assert_eq!(vxlan_name(16777215), "nvx16777215");
-        assert_eq!(gateway_mac(0x12_3456), "02:4e:47:12:34:56");
-        assert_eq!(gateway_mac(4096), "02:4e:47:00:10:00");
+        assert_eq!(network_bridge_name(16777215).as_str(), "nbn16777215");
+        assert_eq!(vxlan_name(16777215).as_str(), "nvx16777215");
+        assert_eq!(gateway_mac(0x12_3456).to_string(), "02:4e:47:12:34:56");
+        assert_eq!(gateway_mac(4096).to_string(), "02:4e:47:00:10:00");
+        // Whatever an id holds, a tap name is a plain interface name.
+        assert_eq!(tap_name("vm-ab\" x;y", 0).as_str(), "nbtabxy0");
         assert_eq!(kernel_dhcp_arg("eth0"), "ip=:::::eth0:dhcp");
     }
 
@@ -256,7 +359,9 @@ mod tests {
     fn link_listings_are_parsed() {
         let listing = "5: nbn4096: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue\n\
                        7: nbt012345670@if2: <BROADCAST> mtu 1500\n";
-        assert_eq!(parse_link_names(listing), ["nbn4096", "nbt012345670"]);
+        let names = parse_link_names(listing);
+        let names: Vec<&str> = names.iter().map(IfName::as_str).collect();
+        assert_eq!(names, ["nbn4096", "nbt012345670"]);
         assert!(parse_link_names("").is_empty());
     }
 
@@ -268,7 +373,7 @@ mod tests {
         assert_eq!(free_host(&used, 1).unwrap(), 4);
         let full: HashSet<u8> = (2..=254).collect();
         assert!(free_host(&full, 1).is_err());
-        let mac = random_mac();
+        let mac = random_mac().unwrap().to_string();
         assert!(mac.starts_with("02:4e:42:") && mac.len() == 17, "{mac}");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::{ip, ip_output, link_exists, run, NetworkError};
+use super::{ip, ip_output, link_exists, run, IfName, NetworkError};
 
 /// The IANA VXLAN port.
 pub const VXLAN_PORT: u16 = 4789;
@@ -18,10 +18,10 @@ pub const VXLAN_OVERHEAD: u16 = 50;
 /// What a VXLAN interface should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tunnel {
-    pub name: String,
+    pub name: IfName,
     pub vni: u32,
     pub local: Ipv4Addr,
-    pub bridge: String,
+    pub bridge: IfName,
     pub mtu: u16,
     /// The other hosts' underlay addresses.
     pub peers: Vec<Ipv4Addr>,
@@ -31,9 +31,9 @@ pub struct Tunnel {
 /// local address), on its bridge, with exactly its peers in the flood list.
 pub async fn ensure(tunnel: &Tunnel) -> Result<(), NetworkError> {
     if link_exists(&tunnel.name).await {
-        let details = ip_output(&["-d", "-o", "link", "show", "dev", &tunnel.name]).await?;
+        let details = ip_output(&["-d", "-o", "link", "show", "dev", tunnel.name.as_str()]).await?;
         if parse_vxlan(&details) != Some((tunnel.vni, tunnel.local)) {
-            ip(&["link", "del", "dev", &tunnel.name]).await?;
+            ip(&["link", "del", "dev", tunnel.name.as_str()]).await?;
         }
     }
     if !link_exists(&tunnel.name).await {
@@ -45,7 +45,7 @@ pub async fn ensure(tunnel: &Tunnel) -> Result<(), NetworkError> {
         ip(&[
             "link",
             "add",
-            &tunnel.name,
+            tunnel.name.as_str(),
             "type",
             "vxlan",
             "id",
@@ -62,22 +62,30 @@ pub async fn ensure(tunnel: &Tunnel) -> Result<(), NetworkError> {
         "link",
         "set",
         "dev",
-        &tunnel.name,
+        tunnel.name.as_str(),
         "mtu",
         &mtu,
         "master",
-        &tunnel.bridge,
+        tunnel.bridge.as_str(),
     ])
     .await?;
-    ip(&["link", "set", "dev", &tunnel.name, "up"]).await?;
-    let listing = run("bridge", &["fdb", "show", "dev", &tunnel.name]).await?;
+    ip(&["link", "set", "dev", tunnel.name.as_str(), "up"]).await?;
+    let listing = run("bridge", &["fdb", "show", "dev", tunnel.name.as_str()]).await?;
     let present = flood_destinations(&listing);
     for peer in &tunnel.peers {
         if !present.contains(peer) {
             let dst = peer.to_string();
             run(
                 "bridge",
-                &["fdb", "append", FLOOD_MAC, "dev", &tunnel.name, "dst", &dst],
+                &[
+                    "fdb",
+                    "append",
+                    FLOOD_MAC,
+                    "dev",
+                    tunnel.name.as_str(),
+                    "dst",
+                    &dst,
+                ],
             )
             .await?;
         }
@@ -86,7 +94,15 @@ pub async fn ensure(tunnel: &Tunnel) -> Result<(), NetworkError> {
         let dst = stale.to_string();
         run(
             "bridge",
-            &["fdb", "del", FLOOD_MAC, "dev", &tunnel.name, "dst", &dst],
+            &[
+                "fdb",
+                "del",
+                FLOOD_MAC,
+                "dev",
+                tunnel.name.as_str(),
+                "dst",
+                &dst,
+            ],
         )
         .await?;
     }

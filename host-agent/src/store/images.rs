@@ -30,7 +30,7 @@ impl Store {
         rootfs_bytes: u64,
     ) -> Result<Image, StoreError> {
         let image = Image {
-            id: new_id("img"),
+            id: new_id("img")?,
             tenant_id: tenant_id.to_string(),
             name: request.name.clone(),
             kernel: request.kernel.clone(),

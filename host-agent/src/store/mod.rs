@@ -148,6 +148,12 @@ const MIGRATIONS: &[&str] = &[
         vm_id TEXT PRIMARY KEY,
         uid INTEGER NOT NULL UNIQUE
      );",
+    // 8: quotas for everything else that costs the host (defaults as in
+    // nubis_api::Quota).
+    "ALTER TABLE tenants ADD COLUMN max_networks INTEGER NOT NULL DEFAULT 8;
+     ALTER TABLE tenants ADD COLUMN max_port_forwards INTEGER NOT NULL DEFAULT 16;
+     ALTER TABLE tenants ADD COLUMN max_snapshots INTEGER NOT NULL DEFAULT 16;
+     ALTER TABLE tenants ADD COLUMN max_storage_mib INTEGER NOT NULL DEFAULT 65536;",
 ];
 
 /// Errors of the store.
@@ -175,6 +181,8 @@ pub enum StoreError {
     Quota(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("the kernel gave no random bytes (getrandom): {0}")]
+    Random(std::io::Error),
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
 }
@@ -261,35 +269,31 @@ pub fn now() -> u64 {
 }
 
 /// A new random id: `prefix` and 16 hex digits.
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", random_hex(8))
+pub fn new_id(prefix: &str) -> Result<String, StoreError> {
+    Ok(format!("{prefix}-{}", random_hex(8)?))
 }
 
-/// `bytes` random bytes from the kernel, as hex.
-pub fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the kernel, as hex. Fails closed: ids and
+/// tokens are never made from anything guessable (getrandom does not fail
+/// on Linux >= 3.17 once the pool is ready; if it does, nothing is made).
+pub fn random_hex(bytes: usize) -> Result<String, StoreError> {
     let mut buf = vec![0u8; bytes];
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
+        // a live, writable buffer of that length.
         let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if got > 0 {
             filled += got as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // getrandom does not fail on Linux >= 3.17 once the pool is
-            // ready; if it does, the ids are no longer unpredictable but
-            // stay unique through the clock.
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_nanos())
-                .unwrap_or_default();
-            for (i, byte) in rest.iter_mut().enumerate() {
-                *byte = (nanos >> ((i % 16) * 8)) as u8;
-            }
-            break;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StoreError::Random(err));
         }
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Maps a UNIQUE-constraint failure to [`StoreError::Exists`].
@@ -334,7 +338,7 @@ mod tests {
 
     #[test]
     fn a_new_database_is_at_the_latest_version_and_reopens() {
-        let dir = std::env::temp_dir().join(format!("nubis-store-{}", random_hex(4)));
+        let dir = std::env::temp_dir().join(format!("nubis-store-{}", random_hex(4).unwrap()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("agent.db");
         let store = Store::open(&path).unwrap();
@@ -359,8 +363,8 @@ mod tests {
 
     #[test]
     fn ids_are_prefixed_and_distinct() {
-        let a = new_id("vm");
-        let b = new_id("vm");
+        let a = new_id("vm").unwrap();
+        let b = new_id("vm").unwrap();
         assert!(a.starts_with("vm-") && a.len() == 19, "{a}");
         assert_ne!(a, b);
     }

@@ -47,7 +47,7 @@ fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
     let overlay = home.map(|home| Overlay {
         home,
         hosts: split_list(&hosts),
-        vxlan: crate::network::vxlan_name(vni),
+        vxlan: crate::network::vxlan_name(vni).to_string(),
     });
     Ok(Network {
         id: row.get(0)?,
@@ -60,16 +60,19 @@ fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
         dns: split_list(&dns),
         mtu: row.get(9)?,
         vni,
-        bridge: crate::network::network_bridge_name(vni),
+        bridge: crate::network::network_bridge_name(vni).to_string(),
         overlay,
         created_at: row.get(6)?,
     })
 }
 
 /// Refuses `cidr` when it overlaps the reserved range or another network
-/// of this host; returns the VNIs in use.
+/// of this host; returns the VNIs in use. Only `tenant_id`'s own networks
+/// are named in the refusal: another tenant's CIDR is not the asker's to
+/// learn.
 fn check_free(
     tx: &rusqlite::Transaction,
+    tenant_id: &str,
     cidr: Cidr,
 ) -> Result<std::collections::HashSet<u32>, StoreError> {
     let reserved: Cidr = RESERVED
@@ -80,20 +83,25 @@ fn check_free(
             "{cidr} overlaps {RESERVED}, which the agent keeps for default tenant bridges"
         )));
     }
-    let existing: Vec<(String, u32)> = tx
-        .prepare("SELECT cidr, vni FROM networks")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+    let existing: Vec<(String, String, String, u32)> = tx
+        .prepare("SELECT tenant_id, name, cidr, vni FROM networks")?
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
         .collect::<Result<_, _>>()?;
-    if let Some((other, _)) = existing.iter().find(|(other, _)| {
+    let clash = existing.iter().find(|(_, _, other, _)| {
         other
             .parse::<Cidr>()
             .is_ok_and(|other| other.overlaps(&cidr))
-    }) {
-        return Err(StoreError::InUse(format!(
-            "{cidr} overlaps network {other} on this host"
-        )));
+    });
+    if let Some((owner, name, other, _)) = clash {
+        return Err(StoreError::InUse(if owner == tenant_id {
+            format!("{cidr} overlaps your network '{name}' ({other})")
+        } else {
+            format!("{cidr} overlaps an address range in use on this host: choose another")
+        }));
     }
-    Ok(existing.iter().map(|(_, vni)| *vni).collect())
+    Ok(existing.iter().map(|(_, _, _, vni)| *vni).collect())
 }
 
 fn insert(tx: &rusqlite::Transaction, network: &Network) -> Result<(), StoreError> {
@@ -127,7 +135,7 @@ fn insert(tx: &rusqlite::Transaction, network: &Network) -> Result<(), StoreErro
 /// A random VNI of the overlay range that `used` does not hold.
 fn random_overlay_vni(used: &std::collections::HashSet<u32>) -> Result<u32, StoreError> {
     for _ in 0..64 {
-        let bytes = super::random_hex(4);
+        let bytes = super::random_hex(4)?;
         let random = u32::from_str_radix(&bytes, 16).unwrap_or_default();
         let vni = OVERLAY_VNIS.start + random % (OVERLAY_VNIS.end - OVERLAY_VNIS.start);
         if !used.contains(&vni) {
@@ -144,6 +152,7 @@ impl Store {
     /// Refused when it overlaps another network on this host or the
     /// reserved range. With `overlay` (home and member hosts' underlay
     /// addresses) it spans hosts and gets a VNI from the overlay range.
+    #[allow(clippy::too_many_arguments)] // each is checked and stored as is
     pub fn create_network(
         &self,
         tenant_id: &str,
@@ -152,10 +161,21 @@ impl Store {
         dns: Vec<String>,
         mtu: u16,
         overlay: Option<(String, Vec<String>)>,
+        max_networks: u32,
     ) -> Result<Network, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let used = check_free(&tx, cidr)?;
+        let count: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM networks WHERE tenant_id = ?1",
+            [tenant_id],
+            |row| row.get(0),
+        )?;
+        if count >= max_networks {
+            return Err(StoreError::Quota(format!(
+                "networks: {count} in use + 1 requested exceeds the tenant's quota of {max_networks}"
+            )));
+        }
+        let used = check_free(&tx, tenant_id, cidr)?;
         let vni = match overlay {
             Some(_) => random_overlay_vni(&used)?,
             None => (FIRST_VNI..OVERLAY_VNIS.start)
@@ -163,7 +183,7 @@ impl Store {
                 .ok_or_else(|| StoreError::Quota("no VXLAN network identifier left".into()))?,
         };
         let network = Network {
-            id: new_id("net"),
+            id: new_id("net")?,
             tenant_id: tenant_id.to_string(),
             name: request.name.clone(),
             cidr: cidr.to_string(),
@@ -173,11 +193,11 @@ impl Store {
             dns,
             mtu,
             vni,
-            bridge: crate::network::network_bridge_name(vni),
+            bridge: crate::network::network_bridge_name(vni).to_string(),
             overlay: overlay.map(|(home, hosts)| Overlay {
                 home,
                 hosts,
-                vxlan: crate::network::vxlan_name(vni),
+                vxlan: crate::network::vxlan_name(vni).to_string(),
             }),
             created_at: now(),
         };
@@ -220,7 +240,7 @@ impl Store {
                 )?;
             }
             None => {
-                let used = check_free(&tx, cidr)?;
+                let used = check_free(&tx, &network.tenant_id, cidr)?;
                 if used.contains(&network.vni) {
                     return Err(StoreError::InUse(format!(
                         "VNI {} is taken by another network on this host",
@@ -228,9 +248,9 @@ impl Store {
                     )));
                 }
                 let mut adopted = network.clone();
-                adopted.bridge = crate::network::network_bridge_name(network.vni);
+                adopted.bridge = crate::network::network_bridge_name(network.vni).to_string();
                 if let Some(overlay) = &mut adopted.overlay {
-                    overlay.vxlan = crate::network::vxlan_name(network.vni);
+                    overlay.vxlan = crate::network::vxlan_name(network.vni).to_string();
                 }
                 insert(&tx, &adopted)?;
             }
@@ -366,6 +386,7 @@ mod tests {
             vec!["192.0.2.53".into()],
             1500,
             None,
+            3,
         )
     }
 
@@ -382,9 +403,18 @@ mod tests {
         assert_eq!(front.bridge, "nbn4096");
         assert_eq!(front.dns, ["192.0.2.53"]);
         assert!(front.dhcp);
+        // Another tenant's network is refused without being revealed; the
+        // tenant's own is named.
         let err = create(&store, &globex.id, &request("back", "10.10.0.128/25")).unwrap_err();
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
         assert!(
-            err.to_string().contains("overlaps network 10.10.0.0/24"),
+            !err.to_string().contains("10.10.0.0") && !err.to_string().contains("front"),
+            "{err}"
+        );
+        let err = create(&store, &acme.id, &request("back", "10.10.0.128/25")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("your network 'front' (10.10.0.0/24)"),
             "{err}"
         );
         assert!(matches!(
@@ -413,6 +443,26 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_has_at_most_its_quota_of_networks() {
+        let store = Store::open_in_memory().unwrap();
+        let acme = store.create_tenant("acme", Quota::default()).unwrap();
+        let globex = store.create_tenant("globex", Quota::default()).unwrap();
+        for index in 0..3 {
+            let name = format!("n{index}");
+            create(
+                &store,
+                &acme.id,
+                &request(&name, &format!("10.1{index}.0.0/24")),
+            )
+            .unwrap();
+        }
+        let err = create(&store, &acme.id, &request("n3", "10.13.0.0/24")).unwrap_err();
+        assert!(matches!(err, StoreError::Quota(_)), "{err}");
+        // Another tenant's count is its own.
+        create(&store, &globex.id, &request("n3", "10.13.0.0/24")).unwrap();
+    }
+
+    #[test]
     fn overlay_networks_are_adopted_as_they_are_and_grant_addresses() {
         let home = Store::open_in_memory().unwrap();
         let acme = home.create_tenant("acme", Quota::default()).unwrap();
@@ -426,6 +476,7 @@ mod tests {
                 vec![],
                 1450,
                 Some(("192.0.2.1".into(), hosts.clone())),
+                8,
             )
             .unwrap();
         assert!(OVERLAY_VNIS.contains(&span.vni), "{}", span.vni);

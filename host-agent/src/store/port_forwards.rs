@@ -33,6 +33,7 @@ fn forward_from_row(row: &Row) -> rusqlite::Result<PortForward> {
 impl Store {
     /// Records a forward; refused when the host port is taken for the
     /// protocol.
+    #[allow(clippy::too_many_arguments)] // each is checked and stored as is
     pub fn create_port_forward(
         &self,
         tenant_id: &str,
@@ -41,9 +42,10 @@ impl Store {
         protocol: Protocol,
         host_port: u16,
         vm_port: u16,
+        max_port_forwards: u32,
     ) -> Result<PortForward, StoreError> {
         let forward = PortForward {
-            id: new_id("pf"),
+            id: new_id("pf")?,
             tenant_id: tenant_id.to_string(),
             vm_id: vm_id.to_string(),
             nic,
@@ -52,27 +54,39 @@ impl Store {
             vm_port,
             created_at: now(),
         };
-        self.conn()
-            .execute(
-                &format!(
-                    "INSERT INTO port_forwards ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-                ),
-                params![
-                    forward.id,
-                    forward.tenant_id,
-                    forward.vm_id,
-                    forward.nic as i64,
-                    forward.protocol.as_str(),
-                    forward.host_port,
-                    forward.vm_port,
-                    forward.created_at
-                ],
-            )
-            .map_err(|err| {
-                exists_or(err, || {
-                    format!("a forward of {} port {host_port}", protocol.as_str())
-                })
-            })?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let count: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM port_forwards WHERE tenant_id = ?1",
+            [tenant_id],
+            |row| row.get(0),
+        )?;
+        if count >= max_port_forwards {
+            return Err(StoreError::Quota(format!(
+                "port forwards: {count} in use + 1 requested exceeds the tenant's quota of {max_port_forwards}"
+            )));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO port_forwards ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            params![
+                forward.id,
+                forward.tenant_id,
+                forward.vm_id,
+                forward.nic as i64,
+                forward.protocol.as_str(),
+                forward.host_port,
+                forward.vm_port,
+                forward.created_at
+            ],
+        )
+        .map_err(|err| {
+            exists_or(err, || {
+                format!("a forward of {} port {host_port}", protocol.as_str())
+            })
+        })?;
+        tx.commit()?;
         Ok(forward)
     }
 
@@ -143,15 +157,20 @@ mod tests {
             )
             .unwrap();
         let http = store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 80)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 80, 2)
             .unwrap();
         assert!(matches!(
-            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 81),
+            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 81, 2),
             Err(StoreError::Exists(_))
         ));
         let dns = store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18080, 53)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18080, 53, 2)
             .unwrap();
+        // The tenant's quota of two is used up.
+        assert!(matches!(
+            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18081, 53, 2),
+            Err(StoreError::Quota(_))
+        ));
         assert_eq!(
             store.get_port_forward(Some(&tenant), &http.id).unwrap(),
             Some(http.clone())

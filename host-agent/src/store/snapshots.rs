@@ -57,8 +57,17 @@ fn saved_from_row(row: &Row) -> rusqlite::Result<SavedVm> {
 
 impl Store {
     /// A new snapshot id (its files are written before it is recorded).
-    pub fn new_snapshot_id(&self) -> String {
+    pub fn new_snapshot_id(&self) -> Result<String, StoreError> {
         new_id("snap")
+    }
+
+    /// How many snapshots the tenant keeps.
+    pub fn count_snapshots(&self, tenant_id: &str) -> Result<u32, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM snapshots WHERE tenant_id = ?1",
+            [tenant_id],
+            |row| row.get(0),
+        )?)
     }
 
     /// Records snapshot `id` of `vm`, whose files take `size_bytes`.
@@ -174,7 +183,7 @@ mod tests {
                 Quota::default(),
             )
             .unwrap();
-        let id = store.new_snapshot_id();
+        let id = store.new_snapshot_id().unwrap();
         let snapshot = store.record_snapshot(&id, &vm, 4096).unwrap();
         assert_eq!(
             (snapshot.vm_id.as_str(), snapshot.size_bytes),

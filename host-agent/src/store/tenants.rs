@@ -23,17 +23,22 @@ fn tenant_from_row(row: &Row) -> rusqlite::Result<Tenant> {
             max_vcpus: row.get(2)?,
             max_memory_mib: row.get(3)?,
             max_vms: row.get(4)?,
+            max_networks: row.get(6)?,
+            max_port_forwards: row.get(7)?,
+            max_snapshots: row.get(8)?,
+            max_storage_mib: row.get(9)?,
         },
         created_at: row.get(5)?,
     })
 }
 
-const TENANT_COLUMNS: &str = "id, name, max_vcpus, max_memory_mib, max_vms, created_at";
+const TENANT_COLUMNS: &str = "id, name, max_vcpus, max_memory_mib, max_vms, created_at, \
+     max_networks, max_port_forwards, max_snapshots, max_storage_mib";
 
 impl Store {
     pub fn create_tenant(&self, name: &str, quota: Quota) -> Result<Tenant, StoreError> {
         let tenant = Tenant {
-            id: new_id("t"),
+            id: new_id("t")?,
             name: name.to_string(),
             quota,
             created_at: now(),
@@ -48,15 +53,18 @@ impl Store {
         let (name, quota) = (&tenant.name, tenant.quota);
         self.conn()
             .execute(
-                "INSERT INTO tenants (id, name, max_vcpus, max_memory_mib, max_vms, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 params![
                     tenant.id,
                     tenant.name,
                     quota.max_vcpus,
                     quota.max_memory_mib,
                     quota.max_vms,
-                    tenant.created_at
+                    tenant.created_at,
+                    quota.max_networks,
+                    quota.max_port_forwards,
+                    quota.max_snapshots,
+                    quota.max_storage_mib
                 ],
             )
             .map_err(|err| exists_or(err, || format!("tenant '{name}'")))?;
@@ -106,9 +114,9 @@ impl Store {
     /// A new token for `tenant_id`; the secret is in the result only.
     pub fn create_token(&self, tenant_id: &str) -> Result<TokenCreated, StoreError> {
         let created = TokenCreated {
-            id: new_id("tok"),
+            id: new_id("tok")?,
             tenant_id: tenant_id.to_string(),
-            token: format!("nbs_{}", random_hex(32)),
+            token: format!("nbs_{}", random_hex(32)?),
             created_at: now(),
         };
         self.conn().execute(

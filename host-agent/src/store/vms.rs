@@ -77,8 +77,17 @@ fn vm_from_row(row: &Row) -> rusqlite::Result<Vm> {
 impl Store {
     /// Defines a VM if the tenant's quota allows it (checked and inserted
     /// in one transaction, so concurrent requests cannot both squeeze in).
+    /// Its id never shares the part that names taps with another VM's.
     pub fn create_vm(&self, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
-        self.create_vm_with_id(&new_id("vm"), new, quota)
+        for _ in 0..16 {
+            let id = new_id("vm")?;
+            if tap_key_taken(&self.conn(), &id)?.is_none() {
+                return self.create_vm_with_id(&id, new, quota);
+            }
+        }
+        Err(StoreError::InUse(
+            "no VM id with unused tap names was found".into(),
+        ))
     }
 
     /// [`Store::create_vm`] with a given id: a VM migrating in keeps the
@@ -86,6 +95,11 @@ impl Store {
     pub fn create_vm_with_id(&self, id: &str, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        if let Some(other) = tap_key_taken(&tx, id)? {
+            return Err(StoreError::InUse(format!(
+                "VM {id} would have the tap names of VM {other} on this host"
+            )));
+        }
         let usage = usage(&tx, &new.tenant_id)?;
         let over = |what: &str, used: u64, asked: u64, max: u64| {
             StoreError::Quota(format!(
@@ -264,6 +278,51 @@ fn spec_json(vm: &Vm) -> Result<String, StoreError> {
     .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))
 }
 
+/// The first characters of a VM id that name its taps (`network::tap_name`
+/// takes 8 of the random part, after "vm-").
+const TAP_KEY_LEN: usize = 11;
+
+/// Another VM whose taps would have `id`'s names.
+fn tap_key_taken(conn: &rusqlite::Connection, id: &str) -> Result<Option<String>, StoreError> {
+    let key: String = id.chars().take(TAP_KEY_LEN).collect();
+    Ok(conn
+        .query_row(
+            "SELECT id FROM vms WHERE substr(id, 1, ?1) = ?2 AND id != ?3",
+            params![TAP_KEY_LEN as i64, key, id],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+impl Store {
+    /// MiB of disk the tenant's VMs (root disks at their image's size,
+    /// data disks at full size) and snapshots take.
+    pub fn storage_used_mib(&self, tenant_id: &str) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let vms: Vec<(String, u64)> = conn
+            .prepare(
+                "SELECT vms.spec, COALESCE(images.rootfs_bytes, 0) FROM vms
+                 LEFT JOIN images ON images.id = vms.image_id WHERE vms.tenant_id = ?1",
+            )?
+            .query_map([tenant_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut used = 0u64;
+        for (spec, root_bytes) in vms {
+            let spec: Spec = serde_json::from_str(&spec)
+                .map_err(|err| StoreError::Corrupt(format!("VM spec: {err}")))?;
+            used = used
+                .saturating_add(crate::quota::mib_of(root_bytes))
+                .saturating_add(spec.disks.iter().map(|disk| disk.size_mib).sum::<u64>());
+        }
+        let snapshot_bytes: u64 = conn.query_row(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE tenant_id = ?1",
+            [tenant_id],
+            |row| row.get(0),
+        )?;
+        Ok(used.saturating_add(crate::quota::mib_of(snapshot_bytes)))
+    }
+}
+
 fn usage(conn: &rusqlite::Connection, tenant_id: &str) -> Result<Usage, StoreError> {
     Ok(conn.query_row(
         "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COUNT(*)
@@ -374,6 +433,7 @@ mod tests {
             max_vcpus: 3,
             max_memory_mib: 512,
             max_vms: 2,
+            ..Quota::default()
         };
         let (store, tenant, image) = setup(quota);
         store
@@ -409,5 +469,78 @@ mod tests {
             store.create_vm(&new_vm(&tenant, &image, "a", 0, 0), Quota::default()),
             Err(StoreError::Exists(_))
         ));
+    }
+
+    fn vm_with_disks(tenant: &str, image: &str, name: &str, disks: &[u64]) -> NewVm {
+        NewVm {
+            tenant_id: tenant.to_string(),
+            name: name.into(),
+            image_id: image.to_string(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel_args: String::new(),
+            root_rate_limit: RateLimit::default(),
+            disks: disks
+                .iter()
+                .map(|size_mib| VmDisk {
+                    size_mib: *size_mib,
+                    rate_limit: RateLimit::default(),
+                })
+                .collect(),
+            nics: vec![],
+            restore_from: None,
+        }
+    }
+
+    #[test]
+    fn no_two_vms_share_tap_names() {
+        let (store, tenant, image) = crate::store::fixture();
+        let a = store
+            .create_vm_with_id(
+                "vm-0123456789abcdef",
+                &vm_with_disks(&tenant, &image, "a", &[]),
+                Quota::default(),
+            )
+            .unwrap();
+        // Same first 8 characters of the random part: same taps.
+        let err = store
+            .create_vm_with_id(
+                "vm-01234567ffffffff",
+                &vm_with_disks(&tenant, &image, "b", &[]),
+                Quota::default(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains(&a.id), "{err}");
+        let b = store
+            .create_vm(&vm_with_disks(&tenant, &image, "b", &[]), Quota::default())
+            .unwrap();
+        assert_ne!(
+            crate::network::tap_name(&a.id, 0),
+            crate::network::tap_name(&b.id, 0)
+        );
+    }
+
+    #[test]
+    fn storage_counts_root_and_data_disks_at_full_size() {
+        let (store, tenant, image) = crate::store::fixture();
+        let before = store.storage_used_mib(&tenant).unwrap();
+        store
+            .create_vm(
+                &vm_with_disks(&tenant, &image, "a", &[100, 20]),
+                Quota::default(),
+            )
+            .unwrap();
+        let root = crate::quota::mib_of(
+            store
+                .get_image(&tenant, "img")
+                .unwrap()
+                .unwrap()
+                .rootfs_bytes,
+        );
+        assert_eq!(
+            store.storage_used_mib(&tenant).unwrap(),
+            before + root + 120
+        );
+        assert_eq!(store.storage_used_mib("t-other").unwrap(), 0);
     }
 }

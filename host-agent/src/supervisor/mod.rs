@@ -135,6 +135,11 @@ impl Supervisor {
     }
 
     /// Held while addresses are assigned or bridges made.
+    /// The settings the agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
     /// This host's end of the overlay's tunnels, when configured.
     pub fn underlay_address(&self) -> Option<std::net::Ipv4Addr> {
         self.config.underlay_address
@@ -551,7 +556,7 @@ fn vmm_config(
         .enumerate()
         .map(|(index, nic)| {
             let mut net = serde_json::json!({
-                "tap": network::tap_name(&vm.id, index),
+                "tap": network::tap_name(&vm.id, index).as_str(),
                 "mac": nic.mac,
                 "id": format!("net{index}"),
                 "rate_limit": limit(&nic.rate_limit),

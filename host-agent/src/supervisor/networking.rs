@@ -16,7 +16,7 @@ use crate::network::dhcp::Lease;
 use crate::network::dhcp_server::LeaseLookup;
 use crate::network::firewall::{self, Forward, GuardedNic, OverlayPort, Policy, Segment};
 use crate::network::vxlan::{self, Tunnel};
-use crate::network::{self, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX};
+use crate::network::{self, IfName, MacAddr, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX};
 use crate::store::{Store, StoreError};
 
 /// How long a DHCP lease lasts; the address is the NIC's for as long as the
@@ -36,21 +36,35 @@ pub fn nic_address(address: &str) -> Option<Ipv4Addr> {
     address.split('/').next()?.parse().ok()
 }
 
-/// The segments, guarded NICs and forwards the rules are made of.
-pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
-    let mut policy = Policy::default();
+/// A stored interface name, parsed before it reaches a rule or a command.
+fn stored_name(what: &str, text: &str) -> Result<IfName, SupervisorError> {
+    text.parse()
+        .map_err(|err| corrupt(format!("{what}: {err}")))
+}
+
+/// The segments, guarded NICs and forwards the rules are made of, with the
+/// destinations NAT egress never reaches.
+pub(super) fn policy(store: &Store, egress_denied: Vec<Cidr>) -> Result<Policy, SupervisorError> {
+    let mut policy = Policy {
+        egress_denied,
+        ..Policy::default()
+    };
     for net in store.list_networks(None)? {
         let cidr = parse_cidr(&net.cidr)?;
+        let overlay = match &net.overlay {
+            Some(overlay) => Some(OverlayPort {
+                vxlan: stored_name(&format!("network {} VXLAN", net.id), &overlay.vxlan)?,
+                gateway_mac: network::gateway_mac(net.vni),
+            }),
+            None => None,
+        };
         policy.segments.push(Segment {
-            bridge: net.bridge.clone(),
+            bridge: stored_name(&format!("network {} bridge", net.id), &net.bridge)?,
             cidr,
             gateway: cidr.gateway(),
             nat: net.nat,
             dhcp: net.dhcp,
-            overlay: net.overlay.as_ref().map(|overlay| OverlayPort {
-                vxlan: overlay.vxlan.clone(),
-                gateway_mac: network::gateway_mac(net.vni),
-            }),
+            overlay,
         });
     }
     for (_tenant, subnet) in store.list_tenant_subnets()? {
@@ -67,15 +81,22 @@ pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
     let vms = store.list_vms(None, None)?;
     for vm in &vms {
         for (index, nic) in vm.nics.iter().enumerate() {
-            let (Some(mac), Some(address)) = (
-                nic.mac.as_deref(),
-                nic.address.as_deref().and_then(nic_address),
-            ) else {
-                continue;
-            };
+            // Every NIC is guarded: one without a MAC or address (which the
+            // agent always assigns) is a corrupt record, not a free pass.
+            let mac = nic
+                .mac
+                .as_deref()
+                .ok_or_else(|| corrupt(format!("VM {} NIC {index} has no MAC", vm.id)))?;
+            let mac = MacAddr::parse_unicast(mac)
+                .map_err(|err| corrupt(format!("VM {} NIC {index}: {err}", vm.id)))?;
+            let address = nic
+                .address
+                .as_deref()
+                .and_then(nic_address)
+                .ok_or_else(|| corrupt(format!("VM {} NIC {index} has no address", vm.id)))?;
             policy.nics.push(GuardedNic {
                 tap: network::tap_name(&vm.id, index),
-                mac: mac.to_string(),
+                mac,
                 address,
             });
         }
@@ -98,7 +119,103 @@ pub(super) fn policy(store: &Store) -> Result<Policy, SupervisorError> {
     Ok(policy)
 }
 
+/// Networks no tenant network may overlap and NAT egress never reaches,
+/// whatever the host: "this network", loopback, link-local (a cloud's
+/// metadata service lives there), multicast and the reserved class E.
+pub const ALWAYS_PROTECTED: [(&str, [u8; 4], u8); 5] = [
+    ("\"this\" network", [0, 0, 0, 0], 8),
+    ("loopback", [127, 0, 0, 0], 8),
+    ("link-local", [169, 254, 0, 0], 16),
+    ("multicast", [224, 0, 0, 0], 4),
+    ("reserved", [240, 0, 0, 0], 4),
+];
+
+/// The host's IPv4 address of `api_url` ("http://192.0.2.2:8080"), when it
+/// names one literally.
+fn url_address(api_url: &str) -> Option<Ipv4Addr> {
+    let rest = api_url.split_once("://").map_or(api_url, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    host.parse().ok()
+}
+
 impl Supervisor {
+    /// What tenants' NAT egress never reaches: link-local, the underlay's
+    /// network, every peer host (underlay and API addresses) and the
+    /// operator's `egress_deny`. (The host's own addresses are guarded by
+    /// the input chain.)
+    pub async fn egress_denied(&self) -> Result<Vec<Cidr>, SupervisorError> {
+        let mut denied = vec![Cidr::of(Ipv4Addr::new(169, 254, 0, 0), 16)];
+        if let Some(underlay) = self.underlay_address() {
+            let routes = network::host_routes().await?;
+            denied.extend(
+                routes
+                    .iter()
+                    .filter(|route| route.destination.contains(underlay))
+                    .filter(|route| route.destination.prefix() > 0)
+                    .map(|route| route.destination),
+            );
+            denied.push(Cidr::of(underlay, 32));
+        }
+        for host in self.store.list_hosts()? {
+            if let Ok(address) = host.address.parse::<Ipv4Addr>() {
+                denied.push(Cidr::of(address, 32));
+            }
+            if let Some(address) = url_address(&host.api_url) {
+                denied.push(Cidr::of(address, 32));
+            }
+        }
+        denied.extend(self.config.egress_deny.iter().copied());
+        denied.sort_by_key(|cidr| (u32::from(cidr.base()), cidr.prefix()));
+        denied.dedup();
+        Ok(denied)
+    }
+
+    /// Why `cidr` may not be a tenant network here, if it may not: it
+    /// overlaps a network of [`ALWAYS_PROTECTED`], a route or address of
+    /// the host (other than the default route and the agent's own tenant
+    /// bridges, which the store checks without revealing them), or what
+    /// NAT egress never reaches. The reason names only the host's side.
+    pub async fn shadowed_host_network(
+        &self,
+        cidr: Cidr,
+    ) -> Result<Option<String>, SupervisorError> {
+        for (what, octets, prefix) in ALWAYS_PROTECTED {
+            let protected = Cidr::of(Ipv4Addr::from(octets), prefix);
+            if protected.overlaps(&cidr) {
+                return Ok(Some(format!("{cidr} overlaps {protected} ({what})")));
+            }
+        }
+        let ours =
+            |device: &str| device.starts_with(NETWORK_BRIDGE_PREFIX) || device.starts_with("nbr");
+        for route in network::host_routes().await? {
+            if route.destination.prefix() == 0 || route.device.as_deref().is_some_and(ours) {
+                continue;
+            }
+            if route.destination.overlaps(&cidr) {
+                return Ok(Some(format!(
+                    "{cidr} overlaps the host's network {}{}",
+                    route.destination,
+                    route
+                        .device
+                        .as_deref()
+                        .map(|device| format!(" on {device}"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        for denied in self.egress_denied().await? {
+            if denied.overlaps(&cidr) {
+                return Ok(Some(format!(
+                    "{cidr} overlaps {denied}, which the host keeps for itself and its peers"
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// Makes the host's bridges, packet filter and DHCP servers match the
     /// database.
     pub async fn reconcile_network(&self) -> Result<(), SupervisorError> {
@@ -114,7 +231,7 @@ impl Supervisor {
             let known = networks.iter().any(|net| {
                 net.overlay
                     .as_ref()
-                    .is_some_and(|overlay| overlay.vxlan == link)
+                    .is_some_and(|overlay| overlay.vxlan == link.as_str())
             });
             if !known {
                 tracing::info!("removing {link}: it belongs to no network");
@@ -123,11 +240,12 @@ impl Supervisor {
         }
         for net in &networks {
             let cidr = parse_cidr(&net.cidr)?;
-            let gateway_mac = network::gateway_mac(net.vni);
+            let bridge = stored_name(&format!("network {} bridge", net.id), &net.bridge)?;
             network::ensure_bridge(
-                &net.bridge,
-                &format!("{}/{}", cidr.gateway(), cidr.prefix()),
-                Some((&gateway_mac, net.mtu)),
+                &bridge,
+                cidr.gateway(),
+                cidr.prefix(),
+                Some((network::gateway_mac(net.vni), net.mtu)),
             )
             .await?;
             if let Some(tunnel) = self.tunnel(net)? {
@@ -136,14 +254,14 @@ impl Supervisor {
         }
         // Bridges of networks deleted while the agent was down.
         for bridge in network::bridges_named(NETWORK_BRIDGE_PREFIX).await? {
-            if !networks.iter().any(|net| net.bridge == bridge) {
+            if !networks.iter().any(|net| net.bridge == bridge.as_str()) {
                 tracing::info!("removing {bridge}: it belongs to no network");
                 network::delete_link(&bridge).await?;
             }
         }
         // Taps of VMs this agent does not know (a crash between creating a
         // tap and recording the VM, or a database restored from backup).
-        let known: Vec<String> = self
+        let known: Vec<IfName> = self
             .store
             .list_vms(None, None)?
             .iter()
@@ -155,7 +273,8 @@ impl Supervisor {
                 network::delete_link(&tap).await?;
             }
         }
-        firewall::apply(&policy(&self.store)?).await?;
+        let denied = self.egress_denied().await?;
+        firewall::apply(&policy(&self.store, denied)?).await?;
         let served: Vec<(String, String, Ipv4Addr)> = networks
             .iter()
             .filter(|net| net.dhcp)
@@ -186,10 +305,10 @@ impl Supervisor {
             .filter(|peer| peer.as_ref().map_or(true, |peer| *peer != local))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Tunnel {
-            name: overlay.vxlan.clone(),
+            name: stored_name(&format!("network {} VXLAN", net.id), &overlay.vxlan)?,
             vni: net.vni,
             local,
-            bridge: net.bridge.clone(),
+            bridge: stored_name(&format!("network {} bridge", net.id), &net.bridge)?,
             mtu: net.mtu,
             peers,
         }))
@@ -202,15 +321,14 @@ impl Supervisor {
     pub(super) async fn plug_nics(&self, vm: &Vm, uid: u32) -> Result<(), SupervisorError> {
         let _network = self.network_lock().await;
         for (index, nic) in vm.nics.iter().enumerate() {
-            let (bridge, gateway, identity) = match &nic.network {
+            let (bridge, cidr, identity) = match &nic.network {
                 Some(id) => {
                     let net = self.store.get_network(None, id)?.ok_or_else(|| {
                         SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
                     })?;
-                    let cidr = parse_cidr(&net.cidr)?;
                     (
-                        net.bridge,
-                        format!("{}/{}", cidr.gateway(), cidr.prefix()),
+                        stored_name(&format!("network {} bridge", net.id), &net.bridge)?,
+                        parse_cidr(&net.cidr)?,
                         Some((network::gateway_mac(net.vni), net.mtu)),
                     )
                 }
@@ -218,13 +336,12 @@ impl Supervisor {
                     let subnet = self.store.tenant_subnet(&vm.tenant_id)?;
                     (
                         network::bridge_name(subnet),
-                        format!("{}/24", network::gateway(subnet)),
+                        parse_cidr(&format!("10.88.{subnet}.0/24"))?,
                         None,
                     )
                 }
             };
-            let identity = identity.as_ref().map(|(mac, mtu)| (mac.as_str(), *mtu));
-            network::ensure_bridge(&bridge, &gateway, identity).await?;
+            network::ensure_bridge(&bridge, cidr.gateway(), cidr.prefix(), identity).await?;
             let mtu = identity.map(|(_, mtu)| mtu);
             network::create_tap(&network::tap_name(&vm.id, index), &bridge, mtu, uid).await?;
         }
@@ -303,6 +420,23 @@ mod tests {
     use nubis_api::{NetworkCreate, Protocol, Quota, RateLimit, VmNic};
 
     #[test]
+    fn peer_api_addresses_are_read_from_their_urls() {
+        assert_eq!(
+            url_address("http://192.0.2.2:8080"),
+            Some(Ipv4Addr::new(192, 0, 2, 2))
+        );
+        assert_eq!(
+            url_address("https://192.0.2.3/v1"),
+            Some(Ipv4Addr::new(192, 0, 2, 3))
+        );
+        assert_eq!(
+            url_address("192.0.2.4:1"),
+            Some(Ipv4Addr::new(192, 0, 2, 4))
+        );
+        assert_eq!(url_address("http://peer.example:8080"), None);
+    }
+
+    #[test]
     fn resolvers_skip_loopback_and_junk() {
         let text = "# comment\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver nonsense\n nameserver 192.0.2.1 \nsearch example\n";
         assert_eq!(parse_resolvers(text), ["10.255.255.53", "192.0.2.1"]);
@@ -330,6 +464,7 @@ mod tests {
                 vec!["192.0.2.53".into()],
                 1450,
                 None,
+                8,
             )
             .unwrap();
         let subnet = store.tenant_subnet(&tenant).unwrap();
@@ -363,7 +498,7 @@ mod tests {
             )
             .unwrap();
         store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 8080)
+            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 31080, 8080, 16)
             .unwrap();
         (store, net, vm)
     }
@@ -371,7 +506,7 @@ mod tests {
     #[test]
     fn the_policy_covers_every_bridge_nic_and_forward() {
         let (store, net, vm) = populated();
-        let policy = policy(&store).unwrap();
+        let policy = policy(&store, vec![]).unwrap();
         let bridges: Vec<&str> = policy.segments.iter().map(|s| s.bridge.as_str()).collect();
         assert_eq!(bridges, [net.bridge.as_str(), "nbr1"]);
         assert!(policy.segments[0].nat && policy.segments[0].dhcp);
@@ -384,7 +519,7 @@ mod tests {
             policy.forwards,
             [Forward {
                 protocol: Protocol::Tcp,
-                host_port: 18080,
+                host_port: 31080,
                 address: Ipv4Addr::new(10, 30, 0, 2),
                 port: 8080,
             }]

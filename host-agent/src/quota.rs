@@ -1,0 +1,125 @@
+//! Quotas for what costs the host beyond CPU and memory (which the store
+//! checks as it defines a VM): disk space. A tenant's storage is the full
+//! size of its VMs' root and data disks (sparse or not: it may fill them),
+//! its snapshots and its uploaded files, partial uploads included.
+
+use std::path::Path;
+
+use nubis_api::Quota;
+
+use crate::store::{Store, StoreError};
+
+/// Bytes as whole MiB, rounded up.
+pub fn mib_of(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// Bytes of the regular files in `dir` (not following links); a missing
+/// directory holds nothing.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(|meta| meta.is_file())
+        .map(|meta| meta.len())
+        .sum()
+}
+
+/// A tenant's upload directory under the agent's data directory.
+pub fn uploads_dir(data_dir: &Path, tenant_id: &str) -> std::path::PathBuf {
+    data_dir.join("uploads").join(tenant_id)
+}
+
+/// MiB of storage the tenant uses now.
+pub fn storage_used_mib(
+    store: &Store,
+    data_dir: &Path,
+    tenant_id: &str,
+) -> Result<u64, StoreError> {
+    Ok(store.storage_used_mib(tenant_id)? + mib_of(dir_bytes(&uploads_dir(data_dir, tenant_id))))
+}
+
+/// Whether `used` plus `asked` MiB fits `quota`, as the refusal to give.
+pub fn fits(quota: &Quota, used: u64, asked: u64) -> Result<(), StoreError> {
+    if used.saturating_add(asked) > quota.max_storage_mib {
+        return Err(StoreError::Quota(format!(
+            "storage MiB: {used} in use + {asked} requested exceeds the tenant's quota of {}",
+            quota.max_storage_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses `asked` more MiB of storage beyond the tenant's quota.
+pub fn check_storage(
+    store: &Store,
+    data_dir: &Path,
+    tenant_id: &str,
+    quota: &Quota,
+    asked: u64,
+) -> Result<(), StoreError> {
+    fits(quota, storage_used_mib(store, data_dir, tenant_id)?, asked)
+}
+
+/// Bytes of storage left to the tenant (for a streamed upload).
+pub fn storage_left_bytes(
+    store: &Store,
+    data_dir: &Path,
+    tenant_id: &str,
+    quota: &Quota,
+) -> Result<u64, StoreError> {
+    let used = storage_used_mib(store, data_dir, tenant_id)?;
+    Ok(quota
+        .max_storage_mib
+        .saturating_sub(used)
+        .saturating_mul(1 << 20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_whole_mib() {
+        assert_eq!(mib_of(0), 0);
+        assert_eq!(mib_of(1), 1);
+        assert_eq!(mib_of(1 << 20), 1);
+        assert_eq!(mib_of((1 << 20) + 1), 2);
+        assert_eq!(mib_of(u64::MAX), u64::MAX / (1 << 20) + 1);
+    }
+
+    #[test]
+    fn storage_fits_up_to_the_quota_and_not_beyond() {
+        let quota = Quota {
+            max_storage_mib: 100,
+            ..Quota::default()
+        };
+        assert!(fits(&quota, 40, 60).is_ok());
+        let err = fits(&quota, 40, 61).unwrap_err();
+        assert!(
+            err.to_string().contains("40 in use + 61 requested"),
+            "{err}"
+        );
+        assert!(fits(&quota, u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn uploads_count_every_file_of_the_tenant() {
+        let dir = std::env::temp_dir().join(format!("nubis-quota-{}", std::process::id()));
+        let uploads = uploads_dir(&dir, "t-1");
+        std::fs::create_dir_all(&uploads).unwrap();
+        std::fs::write(uploads.join("a"), vec![0u8; 3 << 20]).unwrap();
+        std::fs::write(uploads.join(".b.partial"), vec![0u8; 10]).unwrap();
+        assert_eq!(dir_bytes(&uploads), (3 << 20) + 10);
+        assert_eq!(dir_bytes(&dir.join("nope")), 0);
+        let (store, tenant, _image) = crate::store::fixture();
+        let uploads = uploads_dir(&dir, &tenant);
+        std::fs::create_dir_all(&uploads).unwrap();
+        std::fs::write(uploads.join("disk"), vec![0u8; 5 << 20]).unwrap();
+        let used = storage_used_mib(&store, &dir, &tenant).unwrap();
+        assert_eq!(used, 5);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
