@@ -118,6 +118,9 @@ impl From<SupervisorError> for HttpError {
     fn from(error: SupervisorError) -> Self {
         let code = match &error {
             SupervisorError::WrongState(_) => ErrorCode::Conflict,
+            SupervisorError::VmFiles(crate::supervisor::vmfs::VmFsError::Unsafe { .. }) => {
+                ErrorCode::Conflict
+            }
             SupervisorError::StartFailed(_) | SupervisorError::Disk(_) => ErrorCode::Unprocessable,
             SupervisorError::Store(StoreError::Quota(_)) => ErrorCode::QuotaExceeded,
             SupervisorError::NoUnderlay(_) => ErrorCode::Unprocessable,

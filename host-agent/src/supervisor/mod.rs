@@ -1,8 +1,13 @@
 //! Running VMs: one `nubis-vmm` process per VM, in its own process group
-//! with its files in `DATA_DIR/vms/ID/` (VMM config, control socket,
-//! console log, VMM log, disks), so that it outlives the agent: an agent
-//! that restarts adopts the VMMs still running and records why the others
-//! ended.
+//! with its files in `DATA_DIR/vms/ID/`, so that it outlives the agent: an
+//! agent that restarts adopts the VMMs still running and records why the
+//! others ended.
+//!
+//! `DATA_DIR/vms/ID/` is root's (0700): what the agent writes (the VMM
+//! config, the VMM log, the jailer's pid file). What the jailed VMM writes
+//! (disks, console log, control socket, snapshot output) is in its `vm/`
+//! subdirectory, the VM user's and `/vm` in the jail; the agent reaches
+//! files there only through `vmfs` (no link followed, see vmfs.rs).
 //!
 //! Operations on one VM are serialized by a per-VM lock; different VMs
 //! proceed in parallel. A watcher task per VMM records its exit.
@@ -13,6 +18,7 @@ pub mod migration;
 pub mod networking;
 mod process;
 pub mod snapshots;
+pub mod vmfs;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +30,7 @@ use nubis_api::{Image, Network, Vm, VmState};
 use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
-use crate::disks::{self, DiskError};
+use crate::disks::DiskError;
 use crate::network::dhcp_server::{DhcpServerError, DhcpServers};
 use crate::network::firewall::FirewallError;
 use crate::network::{self, NetworkError};
@@ -52,6 +58,8 @@ pub enum SupervisorError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    VmFiles(#[from] vmfs::VmFsError),
     #[error("cannot start {binary}: {source}")]
     Spawn {
         binary: PathBuf,
@@ -69,7 +77,11 @@ pub enum SupervisorError {
 
 /// Where one VM's files live.
 pub struct VmPaths {
+    /// The agent's own (root's): config, VMM log, pid file.
     pub dir: PathBuf,
+    /// The jailed VMM's (its user's, `/vm` in the jail): disks, console,
+    /// control socket.
+    pub jail: PathBuf,
     pub vmm_config: PathBuf,
     pub control: PathBuf,
     pub console: PathBuf,
@@ -77,21 +89,42 @@ pub struct VmPaths {
     pub root_disk: PathBuf,
 }
 
+/// The subdirectory of a VM's directory that its jailed VMM writes.
+pub const JAIL_SUBDIR: &str = "vm";
+pub const CONFIG: &str = "vm.json";
+pub const CONTROL: &str = "control.sock";
+pub const CONSOLE: &str = "console.log";
+pub const VMM_LOG: &str = "vmm.log";
+
 impl VmPaths {
     /// The files of a VM whose directory is `dir`.
     pub fn under(dir: PathBuf) -> Self {
+        Self::with(dir.clone(), dir.join(JAIL_SUBDIR), dir.join(CONFIG))
+    }
+
+    /// The files of a VM whose agent directory is `dir`, jailed VMM's
+    /// directory `jail` and VMM config `config`.
+    pub fn with(dir: PathBuf, jail: PathBuf, config: PathBuf) -> Self {
         Self {
-            vmm_config: dir.join("vm.json"),
-            control: dir.join("control.sock"),
-            console: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            root_disk: dir.join(ROOT_DISK),
+            vmm_config: config,
+            control: jail.join(CONTROL),
+            console: jail.join(CONSOLE),
+            vmm_log: dir.join(VMM_LOG),
+            root_disk: jail.join(ROOT_DISK),
+            jail,
             dir,
         }
     }
 
     pub fn data_disk(&self, index: usize) -> PathBuf {
-        self.dir.join(data_disk_name(index))
+        self.jail.join(data_disk_name(index))
+    }
+
+    /// The names of the VM's disk files in its jail directory.
+    pub fn disk_names(vm: &Vm) -> Vec<String> {
+        std::iter::once(ROOT_DISK.to_string())
+            .chain((0..vm.disks.len()).map(data_disk_name))
+            .collect()
     }
 }
 
@@ -163,7 +196,6 @@ impl Supervisor {
         uid: u32,
         launch: &process::Launch<'_>,
     ) -> Result<process::Spawned, SupervisorError> {
-        jail::own_files(paths, vm, uid)?;
         let command = jail::command(
             &self.config.jail,
             &self.config.vmm_binary,
@@ -236,7 +268,7 @@ impl Supervisor {
         }
     }
 
-    /// The VM's directory, disks and VMM config; a VM `receiving` a
+    /// The VM's directories, disks and VMM config; a VM `receiving` a
     /// migration gets its disks from the source instead.
     async fn prepare_files(
         &self,
@@ -245,52 +277,41 @@ impl Supervisor {
         paths: &VmPaths,
         receiving: bool,
     ) -> Result<(), SupervisorError> {
-        std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
-            path: paths.dir.clone(),
-            source,
-        })?;
-        if receiving {
-            return self.write_vmm_config(vm, image, paths);
-        }
-        // A VM restored from a snapshot starts from the snapshot's disks.
-        let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
-        if !paths.root_disk.exists() {
-            let source = match &saved {
+        let uid = self.jail_uid(&vm.id)?;
+        let (dir, jail_dir) = jail::vm_dirs(paths, uid)?;
+        jail::clear_leftovers(&jail_dir, uid)?;
+        if !receiving {
+            // A VM restored from a snapshot starts from the snapshot's disks.
+            let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
+            let mut sources = vec![jail::DiskSource::Copy(match &saved {
                 Some(dir) => dir.join(ROOT_DISK),
                 None => PathBuf::from(&image.rootfs),
-            };
-            let target = paths.root_disk.clone();
-            let kind = tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                .await
-                .map_err(|err| SupervisorError::Files {
-                    path: paths.root_disk.clone(),
-                    source: std::io::Error::other(err.to_string()),
-                })??;
-            self.event(
-                &vm.id,
-                "root_disk",
-                &format!(
-                    "cloned from {} ({kind:?})",
-                    source_name(&saved, &image.rootfs)
-                ),
-            );
-        }
-        for (index, disk) in vm.disks.iter().enumerate() {
-            let path = paths.data_disk(index);
-            if !path.exists() {
-                match &saved {
-                    Some(dir) => {
-                        let source = dir.join(data_disk_name(index));
-                        let target = path.clone();
-                        tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                            .await
-                            .map_err(|err| SupervisorError::Files {
-                                path: path.clone(),
-                                source: std::io::Error::other(err.to_string()),
-                            })??;
-                    }
-                    None => disks::create_data_disk(&path, disk.size_mib)?,
-                }
+            })];
+            for (index, disk) in vm.disks.iter().enumerate() {
+                sources.push(match &saved {
+                    Some(dir) => jail::DiskSource::Copy(dir.join(data_disk_name(index))),
+                    None => jail::DiskSource::Empty(disk.size_mib),
+                });
+            }
+            let names = VmPaths::disk_names(vm);
+            let made = tokio::task::spawn_blocking(move || {
+                names
+                    .iter()
+                    .zip(sources)
+                    .map(|(name, source)| jail::prepare_disk(&dir, &jail_dir, name, uid, source))
+                    .collect::<Result<Vec<bool>, SupervisorError>>()
+            })
+            .await
+            .map_err(|err| SupervisorError::Files {
+                path: paths.jail.clone(),
+                source: std::io::Error::other(err.to_string()),
+            })??;
+            if made.first() == Some(&true) {
+                self.event(
+                    &vm.id,
+                    "root_disk",
+                    &format!("cloned from {}", source_name(&saved, &image.rootfs)),
+                );
             }
         }
         self.write_vmm_config(vm, image, paths)
@@ -317,13 +338,17 @@ impl Supervisor {
             &jail::inside_paths(),
             &networks,
         );
-        std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
-            SupervisorError::Files {
+        // In the agent's own directory: written whole, then renamed over
+        // the old one.
+        let mut partial = paths.vmm_config.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        std::fs::write(&partial, config.to_string())
+            .and_then(|()| std::fs::rename(&partial, &paths.vmm_config))
+            .map_err(|source| SupervisorError::Files {
                 path: paths.vmm_config.clone(),
                 source,
-            }
-        })?;
-        Ok(())
+            })
     }
 
     /// Records the VMM's exit when it comes.
@@ -599,13 +624,15 @@ fn vmm_config(
     })
 }
 
-/// Reads a console log from `offset`; at most `limit` bytes.
+/// Reads a console log from `offset`; at most `limit` bytes. The log is
+/// in the jailed VMM's directory: it is read only as a regular file of
+/// that directory's owner (never through a link, never a FIFO).
 pub fn read_console(path: &Path, offset: u64, limit: usize) -> std::io::Result<(Vec<u8>, u64)> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-        Err(err) => return Err(err),
+    let mut file = match vmfs::open_owned_by_dir(path) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok((Vec::new(), 0)),
+        Err(err) => return Err(std::io::Error::other(err.to_string())),
     };
     let len = file.metadata()?.len();
     let start = offset.min(len);
@@ -623,14 +650,7 @@ mod tests {
 
     #[test]
     fn the_vmm_config_has_the_root_clone_data_disks_and_limits() {
-        let paths = VmPaths {
-            dir: "/d".into(),
-            vmm_config: "/d/vm.json".into(),
-            control: "/d/control.sock".into(),
-            console: "/d/console.log".into(),
-            vmm_log: "/d/vmm.log".into(),
-            root_disk: "/d/root.raw".into(),
-        };
+        let paths = VmPaths::with("/d".into(), "/d".into(), "/d/vm.json".into());
         let image = Image {
             id: "img-1".into(),
             tenant_id: "t-1".into(),

@@ -111,11 +111,13 @@ pub async fn spawn(
         path: paths.vmm_log.clone(),
         source,
     };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.vmm_log)
-        .map_err(files)?;
+    // In the agent's own directory (root's); still never through a link.
+    let log = super::vmfs::Dir::open(&paths.dir)?.open_or_create(
+        super::VMM_LOG,
+        libc::O_WRONLY | libc::O_APPEND,
+        0o640,
+        0,
+    )?;
     let log_err = log.try_clone().map_err(files)?;
     let pid_file = paths.dir.join(super::jail::PID_FILE);
     let _ = std::fs::remove_file(&pid_file);

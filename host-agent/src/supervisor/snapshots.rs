@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use nubis_api::{Vm, VmState};
 
-use super::{control, data_disk_name, jail, Supervisor, SupervisorError, ROOT_DISK};
+use super::vmfs::Dir;
+use super::{control, jail, Supervisor, SupervisorError, VmPaths};
 use crate::disks;
 
 impl Supervisor {
@@ -51,9 +52,12 @@ impl Supervisor {
     /// Memory and state through the VMM, then the disks, while paused.
     async fn save(&self, vm: &Vm, socket: &Path, dir: &Path) -> Result<(), SupervisorError> {
         // The jailed VMM writes into its own VM directory (the only place it
-        // can); the files then move to the snapshot store.
+        // can); the files then move to the snapshot store, where they are
+        // checked (see `jail::seal_snapshot`).
         let paths = self.paths(&vm.id);
-        let out = jail::snapshot_out(&paths, self.jail_uid(&vm.id)?)?;
+        let uid = self.jail_uid(&vm.id)?;
+        let jail_dir = Dir::open(&paths.jail)?;
+        jail::snapshot_out(&jail_dir, uid)?;
         let inside = Path::new(jail::VM_DIR).join(jail::SNAPSHOT_OUT);
         control::request(
             socket,
@@ -61,30 +65,44 @@ impl Supervisor {
         )
         .await?;
         let store = self.config.data_dir.join("snapshots");
-        let moved = std::fs::create_dir_all(&store)
+        std::fs::create_dir_all(&store)
             .and_then(|()| {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700))
             })
-            .and_then(|()| std::fs::rename(&out, dir));
-        moved.map_err(|source| SupervisorError::Files {
+            .map_err(|source| SupervisorError::Files {
+                path: store.clone(),
+                source,
+            })?;
+        let store_dir = Dir::open(&store)?;
+        let name = dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        jail_dir.rename_to(jail::SNAPSHOT_OUT, &store_dir, &name, true)?;
+        jail::seal_snapshot(dir, uid)?;
+        let names = VmPaths::disk_names(vm);
+        let snapshot = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<(), SupervisorError> {
+            let target_dir = Dir::open(&snapshot)?;
+            for name in names {
+                // The VM's disk, only as a regular file of its user.
+                let input = jail_dir.open_file(&name, libc::O_RDONLY, uid)?;
+                let output = target_dir.create_new(&name, 0o644)?;
+                disks::copy_file(
+                    input,
+                    &jail_dir.join(&name),
+                    output,
+                    &target_dir.join(&name),
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|err| SupervisorError::Files {
             path: dir.to_path_buf(),
-            source,
-        })?;
-        jail::seal_snapshot(dir)?;
-        let mut copies = vec![(paths.root_disk.clone(), dir.join(ROOT_DISK))];
-        for index in 0..vm.disks.len() {
-            copies.push((paths.data_disk(index), dir.join(data_disk_name(index))));
-        }
-        for (source, target) in copies {
-            let shown = target.clone();
-            tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                .await
-                .map_err(|err| SupervisorError::Files {
-                    path: shown,
-                    source: std::io::Error::other(err.to_string()),
-                })??;
-        }
+            source: std::io::Error::other(err.to_string()),
+        })??;
         Ok(())
     }
 
