@@ -117,7 +117,9 @@ impl From<StoreError> for HttpError {
 impl From<SupervisorError> for HttpError {
     fn from(error: SupervisorError) -> Self {
         let code = match &error {
-            SupervisorError::WrongState(_) => ErrorCode::Conflict,
+            SupervisorError::WrongState(_) | SupervisorError::MigratedAway(_) => {
+                ErrorCode::Conflict
+            }
             SupervisorError::VmFiles(crate::supervisor::vmfs::VmFsError::Unsafe { .. }) => {
                 ErrorCode::Conflict
             }

@@ -70,6 +70,12 @@ pub enum SupervisorError {
     #[error("the VM is {0}, which does not allow this")]
     WrongState(&'static str),
     #[error(
+        "the VM was being migrated to host '{0}' when this agent stopped: it may run there now, \
+         so it is not started here; check that host, then delete the VM here or there (an \
+         operator's DELETE of its migration clears this)"
+    )]
+    MigratedAway(String),
+    #[error(
         "network {0} spans hosts, but this agent has no underlay address (--underlay-address)"
     )]
     NoUnderlay(String),
@@ -127,6 +133,10 @@ impl VmPaths {
             .collect()
     }
 }
+
+/// In the agent's VM directory while a snapshot has the VM paused: a
+/// restarted agent resumes the VM.
+pub const AGENT_PAUSED: &str = "snapshot-paused";
 
 /// The root disk's file name, in a VM's directory and in a snapshot's.
 pub const ROOT_DISK: &str = "root.raw";
@@ -230,6 +240,9 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let paths = self.paths(&vm.id);
+        if let Some(host) = migration::handed_over_to(&paths) {
+            return Err(SupervisorError::MigratedAway(host));
+        }
         let uid = self.jail_uid(&vm.id)?;
         self.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, false).await?;
@@ -238,9 +251,18 @@ impl Supervisor {
             Some(dir) => process::Launch::Restore(dir),
             None => process::Launch::Boot,
         };
-        // A socket left by a VMM that died cannot be bound over by a file
-        // of another kind, but a stale one is replaced by the VMM itself.
-        let spawned = self.spawn_jailed(vm, image, &paths, uid, &launch).await?;
+        // Recorded first: an agent that stops before the pid is recorded
+        // finds the VMM in its cgroup when it restarts (see `adopt_all`).
+        self.store
+            .set_vm_state(&vm.id, VmState::Starting, None, None)?;
+        let spawned = match self.spawn_jailed(vm, image, &paths, uid, &launch).await {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                self.store.set_vm_state(&vm.id, vm.state, None, None)?;
+                return Err(err);
+            }
+        };
+        crate::crash::point("vm_spawned");
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
@@ -506,9 +528,15 @@ impl Supervisor {
         }
     }
 
-    /// At agent start: VMs recorded with a VMM are adopted if it still runs,
-    /// otherwise marked with why it ended.
+    /// At agent start: VMs recorded with a VMM are adopted if it still runs
+    /// (found by its recorded pid, or in its cgroup when the agent stopped
+    /// before recording it), otherwise marked with why it ended; a VMM in
+    /// a jail's cgroup that no VM record claims is killed (nothing runs
+    /// twice); a VM left paused by a snapshot the agent did not finish is
+    /// resumed; snapshot files without a record are removed.
     pub async fn adopt_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        let jailed = process::jailed(&self.config.jail.parent_cgroup);
+        let mut adopted: HashMap<String, u32> = HashMap::new();
         for vm in self.store.list_vms(None, None)? {
             if !vm.state.has_process() {
                 // A tap left by a VM that stopped while no agent watched.
@@ -517,17 +545,50 @@ impl Supervisor {
             }
             let paths = self.paths(&vm.id);
             let marker = jail::cgroup_marker(&self.config.jail, &vm.id);
-            match vm.pid.and_then(|pid| process::adopt(pid, &marker)) {
-                Some(watch) => {
-                    tracing::info!(vm = %vm.id, "adopted the running VMM (pid {:?})", vm.pid);
+            let recorded = vm
+                .pid
+                .and_then(|pid| process::adopt(pid, &marker).map(|watch| (pid, watch)));
+            let found = recorded.or_else(|| {
+                jailed
+                    .iter()
+                    .filter(|(id, _)| *id == vm.id)
+                    .find_map(|(_, pid)| process::adopt(*pid, &marker).map(|watch| (*pid, watch)))
+            });
+            match found {
+                Some((pid, watch)) => {
+                    tracing::info!(vm = %vm.id, "adopted the running VMM (pid {pid})");
                     self.event(&vm.id, "adopted", "the agent restarted; the VMM still runs");
+                    adopted.insert(vm.id.clone(), pid);
                     self.watch(vm.id.clone(), watch);
-                    if vm.state == VmState::Starting || vm.state == VmState::Stopping {
-                        let state = match control::command(&paths.control, "status").await {
-                            Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
-                            _ => VmState::Running,
-                        };
-                        self.store.set_vm_state(&vm.id, state, vm.pid, None)?;
+                    let agent_paused = paths.dir.join(AGENT_PAUSED);
+                    if agent_paused.exists() {
+                        // A snapshot paused it and the agent stopped before
+                        // resuming it.
+                        match control::command(&paths.control, "resume").await {
+                            Ok(_) => {
+                                self.event(
+                                    &vm.id,
+                                    "resume",
+                                    "resumed after an unfinished snapshot",
+                                );
+                                let _ = std::fs::remove_file(&agent_paused);
+                            }
+                            Err(err) => tracing::error!(
+                                vm = %vm.id,
+                                "cannot resume after an unfinished snapshot: {err}"
+                            ),
+                        }
+                    }
+                    let state = match control::command(&paths.control, "status").await {
+                        Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
+                        _ => VmState::Running,
+                    };
+                    let state = match vm.state {
+                        VmState::Starting | VmState::Stopping => state,
+                        recorded => recorded,
+                    };
+                    if state != vm.state || vm.pid != Some(pid) {
+                        self.store.set_vm_state(&vm.id, state, Some(pid), None)?;
                     }
                 }
                 None => {
@@ -538,9 +599,35 @@ impl Supervisor {
                         .set_vm_state(&vm.id, state, None, Some(&reason))?;
                     self.event(&vm.id, "exited", &reason);
                     self.unplug_nics(&vm.id, vm.nics.len()).await;
+                    let _ = std::fs::remove_file(paths.dir.join(AGENT_PAUSED));
+                    self.clean_jail(&vm.id).await;
                 }
             }
         }
+        // VMMs no record claims, or a second one of a VM.
+        let orphans: Vec<&(String, u32)> = jailed
+            .iter()
+            .filter(|(id, pid)| adopted.get(id) != Some(pid))
+            .collect();
+        for (id, pid) in &orphans {
+            tracing::warn!(vm = %id, "killing VMM pid {pid}: no VM record claims it");
+            // SAFETY: kill with a pid found in a jail's cgroup and a fixed
+            // signal.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        for (id, pid) in orphans {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                // Reaped by whoever inherited it from the agent that died.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !adopted.contains_key(id) {
+                self.clean_jail(id).await;
+            }
+        }
+        self.sweep_snapshots()?;
         Ok(())
     }
 

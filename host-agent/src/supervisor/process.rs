@@ -205,6 +205,33 @@ pub fn adopt(pid: u32, marker: &str) -> Option<ExitWatch> {
     pidfd(pid)
 }
 
+/// The processes in the jails' cgroups under `parent` (see jail.rs): the
+/// VM id (the cgroup's name) and pid of each, however the agent lost track
+/// of them (a crash between the jailer's start and the pid's record).
+pub fn jailed(parent: &str) -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+            continue;
+        };
+        let vm = cgroups.lines().find_map(|line| {
+            let path = line.splitn(3, ':').nth(2)?;
+            let (above, id) = path.rsplit_once('/')?;
+            (above.ends_with(&format!("/{parent}")) && !id.is_empty()).then(|| id.to_string())
+        });
+        if let Some(vm) = vm {
+            found.push((vm, pid));
+        }
+    }
+    found
+}
+
 /// The last non-empty line of a VMM log, without its timestamp prefix.
 pub fn last_log_line(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();

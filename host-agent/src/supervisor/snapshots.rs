@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nubis_api::{Vm, VmState};
 
 use super::vmfs::Dir;
-use super::{control, jail, Supervisor, SupervisorError, VmPaths};
+use super::{control, jail, Supervisor, SupervisorError, VmPaths, AGENT_PAUSED};
 use crate::disks;
 
 impl Supervisor {
@@ -27,13 +27,28 @@ impl Supervisor {
         let dir = self.snapshot_dir(id);
         let socket = self.paths(&vm.id).control;
         let was_running = vm.state == VmState::Running;
+        // Recorded before the pause: a restarted agent resumes the VM.
+        let paused_mark = self.paths(&vm.id).dir.join(AGENT_PAUSED);
         if was_running {
-            control::command(&socket, "pause").await?;
+            std::fs::write(&paused_mark, id).map_err(|source| SupervisorError::Files {
+                path: paused_mark.clone(),
+                source,
+            })?;
+            if let Err(err) = control::command(&socket, "pause").await {
+                let _ = std::fs::remove_file(&paused_mark);
+                return Err(err.into());
+            }
+            crate::crash::point("snapshot_paused");
         }
         let taken = self.save(vm, &socket, &dir).await;
         if was_running {
-            if let Err(err) = control::command(&socket, "resume").await {
-                tracing::error!(vm = %vm.id, "cannot resume after the snapshot: {err}");
+            match control::command(&socket, "resume").await {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&paused_mark);
+                }
+                Err(err) => {
+                    tracing::error!(vm = %vm.id, "cannot resume after the snapshot: {err}")
+                }
             }
         }
         match taken {
@@ -103,6 +118,29 @@ impl Supervisor {
             path: dir.to_path_buf(),
             source: std::io::Error::other(err.to_string()),
         })??;
+        Ok(())
+    }
+
+    /// Removes the files of snapshots that have no record: an agent that
+    /// stopped after writing them and before recording them (see
+    /// `http/snapshots.rs`). Run at start, before any snapshot is taken.
+    pub fn sweep_snapshots(&self) -> Result<(), SupervisorError> {
+        let store = self.config.data_dir.join("snapshots");
+        let Ok(entries) = std::fs::read_dir(&store) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if self.store.get_snapshot(None, &id)?.is_none() {
+                tracing::warn!(snapshot = %id, "removing the files of an unrecorded snapshot");
+                let path = entry.path();
+                let removed = match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&path),
+                    _ => std::fs::remove_file(&path),
+                };
+                removed.map_err(|source| SupervisorError::Files { path, source })?;
+            }
+        }
         Ok(())
     }
 
