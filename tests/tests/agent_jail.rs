@@ -288,6 +288,9 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     };
     assert_eq!(limit("Max core file size"), "0 0");
     assert_eq!(limit("Max open files"), "2048 2048");
+    // No file larger than its largest (64 MiB of RAM, in a snapshot) and
+    // 64 MiB of room.
+    assert_eq!(limit("Max file size"), "134217728 134217728");
 
     // cgroup limits from the VM's size: 2 vCPUs, 64 MiB + 96 MiB of VMM
     // overhead, vCPUs + 32 tasks.

@@ -138,6 +138,28 @@ pub fn disk_devices(vm: &Vm, paths: &VmPaths) -> Vec<(String, nubis_api::RateLim
         .collect()
 }
 
+/// Room a VMM's files get beyond the largest one it must write.
+const FILE_SIZE_SLACK: u64 = 64 << 20;
+
+/// The jail's RLIMIT_FSIZE: no file a VMM writes (a disk, a snapshot's
+/// memory, a disk received in a migration, its console and its log)
+/// grows beyond the largest of its disks and its RAM, plus some room; a
+/// guest cannot fill the host's disk through one of its VMM's files.
+pub fn file_size_limit(vm: &Vm, image: &Image, paths: &VmPaths) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::symlink_metadata(&paths.root_disk)
+        .map(|meta| meta.size())
+        .unwrap_or(0)
+        .max(image.rootfs_bytes);
+    let data = vm
+        .disks
+        .iter()
+        .map(|disk| disk.size_mib << 20)
+        .max()
+        .unwrap_or(0);
+    root.max(data).max(vm.memory_mib << 20) + FILE_SIZE_SLACK
+}
+
 /// The marker that a process's `/proc/PID/cgroup` lines end with when it
 /// is VM `vm_id`'s VMM.
 pub fn cgroup_marker(config: &JailConfig, vm_id: &str) -> String {
@@ -196,6 +218,9 @@ pub fn command(
     {
         command.arg("--cgroup").arg(limit);
     }
+    command
+        .arg("--resource-limit")
+        .arg(format!("fsize={}", file_size_limit(vm, image, paths)));
     if matches!(launch, Launch::Receive { .. }) {
         command.arg("--env").arg("NUBIS_MIGRATION_TOKEN");
     }
@@ -479,6 +504,8 @@ mod tests {
             "--mount /data/snapshots/s1:/restore:ro",
             "--cgroup memory.max=",
             "--pid-file /data/vms/vm-1/vmm.pid",
+            // RAM (256 MiB) is the largest file here, plus the slack.
+            "--resource-limit fsize=335544320",
             "-- --config /vm.json --restore /restore",
         ] {
             assert!(joined.contains(expected), "{expected:?} not in {joined}");

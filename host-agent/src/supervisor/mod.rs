@@ -12,6 +12,7 @@
 //! Operations on one VM are serialized by a per-VM lock; different VMs
 //! proceed in parallel. A watcher task per VMM records its exit.
 
+pub mod console;
 pub mod control;
 pub mod jail;
 pub mod migration;
@@ -302,6 +303,7 @@ impl Supervisor {
         let uid = self.jail_uid(&vm.id)?;
         let (dir, jail_dir) = jail::vm_dirs(paths, uid)?;
         jail::clear_leftovers(&jail_dir, uid)?;
+        console::rotate(&paths.dir, &jail_dir, uid, console::CONSOLE_CAP)?;
         if !receiving {
             // A VM restored from a snapshot starts from the snapshot's disks.
             let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
@@ -631,6 +633,39 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Keeps running VMs' console logs under their cap (see console.rs),
+    /// for as long as the agent runs.
+    pub fn spawn_console_rotation(self: &Arc<Self>) {
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(console::ROTATE_EVERY).await;
+                let Ok(vms) = supervisor.store.list_vms(None, None) else {
+                    continue;
+                };
+                for vm in vms.into_iter().filter(|vm| vm.state.has_process()) {
+                    let Ok(uid) = supervisor.jail_uid(&vm.id) else {
+                        continue;
+                    };
+                    let paths = supervisor.paths(&vm.id);
+                    let rotated = tokio::task::spawn_blocking(move || {
+                        let jail = vmfs::Dir::open(&paths.jail)?;
+                        console::rotate(&paths.dir, &jail, uid, console::CONSOLE_CAP)
+                    })
+                    .await;
+                    match rotated {
+                        Ok(Ok(true)) => tracing::info!(vm = %vm.id, "console log rotated"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(err)) => {
+                            tracing::warn!(vm = %vm.id, "cannot rotate the console log: {err}")
+                        }
+                        Err(err) => tracing::warn!(vm = %vm.id, "console rotation failed: {err}"),
+                    }
+                }
+            }
+        });
+    }
+
     pub fn console_path(&self, vm_id: &str) -> PathBuf {
         self.paths(vm_id).console
     }
@@ -711,23 +746,13 @@ fn vmm_config(
     })
 }
 
-/// Reads a console log from `offset`; at most `limit` bytes. The log is
-/// in the jailed VMM's directory: it is read only as a regular file of
-/// that directory's owner (never through a link, never a FIFO).
+/// Reads a VM's console from stream offset `offset`; at most `limit`
+/// bytes, and the offset after them (see console.rs: the stream spans a
+/// rotation). The log is in the jailed VMM's directory: it is read only as
+/// a regular file of that directory's owner (never through a link, never a
+/// FIFO).
 pub fn read_console(path: &Path, offset: u64, limit: usize) -> std::io::Result<(Vec<u8>, u64)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match vmfs::open_owned_by_dir(path) {
-        Ok(Some(file)) => file,
-        Ok(None) => return Ok((Vec::new(), 0)),
-        Err(err) => return Err(std::io::Error::other(err.to_string())),
-    };
-    let len = file.metadata()?.len();
-    let start = offset.min(len);
-    file.seek(SeekFrom::Start(start))?;
-    let mut data = Vec::new();
-    file.take(limit as u64).read_to_end(&mut data)?;
-    let next = start + data.len() as u64;
-    Ok((data, next))
+    console::read(path, offset, limit)
 }
 
 #[cfg(test)]

@@ -348,6 +348,12 @@ fn build(spec: &JailSpec, libraries: &[PathBuf], procs: &[PathBuf]) -> Result<()
     for limit in &spec.limits {
         limit.apply()?;
     }
+    // A write past RLIMIT_FSIZE fails (EFBIG) instead of killing the VMM:
+    // an ignored signal stays ignored across exec.
+    // SAFETY: signal with a valid signal number and SIG_IGN.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(os_error("ignore SIGXFSZ"));
+    }
     privileges::drop_to(spec.uid, spec.gid)?;
     Ok(())
 }
