@@ -8,7 +8,9 @@ use crate::{Image, Tenant, Vm};
 
 /// The bounds of a migration's limits (`MigrationCreate`).
 pub const MAX_DOWNTIME_MS: u64 = 60_000;
-pub const MAX_ROUNDS: std::ops::RangeInclusive<u32> = 1..=1000;
+/// (Rounds bound the pre-copy of a guest that never converges; the time
+/// limit ends it too.) The same bounds as the VMM's.
+pub const MAX_ROUNDS: std::ops::RangeInclusive<u32> = 0..=100_000_000;
 pub const MAX_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 /// `POST /v1/vms/{id}/migration`.
@@ -22,9 +24,10 @@ pub struct MigrationCreate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 60000)]
     pub downtime_ms: Option<u64>,
-    /// Copy rounds at most before the hand-over, 1 to 1000 (30 by default).
+    /// Copy rounds at most before the hand-over, 0 to 100000000 (30 by
+    /// default; 0 hands over after the first full copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 1000)]
+    #[schema(minimum = 0, maximum = 100000000)]
     pub max_rounds: Option<u32>,
     /// Seconds of copying at most before the hand-over, 1 to 86400 (300 by
     /// default).
@@ -130,8 +133,8 @@ mod tests {
         );
         for (bad, field) in [
             (limits(Some(60_001), None, None), "downtime_ms"),
-            (limits(None, Some(0), None), "max_rounds"),
-            (limits(None, Some(1001), None), "max_rounds"),
+            (limits(None, Some(100_000_001), None), "max_rounds"),
+            (limits(None, Some(u32::MAX), None), "max_rounds"),
             (limits(None, None, Some(0)), "max_seconds"),
             (limits(None, None, Some(u64::MAX)), "max_seconds"),
         ] {

@@ -14,7 +14,7 @@ const CHUNK: usize = 1 << 20;
 /// Errors in preparing a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("cannot read the image's root disk {path}: {source}")]
+    #[error("cannot read the disk to copy {path}: {source}")]
     Source {
         path: PathBuf,
         source: std::io::Error,
@@ -72,6 +72,31 @@ pub fn clone_disk(source: &Path, target: &Path) -> Result<CloneKind, DiskError> 
 }
 
 fn clone_into(source: &Path, target: &Path) -> Result<CloneKind, DiskError> {
+    let input = File::open(source).map_err(|source_err| DiskError::Source {
+        path: source.to_path_buf(),
+        source: source_err,
+    })?;
+    let output = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .map_err(|source| DiskError::Target {
+            path: target.to_path_buf(),
+            source,
+        })?;
+    copy_file(input, source, output, target)
+}
+
+/// Copies the open file `input` (named `source` in errors) into the new,
+/// empty `output` (named `target`): a reflink where the file system has
+/// them, else a sparse copy. Callers open both files themselves when a
+/// name cannot be trusted (see `supervisor/vmfs.rs`).
+pub fn copy_file(
+    mut input: File,
+    source: &Path,
+    mut output: File,
+    target: &Path,
+) -> Result<CloneKind, DiskError> {
     let source_error = |source_err| DiskError::Source {
         path: source.to_path_buf(),
         source: source_err,
@@ -80,13 +105,7 @@ fn clone_into(source: &Path, target: &Path) -> Result<CloneKind, DiskError> {
         path: target.to_path_buf(),
         source,
     };
-    let mut input = File::open(source).map_err(source_error)?;
     let len = input.metadata().map_err(source_error)?.len();
-    let mut output = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(target)
-        .map_err(target_error)?;
     // SAFETY: FICLONE takes the source descriptor by value; both
     // descriptors are open for the duration of the call.
     let cloned = unsafe { libc::ioctl(output.as_raw_fd(), FICLONE, input.as_raw_fd()) } == 0;
@@ -118,16 +137,24 @@ pub fn create_data_disk(path: &Path, size_mib: u64) -> Result<(), DiskError> {
 }
 
 fn sparse_file(path: &Path, size_mib: u64) -> Result<(), DiskError> {
-    let target_error = |source| DiskError::Target {
-        path: path.to_path_buf(),
-        source,
-    };
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(target_error)?;
-    file.set_len(size_mib << 20).map_err(target_error)
+        .map_err(|source| DiskError::Target {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    size_file(&file, path, size_mib)
+}
+
+/// Makes the open, empty `file` (named `path`) a sparse disk of `size_mib`.
+pub fn size_file(file: &File, path: &Path, size_mib: u64) -> Result<(), DiskError> {
+    file.set_len(size_mib << 20)
+        .map_err(|source| DiskError::Target {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

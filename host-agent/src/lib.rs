@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod crash;
 pub mod disks;
 pub mod http;
 pub mod ipv4;

@@ -121,6 +121,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .adopt_all()
         .await
         .map_err(|err| format!("cannot reconcile the VMs: {err}"))?;
+    supervisor.spawn_console_rotation();
     supervisor
         .reconcile_network()
         .await

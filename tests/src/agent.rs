@@ -69,6 +69,20 @@ pub fn http(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Reply {
+    try_http(address, method, path, token, body).unwrap_or_else(|| {
+        panic!("{method} {path}: the agent closed the connection without a reply")
+    })
+}
+
+/// One HTTP request to `address`; None when the connection closes with no
+/// reply (an agent that died meanwhile).
+pub fn try_http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Option<Reply> {
     let payload = body.map(Value::to_string);
     send(
         address,
@@ -96,6 +110,7 @@ pub fn http_raw(
         token,
         Some(("application/octet-stream", body)),
     )
+    .unwrap_or_else(|| panic!("{method} {path}: the agent closed the connection without a reply"))
 }
 
 fn send(
@@ -104,7 +119,7 @@ fn send(
     path: &str,
     token: Option<&str>,
     body: Option<(&str, &[u8])>,
-) -> Reply {
+) -> Option<Reply> {
     let mut stream = TcpStream::connect(address)
         .unwrap_or_else(|err| panic!("connect to the agent at {address}: {err}"));
     stream.set_read_timeout(Some(Duration::from_secs(300))).ok();
@@ -127,8 +142,10 @@ fn send(
     // The agent may answer (and close) before it has read a refused body.
     let _ = stream.write_all(payload);
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the reply");
-    parse_reply(&raw)
+    if stream.read_to_end(&mut raw).is_err() || raw.is_empty() {
+        return None;
+    }
+    Some(parse_reply(&raw))
 }
 
 fn parse_reply(raw: &[u8]) -> Reply {
@@ -220,7 +237,49 @@ impl Agent {
             OPERATOR_TOKEN,
             None,
             settings,
+            None,
         )
+    }
+
+    /// [`Agent::start_with`] with `NUBIS_AGENT_CRASH_AT=step` (see
+    /// host-agent/src/crash.rs, debug builds): it kills itself with
+    /// SIGKILL when it reaches that step.
+    pub fn start_crashing(data_dir: &Path, image_dir: &Path, settings: &Value, step: &str) -> Self {
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::launch(
+            data_dir,
+            image_dir,
+            None,
+            address,
+            address,
+            OPERATOR_TOKEN,
+            None,
+            settings,
+            Some(step),
+        )
+    }
+
+    /// A request that is expected to crash the agent (see
+    /// [`Agent::start_crashing`]); its reply if it answered anyway.
+    pub fn call_crashing(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Option<Reply> {
+        try_http(self.address, method, path, token, body)
+    }
+
+    /// Waits for the agent to have died (its crash hook, or a kill) and
+    /// lets it go without killing the VMMs it started, which its restarted
+    /// self must find: (how it exited, its log).
+    pub fn crashed(mut self) -> (Option<std::process::ExitStatus>, String) {
+        let status = self.child.take().and_then(|mut child| child.wait().ok());
+        let log = self.log();
+        // Its Drop would kill the VMMs and remove their cgroups.
+        std::mem::forget(self);
+        (status, log)
     }
 
     /// Starts an agent as another host (see [`RemoteHost`]).
@@ -234,6 +293,7 @@ impl Agent {
             host.operator_token,
             Some(host.underlay),
             &Value::Null,
+            None,
         )
     }
 
@@ -247,6 +307,7 @@ impl Agent {
         operator_token: &str,
         underlay: Option<std::net::Ipv4Addr>,
         settings: &Value,
+        crash_at: Option<&str>,
     ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let config = data_dir.join("agent.json");
@@ -260,8 +321,13 @@ impl Agent {
             document.extend(settings.clone());
         }
         std::fs::write(&config, document.to_string()).expect("write the agent config");
+        // Appended to: a restarted agent's log follows the crashed one's.
         let log = data_dir.join("agent.log");
-        let log_file = std::fs::File::create(&log).expect("create the agent log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("create the agent log");
         let agent_binary = crate::workspace_binary("nubis-agent");
         let mut command = match netns {
             Some(netns) => {
@@ -279,6 +345,9 @@ impl Agent {
         };
         if let Some(underlay) = underlay {
             command.arg("--underlay-address").arg(underlay.to_string());
+        }
+        if let Some(step) = crash_at {
+            command.env("NUBIS_AGENT_CRASH_AT", step);
         }
         let child = command
             .arg("--listen")

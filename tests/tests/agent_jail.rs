@@ -91,7 +91,7 @@ fn cgroup_dirs_exist(cgroup: &str, vm: &str) -> bool {
 }
 
 fn wait_for_console(agent: &Agent, vm: &str) {
-    let console = agent.data_dir.join("vms").join(vm).join("console.log");
+    let console = agent.data_dir.join("vms").join(vm).join("vm/console.log");
     let start = Instant::now();
     while std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) < 16 {
         assert!(start.elapsed() < WAIT, "{vm} printed nothing");
@@ -205,16 +205,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     // two device nodes; nothing else of the host.
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let listed = tree(&root);
-    let vm_files: BTreeSet<&str> = [
-        "vm.json",
-        "root.raw",
-        "data0.raw",
-        "console.log",
-        "control.sock",
-        "vmm.log",
-        "vmm.pid",
-    ]
-    .into();
+    let vm_files: BTreeSet<&str> = ["root.raw", "data0.raw", "console.log", "control.sock"].into();
     for path in &listed {
         let allowed = matches!(
             path.as_str(),
@@ -226,6 +217,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
                 | "dev/net"
                 | "dev/net/tun"
                 | "vm"
+                | "vm.json"
                 | "proc"
                 | "sys"
                 | "sys/module"
@@ -241,7 +233,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
         "boot/kernel",
         "dev/kvm",
         "dev/net/tun",
-        "vm/vm.json",
+        "vm.json",
         "vm/root.raw",
         "vm/data0.raw",
         "vm/control.sock",
@@ -252,14 +244,25 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
     assert!(kvm.file_type().is_char_device());
     assert_eq!((kvm.uid(), kvm.mode() & 0o777), (uid, 0o600));
-    // The jail's root cannot be written to, even by root.
+    // The jail's root cannot be written to, even by root; nor its config.
     assert!(std::fs::write(root.join("boot/planted"), b"x").is_err());
+    assert!(std::fs::write(root.join("vm.json"), b"x").is_err());
 
-    // The VM's directory and control socket: its user's only.
+    // The VM's directory is root's (the config, the VMM's log); the one
+    // its VMM writes in it and the control socket are its user's only.
     let vm_dir = data_dir.join("vms").join(a);
     let meta = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+    for name in ["vm.json", "vmm.log", "vmm.pid"] {
+        assert_eq!(
+            std::fs::metadata(vm_dir.join(name)).unwrap().uid(),
+            0,
+            "{name}"
+        );
+    }
+    let meta = std::fs::metadata(vm_dir.join("vm")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
-    let socket = vm_dir.join("control.sock");
+    let socket = vm_dir.join("vm/control.sock");
     let meta = std::fs::metadata(&socket).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
     // The tap is the VM user's, which is how the VMM attached to it
@@ -285,6 +288,9 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     };
     assert_eq!(limit("Max core file size"), "0 0");
     assert_eq!(limit("Max open files"), "2048 2048");
+    // No file larger than its largest (64 MiB of RAM, in a snapshot) and
+    // 64 MiB of room.
+    assert_eq!(limit("Max file size"), "134217728 134217728");
 
     // cgroup limits from the VM's size: 2 vCPUs, 64 MiB + 96 MiB of VMM
     // overhead, vCPUs + 32 tasks.
@@ -300,7 +306,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     // I/O: the disks' limits added up on the block device their files are
     // on (where there is one).
     let device = {
-        let dev = std::fs::metadata(data_dir.join("vms").join(a).join("root.raw"))
+        let dev = std::fs::metadata(data_dir.join("vms").join(a).join("vm/root.raw"))
             .unwrap()
             .dev();
         let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
@@ -516,14 +522,14 @@ fn a_vm_that_outgrows_its_memory_limit_is_stopped_alone() {
             .contains("signal 9"),
         "{shown}"
     );
-    let console = std::fs::read_to_string(data_dir.join("vms").join(greedy).join("console.log"))
+    let console = std::fs::read_to_string(data_dir.join("vms").join(greedy).join("vm/console.log"))
         .unwrap_or_default();
     assert!(
         console.contains("FILLING") && !console.contains("FILLED"),
         "{console}"
     );
     // The other VM counts on and the agent answers.
-    let steady_console = data_dir.join("vms").join(steady).join("console.log");
+    let steady_console = data_dir.join("vms").join(steady).join("vm/console.log");
     let before = std::fs::metadata(&steady_console).unwrap().len();
     let start = Instant::now();
     while std::fs::metadata(&steady_console).unwrap().len() == before {

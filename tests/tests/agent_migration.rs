@@ -26,7 +26,7 @@ const TOKEN_B: &str = "host-b-operator-token-0002";
 const WAIT: Duration = Duration::from_secs(120);
 
 fn console_path(agent: &Agent, vm: &str) -> PathBuf {
-    agent.data_dir.join("vms").join(vm).join("console.log")
+    agent.data_dir.join("vms").join(vm).join("vm/console.log")
 }
 
 fn wait_for_output(path: &Path) -> Vec<u8> {

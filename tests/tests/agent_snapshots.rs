@@ -20,8 +20,9 @@ fn console(agent: &Agent, vm: &str) -> Vec<u8> {
     std::fs::read(vm_dir(agent, vm).join("console.log")).unwrap_or_default()
 }
 
+/// The VM's files that its jailed VMM writes (disks, console).
 fn vm_dir(agent: &Agent, vm: &str) -> PathBuf {
-    agent.data_dir.join("vms").join(vm)
+    agent.data_dir.join("vms").join(vm).join("vm")
 }
 
 fn wait_for_growth(agent: &Agent, vm: &str, beyond: usize) -> Vec<u8> {

@@ -19,6 +19,7 @@ use super::hosts::peer_failed;
 use super::{overlay, vms, AppState, Body, Caller, HttpError, Result};
 use crate::store::Peer;
 use crate::supervisor::control;
+use crate::supervisor::migration as handover;
 use crate::supervisor::networking::nic_address;
 
 /// The migrations this host drives (or drove), by VM id.
@@ -213,7 +214,12 @@ async fn drive(
     if let Some(seconds) = limits.max_seconds {
         request["max_seconds"] = seconds.into();
     }
+    // Recorded before the VMM may hand the VM over: from here on a
+    // restarted agent does not start it again (see `supervisor::migration`).
+    let paths = state.supervisor.paths(&vm.id);
+    handover::record_handover(&paths, &peer.host.name)?;
     if let Err(err) = control::request(&socket, request).await {
+        handover::clear_handover(&paths)?;
         abort_destination(state, peer, &vm.id).await;
         return Err(crate::supervisor::SupervisorError::from(err).into());
     }
@@ -254,7 +260,10 @@ async fn drive(
         }
     };
     match phase.as_str() {
-        "completed" => finish(state, &vm, peer, local).await,
+        "completed" => {
+            crate::crash::point("migration_handed_over");
+            finish(state, &vm, peer, local).await
+        }
         "unconfirmed" => {
             // Does the destination run it? Then it is there; otherwise it
             // runs on here.
@@ -264,6 +273,7 @@ async fn drive(
                 finish(state, &vm, peer, local).await
             } else {
                 let _ = control::command(&socket, "resume").await;
+                handover::clear_handover(&paths)?;
                 abort_destination(state, peer, &vm.id).await;
                 Err(failed(
                     "the hand-over was not confirmed; the VM runs on here".into(),
@@ -271,6 +281,7 @@ async fn drive(
             }
         }
         _ => {
+            handover::clear_handover(&paths)?;
             abort_destination(state, peer, &vm.id).await;
             let error = state
                 .migrations
@@ -411,9 +422,10 @@ pub(crate) async fn show(
     tag = "vms",
     params(("id" = String, Path, description = "the VM's id (or name)")),
     responses(
-        (status = 204, description = "cancelled: the VM runs on here"),
+        (status = 204, description = "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)"),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+        (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
         (status = 409, description = "no migration runs", body = ApiError)
     ),
     security(("bearer" = []))
@@ -424,7 +436,16 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let vm = vms::find(&state, &caller, &id)?;
-    if state.migrations.get(&vm.id).is_none_or(|m| m.is_over()) {
+    let paths = state.supervisor.paths(&vm.id);
+    let runs = state.migrations.get(&vm.id).is_some_and(|m| !m.is_over());
+    if !runs && handover::handed_over_to(&paths).is_some() {
+        // A hand-over this agent did not see to its end (it stopped): the
+        // operator, having checked the destination, lets the VM start here.
+        caller.require_operator()?;
+        handover::clear_handover(&paths)?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if !runs {
         return Err(HttpError::new(
             ErrorCode::Conflict,
             "no migration of this VM runs",

@@ -117,7 +117,12 @@ impl From<StoreError> for HttpError {
 impl From<SupervisorError> for HttpError {
     fn from(error: SupervisorError) -> Self {
         let code = match &error {
-            SupervisorError::WrongState(_) => ErrorCode::Conflict,
+            SupervisorError::WrongState(_) | SupervisorError::MigratedAway(_) => {
+                ErrorCode::Conflict
+            }
+            SupervisorError::VmFiles(crate::supervisor::vmfs::VmFsError::Unsafe { .. }) => {
+                ErrorCode::Conflict
+            }
             SupervisorError::StartFailed(_) | SupervisorError::Disk(_) => ErrorCode::Unprocessable,
             SupervisorError::Store(StoreError::Quota(_)) => ErrorCode::QuotaExceeded,
             SupervisorError::NoUnderlay(_) => ErrorCode::Unprocessable,
@@ -139,6 +144,18 @@ impl Caller {
         match &self.0 {
             Principal::Operator => None,
             Principal::Tenant(id) => Some(id),
+        }
+    }
+
+    /// For a check that depends on the request: most operator-only
+    /// endpoints take [`Operator`] instead.
+    pub fn require_operator(&self) -> Result<()> {
+        match self.0 {
+            Principal::Operator => Ok(()),
+            Principal::Tenant(_) => Err(HttpError::new(
+                ErrorCode::Forbidden,
+                "this endpoint is for the operator",
+            )),
         }
     }
 

@@ -45,6 +45,8 @@ pub(crate) async fn create(
     check_quota(&state, &vm)?;
     let snapshot_id = state.store.new_snapshot_id()?;
     let size = state.supervisor.snapshot(&vm, &snapshot_id).await?;
+    // Files without a record are swept at the agent's next start.
+    crate::crash::point("snapshot_written");
     let snapshot = match state.store.record_snapshot(&snapshot_id, &vm, size) {
         Ok(snapshot) => snapshot,
         Err(err) => {

@@ -198,9 +198,16 @@ mod tests {
         assert_eq!(saved.vm.nics[0].mac.as_deref(), Some("02:4e:42:00:00:09"));
         assert!(store.get_snapshot(Some("t-other"), &id).unwrap().is_none());
         assert_eq!(store.list_snapshots(None).unwrap(), vec![snapshot]);
-        // The VM may go; its snapshot stays.
+        // The VM may go; its snapshot stays, and so does its tenant.
         assert!(store.delete_vm(&vm.id).unwrap());
         assert!(store.get_snapshot(None, &id).unwrap().is_some());
+        match store.delete_tenant(&tenant) {
+            Err(StoreError::InUse(message)) => {
+                assert!(message.contains("1 snapshot(s)"), "{message}");
+                assert!(!message.contains("VM(s)"), "{message}");
+            }
+            other => panic!("a tenant with a snapshot was deleted: {other:?}"),
+        }
         assert!(store.delete_snapshot(&id).unwrap());
         assert!(store.list_snapshots(Some(&tenant)).unwrap().is_empty());
     }

@@ -96,16 +96,24 @@ impl Store {
     /// Deletes a tenant and its tokens; refused while it has VMs or images.
     pub fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
         let conn = self.conn();
-        let owned: u32 = conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM vms WHERE tenant_id = ?1)
-                  + (SELECT COUNT(*) FROM images WHERE tenant_id = ?1)
-                  + (SELECT COUNT(*) FROM networks WHERE tenant_id = ?1)",
+        let owned: [u32; 4] = conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM vms WHERE tenant_id = ?1),
+                    (SELECT COUNT(*) FROM images WHERE tenant_id = ?1),
+                    (SELECT COUNT(*) FROM networks WHERE tenant_id = ?1),
+                    (SELECT COUNT(*) FROM snapshots WHERE tenant_id = ?1)",
             [id],
-            |row| row.get(0),
+            |row| Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?]),
         )?;
-        if owned > 0 {
+        let left: Vec<String> = owned
+            .iter()
+            .zip(["VM(s)", "image(s)", "network(s)", "snapshot(s)"])
+            .filter(|(count, _)| **count > 0)
+            .map(|(count, what)| format!("{count} {what}"))
+            .collect();
+        if !left.is_empty() {
             return Err(StoreError::InUse(format!(
-                "tenant {id} still has {owned} VM(s), image(s) or network(s): delete them first"
+                "tenant {id} still has {}: delete them first",
+                left.join(", ")
             )));
         }
         Ok(conn.execute("DELETE FROM tenants WHERE id = ?1", [id])? > 0)

@@ -3,34 +3,46 @@
 //! files, the VM's own unprivileged uid/gid, no capabilities, rlimits, and
 //! a cgroup whose limits follow the VM's size.
 //!
-//! Inside the jail the VM's directory is `/vm` (its config, disks, control
-//! socket and console), the image's kernel and initrd are read-only under
-//! `/boot`, and a snapshot being restored is read-only at `/restore`. The
-//! VMM's config names those paths; the agent reaches the same files
-//! through the VM's directory on the host.
+//! Inside the jail the VM's own directory is `/vm` (disks, control socket,
+//! console; `DATA_DIR/vms/ID/vm` on the host), its config `/vm.json`
+//! (read-only), the image's kernel and initrd are read-only under `/boot`,
+//! and a snapshot being restored is read-only at `/restore`. The VMM's
+//! config names those paths; the agent reaches the same files through the
+//! VM's directories on the host, never following a link in the one the
+//! VMM writes (see vmfs.rs).
 
 use std::path::{Path, PathBuf};
 
 use nubis_api::{Image, Vm};
 
 use super::process::Launch;
-use super::{SupervisorError, VmPaths};
+use super::vmfs::{self, Dir};
+use super::{
+    data_disk_name, SupervisorError, VmPaths, CONFIG, CONSOLE, CONTROL, JAIL_SUBDIR, ROOT_DISK,
+    VMM_LOG,
+};
 use crate::config::JailConfig;
 
 /// The VM's directory inside its jail.
 pub const VM_DIR: &str = "/vm";
+/// The VMM's config inside its jail (read-only: it stays root's).
+pub const VM_CONFIG: &str = "/vm.json";
 pub const KERNEL: &str = "/boot/kernel";
 pub const INITRD: &str = "/boot/initrd";
 pub const RESTORE: &str = "/restore";
 /// The directory in a VM's directory that a snapshot is written to (then
 /// moved to the snapshot store).
 pub const SNAPSHOT_OUT: &str = "snapshot";
-/// Where the jailer writes the VMM's pid, in the VM's directory.
+/// Where the jailer writes the VMM's pid, in the agent's VM directory.
 pub const PID_FILE: &str = "vmm.pid";
 
 /// The VM's paths as its jailed VMM sees them.
 pub fn inside_paths() -> VmPaths {
-    VmPaths::under(PathBuf::from(VM_DIR))
+    VmPaths::with(
+        PathBuf::from(VM_DIR),
+        PathBuf::from(VM_DIR),
+        PathBuf::from(VM_CONFIG),
+    )
 }
 
 /// The image as the jailed VMM sees it.
@@ -126,6 +138,28 @@ pub fn disk_devices(vm: &Vm, paths: &VmPaths) -> Vec<(String, nubis_api::RateLim
         .collect()
 }
 
+/// Room a VMM's files get beyond the largest one it must write.
+const FILE_SIZE_SLACK: u64 = 64 << 20;
+
+/// The jail's RLIMIT_FSIZE: no file a VMM writes (a disk, a snapshot's
+/// memory, a disk received in a migration, its console and its log)
+/// grows beyond the largest of its disks and its RAM, plus some room; a
+/// guest cannot fill the host's disk through one of its VMM's files.
+pub fn file_size_limit(vm: &Vm, image: &Image, paths: &VmPaths) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::symlink_metadata(&paths.root_disk)
+        .map(|meta| meta.size())
+        .unwrap_or(0)
+        .max(image.rootfs_bytes);
+    let data = vm
+        .disks
+        .iter()
+        .map(|disk| disk.size_mib << 20)
+        .max()
+        .unwrap_or(0);
+    root.max(data).max(vm.memory_mib << 20) + FILE_SIZE_SLACK
+}
+
 /// The marker that a process's `/proc/PID/cgroup` lines end with when it
 /// is VM `vm_id`'s VMM.
 pub fn cgroup_marker(config: &JailConfig, vm_id: &str) -> String {
@@ -169,7 +203,8 @@ pub fn command(
         spec.push(format!(":{inside}{}", if read_only { ":ro" } else { "" }));
         command.arg("--mount").arg(spec);
     };
-    mount(&paths.dir, VM_DIR, false);
+    mount(&paths.jail, VM_DIR, false);
+    mount(&paths.vmm_config, VM_CONFIG, true);
     mount(Path::new(&image.kernel), KERNEL, true);
     if let Some(initrd) = &image.initrd {
         mount(Path::new(initrd), INITRD, true);
@@ -183,6 +218,9 @@ pub fn command(
     {
         command.arg("--cgroup").arg(limit);
     }
+    command
+        .arg("--resource-limit")
+        .arg(format!("fsize={}", file_size_limit(vm, image, paths)));
     if matches!(launch, Launch::Receive { .. }) {
         command.arg("--env").arg("NUBIS_MIGRATION_TOKEN");
     }
@@ -205,74 +243,146 @@ pub fn command(
     command
 }
 
-fn chown(path: &Path, uid: u32) -> Result<(), SupervisorError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(|source| SupervisorError::Files {
-        path: path.to_path_buf(),
+/// Opens VM `paths`' directories, made if missing: the agent's (root's,
+/// 0700: the VMM config, its log, the pid file) and the jailed VMM's in
+/// it (the VM user's, 0700). A directory laid out by an older agent (one
+/// directory, the VM user's) is taken back: its disks and console move to
+/// the jailed VMM's directory, the rest, which that VMM could have
+/// replaced, goes.
+pub fn vm_dirs(paths: &VmPaths, uid: u32) -> Result<(Dir, Dir), SupervisorError> {
+    let (Some(parent), Some(name)) = (paths.dir.parent(), paths.dir.file_name()) else {
+        return Err(SupervisorError::Files {
+            path: paths.dir.clone(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        });
+    };
+    std::fs::create_dir_all(parent).map_err(|source| SupervisorError::Files {
+        path: parent.to_path_buf(),
         source,
-    })
-}
-
-fn chmod(path: &Path, mode: u32) -> Result<(), SupervisorError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        SupervisorError::Files {
-            path: path.to_path_buf(),
-            source,
+    })?;
+    let dir = Dir::open(parent)?.make_dir(&name.to_string_lossy(), 0o700)?;
+    let legacy = dir.stat()?.st_uid != 0;
+    dir.set_owner_mode(0, 0o700)?;
+    let fresh = dir.stat_at(JAIL_SUBDIR)?.is_none();
+    let jail = dir.make_dir(JAIL_SUBDIR, 0o700)?;
+    jail.set_owner_mode(uid, 0o700)?;
+    if legacy && fresh {
+        for name in [ROOT_DISK.to_string(), CONSOLE.to_string()]
+            .into_iter()
+            .chain((0..64).map(data_disk_name))
+        {
+            if dir.stat_at(&name)?.is_some() {
+                dir.rename_to(&name, &jail, &name, true)?;
+            }
         }
-    })
+        for name in [CONFIG, VMM_LOG, PID_FILE, CONTROL, SNAPSHOT_OUT] {
+            dir.remove(name)?;
+        }
+    }
+    Ok((dir, jail))
 }
 
-/// Hands the VM's directory and the files its VMM writes to its user:
-/// the directory is reachable by that user only; the config stays root's.
-pub fn own_files(paths: &VmPaths, vm: &Vm, uid: u32) -> Result<(), SupervisorError> {
-    chown(&paths.dir, uid)?;
-    chmod(&paths.dir, 0o700)?;
-    let mut files = vec![
-        paths.root_disk.clone(),
-        paths.console.clone(),
-        paths.control.clone(),
-    ];
-    files.extend((0..vm.disks.len()).map(|index| paths.data_disk(index)));
-    for file in files {
-        if file.exists() {
-            chown(&file, uid)?;
+/// Clears what a VMM that no longer runs left in its directory and the
+/// next one would trip over: its control socket, a snapshot's output, and
+/// a console log that is not a plain file of its own.
+pub fn clear_leftovers(jail: &Dir, uid: u32) -> Result<(), SupervisorError> {
+    jail.remove(CONTROL)?;
+    jail.remove(SNAPSHOT_OUT)?;
+    for name in [CONSOLE.to_string(), format!("{CONSOLE}.1")] {
+        if let Some(stat) = jail.stat_at(&name)? {
+            if vmfs::check_regular(&stat, uid, &jail.join(&name)).is_err() {
+                tracing::warn!("removing {}: not a plain file", jail.join(&name).display());
+                jail.remove(&name)?;
+            }
         }
     }
     Ok(())
 }
 
-/// An empty directory for the VMM to write a snapshot into, in its VM
-/// directory (the only place it can write).
-pub fn snapshot_out(paths: &VmPaths, uid: u32) -> Result<PathBuf, SupervisorError> {
-    let dir = paths.dir.join(SNAPSHOT_OUT);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|source| SupervisorError::Files {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-    std::fs::create_dir(&dir).map_err(|source| SupervisorError::Files {
-        path: dir.clone(),
-        source,
-    })?;
-    chown(&dir, uid)?;
-    Ok(dir)
+/// What a new disk is made from.
+pub enum DiskSource {
+    /// A copy (a reflink where possible) of a file that no VMM can write
+    /// (an image's, a snapshot's).
+    Copy(PathBuf),
+    /// A sparse file of this many MiB.
+    Empty(u64),
 }
 
-/// A snapshot's files once they left the VM's directory: root's, and
-/// readable by whichever VM's user restores them (through its jail's
-/// read-only mount; the snapshot store itself is root's only).
-pub fn seal_snapshot(dir: &Path) -> Result<(), SupervisorError> {
-    chown(dir, 0)?;
-    chmod(dir, 0o755)?;
-    let entries = std::fs::read_dir(dir).map_err(|source| SupervisorError::Files {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        chown(&entry.path(), 0)?;
-        chmod(&entry.path(), 0o644)?;
+/// Checks disk `name` of the jailed VMM's directory if it is there (a
+/// regular file of the VM's user, one link), or makes it from `source`:
+/// written in the agent's directory, given to the VM's user, then moved
+/// into place (never over an entry that appeared meanwhile). Returns
+/// whether it was made.
+pub fn prepare_disk(
+    dir: &Dir,
+    jail: &Dir,
+    name: &str,
+    uid: u32,
+    source: DiskSource,
+) -> Result<bool, SupervisorError> {
+    if jail.stat_at(name)?.is_some() {
+        jail.open_file(name, libc::O_RDONLY, uid)?;
+        return Ok(false);
     }
+    let partial = format!(".{name}.partial");
+    dir.remove(&partial)?;
+    let shown = dir.join(&partial);
+    let made = (|| -> Result<(), SupervisorError> {
+        let output = dir.create_new(&partial, 0o600)?;
+        vmfs::set_owner_mode(&output, &shown, uid, 0o600)?;
+        match &source {
+            DiskSource::Copy(path) => {
+                let input = std::fs::File::open(path).map_err(|source| {
+                    crate::disks::DiskError::Source {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                crate::disks::copy_file(input, path, output, &shown)?;
+            }
+            DiskSource::Empty(size_mib) => crate::disks::size_file(&output, &shown, *size_mib)?,
+        }
+        dir.rename_to(&partial, jail, name, true)?;
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = dir.remove(&partial);
+    }
+    made.map(|()| true)
+}
+
+/// An empty directory for the VMM to write a snapshot into, in its own
+/// directory (the only place it can write); whatever was there goes.
+pub fn snapshot_out(jail: &Dir, uid: u32) -> Result<(), SupervisorError> {
+    jail.remove(SNAPSHOT_OUT)?;
+    let out = jail.make_dir(SNAPSHOT_OUT, 0o700)?;
+    out.set_owner_mode(uid, 0o700)?;
+    Ok(())
+}
+
+/// A snapshot's directory once it left the VM's directory: it must be a
+/// directory of the VM's user holding only regular files of its own with
+/// one link each (what a VMM writes); it becomes root's (first, so that
+/// the VMM can add nothing more), its files readable by whichever VM's user
+/// restores them (through its jail's read-only mount; the snapshot store
+/// itself is root's only).
+pub fn seal_snapshot(path: &Path, uid: u32) -> Result<(), SupervisorError> {
+    let dir = Dir::open(path)?;
+    let owner = dir.stat()?.st_uid;
+    if owner != uid {
+        return Err(vmfs::VmFsError::Unsafe {
+            path: path.to_path_buf(),
+            found: format!("a directory owned by uid {owner}"),
+            wanted: format!("the VM user's (uid {uid})"),
+        }
+        .into());
+    }
+    dir.set_owner_mode(0, 0o700)?;
+    for name in dir.names()? {
+        let file = dir.open_file(&name, libc::O_RDONLY, uid)?;
+        vmfs::set_owner_mode(&file, &dir.join(&name), 0, 0o644)?;
+    }
+    dir.set_owner_mode(0, 0o755)?;
     Ok(())
 }
 
@@ -387,13 +497,16 @@ mod tests {
         for expected in [
             "--id vm-1",
             "--uid 900003 --gid 900003",
-            "--mount /data/vms/vm-1:/vm ",
+            "--mount /data/vms/vm-1/vm:/vm ",
+            "--mount /data/vms/vm-1/vm.json:/vm.json:ro",
             "--mount /images/vmlinux:/boot/kernel:ro",
             "--mount /images/initrd:/boot/initrd:ro",
             "--mount /data/snapshots/s1:/restore:ro",
             "--cgroup memory.max=",
             "--pid-file /data/vms/vm-1/vmm.pid",
-            "-- --config /vm/vm.json --restore /restore",
+            // RAM (256 MiB) is the largest file here, plus the slack.
+            "--resource-limit fsize=335544320",
+            "-- --config /vm.json --restore /restore",
         ] {
             assert!(joined.contains(expected), "{expected:?} not in {joined}");
         }

@@ -5,7 +5,42 @@
 use nubis_api::{Image, Vm, VmState};
 
 use super::process::Launch;
-use super::{Supervisor, SupervisorError};
+use super::{Supervisor, SupervisorError, VmPaths};
+
+/// In the source's agent VM directory from before its VMM is told to
+/// migrate until the VM runs on here again (a failed or cancelled
+/// migration) or is gone (a completed one): the destination host's name. A
+/// VM with it is never started again here (two copies could run); an
+/// agent that stopped mid-migration leaves it for the operator.
+pub const MIGRATION_MARK: &str = "migrating-to";
+
+/// Records that `paths`' VM is being handed over to `host`.
+pub fn record_handover(paths: &VmPaths, host: &str) -> Result<(), SupervisorError> {
+    let path = paths.dir.join(MIGRATION_MARK);
+    let mut partial = path.clone().into_os_string();
+    partial.push(".partial");
+    std::fs::write(&partial, host)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|source| SupervisorError::Files { path, source })
+}
+
+/// The host a hand-over of `paths`' VM was recorded to, if one was.
+pub fn handed_over_to(paths: &VmPaths) -> Option<String> {
+    std::fs::read_to_string(paths.dir.join(MIGRATION_MARK))
+        .ok()
+        .map(|host| host.trim().to_string())
+}
+
+/// The VM runs on here after all.
+pub fn clear_handover(paths: &VmPaths) -> Result<(), SupervisorError> {
+    let path = paths.dir.join(MIGRATION_MARK);
+    match std::fs::remove_file(&path) {
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            Err(SupervisorError::Files { path, source })
+        }
+        _ => Ok(()),
+    }
+}
 
 impl Supervisor {
     /// Starts the VMM that receives `vm` on `listen`; the VM is `starting`
@@ -21,6 +56,9 @@ impl Supervisor {
         let uid = self.jail_uid(&vm.id)?;
         self.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, true).await?;
+        // Recorded first, as for a start (see `Supervisor::start`).
+        self.store
+            .set_vm_state(&vm.id, VmState::Starting, None, None)?;
         let spawned = self
             .spawn_jailed(vm, image, &paths, uid, &Launch::Receive { listen, token })
             .await?;

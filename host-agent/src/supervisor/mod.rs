@@ -1,18 +1,25 @@
 //! Running VMs: one `nubis-vmm` process per VM, in its own process group
-//! with its files in `DATA_DIR/vms/ID/` (VMM config, control socket,
-//! console log, VMM log, disks), so that it outlives the agent: an agent
-//! that restarts adopts the VMMs still running and records why the others
-//! ended.
+//! with its files in `DATA_DIR/vms/ID/`, so that it outlives the agent: an
+//! agent that restarts adopts the VMMs still running and records why the
+//! others ended.
+//!
+//! `DATA_DIR/vms/ID/` is root's (0700): what the agent writes (the VMM
+//! config, the VMM log, the jailer's pid file). What the jailed VMM writes
+//! (disks, console log, control socket, snapshot output) is in its `vm/`
+//! subdirectory, the VM user's and `/vm` in the jail; the agent reaches
+//! files there only through `vmfs` (no link followed, see vmfs.rs).
 //!
 //! Operations on one VM are serialized by a per-VM lock; different VMs
 //! proceed in parallel. A watcher task per VMM records its exit.
 
+pub mod console;
 pub mod control;
 pub mod jail;
 pub mod migration;
 pub mod networking;
 mod process;
 pub mod snapshots;
+pub mod vmfs;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +31,7 @@ use nubis_api::{Image, Network, Vm, VmState};
 use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
-use crate::disks::{self, DiskError};
+use crate::disks::DiskError;
 use crate::network::dhcp_server::{DhcpServerError, DhcpServers};
 use crate::network::firewall::FirewallError;
 use crate::network::{self, NetworkError};
@@ -52,6 +59,8 @@ pub enum SupervisorError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    VmFiles(#[from] vmfs::VmFsError),
     #[error("cannot start {binary}: {source}")]
     Spawn {
         binary: PathBuf,
@@ -62,6 +71,12 @@ pub enum SupervisorError {
     #[error("the VM is {0}, which does not allow this")]
     WrongState(&'static str),
     #[error(
+        "the VM was being migrated to host '{0}' when this agent stopped: it may run there now, \
+         so it is not started here; check that host, then delete the VM here or there (an \
+         operator's DELETE of its migration clears this)"
+    )]
+    MigratedAway(String),
+    #[error(
         "network {0} spans hosts, but this agent has no underlay address (--underlay-address)"
     )]
     NoUnderlay(String),
@@ -69,7 +84,11 @@ pub enum SupervisorError {
 
 /// Where one VM's files live.
 pub struct VmPaths {
+    /// The agent's own (root's): config, VMM log, pid file.
     pub dir: PathBuf,
+    /// The jailed VMM's (its user's, `/vm` in the jail): disks, console,
+    /// control socket.
+    pub jail: PathBuf,
     pub vmm_config: PathBuf,
     pub control: PathBuf,
     pub console: PathBuf,
@@ -77,23 +96,48 @@ pub struct VmPaths {
     pub root_disk: PathBuf,
 }
 
+/// The subdirectory of a VM's directory that its jailed VMM writes.
+pub const JAIL_SUBDIR: &str = "vm";
+pub const CONFIG: &str = "vm.json";
+pub const CONTROL: &str = "control.sock";
+pub const CONSOLE: &str = "console.log";
+pub const VMM_LOG: &str = "vmm.log";
+
 impl VmPaths {
     /// The files of a VM whose directory is `dir`.
     pub fn under(dir: PathBuf) -> Self {
+        Self::with(dir.clone(), dir.join(JAIL_SUBDIR), dir.join(CONFIG))
+    }
+
+    /// The files of a VM whose agent directory is `dir`, jailed VMM's
+    /// directory `jail` and VMM config `config`.
+    pub fn with(dir: PathBuf, jail: PathBuf, config: PathBuf) -> Self {
         Self {
-            vmm_config: dir.join("vm.json"),
-            control: dir.join("control.sock"),
-            console: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            root_disk: dir.join(ROOT_DISK),
+            vmm_config: config,
+            control: jail.join(CONTROL),
+            console: jail.join(CONSOLE),
+            vmm_log: dir.join(VMM_LOG),
+            root_disk: jail.join(ROOT_DISK),
+            jail,
             dir,
         }
     }
 
     pub fn data_disk(&self, index: usize) -> PathBuf {
-        self.dir.join(data_disk_name(index))
+        self.jail.join(data_disk_name(index))
+    }
+
+    /// The names of the VM's disk files in its jail directory.
+    pub fn disk_names(vm: &Vm) -> Vec<String> {
+        std::iter::once(ROOT_DISK.to_string())
+            .chain((0..vm.disks.len()).map(data_disk_name))
+            .collect()
     }
 }
+
+/// In the agent's VM directory while a snapshot has the VM paused: a
+/// restarted agent resumes the VM.
+pub const AGENT_PAUSED: &str = "snapshot-paused";
 
 /// The root disk's file name, in a VM's directory and in a snapshot's.
 pub const ROOT_DISK: &str = "root.raw";
@@ -168,7 +212,6 @@ impl Supervisor {
         uid: u32,
         launch: &process::Launch<'_>,
     ) -> Result<process::Spawned, SupervisorError> {
-        jail::own_files(paths, vm, uid)?;
         let command = jail::command(
             &self.config.jail,
             &self.config.vmm_binary,
@@ -203,6 +246,9 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let paths = self.paths(&vm.id);
+        if let Some(host) = migration::handed_over_to(&paths) {
+            return Err(SupervisorError::MigratedAway(host));
+        }
         let uid = self.jail_uid(&vm.id)?;
         self.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, false).await?;
@@ -211,9 +257,18 @@ impl Supervisor {
             Some(dir) => process::Launch::Restore(dir),
             None => process::Launch::Boot,
         };
-        // A socket left by a VMM that died cannot be bound over by a file
-        // of another kind, but a stale one is replaced by the VMM itself.
-        let spawned = self.spawn_jailed(vm, image, &paths, uid, &launch).await?;
+        // Recorded first: an agent that stops before the pid is recorded
+        // finds the VMM in its cgroup when it restarts (see `adopt_all`).
+        self.store
+            .set_vm_state(&vm.id, VmState::Starting, None, None)?;
+        let spawned = match self.spawn_jailed(vm, image, &paths, uid, &launch).await {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                self.store.set_vm_state(&vm.id, vm.state, None, None)?;
+                return Err(err);
+            }
+        };
+        crate::crash::point("vm_spawned");
         let pid = spawned.pid;
         self.store
             .set_vm_state(&vm.id, VmState::Starting, Some(pid), None)?;
@@ -241,7 +296,7 @@ impl Supervisor {
         }
     }
 
-    /// The VM's directory, disks and VMM config; a VM `receiving` a
+    /// The VM's directories, disks and VMM config; a VM `receiving` a
     /// migration gets its disks from the source instead.
     async fn prepare_files(
         &self,
@@ -250,52 +305,42 @@ impl Supervisor {
         paths: &VmPaths,
         receiving: bool,
     ) -> Result<(), SupervisorError> {
-        std::fs::create_dir_all(&paths.dir).map_err(|source| SupervisorError::Files {
-            path: paths.dir.clone(),
-            source,
-        })?;
-        if receiving {
-            return self.write_vmm_config(vm, image, paths);
-        }
-        // A VM restored from a snapshot starts from the snapshot's disks.
-        let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
-        if !paths.root_disk.exists() {
-            let source = match &saved {
+        let uid = self.jail_uid(&vm.id)?;
+        let (dir, jail_dir) = jail::vm_dirs(paths, uid)?;
+        jail::clear_leftovers(&jail_dir, uid)?;
+        console::rotate(&paths.dir, &jail_dir, uid, console::CONSOLE_CAP)?;
+        if !receiving {
+            // A VM restored from a snapshot starts from the snapshot's disks.
+            let saved = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
+            let mut sources = vec![jail::DiskSource::Copy(match &saved {
                 Some(dir) => dir.join(ROOT_DISK),
                 None => PathBuf::from(&image.rootfs),
-            };
-            let target = paths.root_disk.clone();
-            let kind = tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                .await
-                .map_err(|err| SupervisorError::Files {
-                    path: paths.root_disk.clone(),
-                    source: std::io::Error::other(err.to_string()),
-                })??;
-            self.event(
-                &vm.id,
-                "root_disk",
-                &format!(
-                    "cloned from {} ({kind:?})",
-                    source_name(&saved, &image.rootfs)
-                ),
-            );
-        }
-        for (index, disk) in vm.disks.iter().enumerate() {
-            let path = paths.data_disk(index);
-            if !path.exists() {
-                match &saved {
-                    Some(dir) => {
-                        let source = dir.join(data_disk_name(index));
-                        let target = path.clone();
-                        tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                            .await
-                            .map_err(|err| SupervisorError::Files {
-                                path: path.clone(),
-                                source: std::io::Error::other(err.to_string()),
-                            })??;
-                    }
-                    None => disks::create_data_disk(&path, disk.size_mib)?,
-                }
+            })];
+            for (index, disk) in vm.disks.iter().enumerate() {
+                sources.push(match &saved {
+                    Some(dir) => jail::DiskSource::Copy(dir.join(data_disk_name(index))),
+                    None => jail::DiskSource::Empty(disk.size_mib),
+                });
+            }
+            let names = VmPaths::disk_names(vm);
+            let made = tokio::task::spawn_blocking(move || {
+                names
+                    .iter()
+                    .zip(sources)
+                    .map(|(name, source)| jail::prepare_disk(&dir, &jail_dir, name, uid, source))
+                    .collect::<Result<Vec<bool>, SupervisorError>>()
+            })
+            .await
+            .map_err(|err| SupervisorError::Files {
+                path: paths.jail.clone(),
+                source: std::io::Error::other(err.to_string()),
+            })??;
+            if made.first() == Some(&true) {
+                self.event(
+                    &vm.id,
+                    "root_disk",
+                    &format!("cloned from {}", source_name(&saved, &image.rootfs)),
+                );
             }
         }
         self.write_vmm_config(vm, image, paths)
@@ -322,13 +367,17 @@ impl Supervisor {
             &jail::inside_paths(),
             &networks,
         );
-        std::fs::write(&paths.vmm_config, config.to_string()).map_err(|source| {
-            SupervisorError::Files {
+        // In the agent's own directory: written whole, then renamed over
+        // the old one.
+        let mut partial = paths.vmm_config.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        std::fs::write(&partial, config.to_string())
+            .and_then(|()| std::fs::rename(&partial, &paths.vmm_config))
+            .map_err(|source| SupervisorError::Files {
                 path: paths.vmm_config.clone(),
                 source,
-            }
-        })?;
-        Ok(())
+            })
     }
 
     /// Records the VMM's exit when it comes.
@@ -486,9 +535,15 @@ impl Supervisor {
         }
     }
 
-    /// At agent start: VMs recorded with a VMM are adopted if it still runs,
-    /// otherwise marked with why it ended.
+    /// At agent start: VMs recorded with a VMM are adopted if it still runs
+    /// (found by its recorded pid, or in its cgroup when the agent stopped
+    /// before recording it), otherwise marked with why it ended; a VMM in
+    /// a jail's cgroup that no VM record claims is killed (nothing runs
+    /// twice); a VM left paused by a snapshot the agent did not finish is
+    /// resumed; snapshot files without a record are removed.
     pub async fn adopt_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        let jailed = process::jailed(&self.config.jail.parent_cgroup);
+        let mut adopted: HashMap<String, u32> = HashMap::new();
         for vm in self.store.list_vms(None, None)? {
             if !vm.state.has_process() {
                 // A tap left by a VM that stopped while no agent watched.
@@ -497,17 +552,50 @@ impl Supervisor {
             }
             let paths = self.paths(&vm.id);
             let marker = jail::cgroup_marker(&self.config.jail, &vm.id);
-            match vm.pid.and_then(|pid| process::adopt(pid, &marker)) {
-                Some(watch) => {
-                    tracing::info!(vm = %vm.id, "adopted the running VMM (pid {:?})", vm.pid);
+            let recorded = vm
+                .pid
+                .and_then(|pid| process::adopt(pid, &marker).map(|watch| (pid, watch)));
+            let found = recorded.or_else(|| {
+                jailed
+                    .iter()
+                    .filter(|(id, _)| *id == vm.id)
+                    .find_map(|(_, pid)| process::adopt(*pid, &marker).map(|watch| (*pid, watch)))
+            });
+            match found {
+                Some((pid, watch)) => {
+                    tracing::info!(vm = %vm.id, "adopted the running VMM (pid {pid})");
                     self.event(&vm.id, "adopted", "the agent restarted; the VMM still runs");
+                    adopted.insert(vm.id.clone(), pid);
                     self.watch(vm.id.clone(), watch);
-                    if vm.state == VmState::Starting || vm.state == VmState::Stopping {
-                        let state = match control::command(&paths.control, "status").await {
-                            Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
-                            _ => VmState::Running,
-                        };
-                        self.store.set_vm_state(&vm.id, state, vm.pid, None)?;
+                    let agent_paused = paths.dir.join(AGENT_PAUSED);
+                    if agent_paused.exists() {
+                        // A snapshot paused it and the agent stopped before
+                        // resuming it.
+                        match control::command(&paths.control, "resume").await {
+                            Ok(_) => {
+                                self.event(
+                                    &vm.id,
+                                    "resume",
+                                    "resumed after an unfinished snapshot",
+                                );
+                                let _ = std::fs::remove_file(&agent_paused);
+                            }
+                            Err(err) => tracing::error!(
+                                vm = %vm.id,
+                                "cannot resume after an unfinished snapshot: {err}"
+                            ),
+                        }
+                    }
+                    let state = match control::command(&paths.control, "status").await {
+                        Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
+                        _ => VmState::Running,
+                    };
+                    let state = match vm.state {
+                        VmState::Starting | VmState::Stopping => state,
+                        recorded => recorded,
+                    };
+                    if state != vm.state || vm.pid != Some(pid) {
+                        self.store.set_vm_state(&vm.id, state, Some(pid), None)?;
                     }
                 }
                 None => {
@@ -518,10 +606,69 @@ impl Supervisor {
                         .set_vm_state(&vm.id, state, None, Some(&reason))?;
                     self.event(&vm.id, "exited", &reason);
                     self.unplug_nics(&vm.id, vm.nics.len()).await;
+                    let _ = std::fs::remove_file(paths.dir.join(AGENT_PAUSED));
+                    self.clean_jail(&vm.id).await;
                 }
             }
         }
+        // VMMs no record claims, or a second one of a VM.
+        let orphans: Vec<&(String, u32)> = jailed
+            .iter()
+            .filter(|(id, pid)| adopted.get(id) != Some(pid))
+            .collect();
+        for (id, pid) in &orphans {
+            tracing::warn!(vm = %id, "killing VMM pid {pid}: no VM record claims it");
+            // SAFETY: kill with a pid found in a jail's cgroup and a fixed
+            // signal.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        for (id, pid) in orphans {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                // Reaped by whoever inherited it from the agent that died.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !adopted.contains_key(id) {
+                self.clean_jail(id).await;
+            }
+        }
+        self.sweep_snapshots()?;
         Ok(())
+    }
+
+    /// Keeps running VMs' console logs under their cap (see console.rs),
+    /// for as long as the agent runs.
+    pub fn spawn_console_rotation(self: &Arc<Self>) {
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(console::ROTATE_EVERY).await;
+                let Ok(vms) = supervisor.store.list_vms(None, None) else {
+                    continue;
+                };
+                for vm in vms.into_iter().filter(|vm| vm.state.has_process()) {
+                    let Ok(uid) = supervisor.jail_uid(&vm.id) else {
+                        continue;
+                    };
+                    let paths = supervisor.paths(&vm.id);
+                    let rotated = tokio::task::spawn_blocking(move || {
+                        let jail = vmfs::Dir::open(&paths.jail)?;
+                        console::rotate(&paths.dir, &jail, uid, console::CONSOLE_CAP)
+                    })
+                    .await;
+                    match rotated {
+                        Ok(Ok(true)) => tracing::info!(vm = %vm.id, "console log rotated"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(err)) => {
+                            tracing::warn!(vm = %vm.id, "cannot rotate the console log: {err}")
+                        }
+                        Err(err) => tracing::warn!(vm = %vm.id, "console rotation failed: {err}"),
+                    }
+                }
+            }
+        });
     }
 
     pub fn console_path(&self, vm_id: &str) -> PathBuf {
@@ -604,21 +751,13 @@ fn vmm_config(
     })
 }
 
-/// Reads a console log from `offset`; at most `limit` bytes.
+/// Reads a VM's console from stream offset `offset`; at most `limit`
+/// bytes, and the offset after them (see console.rs: the stream spans a
+/// rotation). The log is in the jailed VMM's directory: it is read only as
+/// a regular file of that directory's owner (never through a link, never a
+/// FIFO).
 pub fn read_console(path: &Path, offset: u64, limit: usize) -> std::io::Result<(Vec<u8>, u64)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-        Err(err) => return Err(err),
-    };
-    let len = file.metadata()?.len();
-    let start = offset.min(len);
-    file.seek(SeekFrom::Start(start))?;
-    let mut data = Vec::new();
-    file.take(limit as u64).read_to_end(&mut data)?;
-    let next = start + data.len() as u64;
-    Ok((data, next))
+    console::read(path, offset, limit)
 }
 
 #[cfg(test)]
@@ -628,14 +767,7 @@ mod tests {
 
     #[test]
     fn the_vmm_config_has_the_root_clone_data_disks_and_limits() {
-        let paths = VmPaths {
-            dir: "/d".into(),
-            vmm_config: "/d/vm.json".into(),
-            control: "/d/control.sock".into(),
-            console: "/d/console.log".into(),
-            vmm_log: "/d/vmm.log".into(),
-            root_disk: "/d/root.raw".into(),
-        };
+        let paths = VmPaths::with("/d".into(), "/d".into(), "/d/vm.json".into());
         let image = Image {
             id: "img-1".into(),
             tenant_id: "t-1".into(),

@@ -111,11 +111,13 @@ pub async fn spawn(
         path: paths.vmm_log.clone(),
         source,
     };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.vmm_log)
-        .map_err(files)?;
+    // In the agent's own directory (root's); still never through a link.
+    let log = super::vmfs::Dir::open(&paths.dir)?.open_or_create(
+        super::VMM_LOG,
+        libc::O_WRONLY | libc::O_APPEND,
+        0o640,
+        0,
+    )?;
     let log_err = log.try_clone().map_err(files)?;
     let pid_file = paths.dir.join(super::jail::PID_FILE);
     let _ = std::fs::remove_file(&pid_file);
@@ -201,6 +203,33 @@ pub fn adopt(pid: u32, marker: &str) -> Option<ExitWatch> {
         return None;
     }
     pidfd(pid)
+}
+
+/// The processes in the jails' cgroups under `parent` (see jail.rs): the
+/// VM id (the cgroup's name) and pid of each, however the agent lost track
+/// of them (a crash between the jailer's start and the pid's record).
+pub fn jailed(parent: &str) -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+            continue;
+        };
+        let vm = cgroups.lines().find_map(|line| {
+            let path = line.splitn(3, ':').nth(2)?;
+            let (above, id) = path.rsplit_once('/')?;
+            (above.ends_with(&format!("/{parent}")) && !id.is_empty()).then(|| id.to_string())
+        });
+        if let Some(vm) = vm {
+            found.push((vm, pid));
+        }
+    }
+    found
 }
 
 /// The last non-empty line of a VMM log, without its timestamp prefix.

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use nubis_api::{Vm, VmState};
 
-use super::{control, data_disk_name, jail, Supervisor, SupervisorError, ROOT_DISK};
+use super::vmfs::Dir;
+use super::{control, jail, Supervisor, SupervisorError, VmPaths, AGENT_PAUSED};
 use crate::disks;
 
 impl Supervisor {
@@ -26,13 +27,28 @@ impl Supervisor {
         let dir = self.snapshot_dir(id);
         let socket = self.paths(&vm.id).control;
         let was_running = vm.state == VmState::Running;
+        // Recorded before the pause: a restarted agent resumes the VM.
+        let paused_mark = self.paths(&vm.id).dir.join(AGENT_PAUSED);
         if was_running {
-            control::command(&socket, "pause").await?;
+            std::fs::write(&paused_mark, id).map_err(|source| SupervisorError::Files {
+                path: paused_mark.clone(),
+                source,
+            })?;
+            if let Err(err) = control::command(&socket, "pause").await {
+                let _ = std::fs::remove_file(&paused_mark);
+                return Err(err.into());
+            }
+            crate::crash::point("snapshot_paused");
         }
         let taken = self.save(vm, &socket, &dir).await;
         if was_running {
-            if let Err(err) = control::command(&socket, "resume").await {
-                tracing::error!(vm = %vm.id, "cannot resume after the snapshot: {err}");
+            match control::command(&socket, "resume").await {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&paused_mark);
+                }
+                Err(err) => {
+                    tracing::error!(vm = %vm.id, "cannot resume after the snapshot: {err}")
+                }
             }
         }
         match taken {
@@ -51,9 +67,12 @@ impl Supervisor {
     /// Memory and state through the VMM, then the disks, while paused.
     async fn save(&self, vm: &Vm, socket: &Path, dir: &Path) -> Result<(), SupervisorError> {
         // The jailed VMM writes into its own VM directory (the only place it
-        // can); the files then move to the snapshot store.
+        // can); the files then move to the snapshot store, where they are
+        // checked (see `jail::seal_snapshot`).
         let paths = self.paths(&vm.id);
-        let out = jail::snapshot_out(&paths, self.jail_uid(&vm.id)?)?;
+        let uid = self.jail_uid(&vm.id)?;
+        let jail_dir = Dir::open(&paths.jail)?;
+        jail::snapshot_out(&jail_dir, uid)?;
         let inside = Path::new(jail::VM_DIR).join(jail::SNAPSHOT_OUT);
         control::request(
             socket,
@@ -61,29 +80,66 @@ impl Supervisor {
         )
         .await?;
         let store = self.config.data_dir.join("snapshots");
-        let moved = std::fs::create_dir_all(&store)
+        std::fs::create_dir_all(&store)
             .and_then(|()| {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700))
             })
-            .and_then(|()| std::fs::rename(&out, dir));
-        moved.map_err(|source| SupervisorError::Files {
+            .map_err(|source| SupervisorError::Files {
+                path: store.clone(),
+                source,
+            })?;
+        let store_dir = Dir::open(&store)?;
+        let name = dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        jail_dir.rename_to(jail::SNAPSHOT_OUT, &store_dir, &name, true)?;
+        jail::seal_snapshot(dir, uid)?;
+        let names = VmPaths::disk_names(vm);
+        let snapshot = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<(), SupervisorError> {
+            let target_dir = Dir::open(&snapshot)?;
+            for name in names {
+                // The VM's disk, only as a regular file of its user.
+                let input = jail_dir.open_file(&name, libc::O_RDONLY, uid)?;
+                let output = target_dir.create_new(&name, 0o644)?;
+                disks::copy_file(
+                    input,
+                    &jail_dir.join(&name),
+                    output,
+                    &target_dir.join(&name),
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|err| SupervisorError::Files {
             path: dir.to_path_buf(),
-            source,
-        })?;
-        jail::seal_snapshot(dir)?;
-        let mut copies = vec![(paths.root_disk.clone(), dir.join(ROOT_DISK))];
-        for index in 0..vm.disks.len() {
-            copies.push((paths.data_disk(index), dir.join(data_disk_name(index))));
-        }
-        for (source, target) in copies {
-            let shown = target.clone();
-            tokio::task::spawn_blocking(move || disks::clone_disk(&source, &target))
-                .await
-                .map_err(|err| SupervisorError::Files {
-                    path: shown,
-                    source: std::io::Error::other(err.to_string()),
-                })??;
+            source: std::io::Error::other(err.to_string()),
+        })??;
+        Ok(())
+    }
+
+    /// Removes the files of snapshots that have no record: an agent that
+    /// stopped after writing them and before recording them (see
+    /// `http/snapshots.rs`). Run at start, before any snapshot is taken.
+    pub fn sweep_snapshots(&self) -> Result<(), SupervisorError> {
+        let store = self.config.data_dir.join("snapshots");
+        let Ok(entries) = std::fs::read_dir(&store) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if self.store.get_snapshot(None, &id)?.is_none() {
+                tracing::warn!(snapshot = %id, "removing the files of an unrecorded snapshot");
+                let path = entry.path();
+                let removed = match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&path),
+                    _ => std::fs::remove_file(&path),
+                };
+                removed.map_err(|source| SupervisorError::Files { path, source })?;
+            }
         }
         Ok(())
     }

@@ -155,11 +155,29 @@ pub fn run(spec: &JailSpec) -> Result<u32, JailerError> {
         let _ = cgroup::remove(&hierarchies, &spec.parent_cgroup, &spec.id);
     }
     let pid = started?;
-    std::fs::write(&spec.pid_file, format!("{pid}\n")).map_err(|source| JailerError::PidFile {
+    write_pid_file(&spec.pid_file, pid).map_err(|source| JailerError::PidFile {
         path: spec.pid_file.clone(),
         source,
     })?;
     Ok(pid)
+}
+
+/// Writes `pid` to a new file at `path`: whatever was there (a link
+/// included) is unlinked first and the file made with `O_EXCL` and
+/// `O_NOFOLLOW`, so that root never writes through a link.
+fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(format!("{pid}\n").as_bytes())
 }
 
 fn start_child(
@@ -330,6 +348,12 @@ fn build(spec: &JailSpec, libraries: &[PathBuf], procs: &[PathBuf]) -> Result<()
     for limit in &spec.limits {
         limit.apply()?;
     }
+    // A write past RLIMIT_FSIZE fails (EFBIG) instead of killing the VMM:
+    // an ignored signal stays ignored across exec.
+    // SAFETY: signal with a valid signal number and SIG_IGN.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(os_error("ignore SIGXFSZ"));
+    }
     privileges::drop_to(spec.uid, spec.gid)?;
     Ok(())
 }
@@ -402,6 +426,22 @@ mod tests {
         for bad in ["", "a/b", "..", "a b", &"x".repeat(65)] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_pid_file_replaces_a_link_instead_of_writing_through_it() {
+        let dir = std::env::temp_dir().join(format!("nubis-jailer-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let canary = dir.join("canary");
+        std::fs::write(&canary, b"keep").unwrap();
+        let pid_file = dir.join("vmm.pid");
+        std::os::unix::fs::symlink(&canary, &pid_file).unwrap();
+        write_pid_file(&pid_file, 42).unwrap();
+        assert_eq!(std::fs::read(&canary).unwrap(), b"keep");
+        assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "42\n");
+        write_pid_file(&pid_file, 43).unwrap();
+        assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "43\n");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
