@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
             read_only: data[0] & 0x80 != 0,
             id: &id,
             write_through: false,
+            tracker: None,
         };
         let _ = execute(&request, &mem, &mut disk);
     }

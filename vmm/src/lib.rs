@@ -15,6 +15,8 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod jailer;
 pub mod logger;
 pub mod memory;

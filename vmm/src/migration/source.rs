@@ -260,7 +260,10 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
 }
 
 /// Waits for `expected` from the destination.
-fn expect(stream: &mut TcpStream, expected: Kind) -> Result<(), MigrationError> {
+pub(crate) fn expect(
+    stream: &mut impl std::io::Read,
+    expected: Kind,
+) -> Result<(), MigrationError> {
     match receive(stream)? {
         (kind, _) if kind == expected => Ok(()),
         (Kind::Refuse | Kind::Abort, payload) => {

@@ -267,10 +267,10 @@ impl CopyBackNotes {
 
 /// One entry of a directory on the share disk, as debugfs lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ListedEntry {
+pub(crate) struct ListedEntry {
     inode: u32,
     mode: u32,
-    name: Vec<u8>,
+    pub(crate) name: Vec<u8>,
 }
 
 const S_IFMT: u32 = 0o170000;
@@ -328,7 +328,7 @@ fn parse_listing_line(line: &[u8]) -> Option<ListedEntry> {
 
 /// Splits the output of a debugfs script of `ls -l <INODE>` commands into
 /// each listed directory's entries.
-fn parse_listings(output: &[u8]) -> Result<Vec<(u32, Vec<ListedEntry>)>, String> {
+pub(crate) fn parse_listings(output: &[u8]) -> Result<Vec<(u32, Vec<ListedEntry>)>, String> {
     let mut listings: Vec<(u32, Vec<ListedEntry>)> = Vec::new();
     for line in output.split(|byte| *byte == b'\n') {
         if line.len() > MAX_LISTING_LINE {

@@ -1,0 +1,8 @@
+//! What a peer sends to a `--migrate-listen` destination: its first frame
+//! judged as a Hello, then pages, disk pieces and the state.
+//! Nothing may panic; see `vmm::fuzz_api::migration_destination`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| vmm::fuzz_api::migration_destination(data));
