@@ -16,12 +16,40 @@ use serde_json::Value;
 /// production); tests in other network namespaces are separate hosts.
 static HOST_NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Held by a test while its agent runs in this network namespace.
-pub fn one_agent_per_host() -> std::sync::MutexGuard<'static, ()> {
+/// Held by a test while its agent runs in this network namespace: the
+/// mutex for tests of this process, and an exclusive `flock` on
+/// `/run/nubis-agent-tests.lock` for tests of other processes (two test
+/// binaries run by hand at once wait for each other instead of replacing
+/// each other's rules).
+pub struct HostNetwork {
+    _file: std::fs::File,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+pub fn one_agent_per_host() -> HostNetwork {
     // A test that failed while holding it leaves it poisoned, not wrong.
-    HOST_NETWORK
+    let guard = HOST_NETWORK
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/nubis-agent-tests.lock")
+        .expect("open /run/nubis-agent-tests.lock");
+    // SAFETY: flock on a descriptor this function owns; it blocks until
+    // the lock is free and is released when the file is closed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock /run/nubis-agent-tests.lock: {}",
+        std::io::Error::last_os_error()
+    );
+    HostNetwork {
+        _file: file,
+        _guard: guard,
+    }
 }
 
 /// The operator token the tests' agents run with.
