@@ -26,5 +26,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 status=0
 cargo test --workspace --exclude nubis-tests --no-fail-fast || status=1
 cargo test -p nubis-tests --lib || status=1
+# Each fuzz target for a bounded time (~4 min with the build): a crash fails.
+scripts/fuzz.sh "${NUBIS_FUZZ_SECONDS:-10}" || status=1
 scripts/e2e.sh || status=1
 exit "$status"
