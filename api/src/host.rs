@@ -1,33 +1,56 @@
 //! Peer hosts: the other agents this host carries overlay networks with.
-//! The operator registers each peer with its underlay address (the VXLAN
-//! tunnel endpoint), its API URL and that agent's operator token; the
-//! agents then replicate networks and hand out addresses between them.
+//! Hosts talk to each other over mutual TLS on the underlay: the operator
+//! registers each peer by its underlay address (the VXLAN tunnel endpoint,
+//! where its peer API listens) and its certificate's SHA-256 fingerprint
+//! (`GET /v1/host-identity` on that host); no operator token crosses.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{Network, Tenant};
 
+/// The port a host's peer API listens on by default.
+pub const DEFAULT_PEER_PORT: u16 = 7443;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostCreate {
     /// 1 to 63 characters: lower-case letters, digits and '-'.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
-    /// The peer's underlay IPv4 address: where its VXLAN tunnels end.
+    /// The peer's underlay IPv4 address: where its VXLAN tunnels end and
+    /// its peer API listens.
     pub address: String,
-    /// The peer agent's API, e.g. "http://192.0.2.2:8080".
-    pub api_url: String,
-    /// The peer agent's operator token (kept in this host's database).
-    pub token: String,
+    /// The SHA-256 fingerprint of the peer's certificate, 64 lower-case
+    /// hex digits (its `GET /v1/host-identity`).
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    pub fingerprint: String,
+    /// The port of the peer's peer API (7443 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535)]
+    pub peer_port: Option<u16>,
 }
 
-/// A registered peer (its token is never shown).
+/// A registered peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Host {
     pub name: String,
     pub address: String,
-    pub api_url: String,
+    pub peer_port: u16,
+    pub fingerprint: String,
     pub created_at: u64,
+}
+
+/// This host as its peers see it: what their operators register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostIdentity {
+    /// The SHA-256 fingerprint of this host's certificate.
+    pub fingerprint: String,
+    /// This host's underlay address, where its peer API listens (absent:
+    /// this host carries no overlay and takes no peer calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub peer_port: u16,
 }
 
 /// Host to host: the home host of an overlay network gives it to a peer

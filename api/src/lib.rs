@@ -16,7 +16,7 @@ pub mod tenant;
 pub mod vm;
 
 pub use error::{ApiError, ErrorCode};
-pub use host::{AddressGrant, AddressRequest, Host, HostCreate, NetworkReplica};
+pub use host::{AddressGrant, AddressRequest, Host, HostCreate, HostIdentity, NetworkReplica};
 pub use image::{Image, ImageCreate};
 pub use migration::{IncomingMigration, IncomingReady, Migration, MigrationCreate};
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};

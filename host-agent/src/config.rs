@@ -143,6 +143,9 @@ pub struct ConfigFile {
     /// Ports a VM migrating in is received on, "LOW-HIGH" (default
     /// 40000-40999).
     pub migration_port_range: Option<String>,
+    /// The port of the peer API (mutual TLS) on the underlay address
+    /// (default 7443).
+    pub peer_port: Option<u16>,
     /// More IPv4 networks that tenants' NAT egress never reaches and their
     /// networks may not overlap (say the hosts' management network); the
     /// underlay, peers, link-local and the host's routes are always kept.
@@ -177,6 +180,7 @@ pub struct AgentConfig {
     pub port_forward_range: PortRange,
     pub migration_port_range: PortRange,
     pub egress_deny: Vec<crate::ipv4::Cidr>,
+    pub peer_port: u16,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -235,12 +239,19 @@ impl AgentConfig {
                 migrations: migration_port_range.to_string(),
             });
         }
-        if port_forward_range.contains(crate::network::vxlan::VXLAN_PORT) {
-            return Err(ConfigError::ReservedPort {
-                forwards: port_forward_range.to_string(),
-                what: "VXLAN's",
-                port: crate::network::vxlan::VXLAN_PORT,
-            });
+        let peer_port = file.peer_port.unwrap_or(nubis_api::host::DEFAULT_PEER_PORT);
+        for (what, port) in [
+            ("the peer API's", peer_port),
+            ("VXLAN's", crate::network::vxlan::VXLAN_PORT),
+        ] {
+            if port_forward_range.contains(port) || migration_port_range.contains(port) || port == 0
+            {
+                return Err(ConfigError::ReservedPort {
+                    forwards: port_forward_range.to_string(),
+                    what,
+                    port,
+                });
+            }
         }
         let egress_deny = file
             .egress_deny
@@ -276,13 +287,17 @@ impl AgentConfig {
             port_forward_range,
             migration_port_range,
             egress_deny,
+            peer_port,
         })
     }
 
     /// Refuses a forward range that holds the port the API listens on
     /// (peers' calls would reach a tenant's VM instead).
     pub fn check_api_port(&self, port: u16) -> Result<(), ConfigError> {
-        if self.port_forward_range.contains(port) || self.migration_port_range.contains(port) {
+        if self.port_forward_range.contains(port)
+            || self.migration_port_range.contains(port)
+            || port == self.peer_port
+        {
             return Err(ConfigError::ReservedPort {
                 forwards: self.port_forward_range.to_string(),
                 what: "the API's",

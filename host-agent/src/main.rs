@@ -11,7 +11,9 @@ use clap::Parser;
 
 use nubis_agent::auth::OperatorToken;
 use nubis_agent::config::{AgentConfig, ConfigFile};
-use nubis_agent::http::{router, AppState};
+use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
+use nubis_agent::peer_tls::{self, HostIdentity, PeerRegistry};
+use nubis_agent::peers::PeerClient;
 use nubis_agent::store::Store;
 use nubis_agent::supervisor::Supervisor;
 
@@ -116,6 +118,21 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
     let operator = Arc::new(OperatorToken::new(&config.operator_token));
     let image_dirs = Arc::new(config.image_dirs.clone());
     let data_dir = config.data_dir.clone();
+    // This host's identity towards its peers (mutual TLS).
+    let identity_name = config
+        .underlay_address
+        .map(|address| address.to_string())
+        .unwrap_or_else(|| "nubis-host".to_string());
+    let identity = HostIdentity::load_or_create(&data_dir, &identity_name)
+        .map_err(|err| format!("cannot set up this host's identity: {err}"))?;
+    let registry = Arc::new(PeerRegistry::default());
+    let client_tls =
+        peer_tls::client_config(&identity, registry.clone()).map_err(|err| err.to_string())?;
+    let peers =
+        PeerClient::new(client_tls).map_err(|err| format!("cannot make the peer client: {err}"))?;
+    let peer_listen = config
+        .underlay_address
+        .map(|address| SocketAddr::from((address, config.peer_port)));
     let supervisor = Supervisor::new(store.clone(), config);
     supervisor
         .adopt_all()
@@ -126,16 +143,32 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .reconcile_network()
         .await
         .map_err(|err| format!("cannot set up the tenant networks: {err}"))?;
-    let app = router(AppState {
+    let state = AppState {
         store,
         supervisor,
         operator,
         image_dirs,
         metrics: Default::default(),
         data_dir,
-        peers: Default::default(),
+        peers: Arc::new(peers),
+        peer_registry: registry.clone(),
+        fingerprint: Arc::new(identity.fingerprint.clone()),
         migrations: Default::default(),
-    });
+    };
+    refresh_registry(&state)
+        .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
+    if let Some(peer_listen) = peer_listen {
+        let server_tls =
+            peer_tls::server_config(&identity, registry.clone()).map_err(|err| err.to_string())?;
+        let peer_app = peer_router(state.clone());
+        let listener = tokio::net::TcpListener::bind(peer_listen)
+            .await
+            .map_err(|err| format!("cannot listen for peers on {peer_listen}: {err}"))?;
+        tokio::spawn(async move {
+            peer_tls::serve(listener, server_tls, registry, peer_app).await;
+        });
+    }
+    let app = router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;

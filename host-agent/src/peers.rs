@@ -1,8 +1,10 @@
-//! Calls from this agent to its peers (`/v1/hosts`), with the peer's
-//! operator token: replicating overlay networks to the hosts they span and
-//! asking a network's home host for addresses. Peers talk over the
-//! underlay, plain HTTP: it is the hosts' private network (TLS is not built
-//! into this agent).
+//! Calls from this agent to its peers (`/v1/hosts`) over mutual TLS
+//! (`peer_tls`): replicating overlay networks to the hosts they span,
+//! asking a network's home host for addresses, and preparing migrations.
+//! Each peer is dialled at its underlay address and peer port, and must
+//! present the certificate registered for it; this host presents its own.
+//! Answers are read up to a bound: a peer cannot make this agent allocate
+//! without limit.
 
 use std::time::Duration;
 
@@ -48,26 +50,25 @@ impl PeerError {
 /// the request that needs it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer read from a peer (a network replica or a VM is a
+/// few KiB).
+const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// The HTTP client for peers.
 pub struct PeerClient {
     http: reqwest::Client,
 }
 
-impl Default for PeerClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl PeerClient {
-    pub fn new() -> Self {
+    /// A client that presents this host's certificate and pins each
+    /// peer's (`tls`: `peer_tls::client_config`).
+    pub fn new(tls: rustls::ClientConfig) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .unwrap_or_default();
-        Self { http }
+            .tls_backend_preconfigured(tls)
+            .build()?;
+        Ok(Self { http })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -77,8 +78,11 @@ impl PeerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Option<T>, PeerError> {
-        let url = format!("{}{path}", peer.host.api_url.trim_end_matches('/'));
-        let mut request = self.http.request(method, &url).bearer_auth(&peer.token);
+        let url = format!(
+            "https://{}:{}{path}",
+            peer.host.address, peer.host.peer_port
+        );
+        let mut request = self.http.request(method, &url);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -89,9 +93,18 @@ impl PeerClient {
             url: url.clone(),
             message: err.to_string(),
         };
-        let response = request.send().await.map_err(unreachable)?;
+        let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(unreachable)?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(PeerError::Garbled {
+                    host: peer.host.name.clone(),
+                    message: format!("an answer of more than {MAX_ANSWER_BYTES} bytes"),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if !status.is_success() {
             let error = serde_json::from_slice::<ApiError>(&bytes).ok();
             return Err(PeerError::Refused {
@@ -123,14 +136,6 @@ impl PeerClient {
 
     fn json<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
         serde_json::to_vec(value).ok()
-    }
-
-    /// Proves that the peer is up and takes the token as its operator's
-    /// (its host list is for the operator only).
-    pub async fn check(&self, peer: &Peer) -> Result<(), PeerError> {
-        self.call::<serde_json::Value>(peer, reqwest::Method::GET, "/v1/hosts", None)
-            .await
-            .map(|_| ())
     }
 
     /// Gives the peer an overlay network (or its new member list).
@@ -222,9 +227,9 @@ impl PeerClient {
         }
     }
 
-    /// The peer's record of a VM (as its operator sees it).
+    /// The peer's record of a VM it received.
     pub async fn vm(&self, peer: &Peer, vm_id: &str) -> Result<Vm, PeerError> {
-        let path = format!("/v1/vms/{vm_id}");
+        let path = format!("/v1/overlay/migrations/{vm_id}");
         self.call(peer, reqwest::Method::GET, &path, None)
             .await?
             .ok_or_else(|| Self::garbled(peer, "VM"))

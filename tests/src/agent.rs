@@ -579,22 +579,26 @@ pub fn tenant_token(agent: &Agent, id: &str) -> String {
     expect(&token, 201)["token"].as_str().unwrap().to_string()
 }
 
-/// Registers host `name` (underlay `address`, its agent on `port` there,
-/// operator token `token`) as a peer of `agent`.
+/// Registers `peer` (an agent at underlay `address`) with `agent` as
+/// host `name`, by the fingerprint `peer` shows for itself.
 pub fn register_peer(
     agent: &Agent,
     name: &str,
     address: std::net::Ipv4Addr,
-    port: u16,
-    token: &str,
+    peer: &Agent,
 ) -> Value {
+    let identity = peer.call("GET", "/v1/host-identity", Some(&peer.operator_token), None);
+    let fingerprint = expect(&identity, 200)["fingerprint"]
+        .as_str()
+        .expect("a fingerprint")
+        .to_string();
     let reply = agent.call(
         "POST",
         "/v1/hosts",
         Some(&agent.operator_token),
         Some(
             &serde_json::json!({"name": name, "address": address.to_string(),
-                     "api_url": format!("http://{address}:{port}"), "token": token}),
+                                 "fingerprint": fingerprint}),
         ),
     );
     expect(&reply, 201).clone()

@@ -927,7 +927,7 @@ fn nubisctl_covers_the_api() {
             "create",
             "gw",
             "--host-port",
-            "18022",
+            "31022",
             "--vm-port",
             "22",
         ],

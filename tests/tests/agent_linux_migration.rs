@@ -113,8 +113,8 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
     };
     let agent_a = Agent::start_remote(&dir.join("a"), &image_dir, &spec_a);
     let agent_b = Agent::start_remote(&dir.join("b"), &image_dir, &spec_b);
-    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
-    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
+    register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
+    register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     busybox_image(&agent_a, &acme_a, &images);
     let span = agent_a.call(

@@ -147,8 +147,8 @@ fn a_running_vm_moves_between_hosts_and_back() {
     };
     let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
     let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
-    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
-    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
+    register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
+    register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
 
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     counter.register(&agent_a, &acme_a, "counter", None);
@@ -428,8 +428,8 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     };
     let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
     let mut agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
-    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
-    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
+    register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
+    register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     let (_, globex) = tenant(&agent_a, "globex");
     counter.register(&agent_a, &acme_a, "counter", None);

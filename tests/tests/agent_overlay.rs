@@ -101,56 +101,98 @@ fn a_network_spans_two_hosts_over_vxlan() {
     let agent_a = Agent::start_remote(&dir.join("a"), &image_dir, &spec_a);
     let mut agent_b = Agent::start_remote(&dir.join("b"), &image_dir, &spec_b);
 
-    // Peers: a wrong token, a non-HTTP URL and a host that is not there
-    // are refused at registration; then A and B know each other.
-    let bad_token = agent_a.call(
+    // Peers are registered by certificate fingerprint: a malformed one and
+    // A's own are refused.
+    let identity_b = expect(
+        &agent_b.call("GET", "/v1/host-identity", Some(TOKEN_B), None),
+        200,
+    )
+    .clone();
+    let fingerprint_b = identity_b["fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(identity_b["address"], UNDERLAY_B.to_string());
+    let identity_a = expect(
+        &agent_a.call("GET", "/v1/host-identity", Some(TOKEN_A), None),
+        200,
+    )
+    .clone();
+    for (fingerprint, why) in [
+        ("0123".to_string(), "malformed"),
+        (fingerprint_b.to_uppercase(), "upper case"),
+        (
+            identity_a["fingerprint"].as_str().unwrap().to_string(),
+            "A's own",
+        ),
+    ] {
+        let refused = agent_a.call(
+            "POST",
+            "/v1/hosts",
+            Some(TOKEN_A),
+            Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(), "fingerprint": fingerprint})),
+        );
+        assert_eq!(
+            (refused.status, refused.body["error"]["field"].as_str()),
+            (400, Some("fingerprint")),
+            "{why}: {refused:?}"
+        );
+    }
+    // A knows B, B does not know A yet: B's peer API refuses A's
+    // certificate, so spanning a network to B fails.
+    register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
+    let (_, early) = tenant(&agent_a, "early");
+    let one_sided = agent_a.call(
         "POST",
-        "/v1/hosts",
-        Some(TOKEN_A),
-        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
-                     "api_url": format!("http://{UNDERLAY_B}:{PORT}"), "token": TOKEN_A})),
+        "/v1/networks",
+        Some(&early),
+        Some(&json!({"name": "span", "cidr": "10.62.0.0/24", "hosts": ["b"]})),
     );
     assert_eq!(
-        (bad_token.status, bad_token.body["error"]["field"].as_str()),
-        (400, Some("token")),
-        "{bad_token:?}"
-    );
-    let https = agent_a.call(
-        "POST",
-        "/v1/hosts",
-        Some(TOKEN_A),
-        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
-                     "api_url": format!("https://{UNDERLAY_B}:{PORT}"), "token": TOKEN_B})),
-    );
-    assert_eq!(https.status, 400, "{https:?}");
-    let absent = agent_a.call(
-        "POST",
-        "/v1/hosts",
-        Some(TOKEN_A),
-        Some(&json!({"name": "c", "address": "10.99.0.3",
-                     "api_url": format!("http://10.99.0.3:{PORT}"), "token": TOKEN_B})),
-    );
-    assert_eq!(
-        (absent.status, absent.code()),
+        (one_sided.status, one_sided.code()),
         (502, "peer_failed"),
-        "{absent:?}"
+        "{one_sided:?}"
     );
-    register_peer(&agent_a, "b", UNDERLAY_B, PORT, TOKEN_B);
-    register_peer(&agent_b, "a", UNDERLAY_A, PORT, TOKEN_A);
-    let again = agent_a.call(
+    register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
+    // One fingerprint is one host; a name is registered once.
+    let twice = agent_a.call(
         "POST",
         "/v1/hosts",
         Some(TOKEN_A),
-        Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(),
-                     "api_url": format!("http://{UNDERLAY_B}:{PORT}"), "token": TOKEN_B})),
+        Some(&json!({"name": "c", "address": "10.99.0.3", "fingerprint": fingerprint_b})),
     );
-    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(twice.status, 409, "{twice:?}");
     let hosts = agent_a.call("GET", "/v1/hosts", Some(TOKEN_A), None);
     assert_eq!(expect(&hosts, 200)[0]["address"], UNDERLAY_B.to_string());
+    assert_eq!(hosts.body[0]["fingerprint"], fingerprint_b);
+    // The host-to-host API is not the operator's: on the public port even
+    // the operator is refused, and on the peer port a client without a
+    // registered certificate does not get through the handshake.
+    let operator_on_overlay = agent_b.call(
+        "POST",
+        "/v1/overlay/migrations",
+        Some(TOKEN_B),
+        Some(&json!({})),
+    );
+    assert_eq!(operator_on_overlay.status, 403, "{operator_on_overlay:?}");
+    let stranger = host_a
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket, ssl\n\
+                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+                 context.check_hostname = False\n\
+                 context.verify_mode = ssl.CERT_NONE\n\
+                 with socket.create_connection(('{UNDERLAY_B}', 7443), timeout=10) as raw:\n\
+                 \x20   with context.wrap_socket(raw) as tls:\n\
+                 \x20       tls.sendall(b'GET /v1/overlay/migrations/x HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n')\n\
+                 \x20       print(tls.recv(100))\n"
+            ),
+        ])
+        .output()
+        .expect("python3");
     assert!(
-        !hosts.text.contains(TOKEN_B),
-        "the peer's token is shown: {}",
-        hosts.text
+        !stranger.status.success(),
+        "a client without a registered certificate got an answer: {}",
+        String::from_utf8_lossy(&stranger.stdout)
     );
 
     // The network, created on A for tenant acme, spanning B.

@@ -1,13 +1,15 @@
 //! `/v1/hosts`: the peer hosts this agent carries overlay networks with
-//! (operator only). A peer is registered only once it answers with the
-//! given token as its operator's, so that a typo fails here and not in the
-//! middle of creating a network.
+//! (operator only), registered by underlay address and certificate
+//! fingerprint; `/v1/host-identity`: this host's, for the peers' operators.
+//! Registration is one-sided: the two hosts talk once each has registered
+//! the other (mutual TLS, `peer_tls`); until then calls fail naming the
+//! refused certificate.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, Host, HostCreate};
+use nubis_api::{ApiError, ErrorCode, Host, HostCreate, HostIdentity};
 
 use super::{AppState, Body, HttpError, Operator, Result};
 use crate::peers::PeerError;
@@ -18,6 +20,39 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/hosts", get(list).post(create))
         .route("/v1/hosts/{name}", get(show).delete(remove))
+        .route("/v1/host-identity", get(identity))
+}
+
+/// Makes the TLS layer's view of the peers the database's.
+pub fn refresh_registry(state: &AppState) -> Result<()> {
+    let peers = state.store.list_hosts()?.into_iter().filter_map(|host| {
+        let address = host.address.parse().ok()?;
+        Some((host.name, address, host.fingerprint))
+    });
+    state.peer_registry.replace(peers);
+    Ok(())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/host-identity",
+    tag = "hosts",
+    responses(
+        (status = 200, description = "this host's certificate fingerprint and peer address", body = HostIdentity),
+        (status = 401, description = "no or unknown token", body = ApiError),
+        (status = 403, description = "operator only", body = ApiError)
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn identity(
+    State(state): State<AppState>,
+    _operator: Operator,
+) -> Result<Json<HostIdentity>> {
+    Ok(Json(HostIdentity {
+        fingerprint: state.fingerprint.to_string(),
+        address: state.supervisor.underlay_address().map(|a| a.to_string()),
+        peer_port: state.supervisor.config().peer_port,
+    }))
 }
 
 /// A peer's underlay address: a unicast IPv4 address other than ours.
@@ -46,19 +81,6 @@ fn check_address(state: &AppState, address: &str) -> Result<std::net::Ipv4Addr> 
     Ok(parsed)
 }
 
-fn check_api_url(url: &str) -> Result<()> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        ApiError::invalid(
-            "api_url",
-            format!("'{url}' is not an http:// URL (peers talk plain HTTP over the underlay)"),
-        )
-    })?;
-    if rest.is_empty() || rest.starts_with('/') || url.chars().any(char::is_whitespace) {
-        return Err(ApiError::invalid("api_url", format!("'{url}' names no host")).into());
-    }
-    Ok(())
-}
-
 /// A peer's failure as this API's error: the peer's own refusals of bad
 /// input keep their meaning, everything else is a failed peer.
 pub(crate) fn peer_failed(err: PeerError) -> HttpError {
@@ -77,11 +99,10 @@ pub(crate) fn peer_failed(err: PeerError) -> HttpError {
     request_body = HostCreate,
     responses(
         (status = 201, description = "registered", body = Host),
-        (status = 400, description = "invalid input, or the peer refused the token", body = ApiError),
+        (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator only", body = ApiError),
-        (status = 409, description = "the name or address is registered", body = ApiError),
-        (status = 502, description = "the peer cannot be reached", body = ApiError)
+        (status = 409, description = "the name, address or fingerprint is registered", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -92,45 +113,29 @@ pub(crate) async fn create(
 ) -> Result<(StatusCode, Json<Host>)> {
     validate::name("name", &request.name, false)?;
     let address = check_address(&state, &request.address)?;
-    check_api_url(&request.api_url)?;
-    if request.token.trim().len() < 16 || request.token.chars().any(char::is_whitespace) {
+    if !crate::peer_tls::is_fingerprint(&request.fingerprint) {
         return Err(ApiError::invalid(
-            "token",
-            "an operator token is at least 16 characters, without spaces",
+            "fingerprint",
+            "a certificate fingerprint is 64 lower-case hex digits (the peer's GET /v1/host-identity)",
         )
         .into());
     }
-    let candidate = Peer {
-        host: Host {
-            name: request.name.clone(),
-            address: address.to_string(),
-            api_url: request.api_url.clone(),
-            created_at: 0,
-        },
-        token: request.token.clone(),
-    };
-    match state.peers.check(&candidate).await {
-        Ok(()) => {}
-        Err(PeerError::Refused {
-            status: 401 | 403, ..
-        }) => {
-            return Err(ApiError::invalid(
-                "token",
-                format!(
-                    "host '{}' does not take this token as its operator's",
-                    request.name
-                ),
-            )
-            .into())
-        }
-        Err(err) => return Err(peer_failed(err)),
+    if request.fingerprint == *state.fingerprint {
+        return Err(ApiError::invalid("fingerprint", "this is this host's own certificate").into());
+    }
+    let peer_port = request
+        .peer_port
+        .unwrap_or(nubis_api::host::DEFAULT_PEER_PORT);
+    if peer_port == 0 {
+        return Err(ApiError::invalid("peer_port", "must be 1 to 65535").into());
     }
     let host = state.store.create_host(
         &request.name,
-        &candidate.host.address,
-        &request.api_url,
-        &request.token,
+        &address.to_string(),
+        peer_port,
+        &request.fingerprint,
     )?;
+    refresh_registry(&state)?;
     tracing::info!(host = %host.name, address = %host.address, "peer host registered");
     Ok((StatusCode::CREATED, Json(host)))
 }
@@ -202,6 +207,7 @@ pub(crate) async fn remove(
 ) -> Result<StatusCode> {
     let peer = find(&state, &name)?;
     state.store.delete_host(&peer.host.name)?;
+    refresh_registry(&state)?;
     tracing::info!(host = %peer.host.name, "peer host removed");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -209,21 +215,6 @@ pub(crate) async fn remove(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_urls_are_plain_http_with_a_host() {
-        assert!(check_api_url("http://192.0.2.2:8080").is_ok());
-        assert!(check_api_url("http://b.example/").is_ok());
-        for bad in [
-            "https://192.0.2.2",
-            "192.0.2.2:8080",
-            "http://",
-            "http:///x",
-            "http://a b",
-        ] {
-            assert!(check_api_url(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_peer_refusal_keeps_its_meaning() {

@@ -5,6 +5,7 @@
 //! tenant's resource gets 404, exactly as for one that does not exist.
 
 mod hosts;
+pub use hosts::refresh_registry;
 mod images;
 pub mod metrics;
 mod migrations;
@@ -45,8 +46,20 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Calls to peer hosts.
     pub peers: Arc<crate::peers::PeerClient>,
+    /// The registered peers' certificates, as the TLS layer checks them.
+    pub peer_registry: Arc<crate::peer_tls::PeerRegistry>,
+    /// This host's certificate fingerprint.
+    pub fingerprint: Arc<String>,
     /// Migrations this host drives.
     pub migrations: Arc<migrations::Migrations>,
+}
+
+/// The host-to-host API, served on the peer listener only.
+pub fn peer_router(state: AppState) -> Router {
+    Router::new()
+        .merge(overlay::routes())
+        .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
+        .with_state(state)
 }
 
 /// The whole API.
@@ -201,6 +214,55 @@ impl FromRequestParts<AppState> for Operator {
                 "this endpoint is for the operator",
             )),
         }
+    }
+}
+
+/// A registered peer host calling over the peer listener (mutual TLS):
+/// the host-to-host endpoints take nothing else, not even the operator.
+pub struct PeerCaller {
+    pub name: String,
+    /// Its underlay address, as registered.
+    pub address: String,
+}
+
+impl PeerCaller {
+    /// Refuses a request in which the peer speaks for another host
+    /// (`claimed`, in `field`, must be its own address).
+    pub fn acts_as(&self, field: &str, claimed: &str) -> Result<()> {
+        if claimed == self.address {
+            return Ok(());
+        }
+        Err(HttpError(ApiError {
+            error: nubis_api::error::ErrorBody {
+                code: ErrorCode::Forbidden,
+                message: format!(
+                    "peer '{}' ({}) cannot act for {claimed}",
+                    self.name, self.address
+                ),
+                field: Some(field.to_string()),
+            },
+        }))
+    }
+}
+
+impl FromRequestParts<AppState> for PeerCaller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let refused = || {
+            HttpError::new(
+                ErrorCode::Forbidden,
+                "this endpoint is for registered peer hosts, over mutual TLS on the peer port",
+            )
+        };
+        let Some(crate::peer_tls::PeerHost(name)) = parts.extensions.get().cloned() else {
+            return Err(refused());
+        };
+        let peer = state.store.get_host(&name)?.ok_or_else(refused)?;
+        Ok(PeerCaller {
+            name,
+            address: peer.host.address,
+        })
     }
 }
 

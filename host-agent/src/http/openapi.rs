@@ -4,11 +4,11 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, Image, ImageCreate,
-    IncomingMigration, IncomingReady, Migration, MigrationCreate, Network, NetworkCreate,
-    NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol, Quota, RateLimit, Snapshot,
-    SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
-    VmNic, VmNicCreate, VmState,
+    AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, HostIdentity, Image,
+    ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate, Network,
+    NetworkCreate, NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol, Quota,
+    RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
+    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -35,16 +35,16 @@ use super::{
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
-        hosts::create, hosts::list, hosts::show, hosts::remove,
+        hosts::create, hosts::list, hosts::show, hosts::remove, hosts::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
         migrations::create, migrations::show, migrations::cancel,
-        overlay::incoming, overlay::incoming_done, overlay::incoming_abort,
+        overlay::incoming, overlay::incoming_show, overlay::incoming_done, overlay::incoming_abort,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
-        Overlay, Host, HostCreate, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
+        Overlay, Host, HostCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
     )),
     modifiers(&BearerAuth),
@@ -56,7 +56,7 @@ use super::{
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
         (name = "snapshots", description = "Snapshots of VMs, restored into new VMs"),
         (name = "hosts", description = "Peer hosts that networks span (operator only)"),
-        (name = "overlay", description = "Host to host: overlay networks and their addresses (peer agents, with this host's operator token)"),
+        (name = "overlay", description = "Host to host: overlay networks, their addresses and migrations; served to registered peers only, over mutual TLS on the peer port"),
         (name = "system", description = "Health"),
     )
 )]

@@ -1,5 +1,8 @@
-//! `/v1/overlay`: host to host, called by peer agents with this host's
-//! operator token. The home host of an overlay network gives it to the
+//! `/v1/overlay`: host to host, served to registered peers on the peer
+//! listener (mutual TLS, `peer_tls`): each call carries the calling peer's
+//! identity, and a peer may act only as itself (the home of the networks
+//! it gives, the asker of its own addresses, the source of its own
+//! migrations). The home host of an overlay network gives it to the
 //! other hosts it spans (`PUT`, `DELETE /v1/overlay/networks/{id}`), and
 //! hands out its addresses to their VMs (`.../addresses`): one IPAM per
 //! network, so that no two hosts give a guest the same address.
@@ -12,14 +15,14 @@ use std::net::Ipv4Addr;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use nubis_api::{AddressGrant, AddressRequest, ApiError, ErrorCode, Network, NetworkReplica};
 use serde::Deserialize;
 
 use super::hosts::peer_failed;
 use super::networks::check_mtu;
-use super::{AppState, Body, HttpError, Operator, Result};
+use super::{AppState, Body, HttpError, PeerCaller, Result};
 use crate::ipv4::Cidr;
 use crate::network::vxlan::{underlay_mtu, VXLAN_OVERHEAD};
 use crate::store::Peer;
@@ -37,7 +40,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/overlay/migrations", post(incoming))
         .route(
             "/v1/overlay/migrations/{id}",
-            put(incoming_done).delete(incoming_abort),
+            get(incoming_show).put(incoming_done).delete(incoming_abort),
         )
 }
 
@@ -111,20 +114,19 @@ fn check_incoming_vm(state: &AppState, vm: &nubis_api::Vm) -> Result<()> {
     responses(
         (status = 201, description = "a VMM waits for the source", body = nubis_api::IncomingReady),
         (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 409, description = "the VM exists here, its image is not registered here, or this host does not carry its networks", body = ApiError),
         (status = 422, description = "this host has no underlay", body = ApiError),
         (status = 429, description = "the tenant's quota here is exceeded", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn incoming(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Body(request): Body<nubis_api::IncomingMigration>,
 ) -> Result<(StatusCode, Json<nubis_api::IncomingReady>)> {
     let local = local_underlay(&state)?;
+    peer.acts_as("source", &request.source)?;
     let vm = &request.vm;
     check_incoming_vm(&state, vm)?;
     let conflict = |message: String| HttpError::new(ErrorCode::Conflict, message);
@@ -232,6 +234,41 @@ pub(crate) async fn incoming(
     ))
 }
 
+/// VM `id`, received from `peer`: another peer's VMs (or this host's own)
+/// are not this one's to see or finish.
+fn incoming_from(state: &AppState, peer: &PeerCaller, id: &str) -> Result<nubis_api::Vm> {
+    let vm = incoming_vm(state, id)?;
+    let from = format!("migrating in from {}", peer.address);
+    let received = state
+        .store
+        .events(&vm.id)?
+        .iter()
+        .any(|event| event.kind == "created" && event.message == from);
+    if !received {
+        return Err(HttpError::not_found("VM", id));
+    }
+    Ok(vm)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/overlay/migrations/{id}",
+    tag = "overlay",
+    params(("id" = String, Path, description = "the VM's id")),
+    responses(
+        (status = 200, description = "the VM as this host has it", body = nubis_api::Vm),
+        (status = 403, description = "not a registered peer over mutual TLS", body = ApiError),
+        (status = 404, description = "no VM received from the caller", body = ApiError)
+    )
+)]
+pub(crate) async fn incoming_show(
+    State(state): State<AppState>,
+    peer: PeerCaller,
+    Path(id): Path<String>,
+) -> Result<Json<nubis_api::Vm>> {
+    Ok(Json(incoming_from(&state, &peer, &id)?))
+}
+
 fn incoming_vm(state: &AppState, id: &str) -> Result<nubis_api::Vm> {
     state
         .store
@@ -246,19 +283,17 @@ fn incoming_vm(state: &AppState, id: &str) -> Result<nubis_api::Vm> {
     params(("id" = String, Path, description = "the VM's id")),
     responses(
         (status = 204, description = "the VM runs here now"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 404, description = "no such VM here", body = ApiError),
         (status = 409, description = "its VMM is not running", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn incoming_done(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let vm = incoming_vm(&state, &id)?;
+    let vm = incoming_from(&state, &peer, &id)?;
     if !vm.state.has_process() {
         return Err(HttpError::new(
             ErrorCode::Conflict,
@@ -276,19 +311,17 @@ pub(crate) async fn incoming_done(
     params(("id" = String, Path, description = "the VM's id")),
     responses(
         (status = 204, description = "the VM being received is gone"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 404, description = "no such VM here", body = ApiError),
         (status = 409, description = "the VM runs here (the hand-over happened)", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn incoming_abort(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let vm = incoming_vm(&state, &id)?;
+    let vm = incoming_from(&state, &peer, &id)?;
     let _guard = state.supervisor.lock(&vm.id).await;
     let vm = incoming_vm(&state, &id)?;
     if vm.state == nubis_api::VmState::Running {
@@ -460,19 +493,23 @@ async fn check_replica(state: &AppState, id: &str, replica: &NetworkReplica) -> 
     responses(
         (status = 200, description = "this host carries the network", body = Network),
         (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 409, description = "it clashes with a network or tenant of this host, or its home is not registered", body = ApiError),
         (status = 422, description = "this host has no underlay", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn adopt(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path(id): Path<String>,
     Body(replica): Body<NetworkReplica>,
 ) -> Result<Json<Network>> {
+    let home = replica
+        .network
+        .overlay
+        .as_ref()
+        .map(|overlay| overlay.home.as_str());
+    peer.acts_as("network.overlay.home", home.unwrap_or_default())?;
     check_replica(&state, &id, &replica).await?;
     let tenant = &replica.tenant;
     match state.store.get_tenant(&tenant.id)? {
@@ -513,19 +550,24 @@ pub(crate) async fn adopt(
     params(("id" = String, Path, description = "the network's id")),
     responses(
         (status = 204, description = "this host no longer carries it"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 404, description = "this host does not carry it", body = ApiError),
         (status = 409, description = "VMs here are attached to it, or this host is its home", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn abandon(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let net = find_overlay(&state, &id)?;
+    let home = net.overlay.as_ref().map(|overlay| overlay.home.as_str());
+    if home != Some(peer.address.as_str()) {
+        return Err(HttpError::new(
+            ErrorCode::Forbidden,
+            format!("only network {id}'s home takes it off this host"),
+        ));
+    }
     if remote_home(&state, &net)?.is_none() {
         return Err(HttpError::new(
             ErrorCode::Conflict,
@@ -545,20 +587,19 @@ pub(crate) async fn abandon(
     responses(
         (status = 201, description = "granted", body = AddressGrant),
         (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 404, description = "no such overlay network here", body = ApiError),
         (status = 409, description = "this host is not the network's home, or the asker is no member", body = ApiError),
         (status = 429, description = "the network has no free address", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn grant(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path(id): Path<String>,
     Body(request): Body<AddressRequest>,
 ) -> Result<(StatusCode, Json<AddressGrant>)> {
+    peer.acts_as("host", &request.host)?;
     let net = find_overlay(&state, &id)?;
     if remote_home(&state, &net)?.is_some() {
         return Err(HttpError::new(
@@ -621,18 +662,17 @@ pub(crate) struct ReleaseQuery {
     responses(
         (status = 204, description = "released"),
         (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
         (status = 404, description = "not granted to that host", body = ApiError)
     ),
-    security(("bearer" = []))
 )]
 pub(crate) async fn release(
     State(state): State<AppState>,
-    _operator: Operator,
+    peer: PeerCaller,
     Path((id, address)): Path<(String, String)>,
     Query(query): Query<ReleaseQuery>,
 ) -> Result<StatusCode> {
+    peer.acts_as("host", &query.host)?;
     let parsed: Ipv4Addr = address
         .parse()
         .map_err(|_| ApiError::invalid("address", format!("'{address}' is not an IPv4 address")))?;

@@ -1,60 +1,59 @@
-//! Peer hosts (`/v1/hosts`). A peer's operator token is kept in clear,
-//! since this agent must present it: the database file is therefore
-//! readable by root only (see `Store::open`).
+//! Peer hosts (`/v1/hosts`): name, underlay address, peer API port and
+//! certificate fingerprint. No credential of a peer's is kept: hosts
+//! authenticate each other by their certificates (`peer_tls`).
 
 use nubis_api::Host;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{exists_or, now, Store, StoreError};
 
-/// A peer with the credential to call it.
+/// A registered peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub host: Host,
-    pub token: String,
 }
 
-const HOST_COLUMNS: &str = "name, address, api_url, created_at, token";
+const HOST_COLUMNS: &str = "name, address, peer_port, created_at, fingerprint";
 
 fn peer_from_row(row: &Row) -> rusqlite::Result<Peer> {
     Ok(Peer {
         host: Host {
             name: row.get(0)?,
             address: row.get(1)?,
-            api_url: row.get(2)?,
+            peer_port: row.get(2)?,
             created_at: row.get(3)?,
+            fingerprint: row.get(4)?,
         },
-        token: row.get(4)?,
     })
 }
 
 impl Store {
-    /// Registers a peer; its name and address are unique.
+    /// Registers a peer; its name, address and fingerprint are unique.
     pub fn create_host(
         &self,
         name: &str,
         address: &str,
-        api_url: &str,
-        token: &str,
+        peer_port: u16,
+        fingerprint: &str,
     ) -> Result<Host, StoreError> {
         let host = Host {
             name: name.to_string(),
             address: address.to_string(),
-            api_url: api_url.to_string(),
+            peer_port,
+            fingerprint: fingerprint.to_string(),
             created_at: now(),
         };
         self.conn()
             .execute(
-                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
-                params![
-                    host.name,
-                    host.address,
-                    host.api_url,
-                    host.created_at,
-                    token
-                ],
+                "INSERT INTO hosts (name, address, api_url, token, created_at, peer_port, fingerprint)
+                 VALUES (?1, ?2, '', '', ?3, ?4, ?5)",
+                params![host.name, host.address, host.created_at, host.peer_port, host.fingerprint],
             )
-            .map_err(|err| exists_or(err, || format!("host '{name}' or address {address}")))?;
+            .map_err(|err| {
+                exists_or(err, || {
+                    format!("host '{name}', address {address} or fingerprint {fingerprint}")
+                })
+            })?;
         Ok(host)
     }
 
@@ -114,27 +113,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hosts_are_unique_by_name_and_address_and_keep_their_token() {
+    fn hosts_are_unique_by_name_address_and_fingerprint() {
         let store = Store::open_in_memory().unwrap();
-        let b = store
-            .create_host(
-                "b",
-                "192.0.2.2",
-                "http://192.0.2.2:8080",
-                "secret-of-b-0123",
-            )
-            .unwrap();
+        let (fp_b, fp_c) = ("b".repeat(64), "c".repeat(64));
+        let b = store.create_host("b", "192.0.2.2", 7443, &fp_b).unwrap();
         assert!(matches!(
-            store.create_host("b", "192.0.2.3", "http://x", "t"),
+            store.create_host("b", "192.0.2.3", 7443, &fp_c),
             Err(StoreError::Exists(_))
         ));
         assert!(matches!(
-            store.create_host("c", "192.0.2.2", "http://x", "t"),
+            store.create_host("c", "192.0.2.2", 7443, &fp_c),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(matches!(
+            store.create_host("c", "192.0.2.3", 7443, &fp_b),
             Err(StoreError::Exists(_))
         ));
         let peer = store.get_host("192.0.2.2").unwrap().unwrap();
         assert_eq!(peer.host, b);
-        assert_eq!(peer.token, "secret-of-b-0123");
         assert_eq!(store.get_host("b").unwrap().unwrap().host, b);
         assert_eq!(store.list_hosts().unwrap(), vec![b]);
         assert!(store.delete_host("b").unwrap());

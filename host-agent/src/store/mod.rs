@@ -154,6 +154,14 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tenants ADD COLUMN max_port_forwards INTEGER NOT NULL DEFAULT 16;
      ALTER TABLE tenants ADD COLUMN max_snapshots INTEGER NOT NULL DEFAULT 16;
      ALTER TABLE tenants ADD COLUMN max_storage_mib INTEGER NOT NULL DEFAULT 65536;",
+    // 9: peers authenticate by certificate (mutual TLS), not by token:
+    // peers registered before have no fingerprint and are dropped (their
+    // operators register them again by fingerprint).
+    "DELETE FROM hosts;
+     UPDATE hosts SET token = '';
+     ALTER TABLE hosts ADD COLUMN peer_port INTEGER NOT NULL DEFAULT 7443;
+     ALTER TABLE hosts ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
+     CREATE UNIQUE INDEX hosts_by_fingerprint ON hosts (fingerprint);",
 ];
 
 /// Errors of the store.

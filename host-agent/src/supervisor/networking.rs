@@ -130,20 +130,10 @@ pub const ALWAYS_PROTECTED: [(&str, [u8; 4], u8); 5] = [
     ("reserved", [240, 0, 0, 0], 4),
 ];
 
-/// The host's IPv4 address of `api_url` ("http://192.0.2.2:8080"), when it
-/// names one literally.
-fn url_address(api_url: &str) -> Option<Ipv4Addr> {
-    let rest = api_url.split_once("://").map_or(api_url, |(_, rest)| rest);
-    let authority = rest.split('/').next()?;
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _)| host);
-    host.parse().ok()
-}
-
 impl Supervisor {
     /// What tenants' NAT egress never reaches: link-local, the underlay's
-    /// network, every peer host (underlay and API addresses) and the
+    /// network, every peer host (its underlay address, where its peer API
+    /// and migration listeners are) and the
     /// operator's `egress_deny`. (The host's own addresses are guarded by
     /// the input chain.)
     pub async fn egress_denied(&self) -> Result<Vec<Cidr>, SupervisorError> {
@@ -161,9 +151,6 @@ impl Supervisor {
         }
         for host in self.store.list_hosts()? {
             if let Ok(address) = host.address.parse::<Ipv4Addr>() {
-                denied.push(Cidr::of(address, 32));
-            }
-            if let Some(address) = url_address(&host.api_url) {
                 denied.push(Cidr::of(address, 32));
             }
         }
@@ -418,23 +405,6 @@ impl LeaseLookup for StoreLeases {
 mod tests {
     use super::*;
     use nubis_api::{NetworkCreate, Protocol, Quota, RateLimit, VmNic};
-
-    #[test]
-    fn peer_api_addresses_are_read_from_their_urls() {
-        assert_eq!(
-            url_address("http://192.0.2.2:8080"),
-            Some(Ipv4Addr::new(192, 0, 2, 2))
-        );
-        assert_eq!(
-            url_address("https://192.0.2.3/v1"),
-            Some(Ipv4Addr::new(192, 0, 2, 3))
-        );
-        assert_eq!(
-            url_address("192.0.2.4:1"),
-            Some(Ipv4Addr::new(192, 0, 2, 4))
-        );
-        assert_eq!(url_address("http://peer.example:8080"), None);
-    }
 
     #[test]
     fn resolvers_skip_loopback_and_junk() {

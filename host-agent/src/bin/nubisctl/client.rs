@@ -19,6 +19,8 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the agent ({status}): {body}")]
     Unexpected { status: u16, body: String },
+    #[error("cannot encode the request: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 pub struct Client {

@@ -140,19 +140,23 @@ enum SnapshotCommand {
 
 #[derive(Debug, Subcommand)]
 enum HostCommand {
-    /// Registers a peer agent: its underlay address, API and operator token.
+    /// Registers a peer agent: its underlay address (where its VXLAN
+    /// tunnels end and its peer API listens) and its certificate's
+    /// fingerprint (`nubisctl host identity` on that host).
     Add {
         name: String,
-        /// The peer's underlay IPv4 address (its VXLAN tunnel end).
+        /// The peer's underlay IPv4 address.
         #[arg(long)]
         address: String,
-        /// The peer agent's API, like http://192.0.2.2:8080.
+        /// The SHA-256 fingerprint of the peer's certificate.
         #[arg(long)]
-        api_url: String,
-        /// The peer agent's operator token (or NUBIS_PEER_TOKEN).
-        #[arg(long, env = "NUBIS_PEER_TOKEN", hide_env_values = true)]
-        token: String,
+        fingerprint: String,
+        /// The peer API's port (7443 by default).
+        #[arg(long)]
+        peer_port: Option<u16>,
     },
+    /// This host's fingerprint and peer address, for its peers' operators.
+    Identity,
     List,
     Show {
         name: String,
@@ -587,16 +591,21 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             HostCommand::Add {
                 name,
                 address,
-                api_url,
-                token,
+                fingerprint,
+                peer_port,
             } => {
-                let body =
-                    json!({ "name": name, "address": address, "api_url": api_url, "token": token });
+                let body = serde_json::to_value(nubis_api::HostCreate {
+                    name,
+                    address,
+                    fingerprint,
+                    peer_port,
+                })?;
                 out.object(&client.call("POST", "/v1/hosts", Some(&body))?)
             }
+            HostCommand::Identity => out.object(&client.call("GET", "/v1/host-identity", None)?),
             HostCommand::List => out.table(
                 &client.call("GET", "/v1/hosts", None)?,
-                &["name", "address", "api_url"],
+                &["name", "address", "peer_port", "fingerprint"],
             ),
             HostCommand::Show { name } => {
                 out.object(&client.call("GET", &format!("/v1/hosts/{name}"), None)?)
