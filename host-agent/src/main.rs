@@ -173,19 +173,18 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     tracing::info!("nubis-agent listening on {listen}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(signal) => signal,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down; the VMs keep running");
-        })
-        .await
-        .map_err(|err| format!("the API server failed: {err}"))
+    nubis_agent::http::server::serve(listener, app, async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down; the VMs keep running");
+    })
+    .await;
+    Ok(())
 }

@@ -349,7 +349,11 @@ pub async fn serve(
     if let Ok(listen) = listener.local_addr() {
         tracing::info!("peer API (mutual TLS) listening on {listen}");
     }
+    let limit = crate::http::server::ConnectionLimit::default();
     loop {
+        let Some(permit) = limit.admit().await else {
+            return;
+        };
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -360,6 +364,7 @@ pub async fn serve(
         };
         let (acceptor, registry, router) = (acceptor.clone(), registry.clone(), router.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
@@ -381,21 +386,14 @@ pub async fn serve(
             let Some(peer) = peer else {
                 return;
             };
-            let service = tower::ServiceExt::map_request(
-                router,
-                move |mut request: hyper::Request<hyper::body::Incoming>| {
+            // Every request on this connection is the peer's.
+            let router = router.layer(axum::middleware::from_fn(
+                move |mut request: axum::extract::Request, next: axum::middleware::Next| {
                     request.extensions_mut().insert(PeerHost(peer.clone()));
-                    request
+                    next.run(request)
                 },
-            );
-            let service = hyper_util::service::TowerToHyperService::new(service);
-            let served =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            if let Err(err) = served {
-                tracing::debug!(%from, "peer connection ended: {err}");
-            }
+            ));
+            crate::http::server::serve_connection(tls, router).await;
         });
     }
 }

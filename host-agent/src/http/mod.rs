@@ -13,6 +13,7 @@ mod networks;
 pub mod openapi;
 mod overlay;
 mod port_forwards;
+pub mod server;
 mod snapshots;
 mod system;
 mod tenants;
