@@ -23,6 +23,8 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// 500: the agent failed; the message says how.
     Internal,
+    /// 507: the host's disk would fill past the space it keeps for itself.
+    HostFull,
     /// 502: a peer host (see `/v1/hosts`) failed or could not be reached.
     PeerFailed,
 }
@@ -38,6 +40,7 @@ impl ErrorCode {
             Self::Unprocessable => 422,
             Self::QuotaExceeded => 429,
             Self::Internal => 500,
+            Self::HostFull => 507,
             Self::PeerFailed => 502,
         }
     }

@@ -146,6 +146,9 @@ pub struct ConfigFile {
     /// The port of the peer API (mutual TLS) on the underlay address
     /// (default 7443).
     pub peer_port: Option<u16>,
+    /// MiB the data directory's filesystem keeps free whatever tenants
+    /// ask for (default 1024): room for the database and running VMs.
+    pub reserved_disk_mib: Option<u64>,
     /// More IPv4 networks that tenants' NAT egress never reaches and their
     /// networks may not overlap (say the hosts' management network); the
     /// underlay, peers, link-local and the host's routes are always kept.
@@ -181,6 +184,7 @@ pub struct AgentConfig {
     pub migration_port_range: PortRange,
     pub egress_deny: Vec<crate::ipv4::Cidr>,
     pub peer_port: u16,
+    pub reserved_disk_mib: u64,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -288,6 +292,7 @@ impl AgentConfig {
             migration_port_range,
             egress_deny,
             peer_port,
+            reserved_disk_mib: file.reserved_disk_mib.unwrap_or(1024),
         })
     }
 

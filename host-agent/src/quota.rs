@@ -32,6 +32,63 @@ pub fn uploads_dir(data_dir: &Path, tenant_id: &str) -> std::path::PathBuf {
     data_dir.join("uploads").join(tenant_id)
 }
 
+/// Errors in checking the host's free space.
+#[derive(Debug, thiserror::Error)]
+pub enum SpaceError {
+    #[error("cannot read the free space of {path}: {source}")]
+    Statvfs {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the host's disk has {free_mib} MiB free and keeps {reserve_mib} MiB for itself: {asked_mib} MiB more does not fit")]
+    Full {
+        free_mib: u64,
+        reserve_mib: u64,
+        asked_mib: u64,
+    },
+}
+
+/// Bytes free for unprivileged use on the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64, SpaceError> {
+    let failed = |source| SpaceError::Statvfs {
+        path: dir.display().to_string(),
+        source,
+    };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| failed(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a live,
+    // writable statvfs for the call to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Whether `asked_mib` more fits on the host above its reserve.
+pub fn fits_host(free_bytes: u64, reserve_mib: u64, asked_mib: u64) -> Result<(), SpaceError> {
+    let free_mib = free_bytes / (1 << 20);
+    if free_mib < reserve_mib.saturating_add(asked_mib) {
+        return Err(SpaceError::Full {
+            free_mib,
+            reserve_mib,
+            asked_mib,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses `asked_mib` more on the data directory's filesystem when it
+/// would go below the reserve.
+pub fn check_host_space(
+    data_dir: &Path,
+    reserve_mib: u64,
+    asked_mib: u64,
+) -> Result<(), SpaceError> {
+    fits_host(free_bytes(data_dir)?, reserve_mib, asked_mib)
+}
+
 /// MiB of storage the tenant uses now.
 pub fn storage_used_mib(
     store: &Store,
@@ -103,6 +160,18 @@ mod tests {
             "{err}"
         );
         assert!(fits(&quota, u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn the_host_keeps_its_reserve() {
+        assert!(fits_host(2048 << 20, 1024, 1024).is_ok());
+        let err = fits_host(2048 << 20, 1024, 1025).unwrap_err();
+        assert!(err.to_string().contains("2048 MiB free"), "{err}");
+        assert!(fits_host(0, 0, 0).is_ok());
+        assert!(fits_host(u64::MAX, u64::MAX, 1).is_err());
+        let free = free_bytes(&std::env::temp_dir()).unwrap();
+        assert!(free > 0);
+        assert!(free_bytes(Path::new("/nonexistent/nubis")).is_err());
     }
 
     #[test]

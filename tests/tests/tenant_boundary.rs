@@ -787,3 +787,38 @@ fn nat_egress_reaches_the_outside_but_not_the_hosts_neighbours() {
     assert!(!ping("198.18.10.2"), "NAT egress reached the underlay");
     drop((vm, outside, underlay));
 }
+
+/// Whatever the quotas, the host's disk keeps its reserve: an agent that
+/// must keep more free than the disk has refuses every byte a tenant asks
+/// for (507), and keeps answering.
+#[test]
+fn the_hosts_disk_keeps_its_reserve() {
+    require_kvm();
+    let _host = one_agent_per_host();
+    let dir = TestDir::new("boundary-reserve");
+    let images = CounterImages::new(&dir);
+    let agent = Agent::start_with(
+        &dir.join("agent"),
+        &images.dir,
+        &json!({"reserved_disk_mib": 1u64 << 40}),
+    );
+    let (_, acme) = tenant(&agent, "acme");
+    images.register(&agent, &acme, "counter", None);
+    let vm = agent.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme),
+        Some(
+            &json!({"name": "a", "image": "counter", "memory_mib": 32, "disks": [{"size_mib": 1}]}),
+        ),
+    );
+    assert_eq!((vm.status, vm.code()), (507, "host_full"), "{vm:?}");
+    let upload =
+        nubis_tests::agent::http_raw(agent.address, "PUT", "/v1/uploads/x", Some(&acme), b"bytes");
+    assert_eq!(
+        (upload.status, upload.code()),
+        (507, "host_full"),
+        "{upload:?}"
+    );
+    expect(&agent.call("GET", "/v1/vms", Some(&acme), None), 200);
+}

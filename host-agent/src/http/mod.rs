@@ -128,6 +128,16 @@ impl From<StoreError> for HttpError {
     }
 }
 
+impl From<crate::quota::SpaceError> for HttpError {
+    fn from(error: crate::quota::SpaceError) -> Self {
+        let code = match &error {
+            crate::quota::SpaceError::Full { .. } => ErrorCode::HostFull,
+            crate::quota::SpaceError::Statvfs { .. } => ErrorCode::Internal,
+        };
+        Self::new(code, error.to_string())
+    }
+}
+
 impl From<SupervisorError> for HttpError {
     fn from(error: SupervisorError) -> Self {
         let code = match &error {

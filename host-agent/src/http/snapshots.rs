@@ -30,7 +30,8 @@ pub fn routes() -> Router<AppState> {
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 409, description = "the VM is not running or paused", body = ApiError),
-        (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError)
+        (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
+        (status = 507, description = "the host's disk would go below its reserve", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -80,6 +81,8 @@ fn check_quota(state: &AppState, vm: &nubis_api::Vm) -> Result<()> {
         .map_or(0, |image| crate::quota::mib_of(image.rootfs_bytes));
     let asked = vm.memory_mib + root_mib + vm.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
     crate::quota::check_storage(&state.store, &state.data_dir, &vm.tenant_id, &quota, asked)?;
+    let reserve = state.supervisor.config().reserved_disk_mib;
+    crate::quota::check_host_space(&state.data_dir, reserve, asked)?;
     Ok(())
 }
 

@@ -59,7 +59,8 @@ fn internal(what: &str, err: impl std::fmt::Display) -> HttpError {
         (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
         (status = 403, description = "operator token", body = nubis_api::ApiError),
         (status = 409, description = "a file of that name exists", body = nubis_api::ApiError),
-        (status = 429, description = "larger than the upload limit or the tenant's storage quota", body = nubis_api::ApiError)
+        (status = 429, description = "larger than the upload limit or the tenant's storage quota", body = nubis_api::ApiError),
+        (status = 507, description = "the host's disk would go below its reserve", body = nubis_api::ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -92,7 +93,14 @@ pub(crate) async fn upload(
         .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?
         .quota;
     let left = crate::quota::storage_left_bytes(&state.store, &state.data_dir, &tenant, &quota)?;
-    let limit = left.min(MAX_UPLOAD_BYTES);
+    // And what the host can spare above its reserve.
+    let reserve_bytes = state
+        .supervisor
+        .config()
+        .reserved_disk_mib
+        .saturating_mul(1 << 20);
+    let spare = crate::quota::free_bytes(&state.data_dir)?.saturating_sub(reserve_bytes);
+    let limit = left.min(MAX_UPLOAD_BYTES).min(spare);
     // Each upload writes its own partial file (two uploads of one name
     // never share one), created new, never through an existing path.
     let partial = dir.join(format!(".{name}.{}.partial", crate::store::random_hex(8)?));
@@ -114,16 +122,24 @@ pub(crate) async fn upload(
             })?;
             bytes += chunk.len() as u64;
             if bytes > limit {
-                return Err(HttpError::new(
-                    ErrorCode::QuotaExceeded,
-                    if limit < MAX_UPLOAD_BYTES {
+                return Err(if limit == spare && spare < left.min(MAX_UPLOAD_BYTES) {
+                    HttpError::new(
+                        ErrorCode::HostFull,
+                        format!("the host's disk keeps its reserve: {limit} bytes fit"),
+                    )
+                } else if limit < MAX_UPLOAD_BYTES {
+                    HttpError::new(
+                        ErrorCode::QuotaExceeded,
                         format!(
                             "the upload exceeds the tenant's storage quota ({limit} bytes left)"
-                        )
-                    } else {
-                        format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes")
-                    },
-                ));
+                        ),
+                    )
+                } else {
+                    HttpError::new(
+                        ErrorCode::QuotaExceeded,
+                        format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes"),
+                    )
+                });
             }
             file.write_all(&chunk)
                 .await

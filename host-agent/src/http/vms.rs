@@ -95,7 +95,8 @@ fn check(request: &VmCreate) -> Result<()> {
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator only", body = ApiError),
         (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 429, description = "quota exceeded", body = ApiError)
+        (status = 429, description = "quota exceeded", body = ApiError),
+        (status = 507, description = "the host's disk would go below its reserve", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -197,6 +198,8 @@ async fn create_locked(
     let asked_mib = crate::quota::mib_of(image.rootfs_bytes)
         + request.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
     crate::quota::check_storage(&state.store, &state.data_dir, &tenant_id, &quota, asked_mib)?;
+    let reserve = state.supervisor.config().reserved_disk_mib;
+    crate::quota::check_host_space(&state.data_dir, reserve, asked_mib)?;
     if !nics.is_empty() {
         let vms = state.store.list_vms(Some(&tenant_id), None)?;
         // Addresses in use, across the tenant's VMs and this request.
