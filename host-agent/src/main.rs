@@ -125,6 +125,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .unwrap_or_else(|| "nubis-host".to_string());
     let identity = HostIdentity::load_or_create(&data_dir, &identity_name)
         .map_err(|err| format!("cannot set up this host's identity: {err}"))?;
+    peer_tls::install_default_provider();
     let registry = Arc::new(PeerRegistry::default());
     let client_tls =
         peer_tls::client_config(&identity, registry.clone()).map_err(|err| err.to_string())?;

@@ -166,6 +166,13 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes [`provider`] the process's default, for HTTP clients that build
+/// their TLS settings themselves (reqwest's, even for plain-HTTP calls).
+/// A second call keeps the first provider.
+pub fn install_default_provider() {
+    let _ = CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
+}
+
 /// Accepts a client certificate only when it is a registered peer's.
 #[derive(Debug)]
 struct RegisteredClients {

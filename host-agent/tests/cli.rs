@@ -36,3 +36,24 @@ fn nubisctl_version_is_printed() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("nubisctl "));
 }
+
+#[test]
+fn nubisctl_reports_an_agent_it_cannot_reach() {
+    // Port 1 on loopback: nothing listens. The client must set up (its
+    // TLS provider included) and fail with a message, not a panic.
+    let output = Command::new(env!("CARGO_BIN_EXE_nubisctl"))
+        .args([
+            "--url",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+            "tenant",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach the agent"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -31,6 +31,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        // reqwest sets up TLS even for http:// URLs, with the process's
+        // default provider.
+        nubis_agent::peer_tls::install_default_provider();
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()
