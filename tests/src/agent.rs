@@ -325,6 +325,27 @@ impl Agent {
         )
     }
 
+    /// [`Agent::start_remote`] with a crash hook (see
+    /// [`Agent::start_crashing`]).
+    pub fn start_remote_crashing(
+        data_dir: &Path,
+        image_dir: &Path,
+        host: &RemoteHost,
+        step: &str,
+    ) -> Self {
+        Self::launch(
+            data_dir,
+            image_dir,
+            Some(host.netns),
+            SocketAddr::from(([0, 0, 0, 0], host.port)),
+            SocketAddr::from((host.reach, host.port)),
+            host.operator_token,
+            Some(host.underlay),
+            &Value::Null,
+            Some(step),
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn launch(
         data_dir: &Path,

@@ -520,3 +520,118 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
         204
     );
 }
+
+/// The source agent dies (SIGKILL, its debug-build crash hook) right after
+/// its VMM handed the VM over, before it learnt the outcome: restarted, it
+/// must not start the VM again (it may run on the destination, and does),
+/// until the operator, having checked the destination, says so.
+#[test]
+fn a_source_that_crashed_at_the_hand_over_never_runs_the_vm_twice() {
+    require_kvm();
+    let _host = nubis_tests::agent::one_agent_per_host();
+    let dir = TestDir::new("agent-migration-crash");
+    let counter = CounterImages::new(&dir);
+    let images = counter.dir.clone();
+    let host_a = simulated_host("nbca", 1);
+    let host_b = simulated_host("nbcb", 2);
+    host_a.link_to(
+        &host_b,
+        "under",
+        &format!("{UNDERLAY_A}/24"),
+        "under",
+        &format!("{UNDERLAY_B}/24"),
+    );
+    let spec_a = RemoteHost {
+        netns: &host_a.name,
+        port: PORT,
+        reach: Ipv4Addr::new(10, 97, 1, 2),
+        operator_token: TOKEN_A,
+        underlay: UNDERLAY_A,
+    };
+    let spec_b = RemoteHost {
+        netns: &host_b.name,
+        reach: Ipv4Addr::new(10, 97, 2, 2),
+        operator_token: TOKEN_B,
+        underlay: UNDERLAY_B,
+        ..spec_a
+    };
+    let agent_a =
+        Agent::start_remote_crashing(&dir.join("a"), &images, &spec_a, "migration_handed_over");
+    let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
+    register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
+    register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
+    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
+    counter.register(&agent_a, &acme_a, "counter", None);
+    expect(
+        &agent_a.call(
+            "POST",
+            "/v1/networks",
+            Some(&acme_a),
+            Some(&json!({"name": "span", "cidr": "10.71.0.0/24", "hosts": ["b"]})),
+        ),
+        201,
+    );
+    let acme_b = tenant_token(&agent_b, &tenant_id);
+    counter.register(&agent_b, &acme_b, "counter", None);
+    let created = agent_a.call(
+        "POST",
+        "/v1/vms",
+        Some(&acme_a),
+        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
+    );
+    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    expect(
+        &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
+        200,
+    );
+    wait_for_output(&console_path(&agent_a, &id));
+    let started = agent_a.call(
+        "POST",
+        &format!("/v1/vms/{id}/migration"),
+        Some(&acme_a),
+        Some(&json!({"host": "b"})),
+    );
+    assert_eq!(started.status, 202, "{started:?}");
+    // The migration runs in the background; the agent dies at the hand-over.
+    let (_status, log) = agent_a.crashed();
+    assert!(
+        log.contains("migration_handed_over"),
+        "no crash at the hand-over:\n{log}"
+    );
+
+    // The VM runs on B (the hand-over happened; B learns it from its VMM).
+    let start = Instant::now();
+    loop {
+        let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
+        if on_b.status == 200 && on_b.body["state"] == "running" {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the VM never ran on B: {on_b:?}\n{}",
+            agent_b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A, restarted, keeps the VM from starting there too.
+    let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
+    let again = agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None);
+    assert_eq!(
+        again.status, 409,
+        "the source would run the VM a second time: {again:?}"
+    );
+    assert!(
+        nubis_tests::agent::vmm_pid(&agent_a.data_dir, &id).is_none(),
+        "a VMM of the VM runs on A"
+    );
+    // A tenant cannot lift the hold; the operator can, once it has checked.
+    let tenant_lift = agent_a.call(
+        "DELETE",
+        &format!("/v1/vms/{id}/migration"),
+        Some(&acme_a),
+        None,
+    );
+    assert_eq!(tenant_lift.status, 403, "{tenant_lift:?}");
+    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
+    assert_eq!(expect(&on_b, 200)["state"], "running");
+}
