@@ -3,14 +3,16 @@
 # build's packages (Debian's kernel source, busybox-static, a kernel
 # toolchain, e2fsprogs; fio and iperf3 for the benchmark rootfs and the
 # host side of bench/devices.py; nftables for the agent's tenant network
-# rules) and checks for the Rust toolchain. Idempotent: it
-# calls apt only when a package is missing.
+# rules; python3-venv for Schemathesis, which scripts/schemathesis.sh runs
+# against the API) and checks for the Rust toolchain. Idempotent: it calls
+# apt only when a package is missing, and pip only when the pinned
+# Schemathesis changed.
 set -euo pipefail
 
 packages=(
     linux-source-6.1 busybox-static
     build-essential bc flex bison libelf-dev libssl-dev
-    e2fsprogs cpio lz4 xz-utils file python3 musl-tools
+    e2fsprogs cpio lz4 xz-utils file python3 python3-venv musl-tools
     fio iperf3 iproute2 iputils-ping
     nftables
 )
@@ -24,6 +26,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Schemathesis in a venv of Debian's python3 (not whichever python3 is
+# first on PATH), at the versions pinned in scripts/schemathesis-requirements.txt.
+venv=/var/cache/nubis/schemathesis
+requirements="$(dirname "${BASH_SOURCE[0]}")/schemathesis-requirements.txt"
+if ! cmp -s "$requirements" "$venv/requirements.txt"; then
+    echo "install-deps: installing Schemathesis into $venv" >&2
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -21,11 +21,14 @@ guest-images/build.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# Unit tests and each program's own tests, then the end-to-end tests (two
-# lanes at once, see scripts/e2e.sh); a failure in one does not hide the other.
+# Unit tests and each program's own tests, the API against its OpenAPI
+# document (scripts/schemathesis.sh, ~2.5 min), then the end-to-end tests
+# (two lanes at once, see scripts/e2e.sh); a failure in one does not hide
+# the other.
 status=0
 cargo test --workspace --exclude nubis-tests --no-fail-fast || status=1
 cargo test -p nubis-tests --lib || status=1
+scripts/schemathesis.sh || status=1
 # Each fuzz target for a bounded time (~4 min with the build): a crash fails.
 scripts/fuzz.sh "${NUBIS_FUZZ_SECONDS:-10}" || status=1
 scripts/e2e.sh || status=1

@@ -15,9 +15,20 @@ pub enum ErrorCode {
     Forbidden,
     /// 404: no such resource (also another tenant's resource).
     NotFound,
+    /// 405: the path has no operation of that method (`Allow` lists those
+    /// it has).
+    MethodNotAllowed,
     /// 409: the resource is in the wrong state for the request, or exists.
     Conflict,
-    /// 422: well-formed, but cannot be done (e.g. an image file is missing).
+    /// 413: the request body is larger than the endpoint takes.
+    PayloadTooLarge,
+    /// 415: a body of another content type than the endpoint takes.
+    UnsupportedMediaType,
+    /// 422: valid by the API's document, but cannot be done here: it names
+    /// something that does not exist (an image, a network, a VM, a file)
+    /// or that this host does not allow (a file outside its image
+    /// directories, a host port outside its range, a network its routes
+    /// use).
     Unprocessable,
     /// 429: the tenant's quota would be exceeded.
     QuotaExceeded,
@@ -36,7 +47,10 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::Conflict => 409,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
             Self::Unprocessable => 422,
             Self::QuotaExceeded => 429,
             Self::Internal => 500,

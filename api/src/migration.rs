@@ -17,7 +17,8 @@ pub const MAX_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationCreate {
-    /// The destination: a registered peer host's name.
+    /// The destination: a registered peer host's name (422 when there is
+    /// none of that name).
     pub host: String,
     /// The pause the guest may see, in ms, 0 to 60000 (100 by default; 0
     /// copies until a round or time limit).

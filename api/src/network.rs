@@ -8,8 +8,12 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct NetworkCreate {
     /// 1 to 63 characters: lower-case letters, digits and '-'.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
-    /// IPv4 network in CIDR notation, /16 to /29, e.g. "10.10.0.0/24".
+    /// IPv4 network in CIDR notation, /16 to /29, e.g. "10.10.0.0/24": a
+    /// unicast network without host bits set, outside 0/8, 127/8,
+    /// 169.254/16 and 224/3 (the document's pattern says exactly which);
+    /// 422 when it overlaps the host's own networks.
     pub cidr: String,
     /// NAT egress to the host's uplink (off by default).
     #[serde(default)]
@@ -21,10 +25,12 @@ pub struct NetworkCreate {
     /// DNS servers handed out by DHCP (at most 4); the host's own
     /// (non-loopback) resolvers when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 4, inline, value_type = Option<Vec<DnsServer>>)]
     pub dns: Option<Vec<String>>,
     /// The guests' MTU, 576 to 9000; 1500 by default, and on an overlay
     /// network the underlay's MTU less the 50 bytes of VXLAN encapsulation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 576, maximum = 9000)]
     pub mtu: Option<u16>,
     /// Peer hosts (names from `/v1/hosts`) that carry the network too: it
     /// becomes one L2 segment across them, over VXLAN. This host is its
@@ -32,6 +38,14 @@ pub struct NetworkCreate {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
 }
+
+/// A DNS server: an IPv4 address in dotted decimal whose first octet is 1
+/// to 254 (not "this network" 0/8, nor 255/8).
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^(?:25[0-4]|2[0-4][0-9]|1[0-9]{2}|[1-9][0-9]?)(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$"
+)]
+pub struct DnsServer(pub String);
 
 fn default_true() -> bool {
     true
@@ -91,17 +105,22 @@ impl Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortForwardCreate {
-    /// The VM (id or name).
+    /// The VM (id or name; 422 when the tenant has none of that name).
     pub vm: String,
-    /// The VM's NIC, by index; 0 by default.
+    /// The VM's NIC, by index; 0 by default (422 when the VM has no such
+    /// NIC).
     #[serde(default)]
+    #[schema(maximum = 3)]
     pub nic: usize,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
     /// The port on the host's addresses, from the host's port forward
-    /// range (30000 to 39999 unless the operator set another).
+    /// range (30000 to 39999 unless the operator set another; 422 for a
+    /// port outside it).
+    #[schema(minimum = 1, maximum = 65535)]
     pub host_port: u16,
     /// The port in the VM.
+    #[schema(minimum = 1, maximum = 65535)]
     pub vm_port: u16,
 }
 

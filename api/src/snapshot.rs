@@ -23,6 +23,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRestore {
-    /// The new VM's name.
+    /// The new VM's name: 1 to 63 characters, lower-case letters, digits
+    /// and '-'.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
 }

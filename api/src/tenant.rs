@@ -9,10 +9,13 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     #[serde(default = "defaults::vcpus")]
+    #[schema(minimum = 1)]
     pub max_vcpus: u32,
     #[serde(default = "defaults::memory_mib")]
+    #[schema(minimum = 1)]
     pub max_memory_mib: u64,
     #[serde(default = "defaults::vms")]
+    #[schema(minimum = 1)]
     pub max_vms: u32,
     /// Virtual networks.
     #[serde(default = "defaults::networks")]
@@ -71,6 +74,7 @@ impl Default for Quota {
 #[serde(deny_unknown_fields)]
 pub struct TenantCreate {
     /// 1 to 63 characters: lower-case letters, digits and '-'.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
     #[serde(default)]
     pub quota: Option<Quota>,

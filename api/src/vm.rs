@@ -8,9 +8,13 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
+    /// At least 1 (0 would stop the device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub bytes_per_s: Option<u64>,
+    /// At least 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub ops_per_s: Option<u64>,
 }
 
@@ -18,6 +22,8 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmDisk {
+    /// 1 MiB to 16 TiB.
+    #[schema(minimum = 1, maximum = 16777216)]
     pub size_mib: u64,
     #[serde(default)]
     pub rate_limit: RateLimit,
@@ -62,21 +68,32 @@ pub struct VmNic {
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
     /// 1 to 63 characters: lower-case letters, digits and '-'.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
-    /// Image id or name.
+    /// Image id or name (422 when the tenant has no such image).
     pub image: String,
+    /// 1 to 254 (1 by default).
     #[serde(default = "default_vcpus")]
+    #[schema(minimum = 1, maximum = 254)]
     pub vcpus: u32,
+    /// At least 32 (128 by default).
     #[serde(default = "default_memory_mib")]
+    #[schema(minimum = 32)]
     pub memory_mib: u64,
-    /// Appended to the image's kernel command line.
+    /// Appended to the image's kernel command line: printable ASCII, at
+    /// most 1024 bytes.
     #[serde(default)]
+    #[schema(pattern = r"^[ -~]*$", max_length = 1024)]
     pub kernel_args: String,
     #[serde(default)]
     pub root_rate_limit: RateLimit,
+    /// At most 8.
     #[serde(default)]
+    #[schema(max_items = 8)]
     pub disks: Vec<VmDisk>,
+    /// At most 4.
     #[serde(default)]
+    #[schema(max_items = 4)]
     pub nics: Vec<VmNicCreate>,
 }
 

@@ -80,6 +80,44 @@ impl Cidr {
     }
 }
 
+/// The regular expression (ECMA-262 and Rust alike, no look-around) of the
+/// tenant networks [`Cidr::from_str`] takes and the agent does not refuse
+/// for every host (`ALWAYS_PROTECTED`): a first octet of 1 to 223 but 127,
+/// no 169.254/16, a prefix of /16 to /29 and no host bits set. It is the
+/// OpenAPI document's pattern for `cidr`, so a client that follows the
+/// document never sends a network refused as malformed.
+pub fn tenant_cidr_pattern() -> String {
+    const OCTET: &str = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    // 1-126, 128-168, 170-223; then 169 with any second octet but 254.
+    const FIRST: &str = "(?:[1-9]|[1-9][0-9]|1[01][0-9]|12[0-689]|1[3-5][0-9]|16[0-8]|1[7-9][0-9]|2[01][0-9]|22[0-3])";
+    const LINK_LOCAL_NEIGHBOURS: &str = "169\\.(?:25[0-35]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    // The multiples of `step` below 256, as an alternation.
+    let multiples = |step: u32| -> String {
+        if step == 1 {
+            return OCTET.to_string();
+        }
+        let values: Vec<String> = (0..256)
+            .step_by(step as usize)
+            .rev()
+            .map(|value| value.to_string())
+            .collect();
+        format!("(?:{})", values.join("|"))
+    };
+    let mut tails = Vec::new();
+    for prefix in MIN_PREFIX..=MAX_PREFIX {
+        let tail = if prefix <= 24 {
+            format!("{}\\.0", multiples(1 << (24 - prefix)))
+        } else {
+            format!("{OCTET}\\.{}", multiples(1 << (32 - prefix)))
+        };
+        tails.push(format!("{tail}/{prefix}"));
+    }
+    format!(
+        "^(?:{FIRST}\\.{OCTET}|{LINK_LOCAL_NEIGHBOURS})\\.(?:{})$",
+        tails.join("|")
+    )
+}
+
 impl FromStr for Cidr {
     type Err = String;
 
@@ -90,9 +128,16 @@ impl FromStr for Cidr {
         let address: Ipv4Addr = address
             .parse()
             .map_err(|_| format!("'{address}' is not an IPv4 address"))?;
+        // Digits only, without leading zeros: "/024" or "/+24" are not
+        // CIDR notation (and not what the document's pattern allows).
+        let canonical = !prefix.is_empty()
+            && prefix.bytes().all(|b| b.is_ascii_digit())
+            && (prefix == "0" || !prefix.starts_with('0'));
         let prefix: u8 = prefix
             .parse()
-            .map_err(|_| format!("'{prefix}' is not a prefix length"))?;
+            .ok()
+            .filter(|_| canonical)
+            .ok_or_else(|| format!("'{prefix}' is not a prefix length"))?;
         if !(MIN_PREFIX..=MAX_PREFIX).contains(&prefix) {
             return Err(format!(
                 "prefix /{prefix} is outside /{MIN_PREFIX} to /{MAX_PREFIX}"
@@ -128,6 +173,55 @@ impl fmt::Display for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the agent takes for every host: parsed, and clear of the
+    /// networks it always refuses.
+    fn taken(text: &str) -> bool {
+        text.parse::<Cidr>().is_ok_and(|cidr| {
+            crate::supervisor::networking::ALWAYS_PROTECTED
+                .iter()
+                .all(|(_, octets, prefix)| {
+                    !Cidr::of(Ipv4Addr::from(*octets), *prefix).overlaps(&cidr)
+                })
+        })
+    }
+
+    #[test]
+    fn the_documented_pattern_is_what_is_taken() {
+        let pattern = regex::Regex::new(&tenant_cidr_pattern()).unwrap();
+        let check = |text: &str| {
+            assert_eq!(pattern.is_match(text), taken(text), "{text}");
+        };
+        for first in 0..=255u32 {
+            for second in [0, 1, 254, 255] {
+                check(&format!("{first}.{second}.0.0/16"));
+            }
+        }
+        for third in 0..=255u32 {
+            for fourth in 0..=255u32 {
+                for prefix in 14..=31 {
+                    check(&format!("10.20.{third}.{fourth}/{prefix}"));
+                }
+            }
+        }
+        for odd in [
+            "10.0.0.0/024",
+            "10.0.0.0/+24",
+            "10.0.0.0/",
+            "10.0.0.0",
+            "010.0.0.0/16",
+            "10.0.0.0/24 ",
+            " 10.0.0.0/24",
+            "10.0.0.0/24\n",
+            "10.0.0/24",
+            "10.0.0.0.0/24",
+            "",
+            "/24",
+            "1.2.3.256/29",
+        ] {
+            check(odd);
+        }
+    }
 
     #[test]
     fn parsing_and_errors() {

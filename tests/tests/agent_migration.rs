@@ -206,7 +206,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
         Some(&acme_a),
         Some(&json!({"host": "nowhere"})),
     );
-    assert_eq!(unknown.status, 400, "{unknown:?}");
+    assert_eq!(unknown.status, 422, "{unknown:?}");
     assert_eq!(
         agent_a
             .call("DELETE", &format!("/v1/vms/{y}"), Some(&acme_a), None)

@@ -215,7 +215,7 @@ fn a_network_spans_two_hosts_over_vxlan() {
         Some(&acme_a),
         Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["nowhere"]})),
     );
-    assert_eq!(unknown.status, 400, "{unknown:?}");
+    assert_eq!(unknown.status, 422, "{unknown:?}");
     let span = agent_a.call(
         "POST",
         "/v1/networks",

@@ -58,6 +58,21 @@ fn refused(reply: &Reply, field: &str) {
     );
 }
 
+/// A 422 that names `field`: valid by the API's document, but naming
+/// what the tenant does not have or this host does not allow.
+fn unprocessable(reply: &Reply, field: &str) {
+    assert_eq!(
+        (reply.status, reply.code()),
+        (422, "unprocessable"),
+        "expected 422 for {field}: {reply:?}"
+    );
+    assert_eq!(
+        reply.body["error"]["field"].as_str(),
+        Some(field),
+        "{reply:?}"
+    );
+}
+
 fn created(reply: &Reply) -> Value {
     expect(reply, 201).clone()
 }
@@ -168,7 +183,7 @@ fn forged_nic_fields_and_injected_strings_never_reach_the_host() {
         Some(&acme),
         Some(&json!({"name": "v", "image": "x' OR '1'='1"})),
     );
-    refused(&reply, "image");
+    unprocessable(&reply, "image");
     // Upload names are checked before any path is made of them.
     for name in ["..", ".hidden", "a%2Fb"] {
         let reply = agent.call("DELETE", &format!("/v1/uploads/{name}"), Some(&acme), None);
@@ -249,7 +264,7 @@ fn tenants_get_neither_the_hosts_ports_nor_its_routes() {
             Some(&acme),
             Some(&json!({"vm": "web", "host_port": port, "vm_port": 80})),
         );
-        refused(&reply, "host_port");
+        unprocessable(&reply, "host_port");
     }
     for port in [30000, 39999] {
         created(&agent.call(
@@ -289,7 +304,7 @@ fn tenants_get_neither_the_hosts_ports_nor_its_routes() {
             Some(&globex),
             Some(&json!({"name": "shadow", "cidr": cidr})),
         );
-        refused(&reply, "cidr");
+        unprocessable(&reply, "cidr");
     }
     // Another tenant's network is refused without being named.
     let clash = agent.call(
@@ -476,10 +491,10 @@ fn every_endpoint_keeps_tenants_apart() {
             "vm",
         ),
     ] {
-        refused(&agent.call("POST", path, Some(&globex), Some(&body)), field);
+        unprocessable(&agent.call("POST", path, Some(&globex), Some(&body)), field);
     }
     images.register(&agent, &globex, "counter", None);
-    refused(
+    unprocessable(
         &agent.call(
             "POST",
             "/v1/vms",

@@ -1,12 +1,12 @@
 //! `/v1/images`: a tenant's guest images, registered by host path.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Image, ImageCreate};
 
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::{AppState, Body, Caller, HttpError, Path, Result};
 use crate::validate;
 
 pub fn routes() -> Router<AppState> {
@@ -78,13 +78,12 @@ fn regular_file(
         && !own.is_some_and(|own| resolved.starts_with(own));
     let allowed = allowed && !foreign_upload;
     if !allowed {
-        return Err(HttpError(ApiError {
-            error: nubis_api::error::ErrorBody {
-                code: ErrorCode::InvalidInput,
-                message: format!("{path} is outside the agent's image directories"),
-                field: Some(field.to_string()),
-            },
-        }));
+        // Well-formed (the document's pattern), but not a file this
+        // tenant may use here: as for a missing one, a 422.
+        return Err(unprocessable(
+            field,
+            format!("{path} is outside the agent's image directories"),
+        ));
     }
     match std::fs::metadata(&resolved) {
         Ok(meta) if meta.is_file() => Ok((resolved.display().to_string(), meta.len())),
@@ -105,9 +104,10 @@ fn regular_file(
         (status = 201, description = "success", body = Image),
         (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+        (status = 403, description = "operator token", body = ApiError),
+        (status = 409, description = "the name exists", body = ApiError),
+        (status = 422, description = "a file is missing, not a regular file, outside the image directories and the tenant's uploads, or a root disk under 512 bytes", body = ApiError),
+        (status = 429, description = "the tenant's storage quota is used up", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -125,9 +125,13 @@ pub(crate) async fn create(
     let (rootfs, rootfs_bytes) = regular_file(&state, Some(tenant), "rootfs", &request.rootfs)?;
     request.rootfs = rootfs;
     if rootfs_bytes < 512 {
-        return Err(
-            ApiError::invalid("rootfs", "a root disk image holds at least one sector").into(),
-        );
+        return Err(unprocessable(
+            "rootfs",
+            format!(
+                "{} is {rootfs_bytes} bytes: a root disk image holds at least one sector (512)",
+                request.rootfs
+            ),
+        ));
     }
     if let Some(initrd) = &request.initrd {
         request.initrd = Some(regular_file(&state, Some(tenant), "initrd", initrd)?.0);

@@ -9,14 +9,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, IncomingMigration, Migration, MigrationCreate, Vm, VmState};
 
 use super::hosts::peer_failed;
-use super::{overlay, vms, AppState, Body, Caller, HttpError, Result};
+use super::{overlay, vms, AppState, Body, Caller, HttpError, Path, Result};
 use crate::store::Peer;
 use crate::supervisor::control;
 use crate::supervisor::migration as handover;
@@ -73,7 +73,7 @@ pub fn routes() -> Router<AppState> {
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 409, description = "the VM is not running, a migration runs, or the destination does not carry its networks", body = ApiError),
-        (status = 422, description = "this host has no underlay", body = ApiError)
+        (status = 422, description = "this host has no underlay, or no host of that name", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -89,7 +89,7 @@ pub(crate) async fn create(
     }
     overlay::local_underlay(&state)?;
     let peer = state.store.get_host(&request.host)?.ok_or_else(|| {
-        ApiError::invalid(
+        super::networks::unprocessable(
             "host",
             format!("no host '{}' (see /v1/hosts)", request.host),
         )

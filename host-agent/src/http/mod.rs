@@ -3,6 +3,14 @@
 //! failure is the one JSON error shape of `nubis_api::ApiError`, with the
 //! field at fault named for bad input. A tenant asking for another
 //! tenant's resource gets 404, exactly as for one that does not exist.
+//!
+//! Why every failure, axum's own included: clients are written against
+//! the OpenAPI document (and checked against it by Schemathesis, see
+//! scripts/schemathesis.sh), which promises that shape for every error.
+//! Path and query rejections come through [`Path`] and [`Query`], which
+//! name the parameter; whatever else axum or hyper answers with a plain
+//! body (a 405 for a method a route lacks, a body over the limit) is
+//! rewritten by [`json_errors`], keeping its status and headers (`Allow`).
 
 mod hosts;
 pub use hosts::refresh_registry;
@@ -83,6 +91,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -277,17 +286,162 @@ impl FromRequestParts<AppState> for PeerCaller {
     }
 }
 
+/// Rewrites an error response whose body is not JSON (axum's 405 for a
+/// method a route lacks, its plain-text rejections) into the API's error
+/// shape, with the code of its status; status and headers stay.
+async fn json_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Its text is the best message there is; bounded, as any body read.
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let code = error_code_of(status);
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&ApiError::new(code, message)).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// The error code of an HTTP status that axum chose; one the API has no
+/// code for is an `invalid_input` (a 4xx) or `internal` (a 5xx).
+fn error_code_of(status: StatusCode) -> ErrorCode {
+    [
+        ErrorCode::InvalidInput,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Unprocessable,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::Internal,
+        ErrorCode::PeerFailed,
+        ErrorCode::HostFull,
+    ]
+    .into_iter()
+    .find(|code| code.http_status() == status.as_u16())
+    .unwrap_or(if status.is_server_error() {
+        ErrorCode::Internal
+    } else {
+        ErrorCode::InvalidInput
+    })
+}
+
+/// Path parameters; one that does not decode (bad percent-encoding, not
+/// UTF-8, not of its type) is a 400 in the API's error shape.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(HttpError::new(
+                ErrorCode::InvalidInput,
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Query parameters, strict like bodies: an unknown or ill-typed one is a
+/// 400 naming it.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(rejection) => {
+                let message = rejection.body_text();
+                let mut error = ApiError::new(ErrorCode::InvalidInput, message.clone());
+                error.error.field = rejected_field(&message);
+                Err(HttpError(error))
+            }
+        }
+    }
+}
+
 /// A strict JSON body; a bad one is a 400 naming the field when serde does.
+/// A number with no fraction is an integer wherever one is due (`2.0` for
+/// 2): JSON has one number type, and JSON Schema's `integer` is any number
+/// without a fraction, so a client may send either.
 pub struct Body<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(Body(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        let value = match Json::<serde_json::Value>::from_request(request, state).await {
+            Ok(Json(value)) => whole_numbers_as_integers(value),
+            Err(rejection) => return Err(json_rejection(rejection)),
+        };
+        serde_path_to_error::deserialize(value)
+            .map(Body)
+            .map_err(|err| {
+                let message =
+                    format!("Failed to deserialize the JSON body into the target type: {err}");
+                let mut error = ApiError::new(ErrorCode::InvalidInput, message.clone());
+                error.error.field = rejected_field(&message);
+                HttpError(error)
+            })
+    }
+}
+
+/// `value` with every number that has no fraction (and fits a double
+/// exactly) as an integer.
+fn whole_numbers_as_integers(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    /// 2^53: beyond it a double no longer holds every integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) if number.is_f64() => match number.as_f64() {
+            Some(float) if float.fract() == 0.0 && float.abs() <= EXACT => {
+                if float >= 0.0 {
+                    Value::from(float as u64)
+                } else {
+                    Value::from(float as i64)
+                }
+            }
+            _ => Value::Number(number),
+        },
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(whole_numbers_as_integers).collect())
         }
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, value)| (key, whole_numbers_as_integers(value)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -304,10 +458,12 @@ fn json_rejection(rejection: JsonRejection) -> HttpError {
 /// field `name`".
 fn rejected_field(message: &str) -> Option<String> {
     // axum: "Failed to deserialize the JSON body into the target type: "
-    // then serde_path_to_error's "PATH: ERROR" (no path at the top level).
-    let detail = message
-        .split_once("target type: ")
-        .map_or(message, |(_, rest)| rest);
+    // (or "Failed to deserialize query string: ") then
+    // serde_path_to_error's "PATH: ERROR" (no path at the top level).
+    let detail = ["target type: ", "query string: "]
+        .iter()
+        .find_map(|prefix| message.split_once(prefix).map(|(_, rest)| rest))
+        .unwrap_or(message);
     let (path, error) = match detail.split_once(": ") {
         Some((path, error)) if !path.contains(' ') && path != "." => (Some(path), error),
         _ => (None, detail),
@@ -331,6 +487,15 @@ fn rejected_field(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_numbers_are_integers() {
+        let value = serde_json::json!({"a": 2.0, "b": [-3.0, 1.5], "c": 1e300, "d": "4.0"});
+        assert_eq!(
+            whole_numbers_as_integers(value),
+            serde_json::json!({"a": 2, "b": [-3, 1.5], "c": 1e300, "d": "4.0"})
+        );
+    }
 
     #[test]
     fn rejections_name_the_field_with_its_path() {

@@ -2,14 +2,14 @@
 //! A network created with `hosts` spans them: this host is its home, gives
 //! it to each of them (`/v1/overlay`) and deletes it from them.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Network, NetworkCreate};
 
 use super::hosts::peer_failed;
-use super::{overlay, AppState, Body, Caller, HttpError, Result};
+use super::{overlay, AppState, Body, Caller, HttpError, Path, Result};
 use crate::ipv4::Cidr;
 use crate::store::Peer;
 use crate::supervisor::networking::host_resolvers;
@@ -32,7 +32,7 @@ pub fn routes() -> Router<AppState> {
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
-        (status = 422, description = "hosts given, but this host has no underlay", body = ApiError),
+        (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
         (status = 429, description = "the tenant's network quota is used up", body = ApiError),
         (status = 500, description = "the host refused the bridge or its rules", body = ApiError),
         (status = 502, description = "a spanned host failed", body = ApiError)
@@ -51,7 +51,8 @@ pub(crate) async fn create(
         .parse()
         .map_err(|err: String| ApiError::invalid("cidr", err))?;
     if let Some(reason) = state.supervisor.shadowed_host_network(cidr).await? {
-        return Err(ApiError::invalid("cidr", reason).into());
+        // Well-formed, but this host's own networks have it.
+        return Err(unprocessable("cidr", reason));
     }
     let quota = state
         .store
@@ -70,11 +71,10 @@ pub(crate) async fn create(
         let max = overlay::max_overlay_mtu(local).await?;
         let mtu = request.mtu.unwrap_or(max);
         if mtu > max {
-            return Err(ApiError::invalid(
+            return Err(unprocessable(
                 "mtu",
                 format!("{mtu} does not fit the underlay: at most {max} with VXLAN's 50 bytes"),
-            )
-            .into());
+            ));
         }
         let mut hosts = vec![local.to_string()];
         hosts.extend(peers.iter().map(|peer| peer.host.address.clone()));
@@ -108,12 +108,23 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(network)))
 }
 
+/// A 422 naming `field`: valid by the document, not doable on this host.
+pub(super) fn unprocessable(field: &str, message: String) -> HttpError {
+    HttpError(ApiError {
+        error: nubis_api::error::ErrorBody {
+            code: ErrorCode::Unprocessable,
+            message,
+            field: Some(field.to_string()),
+        },
+    })
+}
+
 /// The registered peers named in a network's `hosts`.
 fn spanned_peers(state: &AppState, names: &[String]) -> Result<Vec<Peer>> {
     let mut peers: Vec<Peer> = Vec::new();
     for (index, name) in names.iter().enumerate() {
         let peer = state.store.get_host(name)?.ok_or_else(|| {
-            ApiError::invalid(
+            unprocessable(
                 &format!("hosts[{index}]"),
                 format!("no host '{name}' (see /v1/hosts)"),
             )
@@ -184,12 +195,14 @@ fn dns_servers(servers: &[String]) -> std::result::Result<Vec<String>, ApiError>
             server
                 .parse::<std::net::Ipv4Addr>()
                 .ok()
-                .filter(|address| !address.is_unspecified() && !address.is_broadcast())
+                // 0/8 is "this network" and 255/8 reserved: as the
+                // document's pattern, the first octet is 1 to 254.
+                .filter(|address| !matches!(address.octets()[0], 0 | 255))
                 .map(|address| address.to_string())
                 .ok_or_else(|| {
                     ApiError::invalid(
                         &format!("dns[{index}]"),
-                        format!("'{server}' is not a unicast IPv4 address"),
+                        format!("'{server}' is not a unicast IPv4 address (first octet 1 to 254)"),
                     )
                 })
         })

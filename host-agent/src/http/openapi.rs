@@ -47,7 +47,7 @@ use super::{
         Overlay, Host, HostCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CidrPattern),
     tags(
         (name = "tenants", description = "Tenants and their tokens (operator only)"),
         (name = "images", description = "Guest images"),
@@ -71,6 +71,28 @@ impl Modify for BearerAuth {
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
+        }
+    }
+}
+
+/// `NetworkCreate.cidr`'s pattern, made from the same bounds as the
+/// parser (see `ipv4::tenant_cidr_pattern`) rather than written twice.
+struct CidrPattern;
+
+impl Modify for CidrPattern {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{Object, Schema};
+        use utoipa::openapi::RefOr;
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        let Some(RefOr::T(Schema::Object(network))) = components.schemas.get_mut("NetworkCreate")
+        else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(cidr))) = network.properties.get_mut("cidr") {
+            let cidr: &mut Object = cidr;
+            cidr.pattern = Some(crate::ipv4::tenant_cidr_pattern());
         }
     }
 }
@@ -148,5 +170,82 @@ mod tests {
             );
         }
         assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    /// The document's patterns take exactly what the handlers' checks do.
+    #[test]
+    fn patterns_match_the_checks() {
+        let document: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        let schemas = &document["components"]["schemas"];
+        let pattern = |schema: &str, field: &str| {
+            let text = schemas[schema]["properties"][field]["pattern"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{schema}.{field} has no pattern"));
+            regex::Regex::new(text).unwrap()
+        };
+        assert!(pattern("NetworkCreate", "cidr").is_match("10.10.0.0/24"));
+        let names = [
+            "a",
+            "web-1",
+            "0db",
+            "-a",
+            "Web",
+            "a_b",
+            "a b",
+            "a.b",
+            ".a",
+            "debian-12.1",
+            "",
+            "a\n",
+            "é",
+            &"x".repeat(63),
+            &"x".repeat(64),
+        ];
+        for (schema, allow_dot) in [
+            ("TenantCreate", false),
+            ("VmCreate", false),
+            ("NetworkCreate", false),
+            ("SnapshotRestore", false),
+            ("ImageCreate", true),
+        ] {
+            let regex = pattern(schema, "name");
+            for name in names {
+                assert_eq!(
+                    regex.is_match(name),
+                    crate::validate::name("name", name, allow_dot).is_ok(),
+                    "{schema}.name {name:?}"
+                );
+            }
+        }
+        let paths = pattern("ImageCreate", "kernel");
+        for path in [
+            "/images/vmlinux",
+            "/",
+            "//a",
+            "/a/./b",
+            "/a/..b",
+            "/a/...",
+            "/.a",
+            "images/vmlinux",
+            "/images/../etc/shadow",
+            "/..",
+            "/a/..",
+            "",
+            "/a\u{0}b",
+        ] {
+            assert_eq!(
+                paths.is_match(path),
+                crate::validate::absolute_path("kernel", path).is_ok(),
+                "{path:?}"
+            );
+        }
+        let args = pattern("VmCreate", "kernel_args");
+        for text in ["quiet ip=10.0.0.2", "", "a\nb", "é", "~"] {
+            assert_eq!(
+                args.is_match(text),
+                crate::validate::kernel_args("kernel_args", text).is_ok(),
+                "{text:?}"
+            );
+        }
     }
 }

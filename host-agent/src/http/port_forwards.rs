@@ -2,13 +2,14 @@
 //! tenant's VMs (DNAT), for clients outside the host, like a cloud's
 //! public address.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, PortForward, PortForwardCreate};
 
-use super::{AppState, Body, Caller, HttpError, Result};
+use super::networks::unprocessable;
+use super::{AppState, Body, Caller, HttpError, Path, Result};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -27,6 +28,7 @@ pub fn routes() -> Router<AppState> {
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the host port is taken", body = ApiError),
+        (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
         (status = 429, description = "the tenant's port forward quota is used up", body = ApiError)
     ),
     security(("bearer" = []))
@@ -41,11 +43,11 @@ pub(crate) async fn create(
     // migrations' ports, nor any other service of the host's.
     let range = state.supervisor.config().port_forward_range;
     if !range.contains(request.host_port) {
-        return Err(ApiError::invalid(
+        // A valid port, but not one this host forwards.
+        return Err(unprocessable(
             "host_port",
             format!("must be in this host's port forward range, {range}"),
-        )
-        .into());
+        ));
     }
     if request.vm_port == 0 {
         return Err(ApiError::invalid("vm_port", "must be 1 to 65535").into());
@@ -53,13 +55,12 @@ pub(crate) async fn create(
     let vm = state
         .store
         .get_vm(Some(tenant), &request.vm)?
-        .ok_or_else(|| HttpError(ApiError::invalid("vm", format!("no VM '{}'", request.vm))))?;
+        .ok_or_else(|| unprocessable("vm", format!("no VM '{}'", request.vm)))?;
     if vm.nics.get(request.nic).is_none() {
-        return Err(ApiError::invalid(
+        return Err(unprocessable(
             "nic",
             format!("VM {} has {} NIC(s)", vm.name, vm.nics.len()),
-        )
-        .into());
+        ));
     }
     let quota = state
         .store

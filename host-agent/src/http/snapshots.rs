@@ -2,13 +2,13 @@
 //! of its VMs, taken without stopping them, and restored into new VMs that
 //! resume where the snapshot was taken.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Snapshot, SnapshotRestore, Vm};
 
-use super::{vms, AppState, Body, Caller, HttpError, Result};
+use super::{vms, AppState, Body, Caller, HttpError, Path, Result};
 use crate::supervisor::networking::nic_address;
 use crate::validate;
 

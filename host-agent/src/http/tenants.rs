@@ -1,12 +1,12 @@
 //! `/v1/tenants` and their tokens: operator only.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
-use super::{AppState, Body, HttpError, Operator, Result};
+use super::{AppState, Body, HttpError, Operator, Path, Result};
 use crate::validate;
 
 pub fn routes() -> Router<AppState> {

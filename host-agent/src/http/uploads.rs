@@ -4,7 +4,7 @@
 //! images otherwise come from the operator's `image_dirs`.
 
 use axum::body::Body as RequestBody;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
-use super::{AppState, Caller, HttpError, Result};
+use super::{AppState, Caller, HttpError, Path, Result};
 use crate::validate;
 
 /// Largest upload accepted: 64 GiB.
@@ -51,8 +51,8 @@ fn internal(what: &str, err: impl std::fmt::Display) -> HttpError {
     put,
     path = "/v1/uploads/{name}",
     tag = "images",
-    params(("name" = String, Path, description = "file name: 1 to 63 of [a-z0-9-.]")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    params(("name" = String, Path, description = "file name: 1 to 63 of [a-z0-9-.], starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9.-]{0,62}$")),
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream", description = "the file; none is an empty file"),
     responses(
         (status = 201, description = "stored; register an image with its path", body = Upload),
         (status = 400, description = "invalid input", body = nubis_api::ApiError),
@@ -213,9 +213,10 @@ pub(crate) async fn list(
     delete,
     path = "/v1/uploads/{name}",
     tag = "images",
-    params(("name" = String, Path, description = "file name")),
+    params(("name" = String, Path, description = "file name: 1 to 63 of [a-z0-9-.], starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9.-]{0,62}$")),
     responses(
         (status = 204, description = "deleted"),
+        (status = 400, description = "not a valid file name", body = nubis_api::ApiError),
         (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
         (status = 404, description = "no such upload", body = nubis_api::ApiError),
         (status = 409, description = "an image uses it", body = nubis_api::ApiError)

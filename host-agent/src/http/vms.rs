@@ -1,7 +1,7 @@
 //! `/v1/vms`: a tenant's microVMs, their lifecycle, console and events.
 
 use axum::body::Body as ResponseBody;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmNic, VmState};
 use serde::Deserialize;
 
-use super::{images, overlay, AppState, Body, Caller, HttpError, Result};
+use super::{images, overlay, AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::ipv4::Cidr;
 use crate::network;
 use crate::store::NewVm;
@@ -93,9 +93,12 @@ fn check(request: &VmCreate) -> Result<()> {
         (status = 201, description = "success", body = Vm),
         (status = 400, description = "invalid input", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 429, description = "quota exceeded", body = ApiError),
+        (status = 403, description = "operator token", body = ApiError),
+        (status = 409, description = "the name exists", body = ApiError),
+        (status = 422, description = "no such image or network", body = ApiError),
+        (status = 429, description = "quota exceeded, or no free address left on a network", body = ApiError),
+        (status = 500, description = "the host refused the NICs' rules", body = ApiError),
+        (status = 502, description = "an overlay network's home host failed", body = ApiError),
         (status = 507, description = "the host's disk would go below its reserve", body = ApiError)
     ),
     security(("bearer" = []))
@@ -119,10 +122,13 @@ pub(crate) async fn create(
         })
         .collect();
     let image = images::find(&state, &caller, &request.image).map_err(|_| {
-        HttpError(ApiError::invalid(
-            "image",
-            format!("no image '{}'", request.image),
-        ))
+        HttpError(ApiError {
+            error: nubis_api::error::ErrorBody {
+                code: ErrorCode::Unprocessable,
+                message: format!("no image '{}'", request.image),
+                field: Some("image".to_string()),
+            },
+        })
     })?;
     let tenant = state
         .store
@@ -173,10 +179,13 @@ fn nic_network(
         .store
         .get_network(Some(tenant_id), wanted)?
         .ok_or_else(|| {
-            HttpError(ApiError::invalid(
-                &format!("nics[{index}].network"),
-                format!("no network '{wanted}'"),
-            ))
+            HttpError(ApiError {
+                error: nubis_api::error::ErrorBody {
+                    code: ErrorCode::Unprocessable,
+                    message: format!("no network '{wanted}'"),
+                    field: Some(format!("nics[{index}].network")),
+                },
+            })
         })
 }
 
@@ -293,7 +302,7 @@ pub(crate) struct ListQuery {
     get,
     path = "/v1/vms",
     tag = "vms",
-    params(("state" = Option<String>, Query, description = "only VMs in this state"), ("name" = Option<String>, Query, description = "only the VM with this name")),
+    params(("state" = Option<VmState>, Query, description = "only VMs in this state"), ("name" = Option<String>, Query, description = "only the VM with this name")),
     responses(
         (status = 200, description = "success", body = Vec<Vm>),
         (status = 400, description = "invalid input", body = ApiError),
@@ -595,7 +604,8 @@ const CONSOLE_CHUNK: usize = 256 * 1024;
     tag = "vms",
     params(("id" = String, Path, description = "id (or name)"), ("offset" = Option<u64>, Query, description = "byte offset to read from; the next one is in X-Console-Offset"), ("follow" = Option<bool>, Query, description = "stream new output until the VM stops")),
     responses(
-        (status = 200, description = "the console log as text", body = String),
+        (status = 200, description = "the console log as text", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 400, description = "an unknown or ill-typed query parameter", body = ApiError),
         (status = 401, description = "no or unknown token", body = ApiError),
         (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
     ),
