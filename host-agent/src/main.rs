@@ -169,6 +169,9 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
             peer_tls::serve(listener, server_tls, registry, peer_app).await;
         });
     }
+    tokio::spawn(nubis_agent::http::resolve_interrupted_handovers(
+        state.clone(),
+    ));
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -522,11 +522,12 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
 }
 
 /// The source agent dies (SIGKILL, its debug-build crash hook) right after
-/// its VMM handed the VM over, before it learnt the outcome: restarted, it
-/// must not start the VM again (it may run on the destination, and does),
-/// until the operator, having checked the destination, says so.
+/// its VMM handed the VM over, before it told the destination: restarted,
+/// it finds the recorded hand-over, asks the destination, which runs the
+/// VM, and completes the migration there. The VM never runs twice: it is
+/// gone from A and runs on B.
 #[test]
-fn a_source_that_crashed_at_the_hand_over_never_runs_the_vm_twice() {
+fn a_source_that_crashed_at_the_hand_over_completes_it_on_restart() {
     require_kvm();
     let _host = nubis_tests::agent::one_agent_per_host();
     let dir = TestDir::new("agent-migration-crash");
@@ -599,39 +600,36 @@ fn a_source_that_crashed_at_the_hand_over_never_runs_the_vm_twice() {
         "no crash at the hand-over:\n{log}"
     );
 
-    // The VM runs on B (the hand-over happened; B learns it from its VMM).
+    // B has the VM with its VMM, still `starting`: nobody told it yet.
+    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
+    assert_eq!(expect(&on_b, 200)["state"], "starting", "{on_b:?}");
+    // A, restarted, asks B and completes the hand-over.
+    let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
     let start = Instant::now();
     loop {
+        let on_a = agent_a.call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None);
         let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-        if on_b.status == 200 && on_b.body["state"] == "running" {
+        if on_a.status == 404 && on_b.status == 200 && on_b.body["state"] == "running" {
             break;
         }
         assert!(
             start.elapsed() < WAIT,
-            "the VM never ran on B: {on_b:?}\n{}",
-            agent_b.log()
+            "the hand-over was not completed: A {on_a:?}\nB {on_b:?}\n{}",
+            agent_a.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A, restarted, keeps the VM from starting there too.
-    let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
-    let again = agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None);
-    assert_eq!(
-        again.status, 409,
-        "the source would run the VM a second time: {again:?}"
+    assert!(
+        agent_a.log().contains("completing the hand-over"),
+        "{}",
+        agent_a.log()
     );
     assert!(
         nubis_tests::agent::vmm_pid(&agent_a.data_dir, &id).is_none(),
         "a VMM of the VM runs on A"
     );
-    // A tenant cannot lift the hold; the operator can, once it has checked.
-    let tenant_lift = agent_a.call(
-        "DELETE",
-        &format!("/v1/vms/{id}/migration"),
-        Some(&acme_a),
-        None,
+    assert!(
+        nubis_tests::agent::vmm_pid(&agent_b.data_dir, &id).is_some(),
+        "no VMM on B"
     );
-    assert_eq!(tenant_lift.status, 403, "{tenant_lift:?}");
-    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-    assert_eq!(expect(&on_b, 200)["state"], "running");
 }

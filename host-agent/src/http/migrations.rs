@@ -294,6 +294,90 @@ async fn drive(
     }
 }
 
+/// Hand-overs this agent stopped in the middle of (it was killed after
+/// recording one, `handover::MIGRATION_MARK`): for each, asks the
+/// destination. A destination that has the VM with its VMM gets the VM
+/// for good (told as the migration would have told it) and it is forgotten
+/// here; one that does not have it leaves it here, free to start again. A
+/// destination that cannot be reached is asked again, every few seconds
+/// for ten minutes, and after that the operator decides
+/// (`DELETE /v1/vms/{id}/migration`).
+pub async fn resolve_interrupted_handovers(state: AppState) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let pending = match interrupted_handovers(&state) {
+            Ok(pending) => pending,
+            Err(err) => {
+                tracing::error!(
+                    "cannot list interrupted hand-overs: {}",
+                    err.0.error.message
+                );
+                return;
+            }
+        };
+        if pending.is_empty() {
+            return;
+        }
+        for (vm, host) in pending {
+            match resolve_handover(&state, &vm, &host).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(vm = %vm.id, host, "hand-over undecided: the destination cannot be asked yet")
+                }
+                Err(err) => {
+                    tracing::warn!(vm = %vm.id, host, "hand-over unresolved: {}", err.0.error.message)
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            tracing::warn!("hand-overs left for the operator (DELETE /v1/vms/{{id}}/migration)");
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// VMs with a recorded hand-over and no migration running here.
+fn interrupted_handovers(state: &AppState) -> Result<Vec<(Vm, String)>> {
+    Ok(state
+        .store
+        .list_vms(None, None)?
+        .into_iter()
+        .filter(|vm| state.migrations.get(&vm.id).is_none_or(|m| m.is_over()))
+        .filter_map(|vm| {
+            let host = handover::handed_over_to(&state.supervisor.paths(&vm.id))?;
+            Some((vm, host))
+        })
+        .collect())
+}
+
+/// Settles one interrupted hand-over; false when the destination could
+/// not be asked.
+async fn resolve_handover(state: &AppState, vm: &Vm, host: &str) -> Result<bool> {
+    let Some(peer) = state.store.get_host(host)? else {
+        return Err(HttpError::new(
+            ErrorCode::Conflict,
+            format!("the destination '{host}' is no longer a registered host"),
+        ));
+    };
+    let local = overlay::local_underlay(state)?;
+    let _guard = state.supervisor.lock(&vm.id).await;
+    match state.peers.vm(&peer, &vm.id).await {
+        Ok(there) if there.state.has_process() => {
+            tracing::info!(vm = %vm.id, host, "the destination has the VM: completing the hand-over");
+            finish(state, vm, &peer, local).await?;
+            Ok(true)
+        }
+        Ok(_) | Err(crate::peers::PeerError::Refused { status: 404, .. }) => {
+            tracing::info!(vm = %vm.id, host, "the destination does not run the VM: it stays here");
+            handover::clear_handover(&state.supervisor.paths(&vm.id))?;
+            abort_destination(state, &peer, &vm.id).await;
+            Ok(true)
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// The pause of a completed migration, from the VMM's last log line about
 /// it ("migrated to ADDR in N ms, guest paused D ms").
 fn downtime_in_log(log: &str) -> Option<u64> {

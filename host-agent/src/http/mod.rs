@@ -14,6 +14,7 @@
 
 mod hosts;
 pub use hosts::refresh_registry;
+pub use migrations::resolve_interrupted_handovers;
 mod images;
 pub mod metrics;
 mod migrations;
