@@ -704,15 +704,20 @@ fn authorization_bad_input_and_quotas() {
         "mtu",
     );
 
-    // Port forwards: ports and NICs checked, host ports unique, tenancy.
+    // Port forwards: ports and NICs checked, host ports unique, tenancy. A
+    // port outside the range or a VM or NIC that is not there is a
+    // well-formed request that cannot be done (422); a port 0 is invalid.
+    bad(
+        "POST",
+        "/v1/port-forwards",
+        &acme,
+        json!({"vm": "web", "host_port": 31080, "vm_port": 0}),
+        "vm_port",
+    );
     for (body, field) in [
         (
             json!({"vm": "web", "host_port": 80, "vm_port": 80}),
             "host_port",
-        ),
-        (
-            json!({"vm": "web", "host_port": 31080, "vm_port": 0}),
-            "vm_port",
         ),
         (
             json!({"vm": "web", "host_port": 31080, "vm_port": 80}),
@@ -723,7 +728,12 @@ fn authorization_bad_input_and_quotas() {
             "vm",
         ),
     ] {
-        bad("POST", "/v1/port-forwards", &acme, body, field);
+        let reply = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&body));
+        assert_eq!(
+            (reply.status, reply.code(), reply.body["error"]["field"].as_str()),
+            (422, "unprocessable", Some(field)),
+            "{body}: {reply:?}"
+        );
     }
     let edge = agent.call(
         "POST",
@@ -943,7 +953,7 @@ fn nubisctl_covers_the_api() {
     let forward: Value = serde_json::from_str(&out).unwrap();
     let (code, out, _) = ctl(&token, &["port-forward", "list"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("18022"), "{out}");
+    assert!(out.contains("31022"), "{out}");
     let forward_id = forward["id"].as_str().unwrap();
     let (code, _, err) = ctl(&token, &["port-forward", "delete", forward_id]);
     assert_eq!(code, Some(0), "{err}");

@@ -206,7 +206,7 @@ fn a_network_spans_two_hosts_over_vxlan() {
     );
     assert_eq!(
         (too_big.status, too_big.body["error"]["field"].as_str()),
-        (400, Some("mtu")),
+        (422, Some("mtu")),
         "{too_big:?}"
     );
     let unknown = agent_a.call(
