@@ -730,7 +730,11 @@ fn authorization_bad_input_and_quotas() {
     ] {
         let reply = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&body));
         assert_eq!(
-            (reply.status, reply.code(), reply.body["error"]["field"].as_str()),
+            (
+                reply.status,
+                reply.code(),
+                reply.body["error"]["field"].as_str()
+            ),
             (422, "unprocessable", Some(field)),
             "{body}: {reply:?}"
         );
