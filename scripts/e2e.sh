@@ -87,6 +87,8 @@ echo
 echo "end-to-end test binaries (status, seconds, lane):"
 sort "$logs/summary" | awk '{ printf "  %-24s %-4s %5s s  %s\n", $1, ($2 == 0 ? "ok" : "FAIL"), $3, $4 }'
 failed="$(awk '$2 != 0 { print $1 }' "$logs/summary" | sort | tr '\n' ' ')"
+# The closing line CI reads: test binaries that passed and failed.
+echo "e2e: $(awk '$2 == 0' "$logs/summary" | wc -l) passed, $(awk '$2 != 0' "$logs/summary" | wc -l) failed"
 if [ -n "$failed" ]; then
     echo "e2e: failed: $failed" >&2
     exit 1
