@@ -14,6 +14,7 @@
 pub mod destination;
 pub mod dirty;
 pub mod protocol;
+pub mod secure;
 pub mod source;
 
 use std::time::Duration;
