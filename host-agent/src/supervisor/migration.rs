@@ -51,6 +51,7 @@ impl Supervisor {
         image: &Image,
         listen: &str,
         token: &str,
+        key: &str,
     ) -> Result<u32, SupervisorError> {
         let paths = self.paths(&vm.id);
         let uid = self.jail_uid(&vm.id)?;
@@ -60,7 +61,13 @@ impl Supervisor {
         self.store
             .set_vm_state(&vm.id, VmState::Starting, None, None)?;
         let spawned = self
-            .spawn_jailed(vm, image, &paths, uid, &Launch::Receive { listen, token })
+            .spawn_jailed(
+                vm,
+                image,
+                &paths,
+                uid,
+                &Launch::Receive { listen, token, key },
+            )
             .await?;
         let pid = spawned.pid;
         self.store
