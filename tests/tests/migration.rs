@@ -18,7 +18,7 @@ use nubis_tests::vm::{control_request, VmProcess};
 use nubis_tests::{require_kvm, TestDir};
 use serde_json::Value;
 use vmm::migration::protocol::{self, Kind};
-use vmm::migration::secure::{Keys, MigrationKey, Role, SecureStream};
+use vmm::migration::secure::{Keys, MigrationKey, Role, SecureStream, SALT_LEN};
 
 /// Hang guards, not timing assertions.
 const WAIT: Duration = Duration::from_secs(60);
@@ -96,10 +96,13 @@ fn migrate(socket: &Path, to: &str, token: &str, key: &str) -> Value {
     control_request(socket, &request.to_string())
 }
 
-/// A fake destination's end of the sealed stream.
-fn sealed(stream: TcpStream) -> SecureStream<TcpStream> {
+/// A fake destination's end of the sealed stream (after the source's
+/// salt).
+fn sealed(mut stream: TcpStream) -> SecureStream<TcpStream> {
     let key = MigrationKey::from_hex(KEY).unwrap();
-    SecureStream::new(stream, Keys::derive(&key, Role::Destination))
+    let mut salt = [0u8; SALT_LEN];
+    stream.read_exact(&mut salt).unwrap();
+    SecureStream::new(stream, Keys::derive(&key, &salt, Role::Destination))
 }
 
 /// A relay between the source and the destination: it records what goes

@@ -27,7 +27,7 @@ use crate::migration::destination::{
     judge_first_record, judge_hello, receive_ram_and_state, HelloVerdict,
 };
 use crate::migration::protocol::{self, Kind};
-use crate::migration::secure::{Keys, MigrationKey, Role, SecureStream, KEY_LEN};
+use crate::migration::secure::{Keys, MigrationKey, Role, SecureStream, KEY_LEN, SALT_LEN};
 use crate::migration::source::expect;
 use crate::run::protocol::{parse_event, EventLines, MAX_EVENT_LINE};
 
@@ -71,13 +71,16 @@ fn memfd(size: u64) -> Option<std::fs::File> {
 /// inside records that opened, the handshake's judgement of its first
 /// frame, then (as if accepted) pages, disk pieces and the state.
 pub fn migration_destination(data: &[u8]) {
-    let keys = Keys::derive(&MigrationKey::from_bytes([7; KEY_LEN]), Role::Destination);
-    let _ = judge_first_record(data, &keys, MIGRATION_TOKEN);
-    let mut records = SecureStream::new(data, keys);
-    let mut plaintext = [0u8; 4096];
+    let key = MigrationKey::from_bytes([7; KEY_LEN]);
+    let _ = judge_first_record(data, &key, MIGRATION_TOKEN);
     let mut opened = 0;
-    while let Ok(got @ 1..) = std::io::Read::read(&mut records, &mut plaintext) {
-        opened += got;
+    if let Some((salt, records)) = data.split_first_chunk::<SALT_LEN>() {
+        let keys = Keys::derive(&key, salt, Role::Destination);
+        let mut records = SecureStream::new(records, keys);
+        let mut plaintext = [0u8; 4096];
+        while let Ok(got @ 1..) = std::io::Read::read(&mut records, &mut plaintext) {
+            opened += got;
+        }
     }
     // Nothing opens without the key: no plaintext comes of a stranger's
     // bytes.

@@ -85,9 +85,18 @@ pub enum FirstRecord {
     Opened(HelloVerdict, Keys),
 }
 
-/// Opens a connection's first record (its length and all it announced)
-/// with `keys` and judges the plaintext as a whole `Hello` frame.
-pub fn judge_first_record(record: &[u8], keys: &Keys, token: &str) -> FirstRecord {
+/// What comes before a connection's first record's body: its salt and
+/// the record's length.
+const PREFIX_LEN: usize = secure::SALT_LEN + secure::LENGTH_LEN;
+
+/// Opens a connection's first bytes (its salt, then its first record:
+/// length and all it announced) with the keys `key` gives with that salt,
+/// and judges the plaintext as a whole `Hello` frame.
+pub fn judge_first_record(first: &[u8], key: &MigrationKey, token: &str) -> FirstRecord {
+    let Some((salt, record)) = first.split_first_chunk::<{ secure::SALT_LEN }>() else {
+        return FirstRecord::Unopened(format!("{} bytes, shorter than a salt", first.len()));
+    };
+    let keys = Keys::derive(key, salt, Role::Destination);
     match keys.open_first(record, MAX_FIRST_RECORD) {
         Ok((frame, keys)) => FirstRecord::Opened(judge_hello(&frame, token), keys),
         Err(err) => FirstRecord::Unopened(err.to_string()),
@@ -132,27 +141,30 @@ struct Pending {
     stream: TcpStream,
     peer: SocketAddr,
     since: Instant,
-    /// The first record's length, then what it announced (bounded by
-    /// [`MAX_FIRST_RECORD`] once the length is checked).
+    /// The connection's salt, its first record's length, then what it
+    /// announced (bounded by [`MAX_FIRST_RECORD`] once the length is
+    /// checked).
     frame: Vec<u8>,
 }
 
 impl Pending {
     /// The bytes this connection's first record still lacks, as far as is
-    /// known (the length's, then the record's); Err when the length is
-    /// out of bounds.
+    /// known (the salt's and length's, then the record's); Err when the
+    /// length is out of bounds.
     fn missing(&self) -> Result<usize, String> {
-        let Some(length) = self.frame.first_chunk::<{ secure::LENGTH_LEN }>() else {
-            return Ok(secure::LENGTH_LEN - self.frame.len());
+        let Some(prefix) = self.frame.first_chunk::<PREFIX_LEN>() else {
+            return Ok(PREFIX_LEN - self.frame.len());
         };
-        let len = u32::from_le_bytes(*length) as usize;
+        let mut length = [0u8; secure::LENGTH_LEN];
+        length.copy_from_slice(&prefix[secure::SALT_LEN..]);
+        let len = u32::from_le_bytes(length) as usize;
         if !(secure::TAG_LEN..=MAX_FIRST_RECORD).contains(&len) {
             return Err(format!(
                 "a first record of {len} bytes, outside {}..={MAX_FIRST_RECORD}",
                 secure::TAG_LEN
             ));
         }
-        Ok(secure::LENGTH_LEN + len - self.frame.len())
+        Ok(PREFIX_LEN + len - self.frame.len())
     }
 
     /// Reads what is there (never past the first record). Ok(true) when
@@ -186,12 +198,13 @@ impl Pending {
 }
 
 /// Waits on `listener` for the connection whose first record opens with
-/// `keys` and holds a `Hello` with the right token, closing any other;
-/// returns it (blocking again, its first record counted) with its `Hello`.
+/// `key` (and its salt) and holds a `Hello` with the right token, closing
+/// any other; returns it (blocking again, its first record counted) with
+/// its `Hello`.
 fn wait_for_source(
     listener: &TcpListener,
     token: &str,
-    keys: &Keys,
+    key: &MigrationKey,
 ) -> Result<(Channel, SocketAddr, Hello), MigrationError> {
     let listen_error = |source| MigrationError::Listen {
         listen: listener
@@ -268,7 +281,7 @@ fn wait_for_source(
                 }
                 Ok(true) => {
                     let connection = pending.remove(index);
-                    match judge_first_record(&connection.frame, keys, token) {
+                    match judge_first_record(&connection.frame, key, token) {
                         FirstRecord::Opened(HelloVerdict::Source(hello), keys) => {
                             connection
                                 .stream
@@ -451,8 +464,7 @@ pub fn receive_vm(
         source,
     })?;
     log::info!("waiting for a migration on {listen}");
-    let keys = Keys::derive(key, Role::Destination);
-    let (mut stream, peer, hello) = wait_for_source(&listener, token, &keys)?;
+    let (mut stream, peer, hello) = wait_for_source(&listener, token, key)?;
     drop(listener);
     // A source that goes silent (dead, or its link cut) ends the wait: this
     // VMM exits instead of holding the VM's place forever.
@@ -583,9 +595,12 @@ mod tests {
         MigrationKey::from_bytes([byte; secure::KEY_LEN])
     }
 
-    /// `frame` sealed as the first record of a source holding `key`.
+    const SALT: [u8; secure::SALT_LEN] = [5; secure::SALT_LEN];
+
+    /// A connection's first bytes: `SALT`, then `frame` sealed as the
+    /// first record of a source holding `key`.
     fn sealed_hello(key: &MigrationKey, frame: &[u8]) -> Vec<u8> {
-        let mut stream = SecureStream::new(Vec::new(), Keys::derive(key, Role::Source));
+        let mut stream = SecureStream::new(SALT.to_vec(), Keys::derive(key, &SALT, Role::Source));
         stream.write_all(frame).unwrap();
         stream.flush().unwrap();
         stream.get_ref().clone()
@@ -593,17 +608,16 @@ mod tests {
 
     #[test]
     fn only_a_first_record_sealed_with_the_key_is_opened() {
-        let keys = Keys::derive(&key(1), Role::Destination);
         let record = sealed_hello(&key(1), &hello_frame(TOKEN));
         assert!(matches!(
-            judge_first_record(&record, &keys, TOKEN),
+            judge_first_record(&record, &key(1), TOKEN),
             FirstRecord::Opened(HelloVerdict::Source(_), _)
         ));
         // The right key, a wrong token: opened, and a stranger (told so).
         assert!(matches!(
             judge_first_record(
                 &sealed_hello(&key(1), &hello_frame("another-token-0123")),
-                &keys,
+                &key(1),
                 TOKEN
             ),
             FirstRecord::Opened(HelloVerdict::Stranger(_), _)
@@ -613,7 +627,8 @@ mod tests {
         let mut flipped = record.clone();
         flipped[20] ^= 1;
         let own_direction = {
-            let mut stream = SecureStream::new(Vec::new(), keys.clone());
+            let keys = Keys::derive(&key(1), &SALT, Role::Destination);
+            let mut stream = SecureStream::new(SALT.to_vec(), keys);
             stream.write_all(&hello_frame(TOKEN)).unwrap();
             stream.flush().unwrap();
             stream.get_ref().clone()
@@ -628,7 +643,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    judge_first_record(&first, &keys, TOKEN),
+                    judge_first_record(&first, &key(1), TOKEN),
                     FirstRecord::Unopened(_)
                 ),
                 "{what}"
@@ -665,7 +680,8 @@ mod tests {
             assert!(answer.is_empty(), "{answer:?}");
             // The key with a wrong token is told so, sealed.
             let wrong = TcpStream::connect(address).unwrap();
-            let mut wrong = SecureStream::new(wrong, Keys::derive(&key(1), Role::Source));
+            let mut wrong = SecureStream::new(wrong, Keys::derive(&key(1), &SALT, Role::Source));
+            wrong.get_mut().write_all(&SALT).unwrap();
             wrong.write_all(&hello_frame("another-token-0123")).unwrap();
             wrong.flush().unwrap();
             let (kind, payload) = receive(&mut wrong).unwrap();
@@ -678,12 +694,11 @@ mod tests {
             source.write_all(&record[..5]).unwrap();
             std::thread::sleep(Duration::from_millis(50));
             source.write_all(&record[5..]).unwrap();
-            let source = SecureStream::new(source, Keys::derive(&key(1), Role::Source));
+            let source = SecureStream::new(source, Keys::derive(&key(1), &SALT, Role::Source));
             (source, silent, garbage, huge, clear)
         });
         let started = Instant::now();
-        let keys = Keys::derive(&key(1), Role::Destination);
-        let (mut stream, _, hello) = wait_for_source(&listener, TOKEN, &keys).unwrap();
+        let (mut stream, _, hello) = wait_for_source(&listener, TOKEN, &key(1)).unwrap();
         assert!(started.elapsed() < HELLO_TIMEOUT);
         assert_eq!(hello.token, TOKEN);
         let (mut source, _silent, _garbage, _huge, _clear) = peers.join().unwrap();
@@ -695,8 +710,9 @@ mod tests {
 
     #[test]
     fn a_pending_connection_reads_its_length_and_refuses_a_bad_one() {
-        // A connection that has sent part of a length waits for the rest;
-        // a length too large for a first record is refused before it.
+        // A connection that has sent its salt and part of a length waits
+        // for the rest; a length too large for a first record is refused
+        // before it.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
@@ -708,6 +724,7 @@ mod tests {
             frame: Vec::new(),
         };
         assert_eq!(pending.read(), Ok(false));
+        client.write_all(&SALT).unwrap();
         client.write_all(&[0xff]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(pending.read(), Ok(false));

@@ -52,6 +52,8 @@ pub enum MigrationError {
     Aborted(String),
     #[error("the migration was cancelled")]
     Cancelled,
+    #[error("cannot make the connection's salt: {0}")]
+    Random(std::io::Error),
     #[error("{0}")]
     Kvm(#[from] VmError),
     #[error(transparent)]

@@ -4,8 +4,9 @@
 //! Every message is a frame: a one-byte kind, a little-endian u64 payload
 //! length, the payload. JSON payloads are UTF-8 JSON objects. The frames
 //! travel inside the encrypted and authenticated records of [`super::secure`]
-//! (both ways, from the first byte): the source's first record is its
-//! `Hello` frame, whole; a frame is flushed into records as it is sent.
+//! (both ways; only the connection's salt, the source's first 32 bytes, is
+//! in clear): the source's first record is its `Hello` frame, whole; a
+//! frame is flushed into records as it is sent.
 //!
 //! | step | direction | kind | payload |
 //! |---|---|---|---|

@@ -10,10 +10,14 @@
 //! `migrate` request or its environment, never on a command line), and
 //! both VMMs derive from it one key per direction:
 //!
-//! * `HKDF-SHA256(ikm = key, salt = "nubis migration v1", info =
-//!   "nubis migration source->destination")`, and the same with
+//! * The source opens each connection with [`SALT_LEN`] random bytes in
+//!   clear, the connection's salt, then the records. Per direction:
+//!   `HKDF-SHA256(ikm = key, salt = the connection's salt, info =
+//!   "nubis migration v1 source->destination")`, and the same with
 //!   `"destination->source"`: a record reflected back to its sender does
-//!   not open there.
+//!   not open there, and a second connection with the same key (a source
+//!   that tries again after a refusal) has keys of its own, so its
+//!   counters starting at zero again never repeat a nonce under a key.
 //! * A record is `u32 length (LE) || ChaCha20-Poly1305(plaintext)`, the
 //!   length counting ciphertext and tag (at most [`MAX_RECORD`], at least
 //!   the tag) and authenticated as associated data; it is checked before
@@ -24,9 +28,10 @@
 //!   not open. A direction stops at 2^32 records (4 PiB at full records)
 //!   rather than reuse a nonce.
 //!
-//! The first record from the source holds its `Hello` frame, whole (the
-//! destination judges it alone, see `destination`); after that the records
-//! carry the protocol's frames as a byte stream, cut anywhere.
+//! The first record from the source, right after the salt, holds its
+//! `Hello` frame, whole (the destination judges it alone, see
+//! `destination`); after that the records carry the protocol's frames as a
+//! byte stream, cut anywhere.
 //!
 //! A direction that failed (a record that does not open, a length out of
 //! bounds, the end of the stream inside a record) stays failed: nothing
@@ -55,9 +60,36 @@ pub const LENGTH_LEN: usize = 4;
 /// Records one direction may carry: its nonces are never reused.
 pub const MAX_RECORDS: u64 = 1 << 32;
 
-const SALT: &[u8] = b"nubis migration v1";
-const SOURCE_TO_DESTINATION: &[u8] = b"nubis migration source->destination";
-const DESTINATION_TO_SOURCE: &[u8] = b"nubis migration destination->source";
+/// Bytes of a connection's salt, sent in clear before its first record.
+pub const SALT_LEN: usize = 32;
+
+const SOURCE_TO_DESTINATION: &[u8] = b"nubis migration v1 source->destination";
+const DESTINATION_TO_SOURCE: &[u8] = b"nubis migration v1 destination->source";
+
+/// A fresh connection salt from the kernel's random source; an error
+/// rather than a weak one.
+pub fn random_salt() -> std::io::Result<[u8; SALT_LEN]> {
+    let mut salt = [0u8; SALT_LEN];
+    let mut filled = 0;
+    while filled < SALT_LEN {
+        let rest = &mut salt[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
+        // a live, writable buffer of that length.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got > 0 {
+            filled += got as usize;
+            continue;
+        }
+        if got == 0 {
+            return Err(std::io::Error::other("getrandom gave no bytes"));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(salt)
+}
 
 /// Errors of the record layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -159,10 +191,10 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(key: &MigrationKey, info: &[u8]) -> Self {
+    fn new(key: &MigrationKey, salt: &[u8; SALT_LEN], info: &[u8]) -> Self {
         let mut derived = [0u8; KEY_LEN];
         // Expanding 32 bytes never fails (HKDF-SHA256 gives up to 8160).
-        let expanded = Hkdf::<Sha256>::new(Some(SALT), &key.0).expand(info, &mut derived);
+        let expanded = Hkdf::<Sha256>::new(Some(salt), &key.0).expand(info, &mut derived);
         debug_assert!(expanded.is_ok());
         let cipher = ChaCha20Poly1305::new(Key::from_slice(&derived));
         zeroize::Zeroize::zeroize(&mut derived);
@@ -249,10 +281,11 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
-    /// The keys of `role`'s side of a migration sharing `key`.
-    pub fn derive(key: &MigrationKey, role: Role) -> Self {
-        let to_destination = Direction::new(key, SOURCE_TO_DESTINATION);
-        let to_source = Direction::new(key, DESTINATION_TO_SOURCE);
+    /// The keys of `role`'s side of a connection with `salt` in a
+    /// migration sharing `key`.
+    pub fn derive(key: &MigrationKey, salt: &[u8; SALT_LEN], role: Role) -> Self {
+        let to_destination = Direction::new(key, salt, SOURCE_TO_DESTINATION);
+        let to_source = Direction::new(key, salt, DESTINATION_TO_SOURCE);
         match role {
             Role::Source => Keys {
                 send: to_destination,
@@ -437,11 +470,33 @@ mod tests {
         MigrationKey::from_bytes([byte; KEY_LEN])
     }
 
+    const SALT: [u8; SALT_LEN] = [9; SALT_LEN];
+
     fn pair(key: &MigrationKey) -> (Keys, Keys) {
         (
-            Keys::derive(key, Role::Source),
-            Keys::derive(key, Role::Destination),
+            Keys::derive(key, &SALT, Role::Source),
+            Keys::derive(key, &SALT, Role::Destination),
         )
+    }
+
+    #[test]
+    fn each_connection_has_keys_of_its_own() {
+        let key = key(7);
+        let salt = random_salt().unwrap();
+        assert_ne!(salt, random_salt().unwrap());
+        let first = Keys::derive(&key, &salt, Role::Source);
+        let again = Keys::derive(&key, &random_salt().unwrap(), Role::Source);
+        // The same plaintext as record 0 of two connections: nothing alike.
+        let a = sealed(&first, &[b"Hello"]);
+        let b = sealed(&again, &[b"Hello"]);
+        assert_ne!(a[4..], b[4..]);
+        // A record of one connection does not open in the other.
+        let other = Keys::derive(&key, &random_salt().unwrap(), Role::Destination);
+        assert!(read_all(&other, &a).is_err());
+        assert_eq!(
+            read_all(&Keys::derive(&key, &salt, Role::Destination), &a).unwrap(),
+            b"Hello"
+        );
     }
 
     /// What `keys` sends when `messages` are written, each flushed.
@@ -710,16 +765,17 @@ mod speed {
         let key = MigrationKey::from_bytes([3; KEY_LEN]);
         let data = vec![0x5au8; 256 << 20];
         let start = std::time::Instant::now();
+        let salt = [1; SALT_LEN];
         let mut writer = SecureStream::new(
             Vec::with_capacity(260 << 20),
-            Keys::derive(&key, Role::Source),
+            Keys::derive(&key, &salt, Role::Source),
         );
         writer.write_all(&data).unwrap();
         writer.flush().unwrap();
         let sealed = start.elapsed();
         let wire = writer.inner;
         let start = std::time::Instant::now();
-        let mut reader = SecureStream::new(&wire[..], Keys::derive(&key, Role::Destination));
+        let mut reader = SecureStream::new(&wire[..], Keys::derive(&key, &salt, Role::Destination));
         let mut out = vec![0u8; 1 << 20];
         while reader.read(&mut out).unwrap() > 0 {}
         let opened = start.elapsed();

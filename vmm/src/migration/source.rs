@@ -14,7 +14,7 @@ use super::protocol::{
     self, decode, disk_chunk, push_page, receive, send, send_json, Hello, Kind, Refusal,
     PAGES_PER_FRAME, PAGE_SIZE,
 };
-use super::secure::{Keys, Role, SecureStream};
+use super::secure::{random_salt, Keys, Role, SecureStream};
 use super::{estimate_downtime, MigrationError, Phase, Progress, Settings};
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::tracker::CHUNK;
@@ -336,11 +336,15 @@ fn migrate(
     migration: &Migration,
     started: Instant,
 ) -> Result<Duration, Outcome> {
-    let stream = connect(&settings.to)?;
+    let mut stream = connect(&settings.to)?;
     if let Ok(clone) = stream.try_clone() {
         *lock(&migration.connection) = Some(clone);
     }
-    let mut stream = SecureStream::new(stream, Keys::derive(&settings.key, Role::Source));
+    // The connection's salt, in clear, then only records: keys of this
+    // connection's own, whatever connections the key saw before.
+    let salt = random_salt().map_err(MigrationError::Random)?;
+    std::io::Write::write_all(&mut stream, &salt).map_err(protocol::ProtocolError::from)?;
+    let mut stream = SecureStream::new(stream, Keys::derive(&settings.key, &salt, Role::Source));
     migration.check_cancel()?;
     // Writes are tracked from before the first copy of each disk.
     let disks = if settings.copy_disks {
