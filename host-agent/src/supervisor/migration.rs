@@ -1,6 +1,8 @@
 //! The destination side of a live migration: a VMM that waits for the
 //! source (`--migrate-listen` on this host's underlay address, with a
-//! one-time token), on the VM's taps and with its disk files to receive.
+//! one-time token and the key that encrypts and authenticates the stream,
+//! both in its environment), on the VM's taps and with its disk files to
+//! receive.
 
 use nubis_api::{Image, Vm, VmState};
 
