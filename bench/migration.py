@@ -36,6 +36,8 @@ LOAD = 0x10_0000
 COUNTER = 0x20_0000
 BUFFER = 0x100_0000
 TOKEN = "bench-migration-token-0123456789"
+# The migration's key (64 hex digits): the VMMs seal the stream with it.
+KEY = os.urandom(32).hex()
 
 
 def elf(code):
@@ -156,12 +158,12 @@ def migrate_once(binary, kernel, mib, work):
     source = Vmm(binary, base_args(kernel, mib, os.path.join(work, "src.sock")))
     port = free_port()
     dest = Vmm(binary, base_args(kernel, mib, os.path.join(work, "dst.sock")) + ["--migrate-listen", f"127.0.0.1:{port}"],
-               env={"NUBIS_MIGRATION_TOKEN": TOKEN})
+               env={"NUBIS_MIGRATION_TOKEN": TOKEN, "NUBIS_MIGRATION_KEY": KEY})
     try:
         source.wait_for_output()
         time.sleep(2)
         start = time.monotonic()
-        answer = control(os.path.join(work, "src.sock"), {"command": "migrate", "to": f"127.0.0.1:{port}", "token": TOKEN})
+        answer = control(os.path.join(work, "src.sock"), {"command": "migrate", "to": f"127.0.0.1:{port}", "token": TOKEN, "key": KEY})
         if not answer.get("ok"):
             raise RuntimeError(f"migrate refused: {answer}")
         source.process.wait(timeout=600)

@@ -106,12 +106,25 @@ pub struct IncomingMigration {
     pub source: String,
 }
 
-/// Host to host: where the destination's VMM waits, and its token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Host to host: where the destination's VMM waits, its token, and the
+/// key that encrypts and authenticates the migration stream.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct IncomingReady {
     /// "ADDRESS:PORT" on the destination's underlay.
     pub listen: String,
     pub token: String,
+    /// The migration's key: 64 hex digits (32 random bytes), one per
+    /// migration, given to both VMMs and never logged.
+    pub key: String,
+}
+
+/// Shows neither the token nor the key.
+impl std::fmt::Debug for IncomingReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingReady")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use nubis_tests::{guest_images, require_kvm, TestDir};
 /// Hang guard for the boot and the workload, not a timing assertion.
 const GUARD: Duration = Duration::from_secs(900);
 const TOKEN: &str = "linux-migration-token-0123";
+/// The migration's key (64 hex digits): the stream is sealed with it.
+const KEY: &str = "4c696e7578206d6967726174696f6e206b657920666f722074657374732e2e2e";
 /// How many values the guest sends.
 const COUNT: u64 = 20;
 
@@ -159,12 +161,14 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
     let mut dest_args = args(&segment.taps[1], &dest_root, &dest_disk, &dest_socket);
     dest_args.extend(["--migrate-listen".to_string(), listen.clone()]);
     let mut command = Command::new(nubis_tests::vmm_binary());
-    command.args(&dest_args).env("NUBIS_MIGRATION_TOKEN", TOKEN);
+    command
+        .args(&dest_args)
+        .env("NUBIS_MIGRATION_TOKEN", TOKEN)
+        .env("NUBIS_MIGRATION_KEY", KEY);
     let mut destination = VmProcess::spawn_command(command);
     std::thread::sleep(Duration::from_millis(300));
     let before_move = received.lock().unwrap().len();
-    let request =
-        serde_json::json!({"command": "migrate", "to": listen, "token": TOKEN, "disks": "copy"});
+    let request = serde_json::json!({"command": "migrate", "to": listen, "token": TOKEN, "key": KEY, "disks": "copy"});
     let started = control_request(&source_socket, &request.to_string());
     assert_eq!(started["ok"], true, "{started}");
     let outcome = source.wait(GUARD);

@@ -23,8 +23,11 @@ use crate::devices::virtio::queue_handler::EventDrivenDevice;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Activation, VirtioDevice, VirtioInterrupt};
 use crate::memory::GuestMemoryMmap;
-use crate::migration::destination::{judge_hello, receive_ram_and_state, HelloVerdict};
+use crate::migration::destination::{
+    judge_first_record, judge_hello, receive_ram_and_state, HelloVerdict,
+};
 use crate::migration::protocol::{self, Kind};
+use crate::migration::secure::{Keys, MigrationKey, Role, SecureStream, KEY_LEN, SALT_LEN};
 use crate::migration::source::expect;
 use crate::run::protocol::{parse_event, EventLines, MAX_EVENT_LINE};
 
@@ -62,9 +65,26 @@ fn memfd(size: u64) -> Option<std::fs::File> {
 }
 
 /// The destination's side of a migration: `data` is what a peer sends to
-/// `--migrate-listen`. First the handshake's judgement of its first frame,
-/// then (as if accepted) pages, disk pieces and the state.
+/// `--migrate-listen`. First the record layer, as a stranger without the
+/// key reaches it (its first record judged, then records read: nothing
+/// opens, but lengths and cuts are the peer's); then, as the plaintext
+/// inside records that opened, the handshake's judgement of its first
+/// frame, then (as if accepted) pages, disk pieces and the state.
 pub fn migration_destination(data: &[u8]) {
+    let key = MigrationKey::from_bytes([7; KEY_LEN]);
+    let _ = judge_first_record(data, &key, MIGRATION_TOKEN);
+    let mut opened = 0;
+    if let Some((salt, records)) = data.split_first_chunk::<SALT_LEN>() {
+        let keys = Keys::derive(&key, salt, Role::Destination);
+        let mut records = SecureStream::new(records, keys);
+        let mut plaintext = [0u8; 4096];
+        while let Ok(got @ 1..) = std::io::Read::read(&mut records, &mut plaintext) {
+            opened += got;
+        }
+    }
+    // Nothing opens without the key: no plaintext comes of a stranger's
+    // bytes.
+    assert_eq!(opened, 0);
     if let HelloVerdict::Source(hello) = judge_hello(data, MIGRATION_TOKEN) {
         assert!(protocol::tokens_match(MIGRATION_TOKEN, &hello.token));
     }
@@ -309,7 +329,7 @@ mod tests {
     fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         let mut out = Vec::new();
         let control = b"{\"command\":\"status\"}\n{\"command\":\"set_rate_limit\",\"device\":\"nubis-disk0\",\"bytes_per_s\":1048576,\"ops_per_s\":500}\n\
-            {\"command\":\"snapshot\",\"dir\":\"/var/snap\"}\n{\"command\":\"migrate\",\"to\":\"10.0.0.2:7100\",\"token\":\"0123456789abcdef\",\"disks\":\"copy\",\"downtime_ms\":100,\"max_rounds\":30,\"max_seconds\":300}\n";
+            {\"command\":\"snapshot\",\"dir\":\"/var/snap\"}\n{\"command\":\"migrate\",\"to\":\"10.0.0.2:7100\",\"token\":\"0123456789abcdef\",\"key\":\"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\",\"disks\":\"copy\",\"downtime_ms\":100,\"max_rounds\":30,\"max_seconds\":300}\n";
         out.push(("control_request", "requests", control.to_vec()));
         out.push((
             "run_protocol",

@@ -14,6 +14,7 @@ use vmm::builder::{build_vm, restore_vm};
 use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
 use vmm::migration::destination::receive_vm;
+use vmm::migration::secure::MigrationKey;
 use vmm::runtime::{self, exit::EXIT_VMM_ERROR};
 
 #[derive(Debug, Parser)]
@@ -77,7 +78,9 @@ struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with = "migrate_listen")]
     restore: Option<PathBuf>,
     /// Receive a live migration on this address instead of booting; the
-    /// token the source must present is NUBIS_MIGRATION_TOKEN.
+    /// token the source must present is NUBIS_MIGRATION_TOKEN, the key that
+    /// encrypts and authenticates the stream NUBIS_MIGRATION_KEY (64 hex
+    /// digits).
     #[arg(long, value_name = "ADDR:PORT")]
     migrate_listen: Option<String>,
     /// Run without the system-call filters (for debugging the VMM only:
@@ -180,12 +183,23 @@ fn main() -> ExitCode {
                     )
                 }
             };
+            // The key that encrypts and authenticates the stream: from the
+            // environment like the token, never from the command line.
+            let key = match std::env::var("NUBIS_MIGRATION_KEY") {
+                Ok(hex) => match MigrationKey::from_hex(&hex) {
+                    Ok(key) => key,
+                    Err(err) => return fail(format!("NUBIS_MIGRATION_KEY: {err}")),
+                },
+                Err(_) => {
+                    return fail("--migrate-listen needs NUBIS_MIGRATION_KEY (64 hex digits)")
+                }
+            };
             // While it receives, this VMM dies with whoever started it (an
             // agent killed mid-migration must not leave a guest half
             // received, nor one the source still runs); once the VM is
             // handed over it outlives its agent like any VMM.
             set_parent_death_signal(libc::SIGKILL);
-            let received = receive_vm(config, &listen, &token).map_err(|err| err.to_string());
+            let received = receive_vm(config, &listen, &token, &key).map_err(|err| err.to_string());
             set_parent_death_signal(0);
             received
         }

@@ -205,7 +205,8 @@ async fn drive(
         .map_err(peer_failed)?;
     let socket = state.supervisor.paths(&vm.id).control;
     let mut request = serde_json::json!({
-        "command": "migrate", "to": ready.listen, "token": ready.token, "disks": "copy",
+        "command": "migrate", "to": ready.listen, "token": ready.token, "key": ready.key,
+        "disks": "copy",
         "downtime_ms": limits.downtime_ms.unwrap_or(100),
     });
     if let Some(rounds) = limits.max_rounds {

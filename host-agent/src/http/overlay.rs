@@ -212,11 +212,14 @@ pub(crate) async fn incoming(
     let port = free_port(local, state.supervisor.config().migration_port_range)?;
     let listen = format!("{local}:{port}");
     let token = crate::store::random_hex(24)?;
+    // The stream's key, one per migration: the VMMs encrypt and
+    // authenticate every byte between them with it.
+    let key = crate::store::random_hex(32)?;
     let prepared = async {
         state.supervisor.reconcile_network().await?;
         state
             .supervisor
-            .receive(&created, &image, &listen, &token)
+            .receive(&created, &image, &listen, &token, &key)
             .await
     };
     if let Err(err) = prepared.await {
@@ -230,7 +233,7 @@ pub(crate) async fn incoming(
     tracing::info!(vm = %created.id, %listen, source = %request.source, "receiving a VM");
     Ok((
         StatusCode::CREATED,
-        Json(nubis_api::IncomingReady { listen, token }),
+        Json(nubis_api::IncomingReady { listen, token, key }),
     ))
 }
 

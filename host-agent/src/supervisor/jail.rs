@@ -223,6 +223,7 @@ pub fn command(
         .arg(format!("fsize={}", file_size_limit(vm, image, paths)));
     if matches!(launch, Launch::Receive { .. }) {
         command.arg("--env").arg("NUBIS_MIGRATION_TOKEN");
+        command.arg("--env").arg("NUBIS_MIGRATION_KEY");
     }
     command
         .arg("--")
@@ -233,11 +234,12 @@ pub fn command(
         Launch::Restore(_) => {
             command.arg("--restore").arg(RESTORE);
         }
-        Launch::Receive { listen, token } => {
+        Launch::Receive { listen, token, key } => {
             command
                 .arg("--migrate-listen")
                 .arg(listen)
-                .env("NUBIS_MIGRATION_TOKEN", token);
+                .env("NUBIS_MIGRATION_TOKEN", token)
+                .env("NUBIS_MIGRATION_KEY", key);
         }
     }
     command
@@ -520,16 +522,35 @@ mod tests {
             &Launch::Receive {
                 listen: "10.0.0.1:4000",
                 token: "secret",
+                key: "keyhex",
             },
         );
         let receive_args = args_of(&receive);
         let separator = receive_args.iter().position(|arg| arg == "--").unwrap();
-        let env = receive_args.iter().position(|arg| arg == "--env").unwrap();
-        assert!(
-            env < separator,
-            "--env must reach the jailer: {receive_args:?}"
-        );
-        assert!(!receive_args.iter().any(|arg| arg.contains("secret")));
+        // Both secrets reach the jailer's environment, by name only on its
+        // command line, and it passes them on.
+        for name in ["NUBIS_MIGRATION_TOKEN", "NUBIS_MIGRATION_KEY"] {
+            let at = receive_args
+                .windows(2)
+                .position(|pair| pair[0] == "--env" && pair[1] == name)
+                .unwrap_or_else(|| panic!("no --env {name}: {receive_args:?}"));
+            assert!(
+                at < separator,
+                "--env must reach the jailer: {receive_args:?}"
+            );
+        }
+        let envs: Vec<(String, String)> = receive
+            .as_std()
+            .get_envs()
+            .filter_map(|(name, value)| {
+                Some((name.to_str()?.to_string(), value?.to_str()?.to_string()))
+            })
+            .collect();
+        assert!(envs.contains(&("NUBIS_MIGRATION_TOKEN".into(), "secret".into())));
+        assert!(envs.contains(&("NUBIS_MIGRATION_KEY".into(), "keyhex".into())));
+        assert!(!receive_args
+            .iter()
+            .any(|arg| arg.contains("secret") || arg.contains("keyhex")));
         assert_eq!(receive_args[separator + 3], "--migrate-listen");
         // No NICs: no tun device in the jail.
         assert!(!joined.contains("/dev/net/tun"), "{joined}");

@@ -1,6 +1,8 @@
 //! The destination side of a live migration: a VMM that waits for the
 //! source (`--migrate-listen` on this host's underlay address, with a
-//! one-time token), on the VM's taps and with its disk files to receive.
+//! one-time token and the key that encrypts and authenticates the stream,
+//! both in its environment), on the VM's taps and with its disk files to
+//! receive.
 
 use nubis_api::{Image, Vm, VmState};
 
@@ -51,6 +53,7 @@ impl Supervisor {
         image: &Image,
         listen: &str,
         token: &str,
+        key: &str,
     ) -> Result<u32, SupervisorError> {
         let paths = self.paths(&vm.id);
         let uid = self.jail_uid(&vm.id)?;
@@ -60,7 +63,13 @@ impl Supervisor {
         self.store
             .set_vm_state(&vm.id, VmState::Starting, None, None)?;
         let spawned = self
-            .spawn_jailed(vm, image, &paths, uid, &Launch::Receive { listen, token })
+            .spawn_jailed(
+                vm,
+                image,
+                &paths,
+                uid,
+                &Launch::Receive { listen, token, key },
+            )
             .await?;
         let pid = spawned.pid;
         self.store

@@ -96,9 +96,13 @@ pub enum Launch<'a> {
     Boot,
     /// Resumes a snapshot (`--restore`).
     Restore(&'a Path),
-    /// Receives a live migration (`--migrate-listen`, its token in the
-    /// environment, never on the command line).
-    Receive { listen: &'a str, token: &'a str },
+    /// Receives a live migration (`--migrate-listen`, its token and key in
+    /// the environment, never on the command line).
+    Receive {
+        listen: &'a str,
+        token: &'a str,
+        key: &'a str,
+    },
 }
 
 /// Runs `jailer` (a `nubis-jailer` command, see jail.rs) with the VM's log

@@ -12,7 +12,7 @@
 //! | `{"command":"stop"}`         | the VMM stops the VM now and exits 0               |
 //! | `{"command":"set_rate_limit","device":ID,"bytes_per_s":N,"ops_per_s":N}` | replaces a disk's or NIC's limits; an absent rate is unlimited |
 //! | `{"command":"snapshot","dir":PATH}` | a paused VM's state and RAM into directory PATH (`nubis-vmm --restore PATH` resumes it) |
-//! | `{"command":"migrate","to":"HOST:PORT","token":T,"disks":"shared"\|"copy","downtime_ms":N,"max_rounds":N,"max_seconds":N}` | starts a live migration to a `nubis-vmm --migrate-listen`; `copy` sends local disks too (the rest is optional) |
+//! | `{"command":"migrate","to":"HOST:PORT","token":T,"key":K,"disks":"shared"\|"copy","downtime_ms":N,"max_rounds":N,"max_seconds":N}` | starts a live migration to a `nubis-vmm --migrate-listen`; `key` is the migration's key (64 hex digits) that encrypts and authenticates the stream; `copy` sends local disks too (the rest is optional) |
 //! | `{"command":"migration_status"}` | the last migration's progress, as `"migration":{...}` |
 //! | `{"command":"migrate_cancel"}` | gives the running migration up; the VM runs on here |
 //!
@@ -50,6 +50,8 @@ pub enum Request {
     Migrate {
         to: String,
         token: String,
+        /// The migration's key, 64 hex digits (see `migration::secure`).
+        key: String,
         #[serde(default)]
         downtime_ms: Option<u64>,
         #[serde(default)]
@@ -246,11 +248,14 @@ mod tests {
             Request::Stop
         );
         assert_eq!(
-            parse_request(br#"{"command":"migrate","to":"h:1","token":"t","downtime_ms":50}"#)
-                .unwrap(),
+            parse_request(
+                br#"{"command":"migrate","to":"h:1","token":"t","key":"k","downtime_ms":50}"#
+            )
+            .unwrap(),
             Request::Migrate {
                 to: "h:1".into(),
                 token: "t".into(),
+                key: "k".into(),
                 downtime_ms: Some(50),
                 max_rounds: None,
                 max_seconds: None,

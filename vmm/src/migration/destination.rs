@@ -3,10 +3,16 @@
 //! builds the VM; it runs it only after the source's `Commit`.
 //!
 //! The address may be reachable by others than the source: until a
-//! connection has presented the right token (in a `Hello` of bounded size,
-//! within [`HELLO_TIMEOUT`]) nothing is allocated for it beyond that
-//! `Hello`, and a connection that fails (a port scanner, garbage, a wrong
-//! token) is closed while the destination waits on for its source.
+//! connection has presented the right token (in a `Hello`, the plaintext
+//! of its first record, sealed with the migration's key: see
+//! [`super::secure`]; of bounded size, within [`HELLO_TIMEOUT`]) nothing
+//! is allocated for it beyond that record, and a connection that fails is
+//! closed while the destination waits on for its source. A stranger costs
+//! one record's reading and one authentication check, at most
+//! [`MAX_FIRST_RECORD`] bytes: one without the key (a port scanner,
+//! garbage, another migration's source) is closed without a word, as it
+//! could not read one; one with the key but a wrong token or a bad `Hello`
+//! is told why, in a sealed `Refuse`.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,6 +24,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::protocol::{
     self, decode, pages, receive, send, send_json, tokens_match, Hello, Kind, Refusal,
 };
+use super::secure::{self, Keys, MigrationKey, Role, SecureStream};
 use super::MigrationError;
 use crate::builder::{restore_from, BuildError, BuiltVm, RestoreSource};
 use crate::config::VmConfig;
@@ -35,6 +42,13 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_PENDING_CONNECTIONS: usize = 16;
 /// Refused connections logged one by one; after that every 100th.
 const LOGGED_REFUSALS: u64 = 20;
+/// The largest first record (ciphertext and tag) a connection may
+/// announce: a whole `Hello` frame of the largest size, sealed.
+pub const MAX_FIRST_RECORD: usize =
+    protocol::HEADER_LEN + protocol::MAX_JSON_MESSAGE as usize + secure::TAG_LEN;
+
+/// The connection from the source, encrypted and authenticated.
+pub type Channel = SecureStream<TcpStream>;
 
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +73,34 @@ pub enum HelloVerdict {
     Stranger(String),
     /// The source, with the right token.
     Source(Hello),
+}
+
+/// What one connection's first record is.
+pub enum FirstRecord {
+    /// It does not open with the migration's key (or is no record): not
+    /// our source, and it could not read an answer.
+    Unopened(String),
+    /// It opened: its plaintext judged as a `Hello`, and the keys to go on
+    /// with (that record counted).
+    Opened(HelloVerdict, Keys),
+}
+
+/// What comes before a connection's first record's body: its salt and
+/// the record's length.
+const PREFIX_LEN: usize = secure::SALT_LEN + secure::LENGTH_LEN;
+
+/// Opens a connection's first bytes (its salt, then its first record:
+/// length and all it announced) with the keys `key` gives with that salt,
+/// and judges the plaintext as a whole `Hello` frame.
+pub fn judge_first_record(first: &[u8], key: &MigrationKey, token: &str) -> FirstRecord {
+    let Some((salt, record)) = first.split_first_chunk::<{ secure::SALT_LEN }>() else {
+        return FirstRecord::Unopened(format!("{} bytes, shorter than a salt", first.len()));
+    };
+    let keys = Keys::derive(key, salt, Role::Destination);
+    match keys.open_first(record, MAX_FIRST_RECORD) {
+        Ok((frame, keys)) => FirstRecord::Opened(judge_hello(&frame, token), keys),
+        Err(err) => FirstRecord::Unopened(err.to_string()),
+    }
 }
 
 /// Judges a connection's first frame (header and payload): anything but a
@@ -99,28 +141,34 @@ struct Pending {
     stream: TcpStream,
     peer: SocketAddr,
     since: Instant,
-    /// The header, then the payload as its length says (bounded by
-    /// [`protocol::MAX_JSON_MESSAGE`] once the header is checked).
+    /// The connection's salt, its first record's length, then what it
+    /// announced (bounded by [`MAX_FIRST_RECORD`] once the length is
+    /// checked).
     frame: Vec<u8>,
 }
 
 impl Pending {
-    /// The bytes this connection's first frame still lacks, as far as is
-    /// known (the header's, then the payload's); Err when the header is
-    /// not a `Hello`'s.
+    /// The bytes this connection's first record still lacks, as far as is
+    /// known (the salt's and length's, then the record's); Err when the
+    /// length is out of bounds.
     fn missing(&self) -> Result<usize, String> {
-        let Some(header) = self.frame.first_chunk::<{ protocol::HEADER_LEN }>() else {
-            return Ok(protocol::HEADER_LEN - self.frame.len());
+        let Some(prefix) = self.frame.first_chunk::<PREFIX_LEN>() else {
+            return Ok(PREFIX_LEN - self.frame.len());
         };
-        match protocol::parse_header(header) {
-            Ok((Kind::Hello, len)) => Ok(protocol::HEADER_LEN + len as usize - self.frame.len()),
-            Ok((kind, _)) => Err(format!("{kind:?} instead of Hello")),
-            Err(err) => Err(err.to_string()),
+        let mut length = [0u8; secure::LENGTH_LEN];
+        length.copy_from_slice(&prefix[secure::SALT_LEN..]);
+        let len = u32::from_le_bytes(length) as usize;
+        if !(secure::TAG_LEN..=MAX_FIRST_RECORD).contains(&len) {
+            return Err(format!(
+                "a first record of {len} bytes, outside {}..={MAX_FIRST_RECORD}",
+                secure::TAG_LEN
+            ));
         }
+        Ok(PREFIX_LEN + len - self.frame.len())
     }
 
-    /// Reads what is there (never past the first frame). Ok(true) when the
-    /// frame is whole, Err when the connection is to be closed.
+    /// Reads what is there (never past the first record). Ok(true) when
+    /// the record is whole, Err when the connection is to be closed.
     fn read(&mut self) -> Result<bool, String> {
         loop {
             let missing = self.missing()?;
@@ -149,12 +197,15 @@ impl Pending {
     }
 }
 
-/// Waits on `listener` for the connection that presents the right token,
-/// closing any other; returns it (blocking again) with its `Hello`.
+/// Waits on `listener` for the connection whose first record opens with
+/// `key` (and its salt) and holds a `Hello` with the right token, closing
+/// any other; returns it (blocking again, its first record counted) with
+/// its `Hello`.
 fn wait_for_source(
     listener: &TcpListener,
     token: &str,
-) -> Result<(TcpStream, SocketAddr, Hello), MigrationError> {
+    key: &MigrationKey,
+) -> Result<(Channel, SocketAddr, Hello), MigrationError> {
     let listen_error = |source| MigrationError::Listen {
         listen: listener
             .local_addr()
@@ -229,25 +280,27 @@ fn wait_for_source(
                     refuse(connection.peer, &why);
                 }
                 Ok(true) => {
-                    let mut connection = pending.remove(index);
-                    match judge_hello(&connection.frame, token) {
-                        HelloVerdict::Source(hello) => {
+                    let connection = pending.remove(index);
+                    match judge_first_record(&connection.frame, key, token) {
+                        FirstRecord::Opened(HelloVerdict::Source(hello), keys) => {
                             connection
                                 .stream
                                 .set_nonblocking(false)
                                 .map_err(listen_error)?;
-                            return Ok((connection.stream, connection.peer, hello));
+                            let channel = SecureStream::new(connection.stream, keys);
+                            return Ok((channel, connection.peer, hello));
                         }
-                        HelloVerdict::Stranger(why) => {
-                            // Told why, as a source with the wrong token
-                            // would want to know; the send cannot block
-                            // for long (a small frame, a fresh socket).
+                        FirstRecord::Opened(HelloVerdict::Stranger(why), keys) => {
+                            // It holds the key: told why, as a source with
+                            // the wrong token would want to know; the send
+                            // cannot block for long (a small frame, a
+                            // fresh socket).
                             let _ = connection
                                 .stream
                                 .set_write_timeout(Some(Duration::from_millis(100)));
                             let _ = connection.stream.set_nonblocking(false);
                             let _ = send_json(
-                                &mut connection.stream,
+                                &mut SecureStream::new(connection.stream, keys),
                                 Kind::Refuse,
                                 &Refusal {
                                     message: why.clone(),
@@ -255,6 +308,7 @@ fn wait_for_source(
                             );
                             refuse(connection.peer, &why);
                         }
+                        FirstRecord::Unopened(why) => refuse(connection.peer, &why),
                     }
                 }
             }
@@ -269,7 +323,7 @@ fn wait_for_source(
                         stream.set_nodelay(true).ok();
                         if pending.len() >= MAX_PENDING_CONNECTIONS {
                             let oldest = pending.remove(0);
-                            refuse(oldest.peer, "too many connections without a Hello");
+                            refuse(oldest.peer, "too many connections without a first record");
                         }
                         pending.push(Pending {
                             stream,
@@ -385,7 +439,7 @@ pub fn receive_ram_and_state(
     }
 }
 
-fn refuse(stream: &mut TcpStream, message: String) -> MigrationError {
+fn refuse(stream: &mut Channel, message: String) -> MigrationError {
     let _ = send_json(
         stream,
         Kind::Refuse,
@@ -396,20 +450,25 @@ fn refuse(stream: &mut TcpStream, message: String) -> MigrationError {
     MigrationError::Refused(message)
 }
 
-/// Waits on `listen` for the source, receives the VM of `config`, and
-/// returns it once handed over (the source has committed; `Running` has
-/// gone back to it).
-pub fn receive_vm(config: VmConfig, listen: &str, token: &str) -> Result<BuiltVm, ReceiveError> {
+/// Waits on `listen` for the source (the connection that holds `key` and
+/// `token`), receives the VM of `config`, and returns it once handed over
+/// (the source has committed; `Running` has gone back to it).
+pub fn receive_vm(
+    config: VmConfig,
+    listen: &str,
+    token: &str,
+    key: &MigrationKey,
+) -> Result<BuiltVm, ReceiveError> {
     let listener = TcpListener::bind(listen).map_err(|source| MigrationError::Listen {
         listen: listen.to_string(),
         source,
     })?;
     log::info!("waiting for a migration on {listen}");
-    let (mut stream, peer, hello) = wait_for_source(&listener, token)?;
+    let (mut stream, peer, hello) = wait_for_source(&listener, token, key)?;
     drop(listener);
     // A source that goes silent (dead, or its link cut) ends the wait: this
     // VMM exits instead of holding the VM's place forever.
-    stream.set_read_timeout(Some(SOURCE_SILENCE)).ok();
+    stream.get_ref().set_read_timeout(Some(SOURCE_SILENCE)).ok();
     log::info!("migration from {peer}");
     if hello.version != protocol::VERSION {
         return Err(refuse(
@@ -532,6 +591,66 @@ mod tests {
         }
     }
 
+    fn key(byte: u8) -> MigrationKey {
+        MigrationKey::from_bytes([byte; secure::KEY_LEN])
+    }
+
+    const SALT: [u8; secure::SALT_LEN] = [5; secure::SALT_LEN];
+
+    /// A connection's first bytes: `SALT`, then `frame` sealed as the
+    /// first record of a source holding `key`.
+    fn sealed_hello(key: &MigrationKey, frame: &[u8]) -> Vec<u8> {
+        let mut stream = SecureStream::new(SALT.to_vec(), Keys::derive(key, &SALT, Role::Source));
+        stream.write_all(frame).unwrap();
+        stream.flush().unwrap();
+        stream.get_ref().clone()
+    }
+
+    #[test]
+    fn only_a_first_record_sealed_with_the_key_is_opened() {
+        let record = sealed_hello(&key(1), &hello_frame(TOKEN));
+        assert!(matches!(
+            judge_first_record(&record, &key(1), TOKEN),
+            FirstRecord::Opened(HelloVerdict::Source(_), _)
+        ));
+        // The right key, a wrong token: opened, and a stranger (told so).
+        assert!(matches!(
+            judge_first_record(
+                &sealed_hello(&key(1), &hello_frame("another-token-0123")),
+                &key(1),
+                TOKEN
+            ),
+            FirstRecord::Opened(HelloVerdict::Stranger(_), _)
+        ));
+        // The Hello in clear, another key, the destination's own direction,
+        // a flipped byte, a cut record: not opened.
+        let mut flipped = record.clone();
+        flipped[20] ^= 1;
+        let own_direction = {
+            let keys = Keys::derive(&key(1), &SALT, Role::Destination);
+            let mut stream = SecureStream::new(SALT.to_vec(), keys);
+            stream.write_all(&hello_frame(TOKEN)).unwrap();
+            stream.flush().unwrap();
+            stream.get_ref().clone()
+        };
+        for (what, first) in [
+            ("clear", hello_frame(TOKEN)),
+            ("another key", sealed_hello(&key(2), &hello_frame(TOKEN))),
+            ("reflected", own_direction),
+            ("flipped", flipped),
+            ("cut", record[..record.len() - 1].to_vec()),
+            ("empty", Vec::new()),
+        ] {
+            assert!(
+                matches!(
+                    judge_first_record(&first, &key(1), TOKEN),
+                    FirstRecord::Unopened(_)
+                ),
+                "{what}"
+            );
+        }
+    }
+
     #[test]
     fn strangers_do_not_stop_the_wait_for_the_source() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -543,42 +662,57 @@ mod tests {
             let silent: Vec<TcpStream> = (0..MAX_PENDING_CONNECTIONS + 4)
                 .map(|_| TcpStream::connect(address).unwrap())
                 .collect();
-            // Garbage, and a State frame of 64 MiB announced first thing.
+            // Garbage, and a record of 4 GiB announced first thing.
             let mut garbage = TcpStream::connect(address).unwrap();
             garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
             let mut huge = TcpStream::connect(address).unwrap();
-            let mut header = vec![Kind::State as u8];
-            header.extend_from_slice(&protocol::MAX_STATE_PAYLOAD.to_le_bytes());
-            huge.write_all(&header).unwrap();
-            // A Hello with a wrong token is told so.
-            let mut wrong = TcpStream::connect(address).unwrap();
+            huge.write_all(&u32::MAX.to_le_bytes()).unwrap();
+            // A Hello in clear, and one sealed with another key: closed
+            // without a word.
+            let mut clear = TcpStream::connect(address).unwrap();
+            clear.write_all(&hello_frame(TOKEN)).unwrap();
+            let mut other_key = TcpStream::connect(address).unwrap();
+            other_key
+                .write_all(&sealed_hello(&key(2), &hello_frame(TOKEN)))
+                .unwrap();
+            let mut answer = Vec::new();
+            other_key.read_to_end(&mut answer).unwrap();
+            assert!(answer.is_empty(), "{answer:?}");
+            // The key with a wrong token is told so, sealed.
+            let wrong = TcpStream::connect(address).unwrap();
+            let mut wrong = SecureStream::new(wrong, Keys::derive(&key(1), &SALT, Role::Source));
+            wrong.get_mut().write_all(&SALT).unwrap();
             wrong.write_all(&hello_frame("another-token-0123")).unwrap();
+            wrong.flush().unwrap();
             let (kind, payload) = receive(&mut wrong).unwrap();
             assert_eq!(kind, Kind::Refuse);
             let refusal: Refusal = decode("refusal", &payload).unwrap();
             assert!(refusal.message.contains("token"), "{}", refusal.message);
-            // The source, its Hello in two pieces.
+            // The source, its first record in two pieces.
             let mut source = TcpStream::connect(address).unwrap();
-            let frame = hello_frame(TOKEN);
-            source.write_all(&frame[..5]).unwrap();
+            let record = sealed_hello(&key(1), &hello_frame(TOKEN));
+            source.write_all(&record[..5]).unwrap();
             std::thread::sleep(Duration::from_millis(50));
-            source.write_all(&frame[5..]).unwrap();
-            (source, silent, garbage, huge)
+            source.write_all(&record[5..]).unwrap();
+            let source = SecureStream::new(source, Keys::derive(&key(1), &SALT, Role::Source));
+            (source, silent, garbage, huge, clear)
         });
         let started = Instant::now();
-        let (mut stream, _, hello) = wait_for_source(&listener, TOKEN).unwrap();
+        let (mut stream, _, hello) = wait_for_source(&listener, TOKEN, &key(1)).unwrap();
         assert!(started.elapsed() < HELLO_TIMEOUT);
         assert_eq!(hello.token, TOKEN);
-        let (mut source, _silent, _garbage, _huge) = peers.join().unwrap();
-        // The stream is the source's, and blocking again.
+        let (mut source, _silent, _garbage, _huge, _clear) = peers.join().unwrap();
+        // The stream is the source's, blocking again, and sealed both ways
+        // (the source's first record counted).
         send(&mut stream, Kind::Accept, &[]).unwrap();
         assert_eq!(receive(&mut source).unwrap(), (Kind::Accept, Vec::new()));
     }
 
     #[test]
-    fn a_pending_connection_reads_its_header_and_refuses_a_bad_one() {
-        // A connection that has sent part of a header waits for the rest;
-        // a header too large for a Hello is refused before its payload.
+    fn a_pending_connection_reads_its_length_and_refuses_a_bad_one() {
+        // A connection that has sent its salt and part of a length waits
+        // for the rest; a length too large for a first record is refused
+        // before it.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
@@ -590,13 +724,15 @@ mod tests {
             frame: Vec::new(),
         };
         assert_eq!(pending.read(), Ok(false));
-        client.write_all(&[Kind::Hello as u8, 0xff]).unwrap();
+        client.write_all(&SALT).unwrap();
+        client.write_all(&[0xff]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(pending.read(), Ok(false));
-        assert_eq!(pending.missing(), Ok(7));
-        client.write_all(&[0xff; 7]).unwrap();
+        assert_eq!(pending.missing(), Ok(3));
+        client.write_all(&[0xff; 3]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        assert!(pending.read().unwrap_err().contains("larger than any"));
+        assert!(pending.read().unwrap_err().contains("outside"));
+        assert!(pending.frame.capacity() <= 64);
     }
 
     #[test]

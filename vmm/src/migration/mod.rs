@@ -8,12 +8,15 @@
 //! the vCPUs, holds every device, sends the last pages and the whole
 //! device and vCPU state (as a snapshot has it), and hands over. The wire
 //! protocol, with its version check, token and hand-over rules, is in
-//! [`protocol`]. Until the hand-over the source VM keeps running, whatever
-//! fails; see `protocol` for what happens after it.
+//! [`protocol`]; every byte of it, both ways, is encrypted and
+//! authenticated with the migration's key ([`secure`]). Until the
+//! hand-over the source VM keeps running, whatever fails; see `protocol`
+//! for what happens after it.
 
 pub mod destination;
 pub mod dirty;
 pub mod protocol;
+pub mod secure;
 pub mod source;
 
 use std::time::Duration;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::SnapshotError;
 use crate::vstate::vm::VmError;
 use protocol::ProtocolError;
+use secure::{MigrationKey, SecureError};
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +44,16 @@ pub enum MigrationError {
     Protocol(#[from] ProtocolError),
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    #[error(
+        "the destination closed the connection without a word (another migration key, or not a migration listener?): {0}"
+    )]
+    Unanswered(ProtocolError),
     #[error("the source gave up: {0}")]
     Aborted(String),
     #[error("the migration was cancelled")]
     Cancelled,
+    #[error("cannot make the connection's salt: {0}")]
+    Random(std::io::Error),
     #[error("{0}")]
     Kvm(#[from] VmError),
     #[error(transparent)]
@@ -63,11 +73,13 @@ pub enum MigrationError {
 }
 
 /// How a migration is run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// The destination VMM's migration address, "HOST:PORT".
     pub to: String,
     pub token: String,
+    /// The key both VMMs encrypt and authenticate the stream with.
+    pub key: MigrationKey,
     /// The pause the guest may see at the hand-over; zero means "copy
     /// until a limit", never by the estimate.
     pub downtime_budget: Duration,
@@ -111,6 +123,15 @@ pub struct LimitError {
     pub max: u64,
 }
 
+/// A `migrate` request refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Key(#[from] SecureError),
+}
+
 fn in_range<T: Copy + PartialOrd + Into<u64>>(
     name: &'static str,
     value: T,
@@ -130,15 +151,17 @@ fn in_range<T: Copy + PartialOrd + Into<u64>>(
 
 impl Settings {
     /// Settings from a `migrate` request, its absent limits the defaults;
-    /// a limit or token outside its range is refused.
+    /// a limit or token outside its range, or a key that is not 64 hex
+    /// digits, is refused.
     pub fn new(
         to: String,
         token: String,
+        key: &str,
         downtime_ms: Option<u64>,
         max_rounds: Option<u32>,
         max_seconds: Option<u64>,
         copy_disks: bool,
-    ) -> Result<Self, LimitError> {
+    ) -> Result<Self, SettingsError> {
         let downtime_ms = in_range(
             "downtime_ms",
             downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
@@ -160,11 +183,14 @@ impl Settings {
                 value: token.len() as u64,
                 min: *TOKEN_LEN_RANGE.start() as u64,
                 max: *TOKEN_LEN_RANGE.end() as u64,
-            });
+            }
+            .into());
         }
+        let key = MigrationKey::from_hex(key)?;
         Ok(Self {
             to,
             token,
+            key,
             downtime_budget: Duration::from_millis(downtime_ms),
             max_rounds,
             max_copy_time: Duration::from_secs(max_seconds),
@@ -258,8 +284,17 @@ mod tests {
     #[test]
     fn migration_limits_are_bounded() {
         let token = || "a-token-of-16-chars".to_string();
+        let key = "ab".repeat(32);
         let settings = |downtime, rounds, seconds| {
-            Settings::new("h:1".into(), token(), downtime, rounds, seconds, false)
+            Settings::new(
+                "h:1".into(),
+                token(),
+                &key,
+                downtime,
+                rounds,
+                seconds,
+                false,
+            )
         };
         let defaults = settings(None, None, None).unwrap();
         assert_eq!(defaults.downtime_budget, Duration::from_millis(100));
@@ -277,12 +312,26 @@ mod tests {
             (None, None, Some(86_401), "max_seconds"),
             (None, None, Some(u64::MAX), "max_seconds"),
         ] {
-            let refused = settings(downtime, rounds, seconds).unwrap_err();
-            assert_eq!(refused.name, name);
+            match settings(downtime, rounds, seconds) {
+                Err(SettingsError::Limit(refused)) => assert_eq!(refused.name, name),
+                other => panic!("{name}: {other:?}"),
+            }
         }
         for bad in ["short".to_string(), "t".repeat(4097)] {
-            let refused = Settings::new("h:1".into(), bad, None, None, None, false).unwrap_err();
-            assert_eq!(refused.name, "the token's length");
+            match Settings::new("h:1".into(), bad, &key, None, None, None, false) {
+                Err(SettingsError::Limit(refused)) => {
+                    assert_eq!(refused.name, "the token's length")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The key: 64 hex digits, and the refusal never shows it.
+        for bad in ["", "ab", &"ab".repeat(33), &"zz".repeat(32)] {
+            let refused = Settings::new("h:1".into(), token(), bad, None, None, None, false)
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("migration key"), "{refused}");
+            assert!(bad.is_empty() || !refused.contains(bad), "{refused}");
         }
     }
 

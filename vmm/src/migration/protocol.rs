@@ -2,7 +2,11 @@
 //! source VMM to the destination VMM.
 //!
 //! Every message is a frame: a one-byte kind, a little-endian u64 payload
-//! length, the payload. JSON payloads are UTF-8 JSON objects.
+//! length, the payload. JSON payloads are UTF-8 JSON objects. The frames
+//! travel inside the encrypted and authenticated records of [`super::secure`]
+//! (both ways; only the connection's salt, the source's first 32 bytes, is
+//! in clear): the source's first record is its `Hello` frame, whole; a
+//! frame is flushed into records as it is sent.
 //!
 //! | step | direction | kind | payload |
 //! |---|---|---|---|
@@ -131,13 +135,15 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// Writes one frame.
+/// Writes one frame, and flushes it (over a [`super::secure::SecureStream`],
+/// into its records).
 pub fn send(stream: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
     let mut header = [0u8; 9];
     header[0] = kind as u8;
     header[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     stream.write_all(&header)?;
     stream.write_all(payload)?;
+    stream.flush()?;
     Ok(())
 }
 

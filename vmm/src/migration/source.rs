@@ -1,5 +1,6 @@
 //! The sending side: a thread that copies guest RAM while the guest runs,
-//! then hands the VM over (see the module docs and [`super::protocol`]).
+//! then hands the VM over (see the module docs and [`super::protocol`]),
+//! every byte both ways in the records of [`super::secure`].
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use super::protocol::{
     self, decode, disk_chunk, push_page, receive, send, send_json, Hello, Kind, Refusal,
     PAGES_PER_FRAME, PAGE_SIZE,
 };
+use super::secure::{random_salt, Keys, Role, SecureStream};
 use super::{estimate_downtime, MigrationError, Phase, Progress, Settings};
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::tracker::CHUNK;
@@ -27,6 +29,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long vCPUs get to stop.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection to the destination, encrypted and authenticated.
+type Channel = SecureStream<TcpStream>;
 
 /// A migration in progress (or ended), as the control socket sees it.
 pub struct Migration {
@@ -186,7 +191,7 @@ fn stop_disk_copies(parts: &VmParts) {
 /// Sends chunks of `disk` (all of them with `skip_zero` on the first
 /// pass); returns the bytes sent.
 fn send_chunks(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     disk: &CopiedDisk,
     chunks: impl Iterator<Item = u64>,
     skip_zero: bool,
@@ -284,7 +289,7 @@ pub(crate) fn expect(
 
 /// Sends the non-zero (`skip_zero`) or all of `pages`; returns the bytes sent.
 fn send_pages(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     parts: &VmParts,
     pages: &[u64],
     skip_zero: bool,
@@ -335,6 +340,11 @@ fn migrate(
     if let Ok(clone) = stream.try_clone() {
         *lock(&migration.connection) = Some(clone);
     }
+    // The connection's salt, in clear, then only records: keys of this
+    // connection's own, whatever connections the key saw before.
+    let salt = random_salt().map_err(MigrationError::Random)?;
+    std::io::Write::write_all(&mut stream, &salt).map_err(protocol::ProtocolError::from)?;
+    let mut stream = SecureStream::new(stream, Keys::derive(&settings.key, &salt, Role::Source));
     migration.check_cancel()?;
     // Writes are tracked from before the first copy of each disk.
     let disks = if settings.copy_disks {
@@ -350,11 +360,16 @@ fn migrate(
     };
     let result = migrate_with(&mut stream, parts, settings, migration, started, &disks);
     stop_disk_copies(parts);
+    // The connection ends with the migration: the clone kept for a cancel
+    // would otherwise hold it open until the next one.
+    if let Some(connection) = lock(&migration.connection).take() {
+        let _ = connection.shutdown(std::net::Shutdown::Both);
+    }
     result
 }
 
 fn migrate_with(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     parts: &VmParts,
     settings: &Settings,
     migration: &Migration,
@@ -372,7 +387,22 @@ fn migrate_with(
             disks: disks.iter().map(|disk| disk.source.capacity).collect(),
         },
     )?;
-    expect(stream, Kind::Accept)?;
+    // A destination that cannot open the Hello (another key) closes the
+    // connection without a word: it cannot say so to a stranger.
+    expect(stream, Kind::Accept).map_err(|err| match err {
+        MigrationError::Protocol(protocol::ProtocolError::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            MigrationError::Unanswered(protocol::ProtocolError::Io(io))
+        }
+        other => other,
+    })?;
     migration.update(|p| p.phase = Phase::Copying);
 
     // From here on the source must be put back as it was on failure.
@@ -402,7 +432,7 @@ fn migrate_with(
 /// Round 0 sends all of RAM; the next rounds what was written meanwhile,
 /// until the rest fits the downtime budget or a limit is reached.
 fn copy_rounds(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     parts: &VmParts,
     settings: &Settings,
     migration: &Migration,
@@ -493,7 +523,7 @@ fn mark_dirty(parts: &VmParts, pages: &[u64]) {
 /// Pauses, sends the last pages and the state, and hands over; on any
 /// failure before `Commit` the vCPUs run again.
 fn hand_over(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     parts: &VmParts,
     settings: &Settings,
     migration: &Migration,
@@ -536,7 +566,7 @@ fn hand_over(
 /// The pages dirtied since the last round and the whole state, then
 /// `Ready` from the destination.
 fn final_copy(
-    stream: &mut TcpStream,
+    stream: &mut Channel,
     parts: &VmParts,
     held: &crate::runtime::parts::HeldDevices<'_>,
     disks: &[CopiedDisk],

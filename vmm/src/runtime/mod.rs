@@ -247,6 +247,7 @@ impl VmControl for VmHandle {
             Request::Migrate {
                 to,
                 token,
+                key,
                 downtime_ms,
                 max_rounds,
                 max_seconds,
@@ -254,6 +255,7 @@ impl VmControl for VmHandle {
             } => match Settings::new(
                 to,
                 token,
+                &key,
                 downtime_ms,
                 max_rounds,
                 max_seconds,
