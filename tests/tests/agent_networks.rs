@@ -15,7 +15,7 @@ use nubis_tests::agent::{
     busybox_image, console_value, expect, network_vm, one_agent_per_host, tenant, wait_for_console,
     Agent,
 };
-use nubis_tests::net::links_with_prefix;
+use nubis_tests::net::{host_ping, links_with_prefix};
 use nubis_tests::netns::{NetNs, OutsideServer};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
@@ -34,26 +34,42 @@ const MTU: u16 = 1400;
 const A2_SCRIPT: &str = "mkdir /www; head -c 200000 /bin/busybox > /www/blob; \
     echo SERVED $(md5sum < /www/blob); httpd -p 8080 -h /www; echo A2_UP; read x";
 
+/// The MAC a1 takes for itself in the end.
+const SPOOFED_MAC: &str = "02:00:00:00:00:99";
+
 /// a1 checks its DHCP settings, reaches a2 (ping, TCP), the outside through
-/// NAT, then spoofs an address.
+/// NAT, then spoofs an address. Released by the outside host (`W go`), it
+/// tries b1 on the other tenant's network; released again (`W go-mac`), it
+/// checks it reaches its gateway, then takes another MAC: its neighbours
+/// are forgotten with the old one, so it asks for the gateway's again from
+/// the new MAC, which must get nowhere.
 fn a1_script() -> String {
     format!(
-        "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
+        "o=http://{OUTSIDE}:{OUTSIDE_PORT}; \
+         W() {{ n=0; until [ $(wget -qO- $o/$1) = go ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done; echo WAITED_$1 $n; }}; \
+         cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
          n=0; until ping -c1 -W1 10.30.0.3 >/dev/null; do n=$((n+1)); [ $n -gt 120 ] && break; done; echo PING_A2 $n; \
          n=0; until wget -q -O /tmp/b http://10.30.0.3:8080/blob; do n=$((n+1)); [ $n -gt 60 ] && break; sleep 1; done; \
          echo GOT $(md5sum < /tmp/b); \
          ping -c2 -W3 {OUTSIDE} >/dev/null; echo NAT_PING $?; \
-         echo NAT_SEEN $(wget -q -O - http://{OUTSIDE}:{OUTSIDE_PORT}/whoami); \
+         echo NAT_SEEN $(wget -qO- $o/whoami); \
          ip addr add 10.30.0.99/24 dev eth0; ping -c2 -W2 -I 10.30.0.99 10.30.0.3 >/dev/null; echo SPOOF_IP $?; \
-         echo A1_DONE; read x"
+         echo A1_WAIT; W go; \
+         ping -c2 -W2 10.40.0.2 >/dev/null; echo A1_PING_B1 $?; \
+         wget -q -T 3 -O /dev/null http://10.40.0.2:8080/b; echo A1_TCP_B1 $?; \
+         W go-mac; ping -c1 -W2 10.30.0.1 >/dev/null; echo A1_GW $?; \
+         ip link set eth0 address {SPOOFED_MAC}; echo SET_MAC $?; \
+         ping -c2 -W2 10.30.0.1 >/dev/null; echo SPOOF_MAC $?; echo A1_DONE; read x"
     )
 }
 
-/// b1, on another tenant's network, waits for the outside host's go, then
-/// tries to reach a1, a2 and hosts addresses it has no business with.
+/// b1, on another tenant's network, serves a file (for a1 to fail to
+/// fetch), waits for the outside host's go, then tries to reach a1, a2 and
+/// hosts addresses it has no business with.
 fn b1_script() -> String {
     format!(
         "cat /proc/net/pnp; ping -c1 -W3 10.40.0.1 >/dev/null; echo B1_GW $?; \
+         mkdir /www; echo b1 > /www/b; httpd -p 8080 -h /www; echo B1_UP; \
          n=0; until [ $(wget -q -O - http://{OUTSIDE}:{OUTSIDE_PORT}/go) = go ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done; echo B1_GO $n; \
          ping -c2 -W2 10.30.0.2 >/dev/null; echo B1_PING_A1 $?; \
          wget -q -T 3 -O /dev/null http://10.30.0.3:8080/blob; echo B1_TCP_A2 $?; \
@@ -63,12 +79,83 @@ fn b1_script() -> String {
     )
 }
 
-fn nft_ruleset() -> String {
-    let output = Command::new("nft")
-        .args(["list", "ruleset"])
-        .output()
-        .expect("run nft");
+/// `nft ARGS`' output; nft must succeed (a failed nft prints nothing,
+/// and nothing passes any "does not contain" check).
+/// The exit status a guest printed as `KEY STATUS`: a number, or the test
+/// fails (an empty or cut value is no failed probe).
+fn exit_status(console: &str, key: &str) -> u32 {
+    let value = console_value(console, key);
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is {value:?}, not an exit status:\n{console}"))
+}
+
+/// Polls `vm`'s console until its line `KEY ...` is whole (the serial
+/// console writes a byte at a time); returns the console.
+fn wait_for_line(agent: &Agent, token: &str, vm: &str, key: &str) -> String {
+    let needle = format!("\n{key} ");
+    loop {
+        let console = wait_for_console(agent, token, vm, &needle);
+        let rest = console.split(&needle).nth(1).unwrap_or("");
+        if rest.contains('\n') {
+            return console;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_string()
+}
+
+fn nft(args: &[&str]) -> String {
+    let output = Command::new("nft").args(args).output().expect("run nft");
+    assert!(
+        output.status.success(),
+        "nft {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn nft_ruleset() -> String {
+    nft(&["list", "ruleset"])
+}
+
+/// The packets counted by the `ether saddr != MAC counter drop` rule of
+/// `tap`'s chain (frames from another MAC than the NIC's), read from `nft
+/// -j list table bridge nubis`.
+fn mac_spoof_drops(tap: &str) -> u64 {
+    let listing: Value =
+        serde_json::from_str(&nft(&["-j", "list", "table", "bridge", "nubis"])).expect("nft JSON");
+    let chain = format!("nic_{tap}");
+    let rules: Vec<&Value> = listing["nftables"]
+        .as_array()
+        .expect("an nftables array")
+        .iter()
+        .filter_map(|item| item.get("rule"))
+        .filter(|rule| rule["chain"] == chain.as_str())
+        .collect();
+    let is_ether_saddr = |expr: &Value| {
+        let matched = &expr["match"];
+        matched["op"] == "!="
+            && matched["left"]["payload"]["protocol"] == "ether"
+            && matched["left"]["payload"]["field"] == "saddr"
+    };
+    let rule = rules
+        .iter()
+        .find(|rule| {
+            let expr = rule["expr"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            expr.iter().any(is_ether_saddr) && expr.iter().any(|e| e.get("drop").is_some())
+        })
+        .unwrap_or_else(|| {
+            panic!("no 'ether saddr != ... counter drop' rule in {chain}: {rules:?}")
+        });
+    rule["expr"]
+        .as_array()
+        .and_then(|expr| expr.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+        .unwrap_or_else(|| panic!("the MAC rule of {chain} counts nothing: {rule}"))
 }
 
 /// The packets counted by the first rule of `chain` in `ruleset` that
@@ -149,7 +236,13 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         assert_eq!(links_with_prefix(bridge), std::slice::from_ref(bridge));
     }
 
-    let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script());
+    let a1_script = a1_script();
+    assert!(
+        format!("nubis_cmd=\"{a1_script}\"").len() <= 1024,
+        "a1's script is {} bytes: kernel_args take at most 1024",
+        a1_script.len()
+    );
+    let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script);
     let a2 = network_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
     let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script());
     assert_eq!(a1["nics"][0]["address"], "10.30.0.2/24");
@@ -176,7 +269,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     let digest_of = |value: &str| value.split_whitespace().next().unwrap_or("").to_string();
     let served = digest_of(console_value(&a2_console, "SERVED"));
     assert_eq!(served.len(), 32, "{a2_console}");
-    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_DONE");
+    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_WAIT");
     assert!(
         a1_console.contains("IP-Config: Got DHCP answer from 10.30.0.1, my address is 10.30.0.2"),
         "{a1_console}"
@@ -237,8 +330,31 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         "the forwarded download differs from what a2 serves"
     );
 
+    // b1 is up and answers the host (ping, HTTP): what a1 fails to reach
+    // next is there.
+    wait_for_console(&agent, &globex, &b1, "\nB1_UP");
+    assert!(host_ping("10.40.0.2", 3), "the host cannot ping b1");
+    let from_b1 = Command::new("busybox")
+        .args([
+            "wget",
+            "-q",
+            "-T",
+            "30",
+            "-O",
+            "-",
+            "http://10.40.0.2:8080/b",
+        ])
+        .output()
+        .expect("run busybox wget");
+    assert_eq!(
+        (from_b1.status.success(), text(&from_b1.stdout).as_str()),
+        (true, "b1\n"),
+        "the host cannot fetch b1's file: {from_b1:?}"
+    );
+
     // b1: its own network works, a1's and a2's and the host's other
-    // addresses do not answer it, while a1 and a2 are up.
+    // addresses do not answer it, while a1 and a2 are up; a1 does not reach
+    // b1 either.
     server.release();
     let b1_console = wait_for_console(&agent, &globex, &b1, "\nB1_DONE");
     assert!(
@@ -263,6 +379,49 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
             "{probe}: b1 reached another network:\n{b1_console}"
         );
     }
+    let a1_console = wait_for_line(&agent, &acme, &a1, "A1_TCP_B1");
+    let waited: u32 = console_value(&a1_console, "WAITED_go").parse().unwrap();
+    assert!(waited <= 300, "a1 never got the go:\n{a1_console}");
+    for probe in ["A1_PING_B1", "A1_TCP_B1"] {
+        assert_ne!(
+            exit_status(&a1_console, probe),
+            0,
+            "{probe}: a1 reached the other tenant's network:\n{a1_console}"
+        );
+    }
+
+    // a1 takes another MAC: what it sends from it is dropped (and counted)
+    // at its tap, while it reached its gateway a moment before.
+    let macs_dropped_before = mac_spoof_drops(&a1_tap);
+    server.release_named("mac");
+    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_DONE");
+    let waited: u32 = console_value(&a1_console, "WAITED_go-mac").parse().unwrap();
+    assert!(waited <= 300, "a1 never got the second go:\n{a1_console}");
+    assert_eq!(
+        console_value(&a1_console, "A1_GW"),
+        "0",
+        "a1 did not reach its gateway before it changed its MAC:\n{a1_console}"
+    );
+    assert_eq!(
+        console_value(&a1_console, "SET_MAC"),
+        "0",
+        "a1 could not change its MAC:\n{a1_console}"
+    );
+    assert_ne!(
+        exit_status(&a1_console, "SPOOF_MAC"),
+        0,
+        "a1 reached its gateway from MAC {SPOOFED_MAC}:\n{a1_console}"
+    );
+    let macs_dropped = mac_spoof_drops(&a1_tap);
+    eprintln!(
+        "frames from another MAC dropped at {a1_tap}: {macs_dropped_before} -> {macs_dropped}"
+    );
+    assert!(
+        macs_dropped > macs_dropped_before,
+        "no frame from MAC {SPOOFED_MAC} was dropped at a1's tap ({macs_dropped_before} -> \
+         {macs_dropped}):\n{}",
+        nft(&["list", "table", "bridge", "nubis"])
+    );
 
     // An agent restart reproduces the same rules, not a second copy.
     let tables = |ruleset: &str| {
