@@ -297,6 +297,12 @@ fn rate_limits_hold_and_change_at_run_time() {
         nic_counter(&status, "tx_bytes") >= tx_bytes_before + TX_BYTES as u64,
         "the upload did not go through the NIC: {status}"
     );
+    eprintln!(
+        "NIC: rx_throttled {} under the first limit; tx_throttled {tx_throttled_before} -> {} \
+         across the upload under the raised limit",
+        nic_counter(&status, "rx_throttled"),
+        nic_counter(&status, "tx_throttled")
+    );
     assert_eq!(
         nic_counter(&status, "tx_throttled"),
         tx_throttled_before,

@@ -590,6 +590,7 @@ fn with_net_the_guest_reaches_the_host() {
     watching.store(false, Ordering::SeqCst);
     let ours = watcher.join().expect("the tap watcher");
     assert!(!ours.is_empty(), "no tap of the run's was ever seen");
+    eprintln!("the run's tap while it ran: {ours:?}");
     let left: Vec<String> = links_with_prefix("nrun")
         .into_iter()
         .filter(|tap| !taps_before.contains(tap))
