@@ -237,10 +237,12 @@ fn cold_rootless_and_warm_runs_give_the_same_results() {
             "{name}: {:?}",
             output.report
         );
-        assert_eq!(
-            output.report.kept_dir, None,
-            "{name}: a run that went well keeps nothing"
-        );
+        if std::env::var_os("NUBIS_RUN_KEEP").is_none() {
+            assert_eq!(
+                output.report.kept_dir, None,
+                "{name}: a run that went well keeps nothing"
+            );
+        }
         assert_eq!(
             output.report.copied_back, None,
             "{name}: no share, nothing copied back"
