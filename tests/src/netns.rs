@@ -137,7 +137,8 @@ pub fn simulated_host(name: &str, subnet: u8) -> NetNs {
 /// An HTTP server on port `port` inside a namespace (python3's
 /// http.server): `GET /whoami` answers the client's address as the server
 /// sees it (to check NAT), `GET /go` answers "go" once `flag` exists and
-/// "wait" before (to release guests that wait for the test).
+/// "wait" before (to release guests that wait for the test), `GET
+/// /go-NAME` the same for `flag` with `-NAME` appended (a later step).
 pub struct OutsideServer {
     child: Child,
     pub flag: PathBuf,
@@ -147,13 +148,13 @@ impl OutsideServer {
     pub fn start(netns: &NetNs, port: u16, flag: PathBuf) -> Self {
         let script = format!(
             r#"
-import http.server, os
+import http.server, os, re
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/whoami":
             body = self.client_address[0]
-        elif self.path == "/go":
-            body = "go" if os.path.exists({flag:?}) else "wait"
+        elif re.fullmatch(r"/go(-[a-z0-9]+)?", self.path):
+            body = "go" if os.path.exists({flag:?} + self.path[3:]) else "wait"
         else:
             self.send_error(404)
             return
@@ -181,6 +182,13 @@ http.server.ThreadingHTTPServer(("0.0.0.0", {port}), Handler).serve_forever()
     /// Lets waiting guests go on.
     pub fn release(&self) {
         std::fs::write(&self.flag, b"go").expect("write the go flag");
+    }
+
+    /// Lets guests waiting on `/go-NAME` go on.
+    pub fn release_named(&self, name: &str) {
+        let mut flag = self.flag.clone().into_os_string();
+        flag.push(format!("-{name}"));
+        std::fs::write(flag, b"go").expect("write the go flag");
     }
 }
 

@@ -15,7 +15,7 @@ use nubis_tests::agent::{
     busybox_image, console_value, expect, network_vm, one_agent_per_host, tenant, wait_for_console,
     Agent,
 };
-use nubis_tests::net::links_with_prefix;
+use nubis_tests::net::{host_ping, links_with_prefix};
 use nubis_tests::netns::{NetNs, OutsideServer};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde_json::{json, Value};
@@ -31,44 +31,170 @@ const MTU: u16 = 1400;
 /// in the guest would be slow: on nested hosts its kernel runs through the
 /// instruction emulator, so /dev/urandom or a shell loop that allocates
 /// takes minutes; a file already in the page cache copies in a few calls.)
-const A2_SCRIPT: &str = "mkdir /www; head -c 200000 /bin/busybox > /www/blob; \
+/// A small file, /s, is what the TCP probes fetch (in a few packets).
+const A2_SCRIPT: &str = "mkdir /www; head -c 200000 /bin/busybox > /www/blob; echo a2 > /www/s; \
     echo SERVED $(md5sum < /www/blob); httpd -p 8080 -h /www; echo A2_UP; read x";
 
+/// The guests' TCP probe, `T ADDRESS FILE`: fetches `http://ADDRESS:8080/FILE`
+/// for at most 10 s and prints `TCP_ADDRESS STATUS`: 0 when it came, 1
+/// when the connection failed, 143 when it hung until the timeout. (Not
+/// `wget -T`: this busybox's, 1.35 as Debian builds it, crashes with
+/// status 139 whatever the network does, which made a probe fail always.)
+const TCP_PROBE: &str = "T() { timeout 10 wget -qO/dev/null http://$1:8080/$2; echo TCP_$1 $?; }; ";
+
+/// The MAC a1 takes for itself in the end.
+const SPOOFED_MAC: &str = "02:00:00:00:00:99";
+
 /// a1 checks its DHCP settings, reaches a2 (ping, TCP), the outside through
-/// NAT, then spoofs an address.
+/// NAT, then spoofs an address. Released by the outside host (`W go`), it
+/// tries b1 on the other tenant's network; released again (`W go-mac`), it
+/// checks it reaches its gateway, then takes another MAC: its neighbours
+/// are forgotten with the old one, so it asks for the gateway's again from
+/// the new MAC, which must get nowhere.
 fn a1_script() -> String {
     format!(
-        "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
+        "o=http://{OUTSIDE}:{OUTSIDE_PORT}; {TCP_PROBE}\
+         W() {{ n=0; until [ $(wget -qO- $o/$1) = go ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done; echo W_$1 $n; }}; \
+         P() {{ k=$1; shift; ping -c2 -W3 $@ >/dev/null; echo $k $?; }}; \
+         cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
          n=0; until ping -c1 -W1 10.30.0.3 >/dev/null; do n=$((n+1)); [ $n -gt 120 ] && break; done; echo PING_A2 $n; \
-         n=0; until wget -q -O /tmp/b http://10.30.0.3:8080/blob; do n=$((n+1)); [ $n -gt 60 ] && break; sleep 1; done; \
-         echo GOT $(md5sum < /tmp/b); \
-         ping -c2 -W3 {OUTSIDE} >/dev/null; echo NAT_PING $?; \
-         echo NAT_SEEN $(wget -q -O - http://{OUTSIDE}:{OUTSIDE_PORT}/whoami); \
-         ip addr add 10.30.0.99/24 dev eth0; ping -c2 -W2 -I 10.30.0.99 10.30.0.3 >/dev/null; echo SPOOF_IP $?; \
-         echo A1_DONE; read x"
+         n=0; until wget -qO/tmp/b http://10.30.0.3:8080/blob; do n=$((n+1)); [ $n -gt 60 ] && break; sleep 1; done; \
+         echo GOT $(md5sum < /tmp/b); T 10.30.0.3 s; P NAT_PING {OUTSIDE}; \
+         echo NAT_SEEN $(wget -qO- $o/whoami); \
+         ip addr add 10.30.0.99/24 dev eth0; P SPOOF_IP -I 10.30.0.99 10.30.0.3; \
+         echo A1_WAIT; W go; P A1_PING_B1 10.40.0.2; T 10.40.0.2 b; \
+         W go-mac; P A1_GW 10.30.0.1; ip link set eth0 address {SPOOFED_MAC}; echo SET_MAC $?; \
+         P SPOOF_MAC 10.30.0.1; echo A1_DONE; read x"
     )
 }
 
-/// b1, on another tenant's network, waits for the outside host's go, then
-/// tries to reach a1, a2 and hosts addresses it has no business with.
+/// b1, on another tenant's network, serves a file (for a1 to fail to
+/// fetch), waits for the outside host's go, then tries to reach a1, a2 and
+/// hosts addresses it has no business with.
 fn b1_script() -> String {
     format!(
-        "cat /proc/net/pnp; ping -c1 -W3 10.40.0.1 >/dev/null; echo B1_GW $?; \
+        "{TCP_PROBE}cat /proc/net/pnp; ping -c1 -W3 10.40.0.1 >/dev/null; echo B1_GW $?; \
+         mkdir /www; echo b1 > /www/b; httpd -p 8080 -h /www; T 10.40.0.2 b; echo B1_UP; \
          n=0; until [ $(wget -q -O - http://{OUTSIDE}:{OUTSIDE_PORT}/go) = go ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done; echo B1_GO $n; \
          ping -c2 -W2 10.30.0.2 >/dev/null; echo B1_PING_A1 $?; \
-         wget -q -T 3 -O /dev/null http://10.30.0.3:8080/blob; echo B1_TCP_A2 $?; \
+         T 10.30.0.3 s; \
          ping -c2 -W2 10.30.0.1 >/dev/null; echo B1_PING_A_GATEWAY $?; \
          ping -c2 -W2 {HOST_UPLINK} >/dev/null; echo B1_PING_HOST_UPLINK $?; \
          echo B1_DONE; read x"
     )
 }
 
-fn nft_ruleset() -> String {
-    let output = Command::new("nft")
-        .args(["list", "ruleset"])
-        .output()
-        .expect("run nft");
+/// `nft ARGS`' output; nft must succeed (a failed nft prints nothing,
+/// and nothing passes any "does not contain" check).
+/// The exit status a guest printed as `KEY STATUS`: a number, or the test
+/// fails (an empty or cut value is no failed probe).
+fn exit_status(console: &str, key: &str) -> u32 {
+    let value = console_value(console, key);
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is {value:?}, not an exit status:\n{console}"))
+}
+
+/// The guest's TCP probe of `address` (see [`TCP_PROBE`]) could not
+/// connect: status 1 (refused, unreachable) or 143 (hung until the
+/// timeout), not 0 and not a crash.
+fn assert_tcp_blocked(console: &str, address: &str) {
+    let status = exit_status(console, &format!("TCP_{address}"));
+    assert!(
+        status == 1 || status == 143,
+        "the TCP probe of {address} ended with status {status}, not as a blocked \
+         connection:\n{console}"
+    );
+}
+
+/// Polls `vm`'s console until its line `KEY ...` is whole (the serial
+/// console writes a byte at a time); returns the console.
+fn wait_for_line(agent: &Agent, token: &str, vm: &str, key: &str) -> String {
+    let needle = format!("\n{key} ");
+    loop {
+        let console = wait_for_console(agent, token, vm, &needle);
+        let rest = console.split(&needle).nth(1).unwrap_or("");
+        if rest.contains('\n') {
+            return console;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET path` from `address` (HTTP/1.0), the whole answer; "" when it
+/// cannot be had within 30 s. (Debian's busybox 1.35 `wget -T` crashes.)
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(30);
+    let fetched = address
+        .parse()
+        .map_err(std::io::Error::other)
+        .and_then(|address| std::net::TcpStream::connect_timeout(&address, timeout))
+        .and_then(|mut stream| {
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            Ok(answer)
+        });
+    match fetched {
+        Ok(answer) => String::from_utf8_lossy(&answer).to_string(),
+        Err(err) => {
+            eprintln!("GET http://{address}{path}: {err}");
+            String::new()
+        }
+    }
+}
+
+fn nft(args: &[&str]) -> String {
+    let output = Command::new("nft").args(args).output().expect("run nft");
+    assert!(
+        output.status.success(),
+        "nft {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn nft_ruleset() -> String {
+    nft(&["list", "ruleset"])
+}
+
+/// The packets counted by the `ether saddr != MAC counter drop` rule of
+/// `tap`'s chain (frames from another MAC than the NIC's), read from `nft
+/// -j list table bridge nubis`.
+fn mac_spoof_drops(tap: &str) -> u64 {
+    let listing: Value =
+        serde_json::from_str(&nft(&["-j", "list", "table", "bridge", "nubis"])).expect("nft JSON");
+    let chain = format!("nic_{tap}");
+    let rules: Vec<&Value> = listing["nftables"]
+        .as_array()
+        .expect("an nftables array")
+        .iter()
+        .filter_map(|item| item.get("rule"))
+        .filter(|rule| rule["chain"] == chain.as_str())
+        .collect();
+    let is_ether_saddr = |expr: &Value| {
+        let matched = &expr["match"];
+        matched["op"] == "!="
+            && matched["left"]["payload"]["protocol"] == "ether"
+            && matched["left"]["payload"]["field"] == "saddr"
+    };
+    let rule = rules
+        .iter()
+        .find(|rule| {
+            let expr = rule["expr"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            expr.iter().any(is_ether_saddr) && expr.iter().any(|e| e.get("drop").is_some())
+        })
+        .unwrap_or_else(|| {
+            panic!("no 'ether saddr != ... counter drop' rule in {chain}: {rules:?}")
+        });
+    rule["expr"]
+        .as_array()
+        .and_then(|expr| expr.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+        .unwrap_or_else(|| panic!("the MAC rule of {chain} counts nothing: {rule}"))
 }
 
 /// The packets counted by the first rule of `chain` in `ruleset` that
@@ -149,7 +275,13 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         assert_eq!(links_with_prefix(bridge), std::slice::from_ref(bridge));
     }
 
-    let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script());
+    let a1_script = a1_script();
+    assert!(
+        format!("nubis_cmd=\"{a1_script}\"").len() <= 1024,
+        "a1's script is {} bytes: kernel_args take at most 1024",
+        a1_script.len()
+    );
+    let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script);
     let a2 = network_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
     let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script());
     assert_eq!(a1["nics"][0]["address"], "10.30.0.2/24");
@@ -176,7 +308,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     let digest_of = |value: &str| value.split_whitespace().next().unwrap_or("").to_string();
     let served = digest_of(console_value(&a2_console, "SERVED"));
     assert_eq!(served.len(), 32, "{a2_console}");
-    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_DONE");
+    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_WAIT");
     assert!(
         a1_console.contains("IP-Config: Got DHCP answer from 10.30.0.1, my address is 10.30.0.2"),
         "{a1_console}"
@@ -189,6 +321,11 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         digest_of(console_value(&a1_console, "GOT")),
         served,
         "{a1_console}"
+    );
+    assert_eq!(
+        exit_status(&a1_console, "TCP_10.30.0.3"),
+        0,
+        "a1's TCP probe of a2 failed:\n{a1_console}"
     );
     assert_eq!(console_value(&a1_console, "NAT_PING"), "0", "{a1_console}");
     assert_eq!(
@@ -237,8 +374,26 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         "the forwarded download differs from what a2 serves"
     );
 
+    // b1 is up and answers the host (ping, HTTP): what a1 fails to reach
+    // next is there.
+    let b1_console = wait_for_console(&agent, &globex, &b1, "\nB1_UP");
+    assert_eq!(
+        exit_status(&b1_console, "TCP_10.40.0.2"),
+        0,
+        "b1's TCP probe of its own server failed:\n{b1_console}"
+    );
+    assert!(host_ping("10.40.0.2", 3), "the host cannot ping b1");
+    let from_b1 = http_get("10.40.0.2:8080", "/b");
+    assert!(
+        from_b1.starts_with("HTTP/1.")
+            && from_b1.contains(" 200 ")
+            && from_b1.ends_with("\r\n\r\nb1\n"),
+        "the host cannot fetch b1's file: {from_b1:?}"
+    );
+
     // b1: its own network works, a1's and a2's and the host's other
-    // addresses do not answer it, while a1 and a2 are up.
+    // addresses do not answer it, while a1 and a2 are up; a1 does not reach
+    // b1 either.
     server.release();
     let b1_console = wait_for_console(&agent, &globex, &b1, "\nB1_DONE");
     assert!(
@@ -251,18 +406,56 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         waited <= 300,
         "b1 never reached the outside host:\n{b1_console}"
     );
-    for probe in [
-        "B1_PING_A1",
-        "B1_TCP_A2",
-        "B1_PING_A_GATEWAY",
-        "B1_PING_HOST_UPLINK",
-    ] {
+    for probe in ["B1_PING_A1", "B1_PING_A_GATEWAY", "B1_PING_HOST_UPLINK"] {
         assert_ne!(
-            console_value(&b1_console, probe),
-            "0",
+            exit_status(&b1_console, probe),
+            0,
             "{probe}: b1 reached another network:\n{b1_console}"
         );
     }
+    assert_tcp_blocked(&b1_console, "10.30.0.3");
+    let a1_console = wait_for_line(&agent, &acme, &a1, "TCP_10.40.0.2");
+    let waited: u32 = console_value(&a1_console, "W_go").parse().unwrap();
+    assert!(waited <= 300, "a1 never got the go:\n{a1_console}");
+    assert_ne!(
+        exit_status(&a1_console, "A1_PING_B1"),
+        0,
+        "a1 pinged the other tenant's b1:\n{a1_console}"
+    );
+    assert_tcp_blocked(&a1_console, "10.40.0.2");
+
+    // a1 takes another MAC: what it sends from it is dropped (and counted)
+    // at its tap, while it reached its gateway a moment before.
+    let macs_dropped_before = mac_spoof_drops(&a1_tap);
+    server.release_named("mac");
+    let a1_console = wait_for_console(&agent, &acme, &a1, "\nA1_DONE");
+    let waited: u32 = console_value(&a1_console, "W_go-mac").parse().unwrap();
+    assert!(waited <= 300, "a1 never got the second go:\n{a1_console}");
+    assert_eq!(
+        console_value(&a1_console, "A1_GW"),
+        "0",
+        "a1 did not reach its gateway before it changed its MAC:\n{a1_console}"
+    );
+    assert_eq!(
+        console_value(&a1_console, "SET_MAC"),
+        "0",
+        "a1 could not change its MAC:\n{a1_console}"
+    );
+    assert_ne!(
+        exit_status(&a1_console, "SPOOF_MAC"),
+        0,
+        "a1 reached its gateway from MAC {SPOOFED_MAC}:\n{a1_console}"
+    );
+    let macs_dropped = mac_spoof_drops(&a1_tap);
+    eprintln!(
+        "frames from another MAC dropped at {a1_tap}: {macs_dropped_before} -> {macs_dropped}"
+    );
+    assert!(
+        macs_dropped > macs_dropped_before,
+        "no frame from MAC {SPOOFED_MAC} was dropped at a1's tap ({macs_dropped_before} -> \
+         {macs_dropped}):\n{}",
+        nft(&["list", "table", "bridge", "nubis"])
+    );
 
     // An agent restart reproduces the same rules, not a second copy.
     let tables = |ruleset: &str| {
