@@ -157,11 +157,12 @@ def overlay(args, images):
             agents[name] = start_agent(args.bin, images, netns=netns, reach=f"{subnet}.2",
                                        port=OVERLAY_PORT, underlay=underlay,
                                        token=f"bench-host-{name}-operator-token")
+        # Hosts register each other by certificate fingerprint (mutual TLS).
         for here, there in (("a", "b"), ("b", "a")):
             _, _, underlay = HOSTS[there]
+            fingerprint = agents[there][1].call("GET", "/v1/host-identity")["fingerprint"]
             agents[here][1].call("POST", "/v1/hosts", {
-                "name": there, "address": underlay, "api_url": f"http://{underlay}:{OVERLAY_PORT}",
-                "token": agents[there][1].token})
+                "name": there, "address": underlay, "fingerprint": fingerprint})
         operator_a, operator_b = agents["a"][1], agents["b"][1]
         client_api = tenant_api(operator_a, "bench")
         register_image(client_api, images)
