@@ -82,7 +82,7 @@ pub enum FirstRecord {
     Unopened(String),
     /// It opened: its plaintext judged as a `Hello`, and the keys to go on
     /// with (that record counted).
-    Opened(HelloVerdict, Keys),
+    Opened(HelloVerdict, Box<Keys>),
 }
 
 /// What comes before a connection's first record's body: its salt and
@@ -98,7 +98,7 @@ pub fn judge_first_record(first: &[u8], key: &MigrationKey, token: &str) -> Firs
     };
     let keys = Keys::derive(key, salt, Role::Destination);
     match keys.open_first(record, MAX_FIRST_RECORD) {
-        Ok((frame, keys)) => FirstRecord::Opened(judge_hello(&frame, token), keys),
+        Ok((frame, keys)) => FirstRecord::Opened(judge_hello(&frame, token), Box::new(keys)),
         Err(err) => FirstRecord::Unopened(err.to_string()),
     }
 }
@@ -287,7 +287,7 @@ fn wait_for_source(
                                 .stream
                                 .set_nonblocking(false)
                                 .map_err(listen_error)?;
-                            let channel = SecureStream::new(connection.stream, keys);
+                            let channel = SecureStream::new(connection.stream, *keys);
                             return Ok((channel, connection.peer, hello));
                         }
                         FirstRecord::Opened(HelloVerdict::Stranger(why), keys) => {
@@ -300,7 +300,7 @@ fn wait_for_source(
                                 .set_write_timeout(Some(Duration::from_millis(100)));
                             let _ = connection.stream.set_nonblocking(false);
                             let _ = send_json(
-                                &mut SecureStream::new(connection.stream, keys),
+                                &mut SecureStream::new(connection.stream, *keys),
                                 Kind::Refuse,
                                 &Refusal {
                                     message: why.clone(),

@@ -18,7 +18,10 @@
 //!   not open there, and a second connection with the same key (a source
 //!   that tries again after a refusal) has keys of its own, so its
 //!   counters starting at zero again never repeat a nonce under a key.
-//! * A record is `u32 length (LE) || ChaCha20-Poly1305(plaintext)`, the
+//! * A record is `u32 length (LE) || AES-256-GCM(plaintext)` (ring's,
+//!   with AES-NI: ~1340 MB/s sealing here, where ChaCha20-Poly1305 sealed
+//!   ~450 MB/s, too slow for a guest that writes its memory fast to
+//!   converge), the
 //!   length counting ciphertext and tag (at most [`MAX_RECORD`], at least
 //!   the tag) and authenticated as associated data; it is checked before
 //!   anything is allocated for the record.
@@ -40,9 +43,8 @@
 
 use std::io::{Read, Write};
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 
 /// Bytes in a migration key.
@@ -185,7 +187,7 @@ pub enum Role {
 /// One direction's cipher and record counter.
 #[derive(Clone)]
 struct Direction {
-    cipher: ChaCha20Poly1305,
+    cipher: LessSafeKey,
     /// Records sealed or opened so far: the next one's nonce.
     records: u64,
 }
@@ -196,15 +198,20 @@ impl Direction {
         // Expanding 32 bytes never fails (HKDF-SHA256 gives up to 8160).
         let expanded = Hkdf::<Sha256>::new(Some(salt), &key.0).expand(info, &mut derived);
         debug_assert!(expanded.is_ok());
-        let cipher = ChaCha20Poly1305::new(Key::from_slice(&derived));
+        // A 32-byte key is what AES-256-GCM takes: this cannot fail.
+        let unbound = UnboundKey::new(&AES_256_GCM, &derived);
         zeroize::Zeroize::zeroize(&mut derived);
+        let cipher = match unbound {
+            Ok(unbound) => LessSafeKey::new(unbound),
+            Err(_) => unreachable!("AES-256-GCM takes a {KEY_LEN}-byte key"),
+        };
         Direction { cipher, records: 0 }
     }
 
     fn nonce(&self) -> Nonce {
         let mut nonce = [0u8; 12];
         nonce[..8].copy_from_slice(&self.records.to_le_bytes());
-        Nonce::from(nonce)
+        Nonce::assume_unique_for_key(nonce)
     }
 
     /// Seals `record[LENGTH_LEN..]` (the plaintext) in place, writes its
@@ -220,11 +227,11 @@ impl Direction {
         let nonce = self.nonce();
         let tag = self
             .cipher
-            .encrypt_in_place_detached(&nonce, &length, &mut record[LENGTH_LEN..])
+            .seal_in_place_separate_tag(nonce, Aad::from(length), &mut record[LENGTH_LEN..])
             .map_err(|_| SecureError::Seal {
                 record: self.records,
             })?;
-        record.extend_from_slice(&tag);
+        record.extend_from_slice(tag.as_ref());
         self.records += 1;
         Ok(())
     }
@@ -252,12 +259,14 @@ impl Direction {
         let Some(split) = body.len().checked_sub(TAG_LEN) else {
             return Err(SecureError::Forged { record });
         };
-        let tag = Tag::clone_from_slice(&body[split..]);
-        body.truncate(split);
         let nonce = self.nonce();
-        self.cipher
-            .decrypt_in_place_detached(&nonce, &length, body, &tag)
+        let opened = self
+            .cipher
+            .open_in_place(nonce, Aad::from(length), body)
+            .map(|plaintext| plaintext.len())
             .map_err(|_| SecureError::Forged { record })?;
+        debug_assert_eq!(opened, split);
+        body.truncate(split);
         self.records += 1;
         Ok(())
     }
