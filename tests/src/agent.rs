@@ -255,24 +255,23 @@ impl Agent {
     /// [`Agent::start`] with `settings` (a JSON object) added to its
     /// config file.
     pub fn start_with(data_dir: &Path, image_dir: &Path, settings: &Value) -> Self {
-        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::launch(
-            data_dir,
-            image_dir,
-            None,
-            address,
-            address,
-            OPERATOR_TOKEN,
-            None,
-            settings,
-            None,
-        )
+        Self::start_local(data_dir, image_dir, settings, None)
     }
 
     /// [`Agent::start_with`] with `NUBIS_AGENT_CRASH_AT=step` (see
     /// host-agent/src/crash.rs, debug builds): it kills itself with
     /// SIGKILL when it reaches that step.
     pub fn start_crashing(data_dir: &Path, image_dir: &Path, settings: &Value, step: &str) -> Self {
+        Self::start_local(data_dir, image_dir, settings, Some(step))
+    }
+
+    /// An agent on loopback, on a free port.
+    fn start_local(
+        data_dir: &Path,
+        image_dir: &Path,
+        settings: &Value,
+        crash_at: Option<&str>,
+    ) -> Self {
         let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         Self::launch(
             data_dir,
@@ -283,7 +282,7 @@ impl Agent {
             OPERATOR_TOKEN,
             None,
             settings,
-            Some(step),
+            crash_at,
         )
     }
 
@@ -312,17 +311,7 @@ impl Agent {
 
     /// Starts an agent as another host (see [`RemoteHost`]).
     pub fn start_remote(data_dir: &Path, image_dir: &Path, host: &RemoteHost) -> Self {
-        Self::launch(
-            data_dir,
-            image_dir,
-            Some(host.netns),
-            SocketAddr::from(([0, 0, 0, 0], host.port)),
-            SocketAddr::from((host.reach, host.port)),
-            host.operator_token,
-            Some(host.underlay),
-            &Value::Null,
-            None,
-        )
+        Self::launch_remote(data_dir, image_dir, host, None)
     }
 
     /// [`Agent::start_remote`] with a crash hook (see
@@ -333,6 +322,15 @@ impl Agent {
         host: &RemoteHost,
         step: &str,
     ) -> Self {
+        Self::launch_remote(data_dir, image_dir, host, Some(step))
+    }
+
+    fn launch_remote(
+        data_dir: &Path,
+        image_dir: &Path,
+        host: &RemoteHost,
+        crash_at: Option<&str>,
+    ) -> Self {
         Self::launch(
             data_dir,
             image_dir,
@@ -342,7 +340,7 @@ impl Agent {
             host.operator_token,
             Some(host.underlay),
             &Value::Null,
-            Some(step),
+            crash_at,
         )
     }
 

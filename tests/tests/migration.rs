@@ -102,7 +102,10 @@ fn sealed(mut stream: TcpStream) -> SecureStream<TcpStream> {
     let key = MigrationKey::from_hex(KEY).unwrap();
     let mut salt = [0u8; SALT_LEN];
     stream.read_exact(&mut salt).unwrap();
-    SecureStream::new(stream, Keys::derive(&key, &salt, Role::Destination))
+    SecureStream::new(
+        stream,
+        Keys::derive(&key, &salt, Role::Destination).expect("keys"),
+    )
 }
 
 /// A relay between the source and the destination: it records what goes

@@ -75,11 +75,12 @@ pub fn migration_destination(data: &[u8]) {
     let _ = judge_first_record(data, &key, MIGRATION_TOKEN);
     let mut opened = 0;
     if let Some((salt, records)) = data.split_first_chunk::<SALT_LEN>() {
-        let keys = Keys::derive(&key, salt, Role::Destination);
-        let mut records = SecureStream::new(records, keys);
-        let mut plaintext = [0u8; 4096];
-        while let Ok(got @ 1..) = std::io::Read::read(&mut records, &mut plaintext) {
-            opened += got;
+        if let Ok(keys) = Keys::derive(&key, salt, Role::Destination) {
+            let mut records = SecureStream::new(records, keys);
+            let mut plaintext = [0u8; 4096];
+            while let Ok(got @ 1..) = std::io::Read::read(&mut records, &mut plaintext) {
+                opened += got;
+            }
         }
     }
     // Nothing opens without the key: no plaintext comes of a stranger's

@@ -96,7 +96,10 @@ pub fn judge_first_record(first: &[u8], key: &MigrationKey, token: &str) -> Firs
     let Some((salt, record)) = first.split_first_chunk::<{ secure::SALT_LEN }>() else {
         return FirstRecord::Unopened(format!("{} bytes, shorter than a salt", first.len()));
     };
-    let keys = Keys::derive(key, salt, Role::Destination);
+    let keys = match Keys::derive(key, salt, Role::Destination) {
+        Ok(keys) => keys,
+        Err(err) => return FirstRecord::Unopened(err.to_string()),
+    };
     match keys.open_first(record, MAX_FIRST_RECORD) {
         Ok((frame, keys)) => FirstRecord::Opened(judge_hello(&frame, token), Box::new(keys)),
         Err(err) => FirstRecord::Unopened(err.to_string()),
@@ -600,7 +603,10 @@ mod tests {
     /// A connection's first bytes: `SALT`, then `frame` sealed as the
     /// first record of a source holding `key`.
     fn sealed_hello(key: &MigrationKey, frame: &[u8]) -> Vec<u8> {
-        let mut stream = SecureStream::new(SALT.to_vec(), Keys::derive(key, &SALT, Role::Source));
+        let mut stream = SecureStream::new(
+            SALT.to_vec(),
+            Keys::derive(key, &SALT, Role::Source).unwrap(),
+        );
         stream.write_all(frame).unwrap();
         stream.flush().unwrap();
         stream.get_ref().clone()
@@ -627,7 +633,7 @@ mod tests {
         let mut flipped = record.clone();
         flipped[20] ^= 1;
         let own_direction = {
-            let keys = Keys::derive(&key(1), &SALT, Role::Destination);
+            let keys = Keys::derive(&key(1), &SALT, Role::Destination).unwrap();
             let mut stream = SecureStream::new(SALT.to_vec(), keys);
             stream.write_all(&hello_frame(TOKEN)).unwrap();
             stream.flush().unwrap();
@@ -680,7 +686,8 @@ mod tests {
             assert!(answer.is_empty(), "{answer:?}");
             // The key with a wrong token is told so, sealed.
             let wrong = TcpStream::connect(address).unwrap();
-            let mut wrong = SecureStream::new(wrong, Keys::derive(&key(1), &SALT, Role::Source));
+            let mut wrong =
+                SecureStream::new(wrong, Keys::derive(&key(1), &SALT, Role::Source).unwrap());
             wrong.get_mut().write_all(&SALT).unwrap();
             wrong.write_all(&hello_frame("another-token-0123")).unwrap();
             wrong.flush().unwrap();
@@ -694,7 +701,8 @@ mod tests {
             source.write_all(&record[..5]).unwrap();
             std::thread::sleep(Duration::from_millis(50));
             source.write_all(&record[5..]).unwrap();
-            let source = SecureStream::new(source, Keys::derive(&key(1), &SALT, Role::Source));
+            let source =
+                SecureStream::new(source, Keys::derive(&key(1), &SALT, Role::Source).unwrap());
             (source, silent, garbage, huge, clear)
         });
         let started = Instant::now();

@@ -54,6 +54,8 @@ pub enum MigrationError {
     Cancelled,
     #[error("cannot make the connection's salt: {0}")]
     Random(std::io::Error),
+    #[error("cannot make the connection's keys: {0}")]
+    Keys(SecureError),
     #[error("{0}")]
     Kvm(#[from] VmError),
     #[error(transparent)]

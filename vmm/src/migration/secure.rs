@@ -114,6 +114,8 @@ pub enum SecureError {
     Failed { record: u64 },
     #[error("cannot seal record {record}")]
     Seal { record: u64 },
+    #[error("ring refused a derived {KEY_LEN}-byte AES-256-GCM key")]
+    Cipher,
 }
 
 impl From<SecureError> for std::io::Error {
@@ -193,19 +195,17 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(key: &MigrationKey, salt: &[u8; SALT_LEN], info: &[u8]) -> Self {
+    fn new(key: &MigrationKey, salt: &[u8; SALT_LEN], info: &[u8]) -> Result<Self, SecureError> {
         let mut derived = [0u8; KEY_LEN];
         // Expanding 32 bytes never fails (HKDF-SHA256 gives up to 8160).
         let expanded = Hkdf::<Sha256>::new(Some(salt), &key.0).expand(info, &mut derived);
         debug_assert!(expanded.is_ok());
-        // A 32-byte key is what AES-256-GCM takes: this cannot fail.
+        // A 32-byte key is what AES-256-GCM takes; ring refuses only
+        // another length.
         let unbound = UnboundKey::new(&AES_256_GCM, &derived);
         zeroize::Zeroize::zeroize(&mut derived);
-        let cipher = match unbound {
-            Ok(unbound) => LessSafeKey::new(unbound),
-            Err(_) => unreachable!("AES-256-GCM takes a {KEY_LEN}-byte key"),
-        };
-        Direction { cipher, records: 0 }
+        let cipher = LessSafeKey::new(unbound.map_err(|_| SecureError::Cipher)?);
+        Ok(Direction { cipher, records: 0 })
     }
 
     fn nonce(&self) -> Nonce {
@@ -292,10 +292,14 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// The keys of `role`'s side of a connection with `salt` in a
     /// migration sharing `key`.
-    pub fn derive(key: &MigrationKey, salt: &[u8; SALT_LEN], role: Role) -> Self {
-        let to_destination = Direction::new(key, salt, SOURCE_TO_DESTINATION);
-        let to_source = Direction::new(key, salt, DESTINATION_TO_SOURCE);
-        match role {
+    pub fn derive(
+        key: &MigrationKey,
+        salt: &[u8; SALT_LEN],
+        role: Role,
+    ) -> Result<Self, SecureError> {
+        let to_destination = Direction::new(key, salt, SOURCE_TO_DESTINATION)?;
+        let to_source = Direction::new(key, salt, DESTINATION_TO_SOURCE)?;
+        Ok(match role {
             Role::Source => Keys {
                 send: to_destination,
                 receive: to_source,
@@ -304,7 +308,7 @@ impl Keys {
                 send: to_source,
                 receive: to_destination,
             },
-        }
+        })
     }
 
     /// Opens the first record a peer sent, as read whole (`length ||
@@ -483,8 +487,8 @@ mod tests {
 
     fn pair(key: &MigrationKey) -> (Keys, Keys) {
         (
-            Keys::derive(key, &SALT, Role::Source),
-            Keys::derive(key, &SALT, Role::Destination),
+            Keys::derive(key, &SALT, Role::Source).unwrap(),
+            Keys::derive(key, &SALT, Role::Destination).unwrap(),
         )
     }
 
@@ -493,17 +497,17 @@ mod tests {
         let key = key(7);
         let salt = random_salt().unwrap();
         assert_ne!(salt, random_salt().unwrap());
-        let first = Keys::derive(&key, &salt, Role::Source);
-        let again = Keys::derive(&key, &random_salt().unwrap(), Role::Source);
+        let first = Keys::derive(&key, &salt, Role::Source).unwrap();
+        let again = Keys::derive(&key, &random_salt().unwrap(), Role::Source).unwrap();
         // The same plaintext as record 0 of two connections: nothing alike.
         let a = sealed(&first, &[b"Hello"]);
         let b = sealed(&again, &[b"Hello"]);
         assert_ne!(a[4..], b[4..]);
         // A record of one connection does not open in the other.
-        let other = Keys::derive(&key, &random_salt().unwrap(), Role::Destination);
+        let other = Keys::derive(&key, &random_salt().unwrap(), Role::Destination).unwrap();
         assert!(read_all(&other, &a).is_err());
         assert_eq!(
-            read_all(&Keys::derive(&key, &salt, Role::Destination), &a).unwrap(),
+            read_all(&Keys::derive(&key, &salt, Role::Destination).unwrap(), &a).unwrap(),
             b"Hello"
         );
     }
@@ -777,14 +781,17 @@ mod speed {
         let salt = [1; SALT_LEN];
         let mut writer = SecureStream::new(
             Vec::with_capacity(260 << 20),
-            Keys::derive(&key, &salt, Role::Source),
+            Keys::derive(&key, &salt, Role::Source).unwrap(),
         );
         writer.write_all(&data).unwrap();
         writer.flush().unwrap();
         let sealed = start.elapsed();
         let wire = writer.inner;
         let start = std::time::Instant::now();
-        let mut reader = SecureStream::new(&wire[..], Keys::derive(&key, &salt, Role::Destination));
+        let mut reader = SecureStream::new(
+            &wire[..],
+            Keys::derive(&key, &salt, Role::Destination).unwrap(),
+        );
         let mut out = vec![0u8; 1 << 20];
         while reader.read(&mut out).unwrap() > 0 {}
         let opened = start.elapsed();

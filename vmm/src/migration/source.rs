@@ -344,7 +344,8 @@ fn migrate(
     // connection's own, whatever connections the key saw before.
     let salt = random_salt().map_err(MigrationError::Random)?;
     std::io::Write::write_all(&mut stream, &salt).map_err(protocol::ProtocolError::from)?;
-    let mut stream = SecureStream::new(stream, Keys::derive(&settings.key, &salt, Role::Source));
+    let keys = Keys::derive(&settings.key, &salt, Role::Source).map_err(MigrationError::Keys)?;
+    let mut stream = SecureStream::new(stream, keys);
     migration.check_cancel()?;
     // Writes are tracked from before the first copy of each disk.
     let disks = if settings.copy_disks {
