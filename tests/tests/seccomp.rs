@@ -51,7 +51,7 @@ fn a_forbidden_call_on_any_thread_kills_the_vmm() {
                 let socket = dir.join("control.sock");
                 let answer = control_request(
                     &socket,
-                    r#"{"command":"migrate","to":"127.0.0.1:9","token":"0123456789abcdef0123"}"#,
+                    r#"{"command":"migrate","to":"127.0.0.1:9","token":"0123456789abcdef0123","key":"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"}"#,
                 );
                 assert_eq!(answer["ok"], true, "{answer}");
                 assert!(
