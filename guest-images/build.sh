@@ -151,6 +151,10 @@ build_rootfs() {
     echo "root:x:0:" > "$tree/etc/group"
     echo nubis > "$tree/etc/hostname"
     chmod 1777 "$tree/tmp"
+    # A hostile guest's tool for the tests (see rootfs/dhcp-flood.c).
+    musl-gcc -static -Os -Wall -Wextra -Werror -ffile-prefix-map="$here"=. \
+        -o "$tree/sbin/dhcp-flood" "$here/rootfs/dhcp-flood.c"
+    strip "$tree/sbin/dhcp-flood"
     # Reproducible: fixed timestamps and owners, sorted entries.
     find "$tree" -exec touch -h -d @0 {} +
     mkdir -p "$work/out"

@@ -24,6 +24,15 @@ use serde_json::{json, Value};
 const OUTSIDE: &str = "198.51.100.2";
 const HOST_UPLINK: &str = "198.51.100.1";
 const OUTSIDE_PORT: u16 = 9000;
+/// A second address of the outside host's, in the agent's `egress_deny`:
+/// the same host as [`OUTSIDE`], so only that rule keeps guests from it.
+const DENIED_OUTSIDE: &str = "198.51.100.3";
+/// The underlay: the agent's `underlay_address` (.1, the host's end) and a
+/// neighbour of the host's on it (.2), which guests must not reach.
+const UNDERLAY_HOST: &str = "198.18.40.1";
+const UNDERLAY_NEIGHBOUR: &str = "198.18.40.2";
+/// How long b1 floods the DHCP server, in seconds.
+const FLOOD_SECONDS: u32 = 8;
 /// The network MTU, lowered to check that guests get it.
 const MTU: u16 = 1400;
 
@@ -70,7 +79,11 @@ fn a1_script() -> String {
 
 /// b1, on another tenant's network, serves a file (for a1 to fail to
 /// fetch), waits for the outside host's go, then tries to reach a1, a2 and
-/// hosts addresses it has no business with.
+/// hosts addresses it has no business with: the host's uplink, the
+/// underlay's neighbour, a link-local address and the outside host's
+/// denied address, while it reaches the outside host itself through NAT.
+/// Last, it floods the agent's DHCP server (`/sbin/dhcp-flood`, see
+/// guest-images/rootfs/dhcp-flood.c) as a hostile guest would.
 fn b1_script() -> String {
     format!(
         "{TCP_PROBE}cat /proc/net/pnp; ping -c1 -W3 10.40.0.1 >/dev/null; echo B1_GW $?; \
@@ -80,7 +93,8 @@ fn b1_script() -> String {
          T 10.30.0.3 s; \
          ping -c2 -W2 10.30.0.1 >/dev/null; echo B1_PING_A_GATEWAY $?; \
          ping -c2 -W2 {HOST_UPLINK} >/dev/null; echo B1_PING_HOST_UPLINK $?; \
-         echo B1_DONE; read x"
+         for a in {OUTSIDE} {DENIED_OUTSIDE} {UNDERLAY_NEIGHBOUR} 169.254.169.254; do ping -c2 -W2 $a >/dev/null; echo B1_EGRESS_$a $?; done; \
+         echo B1_FLOOD; dhcp-flood {FLOOD_SECONDS}; echo B1_DONE; read x"
     )
 }
 
@@ -239,9 +253,34 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         &format!("{HOST_UPLINK}/24"),
         &format!("{OUTSIDE}/24"),
     );
+    let added = outside.run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{DENIED_OUTSIDE}/24"),
+            "dev",
+            "eth0",
+        ],
+    );
+    assert!(added.status.success(), "{added:?}");
     let server = OutsideServer::start(&outside, OUTSIDE_PORT, dir.join("go"));
+    // The underlay's neighbour answers whoever reaches it: only the
+    // agent's rules keep guests from it.
+    let mut underlay = NetNs::create(&nubis_tests::net::interface_name("nbxw"));
+    underlay.link_to_host(
+        &nubis_tests::net::interface_name("nbxwu"),
+        &format!("{UNDERLAY_HOST}/24"),
+        &format!("{UNDERLAY_NEIGHBOUR}/24"),
+    );
+    let routed = underlay.run("ip", &["route", "add", "default", "via", UNDERLAY_HOST]);
+    assert!(routed.status.success(), "{routed:?}");
+    let settings = json!({
+        "underlay_address": UNDERLAY_HOST,
+        "egress_deny": [format!("{DENIED_OUTSIDE}/32")],
+    });
 
-    let mut agent = Agent::start(&data_dir, &image_dir);
+    let mut agent = Agent::start_with(&data_dir, &image_dir, &settings);
     let (_, acme) = tenant(&agent, "acme");
     let (_, globex) = tenant(&agent, "globex");
     for token in [&acme, &globex] {
@@ -276,14 +315,17 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     }
 
     let a1_script = a1_script();
-    assert!(
-        format!("nubis_cmd=\"{a1_script}\"").len() <= 1024,
-        "a1's script is {} bytes: kernel_args take at most 1024",
-        a1_script.len()
-    );
+    let b1_script = b1_script();
+    for (name, script) in [("a1", &a1_script), ("b1", &b1_script)] {
+        assert!(
+            format!("nubis_cmd=\"{script}\"").len() <= 1024,
+            "{name}'s script is {} bytes: kernel_args take at most 1024",
+            script.len()
+        );
+    }
     let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script);
     let a2 = network_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
-    let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script());
+    let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script);
     assert_eq!(a1["nics"][0]["address"], "10.30.0.2/24");
     assert_eq!(a2["nics"][0]["address"], "10.30.0.3/24");
     assert_eq!(b1["nics"][0]["address"], "10.40.0.2/24");
@@ -395,7 +437,49 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     // addresses do not answer it, while a1 and a2 are up; a1 does not reach
     // b1 either.
     server.release();
-    let b1_console = wait_for_console(&agent, &globex, &b1, "\nB1_DONE");
+    wait_for_console(&agent, &globex, &b1, "\nB1_FLOOD");
+    // b1 floods the DHCP server while the API is called: every call is
+    // answered, and the flood is dropped over the rate limit, not logged
+    // request by request.
+    let mut answered = 0;
+    let b1_console = loop {
+        let reply = agent.call("GET", "/v1/networks", Some(&globex), None);
+        assert_eq!(
+            reply.status, 200,
+            "the API failed during the flood: {reply:?}"
+        );
+        answered += 1;
+        let console = wait_for_console(&agent, &globex, &b1, "\nB1_");
+        if console.contains("\nB1_DONE") {
+            break console;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sent: u64 = console_value(&b1_console, "DHCP_FLOOD_SENT")
+        .parse()
+        .unwrap_or_else(|_| panic!("b1's flood did not report:\n{b1_console}"));
+    eprintln!("b1 sent {sent} DHCP requests in {FLOOD_SECONDS} s; {answered} API calls answered meanwhile");
+    assert!(
+        sent > 200,
+        "b1's flood sent only {sent} requests:\n{b1_console}"
+    );
+    assert!(
+        answered >= 10,
+        "the API answered only {answered} calls during the flood"
+    );
+    let log = agent.log();
+    assert!(
+        log.lines().any(
+            |line| line.contains("DHCP requests over the rate limit are dropped")
+                && line.contains(&other_bridge)
+        ),
+        "no rate limiting on {other_bridge} seen:\n{log}"
+    );
+    let dhcp_lines = log.matches("DHCP").count();
+    assert!(
+        dhcp_lines < 20,
+        "{dhcp_lines} DHCP log lines for a flood:\n{log}"
+    );
     assert!(
         b1_console.contains("my address is 10.40.0.2"),
         "{b1_console}"
@@ -414,6 +498,20 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         );
     }
     assert_tcp_blocked(&b1_console, "10.30.0.3");
+    // NAT egress: the outside host, not its denied address, the underlay's
+    // neighbour or a link-local address.
+    assert_eq!(
+        exit_status(&b1_console, &format!("B1_EGRESS_{OUTSIDE}")),
+        0,
+        "b1 could not reach the outside host through NAT:\n{b1_console}"
+    );
+    for denied in [DENIED_OUTSIDE, UNDERLAY_NEIGHBOUR, "169.254.169.254"] {
+        assert_ne!(
+            exit_status(&b1_console, &format!("B1_EGRESS_{denied}")),
+            0,
+            "b1 reached {denied}, which egress denies:\n{b1_console}"
+        );
+    }
     let a1_console = wait_for_line(&agent, &acme, &a1, "TCP_10.40.0.2");
     let waited: u32 = console_value(&a1_console, "W_go").parse().unwrap();
     assert!(waited <= 300, "a1 never got the go:\n{a1_console}");

@@ -610,7 +610,8 @@ fn storage_and_snapshot_quotas_hold() {
 /// A port on a network's bridge that floods the agent's DHCP server, as a
 /// hostile guest would (made-up client MACs, as fast as it can send), while
 /// the API is called: every call is answered, and the flood is dropped
-/// over the rate limit instead of logged request by request.
+/// over the rate limit instead of logged request by request. (The quick
+/// check, in seconds; `agent_networks` floods from a KVM guest.)
 #[test]
 fn a_dhcp_flood_does_not_stall_the_api() {
     require_kvm();
@@ -713,7 +714,8 @@ print(sent)
 /// A network with NAT egress: its traffic may leave through the host, but
 /// never to the underlay's network, link-local addresses or peers; the
 /// rules say so, and a port on the bridge that tries is dropped while it
-/// reaches the outside world.
+/// reaches the outside world. (The quick check; in `agent_networks` a KVM
+/// guest tries the same.)
 #[test]
 fn nat_egress_reaches_the_outside_but_not_the_hosts_neighbours() {
     require_kvm();
