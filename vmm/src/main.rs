@@ -15,7 +15,10 @@ use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
 use vmm::migration::destination::receive_vm;
 use vmm::migration::secure::MigrationKey;
-use vmm::runtime::{self, exit::EXIT_VMM_ERROR};
+use vmm::runtime::{
+    self,
+    exit::{EXIT_NOT_RECEIVED, EXIT_VMM_ERROR},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -199,9 +202,15 @@ fn main() -> ExitCode {
             // received, nor one the source still runs); once the VM is
             // handed over it outlives its agent like any VMM.
             set_parent_death_signal(libc::SIGKILL);
-            let received = receive_vm(config, &listen, &token, &key).map_err(|err| err.to_string());
+            let received = receive_vm(config, &listen, &token, &key);
             set_parent_death_signal(0);
-            received
+            match received {
+                Ok(built) => Ok(built),
+                Err(err) => {
+                    eprintln!("nubis-vmm: error: the migration was not received: {err}");
+                    return ExitCode::from(EXIT_NOT_RECEIVED as u8);
+                }
+            }
         }
         (None, None) => build_vm(config).map_err(|err| err.to_string()),
     };

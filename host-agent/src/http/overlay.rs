@@ -26,6 +26,7 @@ use super::{AppState, Body, HttpError, PeerCaller, Result};
 use crate::ipv4::Cidr;
 use crate::network::vxlan::{underlay_mtu, VXLAN_OVERHEAD};
 use crate::store::Peer;
+use crate::supervisor::migration as handover;
 use crate::supervisor::networking::nic_address;
 use crate::validate;
 
@@ -133,12 +134,7 @@ pub(crate) async fn incoming(
     if let Some(known) = state.store.get_vm(None, &vm.id)? {
         // What a migration that failed while this agent was down left: a
         // VM that never ran here. A new attempt replaces it.
-        let leftover = !known.state.has_process()
-            && state
-                .store
-                .events(&known.id)?
-                .iter()
-                .all(|event| event.kind != "migrated_in" && event.kind != "running");
+        let leftover = !known.state.has_process() && state.supervisor.never_ran_here(&known.id)?;
         if !leftover {
             return Err(conflict(format!("VM {} exists here", vm.id)));
         }
@@ -207,7 +203,7 @@ pub(crate) async fn incoming(
     state.store.add_event(
         &created.id,
         "created",
-        &format!("migrating in from {}", request.source),
+        &format!("{}{}", handover::RECEIVED_FROM, request.source),
     )?;
     let port = free_port(local, state.supervisor.config().migration_port_range)?;
     let listen = format!("{local}:{port}");
@@ -241,7 +237,7 @@ pub(crate) async fn incoming(
 /// are not this one's to see or finish.
 fn incoming_from(state: &AppState, peer: &PeerCaller, id: &str) -> Result<nubis_api::Vm> {
     let vm = incoming_vm(state, id)?;
-    let from = format!("migrating in from {}", peer.address);
+    let from = format!("{}{}", handover::RECEIVED_FROM, peer.address);
     let received = state
         .store
         .events(&vm.id)?

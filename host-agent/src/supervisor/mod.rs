@@ -405,6 +405,16 @@ impl Supervisor {
             supervisor.clean_jail(&vm_id).await;
             supervisor.event(&vm_id, "exited", &reason);
             let _ = sender.send(Some(exit));
+            if exit.is_not_received() {
+                // After the exit is known: whoever waits for it (an abort
+                // holding the VM's lock) goes first.
+                if let Err(err) = supervisor.forget_unreceived(&vm_id).await {
+                    tracing::error!(vm = %vm_id, "cannot drop the copy that was not received: {err}");
+                }
+                if let Err(err) = supervisor.reconcile_network().await {
+                    tracing::error!(vm = %vm_id, "cannot update the network after dropping the copy: {err}");
+                }
+            }
         });
         receiver
     }
@@ -608,6 +618,13 @@ impl Supervisor {
                     self.unplug_nics(&vm.id, vm.nics.len()).await;
                     let _ = std::fs::remove_file(paths.dir.join(AGENT_PAUSED));
                     self.clean_jail(&vm.id).await;
+                    // A receiving VMM that died with the agent before the
+                    // hand-over (it dies with whoever started it until
+                    // then): the copy never ran here. (The network is
+                    // reconciled after adoption.)
+                    if !migration::log_shows_handover(&paths.vmm_log) {
+                        self.forget_unreceived(&vm.id).await?;
+                    }
                 }
             }
         }

@@ -68,7 +68,17 @@ fn reap(pidfd: &OwnedFd) -> VmmExit {
     }
 }
 
+/// The exit status of a VMM started to receive a live migration when none
+/// was handed over to it: the guest never ran there (the VMM's
+/// `EXIT_NOT_RECEIVED`, vmm/src/runtime/exit.rs).
+pub const VMM_EXIT_NOT_RECEIVED: i32 = 3;
+
 impl VmmExit {
+    /// Whether this is a receiving VMM's exit without a hand-over.
+    pub fn is_not_received(self) -> bool {
+        self == Self::Code(VMM_EXIT_NOT_RECEIVED)
+    }
+
     /// The VM's state after this exit, and the reason to record, from the
     /// exit and the VMM log's last line.
     pub fn describe(self, log_tail: &str) -> (VmState, String) {
@@ -76,6 +86,10 @@ impl VmmExit {
         match self {
             Self::Code(0) => (VmState::Stopped, format!("stopped: {log_tail}")),
             Self::Code(2) => (VmState::Failed, format!("the guest crashed: {log_tail}")),
+            Self::Code(VMM_EXIT_NOT_RECEIVED) => (
+                VmState::Failed,
+                format!("the migration in was not received: {log_tail}"),
+            ),
             Self::Code(code) => (
                 VmState::Failed,
                 format!("the VMM failed (exit {code}): {log_tail}"),

@@ -17,6 +17,11 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_VMM_ERROR: i32 = 1;
 /// The process exit status when the guest crashed the VM.
 pub const EXIT_GUEST_CRASH: i32 = 2;
+/// The process exit status of a VMM started to receive a live migration
+/// when none was handed over to it: the guest never ran in this process,
+/// so whoever started it may forget the copy (the agent must match it:
+/// `host-agent/src/supervisor/process.rs`).
+pub const EXIT_NOT_RECEIVED: i32 = 3;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
