@@ -1,8 +1,9 @@
 //! System-call filters, one per thread class: what is left to a VMM that a
 //! guest has taken over. The lists are data (`vmm/seccomp/x86_64.json`,
-//! seccompiler's JSON format, each entry with why it is there), compiled
-//! once at start; a call outside its thread's list kills the whole process
-//! (SIGSYS).
+//! seccompiler's JSON format, each entry with why it is there), compiled to
+//! BPF when the VMM is built (`vmm/build.rs`, as Firecracker does), so a
+//! start installs them without parsing or compiling anything; a call
+//! outside its thread's list kills the whole process (SIGSYS).
 //!
 //! - `vmm`: the main thread once the VM runs (the event loop: devices, the
 //!   control socket, snapshots). Installed after every setup step, so
@@ -12,20 +13,15 @@
 //!   ioctls a vCPU makes (running, saving its state for a snapshot).
 //! - `migration`: a live migration's sender, on top of `vmm`'s.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::BpfProgram;
-
-/// The filter lists, built into the binary.
-const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+/// The filters as BPF programs, compiled from the JSON by build.rs.
+mod compiled {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("the built-in seccomp filters do not compile: {0}")]
-    Compile(seccompiler::Error),
-    #[error("the built-in seccomp filters have no {0:?} filter")]
-    Missing(&'static str),
     #[error("cannot install the {class} seccomp filter: {source}")]
     Install {
         class: &'static str,
@@ -50,44 +46,33 @@ impl ThreadClass {
         }
     }
 
+    /// This class's filter, as built.
+    pub fn program(self) -> &'static [seccompiler::sock_filter] {
+        match self {
+            Self::Vmm => compiled::VMM,
+            Self::Vcpu => compiled::VCPU,
+            Self::Migration => compiled::MIGRATION,
+        }
+    }
+
+    #[cfg(test)]
     const ALL: [Self; 3] = [Self::Vmm, Self::Vcpu, Self::Migration];
 }
 
-/// The compiled filters of this process: set once by [`enable`]; without
-/// it (`--no-seccomp`), [`apply`] installs nothing.
-static FILTERS: OnceLock<HashMap<&'static str, BpfProgram>> = OnceLock::new();
+/// Whether this process installs filters: set by [`enable`]; without it
+/// (`--no-seccomp`), [`apply`] installs nothing.
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// The built-in filters, compiled for this machine.
-pub fn compile() -> Result<HashMap<&'static str, BpfProgram>, SeccompError> {
-    let mut compiled =
-        seccompiler::compile_from_json(FILTERS_JSON.as_bytes(), seccompiler::TargetArch::x86_64)
-            .map_err(SeccompError::Compile)?;
-    ThreadClass::ALL
-        .iter()
-        .map(|class| {
-            compiled
-                .remove(class.name())
-                .map(|program| (class.name(), program))
-                .ok_or(SeccompError::Missing(class.name()))
-        })
-        .collect()
-}
-
-/// Compiles the filters; from now on each thread class installs its own.
-pub fn enable() -> Result<(), SeccompError> {
-    let filters = compile()?;
-    let _ = FILTERS.set(filters);
-    Ok(())
+/// From now on each thread class installs its own filter.
+pub fn enable() {
+    ENABLED.store(true, Ordering::SeqCst);
 }
 
 /// Installs `class`'s filter on the calling thread (nothing if filters
 /// are not enabled).
 pub fn apply(class: ThreadClass) -> Result<(), SeccompError> {
-    if let Some(filters) = FILTERS.get() {
-        let program = filters
-            .get(class.name())
-            .ok_or(SeccompError::Missing(class.name()))?;
-        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+    if ENABLED.load(Ordering::SeqCst) {
+        seccompiler::apply_filter(class.program()).map_err(|source| SeccompError::Install {
             class: class.name(),
             source,
         })?;
@@ -119,12 +104,25 @@ fn test_trigger(class: ThreadClass) {
 mod tests {
     use super::*;
 
+    /// The lists as written.
+    const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+
     #[test]
-    fn the_built_in_filters_compile_for_every_class() {
-        let filters = compile().unwrap();
+    fn the_built_filters_are_the_json_compiled() {
+        let mut compiled = seccompiler::compile_from_json(
+            FILTERS_JSON.as_bytes(),
+            seccompiler::TargetArch::x86_64,
+        )
+        .unwrap();
         for class in ThreadClass::ALL {
-            assert!(!filters[class.name()].is_empty(), "{class:?}");
+            let program = compiled.remove(class.name()).unwrap();
+            assert!(!program.is_empty(), "{class:?}");
+            assert_eq!(class.program(), program.as_slice(), "{class:?}");
         }
+        assert!(
+            compiled.is_empty(),
+            "filters no class installs: {compiled:?}"
+        );
     }
 
     #[test]
