@@ -31,7 +31,7 @@ fi
 [ -x "$st" ] || scripts/install-deps.sh
 
 started=$SECONDS
-cargo build -q -p nubis-agent -p vmm --bins
+cargo build -q -p nubis-agent -p vmm -p nubis-jailer --bins
 bin="${CARGO_TARGET_DIR:-target}/debug"
 bin="$(cd "$bin" && pwd)"
 

@@ -6,9 +6,9 @@
 //! `builder` assembles a VM from a [`config::VmConfig`], `runtime` runs it (the
 //! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
 //! through which the host agent drives a running VM; `snapshot` and
-//! `migration` save a VM and move it to another process or host; `jailer`
-//! builds the sandbox that `nubis-jailer` starts a VMM in; `run` is `nubis
-//! run`, one command in a fresh guest, as a library.
+//! `migration` save a VM and move it to another process or host; `run` is
+//! `nubis run`, one command in a fresh guest, as a library. The sandbox a
+//! VMM runs in is built by the `nubis-jailer` crate, which has no KVM code.
 
 pub mod arch;
 pub mod builder;
@@ -17,7 +17,6 @@ pub mod control;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_api;
-pub mod jailer;
 pub mod logger;
 pub mod memory;
 pub mod migration;

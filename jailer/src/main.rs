@@ -1,5 +1,5 @@
 //! `nubis-jailer`: starts one `nubis-vmm` in its sandbox (see
-//! `vmm::jailer`), or with `--cleanup` removes what a finished jail left.
+//! `nubis_jailer`), or with `--cleanup` removes what a finished jail left.
 //!
 //! Exit status: 0 once the VMM runs in its jail (its pid is in
 //! `--pid-file`) or the cleanup is done; 1 with one line on stderr naming
@@ -10,10 +10,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use vmm::jailer::cgroup::{Setting, DEFAULT_PARENT};
-use vmm::jailer::mounts::{BindMount, DeviceNode};
-use vmm::jailer::privileges::ResourceLimit;
-use vmm::jailer::{self, JailSpec, JailerError};
+use nubis_jailer::cgroup::{Setting, DEFAULT_PARENT};
+use nubis_jailer::mounts::{BindMount, DeviceNode};
+use nubis_jailer::privileges::ResourceLimit;
+use nubis_jailer::{self as jailer, JailSpec, JailerError};
 
 #[derive(Debug, Parser)]
 #[command(
