@@ -229,8 +229,8 @@ impl Dir {
         let file = unsafe { File::from_raw_fd(fd) };
         // SAFETY: fcntl on an open descriptor with integer arguments.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
         if flags < 0
+            // SAFETY: as above.
             || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) }
                 != 0
         {

@@ -41,9 +41,8 @@ impl TerminationSignals {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a new, valid descriptor that only this File owns.
-        Ok(Self {
-            fd: unsafe { File::from_raw_fd(fd) },
-        })
+        let fd = unsafe { File::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// The next pending signal's number, if any.

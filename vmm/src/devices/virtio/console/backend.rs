@@ -35,11 +35,11 @@ impl ConsoleBackend {
     /// The caller promises that nothing else in this process uses `fd`; the
     /// configuration validation refuses the same number twice.
     pub fn from_inherited_fd(fd: RawFd) -> Result<Self, ConsoleBackendError> {
-        // SAFETY: F_GETFL only inspects the descriptor table entry; it also
-        // tells whether `fd` is open before ownership is taken.
         let flags = if fd < 0 {
             -1
         } else {
+            // SAFETY: F_GETFL only inspects the descriptor table entry; it
+            // also tells whether `fd` is open before ownership is taken.
             unsafe { libc::fcntl(fd, libc::F_GETFL) }
         };
         if flags < 0 {
