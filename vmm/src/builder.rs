@@ -43,11 +43,12 @@ use crate::devices::virtio::queue_handler::{DeviceEventHandler, EventDrivenDevic
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{RateLimited, VirtioDevice, VirtioInterrupt};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
+use crate::persist::Persist;
 use crate::platform::KvmFlavor;
 use crate::snapshot::file::{read_memory, read_state, SnapshotError};
 use crate::snapshot::state::{MachineShape, VmSnapshot};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
-use crate::vstate::persist::{saved_msr_indices, PersistError};
+use crate::vstate::persist::{saved_msr_indices, KvmStateError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
@@ -108,9 +109,9 @@ pub enum BuildError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore the VM's KVM state: {0}")]
-    VmState(PersistError),
+    VmState(KvmStateError),
     #[error("cannot probe the vCPUs' MSRs: {0}")]
-    MsrProbe(PersistError),
+    MsrProbe(KvmStateError),
     #[error("cannot listen on {purpose} socket {path}: {source}")]
     Listen {
         purpose: &'static str,
@@ -389,7 +390,7 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
     let shape = machine_shape(&config);
 
     let ram = create_guest_ram(&guest_ram_ranges(mem_size))?;
-    let vm = Vm::new(&kvm)?;
+    let mut vm = Vm::new(&kvm)?;
     vm.register_memory(&ram.memory)?;
 
     let snapshot = match restore {
@@ -532,9 +533,9 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
         for (index, (transport, state)) in transports.iter().zip(&snapshot.devices).enumerate() {
             lock(transport)
                 .restore(state)
-                .map_err(|detail| SnapshotError::Restore {
+                .map_err(|err| SnapshotError::Restore {
                     what: format!("virtio device {index} ({})", state.device.kind()),
-                    detail,
+                    detail: err.to_string(),
                 })?;
         }
         for transport in &transports {
@@ -555,23 +556,19 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
                 what: "serial input readiness",
                 source,
             })?;
-    let serial = match &snapshot {
-        Some(snapshot) => SerialDevice::restored(
-            serial_irq,
-            InputReady(serial_ready_for_device),
-            serial_output,
-            &snapshot.serial,
-        )
-        .map_err(|detail| SnapshotError::Restore {
-            what: "serial port".into(),
-            detail,
-        })?,
-        None => SerialDevice::new(
-            serial_irq,
-            InputReady(serial_ready_for_device),
-            serial_output,
-        ),
-    };
+    let mut serial = SerialDevice::new(
+        serial_irq,
+        InputReady(serial_ready_for_device),
+        serial_output,
+    );
+    if let Some(snapshot) = &snapshot {
+        serial
+            .restore(&snapshot.serial)
+            .map_err(|err| SnapshotError::Restore {
+                what: "serial port".into(),
+                detail: err.to_string(),
+            })?;
+    }
     let serial = Arc::new(Mutex::new(serial));
 
     let kbd_irq = irq_line("the keyboard interrupt")?;
@@ -585,7 +582,7 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
         })?;
     let mut keyboard = I8042::new(kbd_irq, reset_for_device);
     if let Some(snapshot) = &snapshot {
-        keyboard.restore(&snapshot.i8042);
+        let Ok(()) = keyboard.restore(&snapshot.i8042);
     }
     let i8042 = Arc::new(Mutex::new(keyboard));
 
@@ -646,8 +643,8 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
         vcpus.push(vcpu);
     }
     if let Some(snapshot) = &snapshot {
-        snapshot.vm.restore(vm.fd()).map_err(BuildError::VmState)?;
-        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+        vm.restore(&snapshot.vm).map_err(BuildError::VmState)?;
+        for (vcpu, state) in vcpus.iter_mut().zip(&snapshot.vcpus) {
             vcpu.restore(state)?;
         }
     }

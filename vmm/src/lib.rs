@@ -21,6 +21,7 @@ pub mod jailer;
 pub mod logger;
 pub mod memory;
 pub mod migration;
+pub mod persist;
 pub mod platform;
 pub mod rate_limiter;
 pub mod run;

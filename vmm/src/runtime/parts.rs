@@ -12,9 +12,9 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 use crate::runtime::exit::ExitNotifier;
 use crate::snapshot::state::{MachineShape, VmSnapshot};
-use crate::vstate::persist::VmState;
 use crate::vstate::vcpu::RunControl;
 use crate::vstate::vm::Vm;
 
@@ -96,20 +96,23 @@ impl VmParts {
             .control
             .save_all(SAVE_TIMEOUT)
             .map_err(|err| err.to_string())?;
-        let vm = VmState::save(self.vm.fd()).map_err(|err| err.to_string())?;
+        let vm = self.vm.save().map_err(|err| err.to_string())?;
         let devices = held
             .transports
             .iter()
             .zip(&held.devices)
             .map(|(transport, device)| transport.save_locked(&**device))
-            .collect();
+            .collect::<Result<_, _>>()
+            .map_err(|err| err.to_string())?;
+        let serial = held.serial.save().map_err(|err| err.to_string())?;
+        let Ok(i8042) = held.i8042.save();
         Ok(VmSnapshot {
             machine: self.shape.clone(),
             vm,
             vcpus,
             devices,
-            serial: held.serial.save(),
-            i8042: held.i8042.save(),
+            serial,
+            i8042,
         })
     }
 }
