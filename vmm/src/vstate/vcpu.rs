@@ -22,7 +22,7 @@ use crate::logger::since_process_start;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
 use crate::platform::KvmFlavor;
-use crate::runtime::exit::{ExitNotifier, ExitReason};
+use crate::vstate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::persist::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
