@@ -2,24 +2,32 @@
 //!
 //! The crate is laid out like the machine it builds: `arch` knows how an x86_64
 //! guest is booted (memory map, page tables, CPUID, MP table), `vstate` wraps the
-//! KVM VM and vCPU file descriptors, `devices` holds the emulated hardware,
-//! `builder` assembles a VM from a [`config::VmConfig`], `runtime` runs it (the
-//! epoll event loop and the vCPU threads) and `control` is the Unix-socket API
-//! through which the host agent drives a running VM; `snapshot` and
-//! `migration` save a VM and move it to another process or host; `run` is
-//! `nubis run`, one command in a fresh guest, as a library. The sandbox a
-//! VMM runs in is built by the `nubis-jailer` crate, which has no KVM code.
+//! KVM VM and vCPU file descriptors (and the reasons a VM stops), `devices`
+//! holds the emulated hardware and `device_manager` puts one VM's devices on
+//! their buses; `builder` assembles a VM from a [`config::VmConfig`], booting
+//! or from a snapshot, `runtime` runs it (the epoll event loop and the vCPU
+//! threads) and `control` is the Unix-socket API through which the host agent
+//! drives a running VM. Every stateful component implements
+//! [`persist::Persist`]; `parts` is what a running VM's state is taken from,
+//! `snapshot` and `migration` save a VM and move it to another process or
+//! host. The layers go one way: `runtime` uses `migration`, neither is used
+//! by `parts`, `device_manager`, `devices` or `vstate`. `run` is `nubis
+//! run`, one command in a fresh guest, as a library. The sandbox a VMM runs
+//! in is built by the `nubis-jailer` crate, which has no KVM code.
 
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod device_manager;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_api;
 pub mod logger;
 pub mod memory;
 pub mod migration;
+pub mod parts;
+pub mod persist;
 pub mod platform;
 pub mod rate_limiter;
 pub mod run;

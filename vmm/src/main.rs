@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use vmm::builder::{build_vm, restore_vm};
+use vmm::builder::{build_for_boot, build_from_snapshot, SnapshotDir};
 use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
 use vmm::migration::destination::receive_vm;
@@ -176,7 +176,9 @@ fn main() -> ExitCode {
         Err(message) => return fail(message),
     };
     let built = match (restore, migrate_listen) {
-        (Some(dir), _) => restore_vm(config, &dir).map_err(|err| err.to_string()),
+        (Some(dir), _) => {
+            build_from_snapshot(config, &mut SnapshotDir(&dir)).map_err(|err| err.to_string())
+        }
         (None, Some(listen)) => {
             let token = match std::env::var("NUBIS_MIGRATION_TOKEN") {
                 Ok(token) if token.len() >= 16 => token,
@@ -212,7 +214,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        (None, None) => build_vm(config).map_err(|err| err.to_string()),
+        (None, None) => build_for_boot(config).map_err(|err| err.to_string()),
     };
     let built = match built {
         Ok(built) => built,

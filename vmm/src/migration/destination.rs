@@ -26,7 +26,7 @@ use super::protocol::{
 };
 use super::secure::{self, Keys, MigrationKey, Role, SecureStream};
 use super::MigrationError;
-use crate::builder::{restore_from, BuildError, BuiltVm, RestoreSource};
+use crate::builder::{build_from_snapshot, BuildError, BuiltVm, RestoreSource};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::file::SnapshotError;
@@ -503,7 +503,7 @@ pub fn receive_vm(
         stream: &mut stream,
         disks,
     };
-    let built = restore_from(config, &mut incoming);
+    let built = build_from_snapshot(config, &mut incoming);
     drop(incoming);
     let built = match built {
         Ok(built) => built,

@@ -16,11 +16,12 @@ use super::protocol::{
 };
 use super::secure::{random_salt, Keys, Role, SecureStream};
 use super::{estimate_downtime, MigrationError, Phase, Progress, Settings};
+use crate::device_manager::HeldDevices;
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::tracker::CHUNK;
 use crate::devices::virtio::DiskCopySource;
-use crate::runtime::exit::ExitReason;
-use crate::runtime::parts::VmParts;
+use crate::parts::VmParts;
+use crate::vstate::exit::ExitReason;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to answer, or to build the VM.
@@ -569,7 +570,7 @@ fn hand_over(
 fn final_copy(
     stream: &mut Channel,
     parts: &VmParts,
-    held: &crate::runtime::parts::HeldDevices<'_>,
+    held: &HeldDevices<'_>,
     disks: &[CopiedDisk],
     migration: &Migration,
 ) -> Result<(), MigrationError> {
@@ -585,7 +586,9 @@ fn final_copy(
     }
     // The vCPUs' pending I/O is completed as they save their state, which
     // may still write RAM: save first, then collect the last pages.
-    let state = parts.capture_state(held).map_err(MigrationError::Vcpus)?;
+    let state = parts
+        .capture_state(held)
+        .map_err(|err| MigrationError::Vcpus(err.to_string()))?;
     let dirty = take_dirty_pages(&parts.vm, &parts.memory)?;
     let mut payload = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE];

@@ -3,7 +3,6 @@
 //! signals and the VM's end. Nothing polls.
 
 pub mod exit;
-pub mod parts;
 mod serial_input;
 mod signals;
 
@@ -20,18 +19,19 @@ use crate::control::protocol::{
     DeviceStatus, DiskMigration, ErrorCode, Request, Response, VmState, VmStatus,
 };
 use crate::control::server::{ControlServer, VmControl};
+use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
 use crate::devices::legacy::boot_timer::NOT_BOOTED;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::virtio::RateLimited;
 use crate::migration::source::Migration;
 use crate::migration::Settings;
+use crate::parts::VmParts;
 use crate::rate_limiter::RateLimit;
 use crate::snapshot::file::{write_memory, write_state};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+use crate::vstate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::vcpu::{install_kick_handler, RunControl, VcpusState};
-use exit::{ExitNotifier, ExitReason};
-use parts::VmParts;
 use serial_input::SerialInputHandler;
 use signals::{ExitWatcher, TerminationSignals};
 
@@ -104,7 +104,10 @@ impl VmHandle {
         std::fs::create_dir_all(dir)
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
         let held = self.parts.hold_devices();
-        let state = self.parts.capture_state(&held)?;
+        let state = self
+            .parts
+            .capture_state(&held)
+            .map_err(|err| err.to_string())?;
         write_memory(
             &dir.join(MEMORY_FILE),
             &self.parts.memory,
@@ -310,6 +313,13 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
     // this function runs.
     let vm = Arc::new(built.vm);
     let control = Arc::new(RunControl::new(vcpu_count));
+    let DeviceManager {
+        device_handlers,
+        rate_limited,
+        legacy,
+        stateful,
+        ..
+    } = built.devices;
 
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber>>> =
         EventManager::new().map_err(RuntimeError::EventManager)?;
@@ -317,43 +327,41 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
         &mut manager,
         ExitWatcher::new(
             exit.clone(),
-            built.i8042_reset,
-            built.acpi_poweroff,
+            legacy.i8042_reset,
+            legacy.acpi_poweroff,
             signals,
         ),
     );
     let serial_handler = SerialInputHandler::new(
-        built.serial.clone(),
-        built.serial_input,
-        built.serial_input_ready,
+        legacy.serial.clone(),
+        legacy.serial_input,
+        legacy.serial_input_ready,
     );
     let terminal_guard = serial_handler.terminal_guard();
     add_subscriber(&mut manager, serial_handler);
-    for handler in built.device_handlers {
+    for handler in device_handlers {
         manager.add_subscriber(handler);
     }
     if let Some((listener, path)) = built.control_listener {
         let handle = Arc::new(VmHandle {
             control: control.clone(),
             exit: exit.clone(),
-            i8042: built.i8042.clone(),
-            boot_time_us: built.boot_time_us.clone(),
+            i8042: legacy.i8042.clone(),
+            boot_time_us: legacy.boot_time_us.clone(),
             started: Instant::now(),
             vcpus: vcpu_count,
             memory_mib: built.config.machine.memory_mib,
             kernel: built.config.boot.kernel.clone(),
-            rate_limited: built.rate_limited,
-            parts: Arc::new(VmParts::new(
-                vm.clone(),
-                built.memory.clone(),
-                built.memfd,
-                built.transports,
-                built.serial.clone(),
-                built.i8042.clone(),
-                control.clone(),
-                exit.clone(),
-                built.shape,
-            )),
+            rate_limited,
+            parts: Arc::new(VmParts {
+                vm: vm.clone(),
+                memory: built.memory.clone(),
+                memfd: built.memfd,
+                devices: stateful,
+                control: control.clone(),
+                exit: exit.clone(),
+                shape: built.shape,
+            }),
             migration: Mutex::new(None),
         });
         add_subscriber(&mut manager, ControlServer::new(listener, path, handle));

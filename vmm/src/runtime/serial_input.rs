@@ -12,7 +12,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
-use crate::builder::SerialInput;
+use crate::device_manager::SerialInput;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialDevice;
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::exit::{ExitNotifier, ExitReason};
+use crate::vstate::exit::{ExitNotifier, ExitReason};
 
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 

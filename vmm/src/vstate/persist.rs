@@ -1,8 +1,10 @@
 //! What KVM holds of a VM and of its vCPUs, saved for a snapshot and put
 //! back in a new process: the in-kernel interrupt controllers, the PIT and
-//! the clock; per vCPU its CPUID, registers, FPU/SSE state, LAPIC, MSRs,
-//! pending events and run state. The structs are KVM's own (kvm-bindings
-//! serializes them); the order of the set calls is the one KVM needs.
+//! the clock ([`Vm`]'s [`Persist`]); per vCPU its CPUID, registers,
+//! FPU/SSE state, LAPIC, MSRs, pending events and run state (the KVM calls
+//! behind `Vcpu`'s [`Persist`], which runs them on the vCPU's thread). The
+//! structs are KVM's own (kvm-bindings serializes them); the order of the
+//! set calls is the one KVM needs.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -13,9 +15,12 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use super::vm::Vm;
+use crate::persist::Persist;
+
 /// Errors in saving or restoring KVM state.
 #[derive(Debug, thiserror::Error)]
-pub enum PersistError {
+pub enum KvmStateError {
     #[error("{call} failed: {source}")]
     Kvm {
         call: &'static str,
@@ -36,8 +41,8 @@ pub enum PersistError {
     },
 }
 
-fn kvm(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
-    move |source| PersistError::Kvm { call, source }
+fn kvm(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmStateError {
+    move |source| KvmStateError::Kvm { call, source }
 }
 
 /// The VM-wide state: PIC (both halves), IOAPIC, PIT and kvmclock.
@@ -50,7 +55,7 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, PersistError> {
+fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, KvmStateError> {
     let mut chip = kvm_irqchip {
         chip_id,
         ..Default::default()
@@ -59,13 +64,17 @@ fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, PersistError> {
     Ok(chip)
 }
 
-impl VmState {
-    pub fn save(fd: &VmFd) -> Result<Self, PersistError> {
+impl Persist for Vm {
+    type State = VmState;
+    type Error = KvmStateError;
+
+    fn save(&self) -> Result<VmState, KvmStateError> {
+        let fd = self.fd();
         let mut clock = fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
         // KVM_SET_CLOCK takes no flags but these; the TSC-stable one is an
         // output only.
         clock.flags &= !KVM_CLOCK_TSC_STABLE;
-        Ok(Self {
+        Ok(VmState {
             pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
@@ -76,10 +85,11 @@ impl VmState {
 
     /// Puts the state into a VM made like the saved one (irqchip and PIT
     /// created).
-    pub fn restore(&self, fd: &VmFd) -> Result<(), PersistError> {
-        fd.set_pit2(&self.pit).map_err(kvm("KVM_SET_PIT2"))?;
-        fd.set_clock(&self.clock).map_err(kvm("KVM_SET_CLOCK"))?;
-        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+    fn restore(&mut self, state: &VmState) -> Result<(), KvmStateError> {
+        let fd = self.fd();
+        fd.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
+        fd.set_clock(&state.clock).map_err(kvm("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
@@ -106,7 +116,7 @@ pub struct VcpuState {
 
 /// The MSRs a snapshot saves: every one KVM lists that this host lets a
 /// vCPU read (`vcpu` is probed; unreadable ones are left out).
-pub fn saved_msr_indices(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, PersistError> {
+pub fn saved_msr_indices(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmStateError> {
     let listed = kvm_fd
         .get_msr_index_list()
         .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
@@ -120,7 +130,7 @@ pub fn saved_msr_indices(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Persis
 
 /// Reads `indices`, in chunks KVM accepts; stops at the first one that
 /// cannot be read (KVM reads in order).
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, PersistError> {
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, KvmStateError> {
     let mut out = Vec::with_capacity(indices.len());
     for chunk in indices.chunks(KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_msr_entry> = chunk
@@ -130,7 +140,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Persi
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|source| PersistError::Fam {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| KvmStateError::Fam {
             what: "MSR",
             source,
         })?;
@@ -146,7 +156,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Persi
 impl VcpuState {
     /// Saves a vCPU that is out of `KVM_RUN` (paused), after a pending I/O
     /// completion has been run (see `Vcpu::finish_pending_io`).
-    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, PersistError> {
+    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, KvmStateError> {
         let cpuid = fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_CPUID2"))?;
@@ -170,8 +180,8 @@ impl VcpuState {
     }
 
     /// Puts the state into a freshly created vCPU that has not run.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), PersistError> {
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| PersistError::Fam {
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), KvmStateError> {
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| KvmStateError::Fam {
             what: "CPUID",
             source,
         })?;
@@ -182,7 +192,7 @@ impl VcpuState {
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         let mut xsave = kvm_xsave::default();
         if self.xsave.len() != xsave.region.len() {
-            return Err(PersistError::XsaveSize(self.xsave.len()));
+            return Err(KvmStateError::XsaveSize(self.xsave.len()));
         }
         xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: `kvm_xsave` is the 4 KiB legacy buffer; this VMM never
@@ -196,13 +206,13 @@ impl VcpuState {
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
         for chunk in self.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-            let msrs = Msrs::from_entries(chunk).map_err(|source| PersistError::Fam {
+            let msrs = Msrs::from_entries(chunk).map_err(|source| KvmStateError::Fam {
                 what: "MSR",
                 source,
             })?;
             let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
             if set != chunk.len() {
-                return Err(PersistError::PartialMsrs {
+                return Err(KvmStateError::PartialMsrs {
                     set,
                     expected: chunk.len(),
                     refused: chunk[set].index,

@@ -20,8 +20,9 @@ use crate::arch::x86_64::{interrupts, msr, paging, regs};
 use crate::devices::bus::{lock, Bus};
 use crate::logger::since_process_start;
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 use crate::platform::KvmFlavor;
-use crate::runtime::exit::{ExitNotifier, ExitReason};
+use crate::vstate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::persist::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -63,10 +64,15 @@ pub enum VcpuError {
     NotPaused,
     #[error("vCPU {index}: cannot save its state: {message}")]
     Save { index: u32, message: String },
+    #[error("vCPU {index}: cannot save its KVM state: {source}")]
+    SaveState {
+        index: u32,
+        source: crate::vstate::persist::KvmStateError,
+    },
     #[error("vCPU {index}: cannot restore its state: {source}")]
     Restore {
         index: u32,
-        source: crate::vstate::persist::PersistError,
+        source: crate::vstate::persist::KvmStateError,
     },
     #[error("{waiting} vCPU(s) did not {action} within {timeout_ms} ms")]
     Timeout {
@@ -385,16 +391,6 @@ impl Vcpu {
         self.msr_indices = indices;
     }
 
-    /// Puts a saved state into this vCPU, which has not run.
-    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
-        state
-            .restore(&self.fd)
-            .map_err(|source| VcpuError::Restore {
-                index: self.index,
-                source,
-            })
-    }
-
     /// Saves the vCPU's state; called on its own thread while paused. An
     /// I/O exit whose result KVM has not taken in yet (an `in` the guest is
     /// waiting for) is completed first: `KVM_RUN` with `immediate_exit`
@@ -410,7 +406,7 @@ impl Vcpu {
         };
         self.fd.set_kvm_immediate_exit(0);
         finished?;
-        VcpuState::save(&self.fd, &self.msr_indices).map_err(|err| err.to_string())
+        self.save().map_err(|err| err.to_string())
     }
 
     pub fn index(&self) -> u32 {
@@ -608,6 +604,30 @@ impl Vcpu {
             }
         }
         text
+    }
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Error = VcpuError;
+
+    /// The vCPU's KVM state; the vCPU must be out of `KVM_RUN` with no I/O
+    /// pending (its thread saves it while paused, see `save_state`).
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        VcpuState::save(&self.fd, &self.msr_indices).map_err(|source| VcpuError::SaveState {
+            index: self.index,
+            source,
+        })
+    }
+
+    /// Puts a saved state into this vCPU, which has not run.
+    fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        state
+            .restore(&self.fd)
+            .map_err(|source| VcpuError::Restore {
+                index: self.index,
+                source,
+            })
     }
 }
 

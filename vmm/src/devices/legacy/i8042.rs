@@ -4,11 +4,13 @@
 //! Ctrl-Alt-Del, which is how a graceful shutdown is asked of the guest.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 /// The controller answers at ports 0x60 (data) and 0x64 (status/command).
 pub const I8042_PORT_BASE: u64 = 0x60;
@@ -85,18 +87,21 @@ pub struct I8042State {
     pub pending_command: Option<u8>,
 }
 
-impl I8042 {
-    pub fn save(&self) -> I8042State {
-        I8042State {
+impl Persist for I8042 {
+    type State = I8042State;
+    type Error = Infallible;
+
+    fn save(&self) -> Result<I8042State, Infallible> {
+        Ok(I8042State {
             control: self.control,
             status: self.status,
             output: self.output.iter().copied().collect(),
             pending_command: self.pending_command,
-        }
+        })
     }
 
     /// Takes on a saved state (output beyond the buffer's limit dropped).
-    pub fn restore(&mut self, state: &I8042State) {
+    fn restore(&mut self, state: &I8042State) -> Result<(), Infallible> {
         self.control = state.control;
         self.status = state.status;
         self.output = state
@@ -106,8 +111,11 @@ impl I8042 {
             .take(OUTPUT_BUFFER_LIMIT)
             .collect();
         self.pending_command = state.pending_command;
+        Ok(())
     }
+}
 
+impl I8042 {
     /// `reset_evt` is written when the guest resets the machine.
     pub fn new(kbd_irq: IrqLine, reset_evt: EventFd) -> Self {
         Self {
@@ -297,6 +305,29 @@ mod tests {
         assert_eq!(read(&mut dev, OFFSET_DATA), KBD_ACK);
         assert_eq!(read(&mut dev, OFFSET_DATA), 0xab);
         assert_eq!(read(&mut dev, OFFSET_DATA), 0x83);
+    }
+
+    #[test]
+    fn a_saved_controller_comes_back_with_its_registers_and_output() {
+        let (mut dev, _irq, _reset) = controller();
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFFSET_DATA, &[0x45]);
+        dev.write(OFFSET_DATA, &[KBD_GET_ID]);
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        let Ok(saved) = dev.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: I8042State = serde_json::from_str(&json).unwrap();
+        let (mut back, _irq, _reset) = controller();
+        let Ok(()) = back.restore(&saved);
+        let Ok(again) = back.save();
+        assert_eq!(again, saved);
+        // The pending command and the keyboard's answer are carried over.
+        back.write(OFFSET_DATA, &[0x47]);
+        assert_eq!(read(&mut back, OFFSET_DATA), KBD_ACK);
+        let mut flood = saved;
+        flood.output = vec![0; 4 * OUTPUT_BUFFER_LIMIT];
+        let Ok(()) = back.restore(&flood);
+        assert_eq!(back.output.len(), OUTPUT_BUFFER_LIMIT);
     }
 
     #[test]

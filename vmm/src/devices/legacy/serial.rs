@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
 use crate::devices::bus::{lock, BusDevice};
+use crate::persist::Persist;
 
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -93,50 +94,29 @@ pub struct SerialDeviceState {
     pub in_buffer: Vec<u8>,
 }
 
+/// The UART's receive FIFO, in bytes (vm-superio's).
+const UART_FIFO_LEN: usize = 64;
+
+/// Why a saved UART state is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error(
+        "the saved UART state holds {len} bytes of input, more than its FIFO's {UART_FIFO_LEN}"
+    )]
+    InputTooLong { len: usize },
+    #[error("cannot duplicate the UART's {what}: {source}")]
+    Duplicate {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("the saved UART state is refused: {0:?}")]
+    Refused(vm_superio::serial::Error<io::Error>),
+}
+
 impl SerialDevice {
     pub fn new(irq: IrqLine, input_ready: InputReady, output: SerialOutput) -> Self {
         Self {
             uart: Serial::with_events(irq, input_ready, output),
-        }
-    }
-
-    /// A UART in a saved state (its pending interrupts raised again).
-    pub fn restored(
-        irq: IrqLine,
-        input_ready: InputReady,
-        output: SerialOutput,
-        state: &SerialDeviceState,
-    ) -> Result<Self, String> {
-        let state = SerialState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        Serial::from_state(&state, irq, input_ready, output)
-            .map(|uart| Self { uart })
-            .map_err(|err| format!("the saved UART state is refused: {err:?}"))
-    }
-
-    pub fn save(&self) -> SerialDeviceState {
-        let state = self.uart.state();
-        SerialDeviceState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer,
         }
     }
 
@@ -154,6 +134,74 @@ impl SerialDevice {
         self.uart
             .enqueue_raw_bytes(&bytes[..room])
             .map_err(|err| io::Error::other(format!("{err:?}")))
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialDeviceState, SerialStateError> {
+        let state = self.uart.state();
+        Ok(SerialDeviceState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        })
+    }
+
+    /// Takes on a saved state (its pending interrupts raised again): the
+    /// UART is rebuilt in that state around the same interrupt line,
+    /// input-ready event and output (vm-superio restores only into a new
+    /// one). A state that does not fit is refused before the UART is
+    /// touched.
+    fn restore(&mut self, state: &SerialDeviceState) -> Result<(), SerialStateError> {
+        if state.in_buffer.len() > UART_FIFO_LEN {
+            return Err(SerialStateError::InputTooLong {
+                len: state.in_buffer.len(),
+            });
+        }
+        let duplicate = |what| move |source| SerialStateError::Duplicate { what, source };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .try_clone()
+            .map_err(duplicate("interrupt line"))?;
+        let ready = self
+            .uart
+            .events()
+            .0
+            .try_clone()
+            .map_err(duplicate("input-ready event"))?;
+        // A stand-in while the output moves to the restored UART.
+        let stand_in = Serial::with_events(
+            irq.try_clone().map_err(duplicate("interrupt line"))?,
+            InputReady(ready.try_clone().map_err(duplicate("input-ready event"))?),
+            SerialOutput::Sink,
+        );
+        let output = std::mem::replace(&mut self.uart, stand_in).into_writer();
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        self.uart = Serial::from_state(&state, irq, InputReady(ready), output)
+            .map_err(SerialStateError::Refused)?;
+        Ok(())
     }
 }
 
@@ -275,28 +323,22 @@ mod tests {
         dev.write(3, &[0x03]); // line control: 8N1
         dev.write(7, &[0x5a]); // scratch
         dev.enqueue_input(b"ab").unwrap();
-        let saved = dev.save();
+        let saved = dev.save().unwrap();
         assert_eq!(saved.scratch, 0x5a);
         assert_eq!(saved.in_buffer, b"ab");
-        let (irq, ready) = (
-            IrqLine::new().unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        );
-        let mut back =
-            SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &saved).unwrap();
-        assert_eq!(back.save(), saved);
+        let (mut back, _irq, _ready) = device(SerialOutput::Sink);
+        back.restore(&saved).unwrap();
+        assert_eq!(back.save().unwrap(), saved);
         let mut byte = [0u8; 1];
         back.read(THR, &mut byte);
         assert_eq!(byte[0], b'a');
         let mut overfull = saved;
         overfull.in_buffer = vec![0; 65];
-        let (irq, ready) = (
-            IrqLine::new().unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        );
-        assert!(
-            SerialDevice::restored(irq, InputReady(ready), SerialOutput::Sink, &overfull).is_err()
-        );
+        let (mut refusing, _irq, _ready) = device(SerialOutput::Sink);
+        assert!(matches!(
+            refusing.restore(&overfull),
+            Err(SerialStateError::InputTooLong { len: 65 })
+        ));
     }
 
     #[test]

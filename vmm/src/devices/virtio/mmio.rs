@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::persist::{QueueSnapshot, TransportState};
+use super::persist::{QueueSnapshot, TransportState, TransportStateError};
 use super::{status, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::bus::{lock, BusDevice};
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -252,11 +253,6 @@ impl MmioTransport {
         self.device_status
     }
 
-    /// The transport's and its device's state, for a snapshot.
-    pub fn save(&self) -> TransportState {
-        self.save_locked(&*lock(&self.device))
-    }
-
     /// The device behind the transport: held (with the transport) while a
     /// migration takes its final state, so that the event loop cannot
     /// serve it meanwhile.
@@ -264,14 +260,17 @@ impl MmioTransport {
         self.device.clone()
     }
 
-    /// [`MmioTransport::save`] with the device already locked by the caller.
-    pub fn save_locked(&self, device: &dyn VirtioDevice) -> TransportState {
+    /// [`Persist::save`] with the device already locked by the caller.
+    pub fn save_locked(
+        &self,
+        device: &dyn VirtioDevice,
+    ) -> Result<TransportState, TransportStateError> {
         let queues = if self.activated {
             device.queue_states()
         } else {
             self.queues.iter().map(|queue| queue.state()).collect()
         };
-        TransportState {
+        Ok(TransportState {
             device_type: device.device_type(),
             device_features_select: self.device_features_select,
             driver_features_select: self.driver_features_select,
@@ -281,31 +280,39 @@ impl MmioTransport {
             activated: self.activated,
             interrupt_status: self.interrupt.status(),
             queues: queues.into_iter().map(QueueSnapshot::from).collect(),
-            device: device.save_state(),
-        }
+            device: device.save_state()?,
+        })
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = TransportState;
+    type Error = TransportStateError;
+
+    /// The transport's and its device's state.
+    fn save(&self) -> Result<TransportState, TransportStateError> {
+        self.save_locked(&*lock(&self.device))
     }
 
     /// Takes on a saved state: a device that was running is activated on
     /// the saved queues (checked against guest memory as the driver's own
     /// setup would be) and kicked, so that requests the guest made just
     /// before the snapshot are served.
-    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+    fn restore(&mut self, state: &TransportState) -> Result<(), TransportStateError> {
         let mut device = lock(&self.device);
         if state.device_type != device.device_type() {
-            return Err(format!(
-                "virtio device type {} where the snapshot has {}",
-                device.device_type(),
-                state.device_type
-            ));
+            return Err(TransportStateError::DeviceType {
+                device: device.device_type(),
+                saved: state.device_type,
+            });
         }
         if state.queues.len() != device.queue_max_sizes().len()
             && (state.activated || !state.queues.is_empty())
         {
-            return Err(format!(
-                "{} queue(s) saved, the device has {}",
-                state.queues.len(),
-                device.queue_max_sizes().len()
-            ));
+            return Err(TransportStateError::QueueCount {
+                saved: state.queues.len(),
+                device: device.queue_max_sizes().len(),
+            });
         }
         let mut queues = Vec::with_capacity(state.queues.len());
         for (index, (saved, max)) in state
@@ -315,15 +322,16 @@ impl MmioTransport {
             .enumerate()
         {
             if saved.max_size != *max {
-                return Err(format!(
-                    "queue {index}: saved with {} entries at most, the device has {max}",
-                    saved.max_size
-                ));
+                return Err(TransportStateError::QueueMaxSize {
+                    index,
+                    saved: saved.max_size,
+                    device: *max,
+                });
             }
             let queue = Queue::try_from(QueueState::from(*saved))
-                .map_err(|err| format!("queue {index}: {err:?}"))?;
+                .map_err(|reason| TransportStateError::Queue { index, reason })?;
             if state.activated && !queue.is_valid(&self.memory) {
-                return Err(format!("queue {index} is not valid in guest memory"));
+                return Err(TransportStateError::QueueOutsideMemory { index });
             }
             queues.push(queue);
         }
@@ -336,13 +344,11 @@ impl MmioTransport {
         self.interrupt.acknowledge(u32::MAX);
         self.interrupt.raise_status(state.interrupt_status);
         if state.activated {
-            device
-                .activate(Activation {
-                    memory: self.memory.clone(),
-                    queues,
-                    acked_features: self.acked_features,
-                })
-                .map_err(|err| err.to_string())?;
+            device.activate(Activation {
+                memory: self.memory.clone(),
+                queues,
+                acked_features: self.acked_features,
+            })?;
             self.activated = true;
             self.queues = Vec::new();
             for event in device.queue_events() {
@@ -403,7 +409,7 @@ mod tests {
         queues: Vec<QueueState>,
     }
 
-    use crate::devices::virtio::persist::DeviceState;
+    use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
 
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
@@ -439,10 +445,10 @@ mod tests {
         fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
             self.queues.clone()
         }
-        fn save_state(&self) -> DeviceState {
-            DeviceState::Rng
+        fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+            Ok(DeviceState::Rng)
         }
-        fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {
+        fn restore_state(&mut self, _state: &DeviceState) -> Result<(), DeviceStateError> {
             Ok(())
         }
     }
@@ -502,7 +508,7 @@ mod tests {
         setup_queue(&mut t);
         write(&mut t, REG_STATUS, ALL);
         t.interrupt.signal_used_queue();
-        let saved = t.save();
+        let saved = t.save().unwrap();
         assert!(saved.activated);
         assert_eq!(saved.queues.len(), 1);
         assert_eq!(saved.queues[0].desc_table, 0x1000);
@@ -518,7 +524,7 @@ mod tests {
         assert_eq!(read(&mut fresh, REG_INTERRUPT_STATUS), 1);
         // The device is kicked once, for requests made before the snapshot.
         assert_eq!(dummy.lock().unwrap().events[0].read().unwrap(), 1);
-        assert_eq!(fresh.save(), saved);
+        assert_eq!(fresh.save().unwrap(), saved);
     }
 
     #[test]
@@ -527,20 +533,35 @@ mod tests {
         negotiate(&mut t, 1, 0);
         setup_queue(&mut t);
         write(&mut t, REG_STATUS, ALL);
-        let saved = t.save();
+        let saved = t.save().unwrap();
         let mut other_type = saved.clone();
         other_type.device_type = 1;
         let (mut fresh, dummy) = setup();
-        assert!(fresh.restore(&other_type).unwrap_err().contains("type"));
+        assert!(matches!(
+            fresh.restore(&other_type),
+            Err(TransportStateError::DeviceType {
+                device: 2,
+                saved: 1
+            })
+        ));
         let mut outside = saved.clone();
         outside.queues[0].desc_table = 0xffff_0000;
-        assert!(fresh.restore(&outside).unwrap_err().contains("not valid"));
+        assert!(matches!(
+            fresh.restore(&outside),
+            Err(TransportStateError::QueueOutsideMemory { index: 0 })
+        ));
         let mut odd = saved.clone();
         odd.queues[0].size = 7;
         assert!(fresh.restore(&odd).is_err());
         let mut extra = saved;
         extra.queues.push(extra.queues[0]);
-        assert!(fresh.restore(&extra).is_err());
+        assert!(matches!(
+            fresh.restore(&extra),
+            Err(TransportStateError::QueueCount {
+                saved: 2,
+                device: 1
+            })
+        ));
         assert!(dummy.lock().unwrap().activated.is_none());
         assert_eq!(read(&mut fresh, REG_STATUS), 0);
     }

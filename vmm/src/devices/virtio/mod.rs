@@ -132,12 +132,18 @@ pub trait VirtioDevice: Send {
     /// The queues the device runs on, with their ring positions; empty
     /// before activation (a snapshot saves them).
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
-    /// The device's own state for a snapshot.
-    fn save_state(&self) -> persist::DeviceState;
-    /// Takes on saved state, before its queues are handed back; refused
-    /// (with why) when the state is another kind of device's or does not
-    /// fit this device's backend.
-    fn restore_state(&mut self, state: &persist::DeviceState) -> Result<(), String>;
+    /// The device's own state for a snapshot: its
+    /// [`Persist::save`](crate::persist::Persist::save), as the transport
+    /// (which knows it only as a `dyn VirtioDevice`) saves it.
+    fn save_state(&self) -> Result<persist::DeviceState, persist::DeviceStateError>;
+    /// Takes on saved state, before its queues are handed back: its
+    /// [`Persist::restore`](crate::persist::Persist::restore); refused when
+    /// the state is another kind of device's or does not fit this device's
+    /// backend.
+    fn restore_state(
+        &mut self,
+        state: &persist::DeviceState,
+    ) -> Result<(), persist::DeviceStateError>;
     /// Tells the network where the device now is (after a restore or a
     /// migration); nothing for devices that are not on a network.
     fn announce(&mut self) {}

@@ -1,13 +1,17 @@
 //! Snapshot state of virtio devices: the transport's registers and the
 //! queues' positions (so that the driver and the device agree on where the
-//! rings stand after a restore), and each device's own state.
+//! rings stand after a restore), and each device's own state; and why a
+//! saved state is refused. The transport and each device implement
+//! [`crate::persist::Persist`] next to their fields; [`DeviceState`] is how
+//! the transport reaches a device it knows only as a `dyn VirtioDevice`.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
-use super::block::persist::BlockState;
+use super::block::persist::{BlockState, BlockStateError};
 use super::console::persist::ConsoleState;
-use super::net::persist::NetState;
+use super::net::persist::{NetState, NetStateError};
+use super::ActivateError;
 
 /// A queue's configuration and ring positions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +78,55 @@ impl DeviceState {
             DeviceState::Console(_) => "console",
         }
     }
+
+    /// The refusal of this state by a device of another kind; `expected`
+    /// names the device's own ("a disk's").
+    pub fn wrong_kind(&self, expected: &'static str) -> DeviceStateError {
+        DeviceStateError::WrongKind {
+            found: self.kind(),
+            expected,
+        }
+    }
+}
+
+/// Why a virtio device refused a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("a {found} device's state, not {expected}")]
+    WrongKind {
+        found: &'static str,
+        expected: &'static str,
+    },
+    #[error(transparent)]
+    Block(#[from] BlockStateError),
+    #[error(transparent)]
+    Net(#[from] NetStateError),
+}
+
+/// Why a virtio-mmio transport refused a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    #[error("virtio device type {device} where the snapshot has {saved}")]
+    DeviceType { device: u32, saved: u32 },
+    #[error("{saved} queue(s) saved, the device has {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("queue {index}: saved with {saved} entries at most, the device has {device}")]
+    QueueMaxSize {
+        index: usize,
+        saved: u16,
+        device: u16,
+    },
+    #[error("queue {index}: {reason:?}")]
+    Queue {
+        index: usize,
+        reason: virtio_queue::Error,
+    },
+    #[error("queue {index} is not valid in guest memory")]
+    QueueOutsideMemory { index: usize },
+    #[error(transparent)]
+    Device(#[from] DeviceStateError),
+    #[error(transparent)]
+    Activate(#[from] ActivateError),
 }
 
 /// One virtio-mmio device: its transport registers, queues and state.

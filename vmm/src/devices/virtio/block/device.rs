@@ -16,10 +16,11 @@ use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::persist::BlockState;
+use super::persist::{BlockState, BlockStateError};
 use super::tracker::WriteTracker;
-use crate::devices::virtio::persist::DeviceState;
+use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
 use crate::devices::virtio::DiskCopySource;
+use crate::persist::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
@@ -361,23 +362,6 @@ impl VirtioDevice for Block {
             .collect()
     }
 
-    fn save_state(&self) -> DeviceState {
-        let c = self.counters;
-        DeviceState::Block(BlockState {
-            capacity_bytes: self.capacity_bytes,
-            read_only: self.read_only,
-            limiter: self.limiter.save(),
-            counters: [
-                c.read_requests,
-                c.read_bytes,
-                c.write_requests,
-                c.write_bytes,
-                c.flushes,
-                c.errors,
-            ],
-        })
-    }
-
     fn track_writes(&mut self, on: bool) -> Option<DiskCopySource> {
         if !on {
             self.tracker = None;
@@ -392,33 +376,53 @@ impl VirtioDevice for Block {
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Block(state) = state else {
-            return Err(format!("a {} device's state, not a disk's", state.kind()));
-        };
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        Ok(DeviceState::Block(self.save()?))
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::Block(state) => Ok(self.restore(state)?),
+            other => Err(other.wrong_kind("a disk's")),
+        }
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Error = BlockStateError;
+
+    fn save(&self) -> Result<BlockState, BlockStateError> {
+        let c = self.counters;
+        Ok(BlockState {
+            capacity_bytes: self.capacity_bytes,
+            read_only: self.read_only,
+            limiter: self.limiter.save(),
+            counters: [
+                c.read_requests,
+                c.read_bytes,
+                c.write_requests,
+                c.write_bytes,
+                c.flushes,
+                c.errors,
+            ],
+        })
+    }
+
+    fn restore(&mut self, state: &BlockState) -> Result<(), BlockStateError> {
         if state.capacity_bytes != self.capacity_bytes {
-            return Err(format!(
-                "disk {} holds {} bytes, the saved disk held {}",
-                self.path.display(),
-                self.capacity_bytes,
-                state.capacity_bytes
-            ));
+            return Err(BlockStateError::Capacity {
+                path: self.path.clone(),
+                found: self.capacity_bytes,
+                saved: state.capacity_bytes,
+            });
         }
         if state.read_only != self.read_only {
-            return Err(format!(
-                "disk {} is {}, the saved disk was {}",
-                self.path.display(),
-                if self.read_only {
-                    "read-only"
-                } else {
-                    "writable"
-                },
-                if state.read_only {
-                    "read-only"
-                } else {
-                    "writable"
-                }
-            ));
+            return Err(BlockStateError::ReadOnly {
+                path: self.path.clone(),
+                found: self.read_only,
+                saved: state.read_only,
+            });
         }
         self.limiter.restore(&state.limiter);
         let [read_requests, read_bytes, write_requests, write_bytes, flushes, errors] =
@@ -492,6 +496,72 @@ mod tests {
 
     fn used_idx(mem: &GuestMemoryMmap) -> u16 {
         QUEUE.used_idx(mem)
+    }
+
+    #[test]
+    fn a_saved_disk_comes_back_and_another_disk_is_refused() {
+        let file = image(1 << 20);
+        let mut block = Block::new(
+            file.as_path(),
+            false,
+            "vda",
+            RateLimit {
+                bytes_per_s: Some(1 << 20),
+                ops_per_s: None,
+            },
+            interrupt(),
+        )
+        .unwrap();
+        block.counters.read_requests = 7;
+        block.counters.errors = 1;
+        let saved = block.save().unwrap();
+        let saved: BlockState =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        let mut fresh = Block::new(
+            file.as_path(),
+            false,
+            "vda",
+            RateLimit::default(),
+            interrupt(),
+        )
+        .unwrap();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.save().unwrap(), saved);
+        assert_eq!(fresh.rate_limit().bytes_per_s, Some(1 << 20));
+
+        let mut read_only = Block::new(
+            file.as_path(),
+            true,
+            "vda",
+            RateLimit::default(),
+            interrupt(),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_only.restore(&saved),
+            Err(BlockStateError::ReadOnly {
+                found: true,
+                saved: false,
+                ..
+            })
+        ));
+        let larger = image(2 << 20);
+        let mut other = Block::new(
+            larger.as_path(),
+            false,
+            "vda",
+            RateLimit::default(),
+            interrupt(),
+        )
+        .unwrap();
+        assert!(matches!(
+            other.restore_state(&DeviceState::Block(saved)),
+            Err(DeviceStateError::Block(BlockStateError::Capacity { .. }))
+        ));
+        assert!(matches!(
+            other.restore_state(&DeviceState::Rng),
+            Err(DeviceStateError::WrongKind { found: "rng", .. })
+        ));
     }
 
     #[test]

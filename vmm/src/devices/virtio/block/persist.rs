@@ -2,6 +2,8 @@
 //! rate limiter (levels and limits) and the request counters. The backing
 //! file comes from the restoring VM's config (it may have moved hosts).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::rate_limiter::LimiterState;
@@ -13,4 +15,30 @@ pub struct BlockState {
     pub read_only: bool,
     pub limiter: LimiterState,
     pub counters: [u64; 6],
+}
+
+fn access(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "writable"
+    }
+}
+
+/// Why a disk refused a saved state: the restoring VM's disk is not the
+/// one the guest knew.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockStateError {
+    #[error("disk {} holds {found} bytes, the saved disk held {saved}", .path.display())]
+    Capacity {
+        path: PathBuf,
+        found: u64,
+        saved: u64,
+    },
+    #[error("disk {} is {}, the saved disk was {}", .path.display(), access(*.found), access(*.saved))]
+    ReadOnly {
+        path: PathBuf,
+        found: bool,
+        saved: bool,
+    },
 }

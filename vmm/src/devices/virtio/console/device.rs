@@ -9,6 +9,7 @@
 //! it is writable again, so the guest is slowed, never lost. The backend is
 //! watched edge-triggered for both directions.
 
+use std::convert::Infallible;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::ConsoleBackend;
 use super::persist::{ConsoleState, PendingTx};
-use crate::devices::virtio::persist::DeviceState;
+use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
 use crate::devices::virtio::queue_handler::{
     clear_event, notify_used, undo_pop, EventDrivenDevice,
 };
@@ -27,6 +28,7 @@ use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 const QUEUE_SIZE: u16 = 64;
@@ -362,8 +364,28 @@ impl VirtioDevice for Console {
             .collect()
     }
 
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Console(ConsoleState {
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        let Ok(state) = self.save();
+        Ok(DeviceState::Console(state))
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::Console(state) => {
+                let Ok(()) = self.restore(state);
+                Ok(())
+            }
+            other => Err(other.wrong_kind("a console's")),
+        }
+    }
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+    type Error = Infallible;
+
+    fn save(&self) -> Result<ConsoleState, Infallible> {
+        Ok(ConsoleState {
             tx_pending: self.tx_pending.as_ref().map(|(head, bytes)| PendingTx {
                 head: *head,
                 bytes: bytes.clone(),
@@ -371,13 +393,7 @@ impl VirtioDevice for Console {
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Console(state) = state else {
-            return Err(format!(
-                "a {} device's state, not a console's",
-                state.kind()
-            ));
-        };
+    fn restore(&mut self, state: &ConsoleState) -> Result<(), Infallible> {
         self.tx_pending = state
             .tx_pending
             .as_ref()
@@ -485,7 +501,7 @@ mod tests {
         assert_eq!(TX.used_idx(&mem), 0, "the chain waits for room");
         assert!(matches!(
             console.save_state(),
-            DeviceState::Console(ConsoleState { tx_pending: Some(PendingTx { head: 0, ref bytes }) }) if bytes == b"late"
+            Ok(DeviceState::Console(ConsoleState { tx_pending: Some(PendingTx { head: 0, ref bytes }) })) if bytes == b"late"
         ));
         let mut sink = vec![0u8; device_side_full];
         host.read_exact(&mut sink).unwrap();

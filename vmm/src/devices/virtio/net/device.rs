@@ -19,8 +19,9 @@ use std::time::Instant;
 use event_manager::EventSet;
 use virtio_queue::{Queue, QueueT};
 
-use super::persist::NetState;
-use crate::devices::virtio::persist::DeviceState;
+use super::persist::{NetState, NetStateError};
+use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
+use crate::persist::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{self, MAX_FRAME_LEN};
@@ -436,24 +437,8 @@ impl VirtioDevice for Net {
             .collect()
     }
 
-    fn save_state(&self) -> DeviceState {
-        let c = self.counters;
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&self.config[..6]);
-        DeviceState::Net(NetState {
-            mac,
-            rx_limiter: self.rx_limiter.save(),
-            tx_limiter: self.tx_limiter.save(),
-            pending_rx_frame: self.rx_frame[..self.rx_pending].to_vec(),
-            counters: [
-                c.rx_frames,
-                c.rx_bytes,
-                c.rx_dropped,
-                c.tx_frames,
-                c.tx_bytes,
-                c.tx_dropped,
-            ],
-        })
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        Ok(DeviceState::Net(self.save()?))
     }
 
     fn announce(&mut self) {
@@ -469,22 +454,49 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Net(state) = state else {
-            return Err(format!("a {} device's state, not a NIC's", state.kind()));
-        };
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::Net(state) => Ok(self.restore(state)?),
+            other => Err(other.wrong_kind("a NIC's")),
+        }
+    }
+}
+
+impl Persist for Net {
+    type State = NetState;
+    type Error = NetStateError;
+
+    fn save(&self) -> Result<NetState, NetStateError> {
+        let c = self.counters;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        Ok(NetState {
+            mac,
+            rx_limiter: self.rx_limiter.save(),
+            tx_limiter: self.tx_limiter.save(),
+            pending_rx_frame: self.rx_frame[..self.rx_pending].to_vec(),
+            counters: [
+                c.rx_frames,
+                c.rx_bytes,
+                c.rx_dropped,
+                c.tx_frames,
+                c.tx_bytes,
+                c.tx_dropped,
+            ],
+        })
+    }
+
+    fn restore(&mut self, state: &NetState) -> Result<(), NetStateError> {
         if state.mac[..] != self.config[..6] {
-            return Err(format!(
-                "NIC {} has another MAC than the saved NIC (the guest's driver knows the saved one)",
-                self.id
-            ));
+            return Err(NetStateError::Mac {
+                id: self.id.clone(),
+            });
         }
         if state.pending_rx_frame.len() > self.rx_frame.len() {
-            return Err(format!(
-                "NIC {}: a pending frame of {} bytes is larger than any frame",
-                self.id,
-                state.pending_rx_frame.len()
-            ));
+            return Err(NetStateError::PendingFrame {
+                id: self.id.clone(),
+                len: state.pending_rx_frame.len(),
+            });
         }
         self.rx_limiter.restore(&state.rx_limiter);
         self.tx_limiter.restore(&state.tx_limiter);

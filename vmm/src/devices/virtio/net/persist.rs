@@ -14,3 +14,14 @@ pub struct NetState {
     pub pending_rx_frame: Vec<u8>,
     pub counters: [u64; 6],
 }
+
+/// Why a NIC refused a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum NetStateError {
+    #[error(
+        "NIC {id} has another MAC than the saved NIC (the guest's driver knows the saved one)"
+    )]
+    Mac { id: String },
+    #[error("NIC {id}: a pending frame of {len} bytes is larger than any frame")]
+    PendingFrame { id: String, len: usize },
+}

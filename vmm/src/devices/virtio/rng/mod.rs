@@ -1,6 +1,7 @@
 //! virtio-rng (entropy device): fills the guest's buffers from the host's
 //! `getrandom`. One queue, served from the event loop on each kick.
 
+use std::convert::Infallible;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use event_manager::EventSet;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::persist::DeviceState;
+use super::persist::{DeviceState, DeviceStateError};
+use crate::persist::Persist;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -155,18 +157,34 @@ impl VirtioDevice for Rng {
         self.active.iter().map(|(_, queue)| queue.state()).collect()
     }
 
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Rng
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        let Ok(()) = self.save();
+        Ok(DeviceState::Rng)
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
         match state {
-            DeviceState::Rng => Ok(()),
-            other => Err(format!(
-                "a {} device's state, not an entropy device's",
-                other.kind()
-            )),
+            DeviceState::Rng => {
+                let Ok(()) = self.restore(&());
+                Ok(())
+            }
+            other => Err(other.wrong_kind("an entropy device's")),
         }
+    }
+}
+
+/// The entropy device keeps nothing beyond its queue (which the transport
+/// saves): its state is empty.
+impl Persist for Rng {
+    type State = ();
+    type Error = Infallible;
+
+    fn save(&self) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _state: &()) -> Result<(), Infallible> {
+        Ok(())
     }
 }
 
