@@ -24,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_RE = re.compile(r"vCPU 0 entering the guest \((\d+) us after process start\)")
 BOOT_RE = re.compile(r"Guest-boot-time = +(\d+) us")
+PHASES_RE = re.compile(r"start-up: (.*)")
+PHASE_RE = re.compile(r"(.+) \+([0-9.]+) ms")
 
 
 def null_guest_elf(path):
@@ -56,7 +58,10 @@ def rss_without_guest_kib(pid):
 
 
 def run_once(args, wait_marker):
-    """Runs one VM; returns (startup_us, first_output_ms, boot_us, rss_kib)."""
+    """Runs one VM; returns (startup_us, first_output_ms, boot_us, rss_kib, phases).
+
+    phases: [(name, ms)] from the VMM's "start-up:" line, each the time since
+    the previous mark (the first since main() started)."""
     start = time.monotonic()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -79,8 +84,29 @@ def run_once(args, wait_marker):
     boot = BOOT_RE.search(log)
     if wait_marker and not boot:
         sys.exit(f"bench: no boot-timer marker in the log:\n{log}")
+    phases = []
+    found = PHASES_RE.search(log)
+    if found:
+        for step in found.group(1).split(", "):
+            matched = PHASE_RE.fullmatch(step.strip())
+            if matched:
+                phases.append((matched.group(1), float(matched.group(2))))
     return (int(startup.group(1)) if startup else None, first_output_ms,
-            int(boot.group(1)) if boot else None, rss)
+            int(boot.group(1)) if boot else None, rss, phases)
+
+
+def phase_breakdown(runs):
+    """Median of each start-up phase over the runs, in the VMM's order."""
+    names = []
+    values = {}
+    for run in runs:
+        for name, ms in run[4]:
+            if name not in values:
+                names.append(name)
+                values[name] = []
+            values[name].append(ms)
+    for name in names:
+        summary(f"  {name}", values[name], "ms")
 
 
 def summary(name, values, unit, scale=1.0):
@@ -112,6 +138,13 @@ def main():
         summary("VMM start-up (process start to vCPU entry)", [r[0] for r in runs], "ms", 1e-3)
         summary("process start to first serial output", [r[1] for r in runs], "ms")
         summary("VMM RSS without guest memory", [r[3] for r in runs], "MiB", 1 / 1024)
+        print("  where the start-up goes (median per step; the first from main()):")
+        phase_breakdown(runs)
+        # Before main(): exec, the dynamic loader, Rust's runtime set-up.
+        # What the first serial byte took beyond the VMM's own first entry
+        # is that plus the guest's few instructions and the pipe.
+        outside = [r[1] - r[0] / 1000 for r in runs if r[0] is not None and r[1] is not None]
+        summary("first output minus VMM's first entry", outside, "ms")
 
     if opts.runs_linux > 0:
         with open(os.path.join(opts.images, "cmdline")) as f:

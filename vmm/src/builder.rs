@@ -30,6 +30,7 @@ use crate::platform::KvmFlavor;
 use crate::snapshot::file::{read_memory, read_state, SnapshotError};
 use crate::snapshot::state::{MachineShape, VmSnapshot};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+use crate::startup;
 use crate::vstate::persist::{saved_msr_indices, KvmStateError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
@@ -128,6 +129,7 @@ struct Core {
 impl Core {
     fn new(config: VmConfig) -> Result<Self, BuildError> {
         let kvm = open_kvm()?;
+        startup::mark("kvm opened");
         let limits = HostLimits {
             max_vcpus: kvm.get_max_vcpus() as u32,
             host_memory_mib: host_memory_mib().map_err(BuildError::HostMemory)?,
@@ -142,9 +144,11 @@ impl Core {
             flavor
         );
         let shape = machine_shape(&config);
+        startup::mark("config checked");
         let ram = create_guest_ram(&guest_ram_ranges(config.memory_bytes()))?;
-        let vm = Vm::new(&kvm)?;
-        vm.register_memory(&ram.memory)?;
+        startup::mark("guest memory");
+        let vm = Vm::new(&kvm, &ram.memory)?;
+        startup::mark("KVM VM");
         Ok(Self {
             config,
             kvm,
@@ -224,14 +228,18 @@ pub fn build_for_boot(config: VmConfig) -> Result<BuiltVm, BuildError> {
         Some(path) => Some(boot::load_initrd(memory, path, &kernel, mem_size)?),
         None => None,
     };
+    startup::mark("kernel");
     let devices = core.devices()?;
+    startup::mark("devices");
     let cmdline_len = boot::write_cmdline(memory, &devices.cmdline)?;
     mptable::setup_mptable(memory, vcpu_count)?;
     let rsdp = acpi::setup_acpi(memory, vcpu_count)?;
     let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
     boot::write_boot_params(memory, &params)?;
+    startup::mark("boot data");
 
     let vcpus = core.vcpus(&devices)?;
+    startup::mark("vCPUs created");
     let base_cpuid = core
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -243,7 +251,10 @@ pub fn build_for_boot(config: VmConfig) -> Result<BuiltVm, BuildError> {
         };
         vcpu.configure(&core.kvm, &base_cpuid, topology, core.flavor, kernel.entry)?;
     }
-    core.finish(devices, vcpus)
+    startup::mark("vCPUs configured");
+    let built = core.finish(devices, vcpus);
+    startup::mark("built");
+    built
 }
 
 /// Builds the VM of `config` in the state `source` saved: its RAM,

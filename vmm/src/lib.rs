@@ -34,4 +34,5 @@ pub mod run;
 pub mod runtime;
 pub mod seccomp;
 pub mod snapshot;
+pub mod startup;
 pub mod vstate;

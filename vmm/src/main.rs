@@ -162,6 +162,7 @@ fn main() -> ExitCode {
             return fail(first.trim_start_matches("error: "));
         }
     };
+    vmm::startup::mark("arguments");
     logger::init();
     if cli.no_seccomp {
         log::warn!("--no-seccomp: the VMM runs without system-call filters");

@@ -367,6 +367,7 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
         add_subscriber(&mut manager, ControlServer::new(listener, path, handle));
     }
 
+    crate::startup::mark("event loop");
     let mut threads = Vec::with_capacity(built.vcpus.len());
     for vcpu in built.vcpus {
         match vcpu.start(control.clone(), exit.clone()) {

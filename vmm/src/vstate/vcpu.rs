@@ -471,10 +471,15 @@ impl Vcpu {
             }
             if first_entry {
                 first_entry = false;
+                let now = since_process_start();
+                if self.index == 0 {
+                    crate::startup::mark("vCPU 0 enters");
+                    log::info!("start-up: {}", crate::startup::report());
+                }
                 log::info!(
                     "vCPU {} entering the guest ({} us after process start)",
                     self.index,
-                    since_process_start().as_micros()
+                    now.as_micros()
                 );
             }
             match self.run_once() {
