@@ -45,11 +45,13 @@ const A2_SCRIPT: &str = "mkdir /www; head -c 200000 /bin/busybox > /www/blob; ec
     echo SERVED $(md5sum < /www/blob); httpd -p 8080 -h /www; echo A2_UP; read x";
 
 /// The guests' TCP probe, `T ADDRESS FILE`: fetches `http://ADDRESS:8080/FILE`
-/// for at most 10 s and prints `TCP_ADDRESS STATUS`: 0 when it came, 1
+/// for at most 20 s and prints `TCP_ADDRESS STATUS`: 0 when it came, 1
 /// when the connection failed, 143 when it hung until the timeout. (Not
 /// `wget -T`: this busybox's, 1.35 as Debian builds it, crashes with
 /// status 139 whatever the network does, which made a probe fail always.)
-const TCP_PROBE: &str = "T() { timeout 10 wget -qO/dev/null http://$1:8080/$2; echo TCP_$1 $?; }; ";
+/// (20 s: on a host loaded with builds beside the test, a guest's fetch
+/// from its own server once took more than 10 s.)
+const TCP_PROBE: &str = "T() { timeout 20 wget -qO/dev/null http://$1:8080/$2; echo TCP_$1 $?; }; ";
 
 /// The MAC a1 takes for itself in the end.
 const SPOOFED_MAC: &str = "02:00:00:00:00:99";
