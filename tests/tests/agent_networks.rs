@@ -32,7 +32,11 @@ const DENIED_OUTSIDE: &str = "198.51.100.3";
 const UNDERLAY_HOST: &str = "198.18.40.1";
 const UNDERLAY_NEIGHBOUR: &str = "198.18.40.2";
 /// How long b1 floods the DHCP server, in seconds.
-const FLOOD_SECONDS: u32 = 8;
+const FLOOD_SECONDS: u32 = 12;
+/// What the agent's DHCP server answers on one network in
+/// [`FLOOD_SECONDS`] at most: its burst, then its rate
+/// (host-agent/src/network/dhcp_server.rs, `RateLimiter`).
+const DHCP_ALLOWANCE: u64 = 64 + 32 * FLOOD_SECONDS as u64;
 /// The network MTU, lowered to check that guests get it.
 const MTU: u16 = 1400;
 
@@ -470,13 +474,22 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         "the API answered only {answered} calls during the flood"
     );
     let log = agent.log();
-    assert!(
-        log.lines().any(
-            |line| line.contains("DHCP requests over the rate limit are dropped")
-                && line.contains(&other_bridge)
-        ),
-        "no rate limiting on {other_bridge} seen:\n{log}"
-    );
+    let limited = log.lines().any(|line| {
+        line.contains("DHCP requests over the rate limit are dropped")
+            && line.contains(&other_bridge)
+    });
+    // A guest sends a few dozen requests a second here (every one costs
+    // its emulated kernel a virtio kick): over the allowance by a margin,
+    // the limiter must have dropped some; a slower guest (a loaded host)
+    // did not flood, and `tenant_boundary` checks the limiter at
+    // thousands of requests a second.
+    if sent > DHCP_ALLOWANCE * 5 / 4 {
+        assert!(limited, "no rate limiting on {other_bridge} seen:\n{log}");
+    } else {
+        eprintln!(
+            "b1's {sent} requests stayed near the allowance ({DHCP_ALLOWANCE}); rate limit seen: {limited}"
+        );
+    }
     let dhcp_lines = log.matches("DHCP").count();
     assert!(
         dhcp_lines < 20,
