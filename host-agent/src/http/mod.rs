@@ -459,6 +459,9 @@ fn rejected_field(message: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+mod router_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
