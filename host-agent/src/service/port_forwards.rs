@@ -6,6 +6,22 @@
 use nubis_api::{PortForward, PortForwardCreate};
 
 use super::{Result, Scope, ServiceError, Services};
+use crate::store::PortForwardRow;
+
+impl From<PortForwardRow> for PortForward {
+    fn from(row: PortForwardRow) -> Self {
+        PortForward {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            vm_id: row.vm_id,
+            nic: row.nic,
+            protocol: row.protocol,
+            host_port: row.host_port,
+            vm_port: row.vm_port,
+            created_at: row.created_at,
+        }
+    }
+}
 
 /// Creates `request` for `tenant_id`, with its DNAT rule.
 pub async fn create(
@@ -55,16 +71,21 @@ pub async fn create(
         return Err(err.into());
     }
     tracing::info!(tenant = tenant_id, forward = %forward.id, host_port = forward.host_port, vm = %vm.id, "port forward created");
-    Ok(forward)
+    Ok(forward.into())
 }
 
 /// The port forwards `scope` sees.
 pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<PortForward>> {
-    Ok(svc.store.list_port_forwards(scope.tenant())?)
+    let rows = svc.store.list_port_forwards(scope.tenant())?;
+    Ok(rows.into_iter().map(PortForward::from).collect())
 }
 
 /// Port forward `id` as `scope` sees it.
 pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForward> {
+    find(svc, scope, id).map(PortForward::from)
+}
+
+fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForwardRow> {
     svc.store
         .get_port_forward(scope.tenant(), id)?
         .ok_or_else(|| ServiceError::not_found("port forward", id))
@@ -72,7 +93,7 @@ pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForward> {
 
 /// Deletes port forward `id` and its rule.
 pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let forward = get(svc, scope, id)?;
+    let forward = find(svc, scope, id)?;
     svc.store.delete_port_forward(&forward.id)?;
     svc.host_network.reconcile().await?;
     Ok(())

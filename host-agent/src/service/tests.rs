@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use nubis_api::{NetworkCreate, Quota, VmCreate, VmDisk, VmNicCreate};
 
 use super::testing::Fixture;
-use super::{networks, vms, Scope, ServiceError};
+use super::{networks, port_forwards, vms, Scope, ServiceError};
 use crate::store::StoreError;
 
 fn network_request(name: &str, cidr: &str) -> NetworkCreate {
@@ -262,4 +262,59 @@ async fn a_network_with_nics_on_it_is_not_deleted() {
         .await
         .expect("network deleted");
     assert!(networks::list(svc, scope).expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn port_forwards_hold_their_quota_and_a_refused_rule_leaves_none() {
+    let fixture = Fixture::new();
+    let quota = Quota {
+        max_port_forwards: 1,
+        ..Quota::default()
+    };
+    let (tenant, _) = fixture.tenant("acme", quota);
+    let (other, _) = fixture.tenant("other", Quota::default());
+    let svc = &fixture.services;
+    fixture.image(&tenant, "base", 4096);
+    vms::create(svc, &tenant.id, vm_request("web", "base", &[None]))
+        .await
+        .expect("VM on the default bridge");
+    let forward = |host_port: u16| -> nubis_api::PortForwardCreate {
+        serde_json::from_value(serde_json::json!({
+            "vm": "web", "host_port": host_port, "vm_port": 80
+        }))
+        .unwrap_or_else(|err| panic!("forward request: {err}"))
+    };
+    fixture.network.refuse.store(true, Ordering::SeqCst);
+    let err = port_forwards::create(svc, &tenant.id, &forward(30080))
+        .await
+        .expect_err("the host refused the rule");
+    assert!(matches!(err, ServiceError::Supervisor(_)), "{err:?}");
+    assert!(port_forwards::list(svc, Scope::Operator)
+        .expect("list")
+        .is_empty());
+    fixture.network.refuse.store(false, Ordering::SeqCst);
+    let made = port_forwards::create(svc, &tenant.id, &forward(30080))
+        .await
+        .expect("the forward once the host takes its rule");
+    let err = port_forwards::create(svc, &tenant.id, &forward(30081))
+        .await
+        .expect_err("a second forward is over the quota");
+    assert!(
+        matches!(err, ServiceError::Store(StoreError::Quota(_))),
+        "{err:?}"
+    );
+    let err = port_forwards::create(svc, &tenant.id, &forward(22))
+        .await
+        .expect_err("outside the host's range");
+    assert!(
+        matches!(&err, ServiceError::Unprocessable { field: Some(field), .. } if field == "host_port"),
+        "{err:?}"
+    );
+    let err = port_forwards::get(svc, Scope::Tenant(&other.id), &made.id)
+        .expect_err("not the other tenant's");
+    assert_eq!(err.to_string(), format!("no port forward '{}'", made.id));
+    assert_eq!(
+        port_forwards::get(svc, Scope::Tenant(&tenant.id), &made.id).ok(),
+        Some(made)
+    );
 }
