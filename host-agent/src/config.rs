@@ -265,7 +265,7 @@ impl AgentConfig {
         let mut image_dirs = vec![data_dir.join("images")];
         image_dirs.extend(file.image_dirs);
         // Tenants' uploads are reachable only by their owner (see
-        // http/uploads.rs), never through a shared image directory.
+        // service/uploads.rs), never through a shared image directory.
         image_dirs.retain(|dir| !dir.starts_with(data_dir.join("uploads")));
         Ok(Self {
             operator_token,

@@ -3,7 +3,8 @@
 //! (`auth`), serves the REST API (`http`, one file per resource), and runs
 //! each VM as its own `nubis-vmm` process that it supervises, adopts again
 //! after its own restart, and drives through the VMM's control socket
-//! (`supervisor`). Hosts that carry a network together call each other
+//! (`supervisor`). The domain logic between the API and the rest is in
+//! `service`, one module per resource. Hosts that carry a network together call each other
 //! (`peers`).
 
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod network;
 pub mod peer_tls;
 pub mod peers;
 pub mod quota;
+pub mod service;
 pub mod store;
 pub mod supervisor;
 pub mod validate;

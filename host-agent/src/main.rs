@@ -144,6 +144,14 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .reconcile_network()
         .await
         .map_err(|err| format!("cannot set up the tenant networks: {err}"))?;
+    let peers = Arc::new(peers);
+    let services = nubis_agent::service::Services::new(
+        store.clone(),
+        supervisor.clone(),
+        peers.clone(),
+        data_dir.clone(),
+        image_dirs.clone(),
+    );
     let state = AppState {
         store,
         supervisor,
@@ -151,10 +159,11 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         image_dirs,
         metrics: Default::default(),
         data_dir,
-        peers: Arc::new(peers),
+        peers,
         peer_registry: registry.clone(),
         fingerprint: Arc::new(identity.fingerprint.clone()),
         migrations: Default::default(),
+        services,
     };
     refresh_registry(&state)
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;

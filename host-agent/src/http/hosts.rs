@@ -9,10 +9,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, Host, HostCreate, HostIdentity};
+use nubis_api::{ApiError, Host, HostCreate, HostIdentity};
 
 use super::{AppState, Body, HttpError, Operator, Result};
-use crate::peers::PeerError;
 use crate::store::Peer;
 use crate::validate;
 
@@ -79,17 +78,6 @@ fn check_address(state: &AppState, address: &str) -> Result<std::net::Ipv4Addr> 
         .into());
     }
     Ok(parsed)
-}
-
-/// A peer's failure as this API's error: the peer's own refusals of bad
-/// input keep their meaning, everything else is a failed peer.
-pub(crate) fn peer_failed(err: PeerError) -> HttpError {
-    let code = match err.code() {
-        Some(ErrorCode::Conflict) => ErrorCode::Conflict,
-        Some(ErrorCode::QuotaExceeded) => ErrorCode::QuotaExceeded,
-        _ => ErrorCode::PeerFailed,
-    };
-    HttpError::new(code, err.to_string())
 }
 
 #[utoipa::path(
@@ -210,39 +198,4 @@ pub(crate) async fn remove(
     refresh_registry(&state)?;
     tracing::info!(host = %peer.host.name, "peer host removed");
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peer_refusal_keeps_its_meaning() {
-        let refused = |code| PeerError::Refused {
-            host: "b".into(),
-            status: 409,
-            code,
-            message: "overlaps".into(),
-        };
-        assert_eq!(
-            peer_failed(refused(Some(ErrorCode::Conflict))).0.error.code,
-            ErrorCode::Conflict
-        );
-        assert_eq!(
-            peer_failed(refused(Some(ErrorCode::Internal))).0.error.code,
-            ErrorCode::PeerFailed
-        );
-        let down = PeerError::Unreachable {
-            host: "b".into(),
-            url: "http://b".into(),
-            message: "refused".into(),
-        };
-        let err = peer_failed(down);
-        assert_eq!(err.0.error.code, ErrorCode::PeerFailed);
-        assert!(
-            err.0.error.message.contains("host 'b'"),
-            "{}",
-            err.0.error.message
-        );
-    }
 }

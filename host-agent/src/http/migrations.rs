@@ -15,8 +15,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, IncomingMigration, Migration, MigrationCreate, Vm, VmState};
 
-use super::hosts::peer_failed;
-use super::{overlay, vms, AppState, Body, Caller, HttpError, Path, Result};
+use super::errors::peer_failed;
+use super::{AppState, Body, Caller, HttpError, Path, Result};
+use crate::service::{networks, vms};
 use crate::store::Peer;
 use crate::supervisor::control;
 use crate::supervisor::migration as handover;
@@ -83,13 +84,13 @@ pub(crate) async fn create(
     Path(id): Path<String>,
     Body(request): Body<MigrationCreate>,
 ) -> Result<(StatusCode, Json<Migration>)> {
-    let vm = vms::find(&state, &caller, &id)?;
+    let vm = vms::get(&state.services, caller.service_scope(), &id)?;
     if let Some((field, reason)) = request.out_of_bounds() {
         return Err(ApiError::invalid(field, reason).into());
     }
-    overlay::local_underlay(&state)?;
+    networks::local_underlay(&state.services)?;
     let peer = state.store.get_host(&request.host)?.ok_or_else(|| {
-        super::networks::unprocessable(
+        HttpError::unprocessable(
             "host",
             format!("no host '{}' (see /v1/hosts)", request.host),
         )
@@ -189,7 +190,7 @@ async fn drive(
         .store
         .get_image(&vm.tenant_id, &vm.image_id)?
         .ok_or_else(|| failed("the VM's image is gone".into()))?;
-    let local = overlay::local_underlay(state)?;
+    let local = networks::local_underlay(&state.services)?;
     let ready = state
         .peers
         .incoming(
@@ -361,7 +362,7 @@ async fn resolve_handover(state: &AppState, vm: &Vm, host: &str) -> Result<bool>
             format!("the destination '{host}' is no longer a registered host"),
         ));
     };
-    let local = overlay::local_underlay(state)?;
+    let local = networks::local_underlay(&state.services)?;
     let _guard = state.supervisor.lock(&vm.id).await;
     match state.peers.vm(&peer, &vm.id).await {
         Ok(there) if there.state.has_process() => {
@@ -520,7 +521,7 @@ pub(crate) async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let vm = vms::find(&state, &caller, &id)?;
+    let vm = vms::get(&state.services, caller.service_scope(), &id)?;
     let paths = state.supervisor.paths(&vm.id);
     let runs = state.migrations.get(&vm.id).is_some_and(|m| !m.is_over());
     if !runs && handover::handed_over_to(&paths).is_some() {

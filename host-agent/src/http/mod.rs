@@ -12,6 +12,7 @@
 //! body (a 405 for a method a route lacks, a body over the limit) is
 //! rewritten by [`json_errors`], keeping its status and headers (`Allow`).
 
+mod errors;
 mod hosts;
 pub use hosts::refresh_registry;
 pub use migrations::resolve_interrupted_handovers;
@@ -41,8 +42,9 @@ use nubis_api::{ApiError, ErrorCode};
 use serde::de::DeserializeOwned;
 
 use crate::auth::{authenticate, AuthError, OperatorToken, Principal};
-use crate::store::{Store, StoreError};
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::service::{Scope, Services};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -62,6 +64,8 @@ pub struct AppState {
     pub fingerprint: Arc<String>,
     /// Migrations this host drives.
     pub migrations: Arc<migrations::Migrations>,
+    /// The domain logic the handlers call.
+    pub services: Services,
 }
 
 /// The host-to-host API, served on the peer listener only.
@@ -127,45 +131,6 @@ impl From<ApiError> for HttpError {
     }
 }
 
-impl From<StoreError> for HttpError {
-    fn from(error: StoreError) -> Self {
-        let code = match &error {
-            StoreError::Exists(_) | StoreError::InUse(_) => ErrorCode::Conflict,
-            StoreError::Quota(_) => ErrorCode::QuotaExceeded,
-            _ => ErrorCode::Internal,
-        };
-        Self::new(code, error.to_string())
-    }
-}
-
-impl From<crate::quota::SpaceError> for HttpError {
-    fn from(error: crate::quota::SpaceError) -> Self {
-        let code = match &error {
-            crate::quota::SpaceError::Full { .. } => ErrorCode::HostFull,
-            crate::quota::SpaceError::Statvfs { .. } => ErrorCode::Internal,
-        };
-        Self::new(code, error.to_string())
-    }
-}
-
-impl From<SupervisorError> for HttpError {
-    fn from(error: SupervisorError) -> Self {
-        let code = match &error {
-            SupervisorError::WrongState(_) | SupervisorError::MigratedAway(_) => {
-                ErrorCode::Conflict
-            }
-            SupervisorError::VmFiles(crate::supervisor::vmfs::VmFsError::Unsafe { .. }) => {
-                ErrorCode::Conflict
-            }
-            SupervisorError::StartFailed(_) | SupervisorError::Disk(_) => ErrorCode::Unprocessable,
-            SupervisorError::Store(StoreError::Quota(_)) => ErrorCode::QuotaExceeded,
-            SupervisorError::NoUnderlay(_) => ErrorCode::Unprocessable,
-            _ => ErrorCode::Internal,
-        };
-        Self::new(code, error.to_string())
-    }
-}
-
 pub type Result<T> = std::result::Result<T, HttpError>;
 
 /// The authenticated caller of a request.
@@ -178,6 +143,14 @@ impl Caller {
         match &self.0 {
             Principal::Operator => None,
             Principal::Tenant(id) => Some(id),
+        }
+    }
+
+    /// What the caller sees, for the services.
+    pub fn service_scope(&self) -> Scope<'_> {
+        match &self.0 {
+            Principal::Operator => Scope::Operator,
+            Principal::Tenant(id) => Scope::Tenant(id),
         }
     }
 
@@ -484,6 +457,9 @@ fn rejected_field(message: &str) -> Option<String> {
         (None, None) => None,
     }
 }
+
+#[cfg(test)]
+mod router_tests;
 
 #[cfg(test)]
 mod tests {

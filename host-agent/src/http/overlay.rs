@@ -6,11 +6,7 @@
 //! other hosts it spans (`PUT`, `DELETE /v1/overlay/networks/{id}`), and
 //! hands out its addresses to their VMs (`.../addresses`): one IPAM per
 //! network, so that no two hosts give a guest the same address.
-//!
-//! Also the helpers the networks and VMs handlers share for overlay
-//! networks.
 
-use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use axum::extract::{Path, Query, State};
@@ -20,12 +16,9 @@ use axum::{Json, Router};
 use nubis_api::{AddressGrant, AddressRequest, ApiError, ErrorCode, Network, NetworkReplica};
 use serde::Deserialize;
 
-use super::hosts::peer_failed;
-use super::networks::check_mtu;
 use super::{AppState, Body, HttpError, PeerCaller, Result};
 use crate::ipv4::Cidr;
-use crate::network::vxlan::{underlay_mtu, VXLAN_OVERHEAD};
-use crate::store::Peer;
+use crate::service::networks;
 use crate::supervisor::migration as handover;
 use crate::supervisor::networking::nic_address;
 use crate::validate;
@@ -126,7 +119,7 @@ pub(crate) async fn incoming(
     peer: PeerCaller,
     Body(request): Body<nubis_api::IncomingMigration>,
 ) -> Result<(StatusCode, Json<nubis_api::IncomingReady>)> {
-    let local = local_underlay(&state)?;
+    let local = networks::local_underlay(&state.services)?;
     peer.acts_as("source", &request.source)?;
     let vm = &request.vm;
     check_incoming_vm(&state, vm)?;
@@ -336,153 +329,6 @@ pub(crate) async fn incoming_abort(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// This host's underlay address, which overlay networks need.
-pub(super) fn local_underlay(state: &AppState) -> Result<Ipv4Addr> {
-    state.supervisor.underlay_address().ok_or_else(|| {
-        HttpError::new(
-            ErrorCode::Unprocessable,
-            "this agent has no underlay address (--underlay-address): it carries no network across hosts",
-        )
-    })
-}
-
-/// The largest guest MTU the underlay carries once VXLAN has wrapped it.
-pub(super) async fn max_overlay_mtu(local: Ipv4Addr) -> Result<u16> {
-    let underlay = underlay_mtu(local)
-        .await
-        .map_err(|err| HttpError::new(ErrorCode::Unprocessable, err.to_string()))?;
-    Ok(underlay.saturating_sub(VXLAN_OVERHEAD))
-}
-
-/// The registered peer for an underlay address.
-pub(super) fn peer_at(state: &AppState, address: &str) -> Result<Peer> {
-    state.store.get_host(address)?.ok_or_else(|| {
-        HttpError::new(
-            ErrorCode::Conflict,
-            format!("host {address} is not registered here (see /v1/hosts)"),
-        )
-    })
-}
-
-/// The network's home host when it is another host; None when this host
-/// is its home, or it does not span hosts.
-pub(super) fn remote_home(state: &AppState, net: &Network) -> Result<Option<Peer>> {
-    let Some(overlay) = &net.overlay else {
-        return Ok(None);
-    };
-    if state.supervisor.underlay_address().map(|a| a.to_string()) == Some(overlay.home.clone()) {
-        return Ok(None);
-    }
-    peer_at(state, &overlay.home).map(Some)
-}
-
-/// The peers an overlay network of this home host spans.
-pub(super) fn member_peers(state: &AppState, net: &Network) -> Result<Vec<Peer>> {
-    let Some(overlay) = &net.overlay else {
-        return Ok(Vec::new());
-    };
-    let local = state.supervisor.underlay_address().map(|a| a.to_string());
-    overlay
-        .hosts
-        .iter()
-        .filter(|host| Some(*host) != local.as_ref())
-        .map(|host| peer_at(state, host))
-        .collect()
-}
-
-/// What a peer gets of an overlay network.
-pub(super) fn replica(state: &AppState, net: &Network) -> Result<NetworkReplica> {
-    let tenant = state.store.get_tenant(&net.tenant_id)?.ok_or_else(|| {
-        HttpError::new(
-            ErrorCode::Internal,
-            format!("the tenant of network {} is gone", net.id),
-        )
-    })?;
-    Ok(NetworkReplica {
-        network: net.clone(),
-        tenant,
-    })
-}
-
-/// Addresses of `net` that this host must not hand out: its VMs' NICs on
-/// it, and those granted to other hosts.
-pub(super) fn used_addresses(state: &AppState, net: &Network) -> Result<HashSet<Ipv4Addr>> {
-    let mut used: HashSet<Ipv4Addr> = state
-        .store
-        .list_vms(Some(&net.tenant_id), None)?
-        .iter()
-        .flat_map(|vm| vm.nics.iter())
-        .filter(|nic| nic.network.as_deref() == Some(net.id.as_str()))
-        .filter_map(|nic| nic.address.as_deref().and_then(nic_address))
-        .collect();
-    used.extend(state.store.granted_addresses(&net.id)?);
-    Ok(used)
-}
-
-fn find_overlay(state: &AppState, id: &str) -> Result<Network> {
-    state
-        .store
-        .get_network(None, id)?
-        .filter(|net| net.overlay.is_some())
-        .ok_or_else(|| HttpError::not_found("overlay network", id))
-}
-
-/// What a replica must be for this host to carry it.
-async fn check_replica(state: &AppState, id: &str, replica: &NetworkReplica) -> Result<()> {
-    let net = &replica.network;
-    if net.id != id {
-        return Err(ApiError::invalid(
-            "network.id",
-            format!("'{}' is not the network of the path, '{id}'", net.id),
-        )
-        .into());
-    }
-    if net.tenant_id != replica.tenant.id {
-        return Err(ApiError::invalid("tenant.id", "not the network's tenant").into());
-    }
-    validate::name("network.name", &net.name, false)?;
-    validate::name("tenant.name", &replica.tenant.name, false)?;
-    let cidr: Cidr = net
-        .cidr
-        .parse()
-        .map_err(|err: String| ApiError::invalid("network.cidr", err))?;
-    if net.gateway != cidr.gateway().to_string() {
-        return Err(ApiError::invalid("network.gateway", "not the CIDR's first address").into());
-    }
-    let overlay = net
-        .overlay
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("network.overlay", "the network does not span hosts"))?;
-    let local = local_underlay(state)?;
-    if !overlay.hosts.contains(&local.to_string()) {
-        return Err(ApiError::invalid(
-            "network.overlay.hosts",
-            format!("this host ({local}) is not among them"),
-        )
-        .into());
-    }
-    if overlay.home == local.to_string() {
-        return Err(
-            ApiError::invalid("network.overlay.home", "this host is the network's home").into(),
-        );
-    }
-    // This host asks the home for addresses: it must know it.
-    peer_at(state, &overlay.home)?;
-    check_mtu(net.mtu)?;
-    let max = max_overlay_mtu(local).await?;
-    if net.mtu > max {
-        return Err(ApiError::invalid(
-            "network.mtu",
-            format!(
-                "{} does not fit this host's underlay (at most {max} with VXLAN)",
-                net.mtu
-            ),
-        )
-        .into());
-    }
-    Ok(())
-}
-
 #[utoipa::path(
     put,
     path = "/v1/overlay/networks/{id}",
@@ -509,37 +355,7 @@ pub(crate) async fn adopt(
         .as_ref()
         .map(|overlay| overlay.home.as_str());
     peer.acts_as("network.overlay.home", home.unwrap_or_default())?;
-    check_replica(&state, &id, &replica).await?;
-    let tenant = &replica.tenant;
-    match state.store.get_tenant(&tenant.id)? {
-        Some(known) if known.name != tenant.name => {
-            return Err(HttpError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "tenant {} is '{}' here, not '{}'",
-                    tenant.id, known.name, tenant.name
-                ),
-            ))
-        }
-        Some(_) => {}
-        None => {
-            state.store.create_tenant_with_id(tenant)?;
-            tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant replicated from its network's home");
-        }
-    }
-    let existed = state.store.get_network(None, &id)?.is_some();
-    let network = state.store.adopt_network(&replica.network)?;
-    if let Err(err) = state.supervisor.reconcile_network().await {
-        if !existed {
-            state.store.delete_network(&id)?;
-            if let Err(again) = state.supervisor.reconcile_network().await {
-                tracing::error!(network = %id, "cannot undo the network on the host: {again}");
-            }
-        }
-        return Err(err.into());
-    }
-    tracing::info!(network = %id, vni = network.vni, "carrying overlay network");
-    Ok(Json(network))
+    Ok(Json(networks::adopt(&state.services, &id, &replica).await?))
 }
 
 #[utoipa::path(
@@ -559,21 +375,7 @@ pub(crate) async fn abandon(
     peer: PeerCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let net = find_overlay(&state, &id)?;
-    let home = net.overlay.as_ref().map(|overlay| overlay.home.as_str());
-    if home != Some(peer.address.as_str()) {
-        return Err(HttpError::new(
-            ErrorCode::Forbidden,
-            format!("only network {id}'s home takes it off this host"),
-        ));
-    }
-    if remote_home(&state, &net)?.is_none() {
-        return Err(HttpError::new(
-            ErrorCode::Conflict,
-            format!("this host is the home of network {id}: delete it through /v1/networks"),
-        ));
-    }
-    super::networks::delete_unused(&state, &net).await?;
+    networks::abandon(&state.services, &peer.address, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -599,48 +401,8 @@ pub(crate) async fn grant(
     Body(request): Body<AddressRequest>,
 ) -> Result<(StatusCode, Json<AddressGrant>)> {
     peer.acts_as("host", &request.host)?;
-    let net = find_overlay(&state, &id)?;
-    if remote_home(&state, &net)?.is_some() {
-        return Err(HttpError::new(
-            ErrorCode::Conflict,
-            format!("this host is not the home of network {id}"),
-        ));
-    }
-    let member = net
-        .overlay
-        .as_ref()
-        .is_some_and(|overlay| overlay.hosts.contains(&request.host));
-    if !member
-        || state.supervisor.underlay_address().map(|a| a.to_string()) == Some(request.host.clone())
-    {
-        return Err(HttpError::new(
-            ErrorCode::Conflict,
-            format!("host '{}' does not carry network {id}", request.host),
-        ));
-    }
-    validate::name("vm", &request.vm, false)?;
-    let cidr: Cidr = net.cidr.parse().map_err(|err: String| {
-        HttpError::new(ErrorCode::Internal, format!("stored network {id}: {err}"))
-    })?;
-    // The same lock as the local VMs' allocation.
-    let _lock = state.supervisor.network_lock().await;
-    let used = used_addresses(&state, &net)?;
-    let address = cidr.allocate(&used).ok_or_else(|| {
-        HttpError::new(
-            ErrorCode::QuotaExceeded,
-            format!("no free address left in {}", net.cidr),
-        )
-    })?;
-    state
-        .store
-        .grant_address(&id, address, &request.host, &request.vm)?;
-    tracing::info!(network = %id, %address, host = %request.host, vm = %request.vm, "address granted");
-    Ok((
-        StatusCode::CREATED,
-        Json(AddressGrant {
-            address: format!("{address}/{}", cidr.prefix()),
-        }),
-    ))
+    let grant = networks::grant(&state.services, &id, &request).await?;
+    Ok((StatusCode::CREATED, Json(grant)))
 }
 
 #[derive(Deserialize)]
@@ -672,77 +434,6 @@ pub(crate) async fn release(
     Query(query): Query<ReleaseQuery>,
 ) -> Result<StatusCode> {
     peer.acts_as("host", &query.host)?;
-    let parsed: Ipv4Addr = address
-        .parse()
-        .map_err(|_| ApiError::invalid("address", format!("'{address}' is not an IPv4 address")))?;
-    if state.store.release_address(&id, parsed, &query.host)? {
-        tracing::info!(network = %id, %address, host = %query.host, "address released");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(HttpError::not_found("granted address", &address))
-    }
-}
-
-/// Gives back to their home hosts the addresses of `vm`'s NICs on overlay
-/// networks homed elsewhere (after the VM is gone here). A home that
-/// cannot be reached keeps the address until the network is deleted.
-pub(super) async fn release_remote_addresses(state: &AppState, nics: &[(Network, Ipv4Addr)]) {
-    let Some(local) = state.supervisor.underlay_address() else {
-        return;
-    };
-    for (net, address) in nics {
-        let home = match remote_home(state, net) {
-            Ok(Some(home)) => home,
-            Ok(None) => continue,
-            Err(err) => {
-                tracing::warn!(network = %net.id, %address, "cannot give the address back: {}", err.0.error.message);
-                continue;
-            }
-        };
-        if let Err(err) = state
-            .peers
-            .release_address(&home, &net.id, *address, local)
-            .await
-        {
-            tracing::warn!(network = %net.id, %address, "cannot give the address back: {err}");
-        }
-    }
-}
-
-/// Asks `net`'s home host for an address for VM `vm` (its name).
-pub(super) async fn remote_address(
-    state: &AppState,
-    home: &Peer,
-    net: &Network,
-    vm: &str,
-) -> Result<String> {
-    let local = local_underlay(state)?;
-    let grant = state
-        .peers
-        .request_address(
-            home,
-            &net.id,
-            &AddressRequest {
-                host: local.to_string(),
-                vm: vm.to_string(),
-            },
-        )
-        .await
-        .map_err(peer_failed)?;
-    let valid = grant
-        .address
-        .split_once('/')
-        .and_then(|(address, _)| address.parse::<Ipv4Addr>().ok())
-        .zip(net.cidr.parse::<Cidr>().ok())
-        .is_some_and(|(address, cidr)| cidr.contains(address));
-    if !valid {
-        return Err(HttpError::new(
-            ErrorCode::PeerFailed,
-            format!(
-                "host '{}' granted '{}', which is not in {}",
-                home.host.name, grant.address, net.cidr
-            ),
-        ));
-    }
-    Ok(grant.address)
+    networks::release(&state.services, &id, &address, &query.host)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -6,10 +6,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, PortForward, PortForwardCreate};
+use nubis_api::{ApiError, PortForward, PortForwardCreate};
 
-use super::networks::unprocessable;
-use super::{AppState, Body, Caller, HttpError, Path, Result};
+use super::{AppState, Body, Caller, Path, Result};
+use crate::service::port_forwards;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -39,48 +39,7 @@ pub(crate) async fn create(
     Body(request): Body<PortForwardCreate>,
 ) -> Result<(StatusCode, Json<PortForward>)> {
     let tenant = caller.tenant()?;
-    // Only the operator's range: never the API's, VXLAN's or the
-    // migrations' ports, nor any other service of the host's.
-    let range = state.supervisor.config().port_forward_range;
-    if !range.contains(request.host_port) {
-        // A valid port, but not one this host forwards.
-        return Err(unprocessable(
-            "host_port",
-            format!("must be in this host's port forward range, {range}"),
-        ));
-    }
-    if request.vm_port == 0 {
-        return Err(ApiError::invalid("vm_port", "must be 1 to 65535").into());
-    }
-    let vm = state
-        .store
-        .get_vm(Some(tenant), &request.vm)?
-        .ok_or_else(|| unprocessable("vm", format!("no VM '{}'", request.vm)))?;
-    if vm.nics.get(request.nic).is_none() {
-        return Err(unprocessable(
-            "nic",
-            format!("VM {} has {} NIC(s)", vm.name, vm.nics.len()),
-        ));
-    }
-    let quota = state
-        .store
-        .get_tenant(tenant)?
-        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?
-        .quota;
-    let forward = state.store.create_port_forward(
-        tenant,
-        &vm.id,
-        request.nic,
-        request.protocol,
-        request.host_port,
-        request.vm_port,
-        quota.max_port_forwards,
-    )?;
-    if let Err(err) = state.supervisor.reconcile_network().await {
-        state.store.delete_port_forward(&forward.id)?;
-        return Err(err.into());
-    }
-    tracing::info!(tenant, forward = %forward.id, host_port = forward.host_port, vm = %vm.id, "port forward created");
+    let forward = port_forwards::create(&state.services, tenant, &request).await?;
     Ok((StatusCode::CREATED, Json(forward)))
 }
 
@@ -98,14 +57,10 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<PortForward>>> {
-    Ok(Json(state.store.list_port_forwards(caller.scope())?))
-}
-
-fn find(state: &AppState, caller: &Caller, id: &str) -> Result<PortForward> {
-    state
-        .store
-        .get_port_forward(caller.scope(), id)?
-        .ok_or_else(|| HttpError::not_found("port forward", id))
+    Ok(Json(port_forwards::list(
+        &state.services,
+        caller.service_scope(),
+    )?))
 }
 
 #[utoipa::path(
@@ -125,7 +80,11 @@ pub(crate) async fn show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PortForward>> {
-    Ok(Json(find(&state, &caller, &id)?))
+    Ok(Json(port_forwards::get(
+        &state.services,
+        caller.service_scope(),
+        &id,
+    )?))
 }
 
 #[utoipa::path(
@@ -145,8 +104,6 @@ pub(crate) async fn remove(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let forward = find(&state, &caller, &id)?;
-    state.store.delete_port_forward(&forward.id)?;
-    state.supervisor.reconcile_network().await?;
+    port_forwards::delete(&state.services, caller.service_scope(), &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,11 +6,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, Snapshot, SnapshotRestore, Vm};
+use nubis_api::{ApiError, Snapshot, SnapshotRestore, Vm};
 
-use super::{vms, AppState, Body, Caller, HttpError, Path, Result};
-use crate::supervisor::networking::nic_address;
-use crate::validate;
+use super::{AppState, Body, Caller, Path, Result};
+use crate::service::snapshots;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -40,50 +39,8 @@ pub(crate) async fn create(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Snapshot>)> {
-    let vm = vms::find(&state, &caller, &id)?;
-    let _guard = state.supervisor.lock(&vm.id).await;
-    let vm = vms::find(&state, &caller, &vm.id)?;
-    check_quota(&state, &vm)?;
-    let snapshot_id = state.store.new_snapshot_id()?;
-    let size = state.supervisor.snapshot(&vm, &snapshot_id).await?;
-    // Files without a record are swept at the agent's next start.
-    crate::crash::point("snapshot_written");
-    let snapshot = match state.store.record_snapshot(&snapshot_id, &vm, size) {
-        Ok(snapshot) => snapshot,
-        Err(err) => {
-            state.supervisor.remove_snapshot_files(&snapshot_id)?;
-            return Err(err.into());
-        }
-    };
-    tracing::info!(vm = %vm.id, snapshot = %snapshot.id, size, "snapshot taken");
+    let snapshot = snapshots::create(&state.services, caller.service_scope(), &id).await?;
     Ok((StatusCode::CREATED, Json(snapshot)))
-}
-
-/// A snapshot takes one of the tenant's snapshots and, at most, the VM's
-/// memory and disks of its storage.
-fn check_quota(state: &AppState, vm: &nubis_api::Vm) -> Result<()> {
-    let quota = state
-        .store
-        .get_tenant(&vm.tenant_id)?
-        .ok_or_else(|| HttpError::new(ErrorCode::NotFound, "the VM's tenant is gone"))?
-        .quota;
-    let kept = state.store.count_snapshots(&vm.tenant_id)?;
-    if kept >= quota.max_snapshots {
-        return Err(crate::store::StoreError::Quota(format!(
-            "snapshots: {kept} kept + 1 requested exceeds the tenant's quota of {}",
-            quota.max_snapshots
-        ))
-        .into());
-    }
-    let root_mib = state
-        .store
-        .get_image(&vm.tenant_id, &vm.image_id)?
-        .map_or(0, |image| crate::quota::mib_of(image.rootfs_bytes));
-    let asked = vm.memory_mib + root_mib + vm.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
-    crate::quota::check_storage(&state.store, &state.data_dir, &vm.tenant_id, &quota, asked)?;
-    let reserve = state.supervisor.config().reserved_disk_mib;
-    crate::quota::check_host_space(&state.data_dir, reserve, asked)?;
-    Ok(())
 }
 
 #[utoipa::path(
@@ -100,14 +57,10 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<Snapshot>>> {
-    Ok(Json(state.store.list_snapshots(caller.scope())?))
-}
-
-fn find(state: &AppState, caller: &Caller, id: &str) -> Result<crate::store::SavedVm> {
-    state
-        .store
-        .get_snapshot(caller.scope(), id)?
-        .ok_or_else(|| HttpError::not_found("snapshot", id))
+    Ok(Json(snapshots::list(
+        &state.services,
+        caller.service_scope(),
+    )?))
 }
 
 #[utoipa::path(
@@ -127,7 +80,11 @@ pub(crate) async fn show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Snapshot>> {
-    Ok(Json(find(&state, &caller, &id)?.snapshot))
+    Ok(Json(snapshots::get(
+        &state.services,
+        caller.service_scope(),
+        &id,
+    )?))
 }
 
 #[utoipa::path(
@@ -148,25 +105,7 @@ pub(crate) async fn remove(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let saved = find(&state, &caller, &id)?;
-    let waiting: Vec<String> = state
-        .store
-        .list_vms(Some(&saved.snapshot.tenant_id), None)?
-        .into_iter()
-        .filter(|vm| vm.restore_from.as_deref() == Some(id.as_str()))
-        .map(|vm| vm.name)
-        .collect();
-    if !waiting.is_empty() {
-        return Err(HttpError::new(
-            ErrorCode::Conflict,
-            format!(
-                "VM(s) {} resume from snapshot {id} at their first start: start or delete them first",
-                waiting.join(", ")
-            ),
-        ));
-    }
-    state.store.delete_snapshot(&id)?;
-    state.supervisor.remove_snapshot_files(&id)?;
+    snapshots::delete(&state.services, caller.service_scope(), &id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -194,61 +133,7 @@ pub(crate) async fn restore(
     Path(id): Path<String>,
     Body(request): Body<SnapshotRestore>,
 ) -> Result<(StatusCode, Json<Vm>)> {
-    let tenant_id = caller.tenant()?.to_string();
-    validate::name("name", &request.name, false)?;
-    let saved = find(&state, &caller, &id)?;
-    if state
-        .store
-        .get_image(&tenant_id, &saved.vm.image_id)?
-        .is_none()
-    {
-        return Err(HttpError::new(
-            ErrorCode::Unprocessable,
-            format!("the snapshot's image {} is gone", saved.vm.image_id),
-        ));
-    }
-    let tenant = state
-        .store
-        .get_tenant(&tenant_id)?
-        .ok_or_else(|| HttpError::new(ErrorCode::Unauthorized, "the token's tenant is gone"))?;
-    // The guest's memory holds its NICs' MACs and addresses: the new VM
-    // keeps them, so no other VM may hold them.
-    let network_lock = state.supervisor.network_lock().await;
-    let others = state.store.list_vms(Some(&tenant_id), None)?;
-    for nic in &saved.vm.nics {
-        let holder = others.iter().find(|vm| {
-            vm.nics.iter().any(|other| {
-                (nic.mac.is_some() && other.mac == nic.mac)
-                    || (other.network == nic.network
-                        && nic.address.as_deref().and_then(nic_address).is_some()
-                        && other.address.as_deref().and_then(nic_address)
-                            == nic.address.as_deref().and_then(nic_address))
-            })
-        });
-        if let Some(holder) = holder {
-            return Err(HttpError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "VM {} holds the MAC or address of the snapshot's NIC ({}): delete it first",
-                    holder.name,
-                    nic.address.as_deref().unwrap_or("?")
-                ),
-            ));
-        }
-    }
-    let mut new = saved.vm.clone();
-    new.name = request.name;
-    new.restore_from = Some(id.clone());
-    let vm = state.store.create_vm(&new, tenant.quota)?;
-    state
-        .store
-        .add_event(&vm.id, "created", &format!("restored from snapshot {id}"))?;
-    drop(network_lock);
-    if !vm.nics.is_empty() {
-        if let Err(err) = state.supervisor.reconcile_network().await {
-            state.store.delete_vm(&vm.id)?;
-            return Err(err.into());
-        }
-    }
+    let tenant_id = caller.tenant()?;
+    let vm = snapshots::restore(&state.services, tenant_id, &id, request).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }

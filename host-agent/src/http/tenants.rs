@@ -4,10 +4,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use nubis_api::{ApiError, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
+use nubis_api::{ApiError, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
-use super::{AppState, Body, HttpError, Operator, Path, Result};
-use crate::validate;
+use super::{AppState, Body, Operator, Path, Result};
+use crate::service::tenants;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -18,17 +18,6 @@ pub fn routes() -> Router<AppState> {
             get(list_tokens).post(create_token),
         )
         .route("/v1/tenants/{id}/tokens/{token_id}", delete(remove_token))
-}
-
-fn check_quota(quota: &Quota) -> Result<()> {
-    if quota.max_vcpus == 0 || quota.max_memory_mib == 0 || quota.max_vms == 0 {
-        return Err(nubis_api::ApiError::invalid(
-            "quota",
-            "every quota must be at least 1 (a tenant that may run nothing is a deleted tenant)",
-        )
-        .into());
-    }
-    Ok(())
 }
 
 #[utoipa::path(
@@ -50,11 +39,7 @@ pub(crate) async fn create(
     _operator: Operator,
     Body(request): Body<TenantCreate>,
 ) -> Result<(StatusCode, Json<Tenant>)> {
-    validate::name("name", &request.name, false)?;
-    let quota = request.quota.unwrap_or_default();
-    check_quota(&quota)?;
-    let tenant = state.store.create_tenant(&request.name, quota)?;
-    tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant created");
+    let tenant = tenants::create(&state.services, &request)?;
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
@@ -73,14 +58,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     _operator: Operator,
 ) -> Result<Json<Vec<Tenant>>> {
-    Ok(Json(state.store.list_tenants()?))
-}
-
-async fn find(state: &AppState, id: &str) -> Result<Tenant> {
-    state
-        .store
-        .get_tenant(id)?
-        .ok_or_else(|| HttpError::not_found("tenant", id))
+    Ok(Json(tenants::list(&state.services)?))
 }
 
 #[utoipa::path(
@@ -101,7 +79,7 @@ pub(crate) async fn show(
     _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Tenant>> {
-    Ok(Json(find(&state, &id).await?))
+    Ok(Json(tenants::get(&state.services, &id)?))
 }
 
 #[utoipa::path(
@@ -123,16 +101,7 @@ pub(crate) async fn remove(
     _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    find(&state, &id).await?;
-    let subnet = state.store.existing_tenant_subnet(&id)?;
-    state.store.delete_tenant(&id)?;
-    if let Some(subnet) = subnet {
-        if let Err(err) = crate::network::delete_link(&crate::network::bridge_name(subnet)).await {
-            tracing::warn!(tenant = %id, "cannot remove the tenant's bridge: {err}");
-        }
-        state.supervisor.reconcile_network().await?;
-    }
-    tracing::info!(tenant = %id, "tenant deleted");
+    tenants::delete(&state.services, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -154,8 +123,8 @@ pub(crate) async fn create_token(
     _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<TokenCreated>)> {
-    find(&state, &id).await?;
-    Ok((StatusCode::CREATED, Json(state.store.create_token(&id)?)))
+    let token = tenants::create_token(&state.services, &id)?;
+    Ok((StatusCode::CREATED, Json(token)))
 }
 
 #[utoipa::path(
@@ -176,8 +145,7 @@ pub(crate) async fn list_tokens(
     _operator: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<TokenInfo>>> {
-    find(&state, &id).await?;
-    Ok(Json(state.store.list_tokens(&id)?))
+    Ok(Json(tenants::list_tokens(&state.services, &id)?))
 }
 
 #[utoipa::path(
@@ -198,9 +166,6 @@ pub(crate) async fn remove_token(
     _operator: Operator,
     Path((id, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode> {
-    if state.store.delete_token(&id, &token_id)? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(HttpError::not_found("token", &token_id))
-    }
+    tenants::delete_token(&state.services, &id, &token_id)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,10 +1,26 @@
 //! Port forwards: a host port (per protocol, unique on the host) that
 //! leads to a port on one of a VM's NICs. They go with their VM.
 
-use nubis_api::{PortForward, Protocol};
+use nubis_api::Protocol;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{exists_or, new_id, now, Store, StoreError};
+
+/// A port forward as stored (the API's `PortForward` is made from it by
+/// the service layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortForwardRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub vm_id: String,
+    /// The index of the VM's NIC.
+    pub nic: usize,
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub vm_port: u16,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
 
 const COLUMNS: &str = "id, tenant_id, vm_id, nic, protocol, host_port, vm_port, created_at";
 
@@ -15,10 +31,10 @@ fn protocol_from(text: &str) -> Protocol {
     }
 }
 
-fn forward_from_row(row: &Row) -> rusqlite::Result<PortForward> {
+fn forward_from_row(row: &Row) -> rusqlite::Result<PortForwardRow> {
     let protocol: String = row.get(4)?;
     let nic: i64 = row.get(3)?;
-    Ok(PortForward {
+    Ok(PortForwardRow {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
         vm_id: row.get(2)?,
@@ -43,8 +59,8 @@ impl Store {
         host_port: u16,
         vm_port: u16,
         max_port_forwards: u32,
-    ) -> Result<PortForward, StoreError> {
-        let forward = PortForward {
+    ) -> Result<PortForwardRow, StoreError> {
+        let forward = PortForwardRow {
             id: new_id("pf")?,
             tenant_id: tenant_id.to_string(),
             vm_id: vm_id.to_string(),
@@ -95,7 +111,7 @@ impl Store {
         &self,
         tenant_id: Option<&str>,
         id: &str,
-    ) -> Result<Option<PortForward>, StoreError> {
+    ) -> Result<Option<PortForwardRow>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -111,7 +127,7 @@ impl Store {
     pub fn list_port_forwards(
         &self,
         tenant_id: Option<&str>,
-    ) -> Result<Vec<PortForward>, StoreError> {
+    ) -> Result<Vec<PortForwardRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {COLUMNS} FROM port_forwards WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY protocol, host_port"

@@ -1,0 +1,243 @@
+//! The router in-process (`tower::ServiceExt::oneshot`), over a real store
+//! in a temporary directory and a host network that changes nothing: the
+//! statuses, error codes and messages clients see.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use nubis_api::Quota;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::router;
+use crate::service::testing::{Fixture, OPERATOR_TOKEN};
+
+/// `method path` with `token` and a JSON `body`: the status and the JSON
+/// answer (Null for none).
+async fn call(
+    fixture: &Fixture,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {token}"));
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            Body::from(body.to_string())
+        }
+        None => Body::empty(),
+    };
+    let request = request.body(body).expect("request");
+    let response = router(fixture.state.clone())
+        .oneshot(request)
+        .await
+        .expect("the router answers");
+    let status = response.status();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value)
+}
+
+#[tokio::test]
+async fn another_tenants_network_and_vm_are_404s() {
+    let fixture = Fixture::new();
+    let (mine, my_token) = fixture.tenant("mine", Quota::default());
+    let (_, their_token) = fixture.tenant("theirs", Quota::default());
+    fixture.image(&mine, "base", 4096);
+    let (status, net) = call(
+        &fixture,
+        Method::POST,
+        "/v1/networks",
+        &my_token,
+        Some(json!({"name": "net", "cidr": "10.9.0.0/24"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{net}");
+    let (status, vm) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &my_token,
+        Some(json!({"name": "vm", "image": "base", "nics": [{"network": "net"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    assert_eq!(vm["nics"][0]["address"], "10.9.0.2/24");
+    let net_id = net["id"].as_str().expect("network id");
+    let vm_id = vm["id"].as_str().expect("VM id");
+    for (method, path, what, id) in [
+        (
+            Method::GET,
+            format!("/v1/networks/{net_id}"),
+            "network",
+            net_id,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/networks/{net_id}"),
+            "network",
+            net_id,
+        ),
+        (Method::GET, format!("/v1/vms/{vm_id}"), "VM", vm_id),
+        (Method::DELETE, format!("/v1/vms/{vm_id}"), "VM", vm_id),
+        (Method::GET, format!("/v1/vms/{vm_id}/events"), "VM", vm_id),
+        (Method::POST, format!("/v1/vms/{vm_id}/start"), "VM", vm_id),
+        (Method::GET, "/v1/images/base".to_string(), "image", "base"),
+    ] {
+        let (status, body) = call(&fixture, method.clone(), &path, &their_token, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+        assert_eq!(body["error"]["message"], format!("no {what} '{id}'"));
+    }
+    let (status, body) = call(&fixture, Method::GET, "/v1/vms", &their_token, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    let (status, body) = call(&fixture, Method::GET, "/v1/vms", OPERATOR_TOKEN, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().map(Vec::len), Some(1), "{body}");
+}
+
+#[tokio::test]
+async fn quotas_and_exhausted_addresses_are_429s() {
+    let fixture = Fixture::new();
+    let quota = Quota {
+        max_vms: 6,
+        max_networks: 1,
+        ..Quota::default()
+    };
+    let (tenant, token) = fixture.tenant("acme", quota);
+    fixture.image(&tenant, "base", 4096);
+    let network = |name: &str, cidr: &str| json!({"name": name, "cidr": cidr});
+    let (status, body) = call(
+        &fixture,
+        Method::POST,
+        "/v1/networks",
+        &token,
+        Some(network("small", "10.9.0.0/29")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = call(
+        &fixture,
+        Method::POST,
+        "/v1/networks",
+        &token,
+        Some(network("more", "10.8.0.0/24")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    for index in 0..5 {
+        let (status, body) = call(
+            &fixture,
+            Method::POST,
+            "/v1/vms",
+            &token,
+            Some(json!({"name": format!("vm{index}"), "image": "base", "nics": [{"network": "small"}]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &token,
+        Some(json!({"name": "vm5", "image": "base", "nics": [{"network": "small"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "no free address left in 10.9.0.0/29"
+    );
+    let (status, body) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &token,
+        Some(json!({"name": "vm5", "image": "base"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &token,
+        Some(json!({"name": "vm6", "image": "base"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+}
+
+#[tokio::test]
+async fn bad_and_undoable_requests_name_their_field() {
+    let fixture = Fixture::new();
+    let (_, token) = fixture.tenant("acme", Quota::default());
+    for (body, status, code, field) in [
+        (
+            json!({"name": "n", "cidr": "10.9.0.1/24"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "cidr",
+        ),
+        (
+            json!({"name": "n", "cidr": "192.168.7.0/24"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+            "cidr",
+        ),
+        (
+            json!({"name": "n", "cidr": "10.9.0.0/24", "mtu": 100}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "mtu",
+        ),
+        (
+            json!({"name": "n", "cidr": "10.9.0.0/24", "hosts": ["nowhere"]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+            "hosts[0]",
+        ),
+    ] {
+        let (got, answer) = call(
+            &fixture,
+            Method::POST,
+            "/v1/networks",
+            &token,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+    let (status, answer) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &token,
+        Some(json!({"name": "vm", "image": "missing"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["field"], "image");
+    assert_eq!(answer["error"]["message"], "no image 'missing'");
+    let (status, answer) = call(
+        &fixture,
+        Method::POST,
+        "/v1/networks",
+        OPERATOR_TOKEN,
+        Some(json!({"name": "n", "cidr": "10.9.0.0/24"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+}

@@ -1,0 +1,255 @@
+//! The agent's domain logic, one module per resource, between the REST
+//! handlers (`http/`) and the store, supervisor and peers. A handler
+//! parses, authorizes and calls one function here; the function does the
+//! rest (address allocation, quotas, checks beyond parsing, undoing what
+//! it did when a later step fails) and answers with a typed
+//! [`ServiceError`], which `http/errors.rs` maps to a status and error
+//! code in one place.
+//!
+//! Why: so that the rules hold whoever calls them (a handler, a peer's
+//! call, a later scheduler) and can be tested in-process, without HTTP or
+//! a VM. The host's networking is reached through [`HostNetwork`], which
+//! tests replace.
+
+pub mod images;
+pub mod networks;
+pub mod port_forwards;
+pub mod snapshots;
+pub mod tenants;
+pub mod uploads;
+pub mod vms;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use nubis_api::{ApiError, ErrorCode};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::ipv4::Cidr;
+use crate::network::NetworkError;
+use crate::peers::{PeerClient, PeerError};
+use crate::quota::SpaceError;
+use crate::store::{Store, StoreError};
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// Who asks: the operator sees every tenant's resources, a tenant only its
+/// own (another tenant's is "not found", exactly as a missing one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    Operator,
+    Tenant(&'a str),
+}
+
+impl<'a> Scope<'a> {
+    /// The tenant to filter by; None for the operator.
+    pub fn tenant(self) -> Option<&'a str> {
+        match self {
+            Scope::Operator => None,
+            Scope::Tenant(id) => Some(id),
+        }
+    }
+}
+
+/// What the services need of the host's networking (bridges, rules, DHCP,
+/// the underlay): the supervisor in the agent, a stand-in in tests.
+pub trait HostNetwork: Send + Sync {
+    /// Held while addresses are assigned or bridges made.
+    fn lock(&self) -> BoxFuture<'_, OwnedMutexGuard<()>>;
+    /// Brings the host's bridges, tunnels, rules and DHCP servers in line
+    /// with the store.
+    fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), SupervisorError>>;
+    /// Why `cidr` may not be a tenant network here (it shadows one of the
+    /// host's own), or None.
+    fn shadowed(
+        &self,
+        cidr: Cidr,
+    ) -> BoxFuture<'_, std::result::Result<Option<String>, SupervisorError>>;
+    /// This host's end of the overlay's tunnels, when configured.
+    fn underlay_address(&self) -> Option<Ipv4Addr>;
+    /// The MTU of the link that carries `local`, the underlay address.
+    fn underlay_mtu(&self, local: Ipv4Addr) -> BoxFuture<'_, std::result::Result<u16, String>>;
+    /// Removes the default bridge of the tenant that had `subnet`.
+    fn remove_tenant_bridge(
+        &self,
+        subnet: u8,
+    ) -> BoxFuture<'_, std::result::Result<(), NetworkError>>;
+}
+
+impl HostNetwork for Supervisor {
+    fn lock(&self) -> BoxFuture<'_, OwnedMutexGuard<()>> {
+        Box::pin(self.network_lock())
+    }
+
+    fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), SupervisorError>> {
+        Box::pin(self.reconcile_network())
+    }
+
+    fn shadowed(
+        &self,
+        cidr: Cidr,
+    ) -> BoxFuture<'_, std::result::Result<Option<String>, SupervisorError>> {
+        Box::pin(self.shadowed_host_network(cidr))
+    }
+
+    fn underlay_address(&self) -> Option<Ipv4Addr> {
+        Supervisor::underlay_address(self)
+    }
+
+    fn underlay_mtu(&self, local: Ipv4Addr) -> BoxFuture<'_, std::result::Result<u16, String>> {
+        Box::pin(async move {
+            crate::network::vxlan::underlay_mtu(local)
+                .await
+                .map_err(|err| err.to_string())
+        })
+    }
+
+    fn remove_tenant_bridge(
+        &self,
+        subnet: u8,
+    ) -> BoxFuture<'_, std::result::Result<(), NetworkError>> {
+        Box::pin(
+            async move { crate::network::delete_link(&crate::network::bridge_name(subnet)).await },
+        )
+    }
+}
+
+/// What every service function works with.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<Store>,
+    /// Runs the VMs (start, stop, files).
+    pub supervisor: Arc<Supervisor>,
+    /// The host's bridges, rules and underlay.
+    pub host_network: Arc<dyn HostNetwork>,
+    /// Calls to peer hosts.
+    pub peers: Arc<PeerClient>,
+    pub data_dir: PathBuf,
+    /// Where image files may come from.
+    pub image_dirs: Arc<Vec<PathBuf>>,
+}
+
+impl Services {
+    /// The services of an agent whose host network is its supervisor's.
+    pub fn new(
+        store: Arc<Store>,
+        supervisor: Arc<Supervisor>,
+        peers: Arc<PeerClient>,
+        data_dir: PathBuf,
+        image_dirs: Arc<Vec<PathBuf>>,
+    ) -> Self {
+        Self {
+            store,
+            host_network: supervisor.clone(),
+            supervisor,
+            peers,
+            data_dir,
+            image_dirs,
+        }
+    }
+}
+
+/// Why a service refused or failed. Each variant is one kind of answer
+/// (`http/errors.rs` gives it its status); its message is the client's.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Malformed input: the field at fault and why.
+    #[error("{message}")]
+    Invalid {
+        field: Option<String>,
+        message: String,
+    },
+    /// Well-formed, but not doable on this host (a missing image, a CIDR
+    /// the host uses, an MTU the underlay does not carry).
+    #[error("{message}")]
+    Unprocessable {
+        field: Option<String>,
+        message: String,
+    },
+    /// No such resource, or another tenant's.
+    #[error("no {what} '{id}'")]
+    NotFound { what: &'static str, id: String },
+    /// A record the resource refers to is gone.
+    #[error("{0}")]
+    Gone(String),
+    /// The resource's state or another one's forbids it.
+    #[error("{0}")]
+    Conflict(String),
+    /// The host's disk would go below its reserve.
+    #[error("{0}")]
+    HostFull(String),
+    /// A quota or a pool (addresses, ports) is used up.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The caller's identity no longer holds (its tenant is gone).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A stored record or the host is not as it must be.
+    #[error("{0}")]
+    Internal(String),
+    /// A peer host answered wrongly (not a refusal of its own).
+    #[error("{0}")]
+    PeerAnswer(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Space(#[from] SpaceError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+impl ServiceError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// A 422 naming `field`.
+    pub fn unprocessable(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Unprocessable {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound {
+            what,
+            id: id.into(),
+        }
+    }
+}
+
+/// The input checks of `validate` answer in the API's terms; here they are
+/// an [`ServiceError::Invalid`] again.
+impl From<ApiError> for ServiceError {
+    fn from(error: ApiError) -> Self {
+        let body = error.error;
+        match (body.code, body.field) {
+            (ErrorCode::InvalidInput, field) => Self::Invalid {
+                field,
+                message: body.message,
+            },
+            (ErrorCode::Unprocessable, field) => Self::Unprocessable {
+                field,
+                message: body.message,
+            },
+            (_, _) => Self::Internal(body.message),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,354 @@
+//! A tenant's microVMs: checking a definition, assigning its NICs' MACs and
+//! addresses (this host's IPAM, or the overlay network's home host), the
+//! storage quota and the host's reserve, recording it, and its lifecycle.
+//! A VM whose NICs' rules the host refused is not kept (it would run
+//! unguarded), and addresses a home host granted for a VM that was not
+//! made go back to it.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use nubis_api::{Image, Network, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
+
+use super::{images, networks, Result, Scope, ServiceError, Services};
+use crate::network;
+use crate::store::NewVm;
+use crate::supervisor::networking::nic_address;
+use crate::validate;
+
+/// Largest vCPU count and memory a VM may ask for here (the VMM checks
+/// against the host again).
+const MAX_VCPUS: u32 = 254;
+const MIN_MEMORY_MIB: u64 = 32;
+const MAX_DATA_DISKS: usize = 8;
+const MAX_DISK_MIB: u64 = 1 << 24;
+const MAX_NICS: usize = 4;
+
+fn check_rate(field: &str, limit: &RateLimit) -> Result<()> {
+    if limit.bytes_per_s == Some(0) || limit.ops_per_s == Some(0) {
+        return Err(ServiceError::invalid(
+            field,
+            "a rate of 0 would stop the device: leave it out",
+        ));
+    }
+    Ok(())
+}
+
+fn check(request: &VmCreate) -> Result<()> {
+    validate::name("name", &request.name, false)?;
+    validate::kernel_args("kernel_args", &request.kernel_args)?;
+    if !(1..=MAX_VCPUS).contains(&request.vcpus) {
+        return Err(ServiceError::invalid(
+            "vcpus",
+            format!("must be 1 to {MAX_VCPUS}"),
+        ));
+    }
+    if request.memory_mib < MIN_MEMORY_MIB {
+        return Err(ServiceError::invalid(
+            "memory_mib",
+            format!("must be at least {MIN_MEMORY_MIB}"),
+        ));
+    }
+    if request.disks.len() > MAX_DATA_DISKS {
+        return Err(ServiceError::invalid(
+            "disks",
+            format!("at most {MAX_DATA_DISKS} data disks"),
+        ));
+    }
+    check_rate("root_rate_limit", &request.root_rate_limit)?;
+    for (index, disk) in request.disks.iter().enumerate() {
+        if !(1..=MAX_DISK_MIB).contains(&disk.size_mib) {
+            return Err(ServiceError::invalid(
+                format!("disks[{index}].size_mib"),
+                format!("must be 1 to {MAX_DISK_MIB}"),
+            ));
+        }
+        check_rate(&format!("disks[{index}].rate_limit"), &disk.rate_limit)?;
+    }
+    if request.nics.len() > MAX_NICS {
+        return Err(ServiceError::invalid(
+            "nics",
+            format!("at most {MAX_NICS} NICs"),
+        ));
+    }
+    for (index, nic) in request.nics.iter().enumerate() {
+        check_rate(&format!("nics[{index}].rate_limit"), &nic.rate_limit)?;
+    }
+    Ok(())
+}
+
+/// Defines `request` for `tenant_id` (not started).
+pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Result<Vm> {
+    check(&request)?;
+    // The NICs as the agent will record them: MAC, address and tap are
+    // assigned here, never taken from the request.
+    let mut nics: Vec<VmNic> = request
+        .nics
+        .iter()
+        .map(|nic| VmNic {
+            rate_limit: nic.rate_limit,
+            network: nic.network.clone(),
+            ..VmNic::default()
+        })
+        .collect();
+    let image = images::get(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
+        ServiceError::unprocessable("image", format!("no image '{}'", request.image))
+    })?;
+    let tenant = svc
+        .store
+        .get_tenant(tenant_id)?
+        .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?;
+    // NICs on overlay networks homed on another host get their address
+    // from that host (no lock held while asking: the home takes its own).
+    let mut remote_grants = Vec::new();
+    for (index, nic) in nics.iter_mut().enumerate() {
+        let Some(wanted) = &nic.network else { continue };
+        let net = nic_network(svc, tenant_id, index, wanted)?;
+        if let Some(home) = networks::remote_home(svc, &net)? {
+            let granted = networks::remote_address(svc, &home, &net, &request.name).await;
+            let address = match granted {
+                Ok(address) => address,
+                Err(err) => {
+                    networks::release_remote_addresses(svc, &remote_grants).await;
+                    return Err(err);
+                }
+            };
+            if let Some(parsed) = nic_address(&address) {
+                remote_grants.push((net.clone(), parsed));
+            }
+            nic.network = Some(net.id);
+            nic.address = Some(address);
+            nic.mac = Some(network::random_mac()?.to_string());
+            nic.tap = None;
+        }
+    }
+    let created = create_locked(svc, request, nics, tenant_id, &image, tenant.quota).await;
+    if created.is_err() {
+        networks::release_remote_addresses(svc, &remote_grants).await;
+    }
+    created
+}
+
+/// The tenant's network that NIC `index` names.
+fn nic_network(svc: &Services, tenant_id: &str, index: usize, wanted: &str) -> Result<Network> {
+    svc.store
+        .get_network(Some(tenant_id), wanted)?
+        .ok_or_else(|| {
+            ServiceError::unprocessable(
+                format!("nics[{index}].network"),
+                format!("no network '{wanted}'"),
+            )
+        })
+}
+
+/// Assigns this host's addresses and MACs, and records the VM.
+async fn create_locked(
+    svc: &Services,
+    request: VmCreate,
+    mut nics: Vec<VmNic>,
+    tenant_id: &str,
+    image: &Image,
+    quota: Quota,
+) -> Result<Vm> {
+    // Addresses and MACs are assigned under one lock, so that concurrent
+    // creations never hand out the same address.
+    let network_lock = svc.host_network.lock().await;
+    // Disk space: the root disk (the image's size) and the data disks at
+    // their full size, as a cloud bills them.
+    let asked_mib = crate::quota::mib_of(image.rootfs_bytes)
+        + request.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
+    crate::quota::check_storage(&svc.store, &svc.data_dir, tenant_id, &quota, asked_mib)?;
+    let reserve = svc.supervisor.config().reserved_disk_mib;
+    crate::quota::check_host_space(&svc.data_dir, reserve, asked_mib)?;
+    if !nics.is_empty() {
+        assign_addresses(svc, tenant_id, &mut nics)?;
+    }
+    let vm = svc.store.create_vm(
+        &NewVm {
+            tenant_id: tenant_id.to_string(),
+            name: request.name,
+            image_id: image.id.clone(),
+            vcpus: request.vcpus,
+            memory_mib: request.memory_mib,
+            kernel_args: request.kernel_args,
+            root_rate_limit: request.root_rate_limit,
+            disks: request.disks,
+            nics,
+            restore_from: None,
+        },
+        quota,
+    )?;
+    svc.store.add_event(&vm.id, "created", "VM defined")?;
+    drop(network_lock);
+    if !vm.nics.is_empty() {
+        // The anti-spoofing rules of its NICs exist before its taps do; a
+        // VM whose rules the host refused is not kept, to run unguarded.
+        if let Err(err) = svc.host_network.reconcile().await {
+            svc.store.delete_vm(&vm.id)?;
+            return Err(err.into());
+        }
+    }
+    tracing::info!(vm = %vm.id, tenant = %vm.tenant_id, "VM created");
+    Ok(vm)
+}
+
+/// Gives each NIC without an address (one not granted by its network's
+/// home host) a free address of its network, or of the tenant's default
+/// bridge, and a MAC. The caller holds the network lock.
+fn assign_addresses(svc: &Services, tenant_id: &str, nics: &mut [VmNic]) -> Result<()> {
+    let vms = svc.store.list_vms(Some(tenant_id), None)?;
+    // Addresses in use, across the tenant's VMs and this request.
+    let mut used: HashSet<Ipv4Addr> = vms
+        .iter()
+        .flat_map(|vm| vm.nics.iter())
+        .filter_map(|nic| nic.address.as_deref().and_then(nic_address))
+        .collect();
+    let exhausted = |what: &str| ServiceError::Exhausted(format!("no free address left in {what}"));
+    for (index, nic) in nics.iter_mut().enumerate() {
+        if nic.address.is_some() {
+            // Granted by the network's home host (see `create`).
+            continue;
+        }
+        let (address, prefix) = match &nic.network {
+            Some(wanted) => {
+                let net = nic_network(svc, tenant_id, index, wanted)?;
+                // Those the home granted to other hosts' VMs too.
+                used.extend(networks::used_addresses(svc, &net)?);
+                let cidr = networks::stored_cidr(&net)?;
+                nic.network = Some(net.id);
+                let address = cidr.allocate(&used).ok_or_else(|| exhausted(&net.cidr))?;
+                (address, cidr.prefix())
+            }
+            None => {
+                let subnet = svc.store.tenant_subnet(tenant_id)?;
+                let hosts = used
+                    .iter()
+                    .filter(|address| address.octets()[..3] == [10, 88, subnet])
+                    .map(|address| address.octets()[3])
+                    .collect();
+                let host = network::free_host(&hosts, subnet)
+                    .map_err(|_| exhausted(&format!("10.88.{subnet}.0/24")))?;
+                (Ipv4Addr::new(10, 88, subnet, host), 24)
+            }
+        };
+        used.insert(address);
+        nic.address = Some(format!("{address}/{prefix}"));
+        nic.mac = Some(network::random_mac()?.to_string());
+        nic.tap = None;
+    }
+    Ok(())
+}
+
+/// The VMs `scope` sees, in `wanted` state and named `name` if given.
+pub fn list(
+    svc: &Services,
+    scope: Scope<'_>,
+    wanted: Option<VmState>,
+    name: Option<&str>,
+) -> Result<Vec<Vm>> {
+    let mut vms = svc.store.list_vms(scope.tenant(), wanted)?;
+    if let Some(name) = name {
+        vms.retain(|vm| vm.name == name);
+    }
+    Ok(vms)
+}
+
+/// VM `id` (id or name; any tenant's, by id, for the operator).
+pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vm> {
+    svc.store
+        .get_vm(scope.tenant(), id)?
+        .ok_or_else(|| ServiceError::not_found("VM", id))
+}
+
+/// What can be done to a VM that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    /// Ctrl-Alt-Del, forced after the agent's timeout.
+    Stop,
+    ForceStop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
+/// Does `action` to VM `id` under its lock, with a fresh copy of it, and
+/// returns the VM as it is afterwards.
+pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> Result<Vm> {
+    let vm = get(svc, scope, id)?;
+    let _guard = svc.supervisor.lock(&vm.id).await;
+    let vm = get(svc, scope, &vm.id)?;
+    match action {
+        Action::Start => {
+            let image = images::usable_image(svc, &vm)?;
+            svc.supervisor.start(&vm, &image).await?;
+        }
+        Action::Stop => svc.supervisor.stop(&vm, false).await?,
+        Action::ForceStop => svc.supervisor.stop(&vm, true).await?,
+        Action::Reboot => {
+            svc.supervisor.stop(&vm, false).await?;
+            let image = images::usable_image(svc, &vm)?;
+            let stopped = get(svc, Scope::Operator, &vm.id)?;
+            svc.supervisor.start(&stopped, &image).await?;
+        }
+        Action::Pause => svc.supervisor.pause(&vm, true).await?,
+        Action::Resume => svc.supervisor.pause(&vm, false).await?,
+    }
+    get(svc, scope, &vm.id)
+}
+
+/// Deletes VM `id`, stopping it at once first if it runs; its NICs' rules,
+/// port forwards and overlay addresses go with it.
+pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
+    let vm = get(svc, scope, id)?;
+    let _guard = svc.supervisor.lock(&vm.id).await;
+    let vm = get(svc, scope, &vm.id)?;
+    if vm.state.has_process() {
+        svc.supervisor.stop(&vm, true).await?;
+    }
+    svc.supervisor.remove_files(&vm)?;
+    svc.store.delete_vm(&vm.id)?;
+    if !vm.nics.is_empty() {
+        svc.host_network.reconcile().await?;
+        networks::release_remote_addresses(svc, &overlay_nics(svc, &vm)?).await;
+    }
+    tracing::info!(vm = %vm.id, "VM deleted");
+    Ok(())
+}
+
+/// `vm`'s NICs on overlay networks, with their addresses.
+fn overlay_nics(svc: &Services, vm: &Vm) -> Result<Vec<(Network, Ipv4Addr)>> {
+    let mut nics = Vec::new();
+    for nic in &vm.nics {
+        let (Some(id), Some(address)) =
+            (&nic.network, nic.address.as_deref().and_then(nic_address))
+        else {
+            continue;
+        };
+        if let Some(net) = svc.store.get_network(None, id)? {
+            if net.overlay.is_some() {
+                nics.push((net, address));
+            }
+        }
+    }
+    Ok(nics)
+}
+
+/// VM `id`'s event log.
+pub fn events(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vec<VmEvent>> {
+    let vm = get(svc, scope, id)?;
+    Ok(svc.store.events(&vm.id)?)
+}
+
+/// VM `id` and the path of its serial console log.
+pub fn console(svc: &Services, scope: Scope<'_>, id: &str) -> Result<(Vm, PathBuf)> {
+    let vm = get(svc, scope, id)?;
+    let path = svc.supervisor.console_path(&vm.id);
+    Ok((vm, path))
+}
+
+/// Whether VM `id` has a VMM process (its console may still grow).
+pub fn has_process(svc: &Services, id: &str) -> bool {
+    matches!(svc.store.get_vm(None, id), Ok(Some(vm)) if vm.state.has_process())
+}
