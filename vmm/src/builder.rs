@@ -24,8 +24,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{
-    disk_id, host_memory_mib, net_id, ConfigError, HostLimits, MacAddr, NetConfig, SerialConfig,
-    VmConfig,
+    disk_id, host_memory_mib, net_id, ConfigError, HostLimits, NetConfig, SerialConfig, VmConfig,
 };
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::acpi_pm::AcpiPm;
@@ -455,7 +454,7 @@ fn build(config: VmConfig, restore: Option<&mut dyn RestoreSource>) -> Result<Bu
         let tap = open_tap(&id, net)?;
         let mac = match net.mac {
             Some(mac) => mac,
-            None => MacAddr::random().map_err(|source| BuildError::RandomMac {
+            None => crate::config::random_mac().map_err(|source| BuildError::RandomMac {
                 id: id.clone(),
                 source,
             })?,
