@@ -3,20 +3,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A rate limit: bytes and operations (requests or frames) per second; an
-/// absent rate is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    /// At least 1 (0 would stop the device).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
-    pub bytes_per_s: Option<u64>,
-    /// At least 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
-    pub ops_per_s: Option<u64>,
-}
+/// A device's rate limit: one definition with the VMM's (`nubis_contract`),
+/// so that the agent hands a tenant's limit to the VMM as it is.
+pub use nubis_contract::RateLimit;
 
 /// An extra data disk, created empty (sparse) for the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -16,7 +16,6 @@ use axum::Router;
 use nubis_api::VmState;
 
 use super::{AppState, Operator, Result};
-use crate::supervisor::control;
 
 /// Latency histogram bucket bounds, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0];
@@ -147,27 +146,19 @@ async fn metrics(State(state): State<AppState>, _operator: Operator) -> Result<R
         .iter()
         .filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused))
     {
-        let socket = state.supervisor.paths(&vm.id).control;
-        let Ok(status) = control::command(&socket, "status").await else {
+        let Ok(status) = state.supervisor.vmm(&vm.id).status().await else {
             continue;
         };
-        let devices = status["status"]["devices"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for device in devices {
-            let id = escape(device["id"].as_str().unwrap_or("?"));
-            let Some(counters) = device["counters"].as_object() else {
-                continue;
-            };
-            for (name, value) in counters {
+        for device in status.devices {
+            let id = escape(&device.id);
+            for (name, value) in device.counters {
                 let _ = writeln!(
                     out,
                     "nubis_vm_device_total{{vm=\"{}\",tenant=\"{}\",device=\"{id}\",counter=\"{}\"}} {}",
                     escape(&vm.id),
                     escape(&vm.tenant_id),
-                    escape(name),
-                    value.as_u64().unwrap_or(0)
+                    escape(&name),
+                    value
                 );
             }
         }

@@ -19,9 +19,11 @@ use super::errors::peer_failed;
 use super::{AppState, Body, Caller, HttpError, Path, Result};
 use crate::service::{networks, vms};
 use crate::store::Peer;
-use crate::supervisor::control;
+use crate::supervisor::control::MigrateOptions;
 use crate::supervisor::migration as handover;
 use crate::supervisor::networking::nic_address;
+use nubis_contract::control::DiskMigration;
+use nubis_contract::migration::Phase;
 
 /// The migrations this host drives (or drove), by VM id.
 #[derive(Default)]
@@ -204,23 +206,21 @@ async fn drive(
         )
         .await
         .map_err(peer_failed)?;
-    let socket = state.supervisor.paths(&vm.id).control;
-    let mut request = serde_json::json!({
-        "command": "migrate", "to": ready.listen, "token": ready.token, "key": ready.key,
-        "disks": "copy",
-        "downtime_ms": limits.downtime_ms.unwrap_or(100),
-    });
-    if let Some(rounds) = limits.max_rounds {
-        request["max_rounds"] = rounds.into();
-    }
-    if let Some(seconds) = limits.max_seconds {
-        request["max_seconds"] = seconds.into();
-    }
+    let vmm = state.supervisor.vmm(&vm.id);
+    let options = MigrateOptions {
+        disks: DiskMigration::Copy,
+        downtime_ms: Some(limits.downtime_ms.unwrap_or(100)),
+        max_rounds: limits.max_rounds,
+        max_seconds: limits.max_seconds,
+    };
     // Recorded before the VMM may hand the VM over: from here on a
     // restarted agent does not start it again (see `supervisor::migration`).
     let paths = state.supervisor.paths(&vm.id);
     handover::record_handover(&paths, &peer.host.name)?;
-    if let Err(err) = control::request(&socket, request).await {
+    if let Err(err) = vmm
+        .migrate(&ready.listen, &ready.token, &ready.key, options)
+        .await
+    {
         handover::clear_handover(&paths)?;
         abort_destination(state, peer, &vm.id).await;
         return Err(crate::supervisor::SupervisorError::from(err).into());
@@ -229,22 +229,20 @@ async fn drive(
     // hand-over, so a vanished control socket means "look at its exit".
     let phase = loop {
         tokio::time::sleep(POLL).await;
-        match control::command(&socket, "migration_status").await {
-            Ok(answer) => {
-                let progress = &answer["migration"];
-                let phase = progress["phase"].as_str().unwrap_or("").to_string();
+        match vmm.migration_status().await {
+            Ok(progress) => {
                 state.migrations.update(&vm.id, |m| {
-                    m.phase = phase.clone();
-                    m.rounds = progress["rounds"].as_u64().unwrap_or(0) as u32;
-                    m.bytes_sent = progress["bytes_sent"].as_u64().unwrap_or(0);
-                    m.dirty_pages = progress["dirty_pages"].as_u64().unwrap_or(0);
-                    m.expected_downtime_ms = progress["expected_downtime_ms"].as_u64().unwrap_or(0);
-                    m.downtime_ms = progress["downtime_ms"].as_u64();
-                    m.error = progress["error"].as_str().map(str::to_string);
+                    m.phase = progress.phase.as_str().to_string();
+                    m.rounds = progress.rounds;
+                    m.bytes_sent = progress.bytes_sent;
+                    m.dirty_pages = progress.dirty_pages;
+                    m.expected_downtime_ms = progress.expected_downtime_ms;
+                    m.downtime_ms = progress.downtime_ms;
+                    m.error = progress.error.clone();
                     m.elapsed_ms = started.elapsed().as_millis() as u64;
                 });
-                if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
-                    break phase;
+                if progress.phase.is_over() {
+                    break progress.phase;
                 }
             }
             Err(_) => {
@@ -261,20 +259,20 @@ async fn drive(
             }
         }
     };
-    match phase.as_str() {
-        "completed" => {
+    match phase {
+        Phase::Completed => {
             crate::crash::point("migration_handed_over");
             finish(state, &vm, peer, local).await
         }
-        "unconfirmed" => {
+        Phase::Unconfirmed => {
             // Does the destination run it? Then it is there; otherwise it
             // runs on here.
             let there = state.peers.vm(peer, &vm.id).await;
             if there.is_ok_and(|remote| remote.state.has_process()) {
-                let _ = control::command(&socket, "stop").await;
+                let _ = vmm.stop().await;
                 finish(state, &vm, peer, local).await
             } else {
-                let _ = control::command(&socket, "resume").await;
+                let _ = vmm.resume().await;
                 handover::clear_handover(&paths)?;
                 abort_destination(state, peer, &vm.id).await;
                 Err(failed(
@@ -289,8 +287,10 @@ async fn drive(
                 .migrations
                 .get(&vm.id)
                 .and_then(|m| m.error)
-                .unwrap_or_else(|| format!("the migration ended {phase}"));
-            state.migrations.update(&vm.id, |m| m.phase = phase.clone());
+                .unwrap_or_else(|| format!("the migration ended {}", phase.as_str()));
+            state
+                .migrations
+                .update(&vm.id, |m| m.phase = phase.as_str().to_string());
             Err(failed(error))
         }
     }
@@ -390,8 +390,8 @@ fn downtime_in_log(log: &str) -> Option<u64> {
         .and_then(|ms| ms.parse().ok())
 }
 
-/// After the VMM went: "completed" when it left for the destination.
-async fn exited_phase(state: &AppState, vm_id: &str) -> String {
+/// After the VMM went: completed when it left for the destination.
+async fn exited_phase(state: &AppState, vm_id: &str) -> Phase {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(vm)) = state.store.get_vm(None, vm_id) {
@@ -400,12 +400,16 @@ async fn exited_phase(state: &AppState, vm_id: &str) -> String {
                     .last_exit
                     .as_deref()
                     .is_some_and(|exit| exit.contains("migrated to"));
-                return if migrated { "completed" } else { "failed" }.into();
+                return if migrated {
+                    Phase::Completed
+                } else {
+                    Phase::Failed
+                };
             }
         }
         tokio::time::sleep(POLL).await;
     }
-    "failed".into()
+    Phase::Failed
 }
 
 async fn abort_destination(state: &AppState, peer: &Peer, vm_id: &str) {
@@ -537,7 +541,10 @@ pub(crate) async fn cancel(
             "no migration of this VM runs",
         ));
     }
-    control::command(&state.supervisor.paths(&vm.id).control, "migrate_cancel")
+    state
+        .supervisor
+        .vmm(&vm.id)
+        .migrate_cancel()
         .await
         .map_err(crate::supervisor::SupervisorError::from)?;
     Ok(StatusCode::NO_CONTENT)

@@ -185,8 +185,9 @@ mod tests {
 
     #[test]
     fn only_the_not_received_exit_drops_a_copy() {
-        use super::super::process::{VmmExit, VMM_EXIT_NOT_RECEIVED};
-        assert!(VmmExit::Code(VMM_EXIT_NOT_RECEIVED).is_not_received());
+        use super::super::process::VmmExit;
+        use nubis_contract::exit::EXIT_NOT_RECEIVED;
+        assert!(VmmExit::Code(EXIT_NOT_RECEIVED).is_not_received());
         for other in [
             VmmExit::Code(0),
             VmmExit::Code(1),
@@ -196,8 +197,7 @@ mod tests {
         ] {
             assert!(!other.is_not_received(), "{other:?}");
         }
-        let (state, reason) =
-            VmmExit::Code(VMM_EXIT_NOT_RECEIVED).describe("the source went silent");
+        let (state, reason) = VmmExit::Code(EXIT_NOT_RECEIVED).describe("the source went silent");
         assert_eq!(state, VmState::Failed);
         assert!(
             reason.contains("not received: the source went silent"),

@@ -27,7 +27,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nubis_api::{Image, Network, Vm, VmState};
+use nubis_api::{Image, Network, RateLimit, Vm, VmState};
+use nubis_contract::config::{
+    BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    CONFIG_VERSION,
+};
 use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
@@ -36,7 +40,7 @@ use crate::network::dhcp_server::{DhcpServerError, DhcpServers};
 use crate::network::firewall::FirewallError;
 use crate::network::{self, NetworkError};
 use crate::store::{Store, StoreError};
-use control::ControlError;
+use control::{ControlError, VmmClient};
 use process::{ExitWatch, VmmExit};
 
 /// Errors of VM operations.
@@ -61,6 +65,8 @@ pub enum SupervisorError {
     },
     #[error(transparent)]
     VmFiles(#[from] vmfs::VmFsError),
+    #[error("cannot write VM {vm}'s VMM config: {reason}")]
+    VmmConfig { vm: String, reason: String },
     #[error("cannot start {binary}: {source}")]
     Spawn {
         binary: PathBuf,
@@ -195,6 +201,11 @@ impl Supervisor {
 
     pub fn paths(&self, vm_id: &str) -> VmPaths {
         VmPaths::under(self.config.data_dir.join("vms").join(vm_id))
+    }
+
+    /// A client of VM `vm_id`'s VMM (its control socket).
+    pub fn vmm(&self, vm_id: &str) -> VmmClient {
+        VmmClient::new(self.paths(vm_id).control)
     }
 
     /// VM `vm_id`'s own user and group in its jail.
@@ -366,13 +377,17 @@ impl Supervisor {
             &jail::inside_image(image),
             &jail::inside_paths(),
             &networks,
-        );
+        )?;
+        let text = serde_json::to_string(&config).map_err(|err| SupervisorError::VmmConfig {
+            vm: vm.id.clone(),
+            reason: err.to_string(),
+        })?;
         // In the agent's own directory: written whole, then renamed over
         // the old one.
         let mut partial = paths.vmm_config.clone().into_os_string();
         partial.push(".partial");
         let partial = PathBuf::from(partial);
-        std::fs::write(&partial, config.to_string())
+        std::fs::write(&partial, text)
             .and_then(|()| std::fs::rename(&partial, &paths.vmm_config))
             .map_err(|source| SupervisorError::Files {
                 path: paths.vmm_config.clone(),
@@ -473,14 +488,14 @@ impl Supervisor {
         if !vm.state.has_process() {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
-        let paths = self.paths(&vm.id);
+        let vmm = self.vmm(&vm.id);
         self.store
             .set_vm_state(&vm.id, VmState::Stopping, vm.pid, None)?;
         if !force {
             if vm.state == VmState::Paused {
-                let _ = control::command(&paths.control, "resume").await;
+                let _ = vmm.resume().await;
             }
-            match control::command(&paths.control, "shutdown").await {
+            match vmm.shutdown().await {
                 Ok(_) => {
                     self.event(&vm.id, "stopping", "sent Ctrl-Alt-Del to the guest");
                     let timeout = Duration::from_secs(self.config.stop_timeout_s);
@@ -496,9 +511,7 @@ impl Supervisor {
                 Err(err) => self.event(&vm.id, "stopping", &format!("graceful stop failed: {err}")),
             }
         }
-        if control::command(&paths.control, "stop").await.is_ok()
-            && self.wait_exit(&vm.id, Duration::from_secs(10)).await
-        {
+        if vmm.stop().await.is_ok() && self.wait_exit(&vm.id, Duration::from_secs(10)).await {
             self.event(&vm.id, "stopped", "forced stop through the control socket");
             return Ok(());
         }
@@ -521,8 +534,14 @@ impl Supervisor {
         if vm.state != expected {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
-        let command = if pause { "pause" } else { "resume" };
-        control::command(&self.paths(&vm.id).control, command).await?;
+        let vmm = self.vmm(&vm.id);
+        let command = if pause {
+            vmm.pause().await?;
+            "pause"
+        } else {
+            vmm.resume().await?;
+            "resume"
+        };
         let state = if pause {
             VmState::Paused
         } else {
@@ -581,7 +600,7 @@ impl Supervisor {
                     if agent_paused.exists() {
                         // A snapshot paused it and the agent stopped before
                         // resuming it.
-                        match control::command(&paths.control, "resume").await {
+                        match self.vmm(&vm.id).resume().await {
                             Ok(_) => {
                                 self.event(
                                     &vm.id,
@@ -596,8 +615,8 @@ impl Supervisor {
                             ),
                         }
                     }
-                    let state = match control::command(&paths.control, "status").await {
-                        Ok(answer) if answer["status"]["state"] == "paused" => VmState::Paused,
+                    let state = match self.vmm(&vm.id).status().await {
+                        Ok(status) if status.state == control::VmState::Paused => VmState::Paused,
                         _ => VmState::Running,
                     };
                     let state = match vm.state {
@@ -693,44 +712,61 @@ impl Supervisor {
     }
 }
 
-/// The VMM's JSON config for `vm`; `networks` are its NICs' networks (None
+/// The VMM's config for `vm`; `networks` are its NICs' networks (None
 /// for a NIC on the tenant's default bridge).
 fn vmm_config(
     vm: &Vm,
     image: &Image,
     paths: &VmPaths,
     networks: &[Option<Network>],
-) -> serde_json::Value {
-    let limit = |limit: &nubis_api::RateLimit| serde_json::to_value(limit).unwrap_or_default();
-    let mut disks = vec![serde_json::json!({
-        "path": paths.root_disk,
-        "id": "root",
-        "rate_limit": limit(&vm.root_rate_limit),
-    })];
-    for (index, disk) in vm.disks.iter().enumerate() {
-        disks.push(serde_json::json!({
-            "path": paths.data_disk(index),
-            "id": format!("data{index}"),
-            "rate_limit": limit(&disk.rate_limit),
-        }));
+) -> Result<VmConfig, SupervisorError> {
+    let disk = |path: PathBuf, id: String, rate_limit: RateLimit| DiskConfig {
+        path,
+        read_only: false,
+        id: Some(id),
+        rate_limit,
+    };
+    let mut disks = vec![disk(
+        paths.root_disk.clone(),
+        "root".into(),
+        vm.root_rate_limit,
+    )];
+    for (index, data) in vm.disks.iter().enumerate() {
+        disks.push(disk(
+            paths.data_disk(index),
+            format!("data{index}"),
+            data.rate_limit,
+        ));
     }
-    let nets: Vec<serde_json::Value> = vm
+    let nets = vm
         .nics
         .iter()
         .enumerate()
         .map(|(index, nic)| {
-            let mut net = serde_json::json!({
-                "tap": network::tap_name(&vm.id, index).as_str(),
-                "mac": nic.mac,
-                "id": format!("net{index}"),
-                "rate_limit": limit(&nic.rate_limit),
-            });
-            if let Some(Some(network)) = networks.get(index) {
-                net["mtu"] = serde_json::json!(network.mtu);
-            }
-            net
+            let mac = nic
+                .mac
+                .as_deref()
+                .map(|mac| {
+                    mac.parse::<MacAddr>()
+                        .map_err(|reason| SupervisorError::VmmConfig {
+                            vm: vm.id.clone(),
+                            reason,
+                        })
+                })
+                .transpose()?;
+            Ok(NetConfig {
+                tap: Some(network::tap_name(&vm.id, index).as_str().to_string()),
+                fd: None,
+                mac,
+                id: Some(format!("net{index}")),
+                rate_limit: nic.rate_limit,
+                mtu: match networks.get(index) {
+                    Some(Some(network)) => Some(network.mtu),
+                    _ => None,
+                },
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, SupervisorError>>()?;
     // The kernel configures one interface from `ip=`: the first NIC's, by
     // DHCP where its network serves it, else with its address.
     let ip_arg = match (vm.nics.first(), networks.first()) {
@@ -752,19 +788,25 @@ fn vmm_config(
     .copied()
     .collect::<Vec<_>>()
     .join(" ");
-    let mut boot = serde_json::json!({ "kernel": image.kernel, "cmdline": cmdline });
-    if let Some(initrd) = &image.initrd {
-        boot["initrd"] = serde_json::json!(initrd);
-    }
-    serde_json::json!({
-        "version": 1,
-        "boot": boot,
-        "machine": { "vcpus": vm.vcpus, "memory_mib": vm.memory_mib },
-        "serial": { "mode": "file", "path": paths.console },
-        "disks": disks,
-        "nets": nets,
-        "rng": true,
-        "control_socket": paths.control,
+    Ok(VmConfig {
+        version: CONFIG_VERSION,
+        boot: BootConfig {
+            kernel: image.kernel.clone().into(),
+            initrd: image.initrd.clone().map(PathBuf::from),
+            cmdline,
+        },
+        machine: MachineConfig {
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+        },
+        serial: SerialConfig::File {
+            path: paths.console.clone(),
+        },
+        disks,
+        nets,
+        rng: true,
+        consoles: Vec::new(),
+        control_socket: Some(paths.control.clone()),
     })
 }
 
@@ -819,17 +861,39 @@ mod tests {
             restore_from: None,
             created_at: 0,
         };
-        let config = vmm_config(&vm, &image, &paths, &[]);
+        let config = vmm_config(&vm, &image, &paths, &[]).unwrap();
+        assert_eq!(config.boot.cmdline, "console=ttyS0 root=/dev/vda quiet");
+        assert_eq!(config.disks[0].path, Path::new("/d/root.raw"));
+        assert_eq!(config.disks[0].id.as_deref(), Some("root"));
+        assert_eq!(config.disks[1].path, Path::new("/d/data0.raw"));
+        assert_eq!(config.disks[1].id.as_deref(), Some("data0"));
+        assert_eq!(config.disks[1].rate_limit.bytes_per_s, Some(1000));
+        assert_eq!(config.machine.vcpus, 2);
         assert_eq!(
-            config["boot"]["cmdline"],
-            "console=ttyS0 root=/dev/vda quiet"
+            config.serial,
+            SerialConfig::File {
+                path: "/d/console.log".into()
+            }
         );
-        assert_eq!(config["disks"][0]["path"], "/d/root.raw");
-        assert_eq!(config["disks"][1]["path"], "/d/data0.raw");
-        assert_eq!(config["disks"][1]["rate_limit"]["bytes_per_s"], 1000);
-        assert_eq!(config["machine"]["vcpus"], 2);
-        assert_eq!(config["serial"]["path"], "/d/console.log");
-        assert!(config["boot"].get("initrd").is_none());
+        assert_eq!(config.boot.initrd, None);
+        assert_eq!(config.control_socket, Some(paths.control.clone()));
+        // The file the VMM reads, in the exact shape it has always had.
+        assert_eq!(
+            serde_json::to_value(&config).unwrap(),
+            serde_json::json!({
+                "version": 1,
+                "boot": {"kernel": "/images/vmlinux", "cmdline": "console=ttyS0 root=/dev/vda quiet"},
+                "machine": {"vcpus": 2, "memory_mib": 256},
+                "serial": {"mode": "file", "path": "/d/console.log"},
+                "disks": [
+                    {"path": "/d/root.raw", "read_only": false, "id": "root"},
+                    {"path": "/d/data0.raw", "read_only": false, "id": "data0",
+                     "rate_limit": {"bytes_per_s": 1000}},
+                ],
+                "rng": true,
+                "control_socket": "/d/control.sock",
+            })
+        );
 
         // A NIC on a DHCP network: `ip=dhcp` and the network's MTU; one on
         // the default bridge: its address in `ip=`.
@@ -858,32 +922,52 @@ mod tests {
             nics: vec![nic(Some("net-1"), "10.30.0.2/24")],
             ..vm.clone()
         };
-        let config = vmm_config(&on_network, &image, &paths, &[Some(network.clone())]);
+        let config = vmm_config(&on_network, &image, &paths, &[Some(network.clone())]).unwrap();
         assert_eq!(
-            config["boot"]["cmdline"],
+            config.boot.cmdline,
             "console=ttyS0 root=/dev/vda quiet ip=:::::eth0:dhcp"
         );
-        assert_eq!(config["nets"][0]["mtu"], 1450);
-        assert_eq!(config["nets"][0]["mac"], "02:4e:42:00:00:01");
+        assert_eq!(config.nets[0].mtu, Some(1450));
+        assert_eq!(
+            config.nets[0].mac.map(|mac| mac.to_string()).as_deref(),
+            Some("02:4e:42:00:00:01")
+        );
+        assert_eq!(config.nets[0].id.as_deref(), Some("net0"));
+        assert_eq!(
+            config.nets[0].tap.as_deref(),
+            Some(network::tap_name("vm-1", 0).as_str())
+        );
         let static_network = Network {
             dhcp: false,
             ..network
         };
-        let config = vmm_config(&on_network, &image, &paths, &[Some(static_network)]);
+        let config = vmm_config(&on_network, &image, &paths, &[Some(static_network)]).unwrap();
         assert_eq!(
-            config["boot"]["cmdline"],
+            config.boot.cmdline,
             "console=ttyS0 root=/dev/vda quiet ip=10.30.0.2::10.30.0.1:255.255.255.0::eth0:off"
         );
         let default_bridge = Vm {
             nics: vec![nic(None, "10.88.1.2/24")],
             ..vm
         };
-        let config = vmm_config(&default_bridge, &image, &paths, &[None]);
-        assert!(config["nets"][0].get("mtu").is_none());
-        assert!(config["boot"]["cmdline"]
-            .as_str()
-            .unwrap()
+        let config = vmm_config(&default_bridge, &image, &paths, &[None]).unwrap();
+        assert_eq!(config.nets[0].mtu, None);
+        assert!(config
+            .boot
+            .cmdline
             .ends_with("ip=10.88.1.2::10.88.1.1:255.255.255.0::eth0:off"));
+        // A MAC that is not one is refused here, not by the VMM.
+        let bad_mac = Vm {
+            nics: vec![nubis_api::VmNic {
+                mac: Some("02:4e:42".into()),
+                ..Default::default()
+            }],
+            ..default_bridge
+        };
+        assert!(matches!(
+            vmm_config(&bad_mac, &image, &paths, &[None]),
+            Err(SupervisorError::VmmConfig { .. })
+        ));
     }
 
     #[test]

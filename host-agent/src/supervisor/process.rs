@@ -68,15 +68,14 @@ fn reap(pidfd: &OwnedFd) -> VmmExit {
     }
 }
 
-/// The exit status of a VMM started to receive a live migration when none
-/// was handed over to it: the guest never ran there (the VMM's
-/// `EXIT_NOT_RECEIVED`, vmm/src/runtime/exit.rs).
-pub const VMM_EXIT_NOT_RECEIVED: i32 = 3;
+// The VMM's exit codes; `EXIT_NOT_RECEIVED`: a VMM started to receive a
+// live migration when none was handed over to it (the guest never ran there).
+use nubis_contract::exit::{EXIT_GUEST_CRASH, EXIT_NOT_RECEIVED, EXIT_OK};
 
 impl VmmExit {
     /// Whether this is a receiving VMM's exit without a hand-over.
     pub fn is_not_received(self) -> bool {
-        self == Self::Code(VMM_EXIT_NOT_RECEIVED)
+        self == Self::Code(EXIT_NOT_RECEIVED)
     }
 
     /// The VM's state after this exit, and the reason to record, from the
@@ -84,9 +83,11 @@ impl VmmExit {
     pub fn describe(self, log_tail: &str) -> (VmState, String) {
         let clean_in_log = log_tail.contains("VM stopped");
         match self {
-            Self::Code(0) => (VmState::Stopped, format!("stopped: {log_tail}")),
-            Self::Code(2) => (VmState::Failed, format!("the guest crashed: {log_tail}")),
-            Self::Code(VMM_EXIT_NOT_RECEIVED) => (
+            Self::Code(EXIT_OK) => (VmState::Stopped, format!("stopped: {log_tail}")),
+            Self::Code(EXIT_GUEST_CRASH) => {
+                (VmState::Failed, format!("the guest crashed: {log_tail}"))
+            }
+            Self::Code(EXIT_NOT_RECEIVED) => (
                 VmState::Failed,
                 format!("the migration in was not received: {log_tail}"),
             ),
@@ -199,7 +200,7 @@ pub async fn wait_for_control(
         if let Some(exit) = *exit.borrow() {
             return Err(format!("{exit:?}"));
         }
-        if control::command(socket, "status").await.is_ok() {
+        if control::VmmClient::new(socket).status().await.is_ok() {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use nubis_api::{Vm, VmState};
 
+use super::control::VmmClient;
 use super::vmfs::Dir;
-use super::{control, jail, Supervisor, SupervisorError, VmPaths, AGENT_PAUSED};
+use super::{jail, Supervisor, SupervisorError, VmPaths, AGENT_PAUSED};
 use crate::disks;
 
 impl Supervisor {
@@ -25,7 +26,7 @@ impl Supervisor {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
         let dir = self.snapshot_dir(id);
-        let socket = self.paths(&vm.id).control;
+        let vmm = self.vmm(&vm.id);
         let was_running = vm.state == VmState::Running;
         // Recorded before the pause: a restarted agent resumes the VM.
         let paused_mark = self.paths(&vm.id).dir.join(AGENT_PAUSED);
@@ -34,15 +35,15 @@ impl Supervisor {
                 path: paused_mark.clone(),
                 source,
             })?;
-            if let Err(err) = control::command(&socket, "pause").await {
+            if let Err(err) = vmm.pause().await {
                 let _ = std::fs::remove_file(&paused_mark);
                 return Err(err.into());
             }
             crate::crash::point("snapshot_paused");
         }
-        let taken = self.save(vm, &socket, &dir).await;
+        let taken = self.save(vm, &vmm, &dir).await;
         if was_running {
-            match control::command(&socket, "resume").await {
+            match vmm.resume().await {
                 Ok(_) => {
                     let _ = std::fs::remove_file(&paused_mark);
                 }
@@ -65,7 +66,7 @@ impl Supervisor {
     }
 
     /// Memory and state through the VMM, then the disks, while paused.
-    async fn save(&self, vm: &Vm, socket: &Path, dir: &Path) -> Result<(), SupervisorError> {
+    async fn save(&self, vm: &Vm, vmm: &VmmClient, dir: &Path) -> Result<(), SupervisorError> {
         // The jailed VMM writes into its own VM directory (the only place it
         // can); the files then move to the snapshot store, where they are
         // checked (see `jail::seal_snapshot`).
@@ -74,11 +75,7 @@ impl Supervisor {
         let jail_dir = Dir::open(&paths.jail)?;
         jail::snapshot_out(&jail_dir, uid)?;
         let inside = Path::new(jail::VM_DIR).join(jail::SNAPSHOT_OUT);
-        control::request(
-            socket,
-            serde_json::json!({"command": "snapshot", "dir": inside}),
-        )
-        .await?;
+        vmm.snapshot(&inside).await?;
         let store = self.config.data_dir.join("snapshots");
         std::fs::create_dir_all(&store)
             .and_then(|()| {

@@ -9,7 +9,7 @@ use event_manager::MutEventSubscriber;
 
 use super::DeviceError;
 use crate::arch::x86_64::layout::{virtio_mmio_cmdline, virtio_mmio_slot, VIRTIO_MMIO_SIZE};
-use crate::config::{disk_id, net_id, ConfigError, MacAddr, NetConfig, VmConfig};
+use crate::config::{disk_id, net_id, ConfigError, NetConfig, VmConfig};
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::Block;
@@ -155,7 +155,7 @@ pub fn attach_all(
         let tap = open_tap(&id, net)?;
         let mac = match net.mac {
             Some(mac) => mac,
-            None => MacAddr::random().map_err(|source| DeviceError::RandomMac {
+            None => crate::config::random_mac().map_err(|source| DeviceError::RandomMac {
                 id: id.clone(),
                 source,
             })?,

@@ -21,12 +21,13 @@ pub mod source;
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::snapshot::SnapshotError;
 use crate::vstate::vm::VmError;
 use protocol::ProtocolError;
 use secure::{MigrationKey, SecureError};
+
+/// What `migration_status` reports: part of the agent's contract.
+pub use nubis_contract::migration::{Phase, Progress};
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -198,75 +199,6 @@ impl Settings {
             max_copy_time: Duration::from_secs(max_seconds),
             copy_disks,
         })
-    }
-}
-
-/// Where a migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Connecting,
-    Copying,
-    HandingOver,
-    /// The destination runs the guest; the source is stopping.
-    Completed,
-    /// The source runs on.
-    Failed,
-    Cancelled,
-    /// `Commit` went out but the destination never said `Running`: the
-    /// source stays paused until whoever drives the migration decides.
-    Unconfirmed,
-}
-
-/// What `migration_status` reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    pub phase: Phase,
-    pub to: String,
-    /// Copy rounds done; round 0 is the full copy.
-    pub rounds: u32,
-    pub bytes_sent: u64,
-    pub pages_sent: u64,
-    /// Pages found dirty at the start of the last round.
-    pub dirty_pages: u64,
-    /// Pages the guest dirtied per second, in the last round.
-    pub dirty_rate_pages_per_s: f64,
-    /// Bytes per second the last round reached.
-    pub bandwidth_bytes_per_s: f64,
-    /// What the hand-over would cost now, at that bandwidth.
-    pub expected_downtime_ms: u64,
-    /// The pause the guest saw, once handed over.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub downtime_ms: Option<u64>,
-    pub elapsed_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Progress {
-    pub fn new(to: &str) -> Self {
-        Self {
-            phase: Phase::Connecting,
-            to: to.to_string(),
-            rounds: 0,
-            bytes_sent: 0,
-            pages_sent: 0,
-            dirty_pages: 0,
-            dirty_rate_pages_per_s: 0.0,
-            bandwidth_bytes_per_s: 0.0,
-            expected_downtime_ms: 0,
-            downtime_ms: None,
-            elapsed_ms: 0,
-            error: None,
-        }
-    }
-
-    /// Whether the migration has ended, one way or the other.
-    pub fn is_over(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::Unconfirmed
-        )
     }
 }
 

@@ -33,25 +33,7 @@ pub enum RateLimiterError {
 }
 
 /// The limits of one device (or one NIC direction). `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes_per_s: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ops_per_s: Option<u64>,
-}
-
-impl RateLimit {
-    pub fn is_unlimited(&self) -> bool {
-        self.bytes_per_s.is_none() && self.ops_per_s.is_none()
-    }
-
-    /// A zero rate would stop the device for good: it is refused.
-    pub fn has_zero_rate(&self) -> bool {
-        self.bytes_per_s == Some(0) || self.ops_per_s == Some(0)
-    }
-}
+pub use nubis_contract::RateLimit;
 
 /// One token bucket, refilled continuously at `rate` tokens per second.
 #[derive(Debug, Clone)]

@@ -2,17 +2,9 @@
 //! notifier are in [`crate::vstate::exit`], below the vCPUs that report
 //! them.
 
-/// The process exit status for a clean stop.
-pub const EXIT_OK: i32 = 0;
-/// The process exit status for bad input or a VMM failure.
-pub const EXIT_VMM_ERROR: i32 = 1;
-/// The process exit status when the guest crashed the VM.
-pub const EXIT_GUEST_CRASH: i32 = 2;
-/// The process exit status of a VMM started to receive a live migration
-/// when none was handed over to it: the guest never ran in this process,
-/// so whoever started it may forget the copy (the agent must match it:
-/// `host-agent/src/supervisor/process.rs`).
-pub const EXIT_NOT_RECEIVED: i32 = 3;
+/// The process exit statuses (clean stop, VMM error, guest crash, a
+/// migration in that was not received): the agent reads them.
+pub use nubis_contract::exit::{EXIT_GUEST_CRASH, EXIT_NOT_RECEIVED, EXIT_OK, EXIT_VMM_ERROR};
 
 pub use crate::vstate::exit::{ExitNotifier, ExitReason};
 

@@ -62,6 +62,16 @@ impl Client {
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// Sends a request with `body` (one of the API's request types) as JSON.
+    pub fn send_json<T: serde::Serialize>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<Value, ClientError> {
+        self.call(method, path, Some(&serde_json::to_value(body)?))
+    }
+
     /// Streams a local file as a request body (PUT).
     pub fn upload(&self, path: &str, local: &std::path::Path) -> Result<Value, ClientError> {
         let file = std::fs::File::open(local).map_err(|err| ClientError::Unexpected {

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use nubis_api::{
+    ImageCreate, MigrationCreate, NetworkCreate, PortForwardCreate, Protocol, Quota, RateLimit,
+    SnapshotRestore, TenantCreate, VmDisk, VmNicCreate,
+};
+use serde_json::Value;
 
 use client::{Client, ClientError};
 
@@ -372,7 +376,7 @@ fn migration_line(progress: &Value) -> String {
 struct DeviceFlag {
     size: Option<u64>,
     network: Option<String>,
-    limit: Value,
+    limit: RateLimit,
 }
 
 /// Parses `VALUE[,key=value...]`: a leading size (disks), `network=`
@@ -380,16 +384,12 @@ struct DeviceFlag {
 fn parse_device(text: &str, first_is_size: bool) -> Result<DeviceFlag, String> {
     let mut size = None;
     let mut network = None;
-    let mut limit = serde_json::Map::new();
+    let mut limit = RateLimit::default();
     for (index, part) in text.split(',').filter(|part| !part.is_empty()).enumerate() {
         match part.split_once('=') {
             Some(("network", value)) if !first_is_size => network = Some(value.to_string()),
-            Some(("bw", value)) => {
-                limit.insert("bytes_per_s".into(), json!(number(value)?));
-            }
-            Some(("iops" | "pps", value)) => {
-                limit.insert("ops_per_s".into(), json!(number(value)?));
-            }
+            Some(("bw", value)) => limit.bytes_per_s = Some(number(value)?),
+            Some(("iops" | "pps", value)) => limit.ops_per_s = Some(number(value)?),
             None if index == 0 && first_is_size => size = Some(number(part)?),
             _ => return Err(format!("cannot parse '{part}' in '{text}'")),
         }
@@ -397,7 +397,7 @@ fn parse_device(text: &str, first_is_size: bool) -> Result<DeviceFlag, String> {
     Ok(DeviceFlag {
         size,
         network,
-        limit: Value::Object(limit),
+        limit,
     })
 }
 
@@ -418,16 +418,18 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 max_memory_mib,
                 max_vms,
             } => {
-                let mut body = json!({ "name": name });
-                if max_vcpus.is_some() || max_memory_mib.is_some() || max_vms.is_some() {
-                    let default = nubis_api::Quota::default();
-                    body["quota"] = json!({
-                        "max_vcpus": max_vcpus.unwrap_or(default.max_vcpus),
-                        "max_memory_mib": max_memory_mib.unwrap_or(default.max_memory_mib),
-                        "max_vms": max_vms.unwrap_or(default.max_vms),
+                let quota = (max_vcpus.is_some() || max_memory_mib.is_some() || max_vms.is_some())
+                    .then(|| {
+                        let default = Quota::default();
+                        Quota {
+                            max_vcpus: max_vcpus.unwrap_or(default.max_vcpus),
+                            max_memory_mib: max_memory_mib.unwrap_or(default.max_memory_mib),
+                            max_vms: max_vms.unwrap_or(default.max_vms),
+                            ..default
+                        }
                     });
-                }
-                out.object(&client.call("POST", "/v1/tenants", Some(&body))?)
+                let body = TenantCreate { name, quota };
+                out.object(&client.send_json("POST", "/v1/tenants", &body)?)
             }
             TenantCommand::List => out.table(
                 &client.call("GET", "/v1/tenants", None)?,
@@ -466,8 +468,14 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 initrd,
                 cmdline,
             } => {
-                let body = json!({ "name": name, "kernel": kernel, "rootfs": rootfs, "initrd": initrd, "cmdline": cmdline });
-                out.object(&client.call("POST", "/v1/images", Some(&body))?)
+                let body = ImageCreate {
+                    name,
+                    kernel,
+                    rootfs,
+                    initrd,
+                    cmdline,
+                };
+                out.object(&client.send_json("POST", "/v1/images", &body)?)
             }
             ImageCommand::Upload {
                 name,
@@ -476,7 +484,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 initrd,
                 cmdline,
             } => {
-                let mut stored = serde_json::Map::new();
+                let mut stored = std::collections::HashMap::new();
                 let files = [
                     ("kernel", Some(kernel)),
                     ("rootfs", Some(rootfs)),
@@ -495,11 +503,23 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                         local.display(),
                         reply["bytes"]
                     ));
-                    stored.insert(role.to_string(), reply["path"].clone());
+                    let path = reply["path"].as_str().ok_or_else(|| {
+                        usage(format!(
+                            "the upload of {} returned no path",
+                            local.display()
+                        ))
+                    })?;
+                    stored.insert(role, path.to_string());
                 }
-                stored.insert("name".into(), json!(name));
-                stored.insert("cmdline".into(), json!(cmdline));
-                out.object(&client.call("POST", "/v1/images", Some(&Value::Object(stored)))?)
+                let mut path = |role| stored.remove(role).unwrap_or_default();
+                let body = ImageCreate {
+                    kernel: path("kernel"),
+                    rootfs: path("rootfs"),
+                    initrd: stored.remove("initrd"),
+                    name,
+                    cmdline,
+                };
+                out.object(&client.send_json("POST", "/v1/images", &body)?)
             }
             ImageCommand::List => out.table(
                 &client.call("GET", "/v1/images", None)?,
@@ -540,17 +560,16 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 mtu,
                 hosts,
             } => {
-                let mut body = json!({ "name": name, "cidr": cidr, "nat": nat, "dhcp": !no_dhcp });
-                if !hosts.is_empty() {
-                    body["hosts"] = json!(hosts);
-                }
-                if !dns.is_empty() {
-                    body["dns"] = json!(dns);
-                }
-                if let Some(mtu) = mtu {
-                    body["mtu"] = json!(mtu);
-                }
-                out.object(&client.call("POST", "/v1/networks", Some(&body))?)
+                let body = NetworkCreate {
+                    name,
+                    cidr,
+                    nat,
+                    dhcp: !no_dhcp,
+                    dns: (!dns.is_empty()).then_some(dns),
+                    mtu,
+                    hosts,
+                };
+                out.object(&client.send_json("POST", "/v1/networks", &body)?)
             }
             NetworkCommand::List => out.table(
                 &client.call("GET", "/v1/networks", None)?,
@@ -581,10 +600,10 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &client.call("DELETE", &format!("/v1/snapshots/{id}"), None)?,
                 &format!("snapshot {id} deleted"),
             ),
-            SnapshotCommand::Restore { id, name } => out.object(&client.call(
+            SnapshotCommand::Restore { id, name } => out.object(&client.send_json(
                 "POST",
                 &format!("/v1/snapshots/{id}/restore"),
-                Some(&json!({ "name": name })),
+                &SnapshotRestore { name },
             )?),
         },
         Command::Host(command) => match command {
@@ -623,9 +642,19 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 protocol,
                 nic,
             } => {
-                let body = json!({ "vm": vm, "host_port": host_port, "vm_port": vm_port,
-                                   "protocol": protocol, "nic": nic });
-                out.object(&client.call("POST", "/v1/port-forwards", Some(&body))?)
+                let protocol = match protocol.as_str() {
+                    "tcp" => Protocol::Tcp,
+                    "udp" => Protocol::Udp,
+                    other => return Err(usage(format!("--protocol '{other}': tcp or udp"))),
+                };
+                let body = PortForwardCreate {
+                    vm,
+                    nic,
+                    protocol,
+                    host_port,
+                    vm_port,
+                };
+                out.object(&client.send_json("POST", "/v1/port-forwards", &body)?)
             }
             PortForwardCommand::List => out.table(
                 &client.call("GET", "/v1/port-forwards", None)?,
@@ -661,23 +690,30 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
                 let size = disk
                     .size
                     .ok_or_else(|| usage(format!("--disk '{text}' needs a size in MiB")))?;
-                disks.push(json!({ "size_mib": size, "rate_limit": disk.limit }));
+                disks.push(VmDisk {
+                    size_mib: size,
+                    rate_limit: disk.limit,
+                });
             }
             let mut nics = Vec::new();
             for text in &create.nic {
                 let nic = parse_device(text, false).map_err(usage)?;
-                let mut body = json!({ "rate_limit": nic.limit });
-                if let Some(network) = nic.network {
-                    body["network"] = json!(network);
-                }
-                nics.push(body);
+                nics.push(VmNicCreate {
+                    rate_limit: nic.limit,
+                    network: nic.network,
+                });
             }
-            let body = json!({
-                "name": create.name, "image": create.image, "vcpus": create.vcpus,
-                "memory_mib": create.memory_mib, "kernel_args": create.kernel_args,
-                "disks": disks, "nics": nics,
-            });
-            out.object(&client.call("POST", "/v1/vms", Some(&body))?);
+            let body = nubis_api::VmCreate {
+                name: create.name,
+                image: create.image,
+                vcpus: create.vcpus,
+                memory_mib: create.memory_mib,
+                kernel_args: create.kernel_args,
+                root_rate_limit: RateLimit::default(),
+                disks,
+                nics,
+            };
+            out.object(&client.send_json("POST", "/v1/vms", &body)?);
         }
         VmCommand::List { state, name } => {
             let mut query = Vec::new();
@@ -711,11 +747,13 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
             host,
             downtime_ms,
         } => {
-            let mut body = json!({ "host": host });
-            if let Some(ms) = downtime_ms {
-                body["downtime_ms"] = json!(ms);
-            }
-            let started = client.call("POST", &format!("/v1/vms/{id}/migration"), Some(&body))?;
+            let body = MigrationCreate {
+                host: host.clone(),
+                downtime_ms,
+                max_rounds: None,
+                max_seconds: None,
+            };
+            let started = client.send_json("POST", &format!("/v1/vms/{id}/migration"), &body)?;
             // By id: the VM's name is gone from this host once it moved.
             let vm_id = started["vm_id"].as_str().unwrap_or(&id).to_string();
             let progress = loop {
@@ -826,16 +864,18 @@ mod tests {
 
     #[test]
     fn migration_progress_lines_show_phase_bytes_and_rounds() {
-        let line = migration_line(
-            &json!({"phase": "copying", "bytes_sent": 3145728, "rounds": 1,
-                                          "dirty_pages": 12, "expected_downtime_ms": 40}),
-        );
+        let progress: Value = serde_json::from_str(
+            r#"{"phase": "copying", "bytes_sent": 3145728, "rounds": 1,
+                "dirty_pages": 12, "expected_downtime_ms": 40}"#,
+        )
+        .unwrap();
+        let line = migration_line(&progress);
         assert!(line.starts_with("[########............] copying"), "{line}");
         assert!(
             line.contains("3.0 MiB sent, round 1, 12 dirty pages, expected downtime 40 ms"),
             "{line}"
         );
-        let done = migration_line(&json!({"phase": "completed"}));
+        let done = migration_line(&serde_json::from_str(r#"{"phase": "completed"}"#).unwrap());
         assert!(done.starts_with(&format!("[{}]", "#".repeat(20))), "{done}");
     }
 
@@ -843,11 +883,23 @@ mod tests {
     fn device_flags_are_parsed() {
         let disk = parse_device("16,bw=1000,iops=5", true).unwrap();
         assert_eq!(disk.size, Some(16));
-        assert_eq!(disk.limit, json!({"bytes_per_s": 1000, "ops_per_s": 5}));
+        assert_eq!(
+            disk.limit,
+            RateLimit {
+                bytes_per_s: Some(1000),
+                ops_per_s: Some(5)
+            }
+        );
         let nic = parse_device("network=front,pps=100", false).unwrap();
         assert_eq!(nic.network.as_deref(), Some("front"));
-        assert_eq!(nic.limit, json!({"ops_per_s": 100}));
-        assert_eq!(parse_device("", false).unwrap().limit, json!({}));
+        assert_eq!(
+            nic.limit,
+            RateLimit {
+                bytes_per_s: None,
+                ops_per_s: Some(100)
+            }
+        );
+        assert!(parse_device("", false).unwrap().limit.is_unlimited());
         for (bad, first_is_size) in [
             ("network=front", true),
             ("16", false),

@@ -79,16 +79,8 @@ impl IfReq {
     }
 }
 
-/// Whether `name` is acceptable as an interface name.
-pub fn valid_tap_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+/// Whether `name` is acceptable as an interface name (the VMM config's rule).
+pub use nubis_contract::config::valid_tap_name;
 
 /// An open, configured tap.
 #[derive(Debug)]

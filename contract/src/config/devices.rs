@@ -1,5 +1,5 @@
-//! The configuration of the VM's virtio devices (disks and NICs) and the
-//! `key=value,...` syntax of their command-line flags.
+//! The configuration of the VM's virtio devices (disks, NICs, consoles) and
+//! the `key=value,...` syntax of their command-line flags.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ConfigError;
-use crate::rate_limiter::RateLimit;
+use crate::RateLimit;
 
 /// The serial a disk reports (GET_ID) holds at most this many bytes.
 pub const MAX_DISK_ID_LEN: usize = 20;
@@ -98,48 +98,7 @@ impl FromStr for DiskConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
 
-/// The kernel did not give the random bytes asked for: nothing random is
-/// made up from a clock or a pid instead (two VMs could get the same MAC).
-#[derive(Debug, thiserror::Error)]
-pub enum RandomError {
-    #[error("getrandom failed for {len} bytes: {source}")]
-    Failed { len: usize, source: std::io::Error },
-    #[error("getrandom gave {got} of {len} bytes")]
-    Short { got: usize, len: usize },
-}
-
 impl MacAddr {
-    /// A random locally administered unicast address.
-    pub fn random() -> Result<Self, RandomError> {
-        let mut bytes = [0u8; 6];
-        loop {
-            // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
-            let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-            let err = std::io::Error::last_os_error();
-            if got < 0 && err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Self::from_random(got, err, bytes);
-        }
-    }
-
-    /// The address from getrandom's result `got` (its error `err` when
-    /// negative) and the bytes it wrote.
-    fn from_random(
-        got: isize,
-        err: std::io::Error,
-        mut bytes: [u8; 6],
-    ) -> Result<Self, RandomError> {
-        let len = bytes.len();
-        match usize::try_from(got) {
-            Err(_) => return Err(RandomError::Failed { len, source: err }),
-            Ok(got) if got != len => return Err(RandomError::Short { got, len }),
-            Ok(_) => {}
-        }
-        bytes[0] = (bytes[0] & 0xfc) | 0x02;
-        Ok(Self(bytes))
-    }
-
     pub fn is_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }
@@ -184,6 +143,20 @@ impl<'de> Deserialize<'de> for MacAddr {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// Longest interface name, with its NUL (Linux's IFNAMSIZ).
+const IFNAMSIZ: usize = 16;
+
+/// Whether `name` is acceptable as an interface name.
+pub fn valid_tap_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// One virtio-net NIC on a tap device: named (`tap`, attached to or
@@ -261,7 +234,7 @@ impl NetConfig {
         match (&self.tap, self.fd) {
             (None, None) => return Err("one of tap=NAME or fd=N is required".into()),
             (Some(_), Some(_)) => return Err("tap and fd exclude each other".into()),
-            (Some(name), None) if !crate::devices::virtio::net::tap::valid_tap_name(name) => {
+            (Some(name), None) if !valid_tap_name(name) => {
                 return Err(format!(
                     "tap name '{name}' must be 1 to 15 letters, digits, '-', '_' or '.'"
                 ))
@@ -448,33 +421,25 @@ mod tests {
         assert_eq!(json, "\"02:0a:ff:00:10:01\"");
         assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), mac);
         assert!(serde_json::from_str::<MacAddr>("\"nope\"").is_err());
-        for _ in 0..32 {
-            let random = MacAddr::random().unwrap();
-            assert!(random.is_unicast());
-            assert_eq!(random.0[0] & 2, 2, "locally administered");
-        }
     }
 
     #[test]
-    fn a_mac_is_never_made_up_when_getrandom_fails() {
-        let failed =
-            MacAddr::from_random(-1, std::io::Error::from_raw_os_error(libc::ENOSYS), [0; 6]);
-        assert!(
-            matches!(failed, Err(RandomError::Failed { len: 6, .. })),
-            "{failed:?}"
-        );
-        let short = MacAddr::from_random(3, std::io::Error::other("unused"), [1; 6]);
-        assert!(
-            matches!(short, Err(RandomError::Short { got: 3, len: 6 })),
-            "{short:?}"
-        );
-        let zero = MacAddr::from_random(0, std::io::Error::other("unused"), [1; 6]);
-        assert!(
-            matches!(zero, Err(RandomError::Short { got: 0, len: 6 })),
-            "{zero:?}"
-        );
-        let whole = MacAddr::from_random(6, std::io::Error::other("unused"), [0xff; 6]).unwrap();
-        assert_eq!(whole.to_string(), "fe:ff:ff:ff:ff:ff");
+    fn tap_names_are_checked() {
+        for good in ["tap0", "nb-vm_1.0", "a", "x23456789012345"] {
+            assert!(valid_tap_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "x234567890123456",
+            "tap 0",
+            "tap/0",
+            "..",
+            ".",
+            "tap\0",
+            "tapé",
+        ] {
+            assert!(!valid_tap_name(bad), "{bad:?}");
+        }
     }
 
     #[test]
