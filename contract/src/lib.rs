@@ -8,7 +8,8 @@
 //! - [`migration`]: a live migration's progress, as `migration_status` reports it;
 //! - [`rate_limit`]: a device's rate limit, also a field of the REST API's
 //!   types (`ToSchema` with the `utoipa` feature);
-//! - [`exit`]: the VMM process's exit codes.
+//! - [`exit`]: the VMM process's exit codes;
+//! - [`snapshot`]: the file names in a snapshot directory.
 //!
 //! The wire formats are the VMM's: what it accepts and produces is what
 //! these types read and write, byte for byte.
@@ -18,5 +19,6 @@ pub mod control;
 pub mod exit;
 pub mod migration;
 pub mod rate_limit;
+pub mod snapshot;
 
 pub use rate_limit::RateLimit;

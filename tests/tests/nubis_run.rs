@@ -1,5 +1,5 @@
 //! `nubis run` end to end (#8): real guests booted (or restored) by the
-//! `nubis` command and by the `vmm::run` library.
+//! `nubis` command and by the `nubis_run` library.
 //!
 //! Linux boots are what these cost, so the binary shares one warm cache:
 //! the first warm run boots and saves the snapshot, the others restore it.
@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use nubis_run::{run, GuestStatus, RunConfig, RunOutput, Share, StartKind};
 use nubis_tests::net::links_with_prefix;
 use nubis_tests::{guest_images, require_kvm, workspace_binary, workspace_root, TestDir};
-use vmm::run::{run, GuestStatus, RunConfig, RunOutput, Share, StartKind};
 
 /// A shell script that writes to both streams, echoes its argument and
 /// exits 42: what every "same results" comparison runs.

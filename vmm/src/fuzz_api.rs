@@ -29,7 +29,6 @@ use crate::migration::destination::{
 use crate::migration::protocol::{self, Kind};
 use crate::migration::secure::{Keys, MigrationKey, Role, SecureStream, KEY_LEN, SALT_LEN};
 use crate::migration::source::expect;
-use crate::run::protocol::{parse_event, EventLines, MAX_EVENT_LINE};
 
 /// The token the migration targets' destination expects.
 pub const MIGRATION_TOKEN: &str = "fuzz-migration-token";
@@ -165,31 +164,6 @@ pub fn control_request(data: &[u8]) {
         };
         assert_eq!(answer.last(), Some(&b'\n'));
         assert_eq!(answer.iter().filter(|byte| **byte == b'\n').count(), 1);
-    }
-}
-
-/// What `nubis run` reads from the guest: its event lines (split at the
-/// first byte's chunk size, as reads would) and the share disk's listing,
-/// whose names the guest chose.
-pub fn run_protocol(data: &[u8]) {
-    let Some((&chunk, rest)) = data.split_first() else {
-        return;
-    };
-    let chunk = usize::from(chunk).max(1);
-    let mut lines = EventLines::default();
-    for piece in rest.chunks(chunk) {
-        for line in lines.feed(piece) {
-            assert!(line.len() <= MAX_EVENT_LINE * 3, "{}", line.len());
-            let _ = parse_event(&line);
-        }
-        assert!(lines.pending() <= MAX_EVENT_LINE);
-    }
-    if let Ok(listings) = crate::run::share::parse_listings(rest) {
-        for (_, entries) in listings {
-            for entry in entries {
-                assert!(entry.name.len() <= rest.len());
-            }
-        }
     }
 }
 
@@ -332,17 +306,6 @@ mod tests {
         let control = b"{\"command\":\"status\"}\n{\"command\":\"set_rate_limit\",\"device\":\"nubis-disk0\",\"bytes_per_s\":1048576,\"ops_per_s\":500}\n\
             {\"command\":\"snapshot\",\"dir\":\"/var/snap\"}\n{\"command\":\"migrate\",\"to\":\"10.0.0.2:7100\",\"token\":\"0123456789abcdef\",\"key\":\"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\",\"disks\":\"copy\",\"downtime_ms\":100,\"max_rounds\":30,\"max_seconds\":300}\n";
         out.push(("control_request", "requests", control.to_vec()));
-        out.push((
-            "run_protocol",
-            "events",
-            b"\x07ready\nstarted\nwarning low memory\nexec-failed 2 cannot execute 'x'\nerror no share\nsignal 9\nexit 3\n".to_vec(),
-        ));
-        out.push((
-            "run_protocol",
-            "listing",
-            b"\x40debugfs: ls -l <2>\n      2   40755 (2)      0      0    1024  6-Dec-2026 21:04 .\n \
-                 12  100644 (1)      0      0       2 16-Dec-2026 21:04 a\\x0ab\n\ndebugfs: ls -l <12>\n".to_vec(),
-        ));
         let machine = crate::snapshot::state::VmSnapshot::sample_for_tests().machine;
         let hello = Hello {
             magic: protocol::MAGIC.into(),
@@ -419,7 +382,6 @@ mod tests {
         for (target, name, bytes) in seeds() {
             match target {
                 "control_request" => control_request(&bytes),
-                "run_protocol" => run_protocol(&bytes),
                 "migration_destination" => migration_destination(&bytes),
                 "migration_source" => migration_source(&bytes),
                 "snapshot_state" => snapshot_state(&bytes),
@@ -434,7 +396,7 @@ mod tests {
         }
         let all = seeds();
         assert!(matches!(
-            judge_hello(&all[3].2, MIGRATION_TOKEN),
+            judge_hello(&all[1].2, MIGRATION_TOKEN),
             HelloVerdict::Source(_)
         ));
         let sample = crate::snapshot::state::VmSnapshot::sample_for_tests();
@@ -458,7 +420,6 @@ mod tests {
             migration_source(input);
             snapshot_state(input);
             control_request(input);
-            run_protocol(input);
             virtio_console(input);
             virtio_rng(input);
         }

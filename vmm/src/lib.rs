@@ -11,9 +11,9 @@
 //! [`persist::Persist`]; `parts` is what a running VM's state is taken from,
 //! `snapshot` and `migration` save a VM and move it to another process or
 //! host. The layers go one way: `runtime` uses `migration`, neither is used
-//! by `parts`, `device_manager`, `devices` or `vstate`. `run` is `nubis
-//! run`, one command in a fresh guest, as a library. The sandbox a VMM runs
-//! in is built by the `nubis-jailer` crate, which has no KVM code.
+//! by `parts`, `device_manager`, `devices` or `vstate`. Outside this crate:
+//! the sandbox a VMM runs in (`nubis-jailer`, no KVM code), `nubis run`
+//! (`nubis-run`, a client of the VMM through `nubis-contract`).
 
 pub mod arch;
 pub mod builder;
@@ -30,7 +30,6 @@ pub mod parts;
 pub mod persist;
 pub mod platform;
 pub mod rate_limiter;
-pub mod run;
 pub mod runtime;
 pub mod seccomp;
 pub mod snapshot;

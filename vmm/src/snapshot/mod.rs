@@ -18,7 +18,4 @@ pub mod state;
 pub use file::{read_memory, read_state, write_memory, write_state, SnapshotError};
 pub use state::VmSnapshot;
 
-/// The state file's name in a snapshot directory.
-pub const STATE_FILE: &str = "state";
-/// The memory file's name in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
+pub use nubis_contract::snapshot::{MEMORY_FILE, STATE_FILE};

@@ -1,5 +1,5 @@
 //! `nubis`: user tools. `nubis run` boots a microVM, runs one command in
-//! it and exits with the command's exit code (see `vmm::run`).
+//! it and exits with the command's exit code (see the `nubis_run` library).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use vmm::run::{
+use nubis_run::{
     run_streaming, ConsoleOutput, Root, RunConfig, Share, StartKind, DEFAULT_BOOT_TIMEOUT,
     EXIT_RUN_ERROR,
 };
@@ -149,7 +149,7 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 extern "C" fn on_interrupt(_signal: libc::c_int) {
-    vmm::run::interrupt();
+    nubis_run::interrupt();
 }
 
 /// Ctrl-C, SIGTERM and SIGHUP stop the VM and clean up (its run

@@ -112,8 +112,8 @@ impl WarmCache {
         let meta: Meta = serde_json::from_slice(&fs::read(dir.join(META_FILE)).ok()?).ok()?;
         (meta.format == WARM_FORMAT
             && meta.key == key
-            && dir.join(crate::snapshot::STATE_FILE).is_file()
-            && dir.join(crate::snapshot::MEMORY_FILE).is_file())
+            && dir.join(nubis_contract::snapshot::STATE_FILE).is_file()
+            && dir.join(nubis_contract::snapshot::MEMORY_FILE).is_file())
         .then_some(dir)
     }
 
@@ -220,8 +220,8 @@ mod tests {
         let make = |inputs: &WarmInputs| {
             let staging = cache.staging_dir().unwrap();
             fs::create_dir_all(&staging).unwrap();
-            fs::write(staging.join(crate::snapshot::STATE_FILE), "s").unwrap();
-            fs::write(staging.join(crate::snapshot::MEMORY_FILE), "m").unwrap();
+            fs::write(staging.join(nubis_contract::snapshot::STATE_FILE), "s").unwrap();
+            fs::write(staging.join(nubis_contract::snapshot::MEMORY_FILE), "m").unwrap();
             cache.commit(&staging, inputs).unwrap()
         };
         let old_dir = make(&old);

@@ -13,7 +13,7 @@
 //! the moment it waited for its command, instead of booting: see [`warm`].
 //!
 //! ```no_run
-//! use vmm::run::{run, GuestStatus, RunConfig};
+//! use nubis_run::{run, GuestStatus, RunConfig};
 //!
 //! let config = RunConfig { warm: true, ..RunConfig::default() };
 //! let output = run(&config, &["sh", "-c", "echo hello; exit 3"]).unwrap();
@@ -21,6 +21,8 @@
 //! assert_eq!(output.stdout, b"hello\n");
 //! ```
 
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod images;
 pub mod protocol;
 mod session;

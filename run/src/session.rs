@@ -17,11 +17,11 @@ use super::protocol::{parse_event, EventLines, GuestEvent, Request, MAX_EVENT_LI
 use super::share::{self, Share, SHARE_DISK_BYTES};
 use super::warm::{cache_dir, WarmCache, WarmInputs};
 use super::{ConsoleOutput, GuestStatus, Root, RunConfig, RunError, RunReport, StartKind};
-use crate::config::{
+use nubis_contract::config::{
     BootConfig, ConsoleConfig, DiskConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
     CONFIG_VERSION,
 };
-use crate::runtime::exit::EXIT_GUEST_CRASH;
+use nubis_contract::exit::EXIT_GUEST_CRASH;
 
 /// The kernel command line when the guest images give none.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
@@ -315,7 +315,7 @@ fn plan(
                 tap: Some(tap.name.clone()),
                 fd: None,
                 // Fixed: a warm guest keeps the MAC it booted with.
-                mac: Some(crate::config::MacAddr(RUN_NIC_MAC)),
+                mac: Some(nubis_contract::config::MacAddr(RUN_NIC_MAC)),
                 id: None,
                 rate_limit: Default::default(),
                 mtu: None,
