@@ -178,7 +178,7 @@ mod tests {
     /// networks it always refuses.
     fn taken(text: &str) -> bool {
         text.parse::<Cidr>().is_ok_and(|cidr| {
-            crate::supervisor::networking::ALWAYS_PROTECTED
+            crate::network::host::ALWAYS_PROTECTED
                 .iter()
                 .all(|(_, octets, prefix)| {
                     !Cidr::of(Ipv4Addr::from(*octets), *prefix).overlaps(&cidr)

@@ -12,6 +12,7 @@ use clap::Parser;
 use nubis_agent::auth::OperatorToken;
 use nubis_agent::config::{AgentConfig, ConfigFile};
 use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
+use nubis_agent::network::host::LinuxNetwork;
 use nubis_agent::peer_tls::{self, HostIdentity, PeerRegistry};
 use nubis_agent::peers::PeerClient;
 use nubis_agent::store::Store;
@@ -134,20 +135,22 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
     let peer_listen = config
         .underlay_address
         .map(|address| SocketAddr::from((address, config.peer_port)));
-    let supervisor = Supervisor::new(store.clone(), config);
+    let network = LinuxNetwork::new(store.clone(), &config);
+    let supervisor = Supervisor::new(store.clone(), config, network.clone());
     supervisor
         .adopt_all()
         .await
         .map_err(|err| format!("cannot reconcile the VMs: {err}"))?;
     supervisor.spawn_console_rotation();
-    supervisor
-        .reconcile_network()
+    network
+        .reconcile()
         .await
         .map_err(|err| format!("cannot set up the tenant networks: {err}"))?;
     let peers = Arc::new(peers);
     let services = nubis_agent::service::Services::new(
         store.clone(),
         supervisor.clone(),
+        network,
         peers.clone(),
         data_dir.clone(),
         image_dirs.clone(),

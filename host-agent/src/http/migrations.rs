@@ -17,11 +17,11 @@ use nubis_api::{ApiError, ErrorCode, IncomingMigration, Migration, MigrationCrea
 
 use super::errors::peer_failed;
 use super::{AppState, Body, Caller, HttpError, Path, Result};
+use crate::network::nic_address;
 use crate::service::{networks, vms};
 use crate::store::Peer;
 use crate::supervisor::control::MigrateOptions;
 use crate::supervisor::migration as handover;
-use crate::supervisor::networking::nic_address;
 use nubis_contract::control::DiskMigration;
 use nubis_contract::migration::Phase;
 

@@ -18,9 +18,9 @@ use serde::Deserialize;
 
 use super::{AppState, Body, HttpError, PeerCaller, Result};
 use crate::ipv4::Cidr;
+use crate::network::nic_address;
 use crate::service::networks;
 use crate::supervisor::migration as handover;
-use crate::supervisor::networking::nic_address;
 use crate::validate;
 
 pub fn routes() -> Router<AppState> {

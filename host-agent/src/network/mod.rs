@@ -9,6 +9,7 @@
 pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
+pub mod host;
 pub mod typed;
 pub mod vxlan;
 
@@ -30,6 +31,11 @@ pub enum NetworkError {
     NoUnderlay(std::net::Ipv4Addr),
     #[error("no free address left in {0}")]
     Exhausted(String),
+}
+
+/// The IPv4 address of a NIC's "A.B.C.D/N".
+pub fn nic_address(address: &str) -> Option<std::net::Ipv4Addr> {
+    address.split('/').next()?.parse().ok()
 }
 
 /// The first two octets of every tenant subnet.

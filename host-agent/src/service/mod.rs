@@ -28,6 +28,7 @@ use nubis_api::{ApiError, ErrorCode};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::ipv4::Cidr;
+use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::NetworkError;
 use crate::peers::{PeerClient, PeerError};
 use crate::quota::SpaceError;
@@ -53,19 +54,20 @@ impl<'a> Scope<'a> {
 }
 
 /// What the services need of the host's networking (bridges, rules, DHCP,
-/// the underlay): the supervisor in the agent, a stand-in in tests.
+/// the underlay): `network::host::LinuxNetwork` in the agent, a stand-in
+/// in tests.
 pub trait HostNetwork: Send + Sync {
     /// Held while addresses are assigned or bridges made.
     fn lock(&self) -> BoxFuture<'_, OwnedMutexGuard<()>>;
     /// Brings the host's bridges, tunnels, rules and DHCP servers in line
     /// with the store.
-    fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), SupervisorError>>;
+    fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), HostNetworkError>>;
     /// Why `cidr` may not be a tenant network here (it shadows one of the
     /// host's own), or None.
     fn shadowed(
         &self,
         cidr: Cidr,
-    ) -> BoxFuture<'_, std::result::Result<Option<String>, SupervisorError>>;
+    ) -> BoxFuture<'_, std::result::Result<Option<String>, HostNetworkError>>;
     /// This host's end of the overlay's tunnels, when configured.
     fn underlay_address(&self) -> Option<Ipv4Addr>;
     /// The MTU of the link that carries `local`, the underlay address.
@@ -75,44 +77,6 @@ pub trait HostNetwork: Send + Sync {
         &self,
         subnet: u8,
     ) -> BoxFuture<'_, std::result::Result<(), NetworkError>>;
-}
-
-impl HostNetwork for Supervisor {
-    fn lock(&self) -> BoxFuture<'_, OwnedMutexGuard<()>> {
-        Box::pin(self.network_lock())
-    }
-
-    fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), SupervisorError>> {
-        Box::pin(self.reconcile_network())
-    }
-
-    fn shadowed(
-        &self,
-        cidr: Cidr,
-    ) -> BoxFuture<'_, std::result::Result<Option<String>, SupervisorError>> {
-        Box::pin(self.shadowed_host_network(cidr))
-    }
-
-    fn underlay_address(&self) -> Option<Ipv4Addr> {
-        Supervisor::underlay_address(self)
-    }
-
-    fn underlay_mtu(&self, local: Ipv4Addr) -> BoxFuture<'_, std::result::Result<u16, String>> {
-        Box::pin(async move {
-            crate::network::vxlan::underlay_mtu(local)
-                .await
-                .map_err(|err| err.to_string())
-        })
-    }
-
-    fn remove_tenant_bridge(
-        &self,
-        subnet: u8,
-    ) -> BoxFuture<'_, std::result::Result<(), NetworkError>> {
-        Box::pin(
-            async move { crate::network::delete_link(&crate::network::bridge_name(subnet)).await },
-        )
-    }
 }
 
 /// What every service function works with.
@@ -131,18 +95,19 @@ pub struct Services {
 }
 
 impl Services {
-    /// The services of an agent whose host network is its supervisor's.
+    /// The services of an agent on the host's real network.
     pub fn new(
         store: Arc<Store>,
         supervisor: Arc<Supervisor>,
+        host_network: Arc<LinuxNetwork>,
         peers: Arc<PeerClient>,
         data_dir: PathBuf,
         image_dirs: Arc<Vec<PathBuf>>,
     ) -> Self {
         Self {
             store,
-            host_network: supervisor.clone(),
             supervisor,
+            host_network,
             peers,
             data_dir,
             image_dirs,
@@ -244,6 +209,14 @@ impl From<ApiError> for ServiceError {
             },
             (_, _) => Self::Internal(body.message),
         }
+    }
+}
+
+/// A host network's failure answers as the supervisor's did when it
+/// shaped the network itself (`http/errors.rs`).
+impl From<HostNetworkError> for ServiceError {
+    fn from(error: HostNetworkError) -> Self {
+        Self::Supervisor(error.into())
     }
 }
 

@@ -12,9 +12,10 @@ use nubis_api::{AddressGrant, AddressRequest, Network, NetworkCreate, NetworkRep
 
 use super::{Result, Scope, ServiceError, Services};
 use crate::ipv4::Cidr;
+use crate::network::host::host_resolvers;
+use crate::network::nic_address;
 use crate::network::vxlan::VXLAN_OVERHEAD;
 use crate::store::Peer;
-use crate::supervisor::networking::{host_resolvers, nic_address};
 use crate::validate;
 
 /// The MTUs a network may have: IPv4's guaranteed datagram size up to a

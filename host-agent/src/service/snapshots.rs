@@ -7,8 +7,8 @@
 use nubis_api::{Snapshot, SnapshotRestore, Vm};
 
 use super::{vms, Result, Scope, ServiceError, Services};
+use crate::network::nic_address;
 use crate::store::{SavedVm, StoreError};
-use crate::supervisor::networking::nic_address;
 use crate::validate;
 
 /// Snapshots VM `id` (it runs on, or stays paused).

@@ -15,9 +15,10 @@ use super::{HostNetwork, Services};
 use crate::config::{AgentConfig, ConfigFile};
 use crate::http::AppState;
 use crate::ipv4::Cidr;
+use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::NetworkError;
 use crate::store::Store;
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::supervisor::Supervisor;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests";
 
@@ -35,20 +36,21 @@ impl HostNetwork for FakeNetwork {
         Box::pin(self.lock.clone().lock_owned())
     }
 
-    fn reconcile(&self) -> BoxFuture<'_, Result<(), SupervisorError>> {
+    fn reconcile(&self) -> BoxFuture<'_, Result<(), HostNetworkError>> {
         Box::pin(async move {
             self.reconciles.fetch_add(1, Ordering::SeqCst);
             if self.refuse.load(Ordering::SeqCst) {
-                return Err(SupervisorError::Files {
-                    path: "/fake/bridge".into(),
-                    source: std::io::Error::other("the test refuses the rules"),
-                });
+                return Err(HostNetworkError::Network(NetworkError::Command {
+                    program: "nft",
+                    args: "-f -".into(),
+                    message: "the test refuses the rules".into(),
+                }));
             }
             Ok(())
         })
     }
 
-    fn shadowed(&self, cidr: Cidr) -> BoxFuture<'_, Result<Option<String>, SupervisorError>> {
+    fn shadowed(&self, cidr: Cidr) -> BoxFuture<'_, Result<Option<String>, HostNetworkError>> {
         // The host's own network, as a test sees it: 192.168.0.0/16.
         let host = Cidr::of(Ipv4Addr::new(192, 168, 0, 0), 16);
         Box::pin(async move {
@@ -106,7 +108,13 @@ impl Fixture {
             std::fs::create_dir_all(data_dir.join("images")),
         );
         let store = Arc::new(must("store", Store::open(&data_dir.join("agent.db"))));
-        let supervisor = Supervisor::new(store.clone(), config.clone());
+        // The runner's own network is the real one's type but is never
+        // reconciled here: the services use the stand-in.
+        let supervisor = Supervisor::new(
+            store.clone(),
+            config.clone(),
+            LinuxNetwork::new(store.clone(), &config),
+        );
         let identity = must(
             "identity",
             crate::peer_tls::HostIdentity::load_or_create(&data_dir, "nubis-test"),

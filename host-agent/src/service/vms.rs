@@ -13,8 +13,8 @@ use nubis_api::{Image, Network, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, 
 
 use super::{images, networks, Result, Scope, ServiceError, Services};
 use crate::network;
+use crate::network::nic_address;
 use crate::store::NewVm;
-use crate::supervisor::networking::nic_address;
 use crate::validate;
 
 /// Largest vCPU count and memory a VM may ask for here (the VMM checks

@@ -77,7 +77,7 @@ impl Supervisor {
     ) -> Result<u32, SupervisorError> {
         let paths = self.paths(&vm.id);
         let uid = self.jail_uid(&vm.id)?;
-        self.plug_nics(vm, uid).await?;
+        self.network.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, true).await?;
         // Recorded first, as for a start (see `Supervisor::start`).
         self.store

@@ -16,7 +16,6 @@ pub mod console;
 pub mod control;
 pub mod jail;
 pub mod migration;
-pub mod networking;
 mod process;
 pub mod snapshots;
 pub mod vmfs;
@@ -36,8 +35,9 @@ use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::config::AgentConfig;
 use crate::disks::DiskError;
-use crate::network::dhcp_server::{DhcpServerError, DhcpServers};
+use crate::network::dhcp_server::DhcpServerError;
 use crate::network::firewall::FirewallError;
+use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::{self, NetworkError};
 use crate::store::{Store, StoreError};
 use control::{ControlError, VmmClient};
@@ -86,6 +86,23 @@ pub enum SupervisorError {
         "network {0} spans hosts, but this agent has no underlay address (--underlay-address)"
     )]
     NoUnderlay(String),
+}
+
+/// The host network's errors keep the variants (and so the answers) they
+/// had when the supervisor shaped the network itself.
+impl From<HostNetworkError> for SupervisorError {
+    fn from(error: HostNetworkError) -> Self {
+        match error {
+            HostNetworkError::Store(err) => Self::Store(err),
+            HostNetworkError::Network(err) => Self::Network(err),
+            HostNetworkError::Firewall(err) => Self::Firewall(err),
+            HostNetworkError::Dhcp(err) => Self::Dhcp(err),
+            HostNetworkError::NoUnderlay(network) => Self::NoUnderlay(network),
+            HostNetworkError::NetworkGone(network) => {
+                Self::StartFailed(format!("the VM's network {network} is gone"))
+            }
+        }
+    }
 }
 
 /// Where one VM's files live.
@@ -166,25 +183,22 @@ pub struct Supervisor {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Exit notifications of the VMMs being watched, by VM id.
     exits: Mutex<HashMap<String, watch::Receiver<Option<VmmExit>>>>,
-    /// Serializes address assignment and bridge creation.
-    network: Arc<tokio::sync::Mutex<()>>,
-    /// One DHCP server per network that has DHCP.
-    dhcp: DhcpServers,
+    /// The host's network: the VMs' taps, and the rules after a change.
+    network: Arc<LinuxNetwork>,
 }
 
 impl Supervisor {
-    pub fn new(store: Arc<Store>, config: AgentConfig) -> Arc<Self> {
+    /// The VM runner; it plugs VMs' taps into `network`.
+    pub fn new(store: Arc<Store>, config: AgentConfig, network: Arc<LinuxNetwork>) -> Arc<Self> {
         Arc::new(Self {
             config,
             locks: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
-            network: Arc::new(tokio::sync::Mutex::new(())),
-            dhcp: DhcpServers::new(Arc::new(networking::StoreLeases(store.clone()))),
+            network,
             store,
         })
     }
 
-    /// Held while addresses are assigned or bridges made.
     /// The settings the agent runs with.
     pub fn config(&self) -> &AgentConfig {
         &self.config
@@ -195,8 +209,10 @@ impl Supervisor {
         self.config.underlay_address
     }
 
-    pub async fn network_lock(&self) -> OwnedMutexGuard<()> {
-        self.network.clone().lock_owned().await
+    /// Makes the host's bridges, packet filter and DHCP servers match the
+    /// database (see `network::host`).
+    pub async fn reconcile_network(&self) -> Result<(), SupervisorError> {
+        Ok(self.network.reconcile().await?)
     }
 
     pub fn paths(&self, vm_id: &str) -> VmPaths {
@@ -261,7 +277,7 @@ impl Supervisor {
             return Err(SupervisorError::MigratedAway(host));
         }
         let uid = self.jail_uid(&vm.id)?;
-        self.plug_nics(vm, uid).await?;
+        self.network.plug_nics(vm, uid).await?;
         self.prepare_files(vm, image, &paths, false).await?;
         let restore = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         let launch = match &restore {
@@ -415,7 +431,7 @@ impl Supervisor {
                 tracing::error!(vm = %vm_id, "cannot record the VMM's exit: {err}");
             }
             if let Ok(Some(vm)) = supervisor.store.get_vm(None, &vm_id) {
-                supervisor.unplug_nics(&vm_id, vm.nics.len()).await;
+                supervisor.network.unplug_nics(&vm_id, vm.nics.len()).await;
             }
             supervisor.clean_jail(&vm_id).await;
             supervisor.event(&vm_id, "exited", &reason);
@@ -576,7 +592,7 @@ impl Supervisor {
         for vm in self.store.list_vms(None, None)? {
             if !vm.state.has_process() {
                 // A tap left by a VM that stopped while no agent watched.
-                self.unplug_nics(&vm.id, vm.nics.len()).await;
+                self.network.unplug_nics(&vm.id, vm.nics.len()).await;
                 continue;
             }
             let paths = self.paths(&vm.id);
@@ -634,7 +650,7 @@ impl Supervisor {
                     self.store
                         .set_vm_state(&vm.id, state, None, Some(&reason))?;
                     self.event(&vm.id, "exited", &reason);
-                    self.unplug_nics(&vm.id, vm.nics.len()).await;
+                    self.network.unplug_nics(&vm.id, vm.nics.len()).await;
                     let _ = std::fs::remove_file(paths.dir.join(AGENT_PAUSED));
                     self.clean_jail(&vm.id).await;
                     // A receiving VMM that died with the agent before the

@@ -1,50 +1,77 @@
 //! The host side of tenant networking, made to match the database: each
 //! network's bridge with its gateway address, the VMs' taps, the packet
-//! filter (`network::firewall`) and one DHCP server per network. The
-//! database is the truth: `reconcile` renders everything from it, at agent
-//! start and after every change, so a restarted agent duplicates nothing
-//! and leftovers of a crash are removed.
+//! filter (`network::firewall`), VXLAN tunnels and one DHCP server per
+//! network. The database is the truth: `reconcile` renders everything from
+//! it, at agent start and after every change, so a restarted agent
+//! duplicates nothing and leftovers of a crash are removed.
+//!
+//! Why its own component: running VMMs (`supervisor`) and shaping the
+//! host's network are different jobs with different state (a per-VM lock
+//! and exit watchers there; the network lock and the DHCP servers here).
+//! The VM runner holds an `Arc<LinuxNetwork>` to plug and unplug its taps;
+//! this side knows nothing of the runner. The services reach it through the
+//! [`crate::service::HostNetwork`] trait, which tests replace.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use nubis_api::{Network, Vm};
+use tokio::sync::OwnedMutexGuard;
 
-use super::{Supervisor, SupervisorError};
+use crate::config::AgentConfig;
 use crate::ipv4::Cidr;
 use crate::network::dhcp::Lease;
-use crate::network::dhcp_server::LeaseLookup;
-use crate::network::firewall::{self, Forward, GuardedNic, OverlayPort, Policy, Segment};
+use crate::network::dhcp_server::{DhcpServerError, DhcpServers, LeaseLookup};
+use crate::network::firewall::{
+    self, FirewallError, Forward, GuardedNic, OverlayPort, Policy, Segment,
+};
 use crate::network::vxlan::{self, Tunnel};
-use crate::network::{self, IfName, MacAddr, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX};
+use crate::network::{
+    self, nic_address, IfName, MacAddr, NetworkError, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX,
+};
 use crate::store::{Store, StoreError};
+
+/// Errors in making the host's network match the database.
+#[derive(Debug, thiserror::Error)]
+pub enum HostNetworkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Dhcp(#[from] DhcpServerError),
+    #[error(
+        "network {0} spans hosts, but this agent has no underlay address (--underlay-address)"
+    )]
+    NoUnderlay(String),
+    #[error("the VM's network {0} is gone")]
+    NetworkGone(String),
+}
 
 /// How long a DHCP lease lasts; the address is the NIC's for as long as the
 /// VM exists, so this only sets how often guests renew.
 const LEASE_SECS: u32 = 86_400;
 
-fn corrupt(err: String) -> SupervisorError {
-    SupervisorError::Store(StoreError::Corrupt(err))
+fn corrupt(err: String) -> HostNetworkError {
+    HostNetworkError::Store(StoreError::Corrupt(err))
 }
 
-fn parse_cidr(text: &str) -> Result<Cidr, SupervisorError> {
+fn parse_cidr(text: &str) -> Result<Cidr, HostNetworkError> {
     text.parse().map_err(corrupt)
 }
 
-/// The IPv4 address of a NIC's "A.B.C.D/N".
-pub fn nic_address(address: &str) -> Option<Ipv4Addr> {
-    address.split('/').next()?.parse().ok()
-}
-
 /// A stored interface name, parsed before it reaches a rule or a command.
-fn stored_name(what: &str, text: &str) -> Result<IfName, SupervisorError> {
+fn stored_name(what: &str, text: &str) -> Result<IfName, HostNetworkError> {
     text.parse()
         .map_err(|err| corrupt(format!("{what}: {err}")))
 }
 
 /// The segments, guarded NICs and forwards the rules are made of, with the
 /// destinations NAT egress never reaches.
-pub(super) fn policy(store: &Store, egress_denied: Vec<Cidr>) -> Result<Policy, SupervisorError> {
+fn policy(store: &Store, egress_denied: Vec<Cidr>) -> Result<Policy, HostNetworkError> {
     let mut policy = Policy {
         egress_denied,
         ..Policy::default()
@@ -130,13 +157,48 @@ pub const ALWAYS_PROTECTED: [(&str, [u8; 4], u8); 5] = [
     ("reserved", [240, 0, 0, 0], 4),
 ];
 
-impl Supervisor {
+/// The host's tenant networking on Linux: bridges, taps, nftables rules,
+/// VXLAN tunnels and DHCP servers.
+pub struct LinuxNetwork {
+    store: Arc<Store>,
+    /// This host's end of the overlay's tunnels, when configured.
+    underlay: Option<Ipv4Addr>,
+    /// The operator's `egress_deny`.
+    egress_deny: Vec<Cidr>,
+    /// Serializes address assignment and bridge creation.
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// One DHCP server per network that has DHCP.
+    dhcp: DhcpServers,
+}
+
+impl LinuxNetwork {
+    /// Changes nothing on the host until asked (see `reconcile`).
+    pub fn new(store: Arc<Store>, config: &AgentConfig) -> Arc<Self> {
+        Arc::new(Self {
+            underlay: config.underlay_address,
+            egress_deny: config.egress_deny.clone(),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+            dhcp: DhcpServers::new(Arc::new(StoreLeases(store.clone()))),
+            store,
+        })
+    }
+
+    /// This host's end of the overlay's tunnels, when configured.
+    pub fn underlay_address(&self) -> Option<Ipv4Addr> {
+        self.underlay
+    }
+
+    /// Held while addresses are assigned or bridges made.
+    pub async fn lock(&self) -> OwnedMutexGuard<()> {
+        self.lock.clone().lock_owned().await
+    }
+
     /// What tenants' NAT egress never reaches: link-local, the underlay's
     /// network, every peer host (its underlay address, where its peer API
     /// and migration listeners are) and the
     /// operator's `egress_deny`. (The host's own addresses are guarded by
     /// the input chain.)
-    pub async fn egress_denied(&self) -> Result<Vec<Cidr>, SupervisorError> {
+    pub async fn egress_denied(&self) -> Result<Vec<Cidr>, HostNetworkError> {
         let mut denied = vec![Cidr::of(Ipv4Addr::new(169, 254, 0, 0), 16)];
         if let Some(underlay) = self.underlay_address() {
             let routes = network::host_routes().await?;
@@ -154,7 +216,7 @@ impl Supervisor {
                 denied.push(Cidr::of(address, 32));
             }
         }
-        denied.extend(self.config.egress_deny.iter().copied());
+        denied.extend(self.egress_deny.iter().copied());
         denied.sort_by_key(|cidr| (u32::from(cidr.base()), cidr.prefix()));
         denied.dedup();
         Ok(denied)
@@ -168,7 +230,7 @@ impl Supervisor {
     pub async fn shadowed_host_network(
         &self,
         cidr: Cidr,
-    ) -> Result<Option<String>, SupervisorError> {
+    ) -> Result<Option<String>, HostNetworkError> {
         for (what, octets, prefix) in ALWAYS_PROTECTED {
             let protected = Cidr::of(Ipv4Addr::from(octets), prefix);
             if protected.overlaps(&cidr) {
@@ -205,12 +267,12 @@ impl Supervisor {
 
     /// Makes the host's bridges, packet filter and DHCP servers match the
     /// database.
-    pub async fn reconcile_network(&self) -> Result<(), SupervisorError> {
-        let _network = self.network_lock().await;
-        self.reconcile_network_locked().await
+    pub async fn reconcile(&self) -> Result<(), HostNetworkError> {
+        let _network = self.lock().await;
+        self.reconcile_locked().await
     }
 
-    async fn reconcile_network_locked(&self) -> Result<(), SupervisorError> {
+    async fn reconcile_locked(&self) -> Result<(), HostNetworkError> {
         let networks = self.store.list_networks(None)?;
         // Tunnels of networks no longer carried here (their bridge port
         // would outlive the bridge otherwise).
@@ -275,13 +337,13 @@ impl Supervisor {
     }
 
     /// The VXLAN interface `net` needs on this host, if it spans hosts.
-    fn tunnel(&self, net: &Network) -> Result<Option<Tunnel>, SupervisorError> {
+    fn tunnel(&self, net: &Network) -> Result<Option<Tunnel>, HostNetworkError> {
         let Some(overlay) = &net.overlay else {
             return Ok(None);
         };
         let local = self
             .underlay_address()
-            .ok_or_else(|| SupervisorError::NoUnderlay(net.id.clone()))?;
+            .ok_or_else(|| HostNetworkError::NoUnderlay(net.id.clone()))?;
         let peers = overlay
             .hosts
             .iter()
@@ -301,18 +363,18 @@ impl Supervisor {
         }))
     }
 
-    /// Creates the taps of `vm`'s NICs: on their virtual network's bridge,
-    /// or on the tenant's default bridge.
-    /// Makes `vm`'s taps, owned by its jail's user `uid` (who may then
+    /// Makes `vm`'s taps, on their virtual network's bridge or on the
+    /// tenant's default bridge, owned by its jail's user `uid` (who may then
     /// attach to them without any capability).
-    pub(super) async fn plug_nics(&self, vm: &Vm, uid: u32) -> Result<(), SupervisorError> {
-        let _network = self.network_lock().await;
+    pub async fn plug_nics(&self, vm: &Vm, uid: u32) -> Result<(), HostNetworkError> {
+        let _network = self.lock().await;
         for (index, nic) in vm.nics.iter().enumerate() {
             let (bridge, cidr, identity) = match &nic.network {
                 Some(id) => {
-                    let net = self.store.get_network(None, id)?.ok_or_else(|| {
-                        SupervisorError::StartFailed(format!("the VM's network {id} is gone"))
-                    })?;
+                    let net = self
+                        .store
+                        .get_network(None, id)?
+                        .ok_or_else(|| HostNetworkError::NetworkGone(id.clone()))?;
                     (
                         stored_name(&format!("network {} bridge", net.id), &net.bridge)?,
                         parse_cidr(&net.cidr)?,
@@ -336,13 +398,43 @@ impl Supervisor {
     }
 
     /// Removes the taps of `vm_id`'s NICs.
-    pub(super) async fn unplug_nics(&self, vm_id: &str, count: usize) {
+    pub async fn unplug_nics(&self, vm_id: &str, count: usize) {
         for index in 0..count {
             let tap = network::tap_name(vm_id, index);
             if let Err(err) = network::delete_link(&tap).await {
                 tracing::warn!(vm = vm_id, "cannot remove tap {tap}: {err}");
             }
         }
+    }
+}
+
+impl crate::service::HostNetwork for LinuxNetwork {
+    fn lock(&self) -> BoxFuture<'_, OwnedMutexGuard<()>> {
+        Box::pin(LinuxNetwork::lock(self))
+    }
+
+    fn reconcile(&self) -> BoxFuture<'_, Result<(), HostNetworkError>> {
+        Box::pin(LinuxNetwork::reconcile(self))
+    }
+
+    fn shadowed(&self, cidr: Cidr) -> BoxFuture<'_, Result<Option<String>, HostNetworkError>> {
+        Box::pin(self.shadowed_host_network(cidr))
+    }
+
+    fn underlay_address(&self) -> Option<Ipv4Addr> {
+        self.underlay
+    }
+
+    fn underlay_mtu(&self, local: Ipv4Addr) -> BoxFuture<'_, Result<u16, String>> {
+        Box::pin(async move {
+            vxlan::underlay_mtu(local)
+                .await
+                .map_err(|err| err.to_string())
+        })
+    }
+
+    fn remove_tenant_bridge(&self, subnet: u8) -> BoxFuture<'_, Result<(), NetworkError>> {
+        Box::pin(async move { network::delete_link(&network::bridge_name(subnet)).await })
     }
 }
 
