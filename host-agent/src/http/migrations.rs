@@ -199,7 +199,7 @@ async fn drive(
             peer,
             &IncomingMigration {
                 vm: vm.clone(),
-                tenant,
+                tenant: tenant.into(),
                 image,
                 source: local.to_string(),
             },

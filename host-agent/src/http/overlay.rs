@@ -143,7 +143,7 @@ pub(crate) async fn incoming(
             )))
         }
         Some(_) => {}
-        None => state.store.create_tenant_with_id(tenant)?,
+        None => state.store.create_tenant_with_id(&tenant.clone().into())?,
     }
     let image = state
         .store

@@ -311,7 +311,7 @@ fn replica(svc: &Services, net: &Network) -> Result<NetworkReplica> {
     })?;
     Ok(NetworkReplica {
         network: net.clone(),
-        tenant,
+        tenant: tenant.into(),
     })
 }
 
@@ -479,7 +479,7 @@ pub async fn adopt(svc: &Services, id: &str, replica: &NetworkReplica) -> Result
         }
         Some(_) => {}
         None => {
-            svc.store.create_tenant_with_id(tenant)?;
+            svc.store.create_tenant_with_id(&tenant.clone().into())?;
             tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant replicated from its network's home");
         }
     }

@@ -5,7 +5,32 @@
 use nubis_api::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
 use super::{Result, ServiceError, Services};
+use crate::store::TenantRow;
 use crate::validate;
+
+impl From<TenantRow> for Tenant {
+    fn from(row: TenantRow) -> Self {
+        Tenant {
+            id: row.id,
+            name: row.name,
+            quota: row.quota,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// A tenant replicated from another host (with a network or a VM) is
+/// stored as that host has it.
+impl From<Tenant> for TenantRow {
+    fn from(tenant: Tenant) -> Self {
+        TenantRow {
+            id: tenant.id,
+            name: tenant.name,
+            quota: tenant.quota,
+            created_at: tenant.created_at,
+        }
+    }
+}
 
 fn check_quota(quota: &Quota) -> Result<()> {
     if quota.max_vcpus == 0 || quota.max_memory_mib == 0 || quota.max_vms == 0 {
@@ -24,17 +49,23 @@ pub fn create(svc: &Services, request: &TenantCreate) -> Result<Tenant> {
     check_quota(&quota)?;
     let tenant = svc.store.create_tenant(&request.name, quota)?;
     tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant created");
-    Ok(tenant)
+    Ok(tenant.into())
 }
 
 pub fn list(svc: &Services) -> Result<Vec<Tenant>> {
-    Ok(svc.store.list_tenants()?)
+    Ok(svc
+        .store
+        .list_tenants()?
+        .into_iter()
+        .map(Tenant::from)
+        .collect())
 }
 
 /// Tenant `id`.
 pub fn get(svc: &Services, id: &str) -> Result<Tenant> {
     svc.store
         .get_tenant(id)?
+        .map(Tenant::from)
         .ok_or_else(|| ServiceError::not_found("tenant", id))
 }
 

@@ -164,7 +164,7 @@ impl Fixture {
     pub fn tenant(&self, name: &str, quota: Quota) -> (Tenant, String) {
         let tenant = must("tenant", self.services.store.create_tenant(name, quota));
         let token = must("token", self.services.store.create_token(&tenant.id));
-        (tenant, token.token)
+        (tenant.into(), token.token)
     }
 
     /// An image of `tenant` with a root disk of `rootfs_bytes`.

@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use nubis_api::{NetworkCreate, Quota, VmCreate, VmDisk, VmNicCreate};
+use nubis_api::{NetworkCreate, Quota, Tenant, TenantCreate, VmCreate, VmDisk, VmNicCreate};
 
 use super::testing::Fixture;
-use super::{networks, port_forwards, vms, Scope, ServiceError};
-use crate::store::StoreError;
+use super::{networks, port_forwards, tenants, vms, Scope, ServiceError};
+use crate::store::{StoreError, TenantRow};
 
 fn network_request(name: &str, cidr: &str) -> NetworkCreate {
     serde_json::from_value(serde_json::json!({"name": name, "cidr": cidr}))
@@ -317,4 +317,41 @@ async fn port_forwards_hold_their_quota_and_a_refused_rule_leaves_none() {
         port_forwards::get(svc, Scope::Tenant(&tenant.id), &made.id).ok(),
         Some(made)
     );
+}
+
+#[tokio::test]
+async fn tenants_answer_as_stored_and_replicas_are_stored_as_given() {
+    let fixture = Fixture::new();
+    let svc = &fixture.services;
+    let quota = Quota {
+        max_vcpus: 3,
+        ..Quota::default()
+    };
+    let created = tenants::create(
+        svc,
+        &TenantCreate {
+            name: "acme".into(),
+            quota: Some(quota),
+        },
+    )
+    .expect("tenant");
+    let row = svc
+        .store
+        .get_tenant(&created.id)
+        .expect("store")
+        .expect("stored");
+    assert_eq!(Tenant::from(row.clone()), created);
+    assert_eq!(created.quota.max_vcpus, 3);
+    assert_eq!(tenants::get(svc, &created.id).expect("get"), created);
+    assert_eq!(tenants::list(svc).expect("list"), vec![created.clone()]);
+    // A tenant from another host keeps its id, name, quota and age.
+    let replica = Tenant {
+        id: "t-0123456789abcdef".into(),
+        name: "globex".into(),
+        quota,
+        created_at: 7,
+    };
+    let stored = TenantRow::from(replica.clone());
+    svc.store.create_tenant_with_id(&stored).expect("replica");
+    assert_eq!(tenants::get(svc, &replica.id).expect("get"), replica);
 }

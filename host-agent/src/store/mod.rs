@@ -25,6 +25,7 @@ use rusqlite::Connection;
 pub use hosts::Peer;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::SavedVm;
+pub use tenants::TenantRow;
 pub use vms::{NewVm, Usage};
 
 /// The schema, one migration per entry; entry N brings the database from

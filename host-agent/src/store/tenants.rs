@@ -1,7 +1,7 @@
 //! Tenants and their API tokens. A token is 256 random bits shown once;
 //! only its SHA-256 is stored, so a leaked database leaks no credential.
 
-use nubis_api::{Quota, Tenant, TokenCreated, TokenInfo};
+use nubis_api::{Quota, TokenCreated, TokenInfo};
 use rusqlite::{params, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
@@ -15,8 +15,19 @@ pub fn token_hash(token: &str) -> String {
         .collect()
 }
 
-fn tenant_from_row(row: &Row) -> rusqlite::Result<Tenant> {
-    Ok(Tenant {
+/// A tenant as stored (the API's `Tenant` is made from it by the service
+/// layer, `service::tenants`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRow {
+    pub id: String,
+    pub name: String,
+    pub quota: Quota,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+fn tenant_from_row(row: &Row) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
         id: row.get(0)?,
         name: row.get(1)?,
         quota: Quota {
@@ -36,8 +47,8 @@ const TENANT_COLUMNS: &str = "id, name, max_vcpus, max_memory_mib, max_vms, crea
      max_networks, max_port_forwards, max_snapshots, max_storage_mib";
 
 impl Store {
-    pub fn create_tenant(&self, name: &str, quota: Quota) -> Result<Tenant, StoreError> {
-        let tenant = Tenant {
+    pub fn create_tenant(&self, name: &str, quota: Quota) -> Result<TenantRow, StoreError> {
+        let tenant = TenantRow {
             id: new_id("t")?,
             name: name.to_string(),
             quota,
@@ -49,7 +60,7 @@ impl Store {
 
     /// Records `tenant` as it is: a tenant replicated from the home host of
     /// one of its overlay networks keeps its id on every host.
-    pub fn create_tenant_with_id(&self, tenant: &Tenant) -> Result<(), StoreError> {
+    pub fn create_tenant_with_id(&self, tenant: &TenantRow) -> Result<(), StoreError> {
         let (name, quota) = (&tenant.name, tenant.quota);
         self.conn()
             .execute(
@@ -71,7 +82,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+    pub fn get_tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -82,7 +93,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+    pub fn list_tenants(&self) -> Result<Vec<TenantRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY created_at, id"
