@@ -200,7 +200,7 @@ async fn drive(
             &IncomingMigration {
                 vm: vm.clone(),
                 tenant: tenant.into(),
-                image,
+                image: image.into(),
                 source: local.to_string(),
             },
         )

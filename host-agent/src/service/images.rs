@@ -7,7 +7,24 @@
 use nubis_api::{Image, ImageCreate, Vm};
 
 use super::{Result, Scope, ServiceError, Services};
+use crate::store::ImageRow;
 use crate::validate;
+
+impl From<ImageRow> for Image {
+    fn from(row: ImageRow) -> Self {
+        Image {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            name: row.name,
+            kernel: row.kernel,
+            rootfs: row.rootfs,
+            initrd: row.initrd,
+            cmdline: row.cmdline,
+            rootfs_bytes: row.rootfs_bytes,
+            created_at: row.created_at,
+        }
+    }
+}
 
 /// Registers `request` for `tenant_id`, storing the files' resolved paths
 /// (a symlink changed later does not redirect the image).
@@ -31,25 +48,31 @@ pub fn create(svc: &Services, tenant_id: &str, mut request: ImageCreate) -> Resu
     }
     let image = svc.store.create_image(tenant_id, &request, rootfs_bytes)?;
     tracing::info!(tenant = tenant_id, image = %image.id, "image registered");
-    Ok(image)
+    Ok(image.into())
 }
 
 /// The images `scope` sees.
 pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Image>> {
-    match scope.tenant() {
-        Some(tenant) => Ok(svc.store.list_images(tenant)?),
+    let rows = match scope.tenant() {
+        Some(tenant) => svc.store.list_images(tenant)?,
         None => {
             let mut all = Vec::new();
             for tenant in svc.store.list_tenants()? {
                 all.extend(svc.store.list_images(&tenant.id)?);
             }
-            Ok(all)
+            all
         }
-    }
+    };
+    Ok(rows.into_iter().map(Image::from).collect())
 }
 
 /// Image `id` (id or name) as `scope` sees it.
 pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Image> {
+    find(svc, scope, id).map(Image::from)
+}
+
+/// The stored image `id` (id or name) as `scope` sees it.
+fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<ImageRow> {
     let found = match scope.tenant() {
         Some(tenant) => svc.store.get_image(tenant, id)?,
         None => {
@@ -68,13 +91,13 @@ pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Image> {
 
 /// Deletes image `id` (id or name); one a VM uses is refused by the store.
 pub fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let image = get(svc, scope, id)?;
+    let image = find(svc, scope, id)?;
     svc.store.delete_image(&image.tenant_id, &image.id)?;
     Ok(())
 }
 
 /// The image `vm` starts from, with its files checked again.
-pub fn usable_image(svc: &Services, vm: &Vm) -> Result<Image> {
+pub fn usable_image(svc: &Services, vm: &Vm) -> Result<ImageRow> {
     let image = svc
         .store
         .get_image(&vm.tenant_id, &vm.image_id)?

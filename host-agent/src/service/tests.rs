@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use nubis_api::{NetworkCreate, Quota, Tenant, TenantCreate, VmCreate, VmDisk, VmNicCreate};
 
 use super::testing::Fixture;
-use super::{networks, port_forwards, tenants, vms, Scope, ServiceError};
+use super::{images, networks, port_forwards, tenants, vms, Scope, ServiceError};
 use crate::store::{StoreError, TenantRow};
 
 fn network_request(name: &str, cidr: &str) -> NetworkCreate {
@@ -354,4 +354,32 @@ async fn tenants_answer_as_stored_and_replicas_are_stored_as_given() {
     let stored = TenantRow::from(replica.clone());
     svc.store.create_tenant_with_id(&stored).expect("replica");
     assert_eq!(tenants::get(svc, &replica.id).expect("get"), replica);
+}
+
+#[tokio::test]
+async fn images_answer_as_stored_and_start_from_their_row() {
+    let fixture = Fixture::new();
+    let svc = &fixture.services;
+    let (tenant, _token) = fixture.tenant("acme", Quota::default());
+    let image = fixture.image(&tenant, "debian", 4096);
+    let row = svc
+        .store
+        .get_image(&tenant.id, &image.id)
+        .expect("store")
+        .expect("stored");
+    assert_eq!(nubis_api::Image::from(row.clone()), image);
+    assert_eq!(image.rootfs_bytes, 4096);
+    let scope = Scope::Tenant(&tenant.id);
+    assert_eq!(images::get(svc, scope, "debian").expect("by name"), image);
+    assert_eq!(
+        images::list(svc, Scope::Operator).expect("list"),
+        vec![image.clone()]
+    );
+    // What a VM starts from is the stored row itself, files checked again.
+    let created = vms::create(svc, &tenant.id, vm_request("web", "debian", &[]))
+        .await
+        .expect("VM");
+    let vm = vms::get(svc, scope, &created.id).expect("VM");
+    assert_eq!(images::usable_image(svc, &vm).expect("usable"), row);
+    images::delete(svc, Scope::Operator, &image.id).expect_err("a VM uses it");
 }

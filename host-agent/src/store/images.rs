@@ -1,6 +1,6 @@
 //! Images, owned by a tenant, found by id or name.
 
-use nubis_api::{Image, ImageCreate};
+use nubis_api::ImageCreate;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{exists_or, new_id, now, Store, StoreError};
@@ -8,8 +8,25 @@ use super::{exists_or, new_id, now, Store, StoreError};
 const IMAGE_COLUMNS: &str =
     "id, tenant_id, name, kernel, rootfs, initrd, cmdline, rootfs_bytes, created_at";
 
-fn image_from_row(row: &Row) -> rusqlite::Result<Image> {
-    Ok(Image {
+/// An image as stored (the API's `Image` is made from it by the service
+/// layer, `service::images`; the supervisor starts VMs from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    /// Host paths of the image's files.
+    pub kernel: String,
+    pub rootfs: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub rootfs_bytes: u64,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+fn image_from_row(row: &Row) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
         name: row.get(2)?,
@@ -28,8 +45,8 @@ impl Store {
         tenant_id: &str,
         request: &ImageCreate,
         rootfs_bytes: u64,
-    ) -> Result<Image, StoreError> {
-        let image = Image {
+    ) -> Result<ImageRow, StoreError> {
+        let image = ImageRow {
             id: new_id("img")?,
             tenant_id: tenant_id.to_string(),
             name: request.name.clone(),
@@ -64,7 +81,7 @@ impl Store {
         &self,
         tenant_id: &str,
         id_or_name: &str,
-    ) -> Result<Option<Image>, StoreError> {
+    ) -> Result<Option<ImageRow>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -78,7 +95,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn list_images(&self, tenant_id: &str) -> Result<Vec<Image>, StoreError> {
+    pub fn list_images(&self, tenant_id: &str) -> Result<Vec<ImageRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {IMAGE_COLUMNS} FROM images WHERE tenant_id = ?1 ORDER BY created_at, id"

@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use hosts::Peer;
+pub use images::ImageRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::SavedVm;
 pub use tenants::TenantRow;

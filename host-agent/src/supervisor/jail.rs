@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nubis_api::{Image, Vm};
+use nubis_api::Vm;
 
 use super::process::Launch;
 use super::vmfs::{self, Dir};
@@ -22,6 +22,7 @@ use super::{
     VMM_LOG,
 };
 use crate::config::JailConfig;
+use crate::store::ImageRow;
 
 /// The VM's directory inside its jail.
 pub const VM_DIR: &str = "/vm";
@@ -46,7 +47,7 @@ pub fn inside_paths() -> VmPaths {
 }
 
 /// The image as the jailed VMM sees it.
-pub fn inside_image(image: &Image) -> Image {
+pub fn inside_image(image: &ImageRow) -> ImageRow {
     let mut inside = image.clone();
     inside.kernel = KERNEL.to_string();
     if inside.initrd.is_some() {
@@ -145,7 +146,7 @@ const FILE_SIZE_SLACK: u64 = 64 << 20;
 /// memory, a disk received in a migration, its console and its log)
 /// grows beyond the largest of its disks and its RAM, plus some room; a
 /// guest cannot fill the host's disk through one of its VMM's files.
-pub fn file_size_limit(vm: &Vm, image: &Image, paths: &VmPaths) -> u64 {
+pub fn file_size_limit(vm: &Vm, image: &ImageRow, paths: &VmPaths) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::symlink_metadata(&paths.root_disk)
         .map(|meta| meta.size())
@@ -171,7 +172,7 @@ pub fn command(
     config: &JailConfig,
     vmm_binary: &Path,
     vm: &Vm,
-    image: &Image,
+    image: &ImageRow,
     paths: &VmPaths,
     uid: u32,
     launch: &Launch,
@@ -473,7 +474,7 @@ mod tests {
     #[test]
     fn the_jailer_gets_the_vms_files_and_the_vmm_its_inside_paths() {
         let paths = VmPaths::under(PathBuf::from("/data/vms/vm-1"));
-        let image = Image {
+        let image = ImageRow {
             id: "i".into(),
             tenant_id: "t".into(),
             name: "n".into(),

@@ -4,10 +4,11 @@
 //! both in its environment), on the VM's taps and with its disk files to
 //! receive.
 
-use nubis_api::{Image, Vm, VmState};
+use nubis_api::{Vm, VmState};
 
 use super::process::Launch;
 use super::{Supervisor, SupervisorError, VmPaths};
+use crate::store::ImageRow;
 
 /// In the source's agent VM directory from before its VMM is told to
 /// migrate until the VM runs on here again (a failed or cancelled
@@ -70,7 +71,7 @@ impl Supervisor {
     pub async fn receive(
         self: &std::sync::Arc<Self>,
         vm: &Vm,
-        image: &Image,
+        image: &ImageRow,
         listen: &str,
         token: &str,
         key: &str,

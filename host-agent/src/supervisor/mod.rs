@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nubis_api::{Image, Network, RateLimit, Vm, VmState};
+use nubis_api::{Network, RateLimit, Vm, VmState};
 use nubis_contract::config::{
     BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
     CONFIG_VERSION,
@@ -39,7 +39,7 @@ use crate::network::dhcp_server::DhcpServerError;
 use crate::network::firewall::FirewallError;
 use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::{self, NetworkError};
-use crate::store::{Store, StoreError};
+use crate::store::{ImageRow, Store, StoreError};
 use control::{ControlError, VmmClient};
 use process::{ExitWatch, VmmExit};
 
@@ -234,7 +234,7 @@ impl Supervisor {
     async fn spawn_jailed(
         &self,
         vm: &Vm,
-        image: &Image,
+        image: &ImageRow,
         paths: &VmPaths,
         uid: u32,
         launch: &process::Launch<'_>,
@@ -268,7 +268,7 @@ impl Supervisor {
 
     /// Starts a stopped or failed VM: disks, VMM config, process, watcher.
     /// Returns once the VMM answers on its control socket.
-    pub async fn start(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<(), SupervisorError> {
+    pub async fn start(self: &Arc<Self>, vm: &Vm, image: &ImageRow) -> Result<(), SupervisorError> {
         if vm.state.has_process() {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
@@ -328,7 +328,7 @@ impl Supervisor {
     async fn prepare_files(
         &self,
         vm: &Vm,
-        image: &Image,
+        image: &ImageRow,
         paths: &VmPaths,
         receiving: bool,
     ) -> Result<(), SupervisorError> {
@@ -376,7 +376,7 @@ impl Supervisor {
     fn write_vmm_config(
         &self,
         vm: &Vm,
-        image: &Image,
+        image: &ImageRow,
         paths: &VmPaths,
     ) -> Result<(), SupervisorError> {
         let networks = vm
@@ -732,7 +732,7 @@ impl Supervisor {
 /// for a NIC on the tenant's default bridge).
 fn vmm_config(
     vm: &Vm,
-    image: &Image,
+    image: &ImageRow,
     paths: &VmPaths,
     networks: &[Option<Network>],
 ) -> Result<VmConfig, SupervisorError> {
@@ -843,7 +843,7 @@ mod tests {
     #[test]
     fn the_vmm_config_has_the_root_clone_data_disks_and_limits() {
         let paths = VmPaths::with("/d".into(), "/d".into(), "/d/vm.json".into());
-        let image = Image {
+        let image = ImageRow {
             id: "img-1".into(),
             tenant_id: "t-1".into(),
             name: "debian".into(),
