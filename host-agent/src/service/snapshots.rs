@@ -8,8 +8,23 @@ use nubis_api::{Snapshot, SnapshotRestore, Vm};
 
 use super::{vms, Result, Scope, ServiceError, Services};
 use crate::network::nic_address;
-use crate::store::{SavedVm, StoreError};
+use crate::store::{SavedVm, SnapshotRow, StoreError};
 use crate::validate;
+
+impl From<SnapshotRow> for Snapshot {
+    fn from(row: SnapshotRow) -> Self {
+        Snapshot {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            vm_id: row.vm_id,
+            vm_name: row.vm_name,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            size_bytes: row.size_bytes,
+            created_at: row.created_at,
+        }
+    }
+}
 
 /// Snapshots VM `id` (it runs on, or stays paused).
 pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot> {
@@ -29,7 +44,7 @@ pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapsh
         }
     };
     tracing::info!(vm = %vm.id, snapshot = %snapshot.id, size, "snapshot taken");
-    Ok(snapshot)
+    Ok(snapshot.into())
 }
 
 /// A snapshot takes one of the tenant's snapshots and, at most, the VM's
@@ -61,7 +76,12 @@ fn check_quota(svc: &Services, vm: &Vm) -> Result<()> {
 
 /// The snapshots `scope` sees.
 pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Snapshot>> {
-    Ok(svc.store.list_snapshots(scope.tenant())?)
+    Ok(svc
+        .store
+        .list_snapshots(scope.tenant())?
+        .into_iter()
+        .map(Snapshot::from)
+        .collect())
 }
 
 /// Snapshot `id` as `scope` sees it, with the VM it saved.
@@ -73,7 +93,7 @@ fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<SavedVm> {
 
 /// Snapshot `id` as `scope` sees it.
 pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot> {
-    Ok(find(svc, scope, id)?.snapshot)
+    Ok(find(svc, scope, id)?.snapshot.into())
 }
 
 /// Deletes snapshot `id` with its files, unless a VM restored from it has

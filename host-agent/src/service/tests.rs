@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use nubis_api::{NetworkCreate, Quota, Tenant, TenantCreate, VmCreate, VmDisk, VmNicCreate};
 
 use super::testing::Fixture;
-use super::{images, networks, port_forwards, tenants, vms, Scope, ServiceError};
+use super::{images, networks, port_forwards, snapshots, tenants, vms, Scope, ServiceError};
 use crate::store::{StoreError, TenantRow};
 
 fn network_request(name: &str, cidr: &str) -> NetworkCreate {
@@ -382,4 +382,39 @@ async fn images_answer_as_stored_and_start_from_their_row() {
     let vm = vms::get(svc, scope, &created.id).expect("VM");
     assert_eq!(images::usable_image(svc, &vm).expect("usable"), row);
     images::delete(svc, Scope::Operator, &image.id).expect_err("a VM uses it");
+}
+
+#[tokio::test]
+async fn snapshots_answer_as_stored() {
+    let fixture = Fixture::new();
+    let svc = &fixture.services;
+    let (tenant, _token) = fixture.tenant("acme", Quota::default());
+    fixture.image(&tenant, "debian", 4096);
+    let vm = vms::create(svc, &tenant.id, vm_request("web", "debian", &[]))
+        .await
+        .expect("VM");
+    // Recorded as a snapshot of the VM would be (taking one needs a VMM).
+    let id = svc.store.new_snapshot_id().expect("id");
+    let row = svc.store.record_snapshot(&id, &vm, 8192).expect("record");
+    let snapshot = nubis_api::Snapshot::from(row.clone());
+    assert_eq!(
+        (
+            snapshot.id.as_str(),
+            snapshot.vm_id.as_str(),
+            snapshot.vm_name.as_str()
+        ),
+        (id.as_str(), vm.id.as_str(), "web")
+    );
+    assert_eq!(
+        (snapshot.vcpus, snapshot.memory_mib, snapshot.size_bytes),
+        (vm.vcpus, vm.memory_mib, 8192)
+    );
+    let scope = Scope::Tenant(&tenant.id);
+    assert_eq!(snapshots::get(svc, scope, &id).expect("get"), snapshot);
+    assert_eq!(snapshots::list(svc, scope).expect("list"), vec![snapshot]);
+    let (other, _token) = fixture.tenant("globex", Quota::default());
+    assert!(matches!(
+        snapshots::get(svc, Scope::Tenant(&other.id), &id),
+        Err(ServiceError::NotFound { .. })
+    ));
 }

@@ -25,7 +25,7 @@ use rusqlite::Connection;
 pub use hosts::Peer;
 pub use images::ImageRow;
 pub use port_forwards::PortForwardRow;
-pub use snapshots::SavedVm;
+pub use snapshots::{SavedVm, SnapshotRow};
 pub use tenants::TenantRow;
 pub use vms::{NewVm, Usage};
 

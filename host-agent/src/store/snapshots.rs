@@ -1,16 +1,33 @@
 //! Snapshots of VMs: the record of what was saved (the VM's definition at
 //! that moment, to restore it into a new VM) and how much disk it takes.
 
-use nubis_api::{Snapshot, Vm};
+use nubis_api::Vm;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::vms::Spec;
 use super::{new_id, now, NewVm, Store, StoreError};
 
+/// A snapshot as stored (the API's `Snapshot` is made from it by the
+/// service layer, `service::snapshots`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub tenant_id: String,
+    /// The VM it was taken of (which may be gone since).
+    pub vm_id: String,
+    pub vm_name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// What its files take on the host's disk.
+    pub size_bytes: u64,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
 /// A snapshot with the definition of the VM it was taken of.
 #[derive(Debug, Clone)]
 pub struct SavedVm {
-    pub snapshot: Snapshot,
+    pub snapshot: SnapshotRow,
     /// The VM as it was: a restored VM gets this definition (with its
     /// MACs and addresses, which the guest's memory holds).
     pub vm: NewVm,
@@ -28,7 +45,7 @@ fn saved_from_row(row: &Row) -> rusqlite::Result<SavedVm> {
             Box::new(StoreError::Corrupt(format!("snapshot spec: {err}"))),
         )
     })?;
-    let snapshot = Snapshot {
+    let snapshot = SnapshotRow {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
         vm_id: row.get(2)?,
@@ -76,7 +93,7 @@ impl Store {
         id: &str,
         vm: &Vm,
         size_bytes: u64,
-    ) -> Result<Snapshot, StoreError> {
+    ) -> Result<SnapshotRow, StoreError> {
         let spec = serde_json::to_string(&Spec {
             root_rate_limit: vm.root_rate_limit,
             disks: vm.disks.clone(),
@@ -84,7 +101,7 @@ impl Store {
             restore_from: None,
         })
         .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))?;
-        let snapshot = Snapshot {
+        let snapshot = SnapshotRow {
             id: id.to_string(),
             tenant_id: vm.tenant_id.clone(),
             vm_id: vm.id.clone(),
@@ -131,7 +148,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<Snapshot>, StoreError> {
+    pub fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY created_at, id"
