@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use nubis_api::{Network, Vm};
+use nubis_api::Vm;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::config::AgentConfig;
@@ -30,7 +30,7 @@ use crate::network::vxlan::{self, Tunnel};
 use crate::network::{
     self, nic_address, IfName, MacAddr, NetworkError, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{NetworkRow, Store, StoreError};
 
 /// Errors in making the host's network match the database.
 #[derive(Debug, thiserror::Error)]
@@ -337,7 +337,7 @@ impl LinuxNetwork {
     }
 
     /// The VXLAN interface `net` needs on this host, if it spans hosts.
-    fn tunnel(&self, net: &Network) -> Result<Option<Tunnel>, HostNetworkError> {
+    fn tunnel(&self, net: &NetworkRow) -> Result<Option<Tunnel>, HostNetworkError> {
         let Some(overlay) = &net.overlay else {
             return Ok(None);
         };
@@ -461,7 +461,7 @@ fn parse_resolvers(text: &str) -> Vec<String> {
 pub struct StoreLeases(pub Arc<Store>);
 
 impl StoreLeases {
-    fn lease_of(network: &Network, vm: &Vm, mac: &str) -> Option<Lease> {
+    fn lease_of(network: &NetworkRow, vm: &Vm, mac: &str) -> Option<Lease> {
         let nic = vm.nics.iter().find(|nic| {
             nic.network.as_deref() == Some(network.id.as_str())
                 && nic
@@ -507,7 +507,7 @@ mod tests {
 
     /// A store with a network, a VM with a NIC on it and one on the
     /// tenant's default bridge, and a port forward.
-    fn populated() -> (Arc<Store>, Network, Vm) {
+    fn populated() -> (Arc<Store>, NetworkRow, Vm) {
         let (store, tenant, image) = crate::store::fixture();
         let store = Arc::new(store);
         let net = store

@@ -15,8 +15,50 @@ use crate::ipv4::Cidr;
 use crate::network::host::host_resolvers;
 use crate::network::nic_address;
 use crate::network::vxlan::VXLAN_OVERHEAD;
-use crate::store::Peer;
+use crate::store::{NetworkRow, Peer};
 use crate::validate;
+
+impl From<NetworkRow> for Network {
+    fn from(row: NetworkRow) -> Self {
+        Network {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            name: row.name,
+            cidr: row.cidr,
+            gateway: row.gateway,
+            nat: row.nat,
+            dhcp: row.dhcp,
+            dns: row.dns,
+            mtu: row.mtu,
+            vni: row.vni,
+            bridge: row.bridge,
+            overlay: row.overlay,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// An overlay network as its home host gives it (`adopt`); the store
+/// derives this host's bridge and VXLAN names again.
+impl From<Network> for NetworkRow {
+    fn from(network: Network) -> Self {
+        NetworkRow {
+            id: network.id,
+            tenant_id: network.tenant_id,
+            name: network.name,
+            cidr: network.cidr,
+            gateway: network.gateway,
+            nat: network.nat,
+            dhcp: network.dhcp,
+            dns: network.dns,
+            mtu: network.mtu,
+            vni: network.vni,
+            bridge: network.bridge,
+            overlay: network.overlay,
+            created_at: network.created_at,
+        }
+    }
+}
 
 /// The MTUs a network may have: IPv4's guaranteed datagram size up to a
 /// jumbo frame.
@@ -87,7 +129,7 @@ pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) ->
         return Err(err);
     }
     tracing::info!(tenant = tenant_id, network = %network.id, cidr = %network.cidr, hosts = peers.len(), "network created");
-    Ok(network)
+    Ok(network.into())
 }
 
 /// The registered peers named in a network's `hosts`.
@@ -113,7 +155,7 @@ fn spanned_peers(svc: &Services, names: &[String]) -> Result<Vec<Peer>> {
 
 /// Gives `network` to each of `peers`; on a refusal takes it back from
 /// those that had taken it.
-async fn replicate(svc: &Services, network: &Network, peers: &[Peer]) -> Result<()> {
+async fn replicate(svc: &Services, network: &NetworkRow, peers: &[Peer]) -> Result<()> {
     let replica = replica(svc, network)?;
     for (index, peer) in peers.iter().enumerate() {
         if let Err(err) = svc.peers.put_network(peer, &replica).await {
@@ -174,11 +216,21 @@ fn dns_servers(servers: &[String]) -> Result<Vec<String>> {
 
 /// The networks `scope` sees.
 pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Network>> {
-    Ok(svc.store.list_networks(scope.tenant())?)
+    Ok(svc
+        .store
+        .list_networks(scope.tenant())?
+        .into_iter()
+        .map(Network::from)
+        .collect())
 }
 
 /// Network `id` (id or name) as `scope` sees it.
 pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Network> {
+    find(svc, scope, id).map(Network::from)
+}
+
+/// The stored network `id` (id or name) as `scope` sees it.
+fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<NetworkRow> {
     svc.store
         .get_network(scope.tenant(), id)?
         .ok_or_else(|| ServiceError::not_found("network", id))
@@ -186,7 +238,7 @@ pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Network> {
 
 /// Deletes network `id` (id or name), here and on the hosts it spans.
 pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let network = get(svc, scope, id)?;
+    let network = find(svc, scope, id)?;
     if let Some(home) = remote_home(svc, &network)? {
         return Err(ServiceError::Conflict(format!(
             "network {} belongs to host '{}': delete it there",
@@ -212,7 +264,7 @@ pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
 }
 
 /// Refuses while VMs on this host have NICs on `network`.
-fn check_unused(svc: &Services, network: &Network) -> Result<()> {
+fn check_unused(svc: &Services, network: &NetworkRow) -> Result<()> {
     let users: Vec<String> = svc
         .store
         .list_vms(Some(&network.tenant_id), None)?
@@ -236,7 +288,7 @@ fn check_unused(svc: &Services, network: &Network) -> Result<()> {
 
 /// Deletes `network` here, unless a VM uses it; its bridge, tunnel, rules
 /// and DHCP server go with it.
-async fn delete_unused(svc: &Services, network: &Network) -> Result<()> {
+async fn delete_unused(svc: &Services, network: &NetworkRow) -> Result<()> {
     let lock = svc.host_network.lock().await;
     check_unused(svc, network)?;
     svc.store.delete_network(&network.id)?;
@@ -280,7 +332,7 @@ fn peer_at(svc: &Services, address: &str) -> Result<Peer> {
 
 /// The network's home host when it is another host; None when this host
 /// is its home, or it does not span hosts.
-pub fn remote_home(svc: &Services, net: &Network) -> Result<Option<Peer>> {
+pub fn remote_home(svc: &Services, net: &NetworkRow) -> Result<Option<Peer>> {
     let Some(overlay) = &net.overlay else {
         return Ok(None);
     };
@@ -291,7 +343,7 @@ pub fn remote_home(svc: &Services, net: &Network) -> Result<Option<Peer>> {
 }
 
 /// The peers an overlay network of this home host spans.
-fn member_peers(svc: &Services, net: &Network) -> Result<Vec<Peer>> {
+fn member_peers(svc: &Services, net: &NetworkRow) -> Result<Vec<Peer>> {
     let Some(overlay) = &net.overlay else {
         return Ok(Vec::new());
     };
@@ -305,19 +357,19 @@ fn member_peers(svc: &Services, net: &Network) -> Result<Vec<Peer>> {
 }
 
 /// What a peer gets of an overlay network.
-fn replica(svc: &Services, net: &Network) -> Result<NetworkReplica> {
+fn replica(svc: &Services, net: &NetworkRow) -> Result<NetworkReplica> {
     let tenant = svc.store.get_tenant(&net.tenant_id)?.ok_or_else(|| {
         ServiceError::Internal(format!("the tenant of network {} is gone", net.id))
     })?;
     Ok(NetworkReplica {
-        network: net.clone(),
+        network: net.clone().into(),
         tenant: tenant.into(),
     })
 }
 
 /// Addresses of `net` that this host must not hand out: its VMs' NICs on
 /// it, and those granted to other hosts.
-pub fn used_addresses(svc: &Services, net: &Network) -> Result<HashSet<Ipv4Addr>> {
+pub fn used_addresses(svc: &Services, net: &NetworkRow) -> Result<HashSet<Ipv4Addr>> {
     let mut used: HashSet<Ipv4Addr> = svc
         .store
         .list_vms(Some(&net.tenant_id), None)?
@@ -331,7 +383,7 @@ pub fn used_addresses(svc: &Services, net: &Network) -> Result<HashSet<Ipv4Addr>
 }
 
 /// The stored CIDR of `net`.
-pub fn stored_cidr(net: &Network) -> Result<Cidr> {
+pub fn stored_cidr(net: &NetworkRow) -> Result<Cidr> {
     net.cidr
         .parse()
         .map_err(|err: String| ServiceError::Internal(format!("stored network {}: {err}", net.id)))
@@ -341,7 +393,7 @@ pub fn stored_cidr(net: &Network) -> Result<Cidr> {
 /// networks homed elsewhere (after their VM is gone here, or was never
 /// made). A home that cannot be reached keeps the address until the
 /// network is deleted.
-pub async fn release_remote_addresses(svc: &Services, nics: &[(Network, Ipv4Addr)]) {
+pub async fn release_remote_addresses(svc: &Services, nics: &[(NetworkRow, Ipv4Addr)]) {
     let Some(local) = svc.host_network.underlay_address() else {
         return;
     };
@@ -368,7 +420,7 @@ pub async fn release_remote_addresses(svc: &Services, nics: &[(Network, Ipv4Addr
 pub async fn remote_address(
     svc: &Services,
     home: &Peer,
-    net: &Network,
+    net: &NetworkRow,
     vm: &str,
 ) -> Result<String> {
     let local = local_underlay(svc)?;
@@ -399,7 +451,7 @@ pub async fn remote_address(
 }
 
 /// Overlay network `id` as this host carries it (any tenant's: peers ask).
-fn find_overlay(svc: &Services, id: &str) -> Result<Network> {
+fn find_overlay(svc: &Services, id: &str) -> Result<NetworkRow> {
     svc.store
         .get_network(None, id)?
         .filter(|net| net.overlay.is_some())
@@ -484,7 +536,7 @@ pub async fn adopt(svc: &Services, id: &str, replica: &NetworkReplica) -> Result
         }
     }
     let existed = svc.store.get_network(None, id)?.is_some();
-    let network = svc.store.adopt_network(&replica.network)?;
+    let network = svc.store.adopt_network(&replica.network.clone().into())?;
     if let Err(err) = svc.host_network.reconcile().await {
         if !existed {
             svc.store.delete_network(id)?;
@@ -495,7 +547,7 @@ pub async fn adopt(svc: &Services, id: &str, replica: &NetworkReplica) -> Result
         return Err(err.into());
     }
     tracing::info!(network = %id, vni = network.vni, "carrying overlay network");
-    Ok(network)
+    Ok(network.into())
 }
 
 /// Stops carrying overlay network `id`, at the request of the peer at

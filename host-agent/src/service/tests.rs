@@ -7,7 +7,7 @@ use nubis_api::{NetworkCreate, Quota, Tenant, TenantCreate, VmCreate, VmDisk, Vm
 
 use super::testing::Fixture;
 use super::{images, networks, port_forwards, snapshots, tenants, vms, Scope, ServiceError};
-use crate::store::{StoreError, TenantRow};
+use crate::store::{NetworkRow, StoreError, TenantRow};
 
 fn network_request(name: &str, cidr: &str) -> NetworkCreate {
     serde_json::from_value(serde_json::json!({"name": name, "cidr": cidr}))
@@ -417,4 +417,35 @@ async fn snapshots_answer_as_stored() {
         snapshots::get(svc, Scope::Tenant(&other.id), &id),
         Err(ServiceError::NotFound { .. })
     ));
+}
+
+#[tokio::test]
+async fn networks_answer_as_stored_and_a_replica_converts_both_ways() {
+    let fixture = Fixture::new();
+    let svc = &fixture.services;
+    let (tenant, _token) = fixture.tenant("acme", Quota::default());
+    let network = networks::create(svc, &tenant.id, &network_request("front", "10.9.0.0/24"))
+        .await
+        .expect("network");
+    let row = svc
+        .store
+        .get_network(None, &network.id)
+        .expect("store")
+        .expect("stored");
+    assert_eq!(nubis_api::Network::from(row.clone()), network);
+    assert_eq!(
+        (network.gateway.as_str(), network.bridge.as_str()),
+        (row.gateway.as_str(), row.bridge.as_str())
+    );
+    let scope = Scope::Tenant(&tenant.id);
+    assert_eq!(
+        networks::get(svc, scope, "front").expect("by name"),
+        network
+    );
+    assert_eq!(
+        networks::list(svc, Scope::Operator).expect("list"),
+        vec![network.clone()]
+    );
+    // What a peer sends (the API's Network) is stored as it is given.
+    assert_eq!(NetworkRow::from(network.clone()), row);
 }

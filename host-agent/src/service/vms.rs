@@ -9,12 +9,12 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use nubis_api::{Image, Network, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
+use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
 
 use super::{images, networks, Result, Scope, ServiceError, Services};
 use crate::network;
 use crate::network::nic_address;
-use crate::store::NewVm;
+use crate::store::{NetworkRow, NewVm};
 use crate::validate;
 
 /// Largest vCPU count and memory a VM may ask for here (the VMM checks
@@ -131,7 +131,7 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
 }
 
 /// The tenant's network that NIC `index` names.
-fn nic_network(svc: &Services, tenant_id: &str, index: usize, wanted: &str) -> Result<Network> {
+fn nic_network(svc: &Services, tenant_id: &str, index: usize, wanted: &str) -> Result<NetworkRow> {
     svc.store
         .get_network(Some(tenant_id), wanted)?
         .ok_or_else(|| {
@@ -318,7 +318,7 @@ pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
 }
 
 /// `vm`'s NICs on overlay networks, with their addresses.
-fn overlay_nics(svc: &Services, vm: &Vm) -> Result<Vec<(Network, Ipv4Addr)>> {
+fn overlay_nics(svc: &Services, vm: &Vm) -> Result<Vec<(NetworkRow, Ipv4Addr)>> {
     let mut nics = Vec::new();
     for nic in &vm.nics {
         let (Some(id), Some(address)) =

@@ -24,6 +24,7 @@ use rusqlite::Connection;
 
 pub use hosts::Peer;
 pub use images::ImageRow;
+pub use networks::NetworkRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::{SavedVm, SnapshotRow};
 pub use tenants::TenantRow;

@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 
-use nubis_api::{Network, NetworkCreate, Overlay};
+use nubis_api::{NetworkCreate, Overlay};
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{exists_or, new_id, now, Store, StoreError};
@@ -34,7 +34,31 @@ fn split_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
+/// A network as stored (the API's `Network` is made from it by the
+/// service layer, `service::networks`; the host network renders bridges,
+/// rules and DHCP from it). The gateway, bridge and VXLAN names are derived
+/// from the CIDR and VNI, not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub cidr: String,
+    pub gateway: String,
+    pub nat: bool,
+    pub dhcp: bool,
+    pub dns: Vec<String>,
+    pub mtu: u16,
+    pub vni: u32,
+    pub bridge: String,
+    /// Where it spans hosts: its home and member hosts, and its VXLAN
+    /// interface here.
+    pub overlay: Option<Overlay>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+fn network_from_row(row: &Row) -> rusqlite::Result<NetworkRow> {
     let cidr: String = row.get(3)?;
     let gateway = cidr
         .parse::<Cidr>()
@@ -49,7 +73,7 @@ fn network_from_row(row: &Row) -> rusqlite::Result<Network> {
         hosts: split_list(&hosts),
         vxlan: crate::network::vxlan_name(vni).to_string(),
     });
-    Ok(Network {
+    Ok(NetworkRow {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
         name: row.get(2)?,
@@ -104,7 +128,7 @@ fn check_free(
     Ok(existing.iter().map(|(_, _, _, vni)| *vni).collect())
 }
 
-fn insert(tx: &rusqlite::Transaction, network: &Network) -> Result<(), StoreError> {
+fn insert(tx: &rusqlite::Transaction, network: &NetworkRow) -> Result<(), StoreError> {
     let (home, hosts) = match &network.overlay {
         Some(overlay) => (Some(overlay.home.as_str()), overlay.hosts.join(",")),
         None => (None, String::new()),
@@ -162,7 +186,7 @@ impl Store {
         mtu: u16,
         overlay: Option<(String, Vec<String>)>,
         max_networks: u32,
-    ) -> Result<Network, StoreError> {
+    ) -> Result<NetworkRow, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let count: u32 = tx.query_row(
@@ -182,7 +206,7 @@ impl Store {
                 .find(|vni| !used.contains(vni))
                 .ok_or_else(|| StoreError::Quota("no VXLAN network identifier left".into()))?,
         };
-        let network = Network {
+        let network = NetworkRow {
             id: new_id("net")?,
             tenant_id: tenant_id.to_string(),
             name: request.name.clone(),
@@ -209,7 +233,7 @@ impl Store {
     /// Takes on an overlay network from its home host, as it is there (the
     /// same id, VNI and CIDR), or updates the member hosts of one already
     /// taken on. Refused when it clashes with a network of this host.
-    pub fn adopt_network(&self, network: &Network) -> Result<Network, StoreError> {
+    pub fn adopt_network(&self, network: &NetworkRow) -> Result<NetworkRow, StoreError> {
         let overlay = network.overlay.as_ref().ok_or_else(|| {
             StoreError::InUse(format!("network {} does not span hosts", network.id))
         })?;
@@ -315,7 +339,7 @@ impl Store {
         &self,
         tenant_id: Option<&str>,
         id_or_name: &str,
-    ) -> Result<Option<Network>, StoreError> {
+    ) -> Result<Option<NetworkRow>, StoreError> {
         let conn = self.conn();
         Ok(match tenant_id {
             Some(tenant) => conn
@@ -335,7 +359,7 @@ impl Store {
         })
     }
 
-    pub fn list_networks(&self, tenant_id: Option<&str>) -> Result<Vec<Network>, StoreError> {
+    pub fn list_networks(&self, tenant_id: Option<&str>) -> Result<Vec<NetworkRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {NETWORK_COLUMNS} FROM networks WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY created_at, id"
@@ -378,7 +402,7 @@ mod tests {
         store: &Store,
         tenant: &str,
         (request, cidr): &(NetworkCreate, Cidr),
-    ) -> Result<Network, StoreError> {
+    ) -> Result<NetworkRow, StoreError> {
         store.create_network(
             tenant,
             request,

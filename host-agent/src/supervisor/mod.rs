@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nubis_api::{Network, RateLimit, Vm, VmState};
+use nubis_api::{RateLimit, Vm, VmState};
 use nubis_contract::config::{
     BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
     CONFIG_VERSION,
@@ -39,7 +39,7 @@ use crate::network::dhcp_server::DhcpServerError;
 use crate::network::firewall::FirewallError;
 use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::{self, NetworkError};
-use crate::store::{ImageRow, Store, StoreError};
+use crate::store::{ImageRow, NetworkRow, Store, StoreError};
 use control::{ControlError, VmmClient};
 use process::{ExitWatch, VmmExit};
 
@@ -734,7 +734,7 @@ fn vmm_config(
     vm: &Vm,
     image: &ImageRow,
     paths: &VmPaths,
-    networks: &[Option<Network>],
+    networks: &[Option<NetworkRow>],
 ) -> Result<VmConfig, SupervisorError> {
     let disk = |path: PathBuf, id: String, rate_limit: RateLimit| DiskConfig {
         path,
@@ -913,7 +913,7 @@ mod tests {
 
         // A NIC on a DHCP network: `ip=dhcp` and the network's MTU; one on
         // the default bridge: its address in `ip=`.
-        let network = Network {
+        let network = NetworkRow {
             id: "net-1".into(),
             tenant_id: "t-1".into(),
             name: "front".into(),
@@ -953,7 +953,7 @@ mod tests {
             config.nets[0].tap.as_deref(),
             Some(network::tap_name("vm-1", 0).as_str())
         );
-        let static_network = Network {
+        let static_network = NetworkRow {
             dhcp: false,
             ..network
         };
