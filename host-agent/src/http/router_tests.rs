@@ -241,3 +241,93 @@ async fn bad_and_undoable_requests_name_their_field() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 }
+
+/// The keys of a JSON object, sorted.
+fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|object| object.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn stored_rows_answer_in_the_api_s_shape() {
+    let fixture = Fixture::new();
+    let (status, tenant) = call(
+        &fixture,
+        Method::POST,
+        "/v1/tenants",
+        OPERATOR_TOKEN,
+        Some(json!({"name": "acme"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{tenant}");
+    assert_eq!(keys(&tenant), ["created_at", "id", "name", "quota"]);
+    let tenant_id = tenant["id"].as_str().expect("tenant id");
+    let path = format!("/v1/tenants/{tenant_id}");
+    let (status, shown) = call(&fixture, Method::GET, &path, OPERATOR_TOKEN, None).await;
+    assert_eq!((status, &shown), (StatusCode::OK, &tenant));
+    let token = fixture
+        .services
+        .store
+        .create_token(tenant_id)
+        .expect("token")
+        .token;
+    let stored = fixture
+        .services
+        .store
+        .get_tenant(tenant_id)
+        .expect("store")
+        .expect("tenant");
+    fixture.image(&stored.into(), "base", 4096);
+    let (status, image) = call(&fixture, Method::GET, "/v1/images/base", &token, None).await;
+    assert_eq!(status, StatusCode::OK, "{image}");
+    assert_eq!(
+        keys(&image),
+        [
+            "cmdline",
+            "created_at",
+            "id",
+            "kernel",
+            "name",
+            "rootfs",
+            "rootfs_bytes",
+            "tenant_id"
+        ]
+    );
+    assert_eq!(image["rootfs_bytes"], 4096);
+    let (status, network) = call(
+        &fixture,
+        Method::POST,
+        "/v1/networks",
+        &token,
+        Some(json!({"name": "net", "cidr": "10.9.0.0/24"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{network}");
+    assert_eq!(
+        keys(&network),
+        [
+            "bridge",
+            "cidr",
+            "created_at",
+            "dhcp",
+            "dns",
+            "gateway",
+            "id",
+            "mtu",
+            "name",
+            "nat",
+            "tenant_id",
+            "vni"
+        ]
+    );
+    assert_eq!(network["gateway"], "10.9.0.1");
+    let path = format!("/v1/networks/{}", network["id"].as_str().expect("id"));
+    let (status, shown) = call(&fixture, Method::GET, &path, &token, None).await;
+    assert_eq!((status, &shown), (StatusCode::OK, &network));
+    let (status, listed) = call(&fixture, Method::GET, "/v1/networks", &token, None).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([network])));
+}
