@@ -15,7 +15,6 @@
 mod errors;
 mod hosts;
 pub use hosts::refresh_registry;
-pub use migrations::resolve_interrupted_handovers;
 mod images;
 pub mod metrics;
 mod migrations;
@@ -62,8 +61,6 @@ pub struct AppState {
     pub peer_registry: Arc<crate::peer_tls::PeerRegistry>,
     /// This host's certificate fingerprint.
     pub fingerprint: Arc<String>,
-    /// Migrations this host drives.
-    pub migrations: Arc<migrations::Migrations>,
     /// The domain logic the handlers call.
     pub services: Services,
 }
