@@ -6,6 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Image, ImageCreate};
 
+use super::responses::{Authenticated, Invalid, TenantChange, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::images;
 
@@ -22,8 +23,8 @@ pub fn routes() -> Router<AppState> {
     request_body = ImageCreate,
     responses(
         (status = 201, description = "success", body = Image),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists", body = ApiError),
         (status = 422, description = "a file is missing, not a regular file, outside the image directories and the tenant's uploads, or a root disk under 512 bytes", body = ApiError),
@@ -47,7 +48,7 @@ pub(crate) async fn create(
     tag = "images",
     responses(
         (status = 200, description = "success", body = Vec<Image>),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -65,8 +66,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Image),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -89,9 +89,7 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange
     ),
     security(("bearer" = []))
 )]

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Migration, MigrationCreate};
 
+use super::responses::{Authenticated, Invalid};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::migrations;
 
@@ -26,8 +27,8 @@ pub fn routes() -> Router<AppState> {
     request_body = MigrationCreate,
     responses(
         (status = 202, description = "started; GET shows its progress", body = Migration),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 409, description = "the VM is not running, a migration runs, or the destination does not carry its networks", body = ApiError),
         (status = 422, description = "this host has no underlay, or no host of that name", body = ApiError)
@@ -52,7 +53,7 @@ pub(crate) async fn create(
     params(("id" = String, Path, description = "the VM's id")),
     responses(
         (status = 200, description = "the VM's last migration from this host", body = Migration),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no migration of this VM from this host", body = ApiError)
     ),
     security(("bearer" = []))
@@ -76,7 +77,7 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "the VM's id (or name)")),
     responses(
         (status = 204, description = "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)"),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
         (status = 409, description = "no migration runs", body = ApiError)

@@ -22,6 +22,7 @@ mod networks;
 pub mod openapi;
 mod overlay;
 mod port_forwards;
+mod responses;
 pub mod server;
 mod snapshots;
 mod system;

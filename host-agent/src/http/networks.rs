@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Network, NetworkCreate};
 
+use super::responses::{Authenticated, Invalid, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::networks;
 
@@ -24,8 +25,8 @@ pub fn routes() -> Router<AppState> {
     request_body = NetworkCreate,
     responses(
         (status = 201, description = "created", body = Network),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
         (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
@@ -51,7 +52,7 @@ pub(crate) async fn create(
     tag = "networks",
     responses(
         (status = 200, description = "the caller's networks (all for the operator)", body = Vec<Network>),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -72,8 +73,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Network),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -96,8 +96,7 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
+        TenantResource,
         (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
         (status = 502, description = "a spanned host failed", body = ApiError)
     ),

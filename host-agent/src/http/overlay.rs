@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use nubis_api::{AddressGrant, AddressRequest, ApiError, Network, NetworkReplica};
 use serde::Deserialize;
 
+use super::responses::{Invalid, PeerOnly};
 use super::{AppState, Body, PeerCaller, Result};
 use crate::service::{incoming, networks};
 
@@ -41,8 +42,8 @@ pub fn routes() -> Router<AppState> {
     request_body = nubis_api::IncomingMigration,
     responses(
         (status = 201, description = "a VMM waits for the source", body = nubis_api::IncomingReady),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        Invalid,
+        PeerOnly,
         (status = 409, description = "the VM exists here, its image is not registered here, or this host does not carry its networks", body = ApiError),
         (status = 422, description = "this host has no underlay", body = ApiError),
         (status = 429, description = "the tenant's quota here is exceeded", body = ApiError)
@@ -90,7 +91,7 @@ pub(crate) async fn incoming_show(
     params(("id" = String, Path, description = "the VM's id")),
     responses(
         (status = 204, description = "the VM runs here now"),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        PeerOnly,
         (status = 404, description = "no such VM here", body = ApiError),
         (status = 409, description = "its VMM is not running", body = ApiError)
     ),
@@ -111,7 +112,7 @@ pub(crate) async fn incoming_done(
     params(("id" = String, Path, description = "the VM's id")),
     responses(
         (status = 204, description = "the VM being received is gone"),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        PeerOnly,
         (status = 404, description = "no such VM here", body = ApiError),
         (status = 409, description = "the VM runs here (the hand-over happened)", body = ApiError)
     ),
@@ -133,8 +134,8 @@ pub(crate) async fn incoming_abort(
     request_body = NetworkReplica,
     responses(
         (status = 200, description = "this host carries the network", body = Network),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        Invalid,
+        PeerOnly,
         (status = 409, description = "it clashes with a network or tenant of this host, or its home is not registered", body = ApiError),
         (status = 422, description = "this host has no underlay", body = ApiError)
     ),
@@ -161,7 +162,7 @@ pub(crate) async fn adopt(
     params(("id" = String, Path, description = "the network's id")),
     responses(
         (status = 204, description = "this host no longer carries it"),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        PeerOnly,
         (status = 404, description = "this host does not carry it", body = ApiError),
         (status = 409, description = "VMs here are attached to it, or this host is its home", body = ApiError)
     ),
@@ -183,8 +184,8 @@ pub(crate) async fn abandon(
     request_body = AddressRequest,
     responses(
         (status = 201, description = "granted", body = AddressGrant),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        Invalid,
+        PeerOnly,
         (status = 404, description = "no such overlay network here", body = ApiError),
         (status = 409, description = "this host is not the network's home, or the asker is no member", body = ApiError),
         (status = 429, description = "the network has no free address", body = ApiError)
@@ -218,8 +219,8 @@ pub(crate) struct ReleaseQuery {
     ),
     responses(
         (status = 204, description = "released"),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 403, description = "not a registered peer over mutual TLS, or a peer acting for another", body = ApiError),
+        Invalid,
+        PeerOnly,
         (status = 404, description = "not granted to that host", body = ApiError)
     ),
 )]

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, PortForward, PortForwardCreate};
 
+use super::responses::{Authenticated, Invalid, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::port_forwards;
 
@@ -24,8 +25,8 @@ pub fn routes() -> Router<AppState> {
     request_body = PortForwardCreate,
     responses(
         (status = 201, description = "created", body = PortForward),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the host port is taken", body = ApiError),
         (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
@@ -49,7 +50,7 @@ pub(crate) async fn create(
     tag = "port-forwards",
     responses(
         (status = 200, description = "the caller's port forwards (all for the operator)", body = Vec<PortForward>),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -70,8 +71,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id")),
     responses(
         (status = 200, description = "success", body = PortForward),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -94,8 +94,7 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "id")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]

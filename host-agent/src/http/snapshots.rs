@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Snapshot, SnapshotRestore, Vm};
 
+use super::responses::{Authenticated, Invalid};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::snapshots;
 
@@ -26,7 +27,7 @@ pub fn routes() -> Router<AppState> {
     params(("id" = String, Path, description = "the VM's id (or name)")),
     responses(
         (status = 201, description = "taken; the VM runs on (or stays paused)", body = Snapshot),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 409, description = "the VM is not running or paused", body = ApiError),
         (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
@@ -49,7 +50,7 @@ pub(crate) async fn create(
     tag = "snapshots",
     responses(
         (status = 200, description = "the caller's snapshots (all for the operator)", body = Vec<Snapshot>),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -70,7 +71,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "the snapshot's id")),
     responses(
         (status = 200, description = "success", body = Snapshot),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError)
     ),
     security(("bearer" = []))
@@ -94,7 +95,7 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "the snapshot's id")),
     responses(
         (status = 204, description = "deleted with its files"),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
         (status = 409, description = "a VM restored from it has not started yet", body = ApiError)
     ),
@@ -117,8 +118,8 @@ pub(crate) async fn remove(
     request_body = SnapshotRestore,
     responses(
         (status = 201, description = "a new, stopped VM that resumes from the snapshot when started", body = Vm),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
         (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),

@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
+use super::responses::{Authenticated, Invalid, TenantChange, TenantResource};
 use super::{AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::service::vms::{self, Action};
 use crate::supervisor::read_console;
@@ -34,8 +35,8 @@ pub fn routes() -> Router<AppState> {
     request_body = VmCreate,
     responses(
         (status = 201, description = "success", body = Vm),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists", body = ApiError),
         (status = 422, description = "no such image or network", body = ApiError),
@@ -70,8 +71,8 @@ pub(crate) struct ListQuery {
     params(("state" = Option<VmState>, Query, description = "only VMs in this state"), ("name" = Option<String>, Query, description = "only the VM with this name")),
     responses(
         (status = 200, description = "success", body = Vec<Vm>),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Invalid,
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -104,8 +105,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -134,10 +134,8 @@ async fn act(state: &AppState, caller: &Caller, id: &str, action: Action) -> Res
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "running", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError),
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -156,9 +154,7 @@ pub(crate) async fn start(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "stopped (Ctrl-Alt-Del, forced after the agent's timeout)", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -177,9 +173,7 @@ pub(crate) async fn stop(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "stopped", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -198,10 +192,8 @@ pub(crate) async fn force_stop(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "running again", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
+        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError),
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -220,9 +212,7 @@ pub(crate) async fn reboot(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "paused", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -241,9 +231,7 @@ pub(crate) async fn pause(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "running", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange
     ),
     security(("bearer" = []))
 )]
@@ -263,8 +251,7 @@ pub(crate) async fn resume(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 204, description = "deleted (stopped first if it ran)"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -298,8 +285,7 @@ const CONSOLE_CHUNK: usize = 256 * 1024;
     responses(
         (status = 200, description = "the console log as text", body = String, content_type = "text/plain; charset=utf-8"),
         (status = 400, description = "an unknown or ill-typed query parameter", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -368,8 +354,7 @@ pub(crate) async fn console(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Vec<VmEvent>),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
