@@ -42,62 +42,17 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(image)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/images",
-    tag = "images",
-    responses(
-        (status = 200, description = "success", body = Vec<Image>),
-        Authenticated
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Image>>> {
-    Ok(Json(images::list(&state.services, caller.service_scope())?))
-}
+list_handler!(list, "/v1/images", "images", "success", Image, images::list);
 
-#[utoipa::path(
-    get,
-    path = "/v1/images/{id}",
-    tag = "images",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Image),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Image>> {
-    Ok(Json(images::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/images/{id}",
+    "images",
+    "id (or name)",
+    Image,
+    images::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/images/{id}",
-    tag = "images",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted"),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    images::delete(&state.services, caller.service_scope(), &id)?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/images/{id}", "images", "id (or name)", "deleted",
+    sync images::delete, TenantChange);

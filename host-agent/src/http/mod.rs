@@ -12,6 +12,8 @@
 //! body (a 405 for a method a route lacks, a body over the limit) is
 //! rewritten by [`json_errors`], keeping its status and headers (`Allow`).
 
+#[macro_use]
+mod handlers;
 mod errors;
 mod hosts;
 pub use hosts::refresh_registry;

@@ -46,67 +46,26 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(network)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/networks",
-    tag = "networks",
-    responses(
-        (status = 200, description = "the caller's networks (all for the operator)", body = Vec<Network>),
-        Authenticated
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Network>>> {
-    Ok(Json(networks::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/networks",
+    "networks",
+    "the caller's networks (all for the operator)",
+    Network,
+    networks::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/networks/{id}",
-    tag = "networks",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Network),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Network>> {
-    Ok(Json(networks::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/networks/{id}",
+    "networks",
+    "id (or name)",
+    Network,
+    networks::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/networks/{id}",
-    tag = "networks",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted"),
-        TenantResource,
-        (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
-        (status = 502, description = "a spanned host failed", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    networks::delete(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/networks/{id}", "networks", "id (or name)", "deleted",
+    async networks::delete, TenantResource,
+    (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
+    (status = 502, description = "a spanned host failed", body = ApiError));

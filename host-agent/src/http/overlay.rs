@@ -84,47 +84,15 @@ pub(crate) async fn incoming_show(
     )?))
 }
 
-#[utoipa::path(
-    put,
-    path = "/v1/overlay/migrations/{id}",
-    tag = "overlay",
-    params(("id" = String, Path, description = "the VM's id")),
-    responses(
-        (status = 204, description = "the VM runs here now"),
-        PeerOnly,
-        (status = 404, description = "no such VM here", body = ApiError),
-        (status = 409, description = "its VMM is not running", body = ApiError)
-    ),
-)]
-pub(crate) async fn incoming_done(
-    State(state): State<AppState>,
-    peer: PeerCaller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    incoming::done(&state.services, &peer.address, &id)?;
-    Ok(StatusCode::NO_CONTENT)
-}
+peer_handler!(incoming_done, put, "/v1/overlay/migrations/{id}", "the VM's id",
+    "the VM runs here now", sync incoming::done, PeerOnly,
+    (status = 404, description = "no such VM here", body = ApiError),
+    (status = 409, description = "its VMM is not running", body = ApiError));
 
-#[utoipa::path(
-    delete,
-    path = "/v1/overlay/migrations/{id}",
-    tag = "overlay",
-    params(("id" = String, Path, description = "the VM's id")),
-    responses(
-        (status = 204, description = "the VM being received is gone"),
-        PeerOnly,
-        (status = 404, description = "no such VM here", body = ApiError),
-        (status = 409, description = "the VM runs here (the hand-over happened)", body = ApiError)
-    ),
-)]
-pub(crate) async fn incoming_abort(
-    State(state): State<AppState>,
-    peer: PeerCaller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    incoming::abort(&state.services, &peer.address, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+peer_handler!(incoming_abort, delete, "/v1/overlay/migrations/{id}", "the VM's id",
+    "the VM being received is gone", async incoming::abort, PeerOnly,
+    (status = 404, description = "no such VM here", body = ApiError),
+    (status = 409, description = "the VM runs here (the hand-over happened)", body = ApiError));
 
 #[utoipa::path(
     put,
@@ -155,26 +123,10 @@ pub(crate) async fn adopt(
     Ok(Json(networks::adopt(&state.services, &id, &replica).await?))
 }
 
-#[utoipa::path(
-    delete,
-    path = "/v1/overlay/networks/{id}",
-    tag = "overlay",
-    params(("id" = String, Path, description = "the network's id")),
-    responses(
-        (status = 204, description = "this host no longer carries it"),
-        PeerOnly,
-        (status = 404, description = "this host does not carry it", body = ApiError),
-        (status = 409, description = "VMs here are attached to it, or this host is its home", body = ApiError)
-    ),
-)]
-pub(crate) async fn abandon(
-    State(state): State<AppState>,
-    peer: PeerCaller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    networks::abandon(&state.services, &peer.address, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+peer_handler!(abandon, delete, "/v1/overlay/networks/{id}", "the network's id",
+    "this host no longer carries it", async networks::abandon, PeerOnly,
+    (status = 404, description = "this host does not carry it", body = ApiError),
+    (status = 409, description = "VMs here are attached to it, or this host is its home", body = ApiError));
 
 #[utoipa::path(
     post,

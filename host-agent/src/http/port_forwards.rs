@@ -44,65 +44,24 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(forward)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/port-forwards",
-    tag = "port-forwards",
-    responses(
-        (status = 200, description = "the caller's port forwards (all for the operator)", body = Vec<PortForward>),
-        Authenticated
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<PortForward>>> {
-    Ok(Json(port_forwards::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/port-forwards",
+    "port-forwards",
+    "the caller's port forwards (all for the operator)",
+    PortForward,
+    port_forwards::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/port-forwards/{id}",
-    tag = "port-forwards",
-    params(("id" = String, Path, description = "id")),
-    responses(
-        (status = 200, description = "success", body = PortForward),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<PortForward>> {
-    Ok(Json(port_forwards::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/port-forwards/{id}",
+    "port-forwards",
+    "id",
+    PortForward,
+    port_forwards::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/port-forwards/{id}",
-    tag = "port-forwards",
-    params(("id" = String, Path, description = "id")),
-    responses(
-        (status = 204, description = "deleted"),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    port_forwards::delete(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/port-forwards/{id}", "port-forwards", "id", "deleted",
+    async port_forwards::delete, TenantResource);

@@ -37,6 +37,13 @@ pub enum TenantChange {
     Conflict(ApiError),
 }
 
+/// An action that needs the VM's files (its disks, its image's).
+#[derive(IntoResponses)]
+pub enum CannotBeDone {
+    #[response(status = 422, description = "cannot be done (e.g. a missing file)")]
+    Unprocessable(ApiError),
+}
+
 /// A body or query that may be malformed.
 #[derive(IntoResponses)]
 pub enum Invalid {

@@ -44,71 +44,34 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/snapshots",
-    tag = "snapshots",
-    responses(
-        (status = 200, description = "the caller's snapshots (all for the operator)", body = Vec<Snapshot>),
-        Authenticated
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Snapshot>>> {
-    Ok(Json(snapshots::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/snapshots",
+    "snapshots",
+    "the caller's snapshots (all for the operator)",
+    Snapshot,
+    snapshots::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/snapshots/{id}",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the snapshot's id")),
-    responses(
-        (status = 200, description = "success", body = Snapshot),
-        Authenticated,
-        (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Snapshot>> {
-    Ok(Json(snapshots::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/snapshots/{id}",
+    "snapshots",
+    "the snapshot's id",
+    Snapshot,
+    snapshots::get,
+    Authenticated,
+    (
+        status = 404,
+        description = "no such snapshot (or another tenant's)",
+        body = ApiError
+    )
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/snapshots/{id}",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the snapshot's id")),
-    responses(
-        (status = 204, description = "deleted with its files"),
-        Authenticated,
-        (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
-        (status = 409, description = "a VM restored from it has not started yet", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    snapshots::delete(&state.services, caller.service_scope(), &id)?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/snapshots/{id}", "snapshots", "the snapshot's id",
+    "deleted with its files", sync snapshots::delete, Authenticated,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
+    (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
 
 #[utoipa::path(
     post,

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
-use super::responses::{Authenticated, Invalid, TenantChange, TenantResource};
+use super::responses::{Authenticated, CannotBeDone, Invalid, TenantChange, TenantResource};
 use super::{AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::service::vms::{self, Action};
 use crate::supervisor::read_console;
@@ -121,127 +121,58 @@ pub(crate) async fn show(
     )?))
 }
 
-/// Does `action` to the caller's VM `id`.
-async fn act(state: &AppState, caller: &Caller, id: &str, action: Action) -> Result<Json<Vm>> {
-    let vm = vms::act(&state.services, caller.service_scope(), id, action).await?;
-    Ok(Json(vm))
+/// The lifecycle actions: `POST /v1/vms/{id}/ACTION` does `action` to the
+/// caller's VM and answers with the VM; `done` says how it is then, and
+/// `extra` are the action's own responses beyond [`TenantChange`].
+macro_rules! vm_action {
+    ($name:ident, $path:tt, $action:expr, $done:tt $(, $extra:tt)*) => {
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "vms",
+            params(("id" = String, Path, description = "id (or name)")),
+            responses((status = 200, description = $done, body = Vm), $($extra,)* TenantChange),
+            security(("bearer" = []))
+        )]
+        pub(crate) async fn $name(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<String>,
+        ) -> Result<Json<Vm>> {
+            let vm = vms::act(&state.services, caller.service_scope(), &id, $action).await?;
+            Ok(Json(vm))
+        }
+    };
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/start",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running", body = Vm),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn start(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Start).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/stop",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "stopped (Ctrl-Alt-Del, forced after the agent's timeout)", body = Vm),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn stop(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Stop).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/force-stop",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "stopped", body = Vm),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn force_stop(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::ForceStop).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/reboot",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running again", body = Vm),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn reboot(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Reboot).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/pause",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "paused", body = Vm),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn pause(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Pause).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/resume",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running", body = Vm),
-        TenantChange
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn resume(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Resume).await
-}
+vm_action!(
+    start,
+    "/v1/vms/{id}/start",
+    Action::Start,
+    "running",
+    CannotBeDone
+);
+vm_action!(
+    stop,
+    "/v1/vms/{id}/stop",
+    Action::Stop,
+    "stopped (Ctrl-Alt-Del, forced after the agent's timeout)"
+);
+vm_action!(
+    force_stop,
+    "/v1/vms/{id}/force-stop",
+    Action::ForceStop,
+    "stopped"
+);
+vm_action!(
+    reboot,
+    "/v1/vms/{id}/reboot",
+    Action::Reboot,
+    "running again",
+    CannotBeDone
+);
+vm_action!(pause, "/v1/vms/{id}/pause", Action::Pause, "paused");
+vm_action!(resume, "/v1/vms/{id}/resume", Action::Resume, "running");
 
 /// Deletes a VM, stopping it at once first if it runs.
 #[utoipa::path(
