@@ -165,7 +165,6 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         peers,
         peer_registry: registry.clone(),
         fingerprint: Arc::new(identity.fingerprint.clone()),
-        migrations: Default::default(),
         services,
     };
     refresh_registry(&state)
@@ -181,9 +180,9 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
             peer_tls::serve(listener, server_tls, registry, peer_app).await;
         });
     }
-    tokio::spawn(nubis_agent::http::resolve_interrupted_handovers(
-        state.clone(),
-    ));
+    tokio::spawn(
+        nubis_agent::service::migrations::resolve_interrupted_handovers(state.services.clone()),
+    );
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -77,7 +77,8 @@ fn as_vm_user(program: &str, uid: u32, dir: &Path) -> Command {
     command
 }
 
-/// The fake VMM on the control socket: answers every command; a snapshot
+/// The fake VMM on the control socket: answers every command as the real
+/// one would (the agent's client refuses malformed answers); a snapshot
 /// gets links to `canary` for files, and Ctrl-Alt-Del or stop kills the
 /// real VMM (same user).
 const FAKE_VMM: &str = r#"
@@ -109,7 +110,12 @@ while True:
             os.kill(vmm, signal.SIGKILL)
         except OSError:
             pass
-    answer = {"ok": True, "status": {"state": "running"}, "migration": {"phase": "none"}}
+    # Well-formed answers, so that the agent goes on to the files the
+    # "VMM" planted (a malformed answer would stop it before them).
+    answer = {"ok": True}
+    if command == "status":
+        answer["status"] = {"state": "running", "vcpus": 1, "memory_mib": 64,
+                            "kernel": "/vmlinux", "pid": vmm, "uptime_ms": 1000}
     client.sendall((json.dumps(answer) + "\n").encode())
     client.close()
 "#;

@@ -1,6 +1,6 @@
 //! Every error the agent answers with, as a status and `ErrorCode`, in one
-//! place: the services' [`ServiceError`] and the store's, supervisor's,
-//! peers' and disk space's errors that handlers still meet directly.
+//! place: the services' [`ServiceError`] and the store's, supervisor's
+//! and disk space's errors that handlers still meet directly.
 //!
 //! Why one place: a client reads the code, not the message; the same
 //! failure must get the same code from every endpoint.
@@ -65,12 +65,6 @@ impl From<SupervisorError> for HttpError {
     }
 }
 
-/// A failed call to a peer: its own refusal when it is one the caller can
-/// act on (a conflict, a quota), otherwise a 502.
-pub(crate) fn peer_failed(error: PeerError) -> HttpError {
-    HttpError::new(peer_code(&error), error.to_string())
-}
-
 fn store_code(error: &StoreError) -> ErrorCode {
     match error {
         StoreError::Exists(_) | StoreError::InUse(_) => ErrorCode::Conflict,
@@ -99,6 +93,8 @@ fn supervisor_code(error: &SupervisorError) -> ErrorCode {
     }
 }
 
+/// A failed call to a peer: its own refusal when it is one the caller can
+/// act on (a conflict, a quota), otherwise a 502.
 fn peer_code(error: &PeerError) -> ErrorCode {
     match error.code() {
         Some(ErrorCode::Conflict) => ErrorCode::Conflict,
@@ -110,6 +106,10 @@ fn peer_code(error: &PeerError) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer_failed(error: PeerError) -> HttpError {
+        HttpError::from(ServiceError::from(error))
+    }
 
     #[test]
     fn a_peer_refusal_keeps_its_meaning() {

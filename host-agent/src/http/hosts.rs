@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Host, HostCreate, HostIdentity};
 
+use super::responses::{Invalid, OperatorOnly};
 use super::{AppState, Body, HttpError, Operator, Result};
 use crate::store::Peer;
 use crate::validate;
@@ -38,8 +39,7 @@ pub fn refresh_registry(state: &AppState) -> Result<()> {
     tag = "hosts",
     responses(
         (status = 200, description = "this host's certificate fingerprint and peer address", body = HostIdentity),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError)
+        OperatorOnly
     ),
     security(("bearer" = []))
 )]
@@ -87,9 +87,8 @@ fn check_address(state: &AppState, address: &str) -> Result<std::net::Ipv4Addr> 
     request_body = HostCreate,
     responses(
         (status = 201, description = "registered", body = Host),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        Invalid,
+        OperatorOnly,
         (status = 409, description = "the name, address or fingerprint is registered", body = ApiError)
     ),
     security(("bearer" = []))
@@ -134,8 +133,7 @@ pub(crate) async fn create(
     tag = "hosts",
     responses(
         (status = 200, description = "the registered peers", body = Vec<Host>),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError)
+        OperatorOnly
     ),
     security(("bearer" = []))
 )]
@@ -160,8 +158,7 @@ fn find(state: &AppState, name: &str) -> Result<Peer> {
     params(("name" = String, Path, description = "name (or underlay address)")),
     responses(
         (status = 200, description = "success", body = Host),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        OperatorOnly,
         (status = 404, description = "no such host", body = ApiError)
     ),
     security(("bearer" = []))
@@ -181,8 +178,7 @@ pub(crate) async fn show(
     params(("name" = String, Path, description = "name (or underlay address)")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        OperatorOnly,
         (status = 404, description = "no such host", body = ApiError),
         (status = 409, description = "a network spans the host", body = ApiError)
     ),

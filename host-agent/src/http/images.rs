@@ -6,6 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Image, ImageCreate};
 
+use super::responses::{Authenticated, Invalid, TenantChange, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::images;
 
@@ -22,8 +23,8 @@ pub fn routes() -> Router<AppState> {
     request_body = ImageCreate,
     responses(
         (status = 201, description = "success", body = Image),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists", body = ApiError),
         (status = 422, description = "a file is missing, not a regular file, outside the image directories and the tenant's uploads, or a root disk under 512 bytes", body = ApiError),
@@ -41,65 +42,17 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(image)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/images",
-    tag = "images",
-    responses(
-        (status = 200, description = "success", body = Vec<Image>),
-        (status = 401, description = "no or unknown token", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Image>>> {
-    Ok(Json(images::list(&state.services, caller.service_scope())?))
-}
+list_handler!(list, "/v1/images", "images", "success", Image, images::list);
 
-#[utoipa::path(
-    get,
-    path = "/v1/images/{id}",
-    tag = "images",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Image),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Image>> {
-    Ok(Json(images::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/images/{id}",
+    "images",
+    "id (or name)",
+    Image,
+    images::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/images/{id}",
-    tag = "images",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    images::delete(&state.services, caller.service_scope(), &id)?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/images/{id}", "images", "id (or name)", "deleted",
+    sync images::delete, TenantChange);

@@ -12,10 +12,11 @@
 //! body (a 405 for a method a route lacks, a body over the limit) is
 //! rewritten by [`json_errors`], keeping its status and headers (`Allow`).
 
+#[macro_use]
+mod handlers;
 mod errors;
 mod hosts;
 pub use hosts::refresh_registry;
-pub use migrations::resolve_interrupted_handovers;
 mod images;
 pub mod metrics;
 mod migrations;
@@ -23,6 +24,7 @@ mod networks;
 pub mod openapi;
 mod overlay;
 mod port_forwards;
+mod responses;
 pub mod server;
 mod snapshots;
 mod system;
@@ -62,8 +64,6 @@ pub struct AppState {
     pub peer_registry: Arc<crate::peer_tls::PeerRegistry>,
     /// This host's certificate fingerprint.
     pub fingerprint: Arc<String>,
-    /// Migrations this host drives.
-    pub migrations: Arc<migrations::Migrations>,
     /// The domain logic the handlers call.
     pub services: Services,
 }

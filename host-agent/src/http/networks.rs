@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Network, NetworkCreate};
 
+use super::responses::{Authenticated, Invalid, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::networks;
 
@@ -24,8 +25,8 @@ pub fn routes() -> Router<AppState> {
     request_body = NetworkCreate,
     responses(
         (status = 201, description = "created", body = Network),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
         (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
@@ -45,69 +46,26 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(network)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/networks",
-    tag = "networks",
-    responses(
-        (status = 200, description = "the caller's networks (all for the operator)", body = Vec<Network>),
-        (status = 401, description = "no or unknown token", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Network>>> {
-    Ok(Json(networks::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/networks",
+    "networks",
+    "the caller's networks (all for the operator)",
+    Network,
+    networks::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/networks/{id}",
-    tag = "networks",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Network),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Network>> {
-    Ok(Json(networks::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/networks/{id}",
+    "networks",
+    "id (or name)",
+    Network,
+    networks::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/networks/{id}",
-    tag = "networks",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
-        (status = 502, description = "a spanned host failed", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    networks::delete(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/networks/{id}", "networks", "id (or name)", "deleted",
+    async networks::delete, TenantResource,
+    (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
+    (status = 502, description = "a spanned host failed", body = ApiError));

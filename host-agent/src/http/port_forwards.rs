@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, PortForward, PortForwardCreate};
 
+use super::responses::{Authenticated, Invalid, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::port_forwards;
 
@@ -24,8 +25,8 @@ pub fn routes() -> Router<AppState> {
     request_body = PortForwardCreate,
     responses(
         (status = 201, description = "created", body = PortForward),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the host port is taken", body = ApiError),
         (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
@@ -43,67 +44,24 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(forward)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/port-forwards",
-    tag = "port-forwards",
-    responses(
-        (status = 200, description = "the caller's port forwards (all for the operator)", body = Vec<PortForward>),
-        (status = 401, description = "no or unknown token", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<PortForward>>> {
-    Ok(Json(port_forwards::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/port-forwards",
+    "port-forwards",
+    "the caller's port forwards (all for the operator)",
+    PortForward,
+    port_forwards::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/port-forwards/{id}",
-    tag = "port-forwards",
-    params(("id" = String, Path, description = "id")),
-    responses(
-        (status = 200, description = "success", body = PortForward),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<PortForward>> {
-    Ok(Json(port_forwards::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/port-forwards/{id}",
+    "port-forwards",
+    "id",
+    PortForward,
+    port_forwards::get,
+    TenantResource
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/port-forwards/{id}",
-    tag = "port-forwards",
-    params(("id" = String, Path, description = "id")),
-    responses(
-        (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    port_forwards::delete(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/port-forwards/{id}", "port-forwards", "id", "deleted",
+    async port_forwards::delete, TenantResource);

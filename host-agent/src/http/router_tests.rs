@@ -242,6 +242,63 @@ async fn bad_and_undoable_requests_name_their_field() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 }
 
+#[tokio::test]
+async fn the_migration_endpoints_answer_in_the_apis_terms() {
+    let fixture = Fixture::new();
+    let (mine, token) = fixture.tenant("mine", Quota::default());
+    let (_, their_token) = fixture.tenant("theirs", Quota::default());
+    fixture.image(&mine, "base", 4096);
+    let (status, vm) = call(
+        &fixture,
+        Method::POST,
+        "/v1/vms",
+        &token,
+        Some(json!({"name": "vm", "image": "base"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let path = format!("/v1/vms/{}/migration", vm["id"].as_str().expect("VM id"));
+    // This host has no underlay: nothing migrates from here.
+    let (status, answer) = call(
+        &fixture,
+        Method::POST,
+        &path,
+        &token,
+        Some(json!({"host": "b"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "unprocessable");
+    let (status, answer) = call(
+        &fixture,
+        Method::POST,
+        &path,
+        &token,
+        Some(json!({"host": "b", "speed": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"]["field"], "speed");
+    let (status, answer) = call(&fixture, Method::GET, &path, &token, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(answer["error"]["code"], "not_found");
+    let (status, answer) = call(&fixture, Method::DELETE, &path, &token, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["message"], "no migration of this VM runs");
+    let (status, _) = call(&fixture, Method::DELETE, &path, &their_token, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The host-to-host routes are for peers over mutual TLS only.
+    let (status, answer) = call(
+        &fixture,
+        Method::DELETE,
+        "/v1/overlay/migrations/vm-0123456789abcdef",
+        OPERATOR_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+}
+
 /// The keys of a JSON object, sorted.
 fn keys(value: &Value) -> Vec<String> {
     let mut keys: Vec<String> = value

@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Snapshot, SnapshotRestore, Vm};
 
+use super::responses::{Authenticated, Invalid};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::snapshots;
 
@@ -26,7 +27,7 @@ pub fn routes() -> Router<AppState> {
     params(("id" = String, Path, description = "the VM's id (or name)")),
     responses(
         (status = 201, description = "taken; the VM runs on (or stays paused)", body = Snapshot),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Authenticated,
         (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
         (status = 409, description = "the VM is not running or paused", body = ApiError),
         (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
@@ -43,71 +44,34 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/snapshots",
-    tag = "snapshots",
-    responses(
-        (status = 200, description = "the caller's snapshots (all for the operator)", body = Vec<Snapshot>),
-        (status = 401, description = "no or unknown token", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<Snapshot>>> {
-    Ok(Json(snapshots::list(
-        &state.services,
-        caller.service_scope(),
-    )?))
-}
+list_handler!(
+    list,
+    "/v1/snapshots",
+    "snapshots",
+    "the caller's snapshots (all for the operator)",
+    Snapshot,
+    snapshots::list
+);
 
-#[utoipa::path(
-    get,
-    path = "/v1/snapshots/{id}",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the snapshot's id")),
-    responses(
-        (status = 200, description = "success", body = Snapshot),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Snapshot>> {
-    Ok(Json(snapshots::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(
+    show,
+    "/v1/snapshots/{id}",
+    "snapshots",
+    "the snapshot's id",
+    Snapshot,
+    snapshots::get,
+    Authenticated,
+    (
+        status = 404,
+        description = "no such snapshot (or another tenant's)",
+        body = ApiError
+    )
+);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/snapshots/{id}",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the snapshot's id")),
-    responses(
-        (status = 204, description = "deleted with its files"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
-        (status = 409, description = "a VM restored from it has not started yet", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    snapshots::delete(&state.services, caller.service_scope(), &id)?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(remove, "/v1/snapshots/{id}", "snapshots", "the snapshot's id",
+    "deleted with its files", sync snapshots::delete, Authenticated,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
+    (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
 
 #[utoipa::path(
     post,
@@ -117,8 +81,8 @@ pub(crate) async fn remove(
     request_body = SnapshotRestore,
     responses(
         (status = 201, description = "a new, stopped VM that resumes from the snapshot when started", body = Vm),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
         (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),

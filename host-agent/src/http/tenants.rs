@@ -6,6 +6,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
+use super::responses::{Invalid, OperatorOnly, TenantChange, TenantResource};
 use super::{AppState, Body, Operator, Path, Result};
 use crate::service::tenants;
 
@@ -27,9 +28,8 @@ pub fn routes() -> Router<AppState> {
     request_body = TenantCreate,
     responses(
         (status = 201, description = "success", body = Tenant),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
+        Invalid,
+        OperatorOnly,
         (status = 409, description = "wrong state or already exists", body = ApiError)
     ),
     security(("bearer" = []))
@@ -49,8 +49,7 @@ pub(crate) async fn create(
     tag = "tenants",
     responses(
         (status = 200, description = "success", body = Vec<Tenant>),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError)
+        OperatorOnly
     ),
     security(("bearer" = []))
 )]
@@ -68,9 +67,8 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Tenant),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource,
+        (status = 403, description = "operator only", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -89,10 +87,8 @@ pub(crate) async fn show(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
+        TenantChange,
+        (status = 403, description = "operator only", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -112,9 +108,8 @@ pub(crate) async fn remove(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 201, description = "the token; its secret is shown only here", body = TokenCreated),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource,
+        (status = 403, description = "operator only", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -134,9 +129,8 @@ pub(crate) async fn create_token(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Vec<TokenInfo>),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource,
+        (status = 403, description = "operator only", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -155,9 +149,8 @@ pub(crate) async fn list_tokens(
     params(("id" = String, Path, description = "id (or name)"), ("token_id" = String, Path, description = "token id")),
     responses(
         (status = 204, description = "revoked"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 403, description = "operator only", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource,
+        (status = 403, description = "operator only", body = ApiError)
     ),
     security(("bearer" = []))
 )]

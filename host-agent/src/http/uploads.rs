@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 
+use super::responses::{Authenticated, Invalid};
 use super::{AppState, Caller, Path, Result};
 use crate::service::uploads;
 pub use crate::service::uploads::Upload;
@@ -30,8 +31,8 @@ pub fn routes() -> Router<AppState> {
     request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream", description = "the file; none is an empty file"),
     responses(
         (status = 201, description = "stored; register an image with its path", body = Upload),
-        (status = 400, description = "invalid input", body = nubis_api::ApiError),
-        (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = nubis_api::ApiError),
         (status = 409, description = "a file of that name exists", body = nubis_api::ApiError),
         (status = 429, description = "larger than the upload limit or the tenant's storage quota", body = nubis_api::ApiError),
@@ -56,7 +57,7 @@ pub(crate) async fn upload(
     tag = "images",
     responses(
         (status = 200, description = "the tenant's uploads", body = Vec<Upload>),
-        (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
+        Authenticated,
         (status = 403, description = "operator token", body = nubis_api::ApiError)
     ),
     security(("bearer" = []))
@@ -77,7 +78,7 @@ pub(crate) async fn list(
     responses(
         (status = 204, description = "deleted"),
         (status = 400, description = "not a valid file name", body = nubis_api::ApiError),
-        (status = 401, description = "no or unknown token", body = nubis_api::ApiError),
+        Authenticated,
         (status = 404, description = "no such upload", body = nubis_api::ApiError),
         (status = 409, description = "an image uses it", body = nubis_api::ApiError)
     ),

@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
+use super::responses::{Authenticated, CannotBeDone, Invalid, TenantChange, TenantResource};
 use super::{AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::service::vms::{self, Action};
 use crate::supervisor::read_console;
@@ -34,8 +35,8 @@ pub fn routes() -> Router<AppState> {
     request_body = VmCreate,
     responses(
         (status = 201, description = "success", body = Vm),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
+        Invalid,
+        Authenticated,
         (status = 403, description = "operator token", body = ApiError),
         (status = 409, description = "the name exists", body = ApiError),
         (status = 422, description = "no such image or network", body = ApiError),
@@ -70,8 +71,8 @@ pub(crate) struct ListQuery {
     params(("state" = Option<VmState>, Query, description = "only VMs in this state"), ("name" = Option<String>, Query, description = "only the VM with this name")),
     responses(
         (status = 200, description = "success", body = Vec<Vm>),
-        (status = 400, description = "invalid input", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError)
+        Invalid,
+        Authenticated
     ),
     security(("bearer" = []))
 )]
@@ -104,8 +105,7 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -121,139 +121,58 @@ pub(crate) async fn show(
     )?))
 }
 
-/// Does `action` to the caller's VM `id`.
-async fn act(state: &AppState, caller: &Caller, id: &str, action: Action) -> Result<Json<Vm>> {
-    let vm = vms::act(&state.services, caller.service_scope(), id, action).await?;
-    Ok(Json(vm))
+/// The lifecycle actions: `POST /v1/vms/{id}/ACTION` does `action` to the
+/// caller's VM and answers with the VM; `done` says how it is then, and
+/// `extra` are the action's own responses beyond [`TenantChange`].
+macro_rules! vm_action {
+    ($name:ident, $path:tt, $action:expr, $done:tt $(, $extra:tt)*) => {
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "vms",
+            params(("id" = String, Path, description = "id (or name)")),
+            responses((status = 200, description = $done, body = Vm), $($extra,)* TenantChange),
+            security(("bearer" = []))
+        )]
+        pub(crate) async fn $name(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<String>,
+        ) -> Result<Json<Vm>> {
+            let vm = vms::act(&state.services, caller.service_scope(), &id, $action).await?;
+            Ok(Json(vm))
+        }
+    };
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/start",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn start(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Start).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/stop",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "stopped (Ctrl-Alt-Del, forced after the agent's timeout)", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn stop(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Stop).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/force-stop",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "stopped", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn force_stop(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::ForceStop).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/reboot",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running again", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError),
-        (status = 422, description = "cannot be done (e.g. a missing file)", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn reboot(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Reboot).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/pause",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "paused", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn pause(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Pause).await
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/resume",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "running", body = Vm),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError),
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn resume(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    act(&state, &caller, &id, Action::Resume).await
-}
+vm_action!(
+    start,
+    "/v1/vms/{id}/start",
+    Action::Start,
+    "running",
+    CannotBeDone
+);
+vm_action!(
+    stop,
+    "/v1/vms/{id}/stop",
+    Action::Stop,
+    "stopped (Ctrl-Alt-Del, forced after the agent's timeout)"
+);
+vm_action!(
+    force_stop,
+    "/v1/vms/{id}/force-stop",
+    Action::ForceStop,
+    "stopped"
+);
+vm_action!(
+    reboot,
+    "/v1/vms/{id}/reboot",
+    Action::Reboot,
+    "running again",
+    CannotBeDone
+);
+vm_action!(pause, "/v1/vms/{id}/pause", Action::Pause, "paused");
+vm_action!(resume, "/v1/vms/{id}/resume", Action::Resume, "running");
 
 /// Deletes a VM, stopping it at once first if it runs.
 #[utoipa::path(
@@ -263,8 +182,7 @@ pub(crate) async fn resume(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 204, description = "deleted (stopped first if it ran)"),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -298,8 +216,7 @@ const CONSOLE_CHUNK: usize = 256 * 1024;
     responses(
         (status = 200, description = "the console log as text", body = String, content_type = "text/plain; charset=utf-8"),
         (status = 400, description = "an unknown or ill-typed query parameter", body = ApiError),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]
@@ -368,8 +285,7 @@ pub(crate) async fn console(
     params(("id" = String, Path, description = "id (or name)")),
     responses(
         (status = 200, description = "success", body = Vec<VmEvent>),
-        (status = 401, description = "no or unknown token", body = ApiError),
-        (status = 404, description = "no such resource (or another tenant's)", body = ApiError)
+        TenantResource
     ),
     security(("bearer" = []))
 )]

@@ -12,6 +12,8 @@
 //! tests replace.
 
 pub mod images;
+pub mod incoming;
+pub mod migrations;
 pub mod networks;
 pub mod port_forwards;
 pub mod snapshots;
@@ -92,6 +94,8 @@ pub struct Services {
     pub data_dir: PathBuf,
     /// Where image files may come from.
     pub image_dirs: Arc<Vec<PathBuf>>,
+    /// The migrations this host drives (or drove).
+    pub migrations: Arc<migrations::Migrations>,
 }
 
 impl Services {
@@ -111,6 +115,7 @@ impl Services {
             peers,
             data_dir,
             image_dirs,
+            migrations: Default::default(),
         }
     }
 }

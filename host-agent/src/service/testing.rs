@@ -29,6 +29,8 @@ pub struct FakeNetwork {
     /// When set, every reconcile fails, as a host refusing the rules.
     pub refuse: AtomicBool,
     pub reconciles: AtomicUsize,
+    /// This host's underlay address, when a test gives it one.
+    pub underlay: std::sync::Mutex<Option<Ipv4Addr>>,
 }
 
 impl HostNetwork for FakeNetwork {
@@ -61,7 +63,7 @@ impl HostNetwork for FakeNetwork {
     }
 
     fn underlay_address(&self) -> Option<Ipv4Addr> {
-        None
+        *self.underlay.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn underlay_mtu(&self, _local: Ipv4Addr) -> BoxFuture<'_, Result<u16, String>> {
@@ -138,6 +140,7 @@ impl Fixture {
             peers: peers.clone(),
             data_dir: data_dir.clone(),
             image_dirs: image_dirs.clone(),
+            migrations: Default::default(),
         };
         let state = AppState {
             store,
@@ -149,7 +152,6 @@ impl Fixture {
             peers,
             peer_registry: registry,
             fingerprint: Arc::new(identity.fingerprint.clone()),
-            migrations: Default::default(),
             services: services.clone(),
         };
         Fixture {

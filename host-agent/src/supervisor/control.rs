@@ -9,7 +9,7 @@ use std::time::Duration;
 use nubis_contract::control::{DiskMigration, ErrorCode, Request, Response, VmStatus};
 use nubis_contract::migration::Progress;
 use nubis_contract::RateLimit;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 pub use nubis_contract::control::VmState;
@@ -160,9 +160,18 @@ impl VmmClient {
         let exchange = async {
             let mut stream = connect(&self.socket).await?;
             stream.write_all(line.as_bytes()).await?;
-            let mut reader = BufReader::new(stream);
+            // The VMM is the tenant's, and may be compromised: its answer
+            // is read up to a bound, never as far as it likes.
+            let mut reader = BufReader::new(stream.take(MAX_ANSWER + 1));
             let mut answer = String::new();
             reader.read_line(&mut answer).await?;
+            if answer.len() as u64 > MAX_ANSWER {
+                return Err(ControlError::BadAnswer {
+                    command,
+                    answer: String::new(),
+                    reason: format!("longer than {MAX_ANSWER} bytes"),
+                });
+            }
             decode(command, &answer)
         };
         tokio::time::timeout(TIMEOUT, exchange)
@@ -180,12 +189,19 @@ fn missing(command: &'static str, field: &str) -> ControlError {
     }
 }
 
+/// The longest answer line the agent reads from a VMM (a status with all
+/// its devices is a few KiB).
+const MAX_ANSWER: u64 = 64 * 1024;
+
+/// How much of a bad answer an error quotes.
+const QUOTED_ANSWER: usize = 200;
+
 /// Reads the answer line to `command`.
 fn decode(command: &'static str, answer: &str) -> Result<Response, ControlError> {
     let response: Response =
         serde_json::from_str(answer).map_err(|err| ControlError::BadAnswer {
             command,
-            answer: answer.trim().to_string(),
+            answer: answer.trim().chars().take(QUOTED_ANSWER).collect(),
             reason: err.to_string(),
         })?;
     if response.ok {
@@ -381,5 +397,33 @@ mod tests {
             client.pause().await,
             Err(ControlError::Connect { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_read_only_up_to_its_bound() {
+        // A compromised VMM's endless line: refused at the bound, quoted
+        // nowhere.
+        let huge: &'static str = Box::leak(format!("{}\n", "x".repeat(70_000)).into_boxed_str());
+        // A malformed one: quoted in part only.
+        let long_bad: &'static str =
+            Box::leak(format!("{{\"ok\":{}\n", "1".repeat(1000)).into_boxed_str());
+        let (path, vmm) = fake_vmm("bounded", vec![huge, long_bad]).await;
+        let client = VmmClient::new(&path);
+        match client.status().await {
+            Err(ControlError::BadAnswer { reason, answer, .. }) => {
+                assert!(reason.contains("longer than 65536 bytes"), "{reason}");
+                assert!(answer.is_empty());
+            }
+            other => panic!("a 70 KB answer was taken: {other:?}"),
+        }
+        match client.status().await {
+            Err(ControlError::BadAnswer { answer, .. }) => {
+                assert_eq!(answer.chars().count(), QUOTED_ANSWER)
+            }
+            other => panic!("a malformed answer was taken: {other:?}"),
+        }
+        // (The stand-in's write of the endless line may have failed once
+        // the client hung up: that is not this test's business.)
+        let _ = vmm.await;
     }
 }
