@@ -149,6 +149,9 @@ pub struct ConfigFile {
     /// MiB the data directory's filesystem keeps free whatever tenants
     /// ask for (default 1024): room for the database and running VMs.
     pub reserved_disk_mib: Option<u64>,
+    /// DHCP requests a second each network's server answers (default 32,
+    /// with a burst of twice that); a flood beyond it is dropped.
+    pub dhcp_requests_per_s: Option<u32>,
     /// More IPv4 networks that tenants' NAT egress never reaches and their
     /// networks may not overlap (say the hosts' management network); the
     /// underlay, peers, link-local and the host's routes are always kept.
@@ -185,6 +188,7 @@ pub struct AgentConfig {
     pub egress_deny: Vec<crate::ipv4::Cidr>,
     pub peer_port: u16,
     pub reserved_disk_mib: u64,
+    pub dhcp_requests_per_s: u32,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -293,6 +297,9 @@ impl AgentConfig {
             egress_deny,
             peer_port,
             reserved_disk_mib: file.reserved_disk_mib.unwrap_or(1024),
+            dhcp_requests_per_s: file
+                .dhcp_requests_per_s
+                .unwrap_or(crate::network::dhcp_server::RateLimiter::DEFAULT_NETWORK_PER_SECOND),
         })
     }
 

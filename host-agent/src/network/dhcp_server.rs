@@ -40,6 +40,8 @@ pub trait LeaseLookup: Send + Sync + 'static {
 /// One server per network, by network id.
 pub struct DhcpServers {
     leases: Arc<dyn LeaseLookup>,
+    /// Each network's rate (see [`RateLimiter`]).
+    network_per_second: u32,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -49,9 +51,10 @@ struct Running {
 }
 
 impl DhcpServers {
-    pub fn new(leases: Arc<dyn LeaseLookup>) -> Self {
+    pub fn new(leases: Arc<dyn LeaseLookup>, network_per_second: u32) -> Self {
         Self {
             leases,
+            network_per_second,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -87,6 +90,7 @@ impl DhcpServers {
                 bridge.clone(),
                 *gateway,
                 self.leases.clone(),
+                self.network_per_second,
             ));
             tracing::info!(network = %network, bridge = %bridge, "DHCP server started");
             running.insert(
@@ -225,23 +229,30 @@ impl Bucket {
 /// a booting guest a handful of times in a few seconds.
 pub struct RateLimiter {
     network: Bucket,
+    /// The network's rate (requests per second); its burst is twice that.
+    network_per_second: f64,
     clients: HashMap<String, Bucket>,
     /// Requests dropped so far.
     pub dropped: u64,
 }
 
 impl RateLimiter {
-    const NETWORK_BURST: f64 = 64.0;
-    const NETWORK_PER_SECOND: f64 = 32.0;
+    /// The network's rate unless the agent's settings say otherwise
+    /// (`dhcp_requests_per_s`).
+    pub const DEFAULT_NETWORK_PER_SECOND: u32 = 32;
     const CLIENT_BURST: f64 = 8.0;
     const CLIENT_PER_SECOND: f64 = 2.0;
     /// Clients remembered at most (a flood of made-up MACs cannot grow
     /// the table): past it, the table starts anew.
     const MAX_CLIENTS: usize = 4096;
 
-    pub fn new(now: Instant) -> Self {
+    /// A limiter that answers `network_per_second` requests a second on
+    /// the network (at least one), with a burst of twice that.
+    pub fn new(now: Instant, network_per_second: u32) -> Self {
+        let network_per_second = f64::from(network_per_second.max(1));
         Self {
-            network: Bucket::full(Self::NETWORK_BURST, now),
+            network: Bucket::full(2.0 * network_per_second, now),
+            network_per_second,
             clients: HashMap::new(),
             dropped: 0,
         }
@@ -259,7 +270,7 @@ impl RateLimiter {
         let admitted = client.take(Self::CLIENT_BURST, Self::CLIENT_PER_SECOND, now)
             && self
                 .network
-                .take(Self::NETWORK_BURST, Self::NETWORK_PER_SECOND, now);
+                .take(2.0 * self.network_per_second, self.network_per_second, now);
         if !admitted {
             self.dropped += 1;
         }
@@ -273,9 +284,10 @@ async fn serve(
     bridge: String,
     server_id: Ipv4Addr,
     leases: Arc<dyn LeaseLookup>,
+    network_per_second: u32,
 ) {
     let mut buf = vec![0u8; 1500];
-    let mut limiter = RateLimiter::new(Instant::now());
+    let mut limiter = RateLimiter::new(Instant::now(), network_per_second);
     let mut last_warning: Option<Instant> = None;
     loop {
         let len = match socket.recv_from(&mut buf).await {
@@ -341,7 +353,7 @@ mod tests {
     #[test]
     fn a_flooding_client_is_held_to_its_rate_and_others_still_get_answers() {
         let start = Instant::now();
-        let mut limiter = RateLimiter::new(start);
+        let mut limiter = RateLimiter::new(start, RateLimiter::DEFAULT_NETWORK_PER_SECOND);
         let admitted = (0..100)
             .filter(|_| limiter.admit("02:4e:42:00:00:01", start))
             .count();
@@ -356,7 +368,7 @@ mod tests {
     #[test]
     fn a_flood_of_made_up_macs_is_held_to_the_network_rate() {
         let start = Instant::now();
-        let mut limiter = RateLimiter::new(start);
+        let mut limiter = RateLimiter::new(start, RateLimiter::DEFAULT_NETWORK_PER_SECOND);
         let admitted = (0..10_000)
             .filter(|index| {
                 limiter.admit(
@@ -365,7 +377,10 @@ mod tests {
                 )
             })
             .count();
-        assert_eq!(admitted, RateLimiter::NETWORK_BURST as usize);
+        assert_eq!(
+            admitted,
+            2 * RateLimiter::DEFAULT_NETWORK_PER_SECOND as usize
+        );
         assert!(limiter.clients.len() <= RateLimiter::MAX_CLIENTS);
     }
 }

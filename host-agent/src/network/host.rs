@@ -178,7 +178,10 @@ impl LinuxNetwork {
             underlay: config.underlay_address,
             egress_deny: config.egress_deny.clone(),
             lock: Arc::new(tokio::sync::Mutex::new(())),
-            dhcp: DhcpServers::new(Arc::new(StoreLeases(store.clone()))),
+            dhcp: DhcpServers::new(
+                Arc::new(StoreLeases(store.clone())),
+                config.dhcp_requests_per_s,
+            ),
             store,
         })
     }

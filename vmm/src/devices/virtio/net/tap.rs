@@ -251,21 +251,11 @@ impl AsRawFd for Tap {
 mod tests {
     use super::*;
 
+    /// The name rules are the contract's (tested there); opening a tap
+    /// applies them before any system call.
     #[test]
-    fn tap_names_are_checked() {
-        for good in ["tap0", "nb-vm_1.0", "a", "x23456789012345"] {
-            assert!(valid_tap_name(good), "{good}");
-        }
-        for bad in [
-            "",
-            "x234567890123456",
-            "tap 0",
-            "tap/0",
-            "..",
-            ".",
-            "tap\0",
-            "tapé",
-        ] {
+    fn a_tap_with_an_invalid_name_is_never_opened() {
+        for bad in ["", "x234567890123456", "tap/0", "..", "tap\0"] {
             assert!(!valid_tap_name(bad), "{bad:?}");
             assert!(matches!(Tap::open(bad), Err(TapError::InvalidName(_))));
         }
