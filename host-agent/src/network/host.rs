@@ -16,7 +16,6 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use nubis_api::Vm;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::config::AgentConfig;
@@ -30,7 +29,7 @@ use crate::network::vxlan::{self, Tunnel};
 use crate::network::{
     self, nic_address, IfName, MacAddr, NetworkError, NETWORK_BRIDGE_PREFIX, VXLAN_PREFIX,
 };
-use crate::store::{NetworkRow, Store, StoreError};
+use crate::store::{NetworkRow, Store, StoreError, VmRow};
 
 /// Errors in making the host's network match the database.
 #[derive(Debug, thiserror::Error)]
@@ -369,7 +368,7 @@ impl LinuxNetwork {
     /// Makes `vm`'s taps, on their virtual network's bridge or on the
     /// tenant's default bridge, owned by its jail's user `uid` (who may then
     /// attach to them without any capability).
-    pub async fn plug_nics(&self, vm: &Vm, uid: u32) -> Result<(), HostNetworkError> {
+    pub async fn plug_nics(&self, vm: &VmRow, uid: u32) -> Result<(), HostNetworkError> {
         let _network = self.lock().await;
         for (index, nic) in vm.nics.iter().enumerate() {
             let (bridge, cidr, identity) = match &nic.network {
@@ -464,7 +463,7 @@ fn parse_resolvers(text: &str) -> Vec<String> {
 pub struct StoreLeases(pub Arc<Store>);
 
 impl StoreLeases {
-    fn lease_of(network: &NetworkRow, vm: &Vm, mac: &str) -> Option<Lease> {
+    fn lease_of(network: &NetworkRow, vm: &VmRow, mac: &str) -> Option<Lease> {
         let nic = vm.nics.iter().find(|nic| {
             nic.network.as_deref() == Some(network.id.as_str())
                 && nic
@@ -510,7 +509,7 @@ mod tests {
 
     /// A store with a network, a VM with a NIC on it and one on the
     /// tenant's default bridge, and a port forward.
-    fn populated() -> (Arc<Store>, NetworkRow, Vm) {
+    fn populated() -> (Arc<Store>, NetworkRow, VmRow) {
         let (store, tenant, image) = crate::store::fixture();
         let store = Arc::new(store);
         let net = store

@@ -4,10 +4,10 @@
 //! elsewhere since is refused, so the jail never mounts a file the tenant
 //! may not use).
 
-use nubis_api::{Image, ImageCreate, Vm};
+use nubis_api::{Image, ImageCreate};
 
 use super::{Result, Scope, ServiceError, Services};
-use crate::store::ImageRow;
+use crate::store::{ImageRow, VmRow};
 use crate::validate;
 
 impl From<ImageRow> for Image {
@@ -97,7 +97,7 @@ pub fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
 }
 
 /// The image `vm` starts from, with its files checked again.
-pub fn usable_image(svc: &Services, vm: &Vm) -> Result<ImageRow> {
+pub fn usable_image(svc: &Services, vm: &VmRow) -> Result<ImageRow> {
     let image = svc
         .store
         .get_image(&vm.tenant_id, &vm.image_id)?

@@ -15,6 +15,7 @@ use nubis_api::{ApiError, IncomingMigration, IncomingReady, Vm, VmState};
 use super::{Result, ServiceError, Services};
 use crate::ipv4::Cidr;
 use crate::network::nic_address;
+use crate::store::VmRow;
 use crate::supervisor::migration as handover;
 use crate::validate;
 
@@ -193,6 +194,11 @@ pub async fn receive(
 /// another peer's VMs (or this host's own) are not this one's to see or
 /// finish.
 pub fn received_from(svc: &Services, source: &str, id: &str) -> Result<Vm> {
+    received(svc, source, id).map(Vm::from)
+}
+
+/// The stored VM [`received_from`] finds.
+fn received(svc: &Services, source: &str, id: &str) -> Result<VmRow> {
     let vm = incoming_vm(svc, id)?;
     let from = format!("{}{}", handover::RECEIVED_FROM, source);
     let received = svc
@@ -206,7 +212,7 @@ pub fn received_from(svc: &Services, source: &str, id: &str) -> Result<Vm> {
     Ok(vm)
 }
 
-fn incoming_vm(svc: &Services, id: &str) -> Result<Vm> {
+fn incoming_vm(svc: &Services, id: &str) -> Result<VmRow> {
     svc.store
         .get_vm(None, id)?
         .ok_or_else(|| ServiceError::not_found("VM", id))
@@ -214,7 +220,7 @@ fn incoming_vm(svc: &Services, id: &str) -> Result<Vm> {
 
 /// The source handed VM `id` over: it runs here now, for good.
 pub fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
-    let vm = received_from(svc, source, id)?;
+    let vm = received(svc, source, id)?;
     if !vm.state.has_process() {
         return Err(ServiceError::Conflict(format!(
             "VM {id} has no VMM here ({})",
@@ -228,7 +234,7 @@ pub fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
 /// The source gave the migration of VM `id` up: the copy being received
 /// goes, unless it already runs here (then it was handed over).
 pub async fn abort(svc: &Services, source: &str, id: &str) -> Result<()> {
-    let vm = received_from(svc, source, id)?;
+    let vm = received(svc, source, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
     let vm = incoming_vm(svc, id)?;
     if vm.state == VmState::Running {

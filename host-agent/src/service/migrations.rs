@@ -16,13 +16,13 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nubis_api::{IncomingMigration, Migration, MigrationCreate, Vm, VmState};
+use nubis_api::{IncomingMigration, Migration, MigrationCreate, VmState};
 use nubis_contract::control::DiskMigration;
 use nubis_contract::migration::{Phase, Progress};
 
 use super::{networks, vms, Result, Scope, ServiceError, Services};
 use crate::network::nic_address;
-use crate::store::Peer;
+use crate::store::{Peer, VmRow};
 use crate::supervisor::control::MigrateOptions;
 use crate::supervisor::migration as handover;
 
@@ -64,7 +64,7 @@ impl Migrations {
 }
 
 /// A migration of `vm` to `host`, before anything was asked of anyone.
-fn preparing(vm: &Vm, host: &str) -> Migration {
+fn preparing(vm: &VmRow, host: &str) -> Migration {
     Migration {
         vm_id: vm.id.clone(),
         tenant_id: vm.tenant_id.clone(),
@@ -120,7 +120,7 @@ pub async fn start(
     id: &str,
     request: MigrationCreate,
 ) -> Result<Migration> {
-    let vm = vms::get(svc, scope, id)?;
+    let vm = vms::find(svc, scope, id)?;
     if let Some((field, reason)) = request.out_of_bounds() {
         return Err(ServiceError::invalid(field, reason));
     }
@@ -181,7 +181,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 async fn drive(
     svc: &Services,
-    vm: Vm,
+    vm: VmRow,
     peer: &Peer,
     limits: &MigrationCreate,
     started: Instant,
@@ -202,7 +202,7 @@ async fn drive(
         .incoming(
             peer,
             &IncomingMigration {
-                vm: vm.clone(),
+                vm: vm.clone().into(),
                 tenant: tenant.into(),
                 image: image.into(),
                 source: local.to_string(),
@@ -331,7 +331,7 @@ pub async fn resolve_interrupted_handovers(svc: Services) {
 }
 
 /// VMs with a recorded hand-over and no migration running here.
-fn interrupted_handovers(svc: &Services) -> Result<Vec<(Vm, String)>> {
+fn interrupted_handovers(svc: &Services) -> Result<Vec<(VmRow, String)>> {
     Ok(svc
         .store
         .list_vms(None, None)?
@@ -346,7 +346,7 @@ fn interrupted_handovers(svc: &Services) -> Result<Vec<(Vm, String)>> {
 
 /// Settles one interrupted hand-over; false when the destination could
 /// not be asked.
-async fn resolve_handover(svc: &Services, vm: &Vm, host: &str) -> Result<bool> {
+async fn resolve_handover(svc: &Services, vm: &VmRow, host: &str) -> Result<bool> {
     let Some(peer) = svc.store.get_host(host)? else {
         return Err(ServiceError::Conflict(format!(
             "the destination '{host}' is no longer a registered host"
@@ -416,7 +416,7 @@ async fn abort_destination(svc: &Services, peer: &Peer, vm_id: &str) {
 
 /// The VM runs on the destination: tell it, hand its addresses over, and
 /// forget the VM here.
-async fn finish(svc: &Services, vm: &Vm, peer: &Peer, local: Ipv4Addr) -> Result<()> {
+async fn finish(svc: &Services, vm: &VmRow, peer: &Peer, local: Ipv4Addr) -> Result<()> {
     svc.peers.incoming_done(peer, &vm.id).await?;
     for nic in &vm.nics {
         let (Some(network), Some(address)) =
@@ -481,7 +481,7 @@ pub fn show(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Migration> {
 /// here); for the operator, also forgets a hand-over an agent stopped in
 /// the middle of, so that the VM may start here again.
 pub async fn cancel(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let vm = vms::get(svc, scope, id)?;
+    let vm = vms::find(svc, scope, id)?;
     let paths = svc.supervisor.paths(&vm.id);
     let runs = svc.migrations.runs(&vm.id);
     if !runs && handover::handed_over_to(&paths).is_some() {

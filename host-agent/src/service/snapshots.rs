@@ -8,7 +8,7 @@ use nubis_api::{Snapshot, SnapshotRestore, Vm};
 
 use super::{vms, Result, Scope, ServiceError, Services};
 use crate::network::nic_address;
-use crate::store::{SavedVm, SnapshotRow, StoreError};
+use crate::store::{SavedVm, SnapshotRow, StoreError, VmRow};
 use crate::validate;
 
 impl From<SnapshotRow> for Snapshot {
@@ -28,9 +28,9 @@ impl From<SnapshotRow> for Snapshot {
 
 /// Snapshots VM `id` (it runs on, or stays paused).
 pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot> {
-    let vm = vms::get(svc, scope, id)?;
+    let vm = vms::find(svc, scope, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
-    let vm = vms::get(svc, scope, &vm.id)?;
+    let vm = vms::find(svc, scope, &vm.id)?;
     check_quota(svc, &vm)?;
     let snapshot_id = svc.store.new_snapshot_id()?;
     let size = svc.supervisor.snapshot(&vm, &snapshot_id).await?;
@@ -49,7 +49,7 @@ pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapsh
 
 /// A snapshot takes one of the tenant's snapshots and, at most, the VM's
 /// memory and disks of its storage.
-fn check_quota(svc: &Services, vm: &Vm) -> Result<()> {
+fn check_quota(svc: &Services, vm: &VmRow) -> Result<()> {
     let quota = svc
         .store
         .get_tenant(&vm.tenant_id)?
@@ -176,5 +176,5 @@ pub async fn restore(
             return Err(err.into());
         }
     }
-    Ok(vm)
+    Ok(vm.into())
 }

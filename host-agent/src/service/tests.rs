@@ -379,7 +379,7 @@ async fn images_answer_as_stored_and_start_from_their_row() {
     let created = vms::create(svc, &tenant.id, vm_request("web", "debian", &[]))
         .await
         .expect("VM");
-    let vm = vms::get(svc, scope, &created.id).expect("VM");
+    let vm = vms::find(svc, scope, &created.id).expect("VM");
     assert_eq!(images::usable_image(svc, &vm).expect("usable"), row);
     images::delete(svc, Scope::Operator, &image.id).expect_err("a VM uses it");
 }
@@ -395,7 +395,10 @@ async fn snapshots_answer_as_stored() {
         .expect("VM");
     // Recorded as a snapshot of the VM would be (taking one needs a VMM).
     let id = svc.store.new_snapshot_id().expect("id");
-    let row = svc.store.record_snapshot(&id, &vm, 8192).expect("record");
+    let row = svc
+        .store
+        .record_snapshot(&id, &vm.clone().into(), 8192)
+        .expect("record");
     let snapshot = nubis_api::Snapshot::from(row.clone());
     assert_eq!(
         (

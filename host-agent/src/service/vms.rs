@@ -14,8 +14,53 @@ use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
 use super::{images, networks, Result, Scope, ServiceError, Services};
 use crate::network;
 use crate::network::nic_address;
-use crate::store::{NetworkRow, NewVm};
+use crate::store::{NetworkRow, NewVm, VmRow};
 use crate::validate;
+
+impl From<VmRow> for Vm {
+    fn from(row: VmRow) -> Self {
+        Vm {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            name: row.name,
+            image_id: row.image_id,
+            state: row.state,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            kernel_args: row.kernel_args,
+            root_rate_limit: row.root_rate_limit,
+            disks: row.disks,
+            nics: row.nics,
+            pid: row.pid,
+            last_exit: row.last_exit,
+            restore_from: row.restore_from,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// A VM as its source host gives it (an incoming migration).
+impl From<Vm> for VmRow {
+    fn from(vm: Vm) -> Self {
+        VmRow {
+            id: vm.id,
+            tenant_id: vm.tenant_id,
+            name: vm.name,
+            image_id: vm.image_id,
+            state: vm.state,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel_args: vm.kernel_args,
+            root_rate_limit: vm.root_rate_limit,
+            disks: vm.disks,
+            nics: vm.nics,
+            pid: vm.pid,
+            last_exit: vm.last_exit,
+            restore_from: vm.restore_from,
+            created_at: vm.created_at,
+        }
+    }
+}
 
 /// Largest vCPU count and memory a VM may ask for here (the VMM checks
 /// against the host again).
@@ -127,7 +172,7 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
     if created.is_err() {
         networks::release_remote_addresses(svc, &remote_grants).await;
     }
-    created
+    created.map(Vm::from)
 }
 
 /// The tenant's network that NIC `index` names.
@@ -150,7 +195,7 @@ async fn create_locked(
     tenant_id: &str,
     image: &Image,
     quota: Quota,
-) -> Result<Vm> {
+) -> Result<VmRow> {
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
     let network_lock = svc.host_network.lock().await;
@@ -251,11 +296,16 @@ pub fn list(
     if let Some(name) = name {
         vms.retain(|vm| vm.name == name);
     }
-    Ok(vms)
+    Ok(vms.into_iter().map(Vm::from).collect())
 }
 
 /// VM `id` (id or name; any tenant's, by id, for the operator).
 pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vm> {
+    find(svc, scope, id).map(Vm::from)
+}
+
+/// The stored VM `id` (id or name), as [`get`] finds it.
+pub(crate) fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<VmRow> {
     svc.store
         .get_vm(scope.tenant(), id)?
         .ok_or_else(|| ServiceError::not_found("VM", id))
@@ -276,9 +326,9 @@ pub enum Action {
 /// Does `action` to VM `id` under its lock, with a fresh copy of it, and
 /// returns the VM as it is afterwards.
 pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> Result<Vm> {
-    let vm = get(svc, scope, id)?;
+    let vm = find(svc, scope, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
-    let vm = get(svc, scope, &vm.id)?;
+    let vm = find(svc, scope, &vm.id)?;
     match action {
         Action::Start => {
             let image = images::usable_image(svc, &vm)?;
@@ -289,7 +339,7 @@ pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> 
         Action::Reboot => {
             svc.supervisor.stop(&vm, false).await?;
             let image = images::usable_image(svc, &vm)?;
-            let stopped = get(svc, Scope::Operator, &vm.id)?;
+            let stopped = find(svc, Scope::Operator, &vm.id)?;
             svc.supervisor.start(&stopped, &image).await?;
         }
         Action::Pause => svc.supervisor.pause(&vm, true).await?,
@@ -301,9 +351,9 @@ pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> 
 /// Deletes VM `id`, stopping it at once first if it runs; its NICs' rules,
 /// port forwards and overlay addresses go with it.
 pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let vm = get(svc, scope, id)?;
+    let vm = find(svc, scope, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
-    let vm = get(svc, scope, &vm.id)?;
+    let vm = find(svc, scope, &vm.id)?;
     if vm.state.has_process() {
         svc.supervisor.stop(&vm, true).await?;
     }
@@ -318,7 +368,7 @@ pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
 }
 
 /// `vm`'s NICs on overlay networks, with their addresses.
-fn overlay_nics(svc: &Services, vm: &Vm) -> Result<Vec<(NetworkRow, Ipv4Addr)>> {
+fn overlay_nics(svc: &Services, vm: &VmRow) -> Result<Vec<(NetworkRow, Ipv4Addr)>> {
     let mut nics = Vec::new();
     for nic in &vm.nics {
         let (Some(id), Some(address)) =
@@ -337,15 +387,15 @@ fn overlay_nics(svc: &Services, vm: &Vm) -> Result<Vec<(NetworkRow, Ipv4Addr)>> 
 
 /// VM `id`'s event log.
 pub fn events(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vec<VmEvent>> {
-    let vm = get(svc, scope, id)?;
+    let vm = find(svc, scope, id)?;
     Ok(svc.store.events(&vm.id)?)
 }
 
 /// VM `id` and the path of its serial console log.
 pub fn console(svc: &Services, scope: Scope<'_>, id: &str) -> Result<(Vm, PathBuf)> {
-    let vm = get(svc, scope, id)?;
+    let vm = find(svc, scope, id)?;
     let path = svc.supervisor.console_path(&vm.id);
-    Ok((vm, path))
+    Ok((vm.into(), path))
 }
 
 /// Whether VM `id` has a VMM process (its console may still grow).

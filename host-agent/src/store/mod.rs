@@ -28,7 +28,7 @@ pub use networks::NetworkRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::{SavedVm, SnapshotRow};
 pub use tenants::TenantRow;
-pub use vms::{NewVm, Usage};
+pub use vms::{NewVm, Usage, VmRow};
 
 /// The schema, one migration per entry; entry N brings the database from
 /// version N to N + 1.

@@ -1,11 +1,10 @@
 //! Snapshots of VMs: the record of what was saved (the VM's definition at
 //! that moment, to restore it into a new VM) and how much disk it takes.
 
-use nubis_api::Vm;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::vms::Spec;
-use super::{new_id, now, NewVm, Store, StoreError};
+use super::{new_id, now, NewVm, Store, StoreError, VmRow};
 
 /// A snapshot as stored (the API's `Snapshot` is made from it by the
 /// service layer, `service::snapshots`).
@@ -91,7 +90,7 @@ impl Store {
     pub fn record_snapshot(
         &self,
         id: &str,
-        vm: &Vm,
+        vm: &VmRow,
         size_bytes: u64,
     ) -> Result<SnapshotRow, StoreError> {
         let spec = serde_json::to_string(&Spec {

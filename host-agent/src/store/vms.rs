@@ -1,7 +1,7 @@
 //! VMs and their event logs. A VM's devices (disks, NICs, rate limits) are
 //! one JSON column: they are read and written whole, never queried.
 
-use nubis_api::{Quota, RateLimit, Vm, VmDisk, VmEvent, VmNic, VmState};
+use nubis_api::{Quota, RateLimit, VmDisk, VmEvent, VmNic, VmState};
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,31 @@ pub struct NewVm {
     pub nics: Vec<VmNic>,
     /// A snapshot the VM resumes from at its first start.
     pub restore_from: Option<String>,
+}
+
+/// A VM as this host stores it: its definition, where its life is, and
+/// the VMM that runs it here. `nubis_api::Vm` is what the API shows of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub image_id: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel_args: String,
+    pub root_rate_limit: RateLimit,
+    pub disks: Vec<VmDisk>,
+    pub nics: Vec<VmNic>,
+    /// The VMM's process id while one runs (a host-local fact).
+    pub pid: Option<u32>,
+    /// Why the VMM last exited.
+    pub last_exit: Option<String>,
+    /// A snapshot the VM resumes from at its next start.
+    pub restore_from: Option<String>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
 }
 
 /// What a tenant's VMs take of its quota (every defined VM counts: a
@@ -43,7 +68,7 @@ pub(super) struct Spec {
 
 const VM_COLUMNS: &str = "id, tenant_id, name, image_id, state, vcpus, memory_mib, kernel_args, spec, pid, last_exit, created_at";
 
-fn vm_from_row(row: &Row) -> rusqlite::Result<Vm> {
+fn vm_from_row(row: &Row) -> rusqlite::Result<VmRow> {
     let corrupt = |index: usize, what: String| {
         rusqlite::Error::FromSqlConversionFailure(
             index,
@@ -55,7 +80,7 @@ fn vm_from_row(row: &Row) -> rusqlite::Result<Vm> {
     let spec: String = row.get(8)?;
     let spec: Spec =
         serde_json::from_str(&spec).map_err(|err| corrupt(8, format!("VM spec: {err}")))?;
-    Ok(Vm {
+    Ok(VmRow {
         id: row.get(0)?,
         tenant_id: row.get(1)?,
         name: row.get(2)?,
@@ -78,7 +103,7 @@ impl Store {
     /// Defines a VM if the tenant's quota allows it (checked and inserted
     /// in one transaction, so concurrent requests cannot both squeeze in).
     /// Its id never shares the part that names taps with another VM's.
-    pub fn create_vm(&self, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
+    pub fn create_vm(&self, new: &NewVm, quota: Quota) -> Result<VmRow, StoreError> {
         for _ in 0..16 {
             let id = new_id("vm")?;
             if tap_key_taken(&self.conn(), &id)?.is_none() {
@@ -92,7 +117,12 @@ impl Store {
 
     /// [`Store::create_vm`] with a given id: a VM migrating in keeps the
     /// id it had on its source host.
-    pub fn create_vm_with_id(&self, id: &str, new: &NewVm, quota: Quota) -> Result<Vm, StoreError> {
+    pub fn create_vm_with_id(
+        &self,
+        id: &str,
+        new: &NewVm,
+        quota: Quota,
+    ) -> Result<VmRow, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         if let Some(other) = tap_key_taken(&tx, id)? {
@@ -125,7 +155,7 @@ impl Store {
                 quota.max_memory_mib,
             ));
         }
-        let vm = Vm {
+        let vm = VmRow {
             id: id.to_string(),
             tenant_id: new.tenant_id.clone(),
             name: new.name.clone(),
@@ -169,7 +199,7 @@ impl Store {
         &self,
         tenant_id: Option<&str>,
         id_or_name: &str,
-    ) -> Result<Option<Vm>, StoreError> {
+    ) -> Result<Option<VmRow>, StoreError> {
         let conn = self.conn();
         let vm = match tenant_id {
             Some(tenant) => conn
@@ -195,7 +225,7 @@ impl Store {
         &self,
         tenant_id: Option<&str>,
         state: Option<VmState>,
-    ) -> Result<Vec<Vm>, StoreError> {
+    ) -> Result<Vec<VmRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(&format!(
             "SELECT {VM_COLUMNS} FROM vms
@@ -224,7 +254,7 @@ impl Store {
     }
 
     /// Replaces a VM's devices and restore point (its JSON spec).
-    pub fn set_vm_spec(&self, vm: &Vm) -> Result<(), StoreError> {
+    pub fn set_vm_spec(&self, vm: &VmRow) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE vms SET spec = ?2 WHERE id = ?1",
             params![vm.id, spec_json(vm)?],
@@ -268,7 +298,7 @@ impl Store {
     }
 }
 
-fn spec_json(vm: &Vm) -> Result<String, StoreError> {
+fn spec_json(vm: &VmRow) -> Result<String, StoreError> {
     serde_json::to_string(&Spec {
         root_rate_limit: vm.root_rate_limit,
         disks: vm.disks.clone(),

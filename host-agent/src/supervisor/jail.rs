@@ -13,8 +13,6 @@
 
 use std::path::{Path, PathBuf};
 
-use nubis_api::Vm;
-
 use super::process::Launch;
 use super::vmfs::{self, Dir};
 use super::{
@@ -22,7 +20,7 @@ use super::{
     VMM_LOG,
 };
 use crate::config::JailConfig;
-use crate::store::ImageRow;
+use crate::store::{ImageRow, VmRow};
 
 /// The VM's directory inside its jail.
 pub const VM_DIR: &str = "/vm";
@@ -58,7 +56,7 @@ pub fn inside_image(image: &ImageRow) -> ImageRow {
 
 /// The cgroup limits of `vm`: its vCPUs' worth of CPU time, its RAM plus
 /// the VMM's bounded overhead, and room for its threads.
-pub fn cgroup_limits(vm: &Vm, overhead_mib: u64) -> Vec<String> {
+pub fn cgroup_limits(vm: &VmRow, overhead_mib: u64) -> Vec<String> {
     const PERIOD_US: u64 = 100_000;
     let quota = u64::from(vm.vcpus) * PERIOD_US;
     let memory = (vm.memory_mib + overhead_mib) << 20;
@@ -125,7 +123,7 @@ pub fn io_limits(disks: &[(String, nubis_api::RateLimit)]) -> Vec<String> {
 
 /// The rate limits of `vm`'s disks with the block devices their files
 /// are on (disks on no block device are left out).
-pub fn disk_devices(vm: &Vm, paths: &VmPaths) -> Vec<(String, nubis_api::RateLimit)> {
+pub fn disk_devices(vm: &VmRow, paths: &VmPaths) -> Vec<(String, nubis_api::RateLimit)> {
     let mut disks = vec![(paths.root_disk.clone(), vm.root_rate_limit)];
     disks.extend(
         vm.disks
@@ -146,7 +144,7 @@ const FILE_SIZE_SLACK: u64 = 64 << 20;
 /// memory, a disk received in a migration, its console and its log)
 /// grows beyond the largest of its disks and its RAM, plus some room; a
 /// guest cannot fill the host's disk through one of its VMM's files.
-pub fn file_size_limit(vm: &Vm, image: &ImageRow, paths: &VmPaths) -> u64 {
+pub fn file_size_limit(vm: &VmRow, image: &ImageRow, paths: &VmPaths) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::symlink_metadata(&paths.root_disk)
         .map(|meta| meta.size())
@@ -171,7 +169,7 @@ pub fn cgroup_marker(config: &JailConfig, vm_id: &str) -> String {
 pub fn command(
     config: &JailConfig,
     vmm_binary: &Path,
-    vm: &Vm,
+    vm: &VmRow,
     image: &ImageRow,
     paths: &VmPaths,
     uid: u32,
@@ -394,8 +392,8 @@ mod tests {
     use super::*;
     use nubis_api::VmState;
 
-    fn vm() -> Vm {
-        Vm {
+    fn vm() -> VmRow {
+        VmRow {
             id: "vm-1".into(),
             tenant_id: "t".into(),
             name: "a".into(),

@@ -4,7 +4,9 @@
 //! both in its environment), on the VM's taps and with its disk files to
 //! receive.
 
-use nubis_api::{Vm, VmState};
+use nubis_api::VmState;
+
+use crate::store::VmRow;
 
 use super::process::Launch;
 use super::{Supervisor, SupervisorError, VmPaths};
@@ -70,7 +72,7 @@ impl Supervisor {
     /// until the source reports the hand-over (see `incoming_done`).
     pub async fn receive(
         self: &std::sync::Arc<Self>,
-        vm: &Vm,
+        vm: &VmRow,
         image: &ImageRow,
         listen: &str,
         token: &str,
@@ -105,7 +107,7 @@ impl Supervisor {
     }
 
     /// The source has handed the VM over: it runs here now.
-    pub fn incoming_done(&self, vm: &Vm, from: &str) -> Result<(), SupervisorError> {
+    pub fn incoming_done(&self, vm: &VmRow, from: &str) -> Result<(), SupervisorError> {
         self.store
             .set_vm_state(&vm.id, VmState::Running, vm.pid, None)?;
         self.event(
@@ -150,7 +152,7 @@ impl Supervisor {
     }
 
     /// The migration failed: the receiving VMM goes (if it still runs).
-    pub async fn incoming_abort(&self, vm: &Vm) -> Result<(), SupervisorError> {
+    pub async fn incoming_abort(&self, vm: &VmRow) -> Result<(), SupervisorError> {
         if vm.state.has_process() {
             self.stop(vm, true).await?;
         }

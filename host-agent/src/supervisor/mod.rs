@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nubis_api::{RateLimit, Vm, VmState};
+use nubis_api::{RateLimit, VmState};
 use nubis_contract::config::{
     BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
     CONFIG_VERSION,
@@ -39,7 +39,7 @@ use crate::network::dhcp_server::DhcpServerError;
 use crate::network::firewall::FirewallError;
 use crate::network::host::{HostNetworkError, LinuxNetwork};
 use crate::network::{self, NetworkError};
-use crate::store::{ImageRow, NetworkRow, Store, StoreError};
+use crate::store::{ImageRow, NetworkRow, Store, StoreError, VmRow};
 use control::{ControlError, VmmClient};
 use process::{ExitWatch, VmmExit};
 
@@ -151,7 +151,7 @@ impl VmPaths {
     }
 
     /// The names of the VM's disk files in its jail directory.
-    pub fn disk_names(vm: &Vm) -> Vec<String> {
+    pub fn disk_names(vm: &VmRow) -> Vec<String> {
         std::iter::once(ROOT_DISK.to_string())
             .chain((0..vm.disks.len()).map(data_disk_name))
             .collect()
@@ -233,7 +233,7 @@ impl Supervisor {
     /// Starts `vm`'s VMM in its jail.
     async fn spawn_jailed(
         &self,
-        vm: &Vm,
+        vm: &VmRow,
         image: &ImageRow,
         paths: &VmPaths,
         uid: u32,
@@ -268,7 +268,11 @@ impl Supervisor {
 
     /// Starts a stopped or failed VM: disks, VMM config, process, watcher.
     /// Returns once the VMM answers on its control socket.
-    pub async fn start(self: &Arc<Self>, vm: &Vm, image: &ImageRow) -> Result<(), SupervisorError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        vm: &VmRow,
+        image: &ImageRow,
+    ) -> Result<(), SupervisorError> {
         if vm.state.has_process() {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
@@ -327,7 +331,7 @@ impl Supervisor {
     /// migration gets its disks from the source instead.
     async fn prepare_files(
         &self,
-        vm: &Vm,
+        vm: &VmRow,
         image: &ImageRow,
         paths: &VmPaths,
         receiving: bool,
@@ -375,7 +379,7 @@ impl Supervisor {
 
     fn write_vmm_config(
         &self,
-        vm: &Vm,
+        vm: &VmRow,
         image: &ImageRow,
         paths: &VmPaths,
     ) -> Result<(), SupervisorError> {
@@ -500,7 +504,7 @@ impl Supervisor {
 
     /// Stops a VM: Ctrl-Alt-Del and up to the stop timeout for the guest,
     /// then the VMM's `stop`, then SIGKILL. `force` skips the guest.
-    pub async fn stop(&self, vm: &Vm, force: bool) -> Result<(), SupervisorError> {
+    pub async fn stop(&self, vm: &VmRow, force: bool) -> Result<(), SupervisorError> {
         if !vm.state.has_process() {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
@@ -541,7 +545,7 @@ impl Supervisor {
     }
 
     /// Pauses or resumes a running VM.
-    pub async fn pause(&self, vm: &Vm, pause: bool) -> Result<(), SupervisorError> {
+    pub async fn pause(&self, vm: &VmRow, pause: bool) -> Result<(), SupervisorError> {
         let expected = if pause {
             VmState::Running
         } else {
@@ -569,7 +573,7 @@ impl Supervisor {
     }
 
     /// Removes a stopped VM's files.
-    pub fn remove_files(&self, vm: &Vm) -> Result<(), SupervisorError> {
+    pub fn remove_files(&self, vm: &VmRow) -> Result<(), SupervisorError> {
         let dir = self.paths(&vm.id).dir;
         match std::fs::remove_dir_all(&dir) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SupervisorError::Files {
@@ -731,7 +735,7 @@ impl Supervisor {
 /// The VMM's config for `vm`; `networks` are its NICs' networks (None
 /// for a NIC on the tenant's default bridge).
 fn vmm_config(
-    vm: &Vm,
+    vm: &VmRow,
     image: &ImageRow,
     paths: &VmPaths,
     networks: &[Option<NetworkRow>],
@@ -854,7 +858,7 @@ mod tests {
             rootfs_bytes: 1,
             created_at: 0,
         };
-        let vm = Vm {
+        let vm = VmRow {
             id: "vm-1".into(),
             tenant_id: "t-1".into(),
             name: "web".into(),
@@ -934,7 +938,7 @@ mod tests {
             address: Some(address.into()),
             ..Default::default()
         };
-        let on_network = Vm {
+        let on_network = VmRow {
             nics: vec![nic(Some("net-1"), "10.30.0.2/24")],
             ..vm.clone()
         };
@@ -962,7 +966,7 @@ mod tests {
             config.boot.cmdline,
             "console=ttyS0 root=/dev/vda quiet ip=10.30.0.2::10.30.0.1:255.255.255.0::eth0:off"
         );
-        let default_bridge = Vm {
+        let default_bridge = VmRow {
             nics: vec![nic(None, "10.88.1.2/24")],
             ..vm
         };
@@ -973,7 +977,7 @@ mod tests {
             .cmdline
             .ends_with("ip=10.88.1.2::10.88.1.1:255.255.255.0::eth0:off"));
         // A MAC that is not one is refused here, not by the VMM.
-        let bad_mac = Vm {
+        let bad_mac = VmRow {
             nics: vec![nubis_api::VmNic {
                 mac: Some("02:4e:42".into()),
                 ..Default::default()

@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nubis_api::{Vm, VmState};
+use nubis_api::VmState;
+
+use crate::store::VmRow;
 
 use super::control::VmmClient;
 use super::vmfs::Dir;
@@ -21,7 +23,7 @@ impl Supervisor {
     /// Takes snapshot `id` of `vm` (running or paused; a running VM is
     /// paused meanwhile and runs on after); returns the bytes its files
     /// take. A failed snapshot leaves no files and the VM as it was.
-    pub async fn snapshot(&self, vm: &Vm, id: &str) -> Result<u64, SupervisorError> {
+    pub async fn snapshot(&self, vm: &VmRow, id: &str) -> Result<u64, SupervisorError> {
         if !matches!(vm.state, VmState::Running | VmState::Paused) {
             return Err(SupervisorError::WrongState(vm.state.as_str()));
         }
@@ -66,7 +68,7 @@ impl Supervisor {
     }
 
     /// Memory and state through the VMM, then the disks, while paused.
-    async fn save(&self, vm: &Vm, vmm: &VmmClient, dir: &Path) -> Result<(), SupervisorError> {
+    async fn save(&self, vm: &VmRow, vmm: &VmmClient, dir: &Path) -> Result<(), SupervisorError> {
         // The jailed VMM writes into its own VM directory (the only place it
         // can); the files then move to the snapshot store, where they are
         // checked (see `jail::seal_snapshot`).

@@ -225,7 +225,7 @@ async fn a_migration_is_shown_to_its_tenant_and_the_operator_only() {
     let svc = &fixture.services;
     let (tenant, vm) = stopped_vm(&fixture).await;
     let (other, _) = fixture.tenant("other", Quota::default());
-    svc.migrations.set(preparing(&vm, "b"));
+    svc.migrations.set(preparing(&vm.clone().into(), "b"));
     let mine = show(svc, Scope::Tenant(&tenant.id), &vm.id).expect("its own");
     assert_eq!(
         (mine.phase.as_str(), mine.host.as_str()),
@@ -246,7 +246,7 @@ async fn a_hand_over_left_by_a_stopped_agent_is_the_operators_to_forget() {
     let err = cancel(svc, scope, &vm.id).await.expect_err("nothing runs");
     assert!(matches!(err, ServiceError::Conflict(_)), "{err}");
     // An ended migration is not one to cancel either.
-    svc.migrations.set(preparing(&vm, "b"));
+    svc.migrations.set(preparing(&vm.clone().into(), "b"));
     svc.migrations.update(&vm.id, |m| m.phase = "failed".into());
     let err = cancel(svc, scope, &vm.id).await.expect_err("it ended");
     assert_eq!(err.to_string(), "no migration of this VM runs");
@@ -284,7 +284,7 @@ async fn a_running_migration_is_no_interrupted_hand_over() {
     let paths = svc.supervisor.paths(&vm.id);
     std::fs::create_dir_all(&paths.dir).expect("VM directory");
     handover::record_handover(&paths, "b").expect("mark");
-    svc.migrations.set(preparing(&vm, "b"));
+    svc.migrations.set(preparing(&vm.clone().into(), "b"));
     svc.migrations
         .update(&vm.id, |m| m.phase = "handing_over".into());
     assert!(interrupted_handovers(svc).expect("list").is_empty());
