@@ -10,6 +10,7 @@ use crate::device_manager::{DevicesState, DevicesStateError, HeldDevices, Statef
 use crate::devices::virtio::VirtioDevice;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
+use crate::persist::Versioned;
 use crate::snapshot::state::{MachineShape, VmSnapshot};
 use crate::vstate::exit::ExitNotifier;
 use crate::vstate::persist::KvmStateError;
@@ -64,8 +65,8 @@ impl VmParts {
         } = held.save()?;
         Ok(VmSnapshot {
             machine: self.shape.clone(),
-            vm,
-            vcpus,
+            vm: Versioned(vm),
+            vcpus: vcpus.into_iter().map(Versioned).collect(),
             devices,
             serial,
             i8042,

@@ -14,16 +14,21 @@ use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialStat
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::{TransportState, TransportStateError};
 use crate::devices::virtio::VirtioDevice;
-use crate::persist::Persist;
+use crate::persist::{Persist, Versioned};
 
 /// The devices' part of a snapshot (`snapshot::VmSnapshot` holds these
 /// fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevicesState {
     /// The virtio devices, in slot order.
-    pub devices: Vec<TransportState>,
-    pub serial: SerialDeviceState,
-    pub i8042: I8042State,
+    pub devices: Vec<Versioned<TransportState>>,
+    pub serial: Versioned<SerialDeviceState>,
+    pub i8042: Versioned<I8042State>,
+}
+
+impl crate::persist::VersionedState for DevicesState {
+    const COMPONENT: &'static str = "devices";
+    const VERSION: u16 = 1;
 }
 
 /// Why the devices' state could not be saved or restored.
@@ -112,6 +117,7 @@ impl HeldDevices<'_> {
             .map(|(index, (transport, device))| {
                 transport
                     .save_locked(&**device)
+                    .map(Versioned)
                     .map_err(|source| DevicesStateError::SaveVirtio { index, source })
             })
             .collect::<Result<_, _>>()?;
@@ -119,8 +125,8 @@ impl HeldDevices<'_> {
         let Ok(i8042) = self.i8042.save();
         Ok(DevicesState {
             devices,
-            serial,
-            i8042,
+            serial: Versioned(serial),
+            i8042: Versioned(i8042),
         })
     }
 }

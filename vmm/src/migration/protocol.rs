@@ -34,8 +34,9 @@ use crate::snapshot::state::MachineShape;
 
 /// The first field of every `Hello`.
 pub const MAGIC: &str = "nubis-migration";
-/// The protocol version this VMM speaks.
-pub const VERSION: u32 = 1;
+/// The protocol version this VMM speaks (2: the VM state's components
+/// carry their own versions).
+pub const VERSION: u32 = 2;
 /// Guest pages travel whole.
 pub const PAGE_SIZE: usize = 4096;
 /// Pages per `Pages` frame.

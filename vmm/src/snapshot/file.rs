@@ -14,8 +14,9 @@ use crate::memory::GuestMemoryMmap;
 /// The state file starts with these bytes.
 pub const MAGIC: &[u8; 8] = b"NUBISSNP";
 /// The state format this VMM writes and reads; a snapshot of another
-/// version is refused rather than misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// version is refused rather than misread. Version 2: every component's
+/// state carries its own version (`persist::Versioned`).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file larger than this is not one of ours.
 const MAX_STATE_LEN: u64 = 64 << 20;
@@ -290,7 +291,7 @@ mod tests {
         let err = decode_state(&newer, path).unwrap_err();
         assert!(
             err.to_string()
-                .contains("version 2; this VMM reads version 1"),
+                .contains("version 3; this VMM reads version 2"),
             "{err}"
         );
         assert!(decode_state(&[], path).is_err());

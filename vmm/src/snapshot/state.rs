@@ -6,6 +6,7 @@ use super::file::SnapshotError;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialDeviceState;
 use crate::devices::virtio::persist::TransportState;
+use crate::persist::Versioned;
 use crate::vstate::persist::{VcpuState, VmState};
 
 /// The machine a snapshot was taken of: a restore needs one of the same
@@ -50,12 +51,12 @@ impl MachineShape {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmSnapshot {
     pub machine: MachineShape,
-    pub vm: VmState,
-    pub vcpus: Vec<VcpuState>,
+    pub vm: Versioned<VmState>,
+    pub vcpus: Vec<Versioned<VcpuState>>,
     /// The virtio devices, in slot order.
-    pub devices: Vec<TransportState>,
-    pub serial: SerialDeviceState,
-    pub i8042: I8042State,
+    pub devices: Vec<Versioned<TransportState>>,
+    pub serial: Versioned<SerialDeviceState>,
+    pub i8042: Versioned<I8042State>,
 }
 
 impl VmSnapshot {
@@ -68,11 +69,11 @@ impl VmSnapshot {
                 memory_bytes: 128 << 20,
                 devices: vec!["block".into()],
             },
-            vm: VmState::default(),
-            vcpus: vec![VcpuState::default()],
+            vm: Versioned::default(),
+            vcpus: vec![Versioned::default()],
             devices: Vec::new(),
-            serial: SerialDeviceState::default(),
-            i8042: I8042State::default(),
+            serial: Versioned::default(),
+            i8042: Versioned::default(),
         }
     }
 }
@@ -80,6 +81,19 @@ impl VmSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_component_of_another_version_is_refused_by_name() {
+        let mut json = serde_json::to_value(VmSnapshot::sample_for_tests()).expect("encode");
+        assert_eq!(json["i8042"]["version"], 1);
+        json["i8042"]["version"] = 9.into();
+        let err = serde_json::from_value::<VmSnapshot>(json).expect_err("i8042 state v9");
+        assert!(
+            err.to_string()
+                .contains("the i8042 state is version 9; this VMM reads version 1"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_restore_needs_the_same_machine_shape() {

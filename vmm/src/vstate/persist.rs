@@ -55,6 +55,11 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+impl crate::persist::VersionedState for VmState {
+    const COMPONENT: &'static str = "VM";
+    const VERSION: u16 = 1;
+}
+
 fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, KvmStateError> {
     let mut chip = kvm_irqchip {
         chip_id,
@@ -112,6 +117,11 @@ pub struct VcpuState {
     pub lapic: kvm_lapic_state,
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
+}
+
+impl crate::persist::VersionedState for VcpuState {
+    const COMPONENT: &'static str = "vCPU";
+    const VERSION: u16 = 1;
 }
 
 /// The MSRs a snapshot saves: every one KVM lists that this host lets a

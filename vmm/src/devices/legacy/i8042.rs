@@ -87,6 +87,11 @@ pub struct I8042State {
     pub pending_command: Option<u8>,
 }
 
+impl crate::persist::VersionedState for I8042State {
+    const COMPONENT: &'static str = "i8042";
+    const VERSION: u16 = 1;
+}
+
 impl Persist for I8042 {
     type State = I8042State;
     type Error = Infallible;

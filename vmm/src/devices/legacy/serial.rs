@@ -94,6 +94,11 @@ pub struct SerialDeviceState {
     pub in_buffer: Vec<u8>,
 }
 
+impl crate::persist::VersionedState for SerialDeviceState {
+    const COMPONENT: &'static str = "serial port";
+    const VERSION: u16 = 1;
+}
+
 /// The UART's receive FIFO, in bytes (vm-superio's).
 const UART_FIFO_LEN: usize = 64;
 

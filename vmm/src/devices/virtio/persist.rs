@@ -12,6 +12,7 @@ use super::block::persist::{BlockState, BlockStateError};
 use super::console::persist::ConsoleState;
 use super::net::persist::{NetState, NetStateError};
 use super::ActivateError;
+use crate::persist::Versioned;
 
 /// A queue's configuration and ring positions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,10 +64,10 @@ impl From<QueueSnapshot> for QueueState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceState {
-    Block(BlockState),
-    Net(NetState),
+    Block(Versioned<BlockState>),
+    Net(Versioned<NetState>),
     Rng,
-    Console(ConsoleState),
+    Console(Versioned<ConsoleState>),
 }
 
 impl DeviceState {
@@ -143,4 +144,9 @@ pub struct TransportState {
     /// The transport's queues before activation, the device's after.
     pub queues: Vec<QueueSnapshot>,
     pub device: DeviceState,
+}
+
+impl crate::persist::VersionedState for TransportState {
+    const COMPONENT: &'static str = "virtio-mmio transport";
+    const VERSION: u16 = 1;
 }

@@ -20,7 +20,7 @@ use super::persist::{BlockState, BlockStateError};
 use super::tracker::WriteTracker;
 use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
 use crate::devices::virtio::DiskCopySource;
-use crate::persist::Persist;
+use crate::persist::{Persist, Versioned};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk, MAX_SEGMENTS, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
@@ -377,7 +377,7 @@ impl VirtioDevice for Block {
     }
 
     fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
-        Ok(DeviceState::Block(self.save()?))
+        Ok(DeviceState::Block(Versioned(self.save()?)))
     }
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
@@ -555,7 +555,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            other.restore_state(&DeviceState::Block(saved)),
+            other.restore_state(&DeviceState::Block(Versioned(saved))),
             Err(DeviceStateError::Block(BlockStateError::Capacity { .. }))
         ));
         assert!(matches!(

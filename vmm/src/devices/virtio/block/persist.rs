@@ -17,6 +17,11 @@ pub struct BlockState {
     pub counters: [u64; 6],
 }
 
+impl crate::persist::VersionedState for BlockState {
+    const COMPONENT: &'static str = "virtio-block";
+    const VERSION: u16 = 1;
+}
+
 fn access(read_only: bool) -> &'static str {
     if read_only {
         "read-only"

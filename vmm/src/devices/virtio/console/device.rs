@@ -28,7 +28,7 @@ use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
-use crate::persist::Persist;
+use crate::persist::{Persist, Versioned};
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 const QUEUE_SIZE: u16 = 64;
@@ -366,7 +366,7 @@ impl VirtioDevice for Console {
 
     fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
         let Ok(state) = self.save();
-        Ok(DeviceState::Console(state))
+        Ok(DeviceState::Console(Versioned(state)))
     }
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
@@ -501,7 +501,7 @@ mod tests {
         assert_eq!(TX.used_idx(&mem), 0, "the chain waits for room");
         assert!(matches!(
             console.save_state(),
-            Ok(DeviceState::Console(ConsoleState { tx_pending: Some(PendingTx { head: 0, ref bytes }) })) if bytes == b"late"
+            Ok(DeviceState::Console(Versioned(ConsoleState { tx_pending: Some(PendingTx { head: 0, ref bytes }) }))) if bytes == b"late"
         ));
         let mut sink = vec![0u8; device_side_full];
         host.read_exact(&mut sink).unwrap();

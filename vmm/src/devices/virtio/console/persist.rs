@@ -13,6 +13,11 @@ pub struct ConsoleState {
     pub tx_pending: Option<PendingTx>,
 }
 
+impl crate::persist::VersionedState for ConsoleState {
+    const COMPONENT: &'static str = "virtio-console";
+    const VERSION: u16 = 1;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingTx {
     pub head: u16,

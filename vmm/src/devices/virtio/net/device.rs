@@ -21,7 +21,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::persist::{NetState, NetStateError};
 use crate::devices::virtio::persist::{DeviceState, DeviceStateError};
-use crate::persist::Persist;
+use crate::persist::{Persist, Versioned};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{self, MAX_FRAME_LEN};
@@ -438,7 +438,7 @@ impl VirtioDevice for Net {
     }
 
     fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
-        Ok(DeviceState::Net(self.save()?))
+        Ok(DeviceState::Net(Versioned(self.save()?)))
     }
 
     fn announce(&mut self) {

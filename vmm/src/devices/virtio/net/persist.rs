@@ -15,6 +15,11 @@ pub struct NetState {
     pub counters: [u64; 6],
 }
 
+impl crate::persist::VersionedState for NetState {
+    const COMPONENT: &'static str = "virtio-net";
+    const VERSION: u16 = 1;
+}
+
 /// Why a NIC refused a saved state.
 #[derive(Debug, thiserror::Error)]
 pub enum NetStateError {
