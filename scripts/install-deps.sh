@@ -4,7 +4,10 @@
 # toolchain, e2fsprogs; fio and iperf3 for the benchmark rootfs and the
 # host side of bench/devices.py; nftables for the agent's tenant network
 # rules; python3-venv for Schemathesis, which scripts/schemathesis.sh runs
-# against the API) and checks for the Rust toolchain. Idempotent: it calls
+# against the API; etcd (server and etcdctl), whose members the cluster
+# tests start, and protoc with protobuf's own .proto files, which the
+# etcd-client crate's build needs) and
+# checks for the Rust toolchain. Idempotent: it calls
 # apt only when a package is missing, and pip only when the pinned
 # Schemathesis changed.
 set -euo pipefail
@@ -15,6 +18,7 @@ packages=(
     e2fsprogs cpio lz4 xz-utils file python3 python3-venv musl-tools
     fio iperf3 iproute2 iputils-ping
     nftables
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev
 )
 
 missing=()

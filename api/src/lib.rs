@@ -6,6 +6,7 @@
 //! from these types and the agent's handlers (`nubis-agent --openapi`) and
 //! checked in as `api/openapi.json`.
 
+pub mod cluster;
 pub mod error;
 pub mod host;
 pub mod image;
@@ -15,6 +16,7 @@ pub mod snapshot;
 pub mod tenant;
 pub mod vm;
 
+pub use cluster::{ClusterHost, HostResources, HostState};
 pub use error::{ApiError, ErrorCode};
 pub use host::{AddressGrant, AddressRequest, Host, HostCreate, HostIdentity, NetworkReplica};
 pub use image::{Image, ImageCreate};

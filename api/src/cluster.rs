@@ -1,0 +1,75 @@
+//! The cluster's hosts as `/v1/hosts` shows them: every member, whether it
+//! is up, what it offers and what it runs. A standalone agent shows itself
+//! alone.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// What a host offers to VMs, or what they take of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostResources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+/// Whether a host takes new VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeating and taking new VMs.
+    Up,
+    /// Heartbeating; its VMs run on, but no new ones are placed on it.
+    Cordoned,
+    /// Its lease expired: the host or its link to etcd is gone.
+    Down,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Cordoned => "cordoned",
+            HostState::Down => "down",
+        }
+    }
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterHost {
+    pub name: String,
+    pub state: HostState,
+    /// Set by an operator (`POST /v1/hosts/{name}/cordon`); a cordoned host
+    /// that is down stays cordoned when it comes back.
+    pub cordoned: bool,
+    /// Whether this host is the elected controller now.
+    pub controller: bool,
+    /// "compute" (runs VMs), "controller" (may be elected).
+    pub roles: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The SHA-256 fingerprint of the host's certificate (host-to-host TLS).
+    pub fingerprint: String,
+    /// Where the host serves the API (while it is up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_address: Option<String>,
+    /// The host's address between hosts: VXLAN and peer API (while up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_address: Option<String>,
+    /// What it offers VMs (while up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<HostResources>,
+    /// What its VMs take (while up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<HostResources>,
+    /// How many VMs it holds (while up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u32>,
+    /// The agent's version (while up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Seconds since the epoch.
+    pub joined_at: u64,
+}

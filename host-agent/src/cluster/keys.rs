@@ -1,0 +1,78 @@
+//! Where each piece of cluster state lives in etcd, and who writes it.
+//! Every key is under one prefix (`/nubis/` unless configured), so that a
+//! cluster can share an etcd with others and be listed or wiped whole. The
+//! layout, with its writers, is documented in `docs/cluster.md`; this
+//! module is the only place that spells a key.
+
+use super::settings::HostName;
+
+/// The keys of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` starts and ends with '/' (`ClusterSettings::check`).
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// `members/{host}`: a member's lasting record (fingerprint, roles,
+    /// labels, cordon). Written by the host when it joins and by operators
+    /// cordoning it; deleted only when an operator forgets a down host.
+    pub fn member(&self, host: &HostName) -> String {
+        format!("{}members/{host}", self.prefix)
+    }
+
+    pub fn members(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+
+    /// `alive/{host}`: a member's heartbeat (addresses, capacity, usage),
+    /// bound to its lease: it vanishes when the host stops renewing it.
+    /// Written by that host only.
+    pub fn alive(&self, host: &HostName) -> String {
+        format!("{}alive/{host}", self.prefix)
+    }
+
+    pub fn alive_all(&self) -> String {
+        format!("{}alive/", self.prefix)
+    }
+
+    /// The name of etcd's election among the controller candidates; the
+    /// election API keeps one key per candidate under it, bound to the
+    /// candidate's lease, with the host name as its value.
+    pub fn controller_election(&self) -> String {
+        format!("{}election/controller", self.prefix)
+    }
+
+    /// The host name a `members/` or `alive/` key names.
+    pub fn host_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        rest.strip_prefix("members/")
+            .or_else(|| rest.strip_prefix("alive/"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_under_the_prefix() {
+        let keys = Keys::new("/nubis/");
+        let host: HostName = "host-a".parse().expect("name");
+        assert_eq!(keys.member(&host), "/nubis/members/host-a");
+        assert_eq!(keys.alive(&host), "/nubis/alive/host-a");
+        assert_eq!(keys.controller_election(), "/nubis/election/controller");
+        assert!(keys.member(&host).starts_with(&keys.members()));
+        assert!(keys.alive(&host).starts_with(&keys.alive_all()));
+        assert_eq!(keys.host_of("/nubis/alive/host-a"), Some("host-a"));
+        assert_eq!(keys.host_of("/nubis/members/host-a"), Some("host-a"));
+        assert_eq!(keys.host_of("/other/alive/host-a"), None);
+        assert_eq!(keys.host_of("/nubis/election/controller"), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! Cluster mode: agents on many hosts form one cloud through etcd. Each
+//! member keeps a lasting record and a lease-bound heartbeat
+//! (`membership`), controller candidates elect one controller through
+//! etcd's election API, and every agent can show every member
+//! (`/v1/hosts`). Without cluster settings the agent is a standalone host
+//! and none of this runs.
+//!
+//! etcd is trusted infrastructure: whoever can write its keys can steer
+//! the cluster, so production clusters reach it over TLS with client
+//! certificates (`settings::EtcdTls`). Key layout: `keys.rs` and
+//! `docs/cluster.md`.
+
+pub mod etcd;
+pub mod keys;
+mod membership;
+pub mod records;
+pub mod settings;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use nubis_api::{ClusterHost, HostResources};
+use tokio::sync::watch;
+
+use self::etcd::Etcd;
+use self::keys::Keys;
+use self::records::{cluster_host, AliveRecord, MemberRecord};
+use self::settings::{ClusterSettings, HostName};
+use crate::store::now;
+
+/// Errors of cluster membership and of the cluster's view.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd: cannot {action}: {source}")]
+    Etcd {
+        action: String,
+        source: etcd_client::Error,
+    },
+    #[error("cannot read the etcd TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd key {key} holds an unreadable value: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("host name '{name}' belongs to another member (certificate {fingerprint}); if that host is gone for good, forget it first (DELETE /v1/hosts/{name})")]
+    NameTaken { name: String, fingerprint: String },
+    #[error("no host '{0}' in the cluster")]
+    NoSuchHost(String),
+    #[error("host '{0}' is up: only a down host can be forgotten")]
+    HostUp(String),
+    #[error("{key} kept changing under {attempts} attempts to update it")]
+    Contended { key: String, attempts: usize },
+}
+
+/// `value`, read at `key`, as a `T`.
+fn typed<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: serde_json::Value,
+) -> Result<T, ClusterError> {
+    serde_json::from_value(value).map_err(|err| ClusterError::Corrupt {
+        key: key.to_string(),
+        reason: err.to_string(),
+    })
+}
+
+/// What this host tells the cluster about itself.
+pub struct LocalHost {
+    pub fingerprint: String,
+    pub api_address: SocketAddr,
+    pub underlay_address: Option<Ipv4Addr>,
+    pub peer_port: u16,
+    pub capacity: HostResources,
+    /// What the VMs here take now, and how many there are.
+    #[allow(clippy::type_complexity)]
+    pub usage: Box<dyn Fn() -> (HostResources, u32) + Send + Sync>,
+}
+
+pub(crate) struct Inner {
+    etcd: Etcd,
+    keys: Keys,
+    settings: ClusterSettings,
+    local: LocalHost,
+    started_at: u64,
+    /// Whether this host is the elected controller.
+    controller: watch::Sender<bool>,
+    /// The lease of the current session.
+    lease: Mutex<Option<i64>>,
+}
+
+/// This agent's membership of a cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("host", &self.inner.settings.host_name)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster: connects to etcd, records this host as a member
+    /// and starts its heartbeat (and, for a controller candidate, its
+    /// campaign). When this returns the host is listed as up.
+    pub async fn join(settings: ClusterSettings, local: LocalHost) -> Result<Self, ClusterError> {
+        let etcd = Etcd::connect(&settings).await?;
+        let inner = Arc::new(Inner {
+            etcd,
+            keys: Keys::new(&settings.prefix),
+            settings,
+            local,
+            started_at: now(),
+            controller: watch::channel(false).0,
+            lease: Mutex::new(None),
+        });
+        membership::register(&inner).await?;
+        let session = membership::open_session(&inner).await?;
+        tokio::spawn(membership::run(inner.clone(), session));
+        Ok(Cluster { inner })
+    }
+
+    pub fn host_name(&self) -> &HostName {
+        &self.inner.settings.host_name
+    }
+
+    /// Whether this host is the controller now.
+    pub fn is_controller(&self) -> bool {
+        *self.inner.controller.borrow()
+    }
+
+    /// Changes of [`Cluster::is_controller`].
+    pub fn controller_changes(&self) -> watch::Receiver<bool> {
+        self.inner.controller.subscribe()
+    }
+
+    /// Every member, by name, as of one etcd revision.
+    pub async fn hosts(&self) -> Result<Vec<ClusterHost>, ClusterError> {
+        let keys = &self.inner.keys;
+        let (members, alive) = (keys.members(), keys.alive_all());
+        let mut read = self
+            .inner
+            .etcd
+            .get_prefixes::<serde_json::Value>(&[&members, &alive])
+            .await?;
+        let alive_values = read.pop().unwrap_or_default();
+        let member_values = read.pop().unwrap_or_default();
+        let leader = self.inner.etcd.leader(&keys.controller_election()).await?;
+        let mut heartbeats = std::collections::BTreeMap::new();
+        for (key, stored) in alive_values {
+            if let Some(host) = keys.host_of(&key) {
+                let record: AliveRecord = typed(&key, stored.value)?;
+                heartbeats.insert(host.to_string(), record);
+            }
+        }
+        let mut hosts = Vec::new();
+        for (key, stored) in member_values {
+            let member: MemberRecord = typed(&key, stored.value)?;
+            let name = member.name.to_string();
+            let controller = leader.as_deref() == Some(name.as_str());
+            hosts.push(cluster_host(&member, heartbeats.get(&name), controller));
+        }
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(hosts)
+    }
+
+    /// Member `name`.
+    pub async fn host(&self, name: &HostName) -> Result<ClusterHost, ClusterError> {
+        self.hosts()
+            .await?
+            .into_iter()
+            .find(|host| host.name == name.as_str())
+            .ok_or_else(|| ClusterError::NoSuchHost(name.to_string()))
+    }
+
+    /// Cordons (no new VMs) or uncordons member `name`.
+    pub async fn set_cordon(
+        &self,
+        name: &HostName,
+        cordoned: bool,
+    ) -> Result<ClusterHost, ClusterError> {
+        let key = self.inner.keys.member(name);
+        self.inner
+            .etcd
+            .update(&key, |current: Option<MemberRecord>| match current {
+                Some(member) => Ok(MemberRecord { cordoned, ..member }),
+                None => Err(ClusterError::NoSuchHost(name.to_string())),
+            })
+            .await?;
+        self.host(name).await
+    }
+
+    /// Forgets member `name`, which must be down: its name is free again.
+    pub async fn forget(&self, name: &HostName) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        if self
+            .inner
+            .etcd
+            .get::<serde_json::Value>(&keys.member(name))
+            .await?
+            .is_none()
+        {
+            return Err(ClusterError::NoSuchHost(name.to_string()));
+        }
+        if self
+            .inner
+            .etcd
+            .delete_if_absent(&keys.member(name), &keys.alive(name))
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(ClusterError::HostUp(name.to_string()))
+        }
+    }
+
+    /// Leaves at once (the agent is stopping): the heartbeat and any
+    /// leadership go now rather than after the lease's TTL.
+    pub async fn leave(&self) {
+        let lease = self.inner.lease.lock().ok().and_then(|lease| *lease);
+        if let Some(lease) = lease {
+            if let Err(err) = self.inner.etcd.revoke(lease).await {
+                tracing::warn!("cluster: cannot leave: {err}");
+            }
+        }
+    }
+}
