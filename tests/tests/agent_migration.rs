@@ -15,6 +15,7 @@ use nubis_tests::agent::{
     counter_vm, expect, jailed_pids, parent_cgroup, register_peer, tenant, tenant_token, Agent,
     CounterImages, RemoteHost,
 };
+use nubis_tests::guest::assert_counts;
 use nubis_tests::netns::simulated_host;
 use nubis_tests::{require_kvm, TestDir};
 
@@ -44,17 +45,6 @@ fn wait_for_output(path: &Path) -> Vec<u8> {
             path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn assert_counts(bytes: &[u8], what: &str) {
-    for (index, pair) in bytes.windows(2).enumerate() {
-        assert_eq!(
-            pair[1],
-            pair[0].wrapping_add(1),
-            "{what}: byte {} breaks the count",
-            index + 1
-        );
     }
 }
 

@@ -12,6 +12,7 @@ use nubis_api::{Snapshot, SnapshotRestore, Vm, VmState};
 use nubis_tests::agent::{
     counter_vm, expect, expect_as, one_agent_per_host, tenant, Agent, CounterImages,
 };
+use nubis_tests::guest::assert_counts;
 use nubis_tests::{require_kvm, TestDir};
 use serde_json::json;
 
@@ -41,17 +42,6 @@ fn wait_for_growth(agent: &Agent, vm: &str, beyond: usize) -> Vec<u8> {
             agent.log()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn assert_counts(bytes: &[u8], what: &str) {
-    for (index, pair) in bytes.windows(2).enumerate() {
-        assert_eq!(
-            pair[1],
-            pair[0].wrapping_add(1),
-            "{what}: byte {} breaks the count",
-            index + 1
-        );
     }
 }
 
