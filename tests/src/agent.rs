@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    Host, HostCreate, HostIdentity, Image, ImageCreate, Quota, Tenant, TenantCreate, TokenCreated,
-    Vm, VmCreate, VmNicCreate,
+    Host, HostCreate, HostIdentity, Image, ImageCreate, Migration, MigrationCreate, Quota, Tenant,
+    TenantCreate, TokenCreated, Vm, VmCreate, VmNicCreate,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -723,6 +723,38 @@ pub fn network_vm(agent: &Agent, token: &str, name: &str, network: &str, script:
         ..VmCreate::new(name, "busybox")
     };
     agent.create("/v1/vms", token, &body)
+}
+
+/// Moves VM `vm` of `token`'s tenant from `agent` to peer host `host`
+/// (see [`register_peer`]) and waits for the move to end, for at most
+/// `guard`: its last progress, whether it completed or not.
+pub fn migrate(agent: &Agent, token: &str, vm: &str, host: &str, guard: Duration) -> Migration {
+    let started = agent.send(
+        "POST",
+        &format!("/v1/vms/{vm}/migration"),
+        Some(token),
+        &MigrationCreate::new(host),
+    );
+    assert_eq!(started.status, 202, "{started:?}");
+    wait_for_migration(agent, token, vm, guard)
+}
+
+/// Waits, for at most `guard`, until the migration of `vm` from `agent`
+/// has ended: its last progress.
+pub fn wait_for_migration(agent: &Agent, token: &str, vm: &str, guard: Duration) -> Migration {
+    let start = Instant::now();
+    loop {
+        let progress: Migration = agent.get(&format!("/v1/vms/{vm}/migration"), token);
+        if progress.is_over() {
+            return progress;
+        }
+        assert!(
+            start.elapsed() < guard,
+            "the migration never ended: {progress:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The value after `key ` on the console's line that starts with `key`.

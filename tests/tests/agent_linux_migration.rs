@@ -11,12 +11,10 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nubis_api::{
-    Migration, MigrationCreate, Network, NetworkCreate, Vm, VmCreate, VmDisk, VmNicCreate,
-};
+use nubis_api::{Network, NetworkCreate, Vm, VmCreate, VmDisk, VmNicCreate};
 use nubis_tests::agent::{
-    busybox_image, console_value, expect, register_peer, tenant, tenant_token, wait_for_console,
-    Agent, RemoteHost, BOOT_GUARD,
+    busybox_image, console_value, expect, migrate, register_peer, tenant, tenant_token,
+    wait_for_console, Agent, RemoteHost, BOOT_GUARD,
 };
 use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
@@ -210,21 +208,7 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let started = agent_a.send(
-        "POST",
-        &format!("/v1/vms/{id}/migration"),
-        Some(&acme_a),
-        &MigrationCreate::new("b"),
-    );
-    assert_eq!(started.status, 202, "{started:?}");
-    let progress = loop {
-        let progress: Migration = agent_a.get(&format!("/v1/vms/{id}/migration"), &acme_a);
-        if progress.is_over() {
-            break progress;
-        }
-        assert!(start.elapsed() < BOOT_GUARD, "{progress:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let progress = migrate(&agent_a, &acme_a, &id, "b", BOOT_GUARD);
     assert_eq!(
         progress.phase,
         "completed",

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use nubis_api::{Migration, MigrationCreate, NetworkCreate, Vm, VmCreate, VmNicCreate, VmState};
 use nubis_tests::agent::{
-    counter_vm, expect, jailed_pids, parent_cgroup, register_peer, tenant, tenant_token, Agent,
-    CounterImages, RemoteHost,
+    counter_vm, expect, jailed_pids, migrate, parent_cgroup, register_peer, tenant, tenant_token,
+    wait_for_migration, Agent, CounterImages, RemoteHost,
 };
 use nubis_tests::guest::assert_counts;
 use nubis_tests::netns::simulated_host;
@@ -63,31 +63,6 @@ fn follow_until_gone(path: PathBuf) -> std::thread::JoinHandle<Vec<u8>> {
         }
         last
     })
-}
-
-/// Moves `vm` with `agent` (the source) to `host`; returns the final
-/// progress.
-fn migrate(agent: &Agent, token: &str, vm: &str, host: &str) -> Migration {
-    let started = agent.send(
-        "POST",
-        &format!("/v1/vms/{vm}/migration"),
-        Some(token),
-        &MigrationCreate::new(host),
-    );
-    assert_eq!(started.status, 202, "{started:?}");
-    let start = Instant::now();
-    loop {
-        let progress: Migration = agent.get(&format!("/v1/vms/{vm}/migration"), token);
-        if progress.is_over() {
-            return progress;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the migration never ended: {progress:?}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Tenant acme on both hosts with the counter image, its network "span"
@@ -217,7 +192,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
     );
     wait_for_output(&console_path(&agent_a, &id));
     let follower = follow_until_gone(console_path(&agent_a, &id));
-    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    let progress = migrate(&agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
         progress.phase,
         "completed",
@@ -300,22 +275,6 @@ fn a_running_vm_moves_between_hosts_and_back() {
             .status,
         204
     );
-}
-
-/// Waits until the migration of `vm` from `agent` has ended.
-fn wait_for_end(agent: &Agent, token: &str, vm: &str) -> Migration {
-    let start = Instant::now();
-    loop {
-        let progress: Migration = agent.get(&format!("/v1/vms/{vm}/migration"), token);
-        if progress.is_over() {
-            return progress;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the migration never ended: {progress:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Starts a migration that never converges (a zero downtime budget): it
@@ -468,7 +427,10 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
         None,
     );
     assert_eq!(cancelled.status, 204, "{cancelled:?}");
-    assert_eq!(wait_for_end(&agent_a, &acme_a, &id).phase, "cancelled");
+    assert_eq!(
+        wait_for_migration(&agent_a, &acme_a, &id, WAIT).phase,
+        "cancelled"
+    );
     assert_runs_on(&agent_a, &acme_a, &id);
     assert_destination_forgot(&agent_b, &id);
 
@@ -479,7 +441,7 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     start_endless(&agent_a, &acme_a, &id);
     let down = host_a.run("ip", &["link", "set", "under", "down"]);
     assert!(down.status.success(), "{down:?}");
-    let ended = wait_for_end(&agent_a, &acme_a, &id);
+    let ended = wait_for_migration(&agent_a, &acme_a, &id, WAIT);
     assert_eq!(ended.phase, "failed", "{ended:?}");
     assert_runs_on(&agent_a, &acme_a, &id);
     let up = host_a.run("ip", &["link", "set", "under", "up"]);
@@ -493,7 +455,7 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     // goes with it.
     start_endless(&agent_a, &acme_a, &id);
     agent_b.kill();
-    let ended = wait_for_end(&agent_a, &acme_a, &id);
+    let ended = wait_for_migration(&agent_a, &acme_a, &id, WAIT);
     assert_eq!(ended.phase, "failed", "{ended:?}");
     assert_runs_on(&agent_a, &acme_a, &id);
     let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
@@ -508,7 +470,7 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
 
     // After all that, a migration succeeds.
     let follower = follow_until_gone(console_path(&agent_a, &id));
-    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    let progress = migrate(&agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
         progress.phase,
         "completed",
