@@ -34,6 +34,19 @@ fn register_image(agent: &Agent, token: &str, command: &str) -> String {
     agent.create::<Image>("/v1/images", token, &body).id
 }
 
+/// Each of `requests` (method, path) is a 404 `not_found` for `token`, as
+/// another tenant's resources are.
+fn assert_hidden(agent: &Agent, token: &str, requests: &[(&str, String)]) {
+    for (method, path) in requests {
+        let reply = agent.call(method, path, Some(token), None);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "not_found"),
+            "{method} {path}: {reply:?}"
+        );
+    }
+}
+
 fn vmm_running(data_dir: &std::path::Path, vm: &str) -> bool {
     nubis_tests::agent::vmm_pid(data_dir, vm).is_some()
 }
@@ -160,19 +173,16 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         .as_u64()
         .expect("a running VM has a pid");
     // Another tenant sees nothing of it.
-    for (method, path) in [
-        ("GET", format!("/v1/vms/{web}")),
-        ("POST", format!("/v1/vms/{web}/stop")),
-        ("GET", format!("/v1/vms/{web}/console")),
-        ("DELETE", format!("/v1/vms/{web}")),
-    ] {
-        let reply = agent.call(method, &path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path}"
-        );
-    }
+    assert_hidden(
+        &agent,
+        &globex,
+        &[
+            ("GET", format!("/v1/vms/{web}")),
+            ("POST", format!("/v1/vms/{web}/stop")),
+            ("GET", format!("/v1/vms/{web}/console")),
+            ("DELETE", format!("/v1/vms/{web}")),
+        ],
+    );
     assert_eq!(agent.get::<Vec<Vm>>("/v1/vms", &globex), []);
     // A VM that runs cannot be started again.
     let again = agent.call("POST", &format!("/v1/vms/{web}/start"), Some(&acme), None);
@@ -407,14 +417,7 @@ fn authorization_bad_input_and_quotas() {
             "{method} {path} as a tenant"
         );
     }
-    for (method, path) in &tenant_resources {
-        let reply = agent.call(method, path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path} as another tenant"
-        );
-    }
+    assert_hidden(&agent, &globex, &tenant_resources);
     // The operator sees every tenant's VMs.
     assert_eq!(
         expect(&agent.call("GET", "/v1/vms", OP, None), 200)
@@ -611,17 +614,12 @@ fn authorization_bad_input_and_quotas() {
         (409, "conflict"),
         "{overlap:?}"
     );
-    for (method, path) in [
-        ("GET", format!("/v1/networks/{net_id}")),
-        ("DELETE", format!("/v1/networks/{net_id}")),
-    ] {
-        let reply = agent.call(method, &path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path}"
-        );
-    }
+    let network_path = format!("/v1/networks/{net_id}");
+    assert_hidden(
+        &agent,
+        &globex,
+        &[("GET", network_path.clone()), ("DELETE", network_path)],
+    );
     assert_eq!(agent.get::<Vec<Network>>("/v1/networks", &globex), []);
     assert_eq!(
         agent
@@ -687,15 +685,12 @@ fn authorization_bad_input_and_quotas() {
     let taken = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
     assert_eq!((taken.status, taken.code()), (409, "conflict"), "{taken:?}");
     let forward_id = &created.id;
-    for method in ["GET", "DELETE"] {
-        let reply = agent.call(
-            method,
-            &format!("/v1/port-forwards/{forward_id}"),
-            Some(&globex),
-            None,
-        );
-        assert_eq!((reply.status, reply.code()), (404, "not_found"), "{method}");
-    }
+    let forward_path = format!("/v1/port-forwards/{forward_id}");
+    assert_hidden(
+        &agent,
+        &globex,
+        &[("GET", forward_path.clone()), ("DELETE", forward_path)],
+    );
     assert_eq!(
         agent.get::<Vec<PortForward>>("/v1/port-forwards", &globex),
         []
