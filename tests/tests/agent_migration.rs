@@ -10,7 +10,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nubis_api::{Migration, MigrationCreate, NetworkCreate, Vm, VmCreate, VmNicCreate, VmState};
+use nubis_api::{
+    Migration, MigrationCreate, Network, NetworkCreate, Vm, VmCreate, VmNicCreate, VmState,
+};
 use nubis_tests::agent::{
     counter_vm, expect, jailed_pids, migrate, parent_cgroup, register_peer, tenant, tenant_token,
     wait_for_migration, Agent, CounterImages, RemoteHost,
@@ -79,7 +81,7 @@ fn spanning_vm(
         hosts: vec!["b".to_string()],
         ..NetworkCreate::new("span", cidr)
     };
-    agent_a.create::<nubis_api::Network>("/v1/networks", &acme_a, &span);
+    agent_a.create::<Network>("/v1/networks", &acme_a, &span);
     let acme_b = tenant_token(agent_b, &tenant_id);
     counter.register(agent_b, &acme_b, "counter", None);
     let x = VmCreate {
