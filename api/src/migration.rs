@@ -38,6 +38,16 @@ pub struct MigrationCreate {
 }
 
 impl MigrationCreate {
+    /// A migration to `host` within the default limits.
+    pub fn new(host: impl Into<String>) -> Self {
+        Self {
+            host: host.into(),
+            downtime_ms: None,
+            max_rounds: None,
+            max_seconds: None,
+        }
+    }
+
     /// The field and reason of the first limit out of its bounds.
     pub fn out_of_bounds(&self) -> Option<(&'static str, String)> {
         if self.downtime_ms.is_some_and(|ms| ms > MAX_DOWNTIME_MS) {
@@ -130,6 +140,12 @@ impl std::fmt::Debug for IncomingReady {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_constructor_asks_for_the_defaults() {
+        let parsed: MigrationCreate = serde_json::from_str(r#"{"host":"b"}"#).unwrap();
+        assert_eq!(MigrationCreate::new("b"), parsed);
+    }
 
     #[test]
     fn migration_limits_have_bounds() {

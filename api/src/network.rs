@@ -39,6 +39,23 @@ pub struct NetworkCreate {
     pub hosts: Vec<String>,
 }
 
+impl NetworkCreate {
+    /// Network `name` on `cidr` with every other field at its default
+    /// (DHCP on, no NAT, the host's DNS servers, the default MTU, this
+    /// host only).
+    pub fn new(name: impl Into<String>, cidr: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            cidr: cidr.into(),
+            nat: false,
+            dhcp: default_true(),
+            dns: None,
+            mtu: None,
+            hosts: Vec::new(),
+        }
+    }
+}
+
 /// A DNS server: an IPv4 address in dotted decimal whose first octet is 1
 /// to 254 (not "this network" 0/8, nor 255/8).
 #[derive(ToSchema)]
@@ -124,6 +141,20 @@ pub struct PortForwardCreate {
     pub vm_port: u16,
 }
 
+impl PortForwardCreate {
+    /// TCP from `host_port` to `vm_port` on `vm`'s first NIC (the
+    /// defaults).
+    pub fn new(vm: impl Into<String>, host_port: u16, vm_port: u16) -> Self {
+        Self {
+            vm: vm.into(),
+            nic: 0,
+            protocol: default_protocol(),
+            host_port,
+            vm_port,
+        }
+    }
+}
+
 fn default_protocol() -> Protocol {
     Protocol::Tcp
 }
@@ -140,4 +171,19 @@ pub struct PortForward {
     pub host_port: u16,
     pub vm_port: u16,
     pub created_at: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_constructors_ask_for_the_defaults() {
+        let parsed: NetworkCreate =
+            serde_json::from_str(r#"{"name":"lan","cidr":"10.0.0.0/24"}"#).unwrap();
+        assert_eq!(NetworkCreate::new("lan", "10.0.0.0/24"), parsed);
+        let parsed: PortForwardCreate =
+            serde_json::from_str(r#"{"vm":"web","host_port":30080,"vm_port":80}"#).unwrap();
+        assert_eq!(PortForwardCreate::new("web", 30080, 80), parsed);
+    }
 }

@@ -18,6 +18,16 @@ pub struct VmDisk {
     pub rate_limit: RateLimit,
 }
 
+impl VmDisk {
+    /// A disk of `size_mib` with no rate limit.
+    pub fn new(size_mib: u64) -> Self {
+        Self {
+            size_mib,
+            rate_limit: RateLimit::default(),
+        }
+    }
+}
+
 /// A NIC as a tenant asks for it. Its MAC, address and tap are the
 /// agent's to assign: a request that names them is refused (they are in
 /// [`VmNic`], the NIC as the agent reports it), so nothing a client sends
@@ -32,6 +42,16 @@ pub struct VmNicCreate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub network: Option<String>,
+}
+
+impl VmNicCreate {
+    /// A NIC on virtual network `network` (id or name), with no rate limit.
+    pub fn on_network(network: impl Into<String>) -> Self {
+        Self {
+            network: Some(network.into()),
+            ..Self::default()
+        }
+    }
 }
 
 /// A VM's NIC as the agent reports it.
@@ -84,6 +104,23 @@ pub struct VmCreate {
     #[serde(default)]
     #[schema(max_items = 4)]
     pub nics: Vec<VmNicCreate>,
+}
+
+impl VmCreate {
+    /// VM `name` of `image` with every other field at its default: what a
+    /// request with only these two fields asks for.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            image: image.into(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            kernel_args: String::new(),
+            root_rate_limit: RateLimit::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+        }
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -187,6 +224,19 @@ mod tests {
         assert_eq!((vm.vcpus, vm.memory_mib), (1, 128));
         assert!(vm.disks.is_empty() && vm.nics.is_empty());
         assert!(serde_json::from_str::<VmCreate>(r#"{"name":"a","image":"b","cpus":2}"#).is_err());
+    }
+
+    #[test]
+    fn the_constructor_asks_for_the_defaults() {
+        let parsed: VmCreate =
+            serde_json::from_str(r#"{"name":"web-1","image":"debian"}"#).unwrap();
+        assert_eq!(VmCreate::new("web-1", "debian"), parsed);
+        let parsed: VmCreate = serde_json::from_str(
+            r#"{"name":"a","image":"b","disks":[{"size_mib":4}],"nics":[{"network":"lan"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.disks, [VmDisk::new(4)]);
+        assert_eq!(parsed.nics, [VmNicCreate::on_network("lan")]);
     }
 
     #[test]

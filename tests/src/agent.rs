@@ -1,5 +1,8 @@
 //! Running a real `nubis-agent` for the tests, and a small HTTP/1.1 client
-//! for its API (one request per connection, JSON in and out).
+//! for its API (one request per connection, JSON in and out). Request
+//! bodies are nubis-api's types ([`Agent::send`], [`Agent::create`]); a test
+//! that sends what those types cannot express (an unknown field, a wrong
+//! type) passes a raw `serde_json::Value` to [`Agent::call`].
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -7,6 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nubis_api::{
+    Host, HostCreate, HostIdentity, Image, ImageCreate, Migration, MigrationCreate, Quota, Tenant,
+    TenantCreate, TokenCreated, Vm, VmCreate, VmNicCreate,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 /// An agent owns its host's tenant bridges (`nbn*`, `nbr*`), its nftables
@@ -87,6 +96,31 @@ impl Reply {
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
+
+    /// The request field an error reply names.
+    pub fn field(&self) -> Option<&str> {
+        self.body["error"]["field"].as_str()
+    }
+}
+
+/// `reply` is a 400 `invalid_input` that names `field`.
+pub fn assert_invalid(reply: &Reply, field: &str) {
+    assert_eq!(
+        (reply.status, reply.code(), reply.field()),
+        (400, "invalid_input", Some(field)),
+        "expected 400 for {field}: {reply:?}"
+    );
+}
+
+/// `reply` is a 422 `unprocessable` that names `field`: valid by the API's
+/// document, but naming what the tenant does not have or this host does
+/// not allow.
+pub fn assert_unprocessable(reply: &Reply, field: &str) {
+    assert_eq!(
+        (reply.status, reply.code(), reply.field()),
+        (422, "unprocessable", Some(field)),
+        "expected 422 for {field}: {reply:?}"
+    );
 }
 
 /// One HTTP request to `address`.
@@ -358,6 +392,7 @@ impl Agent {
     ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let config = data_dir.join("agent.json");
+        // The agent's config file: host-agent's type, not the API's.
         let mut document = serde_json::json!({
             "vmm_binary": crate::vmm_binary(),
             "parent_cgroup": parent_cgroup(data_dir),
@@ -432,6 +467,8 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// A request with no body, or with a raw JSON one: a test's
+    /// deliberately untyped body (see [`Agent::send`] for the others).
     pub fn call(
         &self,
         method: &str,
@@ -440,6 +477,28 @@ impl Agent {
         body: Option<&Value>,
     ) -> Reply {
         http(self.address, method, path, token, body)
+    }
+
+    /// A request with `body`, one of nubis-api's request types, as JSON.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &impl Serialize,
+    ) -> Reply {
+        self.call(method, path, token, Some(&json_body(body)))
+    }
+
+    /// `POST path` of `body` as `token`, which must create (201): what it
+    /// created.
+    pub fn create<T: DeserializeOwned>(&self, path: &str, token: &str, body: &impl Serialize) -> T {
+        expect_as(&self.send("POST", path, Some(token), body), 201)
+    }
+
+    /// `GET path` as `token`, which must answer 200.
+    pub fn get<T: DeserializeOwned>(&self, path: &str, token: &str) -> T {
+        expect_as(&self.call("GET", path, Some(token), None), 200)
     }
 
     /// Kills the agent with SIGKILL and waits for it.
@@ -578,82 +637,124 @@ pub fn expect(reply: &Reply, status: u16) -> &Value {
     &reply.body
 }
 
-/// A new tenant `name` and a token of its: (tenant id, token).
+/// The body of `reply`, which must have `status`, as `T` (one of
+/// nubis-api's response types).
+pub fn expect_as<T: DeserializeOwned>(reply: &Reply, status: u16) -> T {
+    serde_json::from_value(expect(reply, status).clone()).unwrap_or_else(|err| {
+        panic!(
+            "the body is not a {}: {err}: {reply:?}",
+            std::any::type_name::<T>()
+        )
+    })
+}
+
+/// One of nubis-api's request types as the JSON body that [`Agent::call`]
+/// takes: for a test that picks among bodies of different types.
+pub fn json_body(request: &impl Serialize) -> Value {
+    serde_json::to_value(request).expect("a request body serializes")
+}
+
+/// A host path as an API request names it.
+pub fn host_path(path: &Path) -> String {
+    path.to_str().expect("a UTF-8 test path").to_string()
+}
+
+/// A new tenant `name` with the default quota and a token of its: (tenant
+/// id, token).
 pub fn tenant(agent: &Agent, name: &str) -> (String, String) {
-    let operator = Some(agent.operator_token.as_str());
-    let created = agent.call(
-        "POST",
-        "/v1/tenants",
-        operator,
-        Some(&serde_json::json!({"name": name})),
-    );
-    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
-    (id.clone(), tenant_token(agent, &id))
+    new_tenant(agent, name, None)
+}
+
+/// A new tenant `name` with `quota` and a token of its: (tenant id, token).
+pub fn tenant_with_quota(agent: &Agent, name: &str, quota: Quota) -> (String, String) {
+    new_tenant(agent, name, Some(quota))
+}
+
+fn new_tenant(agent: &Agent, name: &str, quota: Option<Quota>) -> (String, String) {
+    let body = TenantCreate {
+        name: name.to_string(),
+        quota,
+    };
+    let tenant: Tenant = agent.create("/v1/tenants", &agent.operator_token, &body);
+    let token = tenant_token(agent, &tenant.id);
+    (tenant.id, token)
 }
 
 /// A new token of tenant `id`.
 pub fn tenant_token(agent: &Agent, id: &str) -> String {
     let operator = Some(agent.operator_token.as_str());
     let token = agent.call("POST", &format!("/v1/tenants/{id}/tokens"), operator, None);
-    expect(&token, 201)["token"].as_str().unwrap().to_string()
+    expect_as::<TokenCreated>(&token, 201).token
 }
 
 /// Registers `peer` (an agent at underlay `address`) with `agent` as
 /// host `name`, by the fingerprint `peer` shows for itself.
-pub fn register_peer(
-    agent: &Agent,
-    name: &str,
-    address: std::net::Ipv4Addr,
-    peer: &Agent,
-) -> Value {
-    let identity = peer.call("GET", "/v1/host-identity", Some(&peer.operator_token), None);
-    let fingerprint = expect(&identity, 200)["fingerprint"]
-        .as_str()
-        .expect("a fingerprint")
-        .to_string();
-    let reply = agent.call(
-        "POST",
-        "/v1/hosts",
-        Some(&agent.operator_token),
-        Some(
-            &serde_json::json!({"name": name, "address": address.to_string(),
-                                 "fingerprint": fingerprint}),
-        ),
-    );
-    expect(&reply, 201).clone()
+pub fn register_peer(agent: &Agent, name: &str, address: std::net::Ipv4Addr, peer: &Agent) -> Host {
+    let identity: HostIdentity = peer.get("/v1/host-identity", &peer.operator_token);
+    let body = HostCreate {
+        name: name.to_string(),
+        address: address.to_string(),
+        fingerprint: identity.fingerprint,
+        peer_port: None,
+    };
+    agent.create("/v1/hosts", &agent.operator_token, &body)
 }
 
 /// Registers the test guest image as "busybox" for `token`'s tenant, with
 /// a writable root (guests write their test files to it).
-pub fn busybox_image(agent: &Agent, token: &str, images: &crate::GuestImages) {
-    let reply = agent.call(
-        "POST",
-        "/v1/images",
-        Some(token),
-        Some(&serde_json::json!({
-            "name": "busybox",
-            "kernel": images.vmlinux,
-            "rootfs": images.rootfs,
-            "cmdline": format!("{} root=/dev/vda rw", images.cmdline),
-        })),
-    );
-    expect(&reply, 201);
+pub fn busybox_image(agent: &Agent, token: &str, images: &crate::GuestImages) -> Image {
+    let body = ImageCreate {
+        name: "busybox".to_string(),
+        kernel: host_path(&images.vmlinux),
+        rootfs: host_path(&images.rootfs),
+        initrd: None,
+        cmdline: format!("{} root=/dev/vda rw", images.cmdline),
+    };
+    agent.create("/v1/images", token, &body)
 }
 
 /// Defines VM `name` of the busybox image (see [`busybox_image`]) with one
 /// NIC on `network`, running `script` as its init's command.
-pub fn network_vm(agent: &Agent, token: &str, name: &str, network: &str, script: &str) -> Value {
-    let reply = agent.call(
+pub fn network_vm(agent: &Agent, token: &str, name: &str, network: &str, script: &str) -> Vm {
+    let body = VmCreate {
+        memory_mib: 128,
+        kernel_args: format!("nubis_cmd=\"{script}\""),
+        nics: vec![VmNicCreate::on_network(network)],
+        ..VmCreate::new(name, "busybox")
+    };
+    agent.create("/v1/vms", token, &body)
+}
+
+/// Moves VM `vm` of `token`'s tenant from `agent` to peer host `host`
+/// (see [`register_peer`]) and waits for the move to end, for at most
+/// `guard`: its last progress, whether it completed or not.
+pub fn migrate(agent: &Agent, token: &str, vm: &str, host: &str, guard: Duration) -> Migration {
+    let started = agent.send(
         "POST",
-        "/v1/vms",
+        &format!("/v1/vms/{vm}/migration"),
         Some(token),
-        Some(&serde_json::json!({
-            "name": name, "image": "busybox", "memory_mib": 128,
-            "kernel_args": format!("nubis_cmd=\"{script}\""),
-            "nics": [{"network": network}],
-        })),
+        &MigrationCreate::new(host),
     );
-    expect(&reply, 201).clone()
+    assert_eq!(started.status, 202, "{started:?}");
+    wait_for_migration(agent, token, vm, guard)
+}
+
+/// Waits, for at most `guard`, until the migration of `vm` from `agent`
+/// has ended: its last progress.
+pub fn wait_for_migration(agent: &Agent, token: &str, vm: &str, guard: Duration) -> Migration {
+    let start = Instant::now();
+    loop {
+        let progress: Migration = agent.get(&format!("/v1/vms/{vm}/migration"), token);
+        if progress.is_over() {
+            return progress;
+        }
+        assert!(
+            start.elapsed() < guard,
+            "the migration never ended: {progress:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The value after `key ` on the console's line that starts with `key`.
@@ -711,16 +812,31 @@ impl CounterImages {
 
     /// Registers image `name` (`kernel` or the counter's) with the tenant
     /// of `token`.
-    pub fn register(&self, agent: &Agent, token: &str, name: &str, kernel: Option<&Path>) {
-        let image = serde_json::json!({
-            "name": name,
-            "kernel": kernel.unwrap_or(&self.kernel),
-            "rootfs": self.rootfs,
-            "cmdline": "",
-        });
-        expect(
-            &agent.call("POST", "/v1/images", Some(token), Some(&image)),
-            201,
-        );
+    pub fn register(&self, agent: &Agent, token: &str, name: &str, kernel: Option<&Path>) -> Image {
+        let body = ImageCreate {
+            name: name.to_string(),
+            kernel: host_path(kernel.unwrap_or(&self.kernel)),
+            rootfs: host_path(&self.rootfs),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        agent.create("/v1/images", token, &body)
+    }
+
+    /// A new tenant `name` with the counter registered as its image
+    /// "counter" (see [`counter_vm`]): (tenant id, token).
+    pub fn tenant(&self, agent: &Agent, name: &str) -> (String, String) {
+        let (id, token) = tenant(agent, name);
+        self.register(agent, &token, "counter", None);
+        (id, token)
+    }
+}
+
+/// A request for VM `name` of the image "counter" (see
+/// [`CounterImages::tenant`]), with 32 MiB.
+pub fn counter_vm(name: &str) -> VmCreate {
+    VmCreate {
+        memory_mib: 32,
+        ..VmCreate::new(name, "counter")
     }
 }

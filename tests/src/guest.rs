@@ -176,6 +176,19 @@ impl Program {
     }
 }
 
+/// The console of a [`Program::count`] guest: every byte is the one before
+/// plus one (wrapping), from the first.
+pub fn assert_counts(bytes: &[u8], what: &str) {
+    for (index, pair) in bytes.windows(2).enumerate() {
+        assert_eq!(
+            pair[1],
+            pair[0].wrapping_add(1),
+            "{what}: byte {} breaks the count",
+            index + 1
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

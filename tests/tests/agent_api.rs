@@ -3,8 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use nubis_api::{
+    Image, ImageCreate, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, Quota,
+    RateLimit, TenantCreate, Vm, VmCreate, VmDisk, VmNicCreate, VmState,
+};
 use nubis_tests::agent::{
-    expect, tenant, wait_for_console, Agent, Reply, BOOT_GUARD, OPERATOR_TOKEN,
+    assert_invalid, assert_unprocessable, expect, expect_as, host_path, tenant, tenant_with_quota,
+    wait_for_console, Agent, Reply, BOOT_GUARD, OPERATOR_TOKEN,
 };
 use nubis_tests::net::links_with_prefix;
 use nubis_tests::{guest_images, require_kvm, TestDir};
@@ -12,20 +17,34 @@ use serde_json::{json, Value};
 
 const OP: Option<&str> = Some(OPERATOR_TOKEN);
 
+/// Registers the test guest image as "busybox", its root read-only and
+/// `command` its init's command: its id.
 fn register_image(agent: &Agent, token: &str, command: &str) -> String {
     let images = guest_images();
-    let reply = agent.call(
-        "POST",
-        "/v1/images",
-        Some(token),
-        Some(&json!({
-            "name": "busybox",
-            "kernel": images.vmlinux,
-            "rootfs": images.rootfs,
-            "cmdline": format!("{} root=/dev/vda ro nubis_cmd=\"{command}\"", images.cmdline),
-        })),
-    );
-    expect(&reply, 201)["id"].as_str().unwrap().to_string()
+    let body = ImageCreate {
+        name: "busybox".to_string(),
+        kernel: host_path(&images.vmlinux),
+        rootfs: host_path(&images.rootfs),
+        initrd: None,
+        cmdline: format!(
+            "{} root=/dev/vda ro nubis_cmd=\"{command}\"",
+            images.cmdline
+        ),
+    };
+    agent.create::<Image>("/v1/images", token, &body).id
+}
+
+/// Each of `requests` (method, path) is a 404 `not_found` for `token`, as
+/// another tenant's resources are.
+fn assert_hidden(agent: &Agent, token: &str, requests: &[(&str, String)]) {
+    for (method, path) in requests {
+        let reply = agent.call(method, path, Some(token), None);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "not_found"),
+            "{method} {path}: {reply:?}"
+        );
+    }
 }
 
 fn vmm_running(data_dir: &std::path::Path, vm: &str) -> bool {
@@ -49,43 +68,47 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
     let image = register_image(&agent, &acme, "echo AGENT_VM_UP; read wait_forever");
 
     // web's NIC goes on the tenant's default bridge, db's on a network.
-    let back = agent.call(
-        "POST",
+    let back: Network = agent.create(
         "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "back", "cidr": "10.77.0.0/24"})),
+        &acme,
+        &NetworkCreate::new("back", "10.77.0.0/24"),
     );
-    let back = expect(&back, 201).clone();
     let mut vms = Vec::new();
     let mut addresses = Vec::new();
-    for (name, nic) in [("web", json!({})), ("db", json!({"network": "back"}))] {
-        let reply = agent.call(
-            "POST",
-            "/v1/vms",
-            Some(&acme),
-            Some(&json!({"name": name, "image": image, "memory_mib": 128,
-                         "disks": [{"size_mib": 16, "rate_limit": {"bytes_per_s": 10485760}}],
-                         "nics": [nic]})),
-        );
-        let vm = expect(&reply, 201);
-        assert_eq!(vm["state"], "stopped");
-        let nic = &vm["nics"][0];
-        assert!(
-            nic["mac"].as_str().unwrap().starts_with("02:4e:42:"),
-            "{vm}"
-        );
-        let address = nic["address"]
-            .as_str()
-            .unwrap()
+    for (name, nic) in [
+        ("web", VmNicCreate::default()),
+        ("db", VmNicCreate::on_network("back")),
+    ] {
+        let body = VmCreate {
+            memory_mib: 128,
+            disks: vec![VmDisk {
+                size_mib: 16,
+                rate_limit: RateLimit {
+                    bytes_per_s: Some(10485760),
+                    ops_per_s: None,
+                },
+            }],
+            nics: vec![nic],
+            ..VmCreate::new(name, &image)
+        };
+        let vm: Vm = agent.create("/v1/vms", &acme, &body);
+        assert_eq!(vm.state, VmState::Stopped);
+        let nic = &vm.nics[0];
+        let mac = nic.mac.as_deref().unwrap_or("");
+        assert!(mac.starts_with("02:4e:42:"), "{vm:?}");
+        let address = nic
+            .address
+            .as_deref()
+            .expect("an address")
             .trim_end_matches("/24")
             .to_string();
         if name == "db" {
             assert_eq!(address, "10.77.0.2", "db's address comes from its network");
-            assert_eq!(nic["network"], back["id"]);
+            assert_eq!(nic.network, Some(back.id.clone()));
         }
         assert!(!addresses.contains(&address), "two NICs got {address}");
         addresses.push(address);
-        vms.push(vm["id"].as_str().unwrap().to_string());
+        vms.push(vm.id);
     }
     // Both start at once: requests on different VMs run in parallel; two
     // starts of the same VM are serialized, and the second finds it running.
@@ -150,23 +173,17 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         .as_u64()
         .expect("a running VM has a pid");
     // Another tenant sees nothing of it.
-    for (method, path) in [
-        ("GET", format!("/v1/vms/{web}")),
-        ("POST", format!("/v1/vms/{web}/stop")),
-        ("GET", format!("/v1/vms/{web}/console")),
-        ("DELETE", format!("/v1/vms/{web}")),
-    ] {
-        let reply = agent.call(method, &path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path}"
-        );
-    }
-    assert_eq!(
-        expect(&agent.call("GET", "/v1/vms", Some(&globex), None), 200),
-        &json!([])
+    assert_hidden(
+        &agent,
+        &globex,
+        &[
+            ("GET", format!("/v1/vms/{web}")),
+            ("POST", format!("/v1/vms/{web}/stop")),
+            ("GET", format!("/v1/vms/{web}/console")),
+            ("DELETE", format!("/v1/vms/{web}")),
+        ],
     );
+    assert_eq!(agent.get::<Vec<Vm>>("/v1/vms", &globex), []);
     // A VM that runs cannot be started again.
     let again = agent.call("POST", &format!("/v1/vms/{web}/start"), Some(&acme), None);
     assert_eq!((again.status, again.code()), (409, "conflict"));
@@ -281,19 +298,16 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         );
         assert!(!vmm_running(&data_dir, vm));
     }
-    assert_eq!(
-        expect(&agent.call("GET", "/v1/vms", Some(&acme), None), 200),
-        &json!([])
-    );
+    assert_eq!(agent.get::<Vec<Vm>>("/v1/vms", &acme), []);
     assert_eq!(
         agent
             .call("DELETE", &format!("/v1/images/{image}"), Some(&acme), None)
             .status,
         204
     );
-    let network_bridge = format!("nbn{}", back["vni"]);
+    let network_bridge = format!("nbn{}", back.vni);
     assert!(link_exists(&network_bridge), "no bridge {network_bridge}");
-    let back_id = back["id"].as_str().unwrap();
+    let back_id = &back.id;
     assert_eq!(
         agent
             .call(
@@ -343,13 +357,9 @@ fn authorization_bad_input_and_quotas() {
     let (acme_id, acme) = tenant(&agent, "acme");
     let (_, globex) = tenant(&agent, "globex");
     let image = register_image(&agent, &acme, "true");
-    let vm = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "web", "image": "busybox"})),
-    );
-    let vm = expect(&vm, 201)["id"].as_str().unwrap().to_string();
+    let vm = agent
+        .create::<Vm>("/v1/vms", &acme, &VmCreate::new("web", "busybox"))
+        .id;
 
     let operator_only = [
         ("GET", "/v1/tenants".to_string()),
@@ -395,22 +405,19 @@ fn authorization_bad_input_and_quotas() {
             "{method} {path} with a wrong token"
         );
     }
+    let tenant_x = TenantCreate {
+        name: "x".to_string(),
+        quota: None,
+    };
     for (method, path) in &operator_only {
-        let reply = agent.call(method, path, Some(&acme), Some(&json!({"name": "x"})));
+        let reply = agent.send(method, path, Some(&acme), &tenant_x);
         assert_eq!(
             (reply.status, reply.code()),
             (403, "forbidden"),
             "{method} {path} as a tenant"
         );
     }
-    for (method, path) in &tenant_resources {
-        let reply = agent.call(method, path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path} as another tenant"
-        );
-    }
+    assert_hidden(&agent, &globex, &tenant_resources);
     // The operator sees every tenant's VMs.
     assert_eq!(
         expect(&agent.call("GET", "/v1/vms", OP, None), 200)
@@ -428,139 +435,114 @@ fn authorization_bad_input_and_quotas() {
     assert_eq!(document.text, checked_in);
 
     // Bad input: 400 with the field named, never a 500.
-    let bad = |method: &str, path: &str, token: &str, body: Value, field: &str| {
-        let reply = agent.call(method, path, Some(token), Some(&body));
-        assert_eq!(
-            (reply.status, reply.code()),
-            (400, "invalid_input"),
-            "{body}: {reply:?}"
-        );
-        assert_eq!(reply.body["error"]["field"], field, "{body}: {reply:?}");
+    let new_tenant = |name: &str, quota: Option<Quota>| TenantCreate {
+        name: name.to_string(),
+        quota,
     };
-    bad(
-        "POST",
-        "/v1/tenants",
-        OPERATOR_TOKEN,
-        json!({"name": "Bad Name"}),
-        "name",
-    );
-    bad(
-        "POST",
-        "/v1/tenants",
-        OPERATOR_TOKEN,
-        json!({"name": "ok", "quota": {"max_vcpus": 0, "max_memory_mib": 1, "max_vms": 1}}),
-        "quota",
-    );
-    bad(
-        "POST",
-        "/v1/tenants",
-        OPERATOR_TOKEN,
-        json!({"name": "ok", "colour": "red"}),
+    let bad_name = new_tenant("Bad Name", None);
+    assert_invalid(&agent.send("POST", "/v1/tenants", OP, &bad_name), "name");
+    let no_vcpus = Quota {
+        max_vcpus: 0,
+        max_memory_mib: 1,
+        max_vms: 1,
+        ..Quota::default()
+    };
+    let no_vcpus = new_tenant("ok", Some(no_vcpus));
+    assert_invalid(&agent.send("POST", "/v1/tenants", OP, &no_vcpus), "quota");
+    // deliberately untyped: an unknown field
+    let colour = json!({"name": "ok", "colour": "red"});
+    assert_invalid(
+        &agent.call("POST", "/v1/tenants", OP, Some(&colour)),
         "colour",
     );
-    bad("POST", "/v1/tenants", OPERATOR_TOKEN, json!({}), "name");
-    let vm_body = |extra: Value| {
-        let mut body = json!({"name": "db", "image": "busybox"});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        body
-    };
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"vcpus": 0})),
-        "vcpus",
-    );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"memory_mib": 1})),
-        "memory_mib",
-    );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"name": "-x"})),
+    // deliberately untyped: the required name is missing
+    let nameless = json!({});
+    assert_invalid(
+        &agent.call("POST", "/v1/tenants", OP, Some(&nameless)),
         "name",
     );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"cpus": 2})),
-        "cpus",
+    let bad_vm = |body: &VmCreate, field: &str| {
+        assert_invalid(&agent.send("POST", "/v1/vms", Some(&acme), body), field);
+    };
+    let db = || VmCreate::new("db", "busybox");
+    bad_vm(&VmCreate { vcpus: 0, ..db() }, "vcpus");
+    bad_vm(
+        &VmCreate {
+            memory_mib: 1,
+            ..db()
+        },
+        "memory_mib",
     );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"kernel_args": "a\nb"})),
+    bad_vm(&VmCreate::new("-x", "busybox"), "name");
+    bad_vm(
+        &VmCreate {
+            kernel_args: "a\nb".to_string(),
+            ..db()
+        },
         "kernel_args",
     );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"disks": [{"size_mib": 0}]})),
+    bad_vm(
+        &VmCreate {
+            disks: vec![VmDisk::new(0)],
+            ..db()
+        },
         "disks[0].size_mib",
     );
-    bad(
-        "POST",
-        "/v1/vms",
-        &acme,
-        vm_body(json!({"disks": [{"size_mib": 1, "rate_limit": {"ops_per_s": 0}}]})),
+    let no_ops = VmDisk {
+        size_mib: 1,
+        rate_limit: RateLimit {
+            bytes_per_s: None,
+            ops_per_s: Some(0),
+        },
+    };
+    bad_vm(
+        &VmCreate {
+            disks: vec![no_ops],
+            ..db()
+        },
         "disks[0].rate_limit",
     );
-    bad(
-        "POST",
-        "/v1/images",
-        &acme,
-        json!({"name": "x", "kernel": "relative/vmlinux", "rootfs": images.rootfs}),
+    // deliberately untyped: an unknown field
+    let cpus = json!({"name": "db", "image": "busybox", "cpus": 2});
+    assert_invalid(
+        &agent.call("POST", "/v1/vms", Some(&acme), Some(&cpus)),
+        "cpus",
+    );
+    let image_of = |kernel: String| ImageCreate {
+        name: "x".to_string(),
+        kernel,
+        rootfs: host_path(&images.rootfs),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let relative = image_of("relative/vmlinux".to_string());
+    assert_invalid(
+        &agent.send("POST", "/v1/images", Some(&acme), &relative),
         "kernel",
     );
     // Valid by the document, but naming what the tenant has not or may
     // not use: 422 with the field named.
-    for (path, body, field) in [
-        ("/v1/vms", vm_body(json!({"image": "nope"})), "image"),
-        (
-            "/v1/images",
-            json!({"name": "x", "kernel": "/etc/passwd", "rootfs": images.rootfs}),
-            "kernel",
-        ),
-    ] {
-        let reply = agent.call("POST", path, Some(&acme), Some(&body));
-        assert_eq!(
-            (
-                reply.status,
-                reply.code(),
-                reply.body["error"]["field"].as_str()
-            ),
-            (422, "unprocessable", Some(field)),
-            "{body}: {reply:?}"
-        );
-    }
+    let nope = VmCreate::new("db", "nope");
+    assert_unprocessable(&agent.send("POST", "/v1/vms", Some(&acme), &nope), "image");
+    let passwd = image_of("/etc/passwd".to_string());
+    assert_unprocessable(
+        &agent.send("POST", "/v1/images", Some(&acme), &passwd),
+        "kernel",
+    );
     let malformed = agent.call("POST", "/v1/vms", Some(&acme), None);
     assert_eq!(malformed.status, 400, "{malformed:?}");
-    let missing = agent.call(
-        "POST",
-        "/v1/images",
-        Some(&acme),
-        Some(&json!({"name": "x", "kernel": image_dir.join("no-such-kernel"), "rootfs": images.rootfs})),
-    );
+    let missing = image_of(host_path(&image_dir.join("no-such-kernel")));
+    let missing = agent.send("POST", "/v1/images", Some(&acme), &missing);
     assert_eq!(
         (missing.status, missing.code()),
         (422, "unprocessable"),
         "{missing:?}"
     );
-    let duplicate = agent.call(
+    let duplicate = agent.send(
         "POST",
         "/v1/vms",
         Some(&acme),
-        Some(&json!({"name": "web", "image": "busybox"})),
+        &VmCreate::new("web", "busybox"),
     );
     assert_eq!((duplicate.status, duplicate.code()), (409, "conflict"));
     let in_use = agent.call("DELETE", &format!("/v1/images/{image}"), Some(&acme), None);
@@ -569,111 +551,79 @@ fn authorization_bad_input_and_quotas() {
     assert_eq!((not_running.status, not_running.code()), (409, "conflict"));
 
     // Quotas: 429, and nothing is created.
-    let small = agent.call(
-        "POST",
-        "/v1/tenants",
-        OP,
-        Some(&json!({"name": "small", "quota": {"max_vcpus": 2, "max_memory_mib": 256, "max_vms": 1}})),
-    );
-    let small_id = expect(&small, 201)["id"].as_str().unwrap().to_string();
-    let token = agent.call("POST", &format!("/v1/tenants/{small_id}/tokens"), OP, None);
-    let small = expect(&token, 201)["token"].as_str().unwrap().to_string();
+    let quota = Quota {
+        max_vcpus: 2,
+        max_memory_mib: 256,
+        max_vms: 1,
+        ..Quota::default()
+    };
+    let (_, small) = tenant_with_quota(&agent, "small", quota);
     register_image(&agent, &small, "true");
-    let too_big = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&small),
-        Some(&json!({"name": "a", "image": "busybox", "vcpus": 4})),
-    );
+    let too_big = VmCreate {
+        vcpus: 4,
+        ..VmCreate::new("a", "busybox")
+    };
+    let too_big = agent.send("POST", "/v1/vms", Some(&small), &too_big);
     assert_eq!(
         (too_big.status, too_big.code()),
         (429, "quota_exceeded"),
         "{too_big:?}"
     );
-    let first = agent.call(
+    let first = agent.send(
         "POST",
         "/v1/vms",
         Some(&small),
-        Some(&json!({"name": "a", "image": "busybox"})),
+        &VmCreate::new("a", "busybox"),
     );
     assert_eq!(first.status, 201);
-    let second = agent.call(
+    let second = agent.send(
         "POST",
         "/v1/vms",
         Some(&small),
-        Some(&json!({"name": "b", "image": "busybox"})),
+        &VmCreate::new("b", "busybox"),
     );
     assert_eq!((second.status, second.code()), (429, "quota_exceeded"));
-    assert_eq!(
-        expect(&agent.call("GET", "/v1/vms", Some(&small), None), 200)
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(agent.get::<Vec<Vm>>("/v1/vms", &small).len(), 1);
 
     // Virtual networks: CIDRs checked, no overlap on the host, tenancy.
-    let network = agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "front", "cidr": "10.42.0.0/24"})),
-    );
-    let network = expect(&network, 201).clone();
-    assert_eq!(network["gateway"], "10.42.0.1");
-    assert!(network["vni"].as_u64().unwrap() >= 4096);
-    let net_id = network["id"].as_str().unwrap();
-    bad(
-        "POST",
+    let network: Network = agent.create(
         "/v1/networks",
         &acme,
-        json!({"name": "x", "cidr": "10.42.1.5/24"}),
-        "cidr",
+        &NetworkCreate::new("front", "10.42.0.0/24"),
     );
-    bad(
-        "POST",
-        "/v1/networks",
-        &acme,
-        json!({"name": "x", "cidr": "10.0.0.0/8"}),
-        "cidr",
-    );
-    bad(
-        "POST",
-        "/v1/networks",
-        &acme,
-        json!({"name": "X", "cidr": "10.43.0.0/24"}),
-        "name",
-    );
-    let overlap = agent.call(
+    assert_eq!(network.gateway, "10.42.0.1");
+    assert!(network.vni >= 4096);
+    let net_id = &network.id;
+    let bad_network = |body: &NetworkCreate, field: &str| {
+        assert_invalid(
+            &agent.send("POST", "/v1/networks", Some(&acme), body),
+            field,
+        );
+    };
+    bad_network(&NetworkCreate::new("x", "10.42.1.5/24"), "cidr");
+    bad_network(&NetworkCreate::new("x", "10.0.0.0/8"), "cidr");
+    bad_network(&NetworkCreate::new("X", "10.43.0.0/24"), "name");
+    let overlap = agent.send(
         "POST",
         "/v1/networks",
         Some(&globex),
-        Some(&json!({"name": "b", "cidr": "10.42.0.128/25"})),
+        &NetworkCreate::new("b", "10.42.0.128/25"),
     );
     assert_eq!(
         (overlap.status, overlap.code()),
         (409, "conflict"),
         "{overlap:?}"
     );
-    for (method, path) in [
-        ("GET", format!("/v1/networks/{net_id}")),
-        ("DELETE", format!("/v1/networks/{net_id}")),
-    ] {
-        let reply = agent.call(method, &path, Some(&globex), None);
-        assert_eq!(
-            (reply.status, reply.code()),
-            (404, "not_found"),
-            "{method} {path}"
-        );
-    }
-    assert_eq!(
-        expect(&agent.call("GET", "/v1/networks", Some(&globex), None), 200),
-        &json!([])
+    let network_path = format!("/v1/networks/{net_id}");
+    assert_hidden(
+        &agent,
+        &globex,
+        &[("GET", network_path.clone()), ("DELETE", network_path)],
     );
+    assert_eq!(agent.get::<Vec<Network>>("/v1/networks", &globex), []);
     assert_eq!(
-        expect(&agent.call("GET", "/v1/networks", OP, None), 200)
-            .as_array()
-            .unwrap()
+        agent
+            .get::<Vec<Network>>("/v1/networks", OPERATOR_TOKEN)
             .len(),
         1
     );
@@ -689,88 +639,61 @@ fn authorization_bad_input_and_quotas() {
         204
     );
 
-    bad(
-        "POST",
-        "/v1/networks",
-        &acme,
-        json!({"name": "x", "cidr": "10.44.0.0/24", "dns": ["192.0.2.1", "nope"]}),
+    let x = || NetworkCreate::new("x", "10.44.0.0/24");
+    bad_network(
+        &NetworkCreate {
+            dns: Some(vec!["192.0.2.1".to_string(), "nope".to_string()]),
+            ..x()
+        },
         "dns[1]",
     );
-    bad(
-        "POST",
-        "/v1/networks",
-        &acme,
-        json!({"name": "x", "cidr": "10.44.0.0/24", "mtu": 100}),
+    bad_network(
+        &NetworkCreate {
+            mtu: Some(100),
+            ..x()
+        },
         "mtu",
     );
 
     // Port forwards: ports and NICs checked, host ports unique, tenancy. A
     // port outside the range or a VM or NIC that is not there is a
     // well-formed request that cannot be done (422); a port 0 is invalid.
-    bad(
-        "POST",
-        "/v1/port-forwards",
-        &acme,
-        json!({"vm": "web", "host_port": 31080, "vm_port": 0}),
+    let zero = PortForwardCreate::new("web", 31080, 0);
+    assert_invalid(
+        &agent.send("POST", "/v1/port-forwards", Some(&acme), &zero),
         "vm_port",
     );
     for (body, field) in [
-        (
-            json!({"vm": "web", "host_port": 80, "vm_port": 80}),
-            "host_port",
-        ),
-        (
-            json!({"vm": "web", "host_port": 31080, "vm_port": 80}),
-            "nic",
-        ),
-        (
-            json!({"vm": "nope", "host_port": 31080, "vm_port": 80}),
-            "vm",
-        ),
+        (PortForwardCreate::new("web", 80, 80), "host_port"),
+        (PortForwardCreate::new("web", 31080, 80), "nic"),
+        (PortForwardCreate::new("nope", 31080, 80), "vm"),
     ] {
-        let reply = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&body));
-        assert_eq!(
-            (
-                reply.status,
-                reply.code(),
-                reply.body["error"]["field"].as_str()
-            ),
-            (422, "unprocessable", Some(field)),
-            "{body}: {reply:?}"
-        );
+        let reply = agent.send("POST", "/v1/port-forwards", Some(&acme), &body);
+        assert_unprocessable(&reply, field);
     }
-    let edge = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "edge", "image": "busybox", "nics": [{}]})),
-    );
-    let edge = expect(&edge, 201)["id"].as_str().unwrap().to_string();
+    let edge = VmCreate {
+        nics: vec![VmNicCreate::default()],
+        ..VmCreate::new("edge", "busybox")
+    };
+    let edge = agent.create::<Vm>("/v1/vms", &acme, &edge).id;
+    // deliberately untyped: nic and protocol left out, to check their
+    // defaults
     let forward = json!({"vm": "edge", "host_port": 31080, "vm_port": 80});
     let created = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
-    let created = expect(&created, 201).clone();
-    assert_eq!(
-        (created["protocol"].as_str(), created["nic"].as_u64()),
-        (Some("tcp"), Some(0))
-    );
+    let created: PortForward = expect_as(&created, 201);
+    assert_eq!((created.protocol, created.nic), (Protocol::Tcp, 0));
     let taken = agent.call("POST", "/v1/port-forwards", Some(&acme), Some(&forward));
     assert_eq!((taken.status, taken.code()), (409, "conflict"), "{taken:?}");
-    let forward_id = created["id"].as_str().unwrap();
-    for method in ["GET", "DELETE"] {
-        let reply = agent.call(
-            method,
-            &format!("/v1/port-forwards/{forward_id}"),
-            Some(&globex),
-            None,
-        );
-        assert_eq!((reply.status, reply.code()), (404, "not_found"), "{method}");
-    }
+    let forward_id = &created.id;
+    let forward_path = format!("/v1/port-forwards/{forward_id}");
+    assert_hidden(
+        &agent,
+        &globex,
+        &[("GET", forward_path.clone()), ("DELETE", forward_path)],
+    );
     assert_eq!(
-        expect(
-            &agent.call("GET", "/v1/port-forwards", Some(&globex), None),
-            200
-        ),
-        &json!([])
+        agent.get::<Vec<PortForward>>("/v1/port-forwards", &globex),
+        []
     );
     assert_eq!(
         agent.call("GET", "/v1/port-forwards", None, None).status,
@@ -784,11 +707,8 @@ fn authorization_bad_input_and_quotas() {
         204
     );
     assert_eq!(
-        expect(
-            &agent.call("GET", "/v1/port-forwards", Some(&acme), None),
-            200
-        ),
-        &json!([])
+        agent.get::<Vec<PortForward>>("/v1/port-forwards", &acme),
+        []
     );
 
     // A tenant with resources cannot be deleted; a token can be revoked.
@@ -1014,26 +934,27 @@ fn nubisctl_covers_the_api() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
-    let image: Value = serde_json::from_str(&out).expect("JSON output");
-    let stored_kernel = image["kernel"].as_str().unwrap().to_string();
-    assert!(stored_kernel.contains("/uploads/"), "{image}");
+    let image: Image = serde_json::from_str(&out).expect("JSON output");
+    assert!(image.kernel.contains("/uploads/"), "{image:?}");
     assert!(
-        std::fs::read(&stored_kernel).unwrap() == std::fs::read(&images.vmlinux).unwrap(),
+        std::fs::read(&image.kernel).unwrap() == std::fs::read(&images.vmlinux).unwrap(),
         "the uploaded kernel differs"
     );
     assert_eq!(
-        image["rootfs_bytes"].as_u64(),
-        Some(std::fs::metadata(&images.rootfs).unwrap().len())
+        image.rootfs_bytes,
+        std::fs::metadata(&images.rootfs).unwrap().len()
     );
     let uploads = agent.call("GET", "/v1/uploads", Some(&token), None);
     assert_eq!(expect(&uploads, 200).as_array().unwrap().len(), 2);
     let (_, other) = tenant(&agent, "other");
-    let stolen = agent.call(
-        "POST",
-        "/v1/images",
-        Some(&other),
-        Some(&json!({"name": "stolen", "kernel": stored_kernel, "rootfs": image["rootfs"]})),
-    );
+    let stolen = ImageCreate {
+        name: "stolen".to_string(),
+        kernel: image.kernel,
+        rootfs: image.rootfs,
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let stolen = agent.send("POST", "/v1/images", Some(&other), &stolen);
     assert_eq!(
         (stolen.status, stolen.code()),
         (422, "unprocessable"),

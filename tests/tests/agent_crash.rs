@@ -6,12 +6,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nubis_api::{Snapshot, Vm, VmCreate, VmDisk};
 use nubis_tests::agent::{
-    expect, jailed_pids, one_agent_per_host, parent_cgroup, tenant, vmm_pid, Agent, CounterImages,
+    counter_vm, expect, jailed_pids, one_agent_per_host, parent_cgroup, vmm_pid, Agent,
+    CounterImages,
 };
 use nubis_tests::vm::control_request;
 use nubis_tests::{require_kvm, TestDir};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Hang guard, not a timing assertion.
 const WAIT: Duration = Duration::from_secs(60);
@@ -67,14 +69,11 @@ fn stop_and_check_clean(agent: &Agent, token: &str, vm: &str) {
 }
 
 fn create_vm(agent: &Agent, token: &str, name: &str) -> String {
-    let created = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(token),
-        Some(&json!({"name": name, "image": "counter", "memory_mib": 32,
-                     "disks": [{"size_mib": 4}]})),
-    );
-    expect(&created, 201)["id"].as_str().unwrap().to_string()
+    let vm = VmCreate {
+        disks: vec![VmDisk::new(4)],
+        ..counter_vm(name)
+    };
+    agent.create::<Vm>("/v1/vms", token, &vm).id
 }
 
 /// Killed after the jailer started the VMM and before its pid was
@@ -88,8 +87,7 @@ fn a_vmm_started_just_before_a_crash_is_adopted_once() {
     let images = CounterImages::new(&dir);
     let data_dir = dir.join("agent");
     let agent = Agent::start_crashing(&data_dir, &images.dir, &Value::Null, "vm_spawned");
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
+    let (_, acme) = images.tenant(&agent, "acme");
     let vm = create_vm(&agent, &acme, "a");
     let reply = agent.call_crashing("POST", &format!("/v1/vms/{vm}/start"), Some(&acme), None);
     assert!(reply.is_none(), "the agent answered: {reply:?}");
@@ -142,8 +140,7 @@ fn a_snapshot_cut_short_leaves_the_vm_running_and_no_files() {
     };
 
     let agent = Agent::start_crashing(&data_dir, &images.dir, &Value::Null, "snapshot_paused");
-    let (tenant_id, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
+    let (tenant_id, acme) = images.tenant(&agent, "acme");
     let vm = create_vm(&agent, &acme, "a");
     let started = agent.call("POST", &format!("/v1/vms/{vm}/start"), Some(&acme), None);
     assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
@@ -181,8 +178,7 @@ fn a_snapshot_cut_short_leaves_the_vm_running_and_no_files() {
 
     let agent = Agent::start(&data_dir, &images.dir);
     assert_eq!(files_left(), 0, "unrecorded snapshot files were kept");
-    let listed = agent.call("GET", "/v1/snapshots", Some(&acme), None);
-    assert_eq!(expect(&listed, 200), &json!([]));
+    assert_eq!(agent.get::<Vec<Snapshot>>("/v1/snapshots", &acme), []);
     assert_eq!(vmm_state(&data_dir, &vm), "running");
     assert_eq!(
         jailed_pids(&parent_cgroup(&data_dir), Some(&vm)).len(),

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nubis_api::{Network, NetworkCreate, RateLimit, Vm, VmCreate, VmDisk, VmNicCreate};
 use nubis_tests::agent::{
-    expect, one_agent_per_host, parent_cgroup, tenant, vmm_pid, Agent, CounterImages,
+    counter_vm, expect, one_agent_per_host, parent_cgroup, vmm_pid, Agent, CounterImages,
 };
 use nubis_tests::guest::Program;
 use nubis_tests::vm::control_request;
@@ -111,29 +112,27 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     let images = CounterImages::new(&dir);
     let data_dir = dir.join("agent");
     let agent = Agent::start(&data_dir, &images.dir);
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
-    let network = agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "jailnet", "cidr": "10.93.0.0/24"})),
-    );
-    let network = expect(&network, 201)["id"].as_str().unwrap().to_string();
+    let (_, acme) = images.tenant(&agent, "acme");
+    let jailnet = NetworkCreate::new("jailnet", "10.93.0.0/24");
+    let network = agent.create::<Network>("/v1/networks", &acme, &jailnet).id;
+    let bandwidth = |bytes_per_s| RateLimit {
+        bytes_per_s: Some(bytes_per_s),
+        ops_per_s: None,
+    };
     let mut ids = Vec::new();
-    for (name, vcpus, memory) in [("a", 2, 64), ("b", 1, 32)] {
-        let created = agent.call(
-            "POST",
-            "/v1/vms",
-            Some(&acme),
-            Some(&json!({
-                "name": name, "image": "counter", "vcpus": vcpus, "memory_mib": memory,
-                "root_rate_limit": {"bytes_per_s": 4_000_000},
-                "disks": [{"size_mib": 4, "rate_limit": {"bytes_per_s": 1_000_000}}],
-                "nics": [{"network": "jailnet"}],
-            })),
-        );
-        let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    for (name, vcpus, memory_mib) in [("a", 2, 64), ("b", 1, 32)] {
+        let vm = VmCreate {
+            vcpus,
+            memory_mib,
+            root_rate_limit: bandwidth(4_000_000),
+            disks: vec![VmDisk {
+                size_mib: 4,
+                rate_limit: bandwidth(1_000_000),
+            }],
+            nics: vec![VmNicCreate::on_network("jailnet")],
+            ..counter_vm(name)
+        };
+        let id = agent.create::<Vm>("/v1/vms", &acme, &vm).id;
         let started = agent.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme), None);
         assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
         wait_for_console(&agent, &id);
@@ -441,15 +440,8 @@ fn a_vm_whose_files_left_the_image_directories_is_not_started() {
     let secret = dir.join("outside-secret");
     std::fs::write(&secret, b"not the tenant's").unwrap();
     let agent = Agent::start(&dir.join("agent"), &images.dir);
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
-    let created = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "a", "image": "counter", "memory_mib": 32})),
-    );
-    let a = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let (_, acme) = images.tenant(&agent, "acme");
+    let a = agent.create::<Vm>("/v1/vms", &acme, &counter_vm("a")).id;
     let saved = images.dir.join("count.elf.saved");
     std::fs::rename(&kernel, &saved).unwrap();
     std::os::unix::fs::symlink(&secret, &kernel).unwrap();
@@ -493,18 +485,15 @@ fn a_vm_that_outgrows_its_memory_limit_is_stopped_alone() {
         &images.dir,
         &json!({"vmm_memory_overhead_mib": 0}),
     );
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
+    let (_, acme) = images.tenant(&agent, "acme");
     images.register(&agent, &acme, "filler", Some(&filler));
     let mut ids = Vec::new();
     for (name, image) in [("steady", "counter"), ("greedy", "filler")] {
-        let created = agent.call(
-            "POST",
-            "/v1/vms",
-            Some(&acme),
-            Some(&json!({"name": name, "image": image, "memory_mib": 64})),
-        );
-        let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+        let vm = VmCreate {
+            memory_mib: 64,
+            ..VmCreate::new(name, image)
+        };
+        let id = agent.create::<Vm>("/v1/vms", &acme, &vm).id;
         let started = agent.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme), None);
         assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
         ids.push(id);

@@ -11,13 +11,13 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nubis_api::{Network, NetworkCreate, Vm, VmCreate, VmDisk, VmNicCreate};
 use nubis_tests::agent::{
-    busybox_image, console_value, expect, register_peer, tenant, tenant_token, wait_for_console,
-    Agent, RemoteHost, BOOT_GUARD,
+    busybox_image, console_value, expect, migrate, register_peer, tenant, tenant_token,
+    wait_for_console, Agent, RemoteHost, BOOT_GUARD,
 };
 use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
-use serde_json::json;
 
 const PORT: u16 = 8181;
 const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -117,19 +117,17 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     busybox_image(&agent_a, &acme_a, &images);
-    let span = agent_a.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.72.0.0/24", "hosts": ["b"]})),
-    );
-    let span = expect(&span, 201).clone();
+    let span = NetworkCreate {
+        hosts: vec!["b".to_string()],
+        ..NetworkCreate::new("span", "10.72.0.0/24")
+    };
+    let span: Network = agent_a.create("/v1/networks", &acme_a, &span);
     let acme_b = tenant_token(&agent_b, &tenant_id);
     busybox_image(&agent_b, &acme_b, &images);
 
     // The third namespace, a server on the tenant's network at host A.
     let client = NetNs::create(&nubis_tests::net::interface_name("nblc"));
-    let bridge = span["bridge"].as_str().unwrap();
+    let bridge = span.bridge.as_str();
     for args in [
         vec![
             "-n",
@@ -170,24 +168,20 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
         assert!(status.success(), "ip {}", args.join(" "));
     }
 
-    let vm = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({
-            "name": "mover", "image": "busybox", "memory_mib": 128,
-            "kernel_args": format!("nubis_cmd=\"{}\"", guest_script()),
-            "nics": [{"network": "span"}], "disks": [{"size_mib": 8}],
-        })),
-    );
-    let vm = expect(&vm, 201).clone();
-    let id = vm["id"].as_str().unwrap().to_string();
-    let address = vm["nics"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
+    let mover = VmCreate {
+        memory_mib: 128,
+        kernel_args: format!("nubis_cmd=\"{}\"", guest_script()),
+        nics: vec![VmNicCreate::on_network("span")],
+        disks: vec![VmDisk::new(8)],
+        ..VmCreate::new("mover", "busybox")
+    };
+    let vm: Vm = agent_a.create("/v1/vms", &acme_a, &mover);
+    let id = vm.id.clone();
+    let address = vm.nics[0]
+        .address
+        .as_deref()
+        .and_then(|address| address.split('/').next())
+        .expect("an address")
         .to_string();
     expect(
         &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
@@ -214,33 +208,11 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let started = agent_a.call(
-        "POST",
-        &format!("/v1/vms/{id}/migration"),
-        Some(&acme_a),
-        Some(&json!({"host": "b"})),
-    );
-    assert_eq!(started.status, 202, "{started:?}");
-    let progress = loop {
-        let progress = agent_a.call(
-            "GET",
-            &format!("/v1/vms/{id}/migration"),
-            Some(&acme_a),
-            None,
-        );
-        let progress = expect(&progress, 200).clone();
-        if ["completed", "failed", "cancelled", "unconfirmed"]
-            .contains(&progress["phase"].as_str().unwrap_or(""))
-        {
-            break progress;
-        }
-        assert!(start.elapsed() < BOOT_GUARD, "{progress}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let progress = migrate(&agent_a, &acme_a, &id, "b", BOOT_GUARD);
     assert_eq!(
-        progress["phase"],
+        progress.phase,
         "completed",
-        "{progress}\n{}\n{}",
+        "{progress:?}\n{}\n{}",
         agent_a.log(),
         agent_b.log()
     );
@@ -264,9 +236,8 @@ fn a_linux_guest_moves_over_the_overlay_with_its_connection_and_disk() {
         "written-before-the-move"
     );
     assert_eq!(console_value(&console, "DISK_COUNT"), COUNT.to_string());
-    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-    let on_b = expect(&on_b, 200).clone();
-    assert_eq!(on_b["nics"][0]["address"], vm["nics"][0]["address"]);
+    let on_b: Vm = agent_b.get(&format!("/v1/vms/{id}"), &acme_b);
+    assert_eq!(on_b.nics[0].address, vm.nics[0].address);
     assert_eq!(
         agent_a
             .call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None)

@@ -10,13 +10,16 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{
-    expect, jailed_pids, parent_cgroup, register_peer, tenant, tenant_token, Agent, CounterImages,
-    RemoteHost,
+use nubis_api::{
+    Migration, MigrationCreate, Network, NetworkCreate, Vm, VmCreate, VmNicCreate, VmState,
 };
+use nubis_tests::agent::{
+    counter_vm, expect, jailed_pids, migrate, parent_cgroup, register_peer, tenant, tenant_token,
+    wait_for_migration, Agent, CounterImages, RemoteHost,
+};
+use nubis_tests::guest::assert_counts;
 use nubis_tests::netns::simulated_host;
 use nubis_tests::{require_kvm, TestDir};
-use serde_json::{json, Value};
 
 const PORT: u16 = 8181;
 const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -47,17 +50,6 @@ fn wait_for_output(path: &Path) -> Vec<u8> {
     }
 }
 
-fn assert_counts(bytes: &[u8], what: &str) {
-    for (index, pair) in bytes.windows(2).enumerate() {
-        assert_eq!(
-            pair[1],
-            pair[0].wrapping_add(1),
-            "{what}: byte {} breaks the count",
-            index + 1
-        );
-    }
-}
-
 /// Reads `path` until it disappears (the VM left the host); returns the
 /// last bytes seen.
 fn follow_until_gone(path: PathBuf) -> std::thread::JoinHandle<Vec<u8>> {
@@ -75,31 +67,30 @@ fn follow_until_gone(path: PathBuf) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
-/// Moves `vm` with `agent` (the source) to `host`; returns the final
-/// progress.
-fn migrate(agent: &Agent, token: &str, vm: &str, host: &str) -> Value {
-    let started = agent.call(
-        "POST",
-        &format!("/v1/vms/{vm}/migration"),
-        Some(token),
-        Some(&json!({"host": host})),
-    );
-    assert_eq!(started.status, 202, "{started:?}");
-    let start = Instant::now();
-    loop {
-        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
-        let progress = expect(&progress, 200).clone();
-        let phase = progress["phase"].as_str().unwrap_or("").to_string();
-        if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
-            return progress;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the migration never ended: {progress}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Tenant acme on both hosts with the counter image, its network "span"
+/// on `cidr` (home A, spanning B) and its VM "x" (64 MiB, stopped) with a
+/// NIC on it: (acme's token on A, its token on B, x).
+fn spanning_vm(
+    agent_a: &Agent,
+    agent_b: &Agent,
+    counter: &CounterImages,
+    cidr: &str,
+) -> (String, String, Vm) {
+    let (tenant_id, acme_a) = counter.tenant(agent_a, "acme");
+    let span = NetworkCreate {
+        hosts: vec!["b".to_string()],
+        ..NetworkCreate::new("span", cidr)
+    };
+    agent_a.create::<Network>("/v1/networks", &acme_a, &span);
+    let acme_b = tenant_token(agent_b, &tenant_id);
+    counter.register(agent_b, &acme_b, "counter", None);
+    let x = VmCreate {
+        memory_mib: 64,
+        nics: vec![VmNicCreate::on_network("span")],
+        ..counter_vm("x")
+    };
+    let x = agent_a.create("/v1/vms", &acme_a, &x);
+    (acme_a, acme_b, x)
 }
 
 /// The first byte on the destination follows the last one seen on the
@@ -151,61 +142,42 @@ fn a_running_vm_moves_between_hosts_and_back() {
     register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
 
-    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
-    counter.register(&agent_a, &acme_a, "counter", None);
-    let span = agent_a.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.70.0.0/24", "hosts": ["b"]})),
-    );
-    expect(&span, 201);
-    let acme_b = tenant_token(&agent_b, &tenant_id);
-    counter.register(&agent_b, &acme_b, "counter", None);
-
-    let created = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
-    );
-    let x = expect(&created, 201).clone();
-    let id = x["id"].as_str().unwrap().to_string();
-    let nic = x["nics"][0].clone();
+    let (acme_a, acme_b, x) = spanning_vm(&agent_a, &agent_b, &counter, "10.70.0.0/24");
+    let id = x.id.clone();
+    let nic = x.nics[0].clone();
 
     // Refused: a stopped VM; a VM on the tenant's default bridge, which
     // does not span hosts.
-    let stopped = agent_a.call(
+    let to_b = MigrationCreate::new("b");
+    let stopped = agent_a.send(
         "POST",
         &format!("/v1/vms/{id}/migration"),
         Some(&acme_a),
-        Some(&json!({"host": "b"})),
+        &to_b,
     );
     assert_eq!(stopped.status, 409, "{stopped:?}");
-    let local = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({"name": "y", "image": "counter", "memory_mib": 32, "nics": [{}]})),
-    );
-    let y = expect(&local, 201)["id"].as_str().unwrap().to_string();
+    let local = VmCreate {
+        nics: vec![VmNicCreate::default()],
+        ..counter_vm("y")
+    };
+    let y = agent_a.create::<Vm>("/v1/vms", &acme_a, &local).id;
     expect(
         &agent_a.call("POST", &format!("/v1/vms/{y}/start"), Some(&acme_a), None),
         200,
     );
-    let bridged = agent_a.call(
+    let bridged = agent_a.send(
         "POST",
         &format!("/v1/vms/{y}/migration"),
         Some(&acme_a),
-        Some(&json!({"host": "b"})),
+        &to_b,
     );
     assert_eq!(bridged.status, 409, "{bridged:?}");
     assert!(bridged.text.contains("does not carry"), "{bridged:?}");
-    let unknown = agent_a.call(
+    let unknown = agent_a.send(
         "POST",
         &format!("/v1/vms/{y}/migration"),
         Some(&acme_a),
-        Some(&json!({"host": "nowhere"})),
+        &MigrationCreate::new("nowhere"),
     );
     assert_eq!(unknown.status, 422, "{unknown:?}");
     assert_eq!(
@@ -222,41 +194,38 @@ fn a_running_vm_moves_between_hosts_and_back() {
     );
     wait_for_output(&console_path(&agent_a, &id));
     let follower = follow_until_gone(console_path(&agent_a, &id));
-    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    let progress = migrate(&agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
-        progress["phase"],
+        progress.phase,
         "completed",
-        "{progress}\n{}\n{}",
+        "{progress:?}\n{}\n{}",
         agent_a.log(),
         agent_b.log()
     );
-    assert!(progress["downtime_ms"].is_u64(), "{progress}");
+    assert!(progress.downtime_ms.is_some(), "{progress:?}");
     let before = follower.join().unwrap();
     assert_counts(&before, "on A");
     let gone = agent_a.call("GET", &format!("/v1/vms/{id}"), Some(&acme_a), None);
     assert_eq!(gone.status, 404, "the VM is still on A: {gone:?}");
-    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-    let on_b = expect(&on_b, 200).clone();
-    assert_eq!(on_b["state"], "running", "{on_b}");
-    assert_eq!(on_b["nics"][0]["mac"], nic["mac"]);
-    assert_eq!(on_b["nics"][0]["address"], nic["address"]);
+    let on_b: Vm = agent_b.get(&format!("/v1/vms/{id}"), &acme_b);
+    assert_eq!(on_b.state, VmState::Running, "{on_b:?}");
+    assert_eq!(on_b.nics[0].mac, nic.mac);
+    assert_eq!(on_b.nics[0].address, nic.address);
     let after = wait_for_output(&console_path(&agent_b, &id));
     assert_continues(&before, &after);
 
     // A, the network's home, keeps the address for the VM on B: a new VM
     // on A gets another one.
-    let other = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({"name": "z", "image": "counter", "memory_mib": 32, "nics": [{"network": "span"}]})),
-    );
-    let other = expect(&other, 201).clone();
+    let other = VmCreate {
+        nics: vec![VmNicCreate::on_network("span")],
+        ..counter_vm("z")
+    };
+    let other: Vm = agent_a.create("/v1/vms", &acme_a, &other);
     assert_ne!(
-        other["nics"][0]["address"], nic["address"],
+        other.nics[0].address, nic.address,
         "the moved VM's address was handed out again"
     );
-    let z = other["id"].as_str().unwrap();
+    let z = &other.id;
     assert_eq!(
         agent_a
             .call("DELETE", &format!("/v1/vms/{z}"), Some(&acme_a), None)
@@ -310,52 +279,35 @@ fn a_running_vm_moves_between_hosts_and_back() {
     );
 }
 
-/// Waits until the migration of `vm` from `agent` has ended.
-fn wait_for_end(agent: &Agent, token: &str, vm: &str) -> Value {
-    let start = Instant::now();
-    loop {
-        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
-        let progress = expect(&progress, 200).clone();
-        let phase = progress["phase"].as_str().unwrap_or("").to_string();
-        if ["completed", "failed", "cancelled", "unconfirmed"].contains(&phase.as_str()) {
-            return progress;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the migration never ended: {progress}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Starts a migration that never converges (a zero downtime budget): it
 /// copies until something ends it. Returns once it copies.
 fn start_endless(agent: &Agent, token: &str, vm: &str) {
-    let started = agent.call(
+    let endless = MigrationCreate {
+        downtime_ms: Some(0),
+        max_rounds: Some(100_000_000),
+        max_seconds: Some(600),
+        ..MigrationCreate::new("b")
+    };
+    let started = agent.send(
         "POST",
         &format!("/v1/vms/{vm}/migration"),
         Some(token),
-        Some(
-            &json!({"host": "b", "downtime_ms": 0, "max_rounds": 100_000_000, "max_seconds": 600}),
-        ),
+        &endless,
     );
     assert_eq!(started.status, 202, "{started:?}");
     let start = Instant::now();
     loop {
-        let progress = agent.call("GET", &format!("/v1/vms/{vm}/migration"), Some(token), None);
-        let progress = expect(&progress, 200).clone();
-        if progress["phase"] == "copying" {
+        let progress: Migration = agent.get(&format!("/v1/vms/{vm}/migration"), token);
+        if progress.phase == "copying" {
             return;
         }
         assert!(
-            !progress["phase"]
-                .as_str()
-                .is_some_and(|p| p == "failed" || p == "completed"),
-            "{progress}"
+            progress.phase != "failed" && progress.phase != "completed",
+            "{progress:?}"
         );
         assert!(
             start.elapsed() < WAIT,
-            "the migration never started copying: {progress}"
+            "the migration never started copying: {progress:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -363,8 +315,8 @@ fn start_endless(agent: &Agent, token: &str, vm: &str) {
 
 /// The VM still runs on `agent`: running, and its console grows.
 fn assert_runs_on(agent: &Agent, token: &str, vm: &str) {
-    let shown = agent.call("GET", &format!("/v1/vms/{vm}"), Some(token), None);
-    assert_eq!(expect(&shown, 200)["state"], "running", "{shown:?}");
+    let shown: Vm = agent.get(&format!("/v1/vms/{vm}"), token);
+    assert_eq!(shown.state, VmState::Running, "{shown:?}");
     let path = console_path(agent, vm);
     let seen = std::fs::read(&path).unwrap_or_default().len();
     let start = Instant::now();
@@ -450,25 +402,9 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     let mut agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
     register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
-    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
+    let (acme_a, acme_b, x) = spanning_vm(&agent_a, &agent_b, &counter, "10.71.0.0/24");
     let (_, globex) = tenant(&agent_a, "globex");
-    counter.register(&agent_a, &acme_a, "counter", None);
-    let span = agent_a.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.71.0.0/24", "hosts": ["b"]})),
-    );
-    expect(&span, 201);
-    let acme_b = tenant_token(&agent_b, &tenant_id);
-    counter.register(&agent_b, &acme_b, "counter", None);
-    let created = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
-    );
-    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let id = x.id;
     expect(
         &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
         200,
@@ -476,11 +412,11 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     wait_for_output(&console_path(&agent_a, &id));
 
     // Only the VM's tenant (or the operator) moves it.
-    let foreign = agent_a.call(
+    let foreign = agent_a.send(
         "POST",
         &format!("/v1/vms/{id}/migration"),
         Some(&globex),
-        Some(&json!({"host": "b"})),
+        &MigrationCreate::new("b"),
     );
     assert_eq!(foreign.status, 404, "{foreign:?}");
 
@@ -493,7 +429,10 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
         None,
     );
     assert_eq!(cancelled.status, 204, "{cancelled:?}");
-    assert_eq!(wait_for_end(&agent_a, &acme_a, &id)["phase"], "cancelled");
+    assert_eq!(
+        wait_for_migration(&agent_a, &acme_a, &id, WAIT).phase,
+        "cancelled"
+    );
     assert_runs_on(&agent_a, &acme_a, &id);
     assert_destination_forgot(&agent_b, &id);
 
@@ -504,8 +443,8 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     start_endless(&agent_a, &acme_a, &id);
     let down = host_a.run("ip", &["link", "set", "under", "down"]);
     assert!(down.status.success(), "{down:?}");
-    let ended = wait_for_end(&agent_a, &acme_a, &id);
-    assert_eq!(ended["phase"], "failed", "{ended}");
+    let ended = wait_for_migration(&agent_a, &acme_a, &id, WAIT);
+    assert_eq!(ended.phase, "failed", "{ended:?}");
     assert_runs_on(&agent_a, &acme_a, &id);
     let up = host_a.run("ip", &["link", "set", "under", "up"]);
     assert!(up.status.success(), "{up:?}");
@@ -518,8 +457,8 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
     // goes with it.
     start_endless(&agent_a, &acme_a, &id);
     agent_b.kill();
-    let ended = wait_for_end(&agent_a, &acme_a, &id);
-    assert_eq!(ended["phase"], "failed", "{ended}");
+    let ended = wait_for_migration(&agent_a, &acme_a, &id, WAIT);
+    assert_eq!(ended.phase, "failed", "{ended:?}");
     assert_runs_on(&agent_a, &acme_a, &id);
     let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
     assert_destination_forgot(&agent_b, &id);
@@ -533,19 +472,19 @@ fn cancels_cut_links_and_a_dead_destination_leave_the_vm_running() {
 
     // After all that, a migration succeeds.
     let follower = follow_until_gone(console_path(&agent_a, &id));
-    let progress = migrate(&agent_a, &acme_a, &id, "b");
+    let progress = migrate(&agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
-        progress["phase"],
+        progress.phase,
         "completed",
-        "{progress}\n{}\n{}",
+        "{progress:?}\n{}\n{}",
         agent_a.log(),
         agent_b.log()
     );
     let before = follower.join().unwrap();
     let after = wait_for_output(&console_path(&agent_b, &id));
     assert_continues(&before, &after);
-    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-    assert_eq!(expect(&on_b, 200)["state"], "running");
+    let on_b: Vm = agent_b.get(&format!("/v1/vms/{id}"), &acme_b);
+    assert_eq!(on_b.state, VmState::Running);
     assert_eq!(
         agent_b
             .call("DELETE", &format!("/v1/vms/{id}"), Some(&acme_b), None)
@@ -594,36 +533,18 @@ fn a_source_that_crashed_at_the_hand_over_completes_it_on_restart() {
     let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
     register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
-    let (tenant_id, acme_a) = tenant(&agent_a, "acme");
-    counter.register(&agent_a, &acme_a, "counter", None);
-    expect(
-        &agent_a.call(
-            "POST",
-            "/v1/networks",
-            Some(&acme_a),
-            Some(&json!({"name": "span", "cidr": "10.71.0.0/24", "hosts": ["b"]})),
-        ),
-        201,
-    );
-    let acme_b = tenant_token(&agent_b, &tenant_id);
-    counter.register(&agent_b, &acme_b, "counter", None);
-    let created = agent_a.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme_a),
-        Some(&json!({"name": "x", "image": "counter", "memory_mib": 64, "nics": [{"network": "span"}]})),
-    );
-    let id = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let (acme_a, acme_b, x) = spanning_vm(&agent_a, &agent_b, &counter, "10.71.0.0/24");
+    let id = x.id;
     expect(
         &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
         200,
     );
     wait_for_output(&console_path(&agent_a, &id));
-    let started = agent_a.call(
+    let started = agent_a.send(
         "POST",
         &format!("/v1/vms/{id}/migration"),
         Some(&acme_a),
-        Some(&json!({"host": "b"})),
+        &MigrationCreate::new("b"),
     );
     assert_eq!(started.status, 202, "{started:?}");
     // The migration runs in the background; the agent dies at the hand-over.
@@ -634,8 +555,8 @@ fn a_source_that_crashed_at_the_hand_over_completes_it_on_restart() {
     );
 
     // B has the VM with its VMM, still `starting`: nobody told it yet.
-    let on_b = agent_b.call("GET", &format!("/v1/vms/{id}"), Some(&acme_b), None);
-    assert_eq!(expect(&on_b, 200)["state"], "starting", "{on_b:?}");
+    let on_b: Vm = agent_b.get(&format!("/v1/vms/{id}"), &acme_b);
+    assert_eq!(on_b.state, VmState::Starting, "{on_b:?}");
     // A, restarted, asks B and completes the hand-over.
     let agent_a = Agent::start_remote(&dir.join("a"), &images, &spec_a);
     let start = Instant::now();

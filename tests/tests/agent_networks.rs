@@ -11,9 +11,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nubis_api::{Network, NetworkCreate, PortForward, PortForwardCreate};
 use nubis_tests::agent::{
-    busybox_image, console_value, expect, network_vm, one_agent_per_host, tenant, wait_for_console,
-    Agent,
+    busybox_image, console_value, expect, expect_as, network_vm, one_agent_per_host, tenant,
+    wait_for_console, Agent,
 };
 use nubis_tests::net::{host_ping, links_with_prefix};
 use nubis_tests::netns::{NetNs, OutsideServer};
@@ -298,30 +299,21 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     for token in [&acme, &globex] {
         busybox_image(&agent, token, &images);
     }
-    let front = agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(
-            &json!({"name": "front", "cidr": "10.30.0.0/24", "nat": true,
-                     "dns": ["192.0.2.53"], "mtu": MTU}),
-        ),
-    );
-    let front = expect(&front, 201).clone();
-    assert_eq!(
-        (front["dhcp"].as_bool(), front["mtu"].as_u64()),
-        (Some(true), Some(u64::from(MTU)))
-    );
-    let other = agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&globex),
-        Some(&json!({"name": "other", "cidr": "10.40.0.0/24", "nat": true})),
-    );
-    let other = expect(&other, 201).clone();
+    // deliberately untyped: dhcp left out, so that its default (on) is
+    // checked
+    let front = json!({"name": "front", "cidr": "10.30.0.0/24", "nat": true,
+                       "dns": ["192.0.2.53"], "mtu": MTU});
+    let front = agent.call("POST", "/v1/networks", Some(&acme), Some(&front));
+    let front: Network = expect_as(&front, 201);
+    assert_eq!((front.dhcp, front.mtu), (true, MTU));
+    let other = NetworkCreate {
+        nat: true,
+        ..NetworkCreate::new("other", "10.40.0.0/24")
+    };
+    let other: Network = agent.create("/v1/networks", &globex, &other);
     // The bridges exist with their gateways as soon as the networks do.
-    let front_bridge = front["bridge"].as_str().unwrap().to_string();
-    let other_bridge = other["bridge"].as_str().unwrap().to_string();
+    let front_bridge = front.bridge.clone();
+    let other_bridge = other.bridge.clone();
     for bridge in [&front_bridge, &other_bridge] {
         assert_eq!(links_with_prefix(bridge), std::slice::from_ref(bridge));
     }
@@ -338,18 +330,15 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
     let a1 = network_vm(&agent, &acme, "a1", "front", &a1_script);
     let a2 = network_vm(&agent, &acme, "a2", "front", A2_SCRIPT);
     let b1 = network_vm(&agent, &globex, "b1", "other", &b1_script);
-    assert_eq!(a1["nics"][0]["address"], "10.30.0.2/24");
-    assert_eq!(a2["nics"][0]["address"], "10.30.0.3/24");
-    assert_eq!(b1["nics"][0]["address"], "10.40.0.2/24");
-    let id = |vm: &Value| vm["id"].as_str().unwrap().to_string();
-    let (a1, a2, b1) = (id(&a1), id(&a2), id(&b1));
-    let forward = agent.call(
-        "POST",
+    assert_eq!(a1.nics[0].address.as_deref(), Some("10.30.0.2/24"));
+    assert_eq!(a2.nics[0].address.as_deref(), Some("10.30.0.3/24"));
+    assert_eq!(b1.nics[0].address.as_deref(), Some("10.40.0.2/24"));
+    let (a1, a2, b1) = (a1.id, a2.id, b1.id);
+    agent.create::<PortForward>(
         "/v1/port-forwards",
-        Some(&acme),
-        Some(&json!({"vm": "a2", "host_port": 31080, "vm_port": 8080})),
+        &acme,
+        &PortForwardCreate::new("a2", 31080, 8080),
     );
-    expect(&forward, 201);
     for (token, vm) in [(&acme, &a1), (&acme, &a2), (&globex, &b1)] {
         let started = agent.call("POST", &format!("/v1/vms/{vm}/start"), Some(token), None);
         assert_eq!(expect(&started, 200)["state"], "running");
@@ -599,7 +588,7 @@ fn tenant_networks_dhcp_isolation_spoofing_nat_and_port_forwards() {
         assert_eq!(deleted.status, 204, "{deleted:?}");
     }
     for (token, network) in [(&acme, &front), (&globex, &other)] {
-        let path = format!("/v1/networks/{}", network["id"].as_str().unwrap());
+        let path = format!("/v1/networks/{}", network.id);
         assert_eq!(agent.call("DELETE", &path, Some(token), None).status, 204);
     }
     let start = Instant::now();

@@ -10,13 +10,14 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use nubis_api::{Host, HostCreate, HostIdentity, Network, NetworkCreate};
 use nubis_tests::agent::{
     busybox_image, console_value, expect, network_vm, register_peer, tenant, tenant_token,
     wait_for_console, Agent, RemoteHost,
 };
 use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const PORT: u16 = 8181;
 const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -27,7 +28,7 @@ const MANAGEMENT_B: Ipv4Addr = Ipv4Addr::new(10, 97, 2, 2);
 const TOKEN_A: &str = "host-a-operator-token-0001";
 const TOKEN_B: &str = "host-b-operator-token-0002";
 /// veth's 1500 less VXLAN's 50 bytes.
-const OVERLAY_MTU: u64 = 1450;
+const OVERLAY_MTU: u16 = 1450;
 
 /// y (on host B) serves 200 KB of its busybox binary and waits.
 const Y_SCRIPT: &str = "cat /proc/net/pnp; echo MTU $(cat /sys/class/net/eth0/mtu); \
@@ -125,31 +126,26 @@ fn a_network_spans_two_hosts_over_vxlan() {
 
     // Peers are registered by certificate fingerprint: a malformed one and
     // A's own are refused.
-    let identity_b = expect(
-        &agent_b.call("GET", "/v1/host-identity", Some(TOKEN_B), None),
-        200,
-    )
-    .clone();
-    let fingerprint_b = identity_b["fingerprint"].as_str().unwrap().to_string();
-    assert_eq!(identity_b["address"], UNDERLAY_B.to_string());
-    let identity_a = expect(
-        &agent_a.call("GET", "/v1/host-identity", Some(TOKEN_A), None),
-        200,
-    )
-    .clone();
+    let identity_b: HostIdentity = agent_b.get("/v1/host-identity", TOKEN_B);
+    let fingerprint_b = identity_b.fingerprint.clone();
+    assert_eq!(identity_b.address, Some(UNDERLAY_B.to_string()));
+    let identity_a: HostIdentity = agent_a.get("/v1/host-identity", TOKEN_A);
+    let host = |name: &str, address: String, fingerprint: String| HostCreate {
+        name: name.to_string(),
+        address,
+        fingerprint,
+        peer_port: None,
+    };
     for (fingerprint, why) in [
         ("0123".to_string(), "malformed"),
         (fingerprint_b.to_uppercase(), "upper case"),
-        (
-            identity_a["fingerprint"].as_str().unwrap().to_string(),
-            "A's own",
-        ),
+        (identity_a.fingerprint, "A's own"),
     ] {
-        let refused = agent_a.call(
+        let refused = agent_a.send(
             "POST",
             "/v1/hosts",
             Some(TOKEN_A),
-            Some(&json!({"name": "b", "address": UNDERLAY_B.to_string(), "fingerprint": fingerprint})),
+            &host("b", UNDERLAY_B.to_string(), fingerprint),
         );
         assert_eq!(
             (refused.status, refused.body["error"]["field"].as_str()),
@@ -161,11 +157,15 @@ fn a_network_spans_two_hosts_over_vxlan() {
     // certificate, so spanning a network to B fails.
     register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
     let (_, early) = tenant(&agent_a, "early");
-    let one_sided = agent_a.call(
+    let spanning = |cidr: &str, host: &str| NetworkCreate {
+        hosts: vec![host.to_string()],
+        ..NetworkCreate::new("span", cidr)
+    };
+    let one_sided = agent_a.send(
         "POST",
         "/v1/networks",
         Some(&early),
-        Some(&json!({"name": "span", "cidr": "10.62.0.0/24", "hosts": ["b"]})),
+        &spanning("10.62.0.0/24", "b"),
     );
     assert_eq!(
         (one_sided.status, one_sided.code()),
@@ -174,19 +174,20 @@ fn a_network_spans_two_hosts_over_vxlan() {
     );
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
     // One fingerprint is one host; a name is registered once.
-    let twice = agent_a.call(
+    let twice = agent_a.send(
         "POST",
         "/v1/hosts",
         Some(TOKEN_A),
-        Some(&json!({"name": "c", "address": "10.99.0.3", "fingerprint": fingerprint_b})),
+        &host("c", "10.99.0.3".to_string(), fingerprint_b.clone()),
     );
     assert_eq!(twice.status, 409, "{twice:?}");
-    let hosts = agent_a.call("GET", "/v1/hosts", Some(TOKEN_A), None);
-    assert_eq!(expect(&hosts, 200)[0]["address"], UNDERLAY_B.to_string());
-    assert_eq!(hosts.body[0]["fingerprint"], fingerprint_b);
+    let hosts: Vec<Host> = agent_a.get("/v1/hosts", TOKEN_A);
+    assert_eq!(hosts[0].address, UNDERLAY_B.to_string());
+    assert_eq!(hosts[0].fingerprint, fingerprint_b);
     // The host-to-host API is not the operator's: on the public port even
     // the operator is refused, and on the peer port a client without a
     // registered certificate does not get through the handshake.
+    // deliberately untyped: an empty body; the token is refused first
     let operator_on_overlay = agent_b.call(
         "POST",
         "/v1/overlay/migrations",
@@ -220,53 +221,49 @@ fn a_network_spans_two_hosts_over_vxlan() {
     // The network, created on A for tenant acme, spanning B.
     let (tenant_id, acme_a) = tenant(&agent_a, "acme");
     busybox_image(&agent_a, &acme_a, &images);
-    let too_big = agent_a.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["b"], "mtu": 1500})),
-    );
+    let too_big = NetworkCreate {
+        mtu: Some(1500),
+        ..spanning("10.60.0.0/24", "b")
+    };
+    let too_big = agent_a.send("POST", "/v1/networks", Some(&acme_a), &too_big);
     assert_eq!(
         (too_big.status, too_big.body["error"]["field"].as_str()),
         (422, Some("mtu")),
         "{too_big:?}"
     );
-    let unknown = agent_a.call(
+    let unknown = agent_a.send(
         "POST",
         "/v1/networks",
         Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["nowhere"]})),
+        &spanning("10.60.0.0/24", "nowhere"),
     );
     assert_eq!(unknown.status, 422, "{unknown:?}");
-    let span = agent_a.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme_a),
-        Some(&json!({"name": "span", "cidr": "10.60.0.0/24", "hosts": ["b"]})),
-    );
-    let span = expect(&span, 201).clone();
-    assert_eq!(span["mtu"], OVERLAY_MTU);
-    assert_eq!(span["overlay"]["home"], UNDERLAY_A.to_string());
+    let span: Network = agent_a.create("/v1/networks", &acme_a, &spanning("10.60.0.0/24", "b"));
+    assert_eq!(span.mtu, OVERLAY_MTU);
+    let overlay = span.overlay.clone().expect("an overlay network");
+    assert_eq!(overlay.home, UNDERLAY_A.to_string());
     assert_eq!(
-        span["overlay"]["hosts"],
-        json!([UNDERLAY_A.to_string(), UNDERLAY_B.to_string()])
+        overlay.hosts,
+        [UNDERLAY_A.to_string(), UNDERLAY_B.to_string()]
     );
-    let network_id = span["id"].as_str().unwrap().to_string();
-    let vxlan = span["overlay"]["vxlan"].as_str().unwrap().to_string();
-    let bridge = span["bridge"].as_str().unwrap().to_string();
+    let network_id = span.id.clone();
+    let vxlan = overlay.vxlan;
+    let bridge = span.bridge.clone();
 
     // B carries it as it is, for the same tenant (same id); the tenant
     // gets its own token there from B's operator.
-    let on_b = agent_b.call(
-        "GET",
-        &format!("/v1/networks/{network_id}"),
-        Some(TOKEN_B),
-        None,
-    );
-    let on_b = expect(&on_b, 200).clone();
-    for field in ["vni", "cidr", "gateway", "mtu", "tenant_id", "overlay"] {
-        assert_eq!(on_b[field], span[field], "{field} differs on B");
-    }
+    let on_b: Network = agent_b.get(&format!("/v1/networks/{network_id}"), TOKEN_B);
+    let carried = |network: &Network| {
+        (
+            network.vni,
+            network.cidr.clone(),
+            network.gateway.clone(),
+            network.mtu,
+            network.tenant_id.clone(),
+            network.overlay.clone(),
+        )
+    };
+    assert_eq!(carried(&on_b), carried(&span), "B carries it otherwise");
     let acme_b = tenant_token(&agent_b, &tenant_id);
     busybox_image(&agent_b, &acme_b, &images);
     let not_here = agent_b.call(
@@ -292,11 +289,10 @@ fn a_network_spans_two_hosts_over_vxlan() {
     let x = network_vm(&agent_a, &acme_a, "x", "span", X_SCRIPT);
     let y = network_vm(&agent_b, &acme_b, "y", "span", Y_SCRIPT);
     let z = network_vm(&agent_a, &acme_a, "z", "span", "true");
-    assert_eq!(x["nics"][0]["address"], "10.60.0.2/24");
-    assert_eq!(y["nics"][0]["address"], "10.60.0.3/24");
-    assert_eq!(z["nics"][0]["address"], "10.60.0.4/24");
-    let id = |vm: &Value| vm["id"].as_str().unwrap().to_string();
-    let (x, y, z) = (id(&x), id(&y), id(&z));
+    assert_eq!(x.nics[0].address.as_deref(), Some("10.60.0.2/24"));
+    assert_eq!(y.nics[0].address.as_deref(), Some("10.60.0.3/24"));
+    assert_eq!(z.nics[0].address.as_deref(), Some("10.60.0.4/24"));
+    let (x, y, z) = (x.id, y.id, z.id);
     let deleted = agent_a.call("DELETE", &format!("/v1/vms/{z}"), Some(&acme_a), None);
     assert_eq!(deleted.status, 204, "{deleted:?}");
     for (agent, token, vm) in [(&agent_a, &acme_a, &x), (&agent_b, &acme_b, &y)] {

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nubis_tests::agent::{expect, one_agent_per_host, tenant, vmm_pid, Agent, CounterImages};
+use nubis_api::{Vm, VmCreate, VmDisk};
+use nubis_tests::agent::{counter_vm, expect, one_agent_per_host, vmm_pid, Agent, CounterImages};
 use nubis_tests::{require_kvm, TestDir};
 use serde_json::json;
 
@@ -149,18 +150,12 @@ fn a_compromised_vmm_cannot_make_the_agent_touch_host_files() {
     let images = CounterImages::new(&dir);
     let data_dir = dir.join("agent");
     let agent = Agent::start_with(&data_dir, &images.dir, &json!({"stop_timeout_s": 5}));
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
-    let created = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(
-            &json!({"name": "evil", "image": "counter", "memory_mib": 32,
-                     "disks": [{"size_mib": 4}]}),
-        ),
-    );
-    let vm = expect(&created, 201)["id"].as_str().unwrap().to_string();
+    let (_, acme) = images.tenant(&agent, "acme");
+    let evil = VmCreate {
+        disks: vec![VmDisk::new(4)],
+        ..counter_vm("evil")
+    };
+    let vm = agent.create::<Vm>("/v1/vms", &acme, &evil).id;
     let started = agent.call("POST", &format!("/v1/vms/{vm}/start"), Some(&acme), None);
     assert_eq!(expect(&started, 200)["state"], "running", "{started:?}");
     let pid = vmm_pid(&data_dir, &vm).expect("the VMM runs in its cgroup");

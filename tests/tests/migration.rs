@@ -13,7 +13,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nubis_tests::guest::Program;
+use nubis_tests::guest::{assert_counts, Program};
 use nubis_tests::vm::{control_request, VmProcess};
 use nubis_tests::{require_kvm, TestDir};
 use serde_json::Value;
@@ -44,17 +44,6 @@ fn wait_for_growth(path: &Path, beyond: usize, vm: &VmProcess) -> Vec<u8> {
             vm.stderr()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn assert_counts(bytes: &[u8], what: &str) {
-    for (index, pair) in bytes.windows(2).enumerate() {
-        assert_eq!(
-            pair[1],
-            pair[0].wrapping_add(1),
-            "{what}: byte {} breaks the count",
-            index + 1
-        );
     }
 }
 

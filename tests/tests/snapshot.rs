@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nubis_tests::guest::Program;
+use nubis_tests::guest::{assert_counts, Program};
 use nubis_tests::vm::{control_request, run_vmm, VmProcess};
 use nubis_tests::{require_kvm, TestDir};
 
@@ -33,18 +33,6 @@ fn wait_for_output(path: &Path, bytes: usize, vm: &VmProcess) -> Vec<u8> {
             vm.stderr()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Every byte is the one before plus one (wrapping), from the first.
-fn assert_counts(bytes: &[u8], what: &str) {
-    for (index, pair) in bytes.windows(2).enumerate() {
-        assert_eq!(
-            pair[1],
-            pair[0].wrapping_add(1),
-            "{what}: byte {} breaks the count",
-            index + 1
-        );
     }
 }
 

@@ -10,8 +10,13 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nubis_api::{
+    Image, MigrationCreate, Network, NetworkCreate, PortForward, PortForwardCreate, Quota,
+    Snapshot, SnapshotRestore, TenantCreate, TokenInfo, Vm, VmCreate, VmDisk, VmNicCreate,
+};
 use nubis_tests::agent::{
-    expect, one_agent_per_host, tenant, Agent, CounterImages, Reply, OPERATOR_TOKEN,
+    assert_invalid, assert_unprocessable, counter_vm, expect, expect_as, json_body,
+    one_agent_per_host, tenant, tenant_with_quota, Agent, CounterImages, OPERATOR_TOKEN,
 };
 use nubis_tests::netns::NetNs;
 use nubis_tests::{require_kvm, TestDir};
@@ -44,49 +49,12 @@ fn nft_tables() -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A 400 that names `field`.
-fn refused(reply: &Reply, field: &str) {
-    assert_eq!(
-        (reply.status, reply.code()),
-        (400, "invalid_input"),
-        "expected 400 for {field}: {reply:?}"
-    );
-    assert_eq!(
-        reply.body["error"]["field"].as_str(),
-        Some(field),
-        "{reply:?}"
-    );
-}
-
-/// A 422 that names `field`: valid by the API's document, but naming
-/// what the tenant does not have or this host does not allow.
-fn unprocessable(reply: &Reply, field: &str) {
-    assert_eq!(
-        (reply.status, reply.code()),
-        (422, "unprocessable"),
-        "expected 422 for {field}: {reply:?}"
-    );
-    assert_eq!(
-        reply.body["error"]["field"].as_str(),
-        Some(field),
-        "{reply:?}"
-    );
-}
-
-fn created(reply: &Reply) -> Value {
-    expect(reply, 201).clone()
-}
-
-/// A tenant with `quota` (fields left out take their defaults).
-fn tenant_with_quota(agent: &Agent, name: &str, quota: Value) -> String {
-    let reply = agent.call(
-        "POST",
-        "/v1/tenants",
-        OP,
-        Some(&json!({"name": name, "quota": quota})),
-    );
-    let id = created(&reply)["id"].as_str().unwrap().to_string();
-    nubis_tests::agent::tenant_token(agent, &id)
+/// A counter VM (see [`counter_vm`]) with a NIC on network `network`.
+fn vm_on(name: &str, network: &str) -> VmCreate {
+    VmCreate {
+        nics: vec![VmNicCreate::on_network(network)],
+        ..counter_vm(name)
+    }
 }
 
 #[test]
@@ -96,18 +64,14 @@ fn forged_nic_fields_and_injected_strings_never_reach_the_host() {
     let dir = TestDir::new("boundary-forged");
     let images = CounterImages::new(&dir);
     let agent = Agent::start(&dir.join("agent"), &images.dir);
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
-    created(&agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "lan", "cidr": "10.214.0.0/24"})),
-    ));
+    let (_, acme) = images.tenant(&agent, "acme");
+    let lan = NetworkCreate::new("lan", "10.214.0.0/24");
+    agent.create::<Network>("/v1/networks", &acme, &lan);
     let tables_before = nft_tables();
 
     // The payloads: an nft script in a MAC, an address outside the
     // network, a tap naming a host interface. Each is refused by name.
+    // deliberately untyped: fields the agent assigns (VmNic's) in a request
     for (nic, field) in [
         (
             json!({"network": "lan", "mac": "02:00:00:00:00:01 } } table inet x { chain y { } }"}),
@@ -129,7 +93,7 @@ fn forged_nic_fields_and_injected_strings_never_reach_the_host() {
             Some(&acme),
             Some(&json!({"name": "forged", "image": "counter", "memory_mib": 32, "nics": [nic]})),
         );
-        refused(&reply, field);
+        assert_invalid(&reply, field);
     }
 
     // Script and command syntax in every string field that reaches a
@@ -143,47 +107,48 @@ fn forged_nic_fields_and_injected_strings_never_reach_the_host() {
         "' OR 1=1 --",
     ];
     for payload in payloads {
-        let cases = [
+        let vms = [
+            (VmCreate::new(payload, "counter"), "name"),
             (
-                "/v1/vms",
-                json!({"name": payload, "image": "counter"}),
-                "name",
-            ),
-            (
-                "/v1/vms",
-                json!({"name": "v", "image": "counter", "kernel_args": format!("quiet\n{payload}")}),
+                VmCreate {
+                    kernel_args: format!("quiet\n{payload}"),
+                    ..VmCreate::new("v", "counter")
+                },
                 "kernel_args",
             ),
+        ];
+        for (body, field) in vms {
+            assert_invalid(&agent.send("POST", "/v1/vms", Some(&acme), &body), field);
+        }
+        let networks = [
+            (NetworkCreate::new(payload, "10.215.0.0/24"), "name"),
+            (NetworkCreate::new("n", payload), "cidr"),
             (
-                "/v1/networks",
-                json!({"name": payload, "cidr": "10.215.0.0/24"}),
-                "name",
-            ),
-            (
-                "/v1/networks",
-                json!({"name": "n", "cidr": payload}),
-                "cidr",
-            ),
-            (
-                "/v1/networks",
-                json!({"name": "n", "cidr": "10.215.0.0/24", "dns": [payload]}),
+                NetworkCreate {
+                    dns: Some(vec![payload.to_string()]),
+                    ..NetworkCreate::new("n", "10.215.0.0/24")
+                },
                 "dns[0]",
             ),
         ];
-        for (path, body, field) in cases {
-            refused(&agent.call("POST", path, Some(&acme), Some(&body)), field);
+        for (body, field) in networks {
+            let reply = agent.send("POST", "/v1/networks", Some(&acme), &body);
+            assert_invalid(&reply, field);
         }
-        let reply = agent.call("POST", "/v1/tenants", OP, Some(&json!({"name": payload})));
-        refused(&reply, "name");
+        let tenant = TenantCreate {
+            name: payload.to_string(),
+            quota: None,
+        };
+        assert_invalid(&agent.send("POST", "/v1/tenants", OP, &tenant), "name");
     }
     // An image whose name or id is a payload is simply not found.
-    let reply = agent.call(
+    let reply = agent.send(
         "POST",
         "/v1/vms",
         Some(&acme),
-        Some(&json!({"name": "v", "image": "x' OR '1'='1"})),
+        &VmCreate::new("v", "x' OR '1'='1"),
     );
-    unprocessable(&reply, "image");
+    assert_unprocessable(&reply, "image");
     // Upload names are checked before any path is made of them.
     for name in ["..", ".hidden", "a%2Fb"] {
         let reply = agent.call("DELETE", &format!("/v1/uploads/{name}"), Some(&acme), None);
@@ -195,14 +160,9 @@ fn forged_nic_fields_and_injected_strings_never_reach_the_host() {
     assert_eq!(nft_tables(), tables_before, "a table appeared or went");
 
     // The agent assigns NIC identity: inside the network, guarded by MAC.
-    let vm = created(&agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "ok", "image": "counter", "memory_mib": 32, "nics": [{"network": "lan"}]})),
-    ));
-    let mac = vm["nics"][0]["mac"].as_str().unwrap().to_string();
-    assert_eq!(vm["nics"][0]["address"], "10.214.0.2/24");
+    let vm: Vm = agent.create("/v1/vms", &acme, &vm_on("ok", "lan"));
+    let mac = vm.nics[0].mac.clone().expect("a MAC");
+    assert_eq!(vm.nics[0].address.as_deref(), Some("10.214.0.2/24"));
     assert!(mac.starts_with("02:4e:42:"), "{mac}");
     let bridge = nft_table("bridge");
     assert!(
@@ -234,52 +194,30 @@ fn tenants_get_neither_the_hosts_ports_nor_its_routes() {
     let mut neighbour = NetNs::create("nbxb-routes");
     neighbour.link_to_host("nbxb0", "10.216.5.1/24", "10.216.5.2/24");
     let agent = Agent::start(&dir.join("agent"), &images.dir);
-    let acme = tenant_with_quota(
-        &agent,
-        "acme",
-        json!({"max_port_forwards": 2, "max_networks": 2}),
-    );
+    let quota = Quota {
+        max_port_forwards: 2,
+        max_networks: 2,
+        ..Quota::default()
+    };
+    let (_, acme) = tenant_with_quota(&agent, "acme", quota);
     let (_, globex) = tenant(&agent, "globex");
     images.register(&agent, &acme, "counter", None);
-    created(&agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "lan", "cidr": "10.217.0.0/24"})),
-    ));
-    created(&agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "web", "image": "counter", "memory_mib": 32, "nics": [{"network": "lan"}]})),
-    ));
+    let lan = NetworkCreate::new("lan", "10.217.0.0/24");
+    agent.create::<Network>("/v1/networks", &acme, &lan);
+    agent.create::<Vm>("/v1/vms", &acme, &vm_on("web", "lan"));
 
     // Port forwards: the API's port, VXLAN's, a migration port, a
     // privileged port and anything outside the range are the host's.
     let api_port = agent.address.port();
+    let forward = |host_port| PortForwardCreate::new("web", host_port, 80);
     for port in [api_port, 4789, 40000, 22, 1023, 8080, 65535] {
-        let reply = agent.call(
-            "POST",
-            "/v1/port-forwards",
-            Some(&acme),
-            Some(&json!({"vm": "web", "host_port": port, "vm_port": 80})),
-        );
-        unprocessable(&reply, "host_port");
+        let reply = agent.send("POST", "/v1/port-forwards", Some(&acme), &forward(port));
+        assert_unprocessable(&reply, "host_port");
     }
     for port in [30000, 39999] {
-        created(&agent.call(
-            "POST",
-            "/v1/port-forwards",
-            Some(&acme),
-            Some(&json!({"vm": "web", "host_port": port, "vm_port": 80})),
-        ));
+        agent.create::<PortForward>("/v1/port-forwards", &acme, &forward(port));
     }
-    let over = agent.call(
-        "POST",
-        "/v1/port-forwards",
-        Some(&acme),
-        Some(&json!({"vm": "web", "host_port": 31000, "vm_port": 80})),
-    );
+    let over = agent.send("POST", "/v1/port-forwards", Some(&acme), &forward(31000));
     assert_eq!(
         (over.status, over.code()),
         (429, "quota_exceeded"),
@@ -298,20 +236,16 @@ fn tenants_get_neither_the_hosts_ports_nor_its_routes() {
         shadowing.push(&gateway_net);
     }
     for cidr in shadowing {
-        let reply = agent.call(
-            "POST",
-            "/v1/networks",
-            Some(&globex),
-            Some(&json!({"name": "shadow", "cidr": cidr})),
-        );
-        unprocessable(&reply, "cidr");
+        let shadow = NetworkCreate::new("shadow", cidr);
+        let reply = agent.send("POST", "/v1/networks", Some(&globex), &shadow);
+        assert_unprocessable(&reply, "cidr");
     }
     // Another tenant's network is refused without being named.
-    let clash = agent.call(
+    let clash = agent.send(
         "POST",
         "/v1/networks",
         Some(&globex),
-        Some(&json!({"name": "mine", "cidr": "10.217.0.0/25"})),
+        &NetworkCreate::new("mine", "10.217.0.0/25"),
     );
     assert_eq!(clash.status, 409, "{clash:?}");
     assert!(
@@ -320,17 +254,13 @@ fn tenants_get_neither_the_hosts_ports_nor_its_routes() {
         clash.text
     );
     // The network quota.
-    created(&agent.call(
+    let two = NetworkCreate::new("two", "10.218.0.0/24");
+    agent.create::<Network>("/v1/networks", &acme, &two);
+    let over = agent.send(
         "POST",
         "/v1/networks",
         Some(&acme),
-        Some(&json!({"name": "two", "cidr": "10.218.0.0/24"})),
-    ));
-    let over = agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "three", "cidr": "10.219.0.0/24"})),
+        &NetworkCreate::new("three", "10.219.0.0/24"),
     );
     assert_eq!(
         (over.status, over.code()),
@@ -351,43 +281,32 @@ fn every_endpoint_keeps_tenants_apart() {
     let dir = TestDir::new("boundary-tenants");
     let images = CounterImages::new(&dir);
     let agent = Agent::start(&dir.join("agent"), &images.dir);
-    let (acme_id, acme) = tenant(&agent, "acme");
+    let (acme_id, acme) = images.tenant(&agent, "acme");
     let (_, globex) = tenant(&agent, "globex");
-    images.register(&agent, &acme, "counter", None);
-    let image = expect(
-        &agent.call("GET", "/v1/images/counter", Some(&acme), None),
-        200,
-    )
-    .clone();
-    let network = created(&agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "lan", "cidr": "10.220.0.0/24"})),
-    ));
-    let vm = created(&agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "web", "image": "counter", "memory_mib": 32, "nics": [{"network": "lan"}]})),
-    ));
-    let vm_id = vm["id"].as_str().unwrap().to_string();
+    let image: Image = agent.get("/v1/images/counter", &acme);
+    let lan = NetworkCreate::new("lan", "10.220.0.0/24");
+    let network: Network = agent.create("/v1/networks", &acme, &lan);
+    let vm_id = agent
+        .create::<Vm>("/v1/vms", &acme, &vm_on("web", "lan"))
+        .id;
     expect(
         &agent.call("POST", &format!("/v1/vms/{vm_id}/start"), Some(&acme), None),
         200,
     );
-    let snapshot = created(&agent.call(
-        "POST",
-        &format!("/v1/vms/{vm_id}/snapshots"),
-        Some(&acme),
-        None,
-    ));
-    let forward = created(&agent.call(
-        "POST",
+    let snapshot: Snapshot = expect_as(
+        &agent.call(
+            "POST",
+            &format!("/v1/vms/{vm_id}/snapshots"),
+            Some(&acme),
+            None,
+        ),
+        201,
+    );
+    let forward: PortForward = agent.create(
         "/v1/port-forwards",
-        Some(&acme),
-        Some(&json!({"vm": "web", "host_port": 30080, "vm_port": 80})),
-    ));
+        &acme,
+        &PortForwardCreate::new("web", 30080, 80),
+    );
     let upload = nubis_tests::agent::http_raw(
         agent.address,
         "PUT",
@@ -396,12 +315,9 @@ fn every_endpoint_keeps_tenants_apart() {
         b"acme's bytes",
     );
     assert_eq!(upload.status, 201, "{upload:?}");
-    let tokens = expect(
-        &agent.call("GET", &format!("/v1/tenants/{acme_id}/tokens"), OP, None),
-        200,
-    )
-    .clone();
-    let token_id = tokens[0]["id"].as_str().unwrap().to_string();
+    let tokens: Vec<TokenInfo> =
+        agent.get(&format!("/v1/tenants/{acme_id}/tokens"), OPERATOR_TOKEN);
+    let token_id = tokens[0].id.clone();
 
     let document: Value =
         serde_json::from_str(&agent.call("GET", "/v1/openapi.json", None, None).text)
@@ -426,14 +342,14 @@ fn every_endpoint_keeps_tenants_apart() {
             let id = if path.starts_with("/v1/vms/") {
                 vm_id.clone()
             } else if path.starts_with("/v1/images/") {
-                image["id"].as_str().unwrap().to_string()
+                image.id.clone()
             } else if path.starts_with("/v1/networks/") || path.starts_with("/v1/overlay/networks/")
             {
-                network["id"].as_str().unwrap().to_string()
+                network.id.clone()
             } else if path.starts_with("/v1/snapshots/") {
-                snapshot["id"].as_str().unwrap().to_string()
+                snapshot.id.clone()
             } else if path.starts_with("/v1/port-forwards/") {
-                forward["id"].as_str().unwrap().to_string()
+                forward.id.clone()
             } else if path.starts_with("/v1/tenants/") {
                 acme_id.clone()
             } else if path.starts_with("/v1/overlay/migrations/") {
@@ -449,8 +365,12 @@ fn every_endpoint_keeps_tenants_apart() {
             // A body that is valid for the route, so that what answers is
             // the authorization, not the body check.
             let body = match (method.as_str(), path.as_str()) {
-                ("POST", "/v1/vms/{id}/migration") => Some(json!({"host": "elsewhere"})),
-                ("POST", "/v1/snapshots/{id}/restore") => Some(json!({"name": "stolen"})),
+                ("POST", "/v1/vms/{id}/migration") => {
+                    Some(json_body(&MigrationCreate::new("elsewhere")))
+                }
+                ("POST", "/v1/snapshots/{id}/restore") => Some(json_body(&SnapshotRestore {
+                    name: "stolen".to_string(),
+                })),
                 _ => None,
             };
             if method == "PUT" && path == "/v1/uploads/{name}" {
@@ -475,34 +395,24 @@ fn every_endpoint_keeps_tenants_apart() {
     assert!(tried >= 30, "only {tried} endpoints were tried");
 
     // Bodies that name acme's resources.
-    let image_id = image["id"].as_str().unwrap();
-    let network_id = network["id"].as_str().unwrap();
-    for (path, body, field) in [
-        ("/v1/vms", json!({"name": "x", "image": image_id}), "image"),
-        ("/v1/vms", json!({"name": "x", "image": "counter"}), "image"),
-        (
-            "/v1/vms",
-            json!({"name": "x", "image": "counter", "nics": [{"network": network_id}]}),
-            "image",
-        ),
-        (
-            "/v1/port-forwards",
-            json!({"vm": vm_id, "host_port": 30081, "vm_port": 80}),
-            "vm",
-        ),
+    let on_acmes_network = VmCreate {
+        nics: vec![VmNicCreate::on_network(&network.id)],
+        ..VmCreate::new("x", "counter")
+    };
+    for body in [
+        VmCreate::new("x", &image.id),
+        VmCreate::new("x", "counter"),
+        on_acmes_network.clone(),
     ] {
-        unprocessable(&agent.call("POST", path, Some(&globex), Some(&body)), field);
+        let reply = agent.send("POST", "/v1/vms", Some(&globex), &body);
+        assert_unprocessable(&reply, "image");
     }
+    let acmes_vm = PortForwardCreate::new(&vm_id, 30081, 80);
+    let reply = agent.send("POST", "/v1/port-forwards", Some(&globex), &acmes_vm);
+    assert_unprocessable(&reply, "vm");
     images.register(&agent, &globex, "counter", None);
-    unprocessable(
-        &agent.call(
-            "POST",
-            "/v1/vms",
-            Some(&globex),
-            Some(&json!({"name": "x", "image": "counter", "nics": [{"network": network_id}]})),
-        ),
-        "nics[0].network",
-    );
+    let reply = agent.send("POST", "/v1/vms", Some(&globex), &on_acmes_network);
+    assert_unprocessable(&reply, "nics[0].network");
     // Listings show globex nothing of acme's.
     for path in [
         "/v1/vms",
@@ -511,17 +421,13 @@ fn every_endpoint_keeps_tenants_apart() {
         "/v1/snapshots",
         "/v1/uploads",
     ] {
-        let listed = expect(&agent.call("GET", path, Some(&globex), None), 200).clone();
-        assert_eq!(listed, json!([]), "{path}");
+        let listed: Vec<Value> = agent.get(path, &globex);
+        assert!(listed.is_empty(), "{path}: {listed:?}");
     }
-    let listed = expect(&agent.call("GET", "/v1/images", Some(&globex), None), 200).clone();
+    let listed: Vec<Image> = agent.get("/v1/images", &globex);
     assert!(
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|i| i["tenant_id"] != json!(acme_id)),
-        "{listed}"
+        listed.iter().all(|image| image.tenant_id != acme_id),
+        "{listed:?}"
     );
     // acme's things are all still there.
     expect(
@@ -540,25 +446,20 @@ fn storage_and_snapshot_quotas_hold() {
     let dir = TestDir::new("boundary-quota");
     let images = CounterImages::new(&dir);
     let agent = Agent::start(&dir.join("agent"), &images.dir);
-    let acme = tenant_with_quota(
-        &agent,
-        "acme",
-        json!({"max_storage_mib": 200, "max_snapshots": 1}),
-    );
+    let quota = Quota {
+        max_storage_mib: 200,
+        max_snapshots: 1,
+        ..Quota::default()
+    };
+    let (_, acme) = tenant_with_quota(&agent, "acme", quota);
     images.register(&agent, &acme, "counter", None);
+    let with_disk = |name: &str, size_mib| VmCreate {
+        disks: vec![VmDisk::new(size_mib)],
+        ..counter_vm(name)
+    };
     // 1 MiB root + 100 MiB: fits; another 100 MiB does not.
-    created(&agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "a", "image": "counter", "memory_mib": 32, "disks": [{"size_mib": 100}]})),
-    ));
-    let over = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "b", "image": "counter", "memory_mib": 32, "disks": [{"size_mib": 100}]})),
-    );
+    agent.create::<Vm>("/v1/vms", &acme, &with_disk("a", 100));
+    let over = agent.send("POST", "/v1/vms", Some(&acme), &with_disk("b", 100));
     assert_eq!(
         (over.status, over.code()),
         (429, "quota_exceeded"),
@@ -569,8 +470,11 @@ fn storage_and_snapshot_quotas_hold() {
     let reply =
         nubis_tests::agent::http_raw(agent.address, "PUT", "/v1/uploads/big", Some(&acme), &big);
     assert_eq!(reply.status, 429, "{reply:?}");
-    let listed = expect(&agent.call("GET", "/v1/uploads", Some(&acme), None), 200).clone();
-    assert_eq!(listed, json!([]), "a refused upload left a file");
+    let listed: Vec<Value> = agent.get("/v1/uploads", &acme);
+    assert!(
+        listed.is_empty(),
+        "a refused upload left a file: {listed:?}"
+    );
     let partials = std::fs::read_dir(dir.join("agent/uploads"))
         .map(|dirs| {
             dirs.flatten()
@@ -580,17 +484,15 @@ fn storage_and_snapshot_quotas_hold() {
         .unwrap_or(0);
     assert_eq!(partials, 0, "a refused upload left a partial file");
     // Snapshots: one is the quota.
-    created(&agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "c", "image": "counter", "memory_mib": 32})),
-    ));
+    agent.create::<Vm>("/v1/vms", &acme, &counter_vm("c"));
     expect(
         &agent.call("POST", "/v1/vms/c/start", Some(&acme), None),
         200,
     );
-    created(&agent.call("POST", "/v1/vms/c/snapshots", Some(&acme), None));
+    expect_as::<Snapshot>(
+        &agent.call("POST", "/v1/vms/c/snapshots", Some(&acme), None),
+        201,
+    );
     let over = agent.call("POST", "/v1/vms/c/snapshots", Some(&acme), None);
     assert_eq!(
         (over.status, over.code()),
@@ -598,12 +500,11 @@ fn storage_and_snapshot_quotas_hold() {
         "{over:?}"
     );
     // A data disk larger than the whole quota is refused outright.
-    let over = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(&json!({"name": "d", "image": "counter", "disks": [{"size_mib": 16777216}]})),
-    );
+    let huge = VmCreate {
+        disks: vec![VmDisk::new(16777216)],
+        ..VmCreate::new("d", "counter")
+    };
+    let over = agent.send("POST", "/v1/vms", Some(&acme), &huge);
     assert_eq!(over.status, 429, "{over:?}");
 }
 
@@ -620,13 +521,8 @@ fn a_dhcp_flood_does_not_stall_the_api() {
     let images = CounterImages::new(&dir);
     let agent = Agent::start(&dir.join("agent"), &images.dir);
     let (_, acme) = tenant(&agent, "acme");
-    let network = created(&agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "lan", "cidr": "10.221.0.0/24"})),
-    ));
-    let bridge = network["bridge"].as_str().unwrap().to_string();
+    let lan = NetworkCreate::new("lan", "10.221.0.0/24");
+    let bridge = agent.create::<Network>("/v1/networks", &acme, &lan).bridge;
     // The flooder: a namespace whose veth is a port of the bridge.
     let flooder = NetNs::create("nbxb-dhcp");
     let status = Command::new("ip")
@@ -733,13 +629,11 @@ fn nat_egress_reaches_the_outside_but_not_the_hosts_neighbours() {
         &json!({"underlay_address": "198.18.10.1", "egress_deny": ["198.18.30.0/24"]}),
     );
     let (_, acme) = tenant(&agent, "acme");
-    let network = created(&agent.call(
-        "POST",
-        "/v1/networks",
-        Some(&acme),
-        Some(&json!({"name": "lan", "cidr": "10.222.0.0/24", "nat": true})),
-    ));
-    let bridge = network["bridge"].as_str().unwrap().to_string();
+    let lan = NetworkCreate {
+        nat: true,
+        ..NetworkCreate::new("lan", "10.222.0.0/24")
+    };
+    let bridge = agent.create::<Network>("/v1/networks", &acme, &lan).bridge;
     let inet = nft_table("inet");
     for denied in ["169.254.0.0/16", "198.18.10.0/24", "198.18.30.0/24"] {
         assert!(
@@ -819,16 +713,12 @@ fn the_hosts_disk_keeps_its_reserve() {
         &images.dir,
         &json!({"reserved_disk_mib": 1u64 << 40}),
     );
-    let (_, acme) = tenant(&agent, "acme");
-    images.register(&agent, &acme, "counter", None);
-    let vm = agent.call(
-        "POST",
-        "/v1/vms",
-        Some(&acme),
-        Some(
-            &json!({"name": "a", "image": "counter", "memory_mib": 32, "disks": [{"size_mib": 1}]}),
-        ),
-    );
+    let (_, acme) = images.tenant(&agent, "acme");
+    let vm = VmCreate {
+        disks: vec![VmDisk::new(1)],
+        ..counter_vm("a")
+    };
+    let vm = agent.send("POST", "/v1/vms", Some(&acme), &vm);
     assert_eq!((vm.status, vm.code()), (507, "host_full"), "{vm:?}");
     let upload =
         nubis_tests::agent::http_raw(agent.address, "PUT", "/v1/uploads/x", Some(&acme), b"bytes");
