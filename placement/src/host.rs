@@ -90,16 +90,36 @@ pub enum FaultDomain<'a> {
 /// A malformed label list.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LabelError {
-    #[error("label {0:?} is not key=value")]
+    #[error("label {0:?} is not key=value (key: 1 to 63 of a-z 0-9 . - / starting with a letter or digit; value: up to 63 of A-Z a-z 0-9 . _ -)")]
     NotKeyValue(String),
-    #[error("label {0:?} has an empty key")]
-    EmptyKey(String),
-    #[error("label key {0:?} has a comma, an equals sign or spaces at its ends")]
+    #[error("label key {0:?} is not 1 to 63 of a-z 0-9 . - / starting with a letter or digit")]
     BadKey(String),
-    #[error("label value {0:?} has a comma or spaces at its ends")]
+    #[error("label value {0:?} is not up to 63 of A-Z a-z 0-9 . _ -")]
     BadValue(String),
     #[error("label {0:?} is given twice")]
     Duplicate(String),
+}
+
+/// Whether `key` is a label key: 1 to 63 of a-z 0-9 . - /, starting with a
+/// letter or digit (labels come from operators and tenants and end up in
+/// etcd keys' values, events and CLI tables: nothing else gets in).
+pub fn is_label_key(key: &str) -> bool {
+    (1..=63).contains(&key.len())
+        && key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"./-".contains(&b))
+}
+
+/// Whether `value` is a label value: up to 63 of A-Z a-z 0-9 . _ -.
+pub fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Parses labels written as `zone=onprem,fault-domain=1,update-domain=2`
@@ -107,17 +127,18 @@ pub enum LabelError {
 /// string is no labels).
 pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, LabelError> {
     let mut labels = BTreeMap::new();
-    if text.trim().is_empty() {
-        return Ok(labels);
-    }
-    for pair in text.split(',') {
-        let pair = pair.trim();
+    for pair in text.split(',').map(str::trim) {
+        if pair.is_empty() && text.trim().is_empty() {
+            break;
+        }
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| LabelError::NotKeyValue(pair.to_string()))?;
-        let (key, value) = (key.trim(), value.trim());
-        if key.is_empty() {
-            return Err(LabelError::EmptyKey(pair.to_string()));
+        if !is_label_key(key) {
+            return Err(LabelError::BadKey(key.to_string()));
+        }
+        if !is_label_value(value) {
+            return Err(LabelError::BadValue(value.to_string()));
         }
         if labels.insert(key.to_string(), value.to_string()).is_some() {
             return Err(LabelError::Duplicate(key.to_string()));
@@ -131,13 +152,10 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, LabelError> 
 pub fn format_labels(labels: &BTreeMap<String, String>) -> Result<String, LabelError> {
     let mut pairs = Vec::with_capacity(labels.len());
     for (key, value) in labels {
-        if key.is_empty() {
-            return Err(LabelError::EmptyKey(format!("={value}")));
-        }
-        if key.contains([',', '=']) || key.trim() != key {
+        if !is_label_key(key) {
             return Err(LabelError::BadKey(key.clone()));
         }
-        if value.contains(',') || value.trim() != value {
+        if !is_label_value(value) {
             return Err(LabelError::BadValue(value.clone()));
         }
         pairs.push(format!("{key}={value}"));
@@ -169,8 +187,12 @@ mod tests {
         assert_eq!(parse_labels(""), Ok(BTreeMap::new()));
         assert_eq!(parse_labels("  "), Ok(BTreeMap::new()));
         assert_eq!(
-            parse_labels(" zone = cloud , gpu="),
-            Ok(labels(&[("zone", "cloud"), ("gpu", "")]))
+            parse_labels(" zone=cloud , gpu=,topology.io/rack=r-7"),
+            Ok(labels(&[
+                ("zone", "cloud"),
+                ("gpu", ""),
+                ("topology.io/rack", "r-7")
+            ]))
         );
     }
 
@@ -184,7 +206,18 @@ mod tests {
             parse_labels("zone=a,,b=c"),
             Err(LabelError::NotKeyValue("".into()))
         );
-        assert_eq!(parse_labels("=a"), Err(LabelError::EmptyKey("=a".into())));
+        assert_eq!(parse_labels("=a"), Err(LabelError::BadKey("".into())));
+        for bad in [
+            "Zone=x",
+            "zone =x",
+            "zone=a b",
+            "zone=\"x\"",
+            "zone=x;y",
+            "-a=b",
+        ] {
+            assert!(parse_labels(bad).is_err(), "{bad}");
+        }
+        assert!(parse_labels(&format!("k={}", "v".repeat(64))).is_err());
         assert_eq!(
             parse_labels("zone=a,zone=b"),
             Err(LabelError::Duplicate("zone".into()))
@@ -206,7 +239,7 @@ mod tests {
         );
         assert_eq!(
             format_labels(&labels(&[("", "c")])),
-            Err(LabelError::EmptyKey("=c".into()))
+            Err(LabelError::BadKey("".into()))
         );
     }
 

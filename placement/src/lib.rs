@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 pub use explain::{Explanation, Rejection};
 pub use filter::{Filter, Reason};
 pub use host::{
-    format_labels, parse_labels, FaultDomain, HostState, HostView, LabelError, NetworkReach,
-    FAULT_DOMAIN_LABEL,
+    format_labels, is_label_key, is_label_value, parse_labels, FaultDomain, HostState, HostView,
+    LabelError, NetworkReach, FAULT_DOMAIN_LABEL,
 };
 pub use request::{AntiAffinity, GroupMember, Request, Scope, Strategy};
 pub use resources::Resources;
