@@ -161,7 +161,7 @@ def overlay(args, images):
         for here, there in (("a", "b"), ("b", "a")):
             _, _, underlay = HOSTS[there]
             fingerprint = agents[there][1].call("GET", "/v1/host-identity")["fingerprint"]
-            agents[here][1].call("POST", "/v1/hosts", {
+            agents[here][1].call("POST", "/v1/peers", {
                 "name": there, "address": underlay, "fingerprint": fingerprint})
         operator_a, operator_b = agents["a"][1], agents["b"][1]
         client_api = tenant_api(operator_a, "bench")

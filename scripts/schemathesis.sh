@@ -12,7 +12,7 @@
 # creates never touch the host's, with a tiny image (a bogus kernel and a
 # 1 MiB root disk: VMs are created and started, and fail to boot, which must
 # be a documented error too). It runs as a tenant; the host-to-host routes
-# (/v1/overlay) and the operator's /v1/hosts are left out. Bounded: at most
+# (/v1/overlay) and the operator's /v1/peers are left out. Bounded: at most
 # SCHEMATHESIS_EXAMPLES cases per operation and SCHEMATHESIS_SECONDS in all.
 # Exits non-zero on any failure and closes with a summary line.
 set -euo pipefail

@@ -36,8 +36,10 @@ pub enum ErrorCode {
     Internal,
     /// 507: the host's disk would fill past the space it keeps for itself.
     HostFull,
-    /// 502: a peer host (see `/v1/hosts`) failed or could not be reached.
+    /// 502: a peer host (see `/v1/peers`) failed or could not be reached.
     PeerFailed,
+    /// 503: the cluster's store (etcd) cannot be reached; try again.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -56,6 +58,7 @@ impl ErrorCode {
             Self::Internal => 500,
             Self::HostFull => 507,
             Self::PeerFailed => 502,
+            Self::Unavailable => 503,
         }
     }
 }

@@ -14,7 +14,7 @@ pub const DEFAULT_PEER_PORT: u16 = 7443;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct HostCreate {
+pub struct PeerCreate {
     /// 1 to 63 characters: lower-case letters, digits and '-'.
     #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
@@ -33,7 +33,7 @@ pub struct HostCreate {
 
 /// A registered peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Host {
+pub struct Peer {
     pub name: String,
     pub address: String,
     pub peer_port: u16,

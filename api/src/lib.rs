@@ -18,7 +18,7 @@ pub mod vm;
 
 pub use cluster::{ClusterHost, HostResources, HostState};
 pub use error::{ApiError, ErrorCode};
-pub use host::{AddressGrant, AddressRequest, Host, HostCreate, HostIdentity, NetworkReplica};
+pub use host::{AddressGrant, AddressRequest, HostIdentity, NetworkReplica, Peer, PeerCreate};
 pub use image::{Image, ImageCreate};
 pub use migration::{IncomingMigration, IncomingReady, Migration, MigrationCreate};
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};

@@ -157,6 +157,29 @@ pub struct ConfigFile {
     /// underlay, peers, link-local and the host's routes are always kept.
     #[serde(default)]
     pub egress_deny: Vec<String>,
+    /// What this host offers VMs (`/v1/hosts`, placement); each part left
+    /// out is measured (see `capacity.rs`).
+    #[serde(default)]
+    pub capacity: CapacitySettings,
+}
+
+/// What this host offers VMs, where the operator says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacitySettings {
+    /// vCPUs (default: the host's CPUs times `cpu_overcommit`).
+    pub vcpus: Option<u32>,
+    /// vCPUs per host CPU when `vcpus` is measured (default 4).
+    pub cpu_overcommit: Option<u32>,
+    /// MiB of guest memory (default: the host's memory less
+    /// `reserved_memory_mib`).
+    pub memory_mib: Option<u64>,
+    /// MiB the host keeps for itself when `memory_mib` is measured
+    /// (default 1024).
+    pub reserved_memory_mib: Option<u64>,
+    /// MiB of disk (default: the data directory's filesystem less
+    /// `reserved_disk_mib`).
+    pub disk_mib: Option<u64>,
 }
 
 impl ConfigFile {
@@ -189,6 +212,7 @@ pub struct AgentConfig {
     pub peer_port: u16,
     pub reserved_disk_mib: u64,
     pub dhcp_requests_per_s: u32,
+    pub capacity: CapacitySettings,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -300,6 +324,7 @@ impl AgentConfig {
             dhcp_requests_per_s: file
                 .dhcp_requests_per_s
                 .unwrap_or(crate::network::dhcp_server::RateLimiter::DEFAULT_NETWORK_PER_SECOND),
+            capacity: file.capacity,
         })
     }
 

@@ -8,6 +8,7 @@
 //! (`peers`).
 
 pub mod auth;
+pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod crash;

@@ -10,11 +10,14 @@ use std::sync::Arc;
 use clap::Parser;
 
 use nubis_agent::auth::OperatorToken;
+use nubis_agent::cluster::settings::{self, ClusterSettings, EtcdTls, HostName, SettingsError};
+use nubis_agent::cluster::{Cluster, LocalHost};
 use nubis_agent::config::{AgentConfig, ConfigFile};
 use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
 use nubis_agent::network::host::LinuxNetwork;
 use nubis_agent::peer_tls::{self, HostIdentity, PeerRegistry};
 use nubis_agent::peers::PeerClient;
+use nubis_agent::service::hosts::LocalHostInfo;
 use nubis_agent::store::Store;
 use nubis_agent::supervisor::Supervisor;
 
@@ -38,9 +41,64 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// This host's IPv4 address on the network between hosts: the end of
-    /// the VXLAN tunnels of networks that span hosts (see /v1/hosts).
+    /// the VXLAN tunnels of networks that span hosts (see /v1/peers).
     #[arg(long, value_name = "IPV4")]
     underlay_address: Option<std::net::Ipv4Addr>,
+    /// Cluster mode: the etcd cluster this host joins, etcd=URL[,URL...].
+    /// Without it the agent is a standalone host.
+    #[arg(long, value_name = "etcd=URL[,URL...]", requires = "host_name")]
+    cluster: Option<String>,
+    /// This host's name in the cluster (1 to 63 of a-z 0-9 -).
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+    /// The host's labels: zone=onprem,fault-domain=1,update-domain=2.
+    #[arg(long, value_name = "KEY=VALUE[,...]", default_value = "")]
+    labels: String,
+    /// What the host does: compute (runs VMs), controller (may be elected).
+    #[arg(long, value_name = "ROLE[,...]", default_value = "compute,controller")]
+    roles: String,
+    /// Seconds after its last heartbeat that a host counts as down.
+    #[arg(long, value_name = "SECONDS", default_value_t = nubis_agent::cluster::settings::DEFAULT_LEASE_TTL_S)]
+    lease_ttl: i64,
+    /// Client certificates for etcd over TLS: the CA that signed etcd's
+    /// certificate, and this host's certificate and key (PEM).
+    #[arg(long, value_name = "PEM")]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long, value_name = "PEM")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, value_name = "PEM")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The cluster settings, when the agent runs in cluster mode.
+    fn cluster_settings(&self) -> Result<Option<ClusterSettings>, SettingsError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let endpoints = settings::parse_cluster(cluster)?;
+        let host_name: HostName = self.host_name.as_deref().unwrap_or_default().parse()?;
+        let mut settings = ClusterSettings::new(endpoints, host_name);
+        settings.labels = settings::parse_labels(&self.labels)?;
+        settings.roles = settings::parse_roles(&self.roles)?;
+        settings.lease_ttl_s = self.lease_ttl;
+        settings.tls = EtcdTls::from_parts(
+            self.etcd_ca.clone(),
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+        )?;
+        settings.check()?;
+        Ok(Some(settings))
+    }
+}
+
+/// The name a standalone host shows: the system's host name when it is a
+/// valid one, else "local".
+fn standalone_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|name| name.trim().to_ascii_lowercase().parse::<HostName>().ok())
+        .map_or_else(|| "local".to_string(), |name| name.to_string())
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -74,6 +132,10 @@ fn main() -> ExitCode {
     if cli.underlay_address.is_some() {
         file.underlay_address = cli.underlay_address;
     }
+    let cluster = match cli.cluster_settings() {
+        Ok(cluster) => cluster,
+        Err(err) => return fail(err),
+    };
     let env_token = std::env::var("NUBIS_OPERATOR_TOKEN").ok();
     let config = match AgentConfig::assemble(data_dir, file, env_token) {
         Ok(config) => config,
@@ -109,13 +171,18 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the async runtime: {err}")),
     };
-    match runtime.block_on(serve(listen, config, store)) {
+    match runtime.block_on(serve(listen, config, store, cluster)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(message),
     }
 }
 
-async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Result<(), String> {
+async fn serve(
+    listen: SocketAddr,
+    config: AgentConfig,
+    store: Arc<Store>,
+    cluster_settings: Option<ClusterSettings>,
+) -> Result<(), String> {
     let operator = Arc::new(OperatorToken::new(&config.operator_token));
     let image_dirs = Arc::new(config.image_dirs.clone());
     let data_dir = config.data_dir.clone();
@@ -135,6 +202,8 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
     let peer_listen = config
         .underlay_address
         .map(|address| SocketAddr::from((address, config.peer_port)));
+    let capacity = nubis_agent::capacity::of_host(&config);
+    let (underlay_address, peer_port) = (config.underlay_address, config.peer_port);
     let network = LinuxNetwork::new(store.clone(), &config);
     let supervisor = Supervisor::new(store.clone(), config, network.clone());
     supervisor
@@ -147,7 +216,7 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         .await
         .map_err(|err| format!("cannot set up the tenant networks: {err}"))?;
     let peers = Arc::new(peers);
-    let services = nubis_agent::service::Services::new(
+    let mut services = nubis_agent::service::Services::new(
         store.clone(),
         supervisor.clone(),
         network,
@@ -155,6 +224,38 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         data_dir.clone(),
         image_dirs.clone(),
     );
+    services.local_host = Arc::new(LocalHostInfo {
+        name: cluster_settings
+            .as_ref()
+            .map_or_else(standalone_name, |s| s.host_name.to_string()),
+        fingerprint: identity.fingerprint.clone(),
+        api_address: Some(listen.to_string()),
+        underlay_address: underlay_address.map(|a| a.to_string()),
+        capacity,
+        started_at: nubis_agent::store::now(),
+    });
+    if let Some(settings) = cluster_settings {
+        let usage_store = store.clone();
+        let local = LocalHost {
+            fingerprint: identity.fingerprint.clone(),
+            api_address: listen,
+            underlay_address,
+            peer_port,
+            capacity,
+            usage: Box::new(move || {
+                nubis_agent::capacity::used(&usage_store).unwrap_or_else(|err| {
+                    tracing::warn!("cannot count this host's usage: {err}");
+                    Default::default()
+                })
+            }),
+        };
+        let name = settings.host_name.clone();
+        let cluster = Cluster::join(settings, local)
+            .await
+            .map_err(|err| format!("cannot join the cluster as {name}: {err}"))?;
+        services.cluster = Some(cluster);
+    }
+    let cluster = services.cluster.clone();
     let state = AppState {
         store,
         supervisor,
@@ -201,5 +302,8 @@ async fn serve(listen: SocketAddr, config: AgentConfig, store: Arc<Store>) -> Re
         tracing::info!("shutting down; the VMs keep running");
     })
     .await;
+    if let Some(cluster) = cluster {
+        cluster.leave().await;
+    }
     Ok(())
 }

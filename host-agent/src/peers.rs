@@ -1,4 +1,4 @@
-//! Calls from this agent to its peers (`/v1/hosts`) over mutual TLS
+//! Calls from this agent to its peers (`/v1/peers`) over mutual TLS
 //! (`peer_tls`): replicating overlay networks to the hosts they span,
 //! asking a network's home host for addresses, and preparing migrations.
 //! Each peer is dialled at its underlay address and peer port, and must
@@ -14,7 +14,7 @@ use nubis_api::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::store::Peer;
+use crate::store::PeerRow;
 
 /// A failed call to a peer.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ impl PeerClient {
 
     async fn call<T: DeserializeOwned>(
         &self,
-        peer: &Peer,
+        peer: &PeerRow,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
@@ -127,7 +127,7 @@ impl PeerClient {
             })
     }
 
-    fn garbled(peer: &Peer, what: &str) -> PeerError {
+    fn garbled(peer: &PeerRow, what: &str) -> PeerError {
         PeerError::Garbled {
             host: peer.host.name.clone(),
             message: format!("no {what} in the answer"),
@@ -141,7 +141,7 @@ impl PeerClient {
     /// Gives the peer an overlay network (or its new member list).
     pub async fn put_network(
         &self,
-        peer: &Peer,
+        peer: &PeerRow,
         replica: &NetworkReplica,
     ) -> Result<Network, PeerError> {
         let path = format!("/v1/overlay/networks/{}", replica.network.id);
@@ -152,7 +152,7 @@ impl PeerClient {
 
     /// Takes an overlay network off the peer; one it does not have is gone
     /// already.
-    pub async fn delete_network(&self, peer: &Peer, id: &str) -> Result<(), PeerError> {
+    pub async fn delete_network(&self, peer: &PeerRow, id: &str) -> Result<(), PeerError> {
         let path = format!("/v1/overlay/networks/{id}");
         match self
             .call::<serde_json::Value>(peer, reqwest::Method::DELETE, &path, None)
@@ -166,7 +166,7 @@ impl PeerClient {
     /// Asks the network's home host for an address.
     pub async fn request_address(
         &self,
-        home: &Peer,
+        home: &PeerRow,
         network_id: &str,
         request: &AddressRequest,
     ) -> Result<AddressGrant, PeerError> {
@@ -179,7 +179,7 @@ impl PeerClient {
     /// Gives an address back to the network's home host.
     pub async fn release_address(
         &self,
-        home: &Peer,
+        home: &PeerRow,
         network_id: &str,
         address: std::net::Ipv4Addr,
         host: std::net::Ipv4Addr,
@@ -194,7 +194,7 @@ impl PeerClient {
     /// waits for ours.
     pub async fn incoming(
         &self,
-        peer: &Peer,
+        peer: &PeerRow,
         incoming: &IncomingMigration,
     ) -> Result<IncomingReady, PeerError> {
         self.call(
@@ -208,7 +208,7 @@ impl PeerClient {
     }
 
     /// Tells the peer that the VM it received is handed over.
-    pub async fn incoming_done(&self, peer: &Peer, vm_id: &str) -> Result<(), PeerError> {
+    pub async fn incoming_done(&self, peer: &PeerRow, vm_id: &str) -> Result<(), PeerError> {
         let path = format!("/v1/overlay/migrations/{vm_id}");
         self.call::<serde_json::Value>(peer, reqwest::Method::PUT, &path, None)
             .await
@@ -216,7 +216,7 @@ impl PeerClient {
     }
 
     /// Tells the peer to drop the VM it was receiving.
-    pub async fn incoming_abort(&self, peer: &Peer, vm_id: &str) -> Result<(), PeerError> {
+    pub async fn incoming_abort(&self, peer: &PeerRow, vm_id: &str) -> Result<(), PeerError> {
         let path = format!("/v1/overlay/migrations/{vm_id}");
         match self
             .call::<serde_json::Value>(peer, reqwest::Method::DELETE, &path, None)
@@ -228,7 +228,7 @@ impl PeerClient {
     }
 
     /// The peer's record of a VM it received.
-    pub async fn vm(&self, peer: &Peer, vm_id: &str) -> Result<Vm, PeerError> {
+    pub async fn vm(&self, peer: &PeerRow, vm_id: &str) -> Result<Vm, PeerError> {
         let path = format!("/v1/overlay/migrations/{vm_id}");
         self.call(peer, reqwest::Method::GET, &path, None)
             .await?

@@ -48,8 +48,8 @@ pub enum SpaceError {
     },
 }
 
-/// Bytes free for unprivileged use on the filesystem of `dir`.
-pub fn free_bytes(dir: &Path) -> Result<u64, SpaceError> {
+/// The filesystem of `dir`, as statvfs sees it.
+fn statvfs(dir: &Path) -> Result<libc::statvfs, SpaceError> {
     let failed = |source| SpaceError::Statvfs {
         path: dir.display().to_string(),
         source,
@@ -63,7 +63,19 @@ pub fn free_bytes(dir: &Path) -> Result<u64, SpaceError> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
         return Err(failed(std::io::Error::last_os_error()));
     }
+    Ok(stat)
+}
+
+/// Bytes free for unprivileged use on the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64, SpaceError> {
+    let stat = statvfs(dir)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// The size of the filesystem of `dir`, in MiB.
+pub fn filesystem_mib(dir: &Path) -> Result<u64, SpaceError> {
+    let stat = statvfs(dir)?;
+    Ok(stat.f_blocks.saturating_mul(stat.f_frsize) >> 20)
 }
 
 /// Whether `asked_mib` more fits on the host above its reserve.

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    Host, HostCreate, HostIdentity, Image, ImageCreate, Migration, MigrationCreate, Quota, Tenant,
+    HostIdentity, Image, ImageCreate, Migration, MigrationCreate, Peer, PeerCreate, Quota, Tenant,
     TenantCreate, TokenCreated, Vm, VmCreate, VmNicCreate,
 };
 use serde::de::DeserializeOwned;
@@ -689,15 +689,15 @@ pub fn tenant_token(agent: &Agent, id: &str) -> String {
 
 /// Registers `peer` (an agent at underlay `address`) with `agent` as
 /// host `name`, by the fingerprint `peer` shows for itself.
-pub fn register_peer(agent: &Agent, name: &str, address: std::net::Ipv4Addr, peer: &Agent) -> Host {
+pub fn register_peer(agent: &Agent, name: &str, address: std::net::Ipv4Addr, peer: &Agent) -> Peer {
     let identity: HostIdentity = peer.get("/v1/host-identity", &peer.operator_token);
-    let body = HostCreate {
+    let body = PeerCreate {
         name: name.to_string(),
         address: address.to_string(),
         fingerprint: identity.fingerprint,
         peer_port: None,
     };
-    agent.create("/v1/hosts", &agent.operator_token, &body)
+    agent.create("/v1/peers", &agent.operator_token, &body)
 }
 
 /// Registers the test guest image as "busybox" for `token`'s tenant, with

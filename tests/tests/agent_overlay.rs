@@ -1,7 +1,7 @@
 //! A network across two hosts (issue #5), end to end: two simulated hosts,
 //! each a network namespace running its own agent, joined by an underlay
 //! veth pair; the test reaches each agent over a management veth from this
-//! namespace. The peers register each other (`/v1/hosts`), a tenant's
+//! namespace. The peers register each other (`/v1/peers`), a tenant's
 //! network created on host A spans host B over VXLAN, a guest on A and a
 //! guest on B get their addresses from the network's one IPAM (A), their
 //! MTU lowered for VXLAN by DHCP, and talk to each other through the
@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use nubis_api::{Host, HostCreate, HostIdentity, Network, NetworkCreate};
+use nubis_api::{HostIdentity, Network, NetworkCreate, Peer, PeerCreate};
 use nubis_tests::agent::{
     busybox_image, console_value, expect, network_vm, register_peer, tenant, tenant_token,
     wait_for_console, Agent, RemoteHost,
@@ -130,7 +130,7 @@ fn a_network_spans_two_hosts_over_vxlan() {
     let fingerprint_b = identity_b.fingerprint.clone();
     assert_eq!(identity_b.address, Some(UNDERLAY_B.to_string()));
     let identity_a: HostIdentity = agent_a.get("/v1/host-identity", TOKEN_A);
-    let host = |name: &str, address: String, fingerprint: String| HostCreate {
+    let host = |name: &str, address: String, fingerprint: String| PeerCreate {
         name: name.to_string(),
         address,
         fingerprint,
@@ -143,7 +143,7 @@ fn a_network_spans_two_hosts_over_vxlan() {
     ] {
         let refused = agent_a.send(
             "POST",
-            "/v1/hosts",
+            "/v1/peers",
             Some(TOKEN_A),
             &host("b", UNDERLAY_B.to_string(), fingerprint),
         );
@@ -176,12 +176,12 @@ fn a_network_spans_two_hosts_over_vxlan() {
     // One fingerprint is one host; a name is registered once.
     let twice = agent_a.send(
         "POST",
-        "/v1/hosts",
+        "/v1/peers",
         Some(TOKEN_A),
         &host("c", "10.99.0.3".to_string(), fingerprint_b.clone()),
     );
     assert_eq!(twice.status, 409, "{twice:?}");
-    let hosts: Vec<Host> = agent_a.get("/v1/hosts", TOKEN_A);
+    let hosts: Vec<Peer> = agent_a.get("/v1/peers", TOKEN_A);
     assert_eq!(hosts[0].address, UNDERLAY_B.to_string());
     assert_eq!(hosts[0].fingerprint, fingerprint_b);
     // The host-to-host API is not the operator's: on the public port even
@@ -396,6 +396,6 @@ fn a_network_spans_two_hosts_over_vxlan() {
         );
     }
     // With no network left, B can be forgotten.
-    let forgotten = agent_a.call("DELETE", "/v1/hosts/b", Some(TOKEN_A), None);
+    let forgotten = agent_a.call("DELETE", "/v1/peers/b", Some(TOKEN_A), None);
     assert_eq!(forgotten.status, 204, "{forgotten:?}");
 }

@@ -33,6 +33,9 @@ pub struct Stored<T> {
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
+    /// For calls that wait as long as they must (an election campaign,
+    /// a watch): no per-call timeout; their callers stop them.
+    waiting: Client,
 }
 
 fn etcd_error(action: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> ClusterError {
@@ -76,7 +79,6 @@ impl Etcd {
     pub async fn connect(settings: &ClusterSettings) -> Result<Self, ClusterError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
         if let Some(tls) = &settings.tls {
@@ -90,10 +92,13 @@ impl Etcd {
             );
         }
         let urls: Vec<String> = settings.endpoints.iter().map(|e| e.url()).collect();
-        let client = Client::connect(&urls, Some(options))
+        let waiting = Client::connect(&urls, Some(options.clone()))
             .await
             .map_err(etcd_error(format!("connect to {}", urls.join(","))))?;
-        let etcd = Etcd { client };
+        let client = Client::connect(&urls, Some(options.with_timeout(CALL_TIMEOUT)))
+            .await
+            .map_err(etcd_error(format!("connect to {}", urls.join(","))))?;
+        let etcd = Etcd { client, waiting };
         // A connection is lazy: one read shows now whether etcd answers.
         etcd.client
             .clone()
@@ -103,9 +108,10 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// The client, for leases, elections and watches.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The client for calls that wait until their caller stops them
+    /// (campaigns, lease renewal streams, watches).
+    pub fn waiting_client(&self) -> Client {
+        self.waiting.clone()
     }
 
     /// The value at `key`.

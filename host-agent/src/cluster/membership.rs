@@ -150,7 +150,12 @@ async fn keep_alive(inner: &Inner, mut session: Session) {
             return;
         }
         if stream.is_none() {
-            match inner.etcd.client().lease_keep_alive(session.lease).await {
+            match inner
+                .etcd
+                .waiting_client()
+                .lease_keep_alive(session.lease)
+                .await
+            {
                 Ok(pair) => stream = Some(pair),
                 Err(err) => {
                     tracing::warn!("cluster: cannot renew the lease: {err}");
@@ -196,7 +201,7 @@ async fn campaign(inner: Arc<Inner>, lease: i64, mut ended: watch::Receiver<bool
     let election = inner.keys.controller_election();
     let name = inner.settings.host_name.to_string();
     loop {
-        let mut client = inner.etcd.client();
+        let mut client = inner.etcd.waiting_client();
         let result = tokio::select! {
             result = client.campaign(election.as_str(), name.as_str(), lease) => result,
             _ = ended.wait_for(|ended| *ended) => return,

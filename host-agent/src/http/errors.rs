@@ -8,6 +8,7 @@
 use nubis_api::{ApiError, ErrorCode};
 
 use super::HttpError;
+use crate::cluster::ClusterError;
 use crate::peers::PeerError;
 use crate::quota::SpaceError;
 use crate::service::ServiceError;
@@ -40,6 +41,7 @@ impl From<ServiceError> for HttpError {
             ServiceError::Supervisor(err) => (supervisor_code(err), None),
             ServiceError::Space(err) => (space_code(err), None),
             ServiceError::Peer(err) => (peer_code(err), None),
+            ServiceError::Cluster(err) => (cluster_code(err), None),
         };
         let mut api = ApiError::new(code, error.to_string());
         api.error.field = field;
@@ -90,6 +92,15 @@ fn supervisor_code(error: &SupervisorError) -> ErrorCode {
         SupervisorError::Store(StoreError::Quota(_)) => ErrorCode::QuotaExceeded,
         SupervisorError::NoUnderlay(_) => ErrorCode::Unprocessable,
         _ => ErrorCode::Internal,
+    }
+}
+
+fn cluster_code(error: &ClusterError) -> ErrorCode {
+    match error {
+        ClusterError::NoSuchHost(_) => ErrorCode::NotFound,
+        ClusterError::HostUp(_) | ClusterError::NameTaken { .. } => ErrorCode::Conflict,
+        ClusterError::Etcd { .. } | ClusterError::Contended { .. } => ErrorCode::Unavailable,
+        ClusterError::Corrupt { .. } | ClusterError::TlsFile { .. } => ErrorCode::Internal,
     }
 }
 

@@ -1,165 +1,53 @@
-//! `/v1/hosts`: the peer hosts this agent carries overlay networks with
-//! (operator only), registered by underlay address and certificate
-//! fingerprint; `/v1/host-identity`: this host's, for the peers' operators.
-//! Registration is one-sided: the two hosts talk once each has registered
-//! the other (mutual TLS, `peer_tls`); until then calls fail naming the
-//! refused certificate.
+//! `/v1/hosts`: the cluster's members (operator only): state, roles,
+//! labels, capacity and usage, which one is the controller; cordoning and
+//! forgetting. A standalone agent lists itself.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, Host, HostCreate, HostIdentity};
+use nubis_api::{ApiError, ClusterHost};
 
-use super::responses::{Invalid, OperatorOnly};
-use super::{AppState, Body, HttpError, Operator, Result};
-use crate::store::Peer;
-use crate::validate;
+use super::responses::OperatorOnly;
+use super::{AppState, Operator, Path, Result};
+use crate::service::hosts;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/hosts", get(list).post(create))
-        .route("/v1/hosts/{name}", get(show).delete(remove))
-        .route("/v1/host-identity", get(identity))
-}
-
-/// Makes the TLS layer's view of the peers the database's.
-pub fn refresh_registry(state: &AppState) -> Result<()> {
-    let peers = state.store.list_hosts()?.into_iter().filter_map(|host| {
-        let address = host.address.parse().ok()?;
-        Some((host.name, address, host.fingerprint))
-    });
-    state.peer_registry.replace(peers);
-    Ok(())
+        .route("/v1/hosts", get(list))
+        .route("/v1/hosts/{name}", get(show).delete(forget))
+        .route("/v1/hosts/{name}/cordon", post(cordon))
+        .route("/v1/hosts/{name}/uncordon", post(uncordon))
 }
 
 #[utoipa::path(
     get,
-    path = "/v1/host-identity",
-    tag = "hosts",
-    responses(
-        (status = 200, description = "this host's certificate fingerprint and peer address", body = HostIdentity),
-        OperatorOnly
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn identity(
-    State(state): State<AppState>,
-    _operator: Operator,
-) -> Result<Json<HostIdentity>> {
-    Ok(Json(HostIdentity {
-        fingerprint: state.fingerprint.to_string(),
-        address: state.supervisor.underlay_address().map(|a| a.to_string()),
-        peer_port: state.supervisor.config().peer_port,
-    }))
-}
-
-/// A peer's underlay address: a unicast IPv4 address other than ours.
-fn check_address(state: &AppState, address: &str) -> Result<std::net::Ipv4Addr> {
-    let parsed: std::net::Ipv4Addr = address
-        .parse()
-        .map_err(|_| ApiError::invalid("address", format!("'{address}' is not an IPv4 address")))?;
-    if parsed.is_unspecified()
-        || parsed.is_broadcast()
-        || parsed.is_multicast()
-        || parsed.is_loopback()
-    {
-        return Err(ApiError::invalid(
-            "address",
-            format!("{parsed} is not a unicast host address"),
-        )
-        .into());
-    }
-    if state.supervisor.underlay_address() == Some(parsed) {
-        return Err(ApiError::invalid(
-            "address",
-            format!("{parsed} is this host's own underlay address"),
-        )
-        .into());
-    }
-    Ok(parsed)
-}
-
-#[utoipa::path(
-    post,
     path = "/v1/hosts",
     tag = "hosts",
-    request_body = HostCreate,
     responses(
-        (status = 201, description = "registered", body = Host),
-        Invalid,
+        (status = 200, description = "every member, by name", body = Vec<ClusterHost>),
         OperatorOnly,
-        (status = 409, description = "the name, address or fingerprint is registered", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Body(request): Body<HostCreate>,
-) -> Result<(StatusCode, Json<Host>)> {
-    validate::name("name", &request.name, false)?;
-    let address = check_address(&state, &request.address)?;
-    if !crate::peer_tls::is_fingerprint(&request.fingerprint) {
-        return Err(ApiError::invalid(
-            "fingerprint",
-            "a certificate fingerprint is 64 lower-case hex digits (the peer's GET /v1/host-identity)",
-        )
-        .into());
-    }
-    if request.fingerprint == *state.fingerprint {
-        return Err(ApiError::invalid("fingerprint", "this is this host's own certificate").into());
-    }
-    let peer_port = request
-        .peer_port
-        .unwrap_or(nubis_api::host::DEFAULT_PEER_PORT);
-    if peer_port == 0 {
-        return Err(ApiError::invalid("peer_port", "must be 1 to 65535").into());
-    }
-    let host = state.store.create_host(
-        &request.name,
-        &address.to_string(),
-        peer_port,
-        &request.fingerprint,
-    )?;
-    refresh_registry(&state)?;
-    tracing::info!(host = %host.name, address = %host.address, "peer host registered");
-    Ok((StatusCode::CREATED, Json(host)))
-}
-
-#[utoipa::path(
-    get,
-    path = "/v1/hosts",
-    tag = "hosts",
-    responses(
-        (status = 200, description = "the registered peers", body = Vec<Host>),
-        OperatorOnly
+        (status = 503, description = "etcd cannot be reached", body = ApiError)
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
     _operator: Operator,
-) -> Result<Json<Vec<Host>>> {
-    Ok(Json(state.store.list_hosts()?))
-}
-
-fn find(state: &AppState, name: &str) -> Result<Peer> {
-    state
-        .store
-        .get_host(name)?
-        .ok_or_else(|| HttpError::not_found("host", name))
+) -> Result<Json<Vec<ClusterHost>>> {
+    Ok(Json(hosts::list(&state.services).await?))
 }
 
 #[utoipa::path(
     get,
     path = "/v1/hosts/{name}",
     tag = "hosts",
-    params(("name" = String, Path, description = "name (or underlay address)")),
+    params(("name" = String, Path, description = "the host's name")),
     responses(
-        (status = 200, description = "success", body = Host),
+        (status = 200, description = "success", body = ClusterHost),
         OperatorOnly,
-        (status = 404, description = "no such host", body = ApiError)
+        (status = 404, description = "no such host", body = ApiError),
+        (status = 503, description = "etcd cannot be reached", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -167,31 +55,71 @@ pub(crate) async fn show(
     State(state): State<AppState>,
     _operator: Operator,
     Path(name): Path<String>,
-) -> Result<Json<Host>> {
-    Ok(Json(find(&state, &name)?.host))
+) -> Result<Json<ClusterHost>> {
+    Ok(Json(hosts::get(&state.services, &name).await?))
 }
+
+/// `POST /v1/hosts/{name}/cordon` and `/uncordon`.
+macro_rules! cordon_handler {
+    ($name:ident, $path:tt, $cordoned:expr, $done:tt) => {
+        #[utoipa::path(
+                    post,
+                    path = $path,
+                    tag = "hosts",
+                    params(("name" = String, Path, description = "the host's name")),
+                    responses(
+                        (status = 200, description = $done, body = ClusterHost),
+                        OperatorOnly,
+                        (status = 404, description = "no such host", body = ApiError),
+                        (status = 409, description = "this agent is standalone", body = ApiError),
+                        (status = 503, description = "etcd cannot be reached", body = ApiError)
+                    ),
+                    security(("bearer" = []))
+                )]
+        pub(crate) async fn $name(
+            State(state): State<AppState>,
+            _operator: Operator,
+            Path(name): Path<String>,
+        ) -> Result<Json<ClusterHost>> {
+            Ok(Json(
+                hosts::set_cordon(&state.services, &name, $cordoned).await?,
+            ))
+        }
+    };
+}
+
+cordon_handler!(
+    cordon,
+    "/v1/hosts/{name}/cordon",
+    true,
+    "cordoned: no new VMs are placed on it"
+);
+cordon_handler!(
+    uncordon,
+    "/v1/hosts/{name}/uncordon",
+    false,
+    "new VMs may be placed on it again"
+);
 
 #[utoipa::path(
     delete,
     path = "/v1/hosts/{name}",
     tag = "hosts",
-    params(("name" = String, Path, description = "name (or underlay address)")),
+    params(("name" = String, Path, description = "the host's name")),
     responses(
-        (status = 204, description = "deleted"),
+        (status = 204, description = "forgotten: its name is free again"),
         OperatorOnly,
         (status = 404, description = "no such host", body = ApiError),
-        (status = 409, description = "a network spans the host", body = ApiError)
+        (status = 409, description = "the host is up, or this agent is standalone", body = ApiError),
+        (status = 503, description = "etcd cannot be reached", body = ApiError)
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn remove(
+pub(crate) async fn forget(
     State(state): State<AppState>,
     _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
-    let peer = find(&state, &name)?;
-    state.store.delete_host(&peer.host.name)?;
-    refresh_registry(&state)?;
-    tracing::info!(host = %peer.host.name, "peer host removed");
+    hosts::forget(&state.services, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

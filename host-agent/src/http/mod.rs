@@ -16,7 +16,8 @@
 mod handlers;
 mod errors;
 mod hosts;
-pub use hosts::refresh_registry;
+mod peers;
+pub use peers::refresh_registry;
 mod images;
 pub mod metrics;
 mod migrations;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .merge(networks::routes())
         .merge(port_forwards::routes())
         .merge(hosts::routes())
+        .merge(peers::routes())
         .merge(snapshots::routes())
         .merge(migrations::routes())
         .merge(overlay::routes())

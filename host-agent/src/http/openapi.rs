@@ -4,17 +4,17 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    AddressGrant, AddressRequest, ApiError, ErrorCode, Host, HostCreate, HostIdentity, Image,
-    ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate, Network,
-    NetworkCreate, NetworkReplica, Overlay, PortForward, PortForwardCreate, Protocol, Quota,
-    RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
-    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmState,
+    AddressGrant, AddressRequest, ApiError, ClusterHost, ErrorCode, HostIdentity, HostResources,
+    HostState, Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate,
+    Network, NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PortForward,
+    PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate,
+    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    hosts, images, migrations, networks, overlay, port_forwards, snapshots, system, tenants,
+    hosts, images, migrations, networks, overlay, peers, port_forwards, snapshots, system, tenants,
     uploads, vms,
 };
 
@@ -35,7 +35,8 @@ use super::{
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
-        hosts::create, hosts::list, hosts::show, hosts::remove, hosts::identity,
+        hosts::list, hosts::show, hosts::cordon, hosts::uncordon, hosts::forget,
+        peers::create, peers::list, peers::show, peers::remove, peers::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
         migrations::create, migrations::show, migrations::cancel,
@@ -44,7 +45,7 @@ use super::{
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
-        Overlay, Host, HostCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
+        Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
     )),
     modifiers(&BearerAuth, &CidrPattern),
@@ -55,7 +56,8 @@ use super::{
         (name = "networks", description = "Tenant virtual networks"),
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
         (name = "snapshots", description = "Snapshots of VMs, restored into new VMs"),
-        (name = "hosts", description = "Peer hosts that networks span (operator only)"),
+        (name = "hosts", description = "The cluster's hosts: state, capacity, labels, the controller (operator only)"),
+        (name = "peers", description = "Peer hosts that networks span (operator only)"),
         (name = "overlay", description = "Host to host: overlay networks, their addresses and migrations; served to registered peers only, over mutual TLS on the peer port"),
         (name = "system", description = "Health"),
     )
@@ -151,8 +153,12 @@ mod tests {
             "/v1/networks/{id}",
             "/v1/port-forwards",
             "/v1/port-forwards/{id}",
+            "/v1/peers",
+            "/v1/peers/{name}",
             "/v1/hosts",
             "/v1/hosts/{name}",
+            "/v1/hosts/{name}/cordon",
+            "/v1/hosts/{name}/uncordon",
             "/v1/vms/{id}/snapshots",
             "/v1/snapshots",
             "/v1/snapshots/{id}",

@@ -22,7 +22,7 @@ use nubis_contract::migration::{Phase, Progress};
 
 use super::{networks, vms, Result, Scope, ServiceError, Services};
 use crate::network::nic_address;
-use crate::store::{Peer, VmRow};
+use crate::store::{PeerRow, VmRow};
 use crate::supervisor::control::MigrateOptions;
 use crate::supervisor::migration as handover;
 
@@ -128,7 +128,7 @@ pub async fn start(
     let peer = svc.store.get_host(&request.host)?.ok_or_else(|| {
         ServiceError::unprocessable(
             "host",
-            format!("no host '{}' (see /v1/hosts)", request.host),
+            format!("no host '{}' (see /v1/peers)", request.host),
         )
     })?;
     if vm.state != VmState::Running {
@@ -182,7 +182,7 @@ const POLL: Duration = Duration::from_millis(100);
 async fn drive(
     svc: &Services,
     vm: VmRow,
-    peer: &Peer,
+    peer: &PeerRow,
     limits: &MigrationCreate,
     started: Instant,
 ) -> Result<()> {
@@ -404,7 +404,7 @@ async fn exited_phase(svc: &Services, vm_id: &str) -> Phase {
     Phase::Failed
 }
 
-async fn abort_destination(svc: &Services, peer: &Peer, vm_id: &str) {
+async fn abort_destination(svc: &Services, peer: &PeerRow, vm_id: &str) {
     if let Err(err) = svc.peers.incoming_abort(peer, vm_id).await {
         tracing::error!(
             vm = vm_id,
@@ -416,7 +416,7 @@ async fn abort_destination(svc: &Services, peer: &Peer, vm_id: &str) {
 
 /// The VM runs on the destination: tell it, hand its addresses over, and
 /// forget the VM here.
-async fn finish(svc: &Services, vm: &VmRow, peer: &Peer, local: Ipv4Addr) -> Result<()> {
+async fn finish(svc: &Services, vm: &VmRow, peer: &PeerRow, local: Ipv4Addr) -> Result<()> {
     svc.peers.incoming_done(peer, &vm.id).await?;
     for nic in &vm.nics {
         let (Some(network), Some(address)) =

@@ -11,6 +11,7 @@
 //! a VM. The host's networking is reached through [`HostNetwork`], which
 //! tests replace.
 
+pub mod hosts;
 pub mod images;
 pub mod incoming;
 pub mod migrations;
@@ -96,6 +97,10 @@ pub struct Services {
     pub image_dirs: Arc<Vec<PathBuf>>,
     /// The migrations this host drives (or drove).
     pub migrations: Arc<migrations::Migrations>,
+    /// This host as `/v1/hosts` shows it when it is standalone.
+    pub local_host: Arc<hosts::LocalHostInfo>,
+    /// The cluster this host is a member of; None when standalone.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Services {
@@ -116,6 +121,8 @@ impl Services {
             data_dir,
             image_dirs,
             migrations: Default::default(),
+            local_host: Default::default(),
+            cluster: None,
         }
     }
 }
@@ -172,6 +179,8 @@ pub enum ServiceError {
     Space(#[from] SpaceError),
     #[error(transparent)]
     Peer(#[from] PeerError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServiceError {

@@ -15,7 +15,7 @@ use crate::ipv4::Cidr;
 use crate::network::host::host_resolvers;
 use crate::network::nic_address;
 use crate::network::vxlan::VXLAN_OVERHEAD;
-use crate::store::{NetworkRow, Peer};
+use crate::store::{NetworkRow, PeerRow};
 use crate::validate;
 
 impl From<NetworkRow> for Network {
@@ -133,13 +133,13 @@ pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) ->
 }
 
 /// The registered peers named in a network's `hosts`.
-fn spanned_peers(svc: &Services, names: &[String]) -> Result<Vec<Peer>> {
-    let mut peers: Vec<Peer> = Vec::new();
+fn spanned_peers(svc: &Services, names: &[String]) -> Result<Vec<PeerRow>> {
+    let mut peers: Vec<PeerRow> = Vec::new();
     for (index, name) in names.iter().enumerate() {
         let peer = svc.store.get_host(name)?.ok_or_else(|| {
             ServiceError::unprocessable(
                 format!("hosts[{index}]"),
-                format!("no host '{name}' (see /v1/hosts)"),
+                format!("no host '{name}' (see /v1/peers)"),
             )
         })?;
         if peers.iter().any(|known| known.host.name == peer.host.name) {
@@ -155,7 +155,7 @@ fn spanned_peers(svc: &Services, names: &[String]) -> Result<Vec<Peer>> {
 
 /// Gives `network` to each of `peers`; on a refusal takes it back from
 /// those that had taken it.
-async fn replicate(svc: &Services, network: &NetworkRow, peers: &[Peer]) -> Result<()> {
+async fn replicate(svc: &Services, network: &NetworkRow, peers: &[PeerRow]) -> Result<()> {
     let replica = replica(svc, network)?;
     for (index, peer) in peers.iter().enumerate() {
         if let Err(err) = svc.peers.put_network(peer, &replica).await {
@@ -322,17 +322,17 @@ async fn max_overlay_mtu(svc: &Services, local: Ipv4Addr) -> Result<u16> {
 }
 
 /// The registered peer for an underlay address.
-fn peer_at(svc: &Services, address: &str) -> Result<Peer> {
+fn peer_at(svc: &Services, address: &str) -> Result<PeerRow> {
     svc.store.get_host(address)?.ok_or_else(|| {
         ServiceError::Conflict(format!(
-            "host {address} is not registered here (see /v1/hosts)"
+            "host {address} is not registered here (see /v1/peers)"
         ))
     })
 }
 
 /// The network's home host when it is another host; None when this host
 /// is its home, or it does not span hosts.
-pub fn remote_home(svc: &Services, net: &NetworkRow) -> Result<Option<Peer>> {
+pub fn remote_home(svc: &Services, net: &NetworkRow) -> Result<Option<PeerRow>> {
     let Some(overlay) = &net.overlay else {
         return Ok(None);
     };
@@ -343,7 +343,7 @@ pub fn remote_home(svc: &Services, net: &NetworkRow) -> Result<Option<Peer>> {
 }
 
 /// The peers an overlay network of this home host spans.
-fn member_peers(svc: &Services, net: &NetworkRow) -> Result<Vec<Peer>> {
+fn member_peers(svc: &Services, net: &NetworkRow) -> Result<Vec<PeerRow>> {
     let Some(overlay) = &net.overlay else {
         return Ok(Vec::new());
     };
@@ -419,7 +419,7 @@ pub async fn release_remote_addresses(svc: &Services, nics: &[(NetworkRow, Ipv4A
 /// Asks `net`'s home host for an address for VM `vm` (its name).
 pub async fn remote_address(
     svc: &Services,
-    home: &Peer,
+    home: &PeerRow,
     net: &NetworkRow,
     vm: &str,
 ) -> Result<String> {

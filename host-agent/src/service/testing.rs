@@ -141,6 +141,8 @@ impl Fixture {
             data_dir: data_dir.clone(),
             image_dirs: image_dirs.clone(),
             migrations: Default::default(),
+            local_host: Default::default(),
+            cluster: None,
         };
         let state = AppState {
             store,

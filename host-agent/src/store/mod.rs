@@ -8,10 +8,10 @@
 //! connection behind a mutex: every operation is a short statement, and
 //! SQLite serializes writers anyway.
 
-mod hosts;
 mod images;
 mod jail_users;
 mod networks;
+mod peers;
 mod port_forwards;
 mod snapshots;
 mod tenants;
@@ -22,9 +22,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
-pub use hosts::Peer;
 pub use images::ImageRow;
 pub use networks::NetworkRow;
+pub use peers::PeerRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::{SavedVm, SnapshotRow};
 pub use tenants::TenantRow;

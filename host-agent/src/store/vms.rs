@@ -328,11 +328,34 @@ impl Store {
     /// MiB of disk the tenant's VMs (root disks at their image's size,
     /// data disks at full size) and snapshots take.
     pub fn storage_used_mib(&self, tenant_id: &str) -> Result<u64, StoreError> {
+        self.storage_mib(Some(tenant_id))
+    }
+
+    /// What all VMs here take of the host: vCPUs, memory, disk as
+    /// [`Store::storage_used_mib`] counts it, and how many VMs there are.
+    pub fn host_usage(&self) -> Result<(Usage, u64), StoreError> {
+        let usage = self.conn().query_row(
+            "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COUNT(*) FROM vms",
+            [],
+            |row| {
+                Ok(Usage {
+                    vcpus: row.get(0)?,
+                    memory_mib: row.get(1)?,
+                    vms: row.get(2)?,
+                })
+            },
+        )?;
+        Ok((usage, self.storage_mib(None)?))
+    }
+
+    /// Disk MiB of one tenant's VMs and snapshots, or everyone's.
+    fn storage_mib(&self, tenant_id: Option<&str>) -> Result<u64, StoreError> {
         let conn = self.conn();
         let vms: Vec<(String, u64)> = conn
             .prepare(
                 "SELECT vms.spec, COALESCE(images.rootfs_bytes, 0) FROM vms
-                 LEFT JOIN images ON images.id = vms.image_id WHERE vms.tenant_id = ?1",
+                 LEFT JOIN images ON images.id = vms.image_id
+                 WHERE ?1 IS NULL OR vms.tenant_id = ?1",
             )?
             .query_map([tenant_id], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
@@ -345,7 +368,7 @@ impl Store {
                 .saturating_add(spec.disks.iter().map(|disk| disk.size_mib).sum::<u64>());
         }
         let snapshot_bytes: u64 = conn.query_row(
-            "SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE tenant_id = ?1",
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE ?1 IS NULL OR tenant_id = ?1",
             [tenant_id],
             |row| row.get(0),
         )?;
@@ -572,5 +595,12 @@ mod tests {
             before + root + 120
         );
         assert_eq!(store.storage_used_mib("t-other").unwrap(), 0);
+        let (host, disk) = store.host_usage().unwrap();
+        assert_eq!(
+            disk,
+            store.storage_used_mib(&tenant).unwrap(),
+            "one tenant here"
+        );
+        assert!(host.vms >= 1 && host.vcpus >= 1, "{host:?}");
     }
 }

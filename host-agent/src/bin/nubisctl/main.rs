@@ -65,6 +65,10 @@ enum Command {
     PortForward(PortForwardCommand),
     /// Peer hosts that networks span (operator).
     #[command(subcommand)]
+    Peer(PeerCommand),
+    /// The cluster's hosts: state, capacity, labels, the controller
+    /// (operator).
+    #[command(subcommand)]
     Host(HostCommand),
     /// Snapshots of VMs.
     #[command(subcommand)]
@@ -106,7 +110,7 @@ enum NetworkCommand {
         dns: Vec<String>,
         #[arg(long)]
         mtu: Option<u16>,
-        /// A peer host (see `nubisctl host`) that carries the network too
+        /// A peer host (see `nubisctl peer`) that carries the network too
         /// (repeatable): the network spans the hosts over VXLAN.
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
@@ -144,9 +148,30 @@ enum SnapshotCommand {
 
 #[derive(Debug, Subcommand)]
 enum HostCommand {
+    /// Every member: state, roles, capacity and usage, labels, and which
+    /// is the controller.
+    List,
+    Show {
+        name: String,
+    },
+    /// No new VMs are placed on the host; its VMs run on.
+    Cordon {
+        name: String,
+    },
+    Uncordon {
+        name: String,
+    },
+    /// Forgets a member that is down for good (its name is free again).
+    Forget {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCommand {
     /// Registers a peer agent: its underlay address (where its VXLAN
     /// tunnels end and its peer API listens) and its certificate's
-    /// fingerprint (`nubisctl host identity` on that host).
+    /// fingerprint (`nubisctl peer identity` on that host).
     Add {
         name: String,
         /// The peer's underlay IPv4 address.
@@ -340,7 +365,7 @@ enum VmCommand {
     /// and, at the end, the pause the guest saw.
     Migrate {
         id: String,
-        /// The destination (a host registered with `nubisctl host add`).
+        /// The destination (a host registered with `nubisctl peer add`).
         #[arg(long)]
         host: String,
         /// The pause the guest may see, in ms.
@@ -607,31 +632,47 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             )?),
         },
         Command::Host(command) => match command {
-            HostCommand::Add {
+            HostCommand::List => out.hosts(&client.call("GET", "/v1/hosts", None)?)?,
+            HostCommand::Show { name } => {
+                out.object(&client.call("GET", &format!("/v1/hosts/{name}"), None)?)
+            }
+            HostCommand::Cordon { name } => {
+                out.object(&client.call("POST", &format!("/v1/hosts/{name}/cordon"), None)?)
+            }
+            HostCommand::Uncordon { name } => {
+                out.object(&client.call("POST", &format!("/v1/hosts/{name}/uncordon"), None)?)
+            }
+            HostCommand::Forget { name } => out.done(
+                &client.call("DELETE", &format!("/v1/hosts/{name}"), None)?,
+                &format!("host {name} forgotten"),
+            ),
+        },
+        Command::Peer(command) => match command {
+            PeerCommand::Add {
                 name,
                 address,
                 fingerprint,
                 peer_port,
             } => {
-                let body = serde_json::to_value(nubis_api::HostCreate {
+                let body = serde_json::to_value(nubis_api::PeerCreate {
                     name,
                     address,
                     fingerprint,
                     peer_port,
                 })?;
-                out.object(&client.call("POST", "/v1/hosts", Some(&body))?)
+                out.object(&client.call("POST", "/v1/peers", Some(&body))?)
             }
-            HostCommand::Identity => out.object(&client.call("GET", "/v1/host-identity", None)?),
-            HostCommand::List => out.table(
-                &client.call("GET", "/v1/hosts", None)?,
+            PeerCommand::Identity => out.object(&client.call("GET", "/v1/host-identity", None)?),
+            PeerCommand::List => out.table(
+                &client.call("GET", "/v1/peers", None)?,
                 &["name", "address", "peer_port", "fingerprint"],
             ),
-            HostCommand::Show { name } => {
-                out.object(&client.call("GET", &format!("/v1/hosts/{name}"), None)?)
+            PeerCommand::Show { name } => {
+                out.object(&client.call("GET", &format!("/v1/peers/{name}"), None)?)
             }
-            HostCommand::Delete { name } => out.done(
-                &client.call("DELETE", &format!("/v1/hosts/{name}"), None)?,
-                &format!("host {name} removed"),
+            PeerCommand::Delete { name } => out.done(
+                &client.call("DELETE", &format!("/v1/peers/{name}"), None)?,
+                &format!("peer {name} removed"),
             ),
         },
         Command::PortForward(command) => match command {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nubis_api::ClusterHost;
 use serde_json::Value;
 
 pub struct Output {
@@ -25,7 +26,61 @@ fn cell(value: &Value) -> String {
     }
 }
 
+/// "used/capacity", or "-" while the host is down.
+fn used_of(usage: Option<u64>, capacity: Option<u64>) -> String {
+    match (usage, capacity) {
+        (Some(used), Some(capacity)) => format!("{used}/{capacity}"),
+        _ => "-".into(),
+    }
+}
+
 impl Output {
+    /// The cluster's hosts: one line each, the controller marked with '*'.
+    pub fn hosts(&self, value: &Value) -> Result<(), serde_json::Error> {
+        if self.json {
+            println!("{value}");
+            return Ok(());
+        }
+        let hosts: Vec<ClusterHost> = serde_json::from_value(value.clone())?;
+        let columns = [
+            "name",
+            "state",
+            "controller",
+            "roles",
+            "vcpus",
+            "memory_mib",
+            "disk_mib",
+            "vms",
+            "labels",
+        ];
+        let rows = hosts
+            .iter()
+            .map(|host| {
+                let (usage, capacity) = (host.usage, host.capacity);
+                vec![
+                    host.name.clone(),
+                    host.state.as_str().to_string(),
+                    if host.controller { "*" } else { "" }.to_string(),
+                    host.roles.join(","),
+                    used_of(
+                        usage.map(|u| u64::from(u.vcpus)),
+                        capacity.map(|c| u64::from(c.vcpus)),
+                    ),
+                    used_of(usage.map(|u| u.memory_mib), capacity.map(|c| c.memory_mib)),
+                    used_of(usage.map(|u| u.disk_mib), capacity.map(|c| c.disk_mib)),
+                    host.vms.map_or_else(|| "-".into(), |vms| vms.to_string()),
+                    host.labels
+                        .iter()
+                        .map(|(key, value)| format!("{key}={value}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            })
+            .collect();
+        self.rows(&columns, rows);
+        Ok(())
+    }
+
     /// One object: `key: value` lines, or its JSON.
     pub fn object(&self, value: &Value) {
         if self.json {
@@ -58,6 +113,11 @@ impl Output {
                     .collect()
             })
             .unwrap_or_default();
+        self.rows(columns, rows);
+    }
+
+    /// Rows of cells under `columns`' names, aligned.
+    fn rows(&self, columns: &[&str], rows: Vec<Vec<String>>) {
         let widths: Vec<usize> = columns
             .iter()
             .enumerate()

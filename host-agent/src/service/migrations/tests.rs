@@ -200,7 +200,7 @@ async fn a_refused_migration_leaves_no_record() {
         matches!(&err, ServiceError::Unprocessable { field: Some(field), .. } if field == "host"),
         "{err:?}"
     );
-    assert_eq!(err.to_string(), "no host 'b' (see /v1/hosts)");
+    assert_eq!(err.to_string(), "no host 'b' (see /v1/peers)");
 
     svc.store
         .create_host("b", "10.0.0.2", 7443, &"ab".repeat(32))

@@ -1,23 +1,23 @@
-//! Peer hosts (`/v1/hosts`): name, underlay address, peer API port and
+//! Peer hosts (`/v1/peers`): name, underlay address, peer API port and
 //! certificate fingerprint. No credential of a peer's is kept: hosts
 //! authenticate each other by their certificates (`peer_tls`).
 
-use nubis_api::Host;
+use nubis_api::Peer;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{exists_or, now, Store, StoreError};
 
 /// A registered peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub host: Host,
+pub struct PeerRow {
+    pub host: Peer,
 }
 
 const HOST_COLUMNS: &str = "name, address, peer_port, created_at, fingerprint";
 
-fn peer_from_row(row: &Row) -> rusqlite::Result<Peer> {
-    Ok(Peer {
-        host: Host {
+fn peer_from_row(row: &Row) -> rusqlite::Result<PeerRow> {
+    Ok(PeerRow {
+        host: Peer {
             name: row.get(0)?,
             address: row.get(1)?,
             peer_port: row.get(2)?,
@@ -35,8 +35,8 @@ impl Store {
         address: &str,
         peer_port: u16,
         fingerprint: &str,
-    ) -> Result<Host, StoreError> {
-        let host = Host {
+    ) -> Result<Peer, StoreError> {
+        let host = Peer {
             name: name.to_string(),
             address: address.to_string(),
             peer_port,
@@ -58,7 +58,7 @@ impl Store {
     }
 
     /// A peer by name or underlay address.
-    pub fn get_host(&self, name_or_address: &str) -> Result<Option<Peer>, StoreError> {
+    pub fn get_host(&self, name_or_address: &str) -> Result<Option<PeerRow>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -69,7 +69,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn list_hosts(&self) -> Result<Vec<Host>, StoreError> {
+    pub fn list_hosts(&self) -> Result<Vec<Peer>, StoreError> {
         let conn = self.conn();
         let mut statement =
             conn.prepare(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))?;
