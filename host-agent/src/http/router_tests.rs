@@ -388,3 +388,42 @@ async fn stored_rows_answer_in_the_api_s_shape() {
     let (status, listed) = call(&fixture, Method::GET, "/v1/networks", &token, None).await;
     assert_eq!((status, listed), (StatusCode::OK, json!([network])));
 }
+
+#[tokio::test]
+async fn a_standalone_host_lists_itself_and_refuses_cordoning() {
+    let fixture = Fixture::new();
+    let (tenant, token) = fixture.tenant("acme", Quota::default());
+    fixture.image(&tenant, "base", 4096);
+    let (status, hosts) = call(&fixture, Method::GET, "/v1/hosts", OPERATOR_TOKEN, None).await;
+    assert_eq!(status, StatusCode::OK, "{hosts}");
+    let hosts: Vec<nubis_api::ClusterHost> = serde_json::from_value(hosts).expect("hosts");
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].state, nubis_api::HostState::Up);
+    assert_eq!(hosts[0].vms, Some(0));
+    let name = hosts[0].name.clone();
+    let (status, _) = call(
+        &fixture,
+        Method::GET,
+        &format!("/v1/hosts/{name}"),
+        OPERATOR_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for (method, path, expected) in [
+        (Method::GET, "/v1/hosts/elsewhere".to_string(), StatusCode::NOT_FOUND),
+        (Method::GET, "/v1/hosts/..%2Fetc".to_string(), StatusCode::NOT_FOUND),
+        (
+            Method::POST,
+            format!("/v1/hosts/{name}/cordon"),
+            StatusCode::CONFLICT,
+        ),
+        (Method::DELETE, format!("/v1/hosts/{name}"), StatusCode::CONFLICT),
+    ] {
+        let (status, body) = call(&fixture, method.clone(), &path, OPERATOR_TOKEN, None).await;
+        assert_eq!(status, expected, "{method} {path}: {body}");
+    }
+    // Hosts are the operator's.
+    let (status, _) = call(&fixture, Method::GET, "/v1/hosts", &token, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
