@@ -317,6 +317,7 @@ impl Agent {
             None,
             settings,
             crash_at,
+            &[],
         )
     }
 
@@ -375,6 +376,31 @@ impl Agent {
             Some(host.underlay),
             &Value::Null,
             crash_at,
+            &[],
+        )
+    }
+
+    /// Starts an agent as another host (see [`RemoteHost`]) that joins a
+    /// cluster: `args` are its cluster flags (`--cluster`, `--host-name`,
+    /// ...), `settings` more of its config file.
+    pub fn start_member(
+        data_dir: &Path,
+        image_dir: &Path,
+        host: &RemoteHost,
+        settings: &Value,
+        args: &[String],
+    ) -> Self {
+        Self::launch(
+            data_dir,
+            image_dir,
+            Some(host.netns),
+            SocketAddr::from(([0, 0, 0, 0], host.port)),
+            SocketAddr::from((host.reach, host.port)),
+            host.operator_token,
+            Some(host.underlay),
+            settings,
+            None,
+            args,
         )
     }
 
@@ -389,6 +415,7 @@ impl Agent {
         underlay: Option<std::net::Ipv4Addr>,
         settings: &Value,
         crash_at: Option<&str>,
+        args: &[String],
     ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let config = data_dir.join("agent.json");
@@ -438,6 +465,7 @@ impl Agent {
             .arg(data_dir)
             .arg("--config")
             .arg(&config)
+            .args(args)
             .env("NUBIS_OPERATOR_TOKEN", operator_token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

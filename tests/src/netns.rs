@@ -87,6 +87,16 @@ impl NetNs {
         ip(&["-n", &other.name, "link", "set", there, "up"]);
     }
 
+    /// Cuts the veth pair to this host (as a pulled cable would), or
+    /// restores it.
+    pub fn set_host_link_up(&self, up: bool) {
+        let link = self
+            .host_link
+            .as_deref()
+            .expect("a namespace linked to the host");
+        ip(&["link", "set", link, if up { "up" } else { "down" }]);
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");

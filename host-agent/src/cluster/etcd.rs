@@ -20,6 +20,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many times a read-modify-write is retried when another writer got
 /// in between.
 const CAS_ATTEMPTS: usize = 16;
+/// How long a call that failed on the way is tried again: longer than
+/// etcd takes to elect a leader, even on a loaded host.
+const TRANSIENT_PATIENCE: Duration = Duration::from_secs(10);
+/// The pause after the first such failure; it doubles up to a second.
+const TRANSIENT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A value as it was read: what `update` compares against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,11 +105,11 @@ impl Etcd {
             .map_err(etcd_error(format!("connect to {}", urls.join(","))))?;
         let etcd = Etcd { client, waiting };
         // A connection is lazy: one read shows now whether etcd answers.
-        etcd.client
-            .clone()
-            .get("health-check", None)
-            .await
-            .map_err(etcd_error(format!("reach etcd at {}", urls.join(","))))?;
+        etcd.retrying(
+            || format!("reach etcd at {}", urls.join(",")),
+            |mut client| async move { client.get("health-check", None).await },
+        )
+        .await?;
         Ok(etcd)
     }
 
@@ -114,17 +119,50 @@ impl Etcd {
         self.waiting.clone()
     }
 
+    /// Runs `call` on the client, again when it failed on the way (an
+    /// endpoint that died: the client's balancer may still pick it once;
+    /// etcd electing a new leader):
+    /// every call here may run twice (reads, compare-and-swap writes,
+    /// writes of this host's own keys, lease grants that expire unused).
+    async fn retrying<T, F, Fut>(
+        &self,
+        action: impl Fn() -> String,
+        call: F,
+    ) -> Result<T, ClusterError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + TRANSIENT_PATIENCE;
+        let mut pause = TRANSIENT_PAUSE;
+        loop {
+            match call(self.client.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(err) if tokio::time::Instant::now() < deadline && is_transient(&err) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(source) => {
+                    return Err(ClusterError::Etcd {
+                        action: action(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
     /// The value at `key`.
     pub async fn get<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<Stored<T>>, ClusterError> {
         let response = self
-            .client
-            .clone()
-            .get(key, None)
-            .await
-            .map_err(etcd_error(format!("read {key}")))?;
+            .retrying(
+                || format!("read {key}"),
+                |mut client| async move { client.get(key, None).await },
+            )
+            .await?;
         response.kvs().first().map(decode).transpose()
     }
 
@@ -133,16 +171,22 @@ impl Etcd {
         &self,
         prefixes: &[&str],
     ) -> Result<Vec<Vec<(String, Stored<T>)>>, ClusterError> {
-        let ops: Vec<TxnOp> = prefixes
-            .iter()
-            .map(|prefix| TxnOp::get(*prefix, Some(GetOptions::new().with_prefix())))
-            .collect();
+        let txn = || {
+            let ops: Vec<TxnOp> = prefixes
+                .iter()
+                .map(|prefix| TxnOp::get(*prefix, Some(GetOptions::new().with_prefix())))
+                .collect();
+            Txn::new().and_then(ops)
+        };
         let response = self
-            .client
-            .clone()
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(etcd_error(format!("read {}", prefixes.join(" and "))))?;
+            .retrying(
+                || format!("read {}", prefixes.join(" and ")),
+                |mut client| {
+                    let txn = txn();
+                    async move { client.txn(txn).await }
+                },
+            )
+            .await?;
         response
             .op_responses()
             .iter()
@@ -166,22 +210,27 @@ impl Etcd {
         seen: i64,
         lease: Option<i64>,
     ) -> Result<bool, ClusterError> {
-        let compare = if seen == 0 {
-            Compare::create_revision(key, CompareOp::Equal, 0)
-        } else {
-            Compare::mod_revision(key, CompareOp::Equal, seen)
-        };
-        let options = lease.map(|lease| PutOptions::new().with_lease(lease));
-        let txn =
+        let bytes = encode(key, value)?;
+        let txn = || {
+            let compare = if seen == 0 {
+                Compare::create_revision(key, CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key, CompareOp::Equal, seen)
+            };
+            let options = lease.map(|lease| PutOptions::new().with_lease(lease));
             Txn::new()
                 .when([compare])
-                .and_then([TxnOp::put(key, encode(key, value)?, options)]);
+                .and_then([TxnOp::put(key, bytes.clone(), options)])
+        };
         let response = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(etcd_error(format!("write {key}")))?;
+            .retrying(
+                || format!("write {key}"),
+                |mut client| {
+                    let txn = txn();
+                    async move { client.txn(txn).await }
+                },
+            )
+            .await?;
         Ok(response.succeeded())
     }
 
@@ -192,12 +241,16 @@ impl Etcd {
         value: &T,
         lease: Option<i64>,
     ) -> Result<(), ClusterError> {
-        let options = lease.map(|lease| PutOptions::new().with_lease(lease));
-        self.client
-            .clone()
-            .put(key, encode(key, value)?, options)
-            .await
-            .map_err(etcd_error(format!("write {key}")))?;
+        let bytes = encode(key, value)?;
+        self.retrying(
+            || format!("write {key}"),
+            |mut client| {
+                let options = lease.map(|lease| PutOptions::new().with_lease(lease));
+                let bytes = bytes.clone();
+                async move { client.put(key, bytes, options).await }
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -226,61 +279,114 @@ impl Etcd {
     /// Deletes `key` if `absent` does not exist (e.g. a member whose
     /// heartbeat is gone). Whether it was deleted.
     pub async fn delete_if_absent(&self, key: &str, absent: &str) -> Result<bool, ClusterError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(absent, CompareOp::Equal, 0)])
-            .and_then([TxnOp::delete(key, None)]);
         let response = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(etcd_error(format!("delete {key}")))?;
+            .retrying(
+                || format!("delete {key}"),
+                |mut client| {
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(absent, CompareOp::Equal, 0)])
+                        .and_then([TxnOp::delete(key, None)]);
+                    async move { client.txn(txn).await }
+                },
+            )
+            .await?;
         Ok(response.succeeded())
     }
 
     /// Grants a lease of `ttl_s` seconds.
     pub async fn grant(&self, ttl_s: i64) -> Result<i64, ClusterError> {
         let response = self
-            .client
-            .clone()
-            .lease_grant(ttl_s, None)
-            .await
-            .map_err(etcd_error("grant a lease"))?;
+            .retrying(
+                || "grant a lease".to_string(),
+                |mut client| async move { client.lease_grant(ttl_s, None).await },
+            )
+            .await?;
         Ok(response.id())
     }
 
     /// Revokes lease `id` (its keys go at once); a lease that expired
     /// already is no error.
     pub async fn revoke(&self, id: i64) -> Result<(), ClusterError> {
-        match self.client.clone().lease_revoke(id).await {
-            Ok(_) => Ok(()),
-            Err(etcd_client::Error::GRpcStatus(status))
-                if status.message().contains("lease not found") =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(ClusterError::Etcd {
-                action: format!("revoke lease {id:x}"),
-                source,
-            }),
-        }
+        let revoked = self
+            .retrying(
+                || format!("revoke lease {id:x}"),
+                |mut client| async move {
+                    match client.lease_revoke(id).await {
+                        Ok(_) => Ok(()),
+                        Err(etcd_client::Error::GRpcStatus(status))
+                            if status.message().contains("lease not found") =>
+                        {
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
+                    }
+                },
+            )
+            .await;
+        revoked
     }
 
     /// The value of the current leader of election `name`, if any.
     pub async fn leader(&self, name: &str) -> Result<Option<String>, ClusterError> {
-        match self.client.clone().leader(name).await {
-            Ok(response) => Ok(response
-                .kv()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
-            Err(etcd_client::Error::GRpcStatus(status))
-                if status.message().contains("no leader") =>
-            {
-                Ok(None)
-            }
-            Err(source) => Err(ClusterError::Etcd {
-                action: format!("read the leader of {name}"),
-                source,
-            }),
+        self.retrying(
+            || format!("read the leader of {name}"),
+            |mut client| async move {
+                match client.leader(name).await {
+                    Ok(response) => Ok(response
+                        .kv()
+                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+                    Err(etcd_client::Error::GRpcStatus(status))
+                        if status.message().contains("no leader") =>
+                    {
+                        Ok(None)
+                    }
+                    Err(err) => Err(err),
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// Whether `err` is a failure on the way to etcd rather than etcd's answer.
+fn is_transient(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::TransportError(_) => true,
+        // etcd answers Unavailable while it elects a leader ("leader
+        // changed", "no leader"); tonic, when an endpoint cannot be reached.
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            )
         }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_on_the_way_are_transient_and_answers_are_not() {
+        let status =
+            |code, message: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, message));
+        assert!(is_transient(&status(
+            tonic::Code::Unavailable,
+            "etcdserver: leader changed"
+        )));
+        assert!(is_transient(&status(
+            tonic::Code::Unavailable,
+            "tcp connect error"
+        )));
+        assert!(!is_transient(&status(
+            tonic::Code::InvalidArgument,
+            "etcdserver: key is not provided"
+        )));
+        assert!(!is_transient(&status(
+            tonic::Code::NotFound,
+            "etcdserver: requested lease not found"
+        )));
     }
 }

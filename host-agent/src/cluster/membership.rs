@@ -6,6 +6,7 @@
 //! (etcd unreachable for longer than the TTL, or the lease expired) is
 //! replaced by a new one as soon as etcd answers again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,27 @@ pub(super) struct Session {
     written: AliveRecord,
 }
 
+/// Whether this host leads, as one session sees it: elected under the
+/// session's lease, and not lapsed (no renewal got through for a whole
+/// TTL, so etcd may have let the lease go and elected another host: a
+/// controller that cannot be sure it still leads stops acting as one).
+#[derive(Default)]
+struct Leadership {
+    elected: AtomicBool,
+    lapsed: AtomicBool,
+}
+
+impl Leadership {
+    fn publish(&self, inner: &Inner) {
+        let leads = self.elected.load(Ordering::SeqCst) && !self.lapsed.load(Ordering::SeqCst);
+        inner.controller.send_if_modified(|current| {
+            let changed = *current != leads;
+            *current = leads;
+            changed
+        });
+    }
+}
+
 /// Keeps sessions alive for as long as the agent runs; `first` is the one
 /// `Cluster::join` opened.
 pub(super) async fn run(inner: Arc<Inner>, first: Session) {
@@ -117,13 +139,17 @@ pub(super) async fn run(inner: Arc<Inner>, first: Session) {
         if let Ok(mut lease) = inner.lease.lock() {
             *lease = Some(current.lease);
         }
+        let leadership = Arc::new(Leadership::default());
         let (ended_tx, ended_rx) = watch::channel(false);
-        let election = inner
-            .settings
-            .roles
-            .contains(&Role::Controller)
-            .then(|| tokio::spawn(campaign(inner.clone(), current.lease, ended_rx)));
-        keep_alive(&inner, current).await;
+        let election = inner.settings.roles.contains(&Role::Controller).then(|| {
+            tokio::spawn(campaign(
+                inner.clone(),
+                current.lease,
+                leadership.clone(),
+                ended_rx,
+            ))
+        });
+        keep_alive(&inner, current, &leadership).await;
         let _ = ended_tx.send(true);
         inner.controller.send_replace(false);
         if let Some(election) = election {
@@ -136,18 +162,36 @@ pub(super) async fn run(inner: Arc<Inner>, first: Session) {
     }
 }
 
+/// Whether etcd said the lease is gone (as opposed to not answering).
+fn lease_gone(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("lease not found"),
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        _ => false,
+    }
+}
+
 /// Renews `session`'s lease every third of its TTL and rewrites the
-/// heartbeat when the host's usage changed. Returns when the lease is
-/// gone: etcd said so, or no renewal got through for a whole TTL.
-async fn keep_alive(inner: &Inner, mut session: Session) {
+/// heartbeat when the host's usage changed. Returns when etcd says the
+/// lease is gone. While no renewal gets through for a whole TTL the
+/// session has lapsed (this host does not act as the controller); a
+/// renewal that gets through later (etcd extends leases when it elects a
+/// new leader of its own) ends the lapse.
+async fn keep_alive(inner: &Inner, mut session: Session, leadership: &Leadership) {
     let ttl = Duration::from_secs(inner.settings.lease_ttl_s.unsigned_abs());
     let period = ttl / 3;
     let key = inner.keys.alive(&inner.settings.host_name);
     let mut renewed = Instant::now();
     let mut stream = None;
     loop {
-        if renewed.elapsed() >= ttl {
-            return;
+        let lapsed = renewed.elapsed() >= ttl;
+        if lapsed != leadership.lapsed.swap(lapsed, Ordering::SeqCst) {
+            if lapsed {
+                tracing::warn!("cluster: no lease renewal for {} s", ttl.as_secs());
+            }
+            leadership.publish(inner);
         }
         if stream.is_none() {
             match inner
@@ -157,6 +201,10 @@ async fn keep_alive(inner: &Inner, mut session: Session) {
                 .await
             {
                 Ok(pair) => stream = Some(pair),
+                Err(err) if lease_gone(&err) => {
+                    tracing::warn!("cluster: lease {:x} is gone", session.lease);
+                    return;
+                }
                 Err(err) => {
                     tracing::warn!("cluster: cannot renew the lease: {err}");
                     tokio::time::sleep(RETRY.min(period)).await;
@@ -173,31 +221,44 @@ async fn keep_alive(inner: &Inner, mut session: Session) {
         };
         match tokio::time::timeout(period, renewal).await {
             Ok(Ok(Some(response))) if response.ttl() > 0 => renewed = Instant::now(),
-            Ok(Ok(_)) => {
+            Ok(Ok(Some(_))) => {
                 tracing::warn!("cluster: lease {:x} expired", session.lease);
                 return;
             }
+            Ok(Err(err)) if lease_gone(&err) => {
+                tracing::warn!("cluster: lease {:x} is gone", session.lease);
+                return;
+            }
+            Ok(Ok(None)) => stream = None,
             Ok(Err(err)) => {
                 tracing::warn!("cluster: lease renewal failed: {err}");
                 stream = None;
             }
             Err(_) => stream = None,
         }
-        let now = alive_record(inner);
-        if now != session.written {
-            match inner.etcd.put(&key, &now, Some(session.lease)).await {
-                Ok(()) => session.written = now,
-                Err(err) => tracing::warn!("cluster: cannot update the heartbeat: {err}"),
+        if renewed.elapsed() < period {
+            let now = alive_record(inner);
+            if now != session.written {
+                match inner.etcd.put(&key, &now, Some(session.lease)).await {
+                    Ok(()) => session.written = now,
+                    Err(err) => tracing::warn!("cluster: cannot update the heartbeat: {err}"),
+                }
             }
+            tokio::time::sleep(period).await;
+        } else {
+            tokio::time::sleep(RETRY.min(period) / 4).await;
         }
-        tokio::time::sleep(period).await;
     }
 }
 
 /// Runs for the controller election with `lease` until elected (then this
-/// host is the controller until the session ends) or until the session
-/// ends.
-async fn campaign(inner: Arc<Inner>, lease: i64, mut ended: watch::Receiver<bool>) {
+/// host leads until the session ends) or until the session ends.
+async fn campaign(
+    inner: Arc<Inner>,
+    lease: i64,
+    leadership: Arc<Leadership>,
+    mut ended: watch::Receiver<bool>,
+) {
     let election = inner.keys.controller_election();
     let name = inner.settings.host_name.to_string();
     loop {
@@ -209,10 +270,12 @@ async fn campaign(inner: Arc<Inner>, lease: i64, mut ended: watch::Receiver<bool
         match result {
             Ok(_) => {
                 tracing::info!("cluster: {name} is the controller");
-                inner.controller.send_replace(true);
+                leadership.elected.store(true, Ordering::SeqCst);
+                leadership.publish(&inner);
                 let _ = ended.wait_for(|ended| *ended).await;
                 return;
             }
+            Err(err) if lease_gone(&err) => return,
             Err(err) => {
                 tracing::warn!("cluster: campaign failed: {err}");
                 tokio::select! {
@@ -221,5 +284,23 @@ async fn campaign(inner: Arc<Inner>, lease: i64, mut ended: watch::Receiver<bool
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_gone_when_etcd_says_so() {
+        let keep_alive = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
+        assert!(lease_gone(&keep_alive));
+        let campaign = etcd_client::Error::GRpcStatus(tonic::Status::unknown(
+            "etcdserver: requested lease not found",
+        ));
+        assert!(lease_gone(&campaign));
+        let unreachable =
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("tcp connect error"));
+        assert!(!lease_gone(&unreachable));
     }
 }

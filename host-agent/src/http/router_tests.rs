@@ -411,14 +411,26 @@ async fn a_standalone_host_lists_itself_and_refuses_cordoning() {
     .await;
     assert_eq!(status, StatusCode::OK);
     for (method, path, expected) in [
-        (Method::GET, "/v1/hosts/elsewhere".to_string(), StatusCode::NOT_FOUND),
-        (Method::GET, "/v1/hosts/..%2Fetc".to_string(), StatusCode::NOT_FOUND),
+        (
+            Method::GET,
+            "/v1/hosts/elsewhere".to_string(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/v1/hosts/..%2Fetc".to_string(),
+            StatusCode::NOT_FOUND,
+        ),
         (
             Method::POST,
             format!("/v1/hosts/{name}/cordon"),
             StatusCode::CONFLICT,
         ),
-        (Method::DELETE, format!("/v1/hosts/{name}"), StatusCode::CONFLICT),
+        (
+            Method::DELETE,
+            format!("/v1/hosts/{name}"),
+            StatusCode::CONFLICT,
+        ),
     ] {
         let (status, body) = call(&fixture, method.clone(), &path, OPERATOR_TOKEN, None).await;
         assert_eq!(status, expected, "{method} {path}: {body}");
