@@ -16,6 +16,7 @@ pub mod disks;
 pub mod http;
 pub mod ipv4;
 pub mod network;
+pub mod peer_directory;
 pub mod peer_tls;
 pub mod peers;
 pub mod quota;

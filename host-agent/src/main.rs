@@ -17,6 +17,7 @@ use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
 use nubis_agent::network::host::LinuxNetwork;
 use nubis_agent::peer_tls::{self, HostIdentity, PeerRegistry};
 use nubis_agent::peers::PeerClient;
+use nubis_agent::peer_directory::PeerDirectory;
 use nubis_agent::service::hosts::LocalHostInfo;
 use nubis_agent::store::Store;
 use nubis_agent::supervisor::Supervisor;
@@ -204,7 +205,8 @@ async fn serve(
         .map(|address| SocketAddr::from((address, config.peer_port)));
     let capacity = nubis_agent::capacity::of_host(&config);
     let (underlay_address, peer_port) = (config.underlay_address, config.peer_port);
-    let network = LinuxNetwork::new(store.clone(), &config);
+    let peer_directory = PeerDirectory::new(store.clone());
+    let network = LinuxNetwork::new(store.clone(), &config, peer_directory.clone());
     let supervisor = Supervisor::new(store.clone(), config, network.clone());
     supervisor
         .adopt_all()
@@ -221,6 +223,7 @@ async fn serve(
         supervisor.clone(),
         network,
         peers.clone(),
+        peer_directory.clone(),
         data_dir.clone(),
         image_dirs.clone(),
     );
@@ -253,6 +256,7 @@ async fn serve(
         let cluster = Cluster::join(settings, local)
             .await
             .map_err(|err| format!("cannot join the cluster as {name}: {err}"))?;
+        peer_directory.use_cluster(cluster.clone());
         services.cluster = Some(cluster);
     }
     let cluster = services.cluster.clone();
@@ -270,6 +274,9 @@ async fn serve(
     };
     refresh_registry(&state)
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
+    if let Some(cluster) = &cluster {
+        tokio::spawn(follow_members(state.clone(), cluster.clone()));
+    }
     if let Some(peer_listen) = peer_listen {
         let server_tls =
             peer_tls::server_config(&identity, registry.clone()).map_err(|err| err.to_string())?;
@@ -306,4 +313,30 @@ async fn serve(
         cluster.leave().await;
     }
     Ok(())
+}
+
+/// In cluster mode the peers are the other members: when one joins, leaves
+/// or changes its address or certificate, the TLS layer's registry and the
+/// tenant egress rules (which keep peers out of reach) follow.
+async fn follow_members(state: AppState, cluster: Cluster) {
+    let mut changes = cluster.view_changes();
+    let mut known = state.services.peer_directory.list().ok();
+    // The network was reconciled before the cluster was joined.
+    let mut stale = true;
+    loop {
+        let now = state.services.peer_directory.list().ok();
+        if now != known || stale {
+            if let Err(err) = refresh_registry(&state) {
+                tracing::warn!("cannot refresh the peers: {}", err.0.error.message);
+            }
+            match state.services.host_network.reconcile().await {
+                Ok(()) => stale = false,
+                Err(err) => tracing::warn!("cannot apply the peers to the host network: {err}"),
+            }
+            known = now;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }

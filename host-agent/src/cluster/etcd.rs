@@ -171,6 +171,14 @@ impl Etcd {
         &self,
         prefixes: &[&str],
     ) -> Result<Vec<Vec<(String, Stored<T>)>>, ClusterError> {
+        Ok(self.get_prefixes_at(prefixes).await?.0)
+    }
+
+    /// [`Etcd::get_prefixes`], and the revision they were read at.
+    pub async fn get_prefixes_at<T: DeserializeOwned>(
+        &self,
+        prefixes: &[&str],
+    ) -> Result<(Vec<Vec<(String, Stored<T>)>>, i64), ClusterError> {
         let txn = || {
             let ops: Vec<TxnOp> = prefixes
                 .iter()
@@ -187,7 +195,8 @@ impl Etcd {
                 },
             )
             .await?;
-        response
+        let revision = response.header().map_or(0, |header| header.revision());
+        let values = response
             .op_responses()
             .iter()
             .map(|op| match op {
@@ -198,7 +207,8 @@ impl Etcd {
                     .collect(),
                 _ => Ok(Vec::new()),
             })
-            .collect()
+            .collect::<Result<_, ClusterError>>()?;
+        Ok((values, revision))
     }
 
     /// Puts `value` at `key` if nobody wrote it since `seen` (a

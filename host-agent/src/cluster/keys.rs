@@ -31,6 +31,11 @@ impl Keys {
         format!("{}members/", self.prefix)
     }
 
+    /// The first key after every `members/` key (the end of a range).
+    pub fn members_end(&self) -> String {
+        format!("{}members0", self.prefix)
+    }
+
     /// `alive/{host}`: a member's heartbeat (addresses, capacity, usage),
     /// bound to its lease: it vanishes when the host stops renewing it.
     /// Written by that host only.

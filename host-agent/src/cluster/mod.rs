@@ -15,6 +15,7 @@ pub mod keys;
 mod membership;
 pub mod records;
 pub mod settings;
+pub mod view;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ use tokio::sync::watch;
 
 use self::etcd::Etcd;
 use self::keys::Keys;
-use self::records::{cluster_host, AliveRecord, MemberRecord};
+use self::records::{cluster_host, MemberRecord};
+use self::view::View;
 use self::settings::{ClusterSettings, HostName};
 use crate::store::now;
 
@@ -87,6 +89,8 @@ pub(crate) struct Inner {
     controller: watch::Sender<bool>,
     /// The lease of the current session.
     lease: Mutex<Option<i64>>,
+    /// The membership as last read (`view.rs`).
+    view: watch::Sender<Arc<View>>,
 }
 
 /// This agent's membership of a cluster.
@@ -117,10 +121,13 @@ impl Cluster {
             started_at: now(),
             controller: watch::channel(false).0,
             lease: Mutex::new(None),
+            view: watch::channel(Arc::new(View::default())).0,
         });
         membership::register(&inner).await?;
         let session = membership::open_session(&inner).await?;
+        inner.view.send_replace(Arc::new(view::read(&inner).await?));
         tokio::spawn(membership::run(inner.clone(), session));
+        tokio::spawn(view::follow(inner.clone()));
         Ok(Cluster { inner })
     }
 
@@ -138,34 +145,48 @@ impl Cluster {
         self.inner.controller.subscribe()
     }
 
-    /// Every member, by name, as of one etcd revision.
+    /// Every member, by name, as of one etcd revision (read now).
     pub async fn hosts(&self) -> Result<Vec<ClusterHost>, ClusterError> {
-        let keys = &self.inner.keys;
-        let (members, alive) = (keys.members(), keys.alive_all());
-        let mut read = self
-            .inner
-            .etcd
-            .get_prefixes::<serde_json::Value>(&[&members, &alive])
-            .await?;
-        let alive_values = read.pop().unwrap_or_default();
-        let member_values = read.pop().unwrap_or_default();
-        let leader = self.inner.etcd.leader(&keys.controller_election()).await?;
-        let mut heartbeats = std::collections::BTreeMap::new();
-        for (key, stored) in alive_values {
-            if let Some(host) = keys.host_of(&key) {
-                let record: AliveRecord = typed(&key, stored.value)?;
-                heartbeats.insert(host.to_string(), record);
-            }
-        }
-        let mut hosts = Vec::new();
-        for (key, stored) in member_values {
-            let member: MemberRecord = typed(&key, stored.value)?;
-            let name = member.name.to_string();
-            let controller = leader.as_deref() == Some(name.as_str());
-            hosts.push(cluster_host(&member, heartbeats.get(&name), controller));
-        }
-        hosts.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(hosts)
+        let view = view::read(&self.inner).await?;
+        Ok(view
+            .members
+            .iter()
+            .map(|member| {
+                let controller = view.leader.as_deref() == Some(member.record.name.as_str());
+                cluster_host(&member.record, member.alive.as_ref(), controller)
+            })
+            .collect())
+    }
+
+    /// The membership as last read (kept current by a watch).
+    pub fn view(&self) -> Arc<View> {
+        self.inner.view.borrow().clone()
+    }
+
+    /// Changes of [`Cluster::view`].
+    pub fn view_changes(&self) -> watch::Receiver<Arc<View>> {
+        self.inner.view.subscribe()
+    }
+
+    /// The other members this host can call (up, with an underlay
+    /// address), as peers: name, underlay address, peer port, certificate.
+    pub fn peers(&self) -> Vec<nubis_api::Peer> {
+        let me = self.inner.settings.host_name.as_str();
+        self.view()
+            .members
+            .iter()
+            .filter(|member| member.record.name.as_str() != me)
+            .filter_map(|member| {
+                let alive = member.alive.as_ref()?;
+                Some(nubis_api::Peer {
+                    name: member.record.name.to_string(),
+                    address: alive.underlay_address?.to_string(),
+                    peer_port: alive.peer_port,
+                    fingerprint: member.record.fingerprint.clone(),
+                    created_at: member.record.joined_at,
+                })
+            })
+            .collect()
     }
 
     /// Member `name`.

@@ -254,7 +254,11 @@ impl FromRequestParts<AppState> for PeerCaller {
         let Some(crate::peer_tls::PeerHost(name)) = parts.extensions.get().cloned() else {
             return Err(refused());
         };
-        let peer = state.store.get_host(&name)?.ok_or_else(refused)?;
+        let peer = state
+            .services
+            .peer_directory
+            .get(&name)?
+            .ok_or_else(refused)?;
         Ok(PeerCaller {
             name,
             address: peer.host.address,

@@ -23,9 +23,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/host-identity", get(identity))
 }
 
-/// Makes the TLS layer's view of the peers the database's.
+/// Makes the TLS layer's view of the peers the directory's (the
+/// registered peers, or the cluster's other members).
 pub fn refresh_registry(state: &AppState) -> Result<()> {
-    let peers = state.store.list_hosts()?.into_iter().filter_map(|host| {
+    let peers = state.services.peer_directory.list()?.into_iter().filter_map(|host| {
         let address = host.address.parse().ok()?;
         Some((host.name, address, host.fingerprint))
     });
@@ -89,7 +90,7 @@ fn check_address(state: &AppState, address: &str) -> Result<std::net::Ipv4Addr> 
         (status = 201, description = "registered", body = Peer),
         Invalid,
         OperatorOnly,
-        (status = 409, description = "the name, address or fingerprint is registered", body = ApiError)
+        (status = 409, description = "the name, address or fingerprint is registered, or this host is a cluster member (its peers are the members)", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -98,6 +99,7 @@ pub(crate) async fn create(
     _operator: Operator,
     Body(request): Body<PeerCreate>,
 ) -> Result<(StatusCode, Json<Peer>)> {
+    refuse_in_cluster(&state)?;
     validate::name("name", &request.name, false)?;
     let address = check_address(&state, &request.address)?;
     if !crate::peer_tls::is_fingerprint(&request.fingerprint) {
@@ -132,7 +134,7 @@ pub(crate) async fn create(
     path = "/v1/peers",
     tag = "peers",
     responses(
-        (status = 200, description = "the registered peers", body = Vec<Peer>),
+        (status = 200, description = "the registered peers (in cluster mode: the other members that are up)", body = Vec<Peer>),
         OperatorOnly
     ),
     security(("bearer" = []))
@@ -141,14 +143,27 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     _operator: Operator,
 ) -> Result<Json<Vec<Peer>>> {
-    Ok(Json(state.store.list_hosts()?))
+    Ok(Json(state.services.peer_directory.list()?))
 }
 
 fn find(state: &AppState, name: &str) -> Result<PeerRow> {
     state
-        .store
-        .get_host(name)?
+        .services
+        .peer_directory
+        .get(name)?
         .ok_or_else(|| HttpError::not_found("host", name))
+}
+
+/// A cluster member's peers are the other members: none is registered or
+/// removed by hand.
+fn refuse_in_cluster(state: &AppState) -> Result<()> {
+    if state.services.cluster.is_some() {
+        return Err(HttpError::new(
+            nubis_api::ErrorCode::Conflict,
+            "this host is a cluster member: its peers are the other members (see /v1/hosts)",
+        ));
+    }
+    Ok(())
 }
 
 #[utoipa::path(
@@ -180,7 +195,7 @@ pub(crate) async fn show(
         (status = 204, description = "deleted"),
         OperatorOnly,
         (status = 404, description = "no such host", body = ApiError),
-        (status = 409, description = "a network spans the host", body = ApiError)
+        (status = 409, description = "a network spans the host, or this host is a cluster member", body = ApiError)
     ),
     security(("bearer" = []))
 )]
@@ -189,6 +204,7 @@ pub(crate) async fn remove(
     _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
+    refuse_in_cluster(&state)?;
     let peer = find(&state, &name)?;
     state.store.delete_host(&peer.host.name)?;
     refresh_registry(&state)?;

@@ -160,6 +160,8 @@ pub const ALWAYS_PROTECTED: [(&str, [u8; 4], u8); 5] = [
 /// VXLAN tunnels and DHCP servers.
 pub struct LinuxNetwork {
     store: Arc<Store>,
+    /// The peers, whose addresses tenants' egress never reaches.
+    peers: Arc<crate::peer_directory::PeerDirectory>,
     /// This host's end of the overlay's tunnels, when configured.
     underlay: Option<Ipv4Addr>,
     /// The operator's `egress_deny`.
@@ -172,8 +174,13 @@ pub struct LinuxNetwork {
 
 impl LinuxNetwork {
     /// Changes nothing on the host until asked (see `reconcile`).
-    pub fn new(store: Arc<Store>, config: &AgentConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        config: &AgentConfig,
+        peers: Arc<crate::peer_directory::PeerDirectory>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            peers,
             underlay: config.underlay_address,
             egress_deny: config.egress_deny.clone(),
             lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -213,7 +220,7 @@ impl LinuxNetwork {
             );
             denied.push(Cidr::of(underlay, 32));
         }
-        for host in self.store.list_hosts()? {
+        for host in self.peers.list()? {
             if let Ok(address) = host.address.parse::<Ipv4Addr>() {
                 denied.push(Cidr::of(address, 32));
             }

@@ -125,7 +125,7 @@ pub async fn start(
         return Err(ServiceError::invalid(field, reason));
     }
     networks::local_underlay(svc)?;
-    let peer = svc.store.get_host(&request.host)?.ok_or_else(|| {
+    let peer = svc.peer_directory.get(&request.host)?.ok_or_else(|| {
         ServiceError::unprocessable(
             "host",
             format!("no host '{}' (see /v1/peers)", request.host),
@@ -347,7 +347,7 @@ fn interrupted_handovers(svc: &Services) -> Result<Vec<(VmRow, String)>> {
 /// Settles one interrupted hand-over; false when the destination could
 /// not be asked.
 async fn resolve_handover(svc: &Services, vm: &VmRow, host: &str) -> Result<bool> {
-    let Some(peer) = svc.store.get_host(host)? else {
+    let Some(peer) = svc.peer_directory.get(host)? else {
         return Err(ServiceError::Conflict(format!(
             "the destination '{host}' is no longer a registered host"
         )));

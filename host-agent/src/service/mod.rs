@@ -101,6 +101,8 @@ pub struct Services {
     pub local_host: Arc<hosts::LocalHostInfo>,
     /// The cluster this host is a member of; None when standalone.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The hosts this one calls and takes calls from.
+    pub peer_directory: Arc<crate::peer_directory::PeerDirectory>,
 }
 
 impl Services {
@@ -110,6 +112,7 @@ impl Services {
         supervisor: Arc<Supervisor>,
         host_network: Arc<LinuxNetwork>,
         peers: Arc<PeerClient>,
+        peer_directory: Arc<crate::peer_directory::PeerDirectory>,
         data_dir: PathBuf,
         image_dirs: Arc<Vec<PathBuf>>,
     ) -> Self {
@@ -123,6 +126,7 @@ impl Services {
             migrations: Default::default(),
             local_host: Default::default(),
             cluster: None,
+            peer_directory,
         }
     }
 }

@@ -136,7 +136,7 @@ pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) ->
 fn spanned_peers(svc: &Services, names: &[String]) -> Result<Vec<PeerRow>> {
     let mut peers: Vec<PeerRow> = Vec::new();
     for (index, name) in names.iter().enumerate() {
-        let peer = svc.store.get_host(name)?.ok_or_else(|| {
+        let peer = svc.peer_directory.get(name)?.ok_or_else(|| {
             ServiceError::unprocessable(
                 format!("hosts[{index}]"),
                 format!("no host '{name}' (see /v1/peers)"),
@@ -323,7 +323,7 @@ async fn max_overlay_mtu(svc: &Services, local: Ipv4Addr) -> Result<u16> {
 
 /// The registered peer for an underlay address.
 fn peer_at(svc: &Services, address: &str) -> Result<PeerRow> {
-    svc.store.get_host(address)?.ok_or_else(|| {
+    svc.peer_directory.get(address)?.ok_or_else(|| {
         ServiceError::Conflict(format!(
             "host {address} is not registered here (see /v1/peers)"
         ))

@@ -110,12 +110,13 @@ impl Fixture {
             std::fs::create_dir_all(data_dir.join("images")),
         );
         let store = Arc::new(must("store", Store::open(&data_dir.join("agent.db"))));
+        let peer_directory = crate::peer_directory::PeerDirectory::new(store.clone());
         // The runner's own network is the real one's type but is never
         // reconciled here: the services use the stand-in.
         let supervisor = Supervisor::new(
             store.clone(),
             config.clone(),
-            LinuxNetwork::new(store.clone(), &config),
+            LinuxNetwork::new(store.clone(), &config, peer_directory.clone()),
         );
         let identity = must(
             "identity",
@@ -143,6 +144,7 @@ impl Fixture {
             migrations: Default::default(),
             local_host: Default::default(),
             cluster: None,
+            peer_directory,
         };
         let state = AppState {
             store,

@@ -1,0 +1,134 @@
+//! The membership as this agent last read it, kept current by a watch on
+//! the membership keys: what host-to-host calls resolve a member's name
+//! with (its underlay address, peer port and certificate), without asking
+//! etcd on every call. `/v1/hosts` reads etcd afresh instead.
+//!
+//! Any change under `alive/`, `election/` or `members/` makes the agent
+//! read the whole membership again (it is small): no event is applied on
+//! its own, so a missed or compacted event cannot leave the view wrong. A
+//! broken watch is opened again after a full read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::WatchOptions;
+
+use super::records::{AliveRecord, MemberRecord};
+use super::{typed, ClusterError, Inner};
+
+/// One member: its lasting record and, while it is up, its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub record: MemberRecord,
+    pub alive: Option<AliveRecord>,
+}
+
+/// The membership at one etcd revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// By name.
+    pub members: Vec<Member>,
+    /// The controller's host name.
+    pub leader: Option<String>,
+    /// The etcd revision it was read at.
+    pub revision: i64,
+}
+
+impl View {
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|member| member.record.name.as_str() == name)
+    }
+}
+
+/// How long to wait before reading again after a failure.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Reads the membership and the leader.
+pub(super) async fn read(inner: &Inner) -> Result<View, ClusterError> {
+    let keys = &inner.keys;
+    let (members_prefix, alive_prefix) = (keys.members(), keys.alive_all());
+    let (mut read, revision) = inner
+        .etcd
+        .get_prefixes_at::<serde_json::Value>(&[&members_prefix, &alive_prefix])
+        .await?;
+    let alive_values = read.pop().unwrap_or_default();
+    let member_values = read.pop().unwrap_or_default();
+    let leader = inner.etcd.leader(&keys.controller_election()).await?;
+    let mut heartbeats = std::collections::BTreeMap::new();
+    for (key, stored) in alive_values {
+        if let Some(host) = keys.host_of(&key) {
+            let record: AliveRecord = typed(&key, stored.value)?;
+            heartbeats.insert(host.to_string(), record);
+        }
+    }
+    let mut members = Vec::new();
+    for (key, stored) in member_values {
+        let record: MemberRecord = typed(&key, stored.value)?;
+        let alive = heartbeats.remove(record.name.as_str());
+        members.push(Member { record, alive });
+    }
+    members.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    Ok(View {
+        members,
+        leader,
+        revision,
+    })
+}
+
+/// Keeps `inner.view` current for as long as the agent runs.
+pub(super) async fn follow(inner: Arc<Inner>) {
+    loop {
+        let view = match read(&inner).await {
+            Ok(view) => view,
+            Err(err) => {
+                tracing::warn!("cluster: cannot read the membership: {err}");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        let revision = view.revision;
+        inner.view.send_if_modified(|current| {
+            let changed = **current != view;
+            if changed {
+                *current = Arc::new(view);
+            }
+            changed
+        });
+        if let Err(err) = wait_for_change(&inner, revision).await {
+            tracing::warn!("cluster: the membership watch broke: {err}");
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// Returns at the first change to the membership keys after `revision`.
+async fn wait_for_change(inner: &Inner, revision: i64) -> Result<(), ClusterError> {
+    let keys = &inner.keys;
+    // "alive/" < "election/" < "members/": one range holds all three.
+    let (start, end) = (keys.alive_all(), keys.members_end());
+    let options = WatchOptions::new()
+        .with_range(end.as_bytes())
+        .with_start_revision(revision + 1);
+    let mut client = inner.etcd.waiting_client();
+    let mut stream = client
+        .watch(start.as_bytes(), Some(options))
+        .await
+        .map_err(|source| ClusterError::Etcd {
+            action: "watch the membership".into(),
+            source,
+        })?;
+    loop {
+        let message = stream.message().await.map_err(|source| ClusterError::Etcd {
+            action: "watch the membership".into(),
+            source,
+        })?;
+        match message {
+            Some(response) if response.canceled() => return Ok(()),
+            Some(response) if !response.events().is_empty() => return Ok(()),
+            Some(_) => continue,
+            None => return Ok(()),
+        }
+    }
+}
