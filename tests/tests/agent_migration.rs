@@ -17,6 +17,7 @@ use nubis_tests::agent::{
     counter_vm, expect, jailed_pids, migrate, parent_cgroup, register_peer, tenant, tenant_token,
     wait_for_migration, Agent, CounterImages, RemoteHost,
 };
+use nubis_tests::etcd::EtcdCluster;
 use nubis_tests::guest::assert_counts;
 use nubis_tests::netns::simulated_host;
 use nubis_tests::{require_kvm, TestDir};
@@ -141,8 +142,97 @@ fn a_running_vm_moves_between_hosts_and_back() {
     let agent_b = Agent::start_remote(&dir.join("b"), &images, &spec_b);
     register_peer(&agent_a, "b", UNDERLAY_B, &agent_b);
     register_peer(&agent_b, "a", UNDERLAY_A, &agent_a);
+    moves_there_and_back(&agent_a, &agent_b, &counter);
+}
 
-    let (acme_a, acme_b, x) = spanning_vm(&agent_a, &agent_b, &counter, "10.70.0.0/24");
+/// Two members of one etcd cluster: the same moves with no peer
+/// registration (each resolves the other by its membership), and manual
+/// registration refused.
+#[test]
+fn a_running_vm_moves_between_cluster_members_without_registration() {
+    require_kvm();
+    let dir = TestDir::new("agent-migration-cluster");
+    let counter = CounterImages::new(&dir);
+    let images = counter.dir.clone();
+    let host_a = simulated_host("nbqa", 45);
+    let host_b = simulated_host("nbqb", 46);
+    host_a.link_to(
+        &host_b,
+        "under",
+        &format!("{UNDERLAY_A}/24"),
+        "under",
+        &format!("{UNDERLAY_B}/24"),
+    );
+    let etcd = EtcdCluster::start(&dir.join("etcd"), 1, Ipv4Addr::LOCALHOST, None);
+    let spec_a = RemoteHost {
+        netns: &host_a.name,
+        port: PORT,
+        reach: Ipv4Addr::new(10, 97, 45, 2),
+        operator_token: TOKEN_A,
+        underlay: UNDERLAY_A,
+    };
+    let spec_b = RemoteHost {
+        netns: &host_b.name,
+        reach: Ipv4Addr::new(10, 97, 46, 2),
+        operator_token: TOKEN_B,
+        underlay: UNDERLAY_B,
+        ..spec_a
+    };
+    let member = |name: &str, gateway: Ipv4Addr| {
+        vec![
+            "--cluster".to_string(),
+            etcd.cluster_arg(gateway),
+            "--host-name".to_string(),
+            name.to_string(),
+        ]
+    };
+    let none = serde_json::Value::Null;
+    let agent_a = Agent::start_member(
+        &dir.join("a"),
+        &images,
+        &spec_a,
+        &none,
+        &member("a", Ipv4Addr::new(10, 97, 45, 1)),
+    );
+    let agent_b = Agent::start_member(
+        &dir.join("b"),
+        &images,
+        &spec_b,
+        &none,
+        &member("b", Ipv4Addr::new(10, 97, 46, 1)),
+    );
+    // Each lists the other as its peer, from the membership.
+    let start = Instant::now();
+    loop {
+        let peers: Vec<nubis_api::Peer> = agent_a.get("/v1/peers", TOKEN_A);
+        if peers
+            .iter()
+            .any(|peer| peer.name == "b" && peer.address == UNDERLAY_B.to_string())
+        {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "b never became a's peer: {peers:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let register = agent_a.send(
+        "POST",
+        "/v1/peers",
+        Some(TOKEN_A),
+        &nubis_api::PeerCreate {
+            name: "c".into(),
+            address: "10.99.0.3".into(),
+            fingerprint: "a".repeat(64),
+            peer_port: None,
+        },
+    );
+    assert_eq!(register.status, 409, "{register:?}");
+    moves_there_and_back(&agent_a, &agent_b, &counter);
+}
+
+/// A VM on a network spanning A and B moves from A to B while it runs,
+/// and back with nubisctl; refusals first.
+fn moves_there_and_back(agent_a: &Agent, agent_b: &Agent, counter: &CounterImages) {
+    let (acme_a, acme_b, x) = spanning_vm(agent_a, agent_b, counter, "10.70.0.0/24");
     let id = x.id.clone();
     let nic = x.nics[0].clone();
 
@@ -194,7 +284,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
     );
     wait_for_output(&console_path(&agent_a, &id));
     let follower = follow_until_gone(console_path(&agent_a, &id));
-    let progress = migrate(&agent_a, &acme_a, &id, "b", WAIT);
+    let progress = migrate(agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
         progress.phase,
         "completed",
@@ -211,7 +301,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
     assert_eq!(on_b.state, VmState::Running, "{on_b:?}");
     assert_eq!(on_b.nics[0].mac, nic.mac);
     assert_eq!(on_b.nics[0].address, nic.address);
-    let after = wait_for_output(&console_path(&agent_b, &id));
+    let after = wait_for_output(&console_path(agent_b, &id));
     assert_continues(&before, &after);
 
     // A, the network's home, keeps the address for the VM on B: a new VM

@@ -27,8 +27,8 @@ use tokio::sync::watch;
 use self::etcd::Etcd;
 use self::keys::Keys;
 use self::records::{cluster_host, MemberRecord};
-use self::view::View;
 use self::settings::{ClusterSettings, HostName};
+use self::view::View;
 use crate::store::now;
 
 /// Errors of cluster membership and of the cluster's view.

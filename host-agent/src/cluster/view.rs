@@ -120,10 +120,13 @@ async fn wait_for_change(inner: &Inner, revision: i64) -> Result<(), ClusterErro
             source,
         })?;
     loop {
-        let message = stream.message().await.map_err(|source| ClusterError::Etcd {
-            action: "watch the membership".into(),
-            source,
-        })?;
+        let message = stream
+            .message()
+            .await
+            .map_err(|source| ClusterError::Etcd {
+                action: "watch the membership".into(),
+                source,
+            })?;
         match message {
             Some(response) if response.canceled() => return Ok(()),
             Some(response) if !response.events().is_empty() => return Ok(()),

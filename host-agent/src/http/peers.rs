@@ -26,10 +26,15 @@ pub fn routes() -> Router<AppState> {
 /// Makes the TLS layer's view of the peers the directory's (the
 /// registered peers, or the cluster's other members).
 pub fn refresh_registry(state: &AppState) -> Result<()> {
-    let peers = state.services.peer_directory.list()?.into_iter().filter_map(|host| {
-        let address = host.address.parse().ok()?;
-        Some((host.name, address, host.fingerprint))
-    });
+    let peers = state
+        .services
+        .peer_directory
+        .list()?
+        .into_iter()
+        .filter_map(|host| {
+            let address = host.address.parse().ok()?;
+            Some((host.name, address, host.fingerprint))
+        });
     state.peer_registry.replace(peers);
     Ok(())
 }
