@@ -282,8 +282,8 @@ fn moves_there_and_back(agent_a: &Agent, agent_b: &Agent, counter: &CounterImage
         &agent_a.call("POST", &format!("/v1/vms/{id}/start"), Some(&acme_a), None),
         200,
     );
-    wait_for_output(&console_path(&agent_a, &id));
-    let follower = follow_until_gone(console_path(&agent_a, &id));
+    wait_for_output(&console_path(agent_a, &id));
+    let follower = follow_until_gone(console_path(agent_a, &id));
     let progress = migrate(agent_a, &acme_a, &id, "b", WAIT);
     assert_eq!(
         progress.phase,
@@ -324,7 +324,7 @@ fn moves_there_and_back(agent_a: &Agent, agent_b: &Agent, counter: &CounterImage
     );
 
     // And back to A (the network's home), with nubisctl.
-    let follower = follow_until_gone(console_path(&agent_b, &id));
+    let follower = follow_until_gone(console_path(agent_b, &id));
     let moved = std::process::Command::new(nubis_tests::workspace_binary("nubisctl"))
         .args([
             "--url",
@@ -358,7 +358,7 @@ fn moves_there_and_back(agent_a: &Agent, agent_b: &Agent, counter: &CounterImage
             .status,
         404
     );
-    let after = wait_for_output(&console_path(&agent_a, &id));
+    let after = wait_for_output(&console_path(agent_a, &id));
     assert_continues(&before, &after);
 
     assert_eq!(
