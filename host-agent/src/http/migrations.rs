@@ -46,49 +46,13 @@ pub(crate) async fn create(
     Ok((StatusCode::ACCEPTED, Json(migration)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/vms/{id}/migration",
-    tag = "vms",
-    params(("id" = String, Path, description = "the VM's id")),
-    responses(
-        (status = 200, description = "the VM's last migration from this host", body = Migration),
-        Authenticated,
-        (status = 404, description = "no migration of this VM from this host", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Migration>> {
-    Ok(Json(migrations::show(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(caller show, "/v1/vms/{id}/migration", "vms", "id" = "the VM's id",
+    "the VM's last migration from this host", Migration, sync migrations::show, Authenticated,
+    (status = 404, description = "no migration of this VM from this host", body = ApiError));
 
-#[utoipa::path(
-    delete,
-    path = "/v1/vms/{id}/migration",
-    tag = "vms",
-    params(("id" = String, Path, description = "the VM's id (or name)")),
-    responses(
-        (status = 204, description = "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)"),
-        Authenticated,
-        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
-        (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
-        (status = 409, description = "no migration runs", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn cancel(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    migrations::cancel(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(caller cancel, "/v1/vms/{id}/migration", "vms", "id" = "the VM's id (or name)",
+    "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)",
+    async migrations::cancel, Authenticated,
+    (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+    (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
+    (status = 409, description = "no migration runs", body = ApiError));

@@ -44,31 +44,15 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 
-list_handler!(
-    list,
-    "/v1/snapshots",
-    "snapshots",
-    "the caller's snapshots (all for the operator)",
-    Snapshot,
-    snapshots::list
-);
+list_handler!(caller list, "/v1/snapshots", "snapshots",
+    "the caller's snapshots (all for the operator)", Snapshot, sync snapshots::list,
+    Authenticated);
 
-show_handler!(
-    show,
-    "/v1/snapshots/{id}",
-    "snapshots",
-    "the snapshot's id",
-    Snapshot,
-    snapshots::get,
-    Authenticated,
-    (
-        status = 404,
-        description = "no such snapshot (or another tenant's)",
-        body = ApiError
-    )
-);
+show_handler!(caller show, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
+    "success", Snapshot, sync snapshots::get, Authenticated,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError));
 
-delete_handler!(remove, "/v1/snapshots/{id}", "snapshots", "the snapshot's id",
+delete_handler!(caller remove, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
     "deleted with its files", sync snapshots::delete, Authenticated,
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
     (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
