@@ -13,6 +13,7 @@ use nubis_api::{ApiError, HostIdentity, Peer, PeerCreate};
 
 use super::responses::{Invalid, OperatorOnly};
 use super::{AppState, Body, HttpError, Operator, Result};
+use crate::service::Services;
 use crate::store::PeerRow;
 use crate::validate;
 
@@ -127,49 +128,29 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(host)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/peers",
-    tag = "peers",
-    responses(
-        (status = 200, description = "the registered peers", body = Vec<Peer>),
-        OperatorOnly
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    _operator: Operator,
-) -> Result<Json<Vec<Peer>>> {
-    Ok(Json(state.store.list_hosts()?))
+/// Every registered peer.
+fn all(services: &Services) -> Result<Vec<Peer>> {
+    Ok(services.store.list_hosts()?)
 }
 
-fn find(state: &AppState, name: &str) -> Result<PeerRow> {
-    state
+/// A registered peer, by name (or underlay address).
+fn find(services: &Services, name: &str) -> Result<PeerRow> {
+    services
         .store
         .get_host(name)?
         .ok_or_else(|| HttpError::not_found("host", name))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/peers/{name}",
-    tag = "peers",
-    params(("name" = String, Path, description = "name (or underlay address)")),
-    responses(
-        (status = 200, description = "success", body = Peer),
-        OperatorOnly,
-        (status = 404, description = "no such host", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(name): Path<String>,
-) -> Result<Json<Peer>> {
-    Ok(Json(find(&state, &name)?.host))
+fn named(services: &Services, name: &str) -> Result<Peer> {
+    Ok(find(services, name)?.host)
 }
+
+list_handler!(operator list, "/v1/peers", "peers", "the registered peers", Peer, sync all,
+    OperatorOnly);
+
+show_handler!(operator show, "/v1/peers/{name}", "peers", "name" = "name (or underlay address)",
+    "success", Peer, sync named, OperatorOnly,
+    (status = 404, description = "no such host", body = ApiError));
 
 #[utoipa::path(
     delete,
@@ -189,7 +170,7 @@ pub(crate) async fn remove(
     _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
-    let peer = find(&state, &name)?;
+    let peer = find(&state.services, &name)?;
     state.store.delete_host(&peer.host.name)?;
     refresh_registry(&state)?;
     tracing::info!(host = %peer.host.name, "peer host removed");

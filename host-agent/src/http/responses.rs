@@ -70,6 +70,17 @@ pub enum OperatorOnly {
     Forbidden(ApiError),
 }
 
+/// An operator-only endpoint that asks the cluster (etcd).
+#[derive(IntoResponses)]
+pub enum ClusterCall {
+    #[response(status = 401, description = "no or unknown token")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "operator only")]
+    Forbidden(ApiError),
+    #[response(status = 503, description = "etcd cannot be reached")]
+    Unavailable(ApiError),
+}
+
 /// An operator-only endpoint about one tenant.
 #[derive(IntoResponses)]
 pub enum OperatorResource {
