@@ -70,11 +70,13 @@ macro_rules! list_handler {
 
 /// `who GET path`: one resource, from `call(services, who, id)`; `param =
 /// id` names and describes the path parameter, `ok` the answer.
+/// `action_handler!` makes its handlers here too.
 macro_rules! show_handler {
-    ([$caller:ident: $who:ident] [$($told:tt)*] $name:ident, $path:tt, $tag:tt, $param:tt = $id:tt,
-        $ok:tt, $ty:ident $(<$item:ident>)?, $mode:ident $call:path $(, $responses:tt)+) => {
+    ([$caller:ident: $who:ident] [$($told:tt)*] $method:ident [$($arg:expr)?] $name:ident, $path:tt,
+        $tag:tt, $param:tt = $id:tt, $ok:tt, $ty:ident $(<$item:ident>)?, $mode:ident $call:path
+        $(, $responses:tt)+) => {
         #[utoipa::path(
-            get,
+            $method,
             path = $path,
             tag = $tag,
             params(($param = String, Path, description = $id)),
@@ -86,42 +88,93 @@ macro_rules! show_handler {
             $caller: $who,
             Path(id): Path<String>,
         ) -> Result<Json<$ty $(<$item>)?>> {
-            Ok(Json(called!($mode $call(&state.services, $($told)* &id))?))
+            Ok(Json(called!($mode $call(&state.services, $($told)* &id $(, $arg)?))?))
         }
     };
     ($who:ident $($rest:tt)+) => {
-        who!($who, show_handler!($($rest)+));
+        who!($who, show_handler!(get [] $($rest)+));
     };
 }
 
-/// `who POST path` with a `Body` (`&Body` where the service borrows it):
-/// creates a resource with `call(services, who, body)`; `done` describes
-/// the 201. A body may be malformed (`Invalid`).
+/// `who POST path`: does `call(services, who, id, arg)` to one resource
+/// and answers with it; `param = id` names and describes the path
+/// parameter, `done` says how the resource is then.
+macro_rules! action_handler {
+    ($who:ident $name:ident, $path:tt, $tag:tt, $param:tt = $id:tt, $done:tt, $ty:ident,
+        $mode:ident $call:path, $arg:expr $(, $responses:tt)+) => {
+        who!($who, show_handler!(post [$arg] $name, $path, $tag, $param = $id, $done, $ty,
+            $mode $call $(, $responses)+));
+    };
+}
+
+/// `who POST path`: creates a resource with `call(services, who, [id,]
+/// [body])` and answers `status` (201, or 202 for what runs on) with it;
+/// `done` describes the answer. Between tag and status, in this order:
+/// `param = id` where the path has a parameter (names and describes it),
+/// the `Body` type where there is one (`&Body` where the service borrows
+/// it).
 macro_rules! create_handler {
-    ([$caller:ident: $who:ident] [$($told:tt)*] $name:ident, $path:tt, $tag:tt, [$($by:tt)?] $body:ident,
-        $done:tt, $ty:ident, $mode:ident $call:path $(, $responses:tt)+) => {
+    ([$caller:ident: $who:ident] [$($told:tt)*] $name:ident, $path:tt, $tag:tt,
+        [$($param:tt = $id:tt)?] [$([$($by:tt)?] $body:ident)?] $status:tt $done:tt, $ty:ident,
+        $mode:ident $call:path $(, $responses:tt)+) => {
         #[utoipa::path(
             post,
             path = $path,
             tag = $tag,
-            request_body = $body,
-            responses((status = 201, description = $done, body = $ty), Invalid, $($responses),+),
+            $(params(($param = String, Path, description = $id)),)?
+            $(request_body = $body,)?
+            responses((status = $status, description = $done, body = $ty), $($responses),+),
             security(("bearer" = []))
         )]
         pub(crate) async fn $name(
             State(state): State<AppState>,
             $caller: $who,
-            Body(request): Body<$body>,
+            $(Path(id): Path<skip!($param String)>,)?
+            $(Body(request): Body<$body>,)?
         ) -> Result<(StatusCode, Json<$ty>)> {
-            let created = called!($mode $call(&state.services, $($told)* $($by)? request))?;
-            Ok((StatusCode::CREATED, Json(created)))
+            let created = called!($mode $call(
+                &state.services,
+                $($told)*
+                $(skip!($param &id),)?
+                $(skip!($body $($by)? request))?
+            ))?;
+            Ok((status!($status), Json(created)))
         }
     };
-    ($who:ident $name:ident, $path:tt, $tag:tt, & $body:ident, $($rest:tt)+) => {
-        who!($who, create_handler!($name, $path, $tag, [&] $body, $($rest)+));
+    // What a call site gives, made the first rule's: the path parameter,
+    // then the body, each in brackets, empty when there is none.
+    (@body $who:ident $name:ident, $path:tt, $tag:tt, $id:tt & $body:ident, $($rest:tt)+) => {
+        who!($who, create_handler!($name, $path, $tag, $id [[&] $body] $($rest)+));
     };
-    ($who:ident $name:ident, $path:tt, $tag:tt, $body:ident, $($rest:tt)+) => {
-        who!($who, create_handler!($name, $path, $tag, [] $body, $($rest)+));
+    (@body $who:ident $name:ident, $path:tt, $tag:tt, $id:tt $body:ident, $($rest:tt)+) => {
+        who!($who, create_handler!($name, $path, $tag, $id [[] $body] $($rest)+));
+    };
+    (@body $who:ident $name:ident, $path:tt, $tag:tt, $id:tt $($rest:tt)+) => {
+        who!($who, create_handler!($name, $path, $tag, $id [] $($rest)+));
+    };
+    ($who:ident $name:ident, $path:tt, $tag:tt, $param:tt = $id:tt, $($rest:tt)+) => {
+        create_handler!(@body $who $name, $path, $tag, [$param = $id] $($rest)+);
+    };
+    ($who:ident $name:ident, $path:tt, $tag:tt, $($rest:tt)+) => {
+        create_handler!(@body $who $name, $path, $tag, [] $($rest)+);
+    };
+}
+
+/// The `StatusCode` of a status `create_handler!` answers with.
+macro_rules! status {
+    (201) => {
+        StatusCode::CREATED
+    };
+    (202) => {
+        StatusCode::ACCEPTED
+    };
+}
+
+/// What follows the first token, for a repetition that must name a
+/// variable it does not use.
+macro_rules! skip {
+    ($skipped:tt $($kept:tt)*) => {
+        $($kept)*
     };
 }
 

@@ -30,28 +30,10 @@ show_handler!(operator show, "/v1/hosts/{name}", "hosts", "name" = "the host's n
 /// `POST /v1/hosts/{name}/cordon` and `/uncordon`.
 macro_rules! cordon_handler {
     ($name:ident, $path:tt, $cordoned:expr, $done:tt) => {
-        #[utoipa::path(
-                post,
-                path = $path,
-                tag = "hosts",
-                params(("name" = String, Path, description = "the host's name")),
-                responses(
-                    (status = 200, description = $done, body = ClusterHost),
-                    ClusterCall,
-                    (status = 404, description = "no such host", body = ApiError),
-                    (status = 409, description = "this agent is standalone", body = ApiError)
-                ),
-                security(("bearer" = []))
-                    )]
-        pub(crate) async fn $name(
-            State(state): State<AppState>,
-            _operator: Operator,
-            Path(name): Path<String>,
-        ) -> Result<Json<ClusterHost>> {
-            Ok(Json(
-                hosts::set_cordon(&state.services, &name, $cordoned).await?,
-            ))
-        }
+        action_handler!(operator $name, $path, "hosts", "name" = "the host's name", $done,
+            ClusterHost, async hosts::set_cordon, $cordoned, ClusterCall,
+            (status = 404, description = "no such host", body = ApiError),
+            (status = 409, description = "this agent is standalone", body = ApiError));
     };
 }
 

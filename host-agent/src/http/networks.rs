@@ -18,8 +18,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/networks/{id}", get(show).delete(remove))
 }
 
-create_handler!(tenant create, "/v1/networks", "networks", &NetworkCreate, "created", Network,
-    async networks::create, TenantOnly,
+create_handler!(tenant create, "/v1/networks", "networks", &NetworkCreate, 201 "created", Network,
+    async networks::create, Invalid, TenantOnly,
     (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
     (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
     (status = 429, description = "the tenant's network quota is used up", body = ApiError),

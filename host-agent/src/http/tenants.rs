@@ -21,8 +21,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/tenants/{id}/tokens/{token_id}", delete(remove_token))
 }
 
-create_handler!(operator create, "/v1/tenants", "tenants", &TenantCreate, "success", Tenant,
-    sync tenants::create, OperatorOnly,
+create_handler!(operator create, "/v1/tenants", "tenants", &TenantCreate, 201 "success", Tenant,
+    sync tenants::create, Invalid, OperatorOnly,
     (status = 409, description = "wrong state or already exists", body = ApiError));
 
 list_handler!(operator list, "/v1/tenants", "tenants", "success", Tenant, sync tenants::list,
@@ -35,25 +35,9 @@ delete_handler!(operator remove, "/v1/tenants/{id}", "tenants", "id" = "id (or n
     async tenants::delete, TenantChange,
     (status = 403, description = "operator only", body = ApiError));
 
-#[utoipa::path(
-    post,
-    path = "/v1/tenants/{id}/tokens",
-    tag = "tenants",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 201, description = "the token; its secret is shown only here", body = TokenCreated),
-        OperatorResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create_token(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(id): Path<String>,
-) -> Result<(StatusCode, Json<TokenCreated>)> {
-    let token = tenants::create_token(&state.services, &id)?;
-    Ok((StatusCode::CREATED, Json(token)))
-}
+create_handler!(operator create_token, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
+    201 "the token; its secret is shown only here", TokenCreated, sync tenants::create_token,
+    OperatorResource);
 
 show_handler!(operator list_tokens, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
     "success", Vec<TokenInfo>, sync tenants::list_tokens, OperatorResource);

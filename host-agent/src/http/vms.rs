@@ -30,8 +30,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{id}/events", get(events))
 }
 
-create_handler!(tenant create, "/v1/vms", "vms", VmCreate, "success", Vm, async vms::create,
-    TenantOnly,
+create_handler!(tenant create, "/v1/vms", "vms", VmCreate, 201 "success", Vm, async vms::create,
+    Invalid, TenantOnly,
     (status = 409, description = "the name exists", body = ApiError),
     (status = 422, description = "no such image or network", body = ApiError),
     (status = 429, description = "quota exceeded, or no free address left on a network", body = ApiError),
@@ -88,22 +88,8 @@ show_handler!(caller show, "/v1/vms/{id}", "vms", "id" = "id (or name)", "succes
 /// `extra` are the action's own responses beyond [`TenantChange`].
 macro_rules! vm_action {
     ($name:ident, $path:tt, $action:expr, $done:tt $(, $extra:tt)*) => {
-        #[utoipa::path(
-            post,
-            path = $path,
-            tag = "vms",
-            params(("id" = String, Path, description = "id (or name)")),
-            responses((status = 200, description = $done, body = Vm), $($extra,)* TenantChange),
-            security(("bearer" = []))
-        )]
-        pub(crate) async fn $name(
-            State(state): State<AppState>,
-            caller: Caller,
-            Path(id): Path<String>,
-        ) -> Result<Json<Vm>> {
-            let vm = vms::act(&state.services, caller.service_scope(), &id, $action).await?;
-            Ok(Json(vm))
-        }
+        action_handler!(caller $name, $path, "vms", "id" = "id (or name)", $done, Vm,
+            async vms::act, $action $(, $extra)*, TenantChange);
     };
 }
 
