@@ -1,12 +1,13 @@
-//! The handlers that share a shape (list, show, create, delete; a peer's
-//! call about one VM or network), written once: each macro makes the
-//! handler and its `utoipa::path` from what differs (who may call, path,
-//! tag, descriptions, the service function, the responses beyond the
-//! shared ones).
+//! The handlers that share a shape (list, show, create, act on one,
+//! delete; a peer's call about one VM or network), written once: each
+//! macro makes the handler and its `utoipa::path` from what differs (who
+//! may call, path, tag, descriptions, the service function, the responses
+//! beyond the shared ones). A handler with logic of its own is written
+//! out where it is.
 //!
 //! Why macros: utoipa documents a handler from an attribute on a function,
 //! so a generic function cannot carry a resource's path and descriptions;
-//! a macro keeps them one line each. A call site must have `State`,
+//! a macro keeps them a few lines each. A call site must have `State`,
 //! `AppState`, `Caller` or `Operator` (or `PeerCaller`), `Path`, `Body`,
 //! `Json`, `StatusCode` and `Result` of `http` in scope (those it uses),
 //! and the response sets it names.

@@ -18,8 +18,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/port-forwards/{id}", get(show).delete(remove))
 }
 
-create_handler!(tenant create, "/v1/port-forwards", "port-forwards", &PortForwardCreate, 201 "created",
-    PortForward, async port_forwards::create, Invalid, TenantOnly,
+create_handler!(tenant create, "/v1/port-forwards", "port-forwards", &PortForwardCreate,
+    201 "created", PortForward, async port_forwards::create, Invalid, TenantOnly,
     (status = 409, description = "the host port is taken", body = ApiError),
     (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
     (status = 429, description = "the tenant's port forward quota is used up", body = ApiError));

@@ -20,8 +20,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/snapshots/{id}/restore", post(restore))
 }
 
-create_handler!(caller create, "/v1/vms/{id}/snapshots", "snapshots", "id" = "the VM's id (or name)",
-    201 "taken; the VM runs on (or stays paused)", Snapshot, async snapshots::create, Authenticated,
+create_handler!(caller create, "/v1/vms/{id}/snapshots", "snapshots",
+    "id" = "the VM's id (or name)", 201 "taken; the VM runs on (or stays paused)", Snapshot,
+    async snapshots::create, Authenticated,
     (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
     (status = 409, description = "the VM is not running or paused", body = ApiError),
     (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
@@ -40,8 +41,8 @@ delete_handler!(caller remove, "/v1/snapshots/{id}", "snapshots", "id" = "the sn
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
     (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
 
-create_handler!(tenant restore, "/v1/snapshots/{id}/restore", "snapshots", "id" = "the snapshot's id",
-    SnapshotRestore, 201 "a new, stopped VM that resumes from the snapshot when started", Vm,
+create_handler!(tenant restore, "/v1/snapshots/{id}/restore", "snapshots",
+    "id" = "the snapshot's id", SnapshotRestore, 201 "a new, stopped VM that resumes from the snapshot when started", Vm,
     async snapshots::restore, Invalid, TenantOnly,
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
     (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),
