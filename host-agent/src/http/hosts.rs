@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nubis_api::{ApiError, ClusterHost};
 
-use super::responses::OperatorOnly;
+use super::responses::ClusterCall;
 use super::{AppState, Operator, Path, Result};
 use crate::service::hosts;
 
@@ -20,71 +20,20 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/hosts/{name}/uncordon", post(uncordon))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/hosts",
-    tag = "hosts",
-    responses(
-        (status = 200, description = "every member, by name", body = Vec<ClusterHost>),
-        OperatorOnly,
-        (status = 503, description = "etcd cannot be reached", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    _operator: Operator,
-) -> Result<Json<Vec<ClusterHost>>> {
-    Ok(Json(hosts::list(&state.services).await?))
-}
+list_handler!(operator list, "/v1/hosts", "hosts", "every member, by name", ClusterHost,
+    async hosts::list, ClusterCall);
 
-#[utoipa::path(
-    get,
-    path = "/v1/hosts/{name}",
-    tag = "hosts",
-    params(("name" = String, Path, description = "the host's name")),
-    responses(
-        (status = 200, description = "success", body = ClusterHost),
-        OperatorOnly,
-        (status = 404, description = "no such host", body = ApiError),
-        (status = 503, description = "etcd cannot be reached", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(name): Path<String>,
-) -> Result<Json<ClusterHost>> {
-    Ok(Json(hosts::get(&state.services, &name).await?))
-}
+show_handler!(operator show, "/v1/hosts/{name}", "hosts", "name" = "the host's name", "success",
+    ClusterHost, async hosts::get, ClusterCall,
+    (status = 404, description = "no such host", body = ApiError));
 
 /// `POST /v1/hosts/{name}/cordon` and `/uncordon`.
 macro_rules! cordon_handler {
     ($name:ident, $path:tt, $cordoned:expr, $done:tt) => {
-        #[utoipa::path(
-                    post,
-                    path = $path,
-                    tag = "hosts",
-                    params(("name" = String, Path, description = "the host's name")),
-                    responses(
-                        (status = 200, description = $done, body = ClusterHost),
-                        OperatorOnly,
-                        (status = 404, description = "no such host", body = ApiError),
-                        (status = 409, description = "this agent is standalone", body = ApiError),
-                        (status = 503, description = "etcd cannot be reached", body = ApiError)
-                    ),
-                    security(("bearer" = []))
-                )]
-        pub(crate) async fn $name(
-            State(state): State<AppState>,
-            _operator: Operator,
-            Path(name): Path<String>,
-        ) -> Result<Json<ClusterHost>> {
-            Ok(Json(
-                hosts::set_cordon(&state.services, &name, $cordoned).await?,
-            ))
-        }
+        action_handler!(operator $name, $path, "hosts", "name" = "the host's name", $done,
+            ClusterHost, async hosts::set_cordon, $cordoned, ClusterCall,
+            (status = 404, description = "no such host", body = ApiError),
+            (status = 409, description = "this agent is standalone", body = ApiError));
     };
 }
 
@@ -101,25 +50,7 @@ cordon_handler!(
     "new VMs may be placed on it again"
 );
 
-#[utoipa::path(
-    delete,
-    path = "/v1/hosts/{name}",
-    tag = "hosts",
-    params(("name" = String, Path, description = "the host's name")),
-    responses(
-        (status = 204, description = "forgotten: its name is free again"),
-        OperatorOnly,
-        (status = 404, description = "no such host", body = ApiError),
-        (status = 409, description = "the host is up, or this agent is standalone", body = ApiError),
-        (status = 503, description = "etcd cannot be reached", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn forget(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(name): Path<String>,
-) -> Result<StatusCode> {
-    hosts::forget(&state.services, &name).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(operator forget, "/v1/hosts/{name}", "hosts", "name" = "the host's name",
+    "forgotten: its name is free again", async hosts::forget, ClusterCall,
+    (status = 404, description = "no such host", body = ApiError),
+    (status = 409, description = "the host is up, or this agent is standalone", body = ApiError));

@@ -19,76 +19,20 @@ pub fn routes() -> Router<AppState> {
     )
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/migration",
-    tag = "vms",
-    params(("id" = String, Path, description = "the VM's id (or name)")),
-    request_body = MigrationCreate,
-    responses(
-        (status = 202, description = "started; GET shows its progress", body = Migration),
-        Invalid,
-        Authenticated,
-        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
-        (status = 409, description = "the VM is not running, a migration runs, or the destination does not carry its networks", body = ApiError),
-        (status = 422, description = "this host has no underlay, or no host of that name", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    Body(request): Body<MigrationCreate>,
-) -> Result<(StatusCode, Json<Migration>)> {
-    let migration =
-        migrations::start(&state.services, caller.service_scope(), &id, request).await?;
-    Ok((StatusCode::ACCEPTED, Json(migration)))
-}
+create_handler!(caller create, "/v1/vms/{id}/migration", "vms", "id" = "the VM's id (or name)",
+    MigrationCreate, 202 "started; GET shows its progress", Migration, async migrations::start,
+    Invalid, Authenticated,
+    (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+    (status = 409, description = "the VM is not running, a migration runs, or the destination does not carry its networks", body = ApiError),
+    (status = 422, description = "this host has no underlay, or no host of that name", body = ApiError));
 
-#[utoipa::path(
-    get,
-    path = "/v1/vms/{id}/migration",
-    tag = "vms",
-    params(("id" = String, Path, description = "the VM's id")),
-    responses(
-        (status = 200, description = "the VM's last migration from this host", body = Migration),
-        Authenticated,
-        (status = 404, description = "no migration of this VM from this host", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Migration>> {
-    Ok(Json(migrations::show(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(caller show, "/v1/vms/{id}/migration", "vms", "id" = "the VM's id",
+    "the VM's last migration from this host", Migration, sync migrations::show, Authenticated,
+    (status = 404, description = "no migration of this VM from this host", body = ApiError));
 
-#[utoipa::path(
-    delete,
-    path = "/v1/vms/{id}/migration",
-    tag = "vms",
-    params(("id" = String, Path, description = "the VM's id (or name)")),
-    responses(
-        (status = 204, description = "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)"),
-        Authenticated,
-        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
-        (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
-        (status = 409, description = "no migration runs", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn cancel(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    migrations::cancel(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(caller cancel, "/v1/vms/{id}/migration", "vms", "id" = "the VM's id (or name)",
+    "cancelled: the VM runs on here (or, for the operator, a hand-over that an agent stopped in the middle of is forgotten: the VM may start here again)",
+    async migrations::cancel, Authenticated,
+    (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+    (status = 403, description = "a hand-over left by a stopped agent: operator only", body = ApiError),
+    (status = 409, description = "no migration runs", body = ApiError));

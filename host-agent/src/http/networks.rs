@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, Network, NetworkCreate};
 
-use super::responses::{Authenticated, Invalid, TenantResource};
+use super::responses::{Authenticated, Invalid, TenantOnly, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::networks;
 
@@ -18,54 +18,21 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/networks/{id}", get(show).delete(remove))
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/networks",
-    tag = "networks",
-    request_body = NetworkCreate,
-    responses(
-        (status = 201, description = "created", body = Network),
-        Invalid,
-        Authenticated,
-        (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
-        (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
-        (status = 429, description = "the tenant's network quota is used up", body = ApiError),
-        (status = 500, description = "the host refused the bridge or its rules", body = ApiError),
-        (status = 502, description = "a spanned host failed", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Body(request): Body<NetworkCreate>,
-) -> Result<(StatusCode, Json<Network>)> {
-    let tenant = caller.tenant()?;
-    let network = networks::create(&state.services, tenant, &request).await?;
-    Ok((StatusCode::CREATED, Json(network)))
-}
+create_handler!(tenant create, "/v1/networks", "networks", &NetworkCreate, 201 "created", Network,
+    async networks::create, Invalid, TenantOnly,
+    (status = 409, description = "the name exists or the CIDR overlaps another network (here or on a spanned host)", body = ApiError),
+    (status = 422, description = "the CIDR overlaps the host's own networks, a host is not registered, the MTU does not fit the underlay, or hosts given but this host has no underlay", body = ApiError),
+    (status = 429, description = "the tenant's network quota is used up", body = ApiError),
+    (status = 500, description = "the host refused the bridge or its rules", body = ApiError),
+    (status = 502, description = "a spanned host failed", body = ApiError));
 
-list_handler!(
-    list,
-    "/v1/networks",
-    "networks",
-    "the caller's networks (all for the operator)",
-    Network,
-    networks::list
-);
+list_handler!(caller list, "/v1/networks", "networks",
+    "the caller's networks (all for the operator)", Network, sync networks::list, Authenticated);
 
-show_handler!(
-    show,
-    "/v1/networks/{id}",
-    "networks",
-    "id (or name)",
-    Network,
-    networks::get,
-    TenantResource
-);
+show_handler!(caller show, "/v1/networks/{id}", "networks", "id" = "id (or name)", "success",
+    Network, sync networks::get, TenantResource);
 
-delete_handler!(remove, "/v1/networks/{id}", "networks", "id (or name)", "deleted",
+delete_handler!(caller remove, "/v1/networks/{id}", "networks", "id" = "id (or name)", "deleted",
     async networks::delete, TenantResource,
     (status = 409, description = "NICs are attached to it (here or on a spanned host), or another host is its home", body = ApiError),
     (status = 502, description = "a spanned host failed", body = ApiError));

@@ -13,6 +13,7 @@ use nubis_api::{ApiError, HostIdentity, Peer, PeerCreate};
 
 use super::responses::{Invalid, OperatorOnly};
 use super::{AppState, Body, HttpError, Operator, Result};
+use crate::service::Services;
 use crate::store::PeerRow;
 use crate::validate;
 
@@ -134,29 +135,21 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(host)))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/peers",
-    tag = "peers",
-    responses(
-        (status = 200, description = "the registered peers (in cluster mode: the other members that are up)", body = Vec<Peer>),
-        OperatorOnly
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    _operator: Operator,
-) -> Result<Json<Vec<Peer>>> {
-    Ok(Json(state.services.peer_directory.list()?))
+/// Every peer (in cluster mode: the other members that are up).
+fn all(services: &Services) -> Result<Vec<Peer>> {
+    Ok(services.peer_directory.list()?)
 }
 
-fn find(state: &AppState, name: &str) -> Result<PeerRow> {
-    state
-        .services
+/// A peer, by name (or underlay address).
+fn find(services: &Services, name: &str) -> Result<PeerRow> {
+    services
         .peer_directory
         .get(name)?
         .ok_or_else(|| HttpError::not_found("host", name))
+}
+
+fn named(services: &Services, name: &str) -> Result<Peer> {
+    Ok(find(services, name)?.host)
 }
 
 /// A cluster member's peers are the other members: none is registered or
@@ -171,25 +164,12 @@ fn refuse_in_cluster(state: &AppState) -> Result<()> {
     Ok(())
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/peers/{name}",
-    tag = "peers",
-    params(("name" = String, Path, description = "name (or underlay address)")),
-    responses(
-        (status = 200, description = "success", body = Peer),
-        OperatorOnly,
-        (status = 404, description = "no such host", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(name): Path<String>,
-) -> Result<Json<Peer>> {
-    Ok(Json(find(&state, &name)?.host))
-}
+list_handler!(operator list, "/v1/peers", "peers", "the registered peers (in cluster mode: the other members that are up)", Peer, sync all,
+    OperatorOnly);
+
+show_handler!(operator show, "/v1/peers/{name}", "peers", "name" = "name (or underlay address)",
+    "success", Peer, sync named, OperatorOnly,
+    (status = 404, description = "no such host", body = ApiError));
 
 #[utoipa::path(
     delete,
@@ -210,7 +190,7 @@ pub(crate) async fn remove(
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
     refuse_in_cluster(&state)?;
-    let peer = find(&state, &name)?;
+    let peer = find(&state.services, &name)?;
     state.store.delete_host(&peer.host.name)?;
     refresh_registry(&state)?;
     tracing::info!(host = %peer.host.name, "peer host removed");

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use nubis_api::{ApiError, PortForward, PortForwardCreate};
 
-use super::responses::{Authenticated, Invalid, TenantResource};
+use super::responses::{Authenticated, Invalid, TenantOnly, TenantResource};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::port_forwards;
 
@@ -18,50 +18,18 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/port-forwards/{id}", get(show).delete(remove))
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/port-forwards",
-    tag = "port-forwards",
-    request_body = PortForwardCreate,
-    responses(
-        (status = 201, description = "created", body = PortForward),
-        Invalid,
-        Authenticated,
-        (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the host port is taken", body = ApiError),
-        (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
-        (status = 429, description = "the tenant's port forward quota is used up", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Body(request): Body<PortForwardCreate>,
-) -> Result<(StatusCode, Json<PortForward>)> {
-    let tenant = caller.tenant()?;
-    let forward = port_forwards::create(&state.services, tenant, &request).await?;
-    Ok((StatusCode::CREATED, Json(forward)))
-}
+create_handler!(tenant create, "/v1/port-forwards", "port-forwards", &PortForwardCreate,
+    201 "created", PortForward, async port_forwards::create, Invalid, TenantOnly,
+    (status = 409, description = "the host port is taken", body = ApiError),
+    (status = 422, description = "no such VM or NIC, or a host port outside this host's range", body = ApiError),
+    (status = 429, description = "the tenant's port forward quota is used up", body = ApiError));
 
-list_handler!(
-    list,
-    "/v1/port-forwards",
-    "port-forwards",
-    "the caller's port forwards (all for the operator)",
-    PortForward,
-    port_forwards::list
-);
+list_handler!(caller list, "/v1/port-forwards", "port-forwards",
+    "the caller's port forwards (all for the operator)", PortForward, sync port_forwards::list,
+    Authenticated);
 
-show_handler!(
-    show,
-    "/v1/port-forwards/{id}",
-    "port-forwards",
-    "id",
-    PortForward,
-    port_forwards::get,
-    TenantResource
-);
+show_handler!(caller show, "/v1/port-forwards/{id}", "port-forwards", "id" = "id", "success",
+    PortForward, sync port_forwards::get, TenantResource);
 
-delete_handler!(remove, "/v1/port-forwards/{id}", "port-forwards", "id", "deleted",
+delete_handler!(caller remove, "/v1/port-forwards/{id}", "port-forwards", "id" = "id", "deleted",
     async port_forwards::delete, TenantResource);

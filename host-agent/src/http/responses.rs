@@ -26,6 +26,16 @@ pub enum TenantResource {
     NotFound(ApiError),
 }
 
+/// An endpoint for a tenant's token: what it creates is the tenant's, and
+/// the operator owns nothing.
+#[derive(IntoResponses)]
+pub enum TenantOnly {
+    #[response(status = 401, description = "no or unknown token")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "operator token")]
+    Forbidden(ApiError),
+}
+
 /// A change of one of the caller's resources that its state may forbid.
 #[derive(IntoResponses)]
 pub enum TenantChange {
@@ -58,6 +68,28 @@ pub enum OperatorOnly {
     Unauthorized(ApiError),
     #[response(status = 403, description = "operator only")]
     Forbidden(ApiError),
+}
+
+/// An operator-only endpoint that asks the cluster (etcd).
+#[derive(IntoResponses)]
+pub enum ClusterCall {
+    #[response(status = 401, description = "no or unknown token")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "operator only")]
+    Forbidden(ApiError),
+    #[response(status = 503, description = "etcd cannot be reached")]
+    Unavailable(ApiError),
+}
+
+/// An operator-only endpoint about one tenant.
+#[derive(IntoResponses)]
+pub enum OperatorResource {
+    #[response(status = 401, description = "no or unknown token")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "operator only")]
+    Forbidden(ApiError),
+    #[response(status = 404, description = "no such resource (or another tenant's)")]
+    NotFound(ApiError),
 }
 
 /// A host-to-host endpoint that a peer calls on its own behalf.

@@ -45,30 +45,44 @@ async fn call(
     (status, value)
 }
 
-#[tokio::test]
-async fn another_tenants_network_and_vm_are_404s() {
-    let fixture = Fixture::new();
+/// `POST path` with `token` and the JSON `body`: the status and the answer.
+async fn post(fixture: &Fixture, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    call(fixture, Method::POST, path, token, Some(body)).await
+}
+
+/// `POST path` with `token` and the JSON `body`, which must create: the
+/// answer.
+async fn created(fixture: &Fixture, path: &str, token: &str, body: Value) -> Value {
+    let (status, answer) = post(fixture, path, token, body).await;
+    assert_eq!(status, StatusCode::CREATED, "POST {path}: {answer}");
+    answer
+}
+
+/// `POST path` of `last`, which must create, then of `one_more`, which
+/// must be refused: the tenant's quota is used up.
+async fn fills_the_quota(fixture: &Fixture, path: &str, token: &str, last: Value, one_more: Value) {
+    created(fixture, path, token, last).await;
+    let (status, body) = post(fixture, path, token, one_more).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "POST {path}: {body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+}
+
+/// Tenant "mine", with image "base", and tenant "theirs": their tokens.
+fn mine_and_theirs(fixture: &Fixture) -> (String, String) {
     let (mine, my_token) = fixture.tenant("mine", Quota::default());
     let (_, their_token) = fixture.tenant("theirs", Quota::default());
     fixture.image(&mine, "base", 4096);
-    let (status, net) = call(
-        &fixture,
-        Method::POST,
-        "/v1/networks",
-        &my_token,
-        Some(json!({"name": "net", "cidr": "10.9.0.0/24"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{net}");
-    let (status, vm) = call(
-        &fixture,
-        Method::POST,
-        "/v1/vms",
-        &my_token,
-        Some(json!({"name": "vm", "image": "base", "nics": [{"network": "net"}]})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    (my_token, their_token)
+}
+
+#[tokio::test]
+async fn another_tenants_network_and_vm_are_404s() {
+    let fixture = Fixture::new();
+    let (my_token, their_token) = mine_and_theirs(&fixture);
+    let net = json!({"name": "net", "cidr": "10.9.0.0/24"});
+    let net = created(&fixture, "/v1/networks", &my_token, net).await;
+    let vm = json!({"name": "vm", "image": "base", "nics": [{"network": "net"}]});
+    let vm = created(&fixture, "/v1/vms", &my_token, vm).await;
     assert_eq!(vm["nics"][0]["address"], "10.9.0.2/24");
     let net_id = net["id"].as_str().expect("network id");
     let vm_id = vm["id"].as_str().expect("VM id");
@@ -113,69 +127,23 @@ async fn quotas_and_exhausted_addresses_are_429s() {
     };
     let (tenant, token) = fixture.tenant("acme", quota);
     fixture.image(&tenant, "base", 4096);
-    let network = |name: &str, cidr: &str| json!({"name": name, "cidr": cidr});
-    let (status, body) = call(
-        &fixture,
-        Method::POST,
-        "/v1/networks",
-        &token,
-        Some(network("small", "10.9.0.0/29")),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = call(
-        &fixture,
-        Method::POST,
-        "/v1/networks",
-        &token,
-        Some(network("more", "10.8.0.0/24")),
-    )
-    .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let small = json!({"name": "small", "cidr": "10.9.0.0/29"});
+    let more = json!({"name": "more", "cidr": "10.8.0.0/24"});
+    fills_the_quota(&fixture, "/v1/networks", &token, small, more).await;
+    let on_small =
+        |name: &str| json!({"name": name, "image": "base", "nics": [{"network": "small"}]});
     for index in 0..5 {
-        let (status, body) = call(
-            &fixture,
-            Method::POST,
-            "/v1/vms",
-            &token,
-            Some(json!({"name": format!("vm{index}"), "image": "base", "nics": [{"network": "small"}]})),
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
+        created(&fixture, "/v1/vms", &token, on_small(&format!("vm{index}"))).await;
     }
-    let (status, body) = call(
-        &fixture,
-        Method::POST,
-        "/v1/vms",
-        &token,
-        Some(json!({"name": "vm5", "image": "base", "nics": [{"network": "small"}]})),
-    )
-    .await;
+    let (status, body) = post(&fixture, "/v1/vms", &token, on_small("vm5")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(
         body["error"]["message"],
         "no free address left in 10.9.0.0/29"
     );
-    let (status, body) = call(
-        &fixture,
-        Method::POST,
-        "/v1/vms",
-        &token,
-        Some(json!({"name": "vm5", "image": "base"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = call(
-        &fixture,
-        Method::POST,
-        "/v1/vms",
-        &token,
-        Some(json!({"name": "vm6", "image": "base"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let vm5 = json!({"name": "vm5", "image": "base"});
+    let vm6 = json!({"name": "vm6", "image": "base"});
+    fills_the_quota(&fixture, "/v1/vms", &token, vm5, vm6).await;
 }
 
 #[tokio::test]
@@ -208,75 +176,38 @@ async fn bad_and_undoable_requests_name_their_field() {
             "hosts[0]",
         ),
     ] {
-        let (got, answer) = call(
-            &fixture,
-            Method::POST,
-            "/v1/networks",
-            &token,
-            Some(body.clone()),
-        )
-        .await;
+        let (got, answer) = post(&fixture, "/v1/networks", &token, body.clone()).await;
         assert_eq!(got, status, "{body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{answer}");
         assert_eq!(answer["error"]["field"], field, "{answer}");
     }
-    let (status, answer) = call(
-        &fixture,
-        Method::POST,
-        "/v1/vms",
-        &token,
-        Some(json!({"name": "vm", "image": "missing"})),
-    )
-    .await;
+    let vm = json!({"name": "vm", "image": "missing"});
+    let (status, answer) = post(&fixture, "/v1/vms", &token, vm).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["error"]["field"], "image");
     assert_eq!(answer["error"]["message"], "no image 'missing'");
-    let (status, answer) = call(
-        &fixture,
-        Method::POST,
-        "/v1/networks",
-        OPERATOR_TOKEN,
-        Some(json!({"name": "n", "cidr": "10.9.0.0/24"})),
-    )
-    .await;
+    let net = json!({"name": "n", "cidr": "10.9.0.0/24"});
+    let (status, answer) = post(&fixture, "/v1/networks", OPERATOR_TOKEN, net).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 }
 
 #[tokio::test]
 async fn the_migration_endpoints_answer_in_the_apis_terms() {
     let fixture = Fixture::new();
-    let (mine, token) = fixture.tenant("mine", Quota::default());
-    let (_, their_token) = fixture.tenant("theirs", Quota::default());
-    fixture.image(&mine, "base", 4096);
-    let (status, vm) = call(
+    let (token, their_token) = mine_and_theirs(&fixture);
+    let vm = created(
         &fixture,
-        Method::POST,
         "/v1/vms",
         &token,
-        Some(json!({"name": "vm", "image": "base"})),
+        json!({"name": "vm", "image": "base"}),
     )
     .await;
-    assert_eq!(status, StatusCode::CREATED, "{vm}");
     let path = format!("/v1/vms/{}/migration", vm["id"].as_str().expect("VM id"));
     // This host has no underlay: nothing migrates from here.
-    let (status, answer) = call(
-        &fixture,
-        Method::POST,
-        &path,
-        &token,
-        Some(json!({"host": "b"})),
-    )
-    .await;
+    let (status, answer) = post(&fixture, &path, &token, json!({"host": "b"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["error"]["code"], "unprocessable");
-    let (status, answer) = call(
-        &fixture,
-        Method::POST,
-        &path,
-        &token,
-        Some(json!({"host": "b", "speed": 1})),
-    )
-    .await;
+    let (status, answer) = post(&fixture, &path, &token, json!({"host": "b", "speed": 1})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     assert_eq!(answer["error"]["field"], "speed");
     let (status, answer) = call(&fixture, Method::GET, &path, &token, None).await;
@@ -312,15 +243,13 @@ fn keys(value: &Value) -> Vec<String> {
 #[tokio::test]
 async fn stored_rows_answer_in_the_api_s_shape() {
     let fixture = Fixture::new();
-    let (status, tenant) = call(
+    let tenant = created(
         &fixture,
-        Method::POST,
         "/v1/tenants",
         OPERATOR_TOKEN,
-        Some(json!({"name": "acme"})),
+        json!({"name": "acme"}),
     )
     .await;
-    assert_eq!(status, StatusCode::CREATED, "{tenant}");
     assert_eq!(keys(&tenant), ["created_at", "id", "name", "quota"]);
     let tenant_id = tenant["id"].as_str().expect("tenant id");
     let path = format!("/v1/tenants/{tenant_id}");
@@ -355,15 +284,8 @@ async fn stored_rows_answer_in_the_api_s_shape() {
         ]
     );
     assert_eq!(image["rootfs_bytes"], 4096);
-    let (status, network) = call(
-        &fixture,
-        Method::POST,
-        "/v1/networks",
-        &token,
-        Some(json!({"name": "net", "cidr": "10.9.0.0/24"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{network}");
+    let network = json!({"name": "net", "cidr": "10.9.0.0/24"});
+    let network = created(&fixture, "/v1/networks", &token, network).await;
     assert_eq!(
         keys(&network),
         [

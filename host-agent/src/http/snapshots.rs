@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Snapshot, SnapshotRestore, Vm};
 
-use super::responses::{Authenticated, Invalid};
+use super::responses::{Authenticated, Invalid, TenantOnly};
 use super::{AppState, Body, Caller, Path, Result};
 use crate::service::snapshots;
 
@@ -20,84 +20,31 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/snapshots/{id}/restore", post(restore))
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{id}/snapshots",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the VM's id (or name)")),
-    responses(
-        (status = 201, description = "taken; the VM runs on (or stays paused)", body = Snapshot),
-        Authenticated,
-        (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
-        (status = 409, description = "the VM is not running or paused", body = ApiError),
-        (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
-        (status = 507, description = "the host's disk would go below its reserve", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Snapshot>)> {
-    let snapshot = snapshots::create(&state.services, caller.service_scope(), &id).await?;
-    Ok((StatusCode::CREATED, Json(snapshot)))
-}
+create_handler!(caller create, "/v1/vms/{id}/snapshots", "snapshots",
+    "id" = "the VM's id (or name)", 201 "taken; the VM runs on (or stays paused)", Snapshot,
+    async snapshots::create, Authenticated,
+    (status = 404, description = "no such VM (or another tenant's)", body = ApiError),
+    (status = 409, description = "the VM is not running or paused", body = ApiError),
+    (status = 429, description = "the tenant's snapshot or storage quota is used up", body = ApiError),
+    (status = 507, description = "the host's disk would go below its reserve", body = ApiError));
 
-list_handler!(
-    list,
-    "/v1/snapshots",
-    "snapshots",
-    "the caller's snapshots (all for the operator)",
-    Snapshot,
-    snapshots::list
-);
+list_handler!(caller list, "/v1/snapshots", "snapshots",
+    "the caller's snapshots (all for the operator)", Snapshot, sync snapshots::list,
+    Authenticated);
 
-show_handler!(
-    show,
-    "/v1/snapshots/{id}",
-    "snapshots",
-    "the snapshot's id",
-    Snapshot,
-    snapshots::get,
-    Authenticated,
-    (
-        status = 404,
-        description = "no such snapshot (or another tenant's)",
-        body = ApiError
-    )
-);
+show_handler!(caller show, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
+    "success", Snapshot, sync snapshots::get, Authenticated,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError));
 
-delete_handler!(remove, "/v1/snapshots/{id}", "snapshots", "the snapshot's id",
+delete_handler!(caller remove, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
     "deleted with its files", sync snapshots::delete, Authenticated,
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
     (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
 
-#[utoipa::path(
-    post,
-    path = "/v1/snapshots/{id}/restore",
-    tag = "snapshots",
-    params(("id" = String, Path, description = "the snapshot's id")),
-    request_body = SnapshotRestore,
-    responses(
-        (status = 201, description = "a new, stopped VM that resumes from the snapshot when started", body = Vm),
-        Invalid,
-        Authenticated,
-        (status = 403, description = "operator token", body = ApiError),
-        (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
-        (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),
-        (status = 422, description = "the snapshot's image is gone", body = ApiError),
-        (status = 429, description = "quota exceeded", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn restore(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    Body(request): Body<SnapshotRestore>,
-) -> Result<(StatusCode, Json<Vm>)> {
-    let tenant_id = caller.tenant()?;
-    let vm = snapshots::restore(&state.services, tenant_id, &id, request).await?;
-    Ok((StatusCode::CREATED, Json(vm)))
-}
+create_handler!(tenant restore, "/v1/snapshots/{id}/restore", "snapshots",
+    "id" = "the snapshot's id", SnapshotRestore, 201 "a new, stopped VM that resumes from the snapshot when started", Vm,
+    async snapshots::restore, Invalid, TenantOnly,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
+    (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),
+    (status = 422, description = "the snapshot's image is gone", body = ApiError),
+    (status = 429, description = "quota exceeded", body = ApiError));

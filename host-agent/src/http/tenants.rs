@@ -6,7 +6,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use nubis_api::{ApiError, Tenant, TenantCreate, TokenCreated, TokenInfo};
 
-use super::responses::{Invalid, OperatorOnly, TenantChange, TenantResource};
+use super::responses::{Invalid, OperatorOnly, OperatorResource, TenantChange};
 use super::{AppState, Body, Operator, Path, Result};
 use crate::service::tenants;
 
@@ -21,126 +21,26 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/tenants/{id}/tokens/{token_id}", delete(remove_token))
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/tenants",
-    tag = "tenants",
-    request_body = TenantCreate,
-    responses(
-        (status = 201, description = "success", body = Tenant),
-        Invalid,
-        OperatorOnly,
-        (status = 409, description = "wrong state or already exists", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Body(request): Body<TenantCreate>,
-) -> Result<(StatusCode, Json<Tenant>)> {
-    let tenant = tenants::create(&state.services, &request)?;
-    Ok((StatusCode::CREATED, Json(tenant)))
-}
+create_handler!(operator create, "/v1/tenants", "tenants", &TenantCreate, 201 "success", Tenant,
+    sync tenants::create, Invalid, OperatorOnly,
+    (status = 409, description = "wrong state or already exists", body = ApiError));
 
-#[utoipa::path(
-    get,
-    path = "/v1/tenants",
-    tag = "tenants",
-    responses(
-        (status = 200, description = "success", body = Vec<Tenant>),
-        OperatorOnly
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    _operator: Operator,
-) -> Result<Json<Vec<Tenant>>> {
-    Ok(Json(tenants::list(&state.services)?))
-}
+list_handler!(operator list, "/v1/tenants", "tenants", "success", Tenant, sync tenants::list,
+    OperatorOnly);
 
-#[utoipa::path(
-    get,
-    path = "/v1/tenants/{id}",
-    tag = "tenants",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Tenant),
-        TenantResource,
-        (status = 403, description = "operator only", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(id): Path<String>,
-) -> Result<Json<Tenant>> {
-    Ok(Json(tenants::get(&state.services, &id)?))
-}
+show_handler!(operator show, "/v1/tenants/{id}", "tenants", "id" = "id (or name)", "success",
+    Tenant, sync tenants::get, OperatorResource);
 
-#[utoipa::path(
-    delete,
-    path = "/v1/tenants/{id}",
-    tag = "tenants",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted"),
-        TenantChange,
-        (status = 403, description = "operator only", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    tenants::delete(&state.services, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(operator remove, "/v1/tenants/{id}", "tenants", "id" = "id (or name)", "deleted",
+    async tenants::delete, TenantChange,
+    (status = 403, description = "operator only", body = ApiError));
 
-#[utoipa::path(
-    post,
-    path = "/v1/tenants/{id}/tokens",
-    tag = "tenants",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 201, description = "the token; its secret is shown only here", body = TokenCreated),
-        TenantResource,
-        (status = 403, description = "operator only", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create_token(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(id): Path<String>,
-) -> Result<(StatusCode, Json<TokenCreated>)> {
-    let token = tenants::create_token(&state.services, &id)?;
-    Ok((StatusCode::CREATED, Json(token)))
-}
+create_handler!(operator create_token, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
+    201 "the token; its secret is shown only here", TokenCreated, sync tenants::create_token,
+    OperatorResource);
 
-#[utoipa::path(
-    get,
-    path = "/v1/tenants/{id}/tokens",
-    tag = "tenants",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Vec<TokenInfo>),
-        TenantResource,
-        (status = 403, description = "operator only", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn list_tokens(
-    State(state): State<AppState>,
-    _operator: Operator,
-    Path(id): Path<String>,
-) -> Result<Json<Vec<TokenInfo>>> {
-    Ok(Json(tenants::list_tokens(&state.services, &id)?))
-}
+show_handler!(operator list_tokens, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
+    "success", Vec<TokenInfo>, sync tenants::list_tokens, OperatorResource);
 
 #[utoipa::path(
     delete,
@@ -149,8 +49,7 @@ pub(crate) async fn list_tokens(
     params(("id" = String, Path, description = "id (or name)"), ("token_id" = String, Path, description = "token id")),
     responses(
         (status = 204, description = "revoked"),
-        TenantResource,
-        (status = 403, description = "operator only", body = ApiError)
+        OperatorResource
     ),
     security(("bearer" = []))
 )]

@@ -9,7 +9,9 @@ use axum::{Json, Router};
 use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
 use serde::Deserialize;
 
-use super::responses::{Authenticated, CannotBeDone, Invalid, TenantChange, TenantResource};
+use super::responses::{
+    Authenticated, CannotBeDone, Invalid, TenantChange, TenantOnly, TenantResource,
+};
 use super::{AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::service::vms::{self, Action};
 use crate::supervisor::read_console;
@@ -28,34 +30,14 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{id}/events", get(events))
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/vms",
-    tag = "vms",
-    request_body = VmCreate,
-    responses(
-        (status = 201, description = "success", body = Vm),
-        Invalid,
-        Authenticated,
-        (status = 403, description = "operator token", body = ApiError),
-        (status = 409, description = "the name exists", body = ApiError),
-        (status = 422, description = "no such image or network", body = ApiError),
-        (status = 429, description = "quota exceeded, or no free address left on a network", body = ApiError),
-        (status = 500, description = "the host refused the NICs' rules", body = ApiError),
-        (status = 502, description = "an overlay network's home host failed", body = ApiError),
-        (status = 507, description = "the host's disk would go below its reserve", body = ApiError)
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Body(request): Body<VmCreate>,
-) -> Result<(StatusCode, Json<Vm>)> {
-    let tenant_id = caller.tenant()?;
-    let vm = vms::create(&state.services, tenant_id, request).await?;
-    Ok((StatusCode::CREATED, Json(vm)))
-}
+create_handler!(tenant create, "/v1/vms", "vms", VmCreate, 201 "success", Vm, async vms::create,
+    Invalid, TenantOnly,
+    (status = 409, description = "the name exists", body = ApiError),
+    (status = 422, description = "no such image or network", body = ApiError),
+    (status = 429, description = "quota exceeded, or no free address left on a network", body = ApiError),
+    (status = 500, description = "the host refused the NICs' rules", body = ApiError),
+    (status = 502, description = "an overlay network's home host failed", body = ApiError),
+    (status = 507, description = "the host's disk would go below its reserve", body = ApiError));
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,50 +80,16 @@ pub(crate) async fn list(
     )?))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/vms/{id}",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Vm),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vm>> {
-    Ok(Json(vms::get(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(caller show, "/v1/vms/{id}", "vms", "id" = "id (or name)", "success", Vm,
+    sync vms::get, TenantResource);
 
 /// The lifecycle actions: `POST /v1/vms/{id}/ACTION` does `action` to the
 /// caller's VM and answers with the VM; `done` says how it is then, and
 /// `extra` are the action's own responses beyond [`TenantChange`].
 macro_rules! vm_action {
     ($name:ident, $path:tt, $action:expr, $done:tt $(, $extra:tt)*) => {
-        #[utoipa::path(
-            post,
-            path = $path,
-            tag = "vms",
-            params(("id" = String, Path, description = "id (or name)")),
-            responses((status = 200, description = $done, body = Vm), $($extra,)* TenantChange),
-            security(("bearer" = []))
-        )]
-        pub(crate) async fn $name(
-            State(state): State<AppState>,
-            caller: Caller,
-            Path(id): Path<String>,
-        ) -> Result<Json<Vm>> {
-            let vm = vms::act(&state.services, caller.service_scope(), &id, $action).await?;
-            Ok(Json(vm))
-        }
+        action_handler!(caller $name, $path, "vms", "id" = "id (or name)", $done, Vm,
+            async vms::act, $action $(, $extra)*, TenantChange);
     };
 }
 
@@ -174,26 +122,10 @@ vm_action!(
 vm_action!(pause, "/v1/vms/{id}/pause", Action::Pause, "paused");
 vm_action!(resume, "/v1/vms/{id}/resume", Action::Resume, "running");
 
-/// Deletes a VM, stopping it at once first if it runs.
-#[utoipa::path(
-    delete,
-    path = "/v1/vms/{id}",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 204, description = "deleted (stopped first if it ran)"),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn remove(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode> {
-    vms::delete(&state.services, caller.service_scope(), &id).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
+delete_handler!(
+    /// Deletes a VM, stopping it at once first if it runs.
+    caller remove, "/v1/vms/{id}", "vms", "id" = "id (or name)",
+    "deleted (stopped first if it ran)", async vms::delete, TenantResource);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -278,25 +210,5 @@ pub(crate) async fn console(
         .into_response())
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/vms/{id}/events",
-    tag = "vms",
-    params(("id" = String, Path, description = "id (or name)")),
-    responses(
-        (status = 200, description = "success", body = Vec<VmEvent>),
-        TenantResource
-    ),
-    security(("bearer" = []))
-)]
-pub(crate) async fn events(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Vec<VmEvent>>> {
-    Ok(Json(vms::events(
-        &state.services,
-        caller.service_scope(),
-        &id,
-    )?))
-}
+show_handler!(caller events, "/v1/vms/{id}/events", "vms", "id" = "id (or name)", "success",
+    Vec<VmEvent>, sync vms::events, TenantResource);
