@@ -99,8 +99,17 @@ impl Host {
         )
     }
 
+    /// `/v1/hosts` through this host's agent; an agent that does not
+    /// answer fails the test with its log.
     fn hosts(&self, agent: &Agent) -> Vec<ClusterHost> {
-        agent.get("/v1/hosts", &self.token)
+        match agent.call_crashing("GET", "/v1/hosts", Some(&self.token), None) {
+            Some(reply) => expect_as(&reply, 200),
+            None => panic!(
+                "host {}'s agent does not answer; its log:\n{}",
+                self.name,
+                agent.log()
+            ),
+        }
     }
 }
 

@@ -337,6 +337,7 @@ fn every_endpoint_keeps_tenants_apart() {
             let method = method.to_uppercase();
             let operator_only = path.starts_with("/v1/tenants")
                 || path.starts_with("/v1/host")
+                || path.starts_with("/v1/peers")
                 || path.starts_with("/v1/overlay");
             // The resource the path's {id} names, acme's.
             let id = if path.starts_with("/v1/vms/") {
