@@ -11,7 +11,7 @@ use clap::Parser;
 
 use nubis_agent::auth::OperatorToken;
 use nubis_agent::cluster::settings::{self, ClusterSettings, EtcdTls, HostName, SettingsError};
-use nubis_agent::cluster::{Cluster, LocalHost};
+use nubis_agent::cluster::{Cluster, LocalHost, LocalUsage};
 use nubis_agent::config::{AgentConfig, ConfigFile};
 use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
 use nubis_agent::network::host::LinuxNetwork;
@@ -246,14 +246,24 @@ async fn serve(
             peer_port,
             capacity,
             usage: Box::new(move || {
-                nubis_agent::capacity::used(&usage_store).unwrap_or_else(|err| {
-                    tracing::warn!("cannot count this host's usage: {err}");
+                let (resources, vms) =
+                    nubis_agent::capacity::used(&usage_store).unwrap_or_else(|err| {
+                        tracing::warn!("cannot count this host's usage: {err}");
+                        Default::default()
+                    });
+                let holding = usage_store.tenants_holding().unwrap_or_else(|err| {
+                    tracing::warn!("cannot list the tenants holding resources here: {err}");
                     Default::default()
-                })
+                });
+                LocalUsage {
+                    resources,
+                    vms,
+                    holding,
+                }
             }),
         };
         let name = settings.host_name.clone();
-        let cluster = Cluster::join(settings, local)
+        let cluster = Cluster::join(settings, local, store.clone())
             .await
             .map_err(|err| format!("cannot join the cluster as {name}: {err}"))?;
         peer_directory.use_cluster(cluster.clone());

@@ -15,6 +15,7 @@ pub mod keys;
 mod membership;
 pub mod records;
 pub mod settings;
+pub mod tenants;
 pub mod view;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -54,6 +55,12 @@ pub enum ClusterError {
     HostUp(String),
     #[error("{key} kept changing under {attempts} attempts to update it")]
     Contended { key: String, attempts: usize },
+    #[error("{0} exists in the cluster")]
+    Exists(String),
+    #[error("no tenant '{0}' in the cluster")]
+    NoSuchTenant(String),
+    #[error("the cluster's tenants on this host: {0}")]
+    Mirror(String),
 }
 
 /// `value`, read at `key`, as a `T`.
@@ -74,9 +81,17 @@ pub struct LocalHost {
     pub underlay_address: Option<Ipv4Addr>,
     pub peer_port: u16,
     pub capacity: HostResources,
-    /// What the VMs here take now, and how many there are.
-    #[allow(clippy::type_complexity)]
-    pub usage: Box<dyn Fn() -> (HostResources, u32) + Send + Sync>,
+    /// What the VMs here take now, how many there are, and which tenants
+    /// hold anything here.
+    pub usage: Box<dyn Fn() -> LocalUsage + Send + Sync>,
+}
+
+/// What a host's heartbeat says it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalUsage {
+    pub resources: HostResources,
+    pub vms: u32,
+    pub holding: std::collections::BTreeSet<String>,
 }
 
 pub(crate) struct Inner {
@@ -91,6 +106,9 @@ pub(crate) struct Inner {
     lease: Mutex<Option<i64>>,
     /// The membership as last read (`view.rs`).
     view: watch::Sender<Arc<View>>,
+    /// The etcd revision of the tenants this host's store mirrors
+    /// (`tenants.rs`).
+    tenants_applied: watch::Sender<i64>,
 }
 
 /// This agent's membership of a cluster.
@@ -111,7 +129,13 @@ impl Cluster {
     /// Joins the cluster: connects to etcd, records this host as a member
     /// and starts its heartbeat (and, for a controller candidate, its
     /// campaign). When this returns the host is listed as up.
-    pub async fn join(settings: ClusterSettings, local: LocalHost) -> Result<Self, ClusterError> {
+    /// The cluster's tenants and tokens are mirrored into `store` (this
+    /// host's own, if it has any etcd lacks, are published first).
+    pub async fn join(
+        settings: ClusterSettings,
+        local: LocalHost,
+        store: Arc<crate::store::Store>,
+    ) -> Result<Self, ClusterError> {
         let etcd = Etcd::connect(&settings).await?;
         let inner = Arc::new(Inner {
             etcd,
@@ -122,12 +146,17 @@ impl Cluster {
             controller: watch::channel(false).0,
             lease: Mutex::new(None),
             view: watch::channel(Arc::new(View::default())).0,
+            tenants_applied: watch::channel(0).0,
         });
         membership::register(&inner).await?;
         let session = membership::open_session(&inner).await?;
         inner.view.send_replace(Arc::new(view::read(&inner).await?));
         tokio::spawn(membership::run(inner.clone(), session));
         tokio::spawn(view::follow(inner.clone()));
+        tenants::publish_local(&inner, &store).await?;
+        let mut mirrored = inner.tenants_applied.subscribe();
+        tokio::spawn(tenants::follow(inner.clone(), store));
+        let _ = mirrored.wait_for(|revision| *revision > 0).await;
         Ok(Cluster { inner })
     }
 
