@@ -147,6 +147,16 @@ pub enum VmState {
 }
 
 impl VmState {
+    /// Every state, in the order of a VM's life.
+    pub const ALL: [VmState; 6] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Stopped => "stopped",
@@ -259,14 +269,7 @@ mod tests {
 
     #[test]
     fn states_round_trip_as_text() {
-        for state in [
-            VmState::Stopped,
-            VmState::Starting,
-            VmState::Running,
-            VmState::Paused,
-            VmState::Stopping,
-            VmState::Failed,
-        ] {
+        for state in VmState::ALL {
             assert_eq!(VmState::parse(state.as_str()), Some(state));
             assert_eq!(
                 serde_json::to_value(state).unwrap(),

@@ -126,14 +126,7 @@ async fn metrics(State(state): State<AppState>, _operator: Operator) -> Result<R
     let vms = state.store.list_vms(None, None)?;
     let mut out = String::new();
     out.push_str("# HELP nubis_vms VMs on this host by state.\n# TYPE nubis_vms gauge\n");
-    for vm_state in [
-        VmState::Stopped,
-        VmState::Starting,
-        VmState::Running,
-        VmState::Paused,
-        VmState::Stopping,
-        VmState::Failed,
-    ] {
+    for vm_state in VmState::ALL {
         let count = vms.iter().filter(|vm| vm.state == vm_state).count();
         let _ = writeln!(out, "nubis_vms{{state=\"{}\"}} {count}", vm_state.as_str());
     }
