@@ -251,15 +251,7 @@ async fn serve(
                         tracing::warn!("cannot count this host's usage: {err}");
                         Default::default()
                     });
-                let holding = usage_store.tenants_holding().unwrap_or_else(|err| {
-                    tracing::warn!("cannot list the tenants holding resources here: {err}");
-                    Default::default()
-                });
-                LocalUsage {
-                    resources,
-                    vms,
-                    holding,
-                }
+                LocalUsage { resources, vms }
             }),
         };
         let name = settings.host_name.clone();

@@ -79,6 +79,23 @@ impl Keys {
         format!("{}tokens/", self.prefix)
     }
 
+    /// `holdings/{tenant}/{host}`: host `host` holds resources of
+    /// `tenant` (VMs, images, networks, snapshots). Written by that host
+    /// before it makes the tenant's first resource there (conditioned on
+    /// the tenant existing), deleted once it holds none; a tenant is
+    /// deleted only while no such key exists.
+    pub fn holding(&self, tenant: &str, host: &HostName) -> String {
+        format!("{}holdings/{tenant}/{host}", self.prefix)
+    }
+
+    pub fn holdings_of(&self, tenant: &str) -> String {
+        format!("{}holdings/{tenant}/", self.prefix)
+    }
+
+    pub fn holdings(&self) -> String {
+        format!("{}holdings/", self.prefix)
+    }
+
     /// The range that holds `tenant-names/`, `tenants/` and `tokens/`
     /// ("tenant-names/" < "tenants/" < "tokens/"): start and end.
     pub fn tenants_range(&self) -> (String, String) {

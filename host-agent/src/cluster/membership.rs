@@ -57,7 +57,6 @@ fn alive_record(inner: &Inner) -> AliveRecord {
         capacity: inner.local.capacity,
         usage: usage.resources,
         vms: usage.vms,
-        holding: usage.holding,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: inner.started_at,
     }

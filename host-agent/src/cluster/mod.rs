@@ -61,6 +61,8 @@ pub enum ClusterError {
     NoSuchTenant(String),
     #[error("the cluster's tenants on this host: {0}")]
     Mirror(String),
+    #[error("{0}")]
+    Held(String),
 }
 
 /// `value`, read at `key`, as a `T`.
@@ -81,8 +83,7 @@ pub struct LocalHost {
     pub underlay_address: Option<Ipv4Addr>,
     pub peer_port: u16,
     pub capacity: HostResources,
-    /// What the VMs here take now, how many there are, and which tenants
-    /// hold anything here.
+    /// What the VMs here take now, and how many there are.
     pub usage: Box<dyn Fn() -> LocalUsage + Send + Sync>,
 }
 
@@ -91,7 +92,6 @@ pub struct LocalHost {
 pub struct LocalUsage {
     pub resources: HostResources,
     pub vms: u32,
-    pub holding: std::collections::BTreeSet<String>,
 }
 
 pub(crate) struct Inner {
@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     /// The etcd revision of the tenants this host's store mirrors
     /// (`tenants.rs`).
     tenants_applied: watch::Sender<i64>,
+    /// This host's holding keys (`tenants.rs`): the tenants it has one
+    /// for, and a lock per tenant that orders taking and dropping one.
+    holdings: tenants::Holdings,
 }
 
 /// This agent's membership of a cluster.
@@ -147,6 +150,7 @@ impl Cluster {
             lease: Mutex::new(None),
             view: watch::channel(Arc::new(View::default())).0,
             tenants_applied: watch::channel(0).0,
+            holdings: Default::default(),
         });
         membership::register(&inner).await?;
         let session = membership::open_session(&inner).await?;
@@ -154,6 +158,8 @@ impl Cluster {
         tokio::spawn(membership::run(inner.clone(), session));
         tokio::spawn(view::follow(inner.clone()));
         tenants::publish_local(&inner, &store).await?;
+        tenants::hold_local(&inner, &store).await?;
+        tokio::spawn(tenants::release_unused(inner.clone(), store.clone()));
         let mut mirrored = inner.tenants_applied.subscribe();
         tokio::spawn(tenants::follow(inner.clone(), store));
         let _ = mirrored.wait_for(|revision| *revision > 0).await;

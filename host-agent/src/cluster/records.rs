@@ -36,10 +36,6 @@ pub struct AliveRecord {
     pub capacity: HostResources,
     pub usage: HostResources,
     pub vms: u32,
-    /// The tenants that hold anything here (VMs, images, networks,
-    /// snapshots): a tenant is deleted only when no host holds it.
-    #[serde(default)]
-    pub holding: std::collections::BTreeSet<String>,
     pub agent_version: String,
     /// Seconds since the epoch: when this agent process joined.
     pub started_at: u64,
@@ -106,7 +102,6 @@ mod tests {
             },
             usage: HostResources::default(),
             vms: 0,
-            holding: Default::default(),
             agent_version: "0.1.0".into(),
             started_at: 9,
         }

@@ -314,12 +314,13 @@ impl Cluster {
         {
             ops.push(TxnOp::delete(keys.token(hash), None));
         }
+        let holdings = keys.holdings_of(id);
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                tenant_key.as_str(),
-                CompareOp::Equal,
-                stored.mod_revision,
-            )])
+            .when([
+                Compare::mod_revision(tenant_key.as_str(), CompareOp::Equal, stored.mod_revision),
+                // No key under holdings/{id}/: no host holds anything of it.
+                Compare::create_revision(holdings.as_str(), CompareOp::Equal, 0).with_prefix(),
+            ])
             .and_then(ops);
         let (done, revision) = self
             .inner
@@ -327,6 +328,13 @@ impl Cluster {
             .txn(&format!("delete tenant {id}"), txn)
             .await?;
         if !done {
+            let hosts = self.holders(id).await?;
+            if !hosts.is_empty() {
+                return Err(ClusterError::Held(format!(
+                    "tenant {id} still holds resources on host(s) {}: delete them first",
+                    hosts.join(", ")
+                )));
+            }
             return Err(ClusterError::Contended {
                 key: tenant_key,
                 attempts: 1,
@@ -394,35 +402,179 @@ impl Cluster {
         self.mirrored(revision).await?;
         Ok(true)
     }
+}
 
-    /// The members that hold resources of `tenant_id`, or cannot say so
-    /// (they are down): why it may not be deleted yet, if it may not.
-    pub fn tenant_held_elsewhere(&self, tenant_id: &str) -> Option<String> {
-        let me = self.inner.settings.host_name.as_str();
-        let view = self.view();
-        let mut holding = Vec::new();
-        let mut down = Vec::new();
-        for member in view.members.iter().filter(|m| m.record.name.as_str() != me) {
-            match &member.alive {
-                Some(alive) if alive.holding.contains(tenant_id) => {
-                    holding.push(member.record.name.to_string())
+/// This host's holding keys, and a lock per tenant: taking a key and
+/// making the resource happen under the lock, and so do checking that the
+/// host holds nothing more and dropping the key, so that a key is never
+/// dropped while a resource it covers is being made.
+#[derive(Default)]
+pub(super) struct Holdings {
+    held: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Holdings {
+    fn lock_of(&self, tenant: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(tenant.to_string()).or_default().clone()
+    }
+
+    fn is_held(&self, tenant: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(tenant)
+    }
+
+    fn set_held(&self, tenant: &str, held: bool) {
+        let mut set = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if held {
+            set.insert(tenant.to_string());
+        } else {
+            set.remove(tenant);
+        }
+    }
+
+    fn held(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Held while a resource of a tenant is made on this host: its holding
+/// key exists until the guard goes and the resource is in the store.
+pub struct TenantHold {
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Writes this host's holding key of `tenant` unless it has one; refused
+/// when the tenant is gone from the cluster. Called under the tenant's lock.
+async fn take_holding(inner: &Inner, tenant: &str) -> Result<(), ClusterError> {
+    if inner.holdings.is_held(tenant) {
+        return Ok(());
+    }
+    let key = inner.keys.holding(tenant, &inner.settings.host_name);
+    let tenant_key = inner.keys.tenant(tenant);
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            tenant_key.as_str(),
+            CompareOp::Greater,
+            0,
+        )])
+        .and_then([TxnOp::put(key.as_str(), b"{}".to_vec(), None)]);
+    let (done, _) = inner
+        .etcd
+        .txn(
+            &format!("record that this host holds resources of tenant {tenant}"),
+            txn,
+        )
+        .await?;
+    if !done {
+        return Err(ClusterError::NoSuchTenant(tenant.to_string()));
+    }
+    inner.holdings.set_held(tenant, true);
+    Ok(())
+}
+
+/// Takes holding keys for the tenants that hold anything here at join (a
+/// host's standalone past, or keys lost with an etcd restore).
+pub(super) async fn hold_local(inner: &Inner, store: &Store) -> Result<(), ClusterError> {
+    let prefix = inner.keys.holdings();
+    let suffix = format!("/{}", inner.settings.host_name);
+    let existing = inner
+        .etcd
+        .get_prefixes::<serde_json::Value>(&[&prefix])
+        .await?
+        .pop()
+        .unwrap_or_default();
+    for (key, _) in existing {
+        if let Some(tenant) = key
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(&suffix))
+        {
+            inner.holdings.set_held(tenant, true);
+        }
+    }
+    let local = store
+        .tenants_holding()
+        .map_err(|err| ClusterError::Mirror(err.to_string()))?;
+    for tenant in local {
+        let lock = inner.holdings.lock_of(&tenant);
+        let _guard = lock.lock().await;
+        if let Err(err) = take_holding(inner, &tenant).await {
+            tracing::warn!(tenant = %tenant, "cannot record this host's resources of the tenant: {err}");
+        }
+    }
+    Ok(())
+}
+
+/// How often this host drops the holding keys of tenants it no longer
+/// holds anything of.
+const RELEASE_PERIOD: Duration = Duration::from_secs(2);
+
+/// Drops, for as long as the agent runs, the holding keys of tenants that
+/// hold nothing here any more.
+pub(super) async fn release_unused(inner: Arc<Inner>, store: Arc<Store>) {
+    loop {
+        tokio::time::sleep(RELEASE_PERIOD).await;
+        for tenant in inner.holdings.held() {
+            let lock = inner.holdings.lock_of(&tenant);
+            let _guard = lock.lock().await;
+            match store.tenants_holding() {
+                Ok(holding) if holding.contains(&tenant) => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!("cannot list the tenants holding resources here: {err}");
+                    break;
                 }
-                Some(_) => {}
-                None => down.push(member.record.name.to_string()),
+            }
+            let key = inner.keys.holding(&tenant, &inner.settings.host_name);
+            let txn = Txn::new().and_then([TxnOp::delete(key.as_str(), None)]);
+            match inner
+                .etcd
+                .txn(&format!("drop this host's holding of tenant {tenant}"), txn)
+                .await
+            {
+                Ok(_) => inner.holdings.set_held(&tenant, false),
+                Err(err) => tracing::warn!("cannot drop a holding key: {err}"),
             }
         }
-        if !holding.is_empty() {
-            return Some(format!(
-                "tenant {tenant_id} still holds resources on host(s) {}: delete them first",
-                holding.join(", ")
-            ));
-        }
-        if !down.is_empty() {
-            return Some(format!(
-                "host(s) {} are down: whether tenant {tenant_id} holds resources there cannot be checked (forget hosts that are gone for good)",
-                down.join(", ")
-            ));
-        }
-        None
+    }
+}
+
+impl Cluster {
+    /// Held while a resource of `tenant` is made on this host (see
+    /// [`TenantHold`]); refused when the tenant is gone from the cluster.
+    pub async fn hold(&self, tenant: &str) -> Result<TenantHold, ClusterError> {
+        let lock = self.inner.holdings.lock_of(tenant).lock_owned().await;
+        take_holding(&self.inner, tenant).await?;
+        Ok(TenantHold { _lock: lock })
+    }
+
+    /// The hosts that hold resources of `tenant`.
+    async fn holders(&self, tenant: &str) -> Result<Vec<String>, ClusterError> {
+        let prefix = self.inner.keys.holdings_of(tenant);
+        let found = self
+            .inner
+            .etcd
+            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok(found
+            .into_iter()
+            .filter_map(|(key, _)| key.strip_prefix(&prefix).map(str::to_string))
+            .collect())
     }
 }

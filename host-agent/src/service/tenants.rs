@@ -88,9 +88,6 @@ pub async fn delete(svc: &Services, id: &str) -> Result<()> {
     match &svc.cluster {
         Some(cluster) => {
             svc.store.check_tenant_empty(id)?;
-            if let Some(why) = cluster.tenant_held_elsewhere(id) {
-                return Err(ServiceError::Conflict(why));
-            }
             cluster.delete_tenant(id).await?;
         }
         None => {

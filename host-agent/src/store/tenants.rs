@@ -345,6 +345,18 @@ impl Store {
     }
 }
 
+/// Whether tenant `id` holds anything on this host.
+fn holds_anything(conn: &rusqlite::Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM vms WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM images WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM networks WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM snapshots WHERE tenant_id = ?1)",
+        [id],
+        |row| row.get(0),
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +421,9 @@ mod tests {
         );
         assert_eq!(store.tenant_for_token(&old_token.token).unwrap(), None);
         // The holder (it has an image here) stays when the cluster drops it.
-        let kept = store.mirror_tenants(&[cluster.clone()], &[]).unwrap();
+        let kept = store
+            .mirror_tenants(std::slice::from_ref(&cluster), &[])
+            .unwrap();
         assert_eq!(kept, vec![holder.clone()]);
         assert!(store.get_tenant(&holder).unwrap().is_some());
         assert_eq!(store.tenants_holding().unwrap(), [holder].into());
@@ -459,16 +473,4 @@ mod tests {
         assert!(store.delete_tenant(&tenant.id).unwrap());
         assert_eq!(store.tenant_for_token(&again.token).unwrap(), None);
     }
-}
-
-/// Whether tenant `id` holds anything on this host.
-fn holds_anything(conn: &rusqlite::Connection, id: &str) -> Result<bool, StoreError> {
-    Ok(conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM vms WHERE tenant_id = ?1)
-             OR EXISTS(SELECT 1 FROM images WHERE tenant_id = ?1)
-             OR EXISTS(SELECT 1 FROM networks WHERE tenant_id = ?1)
-             OR EXISTS(SELECT 1 FROM snapshots WHERE tenant_id = ?1)",
-        [id],
-        |row| row.get(0),
-    )?)
 }
