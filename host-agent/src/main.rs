@@ -278,6 +278,16 @@ async fn serve(
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
     if let Some(cluster) = &cluster {
         tokio::spawn(follow_members(state.clone(), cluster.clone()));
+        if let Some(mut freed) = cluster.take_freed_subnets() {
+            let network = state.services.host_network.clone();
+            tokio::spawn(async move {
+                while let Some(subnet) = freed.recv().await {
+                    if let Err(err) = network.remove_tenant_bridge(subnet).await {
+                        tracing::warn!("cannot remove a deleted tenant's bridge: {err}");
+                    }
+                }
+            });
+        }
     }
     if let Some(peer_listen) = peer_listen {
         let server_tls =

@@ -112,6 +112,9 @@ pub(crate) struct Inner {
     /// This host's holding keys (`tenants.rs`): the tenants it has one
     /// for, and a lock per tenant that orders taking and dropping one.
     holdings: tenants::Holdings,
+    /// The default-bridge subnets of tenants the mirror removed here.
+    freed_subnets: tokio::sync::mpsc::UnboundedSender<u8>,
+    freed_subnets_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u8>>>,
 }
 
 /// This agent's membership of a cluster.
@@ -140,6 +143,7 @@ impl Cluster {
         store: Arc<crate::store::Store>,
     ) -> Result<Self, ClusterError> {
         let etcd = Etcd::connect(&settings).await?;
+        let (freed_subnets, freed_subnets_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             etcd,
             keys: Keys::new(&settings.prefix),
@@ -151,6 +155,8 @@ impl Cluster {
             view: watch::channel(Arc::new(View::default())).0,
             tenants_applied: watch::channel(0).0,
             holdings: Default::default(),
+            freed_subnets,
+            freed_subnets_rx: Mutex::new(Some(freed_subnets_rx)),
         });
         membership::register(&inner).await?;
         let session = membership::open_session(&inner).await?;
@@ -196,6 +202,12 @@ impl Cluster {
     /// The membership as last read (kept current by a watch).
     pub fn view(&self) -> Arc<View> {
         self.inner.view.borrow().clone()
+    }
+
+    /// The default-bridge subnets of tenants that went from the cluster
+    /// (their bridges here are to be removed); given to one taker.
+    pub fn take_freed_subnets(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<u8>> {
+        self.inner.freed_subnets_rx.lock().ok()?.take()
     }
 
     /// Changes of [`Cluster::view`].

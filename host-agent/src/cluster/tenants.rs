@@ -120,10 +120,13 @@ async fn read(inner: &Inner) -> Result<Snapshot, ClusterError> {
 async fn sync(inner: &Inner, store: &Store) -> Result<i64, ClusterError> {
     let snapshot = read(inner).await?;
     let rows: Vec<TenantRow> = snapshot.tenants.iter().map(TenantRow::from).collect();
-    let kept = store
+    let mirrored = store
         .mirror_tenants(&rows, &snapshot.tokens)
         .map_err(|err| ClusterError::Mirror(err.to_string()))?;
-    for id in kept {
+    for subnet in mirrored.freed_subnets {
+        let _ = inner.freed_subnets.send(subnet);
+    }
+    for id in mirrored.kept {
         tracing::warn!(
             tenant = %id,
             "the cluster has no tenant {id}, which still holds resources here: kept without tokens"

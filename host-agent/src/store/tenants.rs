@@ -8,6 +8,16 @@ use sha2::{Digest, Sha256};
 use super::{exists_or, new_id, now, random_hex, Store, StoreError};
 
 /// The stored form of a token.
+/// What [`Store::mirror_tenants`] left behind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Mirrored {
+    /// Tenants the cluster no longer has that still hold something here.
+    pub kept: Vec<String>,
+    /// The default-bridge subnets of the tenants that went (their bridges
+    /// are to be removed).
+    pub freed_subnets: Vec<u8>,
+}
+
 pub fn token_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
@@ -209,12 +219,12 @@ impl Store {
     /// Makes the tenants and tokens those of the cluster (`tenants`, and
     /// `tokens` with their hashes), in one transaction. A tenant the
     /// cluster no longer has but that still holds something here is kept
-    /// (without tokens): its ids are returned.
+    /// (without tokens).
     pub fn mirror_tenants(
         &self,
         tenants: &[TenantRow],
         tokens: &[(TokenInfo, String)],
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Mirrored, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for tenant in tenants {
@@ -253,16 +263,24 @@ impl Store {
             .prepare("SELECT id FROM tenants")?
             .query_map([], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
-        let mut kept = Vec::new();
+        let mut mirrored = Mirrored::default();
         for id in local.iter().filter(|id| !wanted.contains(id.as_str())) {
             if holds_anything(&tx, id)? {
-                kept.push(id.clone());
+                mirrored.kept.push(id.clone());
             } else {
+                let subnet: Option<u8> = tx
+                    .query_row(
+                        "SELECT subnet FROM tenant_subnets WHERE tenant_id = ?1",
+                        [id],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                mirrored.freed_subnets.extend(subnet);
                 tx.execute("DELETE FROM tenants WHERE id = ?1", [id])?;
             }
         }
         tx.commit()?;
-        Ok(kept)
+        Ok(mirrored)
     }
 
     /// The tenants that hold anything on this host (VMs, images, networks,
@@ -404,7 +422,7 @@ mod tests {
                 &[(token.clone(), token_hash("secret"))],
             )
             .unwrap();
-        assert!(kept.is_empty(), "{kept:?}");
+        assert!(kept.kept.is_empty(), "{kept:?}");
         assert_eq!(
             store.get_tenant(&cluster.id).unwrap(),
             Some(cluster.clone())
@@ -424,7 +442,7 @@ mod tests {
         let kept = store
             .mirror_tenants(std::slice::from_ref(&cluster), &[])
             .unwrap();
-        assert_eq!(kept, vec![holder.clone()]);
+        assert_eq!(kept.kept, vec![holder.clone()]);
         assert!(store.get_tenant(&holder).unwrap().is_some());
         assert_eq!(store.tenants_holding().unwrap(), [holder].into());
     }
