@@ -11,7 +11,7 @@ use clap::Parser;
 
 use nubis_agent::auth::OperatorToken;
 use nubis_agent::cluster::settings::{self, ClusterSettings, EtcdTls, HostName, SettingsError};
-use nubis_agent::cluster::{Cluster, LocalHost};
+use nubis_agent::cluster::{Cluster, LocalHost, LocalUsage};
 use nubis_agent::config::{AgentConfig, ConfigFile};
 use nubis_agent::http::{peer_router, refresh_registry, router, AppState};
 use nubis_agent::network::host::LinuxNetwork;
@@ -246,14 +246,16 @@ async fn serve(
             peer_port,
             capacity,
             usage: Box::new(move || {
-                nubis_agent::capacity::used(&usage_store).unwrap_or_else(|err| {
-                    tracing::warn!("cannot count this host's usage: {err}");
-                    Default::default()
-                })
+                let (resources, vms) =
+                    nubis_agent::capacity::used(&usage_store).unwrap_or_else(|err| {
+                        tracing::warn!("cannot count this host's usage: {err}");
+                        Default::default()
+                    });
+                LocalUsage { resources, vms }
             }),
         };
         let name = settings.host_name.clone();
-        let cluster = Cluster::join(settings, local)
+        let cluster = Cluster::join(settings, local, store.clone())
             .await
             .map_err(|err| format!("cannot join the cluster as {name}: {err}"))?;
         peer_directory.use_cluster(cluster.clone());
@@ -276,6 +278,16 @@ async fn serve(
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
     if let Some(cluster) = &cluster {
         tokio::spawn(follow_members(state.clone(), cluster.clone()));
+        if let Some(mut freed) = cluster.take_freed_subnets() {
+            let network = state.services.host_network.clone();
+            tokio::spawn(async move {
+                while let Some(subnet) = freed.recv().await {
+                    if let Err(err) = network.remove_tenant_bridge(subnet).await {
+                        tracing::warn!("cannot remove a deleted tenant's bridge: {err}");
+                    }
+                }
+            });
+        }
     }
     if let Some(peer_listen) = peer_listen {
         let server_tls =

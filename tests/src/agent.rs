@@ -68,11 +68,29 @@ pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
 /// default port forward and migration ranges (30000-40999), which it
 /// refuses to listen in, and below the kernel's ephemeral ports.
 pub fn free_port() -> u16 {
-    let start = 20000 + (std::process::id() % 9000) as u16;
-    (0..9000u16)
-        .map(|step| 20000 + (start - 20000 + step) % 9000)
-        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free port in 20000-28999")
+    free_ports(1)[0]
+}
+
+/// Where the next search for free ports starts, so that tests of one
+/// process running at once never get the same port (a port is free when
+/// found, and taken only when its server starts).
+static NEXT_PORT_STEP: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// `count` distinct ports in 20000-28999 that are free now and that no
+/// other caller in this process was given.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    use std::sync::atomic::Ordering;
+    let base = (std::process::id() % 9000) as u16;
+    let mut ports = Vec::with_capacity(count);
+    while ports.len() < count {
+        let step = NEXT_PORT_STEP.fetch_add(1, Ordering::SeqCst);
+        assert!(step < 9000, "no free port left in 20000-28999");
+        let port = 20000 + (base + step) % 9000;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// An API response.

@@ -8,21 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `count` distinct ports free now (held together while they are found),
-/// from the range the tests' agents use.
-pub fn free_ports(count: usize) -> Vec<u16> {
-    let start = 20000 + (std::process::id() % 9000) as u16;
-    let listeners: Vec<std::net::TcpListener> = (0..9000u16)
-        .map(|step| 20000 + (start - 20000 + step) % 9000)
-        .filter_map(|port| std::net::TcpListener::bind(("0.0.0.0", port)).ok())
-        .take(count)
-        .collect();
-    assert_eq!(listeners.len(), count, "{count} free ports in 20000-28999");
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("bound").port())
-        .collect()
-}
+use crate::agent::free_ports;
 
 /// Panics with what to install when etcd is not on this machine.
 pub fn require_etcd() {

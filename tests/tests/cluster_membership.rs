@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nubis_api::{ClusterHost, HostState};
+use nubis_api::{ClusterHost, HostState, Image, ImageCreate, Tenant, TenantCreate, TokenCreated};
 use nubis_tests::agent::{expect_as, Agent, RemoteHost};
 use nubis_tests::etcd::{ClientTls, EtcdCluster, Pki};
 use nubis_tests::netns::{simulated_host, NetNs};
@@ -164,6 +164,109 @@ fn controllers(hosts: &[ClusterHost]) -> Vec<String> {
         .collect()
 }
 
+/// A tenant created through one host is every host's: listed everywhere,
+/// its token (made through another host) works on a third; names are
+/// unique cluster-wide; a tenant is deleted only when no host holds
+/// anything of it; a revoked token stops working everywhere.
+fn tenants_are_the_clusters(dir: &TestDir, hosts: &[&Host; 3], agents: &[Option<Agent>]) {
+    let agent = |index: usize| agents[index].as_ref().expect("a running agent");
+    let (a, b, c) = (hosts[0], hosts[1], hosts[2]);
+    let acme: Tenant = agent(0).create(
+        "/v1/tenants",
+        &a.token,
+        &TenantCreate {
+            name: "acme".into(),
+            quota: None,
+        },
+    );
+    // Every host mirrors it (within moments; the host that took the
+    // request answered once it had).
+    for (index, host) in hosts.iter().enumerate().skip(1) {
+        wait_for("the tenant is listed on every host", || {
+            let tenants: Vec<Tenant> = agent(index).get("/v1/tenants", &host.token);
+            tenants
+                .iter()
+                .any(|t| t.id == acme.id)
+                .then_some(())
+                .ok_or_else(|| format!("host {index}: {tenants:?}"))
+        });
+    }
+    let taken = agent(2).send(
+        "POST",
+        "/v1/tenants",
+        Some(&c.token),
+        &TenantCreate {
+            name: "acme".into(),
+            quota: None,
+        },
+    );
+    assert_eq!(taken.status, 409, "{taken:?}");
+    let token: TokenCreated = expect_as(
+        &agent(1).call(
+            "POST",
+            &format!("/v1/tenants/{}/tokens", acme.id),
+            Some(&b.token),
+            None,
+        ),
+        201,
+    );
+    wait_for("b's token works on c", || {
+        let vms = agent(2).call("GET", "/v1/vms", Some(&token.token), None);
+        (vms.status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("{vms:?}"))
+    });
+
+    // An image on a: the tenant cannot go while a holds it.
+    let images = dir.join("images");
+    std::fs::write(images.join("vmlinux"), b"not a kernel").expect("kernel file");
+    std::fs::write(images.join("rootfs"), vec![0u8; 4096]).expect("rootfs file");
+    let image: Image = agent(0).create(
+        "/v1/images",
+        &token.token,
+        &ImageCreate {
+            name: "base".into(),
+            kernel: images.join("vmlinux").display().to_string(),
+            rootfs: images.join("rootfs").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        },
+    );
+    let tenant_path = format!("/v1/tenants/{}", acme.id);
+    // a recorded in etcd that it holds some of acme's before it stored the
+    // image: the refusal is immediate, from any host.
+    let refused = agent(2).call("DELETE", &tenant_path, Some(&c.token), None);
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert!(refused.text.contains("host(s) a"), "{refused:?}");
+    let removed = agent(0).call(
+        "DELETE",
+        &format!("/v1/images/{}", image.id),
+        Some(&token.token),
+        None,
+    );
+    assert_eq!(removed.status, 204, "{removed:?}");
+    wait_for("c deletes the tenant once a holds nothing", || {
+        let deleted = agent(2).call("DELETE", &tenant_path, Some(&c.token), None);
+        match deleted.status {
+            204 => Ok(()),
+            409 => Err(deleted.text.clone()),
+            other => panic!("deleting an empty tenant: {other} {deleted:?}"),
+        }
+    });
+    wait_for("the deleted tenant's token works nowhere", || {
+        let answers: Vec<u16> = (0..3)
+            .map(|index| {
+                agent(index)
+                    .call("GET", "/v1/vms", Some(&token.token), None)
+                    .status
+            })
+            .collect();
+        (answers == [401, 401, 401])
+            .then_some(())
+            .ok_or_else(|| format!("{answers:?}"))
+    });
+}
+
 #[test]
 fn hosts_join_elect_a_controller_and_survive_failures() {
     let dir = TestDir::new("cluster-membership");
@@ -202,6 +305,8 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
     assert_eq!(first[0].capacity.map(|c| c.memory_mib), Some(2048));
     assert_eq!(first[1].roles, vec!["compute", "controller"]);
     assert_eq!(first[0].api_address.as_deref(), Some("0.0.0.0:8282"));
+
+    tenants_are_the_clusters(&dir, &hosts, &agents);
 
     // The controller's agent dies: another is elected; the dead one is down.
     let leader = controllers(&first)[0].clone();

@@ -264,6 +264,21 @@ impl Etcd {
         Ok(())
     }
 
+    /// Runs `txn`: whether its conditions held, and the revision after it.
+    pub async fn txn(&self, action: &str, txn: Txn) -> Result<(bool, i64), ClusterError> {
+        let response = self
+            .retrying(
+                || action.to_string(),
+                |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                },
+            )
+            .await?;
+        let revision = response.header().map_or(0, |header| header.revision());
+        Ok((response.succeeded(), revision))
+    }
+
     /// Reads `key`, lets `change` make its new value from the current one
     /// (or refuse), and writes it if nobody wrote in between; retries
     /// otherwise. The value written.

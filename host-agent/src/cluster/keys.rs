@@ -54,6 +54,57 @@ impl Keys {
         format!("{}election/controller", self.prefix)
     }
 
+    /// `tenants/{id}`: a tenant (name, quota). Written by the agent that
+    /// takes the operator's request, together with `tenant-names/{name}`,
+    /// which keeps names unique.
+    pub fn tenant(&self, id: &str) -> String {
+        format!("{}tenants/{id}", self.prefix)
+    }
+
+    pub fn tenants(&self) -> String {
+        format!("{}tenants/", self.prefix)
+    }
+
+    pub fn tenant_name(&self, name: &str) -> String {
+        format!("{}tenant-names/{name}", self.prefix)
+    }
+
+    /// `tokens/{sha256}`: a tenant's API token, by the hash of its secret
+    /// (the secret itself is never stored).
+    pub fn token(&self, hash: &str) -> String {
+        format!("{}tokens/{hash}", self.prefix)
+    }
+
+    pub fn tokens(&self) -> String {
+        format!("{}tokens/", self.prefix)
+    }
+
+    /// `holdings/{tenant}/{host}`: host `host` holds resources of
+    /// `tenant` (VMs, images, networks, snapshots). Written by that host
+    /// before it makes the tenant's first resource there (conditioned on
+    /// the tenant existing), deleted once it holds none; a tenant is
+    /// deleted only while no such key exists.
+    pub fn holding(&self, tenant: &str, host: &HostName) -> String {
+        format!("{}holdings/{tenant}/{host}", self.prefix)
+    }
+
+    pub fn holdings_of(&self, tenant: &str) -> String {
+        format!("{}holdings/{tenant}/", self.prefix)
+    }
+
+    pub fn holdings(&self) -> String {
+        format!("{}holdings/", self.prefix)
+    }
+
+    /// The range that holds `tenant-names/`, `tenants/` and `tokens/`
+    /// ("tenant-names/" < "tenants/" < "tokens/"): start and end.
+    pub fn tenants_range(&self) -> (String, String) {
+        (
+            format!("{}tenant", self.prefix),
+            format!("{}tokens0", self.prefix),
+        )
+    }
+
     /// The host name a `members/` or `alive/` key names.
     pub fn host_of<'k>(&self, key: &'k str) -> Option<&'k str> {
         let rest = key.strip_prefix(&self.prefix)?;
@@ -79,5 +130,20 @@ mod tests {
         assert_eq!(keys.host_of("/nubis/members/host-a"), Some("host-a"));
         assert_eq!(keys.host_of("/other/alive/host-a"), None);
         assert_eq!(keys.host_of("/nubis/election/controller"), None);
+        let (start, end) = keys.tenants_range();
+        for key in [
+            keys.tenant("t-1"),
+            keys.tenant_name("acme"),
+            keys.token("ab12"),
+        ] {
+            assert!(start <= key && key < end, "{key} outside {start}..{end}");
+        }
+        for key in [
+            keys.member(&host),
+            keys.alive(&host),
+            keys.controller_election(),
+        ] {
+            assert!(!(start <= key && key < end), "{key} inside {start}..{end}");
+        }
     }
 }

@@ -49,14 +49,14 @@ pub(super) async fn register(inner: &Inner) -> Result<MemberRecord, ClusterError
 
 /// The heartbeat this host writes now.
 fn alive_record(inner: &Inner) -> AliveRecord {
-    let (usage, vms) = (inner.local.usage)();
+    let usage = (inner.local.usage)();
     AliveRecord {
         api_address: inner.local.api_address,
         underlay_address: inner.local.underlay_address,
         peer_port: inner.local.peer_port,
         capacity: inner.local.capacity,
-        usage,
-        vms,
+        usage: usage.resources,
+        vms: usage.vms,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: inner.started_at,
     }

@@ -15,6 +15,7 @@ pub mod keys;
 mod membership;
 pub mod records;
 pub mod settings;
+pub mod tenants;
 pub mod view;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -54,6 +55,14 @@ pub enum ClusterError {
     HostUp(String),
     #[error("{key} kept changing under {attempts} attempts to update it")]
     Contended { key: String, attempts: usize },
+    #[error("{0} exists in the cluster")]
+    Exists(String),
+    #[error("no tenant '{0}' in the cluster")]
+    NoSuchTenant(String),
+    #[error("the cluster's tenants on this host: {0}")]
+    Mirror(String),
+    #[error("{0}")]
+    Held(String),
 }
 
 /// `value`, read at `key`, as a `T`.
@@ -75,8 +84,14 @@ pub struct LocalHost {
     pub peer_port: u16,
     pub capacity: HostResources,
     /// What the VMs here take now, and how many there are.
-    #[allow(clippy::type_complexity)]
-    pub usage: Box<dyn Fn() -> (HostResources, u32) + Send + Sync>,
+    pub usage: Box<dyn Fn() -> LocalUsage + Send + Sync>,
+}
+
+/// What a host's heartbeat says it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalUsage {
+    pub resources: HostResources,
+    pub vms: u32,
 }
 
 pub(crate) struct Inner {
@@ -91,6 +106,15 @@ pub(crate) struct Inner {
     lease: Mutex<Option<i64>>,
     /// The membership as last read (`view.rs`).
     view: watch::Sender<Arc<View>>,
+    /// The etcd revision of the tenants this host's store mirrors
+    /// (`tenants.rs`).
+    tenants_applied: watch::Sender<i64>,
+    /// This host's holding keys (`tenants.rs`): the tenants it has one
+    /// for, and a lock per tenant that orders taking and dropping one.
+    holdings: tenants::Holdings,
+    /// The default-bridge subnets of tenants the mirror removed here.
+    freed_subnets: tokio::sync::mpsc::UnboundedSender<u8>,
+    freed_subnets_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u8>>>,
 }
 
 /// This agent's membership of a cluster.
@@ -111,8 +135,15 @@ impl Cluster {
     /// Joins the cluster: connects to etcd, records this host as a member
     /// and starts its heartbeat (and, for a controller candidate, its
     /// campaign). When this returns the host is listed as up.
-    pub async fn join(settings: ClusterSettings, local: LocalHost) -> Result<Self, ClusterError> {
+    /// The cluster's tenants and tokens are mirrored into `store` (this
+    /// host's own, if it has any etcd lacks, are published first).
+    pub async fn join(
+        settings: ClusterSettings,
+        local: LocalHost,
+        store: Arc<crate::store::Store>,
+    ) -> Result<Self, ClusterError> {
         let etcd = Etcd::connect(&settings).await?;
+        let (freed_subnets, freed_subnets_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             etcd,
             keys: Keys::new(&settings.prefix),
@@ -122,12 +153,22 @@ impl Cluster {
             controller: watch::channel(false).0,
             lease: Mutex::new(None),
             view: watch::channel(Arc::new(View::default())).0,
+            tenants_applied: watch::channel(0).0,
+            holdings: Default::default(),
+            freed_subnets,
+            freed_subnets_rx: Mutex::new(Some(freed_subnets_rx)),
         });
         membership::register(&inner).await?;
         let session = membership::open_session(&inner).await?;
         inner.view.send_replace(Arc::new(view::read(&inner).await?));
         tokio::spawn(membership::run(inner.clone(), session));
         tokio::spawn(view::follow(inner.clone()));
+        tenants::publish_local(&inner, &store).await?;
+        tenants::hold_local(&inner, &store).await?;
+        tokio::spawn(tenants::release_unused(inner.clone(), store.clone()));
+        let mut mirrored = inner.tenants_applied.subscribe();
+        tokio::spawn(tenants::follow(inner.clone(), store));
+        let _ = mirrored.wait_for(|revision| *revision > 0).await;
         Ok(Cluster { inner })
     }
 
@@ -161,6 +202,12 @@ impl Cluster {
     /// The membership as last read (kept current by a watch).
     pub fn view(&self) -> Arc<View> {
         self.inner.view.borrow().clone()
+    }
+
+    /// The default-bridge subnets of tenants that went from the cluster
+    /// (their bridges here are to be removed); given to one taker.
+    pub fn take_freed_subnets(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<u8>> {
+        self.inner.freed_subnets_rx.lock().ok()?.take()
     }
 
     /// Changes of [`Cluster::view`].

@@ -97,8 +97,12 @@ fn supervisor_code(error: &SupervisorError) -> ErrorCode {
 
 fn cluster_code(error: &ClusterError) -> ErrorCode {
     match error {
-        ClusterError::NoSuchHost(_) => ErrorCode::NotFound,
-        ClusterError::HostUp(_) | ClusterError::NameTaken { .. } => ErrorCode::Conflict,
+        ClusterError::NoSuchHost(_) | ClusterError::NoSuchTenant(_) => ErrorCode::NotFound,
+        ClusterError::HostUp(_)
+        | ClusterError::NameTaken { .. }
+        | ClusterError::Exists(_)
+        | ClusterError::Held(_) => ErrorCode::Conflict,
+        ClusterError::Mirror(_) => ErrorCode::Internal,
         ClusterError::Etcd { .. } | ClusterError::Contended { .. } => ErrorCode::Unavailable,
         ClusterError::Corrupt { .. } | ClusterError::TlsFile { .. } => ErrorCode::Internal,
     }

@@ -17,7 +17,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 create_handler!(tenant create, "/v1/images", "images", ImageCreate, 201 "success", Image,
-    sync images::create, Invalid, TenantOnly,
+    async images::create, Invalid, TenantOnly,
     (status = 409, description = "the name exists", body = ApiError),
     (status = 422, description = "a file is missing, not a regular file, outside the image directories and the tenant's uploads, or a root disk under 512 bytes", body = ApiError),
     (status = 429, description = "the tenant's storage quota is used up", body = ApiError));

@@ -22,7 +22,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 create_handler!(operator create, "/v1/tenants", "tenants", &TenantCreate, 201 "success", Tenant,
-    sync tenants::create, Invalid, OperatorOnly,
+    async tenants::create, Invalid, OperatorOnly,
     (status = 409, description = "wrong state or already exists", body = ApiError));
 
 list_handler!(operator list, "/v1/tenants", "tenants", "success", Tenant, sync tenants::list,
@@ -36,7 +36,7 @@ delete_handler!(operator remove, "/v1/tenants/{id}", "tenants", "id" = "id (or n
     (status = 403, description = "operator only", body = ApiError));
 
 create_handler!(operator create_token, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
-    201 "the token; its secret is shown only here", TokenCreated, sync tenants::create_token,
+    201 "the token; its secret is shown only here", TokenCreated, async tenants::create_token,
     OperatorResource);
 
 show_handler!(operator list_tokens, "/v1/tenants/{id}/tokens", "tenants", "id" = "id (or name)",
@@ -58,6 +58,6 @@ pub(crate) async fn remove_token(
     _operator: Operator,
     Path((id, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode> {
-    tenants::delete_token(&state.services, &id, &token_id)?;
+    tenants::delete_token(&state.services, &id, &token_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

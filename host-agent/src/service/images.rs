@@ -26,9 +26,16 @@ impl From<ImageRow> for Image {
     }
 }
 
+/// Registers `request` for `tenant_id` (see [`register`]); in cluster
+/// mode this host records first that it holds resources of the tenant.
+pub async fn create(svc: &Services, tenant_id: &str, request: ImageCreate) -> Result<Image> {
+    let _hold = svc.hold_tenant(tenant_id).await?;
+    register(svc, tenant_id, request)
+}
+
 /// Registers `request` for `tenant_id`, storing the files' resolved paths
 /// (a symlink changed later does not redirect the image).
-pub fn create(svc: &Services, tenant_id: &str, mut request: ImageCreate) -> Result<Image> {
+pub fn register(svc: &Services, tenant_id: &str, mut request: ImageCreate) -> Result<Image> {
     validate::name("name", &request.name, true)?;
     validate::kernel_args("cmdline", &request.cmdline)?;
     request.kernel = regular_file(svc, Some(tenant_id), "kernel", &request.kernel)?.0;

@@ -131,6 +131,21 @@ impl Services {
     }
 }
 
+impl Services {
+    /// In cluster mode, held while a resource of `tenant` is made on this
+    /// host: the cluster knows this host holds some of the tenant's, so
+    /// the tenant cannot be deleted meanwhile (`cluster/tenants.rs`).
+    pub async fn hold_tenant(
+        &self,
+        tenant: &str,
+    ) -> Result<Option<crate::cluster::tenants::TenantHold>> {
+        match &self.cluster {
+            Some(cluster) => Ok(Some(cluster.hold(tenant).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Why a service refused or failed. Each variant is one kind of answer
 /// (`http/errors.rs` gives it its status); its message is the client's.
 #[derive(Debug, thiserror::Error)]

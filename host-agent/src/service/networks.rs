@@ -70,6 +70,7 @@ const MAX_DNS_SERVERS: usize = 4;
 /// server come up, then the spanned hosts take it on.
 pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) -> Result<Network> {
     validate::name("name", &request.name, false)?;
+    let _hold = svc.hold_tenant(tenant_id).await?;
     let cidr: Cidr = request
         .cidr
         .parse()
@@ -522,6 +523,7 @@ async fn check_replica(svc: &Services, id: &str, replica: &NetworkReplica) -> Re
 pub async fn adopt(svc: &Services, id: &str, replica: &NetworkReplica) -> Result<Network> {
     check_replica(svc, id, replica).await?;
     let tenant = &replica.tenant;
+    let _hold = svc.hold_tenant(&tenant.id).await?;
     match svc.store.get_tenant(&tenant.id)? {
         Some(known) if known.name != tenant.name => {
             return Err(ServiceError::Conflict(format!(

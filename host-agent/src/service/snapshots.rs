@@ -129,6 +129,7 @@ pub async fn restore(
 ) -> Result<Vm> {
     validate::name("name", &request.name, false)?;
     let saved = find(svc, Scope::Tenant(tenant_id), id)?;
+    let _hold = svc.hold_tenant(tenant_id).await?;
     if svc
         .store
         .get_image(tenant_id, &saved.vm.image_id)?

@@ -43,11 +43,21 @@ fn check_quota(quota: &Quota) -> Result<()> {
 }
 
 /// Creates tenant `request` (with the default quota unless it has one).
-pub fn create(svc: &Services, request: &TenantCreate) -> Result<Tenant> {
+/// In cluster mode the tenant is the cluster's: created in etcd, and
+/// answered once this host mirrors it.
+pub async fn create(svc: &Services, request: &TenantCreate) -> Result<Tenant> {
     validate::name("name", &request.name, false)?;
     let quota = request.quota.unwrap_or_default();
     check_quota(&quota)?;
-    let tenant = svc.store.create_tenant(&request.name, quota)?;
+    let tenant = match &svc.cluster {
+        Some(cluster) => {
+            let id = cluster.create_tenant(&request.name, quota).await?;
+            svc.store.get_tenant(&id)?.ok_or_else(|| {
+                ServiceError::Internal(format!("tenant {id} is not mirrored here"))
+            })?
+        }
+        None => svc.store.create_tenant(&request.name, quota)?,
+    };
     tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant created");
     Ok(tenant.into())
 }
@@ -69,12 +79,21 @@ pub fn get(svc: &Services, id: &str) -> Result<Tenant> {
         .ok_or_else(|| ServiceError::not_found("tenant", id))
 }
 
-/// Deletes tenant `id` (the store refuses while it owns resources), and
-/// its default bridge.
+/// Deletes tenant `id` (the store refuses while it owns resources here;
+/// in cluster mode, while any member holds some or cannot say), and its
+/// default bridge.
 pub async fn delete(svc: &Services, id: &str) -> Result<()> {
     get(svc, id)?;
     let subnet = svc.store.existing_tenant_subnet(id)?;
-    svc.store.delete_tenant(id)?;
+    match &svc.cluster {
+        Some(cluster) => {
+            svc.store.check_tenant_empty(id)?;
+            cluster.delete_tenant(id).await?;
+        }
+        None => {
+            svc.store.delete_tenant(id)?;
+        }
+    }
     if let Some(subnet) = subnet {
         if let Err(err) = svc.host_network.remove_tenant_bridge(subnet).await {
             tracing::warn!(tenant = %id, "cannot remove the tenant's bridge: {err}");
@@ -86,9 +105,12 @@ pub async fn delete(svc: &Services, id: &str) -> Result<()> {
 }
 
 /// A new token of tenant `id` (its secret is shown only now).
-pub fn create_token(svc: &Services, id: &str) -> Result<TokenCreated> {
+pub async fn create_token(svc: &Services, id: &str) -> Result<TokenCreated> {
     get(svc, id)?;
-    Ok(svc.store.create_token(id)?)
+    match &svc.cluster {
+        Some(cluster) => Ok(cluster.create_token(id).await?),
+        None => Ok(svc.store.create_token(id)?),
+    }
 }
 
 pub fn list_tokens(svc: &Services, id: &str) -> Result<Vec<TokenInfo>> {
@@ -97,8 +119,12 @@ pub fn list_tokens(svc: &Services, id: &str) -> Result<Vec<TokenInfo>> {
 }
 
 /// Revokes token `token_id` of tenant `id`.
-pub fn delete_token(svc: &Services, id: &str, token_id: &str) -> Result<()> {
-    if svc.store.delete_token(id, token_id)? {
+pub async fn delete_token(svc: &Services, id: &str, token_id: &str) -> Result<()> {
+    let deleted = match &svc.cluster {
+        Some(cluster) => cluster.delete_token(id, token_id).await?,
+        None => svc.store.delete_token(id, token_id)?,
+    };
+    if deleted {
         Ok(())
     } else {
         Err(ServiceError::not_found("token", token_id))

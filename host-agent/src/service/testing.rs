@@ -183,7 +183,7 @@ impl Fixture {
         must("rootfs size", file.set_len(rootfs_bytes));
         must(
             "image",
-            super::images::create(
+            super::images::register(
                 &self.services,
                 &tenant.id,
                 ImageCreate {

@@ -334,6 +334,7 @@ async fn tenants_answer_as_stored_and_replicas_are_stored_as_given() {
             quota: Some(quota),
         },
     )
+    .await
     .expect("tenant");
     let row = svc
         .store

@@ -27,7 +27,7 @@ pub use networks::NetworkRow;
 pub use peers::PeerRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::{SavedVm, SnapshotRow};
-pub use tenants::TenantRow;
+pub use tenants::{token_hash, TenantRow};
 pub use vms::{NewVm, Usage, VmRow};
 
 /// The schema, one migration per entry; entry N brings the database from

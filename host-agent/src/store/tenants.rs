@@ -8,6 +8,16 @@ use sha2::{Digest, Sha256};
 use super::{exists_or, new_id, now, random_hex, Store, StoreError};
 
 /// The stored form of a token.
+/// What [`Store::mirror_tenants`] left behind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Mirrored {
+    /// Tenants the cluster no longer has that still hold something here.
+    pub kept: Vec<String>,
+    /// The default-bridge subnets of the tenants that went (their bridges
+    /// are to be removed).
+    pub freed_subnets: Vec<u8>,
+}
+
 pub fn token_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
@@ -106,8 +116,17 @@ impl Store {
 
     /// Deletes a tenant and its tokens; refused while it has VMs or images.
     pub fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let owned: [u32; 4] = conn.query_row(
+        self.check_tenant_empty(id)?;
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tenants WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    /// Refuses, naming what is left, while tenant `id` holds VMs, images,
+    /// networks or snapshots here.
+    pub fn check_tenant_empty(&self, id: &str) -> Result<(), StoreError> {
+        let owned: [u32; 4] = self.conn().query_row(
             "SELECT (SELECT COUNT(*) FROM vms WHERE tenant_id = ?1),
                     (SELECT COUNT(*) FROM images WHERE tenant_id = ?1),
                     (SELECT COUNT(*) FROM networks WHERE tenant_id = ?1),
@@ -121,13 +140,14 @@ impl Store {
             .filter(|(count, _)| **count > 0)
             .map(|(count, what)| format!("{count} {what}"))
             .collect();
-        if !left.is_empty() {
-            return Err(StoreError::InUse(format!(
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::InUse(format!(
                 "tenant {id} still has {}: delete them first",
                 left.join(", ")
-            )));
+            )))
         }
-        Ok(conn.execute("DELETE FROM tenants WHERE id = ?1", [id])? > 0)
     }
 
     /// A new token for `tenant_id`; the secret is in the result only.
@@ -173,6 +193,108 @@ impl Store {
             "DELETE FROM tokens WHERE id = ?1 AND tenant_id = ?2",
             [token_id, tenant_id],
         )? > 0)
+    }
+
+    /// Every token with the hash of its secret (what a host joining a
+    /// cluster publishes).
+    pub fn token_hashes(&self) -> Result<Vec<(TokenInfo, String)>, StoreError> {
+        let conn = self.conn();
+        let mut statement =
+            conn.prepare("SELECT id, tenant_id, created_at, hash FROM tokens ORDER BY id")?;
+        let tokens = statement
+            .query_map([], |row| {
+                Ok((
+                    TokenInfo {
+                        id: row.get(0)?,
+                        tenant_id: row.get(1)?,
+                        created_at: row.get(2)?,
+                    },
+                    row.get(3)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(tokens)
+    }
+
+    /// Makes the tenants and tokens those of the cluster (`tenants`, and
+    /// `tokens` with their hashes), in one transaction. A tenant the
+    /// cluster no longer has but that still holds something here is kept
+    /// (without tokens).
+    pub fn mirror_tenants(
+        &self,
+        tenants: &[TenantRow],
+        tokens: &[(TokenInfo, String)],
+    ) -> Result<Mirrored, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for tenant in tenants {
+            let quota = tenant.quota;
+            tx.execute(
+                &format!(
+                    "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(id) DO UPDATE SET name = ?2, max_vcpus = ?3, max_memory_mib = ?4,
+                       max_vms = ?5, max_networks = ?7, max_port_forwards = ?8,
+                       max_snapshots = ?9, max_storage_mib = ?10"
+                ),
+                params![
+                    tenant.id,
+                    tenant.name,
+                    quota.max_vcpus,
+                    quota.max_memory_mib,
+                    quota.max_vms,
+                    tenant.created_at,
+                    quota.max_networks,
+                    quota.max_port_forwards,
+                    quota.max_snapshots,
+                    quota.max_storage_mib
+                ],
+            )?;
+        }
+        tx.execute("DELETE FROM tokens", [])?;
+        for (token, hash) in tokens {
+            tx.execute(
+                "INSERT INTO tokens (id, tenant_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![token.id, token.tenant_id, hash, token.created_at],
+            )?;
+        }
+        let wanted: std::collections::HashSet<&str> =
+            tenants.iter().map(|tenant| tenant.id.as_str()).collect();
+        let local: Vec<String> = tx
+            .prepare("SELECT id FROM tenants")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut mirrored = Mirrored::default();
+        for id in local.iter().filter(|id| !wanted.contains(id.as_str())) {
+            if holds_anything(&tx, id)? {
+                mirrored.kept.push(id.clone());
+            } else {
+                let subnet: Option<u8> = tx
+                    .query_row(
+                        "SELECT subnet FROM tenant_subnets WHERE tenant_id = ?1",
+                        [id],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                mirrored.freed_subnets.extend(subnet);
+                tx.execute("DELETE FROM tenants WHERE id = ?1", [id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(mirrored)
+    }
+
+    /// The tenants that hold anything on this host (VMs, images, networks,
+    /// snapshots).
+    pub fn tenants_holding(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT tenant_id FROM vms UNION SELECT tenant_id FROM images
+             UNION SELECT tenant_id FROM networks UNION SELECT tenant_id FROM snapshots",
+        )?;
+        let holding = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(holding)
     }
 
     /// The tenant's subnet number (1 to 254), allocated lowest-first at the
@@ -241,6 +363,18 @@ impl Store {
     }
 }
 
+/// Whether tenant `id` holds anything on this host.
+fn holds_anything(conn: &rusqlite::Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM vms WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM images WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM networks WHERE tenant_id = ?1)
+             OR EXISTS(SELECT 1 FROM snapshots WHERE tenant_id = ?1)",
+        [id],
+        |row| row.get(0),
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +393,58 @@ mod tests {
         assert!(store.delete_tenant(&b.id).unwrap());
         assert!(!store.delete_tenant(&b.id).unwrap());
         assert_eq!(store.get_tenant(&b.id).unwrap(), None);
+    }
+
+    #[test]
+    fn the_mirror_takes_the_clusters_tenants_and_tokens() {
+        let (store, holder, _image) = crate::store::fixture();
+        let idle = store.create_tenant("idle", Quota::default()).unwrap();
+        let old_token = store.create_token(&idle.id).unwrap();
+        let cluster = TenantRow {
+            id: "t-00000000000000aa".into(),
+            name: "from-etcd".into(),
+            quota: Quota {
+                max_vcpus: 7,
+                ..Quota::default()
+            },
+            created_at: 5,
+        };
+        let mut renamed = store.get_tenant(&holder).unwrap().unwrap();
+        renamed.quota.max_vms = 3;
+        let token = TokenInfo {
+            id: "tok-00000000000000bb".into(),
+            tenant_id: cluster.id.clone(),
+            created_at: 6,
+        };
+        let kept = store
+            .mirror_tenants(
+                &[cluster.clone(), renamed.clone()],
+                &[(token.clone(), token_hash("secret"))],
+            )
+            .unwrap();
+        assert!(kept.kept.is_empty(), "{kept:?}");
+        assert_eq!(
+            store.get_tenant(&cluster.id).unwrap(),
+            Some(cluster.clone())
+        );
+        assert_eq!(store.get_tenant(&holder).unwrap().unwrap().quota.max_vms, 3);
+        assert_eq!(
+            store.get_tenant(&idle.id).unwrap(),
+            None,
+            "gone from the cluster"
+        );
+        assert_eq!(
+            store.tenant_for_token("secret").unwrap(),
+            Some(cluster.id.clone())
+        );
+        assert_eq!(store.tenant_for_token(&old_token.token).unwrap(), None);
+        // The holder (it has an image here) stays when the cluster drops it.
+        let kept = store
+            .mirror_tenants(std::slice::from_ref(&cluster), &[])
+            .unwrap();
+        assert_eq!(kept.kept, vec![holder.clone()]);
+        assert!(store.get_tenant(&holder).unwrap().is_some());
+        assert_eq!(store.tenants_holding().unwrap(), [holder].into());
     }
 
     #[test]
