@@ -34,6 +34,41 @@ fn used_of(usage: Option<u64>, capacity: Option<u64>) -> String {
     }
 }
 
+const HOST_COLUMNS: [&str; 9] = [
+    "name",
+    "state",
+    "controller",
+    "roles",
+    "vcpus",
+    "memory_mib",
+    "disk_mib",
+    "vms",
+    "labels",
+];
+
+/// One host's line under [`HOST_COLUMNS`].
+fn host_row(host: &ClusterHost) -> Vec<String> {
+    let (usage, capacity) = (host.usage, host.capacity);
+    vec![
+        host.name.clone(),
+        host.state.as_str().to_string(),
+        if host.controller { "*" } else { "" }.to_string(),
+        host.roles.join(","),
+        used_of(
+            usage.map(|u| u64::from(u.vcpus)),
+            capacity.map(|c| u64::from(c.vcpus)),
+        ),
+        used_of(usage.map(|u| u.memory_mib), capacity.map(|c| c.memory_mib)),
+        used_of(usage.map(|u| u.disk_mib), capacity.map(|c| c.disk_mib)),
+        host.vms.map_or_else(|| "-".into(), |vms| vms.to_string()),
+        host.labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    ]
+}
+
 impl Output {
     /// The cluster's hosts: one line each, the controller marked with '*'.
     pub fn hosts(&self, value: &Value) -> Result<(), serde_json::Error> {
@@ -42,42 +77,8 @@ impl Output {
             return Ok(());
         }
         let hosts: Vec<ClusterHost> = serde_json::from_value(value.clone())?;
-        let columns = [
-            "name",
-            "state",
-            "controller",
-            "roles",
-            "vcpus",
-            "memory_mib",
-            "disk_mib",
-            "vms",
-            "labels",
-        ];
-        let rows = hosts
-            .iter()
-            .map(|host| {
-                let (usage, capacity) = (host.usage, host.capacity);
-                vec![
-                    host.name.clone(),
-                    host.state.as_str().to_string(),
-                    if host.controller { "*" } else { "" }.to_string(),
-                    host.roles.join(","),
-                    used_of(
-                        usage.map(|u| u64::from(u.vcpus)),
-                        capacity.map(|c| u64::from(c.vcpus)),
-                    ),
-                    used_of(usage.map(|u| u.memory_mib), capacity.map(|c| c.memory_mib)),
-                    used_of(usage.map(|u| u.disk_mib), capacity.map(|c| c.disk_mib)),
-                    host.vms.map_or_else(|| "-".into(), |vms| vms.to_string()),
-                    host.labels
-                        .iter()
-                        .map(|(key, value)| format!("{key}={value}"))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ]
-            })
-            .collect();
-        self.rows(&columns, rows);
+        let rows = hosts.iter().map(host_row).collect();
+        self.rows(&HOST_COLUMNS, rows);
         Ok(())
     }
 
@@ -216,5 +217,71 @@ impl Spinner {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nubis_api::{HostResources, HostState};
+
+    fn host(name: &str, up: bool) -> ClusterHost {
+        ClusterHost {
+            name: name.into(),
+            state: if up { HostState::Up } else { HostState::Down },
+            cordoned: false,
+            controller: up,
+            roles: vec!["compute".into(), "controller".into()],
+            labels: [("zone".to_string(), "cloud".to_string())].into(),
+            fingerprint: "f".repeat(64),
+            api_address: None,
+            underlay_address: None,
+            capacity: up.then_some(HostResources {
+                vcpus: 8,
+                memory_mib: 4096,
+                disk_mib: 100,
+            }),
+            usage: up.then_some(HostResources {
+                vcpus: 2,
+                memory_mib: 512,
+                disk_mib: 10,
+            }),
+            vms: up.then_some(1),
+            agent_version: None,
+            joined_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_host_line_shows_use_of_capacity_and_marks_the_controller() {
+        assert_eq!(
+            host_row(&host("a", true)),
+            [
+                "a",
+                "up",
+                "*",
+                "compute,controller",
+                "2/8",
+                "512/4096",
+                "10/100",
+                "1",
+                "zone=cloud"
+            ]
+        );
+        assert_eq!(
+            host_row(&host("b", false)),
+            [
+                "b",
+                "down",
+                "",
+                "compute,controller",
+                "-",
+                "-",
+                "-",
+                "-",
+                "zone=cloud"
+            ]
+        );
+        assert_eq!(HOST_COLUMNS.len(), host_row(&host("a", true)).len());
     }
 }
