@@ -12,7 +12,9 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nubis_api::{ClusterHost, HostState, Image, ImageCreate, Tenant, TenantCreate, TokenCreated};
+use nubis_api::{
+    ClusterHost, HostState, Image, ImageCreate, Tenant, TenantCreate, TokenCreated, VmCreate,
+};
 use nubis_tests::agent::{expect_as, Agent, RemoteHost};
 use nubis_tests::etcd::{ClientTls, EtcdCluster, Pki};
 use nubis_tests::netns::{simulated_host, NetNs};
@@ -402,6 +404,35 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         "{}",
         states(&seen)
     );
+    // A cordoned host takes no new VMs.
+    let agent_b = agents[1].as_ref().expect("b");
+    let globex: Tenant = agent_b.create(
+        "/v1/tenants",
+        &b.token,
+        &TenantCreate {
+            name: "globex".into(),
+            quota: None,
+        },
+    );
+    let globex_token: TokenCreated = expect_as(
+        &agent_b.call(
+            "POST",
+            &format!("/v1/tenants/{}/tokens", globex.id),
+            Some(&b.token),
+            None,
+        ),
+        201,
+    );
+    let vm = VmCreate::new("web", "base");
+    wait_for("b refuses new VMs once it sees its cordon", || {
+        let answer = agent_b.send("POST", "/v1/vms", Some(&globex_token.token), &vm);
+        match answer.status {
+            409 if answer.text.contains("host b is cordoned") => Ok(()),
+            // No image 'base' for globex: b has not seen the cordon yet.
+            422 => Err(format!("{answer:?}")),
+            other => panic!("a new VM on cordoned b: {other} {answer:?}"),
+        }
+    });
     let uncordoned: ClusterHost = expect_as(
         &agents[2]
             .as_ref()
@@ -410,6 +441,28 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         200,
     );
     assert_eq!(uncordoned.state, HostState::Up);
+    wait_for("b takes VMs again once uncordoned", || {
+        // No image 'base' for globex: refused for that, not the cordon.
+        let answer = agent_b.send("POST", "/v1/vms", Some(&globex_token.token), &vm);
+        (answer.status == 422)
+            .then_some(())
+            .ok_or_else(|| format!("{answer:?}"))
+    });
+    // The refused attempts took b's holding key for globex; b drops it
+    // once it sees it holds nothing of globex's.
+    wait_for("globex is deleted once b holds nothing of it", || {
+        let gone = agent_b.call(
+            "DELETE",
+            &format!("/v1/tenants/{}", globex.id),
+            Some(&b.token),
+            None,
+        );
+        match gone.status {
+            204 => Ok(()),
+            409 => Err(format!("{gone:?}")),
+            other => panic!("deleting globex: {other} {gone:?}"),
+        }
+    });
 
     // Only a down host can be forgotten; an unknown one is a 404.
     let agent_a = agents[0].as_ref().expect("a");

@@ -210,6 +210,13 @@ impl Cluster {
         self.inner.freed_subnets_rx.lock().ok()?.take()
     }
 
+    /// Whether an operator cordoned this host (as the view last read it).
+    pub fn is_cordoned(&self) -> bool {
+        self.view()
+            .member(self.inner.settings.host_name.as_str())
+            .is_some_and(|member| member.record.cordoned)
+    }
+
     /// Changes of [`Cluster::view`].
     pub fn view_changes(&self) -> watch::Receiver<Arc<View>> {
         self.inner.view.subscribe()

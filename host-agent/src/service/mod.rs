@@ -132,6 +132,18 @@ impl Services {
 }
 
 impl Services {
+    /// Refuses a new VM here (created, restored or migrating in) while an
+    /// operator has cordoned this host.
+    pub fn refuse_if_cordoned(&self) -> Result<()> {
+        match &self.cluster {
+            Some(cluster) if cluster.is_cordoned() => Err(ServiceError::Conflict(format!(
+                "host {} is cordoned: it takes no new VMs",
+                cluster.host_name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// In cluster mode, held while a resource of `tenant` is made on this
     /// host: the cluster knows this host holds some of the tenant's, so
     /// the tenant cannot be deleted meanwhile (`cluster/tenants.rs`).

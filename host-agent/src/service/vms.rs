@@ -126,6 +126,7 @@ fn check(request: &VmCreate) -> Result<()> {
 /// Defines `request` for `tenant_id` (not started).
 pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Result<Vm> {
     check(&request)?;
+    svc.refuse_if_cordoned()?;
     let _hold = svc.hold_tenant(tenant_id).await?;
     // The NICs as the agent will record them: MAC, address and tap are
     // assigned here, never taken from the request.
