@@ -32,6 +32,9 @@ use self::settings::{ClusterSettings, HostName};
 use self::view::View;
 use crate::store::now;
 
+/// How long joining waits for the first copy of the cluster's tenants.
+const JOIN_MIRROR_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Errors of cluster membership and of the cluster's view.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -168,7 +171,16 @@ impl Cluster {
         tokio::spawn(tenants::release_unused(inner.clone(), store.clone()));
         let mut mirrored = inner.tenants_applied.subscribe();
         tokio::spawn(tenants::follow(inner.clone(), store));
-        let _ = mirrored.wait_for(|revision| *revision > 0).await;
+        // Joined means this host knows the cluster's tenants: a mirror that
+        // cannot be read within the patience of an etcd call fails the join
+        // (the operator sees why) instead of hanging the agent's start.
+        tokio::time::timeout(
+            JOIN_MIRROR_PATIENCE,
+            mirrored.wait_for(|revision| *revision > 0),
+        )
+        .await
+        .map_err(|_| ClusterError::Mirror("the cluster's tenants could not be read".into()))?
+        .map_err(|_| ClusterError::Mirror("the tenant mirror stopped".into()))?;
         Ok(Cluster { inner })
     }
 
