@@ -24,7 +24,10 @@ pub use migration::{IncomingMigration, IncomingReady, Migration, MigrationCreate
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
-pub use vm::{RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmState};
+pub use vm::{
+    AntiAffinity, AntiAffinityScope, PlacementStrategy, RateLimit, Vm, VmCreate, VmDisk, VmEvent,
+    VmNic, VmNicCreate, VmPlacement, VmState,
+};
 
 /// The API version prefix.
 pub const API_PREFIX: &str = "/v1";

@@ -1,5 +1,7 @@
 //! microVMs: what a tenant asks for, and what the agent reports.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -104,6 +106,78 @@ pub struct VmCreate {
     #[serde(default)]
     #[schema(max_items = 4)]
     pub nics: Vec<VmNicCreate>,
+    /// Where the cluster's controller may put the VM (cluster mode only:
+    /// a standalone host refuses any constraint).
+    #[serde(default, skip_serializing_if = "VmPlacement::is_empty")]
+    pub placement: VmPlacement,
+    /// Start the VM as soon as it is placed and defined on its host (as a
+    /// cloud's "run instance" does); false defines it stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start: bool,
+}
+
+/// Constraints on where a VM runs in a cluster: the controller filters
+/// the hosts by them, then spreads (or packs) the VM onto one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPlacement {
+    /// Labels a host must carry, e.g. `{"zone": "cloud"}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub require: BTreeMap<String, String>,
+    /// No two VMs of this group on one host (or in one fault domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<AntiAffinity>,
+    /// The member to run on; the controller still checks it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "PlacementStrategy::is_spread")]
+    pub strategy: PlacementStrategy,
+}
+
+impl VmPlacement {
+    /// Whether nothing is asked (any host, spread).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// An anti-affinity group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AntiAffinity {
+    /// 1 to 63 characters: lower-case letters, digits and '-'.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub group: String,
+    /// `host` (default) or `fault_domain` (the hosts' `fault-domain`
+    /// label; a host without one is a domain of its own).
+    #[serde(default)]
+    pub scope: AntiAffinityScope,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AntiAffinityScope {
+    #[default]
+    Host,
+    FaultDomain,
+}
+
+/// How the controller picks among the hosts that can take a VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementStrategy {
+    /// The host with the most room left (the default).
+    #[default]
+    Spread,
+    /// The fullest host that still fits, keeping others free.
+    BinPack,
+}
+
+impl PlacementStrategy {
+    pub fn is_spread(&self) -> bool {
+        *self == Self::Spread
+    }
 }
 
 impl VmCreate {
@@ -119,6 +193,8 @@ impl VmCreate {
             root_rate_limit: RateLimit::default(),
             disks: Vec::new(),
             nics: Vec::new(),
+            placement: VmPlacement::default(),
+            start: false,
         }
     }
 }
@@ -134,6 +210,9 @@ fn default_memory_mib() -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
+    /// In a cluster: defined, waiting to be placed on a host and defined
+    /// there (its events say why it waits).
+    Pending,
     /// Defined, never started or stopped since.
     Stopped,
     /// The VMM process is starting.
@@ -148,7 +227,8 @@ pub enum VmState {
 
 impl VmState {
     /// Every state, in the order of a VM's life.
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 7] = [
+        VmState::Pending,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
@@ -159,6 +239,7 @@ impl VmState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Pending => "pending",
             Self::Stopped => "stopped",
             Self::Starting => "starting",
             Self::Running => "running",
@@ -169,16 +250,7 @@ impl VmState {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Stopped,
-            Self::Starting,
-            Self::Running,
-            Self::Paused,
-            Self::Stopping,
-            Self::Failed,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == text)
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
     }
 
     /// Whether a VMM process exists in this state.
@@ -214,6 +286,12 @@ pub struct Vm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
     pub created_at: u64,
+    /// In a cluster: the member it is placed on (absent while pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// In a cluster: the constraints it was created with.
+    #[serde(default, skip_serializing_if = "VmPlacement::is_empty")]
+    pub placement: VmPlacement,
 }
 
 /// One entry of a VM's event log.

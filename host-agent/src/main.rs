@@ -278,6 +278,10 @@ async fn serve(
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
     if let Some(cluster) = &cluster {
         tokio::spawn(follow_members(state.clone(), cluster.clone()));
+        tokio::spawn(nubis_agent::service::placed::follow(
+            state.services.clone(),
+            cluster.clone(),
+        ));
         if let Some(mut freed) = cluster.take_freed_subnets() {
             let network = state.services.host_network.clone();
             tokio::spawn(async move {

@@ -57,6 +57,19 @@ const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// The HTTP client for peers.
 pub struct PeerClient {
     http: reqwest::Client,
+    /// For requests forwarded on a client's behalf (a VM's console
+    /// stream, a graceful stop): no overall timeout, the client's own
+    /// patience bounds them.
+    forwarding: reqwest::Client,
+}
+
+/// A request forwarded to the host where its VM lives.
+pub struct Forwarded {
+    pub method: reqwest::Method,
+    /// Path and query, as the client sent them.
+    pub path: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
 }
 
 impl PeerClient {
@@ -66,9 +79,37 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
+            .tls_backend_preconfigured(tls.clone())
+            .build()?;
+        let forwarding = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
             .tls_backend_preconfigured(tls)
             .build()?;
-        Ok(Self { http })
+        Ok(Self { http, forwarding })
+    }
+
+    /// Sends `request` to `peer`, which serves the API on its peer
+    /// listener too; its answer (status, headers, a body still to read).
+    pub async fn forward(
+        &self,
+        peer: &PeerRow,
+        request: Forwarded,
+    ) -> Result<reqwest::Response, PeerError> {
+        let url = format!(
+            "https://{}:{}{}",
+            peer.host.address, peer.host.peer_port, request.path
+        );
+        self.forwarding
+            .request(request.method, &url)
+            .headers(request.headers)
+            .body(request.body)
+            .send()
+            .await
+            .map_err(|err| PeerError::Unreachable {
+                host: peer.host.name.clone(),
+                url: url.clone(),
+                message: err.to_string(),
+            })
     }
 
     async fn call<T: DeserializeOwned>(

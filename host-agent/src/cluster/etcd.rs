@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -62,7 +62,8 @@ fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<Stored<T>, ClusterError>
     })
 }
 
-fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, ClusterError> {
+/// `value` as the JSON stored at `key` (named in the error).
+pub(super) fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, ClusterError> {
     serde_json::to_vec(value).map_err(|err| ClusterError::Corrupt {
         key: key.to_string(),
         reason: format!("cannot encode: {err}"),
@@ -148,6 +149,36 @@ impl Etcd {
                         source,
                     })
                 }
+            }
+        }
+    }
+
+    /// Returns at the first change in `[start, end)` after `revision` (or
+    /// when etcd cancels the watch, e.g. because that revision was
+    /// compacted: the caller reads everything again either way).
+    pub async fn changed(
+        &self,
+        what: &str,
+        (start, end): (&str, &str),
+        revision: i64,
+    ) -> Result<(), ClusterError> {
+        let options = WatchOptions::new()
+            .with_range(end.as_bytes())
+            .with_start_revision(revision + 1);
+        let failed = etcd_error(format!("watch {what}"));
+        let mut client = self.waiting_client();
+        let mut stream = match client.watch(start.as_bytes(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(err) => return Err(failed(err)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) if response.canceled() || !response.events().is_empty() => {
+                    return Ok(())
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(failed(err)),
             }
         }
     }

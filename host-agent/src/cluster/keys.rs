@@ -96,6 +96,44 @@ impl Keys {
         format!("{}holdings/", self.prefix)
     }
 
+    /// `vms/{id}`: a VM's definition, its placement constraints and the
+    /// host it is placed on. Created (with `vm-names/` and `usage/`) by
+    /// the agent that takes the tenant's request; placed by the
+    /// controller; moved by a migration's source; deleted with the VM.
+    pub fn vm(&self, id: &str) -> String {
+        format!("{}vms/{id}", self.prefix)
+    }
+
+    pub fn vms(&self) -> String {
+        format!("{}vms/", self.prefix)
+    }
+
+    /// `vm-names/{tenant}/{name}`: keeps a tenant's VM names unique.
+    pub fn vm_name(&self, tenant: &str, name: &str) -> String {
+        format!("{}vm-names/{tenant}/{name}", self.prefix)
+    }
+
+    pub fn vm_names_of(&self, tenant: &str) -> String {
+        format!("{}vm-names/{tenant}/", self.prefix)
+    }
+
+    /// `status/{vm}`: the VM as the host that runs it last saw it.
+    /// Written by that host only.
+    pub fn vm_status(&self, id: &str) -> String {
+        format!("{}status/{id}", self.prefix)
+    }
+
+    pub fn vm_statuses(&self) -> String {
+        format!("{}status/", self.prefix)
+    }
+
+    /// `usage/{tenant}`: what the tenant's VMs take cluster-wide, updated
+    /// in the same transaction as the VM records it counts, so that two
+    /// racing creations cannot both take the last of a quota.
+    pub fn usage(&self, tenant: &str) -> String {
+        format!("{}usage/{tenant}", self.prefix)
+    }
+
     /// The range that holds `tenant-names/`, `tenants/` and `tokens/`
     /// ("tenant-names/" < "tenants/" < "tokens/"): start and end.
     pub fn tenants_range(&self) -> (String, String) {

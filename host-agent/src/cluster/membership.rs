@@ -152,6 +152,7 @@ pub(super) async fn run(inner: Arc<Inner>, first: Session) {
         keep_alive(&inner, current, &leadership).await;
         let _ = ended_tx.send(true);
         inner.controller.send_replace(false);
+        inner.set_leader_key(None);
         if let Some(election) = election {
             let _ = election.await;
         }
@@ -268,8 +269,9 @@ async fn campaign(
             _ = ended.wait_for(|ended| *ended) => return,
         };
         match result {
-            Ok(_) => {
+            Ok(response) => {
                 tracing::info!("cluster: {name} is the controller");
+                inner.set_leader_key(response.leader().map(|leader| leader.key().to_vec()));
                 leadership.elected.store(true, Ordering::SeqCst);
                 leadership.publish(&inner);
                 let _ = ended.wait_for(|ended| *ended).await;

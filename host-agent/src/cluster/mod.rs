@@ -10,6 +10,7 @@
 //! certificates (`settings::EtcdTls`). Key layout: `keys.rs` and
 //! `docs/cluster.md`.
 
+mod controller;
 pub mod etcd;
 pub mod keys;
 mod membership;
@@ -17,6 +18,7 @@ pub mod records;
 pub mod settings;
 pub mod tenants;
 pub mod view;
+pub mod vms;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -66,6 +68,10 @@ pub enum ClusterError {
     Mirror(String),
     #[error("{0}")]
     Held(String),
+    #[error("no VM '{0}'")]
+    NoSuchVm(String),
+    #[error("quota exceeded: {0}")]
+    Quota(String),
 }
 
 /// `value`, read at `key`, as a `T`.
@@ -107,6 +113,9 @@ pub(crate) struct Inner {
     controller: watch::Sender<bool>,
     /// The lease of the current session.
     lease: Mutex<Option<i64>>,
+    /// This host's key in the controller election while it leads: the
+    /// controller's writes are conditioned on it (`vms.rs`).
+    leader_key: Mutex<Option<Vec<u8>>>,
     /// The membership as last read (`view.rs`).
     view: watch::Sender<Arc<View>>,
     /// The etcd revision of the tenants this host's store mirrors
@@ -118,6 +127,22 @@ pub(crate) struct Inner {
     /// The default-bridge subnets of tenants the mirror removed here.
     freed_subnets: tokio::sync::mpsc::UnboundedSender<u8>,
     freed_subnets_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u8>>>,
+}
+
+impl Inner {
+    /// This host's election key, while it leads.
+    fn leader_key(&self) -> Option<Vec<u8>> {
+        if !*self.controller.borrow() {
+            return None;
+        }
+        self.leader_key.lock().ok()?.clone()
+    }
+
+    fn set_leader_key(&self, key: Option<Vec<u8>>) {
+        if let Ok(mut held) = self.leader_key.lock() {
+            *held = key;
+        }
+    }
 }
 
 /// This agent's membership of a cluster.
@@ -155,6 +180,7 @@ impl Cluster {
             started_at: now(),
             controller: watch::channel(false).0,
             lease: Mutex::new(None),
+            leader_key: Mutex::new(None),
             view: watch::channel(Arc::new(View::default())).0,
             tenants_applied: watch::channel(0).0,
             holdings: Default::default(),
@@ -181,7 +207,16 @@ impl Cluster {
         .await
         .map_err(|_| ClusterError::Mirror("the cluster's tenants could not be read".into()))?
         .map_err(|_| ClusterError::Mirror("the tenant mirror stopped".into()))?;
-        Ok(Cluster { inner })
+        let cluster = Cluster { inner };
+        if cluster
+            .inner
+            .settings
+            .roles
+            .contains(&settings::Role::Controller)
+        {
+            tokio::spawn(controller::run(cluster.clone()));
+        }
+        Ok(cluster)
     }
 
     pub fn host_name(&self) -> &HostName {

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp, WatchOptions};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use nubis_api::{Quota, TokenCreated, TokenInfo};
 use serde::{Deserialize, Serialize};
 
@@ -154,32 +154,11 @@ pub(super) async fn follow(inner: Arc<Inner>, store: Arc<Store>) {
             }
             newer
         });
-        if let Err(err) = wait_for_change(&inner, revision).await {
+        let (start, end) = inner.keys.tenants_range();
+        let watched = inner.etcd.changed("the tenants", (&start, &end), revision);
+        if let Err(err) = watched.await {
             tracing::warn!("cluster: the tenants watch broke: {err}");
             tokio::time::sleep(RETRY).await;
-        }
-    }
-}
-
-async fn wait_for_change(inner: &Inner, revision: i64) -> Result<(), ClusterError> {
-    let (start, end) = inner.keys.tenants_range();
-    let options = WatchOptions::new()
-        .with_range(end.as_bytes())
-        .with_start_revision(revision + 1);
-    let failed = |source| ClusterError::Etcd {
-        action: "watch the tenants".into(),
-        source,
-    };
-    let mut client = inner.etcd.waiting_client();
-    let mut stream = client
-        .watch(start.as_bytes(), Some(options))
-        .await
-        .map_err(failed)?;
-    loop {
-        match stream.message().await.map_err(failed)? {
-            Some(response) if response.canceled() || !response.events().is_empty() => return Ok(()),
-            Some(_) => continue,
-            None => return Ok(()),
         }
     }
 }
@@ -317,12 +296,14 @@ impl Cluster {
         {
             ops.push(TxnOp::delete(keys.token(hash), None));
         }
-        let holdings = keys.holdings_of(id);
+        let (holdings, vm_names) = (keys.holdings_of(id), keys.vm_names_of(id));
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(tenant_key.as_str(), CompareOp::Equal, stored.mod_revision),
                 // No key under holdings/{id}/: no host holds anything of it.
                 Compare::create_revision(holdings.as_str(), CompareOp::Equal, 0).with_prefix(),
+                // Nor does the cluster have a VM of it (pending ones too).
+                Compare::create_revision(vm_names.as_str(), CompareOp::Equal, 0).with_prefix(),
             ])
             .and_then(ops);
         let (done, revision) = self
@@ -331,6 +312,19 @@ impl Cluster {
             .txn(&format!("delete tenant {id}"), txn)
             .await?;
         if !done {
+            let vms = self
+                .inner
+                .etcd
+                .get_prefixes::<serde_json::Value>(&[&vm_names])
+                .await?
+                .pop()
+                .unwrap_or_default();
+            if !vms.is_empty() {
+                return Err(ClusterError::Held(format!(
+                    "tenant {id} still has {} VM(s) in the cluster: delete them first",
+                    vms.len()
+                )));
+            }
             let hosts = self.holders(id).await?;
             if !hosts.is_empty() {
                 return Err(ClusterError::Held(format!(

@@ -11,8 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::WatchOptions;
-
 use super::records::{AliveRecord, MemberRecord};
 use super::{typed, ClusterError, Inner};
 
@@ -96,42 +94,14 @@ pub(super) async fn follow(inner: Arc<Inner>) {
             }
             changed
         });
-        if let Err(err) = wait_for_change(&inner, revision).await {
+        // "alive/" < "election/" < "members/": one range holds all three.
+        let (start, end) = (inner.keys.alive_all(), inner.keys.members_end());
+        let watched = inner
+            .etcd
+            .changed("the membership", (&start, &end), revision);
+        if let Err(err) = watched.await {
             tracing::warn!("cluster: the membership watch broke: {err}");
             tokio::time::sleep(RETRY).await;
-        }
-    }
-}
-
-/// Returns at the first change to the membership keys after `revision`.
-async fn wait_for_change(inner: &Inner, revision: i64) -> Result<(), ClusterError> {
-    let keys = &inner.keys;
-    // "alive/" < "election/" < "members/": one range holds all three.
-    let (start, end) = (keys.alive_all(), keys.members_end());
-    let options = WatchOptions::new()
-        .with_range(end.as_bytes())
-        .with_start_revision(revision + 1);
-    let mut client = inner.etcd.waiting_client();
-    let mut stream = client
-        .watch(start.as_bytes(), Some(options))
-        .await
-        .map_err(|source| ClusterError::Etcd {
-            action: "watch the membership".into(),
-            source,
-        })?;
-    loop {
-        let message = stream
-            .message()
-            .await
-            .map_err(|source| ClusterError::Etcd {
-                action: "watch the membership".into(),
-                source,
-            })?;
-        match message {
-            Some(response) if response.canceled() => return Ok(()),
-            Some(response) if !response.events().is_empty() => return Ok(()),
-            Some(_) => continue,
-            None => return Ok(()),
         }
     }
 }

@@ -37,6 +37,7 @@ impl From<ServiceError> for HttpError {
             ServiceError::Forbidden(_) => (ErrorCode::Forbidden, None),
             ServiceError::Internal(_) => (ErrorCode::Internal, None),
             ServiceError::PeerAnswer(_) => (ErrorCode::PeerFailed, None),
+            ServiceError::Unavailable(_) => (ErrorCode::Unavailable, None),
             ServiceError::Store(err) => (store_code(err), None),
             ServiceError::Supervisor(err) => (supervisor_code(err), None),
             ServiceError::Space(err) => (space_code(err), None),
@@ -97,7 +98,10 @@ fn supervisor_code(error: &SupervisorError) -> ErrorCode {
 
 fn cluster_code(error: &ClusterError) -> ErrorCode {
     match error {
-        ClusterError::NoSuchHost(_) | ClusterError::NoSuchTenant(_) => ErrorCode::NotFound,
+        ClusterError::NoSuchHost(_) | ClusterError::NoSuchTenant(_) | ClusterError::NoSuchVm(_) => {
+            ErrorCode::NotFound
+        }
+        ClusterError::Quota(_) => ErrorCode::QuotaExceeded,
         ClusterError::HostUp(_)
         | ClusterError::NameTaken { .. }
         | ClusterError::Exists(_)

@@ -15,6 +15,7 @@
 #[macro_use]
 mod handlers;
 mod errors;
+mod forward;
 mod hosts;
 mod peers;
 pub use peers::refresh_registry;
@@ -69,8 +70,14 @@ pub struct AppState {
     pub services: Services,
 }
 
-/// The host-to-host API, served on the peer listener only.
+/// What the peer listener serves: the host-to-host API (`overlay`), and
+/// in a cluster the whole API for requests other members forward to the
+/// host where their VM lives (`forward.rs`; each is authenticated here by
+/// its own bearer token, as if it came straight from the client).
 pub fn peer_router(state: AppState) -> Router {
+    if state.services.cluster.is_some() {
+        return router(state);
+    }
     Router::new()
         .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
@@ -94,6 +101,10 @@ pub fn router(state: AppState) -> Router {
         .merge(migrations::routes())
         .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_vm_host,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

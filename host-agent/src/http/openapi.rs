@@ -4,11 +4,12 @@
 
 use nubis_api::error::ErrorBody;
 use nubis_api::{
-    AddressGrant, AddressRequest, ApiError, ClusterHost, ErrorCode, HostIdentity, HostResources,
-    HostState, Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate,
-    Network, NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PortForward,
-    PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate,
-    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmState,
+    AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
+    ErrorCode, HostIdentity, HostResources, HostState, Image, ImageCreate, IncomingMigration,
+    IncomingReady, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
+    Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Protocol, Quota,
+    RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
+    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -47,6 +48,7 @@ use super::{
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
+        VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy,
     )),
     modifiers(&BearerAuth, &CidrPattern),
     tags(

@@ -85,7 +85,7 @@ pub(crate) async fn incoming_show(
 }
 
 peer_handler!(incoming_done, put, "/v1/overlay/migrations/{id}", "the VM's id",
-    "the VM runs here now", sync incoming::done, PeerOnly,
+    "the VM runs here now", async incoming::done, PeerOnly,
     (status = 404, description = "no such VM here", body = ApiError),
     (status = 409, description = "its VMM is not running", body = ApiError));
 

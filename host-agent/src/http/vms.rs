@@ -72,16 +72,19 @@ pub(crate) async fn list(
         })?),
         None => None,
     };
-    Ok(Json(vms::list(
-        &state.services,
-        caller.service_scope(),
-        wanted,
-        query.name.as_deref(),
-    )?))
+    Ok(Json(
+        vms::list(
+            &state.services,
+            caller.service_scope(),
+            wanted,
+            query.name.as_deref(),
+        )
+        .await?,
+    ))
 }
 
 show_handler!(caller show, "/v1/vms/{id}", "vms", "id" = "id (or name)", "success", Vm,
-    sync vms::get, TenantResource);
+    async vms::get, TenantResource);
 
 /// The lifecycle actions: `POST /v1/vms/{id}/ACTION` does `action` to the
 /// caller's VM and answers with the VM; `done` says how it is then, and
@@ -158,7 +161,7 @@ pub(crate) async fn console(
     Path(id): Path<String>,
     Query(query): Query<ConsoleQuery>,
 ) -> Result<Response> {
-    let (vm, path) = vms::console(&state.services, caller.service_scope(), &id)?;
+    let (vm, path) = vms::console(&state.services, caller.service_scope(), &id).await?;
     if !query.follow {
         let (data, next) = read_console(&path, query.offset, CONSOLE_CHUNK).map_err(|err| {
             HttpError::new(
@@ -211,4 +214,4 @@ pub(crate) async fn console(
 }
 
 show_handler!(caller events, "/v1/vms/{id}/events", "vms", "id" = "id (or name)", "success",
-    Vec<VmEvent>, sync vms::events, TenantResource);
+    Vec<VmEvent>, async vms::events, TenantResource);

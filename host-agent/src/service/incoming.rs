@@ -220,14 +220,25 @@ fn incoming_vm(svc: &Services, id: &str) -> Result<VmRow> {
         .ok_or_else(|| ServiceError::not_found("VM", id))
 }
 
-/// The source handed VM `id` over: it runs here now, for good.
-pub fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
+/// The source handed VM `id` over: it runs here now, for good. In a
+/// cluster its record says so first (the VM's requests come here).
+pub async fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
     let vm = received(svc, source, id)?;
     if !vm.state.has_process() {
         return Err(ServiceError::Conflict(format!(
             "VM {id} has no VMM here ({})",
             vm.state.as_str()
         )));
+    }
+    if let Some(cluster) = &svc.cluster {
+        let here = cluster.host_name().to_string();
+        cluster
+            .update_vm(id, |record| {
+                record.host = Some(here.clone());
+                record.record_event("migrated", format!("now on host {here}"));
+                Ok(())
+            })
+            .await?;
     }
     svc.supervisor.incoming_done(&vm, "its source")?;
     Ok(())

@@ -16,6 +16,7 @@ pub mod images;
 pub mod incoming;
 pub mod migrations;
 pub mod networks;
+pub mod placed;
 pub mod port_forwards;
 pub mod snapshots;
 pub mod tenants;
@@ -144,6 +145,17 @@ impl Services {
         }
     }
 
+    /// A VM of this host's store as the API shows it (in a cluster, with
+    /// this host as its host).
+    pub fn vm_view(&self, row: crate::store::VmRow) -> nubis_api::Vm {
+        let mut vm = nubis_api::Vm::from(row);
+        vm.host = self
+            .cluster
+            .as_ref()
+            .map(|cluster| cluster.host_name().to_string());
+        vm
+    }
+
     /// In cluster mode, held while a resource of `tenant` is made on this
     /// host: the cluster knows this host holds some of the tenant's, so
     /// the tenant cannot be deleted meanwhile (`cluster/tenants.rs`).
@@ -212,6 +224,9 @@ pub enum ServiceError {
     Peer(#[from] PeerError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// What the request needs is away for now (a VM's host is down).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ServiceError {

@@ -172,11 +172,15 @@ pub async fn restore(
     svc.store
         .add_event(&vm.id, "created", &format!("restored from snapshot {id}"))?;
     drop(network_lock);
+    if let Err(err) = super::placed::publish_here(svc, &vm, &tenant.quota).await {
+        svc.store.delete_vm(&vm.id)?;
+        return Err(err);
+    }
     if !vm.nics.is_empty() {
         if let Err(err) = svc.host_network.reconcile().await {
             svc.store.delete_vm(&vm.id)?;
             return Err(err.into());
         }
     }
-    Ok(vm.into())
+    Ok(svc.vm_view(vm))
 }

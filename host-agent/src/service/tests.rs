@@ -117,6 +117,7 @@ async fn addresses_run_out_and_are_not_handed_out_twice() {
         "{err:?}"
     );
     let names: Vec<String> = vms::list(svc, Scope::Operator, None, None)
+        .await
         .expect("list")
         .into_iter()
         .map(|vm| vm.name)
@@ -168,6 +169,7 @@ async fn vcpu_and_storage_quotas_hold_at_their_limit() {
         "{err:?}"
     );
     assert!(vms::list(svc, Scope::Tenant(&other.id), None, None)
+        .await
         .expect("list")
         .is_empty());
 }
@@ -187,6 +189,7 @@ async fn a_vm_whose_rules_the_host_refuses_is_not_kept() {
         .expect_err("the host refused the NIC's rules");
     assert!(matches!(err, ServiceError::Supervisor(_)), "{err:?}");
     assert!(vms::list(svc, Scope::Operator, None, None)
+        .await
         .expect("list")
         .is_empty());
     // Its address is free again.
@@ -212,7 +215,7 @@ async fn another_tenants_resources_are_not_found() {
         .expect("VM");
     let theirs = Scope::Tenant(&theirs.id);
     for id in [&vm.id, &vm.name] {
-        let err = vms::get(svc, theirs, id).expect_err("not theirs");
+        let err = vms::get(svc, theirs, id).await.expect_err("not theirs");
         assert!(
             matches!(err, ServiceError::NotFound { what: "VM", .. }),
             "{err:?}"
@@ -228,9 +231,13 @@ async fn another_tenants_resources_are_not_found() {
         .await
         .expect_err("not theirs to delete");
     assert!(matches!(err, ServiceError::NotFound { .. }), "{err:?}");
-    assert!(vms::list(svc, theirs, None, None).expect("list").is_empty());
+    assert!(vms::list(svc, theirs, None, None)
+        .await
+        .expect("list")
+        .is_empty());
     assert_eq!(
         vms::get(svc, Scope::Operator, &vm.id)
+            .await
             .map(|found| found.id)
             .ok(),
         Some(vm.id.clone())

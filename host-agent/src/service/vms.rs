@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
 
-use super::{images, networks, Result, Scope, ServiceError, Services};
+use super::{images, networks, placed, Result, Scope, ServiceError, Services};
 use crate::network;
 use crate::network::nic_address;
 use crate::store::{NetworkRow, NewVm, VmRow};
@@ -35,6 +35,8 @@ impl From<VmRow> for Vm {
             last_exit: row.last_exit,
             restore_from: row.restore_from,
             created_at: row.created_at,
+            host: None,
+            placement: Default::default(),
         }
     }
 }
@@ -123,10 +125,38 @@ fn check(request: &VmCreate) -> Result<()> {
     Ok(())
 }
 
-/// Defines `request` for `tenant_id` (not started).
+/// Defines `request` for `tenant_id`, and starts it if it asks to be
+/// started. In a cluster the definition goes to etcd, for the controller
+/// to place (`placed.rs`): the VM is pending until its host defines it.
 pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Result<Vm> {
     check(&request)?;
+    if let Some(cluster) = &svc.cluster {
+        return super::placed::define(svc, cluster, tenant_id, request).await;
+    }
+    if !request.placement.is_empty() {
+        return Err(ServiceError::unprocessable(
+            "placement",
+            "placement constraints need a cluster: this host is standalone",
+        ));
+    }
     svc.refuse_if_cordoned()?;
+    let start = request.start;
+    let vm = define_here(svc, tenant_id, request, None).await?;
+    if start {
+        return act(svc, Scope::Tenant(tenant_id), &vm.id, Action::Start).await;
+    }
+    Ok(svc.vm_view(vm))
+}
+
+/// Defines `request` for `tenant_id` on this host (with id `id`: a VM the
+/// cluster placed here), not started.
+pub(crate) async fn define_here(
+    svc: &Services,
+    tenant_id: &str,
+    request: VmCreate,
+    id: Option<&str>,
+) -> Result<VmRow> {
+    check(&request)?;
     let _hold = svc.hold_tenant(tenant_id).await?;
     // The NICs as the agent will record them: MAC, address and tap are
     // assigned here, never taken from the request.
@@ -170,11 +200,11 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
             nic.tap = None;
         }
     }
-    let created = create_locked(svc, request, nics, tenant_id, &image, tenant.quota).await;
+    let created = create_locked(svc, request, nics, tenant_id, &image, tenant.quota, id).await;
     if created.is_err() {
         networks::release_remote_addresses(svc, &remote_grants).await;
     }
-    created.map(Vm::from)
+    created
 }
 
 /// The tenant's network that NIC `index` names.
@@ -197,6 +227,7 @@ async fn create_locked(
     tenant_id: &str,
     image: &Image,
     quota: Quota,
+    id: Option<&str>,
 ) -> Result<VmRow> {
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
@@ -211,21 +242,22 @@ async fn create_locked(
     if !nics.is_empty() {
         assign_addresses(svc, tenant_id, &mut nics)?;
     }
-    let vm = svc.store.create_vm(
-        &NewVm {
-            tenant_id: tenant_id.to_string(),
-            name: request.name,
-            image_id: image.id.clone(),
-            vcpus: request.vcpus,
-            memory_mib: request.memory_mib,
-            kernel_args: request.kernel_args,
-            root_rate_limit: request.root_rate_limit,
-            disks: request.disks,
-            nics,
-            restore_from: None,
-        },
-        quota,
-    )?;
+    let new = NewVm {
+        tenant_id: tenant_id.to_string(),
+        name: request.name,
+        image_id: image.id.clone(),
+        vcpus: request.vcpus,
+        memory_mib: request.memory_mib,
+        kernel_args: request.kernel_args,
+        root_rate_limit: request.root_rate_limit,
+        disks: request.disks,
+        nics,
+        restore_from: None,
+    };
+    let vm = match id {
+        Some(id) => svc.store.create_vm_with_id(id, &new, quota)?,
+        None => svc.store.create_vm(&new, quota)?,
+    };
     svc.store.add_event(&vm.id, "created", "VM defined")?;
     drop(network_lock);
     if !vm.nics.is_empty() {
@@ -287,23 +319,65 @@ fn assign_addresses(svc: &Services, tenant_id: &str, nics: &mut [VmNic]) -> Resu
     Ok(())
 }
 
-/// The VMs `scope` sees, in `wanted` state and named `name` if given.
-pub fn list(
+/// The VMs `scope` sees, in `wanted` state and named `name` if given: in
+/// a cluster, every host's.
+pub async fn list(
     svc: &Services,
     scope: Scope<'_>,
     wanted: Option<VmState>,
     name: Option<&str>,
 ) -> Result<Vec<Vm>> {
-    let mut vms = svc.store.list_vms(scope.tenant(), wanted)?;
+    let mut vms: Vec<Vm> = match &svc.cluster {
+        Some(cluster) => cluster
+            .vms()
+            .await?
+            .0
+            .iter()
+            .filter(|vm| {
+                scope
+                    .tenant()
+                    .is_none_or(|tenant| vm.record.tenant_id == tenant)
+            })
+            .map(|vm| placed::view(svc, cluster, vm))
+            .collect(),
+        None => svc
+            .store
+            .list_vms(scope.tenant(), None)?
+            .into_iter()
+            .map(Vm::from)
+            .collect(),
+    };
+    vms.retain(|vm| wanted.is_none_or(|state| vm.state == state));
     if let Some(name) = name {
         vms.retain(|vm| vm.name == name);
     }
-    Ok(vms.into_iter().map(Vm::from).collect())
+    Ok(vms)
 }
 
 /// VM `id` (id or name; any tenant's, by id, for the operator).
-pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vm> {
-    find(svc, scope, id).map(Vm::from)
+pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vm> {
+    match &svc.cluster {
+        Some(cluster) => {
+            let vm = cluster.vm(scope.tenant(), id).await?;
+            Ok(placed::view(svc, cluster, &vm))
+        }
+        None => find(svc, scope, id).map(Vm::from),
+    }
+}
+
+/// In a cluster: VM `id` as the cluster has it, and whether this host
+/// has it defined (else its requests cannot be served here).
+async fn in_cluster(
+    svc: &Services,
+    scope: Scope<'_>,
+    id: &str,
+) -> Result<Option<(crate::cluster::vms::ClusterVm, bool)>> {
+    let Some(cluster) = &svc.cluster else {
+        return Ok(None);
+    };
+    let vm = cluster.vm(scope.tenant(), id).await?;
+    let here = svc.store.get_vm(None, &vm.record.id)?.is_some();
+    Ok(Some((vm, here)))
 }
 
 /// The stored VM `id` (id or name), as [`get`] finds it.
@@ -328,6 +402,9 @@ pub enum Action {
 /// Does `action` to VM `id` under its lock, with a fresh copy of it, and
 /// returns the VM as it is afterwards.
 pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> Result<Vm> {
+    if let (Some(cluster), Some((vm, false))) = (&svc.cluster, in_cluster(svc, scope, id).await?) {
+        return placed::act_pending(cluster, &vm, action).await;
+    }
     let vm = find(svc, scope, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
     let vm = find(svc, scope, &vm.id)?;
@@ -347,15 +424,41 @@ pub async fn act(svc: &Services, scope: Scope<'_>, id: &str, action: Action) -> 
         Action::Pause => svc.supervisor.pause(&vm, true).await?,
         Action::Resume => svc.supervisor.pause(&vm, false).await?,
     }
-    get(svc, scope, &vm.id)
+    get(svc, scope, &vm.id).await
 }
 
-/// Deletes VM `id`, stopping it at once first if it runs; its NICs' rules,
-/// port forwards and overlay addresses go with it.
+/// Deletes VM `id`, stopping it at once first if it runs; its NICs'
+/// rules, port forwards and overlay addresses go with it. In a cluster its
+/// record goes too (a VM whose host is away is deleted there when that
+/// host comes back).
 pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
-    let vm = find(svc, scope, id)?;
-    let _guard = svc.supervisor.lock(&vm.id).await;
-    let vm = find(svc, scope, &vm.id)?;
+    let Some(cluster) = &svc.cluster else {
+        let vm = find(svc, scope, id)?;
+        return delete_here(svc, &vm.id).await;
+    };
+    let vm = cluster.vm(scope.tenant(), id).await?;
+    let id = &vm.record.id;
+    {
+        // The lock orders this with the VM's definition here (`placed`).
+        let _guard = svc.supervisor.lock(id).await;
+        if svc.store.get_vm(None, id)?.is_some() {
+            delete_locked(svc, id).await?;
+        }
+        cluster.delete_vm(id).await?;
+    }
+    tracing::info!(vm = %id, "VM deleted from the cluster");
+    Ok(())
+}
+
+/// Deletes VM `id` of this host's store (see [`delete`]).
+pub(crate) async fn delete_here(svc: &Services, id: &str) -> Result<()> {
+    let _guard = svc.supervisor.lock(id).await;
+    delete_locked(svc, id).await
+}
+
+/// [`delete_here`], under the VM's lock.
+async fn delete_locked(svc: &Services, id: &str) -> Result<()> {
+    let vm = find(svc, Scope::Operator, id)?;
     if vm.state.has_process() {
         svc.supervisor.stop(&vm, true).await?;
     }
@@ -388,13 +491,29 @@ fn overlay_nics(svc: &Services, vm: &VmRow) -> Result<Vec<(NetworkRow, Ipv4Addr)
 }
 
 /// VM `id`'s event log.
-pub fn events(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vec<VmEvent>> {
-    let vm = find(svc, scope, id)?;
-    Ok(svc.store.events(&vm.id)?)
+/// In a cluster, the cluster's events (placement) come first.
+pub async fn events(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Vec<VmEvent>> {
+    let mut events = Vec::new();
+    let id = match in_cluster(svc, scope, id).await? {
+        Some((vm, here)) => {
+            events.extend(vm.record.events.iter().cloned());
+            if !here {
+                return Ok(events);
+            }
+            vm.record.id
+        }
+        None => find(svc, scope, id)?.id,
+    };
+    events.extend(svc.store.events(&id)?);
+    events.sort_by_key(|event| event.at);
+    Ok(events)
 }
 
 /// VM `id` and the path of its serial console log.
-pub fn console(svc: &Services, scope: Scope<'_>, id: &str) -> Result<(Vm, PathBuf)> {
+pub async fn console(svc: &Services, scope: Scope<'_>, id: &str) -> Result<(Vm, PathBuf)> {
+    if let (Some(cluster), Some((vm, false))) = (&svc.cluster, in_cluster(svc, scope, id).await?) {
+        return Err(placed::not_here(cluster, &vm));
+    }
     let vm = find(svc, scope, id)?;
     let path = svc.supervisor.console_path(&vm.id);
     Ok((vm.into(), path))

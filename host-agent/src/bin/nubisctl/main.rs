@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use nubis_api::{
-    ImageCreate, MigrationCreate, NetworkCreate, PortForwardCreate, Protocol, Quota, RateLimit,
-    SnapshotRestore, TenantCreate, VmDisk, VmNicCreate,
+    AntiAffinity, AntiAffinityScope, ImageCreate, MigrationCreate, NetworkCreate,
+    PlacementStrategy, PortForwardCreate, Protocol, Quota, RateLimit, SnapshotRestore,
+    TenantCreate, VmDisk, VmNicCreate, VmPlacement,
 };
 use serde_json::Value;
 
@@ -308,6 +309,53 @@ struct VmCreate {
     /// [network=NAME][,bw=BYTES_PER_S][,pps=N] (repeatable).
     #[arg(long)]
     nic: Vec<String>,
+    /// Cluster: labels the host must carry, KEY=VALUE[,KEY=VALUE...].
+    #[arg(long, value_name = "LABELS")]
+    require: Option<String>,
+    /// Cluster: no two VMs of this group on one host.
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
+    /// Cluster: with --anti-affinity, no two in one fault domain instead.
+    #[arg(long, requires = "anti_affinity")]
+    per_fault_domain: bool,
+    /// Cluster: the member to run on.
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Cluster: fill the fullest host that fits instead of spreading.
+    #[arg(long)]
+    bin_pack: bool,
+    /// Start the VM once it is defined (on its host, in a cluster).
+    #[arg(long)]
+    start: bool,
+}
+
+impl VmCreate {
+    /// The placement the flags ask for.
+    fn placement(&self) -> Result<VmPlacement, String> {
+        let require = match &self.require {
+            Some(text) => {
+                nubis_placement::parse_labels(text).map_err(|err| format!("--require: {err}"))?
+            }
+            None => Default::default(),
+        };
+        Ok(VmPlacement {
+            require,
+            anti_affinity: self.anti_affinity.as_ref().map(|group| AntiAffinity {
+                group: group.clone(),
+                scope: if self.per_fault_domain {
+                    AntiAffinityScope::FaultDomain
+                } else {
+                    AntiAffinityScope::Host
+                },
+            }),
+            host: self.host.clone(),
+            strategy: if self.bin_pack {
+                PlacementStrategy::BinPack
+            } else {
+                PlacementStrategy::Spread
+            },
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -744,7 +792,10 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
                     network: nic.network,
                 });
             }
+            let placement = create.placement().map_err(usage)?;
             let body = nubis_api::VmCreate {
+                placement,
+                start: create.start,
                 name: create.name,
                 image: create.image,
                 vcpus: create.vcpus,

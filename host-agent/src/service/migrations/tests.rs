@@ -309,11 +309,15 @@ async fn a_peer_sees_and_finishes_only_the_vms_it_sent() {
     incoming::received_from(svc, "10.0.0.2", &vm.id).expect("its source's");
     let err = incoming::received_from(svc, "10.0.0.3", &vm.id).expect_err("another peer");
     assert!(matches!(err, ServiceError::NotFound { .. }), "{err}");
-    let err = incoming::done(svc, "10.0.0.3", &vm.id).expect_err("another peer");
+    let err = incoming::done(svc, "10.0.0.3", &vm.id)
+        .await
+        .expect_err("another peer");
     assert!(matches!(err, ServiceError::NotFound { .. }), "{err}");
 
     // Nothing runs here: there is nothing to be handed.
-    let err = incoming::done(svc, "10.0.0.2", &vm.id).expect_err("no VMM");
+    let err = incoming::done(svc, "10.0.0.2", &vm.id)
+        .await
+        .expect_err("no VMM");
     assert!(matches!(err, ServiceError::Conflict(_)), "{err}");
     assert!(err.to_string().contains("has no VMM here"), "{err}");
 }

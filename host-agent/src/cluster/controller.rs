@@ -1,0 +1,277 @@
+//! The controller's work: while this host leads, every VM without a host
+//! is placed with `nubis-placement` (the hosts from the membership view,
+//! what each already carries and the anti-affinity groups from the VM
+//! records) and its host written in a transaction conditioned on the
+//! record being unchanged and this host's election key still existing,
+//! so a deposed controller cannot place anything. A VM no host can take
+//! gets the reason as an event (once per distinct reason) and is tried
+//! again whenever the records or the membership change.
+//!
+//! Anti-affinity groups belong to a tenant: tenant A's group "web" and
+//! tenant B's are different groups.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nubis_api::{AntiAffinityScope, PlacementStrategy};
+use nubis_placement::{
+    place_batch, AntiAffinity, Decision, GroupMember, HostState, HostView, NetworkReach, Request,
+    Resources, Scope, Strategy,
+};
+
+use super::view::View;
+use super::vms::{ClusterVm, VmRecord};
+use super::{Cluster, ClusterError};
+
+/// How long to wait after a failed pass.
+const RETRY: Duration = Duration::from_secs(1);
+/// A pass runs at least this often while leading, even without a change
+/// (a missed watch event costs no more than this).
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Places pending VMs whenever this host leads, for as long as it runs.
+pub(super) async fn run(cluster: Cluster) {
+    let mut leading = cluster.controller_changes();
+    let mut membership = cluster.view_changes();
+    loop {
+        let elected = leading.wait_for(|leads| *leads).await.is_ok();
+        if !elected {
+            return;
+        }
+        tracing::info!("cluster: placing VMs as the controller");
+        loop {
+            let revision = match place_pending(&cluster).await {
+                Ok(revision) => Some(revision),
+                Err(err) => {
+                    tracing::warn!("cluster: cannot place the pending VMs: {err}");
+                    None
+                }
+            };
+            let keys = &cluster.inner.keys;
+            let (start, end) = (keys.vms(), super::vms::prefix_end(&keys.vms()));
+            tokio::select! {
+                changed = async {
+                    match revision {
+                        Some(revision) => cluster.inner.etcd.changed("the VM records", (&start, &end), revision).await,
+                        None => { tokio::time::sleep(RETRY).await; Ok(()) }
+                    }
+                } => {
+                    if let Err(err) = changed {
+                        tracing::warn!("cluster: the VM records watch broke: {err}");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+                _ = membership.changed() => {}
+                _ = async { drop(leading.wait_for(|leads| !*leads).await) } => break,
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+}
+
+/// One pass: places what can be placed; the revision it read at.
+async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
+    let (vms, revision) = cluster.vms().await?;
+    let pending: Vec<&ClusterVm> = vms.iter().filter(|vm| vm.record.host.is_none()).collect();
+    if pending.is_empty() {
+        return Ok(revision);
+    }
+    let view = cluster.view();
+    let mut hosts = host_views(&view, &vms);
+    let mut members = group_members(&vms);
+    let requests: Vec<Request> = pending.iter().map(|vm| request(&vm.record)).collect();
+    let decisions = place_batch(&mut hosts, &mut members, &requests);
+    for (vm, decision) in pending.into_iter().zip(decisions) {
+        let mut record = vm.record.clone();
+        match decision {
+            Decision::Placed { host } => {
+                record.record_event("placed", format!("placed on host {host}"));
+                record.host = Some(host);
+            }
+            Decision::Unplaceable(explanation) => {
+                let message = explanation.to_string();
+                let told = record
+                    .events
+                    .last()
+                    .is_some_and(|last| last.kind == "unplaceable" && last.message == message);
+                if told {
+                    continue;
+                }
+                record.record_event("unplaceable", message);
+            }
+        }
+        if !cluster.place_vm(&record, vm.revision).await? {
+            // The record changed or this host no longer leads: the next
+            // pass sees which.
+            tracing::info!(vm = %record.id, "cluster: placement not written (record changed or leadership lost)");
+        }
+    }
+    Ok(revision)
+}
+
+/// The members as the placement sees them, with what the VM records
+/// already put on each.
+fn host_views(view: &View, vms: &[ClusterVm]) -> Vec<HostView> {
+    view.members
+        .iter()
+        .map(|member| {
+            let name = member.record.name.to_string();
+            let placed: Vec<&VmRecord> = vms
+                .iter()
+                .map(|vm| &vm.record)
+                .filter(|record| record.host.as_deref() == Some(name.as_str()))
+                .collect();
+            let allocated = placed.iter().fold(Resources::ZERO, |sum, record| {
+                sum.saturating_add(needs(record))
+            });
+            let state = match (&member.alive, member.record.cordoned) {
+                (None, _) => HostState::Down,
+                (Some(_), true) => HostState::Cordoned,
+                (Some(_), false) => HostState::Up,
+            };
+            let capacity = member.alive.as_ref().map_or(Resources::ZERO, |alive| {
+                Resources::new(
+                    alive.capacity.vcpus,
+                    alive.capacity.memory_mib,
+                    alive.capacity.disk_mib,
+                )
+            });
+            HostView {
+                name,
+                state,
+                labels: member.record.labels.clone(),
+                capacity,
+                allocated,
+                networks: NetworkReach::Any,
+                vms: u32::try_from(placed.len()).unwrap_or(u32::MAX),
+            }
+        })
+        .collect()
+}
+
+/// What a VM takes of its host: vCPUs, memory and its data disks.
+fn needs(record: &VmRecord) -> Resources {
+    let disks = record
+        .spec
+        .disks
+        .iter()
+        .fold(0u64, |sum, disk| sum.saturating_add(disk.size_mib));
+    Resources::new(record.spec.vcpus, record.spec.memory_mib, disks)
+}
+
+/// A tenant's anti-affinity group, as the placement names it.
+fn group_name(record: &VmRecord, group: &str) -> String {
+    format!("{}/{group}", record.tenant_id)
+}
+
+/// The placed VMs that are in anti-affinity groups.
+fn group_members(vms: &[ClusterVm]) -> Vec<GroupMember> {
+    vms.iter()
+        .filter_map(|vm| {
+            let record = &vm.record;
+            let anti = record.spec.placement.anti_affinity.as_ref()?;
+            Some(GroupMember {
+                vm: record.id.clone(),
+                group: group_name(record, &anti.group),
+                host: record.host.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// The placement request of a VM record.
+fn request(record: &VmRecord) -> Request {
+    let placement = &record.spec.placement;
+    let mut request = Request::new(record.id.clone(), needs(record));
+    request.require = placement
+        .require
+        .clone()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>();
+    request.host = placement.host.clone();
+    request.strategy = match placement.strategy {
+        PlacementStrategy::Spread => Strategy::Spread,
+        PlacementStrategy::BinPack => Strategy::BinPack,
+    };
+    request.anti_affinity = placement.anti_affinity.as_ref().map(|anti| AntiAffinity {
+        group: group_name(record, &anti.group),
+        scope: match anti.scope {
+            AntiAffinityScope::Host => Scope::Host,
+            AntiAffinityScope::FaultDomain => Scope::FaultDomain,
+        },
+    });
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use nubis_api::{AntiAffinity as ApiAntiAffinity, VmCreate, VmDisk};
+
+    use super::*;
+
+    fn record(id: &str, tenant: &str, host: Option<&str>, group: Option<&str>) -> VmRecord {
+        let mut spec = VmCreate::new(id, "img");
+        spec.vcpus = 2;
+        spec.memory_mib = 256;
+        spec.disks = vec![VmDisk::new(100)];
+        spec.placement.anti_affinity = group.map(|group| ApiAntiAffinity {
+            group: group.to_string(),
+            scope: AntiAffinityScope::FaultDomain,
+        });
+        VmRecord {
+            id: id.to_string(),
+            tenant_id: tenant.to_string(),
+            spec,
+            host: host.map(str::to_string),
+            created_at: 0,
+            events: Vec::new(),
+        }
+    }
+
+    fn cluster_vm(record: VmRecord) -> ClusterVm {
+        ClusterVm {
+            record,
+            revision: 1,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_request_carries_the_vms_needs_and_its_tenants_group() {
+        let mut vm = record("vm-1", "t-1", None, Some("web"));
+        vm.spec
+            .placement
+            .require
+            .insert("zone".into(), "cloud".into());
+        vm.spec.placement.strategy = PlacementStrategy::BinPack;
+        let request = request(&vm);
+        assert_eq!(request.needs, Resources::new(2, 256, 100));
+        assert_eq!(
+            request.require.get("zone").map(String::as_str),
+            Some("cloud")
+        );
+        assert_eq!(request.strategy, Strategy::BinPack);
+        let anti = request.anti_affinity.unwrap();
+        assert_eq!(
+            (anti.group.as_str(), anti.scope),
+            ("t-1/web", Scope::FaultDomain)
+        );
+    }
+
+    #[test]
+    fn only_placed_grouped_vms_are_group_members() {
+        let vms = [
+            cluster_vm(record("a", "t-1", Some("h1"), Some("web"))),
+            cluster_vm(record("b", "t-1", None, Some("web"))),
+            cluster_vm(record("c", "t-2", Some("h2"), None)),
+        ];
+        assert_eq!(
+            group_members(&vms),
+            [GroupMember {
+                vm: "a".into(),
+                group: "t-1/web".into(),
+                host: "h1".into()
+            }]
+        );
+    }
+}

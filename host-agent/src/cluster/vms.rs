@@ -1,0 +1,543 @@
+//! VMs in the cluster: a VM's definition lives in etcd (`vms/{id}`), the
+//! controller writes the host it goes to (`controller.rs`), that host
+//! defines and runs it (`service::placed`) and reports what it sees
+//! (`status/{vm}`). Any agent lists and shows every VM from these keys,
+//! so a tenant can talk to any host.
+//!
+//! Quotas are counted cluster-wide in `usage/{tenant}`, changed in the
+//! same transaction as the records it counts and conditioned on the
+//! revision that was read: two clients racing for the last vCPU of a
+//! quota through two hosts cannot both win.
+//!
+//! A definition is the tenant's request as it was made (its image
+//! resolved to the image's id). Its types refuse fields they do not know:
+//! an agent of an older version refuses a VM that asks for a feature it
+//! lacks, rather than running it without.
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use nubis_api::{Quota, Vm, VmCreate, VmEvent, VmNic, VmState};
+use serde::{Deserialize, Serialize};
+
+use super::etcd::encode;
+use super::{typed, Cluster, ClusterError};
+use crate::store::now;
+
+/// How many times a write that lost a race is tried again.
+const ATTEMPTS: usize = 16;
+/// No limit: for VMs that exist already.
+const UNLIMITED: Quota = Quota {
+    max_vcpus: u32::MAX,
+    max_memory_mib: u64::MAX,
+    max_vms: u32::MAX,
+    max_networks: u32::MAX,
+    max_port_forwards: u32::MAX,
+    max_snapshots: u32::MAX,
+    max_storage_mib: u64::MAX,
+};
+/// How many cluster events (placement) a VM keeps.
+const MAX_EVENTS: usize = 20;
+
+/// `vms/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub tenant_id: String,
+    /// The request, with `image` the image's id.
+    pub spec: VmCreate,
+    /// The member it is placed on; None while pending.
+    #[serde(default)]
+    pub host: Option<String>,
+    pub created_at: u64,
+    /// What the cluster did with it (placement), oldest first.
+    #[serde(default)]
+    pub events: Vec<VmEvent>,
+}
+
+impl VmRecord {
+    /// What the VM counts against its tenant's quota.
+    pub fn usage(&self) -> TenantUsage {
+        TenantUsage {
+            vms: 1,
+            vcpus: u64::from(self.spec.vcpus),
+            memory_mib: self.spec.memory_mib,
+        }
+    }
+
+    /// Appends an event, keeping the last [`MAX_EVENTS`].
+    pub fn record_event(&mut self, kind: &str, message: impl Into<String>) {
+        self.events.push(VmEvent {
+            at: now(),
+            kind: kind.to_string(),
+            message: message.into(),
+        });
+        let excess = self.events.len().saturating_sub(MAX_EVENTS);
+        self.events.drain(..excess);
+    }
+
+    /// The VM as the API shows it before its host has reported it.
+    pub fn pending(&self) -> Vm {
+        let spec = &self.spec;
+        Vm {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            name: spec.name.clone(),
+            image_id: spec.image.clone(),
+            state: VmState::Pending,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel_args: spec.kernel_args.clone(),
+            root_rate_limit: spec.root_rate_limit,
+            disks: spec.disks.clone(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|nic| VmNic {
+                    rate_limit: nic.rate_limit,
+                    network: nic.network.clone(),
+                    ..VmNic::default()
+                })
+                .collect(),
+            pid: None,
+            last_exit: None,
+            restore_from: None,
+            created_at: self.created_at,
+            host: self.host.clone(),
+            placement: spec.placement.clone(),
+        }
+    }
+}
+
+/// `usage/{tenant}`: what a tenant's VMs take in the whole cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub vms: u64,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+}
+
+impl TenantUsage {
+    /// `self` with `more` added, if `quota` allows it.
+    pub fn with(self, more: TenantUsage, quota: &Quota) -> Result<TenantUsage, ClusterError> {
+        let sum = TenantUsage {
+            vms: self.vms.saturating_add(more.vms),
+            vcpus: self.vcpus.saturating_add(more.vcpus),
+            memory_mib: self.memory_mib.saturating_add(more.memory_mib),
+        };
+        for (what, used, asked, max) in [
+            ("VMs", self.vms, more.vms, u64::from(quota.max_vms)),
+            ("vCPUs", self.vcpus, more.vcpus, u64::from(quota.max_vcpus)),
+            (
+                "memory MiB",
+                self.memory_mib,
+                more.memory_mib,
+                quota.max_memory_mib,
+            ),
+        ] {
+            if used.saturating_add(asked) > max {
+                return Err(ClusterError::Quota(format!(
+                    "{what}: {used} in use in the cluster + {asked} requested exceeds the tenant's quota of {max}"
+                )));
+            }
+        }
+        Ok(sum)
+    }
+
+    /// `self` without `less` (never below zero).
+    pub fn without(self, less: TenantUsage) -> TenantUsage {
+        TenantUsage {
+            vms: self.vms.saturating_sub(less.vms),
+            vcpus: self.vcpus.saturating_sub(less.vcpus),
+            memory_mib: self.memory_mib.saturating_sub(less.memory_mib),
+        }
+    }
+}
+
+/// `status/{vm}`: the VM as the host that runs it last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub host: String,
+    pub vm: Vm,
+}
+
+/// A VM as the cluster has it: its record (with the revision it was read
+/// at) and its host's last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterVm {
+    pub record: VmRecord,
+    pub revision: i64,
+    pub status: Option<VmStatus>,
+}
+
+impl ClusterVm {
+    /// What the API shows: the host's report while it comes from the host
+    /// the VM is placed on, the definition (pending) before that.
+    pub fn view(&self) -> Vm {
+        match &self.status {
+            Some(status) if self.record.host.as_deref() == Some(status.host.as_str()) => {
+                let mut vm = status.vm.clone();
+                vm.host = Some(status.host.clone());
+                vm.placement = self.record.spec.placement.clone();
+                vm
+            }
+            _ => self.record.pending(),
+        }
+    }
+
+    /// Whether this is VM `wanted` (id or name) of `tenant` (any tenant's
+    /// by id when None).
+    pub fn is(&self, tenant: Option<&str>, wanted: &str) -> bool {
+        let record = &self.record;
+        match tenant {
+            Some(tenant) => {
+                record.tenant_id == tenant && (record.id == wanted || record.spec.name == wanted)
+            }
+            None => record.id == wanted,
+        }
+    }
+}
+
+/// The end of the key range of every key under `prefix` (which ends
+/// with '/', and '0' is the byte after '/').
+pub(super) fn prefix_end(prefix: &str) -> String {
+    format!("{}0", prefix.trim_end_matches('/'))
+}
+
+impl Cluster {
+    /// Every VM of the cluster, read at one revision; and that revision.
+    pub async fn vms(&self) -> Result<(Vec<ClusterVm>, i64), ClusterError> {
+        let keys = &self.inner.keys;
+        let (records_prefix, status_prefix) = (keys.vms(), keys.vm_statuses());
+        let (mut read, revision) = self
+            .inner
+            .etcd
+            .get_prefixes_at::<serde_json::Value>(&[&records_prefix, &status_prefix])
+            .await?;
+        let statuses = read.pop().unwrap_or_default();
+        let records = read.pop().unwrap_or_default();
+        let mut reports = std::collections::HashMap::new();
+        for (key, stored) in statuses {
+            let status: VmStatus = typed(&key, stored.value)?;
+            reports.insert(status.vm.id.clone(), status);
+        }
+        let mut vms = Vec::with_capacity(records.len());
+        for (key, stored) in records {
+            let record: VmRecord = typed(&key, stored.value)?;
+            let status = reports.remove(&record.id);
+            vms.push(ClusterVm {
+                record,
+                revision: stored.mod_revision,
+                status,
+            });
+        }
+        vms.sort_by(|a, b| {
+            (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
+        });
+        Ok((vms, revision))
+    }
+
+    /// VM `wanted` (id or name) as `tenant` sees it (any by id for None).
+    pub async fn vm(&self, tenant: Option<&str>, wanted: &str) -> Result<ClusterVm, ClusterError> {
+        self.vms()
+            .await?
+            .0
+            .into_iter()
+            .find(|vm| vm.is(tenant, wanted))
+            .ok_or_else(|| ClusterError::NoSuchVm(wanted.to_string()))
+    }
+
+    /// Returns at the first change of a VM record or report after
+    /// `revision`.
+    pub async fn vms_changed(&self, revision: i64) -> Result<(), ClusterError> {
+        // "status/" < "usage/" < "vm-names/" < "vms/": watch from the first
+        // to the end of the last (usage and names change with the records).
+        let keys = &self.inner.keys;
+        let (start, end) = (keys.vm_statuses(), prefix_end(&keys.vms()));
+        self.inner
+            .etcd
+            .changed("the VMs", (&start, &end), revision)
+            .await
+    }
+
+    /// Defines `record` in the cluster, counting it against `quota`:
+    /// refused when its name is taken, its tenant is gone or the quota
+    /// would be exceeded. Its host is for the controller to write, but for
+    /// a VM that exists already (a host's standalone past, published when
+    /// it joins: counted without a `quota` to refuse it).
+    pub async fn define_vm(
+        &self,
+        record: &VmRecord,
+        quota: Option<&Quota>,
+    ) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let tenant = &record.tenant_id;
+        let (usage_key, name_key) = (keys.usage(tenant), keys.vm_name(tenant, &record.spec.name));
+        let (tenant_key, record_key) = (keys.tenant(tenant), keys.vm(&record.id));
+        for _ in 0..ATTEMPTS {
+            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
+            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
+            let before = current.map(|stored| stored.value).unwrap_or_default();
+            let usage = match quota {
+                Some(quota) => before.with(record.usage(), quota)?,
+                None => before.with(record.usage(), &UNLIMITED)?,
+            };
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                    Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+                    unchanged(&usage_key, seen),
+                ])
+                .and_then([
+                    TxnOp::put(record_key.as_str(), encode(&record_key, record)?, None),
+                    TxnOp::put(
+                        name_key.as_str(),
+                        encode(&name_key, &VmName { id: &record.id })?,
+                        None,
+                    ),
+                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+                ]);
+            let (done, _) = self
+                .inner
+                .etcd
+                .txn(&format!("define VM {}", record.id), txn)
+                .await?;
+            if done {
+                return Ok(());
+            }
+            let etcd = &self.inner.etcd;
+            if etcd.get::<serde_json::Value>(&tenant_key).await?.is_none() {
+                return Err(ClusterError::NoSuchTenant(tenant.clone()));
+            }
+            if etcd.get::<serde_json::Value>(&name_key).await?.is_some() {
+                return Err(ClusterError::Exists(format!(
+                    "a VM named '{}' of this tenant",
+                    record.spec.name
+                )));
+            }
+        }
+        Err(ClusterError::Contended {
+            key: usage_key,
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Deletes VM `id`'s record, name and report, and gives its share of
+    /// the quota back.
+    pub async fn delete_vm(&self, id: &str) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let record_key = keys.vm(id);
+        for _ in 0..ATTEMPTS {
+            let Some(stored) = self.inner.etcd.get::<VmRecord>(&record_key).await? else {
+                return Ok(());
+            };
+            let record = stored.value;
+            let usage_key = keys.usage(&record.tenant_id);
+            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
+            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
+            let usage = current
+                .map(|stored| stored.value)
+                .unwrap_or_default()
+                .without(record.usage());
+            let usage_bytes = encode(&usage_key, &usage)?;
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(
+                        record_key.as_str(),
+                        CompareOp::Equal,
+                        stored.mod_revision,
+                    ),
+                    unchanged(&usage_key, seen),
+                ])
+                .and_then([
+                    TxnOp::delete(record_key.as_str(), None),
+                    TxnOp::delete(keys.vm_name(&record.tenant_id, &record.spec.name), None),
+                    TxnOp::delete(keys.vm_status(id), None),
+                    TxnOp::put(usage_key.as_str(), usage_bytes, None),
+                ]);
+            let (done, _) = self.inner.etcd.txn(&format!("delete VM {id}"), txn).await?;
+            if done {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Contended {
+            key: record_key,
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Changes VM `id`'s record with `change` (which may refuse), written
+    /// only if nobody wrote it in between (tried again otherwise).
+    pub async fn update_vm<F>(&self, id: &str, mut change: F) -> Result<VmRecord, ClusterError>
+    where
+        F: FnMut(&mut VmRecord) -> Result<(), ClusterError>,
+    {
+        let key = self.inner.keys.vm(id);
+        self.inner
+            .etcd
+            .update(&key, |current: Option<VmRecord>| {
+                let mut record = current.ok_or_else(|| ClusterError::NoSuchVm(id.to_string()))?;
+                change(&mut record)?;
+                Ok(record)
+            })
+            .await
+    }
+
+    /// Writes `host` as the host of VM `id`, as the controller, if the
+    /// record is still at `revision` and this host still leads (its
+    /// election key exists: a deposed controller's write fails). Whether
+    /// it was written.
+    pub(super) async fn place_vm(
+        &self,
+        record: &VmRecord,
+        revision: i64,
+    ) -> Result<bool, ClusterError> {
+        let Some(leader_key) = self.inner.leader_key() else {
+            return Ok(false);
+        };
+        let key = self.inner.keys.vm(&record.id);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                Compare::create_revision(leader_key, CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key.as_str(), encode(&key, record)?, None)]);
+        let (done, _) = self
+            .inner
+            .etcd
+            .txn(&format!("place VM {}", record.id), txn)
+            .await?;
+        Ok(done)
+    }
+
+    /// Reports VM `vm` as this host sees it.
+    pub async fn report_vm(&self, vm: &Vm) -> Result<(), ClusterError> {
+        let status = VmStatus {
+            host: self.inner.settings.host_name.to_string(),
+            vm: vm.clone(),
+        };
+        self.inner
+            .etcd
+            .put(&self.inner.keys.vm_status(&vm.id), &status, None)
+            .await
+    }
+}
+
+/// `vm-names/{tenant}/{name}`.
+#[derive(Serialize)]
+struct VmName<'a> {
+    id: &'a str,
+}
+
+/// "`key` was not written since `seen`" (0: "does not exist").
+fn unchanged(key: &str, seen: i64) -> Compare {
+    if seen == 0 {
+        Compare::create_revision(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, seen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(vcpus: u32, memory_mib: u64) -> VmRecord {
+        let mut spec = VmCreate::new("web-1", "img-1");
+        spec.vcpus = vcpus;
+        spec.memory_mib = memory_mib;
+        VmRecord {
+            id: "vm-1".into(),
+            tenant_id: "t-1".into(),
+            spec,
+            host: None,
+            created_at: 1,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn usage_is_checked_against_every_limit() {
+        let quota = Quota {
+            max_vcpus: 4,
+            max_memory_mib: 1024,
+            max_vms: 2,
+            ..Quota::default()
+        };
+        let one = TenantUsage::default()
+            .with(record(2, 512).usage(), &quota)
+            .unwrap();
+        assert_eq!(
+            one,
+            TenantUsage {
+                vms: 1,
+                vcpus: 2,
+                memory_mib: 512
+            }
+        );
+        let two = one.with(record(2, 512).usage(), &quota).unwrap();
+        for (vcpus, memory, what) in [(1, 32, "VMs"), (3, 32, "vCPUs"), (1, 600, "memory")] {
+            let partial = if what == "VMs" { two } else { one };
+            let err = partial
+                .with(record(vcpus, memory).usage(), &quota)
+                .unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        assert_eq!(two.without(record(2, 512).usage()), one);
+        assert_eq!(TenantUsage::default().without(one), TenantUsage::default());
+    }
+
+    #[test]
+    fn a_report_shows_only_from_the_host_the_vm_is_placed_on() {
+        let mut placed = record(1, 128);
+        placed.host = Some("b".into());
+        let mut reported = placed.pending();
+        reported.state = VmState::Running;
+        reported.host = None;
+        let vm = ClusterVm {
+            record: placed.clone(),
+            revision: 3,
+            status: Some(VmStatus {
+                host: "b".into(),
+                vm: reported,
+            }),
+        };
+        assert_eq!(vm.view().state, VmState::Running);
+        assert_eq!(vm.view().host.as_deref(), Some("b"));
+        let moved = ClusterVm {
+            record: VmRecord {
+                host: Some("c".into()),
+                ..placed
+            },
+            ..vm
+        };
+        assert_eq!(moved.view().state, VmState::Pending);
+        assert_eq!(moved.view().host.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn events_are_bounded() {
+        let mut vm = record(1, 128);
+        for n in 0..(MAX_EVENTS + 5) {
+            vm.record_event("unplaceable", format!("try {n}"));
+        }
+        assert_eq!(vm.events.len(), MAX_EVENTS);
+        assert_eq!(vm.events[0].message, "try 5");
+    }
+
+    #[test]
+    fn a_tenant_finds_its_vm_by_name_and_the_operator_by_id() {
+        let vm = ClusterVm {
+            record: record(1, 128),
+            revision: 1,
+            status: None,
+        };
+        assert!(vm.is(Some("t-1"), "web-1") && vm.is(Some("t-1"), "vm-1"));
+        assert!(!vm.is(Some("t-2"), "vm-1"));
+        assert!(vm.is(None, "vm-1") && !vm.is(None, "web-1"));
+    }
+
+    #[test]
+    fn prefixes_end_after_their_last_key() {
+        assert_eq!(prefix_end("/nubis/vms/"), "/nubis/vms0");
+        assert!("/nubis/vms/zzz".as_bytes() < "/nubis/vms0".as_bytes());
+    }
+}

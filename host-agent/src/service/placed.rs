@@ -1,0 +1,395 @@
+//! A VM's life in a cluster, as the hosts see it: the host that takes a
+//! tenant's request writes the definition to etcd ([`define`]) and the
+//! controller places it; the host it is placed on defines it in its own
+//! store and starts it if asked ([`realize`]), and reports how each of its
+//! VMs is (`status/{vm}`), so that every host lists the same VMs.
+//!
+//! Each agent follows the VM records for as long as it runs ([`follow`]):
+//! a full read at start and on every change (a broken watch costs one more
+//! read, never a missed VM). At its first read it also sweeps the VMs it
+//! still has whose record is gone (deleted through another host while it
+//! was away). Host-local facts (the VMM's pid, its jail, its console)
+//! stay in this host's store.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use nubis_api::{Vm, VmCreate, VmState};
+
+use super::vms::{self, Action};
+use super::{images, Result, Scope, ServiceError, Services};
+use crate::cluster::vms::{ClusterVm, VmRecord};
+use crate::cluster::Cluster;
+use crate::store::{new_id, now};
+
+/// How often this host's VMs are compared with their reports at least.
+const REPORT_PERIOD: Duration = Duration::from_secs(1);
+/// In the data directory once this host published its standalone VMs.
+const PUBLISHED_MARKER: &str = "cluster-vms-published";
+/// How long to wait after a failed read.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Defines `request` of `tenant_id` in the cluster: checked here (the
+/// image, the placement's labels and group), counted against the tenant's
+/// quota cluster-wide, and pending until the controller places it.
+pub async fn define(
+    svc: &Services,
+    cluster: &Cluster,
+    tenant_id: &str,
+    mut request: VmCreate,
+) -> Result<Vm> {
+    check_placement(&request)?;
+    let image = images::get(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
+        ServiceError::unprocessable("image", format!("no image '{}'", request.image))
+    })?;
+    request.image = image.id;
+    let tenant = svc
+        .store
+        .get_tenant(tenant_id)?
+        .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?;
+    let mut record = VmRecord {
+        id: new_id("vm")?,
+        tenant_id: tenant_id.to_string(),
+        spec: request,
+        host: None,
+        created_at: now(),
+        events: Vec::new(),
+    };
+    record.record_event("created", "VM defined in the cluster; waiting to be placed");
+    cluster.define_vm(&record, Some(&tenant.quota)).await?;
+    tracing::info!(vm = %record.id, tenant = tenant_id, "VM defined in the cluster");
+    Ok(record.pending())
+}
+
+/// Refuses placement constraints that no host could ever meet because
+/// they are malformed.
+fn check_placement(request: &VmCreate) -> Result<()> {
+    let placement = &request.placement;
+    for (key, value) in &placement.require {
+        if !nubis_placement::is_label_key(key) || !nubis_placement::is_label_value(value) {
+            return Err(ServiceError::invalid(
+                format!("placement.require.{key}"),
+                "a label is a key (1 to 63 of a-z 0-9 . - / starting with a letter or digit) and a value (up to 63 of A-Z a-z 0-9 . _ -)",
+            ));
+        }
+    }
+    if let Some(anti) = &placement.anti_affinity {
+        crate::validate::name("placement.anti_affinity.group", &anti.group, false)?;
+    }
+    if let Some(host) = &placement.host {
+        host.parse::<crate::cluster::settings::HostName>()
+            .map_err(|err| ServiceError::invalid("placement.host", err.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `vm` as this host shows it: its row here if it has one (the freshest),
+/// else what the cluster has.
+pub fn view(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Vm {
+    match local(svc, cluster, vm) {
+        Some(row) => {
+            let mut shown = svc.vm_view(row);
+            shown.placement = vm.record.spec.placement.clone();
+            shown
+        }
+        None => vm.view(),
+    }
+}
+
+/// `vm`'s row in this host's store, if it is placed here and defined.
+fn local(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Option<crate::store::VmRow> {
+    if vm.record.host.as_deref() != Some(cluster.host_name().as_str()) {
+        return None;
+    }
+    svc.store.get_vm(None, &vm.record.id).ok().flatten()
+}
+
+/// Why `vm`, which is not defined on this host, cannot be acted on here:
+/// it is pending, or its host is away.
+pub fn not_here(cluster: &Cluster, vm: &ClusterVm) -> ServiceError {
+    match &vm.record.host {
+        Some(host) if host != cluster.host_name().as_str() => ServiceError::Unavailable(format!(
+            "VM {} is on host {host}, which cannot be reached now",
+            vm.record.id
+        )),
+        _ => ServiceError::Conflict(format!(
+            "VM {} is pending: it is not defined on a host yet (see its events)",
+            vm.record.id
+        )),
+    }
+}
+
+/// Does `action` to a VM that no host has defined yet: starting or
+/// stopping it says whether it starts once defined; anything else waits.
+pub async fn act_pending(cluster: &Cluster, vm: &ClusterVm, action: Action) -> Result<Vm> {
+    let elsewhere = vm
+        .record
+        .host
+        .as_deref()
+        .is_some_and(|host| host != cluster.host_name().as_str());
+    let start = match action {
+        Action::Start if !elsewhere => true,
+        Action::Stop | Action::ForceStop if !elsewhere => false,
+        _ => return Err(not_here(cluster, vm)),
+    };
+    let record = cluster
+        .update_vm(&vm.record.id, |record| {
+            record.spec.start = start;
+            Ok(())
+        })
+        .await?;
+    Ok(record.pending())
+}
+
+/// Follows the VM records for as long as the agent runs: defines here the
+/// VMs placed here, reports how this host's VMs are, and at the first
+/// read sweeps the VMs whose record is gone.
+pub async fn follow(svc: Services, cluster: Cluster) {
+    // A host's first join publishes its standalone VMs; later starts
+    // sweep the VMs deleted while it was away instead.
+    let marker = svc.data_dir.join(PUBLISHED_MARKER);
+    let mut swept = false;
+    if !marker.exists() {
+        loop {
+            match publish_standalone(&svc, &cluster).await {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::warn!("cluster: cannot publish this host's VMs: {err}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        if let Err(err) = std::fs::write(&marker, cluster.host_name().as_str()) {
+            tracing::warn!("cannot write {}: {err}", marker.display());
+        }
+        swept = true;
+    }
+    // The record revisions this host failed to define, not tried again
+    // until the record changes.
+    let mut failed: HashSet<(String, i64)> = HashSet::new();
+    let mut reported: HashMap<String, Vm> = HashMap::new();
+    loop {
+        let (vms, revision) = match cluster.vms().await {
+            Ok(read) => read,
+            Err(err) => {
+                tracing::warn!("cluster: cannot read the VMs: {err}");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        if !swept {
+            sweep(&svc, &vms).await;
+            swept = true;
+        }
+        let me = cluster.host_name().as_str();
+        for vm in vms
+            .iter()
+            .filter(|vm| vm.record.host.as_deref() == Some(me))
+        {
+            let key = (vm.record.id.clone(), vm.revision);
+            if failed.contains(&key) || matches!(svc.store.get_vm(None, &vm.record.id), Ok(Some(_)))
+            {
+                continue;
+            }
+            if let Err(err) = realize(&svc, &cluster, vm).await {
+                tracing::warn!(vm = %vm.record.id, "cannot define a VM placed here: {err}");
+                report_failure(&cluster, vm, &err).await;
+                failed.insert(key);
+            }
+        }
+        report(&svc, &cluster, &vms, &mut reported).await;
+        tokio::select! {
+            changed = cluster.vms_changed(revision) => {
+                if let Err(err) = changed {
+                    tracing::warn!("cluster: the VMs watch broke: {err}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+            _ = tokio::time::sleep(REPORT_PERIOD) => {}
+        }
+    }
+}
+
+/// Defines VM `vm`, placed here, in this host's store, and starts it if
+/// its definition asks. Under the VM's lock, with its record read again:
+/// a VM deleted meanwhile is not defined.
+async fn realize(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Result<()> {
+    let id = &vm.record.id;
+    let _guard = svc.supervisor.lock(id).await;
+    let current = match cluster.vm(None, id).await {
+        Ok(current) => current,
+        Err(crate::cluster::ClusterError::NoSuchVm(_)) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    if current.record.host.as_deref() != Some(cluster.host_name().as_str())
+        || svc.store.get_vm(None, id)?.is_some()
+    {
+        return Ok(());
+    }
+    let record = current.record;
+    vms::define_here(svc, &record.tenant_id, record.spec.clone(), Some(id)).await?;
+    tracing::info!(vm = %id, "VM placed here defined");
+    drop(_guard);
+    if record.spec.start {
+        if let Err(err) = vms::act(svc, Scope::Operator, id, Action::Start).await {
+            tracing::warn!(vm = %id, "cannot start a VM placed here: {err}");
+        }
+    }
+    Ok(())
+}
+
+/// Tells the cluster that VM `vm` could not be defined here: its report
+/// says failed, with why.
+async fn report_failure(cluster: &Cluster, vm: &ClusterVm, err: &ServiceError) {
+    let mut shown = vm.record.pending();
+    shown.state = VmState::Failed;
+    shown.last_exit = Some(format!(
+        "cannot be defined on host {}: {err}",
+        cluster.host_name()
+    ));
+    if let Err(err) = cluster.report_vm(&shown).await {
+        tracing::warn!(vm = %vm.record.id, "cannot report a VM: {err}");
+    }
+}
+
+/// Reports each VM of this host that changed since it was last reported.
+async fn report(
+    svc: &Services,
+    cluster: &Cluster,
+    vms: &[ClusterVm],
+    reported: &mut HashMap<String, Vm>,
+) {
+    let rows = match svc.store.list_vms(None, None) {
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::warn!("cannot list this host's VMs: {err}");
+            return;
+        }
+    };
+    let me = cluster.host_name().as_str();
+    let placed_here: HashMap<&str, &ClusterVm> = vms
+        .iter()
+        .filter(|vm| vm.record.host.as_deref() == Some(me))
+        .map(|vm| (vm.record.id.as_str(), vm))
+        .collect();
+    reported.retain(|id, _| placed_here.contains_key(id.as_str()));
+    for row in rows {
+        let Some(vm) = placed_here.get(row.id.as_str()) else {
+            continue;
+        };
+        let shown = svc.vm_view(row);
+        let in_etcd = vm
+            .status
+            .as_ref()
+            .filter(|status| status.host == me)
+            .map(|status| &status.vm);
+        if in_etcd == Some(&shown) && reported.get(&shown.id) == Some(&shown) {
+            continue;
+        }
+        match cluster.report_vm(&shown).await {
+            Ok(()) => {
+                reported.insert(shown.id.clone(), shown);
+            }
+            Err(err) => tracing::warn!(vm = %shown.id, "cannot report a VM: {err}"),
+        }
+    }
+}
+
+/// Defines in the cluster, as placed here, every VM this host has that
+/// the cluster lacks (its standalone past).
+async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
+    let (vms, _) = cluster.vms().await?;
+    let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
+    for row in svc.store.list_vms(None, None)? {
+        if known.contains(row.id.as_str()) {
+            continue;
+        }
+        let mut record = VmRecord {
+            id: row.id.clone(),
+            tenant_id: row.tenant_id.clone(),
+            spec: spec_of(&row),
+            host: Some(cluster.host_name().to_string()),
+            created_at: row.created_at,
+            events: Vec::new(),
+        };
+        record.record_event(
+            "joined",
+            format!("published by host {} as it joined", cluster.host_name()),
+        );
+        match cluster.define_vm(&record, None).await {
+            Ok(()) => tracing::info!(vm = %row.id, "VM published to the cluster"),
+            Err(crate::cluster::ClusterError::Exists(what)) => {
+                tracing::warn!(vm = %row.id, "VM not published: {what} exists in the cluster")
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// In a cluster, defines VM `vm`, just made in this host's store (a
+/// snapshot restored here), as placed here, within the tenant's `quota`.
+pub async fn publish_here(
+    svc: &Services,
+    vm: &crate::store::VmRow,
+    quota: &nubis_api::Quota,
+) -> Result<()> {
+    let Some(cluster) = &svc.cluster else {
+        return Ok(());
+    };
+    let mut record = VmRecord {
+        id: vm.id.clone(),
+        tenant_id: vm.tenant_id.clone(),
+        spec: spec_of(vm),
+        host: Some(cluster.host_name().to_string()),
+        created_at: vm.created_at,
+        events: Vec::new(),
+    };
+    record.record_event(
+        "created",
+        format!("defined on host {}", cluster.host_name()),
+    );
+    cluster.define_vm(&record, Some(quota)).await?;
+    Ok(())
+}
+
+/// The definition a VM of this host's store was made from.
+fn spec_of(row: &crate::store::VmRow) -> VmCreate {
+    let mut spec = VmCreate::new(row.name.clone(), row.image_id.clone());
+    spec.vcpus = row.vcpus;
+    spec.memory_mib = row.memory_mib;
+    spec.kernel_args = row.kernel_args.clone();
+    spec.root_rate_limit = row.root_rate_limit;
+    spec.disks = row.disks.clone();
+    spec.nics = row
+        .nics
+        .iter()
+        .map(|nic| nubis_api::VmNicCreate {
+            rate_limit: nic.rate_limit,
+            network: nic.network.clone(),
+        })
+        .collect();
+    spec
+}
+
+/// Deletes the VMs this host has whose record is gone from the cluster
+/// (deleted through another host while this one was away).
+async fn sweep(svc: &Services, vms: &[ClusterVm]) {
+    let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
+    let rows = match svc.store.list_vms(None, None) {
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::warn!("cannot list this host's VMs: {err}");
+            return;
+        }
+    };
+    for row in rows
+        .into_iter()
+        .filter(|row| !known.contains(row.id.as_str()))
+    {
+        tracing::info!(vm = %row.id, "VM deleted from the cluster while this host was away: deleting it here");
+        if let Err(err) = vms::delete_here(svc, &row.id).await {
+            tracing::warn!(vm = %row.id, "cannot delete a VM the cluster no longer has: {err}");
+        }
+    }
+}
