@@ -96,6 +96,23 @@ impl Keys {
         format!("{}holdings/", self.prefix)
     }
 
+    /// `images/{id}`: a tenant's image (metadata and the SHA-256 of its
+    /// files, and the host that has them). Written with `image-names/` by
+    /// the host that registered it; deleted by any host while no VM
+    /// record names it.
+    pub fn image(&self, id: &str) -> String {
+        format!("{}images/{id}", self.prefix)
+    }
+
+    pub fn images(&self) -> String {
+        format!("{}images/", self.prefix)
+    }
+
+    /// `image-names/{tenant}/{name}`: keeps a tenant's image names unique.
+    pub fn image_name(&self, tenant: &str, name: &str) -> String {
+        format!("{}image-names/{tenant}/{name}", self.prefix)
+    }
+
     /// `vms/{id}`: a VM's definition, its placement constraints and the
     /// host it is placed on. Created (with `vm-names/` and `usage/`) by
     /// the agent that takes the tenant's request; placed by the

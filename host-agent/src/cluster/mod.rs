@@ -12,6 +12,7 @@
 
 mod controller;
 pub mod etcd;
+pub mod images;
 pub mod keys;
 mod membership;
 pub mod records;

@@ -22,11 +22,11 @@ create_handler!(tenant create, "/v1/images", "images", ImageCreate, 201 "success
     (status = 422, description = "a file is missing, not a regular file, outside the image directories and the tenant's uploads, or a root disk under 512 bytes", body = ApiError),
     (status = 429, description = "the tenant's storage quota is used up", body = ApiError));
 
-list_handler!(caller list, "/v1/images", "images", "success", Image, sync images::list,
+list_handler!(caller list, "/v1/images", "images", "success", Image, async images::list,
     Authenticated);
 
 show_handler!(caller show, "/v1/images/{id}", "images", "id" = "id (or name)", "success", Image,
-    sync images::get, TenantResource);
+    async images::get, TenantResource);
 
 delete_handler!(caller remove, "/v1/images/{id}", "images", "id" = "id (or name)", "deleted",
-    sync images::delete, TenantChange);
+    async images::delete, TenantChange);

@@ -41,7 +41,7 @@ use super::{
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
         migrations::create, migrations::show, migrations::cancel,
-        overlay::incoming, overlay::incoming_show, overlay::incoming_done, overlay::incoming_abort,
+        overlay::incoming, overlay::incoming_show, overlay::incoming_done, overlay::incoming_abort, overlay::image_file,
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,

@@ -28,6 +28,7 @@ pub fn routes() -> Router<AppState> {
             "/v1/overlay/networks/{id}/addresses/{address}",
             delete(release),
         )
+        .route("/v1/overlay/images/{id}/files/{file}", get(image_file))
         .route("/v1/overlay/migrations", post(incoming))
         .route(
             "/v1/overlay/migrations/{id}",
@@ -185,4 +186,52 @@ pub(crate) async fn release(
     peer.acts_as("host", &query.host)?;
     networks::release(&state.services, &id, &address, &query.host)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An image file of this host, for a member that must start a VM from the
+/// image (`service::images::ensure`); it checks the file's SHA-256.
+#[utoipa::path(
+    get,
+    path = "/v1/overlay/images/{id}/files/{file}",
+    tag = "overlay",
+    params(
+        ("id" = String, Path, description = "the image's id"),
+        ("file" = String, Path, description = "kernel, rootfs or initrd")
+    ),
+    responses(
+        (status = 200, description = "the file", content_type = "application/octet-stream"),
+        PeerOnly,
+        (status = 404, description = "no such image or file here", body = ApiError)
+    )
+)]
+pub(crate) async fn image_file(
+    State(state): State<AppState>,
+    _peer: PeerCaller,
+    Path((id, file)): Path<(String, String)>,
+) -> Result<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let path = crate::service::images::file_for_peer(&state.services, &id, &file)?;
+    let opened = tokio::fs::File::open(&path).await.map_err(|err| {
+        super::HttpError::new(
+            nubis_api::ErrorCode::Internal,
+            format!("cannot open {}: {err}", path.display()),
+        )
+    })?;
+    let stream = futures_util::stream::unfold(Some(opened), |file| async move {
+        let mut file = file?;
+        let mut buffer = vec![0u8; 256 * 1024];
+        match tokio::io::AsyncReadExt::read(&mut file, &mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok::<_, std::io::Error>(buffer), Some(file)))
+            }
+            Err(err) => Some((Err(err), None)),
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -39,9 +39,11 @@ pub async fn define(
     mut request: VmCreate,
 ) -> Result<Vm> {
     check_placement(&request)?;
-    let image = images::get(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
-        ServiceError::unprocessable("image", format!("no image '{}'", request.image))
-    })?;
+    let image = images::get(svc, Scope::Tenant(tenant_id), &request.image)
+        .await
+        .map_err(|_| {
+            ServiceError::unprocessable("image", format!("no image '{}'", request.image))
+        })?;
     request.image = image.id;
     let tenant = svc
         .store
@@ -198,6 +200,9 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             }
         }
         report(&svc, &cluster, &vms, &mut reported).await;
+        if let Err(err) = images::sweep_copies(&svc).await {
+            tracing::warn!("cannot sweep the copies of deleted images: {err}");
+        }
         tokio::select! {
             changed = cluster.vms_changed(revision) => {
                 if let Err(err) = changed {
@@ -227,6 +232,7 @@ async fn realize(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Result<()
         return Ok(());
     }
     let record = current.record;
+    images::ensure(svc, &record.tenant_id, &record.spec.image).await?;
     vms::define_here(svc, &record.tenant_id, record.spec.clone(), Some(id)).await?;
     tracing::info!(vm = %id, "VM placed here defined");
     drop(_guard);
@@ -298,6 +304,7 @@ async fn report(
 /// Defines in the cluster, as placed here, every VM this host has that
 /// the cluster lacks (its standalone past).
 async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
+    images::publish_standalone(svc, cluster).await?;
     let (vms, _) = cluster.vms().await?;
     let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
     for row in svc.store.list_vms(None, None)? {

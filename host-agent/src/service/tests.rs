@@ -378,9 +378,12 @@ async fn images_answer_as_stored_and_start_from_their_row() {
     assert_eq!(nubis_api::Image::from(row.clone()), image);
     assert_eq!(image.rootfs_bytes, 4096);
     let scope = Scope::Tenant(&tenant.id);
-    assert_eq!(images::get(svc, scope, "debian").expect("by name"), image);
     assert_eq!(
-        images::list(svc, Scope::Operator).expect("list"),
+        images::get(svc, scope, "debian").await.expect("by name"),
+        image
+    );
+    assert_eq!(
+        images::list(svc, Scope::Operator).await.expect("list"),
         vec![image.clone()]
     );
     // What a VM starts from is the stored row itself, files checked again.
@@ -389,7 +392,9 @@ async fn images_answer_as_stored_and_start_from_their_row() {
         .expect("VM");
     let vm = vms::find(svc, scope, &created.id).expect("VM");
     assert_eq!(images::usable_image(svc, &vm).expect("usable"), row);
-    images::delete(svc, Scope::Operator, &image.id).expect_err("a VM uses it");
+    images::delete(svc, Scope::Operator, &image.id)
+        .await
+        .expect_err("a VM uses it");
 }
 
 #[tokio::test]

@@ -169,7 +169,7 @@ pub(crate) async fn define_here(
             ..VmNic::default()
         })
         .collect();
-    let image = images::get(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
+    let image = images::get_here(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
         ServiceError::unprocessable("image", format!("no image '{}'", request.image))
     })?;
     let tenant = svc

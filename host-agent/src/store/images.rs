@@ -57,6 +57,12 @@ impl Store {
             rootfs_bytes,
             created_at: now(),
         };
+        self.insert_image(&image)?;
+        Ok(image)
+    }
+
+    /// Stores `image` as it is (an image of the cluster, with its id).
+    pub fn insert_image(&self, image: &ImageRow) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
@@ -72,8 +78,8 @@ impl Store {
                     image.created_at
                 ],
             )
-            .map_err(|err| exists_or(err, || format!("image '{}'", request.name)))?;
-        Ok(image)
+            .map_err(|err| exists_or(err, || format!("image '{}'", image.name)))?;
+        Ok(())
     }
 
     /// The tenant's image with this id or name.

@@ -1,0 +1,140 @@
+//! Images in the cluster: their metadata and the SHA-256 of their files
+//! live in etcd (`images/{id}`), so that every host lists the same images
+//! and a VM's definition names one image whatever host defines it. The
+//! files stay where they were registered; a host that must start a VM
+//! whose image it lacks fetches the files from the host that has them and
+//! checks their hashes before using them (`service::images::ensure`):
+//! content, not a path, is what the cluster agrees on.
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use nubis_api::Image;
+use serde::{Deserialize, Serialize};
+
+use super::etcd::encode;
+use super::{typed, Cluster, ClusterError};
+
+/// The SHA-256 (hex) of an image's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFiles {
+    pub kernel: String,
+    pub rootfs: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+}
+
+/// `images/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// As the API shows it; its paths are those on `host`.
+    pub image: Image,
+    pub sha256: ImageFiles,
+    /// The member that has the files.
+    pub host: String,
+}
+
+/// `image-names/{tenant}/{name}`.
+#[derive(Serialize)]
+struct ImageName<'a> {
+    id: &'a str,
+}
+
+impl Cluster {
+    /// Every image of the cluster.
+    pub async fn images(&self) -> Result<Vec<ImageRecord>, ClusterError> {
+        let prefix = self.inner.keys.images();
+        let found = self
+            .inner
+            .etcd
+            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let mut images = found
+            .into_iter()
+            .map(|(key, stored)| typed::<ImageRecord>(&key, stored.value))
+            .collect::<Result<Vec<_>, _>>()?;
+        images.sort_by(|a, b| {
+            (a.image.created_at, &a.image.id).cmp(&(b.image.created_at, &b.image.id))
+        });
+        Ok(images)
+    }
+
+    /// Image `wanted` (id or name) of `tenant` (any tenant's by id for
+    /// None).
+    pub async fn image(
+        &self,
+        tenant: Option<&str>,
+        wanted: &str,
+    ) -> Result<Option<ImageRecord>, ClusterError> {
+        Ok(self.images().await?.into_iter().find(|record| {
+            let image = &record.image;
+            match tenant {
+                Some(tenant) => {
+                    image.tenant_id == tenant && (image.id == wanted || image.name == wanted)
+                }
+                None => image.id == wanted,
+            }
+        }))
+    }
+
+    /// Defines `record`: refused when its tenant is gone or the name is
+    /// taken.
+    pub async fn define_image(&self, record: &ImageRecord) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let image = &record.image;
+        let (key, name_key) = (
+            keys.image(&image.id),
+            keys.image_name(&image.tenant_id, &image.name),
+        );
+        let tenant_key = keys.tenant(&image.tenant_id);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key.as_str(), encode(&key, record)?, None),
+                TxnOp::put(
+                    name_key.as_str(),
+                    encode(&name_key, &ImageName { id: &image.id })?,
+                    None,
+                ),
+            ]);
+        let (done, _) = self
+            .inner
+            .etcd
+            .txn(&format!("define image {}", image.id), txn)
+            .await?;
+        if done {
+            return Ok(());
+        }
+        if self
+            .inner
+            .etcd
+            .get::<serde_json::Value>(&tenant_key)
+            .await?
+            .is_none()
+        {
+            return Err(ClusterError::NoSuchTenant(image.tenant_id.clone()));
+        }
+        Err(ClusterError::Exists(format!(
+            "an image named '{}' of this tenant",
+            image.name
+        )))
+    }
+
+    /// Deletes image `record` (the caller checked that no VM names it).
+    pub async fn delete_image(&self, record: &ImageRecord) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let image = &record.image;
+        let txn = Txn::new().and_then([
+            TxnOp::delete(keys.image(&image.id), None),
+            TxnOp::delete(keys.image_name(&image.tenant_id, &image.name), None),
+        ]);
+        self.inner
+            .etcd
+            .txn(&format!("delete image {}", image.id), txn)
+            .await?;
+        Ok(())
+    }
+}
