@@ -54,6 +54,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// few KiB).
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
+/// `err` and what caused it (reqwest's own message leaves the TLS or
+/// connection error out).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 /// The HTTP client for peers.
 pub struct PeerClient {
     http: reqwest::Client,
@@ -108,7 +121,7 @@ impl PeerClient {
             .map_err(|err| PeerError::Unreachable {
                 host: peer.host.name.clone(),
                 url: url.clone(),
-                message: err.to_string(),
+                message: with_causes(&err),
             })
     }
 
@@ -132,7 +145,7 @@ impl PeerClient {
         let unreachable = |err: reqwest::Error| PeerError::Unreachable {
             host: peer.host.name.clone(),
             url: url.clone(),
-            message: err.to_string(),
+            message: with_causes(&err),
         };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
@@ -164,7 +177,7 @@ impl PeerClient {
             .map(Some)
             .map_err(|err| PeerError::Garbled {
                 host: peer.host.name.clone(),
-                message: err.to_string(),
+                message: with_causes(&err),
             })
     }
 

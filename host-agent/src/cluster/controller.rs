@@ -76,7 +76,8 @@ async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
     if pending.is_empty() {
         return Ok(revision);
     }
-    let view = cluster.view();
+    // Read now, not the cached view: a cordon written a moment ago holds.
+    let view = super::view::read(&cluster.inner).await?;
     let mut hosts = host_views(&view, &vms);
     let mut members = group_members(&vms);
     let requests: Vec<Request> = pending.iter().map(|vm| request(&vm.record)).collect();

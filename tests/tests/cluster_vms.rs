@@ -1,0 +1,836 @@
+//! VMs in a cluster on real etcd, real agents and real KVM guests (issue
+//! #16): four simulated hosts (network namespaces, each running its own
+//! agent, joined by an underlay switch for the peer channel) in one etcd
+//! cluster. VMs created through one host are placed by the controller:
+//! an anti-affinity group spreads over a, b and c, whose guests boot and
+//! whose consoles are read through host a (forwarded to their hosts);
+//! every host lists the same VMs. Required labels pick the host; a VM no
+//! host can take stays pending with the reason as an event, and is placed
+//! when a host with room joins. When the controller's agent dies another
+//! host places the new VMs. Two creations racing for a tenant's last vCPU
+//! through two hosts: one wins, one gets 429. VMs deleted through hosts
+//! other than their own are gone everywhere, VMMs included.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use nubis_api::{
+    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Quota, Vm, VmCreate, VmEvent,
+    VmPlacement, VmState,
+};
+use nubis_tests::agent::{
+    busybox_image, expect_as, jailed_pids, parent_cgroup, tenant_with_quota, vmm_pid, Agent,
+    RemoteHost, Reply, BOOT_GUARD,
+};
+use nubis_tests::etcd::EtcdCluster;
+use nubis_tests::net::interface_name;
+use nubis_tests::netns::{simulated_host, NetNs};
+use nubis_tests::{guest_images, require_kvm, TestDir};
+
+const PORT: u16 = 8282;
+/// Seconds of a host's lease: short, so that a dead controller is
+/// replaced quickly.
+const LEASE_TTL_S: u64 = 3;
+/// How long a change may take to show (a placement, a report, a lease
+/// expiring, an election) on a machine busy booting guests. A hang
+/// guard, not a timing assertion.
+const SETTLE: Duration = Duration::from_secs(60);
+/// What each guest prints once its user space runs, then its name.
+const MARKER: &str = "CLUSTER_VM_UP";
+/// The roles of a host that runs VMs and may be the controller.
+const MAY_LEAD: &str = "compute,controller";
+/// The roles of a host that only runs VMs.
+const COMPUTE: &str = "compute";
+/// The guests' memory: small, they only print a line.
+const GUEST_MEMORY_MIB: u64 = 128;
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The network between the hosts (their peer channel): a bridge in a
+/// namespace of its own, each host plugged into it by a veth pair.
+struct Underlay {
+    netns: NetNs,
+}
+
+impl Underlay {
+    fn new() -> Self {
+        let netns = NetNs::create(&interface_name("nbvs"));
+        ip(&["-n", &netns.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &netns.name, "link", "set", "br0", "up"]);
+        Self { netns }
+    }
+
+    /// Plugs `host` in: `under` with `address`/24 there, `port` on the
+    /// bridge here.
+    fn plug(&self, host: &NetNs, port: &str, address: Ipv4Addr) {
+        ip(&[
+            "-n",
+            &host.name,
+            "link",
+            "add",
+            "under",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &self.netns.name,
+        ]);
+        let cidr = format!("{address}/24");
+        ip(&["-n", &host.name, "addr", "add", &cidr, "dev", "under"]);
+        ip(&["-n", &host.name, "link", "set", "under", "up"]);
+        ip(&[
+            "-n",
+            &self.netns.name,
+            "link",
+            "set",
+            port,
+            "master",
+            "br0",
+            "up",
+        ]);
+    }
+}
+
+/// A simulated host: its namespace, how the test reaches it and how it
+/// joins the cluster.
+struct Host {
+    name: &'static str,
+    netns: NetNs,
+    token: String,
+    reach: Ipv4Addr,
+    underlay: Ipv4Addr,
+    labels: &'static str,
+    roles: &'static str,
+    /// vCPUs and memory (MiB) it offers VMs.
+    capacity: (u32, u64),
+}
+
+impl Host {
+    /// Host `name` in namespace `nbv{name}`, reached over 10.97.`subnet`.x,
+    /// plugged into `underlay` as 10.98.47.`index + 1`.
+    fn new(
+        underlay: &Underlay,
+        index: u8,
+        name: &'static str,
+        subnet: u8,
+        labels: &'static str,
+        roles: &'static str,
+        capacity: (u32, u64),
+    ) -> Self {
+        let netns = simulated_host(&format!("nbv{name}"), subnet);
+        let address = Ipv4Addr::new(10, 98, 47, index + 1);
+        underlay.plug(&netns, &format!("p{name}"), address);
+        Host {
+            name,
+            netns,
+            token: format!("cluster-vms-{name}-operator-token"),
+            reach: Ipv4Addr::new(10, 97, subnet, 2),
+            underlay: address,
+            labels,
+            roles,
+            capacity,
+        }
+    }
+
+    /// Where this host reaches the test's namespace (and etcd).
+    fn gateway(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.reach.octets();
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    fn data_dir(&self, dir: &TestDir) -> PathBuf {
+        dir.join(&format!("agent-{}", self.name))
+    }
+
+    /// Starts this host's agent (again, with the same data directory).
+    fn join(&self, dir: &TestDir, images: &Path, etcd: &EtcdCluster) -> Agent {
+        let (vcpus, memory_mib) = self.capacity;
+        let settings = serde_json::json!({
+            "capacity": {"vcpus": vcpus, "memory_mib": memory_mib, "disk_mib": 10240}
+        });
+        let args: Vec<String> = [
+            "--cluster",
+            &etcd.cluster_arg(self.gateway()),
+            "--host-name",
+            self.name,
+            "--labels",
+            self.labels,
+            "--roles",
+            self.roles,
+            "--lease-ttl",
+            &LEASE_TTL_S.to_string(),
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        let remote = RemoteHost {
+            netns: &self.netns.name,
+            port: PORT,
+            reach: self.reach,
+            operator_token: &self.token,
+            underlay: self.underlay,
+        };
+        Agent::start_member(&self.data_dir(dir), images, &remote, &settings, &args)
+    }
+}
+
+/// A host and its agent (stopped: None); the agent goes first on drop,
+/// with its VMMs, then the namespace.
+struct Member {
+    agent: Option<Agent>,
+    host: Host,
+}
+
+impl Member {
+    fn name(&self) -> &'static str {
+        self.host.name
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {}'s agent is not running", self.name()))
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<&VmCreate>) -> Reply {
+        let body = body.map(nubis_tests::agent::json_body);
+        match self
+            .agent()
+            .call_crashing(method, path, Some(token), body.as_ref())
+        {
+            Some(reply) => reply,
+            None => panic!(
+                "{method} {path}: host {}'s agent closed the connection; its log:\n{}",
+                self.name(),
+                tail(&self.agent().log(), 60)
+            ),
+        }
+    }
+
+    /// `GET path` as `token`: the body if it answered 200.
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str, token: &str) -> Result<T, String> {
+        let reply = self.call("GET", path, token, None);
+        if reply.status != 200 {
+            return Err(format!(
+                "GET {path} on host {}: {} {}",
+                self.name(),
+                reply.status,
+                reply.text
+            ));
+        }
+        serde_json::from_value(reply.body.clone())
+            .map_err(|err| format!("GET {path} on host {}: {err}: {reply:?}", self.name()))
+    }
+
+    fn hosts(&self) -> Result<Vec<ClusterHost>, String> {
+        self.get("/v1/hosts", &self.host.token)
+    }
+}
+
+/// The simulated cluster: its members in the order a, b, c, d.
+struct Cluster {
+    members: Vec<Member>,
+}
+
+impl Cluster {
+    fn member(&self, name: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|member| member.name() == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// The members whose agent runs.
+    fn running(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|member| member.agent.is_some())
+    }
+
+    /// The end of every agent's log, for a failure's message.
+    fn logs(&self) -> String {
+        self.running()
+            .map(|member| {
+                format!(
+                    "--- host {}'s agent log (end) ---\n{}",
+                    member.name(),
+                    tail(&member.agent().log(), 40)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Polls `check` until it holds; panics with `what`, the last view and
+    /// the agents' logs after `guard`.
+    fn wait_for<T>(
+        &self,
+        what: &str,
+        guard: Duration,
+        mut check: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            match check() {
+                Ok(value) => return value,
+                Err(last) if start.elapsed() > guard => {
+                    panic!(
+                        "{what} (not within {} s): {last}\n{}",
+                        guard.as_secs(),
+                        self.logs()
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+
+    /// `body` created through `via` as `token` (201): the VM, pending.
+    fn create(&self, via: &str, token: &str, body: &VmCreate) -> Vm {
+        let reply = self.member(via).call("POST", "/v1/vms", token, Some(body));
+        if reply.status != 201 {
+            panic!(
+                "creating VM {} through host {via}: {} {}\n{}",
+                body.name,
+                reply.status,
+                reply.text,
+                self.logs()
+            );
+        }
+        expect_as(&reply, 201)
+    }
+
+    /// VM `id` as host `via` shows it.
+    fn vm(&self, via: &str, token: &str, id: &str) -> Result<Vm, String> {
+        self.member(via).get(&format!("/v1/vms/{id}"), token)
+    }
+
+    /// Waits until VM `id`, seen through `via`, is placed on a host: that
+    /// host.
+    fn placed(&self, via: &str, token: &str, id: &str) -> String {
+        self.wait_for(&format!("VM {id} is placed"), SETTLE, || {
+            let vm = self.vm(via, token, id)?;
+            vm.host.clone().ok_or_else(|| format!("{vm:?}"))
+        })
+    }
+
+    /// Waits until VM `id`'s events (through `via`) have an `unplaceable`
+    /// one that mentions `reason`; checks it is still pending.
+    fn unplaceable(&self, via: &str, token: &str, id: &str, reason: &str) -> VmEvent {
+        let event = self.wait_for(
+            &format!("VM {id} is unplaceable for {reason}"),
+            SETTLE,
+            || {
+                let events: Vec<VmEvent> = self
+                    .member(via)
+                    .get(&format!("/v1/vms/{id}/events"), token)?;
+                events
+                    .iter()
+                    .find(|event| event.kind == "unplaceable" && event.message.contains(reason))
+                    .cloned()
+                    .ok_or_else(|| format!("{events:?}"))
+            },
+        );
+        let vm = self.vm(via, token, id).expect("the unplaceable VM");
+        assert_eq!(
+            (vm.state, vm.host.as_deref()),
+            (VmState::Pending, None),
+            "{vm:?}"
+        );
+        event
+    }
+
+    /// `token`'s VMs as every running host lists them, once they all list
+    /// the same (id, name, host, state) and that is `expected` (when
+    /// given).
+    fn same_everywhere(
+        &self,
+        token: &str,
+        expected: Option<&BTreeSet<VmShape>>,
+    ) -> BTreeSet<VmShape> {
+        self.wait_for("every host lists the same VMs", SETTLE, || {
+            let mut seen = Vec::new();
+            for member in self.running() {
+                let vms: Vec<Vm> = member.get("/v1/vms", token)?;
+                seen.push((
+                    member.name(),
+                    vms.iter().map(shape).collect::<BTreeSet<_>>(),
+                ));
+            }
+            let first = seen[0].1.clone();
+            let agree = seen.iter().all(|(_, vms)| *vms == first);
+            if agree && expected.is_none_or(|expected| *expected == first) {
+                Ok(first)
+            } else {
+                Err(format!("expected {expected:?}, listed: {seen:#?}"))
+            }
+        })
+    }
+
+    /// Waits until one host is the controller and `up` hosts are up, as
+    /// `via` sees it: the controller's name.
+    fn controller(&self, via: &str, up: &[&str]) -> String {
+        self.wait_for("the cluster's hosts and controller", SETTLE, || {
+            let hosts = self.member(via).hosts()?;
+            let controllers: Vec<&ClusterHost> = hosts.iter().filter(|h| h.controller).collect();
+            let all_up = up.iter().all(|name| {
+                hosts
+                    .iter()
+                    .any(|h| h.name == *name && h.state == HostState::Up)
+            });
+            match controllers.as_slice() {
+                [one] if all_up => Ok(one.name.clone()),
+                _ => Err(host_states(&hosts)),
+            }
+        })
+    }
+}
+
+/// What every host must agree on about a VM: id, name, host, state.
+type VmShape = (String, String, Option<String>, &'static str);
+
+fn shape(vm: &Vm) -> VmShape {
+    (
+        vm.id.clone(),
+        vm.name.clone(),
+        vm.host.clone(),
+        vm.state.as_str(),
+    )
+}
+
+fn host_states(hosts: &[ClusterHost]) -> String {
+    hosts
+        .iter()
+        .map(|host| {
+            format!(
+                "{}={}{}",
+                host.name,
+                host.state.as_str(),
+                if host.controller { "*" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A busybox guest `name` that prints [`MARKER`] and its name, then
+/// waits; in anti-affinity group `group` (per host) if given.
+fn guest(name: &str, group: Option<&str>, start: bool) -> VmCreate {
+    VmCreate {
+        memory_mib: GUEST_MEMORY_MIB,
+        kernel_args: format!("nubis_cmd=\"echo {MARKER} {name}; read wait_forever\""),
+        placement: VmPlacement {
+            anti_affinity: group.map(|group| AntiAffinity {
+                group: group.to_string(),
+                scope: AntiAffinityScope::Host,
+            }),
+            ..VmPlacement::default()
+        },
+        start,
+        ..VmCreate::new(name, "busybox")
+    }
+}
+
+/// A quota large enough for a 16-vCPU VM and a dozen small ones.
+fn large_quota() -> Quota {
+    Quota {
+        max_vcpus: 64,
+        max_memory_mib: 16384,
+        max_vms: 16,
+        ..Quota::default()
+    }
+}
+
+#[test]
+fn vms_are_placed_across_hosts_and_reached_through_any() {
+    require_kvm();
+    let started = Instant::now();
+    let phase = |what: &str| eprintln!("cluster_vms: {what} ({} s)", started.elapsed().as_secs());
+    let dir = TestDir::new("cluster-vms");
+    let images = guest_images();
+    let image_dir = images
+        .vmlinux
+        .parent()
+        .expect("the guest images' directory")
+        .to_path_buf();
+    let underlay = Underlay::new();
+    // One member: the cluster's etcd is not what this test is about.
+    let etcd = EtcdCluster::start(&dir.join("etcd"), 1, Ipv4Addr::LOCALHOST, None);
+    // a and b may lead; c only runs VMs. Each offers 4 vCPUs and 2 GiB.
+    let first_three = [
+        (0, "a", 47, "zone=onprem,fault-domain=1", MAY_LEAD),
+        (1, "b", 48, "zone=onprem,fault-domain=2", MAY_LEAD),
+        (2, "c", 49, "zone=cloud,fault-domain=3", COMPUTE),
+    ];
+    let mut cluster = Cluster {
+        members: first_three
+            .into_iter()
+            .map(|(index, name, subnet, labels, roles)| {
+                let host = Host::new(&underlay, index, name, subnet, labels, roles, (4, 2048));
+                Member {
+                    agent: Some(host.join(&dir, &image_dir, &etcd)),
+                    host,
+                }
+            })
+            .collect(),
+    };
+    cluster.controller("a", &["a", "b", "c"]);
+    phase("three hosts up");
+
+    // 1. A tenant, its token and the busybox image, all through a; the
+    // image is every host's, under the same id.
+    let (_, acme) = tenant_with_quota(cluster.member("a").agent(), "acme", large_quota());
+    let image = busybox_image(cluster.member("a").agent(), &acme, &images);
+    for name in ["b", "c"] {
+        cluster.wait_for(
+            &format!("the image registered through a is listed on {name}"),
+            SETTLE,
+            || {
+                let listed: Vec<Image> = cluster.member(name).get("/v1/images", &acme)?;
+                listed
+                    .iter()
+                    .any(|listed| listed.id == image.id && listed.name == "busybox")
+                    .then_some(())
+                    .ok_or_else(|| format!("{listed:?}"))
+            },
+        );
+    }
+
+    // 2. Three started VMs of group "web", all created through a: one on
+    // each of a, b and c.
+    let web: Vec<Vm> = (1..=3)
+        .map(|n| cluster.create("a", &acme, &guest(&format!("web-{n}"), Some("web"), true)))
+        .collect();
+    for vm in &web {
+        assert_eq!(vm.state, VmState::Pending, "{vm:?}");
+        assert_eq!(vm.host, None, "{vm:?}");
+    }
+    let web_hosts: Vec<String> = web
+        .iter()
+        .map(|vm| cluster.placed("a", &acme, &vm.id))
+        .collect();
+    let distinct: BTreeSet<&str> = web_hosts.iter().map(String::as_str).collect();
+    assert_eq!(
+        distinct,
+        BTreeSet::from(["a", "b", "c"]),
+        "the group spreads over the three hosts: {web_hosts:?}"
+    );
+    phase("web-1..3 placed on a, b and c");
+
+    // While they boot: 3. required labels pick the host: zone=cloud is c.
+    let mut zoned = guest("zoned", None, false);
+    zoned
+        .placement
+        .require
+        .insert("zone".to_string(), "cloud".to_string());
+    let zoned = cluster.create("b", &acme, &zoned);
+    assert_eq!(cluster.placed("a", &acme, &zoned.id), "c");
+
+    // 4. A fourth "web" finds every host holding one of its group; a
+    // 16-vCPU VM fits no host of 4: both wait, saying why.
+    let web4 = cluster.create("a", &acme, &guest("web-4", Some("web"), false));
+    let told = cluster.unplaceable("a", &acme, &web4.id, "anti-affinity");
+    // It names each host's member of the group.
+    for (vm, host) in web.iter().zip(&web_hosts) {
+        let member = format!("{host} ({}", vm.id);
+        assert!(told.message.contains(&member), "{member} in {told:?}");
+    }
+    let big = VmCreate {
+        vcpus: 16,
+        ..guest("big", None, false)
+    };
+    let big = cluster.create("c", &acme, &big);
+    let told = cluster.unplaceable("b", &acme, &big.id, "capacity");
+    assert!(told.message.contains("16 vCPUs"), "{told:?}");
+    phase("web-4 and big pending");
+    // A host with room joins: both go there (it holds nothing of "web").
+    let d = Host::new(
+        &underlay,
+        3,
+        "d",
+        50,
+        "zone=cloud,fault-domain=4",
+        COMPUTE,
+        (32, 8192),
+    );
+    let d_agent = d.join(&dir, &image_dir, &etcd);
+    cluster.members.push(Member {
+        agent: Some(d_agent),
+        host: d,
+    });
+    assert_eq!(cluster.placed("a", &acme, &big.id), "d");
+    assert_eq!(cluster.placed("a", &acme, &web4.id), "d");
+    phase("d joined: web-4 and big placed on it");
+
+    // 2 (continued). Each web guest runs on its host, where its VMM is;
+    // each console, read through a, shows its guest's line. (A VM placed
+    // on a host is defined there, stopped, then started.)
+    for (vm, host) in web.iter().zip(&web_hosts) {
+        cluster.wait_for(
+            &format!("{} runs on host {host}", vm.name),
+            2 * SETTLE,
+            || {
+                let seen = cluster.vm("a", &acme, &vm.id)?;
+                match seen.state {
+                    VmState::Running => Ok(()),
+                    VmState::Failed => panic!(
+                        "{} failed on host {host}: {seen:?}\n{}",
+                        vm.name,
+                        cluster.logs()
+                    ),
+                    VmState::Stopped if seen.last_exit.is_some() => panic!(
+                        "{} stopped on host {host}: {seen:?}\n{}",
+                        vm.name,
+                        cluster.logs()
+                    ),
+                    _ => Err(format!("{seen:?}")),
+                }
+            },
+        );
+        let data_dir = cluster.member(host).host.data_dir(&dir);
+        assert!(
+            vmm_pid(&data_dir, &vm.id).is_some(),
+            "no VMM of {} on host {host}",
+            vm.name
+        );
+    }
+    phase("web-1..3 running");
+    let mut waiting: Vec<&Vm> = web.iter().collect();
+    cluster.wait_for(
+        "every web guest's console, read through a, shows its line",
+        BOOT_GUARD,
+        || {
+            let mut last = String::new();
+            waiting.retain(|vm| {
+                let path = format!("/v1/vms/{}/console", vm.id);
+                let reply = cluster.member("a").call("GET", &path, &acme, None);
+                assert_eq!(reply.status, 200, "{path} through a: {reply:?}");
+                let needle = format!("\n{MARKER} {}", vm.name);
+                let up = reply.text.contains(&needle);
+                if !up {
+                    last = format!("{}:\n{}", vm.name, tail(&reply.text, 15));
+                }
+                !up
+            });
+            waiting.is_empty().then_some(()).ok_or(last)
+        },
+    );
+    phase("web-1..3 consoles show their guests' lines");
+    // Every host lists the same VMs, with their hosts and states.
+    let mut expected: BTreeSet<VmShape> = web
+        .iter()
+        .zip(&web_hosts)
+        .map(|(vm, host)| {
+            (
+                vm.id.clone(),
+                vm.name.clone(),
+                Some(host.clone()),
+                VmState::Running.as_str(),
+            )
+        })
+        .collect();
+    for (vm, host) in [(&zoned, "c"), (&web4, "d"), (&big, "d")] {
+        expected.insert((
+            vm.id.clone(),
+            vm.name.clone(),
+            Some(host.to_string()),
+            VmState::Stopped.as_str(),
+        ));
+    }
+    cluster.same_everywhere(&acme, Some(&expected));
+    phase("every host lists the same six VMs");
+
+    // 5. The controller's agent dies: another host leads, and places a
+    // VM created through a surviving host.
+    let leader = cluster.controller("a", &["a", "b", "c", "d"]);
+    let dead = cluster
+        .members
+        .iter()
+        .position(|member| member.name() == leader)
+        .expect("the controller is a member");
+    cluster.members[dead]
+        .agent
+        .as_mut()
+        .expect("the controller's agent")
+        .kill();
+    let witness = cluster
+        .members
+        .iter()
+        .find(|member| member.name() != leader)
+        .expect("a survivor")
+        .name();
+    let new_leader = cluster.wait_for("another host leads", SETTLE, || {
+        let hosts = cluster.member(witness).hosts()?;
+        let gone = hosts
+            .iter()
+            .any(|h| h.name == leader && h.state == HostState::Down);
+        let leaders: Vec<&ClusterHost> = hosts.iter().filter(|h| h.controller).collect();
+        match leaders.as_slice() {
+            [one] if gone && one.name != leader => Ok(one.name.clone()),
+            _ => Err(host_states(&hosts)),
+        }
+    });
+    phase(&format!("{leader}'s agent killed: {new_leader} leads"));
+    let late = cluster.create(witness, &acme, &guest("late", None, false));
+    let late_host = cluster.placed(witness, &acme, &late.id);
+    assert_ne!(late_host, leader, "placed on the dead host");
+    phase(&format!("late placed on {late_host} by {new_leader}"));
+    // The dead agent comes back (its guest ran on meanwhile: its VMMs are
+    // left running, not killed with its handle).
+    let (_, _) = cluster.members[dead]
+        .agent
+        .take()
+        .expect("the killed agent's handle")
+        .crashed();
+    let back = cluster.members[dead].host.join(&dir, &image_dir, &etcd);
+    cluster.members[dead].agent = Some(back);
+    cluster.controller(&leader, &["a", "b", "c", "d"]);
+    let (index, _) = web_hosts
+        .iter()
+        .enumerate()
+        .find(|(_, host)| **host == leader)
+        .expect("a web VM on every host of a, b, c");
+    cluster.wait_for(
+        &format!("{} still runs on {leader}, back", web[index].name),
+        SETTLE,
+        || {
+            let seen = cluster.vm(&leader, &acme, &web[index].id)?;
+            (seen.state == VmState::Running)
+                .then_some(())
+                .ok_or_else(|| format!("{seen:?}"))
+        },
+    );
+    phase(&format!("{leader}'s agent back"));
+
+    // 6. Quota race: a tenant with room for one more vCPU; two creations
+    // at once through b and c: one 201, one 429.
+    let race_quota = Quota {
+        max_vcpus: 2,
+        ..Quota::default()
+    };
+    let (_, racer) = tenant_with_quota(cluster.member("a").agent(), "racer", race_quota);
+    let race_image = busybox_image(cluster.member("a").agent(), &racer, &images);
+    for name in ["b", "c"] {
+        cluster.wait_for(
+            &format!("racer's token and image work on {name}"),
+            SETTLE,
+            || {
+                let listed: Vec<Image> = cluster.member(name).get("/v1/images", &racer)?;
+                listed
+                    .iter()
+                    .any(|listed| listed.id == race_image.id)
+                    .then_some(())
+                    .ok_or_else(|| format!("{listed:?}"))
+            },
+        );
+    }
+    let first = cluster.create("a", &racer, &guest("race-0", None, false));
+    let barrier = Arc::new(Barrier::new(2));
+    let racers: Vec<_> = [("b", "race-1"), ("c", "race-2")]
+        .into_iter()
+        .map(|(via, name)| {
+            let address = cluster.member(via).agent().address;
+            let (token, barrier) = (racer.clone(), barrier.clone());
+            let body = nubis_tests::agent::json_body(&guest(name, None, false));
+            std::thread::spawn(move || {
+                barrier.wait();
+                nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = racers
+        .into_iter()
+        .map(|racer| racer.join().expect("a racing creation"))
+        .collect();
+    let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 429], "{replies:#?}");
+    let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
+    assert!(refused.text.contains("vCPUs"), "{refused:?}");
+    let winner: Vm = expect_as(
+        replies.iter().find(|r| r.status == 201).expect("a 201"),
+        201,
+    );
+    let race_vms = [first, winner];
+    let race_expected: BTreeSet<VmShape> = race_vms
+        .iter()
+        .map(|vm| {
+            let host = cluster.placed("a", &racer, &vm.id);
+            (
+                vm.id.clone(),
+                vm.name.clone(),
+                Some(host),
+                VmState::Stopped.as_str(),
+            )
+        })
+        .collect();
+    cluster.same_everywhere(&racer, Some(&race_expected));
+    phase("quota race: one 201, one 429");
+
+    // 7. Every VM is deleted through a host other than its own: gone
+    // from every host's list, its VMM gone.
+    let mut all: Vec<(String, Vm)> = Vec::new();
+    for token in [&acme, &racer] {
+        let vms: Vec<Vm> = cluster.member("a").get("/v1/vms", token).expect("a's list");
+        all.extend(vms.into_iter().map(|vm| (token.to_string(), vm)));
+    }
+    assert_eq!(all.len(), 9, "{all:#?}");
+    for (token, vm) in &all {
+        let own = vm.host.as_deref().expect("every VM is placed");
+        let via = cluster
+            .members
+            .iter()
+            .map(Member::name)
+            .find(|name| *name != own)
+            .expect("another host");
+        let path = format!("/v1/vms/{}", vm.id);
+        let reply = cluster.member(via).call("DELETE", &path, token, None);
+        assert_eq!(
+            reply.status,
+            204,
+            "deleting {} (on {own}) through {via}: {reply:?}\n{}",
+            vm.name,
+            cluster.logs()
+        );
+    }
+    for token in [&acme, &racer] {
+        cluster.same_everywhere(token, Some(&BTreeSet::new()));
+    }
+    for member in &cluster.members {
+        let data_dir = member.host.data_dir(&dir);
+        cluster.wait_for(
+            &format!("no VMM left on host {}", member.name()),
+            SETTLE,
+            || {
+                let pids = jailed_pids(&parent_cgroup(&data_dir), None);
+                pids.is_empty()
+                    .then_some(())
+                    .ok_or_else(|| format!("VMM pids {pids:?}"))
+            },
+        );
+    }
+    for (vm, host) in web.iter().zip(&web_hosts) {
+        let data_dir = cluster.member(host).host.data_dir(&dir);
+        assert_eq!(vmm_pid(&data_dir, &vm.id), None, "{}'s VMM", vm.name);
+    }
+    phase("every VM deleted through another host");
+    // Dropped in reverse order: the agents (with their VMMs) and their
+    // namespaces, etcd, the underlay, the test directory.
+}
