@@ -19,12 +19,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Quota, Vm, VmCreate, VmEvent,
-    VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Network, NetworkCreate, Quota,
+    Vm, VmCreate, VmEvent, VmNicCreate, VmPlacement, VmState,
 };
 use nubis_tests::agent::{
-    busybox_image, expect_as, jailed_pids, parent_cgroup, tenant_with_quota, vmm_pid, Agent,
-    RemoteHost, Reply, BOOT_GUARD,
+    busybox_image, console_value, expect_as, jailed_pids, parent_cgroup, tenant_with_quota,
+    vmm_pid, Agent, RemoteHost, Reply, BOOT_GUARD,
 };
 use nubis_tests::etcd::EtcdCluster;
 use nubis_tests::net::interface_name;
@@ -448,6 +448,28 @@ fn guest(name: &str, group: Option<&str>, start: bool) -> VmCreate {
     }
 }
 
+/// The tenant's network that the web guests share: one L2 segment over
+/// VXLAN across the hosts they run on.
+const LAN: &str = "10.70.0.0/24";
+
+/// Web guest `n` (1 to 3) of group "web", started, with a NIC on the lan:
+/// the cluster gives web-N address 10.70.0.(N+1) (created in order), and
+/// each pings the next one (on another host: the group spreads them),
+/// then prints how many tries it took.
+fn web_guest(n: u8) -> VmCreate {
+    let name = format!("web-{n}");
+    let next = n % 3 + 2;
+    let script = format!(
+        "echo {MARKER} {name}; n=0; until ping -c1 -W1 10.70.0.{next} >/dev/null; \
+         do n=$((n+1)); [ $n -gt 300 ] && break; done; echo PING_NEXT {name} $n; read wait_forever"
+    );
+    VmCreate {
+        kernel_args: format!("nubis_cmd=\"{script}\""),
+        nics: vec![VmNicCreate::on_network("lan")],
+        ..guest(&name, Some("web"), true)
+    }
+}
+
 /// A quota large enough for a 16-vCPU VM and a dozen small ones.
 fn large_quota() -> Quota {
     Quota {
@@ -514,13 +536,28 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     }
 
     // 2. Three started VMs of group "web", all created through a: one on
-    // each of a, b and c.
+    // each of a, b and c, on one network of the cluster.
+    let lan: Network =
+        cluster
+            .member("a")
+            .agent()
+            .create("/v1/networks", &acme, &NetworkCreate::new("lan", LAN));
     let web: Vec<Vm> = (1..=3)
-        .map(|n| cluster.create("a", &acme, &guest(&format!("web-{n}"), Some("web"), true)))
+        .map(|n| cluster.create("a", &acme, &web_guest(n)))
         .collect();
-    for vm in &web {
+    for (vm, n) in web.iter().zip(2..) {
         assert_eq!(vm.state, VmState::Pending, "{vm:?}");
         assert_eq!(vm.host, None, "{vm:?}");
+        assert_eq!(
+            vm.nics[0].network.as_deref(),
+            Some(lan.id.as_str()),
+            "{vm:?}"
+        );
+        assert_eq!(
+            vm.nics[0].address,
+            Some(format!("10.70.0.{n}/24")),
+            "{vm:?}"
+        );
     }
     let web_hosts: Vec<String> = web
         .iter()
@@ -633,6 +670,33 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         },
     );
     phase("web-1..3 consoles show their guests' lines");
+    // Each web guest reached the next one, on another host, over the lan.
+    for vm in &web {
+        // At a line's start: the kernel echoes its command line, script
+        // included.
+        let key = format!("PING_NEXT {}", vm.name);
+        let needle = format!("\n{key} ");
+        let console = cluster.wait_for(
+            &format!("{} pings the next web guest across hosts", vm.name),
+            BOOT_GUARD,
+            || {
+                let path = format!("/v1/vms/{}/console", vm.id);
+                let reply = cluster.member("a").call("GET", &path, &acme, None);
+                reply
+                    .text
+                    .contains(&needle)
+                    .then(|| reply.text.clone())
+                    .ok_or_else(|| tail(&reply.text, 15))
+            },
+        );
+        let tries: u32 = console_value(&console, &key).parse().unwrap_or(u32::MAX);
+        assert!(
+            tries <= 300,
+            "{} never reached the next guest:\n{console}",
+            vm.name
+        );
+    }
+    phase("web-1..3 ping each other over the lan");
     // Every host lists the same VMs, with their hosts and states.
     let mut expected: BTreeSet<VmShape> = web
         .iter()
@@ -831,6 +895,19 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         assert_eq!(vmm_pid(&data_dir, &vm.id), None, "{}'s VMM", vm.name);
     }
     phase("every VM deleted through another host");
+    // The lan, free of NICs, is deleted through b; every host drops it.
+    let reply =
+        cluster
+            .member("b")
+            .call("DELETE", &format!("/v1/networks/{}", lan.id), &acme, None);
+    assert_eq!(reply.status, 204, "deleting the lan: {reply:?}");
+    for member in &cluster.members {
+        let listed: Vec<Network> = cluster
+            .member(member.name())
+            .get("/v1/networks", &acme)
+            .expect("networks");
+        assert!(listed.is_empty(), "{}: {listed:?}", member.name());
+    }
     // Dropped in reverse order: the agents (with their VMMs) and their
     // namespaces, etcd, the underlay, the test directory.
 }

@@ -225,6 +225,7 @@ mod tests {
             spec,
             host: host.map(str::to_string),
             created_at: 0,
+            nics: Vec::new(),
             events: Vec::new(),
         }
     }

@@ -113,6 +113,37 @@ impl Keys {
         format!("{}image-names/{tenant}/{name}", self.prefix)
     }
 
+    /// `networks/{id}`: a tenant's network (CIDR, gateway, VNI, DHCP,
+    /// DNS, MTU): one L2 segment over VXLAN across the hosts with VMs on
+    /// it. Written with `network-names/` and `vnis/` by the host that
+    /// takes the request; deleted while no address of it is taken.
+    pub fn network(&self, id: &str) -> String {
+        format!("{}networks/{id}", self.prefix)
+    }
+
+    pub fn networks(&self) -> String {
+        format!("{}networks/", self.prefix)
+    }
+
+    pub fn network_name(&self, tenant: &str, name: &str) -> String {
+        format!("{}network-names/{tenant}/{name}", self.prefix)
+    }
+
+    /// `vnis/{vni}`: keeps VXLAN network identifiers unique.
+    pub fn vni(&self, vni: u32) -> String {
+        format!("{}vnis/{vni}", self.prefix)
+    }
+
+    /// `ipam/{network}/{address}`: the address is a VM's; taken (create if
+    /// absent) in the transaction that defines the VM, freed with it.
+    pub fn address(&self, network: &str, address: std::net::Ipv4Addr) -> String {
+        format!("{}ipam/{network}/{address}", self.prefix)
+    }
+
+    pub fn addresses_of(&self, network: &str) -> String {
+        format!("{}ipam/{network}/", self.prefix)
+    }
+
     /// `vms/{id}`: a VM's definition, its placement constraints and the
     /// host it is placed on. Created (with `vm-names/` and `usage/`) by
     /// the agent that takes the tenant's request; placed by the

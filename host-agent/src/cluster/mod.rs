@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod images;
 pub mod keys;
 mod membership;
+pub mod networks;
 pub mod records;
 pub mod settings;
 pub mod tenants;
@@ -73,6 +74,9 @@ pub enum ClusterError {
     NoSuchVm(String),
     #[error("quota exceeded: {0}")]
     Quota(String),
+    /// Another writer took it first (an address, a VNI): draw again.
+    #[error("{0} was taken meanwhile")]
+    Raced(String),
 }
 
 /// `value`, read at `key`, as a `T`.

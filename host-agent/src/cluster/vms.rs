@@ -23,9 +23,9 @@ use super::{typed, Cluster, ClusterError};
 use crate::store::now;
 
 /// How many times a write that lost a race is tried again.
-const ATTEMPTS: usize = 16;
+pub(super) const ATTEMPTS: usize = 16;
 /// No limit: for VMs that exist already.
-const UNLIMITED: Quota = Quota {
+pub const UNLIMITED: Quota = Quota {
     max_vcpus: u32::MAX,
     max_memory_mib: u64::MAX,
     max_vms: u32::MAX,
@@ -48,6 +48,11 @@ pub struct VmRecord {
     #[serde(default)]
     pub host: Option<String>,
     pub created_at: u64,
+    /// Its NICs as assigned when it was defined: MAC and address on the
+    /// cluster's networks (taken in `ipam/`); the host assigns those on
+    /// its default bridge.
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
     /// What the cluster did with it (placement), oldest first.
     #[serde(default)]
     pub events: Vec<VmEvent>,
@@ -60,7 +65,23 @@ impl VmRecord {
             vms: 1,
             vcpus: u64::from(self.spec.vcpus),
             memory_mib: self.spec.memory_mib,
+            networks: 0,
         }
+    }
+
+    /// The `ipam/` keys of its addresses on the cluster's networks.
+    fn address_keys(&self, keys: &super::keys::Keys) -> Vec<String> {
+        self.nics
+            .iter()
+            .filter_map(|nic| {
+                let network = nic.network.as_deref()?;
+                let address = nic
+                    .address
+                    .as_deref()
+                    .and_then(crate::network::nic_address)?;
+                Some(keys.address(network, address))
+            })
+            .collect()
     }
 
     /// Appends an event, keeping the last [`MAX_EVENTS`].
@@ -88,15 +109,18 @@ impl VmRecord {
             kernel_args: spec.kernel_args.clone(),
             root_rate_limit: spec.root_rate_limit,
             disks: spec.disks.clone(),
-            nics: spec
-                .nics
-                .iter()
-                .map(|nic| VmNic {
-                    rate_limit: nic.rate_limit,
-                    network: nic.network.clone(),
-                    ..VmNic::default()
-                })
-                .collect(),
+            nics: if self.nics.is_empty() {
+                spec.nics
+                    .iter()
+                    .map(|nic| VmNic {
+                        rate_limit: nic.rate_limit,
+                        network: nic.network.clone(),
+                        ..VmNic::default()
+                    })
+                    .collect()
+            } else {
+                self.nics.clone()
+            },
             pid: None,
             last_exit: None,
             restore_from: None,
@@ -113,6 +137,8 @@ pub struct TenantUsage {
     pub vms: u64,
     pub vcpus: u64,
     pub memory_mib: u64,
+    #[serde(default)]
+    pub networks: u64,
 }
 
 impl TenantUsage {
@@ -122,6 +148,7 @@ impl TenantUsage {
             vms: self.vms.saturating_add(more.vms),
             vcpus: self.vcpus.saturating_add(more.vcpus),
             memory_mib: self.memory_mib.saturating_add(more.memory_mib),
+            networks: self.networks.saturating_add(more.networks),
         };
         for (what, used, asked, max) in [
             ("VMs", self.vms, more.vms, u64::from(quota.max_vms)),
@@ -131,6 +158,12 @@ impl TenantUsage {
                 self.memory_mib,
                 more.memory_mib,
                 quota.max_memory_mib,
+            ),
+            (
+                "networks",
+                self.networks,
+                more.networks,
+                u64::from(quota.max_networks),
             ),
         ] {
             if used.saturating_add(asked) > max {
@@ -148,6 +181,7 @@ impl TenantUsage {
             vms: self.vms.saturating_sub(less.vms),
             vcpus: self.vcpus.saturating_sub(less.vcpus),
             memory_mib: self.memory_mib.saturating_sub(less.memory_mib),
+            networks: self.networks.saturating_sub(less.networks),
         }
     }
 }
@@ -272,6 +306,7 @@ impl Cluster {
         let tenant = &record.tenant_id;
         let (usage_key, name_key) = (keys.usage(tenant), keys.vm_name(tenant, &record.spec.name));
         let (tenant_key, record_key) = (keys.tenant(tenant), keys.vm(&record.id));
+        let addresses = record.address_keys(keys);
         for _ in 0..ATTEMPTS {
             let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
             let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
@@ -280,21 +315,22 @@ impl Cluster {
                 Some(quota) => before.with(record.usage(), quota)?,
                 None => before.with(record.usage(), &UNLIMITED)?,
             };
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
-                    Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
-                    unchanged(&usage_key, seen),
-                ])
-                .and_then([
-                    TxnOp::put(record_key.as_str(), encode(&record_key, record)?, None),
-                    TxnOp::put(
-                        name_key.as_str(),
-                        encode(&name_key, &VmName { id: &record.id })?,
-                        None,
-                    ),
-                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
-                ]);
+            let owner = encode(&name_key, &VmName { id: &record.id })?;
+            let mut conditions = vec![
+                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+                unchanged(&usage_key, seen),
+            ];
+            let mut puts = vec![
+                TxnOp::put(record_key.as_str(), encode(&record_key, record)?, None),
+                TxnOp::put(name_key.as_str(), owner.clone(), None),
+                TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+            ];
+            for key in &addresses {
+                conditions.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                puts.push(TxnOp::put(key.as_str(), owner.clone(), None));
+            }
+            let txn = Txn::new().when(conditions).and_then(puts);
             let (done, _) = self
                 .inner
                 .etcd
@@ -312,6 +348,11 @@ impl Cluster {
                     "a VM named '{}' of this tenant",
                     record.spec.name
                 )));
+            }
+            for key in &addresses {
+                if etcd.get::<serde_json::Value>(key).await?.is_some() {
+                    return Err(ClusterError::Raced(format!("address {key}")));
+                }
             }
         }
         Err(ClusterError::Contended {
@@ -347,12 +388,22 @@ impl Cluster {
                     ),
                     unchanged(&usage_key, seen),
                 ])
-                .and_then([
-                    TxnOp::delete(record_key.as_str(), None),
-                    TxnOp::delete(keys.vm_name(&record.tenant_id, &record.spec.name), None),
-                    TxnOp::delete(keys.vm_status(id), None),
-                    TxnOp::put(usage_key.as_str(), usage_bytes, None),
-                ]);
+                .and_then(
+                    [
+                        TxnOp::delete(record_key.as_str(), None),
+                        TxnOp::delete(keys.vm_name(&record.tenant_id, &record.spec.name), None),
+                        TxnOp::delete(keys.vm_status(id), None),
+                        TxnOp::put(usage_key.as_str(), usage_bytes, None),
+                    ]
+                    .into_iter()
+                    .chain(
+                        record
+                            .address_keys(keys)
+                            .into_iter()
+                            .map(|key| TxnOp::delete(key, None)),
+                    )
+                    .collect::<Vec<_>>(),
+                );
             let (done, _) = self.inner.etcd.txn(&format!("delete VM {id}"), txn).await?;
             if done {
                 return Ok(());
@@ -428,7 +479,7 @@ struct VmName<'a> {
 }
 
 /// "`key` was not written since `seen`" (0: "does not exist").
-fn unchanged(key: &str, seen: i64) -> Compare {
+pub(super) fn unchanged(key: &str, seen: i64) -> Compare {
     if seen == 0 {
         Compare::create_revision(key, CompareOp::Equal, 0)
     } else {
@@ -450,6 +501,7 @@ mod tests {
             spec,
             host: None,
             created_at: 1,
+            nics: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -470,7 +522,8 @@ mod tests {
             TenantUsage {
                 vms: 1,
                 vcpus: 2,
-                memory_mib: 512
+                memory_mib: 512,
+                networks: 0
             }
         );
         let two = one.with(record(2, 512).usage(), &quota).unwrap();

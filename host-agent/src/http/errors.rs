@@ -105,7 +105,8 @@ fn cluster_code(error: &ClusterError) -> ErrorCode {
         ClusterError::HostUp(_)
         | ClusterError::NameTaken { .. }
         | ClusterError::Exists(_)
-        | ClusterError::Held(_) => ErrorCode::Conflict,
+        | ClusterError::Held(_)
+        | ClusterError::Raced(_) => ErrorCode::Conflict,
         ClusterError::Mirror(_) => ErrorCode::Internal,
         ClusterError::Etcd { .. } | ClusterError::Contended { .. } => ErrorCode::Unavailable,
         ClusterError::Corrupt { .. } | ClusterError::TlsFile { .. } => ErrorCode::Internal,

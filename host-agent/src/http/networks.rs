@@ -27,10 +27,10 @@ create_handler!(tenant create, "/v1/networks", "networks", &NetworkCreate, 201 "
     (status = 502, description = "a spanned host failed", body = ApiError));
 
 list_handler!(caller list, "/v1/networks", "networks",
-    "the caller's networks (all for the operator)", Network, sync networks::list, Authenticated);
+    "the caller's networks (all for the operator)", Network, async networks::list, Authenticated);
 
 show_handler!(caller show, "/v1/networks/{id}", "networks", "id" = "id (or name)", "success",
-    Network, sync networks::get, TenantResource);
+    Network, async networks::get, TenantResource);
 
 delete_handler!(caller remove, "/v1/networks/{id}", "networks", "id" = "id (or name)", "deleted",
     async networks::delete, TenantResource,

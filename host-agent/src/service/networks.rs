@@ -11,6 +11,9 @@ use std::net::Ipv4Addr;
 use nubis_api::{AddressGrant, AddressRequest, Network, NetworkCreate, NetworkReplica};
 
 use super::{Result, Scope, ServiceError, Services};
+use crate::cluster::networks::NetworkRecord;
+use crate::cluster::vms::ClusterVm;
+use crate::cluster::{Cluster, ClusterError};
 use crate::ipv4::Cidr;
 use crate::network::host::host_resolvers;
 use crate::network::nic_address;
@@ -70,6 +73,9 @@ const MAX_DNS_SERVERS: usize = 4;
 /// server come up, then the spanned hosts take it on.
 pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) -> Result<Network> {
     validate::name("name", &request.name, false)?;
+    if let Some(cluster) = &svc.cluster {
+        return create_in_cluster(svc, cluster, tenant_id, request).await;
+    }
     let _hold = svc.hold_tenant(tenant_id).await?;
     let cidr: Cidr = request
         .cidr
@@ -131,6 +137,187 @@ pub async fn create(svc: &Services, tenant_id: &str, request: &NetworkCreate) ->
     }
     tracing::info!(tenant = tenant_id, network = %network.id, cidr = %network.cidr, hosts = peers.len(), "network created");
     Ok(network.into())
+}
+
+/// Creates `request` in the cluster: checked here (the CIDR against this
+/// host's own networks and every network of the cluster, the MTU against
+/// the underlay), then defined in etcd with a VNI of its own; every host
+/// carries it (`mirror`).
+async fn create_in_cluster(
+    svc: &Services,
+    cluster: &Cluster,
+    tenant_id: &str,
+    request: &NetworkCreate,
+) -> Result<Network> {
+    if !request.hosts.is_empty() {
+        return Err(ServiceError::invalid(
+            "hosts",
+            "in a cluster a network spans the hosts its VMs run on: leave hosts out",
+        ));
+    }
+    let cidr: Cidr = request
+        .cidr
+        .parse()
+        .map_err(|err: String| ServiceError::invalid("cidr", err))?;
+    if let Some(reason) = svc.host_network.shadowed(cidr).await? {
+        return Err(ServiceError::unprocessable("cidr", reason));
+    }
+    let reserved: Cidr = crate::store::RESERVED
+        .parse()
+        .map_err(|err: String| ServiceError::Internal(err))?;
+    if cidr.overlaps(&reserved) {
+        return Err(ServiceError::unprocessable(
+            "cidr",
+            format!("{cidr} overlaps {reserved}, which the agents keep for default tenant bridges"),
+        ));
+    }
+    let quota = svc
+        .store
+        .get_tenant(tenant_id)?
+        .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?
+        .quota;
+    let dns = match &request.dns {
+        Some(servers) => dns_servers(servers)?,
+        None => host_resolvers(),
+    };
+    let local = local_underlay(svc)?;
+    let max = max_overlay_mtu(svc, local).await?;
+    let mtu = request.mtu.unwrap_or(max);
+    if mtu > max {
+        return Err(ServiceError::unprocessable(
+            "mtu",
+            format!("{mtu} does not fit the underlay: at most {max} with VXLAN's 50 bytes"),
+        ));
+    }
+    check_mtu(mtu)?;
+    let mut attempts = 0;
+    loop {
+        let existing = cluster.networks().await?;
+        if let Some(other) = existing.iter().find(|other| {
+            other
+                .cidr
+                .parse::<Cidr>()
+                .is_ok_and(|other| other.overlaps(&cidr))
+        }) {
+            return Err(ServiceError::unprocessable(
+                "cidr",
+                if other.tenant_id == tenant_id {
+                    format!(
+                        "{cidr} overlaps your network '{}' ({})",
+                        other.name, other.cidr
+                    )
+                } else {
+                    format!(
+                        "{cidr} overlaps an address range in use in the cluster: choose another"
+                    )
+                },
+            ));
+        }
+        let vnis: HashSet<u32> = existing.iter().map(|network| network.vni).collect();
+        let record = NetworkRecord {
+            id: crate::store::new_id("net")?,
+            tenant_id: tenant_id.to_string(),
+            name: request.name.clone(),
+            cidr: cidr.to_string(),
+            gateway: cidr.gateway().to_string(),
+            nat: request.nat,
+            dhcp: request.dhcp,
+            dns: dns.clone(),
+            mtu,
+            vni: crate::store::random_overlay_vni(&vnis)?,
+            created_at: crate::store::now(),
+        };
+        match cluster.define_network(&record, &quota).await {
+            Ok(()) => {
+                tracing::info!(tenant = tenant_id, network = %record.id, cidr = %record.cidr, "network defined in the cluster");
+                return Ok(record.network());
+            }
+            Err(ClusterError::Raced(_)) if attempts < 8 => attempts += 1,
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Carries the cluster's networks on this host: each is a network of this
+/// host's store (its bridge, gateway, DHCP and rules made as for any
+/// network) spanning, over VXLAN, the hosts that have VMs on it; those the
+/// cluster no longer has go (once no VM here uses them).
+pub async fn mirror(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) -> Result<()> {
+    let Some(local) = svc.host_network.underlay_address() else {
+        // Without an underlay this host carries no network of the cluster;
+        // its VMs on one fail to be defined, saying so.
+        return Ok(());
+    };
+    let records = cluster.networks().await?;
+    let view = cluster.view();
+    let underlay_of = |host: &str| {
+        view.member(host)
+            .and_then(|member| member.alive.as_ref())
+            .and_then(|alive| alive.underlay_address)
+    };
+    let mut changed = false;
+    for record in &records {
+        let mut hosts: Vec<String> = vms
+            .iter()
+            .filter(|vm| {
+                vm.record
+                    .nics
+                    .iter()
+                    .any(|nic| nic.network.as_deref() == Some(record.id.as_str()))
+            })
+            .filter_map(|vm| underlay_of(vm.record.host.as_deref()?))
+            .chain(std::iter::once(local))
+            .map(|address| address.to_string())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        let known = svc.store.get_network(None, &record.id)?;
+        if known
+            .as_ref()
+            .and_then(|row| row.overlay.as_ref())
+            .is_some_and(|overlay| overlay.hosts == hosts && overlay.home == local.to_string())
+        {
+            continue;
+        }
+        let row = NetworkRow {
+            id: record.id.clone(),
+            tenant_id: record.tenant_id.clone(),
+            name: record.name.clone(),
+            cidr: record.cidr.clone(),
+            gateway: record.gateway.clone(),
+            nat: record.nat,
+            dhcp: record.dhcp,
+            dns: record.dns.clone(),
+            mtu: record.mtu,
+            vni: record.vni,
+            bridge: String::new(),
+            overlay: Some(nubis_api::Overlay {
+                home: local.to_string(),
+                hosts,
+                vxlan: String::new(),
+            }),
+            created_at: record.created_at,
+        };
+        match svc.store.adopt_network(&row) {
+            Ok(_) => changed = true,
+            Err(err) => {
+                tracing::warn!(network = %record.id, "cannot carry a network of the cluster: {err}")
+            }
+        }
+    }
+    let wanted: HashSet<&str> = records.iter().map(|record| record.id.as_str()).collect();
+    for row in svc.store.list_networks(None)? {
+        if wanted.contains(row.id.as_str()) || check_unused(svc, &row).is_err() {
+            continue;
+        }
+        svc.store.delete_network(&row.id)?;
+        tracing::info!(network = %row.id, "network deleted from the cluster: dropped here");
+        changed = true;
+    }
+    if changed {
+        svc.host_network.reconcile().await?;
+    }
+    Ok(())
 }
 
 /// The registered peers named in a network's `hosts`.
@@ -215,8 +402,21 @@ fn dns_servers(servers: &[String]) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The networks `scope` sees.
-pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Network>> {
+/// The networks `scope` sees (in a cluster, the cluster's).
+pub async fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Network>> {
+    if let Some(cluster) = &svc.cluster {
+        return Ok(cluster
+            .networks()
+            .await?
+            .iter()
+            .filter(|network| {
+                scope
+                    .tenant()
+                    .is_none_or(|tenant| network.tenant_id == tenant)
+            })
+            .map(NetworkRecord::network)
+            .collect());
+    }
     Ok(svc
         .store
         .list_networks(scope.tenant())?
@@ -226,7 +426,14 @@ pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Network>> {
 }
 
 /// Network `id` (id or name) as `scope` sees it.
-pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Network> {
+pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Network> {
+    if let Some(cluster) = &svc.cluster {
+        return cluster
+            .network(scope.tenant(), id)
+            .await?
+            .map(|record| record.network())
+            .ok_or_else(|| ServiceError::not_found("network", id));
+    }
     find(svc, scope, id).map(Network::from)
 }
 
@@ -238,7 +445,18 @@ fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<NetworkRow> {
 }
 
 /// Deletes network `id` (id or name), here and on the hosts it spans.
+/// In a cluster, refused while any VM has a NIC on it; every host drops
+/// it as it mirrors the cluster.
 pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
+    if let Some(cluster) = &svc.cluster {
+        let record = cluster
+            .network(scope.tenant(), id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("network", id))?;
+        cluster.delete_network(&record).await?;
+        tracing::info!(network = %record.id, "network deleted from the cluster");
+        return Ok(());
+    }
     let network = find(svc, scope, id)?;
     if let Some(home) = remote_home(svc, &network)? {
         return Err(ServiceError::Conflict(format!(

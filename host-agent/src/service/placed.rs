@@ -14,12 +14,16 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use nubis_api::{Vm, VmCreate, VmState};
+use std::net::Ipv4Addr;
+
+use nubis_api::{Vm, VmCreate, VmNic, VmState};
 
 use super::vms::{self, Action};
 use super::{images, Result, Scope, ServiceError, Services};
+use crate::cluster::networks::NetworkRecord;
 use crate::cluster::vms::{ClusterVm, VmRecord};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError};
+use crate::ipv4::Cidr;
 use crate::store::{new_id, now};
 
 /// How often this host's VMs are compared with their reports at least.
@@ -55,12 +59,73 @@ pub async fn define(
         spec: request,
         host: None,
         created_at: now(),
+        nics: Vec::new(),
         events: Vec::new(),
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
-    cluster.define_vm(&record, Some(&tenant.quota)).await?;
+    let networks = cluster.networks().await?;
+    let mut attempts = 0;
+    loop {
+        record.nics = assign_nics(cluster, tenant_id, &record.spec, &networks).await?;
+        match cluster.define_vm(&record, Some(&tenant.quota)).await {
+            Ok(()) => break,
+            // Another VM took an address first: draw again.
+            Err(ClusterError::Raced(_)) if attempts < ADDRESS_ATTEMPTS => attempts += 1,
+            Err(err) => return Err(err.into()),
+        }
+    }
     tracing::info!(vm = %record.id, tenant = tenant_id, "VM defined in the cluster");
     Ok(record.pending())
+}
+
+/// How many times a VM's addresses are drawn again after another VM took
+/// one first.
+const ADDRESS_ATTEMPTS: usize = 8;
+
+/// The NICs of `spec` with a MAC and a free address on each of the
+/// cluster's networks they name (checked against `ipam/`; taken for good
+/// by the transaction that defines the VM). NICs on the tenant's default
+/// bridge get theirs from the host the VM is placed on.
+async fn assign_nics(
+    cluster: &Cluster,
+    tenant_id: &str,
+    spec: &VmCreate,
+    networks: &[NetworkRecord],
+) -> Result<Vec<VmNic>> {
+    let mut nics = Vec::with_capacity(spec.nics.len());
+    let mut chosen: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();
+    for (index, asked) in spec.nics.iter().enumerate() {
+        let mut nic = VmNic {
+            rate_limit: asked.rate_limit,
+            ..VmNic::default()
+        };
+        if let Some(wanted) = &asked.network {
+            let network = networks
+                .iter()
+                .find(|network| network.is(Some(tenant_id), wanted))
+                .ok_or_else(|| {
+                    ServiceError::unprocessable(
+                        format!("nics[{index}].network"),
+                        format!("no network '{wanted}'"),
+                    )
+                })?;
+            let cidr: Cidr = network.cidr.parse().map_err(|err: String| {
+                ServiceError::Internal(format!("network {}: {err}", network.id))
+            })?;
+            let taken = chosen.entry(network.id.clone()).or_default();
+            let mut used = cluster.used_addresses(&network.id).await?;
+            used.extend(taken.iter().copied());
+            let address = cidr.allocate(&used).ok_or_else(|| {
+                ServiceError::Exhausted(format!("no free address left in {}", network.cidr))
+            })?;
+            taken.insert(address);
+            nic.network = Some(network.id.clone());
+            nic.address = Some(format!("{address}/{}", cidr.prefix()));
+            nic.mac = Some(crate::network::random_mac()?.to_string());
+        }
+        nics.push(nic);
+    }
+    Ok(nics)
 }
 
 /// Refuses placement constraints that no host could ever meet because
@@ -183,6 +248,10 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             sweep(&svc, &vms).await;
             swept = true;
         }
+        // The networks first: the VMs placed here need their bridges.
+        if let Err(err) = super::networks::mirror(&svc, &cluster, &vms).await {
+            tracing::warn!("cannot carry the cluster's networks: {err}");
+        }
         let me = cluster.host_name().as_str();
         for vm in vms
             .iter()
@@ -233,7 +302,13 @@ async fn realize(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Result<()
     }
     let record = current.record;
     images::ensure(svc, &record.tenant_id, &record.spec.image).await?;
-    vms::define_here(svc, &record.tenant_id, record.spec.clone(), Some(id)).await?;
+    vms::define_here(
+        svc,
+        &record.tenant_id,
+        record.spec.clone(),
+        Some((id, &record.nics)),
+    )
+    .await?;
     tracing::info!(vm = %id, "VM placed here defined");
     drop(_guard);
     if record.spec.start {
@@ -305,6 +380,7 @@ async fn report(
 /// the cluster lacks (its standalone past).
 async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
     images::publish_standalone(svc, cluster).await?;
+    publish_networks(svc, cluster).await?;
     let (vms, _) = cluster.vms().await?;
     let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
     for row in svc.store.list_vms(None, None)? {
@@ -317,6 +393,7 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             spec: spec_of(&row),
             host: Some(cluster.host_name().to_string()),
             created_at: row.created_at,
+            nics: row.nics.clone(),
             events: Vec::new(),
         };
         record.record_event(
@@ -350,6 +427,7 @@ pub async fn publish_here(
         spec: spec_of(vm),
         host: Some(cluster.host_name().to_string()),
         created_at: vm.created_at,
+        nics: vm.nics.clone(),
         events: Vec::new(),
     };
     record.record_event(
@@ -357,6 +435,46 @@ pub async fn publish_here(
         format!("defined on host {}", cluster.host_name()),
     );
     cluster.define_vm(&record, Some(quota)).await?;
+    Ok(())
+}
+
+/// Defines in the cluster every network this host has that the cluster
+/// lacks (its standalone past, as it joins for the first time).
+async fn publish_networks(svc: &Services, cluster: &Cluster) -> Result<()> {
+    let known: HashSet<String> = cluster
+        .networks()
+        .await?
+        .into_iter()
+        .map(|record| record.id)
+        .collect();
+    for row in svc.store.list_networks(None)? {
+        if known.contains(&row.id) {
+            continue;
+        }
+        let record = NetworkRecord {
+            id: row.id.clone(),
+            tenant_id: row.tenant_id.clone(),
+            name: row.name.clone(),
+            cidr: row.cidr.clone(),
+            gateway: row.gateway.clone(),
+            nat: row.nat,
+            dhcp: row.dhcp,
+            dns: row.dns.clone(),
+            mtu: row.mtu,
+            vni: row.vni,
+            created_at: row.created_at,
+        };
+        match cluster
+            .define_network(&record, &crate::cluster::vms::UNLIMITED)
+            .await
+        {
+            Ok(()) => tracing::info!(network = %row.id, "network published to the cluster"),
+            Err(err @ (ClusterError::Exists(_) | ClusterError::Raced(_))) => {
+                tracing::warn!(network = %row.id, "network not published: {err}")
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
     Ok(())
 }
 

@@ -48,7 +48,10 @@ async fn a_network_quota_at_its_limit_refuses_one_more() {
         "{err:?}"
     );
     assert_eq!(
-        networks::list(svc, Scope::Operator).map(|n| n.len()).ok(),
+        networks::list(svc, Scope::Operator)
+            .await
+            .map(|n| n.len())
+            .ok(),
         Some(1)
     );
 }
@@ -83,7 +86,9 @@ async fn a_network_whose_bridge_the_host_refuses_is_not_kept() {
     .await
     .expect_err("the host refused the bridge");
     assert!(matches!(err, ServiceError::Supervisor(_)), "{err:?}");
-    let left = networks::list(&fixture.services, Scope::Operator).expect("list");
+    let left = networks::list(&fixture.services, Scope::Operator)
+        .await
+        .expect("list");
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -221,7 +226,9 @@ async fn another_tenants_resources_are_not_found() {
             "{err:?}"
         );
     }
-    let err = networks::get(svc, theirs, &net.id).expect_err("not theirs");
+    let err = networks::get(svc, theirs, &net.id)
+        .await
+        .expect_err("not theirs");
     assert_eq!(err.to_string(), format!("no network '{}'", net.id));
     let err = networks::delete(svc, theirs, &net.id)
         .await
@@ -268,7 +275,7 @@ async fn a_network_with_nics_on_it_is_not_deleted() {
     networks::delete(svc, scope, &net.id)
         .await
         .expect("network deleted");
-    assert!(networks::list(svc, scope).expect("list").is_empty());
+    assert!(networks::list(svc, scope).await.expect("list").is_empty());
 }
 
 #[tokio::test]
@@ -455,11 +462,11 @@ async fn networks_answer_as_stored_and_a_replica_converts_both_ways() {
     );
     let scope = Scope::Tenant(&tenant.id);
     assert_eq!(
-        networks::get(svc, scope, "front").expect("by name"),
+        networks::get(svc, scope, "front").await.expect("by name"),
         network
     );
     assert_eq!(
-        networks::list(svc, Scope::Operator).expect("list"),
+        networks::list(svc, Scope::Operator).await.expect("list"),
         vec![network.clone()]
     );
     // What a peer sends (the API's Network) is stored as it is given.

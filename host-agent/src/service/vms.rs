@@ -148,14 +148,16 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
     Ok(svc.vm_view(vm))
 }
 
-/// Defines `request` for `tenant_id` on this host (with id `id`: a VM the
-/// cluster placed here), not started.
+/// Defines `request` for `tenant_id` on this host, not started; `placed`
+/// is a VM the cluster placed here: its id and its NICs as the cluster
+/// assigned them (MACs and addresses on the cluster's networks).
 pub(crate) async fn define_here(
     svc: &Services,
     tenant_id: &str,
     request: VmCreate,
-    id: Option<&str>,
+    placed: Option<(&str, &[VmNic])>,
 ) -> Result<VmRow> {
+    let id = placed.map(|(id, _)| id);
     check(&request)?;
     let _hold = svc.hold_tenant(tenant_id).await?;
     // The NICs as the agent will record them: MAC, address and tap are
@@ -169,6 +171,15 @@ pub(crate) async fn define_here(
             ..VmNic::default()
         })
         .collect();
+    if let Some((_, assigned)) = placed {
+        for (nic, given) in nics.iter_mut().zip(assigned) {
+            if given.address.is_some() {
+                nic.network = given.network.clone();
+                nic.address = given.address.clone();
+                nic.mac = given.mac.clone();
+            }
+        }
+    }
     let image = images::get_here(svc, Scope::Tenant(tenant_id), &request.image).map_err(|_| {
         ServiceError::unprocessable("image", format!("no image '{}'", request.image))
     })?;
@@ -181,6 +192,10 @@ pub(crate) async fn define_here(
     let mut remote_grants = Vec::new();
     for (index, nic) in nics.iter_mut().enumerate() {
         let Some(wanted) = &nic.network else { continue };
+        if nic.address.is_some() {
+            // Assigned by the cluster.
+            continue;
+        }
         let net = nic_network(svc, tenant_id, index, wanted)?;
         if let Some(home) = networks::remote_home(svc, &net)? {
             let granted = networks::remote_address(svc, &home, &net, &request.name).await;

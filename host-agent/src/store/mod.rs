@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use images::ImageRow;
-pub use networks::NetworkRow;
+pub use networks::{random_overlay_vni, NetworkRow, RESERVED};
 pub use peers::PeerRow;
 pub use port_forwards::PortForwardRow;
 pub use snapshots::{SavedVm, SnapshotRow};

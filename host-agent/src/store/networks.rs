@@ -157,7 +157,7 @@ fn insert(tx: &rusqlite::Transaction, network: &NetworkRow) -> Result<(), StoreE
 }
 
 /// A random VNI of the overlay range that `used` does not hold.
-fn random_overlay_vni(used: &std::collections::HashSet<u32>) -> Result<u32, StoreError> {
+pub fn random_overlay_vni(used: &std::collections::HashSet<u32>) -> Result<u32, StoreError> {
     for _ in 0..64 {
         let bytes = super::random_hex(4)?;
         let random = u32::from_str_radix(&bytes, 16).unwrap_or_default();

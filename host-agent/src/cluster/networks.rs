@@ -1,0 +1,256 @@
+//! Tenant networks in the cluster: one definition in etcd
+//! (`networks/{id}`), one IPAM (`ipam/{network}/{address}`, an address
+//! taken by creating its key in the transaction that defines the VM), one
+//! VNI space (`vnis/{vni}`). No host is a network's home: every host
+//! carries the networks (`service::placed` mirrors them into its store,
+//! where the bridges, DHCP and rules are made as for any network), and a
+//! network's VXLAN flood list is the hosts that have VMs on it.
+//!
+//! Two networks of the cluster may not overlap (each host routes every
+//! network's gateway): a creation is checked against the networks the
+//! cluster has; two overlapping creations racing through two hosts can
+//! both be written, and the hosts then refuse to carry the second
+//! (logged). A `cidrs/` index would close that, and is still to come.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use nubis_api::{Network, Quota};
+use serde::{Deserialize, Serialize};
+
+use super::etcd::encode;
+use super::vms::{unchanged, TenantUsage, ATTEMPTS};
+use super::{typed, Cluster, ClusterError};
+
+/// `networks/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub cidr: String,
+    pub gateway: String,
+    pub nat: bool,
+    pub dhcp: bool,
+    pub dns: Vec<String>,
+    pub mtu: u16,
+    pub vni: u32,
+    pub created_at: u64,
+}
+
+impl NetworkRecord {
+    /// The network as the API shows it (the bridge as every host names it).
+    pub fn network(&self) -> Network {
+        Network {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            name: self.name.clone(),
+            cidr: self.cidr.clone(),
+            gateway: self.gateway.clone(),
+            nat: self.nat,
+            dhcp: self.dhcp,
+            dns: self.dns.clone(),
+            mtu: self.mtu,
+            vni: self.vni,
+            bridge: crate::network::network_bridge_name(self.vni).to_string(),
+            overlay: None,
+            created_at: self.created_at,
+        }
+    }
+
+    /// Whether this is network `wanted` (id or name) of `tenant` (any
+    /// tenant's by id for None).
+    pub fn is(&self, tenant: Option<&str>, wanted: &str) -> bool {
+        match tenant {
+            Some(tenant) => self.tenant_id == tenant && (self.id == wanted || self.name == wanted),
+            None => self.id == wanted,
+        }
+    }
+}
+
+/// `network-names/{tenant}/{name}` and `vnis/{vni}`: whose it is.
+#[derive(Serialize)]
+struct Owner<'a> {
+    id: &'a str,
+}
+
+/// What a network counts against its tenant's quota.
+const ONE_NETWORK: TenantUsage = TenantUsage {
+    vms: 0,
+    vcpus: 0,
+    memory_mib: 0,
+    networks: 1,
+};
+
+impl Cluster {
+    /// Every network of the cluster.
+    pub async fn networks(&self) -> Result<Vec<NetworkRecord>, ClusterError> {
+        let prefix = self.inner.keys.networks();
+        let found = self
+            .inner
+            .etcd
+            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let mut networks = found
+            .into_iter()
+            .map(|(key, stored)| typed::<NetworkRecord>(&key, stored.value))
+            .collect::<Result<Vec<_>, _>>()?;
+        networks.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(networks)
+    }
+
+    /// Network `wanted` (id or name) as `tenant` sees it.
+    pub async fn network(
+        &self,
+        tenant: Option<&str>,
+        wanted: &str,
+    ) -> Result<Option<NetworkRecord>, ClusterError> {
+        Ok(self
+            .networks()
+            .await?
+            .into_iter()
+            .find(|network| network.is(tenant, wanted)))
+    }
+
+    /// Defines `record` within `quota`: refused when the name or the VNI is
+    /// taken (the caller draws another VNI) or the tenant is gone.
+    pub async fn define_network(
+        &self,
+        record: &NetworkRecord,
+        quota: &Quota,
+    ) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let tenant = &record.tenant_id;
+        let (key, name_key) = (
+            keys.network(&record.id),
+            keys.network_name(tenant, &record.name),
+        );
+        let (vni_key, usage_key, tenant_key) = (
+            keys.vni(record.vni),
+            keys.usage(tenant),
+            keys.tenant(tenant),
+        );
+        for _ in 0..ATTEMPTS {
+            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
+            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
+            let usage = current
+                .map(|stored| stored.value)
+                .unwrap_or_default()
+                .with(ONE_NETWORK, quota)?;
+            let owner = Owner { id: &record.id };
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                    Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+                    Compare::create_revision(vni_key.as_str(), CompareOp::Equal, 0),
+                    unchanged(&usage_key, seen),
+                ])
+                .and_then([
+                    TxnOp::put(key.as_str(), encode(&key, record)?, None),
+                    TxnOp::put(name_key.as_str(), encode(&name_key, &owner)?, None),
+                    TxnOp::put(vni_key.as_str(), encode(&vni_key, &owner)?, None),
+                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+                ]);
+            let (done, _) = self
+                .inner
+                .etcd
+                .txn(&format!("define network {}", record.id), txn)
+                .await?;
+            if done {
+                return Ok(());
+            }
+            let etcd = &self.inner.etcd;
+            if etcd.get::<serde_json::Value>(&tenant_key).await?.is_none() {
+                return Err(ClusterError::NoSuchTenant(tenant.clone()));
+            }
+            if etcd.get::<serde_json::Value>(&name_key).await?.is_some() {
+                return Err(ClusterError::Exists(format!(
+                    "a network named '{}' of this tenant",
+                    record.name
+                )));
+            }
+            if etcd.get::<serde_json::Value>(&vni_key).await?.is_some() {
+                return Err(ClusterError::Raced(format!("VNI {}", record.vni)));
+            }
+        }
+        Err(ClusterError::Contended {
+            key: usage_key,
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Deletes network `record`, refused while any address of it is a
+    /// VM's.
+    pub async fn delete_network(&self, record: &NetworkRecord) -> Result<(), ClusterError> {
+        let keys = &self.inner.keys;
+        let key = keys.network(&record.id);
+        let usage_key = keys.usage(&record.tenant_id);
+        let addresses = keys.addresses_of(&record.id);
+        for _ in 0..ATTEMPTS {
+            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
+            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
+            let usage = current
+                .map(|stored| stored.value)
+                .unwrap_or_default()
+                .without(ONE_NETWORK);
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+                    Compare::create_revision(addresses.as_str(), CompareOp::Equal, 0).with_prefix(),
+                    unchanged(&usage_key, seen),
+                ])
+                .and_then([
+                    TxnOp::delete(key.as_str(), None),
+                    TxnOp::delete(keys.network_name(&record.tenant_id, &record.name), None),
+                    TxnOp::delete(keys.vni(record.vni), None),
+                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+                ]);
+            let (done, _) = self
+                .inner
+                .etcd
+                .txn(&format!("delete network {}", record.id), txn)
+                .await?;
+            if done {
+                return Ok(());
+            }
+            if self
+                .inner
+                .etcd
+                .get::<serde_json::Value>(&key)
+                .await?
+                .is_none()
+            {
+                return Ok(());
+            }
+            if !self.used_addresses(&record.id).await?.is_empty() {
+                return Err(ClusterError::Held(format!(
+                    "network {} has NICs of VMs in the cluster: delete them first",
+                    record.id
+                )));
+            }
+        }
+        Err(ClusterError::Contended {
+            key: usage_key,
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// The addresses of network `id` that VMs hold.
+    pub async fn used_addresses(&self, id: &str) -> Result<HashSet<Ipv4Addr>, ClusterError> {
+        let prefix = self.inner.keys.addresses_of(id);
+        let found = self
+            .inner
+            .etcd
+            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok(found
+            .iter()
+            .filter_map(|(key, _)| key.strip_prefix(&prefix)?.parse().ok())
+            .collect())
+    }
+}
