@@ -848,6 +848,80 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     cluster.same_everywhere(&racer, Some(&race_expected));
     phase("quota race: one 201, one 429");
 
+    // 6b. The last address of a network: a /29 has five for VMs; four are
+    // taken, two creations race for the fifth through two hosts.
+    let (_, addr) = tenant_with_quota(cluster.member("a").agent(), "addr", large_quota());
+    busybox_image(cluster.member("a").agent(), &addr, &images);
+    let tiny: Network = cluster.member("b").agent().create(
+        "/v1/networks",
+        &addr,
+        &NetworkCreate::new("tiny", "10.71.0.0/29"),
+    );
+    let on_tiny = |name: &str| VmCreate {
+        nics: vec![VmNicCreate::on_network("tiny")],
+        ..guest(name, None, false)
+    };
+    let mut holders: Vec<Vm> = (2..=5)
+        .map(|n| cluster.create("a", &addr, &on_tiny(&format!("holder-{n}"))))
+        .collect();
+    let barrier = Arc::new(Barrier::new(2));
+    let racers: Vec<_> = [("b", "last-1"), ("c", "last-2")]
+        .into_iter()
+        .map(|(via, name)| {
+            let address = cluster.member(via).agent().address;
+            let (token, barrier) = (addr.clone(), barrier.clone());
+            let body = nubis_tests::agent::json_body(&on_tiny(name));
+            std::thread::spawn(move || {
+                barrier.wait();
+                nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = racers
+        .into_iter()
+        .map(|racer| racer.join().expect("a racing creation"))
+        .collect();
+    let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 429], "{replies:#?}");
+    let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
+    assert!(refused.text.contains("no free address"), "{refused:?}");
+    holders.push(expect_as(
+        replies.iter().find(|r| r.status == 201).expect("a 201"),
+        201,
+    ));
+    let addresses: BTreeSet<Option<String>> = holders
+        .iter()
+        .map(|vm| vm.nics[0].address.clone())
+        .collect();
+    assert_eq!(addresses.len(), 5, "five VMs, five addresses: {holders:#?}");
+    // The operator sees a tenant's VM through any host (forwarded, the
+    // forwarding host vouching for its operator).
+    let on_other = holders
+        .iter()
+        .map(|vm| (vm, cluster.placed("a", &addr, &vm.id)))
+        .find(|(_, host)| host != "a")
+        .expect("a VM placed on another host than a");
+    let seen = cluster.member("a").call(
+        "GET",
+        &format!("/v1/vms/{}", on_other.0.id),
+        &cluster.member("a").host.token,
+        None,
+    );
+    assert_eq!(seen.status, 200, "the operator through a: {seen:?}");
+    for vm in &holders {
+        let reply = cluster
+            .member("c")
+            .call("DELETE", &format!("/v1/vms/{}", vm.id), &addr, None);
+        assert_eq!(reply.status, 204, "{reply:?}");
+    }
+    let reply =
+        cluster
+            .member("a")
+            .call("DELETE", &format!("/v1/networks/{}", tiny.id), &addr, None);
+    assert_eq!(reply.status, 204, "{reply:?}");
+    phase("address race: one 201, one 429; the operator reads through any host");
+
     // 7. Every VM is deleted through a host other than its own: gone
     // from every host's list, its VMM gone.
     let mut all: Vec<(String, Vm)> = Vec::new();

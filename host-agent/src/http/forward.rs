@@ -6,8 +6,10 @@
 //! answer back. The request is forwarded as the client sent it, bearer
 //! token included: the VM's host authenticates and authorizes it itself
 //! (every host mirrors the tenants' token hashes), so forwarding grants
-//! nothing. A request that arrived over the peer channel is never
-//! forwarded again.
+//! nothing. The operator's token is each host's own: for the operator the
+//! forwarding member vouches instead (`FORWARDED_FOR`, believed only over
+//! the peer channel). A request that arrived over the peer channel is
+//! never forwarded again.
 //!
 //! When the VM's host is down or cannot be reached, the request is
 //! answered here from the cluster's records (the VM's last reported
@@ -35,6 +37,24 @@ const FORWARDED_HEADERS: [HeaderName; 3] = [
     axum::http::header::ACCEPT,
 ];
 
+/// The header with which a member vouches for the caller of a request it
+/// forwards, when that caller is the operator (see [`vouched_operator`]).
+pub const FORWARDED_FOR: &str = "x-nubis-forwarded-for";
+const OPERATOR: &str = "operator";
+
+/// Whether a request is the operator's, vouched for by the member that
+/// forwarded it: it came over the peer channel (mutual TLS, a member's
+/// certificate) with [`FORWARDED_FOR`] saying so. Only in a cluster,
+/// where the members are one trust domain (each can write etcd).
+pub fn vouched_operator(state: &AppState, parts: &axum::http::request::Parts) -> bool {
+    state.services.cluster.is_some()
+        && parts.extensions.get::<PeerHost>().is_some()
+        && parts
+            .headers
+            .get(FORWARDED_FOR)
+            .is_some_and(|value| value.as_bytes() == OPERATOR.as_bytes())
+}
+
 /// The answer headers that come back.
 const ANSWER_HEADERS: [&str; 4] = ["content-type", "x-console-offset", "location", "allow"];
 
@@ -54,12 +74,12 @@ pub async fn to_vm_host(State(state): State<AppState>, request: Request, next: N
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(str::to_string);
-    let peer = match wanted {
+    let destination = match wanted {
         Some(wanted) if !from_peer => destination(&state, &wanted, authorization.as_deref()).await,
         _ => None,
     };
-    match peer {
-        Some(peer) => forward(&state, peer, request).await,
+    match destination {
+        Some((peer, principal)) => forward(&state, peer, &principal, request).await,
         None => next.run(request).await,
     }
 }
@@ -70,7 +90,7 @@ async fn destination(
     state: &AppState,
     wanted: &str,
     authorization: Option<&str>,
-) -> Option<crate::store::PeerRow> {
+) -> Option<(crate::store::PeerRow, Principal)> {
     let cluster = state.services.cluster.as_ref()?;
     // An unauthenticated request is refused here, by the handler.
     let principal = authenticate(&state.operator, &state.store, authorization).ok()?;
@@ -88,10 +108,16 @@ async fn destination(
     if matches!(state.store.get_vm(None, &vm.record.id), Ok(Some(_))) {
         return None;
     }
-    state.services.peer_directory.get(host).ok().flatten()
+    let peer = state.services.peer_directory.get(host).ok().flatten()?;
+    Some((peer, principal))
 }
 
-async fn forward(state: &AppState, peer: crate::store::PeerRow, request: Request) -> Response {
+async fn forward(
+    state: &AppState,
+    peer: crate::store::PeerRow,
+    principal: &Principal,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_FORWARDED_BODY).await {
         Ok(bytes) => bytes.to_vec(),
@@ -108,6 +134,16 @@ async fn forward(state: &AppState, peer: crate::store::PeerRow, request: Request
         if let Some(value) = parts.headers.get(&name) {
             headers.insert(name, value.clone());
         }
+    }
+    if matches!(principal, Principal::Operator) {
+        // Each host has its own operator token: this host vouches for the
+        // operator it authenticated, over the mutually authenticated
+        // channel, and the token stays here.
+        headers.remove(axum::http::header::AUTHORIZATION);
+        headers.insert(
+            FORWARDED_FOR,
+            reqwest::header::HeaderValue::from_static(OPERATOR),
+        );
     }
     let path = parts.uri.path_and_query().map_or_else(
         || parts.uri.path().to_string(),

@@ -194,6 +194,9 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        if forward::vouched_operator(state, parts) {
+            return Ok(Caller(Principal::Operator));
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -115,9 +115,17 @@ pub async fn receive(
         Some(_) => {}
         None => svc.store.create_tenant_with_id(&tenant.clone().into())?,
     }
+    // In a cluster the image is the cluster's, by id: fetched if this host
+    // lacks it.
+    let wanted_image = if svc.cluster.is_some() {
+        super::images::ensure(svc, &tenant.id, &request.image.id).await?;
+        &request.image.id
+    } else {
+        &request.image.name
+    };
     let image = svc
         .store
-        .get_image(&tenant.id, &request.image.name)?
+        .get_image(&tenant.id, wanted_image)?
         .ok_or_else(|| {
             conflict(format!(
                 "the tenant has no image '{}' on this host: register it here first",

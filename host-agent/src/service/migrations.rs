@@ -143,6 +143,8 @@ pub async fn start(
     }
     for (index, nic) in vm.nics.iter().enumerate() {
         let spans = match &nic.network {
+            // Every member carries the cluster's networks.
+            Some(_) if svc.cluster.is_some() => true,
             Some(network) => svc
                 .store
                 .get_network(None, network)?
@@ -418,7 +420,10 @@ async fn abort_destination(svc: &Services, peer: &PeerRow, vm_id: &str) {
 /// forget the VM here.
 async fn finish(svc: &Services, vm: &VmRow, peer: &PeerRow, local: Ipv4Addr) -> Result<()> {
     svc.peers.incoming_done(peer, &vm.id).await?;
-    for nic in &vm.nics {
+    // In a cluster the addresses are the cluster's (`ipam/`), whatever
+    // host the VM runs on: nothing to hand over.
+    let nics: &[nubis_api::VmNic] = if svc.cluster.is_some() { &[] } else { &vm.nics };
+    for nic in nics {
         let (Some(network), Some(address)) =
             (&nic.network, nic.address.as_deref().and_then(nic_address))
         else {
