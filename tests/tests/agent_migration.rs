@@ -4,18 +4,22 @@
 //! test guest. `POST /v1/vms/{id}/migration` moves it from A to B while it
 //! runs: it keeps its id, MAC and address, its count goes on from where it
 //! was on A, and it is gone from A; then it moves back. A VM whose NIC the
-//! destination does not carry, and a stopped VM, are refused.
+//! destination does not carry, and a stopped VM, are refused. Between two
+//! members of a cluster the same move needs no registration: the tenant,
+//! image and network are the cluster's, the VM is placed on A by the
+//! controller, and the cluster's record of it follows it to B and back.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    Migration, MigrationCreate, Network, NetworkCreate, Vm, VmCreate, VmNicCreate, VmState,
+    ClusterHost, HostState, Image, ImageCreate, Migration, MigrationCreate, Network, NetworkCreate,
+    Vm, VmCreate, VmNicCreate, VmPlacement, VmState,
 };
 use nubis_tests::agent::{
-    counter_vm, expect, jailed_pids, migrate, parent_cgroup, register_peer, tenant, tenant_token,
-    wait_for_migration, Agent, CounterImages, RemoteHost,
+    counter_vm, expect, host_path, jailed_pids, migrate, parent_cgroup, register_peer, tenant,
+    tenant_token, wait_for_migration, Agent, CounterImages, RemoteHost,
 };
 use nubis_tests::etcd::EtcdCluster;
 use nubis_tests::guest::assert_counts;
@@ -145,9 +149,13 @@ fn a_running_vm_moves_between_hosts_and_back() {
     moves_there_and_back(&agent_a, &agent_b, &counter);
 }
 
-/// Two members of one etcd cluster: the same moves with no peer
-/// registration (each resolves the other by its membership), and manual
-/// registration refused.
+/// Two members of one etcd cluster, both controller candidates: no peer
+/// registration (each resolves the other by its membership; registering
+/// one by hand is refused). The tenant, its image and its network are the
+/// cluster's, each defined once through a; the VM is created through a,
+/// pinned to a and started there; it moves to b while it runs and the
+/// cluster's record follows it (both members show it on b), then back with
+/// nubisctl talking to b, and is deleted through b.
 #[test]
 fn a_running_vm_moves_between_cluster_members_without_registration() {
     require_kvm();
@@ -178,12 +186,15 @@ fn a_running_vm_moves_between_cluster_members_without_registration() {
         underlay: UNDERLAY_B,
         ..spec_a
     };
+    // Both run VMs and may be the controller that places them.
     let member = |name: &str, gateway: Ipv4Addr| {
         vec![
             "--cluster".to_string(),
             etcd.cluster_arg(gateway),
             "--host-name".to_string(),
             name.to_string(),
+            "--roles".to_string(),
+            "compute,controller".to_string(),
         ]
     };
     let none = serde_json::Value::Null;
@@ -201,19 +212,29 @@ fn a_running_vm_moves_between_cluster_members_without_registration() {
         &none,
         &member("b", Ipv4Addr::new(10, 97, 46, 1)),
     );
+    let both = [&agent_a, &agent_b];
+    // Both up, one of them the controller.
+    wait_until("a and b up, one the controller", &both, || {
+        let hosts: Vec<ClusterHost> = get_via(&agent_a, "/v1/hosts", TOKEN_A)?;
+        let up = ["a", "b"].iter().all(|name| {
+            hosts
+                .iter()
+                .any(|host| host.name == *name && host.state == HostState::Up)
+        });
+        let leaders = hosts.iter().filter(|host| host.controller).count();
+        (up && leaders == 1)
+            .then_some(())
+            .ok_or_else(|| format!("{hosts:?}"))
+    });
     // Each lists the other as its peer, from the membership.
-    let start = Instant::now();
-    loop {
-        let peers: Vec<nubis_api::Peer> = agent_a.get("/v1/peers", TOKEN_A);
-        if peers
+    wait_until("b is a's peer", &both, || {
+        let peers: Vec<nubis_api::Peer> = get_via(&agent_a, "/v1/peers", TOKEN_A)?;
+        peers
             .iter()
             .any(|peer| peer.name == "b" && peer.address == UNDERLAY_B.to_string())
-        {
-            break;
-        }
-        assert!(start.elapsed() < WAIT, "b never became a's peer: {peers:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .then_some(())
+            .ok_or_else(|| format!("{peers:?}"))
+    });
     let register = agent_a.send(
         "POST",
         "/v1/peers",
@@ -226,7 +247,309 @@ fn a_running_vm_moves_between_cluster_members_without_registration() {
         },
     );
     assert_eq!(register.status, 409, "{register:?}");
-    moves_there_and_back(&agent_a, &agent_b, &counter);
+    moves_between_members(&agent_a, &agent_b, &counter);
+}
+
+/// `GET path` through `agent` as `token`: the body if it answered 200.
+fn get_via<T: serde::de::DeserializeOwned>(
+    agent: &Agent,
+    path: &str,
+    token: &str,
+) -> Result<T, String> {
+    let reply = agent.call("GET", path, Some(token), None);
+    if reply.status != 200 {
+        return Err(format!("GET {path}: {} {}", reply.status, reply.text));
+    }
+    serde_json::from_value(reply.body.clone()).map_err(|err| format!("GET {path}: {err}"))
+}
+
+/// Polls `check` until it holds; after [`WAIT`], panics with `what`, the
+/// last answer and the agents' logs.
+fn wait_until<T>(what: &str, agents: &[&Agent], mut check: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if start.elapsed() > WAIT => {
+                let logs: Vec<String> = agents.iter().map(|agent| agent.log()).collect();
+                panic!("{what}: {last}\n{}", logs.join("\n---\n"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `body` pinned to member `host`, started once defined there if `start`.
+fn pinned(body: VmCreate, host: &str, start: bool) -> VmCreate {
+    VmCreate {
+        placement: VmPlacement {
+            host: Some(host.to_string()),
+            ..VmPlacement::default()
+        },
+        start,
+        ..body
+    }
+}
+
+/// Waits until every one of `agents` shows VM `id` on `host` in `state`:
+/// the VM as the last of them shows it.
+fn wait_for_vm(agents: &[&Agent], token: &str, id: &str, host: &str, state: VmState) -> Vm {
+    wait_until(
+        &format!("VM {id} is {} on {host}", state.as_str()),
+        agents,
+        || {
+            let mut last = None;
+            for agent in agents {
+                let vm: Vm = get_via(agent, &format!("/v1/vms/{id}"), token)?;
+                assert_ne!(vm.state, VmState::Failed, "{vm:?}");
+                if vm.state != state || vm.host.as_deref() != Some(host) {
+                    return Err(format!("through {}: {vm:?}", agent.address));
+                }
+                last = Some(vm);
+            }
+            last.ok_or_else(|| "no agent".to_string())
+        },
+    )
+}
+
+/// Waits until neither of `agents` lists VM `id`.
+fn wait_for_gone(agents: &[&Agent], token: &str, id: &str) {
+    wait_until(&format!("VM {id} is gone everywhere"), agents, || {
+        for agent in agents {
+            let vms: Vec<Vm> = get_via(agent, "/v1/vms", token)?;
+            if vms.iter().any(|vm| vm.id == id) {
+                return Err(format!("{} lists it: {vms:?}", agent.address));
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Nothing of VM `id` is left on `agent`'s host: no VMM, no files.
+fn assert_left(agent: &Agent, id: &str) {
+    assert_eq!(
+        nubis_tests::agent::vmm_pid(&agent.data_dir, id),
+        None,
+        "a VMM of {id} still runs under {}",
+        agent.data_dir.display()
+    );
+    let files = agent.data_dir.join("vms").join(id);
+    assert!(!files.exists(), "{} is still there", files.display());
+}
+
+/// `nubisctl --url AGENT --token TOKEN vm migrate ID --host HOST`: its
+/// stdout, stderr, after checking it succeeded.
+fn nubisctl_migrate(agent: &Agent, token: &str, id: &str, host: &str) -> (String, String) {
+    let moved = std::process::Command::new(nubis_tests::workspace_binary("nubisctl"))
+        .args([
+            "--url",
+            &format!("http://{}", agent.address),
+            "--token",
+            token,
+        ])
+        .args(["vm", "migrate", id, "--host", host])
+        .output()
+        .expect("run nubisctl");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&moved.stdout).to_string(),
+        String::from_utf8_lossy(&moved.stderr).to_string(),
+    );
+    assert!(
+        moved.status.success(),
+        "{stdout}\n{stderr}\n{}",
+        agent.log()
+    );
+    (stdout, stderr)
+}
+
+/// The cluster's moves: VM "x" on network "span", pinned to a and started
+/// there; refusals first; a to b while it runs, driven through a; back
+/// with nubisctl talking to b; deleted through b.
+fn moves_between_members(agent_a: &Agent, agent_b: &Agent, counter: &CounterImages) {
+    let both = [agent_a, agent_b];
+    // The tenant, its image and its network, each defined once through a:
+    // b knows them too.
+    let (_, acme) = counter.tenant(agent_a, "acme");
+    let span = NetworkCreate::new("span", "10.70.0.0/24");
+    let span: Network = agent_a.create("/v1/networks", &acme, &span);
+    wait_until("acme's token, image and network work on b", &both, || {
+        let images: Vec<Image> = get_via(agent_b, "/v1/images", &acme)?;
+        let networks: Vec<Network> = get_via(agent_b, "/v1/networks", &acme)?;
+        (images.iter().any(|image| image.name == "counter")
+            && networks.iter().any(|network| network.id == span.id))
+        .then_some(())
+        .ok_or_else(|| format!("{images:?} {networks:?}"))
+    });
+    let again = ImageCreate {
+        name: "counter".to_string(),
+        kernel: host_path(&counter.kernel),
+        rootfs: host_path(&counter.rootfs),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let again = agent_b.send("POST", "/v1/images", Some(&acme), &again);
+    assert_eq!(again.status, 409, "the image registered again: {again:?}");
+    // Every member carries every network: naming hosts is refused.
+    let hosted = NetworkCreate {
+        hosts: vec!["b".to_string()],
+        ..NetworkCreate::new("hosted", "10.72.0.0/24")
+    };
+    let hosted = agent_a.send("POST", "/v1/networks", Some(&acme), &hosted);
+    assert_eq!(hosted.status, 400, "{hosted:?}");
+
+    // x, created through a, pinned to a, started there.
+    let x = VmCreate {
+        memory_mib: 64,
+        nics: vec![VmNicCreate::on_network("span")],
+        ..counter_vm("x")
+    };
+    let x: Vm = agent_a.create("/v1/vms", &acme, &pinned(x, "a", true));
+    let id = x.id.clone();
+    let on_a = wait_for_vm(&both, &acme, &id, "a", VmState::Running);
+    let nic = on_a.nics[0].clone();
+    assert_eq!(nic.network.as_deref(), Some(span.id.as_str()), "{on_a:?}");
+    assert!(nic.address.is_some(), "{on_a:?}");
+    assert!(
+        nubis_tests::agent::vmm_pid(&agent_a.data_dir, &id).is_some(),
+        "no VMM of x on a"
+    );
+
+    // Refused: a stopped VM; a VM on the tenant's default bridge, which
+    // is its host's own; a host that is not a member.
+    let to_b = MigrationCreate::new("b");
+    let s = VmCreate {
+        nics: vec![VmNicCreate::on_network("span")],
+        ..counter_vm("s")
+    };
+    let s = agent_a
+        .create::<Vm>("/v1/vms", &acme, &pinned(s, "a", false))
+        .id;
+    wait_for_vm(&both, &acme, &s, "a", VmState::Stopped);
+    let stopped = agent_a.send(
+        "POST",
+        &format!("/v1/vms/{s}/migration"),
+        Some(&acme),
+        &to_b,
+    );
+    assert_eq!(stopped.status, 409, "{stopped:?}");
+    let local = VmCreate {
+        nics: vec![VmNicCreate::default()],
+        ..counter_vm("y")
+    };
+    let y = agent_a
+        .create::<Vm>("/v1/vms", &acme, &pinned(local, "a", true))
+        .id;
+    wait_for_vm(&both, &acme, &y, "a", VmState::Running);
+    let bridged = agent_a.send(
+        "POST",
+        &format!("/v1/vms/{y}/migration"),
+        Some(&acme),
+        &to_b,
+    );
+    assert_eq!(bridged.status, 409, "{bridged:?}");
+    assert!(bridged.text.contains("does not carry"), "{bridged:?}");
+    let unknown = agent_a.send(
+        "POST",
+        &format!("/v1/vms/{y}/migration"),
+        Some(&acme),
+        &MigrationCreate::new("nowhere"),
+    );
+    assert_eq!(unknown.status, 422, "{unknown:?}");
+    for vm in [&s, &y] {
+        let deleted = agent_a.call("DELETE", &format!("/v1/vms/{vm}"), Some(&acme), None);
+        assert_eq!(deleted.status, 204, "{deleted:?}");
+    }
+
+    // a to b, running, driven through a.
+    wait_for_output(&console_path(agent_a, &id));
+    let follower = follow_until_gone(console_path(agent_a, &id));
+    let progress = migrate(agent_a, &acme, &id, "b", WAIT);
+    assert_eq!(
+        progress.phase,
+        "completed",
+        "{progress:?}\n{}\n{}",
+        agent_a.log(),
+        agent_b.log()
+    );
+    assert!(progress.downtime_ms.is_some(), "{progress:?}");
+    let before = follower.join().unwrap();
+    assert_counts(&before, "on a");
+    let after = wait_for_output(&console_path(agent_b, &id));
+    assert_continues(&before, &after);
+    // Both members show it on b, with its MAC and address; a asks b.
+    let on_b = wait_for_vm(&both, &acme, &id, "b", VmState::Running);
+    for agent in both {
+        let shown: Vm = agent.get(&format!("/v1/vms/{id}"), &acme);
+        assert_eq!(shown.host.as_deref(), Some("b"), "{shown:?}");
+        assert_eq!(shown.nics[0].mac, nic.mac, "{shown:?}");
+        assert_eq!(shown.nics[0].address, nic.address, "{shown:?}");
+    }
+    assert_eq!(on_b.nics[0].network, nic.network, "{on_b:?}");
+    assert_left(agent_a, &id);
+    assert!(
+        nubis_tests::agent::vmm_pid(&agent_b.data_dir, &id).is_some(),
+        "no VMM of x on b"
+    );
+
+    // The cluster keeps the address for the VM on b: a new VM gets
+    // another one.
+    let other = VmCreate {
+        nics: vec![VmNicCreate::on_network("span")],
+        ..counter_vm("z")
+    };
+    let other: Vm = agent_a.create("/v1/vms", &acme, &pinned(other, "a", false));
+    assert_ne!(
+        other.nics[0].address, nic.address,
+        "the moved VM's address was handed out again"
+    );
+    let z = &other.id;
+    wait_for_vm(&both, &acme, z, "a", VmState::Stopped);
+    let deleted = agent_a.call("DELETE", &format!("/v1/vms/{z}"), Some(&acme), None);
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+
+    // And back to a, with nubisctl talking to b.
+    let follower = follow_until_gone(console_path(agent_b, &id));
+    let (stdout, stderr) = nubisctl_migrate(agent_b, &acme, &id, "a");
+    assert!(
+        stderr.contains(&format!("{id} runs on a; the guest was paused")),
+        "{stderr}"
+    );
+    // The record of this move (to a), not of the first one (to b).
+    let shows = |key: &str, value: &str| {
+        stdout
+            .lines()
+            .any(|line| line.split_whitespace().eq([key, value]))
+    };
+    assert!(
+        shows("phase", "completed") && shows("host", "a"),
+        "{stdout}"
+    );
+    let before = follower.join().unwrap();
+    let after = wait_for_output(&console_path(agent_a, &id));
+    assert_continues(&before, &after);
+    let back = wait_for_vm(&both, &acme, &id, "a", VmState::Running);
+    assert_eq!(back.nics[0].mac, nic.mac, "{back:?}");
+    assert_eq!(back.nics[0].address, nic.address, "{back:?}");
+    assert_left(agent_b, &id);
+
+    // Deleted through b, which asks a: gone from both lists, its VMM gone.
+    let deleted = agent_b.call("DELETE", &format!("/v1/vms/{id}"), Some(&acme), None);
+    assert_eq!(
+        deleted.status,
+        204,
+        "{deleted:?}\n{}\n{}",
+        agent_a.log(),
+        agent_b.log()
+    );
+    wait_for_gone(&both, &acme, &id);
+    wait_until(
+        "x's VMM ends on a",
+        &both,
+        || match nubis_tests::agent::vmm_pid(&agent_a.data_dir, &id) {
+            None => Ok(()),
+            Some(pid) => Err(format!("VMM pid {pid}")),
+        },
+    );
 }
 
 /// A VM on a network spanning A and B moves from A to B while it runs,

@@ -379,6 +379,33 @@ impl Cluster {
         })
     }
 
+    /// Sends two creations at once, each through its host (`via`), from
+    /// threads released together: their replies, which must be one 201
+    /// and one 429.
+    fn race(&self, token: &str, bodies: [(&str, VmCreate); 2]) -> Vec<Reply> {
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = bodies
+            .into_iter()
+            .map(|(via, body)| {
+                let address = self.member(via).agent().address;
+                let (token, barrier) = (token.to_string(), barrier.clone());
+                let body = nubis_tests::agent::json_body(&body);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
+                })
+            })
+            .collect();
+        let replies: Vec<Reply> = racers
+            .into_iter()
+            .map(|racer| racer.join().expect("a racing creation"))
+            .collect();
+        let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+        statuses.sort();
+        assert_eq!(statuses, [201, 429], "{replies:#?}");
+        replies
+    }
+
     /// Waits until one host is the controller and `up` hosts are up, as
     /// `via` sees it: the controller's name.
     fn controller(&self, via: &str, up: &[&str]) -> String {
@@ -806,26 +833,13 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         );
     }
     let first = cluster.create("a", &racer, &guest("race-0", None, false));
-    let barrier = Arc::new(Barrier::new(2));
-    let racers: Vec<_> = [("b", "race-1"), ("c", "race-2")]
-        .into_iter()
-        .map(|(via, name)| {
-            let address = cluster.member(via).agent().address;
-            let (token, barrier) = (racer.clone(), barrier.clone());
-            let body = nubis_tests::agent::json_body(&guest(name, None, false));
-            std::thread::spawn(move || {
-                barrier.wait();
-                nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
-            })
-        })
-        .collect();
-    let replies: Vec<Reply> = racers
-        .into_iter()
-        .map(|racer| racer.join().expect("a racing creation"))
-        .collect();
-    let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
-    statuses.sort();
-    assert_eq!(statuses, [201, 429], "{replies:#?}");
+    let replies = cluster.race(
+        &racer,
+        [
+            ("b", guest("race-1", None, false)),
+            ("c", guest("race-2", None, false)),
+        ],
+    );
     let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
     assert!(refused.text.contains("vCPUs"), "{refused:?}");
     let winner: Vm = expect_as(
@@ -864,26 +878,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     let mut holders: Vec<Vm> = (2..=5)
         .map(|n| cluster.create("a", &addr, &on_tiny(&format!("holder-{n}"))))
         .collect();
-    let barrier = Arc::new(Barrier::new(2));
-    let racers: Vec<_> = [("b", "last-1"), ("c", "last-2")]
-        .into_iter()
-        .map(|(via, name)| {
-            let address = cluster.member(via).agent().address;
-            let (token, barrier) = (addr.clone(), barrier.clone());
-            let body = nubis_tests::agent::json_body(&on_tiny(name));
-            std::thread::spawn(move || {
-                barrier.wait();
-                nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
-            })
-        })
-        .collect();
-    let replies: Vec<Reply> = racers
-        .into_iter()
-        .map(|racer| racer.join().expect("a racing creation"))
-        .collect();
-    let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
-    statuses.sort();
-    assert_eq!(statuses, [201, 429], "{replies:#?}");
+    let replies = cluster.race(&addr, [("b", on_tiny("last-1")), ("c", on_tiny("last-2"))]);
     let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
     assert!(refused.text.contains("no free address"), "{refused:?}");
     holders.push(expect_as(

@@ -205,6 +205,21 @@ impl Etcd {
         Ok(self.get_prefixes_at(prefixes).await?.0)
     }
 
+    /// Every value under `prefix`, as a `T`, with its key.
+    pub async fn list<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, ClusterError> {
+        Ok(self
+            .get_prefixes::<T>(&[prefix])
+            .await?
+            .pop()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, stored)| (key, stored.value))
+            .collect())
+    }
+
     /// [`Etcd::get_prefixes`], and the revision they were read at.
     pub async fn get_prefixes_at<T: DeserializeOwned>(
         &self,

@@ -11,7 +11,7 @@ use nubis_api::Image;
 use serde::{Deserialize, Serialize};
 
 use super::etcd::encode;
-use super::{typed, Cluster, ClusterError};
+use super::{Cluster, ClusterError};
 
 /// The SHA-256 (hex) of an image's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,17 +42,14 @@ impl Cluster {
     /// Every image of the cluster.
     pub async fn images(&self) -> Result<Vec<ImageRecord>, ClusterError> {
         let prefix = self.inner.keys.images();
-        let found = self
+        let mut images: Vec<ImageRecord> = self
             .inner
             .etcd
-            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .list(&prefix)
             .await?
-            .pop()
-            .unwrap_or_default();
-        let mut images = found
             .into_iter()
-            .map(|(key, stored)| typed::<ImageRecord>(&key, stored.value))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(_, record)| record)
+            .collect();
         images.sort_by(|a, b| {
             (a.image.created_at, &a.image.id).cmp(&(b.image.created_at, &b.image.id))
         });

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::etcd::encode;
 use super::vms::{unchanged, TenantUsage, ATTEMPTS};
-use super::{typed, Cluster, ClusterError};
+use super::{Cluster, ClusterError};
 
 /// `networks/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,17 +87,14 @@ impl Cluster {
     /// Every network of the cluster.
     pub async fn networks(&self) -> Result<Vec<NetworkRecord>, ClusterError> {
         let prefix = self.inner.keys.networks();
-        let found = self
+        let mut networks: Vec<NetworkRecord> = self
             .inner
             .etcd
-            .get_prefixes::<serde_json::Value>(&[&prefix])
+            .list(&prefix)
             .await?
-            .pop()
-            .unwrap_or_default();
-        let mut networks = found
             .into_iter()
-            .map(|(key, stored)| typed::<NetworkRecord>(&key, stored.value))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(_, record)| record)
+            .collect();
         networks.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(networks)
     }
@@ -134,12 +131,8 @@ impl Cluster {
             keys.tenant(tenant),
         );
         for _ in 0..ATTEMPTS {
-            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
-            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
-            let usage = current
-                .map(|stored| stored.value)
-                .unwrap_or_default()
-                .with(ONE_NETWORK, quota)?;
+            let (current, seen) = self.usage(&usage_key).await?;
+            let usage = current.with(ONE_NETWORK, quota)?;
             let owner = Owner { id: &record.id };
             let txn = Txn::new()
                 .when([
@@ -190,12 +183,8 @@ impl Cluster {
         let usage_key = keys.usage(&record.tenant_id);
         let addresses = keys.addresses_of(&record.id);
         for _ in 0..ATTEMPTS {
-            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
-            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
-            let usage = current
-                .map(|stored| stored.value)
-                .unwrap_or_default()
-                .without(ONE_NETWORK);
+            let (current, seen) = self.usage(&usage_key).await?;
+            let usage = current.without(ONE_NETWORK);
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
@@ -241,13 +230,7 @@ impl Cluster {
     /// The addresses of network `id` that VMs hold.
     pub async fn used_addresses(&self, id: &str) -> Result<HashSet<Ipv4Addr>, ClusterError> {
         let prefix = self.inner.keys.addresses_of(id);
-        let found = self
-            .inner
-            .etcd
-            .get_prefixes::<serde_json::Value>(&[&prefix])
-            .await?
-            .pop()
-            .unwrap_or_default();
+        let found = self.inner.etcd.list::<serde_json::Value>(&prefix).await?;
         Ok(found
             .iter()
             .filter_map(|(key, _)| key.strip_prefix(&prefix)?.parse().ok())

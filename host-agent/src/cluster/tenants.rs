@@ -281,44 +281,47 @@ impl Cluster {
     pub async fn delete_tenant(&self, id: &str) -> Result<(), ClusterError> {
         let keys = &self.inner.keys;
         let tenant_key = keys.tenant(id);
-        let Some(stored) = self.inner.etcd.get::<TenantRecord>(&tenant_key).await? else {
-            return Err(ClusterError::NoSuchTenant(id.to_string()));
-        };
-        let snapshot = read(&self.inner).await?;
-        let mut ops = vec![
-            TxnOp::delete(tenant_key.as_str(), None),
-            TxnOp::delete(keys.tenant_name(&stored.value.name), None),
-        ];
-        for (_, hash) in snapshot
-            .tokens
-            .iter()
-            .filter(|(token, _)| token.tenant_id == id)
-        {
-            ops.push(TxnOp::delete(keys.token(hash), None));
-        }
         let (holdings, vm_names) = (keys.holdings_of(id), keys.vm_names_of(id));
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(tenant_key.as_str(), CompareOp::Equal, stored.mod_revision),
-                // No key under holdings/{id}/: no host holds anything of it.
-                Compare::create_revision(holdings.as_str(), CompareOp::Equal, 0).with_prefix(),
-                // Nor does the cluster have a VM of it (pending ones too).
-                Compare::create_revision(vm_names.as_str(), CompareOp::Equal, 0).with_prefix(),
-            ])
-            .and_then(ops);
-        let (done, revision) = self
-            .inner
-            .etcd
-            .txn(&format!("delete tenant {id}"), txn)
-            .await?;
-        if !done {
-            let vms = self
+        // Tried again when a token or holding changed in between (a host
+        // may drop its holding key between the refusal and the look).
+        for _ in 0..super::vms::ATTEMPTS {
+            let Some(stored) = self.inner.etcd.get::<TenantRecord>(&tenant_key).await? else {
+                return Err(ClusterError::NoSuchTenant(id.to_string()));
+            };
+            let snapshot = read(&self.inner).await?;
+            let mut ops = vec![
+                TxnOp::delete(tenant_key.as_str(), None),
+                TxnOp::delete(keys.tenant_name(&stored.value.name), None),
+            ];
+            for (_, hash) in snapshot
+                .tokens
+                .iter()
+                .filter(|(token, _)| token.tenant_id == id)
+            {
+                ops.push(TxnOp::delete(keys.token(hash), None));
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(
+                        tenant_key.as_str(),
+                        CompareOp::Equal,
+                        stored.mod_revision,
+                    ),
+                    // No key under holdings/{id}/: no host holds anything of it.
+                    Compare::create_revision(holdings.as_str(), CompareOp::Equal, 0).with_prefix(),
+                    // Nor does the cluster have a VM of it (pending ones too).
+                    Compare::create_revision(vm_names.as_str(), CompareOp::Equal, 0).with_prefix(),
+                ])
+                .and_then(ops);
+            let (done, revision) = self
                 .inner
                 .etcd
-                .get_prefixes::<serde_json::Value>(&[&vm_names])
-                .await?
-                .pop()
-                .unwrap_or_default();
+                .txn(&format!("delete tenant {id}"), txn)
+                .await?;
+            if done {
+                return self.mirrored(revision).await;
+            }
+            let vms = self.inner.etcd.list::<serde_json::Value>(&vm_names).await?;
             if !vms.is_empty() {
                 return Err(ClusterError::Held(format!(
                     "tenant {id} still has {} VM(s) in the cluster: delete them first",
@@ -332,12 +335,11 @@ impl Cluster {
                     hosts.join(", ")
                 )));
             }
-            return Err(ClusterError::Contended {
-                key: tenant_key,
-                attempts: 1,
-            });
         }
-        self.mirrored(revision).await
+        Err(ClusterError::Contended {
+            key: tenant_key,
+            attempts: super::vms::ATTEMPTS,
+        })
     }
 
     /// A new token of tenant `tenant_id` (the secret is in the result only).
@@ -489,12 +491,7 @@ async fn take_holding(inner: &Inner, tenant: &str) -> Result<(), ClusterError> {
 pub(super) async fn hold_local(inner: &Inner, store: &Store) -> Result<(), ClusterError> {
     let prefix = inner.keys.holdings();
     let suffix = format!("/{}", inner.settings.host_name);
-    let existing = inner
-        .etcd
-        .get_prefixes::<serde_json::Value>(&[&prefix])
-        .await?
-        .pop()
-        .unwrap_or_default();
+    let existing = inner.etcd.list::<serde_json::Value>(&prefix).await?;
     for (key, _) in existing {
         if let Some(tenant) = key
             .strip_prefix(&prefix)
@@ -562,13 +559,7 @@ impl Cluster {
     /// The hosts that hold resources of `tenant`.
     async fn holders(&self, tenant: &str) -> Result<Vec<String>, ClusterError> {
         let prefix = self.inner.keys.holdings_of(tenant);
-        let found = self
-            .inner
-            .etcd
-            .get_prefixes::<serde_json::Value>(&[&prefix])
-            .await?
-            .pop()
-            .unwrap_or_default();
+        let found = self.inner.etcd.list::<serde_json::Value>(&prefix).await?;
         Ok(found
             .into_iter()
             .filter_map(|(key, _)| key.strip_prefix(&prefix).map(str::to_string))

@@ -237,6 +237,16 @@ pub(super) fn prefix_end(prefix: &str) -> String {
 }
 
 impl Cluster {
+    /// A tenant's usage at `key` (`usage/{tenant}`) and the revision to
+    /// condition its update on (0: none yet).
+    pub(super) async fn usage(&self, key: &str) -> Result<(TenantUsage, i64), ClusterError> {
+        let current = self.inner.etcd.get::<TenantUsage>(key).await?;
+        Ok(match current {
+            Some(stored) => (stored.value, stored.mod_revision),
+            None => (TenantUsage::default(), 0),
+        })
+    }
+
     /// Every VM of the cluster, read at one revision; and that revision.
     pub async fn vms(&self) -> Result<(Vec<ClusterVm>, i64), ClusterError> {
         let keys = &self.inner.keys;
@@ -308,9 +318,8 @@ impl Cluster {
         let (tenant_key, record_key) = (keys.tenant(tenant), keys.vm(&record.id));
         let addresses = record.address_keys(keys);
         for _ in 0..ATTEMPTS {
-            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
-            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
-            let before = current.map(|stored| stored.value).unwrap_or_default();
+            let (current, seen) = self.usage(&usage_key).await?;
+            let before = current;
             let usage = match quota {
                 Some(quota) => before.with(record.usage(), quota)?,
                 None => before.with(record.usage(), &UNLIMITED)?,
@@ -372,12 +381,8 @@ impl Cluster {
             };
             let record = stored.value;
             let usage_key = keys.usage(&record.tenant_id);
-            let current = self.inner.etcd.get::<TenantUsage>(&usage_key).await?;
-            let seen = current.as_ref().map_or(0, |stored| stored.mod_revision);
-            let usage = current
-                .map(|stored| stored.value)
-                .unwrap_or_default()
-                .without(record.usage());
+            let (current, seen) = self.usage(&usage_key).await?;
+            let usage = current.without(record.usage());
             let usage_bytes = encode(&usage_key, &usage)?;
             let txn = Txn::new()
                 .when([

@@ -74,8 +74,11 @@ pub async fn to_vm_host(State(state): State<AppState>, request: Request, next: N
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(str::to_string);
+    let about_migration = request.uri().path().ends_with("/migration");
     let destination = match wanted {
-        Some(wanted) if !from_peer => destination(&state, &wanted, authorization.as_deref()).await,
+        Some(wanted) if !from_peer => {
+            destination(&state, &wanted, authorization.as_deref(), about_migration).await
+        }
         _ => None,
     };
     match destination {
@@ -90,6 +93,7 @@ async fn destination(
     state: &AppState,
     wanted: &str,
     authorization: Option<&str>,
+    about_migration: bool,
 ) -> Option<(crate::store::PeerRow, Principal)> {
     let cluster = state.services.cluster.as_ref()?;
     // An unauthenticated request is refused here, by the handler.
@@ -104,8 +108,11 @@ async fn destination(
         return None;
     }
     // A VM still defined here (a migration that is handing it over) is
-    // answered here.
-    if matches!(state.store.get_vm(None, &vm.record.id), Ok(Some(_))) {
+    // answered here; so is the migration this host drove (its source
+    // keeps the record, and the VM's new host knows nothing of it).
+    if matches!(state.store.get_vm(None, &vm.record.id), Ok(Some(_)))
+        || (about_migration && state.services.migrations.get(&vm.record.id).is_some())
+    {
         return None;
     }
     let peer = state.services.peer_directory.get(host).ok().flatten()?;
