@@ -19,8 +19,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Network, NetworkCreate, Quota,
-    Vm, VmCreate, VmEvent, VmNicCreate, VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Network, NetworkCreate,
+    PortForward, PortForwardCreate, Protocol, Quota, Snapshot, Vm, VmCreate, VmEvent, VmNicCreate,
+    VmPlacement, VmState,
 };
 use nubis_tests::agent::{
     busybox_image, console_value, expect_as, jailed_pids, parent_cgroup, tenant_with_quota,
@@ -747,6 +748,70 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     }
     cluster.same_everywhere(&acme, Some(&expected));
     phase("every host lists the same six VMs");
+
+    // What lives on one host is seen from every host, and reached through
+    // any: a snapshot of a running web guest and a port forward to one,
+    // both made through a host other than the guest's.
+    let (snapped, snapped_host) = web
+        .iter()
+        .zip(&web_hosts)
+        .find(|(_, host)| host.as_str() != "a")
+        .expect("a web guest off a");
+    let taken = cluster.member("a").call(
+        "POST",
+        &format!("/v1/vms/{}/snapshots", snapped.id),
+        &acme,
+        None,
+    );
+    let snapshot: Snapshot = expect_as(&taken, 201);
+    let forward = PortForwardCreate {
+        vm: snapped.name.clone(),
+        nic: 0,
+        protocol: Protocol::Tcp,
+        host_port: 30080,
+        vm_port: 80,
+    };
+    let made = cluster
+        .member("a")
+        .agent()
+        .send("POST", "/v1/port-forwards", Some(&acme), &forward);
+    let forward: PortForward = expect_as(&made, 201);
+    for member in &cluster.members {
+        let name = member.name();
+        cluster.wait_for(
+            &format!("{name} lists the snapshot and the port forward on {snapped_host}"),
+            SETTLE,
+            || {
+                let snapshots: Vec<Snapshot> = member.get("/v1/snapshots", &acme)?;
+                let forwards: Vec<PortForward> = member.get("/v1/port-forwards", &acme)?;
+                (snapshots.iter().any(|s| s.id == snapshot.id)
+                    && forwards.iter().any(|f| f.id == forward.id))
+                .then_some(())
+                .ok_or_else(|| format!("{snapshots:?} {forwards:?}"))
+            },
+        );
+    }
+    let elsewhere = cluster
+        .members
+        .iter()
+        .map(Member::name)
+        .find(|name| name != snapped_host && *name != "a")
+        .expect("a third host");
+    for path in [
+        format!("/v1/snapshots/{}", snapshot.id),
+        format!("/v1/port-forwards/{}", forward.id),
+    ] {
+        let reply = cluster.member(elsewhere).call("DELETE", &path, &acme, None);
+        assert_eq!(
+            reply.status, 204,
+            "DELETE {path} through {elsewhere}: {reply:?}"
+        );
+    }
+    let seen = cluster
+        .vm("a", &acme, &snapped.id)
+        .expect("the snapshot's VM");
+    assert_eq!(seen.state, VmState::Running, "{seen:?}");
+    phase("a snapshot and a port forward made, listed and deleted through other hosts");
 
     // 5. The controller's agent dies: another host leads, and places a
     // VM created through a surviving host.

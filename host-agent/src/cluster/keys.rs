@@ -144,6 +144,16 @@ impl Keys {
         format!("{}ipam/{network}/", self.prefix)
     }
 
+    /// `inventory/{host}`: the snapshots and port forwards that live on
+    /// that host. Written by that host only.
+    pub fn inventory(&self, host: &HostName) -> String {
+        format!("{}inventory/{host}", self.prefix)
+    }
+
+    pub fn inventories(&self) -> String {
+        format!("{}inventory/", self.prefix)
+    }
+
     /// `vms/{id}`: a VM's definition, its placement constraints and the
     /// host it is placed on. Created (with `vm-names/` and `usage/`) by
     /// the agent that takes the tenant's request; placed by the

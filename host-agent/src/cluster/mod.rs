@@ -13,6 +13,7 @@
 mod controller;
 pub mod etcd;
 pub mod images;
+pub mod inventory;
 pub mod keys;
 mod membership;
 pub mod networks;

@@ -1,9 +1,10 @@
 //! Requests about one VM (`/v1/vms/{id}/...`: its state, actions,
 //! console, events, snapshots, migration) are answered by the host it
-//! runs on. In a cluster, a tenant may send them to any host: this layer
-//! finds the VM's host and, when it is another member that is up, sends
-//! the request there over the peer channel (mutual TLS) and streams the
-//! answer back. The request is forwarded as the client sent it, bearer
+//! runs on; those about a snapshot or a port forward (and a new port
+//! forward, by its VM) by the host that has it. In a cluster, a tenant
+//! may send them to any host: this layer finds the host and, when it is
+//! another member that is up, sends the request there over the peer
+//! channel (mutual TLS) and streams the answer back. The request is forwarded as the client sent it, bearer
 //! token included: the VM's host authenticates and authorizes it itself
 //! (every host mirrors the tenants' token hashes), so forwarding grants
 //! nothing. The operator's token is each host's own: for the operator the
@@ -60,26 +61,80 @@ const ANSWER_HEADERS: [&str; 4] = ["content-type", "x-console-offset", "location
 
 /// The VM a path is about: `/v1/vms/{id}` and everything under it.
 pub fn vm_of_path(path: &str) -> Option<&str> {
-    let rest = path.strip_prefix("/v1/vms/")?;
+    resource_of_path(path, "/v1/vms/")
+}
+
+/// The id a path names under `prefix` (`/v1/snapshots/{id}`...).
+fn resource_of_path<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {
+    let rest = path.strip_prefix(prefix)?;
     let id = rest.split('/').next()?;
     (!id.is_empty()).then_some(id)
 }
 
-/// The middleware: forwards a VM's requests to its host (see the module).
-pub async fn to_vm_host(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let from_peer = request.extensions().get::<PeerHost>().is_some();
-    let wanted = vm_of_path(request.uri().path()).map(str::to_string);
+/// What a request is about, when that lives on one host.
+#[derive(Debug, PartialEq, Eq)]
+enum About {
+    /// A VM (id or name): its host answers; `migration` for its
+    /// migration's status, which the host that drove it answers.
+    Vm {
+        id: String,
+        migration: bool,
+    },
+    Snapshot(String),
+    PortForward(String),
+}
+
+impl About {
+    /// What `path` is about, `POST /v1/port-forwards` aside (its body
+    /// names the VM).
+    fn of(path: &str) -> Option<About> {
+        if let Some(id) = vm_of_path(path) {
+            return Some(About::Vm {
+                id: id.to_string(),
+                migration: path.ends_with("/migration"),
+            });
+        }
+        if let Some(id) = resource_of_path(path, "/v1/snapshots/") {
+            return Some(About::Snapshot(id.to_string()));
+        }
+        resource_of_path(path, "/v1/port-forwards/").map(|id| About::PortForward(id.to_string()))
+    }
+}
+
+/// The middleware: forwards a request about something on another member
+/// to it (see the module).
+pub async fn to_owner(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.services.cluster.is_none() || request.extensions().get::<PeerHost>().is_some() {
+        return next.run(request).await;
+    }
     let authorization = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(str::to_string);
-    let about_migration = request.uri().path().ends_with("/migration");
-    let destination = match wanted {
-        Some(wanted) if !from_peer => {
-            destination(&state, &wanted, authorization.as_deref(), about_migration).await
-        }
-        _ => None,
+    let path = request.uri().path().to_string();
+    let (request, about) =
+        if request.method() == axum::http::Method::POST && path == "/v1/port-forwards" {
+            // A new port forward goes where its VM runs (a body that does not
+            // parse is the handler's to refuse).
+            let (parts, body) = request.into_parts();
+            let bytes = match axum::body::to_bytes(body, MAX_FORWARDED_BODY).await {
+                Ok(bytes) => bytes,
+                Err(err) => return too_large(err),
+            };
+            let about = serde_json::from_slice::<nubis_api::PortForwardCreate>(&bytes)
+                .ok()
+                .map(|create| About::Vm {
+                    id: create.vm,
+                    migration: false,
+                });
+            (Request::from_parts(parts, Body::from(bytes)), about)
+        } else {
+            (request, About::of(&path))
+        };
+    let destination = match about {
+        Some(about) => destination(&state, &about, authorization.as_deref()).await,
+        None => None,
     };
     match destination {
         Some((peer, principal)) => forward(&state, peer, &principal, request).await,
@@ -87,13 +142,12 @@ pub async fn to_vm_host(State(state): State<AppState>, request: Request, next: N
     }
 }
 
-/// The member to forward a request about VM `wanted` to, if it is
-/// another member that is up.
+/// The member to forward a request about `about` to, if it is another
+/// member that is up.
 async fn destination(
     state: &AppState,
-    wanted: &str,
+    about: &About,
     authorization: Option<&str>,
-    about_migration: bool,
 ) -> Option<(crate::store::PeerRow, Principal)> {
     let cluster = state.services.cluster.as_ref()?;
     // An unauthenticated request is refused here, by the handler.
@@ -102,21 +156,55 @@ async fn destination(
         Principal::Operator => None,
         Principal::Tenant(id) => Some(id.as_str()),
     };
-    let vm = cluster.vm(tenant, wanted).await.ok()?;
-    let host = vm.record.host.as_deref()?;
+    let host = match about {
+        About::Vm { id, migration } => {
+            let vm = cluster.vm(tenant, id).await.ok()?;
+            // A VM still defined here (a migration that is handing it
+            // over) is answered here; so is the migration this host drove
+            // (its source keeps the record, the VM's new host knows
+            // nothing of it).
+            if matches!(state.store.get_vm(None, &vm.record.id), Ok(Some(_)))
+                || (*migration && state.services.migrations.get(&vm.record.id).is_some())
+            {
+                return None;
+            }
+            vm.record.host?
+        }
+        About::Snapshot(id) => {
+            if matches!(state.store.get_snapshot(None, id), Ok(Some(_))) {
+                return None;
+            }
+            let inventories = cluster.other_inventories().await.ok()?;
+            inventories
+                .into_iter()
+                .find(|(_, inventory)| inventory.snapshots.iter().any(|s| s.id == *id))?
+                .0
+        }
+        About::PortForward(id) => {
+            if matches!(state.store.get_port_forward(None, id), Ok(Some(_))) {
+                return None;
+            }
+            let inventories = cluster.other_inventories().await.ok()?;
+            inventories
+                .into_iter()
+                .find(|(_, inventory)| inventory.port_forwards.iter().any(|f| f.id == *id))?
+                .0
+        }
+    };
     if host == cluster.host_name().as_str() {
         return None;
     }
-    // A VM still defined here (a migration that is handing it over) is
-    // answered here; so is the migration this host drove (its source
-    // keeps the record, and the VM's new host knows nothing of it).
-    if matches!(state.store.get_vm(None, &vm.record.id), Ok(Some(_)))
-        || (about_migration && state.services.migrations.get(&vm.record.id).is_some())
-    {
-        return None;
-    }
-    let peer = state.services.peer_directory.get(host).ok().flatten()?;
+    let peer = state.services.peer_directory.get(&host).ok().flatten()?;
     Some((peer, principal))
+}
+
+/// A request body over [`MAX_FORWARDED_BODY`].
+fn too_large(err: axum::Error) -> Response {
+    HttpError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("a request about something on another host carries at most {MAX_FORWARDED_BODY} bytes: {err}"),
+    )
+    .into_response()
 }
 
 async fn forward(
@@ -128,13 +216,7 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_FORWARDED_BODY).await {
         Ok(bytes) => bytes.to_vec(),
-        Err(err) => {
-            return HttpError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("a request about a VM on another host carries at most {MAX_FORWARDED_BODY} bytes: {err}"),
-            )
-            .into_response()
-        }
+        Err(err) => return too_large(err),
     };
     let mut headers = reqwest::header::HeaderMap::new();
     for name in FORWARDED_HEADERS {
@@ -196,6 +278,32 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_path_is_about() {
+        let vm = |id: &str, migration| About::Vm {
+            id: id.to_string(),
+            migration,
+        };
+        assert_eq!(About::of("/v1/vms/web/start"), Some(vm("web", false)));
+        assert_eq!(About::of("/v1/vms/web/migration"), Some(vm("web", true)));
+        assert_eq!(
+            About::of("/v1/snapshots/snap-1/restore"),
+            Some(About::Snapshot("snap-1".into()))
+        );
+        assert_eq!(
+            About::of("/v1/port-forwards/pf-1"),
+            Some(About::PortForward("pf-1".into()))
+        );
+        for path in [
+            "/v1/vms",
+            "/v1/snapshots",
+            "/v1/port-forwards",
+            "/v1/images/x",
+        ] {
+            assert_eq!(About::of(path), None, "{path}");
+        }
+    }
 
     #[test]
     fn the_vm_of_a_path() {

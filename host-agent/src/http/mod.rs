@@ -103,7 +103,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            forward::to_vm_host,
+            forward::to_owner,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

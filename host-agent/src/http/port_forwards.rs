@@ -25,11 +25,11 @@ create_handler!(tenant create, "/v1/port-forwards", "port-forwards", &PortForwar
     (status = 429, description = "the tenant's port forward quota is used up", body = ApiError));
 
 list_handler!(caller list, "/v1/port-forwards", "port-forwards",
-    "the caller's port forwards (all for the operator)", PortForward, sync port_forwards::list,
+    "the caller's port forwards (all for the operator)", PortForward, async port_forwards::list,
     Authenticated);
 
 show_handler!(caller show, "/v1/port-forwards/{id}", "port-forwards", "id" = "id", "success",
-    PortForward, sync port_forwards::get, TenantResource);
+    PortForward, async port_forwards::get, TenantResource);
 
 delete_handler!(caller remove, "/v1/port-forwards/{id}", "port-forwards", "id" = "id", "deleted",
     async port_forwards::delete, TenantResource);

@@ -29,11 +29,11 @@ create_handler!(caller create, "/v1/vms/{id}/snapshots", "snapshots",
     (status = 507, description = "the host's disk would go below its reserve", body = ApiError));
 
 list_handler!(caller list, "/v1/snapshots", "snapshots",
-    "the caller's snapshots (all for the operator)", Snapshot, sync snapshots::list,
+    "the caller's snapshots (all for the operator)", Snapshot, async snapshots::list,
     Authenticated);
 
 show_handler!(caller show, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
-    "success", Snapshot, sync snapshots::get, Authenticated,
+    "success", Snapshot, async snapshots::get, Authenticated,
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError));
 
 delete_handler!(caller remove, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",

@@ -20,6 +20,7 @@ use nubis_api::{Vm, VmCreate, VmNic, VmState};
 
 use super::vms::{self, Action};
 use super::{images, Result, Scope, ServiceError, Services};
+use crate::cluster::inventory::Inventory;
 use crate::cluster::networks::NetworkRecord;
 use crate::cluster::vms::{ClusterVm, VmRecord};
 use crate::cluster::{Cluster, ClusterError};
@@ -235,6 +236,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     // until the record changes.
     let mut failed: HashSet<(String, i64)> = HashSet::new();
     let mut reported: HashMap<String, Vm> = HashMap::new();
+    let mut published: Option<Inventory> = None;
     loop {
         let (vms, revision) = match cluster.vms().await {
             Ok(read) => read,
@@ -269,6 +271,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             }
         }
         report(&svc, &cluster, &vms, &mut reported).await;
+        publish_inventory(&svc, &cluster, &mut published).await;
         if let Err(err) = images::sweep_copies(&svc).await {
             tracing::warn!("cannot sweep the copies of deleted images: {err}");
         }
@@ -495,6 +498,31 @@ fn spec_of(row: &crate::store::VmRow) -> VmCreate {
         })
         .collect();
     spec
+}
+
+/// Publishes this host's snapshots and port forwards when they changed
+/// since `published`.
+async fn publish_inventory(svc: &Services, cluster: &Cluster, published: &mut Option<Inventory>) {
+    let inventory = match (
+        svc.store.list_snapshots(None),
+        svc.store.list_port_forwards(None),
+    ) {
+        (Ok(snapshots), Ok(forwards)) => Inventory {
+            snapshots: snapshots.into_iter().map(Into::into).collect(),
+            port_forwards: forwards.into_iter().map(Into::into).collect(),
+        },
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::warn!("cannot list this host's snapshots and port forwards: {err}");
+            return;
+        }
+    };
+    if published.as_ref() == Some(&inventory) {
+        return;
+    }
+    match cluster.publish_inventory(&inventory).await {
+        Ok(()) => *published = Some(inventory),
+        Err(err) => tracing::warn!("cannot publish this host's snapshots and port forwards: {err}"),
+    }
 }
 
 /// Deletes the VMs this host has whose record is gone from the cluster

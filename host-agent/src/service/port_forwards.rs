@@ -74,15 +74,44 @@ pub async fn create(
     Ok(forward.into())
 }
 
-/// The port forwards `scope` sees.
-pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<PortForward>> {
+/// The port forwards `scope` sees: this host's, and in a cluster every
+/// other member's as it last published them.
+pub async fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<PortForward>> {
     let rows = svc.store.list_port_forwards(scope.tenant())?;
-    Ok(rows.into_iter().map(PortForward::from).collect())
+    let mut forwards: Vec<PortForward> = rows.into_iter().map(PortForward::from).collect();
+    if let Some(cluster) = &svc.cluster {
+        for (_, inventory) in cluster.other_inventories().await? {
+            forwards.extend(
+                inventory
+                    .port_forwards
+                    .into_iter()
+                    .filter(|forward| scope.tenant().is_none_or(|t| forward.tenant_id == t)),
+            );
+        }
+    }
+    Ok(forwards)
 }
 
-/// Port forward `id` as `scope` sees it.
-pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForward> {
-    find(svc, scope, id).map(PortForward::from)
+/// Port forward `id` as `scope` sees it (in a cluster, on another member
+/// as that member last published it).
+pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForward> {
+    match find(svc, scope, id) {
+        Ok(row) => Ok(row.into()),
+        Err(err) => {
+            let Some(cluster) = &svc.cluster else {
+                return Err(err);
+            };
+            cluster
+                .other_inventories()
+                .await?
+                .into_iter()
+                .flat_map(|(_, inventory)| inventory.port_forwards)
+                .find(|forward| {
+                    forward.id == id && scope.tenant().is_none_or(|t| forward.tenant_id == t)
+                })
+                .ok_or(err)
+        }
+    }
 }
 
 fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForwardRow> {

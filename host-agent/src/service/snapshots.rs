@@ -74,14 +74,26 @@ fn check_quota(svc: &Services, vm: &VmRow) -> Result<()> {
     Ok(())
 }
 
-/// The snapshots `scope` sees.
-pub fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Snapshot>> {
-    Ok(svc
+/// The snapshots `scope` sees: this host's, and in a cluster every other
+/// member's as it last published them.
+pub async fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Snapshot>> {
+    let mut snapshots: Vec<Snapshot> = svc
         .store
         .list_snapshots(scope.tenant())?
         .into_iter()
         .map(Snapshot::from)
-        .collect())
+        .collect();
+    if let Some(cluster) = &svc.cluster {
+        for (_, inventory) in cluster.other_inventories().await? {
+            snapshots.extend(
+                inventory
+                    .snapshots
+                    .into_iter()
+                    .filter(|snapshot| scope.tenant().is_none_or(|t| snapshot.tenant_id == t)),
+            );
+        }
+    }
+    Ok(snapshots)
 }
 
 /// Snapshot `id` as `scope` sees it, with the VM it saved.
@@ -91,9 +103,27 @@ fn find(svc: &Services, scope: Scope<'_>, id: &str) -> Result<SavedVm> {
         .ok_or_else(|| ServiceError::not_found("snapshot", id))
 }
 
-/// Snapshot `id` as `scope` sees it.
-pub fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot> {
-    Ok(find(svc, scope, id)?.snapshot.into())
+/// Snapshot `id` as `scope` sees it (in a cluster, on another member as
+/// that member last published it: a request about one that member can
+/// answer is forwarded there).
+pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot> {
+    match find(svc, scope, id) {
+        Ok(saved) => Ok(saved.snapshot.into()),
+        Err(err) => {
+            let Some(cluster) = &svc.cluster else {
+                return Err(err);
+            };
+            cluster
+                .other_inventories()
+                .await?
+                .into_iter()
+                .flat_map(|(_, inventory)| inventory.snapshots)
+                .find(|snapshot| {
+                    snapshot.id == id && scope.tenant().is_none_or(|t| snapshot.tenant_id == t)
+                })
+                .ok_or(err)
+        }
+    }
 }
 
 /// Deletes snapshot `id` with its files, unless a VM restored from it has

@@ -304,6 +304,7 @@ async fn port_forwards_hold_their_quota_and_a_refused_rule_leaves_none() {
         .expect_err("the host refused the rule");
     assert!(matches!(err, ServiceError::Supervisor(_)), "{err:?}");
     assert!(port_forwards::list(svc, Scope::Operator)
+        .await
         .expect("list")
         .is_empty());
     fixture.network.refuse.store(false, Ordering::SeqCst);
@@ -325,10 +326,13 @@ async fn port_forwards_hold_their_quota_and_a_refused_rule_leaves_none() {
         "{err:?}"
     );
     let err = port_forwards::get(svc, Scope::Tenant(&other.id), &made.id)
+        .await
         .expect_err("not the other tenant's");
     assert_eq!(err.to_string(), format!("no port forward '{}'", made.id));
     assert_eq!(
-        port_forwards::get(svc, Scope::Tenant(&tenant.id), &made.id).ok(),
+        port_forwards::get(svc, Scope::Tenant(&tenant.id), &made.id)
+            .await
+            .ok(),
         Some(made)
     );
 }
@@ -433,11 +437,17 @@ async fn snapshots_answer_as_stored() {
         (vm.vcpus, vm.memory_mib, 8192)
     );
     let scope = Scope::Tenant(&tenant.id);
-    assert_eq!(snapshots::get(svc, scope, &id).expect("get"), snapshot);
-    assert_eq!(snapshots::list(svc, scope).expect("list"), vec![snapshot]);
+    assert_eq!(
+        snapshots::get(svc, scope, &id).await.expect("get"),
+        snapshot
+    );
+    assert_eq!(
+        snapshots::list(svc, scope).await.expect("list"),
+        vec![snapshot]
+    );
     let (other, _token) = fixture.tenant("globex", Quota::default());
     assert!(matches!(
-        snapshots::get(svc, Scope::Tenant(&other.id), &id),
+        snapshots::get(svc, Scope::Tenant(&other.id), &id).await,
         Err(ServiceError::NotFound { .. })
     ));
 }
