@@ -14,6 +14,15 @@ pub fn mib_of(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
+/// Disk MiB VM `vm`'s disks take: the root disk at its image's size, the
+/// data disks at their full size.
+pub fn disks_mib(store: &Store, vm: &crate::store::VmRow) -> Result<u64, StoreError> {
+    let root_mib = store
+        .get_image(&vm.tenant_id, &vm.image_id)?
+        .map_or(0, |image| mib_of(image.rootfs_bytes));
+    Ok(root_mib + vm.disks.iter().map(|disk| disk.size_mib).sum::<u64>())
+}
+
 /// Bytes of the regular files in `dir` (not following links); a missing
 /// directory holds nothing.
 pub fn dir_bytes(dir: &Path) -> u64 {

@@ -31,6 +31,7 @@ use nubis_tests::etcd::EtcdCluster;
 use nubis_tests::net::interface_name;
 use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
+use serde::Serialize;
 
 const PORT: u16 = 8282;
 /// Seconds of a host's lease: short, so that a dead controller is
@@ -382,18 +383,25 @@ impl Cluster {
 
     /// Sends two creations at once, each through its host (`via`), from
     /// threads released together: their replies, which must be one 201
-    /// and one 429.
-    fn race(&self, token: &str, bodies: [(&str, VmCreate); 2]) -> Vec<Reply> {
+    /// and one `refused`.
+    fn race(
+        &self,
+        path: &str,
+        token: &str,
+        bodies: [(&str, impl Serialize); 2],
+        refused: u16,
+    ) -> Vec<Reply> {
         let barrier = Arc::new(Barrier::new(2));
         let racers: Vec<_> = bodies
             .into_iter()
             .map(|(via, body)| {
                 let address = self.member(via).agent().address;
                 let (token, barrier) = (token.to_string(), barrier.clone());
+                let path = path.to_string();
                 let body = nubis_tests::agent::json_body(&body);
                 std::thread::spawn(move || {
                     barrier.wait();
-                    nubis_tests::agent::http(address, "POST", "/v1/vms", Some(&token), Some(&body))
+                    nubis_tests::agent::http(address, "POST", &path, Some(&token), Some(&body))
                 })
             })
             .collect();
@@ -403,7 +411,9 @@ impl Cluster {
             .collect();
         let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
         statuses.sort();
-        assert_eq!(statuses, [201, 429], "{replies:#?}");
+        let mut expected = [201, refused];
+        expected.sort();
+        assert_eq!(statuses, expected, "{replies:#?}");
         replies
     }
 
@@ -488,7 +498,8 @@ fn web_guest(n: u8) -> VmCreate {
     let name = format!("web-{n}");
     let next = n % 3 + 2;
     let script = format!(
-        "echo {MARKER} {name}; n=0; until ping -c1 -W1 10.70.0.{next} >/dev/null; \
+        "echo {MARKER} {name}; echo MTU {name} $(cat /sys/class/net/eth0/mtu); \
+         n=0; until ping -c1 -W1 10.70.0.{next} >/dev/null; \
          do n=$((n+1)); [ $n -gt 300 ] && break; done; echo PING_NEXT {name} $n; read wait_forever"
     );
     VmCreate {
@@ -723,8 +734,12 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
             "{} never reached the next guest:\n{console}",
             vm.name
         );
+        // Its host's DHCP gave it the overlay's MTU: the underlay's 1500
+        // less VXLAN's 50 bytes.
+        let mtu = console_value(&console, &format!("MTU {}", vm.name));
+        assert_eq!(mtu, "1450", "{}'s MTU:\n{console}", vm.name);
     }
-    phase("web-1..3 ping each other over the lan");
+    phase("web-1..3 ping each other over the lan, their MTU the overlay's");
     // Every host lists the same VMs, with their hosts and states.
     let mut expected: BTreeSet<VmShape> = web
         .iter()
@@ -876,9 +891,11 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     phase(&format!("{leader}'s agent back"));
 
     // 6. Quota race: a tenant with room for one more vCPU; two creations
-    // at once through b and c: one 201, one 429.
+    // at once through b and c: one 201, one 429. Then its one port
+    // forward, asked for at once for two VMs on two hosts.
     let race_quota = Quota {
         max_vcpus: 2,
+        max_port_forwards: 1,
         ..Quota::default()
     };
     let (_, racer) = tenant_with_quota(cluster.member("a").agent(), "racer", race_quota);
@@ -897,13 +914,17 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
             },
         );
     }
-    let first = cluster.create("a", &racer, &guest("race-0", None, false));
+    // On their host's default bridge: a port forward needs a NIC.
+    let racing = |name: &str| VmCreate {
+        nics: vec![VmNicCreate::default()],
+        ..guest(name, Some("race"), false)
+    };
+    let first = cluster.create("a", &racer, &racing("race-0"));
     let replies = cluster.race(
+        "/v1/vms",
         &racer,
-        [
-            ("b", guest("race-1", None, false)),
-            ("c", guest("race-2", None, false)),
-        ],
+        [("b", racing("race-1")), ("c", racing("race-2"))],
+        429,
     );
     let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
     assert!(refused.text.contains("vCPUs"), "{refused:?}");
@@ -926,6 +947,58 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         .collect();
     cluster.same_everywhere(&racer, Some(&race_expected));
     phase("quota race: one 201, one 429");
+    // The two VMs are on two hosts (their group): each host counts the
+    // other's forwards.
+    let forward_to = |vm: &Vm, host_port: u16| PortForwardCreate {
+        vm: vm.name.clone(),
+        nic: 0,
+        protocol: Protocol::Tcp,
+        host_port,
+        vm_port: 80,
+    };
+    let replies = cluster.race(
+        "/v1/port-forwards",
+        &racer,
+        [
+            ("b", forward_to(&race_vms[0], 30090)),
+            ("c", forward_to(&race_vms[1], 30091)),
+        ],
+        429,
+    );
+    let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
+    assert!(refused.text.contains("port forwards"), "{refused:?}");
+    let kept: PortForward = expect_as(
+        replies.iter().find(|r| r.status == 201).expect("a 201"),
+        201,
+    );
+    // Deleted through the other host, its claim goes with it: the other
+    // VM's forward fits now.
+    let other = race_vms
+        .iter()
+        .find(|vm| vm.id != kept.vm_id)
+        .expect("the VM without a forward");
+    let deleted = cluster.member("a").call(
+        "DELETE",
+        &format!("/v1/port-forwards/{}", kept.id),
+        &racer,
+        None,
+    );
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    let made = cluster.member("a").agent().send(
+        "POST",
+        "/v1/port-forwards",
+        Some(&racer),
+        &forward_to(other, 30092),
+    );
+    let made: PortForward = expect_as(&made, 201);
+    let deleted = cluster.member("b").call(
+        "DELETE",
+        &format!("/v1/port-forwards/{}", made.id),
+        &racer,
+        None,
+    );
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    phase("port forward quota race through two hosts: one 201, one 429");
 
     // 6b. The last address of a network: a /29 has five for VMs; four are
     // taken, two creations race for the fifth through two hosts.
@@ -943,7 +1016,12 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
     let mut holders: Vec<Vm> = (2..=5)
         .map(|n| cluster.create("a", &addr, &on_tiny(&format!("holder-{n}"))))
         .collect();
-    let replies = cluster.race(&addr, [("b", on_tiny("last-1")), ("c", on_tiny("last-2"))]);
+    let replies = cluster.race(
+        "/v1/vms",
+        &addr,
+        [("b", on_tiny("last-1")), ("c", on_tiny("last-2"))],
+        429,
+    );
     let refused = replies.iter().find(|r| r.status == 429).expect("a 429");
     assert!(refused.text.contains("no free address"), "{refused:?}");
     holders.push(expect_as(
@@ -980,7 +1058,31 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
             .member("a")
             .call("DELETE", &format!("/v1/networks/{}", tiny.id), &addr, None);
     assert_eq!(reply.status, 204, "{reply:?}");
-    phase("address race: one 201, one 429; the operator reads through any host");
+    // Two overlapping networks asked for at once through two hosts: one
+    // is defined, the other refused for its range.
+    let replies = cluster.race(
+        "/v1/networks",
+        &addr,
+        [
+            ("b", NetworkCreate::new("left", "10.72.0.0/24")),
+            ("c", NetworkCreate::new("right", "10.72.0.0/25")),
+        ],
+        422,
+    );
+    let refused = replies.iter().find(|r| r.status == 422).expect("a 422");
+    assert!(refused.text.contains("overlaps"), "{refused:?}");
+    let defined: Network = expect_as(
+        replies.iter().find(|r| r.status == 201).expect("a 201"),
+        201,
+    );
+    let reply = cluster.member("a").call(
+        "DELETE",
+        &format!("/v1/networks/{}", defined.id),
+        &addr,
+        None,
+    );
+    assert_eq!(reply.status, 204, "{reply:?}");
+    phase("address race: one 201, one 429; overlapping networks: one 201, one 422; the operator reads through any host");
 
     // 7. Every VM is deleted through a host other than its own: gone
     // from every host's list, its VMM gone.
@@ -1042,6 +1144,22 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
             .expect("networks");
         assert!(listed.is_empty(), "{}: {listed:?}", member.name());
     }
+    // No network left: no host keeps a VXLAN device.
+    for member in &cluster.members {
+        cluster.wait_for(
+            &format!("{}'s VXLAN devices gone", member.name()),
+            SETTLE,
+            || {
+                let output = member
+                    .host
+                    .netns
+                    .run("ip", &["-o", "link", "show", "type", "vxlan"]);
+                let links = String::from_utf8_lossy(&output.stdout).into_owned();
+                links.trim().is_empty().then_some(()).ok_or(links)
+            },
+        );
+    }
+    phase("the lan deleted through b: gone from every host, VXLAN devices too");
     // Dropped in reverse order: the agents (with their VMMs) and their
     // namespaces, etcd, the underlay, the test directory.
 }

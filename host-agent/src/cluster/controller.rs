@@ -227,6 +227,7 @@ mod tests {
             created_at: 0,
             nics: Vec::new(),
             events: Vec::new(),
+            storage_mib: 0,
         }
     }
 

@@ -347,6 +347,16 @@ impl Etcd {
         })
     }
 
+    /// Deletes `key` (a key only this host writes).
+    pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
+        self.retrying(
+            || format!("delete {key}"),
+            |mut client| async move { client.delete(key, None).await },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Deletes `key` if `absent` does not exist (e.g. a member whose
     /// heartbeat is gone). Whether it was deleted.
     pub async fn delete_if_absent(&self, key: &str, absent: &str) -> Result<bool, ClusterError> {

@@ -105,15 +105,7 @@ impl Cluster {
         if done {
             return Ok(());
         }
-        if self
-            .inner
-            .etcd
-            .get::<serde_json::Value>(&tenant_key)
-            .await?
-            .is_none()
-        {
-            return Err(ClusterError::NoSuchTenant(image.tenant_id.clone()));
-        }
+        self.require_tenant(&image.tenant_id).await?;
         Err(ClusterError::Exists(format!(
             "an image named '{}' of this tenant",
             image.name

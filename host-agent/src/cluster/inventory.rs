@@ -18,11 +18,36 @@ pub struct Inventory {
     pub port_forwards: Vec<PortForward>,
 }
 
+/// This host's inventory as last published, and how many times it
+/// changed.
+#[derive(Debug, Default)]
+pub struct Published {
+    inventory: Option<Inventory>,
+    pub changes: u64,
+}
+
 impl Cluster {
-    /// Publishes this host's inventory.
-    pub async fn publish_inventory(&self, inventory: &Inventory) -> Result<(), ClusterError> {
+    /// This host's inventory as last published, locked: held from reading
+    /// the store to [`Cluster::publish_inventory`], so that the last
+    /// inventory written is the last one read.
+    pub async fn published_inventory(&self) -> tokio::sync::MutexGuard<'_, Published> {
+        self.inner.published.lock().await
+    }
+
+    /// Publishes `inventory` (read under `published`) if it changed.
+    pub async fn publish_inventory(
+        &self,
+        published: &mut Published,
+        inventory: Inventory,
+    ) -> Result<(), ClusterError> {
+        if published.inventory.as_ref() == Some(&inventory) {
+            return Ok(());
+        }
         let key = self.inner.keys.inventory(&self.inner.settings.host_name);
-        self.inner.etcd.put(&key, inventory, None).await
+        self.inner.etcd.put(&key, &inventory, None).await?;
+        published.inventory = Some(inventory);
+        published.changes += 1;
+        Ok(())
     }
 
     /// The other hosts' inventories, by host name.
@@ -40,5 +65,45 @@ impl Cluster {
                 (host != me).then_some((host, inventory))
             })
             .collect())
+    }
+
+    /// What the other hosts hold of one kind (`pick`), of `tenant` only
+    /// (all for None).
+    pub async fn held_elsewhere<T: HostLocal>(
+        &self,
+        tenant: Option<&str>,
+        pick: fn(Inventory) -> Vec<T>,
+    ) -> Result<Vec<T>, ClusterError> {
+        Ok(self
+            .other_inventories()
+            .await?
+            .into_iter()
+            .flat_map(|(_, inventory)| pick(inventory))
+            .filter(|held| tenant.is_none_or(|tenant| held.tenant_id() == tenant))
+            .collect())
+    }
+}
+
+/// A resource that lives on one host.
+pub trait HostLocal {
+    fn id(&self) -> &str;
+    fn tenant_id(&self) -> &str;
+}
+
+impl HostLocal for Snapshot {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+}
+
+impl HostLocal for PortForward {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tenant_id(&self) -> &str {
+        &self.tenant_id
     }
 }

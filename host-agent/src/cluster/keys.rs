@@ -154,6 +154,30 @@ impl Keys {
         format!("{}inventory/", self.prefix)
     }
 
+    /// `claims/{tenant}/{host}/{id}`: a snapshot or port forward of the
+    /// tenant on that host, counted against its quota (`claims.rs`).
+    /// Written by that host only: before it makes the resource, in a
+    /// transaction conditioned on the tenant's other claims.
+    pub fn claim(&self, tenant: &str, host: &str, id: &str) -> String {
+        format!("{}claims/{tenant}/{host}/{id}", self.prefix)
+    }
+
+    pub fn claims_of(&self, tenant: &str) -> String {
+        format!("{}claims/{tenant}/", self.prefix)
+    }
+
+    pub fn claims(&self) -> String {
+        format!("{}claims/", self.prefix)
+    }
+
+    /// The host a `claims/` key names.
+    pub fn claim_host<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("claims/")?;
+        let mut parts = rest.split('/');
+        let (_tenant, host, _id) = (parts.next()?, parts.next()?, parts.next()?);
+        parts.next().is_none().then_some(host)
+    }
+
     /// `vms/{id}`: a VM's definition, its placement constraints and the
     /// host it is placed on. Created (with `vm-names/` and `usage/`) by
     /// the agent that takes the tenant's request; placed by the
@@ -225,6 +249,13 @@ mod tests {
         assert_eq!(keys.host_of("/nubis/alive/host-a"), Some("host-a"));
         assert_eq!(keys.host_of("/nubis/members/host-a"), Some("host-a"));
         assert_eq!(keys.host_of("/other/alive/host-a"), None);
+        let claim = keys.claim("t-1", "host-b", "snap-9");
+        assert_eq!(claim, "/nubis/claims/t-1/host-b/snap-9");
+        assert!(claim.starts_with(&keys.claims_of("t-1")));
+        assert!(claim.starts_with(&keys.claims()));
+        assert_eq!(keys.claim_host(&claim), Some("host-b"));
+        assert_eq!(keys.claim_host("/nubis/claims/t-1/host-b"), None);
+        assert_eq!(keys.claim_host("/nubis/claims/t-1/host-b/x/y"), None);
         assert_eq!(keys.host_of("/nubis/election/controller"), None);
         let (start, end) = keys.tenants_range();
         for key in [

@@ -10,6 +10,7 @@
 //! certificates (`settings::EtcdTls`). Key layout: `keys.rs` and
 //! `docs/cluster.md`.
 
+pub mod claims;
 mod controller;
 pub mod etcd;
 pub mod images;
@@ -130,6 +131,13 @@ pub(crate) struct Inner {
     /// This host's holding keys (`tenants.rs`): the tenants it has one
     /// for, and a lock per tenant that orders taking and dropping one.
     holdings: tenants::Holdings,
+    /// Snapshots and port forwards being created here: their claims are
+    /// not swept (`claims.rs`).
+    claims_in_flight: Mutex<std::collections::HashSet<String>>,
+    /// How many of those ended (`claims.rs`).
+    claims_ended: std::sync::atomic::AtomicU64,
+    /// This host's inventory as last published (`inventory.rs`).
+    published: tokio::sync::Mutex<inventory::Published>,
     /// The default-bridge subnets of tenants the mirror removed here.
     freed_subnets: tokio::sync::mpsc::UnboundedSender<u8>,
     freed_subnets_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u8>>>,
@@ -190,6 +198,9 @@ impl Cluster {
             view: watch::channel(Arc::new(View::default())).0,
             tenants_applied: watch::channel(0).0,
             holdings: Default::default(),
+            claims_in_flight: Default::default(),
+            claims_ended: Default::default(),
+            published: Default::default(),
             freed_subnets,
             freed_subnets_rx: Mutex::new(Some(freed_subnets_rx)),
         });

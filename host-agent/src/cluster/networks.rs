@@ -81,22 +81,31 @@ const ONE_NETWORK: TenantUsage = TenantUsage {
     vcpus: 0,
     memory_mib: 0,
     networks: 1,
+    storage_mib: 0,
 };
 
 impl Cluster {
     /// Every network of the cluster.
     pub async fn networks(&self) -> Result<Vec<NetworkRecord>, ClusterError> {
+        Ok(self.networks_at().await?.0)
+    }
+
+    /// Every network of the cluster, and the revision they were read at.
+    pub async fn networks_at(&self) -> Result<(Vec<NetworkRecord>, i64), ClusterError> {
         let prefix = self.inner.keys.networks();
-        let mut networks: Vec<NetworkRecord> = self
+        let (mut read, revision) = self
             .inner
             .etcd
-            .list(&prefix)
-            .await?
+            .get_prefixes_at::<NetworkRecord>(&[&prefix])
+            .await?;
+        let mut networks: Vec<NetworkRecord> = read
+            .pop()
+            .unwrap_or_default()
             .into_iter()
-            .map(|(_, record)| record)
+            .map(|(_, stored)| stored.value)
             .collect();
         networks.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(networks)
+        Ok((networks, revision))
     }
 
     /// Network `wanted` (id or name) as `tenant` sees it.
@@ -113,11 +122,16 @@ impl Cluster {
     }
 
     /// Defines `record` within `quota`: refused when the name or the VNI is
-    /// taken (the caller draws another VNI) or the tenant is gone.
+    /// taken (the caller draws another VNI) or the tenant is gone; and,
+    /// with `checked` (the revision of the networks the caller checked its
+    /// range against), when another network was defined since (the caller
+    /// checks again): two overlapping networks racing through two hosts
+    /// cannot both be defined.
     pub async fn define_network(
         &self,
         record: &NetworkRecord,
         quota: &Quota,
+        checked: Option<i64>,
     ) -> Result<(), ClusterError> {
         let keys = &self.inner.keys;
         let tenant = &record.tenant_id;
@@ -134,19 +148,24 @@ impl Cluster {
             let (current, seen) = self.usage(&usage_key).await?;
             let usage = current.with(ONE_NETWORK, quota)?;
             let owner = Owner { id: &record.id };
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
-                    Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(vni_key.as_str(), CompareOp::Equal, 0),
-                    unchanged(&usage_key, seen),
-                ])
-                .and_then([
-                    TxnOp::put(key.as_str(), encode(&key, record)?, None),
-                    TxnOp::put(name_key.as_str(), encode(&name_key, &owner)?, None),
-                    TxnOp::put(vni_key.as_str(), encode(&vni_key, &owner)?, None),
-                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
-                ]);
+            let mut conditions = vec![
+                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(vni_key.as_str(), CompareOp::Equal, 0),
+                unchanged(&usage_key, seen),
+            ];
+            if let Some(checked) = checked {
+                conditions.push(
+                    Compare::mod_revision(keys.networks().as_str(), CompareOp::Less, checked + 1)
+                        .with_prefix(),
+                );
+            }
+            let txn = Txn::new().when(conditions).and_then([
+                TxnOp::put(key.as_str(), encode(&key, record)?, None),
+                TxnOp::put(name_key.as_str(), encode(&name_key, &owner)?, None),
+                TxnOp::put(vni_key.as_str(), encode(&vni_key, &owner)?, None),
+                TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+            ]);
             let (done, _) = self
                 .inner
                 .etcd
@@ -156,9 +175,7 @@ impl Cluster {
                 return Ok(());
             }
             let etcd = &self.inner.etcd;
-            if etcd.get::<serde_json::Value>(&tenant_key).await?.is_none() {
-                return Err(ClusterError::NoSuchTenant(tenant.clone()));
-            }
+            self.require_tenant(tenant).await?;
             if etcd.get::<serde_json::Value>(&name_key).await?.is_some() {
                 return Err(ClusterError::Exists(format!(
                     "a network named '{}' of this tenant",
@@ -167,6 +184,18 @@ impl Cluster {
             }
             if etcd.get::<serde_json::Value>(&vni_key).await?.is_some() {
                 return Err(ClusterError::Raced(format!("VNI {}", record.vni)));
+            }
+            if let Some(checked) = checked {
+                let (now, _) = etcd
+                    .get_prefixes_at::<serde_json::Value>(&[&keys.networks()])
+                    .await?;
+                let defined_since = now
+                    .iter()
+                    .flatten()
+                    .any(|(_, stored)| stored.mod_revision > checked);
+                if defined_since {
+                    return Err(ClusterError::Raced("the cluster's networks".to_string()));
+                }
             }
         }
         Err(ClusterError::Contended {

@@ -227,6 +227,16 @@ pub(super) async fn publish_local(inner: &Inner, store: &Store) -> Result<(), Cl
 }
 
 impl Cluster {
+    /// Refuses with [`ClusterError::NoSuchTenant`] when `tenant` is not in
+    /// the cluster (a conditioned write failed: was it for this?).
+    pub(super) async fn require_tenant(&self, tenant: &str) -> Result<(), ClusterError> {
+        let key = self.inner.keys.tenant(tenant);
+        match self.inner.etcd.get::<serde_json::Value>(&key).await? {
+            Some(_) => Ok(()),
+            None => Err(ClusterError::NoSuchTenant(tenant.to_string())),
+        }
+    }
+
     /// Waits until this agent's mirror has applied `revision`.
     async fn mirrored(&self, revision: i64) -> Result<(), ClusterError> {
         let mut applied = self.inner.tenants_applied.subscribe();

@@ -56,6 +56,10 @@ pub struct VmRecord {
     /// What the cluster did with it (placement), oldest first.
     #[serde(default)]
     pub events: Vec<VmEvent>,
+    /// Disk MiB its disks take: the root disk at its image's size, the
+    /// data disks at their full size (as a cloud bills them).
+    #[serde(default)]
+    pub storage_mib: u64,
 }
 
 impl VmRecord {
@@ -66,6 +70,7 @@ impl VmRecord {
             vcpus: u64::from(self.spec.vcpus),
             memory_mib: self.spec.memory_mib,
             networks: 0,
+            storage_mib: self.storage_mib,
         }
     }
 
@@ -139,6 +144,9 @@ pub struct TenantUsage {
     pub memory_mib: u64,
     #[serde(default)]
     pub networks: u64,
+    /// Disk MiB of the VMs (snapshots are claims: `claims.rs`).
+    #[serde(default)]
+    pub storage_mib: u64,
 }
 
 impl TenantUsage {
@@ -149,6 +157,7 @@ impl TenantUsage {
             vcpus: self.vcpus.saturating_add(more.vcpus),
             memory_mib: self.memory_mib.saturating_add(more.memory_mib),
             networks: self.networks.saturating_add(more.networks),
+            storage_mib: self.storage_mib.saturating_add(more.storage_mib),
         };
         for (what, used, asked, max) in [
             ("VMs", self.vms, more.vms, u64::from(quota.max_vms)),
@@ -166,7 +175,9 @@ impl TenantUsage {
                 u64::from(quota.max_networks),
             ),
         ] {
-            if used.saturating_add(asked) > max {
+            // Only what is asked for: a tenant over a quota lowered since
+            // may still make what does not count against it.
+            if asked > 0 && used.saturating_add(asked) > max {
                 return Err(ClusterError::Quota(format!(
                     "{what}: {used} in use in the cluster + {asked} requested exceeds the tenant's quota of {max}"
                 )));
@@ -182,6 +193,7 @@ impl TenantUsage {
             vcpus: self.vcpus.saturating_sub(less.vcpus),
             memory_mib: self.memory_mib.saturating_sub(less.memory_mib),
             networks: self.networks.saturating_sub(less.networks),
+            storage_mib: self.storage_mib.saturating_sub(less.storage_mib),
         }
     }
 }
@@ -317,11 +329,14 @@ impl Cluster {
         let (usage_key, name_key) = (keys.usage(tenant), keys.vm_name(tenant, &record.spec.name));
         let (tenant_key, record_key) = (keys.tenant(tenant), keys.vm(&record.id));
         let addresses = record.address_keys(keys);
+        let claims_prefix = keys.claims_of(tenant);
         for _ in 0..ATTEMPTS {
-            let (current, seen) = self.usage(&usage_key).await?;
-            let before = current;
+            let (claimed, before, seen, revision) = self.claimed(tenant).await?;
             let usage = match quota {
-                Some(quota) => before.with(record.usage(), quota)?,
+                Some(quota) => {
+                    super::claims::check_storage(&claimed, &before, record.storage_mib, quota)?;
+                    before.with(record.usage(), quota)?
+                }
                 None => before.with(record.usage(), &UNLIMITED)?,
             };
             let owner = encode(&name_key, &VmName { id: &record.id })?;
@@ -329,6 +344,9 @@ impl Cluster {
                 Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
                 Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
                 unchanged(&usage_key, seen),
+                // No snapshot claimed its disk since the read.
+                Compare::mod_revision(claims_prefix.as_str(), CompareOp::Less, revision + 1)
+                    .with_prefix(),
             ];
             let mut puts = vec![
                 TxnOp::put(record_key.as_str(), encode(&record_key, record)?, None),
@@ -349,9 +367,7 @@ impl Cluster {
                 return Ok(());
             }
             let etcd = &self.inner.etcd;
-            if etcd.get::<serde_json::Value>(&tenant_key).await?.is_none() {
-                return Err(ClusterError::NoSuchTenant(tenant.clone()));
-            }
+            self.require_tenant(tenant).await?;
             if etcd.get::<serde_json::Value>(&name_key).await?.is_some() {
                 return Err(ClusterError::Exists(format!(
                     "a VM named '{}' of this tenant",
@@ -470,10 +486,28 @@ impl Cluster {
             host: self.inner.settings.host_name.to_string(),
             vm: vm.clone(),
         };
+        let (record_key, status_key) = (
+            self.inner.keys.vm(&vm.id),
+            self.inner.keys.vm_status(&vm.id),
+        );
+        // Only while the record exists: a report racing the VM's deletion
+        // through another host must not outlive it.
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                record_key.as_str(),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([TxnOp::put(
+                status_key.as_str(),
+                encode(&status_key, &status)?,
+                None,
+            )]);
         self.inner
             .etcd
-            .put(&self.inner.keys.vm_status(&vm.id), &status, None)
-            .await
+            .txn(&format!("report VM {}", vm.id), txn)
+            .await?;
+        Ok(())
     }
 }
 
@@ -508,6 +542,7 @@ mod tests {
             created_at: 1,
             nics: Vec::new(),
             events: Vec::new(),
+            storage_mib: 0,
         }
     }
 
@@ -528,7 +563,8 @@ mod tests {
                 vms: 1,
                 vcpus: 2,
                 memory_mib: 512,
-                networks: 0
+                networks: 0,
+                storage_mib: 0,
             }
         );
         let two = one.with(record(2, 512).usage(), &quota).unwrap();

@@ -37,7 +37,7 @@ show_handler!(caller show, "/v1/snapshots/{id}", "snapshots", "id" = "the snapsh
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError));
 
 delete_handler!(caller remove, "/v1/snapshots/{id}", "snapshots", "id" = "the snapshot's id",
-    "deleted with its files", sync snapshots::delete, Authenticated,
+    "deleted with its files", async snapshots::delete, Authenticated,
     (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
     (status = 409, description = "a VM restored from it has not started yet", body = ApiError));
 

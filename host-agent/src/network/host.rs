@@ -569,7 +569,16 @@ mod tests {
             )
             .unwrap();
         store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 31080, 8080, 16)
+            .create_port_forward(
+                &crate::store::new_id("pf").unwrap(),
+                &tenant,
+                &vm.id,
+                0,
+                Protocol::Tcp,
+                31080,
+                8080,
+                16,
+            )
             .unwrap();
         (store, net, vm)
     }

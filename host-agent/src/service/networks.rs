@@ -192,7 +192,7 @@ async fn create_in_cluster(
     check_mtu(mtu)?;
     let mut attempts = 0;
     loop {
-        let existing = cluster.networks().await?;
+        let (existing, checked) = cluster.networks_at().await?;
         if let Some(other) = existing.iter().find(|other| {
             other
                 .cidr
@@ -227,7 +227,7 @@ async fn create_in_cluster(
             vni: crate::store::random_overlay_vni(&vnis)?,
             created_at: crate::store::now(),
         };
-        match cluster.define_network(&record, &quota).await {
+        match cluster.define_network(&record, &quota, Some(checked)).await {
             Ok(()) => {
                 tracing::info!(tenant = tenant_id, network = %record.id, cidr = %record.cidr, "network defined in the cluster");
                 return Ok(record.network());

@@ -20,6 +20,7 @@ use nubis_api::{Vm, VmCreate, VmNic, VmState};
 
 use super::vms::{self, Action};
 use super::{images, Result, Scope, ServiceError, Services};
+use crate::cluster::claims::{Claim, ClaimKind, LocalClaim};
 use crate::cluster::inventory::Inventory;
 use crate::cluster::networks::NetworkRecord;
 use crate::cluster::vms::{ClusterVm, VmRecord};
@@ -50,6 +51,8 @@ pub async fn define(
             ServiceError::unprocessable("image", format!("no image '{}'", request.image))
         })?;
     request.image = image.id;
+    let storage_mib = crate::quota::mib_of(image.rootfs_bytes)
+        + request.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
     let tenant = svc
         .store
         .get_tenant(tenant_id)?
@@ -62,6 +65,7 @@ pub async fn define(
         created_at: now(),
         nics: Vec::new(),
         events: Vec::new(),
+        storage_mib,
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
     let networks = cluster.networks().await?;
@@ -236,7 +240,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     // until the record changes.
     let mut failed: HashSet<(String, i64)> = HashSet::new();
     let mut reported: HashMap<String, Vm> = HashMap::new();
-    let mut published: Option<Inventory> = None;
+    let mut claims_synced = ClaimsSynced::default();
     loop {
         let (vms, revision) = match cluster.vms().await {
             Ok(read) => read,
@@ -271,7 +275,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             }
         }
         report(&svc, &cluster, &vms, &mut reported).await;
-        publish_inventory(&svc, &cluster, &mut published).await;
+        publish_host_local(&svc, &cluster, &mut claims_synced).await;
         if let Err(err) = images::sweep_copies(&svc).await {
             tracing::warn!("cannot sweep the copies of deleted images: {err}");
         }
@@ -398,6 +402,7 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             created_at: row.created_at,
             nics: row.nics.clone(),
             events: Vec::new(),
+            storage_mib: crate::quota::disks_mib(&svc.store, &row)?,
         };
         record.record_event(
             "joined",
@@ -432,6 +437,7 @@ pub async fn publish_here(
         created_at: vm.created_at,
         nics: vm.nics.clone(),
         events: Vec::new(),
+        storage_mib: crate::quota::disks_mib(&svc.store, vm)?,
     };
     record.record_event(
         "created",
@@ -468,7 +474,7 @@ async fn publish_networks(svc: &Services, cluster: &Cluster) -> Result<()> {
             created_at: row.created_at,
         };
         match cluster
-            .define_network(&record, &crate::cluster::vms::UNLIMITED)
+            .define_network(&record, &crate::cluster::vms::UNLIMITED, None)
             .await
         {
             Ok(()) => tracing::info!(network = %row.id, "network published to the cluster"),
@@ -500,28 +506,115 @@ fn spec_of(row: &crate::store::VmRow) -> VmCreate {
     spec
 }
 
-/// Publishes this host's snapshots and port forwards when they changed
-/// since `published`.
-async fn publish_inventory(svc: &Services, cluster: &Cluster, published: &mut Option<Inventory>) {
-    let inventory = match (
+/// How often this host's claims are checked against its resources when
+/// nothing changed here (another host or an operator may have touched
+/// them).
+const CLAIMS_PERIOD: Duration = Duration::from_secs(60);
+
+/// When this host's claims were last made to match its resources.
+#[derive(Default)]
+struct ClaimsSynced {
+    /// [`Cluster::claims_ended`] and the inventory's changes then.
+    claims_ended: u64,
+    inventory_changes: u64,
+    at: Option<std::time::Instant>,
+}
+
+/// Publishes this host's snapshots and port forwards (`inventory/`) if
+/// they changed: after each change, and at every follow pass.
+pub async fn publish_inventory(svc: &Services, cluster: &Cluster) -> Result<u64> {
+    let mut published = cluster.published_inventory().await;
+    let inventory = Inventory {
+        snapshots: svc
+            .store
+            .list_snapshots(None)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        port_forwards: svc
+            .store
+            .list_port_forwards(None)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    };
+    cluster.publish_inventory(&mut published, inventory).await?;
+    Ok(published.changes)
+}
+
+/// In a cluster, shows a snapshot or port forward just made or deleted
+/// here to the other hosts now, rather than at the next follow pass.
+pub async fn announce_host_local(svc: &Services) {
+    if let Some(cluster) = &svc.cluster {
+        if let Err(err) = publish_inventory(svc, cluster).await {
+            tracing::warn!("cannot publish this host's snapshots and port forwards: {err}");
+        }
+    }
+}
+
+/// Publishes this host's inventory, and makes its claims (`claims/`)
+/// match its snapshots and port forwards when a claimed creation ended or
+/// the inventory changed since `synced`, or every [`CLAIMS_PERIOD`].
+async fn publish_host_local(svc: &Services, cluster: &Cluster, synced: &mut ClaimsSynced) {
+    let changes = match publish_inventory(svc, cluster).await {
+        Ok(changes) => changes,
+        Err(err) => {
+            tracing::warn!("cannot publish this host's snapshots and port forwards: {err}");
+            return;
+        }
+    };
+    let due = synced.at.is_none_or(|at| at.elapsed() >= CLAIMS_PERIOD);
+    let ended = cluster.claims_ended();
+    if !due && ended == synced.claims_ended && changes == synced.inventory_changes {
+        return;
+    }
+    // The claims, then those in flight, then the store (`sync_claims`).
+    let held = match cluster.held_claims().await {
+        Ok(held) => held,
+        Err(err) => {
+            tracing::warn!("cannot read this host's quota claims: {err}");
+            return;
+        }
+    };
+    let in_flight = cluster.claims_in_flight();
+    let (snapshots, forwards) = match (
         svc.store.list_snapshots(None),
         svc.store.list_port_forwards(None),
     ) {
-        (Ok(snapshots), Ok(forwards)) => Inventory {
-            snapshots: snapshots.into_iter().map(Into::into).collect(),
-            port_forwards: forwards.into_iter().map(Into::into).collect(),
-        },
+        (Ok(snapshots), Ok(forwards)) => (snapshots, forwards),
         (Err(err), _) | (_, Err(err)) => {
             tracing::warn!("cannot list this host's snapshots and port forwards: {err}");
             return;
         }
     };
-    if published.as_ref() == Some(&inventory) {
-        return;
-    }
-    match cluster.publish_inventory(&inventory).await {
-        Ok(()) => *published = Some(inventory),
-        Err(err) => tracing::warn!("cannot publish this host's snapshots and port forwards: {err}"),
+    let claims: Vec<LocalClaim> = snapshots
+        .iter()
+        .map(|snapshot| LocalClaim {
+            tenant_id: snapshot.tenant_id.clone(),
+            id: snapshot.id.clone(),
+            claim: Claim {
+                kind: ClaimKind::Snapshot,
+                storage_mib: crate::quota::mib_of(snapshot.size_bytes),
+            },
+        })
+        .chain(forwards.iter().map(|forward| LocalClaim {
+            tenant_id: forward.tenant_id.clone(),
+            id: forward.id.clone(),
+            claim: Claim {
+                kind: ClaimKind::PortForward,
+                storage_mib: 0,
+            },
+        }))
+        .collect();
+    match cluster.sync_claims(&held, &in_flight, &claims).await {
+        Ok(()) => {
+            *synced = ClaimsSynced {
+                claims_ended: ended,
+                inventory_changes: changes,
+                at: Some(std::time::Instant::now()),
+            }
+        }
+        Err(err) => tracing::warn!("cannot bring this host's quota claims up to date: {err}"),
     }
 }
 

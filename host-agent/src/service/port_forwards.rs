@@ -6,7 +6,8 @@
 use nubis_api::{PortForward, PortForwardCreate};
 
 use super::{Result, Scope, ServiceError, Services};
-use crate::store::PortForwardRow;
+use crate::cluster::claims::{Claim, ClaimKind};
+use crate::store::{new_id, PortForwardRow};
 
 impl From<PortForwardRow> for PortForward {
     fn from(row: PortForwardRow) -> Self {
@@ -57,7 +58,19 @@ pub async fn create(
         .get_tenant(tenant_id)?
         .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?
         .quota;
+    let id = new_id("pf")?;
+    let _claim = match &svc.cluster {
+        Some(cluster) => {
+            let claim = Claim {
+                kind: ClaimKind::PortForward,
+                storage_mib: 0,
+            };
+            Some(cluster.claim(tenant_id, &id, claim, &quota).await?)
+        }
+        None => None,
+    };
     let forward = svc.store.create_port_forward(
+        &id,
         tenant_id,
         &vm.id,
         request.nic,
@@ -71,6 +84,7 @@ pub async fn create(
         return Err(err.into());
     }
     tracing::info!(tenant = tenant_id, forward = %forward.id, host_port = forward.host_port, vm = %vm.id, "port forward created");
+    super::placed::announce_host_local(svc).await;
     Ok(forward.into())
 }
 
@@ -80,14 +94,11 @@ pub async fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<PortForward>> 
     let rows = svc.store.list_port_forwards(scope.tenant())?;
     let mut forwards: Vec<PortForward> = rows.into_iter().map(PortForward::from).collect();
     if let Some(cluster) = &svc.cluster {
-        for (_, inventory) in cluster.other_inventories().await? {
-            forwards.extend(
-                inventory
-                    .port_forwards
-                    .into_iter()
-                    .filter(|forward| scope.tenant().is_none_or(|t| forward.tenant_id == t)),
-            );
-        }
+        forwards.extend(
+            cluster
+                .held_elsewhere(scope.tenant(), |inventory| inventory.port_forwards)
+                .await?,
+        );
     }
     Ok(forwards)
 }
@@ -102,13 +113,10 @@ pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForwa
                 return Err(err);
             };
             cluster
-                .other_inventories()
+                .held_elsewhere(scope.tenant(), |inventory| inventory.port_forwards)
                 .await?
                 .into_iter()
-                .flat_map(|(_, inventory)| inventory.port_forwards)
-                .find(|forward| {
-                    forward.id == id && scope.tenant().is_none_or(|t| forward.tenant_id == t)
-                })
+                .find(|forward| forward.id == id)
                 .ok_or(err)
         }
     }
@@ -125,5 +133,10 @@ pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
     let forward = find(svc, scope, id)?;
     svc.store.delete_port_forward(&forward.id)?;
     svc.host_network.reconcile().await?;
+    if let Some(cluster) = &svc.cluster {
+        // The sweep gives it back if this fails.
+        cluster.release(&forward.tenant_id, &forward.id).await?;
+    }
+    super::placed::announce_host_local(svc).await;
     Ok(())
 }

@@ -4,9 +4,10 @@
 //! of its storage; files written without a record are removed (or swept
 //! at the agent's next start).
 
-use nubis_api::{Snapshot, SnapshotRestore, Vm};
+use nubis_api::{Quota, Snapshot, SnapshotRestore, Vm};
 
 use super::{vms, Result, Scope, ServiceError, Services};
+use crate::cluster::claims::{Claim, ClaimKind};
 use crate::network::nic_address;
 use crate::store::{SavedVm, SnapshotRow, StoreError, VmRow};
 use crate::validate;
@@ -31,8 +32,25 @@ pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapsh
     let vm = vms::find(svc, scope, id)?;
     let _guard = svc.supervisor.lock(&vm.id).await;
     let vm = vms::find(svc, scope, &vm.id)?;
-    check_quota(svc, &vm)?;
+    let (quota, asked_mib) = check_quota(svc, &vm)?;
     let snapshot_id = svc.store.new_snapshot_id()?;
+    // In a cluster the quota is the tenant's on every host: the snapshot
+    // is claimed there first (given back by this host's sweep if it never
+    // comes to be).
+    let _claim = match &svc.cluster {
+        Some(cluster) => {
+            let claim = Claim {
+                kind: ClaimKind::Snapshot,
+                storage_mib: asked_mib,
+            };
+            Some(
+                cluster
+                    .claim(&vm.tenant_id, &snapshot_id, claim, &quota)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let size = svc.supervisor.snapshot(&vm, &snapshot_id).await?;
     // Files without a record are swept at the agent's next start.
     crate::crash::point("snapshot_written");
@@ -44,12 +62,13 @@ pub async fn create(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapsh
         }
     };
     tracing::info!(vm = %vm.id, snapshot = %snapshot.id, size, "snapshot taken");
+    super::placed::announce_host_local(svc).await;
     Ok(snapshot.into())
 }
 
 /// A snapshot takes one of the tenant's snapshots and, at most, the VM's
-/// memory and disks of its storage.
-fn check_quota(svc: &Services, vm: &VmRow) -> Result<()> {
+/// memory and disks of its storage: the tenant's quota and that bound.
+fn check_quota(svc: &Services, vm: &VmRow) -> Result<(Quota, u64)> {
     let quota = svc
         .store
         .get_tenant(&vm.tenant_id)?
@@ -63,15 +82,11 @@ fn check_quota(svc: &Services, vm: &VmRow) -> Result<()> {
         ))
         .into());
     }
-    let root_mib = svc
-        .store
-        .get_image(&vm.tenant_id, &vm.image_id)?
-        .map_or(0, |image| crate::quota::mib_of(image.rootfs_bytes));
-    let asked = vm.memory_mib + root_mib + vm.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
+    let asked = vm.memory_mib + crate::quota::disks_mib(&svc.store, vm)?;
     crate::quota::check_storage(&svc.store, &svc.data_dir, &vm.tenant_id, &quota, asked)?;
     let reserve = svc.supervisor.config().reserved_disk_mib;
     crate::quota::check_host_space(&svc.data_dir, reserve, asked)?;
-    Ok(())
+    Ok((quota, asked))
 }
 
 /// The snapshots `scope` sees: this host's, and in a cluster every other
@@ -84,14 +99,11 @@ pub async fn list(svc: &Services, scope: Scope<'_>) -> Result<Vec<Snapshot>> {
         .map(Snapshot::from)
         .collect();
     if let Some(cluster) = &svc.cluster {
-        for (_, inventory) in cluster.other_inventories().await? {
-            snapshots.extend(
-                inventory
-                    .snapshots
-                    .into_iter()
-                    .filter(|snapshot| scope.tenant().is_none_or(|t| snapshot.tenant_id == t)),
-            );
-        }
+        snapshots.extend(
+            cluster
+                .held_elsewhere(scope.tenant(), |inventory| inventory.snapshots)
+                .await?,
+        );
     }
     Ok(snapshots)
 }
@@ -114,13 +126,10 @@ pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot>
                 return Err(err);
             };
             cluster
-                .other_inventories()
+                .held_elsewhere(scope.tenant(), |inventory| inventory.snapshots)
                 .await?
                 .into_iter()
-                .flat_map(|(_, inventory)| inventory.snapshots)
-                .find(|snapshot| {
-                    snapshot.id == id && scope.tenant().is_none_or(|t| snapshot.tenant_id == t)
-                })
+                .find(|snapshot| snapshot.id == id)
                 .ok_or(err)
         }
     }
@@ -128,7 +137,7 @@ pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot>
 
 /// Deletes snapshot `id` with its files, unless a VM restored from it has
 /// yet to start.
-pub fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
+pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
     let saved = find(svc, scope, id)?;
     let waiting: Vec<String> = svc
         .store
@@ -145,6 +154,11 @@ pub fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
     }
     svc.store.delete_snapshot(id)?;
     svc.supervisor.remove_snapshot_files(id)?;
+    if let Some(cluster) = &svc.cluster {
+        // The sweep gives it back if this fails.
+        cluster.release(&saved.snapshot.tenant_id, id).await?;
+    }
+    super::placed::announce_host_local(svc).await;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use nubis_api::Protocol;
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{exists_or, new_id, now, Store, StoreError};
+use super::{exists_or, now, Store, StoreError};
 
 /// A port forward as stored (the API's `PortForward` is made from it by
 /// the service layer).
@@ -52,6 +52,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)] // each is checked and stored as is
     pub fn create_port_forward(
         &self,
+        id: &str,
         tenant_id: &str,
         vm_id: &str,
         nic: usize,
@@ -61,7 +62,7 @@ impl Store {
         max_port_forwards: u32,
     ) -> Result<PortForwardRow, StoreError> {
         let forward = PortForwardRow {
-            id: new_id("pf")?,
+            id: id.to_string(),
             tenant_id: tenant_id.to_string(),
             vm_id: vm_id.to_string(),
             nic,
@@ -173,18 +174,54 @@ mod tests {
             )
             .unwrap();
         let http = store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 80, 2)
+            .create_port_forward(
+                &crate::store::new_id("pf").unwrap(),
+                &tenant,
+                &vm.id,
+                0,
+                Protocol::Tcp,
+                18080,
+                80,
+                2,
+            )
             .unwrap();
         assert!(matches!(
-            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Tcp, 18080, 81, 2),
+            store.create_port_forward(
+                &crate::store::new_id("pf").unwrap(),
+                &tenant,
+                &vm.id,
+                0,
+                Protocol::Tcp,
+                18080,
+                81,
+                2
+            ),
             Err(StoreError::Exists(_))
         ));
         let dns = store
-            .create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18080, 53, 2)
+            .create_port_forward(
+                &crate::store::new_id("pf").unwrap(),
+                &tenant,
+                &vm.id,
+                0,
+                Protocol::Udp,
+                18080,
+                53,
+                2,
+            )
             .unwrap();
         // The tenant's quota of two is used up.
         assert!(matches!(
-            store.create_port_forward(&tenant, &vm.id, 0, Protocol::Udp, 18081, 53, 2),
+            store.create_port_forward(
+                &crate::store::new_id("pf").unwrap(),
+                &tenant,
+                &vm.id,
+                0,
+                Protocol::Udp,
+                18081,
+                53,
+                2
+            ),
             Err(StoreError::Quota(_))
         ));
         assert_eq!(
