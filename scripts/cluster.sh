@@ -396,6 +396,9 @@ EOT
 
 # --- teardown: whatever exists of it, in any state ---
 
+# Runs a command quietly; says what failed.
+try() { local out; out="$("$@" 2>&1)" || log "${*:2}: $out"; }
+
 delete_demo() {
     [ -f "$state/demo.env" ] || return 0
     . "$state/demo.env"
@@ -408,15 +411,21 @@ delete_demo() {
     [ -n "$via" ] || { log "no agent answers: the demo's VMMs are killed below"; return 0; }
     log "deleting the demo VMs, network, image and tenant"
     export NUBIS_URL="$via"
-    for vm in web-1 web-2 web-3; do NUBIS_TOKEN="$DEMO_TOKEN" ctl vm delete "$vm" > /dev/null 2>&1 || true; done
-    NUBIS_TOKEN="$DEMO_TOKEN" ctl network delete lan > /dev/null 2>&1 || true
-    NUBIS_TOKEN="$DEMO_TOKEN" ctl image delete busybox > /dev/null 2>&1 || true
+    export NUBIS_TOKEN="$DEMO_TOKEN"
+    for vm in web-1 web-2 web-3; do try ctl vm delete "$vm"; done
+    try ctl network delete lan
+    try ctl image delete busybox
     # The tenant goes once no host holds anything of it (its hosts let go
     # of their holdings a moment after their last resource).
+    local refused=""
     for _ in $(seq 50); do
-        NUBIS_TOKEN="$NUBIS_OPERATOR_TOKEN" ctl tenant delete "$DEMO_TENANT" > /dev/null 2>&1 && break
+        if refused="$(NUBIS_TOKEN="$NUBIS_OPERATOR_TOKEN" ctl tenant delete "$DEMO_TENANT" 2>&1)"; then
+            refused=""
+            break
+        fi
         sleep 0.2
     done
+    [ -z "$refused" ] || log "the demo tenant stays (etcd goes with the cluster): $refused"
     rm -f "$state/demo.env"
 }
 
