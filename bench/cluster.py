@@ -23,7 +23,8 @@ cluster mode) and measures, through the cluster's REST API:
       with the lease TTL; then the link set up: time until it is `up` again
 Needs root, /dev/kvm, the release build and guest-images/build.sh's outputs
 (scripts/cluster.sh runs install-deps, the image build and cargo build first).
-Usage: bench/cluster.py [--vms N] [--reads N] [--lease-ttl S] [--reuse] [--keep]
+Usage: bench/cluster.py [--vms N] [--memory-mib M] [--reads N] [--lease-ttl S]
+                        [--only a|b|c|d ...] [--reuse] [--keep]
 """
 
 import argparse
