@@ -6,7 +6,8 @@
 # rules; python3-venv for Schemathesis, which scripts/schemathesis.sh runs
 # against the API; etcd (server and etcdctl), whose members the cluster
 # tests start, and protoc with protobuf's own .proto files, which the
-# etcd-client crate's build needs) and
+# etcd-client crate's build needs; openssl, with which scripts/cluster.sh
+# makes its etcd certificates) and
 # checks for the Rust toolchain. Idempotent: it calls
 # apt only when a package is missing, and pip only when the pinned
 # Schemathesis changed.
@@ -18,7 +19,7 @@ packages=(
     e2fsprogs cpio lz4 xz-utils file python3 python3-venv musl-tools
     fio iperf3 iproute2 iputils-ping
     nftables
-    etcd-server etcd-client protobuf-compiler libprotobuf-dev
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev openssl
 )
 
 missing=()

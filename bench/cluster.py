@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""Cluster benchmark: prints figures, asserts nothing.
+
+Brings up three simulated hosts with scripts/cluster.sh (up --no-demo: network
+namespaces, a three-member etcd cluster with TLS, one nubis-agent per host in
+cluster mode) and measures, through the cluster's REST API:
+  (a) placement and start: N small busybox VMs (1 vCPU) created at once,
+      spread over the three hosts' APIs, each with "start": true; per VM the
+      create request, the time until it is placed (its host set) and until it
+      is `running` as listed through host a (its VMM answers; the guest's boot
+      is not waited for), and VMs running per second for the batch
+  (b) API latency p50/p99 in cluster mode, through host a: GET /v1/vms, GET
+      /v1/vms/{id} of a VM on host a and of one on host b (forwarded over the
+      peer channel), against a standalone agent started here (in a network
+      namespace of its own, reached over a veth as the hosts are) with the same
+      VMs defined
+  (c) controller failover: SIGKILL of the controller's agent, time until
+      another host reports being the controller, and until a VM created
+      through a survivor right after the kill is placed; then the agent is
+      started again (time until it is up again)
+  (d) host loss: a host's underlay link (its only link to the other hosts and
+      to etcd) set down: time until `down` in /v1/hosts through another host,
+      with the lease TTL; then the link set up: time until it is `up` again
+Needs root, /dev/kvm, the release build and guest-images/build.sh's outputs
+(scripts/cluster.sh runs install-deps, the image build and cargo build first).
+Usage: bench/cluster.py [--vms N] [--memory-mib M] [--reads N] [--lease-ttl S]
+                        [--only a|b|c|d ...] [--reuse] [--keep]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from agent import Api, latency_line, machine_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_SH = os.path.join(ROOT, "scripts/cluster.sh")
+# The standalone agent's namespace and link: next to cluster.sh's 10.95.1-3.
+SOLO_NETNS, SOLO_SUBNET, SOLO_PORT = "nubis-cl-solo", "10.95.9", 8080
+POLL_S = 0.05
+
+
+def read_env(path):
+    env = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.strip().partition("=")
+            if key:
+                env[key] = value
+    return env
+
+
+def api_for(url, token):
+    host, _, port = url.removeprefix("http://").partition(":")
+    return Api(int(port), token, host)
+
+
+def tenant(operator, name, max_vms=64):
+    """A tenant with room for the benchmark's VMs, and an Api with its token."""
+    created = operator.call("POST", "/v1/tenants", {"name": name, "quota": {
+        "max_vcpus": 128, "max_memory_mib": 65536, "max_vms": max_vms}})
+    token = operator.call("POST", f"/v1/tenants/{created['id']}/tokens")["token"]
+    return created["id"], token
+
+
+def register_image(api, images):
+    with open(os.path.join(images, "cmdline")) as f:
+        cmdline = f.read().strip()
+    return api.call("POST", "/v1/images", {
+        "name": "busybox", "kernel": os.path.join(images, "vmlinux"),
+        "rootfs": os.path.join(images, "rootfs.ext4"),
+        "cmdline": f'{cmdline} root=/dev/vda ro nubis_cmd="echo BENCH_VM_UP; read wait_forever"'})
+
+
+def wait_until(what, guard_s, check):
+    start = time.monotonic()
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() - start > guard_s:
+            raise RuntimeError(f"{what}: not within {guard_s} s")
+        time.sleep(POLL_S)
+
+
+def hosts(api):
+    return {h["name"]: h for h in api.call("GET", "/v1/hosts")}
+
+
+def controller(api):
+    try:
+        return next((name for name, h in hosts(api).items() if h["controller"]), None)
+    except (OSError, RuntimeError):
+        return None
+
+
+def timed(api, path, count):
+    samples = []
+    for _ in range(count):
+        start = time.monotonic()
+        api.call("GET", path)
+        samples.append((time.monotonic() - start) * 1000)
+    return samples
+
+
+def delete_all(api, what):
+    for vm in api.call("GET", "/v1/vms"):
+        try:
+            api.call("DELETE", f"/v1/vms/{vm['id']}")
+        except (OSError, RuntimeError) as err:
+            print(f"cleanup ({what}): {vm['name']}: {err}", file=sys.stderr)
+
+
+def placement_and_start(urls, token, count, memory_mib):
+    """(a): `count` VMs created at once through the three hosts in turn."""
+    apis = [api_for(url, token) for url in urls]
+    lister = apis[0]
+    created, lock, errors = {}, threading.Lock(), []
+
+    def create(index):
+        api = apis[index % len(apis)]
+        try:
+            t0 = time.monotonic()
+            vm = api.call("POST", "/v1/vms", {"name": f"burst-{index}", "image": "busybox",
+                                              "memory_mib": memory_mib, "start": True})
+            with lock:
+                created[vm["id"]] = {"t0": t0, "created": time.monotonic()}
+        except (OSError, RuntimeError) as err:
+            with lock:
+                errors.append(str(err))
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(count)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One listing through host a every POLL_S, as a client watching would.
+    deadline = start + 900
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for vm in lister.call("GET", "/v1/vms"):
+            seen = created.get(vm["id"])
+            if seen is None:
+                continue
+            if vm.get("host") and "placed" not in seen:
+                seen["placed"], seen["host"] = now, vm["host"]
+            if vm["state"] == "running" and "running" not in seen:
+                seen["running"] = now
+            if vm["state"] == "failed" and "failed" not in seen:
+                errors.append(f"{vm['name']} failed on {vm.get('host')}")
+                seen["failed"] = now
+        if all("running" in seen or "failed" in seen for seen in created.values()):
+            break
+        time.sleep(POLL_S)
+    wall = max((s["running"] for s in created.values() if "running" in s), default=start) - start
+    return created, errors, wall
+
+
+def failover(env, urls, operator_token, create_api):
+    """(c): kill -9 the controller's agent; returns the figures."""
+    apis = {name: api_for(url, operator_token) for name, url in urls.items()}
+    leader = wait_until("a controller", 60, lambda: controller(apis["a"]))
+    short = leader.removeprefix("host-")
+    witness = next(name for name in apis if name != short)
+    pid = int(open(os.path.join(env["NUBIS_CLUSTER_DIR"], short, "agent.pid")).read())
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    vm = create_api[witness].call("POST", "/v1/vms", {"name": "after-failover", "image": "busybox"})
+    figures = {"leader": leader}
+
+    def check():
+        now = time.monotonic()
+        listed = hosts(apis[witness])
+        new = next((n for n, h in listed.items() if h["controller"]), None)
+        if new and new != leader and "elected" not in figures:
+            figures["elected"], figures["new"] = now - t0, new
+        if listed[leader]["state"] == "down" and "down" not in figures:
+            figures["down"] = now - t0
+        placed = create_api[witness].call("GET", f"/v1/vms/{vm['id']}").get("host")
+        if placed and "placed" not in figures:
+            figures["placed"], figures["placed_on"] = now - t0, placed
+        return all(k in figures for k in ("elected", "down", "placed"))
+    wait_until("failover", 120, check)
+    t1 = time.monotonic()
+    subprocess.run([CLUSTER_SH, "start-agent", short], check=True)
+    wait_until(f"{leader} up again", 120,
+               lambda: hosts(apis[witness])[leader]["state"] == "up")
+    figures["rejoined"] = time.monotonic() - t1
+    return figures
+
+
+def host_loss(env, urls, operator_token):
+    """(d): cut a non-controller host's underlay link, then restore it."""
+    apis = {name: api_for(url, operator_token) for name, url in urls.items()}
+    leader = wait_until("a controller", 60, lambda: controller(apis["a"]))
+    lost = next(name for name in ("c", "b", "a") if f"host-{name}" != leader)
+    witness = next(name for name in apis if name != lost)
+    port = env[f"NUBIS_UNDERLAY_PORT_{lost.upper()}"]
+    underlay_ns = env["NUBIS_UNDERLAY_NETNS"]
+    figures = {"host": f"host-{lost}"}
+    subprocess.run(["ip", "-n", underlay_ns, "link", "set", port, "down"], check=True)
+    t0 = time.monotonic()
+    try:
+        wait_until("host down", 120,
+                   lambda: hosts(apis[witness])[f"host-{lost}"]["state"] == "down")
+        figures["down"] = time.monotonic() - t0
+    finally:
+        subprocess.run(["ip", "-n", underlay_ns, "link", "set", port, "up"], check=True)
+    t1 = time.monotonic()
+    wait_until("host up again", 180,
+               lambda: hosts(apis[witness])[f"host-{lost}"]["state"] == "up")
+    figures["up"] = time.monotonic() - t1
+    return figures
+
+
+def start_solo(bin_dir, images, token):
+    """A standalone agent in a namespace of its own: (process, Api, data)."""
+    subprocess.run(["ip", "netns", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "link", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
+    ip = lambda *a: subprocess.run(["ip", *a], check=True)  # noqa: E731
+    ip("netns", "add", SOLO_NETNS)
+    ip("-n", SOLO_NETNS, "link", "set", "lo", "up")
+    ip("link", "add", SOLO_NETNS, "type", "veth", "peer", "name", "mgmt", "netns", SOLO_NETNS)
+    ip("addr", "add", f"{SOLO_SUBNET}.1/30", "dev", SOLO_NETNS)
+    ip("link", "set", SOLO_NETNS, "up")
+    ip("-n", SOLO_NETNS, "addr", "add", f"{SOLO_SUBNET}.2/30", "dev", "mgmt")
+    ip("-n", SOLO_NETNS, "link", "set", "mgmt", "up")
+    data = tempfile.mkdtemp(prefix="nubis-bench-solo-")
+    with open(os.path.join(data, "agent.json"), "w") as config:
+        # Its own cgroup and uids, as cluster.sh gives each of its agents.
+        json.dump({"image_dirs": [images], "vmm_binary": os.path.join(bin_dir, "nubis-vmm"),
+                   "parent_cgroup": "nubis-cl-solo", "jail_uid_first": 1190000,
+                   "jail_uid_count": 10000}, config)
+    log = open(os.path.join(data, "agent.log"), "w")
+    agent = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{SOLO_NETNS}", "--", os.path.join(bin_dir, "nubis-agent"),
+         "--listen", f"0.0.0.0:{SOLO_PORT}", "--data-dir", data,
+         "--config", os.path.join(data, "agent.json")],
+        env=dict(os.environ, NUBIS_OPERATOR_TOKEN=token), stderr=log, stdin=subprocess.DEVNULL)
+    api = Api(SOLO_PORT, token, f"{SOLO_SUBNET}.2")
+    wait_until("the standalone agent", 30, lambda: _answers(api))
+    return agent, api, data
+
+
+def _answers(api):
+    try:
+        api.call("GET", "/healthz")
+        return True
+    except OSError:
+        return False
+
+
+def stop_solo(agent, data):
+    agent.terminate()
+    agent.wait()
+    subprocess.run(["ip", "netns", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "link", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def latencies(urls, token, operator_token, bin_dir, images, reads):
+    """(b): the same reads in the cluster (through host a) and standalone."""
+    a = api_for(urls["a"], token)
+    pinned = {}
+    for name in ("a", "b"):
+        vm = a.call("POST", "/v1/vms", {"name": f"lat-{name}", "image": "busybox",
+                                        "placement": {"host": f"host-{name}"}})
+        pinned[name] = vm["id"]
+    wait_until("the latency VMs placed", 60, lambda: all(
+        a.call("GET", f"/v1/vms/{vm_id}").get("host") for vm_id in pinned.values()))
+    # A third VM, so that both lists hold three.
+    a.call("POST", "/v1/vms", {"name": "lat-c", "image": "busybox",
+                               "placement": {"host": "host-c"}})
+    rows = [("cluster, through host-a: GET /v1/vms", timed(a, "/v1/vms", reads)),
+            ("  GET /v1/vms/{id}, VM on host-a", timed(a, f"/v1/vms/{pinned['a']}", reads)),
+            ("  GET /v1/vms/{id}, VM on host-b (forwarded)",
+             timed(a, f"/v1/vms/{pinned['b']}", reads))]
+    agent, solo_operator, data = start_solo(bin_dir, images, operator_token)
+    try:
+        _, solo_token = tenant(solo_operator, "bench-solo")
+        solo = Api(solo_operator.port, solo_token, solo_operator.host)
+        register_image(solo, images)
+        ids = [solo.call("POST", "/v1/vms", {"name": f"lat-{n}", "image": "busybox"})["id"]
+               for n in range(3)]
+        rows += [("standalone agent: GET /v1/vms", timed(solo, "/v1/vms", reads)),
+                 ("  GET /v1/vms/{id}", timed(solo, f"/v1/vms/{ids[0]}", reads))]
+        delete_all(solo, "standalone")
+    finally:
+        stop_solo(agent, data)
+    delete_all(a, "latency VMs")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", type=int, default=12,
+                        help="VMs created at once for (a); the hosts offer 8 vCPUs each")
+    parser.add_argument("--memory-mib", type=int, default=128)
+    parser.add_argument("--reads", type=int, default=300, help="requests per latency figure")
+    parser.add_argument("--lease-ttl", type=int, default=10, help="seconds (the agent's default)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use a cluster already up (scripts/cluster.sh up --no-demo)")
+    parser.add_argument("--keep", action="store_true", help="leave the cluster up")
+    parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
+    args = parser.parse_args()
+    state = os.environ.get("NUBIS_CLUSTER_DIR", "/var/lib/nubis-cluster")
+    up_started = time.monotonic()
+    if not args.reuse:
+        subprocess.run([CLUSTER_SH, "up", "--no-demo", "--lease-ttl", str(args.lease_ttl)],
+                       check=True)
+    up_took = time.monotonic() - up_started
+    env = read_env(os.path.join(state, "cluster.env"))
+    names = env["NUBIS_CLUSTER_HOSTS"].split(",")
+    urls = {name: env[f"NUBIS_URL_{name.upper()}"] for name in names}
+    operator_token = env["NUBIS_OPERATOR_TOKEN"]
+    operator = api_for(urls["a"], operator_token)
+    only = set(args.only or "abcd")
+    tenant_id = None
+    try:
+        tenant_id, token = tenant(operator, f"bench-{int(time.time())}")
+        tenant_apis = {name: api_for(url, token) for name, url in urls.items()}
+        register_image(tenant_apis["a"], env["NUBIS_IMAGES"])
+        for name in names:
+            wait_until(f"the image listed on host-{name}", 60,
+                       lambda: tenant_apis[name].call("GET", "/v1/images"))
+        print(machine_line("nubis cluster benchmark"))
+        print(f"three simulated hosts (network namespaces) on this machine, etcd "
+              f"{subprocess.run(['etcd', '--version'], capture_output=True, text=True).stdout.split()[2]}"
+              f" (3 members, TLS), lease TTL {env['NUBIS_CLUSTER_LEASE_TTL']} s"
+              + ("" if args.reuse else f"; scripts/cluster.sh up --no-demo took {up_took:.1f} s"))
+
+        if "b" in only:
+            print(f"API latency ({args.reads} sequential requests each, 3 VMs defined, stopped):")
+            for name, samples in latencies(urls, token, operator_token, env["NUBIS_BIN_DIR"],
+                                           env["NUBIS_IMAGES"], args.reads):
+                print(latency_line(name, samples))
+
+        if "a" in only:
+            print(f"placement and start: {args.vms} VMs (1 vCPU, {args.memory_mib} MiB, busybox) "
+                  f"created at once through the three hosts, \"start\": true:")
+            created, errors, wall = placement_and_start(list(urls.values()), token, args.vms,
+                                                        args.memory_mib)
+            for error in errors:
+                print(f"  error: {error}")
+            done = [s for s in created.values() if "running" in s]
+            if done:
+                create_ms = [(s["created"] - s["t0"]) * 1000 for s in done]
+                placed = [s["placed"] - s["t0"] for s in done if "placed" in s]
+                running = [s["running"] - s["t0"] for s in done]
+                per_host = {}
+                for s in done:
+                    per_host[s.get("host")] = per_host.get(s.get("host"), 0) + 1
+                print(f"  create request                    median {statistics.median(create_ms):8.1f}"
+                      f"  max {max(create_ms):8.1f} ms")
+                print(f"  create to placed (host set)       median {statistics.median(placed):8.2f}"
+                      f"  max {max(placed):8.2f} s")
+                print(f"  create to running (VMM answers)   median {statistics.median(running):8.2f}"
+                      f"  max {max(running):8.2f} s")
+                print(f"  all {len(done)} running after {wall:.2f} s: {len(done) / wall:.2f} VMs/s;"
+                      f" per host {dict(sorted(per_host.items()))}")
+            start = time.monotonic()
+            delete_all(tenant_apis["a"], "burst")
+            print(f"  deleted through host-a in {time.monotonic() - start:.1f} s")
+
+        if "c" in only:
+            print("controller failover (SIGKILL of the controller's agent):")
+            f = failover(env, urls, operator_token, tenant_apis)
+            print(f"  {f['leader']} killed; {f['new']} reports being the controller after"
+                  f" {f['elected']:.2f} s ({f['leader']} shown down after {f['down']:.2f} s)")
+            print(f"  a VM created through a survivor right after the kill placed on"
+                  f" {f['placed_on']} after {f['placed']:.2f} s")
+            print(f"  {f['leader']}'s agent started again: up after {f['rejoined']:.2f} s")
+            delete_all(tenant_apis["a"], "failover")
+
+        if "d" in only:
+            print(f"host loss (underlay link set down; lease TTL {env['NUBIS_CLUSTER_LEASE_TTL']} s):")
+            f = host_loss(env, urls, operator_token)
+            print(f"  {f['host']} shown down after {f['down']:.2f} s; link up again: up after"
+                  f" {f['up']:.2f} s")
+    finally:
+        if tenant_id:
+            # The tenant goes once its VMs and image are gone everywhere.
+            owner = api_for(urls["a"], token)
+            delete_all(owner, "final")
+            last = None
+            for _ in range(100):
+                try:
+                    for image in owner.call("GET", "/v1/images"):
+                        owner.call("DELETE", f"/v1/images/{image['id']}")
+                    operator.call("DELETE", f"/v1/tenants/{tenant_id}")
+                    break
+                except (OSError, RuntimeError) as err:
+                    last = err
+                    time.sleep(0.2)
+            else:
+                print(f"cleanup: tenant {tenant_id} not deleted: {last}", file=sys.stderr)
+        if not args.keep and not args.reuse:
+            subprocess.run([CLUSTER_SH, "down"], check=False)
+
+
+if __name__ == "__main__":
+    main()
