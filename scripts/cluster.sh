@@ -363,9 +363,9 @@ run_demo() {
     echo
     echo "\$ nubisctl vm list        # through host-c"
     NUBIS_URL="$NUBIS_URL_C" ctl vm list
-    # The list has no host column: each VM's host as host-c shows it.
+    # Their addresses on the demo network, as host-c shows them.
     for vm in web-1 web-2 web-3; do
-        echo "$vm: $(NUBIS_URL="$NUBIS_URL_C" ctl --json vm show "$vm" | grep -o '"host":"[^"]*"\|"address":"[^"]*"' | tr '\n' ' ')"
+        echo "$vm: $(NUBIS_URL="$NUBIS_URL_C" ctl --json vm show "$vm" | grep -o '"address":"[^"]*"' | tr '\n' ' ')"
     done
     echo
     log "waiting for the guests' lines, read through host-b (forwarded to their hosts; ~1-3 min on nested KVM)"

@@ -557,7 +557,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
 
     // 1. A tenant, its token and the busybox image, all through a; the
     // image is every host's, under the same id.
-    let (_, acme) = tenant_with_quota(cluster.member("a").agent(), "acme", large_quota());
+    let (acme_id, acme) = tenant_with_quota(cluster.member("a").agent(), "acme", large_quota());
     let image = busybox_image(cluster.member("a").agent(), &acme, &images);
     for name in ["b", "c"] {
         cluster.wait_for(
@@ -898,7 +898,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         max_port_forwards: 1,
         ..Quota::default()
     };
-    let (_, racer) = tenant_with_quota(cluster.member("a").agent(), "racer", race_quota);
+    let (racer_id, racer) = tenant_with_quota(cluster.member("a").agent(), "racer", race_quota);
     let race_image = busybox_image(cluster.member("a").agent(), &racer, &images);
     for name in ["b", "c"] {
         cluster.wait_for(
@@ -1002,7 +1002,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
 
     // 6b. The last address of a network: a /29 has five for VMs; four are
     // taken, two creations race for the fifth through two hosts.
-    let (_, addr) = tenant_with_quota(cluster.member("a").agent(), "addr", large_quota());
+    let (addr_id, addr) = tenant_with_quota(cluster.member("a").agent(), "addr", large_quota());
     busybox_image(cluster.member("a").agent(), &addr, &images);
     let tiny: Network = cluster.member("b").agent().create(
         "/v1/networks",
@@ -1160,6 +1160,30 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         );
     }
     phase("the lan deleted through b: gone from every host, VXLAN devices too");
+    // 8. The tenants go through b once their images are deleted through
+    // c: every host drops its copies and the holdings that kept them.
+    let operator = cluster.member("b").host.token.clone();
+    for (tenant, token) in [(&acme_id, &acme), (&racer_id, &racer), (&addr_id, &addr)] {
+        let listed: Vec<Image> = cluster
+            .member("c")
+            .get("/v1/images", token)
+            .expect("images");
+        for image in listed {
+            let path = format!("/v1/images/{}", image.id);
+            let reply = cluster.member("c").call("DELETE", &path, token, None);
+            assert_eq!(reply.status, 204, "{path}: {reply:?}");
+        }
+        cluster.wait_for(&format!("tenant {tenant} deleted"), SETTLE, || {
+            let path = format!("/v1/tenants/{tenant}");
+            let reply = cluster.member("b").call("DELETE", &path, &operator, None);
+            match reply.status {
+                204 => Ok(()),
+                409 => Err(reply.text),
+                _ => panic!("{path}: {reply:?}"),
+            }
+        });
+    }
+    phase("every tenant deleted once its images were");
     // Dropped in reverse order: the agents (with their VMMs) and their
     // namespaces, etcd, the underlay, the test directory.
 }

@@ -4,6 +4,7 @@
 //! elsewhere since is refused, so the jail never mounts a file the tenant
 //! may not use).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use nubis_api::{Image, ImageCreate};
@@ -422,27 +423,33 @@ pub async fn publish_standalone(svc: &Services, cluster: &crate::cluster::Cluste
 const SWEEP_AFTER_S: u64 = 60;
 
 /// Drops this host's copies of images the cluster no longer has (deleted
-/// through another host), unless a VM here still uses one.
-pub async fn sweep_copies(svc: &Services) -> Result<()> {
+/// through another host), unless a VM here still uses one. `seen`: the
+/// images this host saw in the cluster since it started: one of those is
+/// dropped at once, another (registered here a moment before it is in the
+/// cluster) only [`SWEEP_AFTER_S`] after its creation.
+pub async fn sweep_copies(svc: &Services, seen: &mut HashSet<String>) -> Result<()> {
     let Some(cluster) = &svc.cluster else {
         return Ok(());
     };
-    let known: std::collections::HashSet<String> = cluster
+    let known: HashSet<String> = cluster
         .images()
         .await?
         .into_iter()
         .map(|record| record.image.id)
         .collect();
+    seen.extend(known.iter().cloned());
     for tenant in svc.store.list_tenants()? {
         for image in svc.store.list_images(&tenant.id)? {
             // One being registered here is in the store a moment before
             // it is in the cluster.
-            let settled = image.created_at.saturating_add(SWEEP_AFTER_S) < crate::store::now();
+            let settled = seen.contains(&image.id)
+                || image.created_at.saturating_add(SWEEP_AFTER_S) < crate::store::now();
             if known.contains(&image.id) || !settled {
                 continue;
             }
             match svc.store.delete_image(&tenant.id, &image.id) {
                 Ok(_) => {
+                    seen.remove(&image.id);
                     tracing::info!(image = %image.id, "image deleted from the cluster: copy dropped here")
                 }
                 Err(err) => tracing::debug!(image = %image.id, "copy kept: {err}"),

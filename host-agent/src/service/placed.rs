@@ -32,6 +32,9 @@ use crate::store::{new_id, now};
 const REPORT_PERIOD: Duration = Duration::from_secs(1);
 /// In the data directory once this host published its standalone VMs.
 const PUBLISHED_MARKER: &str = "cluster-vms-published";
+/// How long a VM of this host's store may lack its record in the cluster
+/// before it is deleted here (see `sweep`).
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait after a failed read.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -241,6 +244,8 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     let mut failed: HashSet<(String, i64)> = HashSet::new();
     let mut reported: HashMap<String, Vm> = HashMap::new();
     let mut claims_synced = ClaimsSynced::default();
+    let mut absent: HashMap<String, std::time::Instant> = HashMap::new();
+    let mut images_seen: HashSet<String> = HashSet::new();
     loop {
         let (vms, revision) = match cluster.vms().await {
             Ok(read) => read,
@@ -250,10 +255,11 @@ pub async fn follow(svc: Services, cluster: Cluster) {
                 continue;
             }
         };
-        if !swept {
-            sweep(&svc, &vms).await;
-            swept = true;
-        }
+        // At the first read, what was deleted while this host was away;
+        // then what a deletion racing its placement left here.
+        let grace = if swept { ORPHAN_GRACE } else { Duration::ZERO };
+        sweep(&svc, &vms, &mut absent, grace).await;
+        swept = true;
         // The networks first: the VMs placed here need their bridges.
         if let Err(err) = super::networks::mirror(&svc, &cluster, &vms).await {
             tracing::warn!("cannot carry the cluster's networks: {err}");
@@ -276,7 +282,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
         }
         report(&svc, &cluster, &vms, &mut reported).await;
         publish_host_local(&svc, &cluster, &mut claims_synced).await;
-        if let Err(err) = images::sweep_copies(&svc).await {
+        if let Err(err) = images::sweep_copies(&svc, &mut images_seen).await {
             tracing::warn!("cannot sweep the copies of deleted images: {err}");
         }
         tokio::select! {
@@ -619,8 +625,14 @@ async fn publish_host_local(svc: &Services, cluster: &Cluster, synced: &mut Clai
 }
 
 /// Deletes the VMs this host has whose record is gone from the cluster
-/// (deleted through another host while this one was away).
-async fn sweep(svc: &Services, vms: &[ClusterVm]) {
+/// (deleted through another host while this one was away, or while this
+/// host defined it as placed here), once missing for `grace`.
+async fn sweep(
+    svc: &Services,
+    vms: &[ClusterVm],
+    absent: &mut HashMap<String, std::time::Instant>,
+    grace: Duration,
+) {
     let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
     let rows = match svc.store.list_vms(None, None) {
         Ok(rows) => rows,
@@ -629,13 +641,28 @@ async fn sweep(svc: &Services, vms: &[ClusterVm]) {
             return;
         }
     };
-    for row in rows
-        .into_iter()
+    let missing: HashSet<String> = rows
+        .iter()
         .filter(|row| !known.contains(row.id.as_str()))
-    {
-        tracing::info!(vm = %row.id, "VM deleted from the cluster while this host was away: deleting it here");
-        if let Err(err) = vms::delete_here(svc, &row.id).await {
-            tracing::warn!(vm = %row.id, "cannot delete a VM the cluster no longer has: {err}");
+        .map(|row| row.id.clone())
+        .collect();
+    absent.retain(|id, _| missing.contains(id));
+    let now = std::time::Instant::now();
+    for id in missing {
+        // A VM made here a moment before its record (a restore) is not
+        // swept: only one missing for `grace`.
+        let since = *absent.entry(id.clone()).or_insert(now);
+        if since.elapsed() < grace {
+            continue;
+        }
+        tracing::info!(vm = %id, "VM no longer in the cluster (deleted while this host was away, or while it was placed here): deleting it here");
+        match vms::delete_here(svc, &id).await {
+            Ok(()) => {
+                absent.remove(&id);
+            }
+            Err(err) => {
+                tracing::warn!(vm = %id, "cannot delete a VM the cluster no longer has: {err}")
+            }
         }
     }
 }

@@ -822,7 +822,9 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
             };
             out.table(
                 &client.call("GET", &path, None)?,
-                &["id", "name", "state", "vcpus", "memory_mib", "pid"],
+                // host: in a cluster, the member it is placed on ("-"
+                // standalone or while pending).
+                &["id", "name", "state", "host", "vcpus", "memory_mib", "pid"],
             );
         }
         VmCommand::Show { id } => {
