@@ -72,4 +72,39 @@ pub struct ClusterHost {
     pub agent_version: Option<String>,
     /// Seconds since the epoch.
     pub joined_at: u64,
+    /// While the host is drained (`POST /v1/hosts/{name}/drain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
+}
+
+/// `POST /v1/hosts/{name}/drain`: cordons the host and moves its running
+/// VMs away, each as its `placement.on_drain` says (paused and stopped
+/// VMs stay).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostDrain {
+    /// Moves from this host at once, 1 to 16 (2 by default); the
+    /// controller also keeps to its cluster-wide limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16)]
+    pub max_parallel: Option<u32>,
+}
+
+/// How a drain goes: the VMs it must still move, those moving now, those
+/// it cannot move (and why, in their events).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainProgress {
+    /// Seconds since the epoch.
+    pub started_at: u64,
+    pub max_parallel: u32,
+    /// Running VMs still on the host that the drain moves (ids), moving
+    /// ones included.
+    pub remaining: Vec<String>,
+    /// VMs being moved now (ids).
+    pub moving: Vec<String>,
+    /// VMs whose moves failed too often, or that no other host can take
+    /// (ids; their events say why): the drain does not wait for them.
+    pub stuck: Vec<String>,
+    /// Nothing left to move: every running VM moved, stopped or stuck.
+    pub done: bool,
 }

@@ -16,7 +16,7 @@ pub mod snapshot;
 pub mod tenant;
 pub mod vm;
 
-pub use cluster::{ClusterHost, HostResources, HostState};
+pub use cluster::{ClusterHost, DrainProgress, HostDrain, HostResources, HostState};
 pub use error::{ApiError, ErrorCode};
 pub use host::{AddressGrant, AddressRequest, HostIdentity, NetworkReplica, Peer, PeerCreate};
 pub use image::{Image, ImageCreate};
@@ -25,8 +25,8 @@ pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreat
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{
-    AntiAffinity, AntiAffinityScope, PlacementStrategy, RateLimit, Vm, VmCreate, VmDisk, VmEvent,
-    VmNic, VmNicCreate, VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, PlacementStrategy, RateLimit, Vm, VmCreate,
+    VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 
 /// The API version prefix.

@@ -133,6 +133,31 @@ pub struct VmPlacement {
     pub host: Option<String>,
     #[serde(default, skip_serializing_if = "PlacementStrategy::is_spread")]
     pub strategy: PlacementStrategy,
+    /// What a drain of its host does with it while it runs.
+    #[serde(default, skip_serializing_if = "DrainPolicy::is_live_migrate")]
+    pub on_drain: DrainPolicy,
+}
+
+/// What draining a host (`POST /v1/hosts/{name}/drain`) does with a
+/// running VM of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainPolicy {
+    /// Moved to another host by live migration, disks and all (the
+    /// default).
+    #[default]
+    LiveMigrate,
+    /// Stopped, and started on another host from its image: its disks
+    /// start afresh there.
+    Restart,
+    /// Stopped where it is; it stays on the host.
+    Stop,
+}
+
+impl DrainPolicy {
+    pub fn is_live_migrate(&self) -> bool {
+        *self == Self::LiveMigrate
+    }
 }
 
 impl VmPlacement {

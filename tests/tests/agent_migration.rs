@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    ClusterHost, HostState, Image, ImageCreate, Migration, MigrationCreate, Network, NetworkCreate,
-    Vm, VmCreate, VmNicCreate, VmPlacement, VmState,
+    ClusterHost, DrainPolicy, HostState, Image, ImageCreate, Migration, MigrationCreate, Network,
+    NetworkCreate, Vm, VmCreate, VmNicCreate, VmPlacement, VmState,
 };
 use nubis_tests::agent::{
     counter_vm, expect, host_path, jailed_pids, migrate, parent_cgroup, register_peer, tenant,
@@ -532,6 +532,8 @@ fn moves_between_members(agent_a: &Agent, agent_b: &Agent, counter: &CounterImag
     assert_eq!(back.nics[0].address, nic.address, "{back:?}");
     assert_left(agent_b, &id);
 
+    drains_a(agent_a, agent_b, &acme, &id);
+
     // Deleted through b, which asks a: gone from both lists, its VMM gone.
     let deleted = agent_b.call("DELETE", &format!("/v1/vms/{id}"), Some(&acme), None);
     assert_eq!(
@@ -550,6 +552,96 @@ fn moves_between_members(agent_a: &Agent, agent_b: &Agent, counter: &CounterImag
             Some(pid) => Err(format!("VMM pid {pid}")),
         },
     );
+}
+
+/// `nubisctl host drain a` through b, with x (pinned to a) running there
+/// and three VMs placed on a while b was cordoned: m (live migration) runs
+/// on b afterwards, r (restart) runs on b afresh, t (stop) is stopped on
+/// a, x stays (no other host may take it) and the drain says so; `host
+/// uncordon a` ends the drain.
+fn drains_a(agent_a: &Agent, agent_b: &Agent, acme: &str, x: &str) {
+    let both = [agent_a, agent_b];
+    // Each host has its own operator token.
+    let operator = |agent: &Agent, path: &str| {
+        let token = if std::ptr::eq(agent, agent_a) {
+            TOKEN_A
+        } else {
+            TOKEN_B
+        };
+        let reply = agent.call("POST", path, Some(token), None);
+        assert_eq!(reply.status, 200, "{path}: {reply:?}");
+    };
+    operator(agent_a, "/v1/hosts/b/cordon");
+    let on_span = |name: &str, policy: DrainPolicy| VmCreate {
+        nics: vec![VmNicCreate::on_network("span")],
+        placement: VmPlacement {
+            on_drain: policy,
+            ..VmPlacement::default()
+        },
+        start: true,
+        ..counter_vm(name)
+    };
+    let [m, r, t] = [
+        ("m", DrainPolicy::LiveMigrate),
+        ("r", DrainPolicy::Restart),
+        ("t", DrainPolicy::Stop),
+    ]
+    .map(|(name, policy)| {
+        agent_a
+            .create::<Vm>("/v1/vms", acme, &on_span(name, policy))
+            .id
+    });
+    for vm in [&m, &r, &t] {
+        wait_for_vm(&both, acme, vm, "a", VmState::Running);
+        wait_for_output(&console_path(agent_a, vm));
+    }
+    operator(agent_a, "/v1/hosts/b/uncordon");
+    let follower = follow_until_gone(console_path(agent_a, &m));
+    let drained = std::process::Command::new(nubis_tests::workspace_binary("nubisctl"))
+        .args(["--url", &format!("http://{}", agent_b.address)])
+        .args(["--token", TOKEN_B, "--json", "host", "drain", "a"])
+        .output()
+        .expect("run nubisctl");
+    assert!(
+        drained.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&drained.stderr),
+        agent_a.log()
+    );
+    let host: ClusterHost =
+        serde_json::from_slice(&drained.stdout).expect("nubisctl's JSON of host a");
+    let drain = host.drain.clone().expect("a's drain");
+    assert!(drain.done, "{drain:?}");
+    assert_eq!(drain.stuck, [x.to_string()], "x is pinned to a: {drain:?}");
+    assert_eq!(host.state, HostState::Cordoned, "{host:?}");
+    // m moved live: its counter went on, on b.
+    let before = follower.join().unwrap();
+    let after = wait_for_output(&console_path(agent_b, &m));
+    assert_continues(&before, &after);
+    wait_for_vm(&both, acme, &m, "b", VmState::Running);
+    assert_left(agent_a, &m);
+    // r started afresh on b; t stopped on a; x runs on, on a.
+    wait_for_vm(&both, acme, &r, "b", VmState::Running);
+    assert_left(agent_a, &r);
+    wait_for_vm(&both, acme, &t, "a", VmState::Stopped);
+    wait_for_vm(&both, acme, x, "a", VmState::Running);
+    let events: Vec<nubis_api::VmEvent> =
+        get_via(agent_a, &format!("/v1/vms/{x}/events"), acme).expect("x's events");
+    assert!(
+        events.iter().any(|event| event.kind == "drain-unplaceable"),
+        "{events:?}"
+    );
+    operator(agent_b, "/v1/hosts/a/uncordon");
+    let host: ClusterHost = get_via(agent_a, "/v1/hosts/a", TOKEN_A).expect("host a");
+    assert!(
+        host.drain.is_none() && host.state == HostState::Up,
+        "{host:?}"
+    );
+    for vm in [&m, &r, &t] {
+        let deleted = agent_a.call("DELETE", &format!("/v1/vms/{vm}"), Some(acme), None);
+        assert_eq!(deleted.status, 204, "{deleted:?}");
+        wait_for_gone(&both, acme, vm);
+    }
 }
 
 /// A VM on a network spanning A and B moves from A to B while it runs,

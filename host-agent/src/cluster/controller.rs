@@ -13,12 +13,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use nubis_api::{AntiAffinityScope, PlacementStrategy};
+use nubis_api::{AntiAffinityScope, DrainPolicy, PlacementStrategy};
 use nubis_placement::{
     place_batch, AntiAffinity, Decision, GroupMember, HostState, HostView, NetworkReach, Request,
     Resources, Scope, Strategy,
 };
 
+use super::drain::{self, DrainRecord, Move};
 use super::view::View;
 use super::vms::{ClusterVm, VmRecord};
 use super::{Cluster, ClusterError};
@@ -69,11 +70,17 @@ pub(super) async fn run(cluster: Cluster) {
     }
 }
 
-/// One pass: places what can be placed; the revision it read at.
+/// One pass: places what can be placed, then starts the moves of the
+/// draining hosts' VMs that can start; the revision it read at.
 async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
     let (vms, revision) = cluster.vms().await?;
     let pending: Vec<&ClusterVm> = vms.iter().filter(|vm| vm.record.host.is_none()).collect();
-    if pending.is_empty() {
+    let draining = cluster
+        .view()
+        .members
+        .iter()
+        .any(|member| member.record.drain.is_some());
+    if pending.is_empty() && !draining {
         return Ok(revision);
     }
     // Read now, not the cached view: a cordon written a moment ago holds.
@@ -107,7 +114,65 @@ async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
             tracing::info!(vm = %record.id, "cluster: placement not written (record changed or leadership lost)");
         }
     }
+    start_moves(cluster, &view, &vms, &mut hosts, &mut members).await?;
     Ok(revision)
+}
+
+/// Starts moving the draining hosts' VMs that may move now: each gets a
+/// destination from the placement (as a new VM would, its own host being
+/// cordoned) written into its record for its host to carry out, or says
+/// why no host can take it.
+async fn start_moves(
+    cluster: &Cluster,
+    view: &View,
+    vms: &[ClusterVm],
+    hosts: &mut [HostView],
+    members: &mut Vec<GroupMember>,
+) -> Result<(), ClusterError> {
+    let draining: Vec<(String, DrainRecord)> = view
+        .members
+        .iter()
+        .filter(|member| member.alive.is_some())
+        .filter_map(|member| Some((member.record.name.to_string(), member.record.drain?)))
+        .collect();
+    let moving = drain::next_moves(&draining, vms, drain::CLUSTER_LIMIT);
+    if moving.is_empty() {
+        return Ok(());
+    }
+    let requests: Vec<Request> = moving.iter().map(|vm| request(&vm.record)).collect();
+    let decisions = place_batch(hosts, members, &requests);
+    for (vm, decision) in moving.into_iter().zip(decisions) {
+        let mut record = vm.record.clone();
+        let policy = record.spec.placement.on_drain;
+        match decision {
+            Decision::Placed { host } => {
+                let how = match policy {
+                    DrainPolicy::Restart => "stopped here, started there",
+                    _ => "live migration",
+                };
+                record.record_event("drain", format!("moving to host {host} ({how})"));
+                record.moving = Some(Move {
+                    to: host,
+                    policy,
+                    since: crate::store::now(),
+                });
+            }
+            Decision::Unplaceable(explanation) => {
+                let message = format!("no other host can take it: {explanation}");
+                let told = record.events.last().is_some_and(|last| {
+                    last.kind == drain::UNPLACEABLE_EVENT && last.message == message
+                });
+                if told {
+                    continue;
+                }
+                record.record_event(drain::UNPLACEABLE_EVENT, message);
+            }
+        }
+        if !cluster.place_vm(&record, vm.revision).await? {
+            tracing::info!(vm = %record.id, "cluster: move not written (record changed or leadership lost)");
+        }
+    }
+    Ok(())
 }
 
 /// The members as the placement sees them, with what the VM records
@@ -117,10 +182,14 @@ fn host_views(view: &View, vms: &[ClusterVm]) -> Vec<HostView> {
         .iter()
         .map(|member| {
             let name = member.record.name.to_string();
+            // A VM moving here takes its room already.
             let placed: Vec<&VmRecord> = vms
                 .iter()
                 .map(|vm| &vm.record)
-                .filter(|record| record.host.as_deref() == Some(name.as_str()))
+                .filter(|record| {
+                    record.host.as_deref() == Some(name.as_str())
+                        || record.moving.as_ref().is_some_and(|to| to.to == name)
+                })
                 .collect();
             let allocated = placed.iter().fold(Resources::ZERO, |sum, record| {
                 sum.saturating_add(needs(record))
@@ -228,6 +297,8 @@ mod tests {
             nics: Vec::new(),
             events: Vec::new(),
             storage_mib: 0,
+            moving: None,
+            failed_moves: 0,
         }
     }
 

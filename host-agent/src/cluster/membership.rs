@@ -41,7 +41,8 @@ pub(super) async fn register(inner: &Inner) -> Result<MemberRecord, ClusterError
                 roles: settings.roles.clone(),
                 labels: settings.labels.clone(),
                 joined_at: current.as_ref().map_or_else(now, |m| m.joined_at),
-                cordoned: current.is_some_and(|m| m.cordoned),
+                cordoned: current.as_ref().is_some_and(|m| m.cordoned),
+                drain: current.and_then(|m| m.drain),
             }),
         })
         .await

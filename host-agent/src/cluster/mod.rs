@@ -12,6 +12,7 @@
 
 pub mod claims;
 mod controller;
+pub mod drain;
 pub mod etcd;
 pub mod images;
 pub mod inventory;
@@ -250,15 +251,29 @@ impl Cluster {
         self.inner.controller.subscribe()
     }
 
-    /// Every member, by name, as of one etcd revision (read now).
+    /// Every member, by name, as of one etcd revision (read now), with
+    /// how its drain goes if it is drained.
     pub async fn hosts(&self) -> Result<Vec<ClusterHost>, ClusterError> {
         let view = view::read(&self.inner).await?;
+        let draining = view
+            .members
+            .iter()
+            .any(|member| member.record.drain.is_some());
+        let vms = match draining {
+            true => self.vms().await?.0,
+            false => Vec::new(),
+        };
         Ok(view
             .members
             .iter()
             .map(|member| {
                 let controller = view.leader.as_deref() == Some(member.record.name.as_str());
-                cluster_host(&member.record, member.alive.as_ref(), controller)
+                let mut host = cluster_host(&member.record, member.alive.as_ref(), controller);
+                host.drain = member
+                    .record
+                    .drain
+                    .map(|drain| drain::progress(&host.name, &drain, &vms));
+                host
             })
             .collect())
     }
@@ -316,7 +331,8 @@ impl Cluster {
             .ok_or_else(|| ClusterError::NoSuchHost(name.to_string()))
     }
 
-    /// Cordons (no new VMs) or uncordons member `name`.
+    /// Cordons (no new VMs) or uncordons member `name`; uncordoning ends
+    /// its drain.
     pub async fn set_cordon(
         &self,
         name: &HostName,
@@ -326,11 +342,51 @@ impl Cluster {
         self.inner
             .etcd
             .update(&key, |current: Option<MemberRecord>| match current {
-                Some(member) => Ok(MemberRecord { cordoned, ..member }),
+                Some(member) => Ok(MemberRecord {
+                    cordoned,
+                    drain: member.drain.filter(|_| cordoned),
+                    ..member
+                }),
                 None => Err(ClusterError::NoSuchHost(name.to_string())),
             })
             .await?;
         self.host(name).await
+    }
+
+    /// Drains member `name`: cordoned, its running VMs moved away by the
+    /// controller, at most `max_parallel` at once. Draining a drained host
+    /// again changes its `max_parallel` only.
+    pub async fn drain(
+        &self,
+        name: &HostName,
+        max_parallel: u32,
+    ) -> Result<ClusterHost, ClusterError> {
+        let key = self.inner.keys.member(name);
+        self.inner
+            .etcd
+            .update(&key, |current: Option<MemberRecord>| match current {
+                Some(member) => {
+                    let started_at = member.drain.map_or_else(now, |drain| drain.started_at);
+                    Ok(MemberRecord {
+                        cordoned: true,
+                        drain: Some(drain::DrainRecord {
+                            started_at,
+                            max_parallel,
+                        }),
+                        ..member
+                    })
+                }
+                None => Err(ClusterError::NoSuchHost(name.to_string())),
+            })
+            .await?;
+        self.host(name).await
+    }
+
+    /// Whether an operator drains this host (as the view last read it).
+    pub fn is_draining(&self) -> bool {
+        self.view()
+            .member(self.inner.settings.host_name.as_str())
+            .is_some_and(|member| member.record.drain.is_some())
     }
 
     /// Forgets member `name`, which must be down: its name is free again.

@@ -24,6 +24,9 @@ pub struct MemberRecord {
     pub joined_at: u64,
     #[serde(default)]
     pub cordoned: bool,
+    /// While an operator drains it (cordoned too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<super::drain::DrainRecord>,
 }
 
 /// `alive/{host}`: a member's heartbeat, bound to its lease.
@@ -72,6 +75,7 @@ pub fn cluster_host(
         vms: alive.map(|a| a.vms),
         agent_version: alive.map(|a| a.agent_version.clone()),
         joined_at: member.joined_at,
+        drain: None,
     }
 }
 
@@ -87,6 +91,7 @@ mod tests {
             labels: [("zone".to_string(), "cloud".to_string())].into(),
             joined_at: 7,
             cordoned,
+            drain: None,
         }
     }
 

@@ -60,6 +60,12 @@ pub struct VmRecord {
     /// data disks at their full size (as a cloud bills them).
     #[serde(default)]
     pub storage_mib: u64,
+    /// While a drain of its host moves it (`drain.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<super::drain::Move>,
+    /// Moves of it that failed since it last moved.
+    #[serde(default)]
+    pub failed_moves: u32,
 }
 
 impl VmRecord {
@@ -543,6 +549,8 @@ mod tests {
             nics: Vec::new(),
             events: Vec::new(),
             storage_mib: 0,
+            moving: None,
+            failed_moves: 0,
         }
     }
 

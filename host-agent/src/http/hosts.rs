@@ -6,10 +6,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, ClusterHost};
+use nubis_api::{ApiError, ClusterHost, HostDrain};
 
-use super::responses::ClusterCall;
-use super::{AppState, Operator, Path, Result};
+use super::responses::{ClusterCall, Invalid};
+use super::{AppState, Body, Operator, Path, Result};
 use crate::service::hosts;
 
 pub fn routes() -> Router<AppState> {
@@ -18,6 +18,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/hosts/{name}", get(show).delete(forget))
         .route("/v1/hosts/{name}/cordon", post(cordon))
         .route("/v1/hosts/{name}/uncordon", post(uncordon))
+        .route("/v1/hosts/{name}/drain", post(drain))
 }
 
 list_handler!(operator list, "/v1/hosts", "hosts", "every member, by name", ClusterHost,
@@ -49,6 +50,12 @@ cordon_handler!(
     false,
     "new VMs may be placed on it again"
 );
+
+create_handler!(operator drain, "/v1/hosts/{name}/drain", "hosts", "name" = "the host's name",
+    HostDrain, 202 "draining: cordoned, its running VMs moving away (`drain` shows how it goes)",
+    ClusterHost, async hosts::drain, Invalid, ClusterCall,
+    (status = 404, description = "no such host", body = ApiError),
+    (status = 409, description = "this agent is standalone", body = ApiError));
 
 delete_handler!(operator forget, "/v1/hosts/{name}", "hosts", "name" = "the host's name",
     "forgotten: its name is free again", async hosts::forget, ClusterCall,

@@ -5,11 +5,12 @@
 use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
-    ErrorCode, HostIdentity, HostResources, HostState, Image, ImageCreate, IncomingMigration,
-    IncomingReady, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
-    Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Protocol, Quota,
-    RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm,
-    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
+    DrainPolicy, DrainProgress, ErrorCode, HostDrain, HostIdentity, HostResources, HostState,
+    Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate, Network,
+    NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy, PortForward,
+    PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate,
+    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement,
+    VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -36,7 +37,7 @@ use super::{
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
-        hosts::list, hosts::show, hosts::cordon, hosts::uncordon, hosts::forget,
+        hosts::list, hosts::show, hosts::cordon, hosts::uncordon, hosts::drain, hosts::forget,
         peers::create, peers::list, peers::show, peers::remove, peers::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
@@ -48,7 +49,7 @@ use super::{
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
-        VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy,
+        VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress,
     )),
     modifiers(&BearerAuth, &CidrPattern),
     tags(
@@ -161,6 +162,7 @@ mod tests {
             "/v1/hosts/{name}",
             "/v1/hosts/{name}/cordon",
             "/v1/hosts/{name}/uncordon",
+            "/v1/hosts/{name}/drain",
             "/v1/vms/{id}/snapshots",
             "/v1/snapshots",
             "/v1/snapshots/{id}",

@@ -2,9 +2,10 @@
 //! this host alone when it is standalone. Cordoning and forgetting act on
 //! placement, which only a cluster has: a standalone host refuses them.
 
-use nubis_api::{ClusterHost, HostResources, HostState};
+use nubis_api::{ClusterHost, HostDrain, HostResources, HostState};
 
 use super::{Result, ServiceError, Services};
+use crate::cluster::drain::{DEFAULT_PARALLEL, MAX_PARALLEL};
 use crate::cluster::settings::HostName;
 use crate::store::now;
 
@@ -51,6 +52,7 @@ fn standalone(svc: &Services) -> Result<ClusterHost> {
         vms: Some(vms),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         joined_at: local.started_at,
+        drain: None,
     })
 }
 
@@ -95,6 +97,23 @@ pub async fn set_cordon(svc: &Services, name: &str, cordoned: bool) -> Result<Cl
         .as_ref()
         .ok_or_else(|| standalone_refusal(if cordoned { "cordoning" } else { "uncordoning" }))?;
     Ok(cluster.set_cordon(&parse_name(name)?, cordoned).await?)
+}
+
+/// Drains host `name`: cordoned, its running VMs moved away (each as its
+/// `placement.on_drain` says), `max_parallel` at most at once.
+pub async fn drain(svc: &Services, name: &str, request: HostDrain) -> Result<ClusterHost> {
+    let cluster = svc
+        .cluster
+        .as_ref()
+        .ok_or_else(|| standalone_refusal("draining"))?;
+    let max_parallel = request.max_parallel.unwrap_or(DEFAULT_PARALLEL);
+    if !(1..=MAX_PARALLEL).contains(&max_parallel) {
+        return Err(ServiceError::invalid(
+            "max_parallel",
+            format!("must be 1 to {MAX_PARALLEL}"),
+        ));
+    }
+    Ok(cluster.drain(&parse_name(name)?, max_parallel).await?)
 }
 
 /// Forgets host `name`, which is down for good.

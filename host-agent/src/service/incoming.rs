@@ -243,6 +243,8 @@ pub async fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
         cluster
             .update_vm(id, |record| {
                 record.host = Some(here.clone());
+                record.moving = None;
+                record.failed_moves = 0;
                 record.record_event("migrated", format!("now on host {here}"));
                 Ok(())
             })

@@ -15,6 +15,7 @@ pub mod hosts;
 pub mod images;
 pub mod incoming;
 pub mod migrations;
+pub mod moves;
 pub mod networks;
 pub mod placed;
 pub mod port_forwards;

@@ -69,6 +69,8 @@ pub async fn define(
         nics: Vec::new(),
         events: Vec::new(),
         storage_mib,
+        moving: None,
+        failed_moves: 0,
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
     let networks = cluster.networks().await?;
@@ -246,6 +248,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     let mut claims_synced = ClaimsSynced::default();
     let mut absent: HashMap<String, std::time::Instant> = HashMap::new();
     let mut images_seen: HashSet<String> = HashSet::new();
+    let mut moves_started = HashSet::new();
     loop {
         let (vms, revision) = match cluster.vms().await {
             Ok(read) => read,
@@ -270,7 +273,10 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             .filter(|vm| vm.record.host.as_deref() == Some(me))
         {
             let key = (vm.record.id.clone(), vm.revision);
-            if failed.contains(&key) || matches!(svc.store.get_vm(None, &vm.record.id), Ok(Some(_)))
+            // A VM being moved away is not made here again (`moves`).
+            if vm.record.moving.is_some()
+                || failed.contains(&key)
+                || matches!(svc.store.get_vm(None, &vm.record.id), Ok(Some(_)))
             {
                 continue;
             }
@@ -281,6 +287,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             }
         }
         report(&svc, &cluster, &vms, &mut reported).await;
+        super::moves::carry_out(&svc, &cluster, &vms, &mut moves_started).await;
         publish_host_local(&svc, &cluster, &mut claims_synced).await;
         if let Err(err) = images::sweep_copies(&svc, &mut images_seen).await {
             tracing::warn!("cannot sweep the copies of deleted images: {err}");
@@ -409,6 +416,8 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             nics: row.nics.clone(),
             events: Vec::new(),
             storage_mib: crate::quota::disks_mib(&svc.store, &row)?,
+            moving: None,
+            failed_moves: 0,
         };
         record.record_event(
             "joined",
@@ -444,6 +453,8 @@ pub async fn publish_here(
         nics: vm.nics.clone(),
         events: Vec::new(),
         storage_mib: crate::quota::disks_mib(&svc.store, vm)?,
+        moving: None,
+        failed_moves: 0,
     };
     record.record_event(
         "created",

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use nubis_api::{
-    AntiAffinity, AntiAffinityScope, ImageCreate, MigrationCreate, NetworkCreate,
-    PlacementStrategy, PortForwardCreate, Protocol, Quota, RateLimit, SnapshotRestore,
-    TenantCreate, VmDisk, VmNicCreate, VmPlacement,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, HostDrain, ImageCreate, MigrationCreate,
+    NetworkCreate, PlacementStrategy, PortForwardCreate, Protocol, Quota, RateLimit,
+    SnapshotRestore, TenantCreate, VmDisk, VmNicCreate, VmPlacement,
 };
 use serde_json::Value;
 
@@ -159,8 +159,21 @@ enum HostCommand {
     Cordon {
         name: String,
     },
+    /// Takes the host back into service (ends its drain).
     Uncordon {
         name: String,
+    },
+    /// Cordons the host and moves its running VMs away, each as its
+    /// --on-drain says; waits until nothing is left to move, showing how
+    /// it goes.
+    Drain {
+        name: String,
+        /// Moves from this host at once (1 to 16; 2 by default).
+        #[arg(long)]
+        max_parallel: Option<u32>,
+        /// Return at once instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Forgets a member that is down for good (its name is free again).
     Forget {
@@ -324,9 +337,33 @@ struct VmCreate {
     /// Cluster: fill the fullest host that fits instead of spreading.
     #[arg(long)]
     bin_pack: bool,
+    /// Cluster: what draining its host does with it while it runs.
+    #[arg(long, value_enum, default_value_t = OnDrain::LiveMigrate)]
+    on_drain: OnDrain,
     /// Start the VM once it is defined (on its host, in a cluster).
     #[arg(long)]
     start: bool,
+}
+
+/// `--on-drain`: [`DrainPolicy`] on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OnDrain {
+    /// Moved by live migration, disks and all.
+    LiveMigrate,
+    /// Stopped, and started on another host from its image.
+    Restart,
+    /// Stopped where it is.
+    Stop,
+}
+
+impl From<OnDrain> for DrainPolicy {
+    fn from(value: OnDrain) -> Self {
+        match value {
+            OnDrain::LiveMigrate => DrainPolicy::LiveMigrate,
+            OnDrain::Restart => DrainPolicy::Restart,
+            OnDrain::Stop => DrainPolicy::Stop,
+        }
+    }
 }
 
 impl VmCreate {
@@ -354,6 +391,7 @@ impl VmCreate {
             } else {
                 PlacementStrategy::Spread
             },
+            on_drain: self.on_drain.into(),
         })
     }
 }
@@ -424,6 +462,17 @@ enum VmCommand {
 
 /// One line of a migration's progress: phase, a bar of what went over
 /// (against the last round's dirty pages), rounds and expected downtime.
+/// How a host's drain goes, on one line.
+fn drain_line(name: &str, host: &Value) -> String {
+    let count = |field: &str| host["drain"][field].as_array().map_or(0, Vec::len);
+    format!(
+        "draining {name}: {} to move, {} moving, {} stuck",
+        count("remaining"),
+        count("moving"),
+        count("stuck")
+    )
+}
+
 fn migration_line(progress: &Value) -> String {
     let sent = progress["bytes_sent"].as_u64().unwrap_or(0);
     let dirty = progress["dirty_pages"].as_u64().unwrap_or(0);
@@ -689,6 +738,21 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             }
             HostCommand::Uncordon { name } => {
                 out.object(&client.call("POST", &format!("/v1/hosts/{name}/uncordon"), None)?)
+            }
+            HostCommand::Drain {
+                name,
+                max_parallel,
+                no_wait,
+            } => {
+                let path = format!("/v1/hosts/{name}/drain");
+                let mut host = client.send_json("POST", &path, &HostDrain { max_parallel })?;
+                while !no_wait && host["drain"]["done"] != Value::Bool(true) {
+                    out.progress(&drain_line(&name, &host));
+                    std::thread::sleep(Duration::from_millis(500));
+                    host = client.call("GET", &format!("/v1/hosts/{name}"), None)?;
+                }
+                out.progress_done();
+                out.object(&host);
             }
             HostCommand::Forget { name } => out.done(
                 &client.call("DELETE", &format!("/v1/hosts/{name}"), None)?,

@@ -248,6 +248,7 @@ mod tests {
             }),
             vms: up.then_some(1),
             agent_version: None,
+            drain: None,
             joined_at: 0,
         }
     }
