@@ -25,8 +25,8 @@ pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreat
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{
-    AntiAffinity, AntiAffinityScope, DrainPolicy, PlacementStrategy, RateLimit, Vm, VmCreate,
-    VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, HostLossPolicy, PlacementStrategy, RateLimit, Vm,
+    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 
 /// The API version prefix.

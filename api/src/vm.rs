@@ -136,6 +136,31 @@ pub struct VmPlacement {
     /// What a drain of its host does with it while it runs.
     #[serde(default, skip_serializing_if = "DrainPolicy::is_live_migrate")]
     pub on_drain: DrainPolicy,
+    /// What the cluster does with it when its host is lost.
+    #[serde(default, skip_serializing_if = "HostLossPolicy::is_wait")]
+    pub on_host_loss: HostLossPolicy,
+}
+
+/// What the cluster does with a VM whose host is lost (down for two lease
+/// TTLs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostLossPolicy {
+    /// It waits for its host to come back (the default): its disks are
+    /// there.
+    #[default]
+    Wait,
+    /// It is started afresh from its image on another host (its disks
+    /// start empty there). Its lost host pauses it as soon as it loses the
+    /// cluster and deletes it when it comes back: never two running
+    /// copies.
+    Restart,
+}
+
+impl HostLossPolicy {
+    pub fn is_wait(&self) -> bool {
+        *self == Self::Wait
+    }
 }
 
 /// What draining a host (`POST /v1/hosts/{name}/drain`) does with a

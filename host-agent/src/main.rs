@@ -277,7 +277,16 @@ async fn serve(
     refresh_registry(&state)
         .map_err(|err| format!("cannot read the peers: {}", err.0.error.message))?;
     if let Some(cluster) = &cluster {
+        // Before the API serves anything: copies replaced elsewhere while
+        // this host was away go first.
+        nubis_agent::service::placed::fence_now(&state.services, cluster)
+            .await
+            .map_err(|err| format!("cannot check this host's VMs against the cluster: {err}"))?;
         tokio::spawn(follow_members(state.clone(), cluster.clone()));
+        tokio::spawn(nubis_agent::service::placed::self_fence(
+            state.services.clone(),
+            cluster.clone(),
+        ));
         tokio::spawn(nubis_agent::service::placed::follow(
             state.services.clone(),
             cluster.clone(),

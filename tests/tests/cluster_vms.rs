@@ -19,9 +19,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    AntiAffinity, AntiAffinityScope, ClusterHost, HostState, Image, Network, NetworkCreate,
-    PortForward, PortForwardCreate, Protocol, Quota, Snapshot, Vm, VmCreate, VmEvent, VmNicCreate,
-    VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, ClusterHost, HostLossPolicy, HostState, Image, Network,
+    NetworkCreate, PortForward, PortForwardCreate, Protocol, Quota, Snapshot, Vm, VmCreate,
+    VmEvent, VmNicCreate, VmPlacement, VmState,
 };
 use nubis_tests::agent::{
     busybox_image, console_value, expect_as, jailed_pids, parent_cgroup, tenant_with_quota,
@@ -434,6 +434,146 @@ impl Cluster {
             }
         })
     }
+}
+
+/// The state of VM `id` in host `host`'s own store (its agent's API
+/// asks etcd, which a lost host cannot reach): None if it has none.
+fn local_state(cluster: &Cluster, dir: &TestDir, host: &str, id: &str) -> Option<String> {
+    let db = cluster.member(host).host.data_dir(dir).join("agent.db");
+    let script = "import sqlite3, sys\n\
+                  db = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)\n\
+                  row = db.execute('SELECT state FROM vms WHERE id = ?', (sys.argv[2],)).fetchone()\n\
+                  print(row[0] if row else '-')\n";
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(&db)
+        .arg(id)
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "{host}'s store: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    (state != "-").then_some(state)
+}
+
+/// Step 7b of the test (see there).
+fn lost_host_and_back(cluster: &Cluster, dir: &TestDir, token: &str, phase: &dyn Fn(&str)) {
+    let names: Vec<&str> = cluster.members.iter().map(|m| m.name()).collect();
+    let leader = cluster.controller("a", &names);
+    let lost = *names
+        .iter()
+        .find(|name| **name != leader)
+        .expect("a host that does not lead");
+    let others: Vec<&str> = names.iter().copied().filter(|name| *name != lost).collect();
+    let operator = |via: &str, path: &str| {
+        let reply = cluster
+            .member(via)
+            .call("POST", path, &cluster.member(via).host.token, None);
+        assert_eq!(reply.status, 200, "{path}: {reply:?}");
+    };
+    // Both land on the host to lose: the others cordoned meanwhile.
+    for name in &others {
+        operator(leader.as_str(), &format!("/v1/hosts/{name}/cordon"));
+    }
+    let phoenix = VmCreate {
+        placement: VmPlacement {
+            on_host_loss: HostLossPolicy::Restart,
+            ..VmPlacement::default()
+        },
+        ..guest("phoenix", None, true)
+    };
+    let phoenix = cluster.create(leader.as_str(), token, &phoenix);
+    let stayer = cluster.create(leader.as_str(), token, &guest("stayer", None, true));
+    for vm in [&phoenix, &stayer] {
+        cluster.wait_for(&format!("{} running on {lost}", vm.name), SETTLE, || {
+            let seen = cluster.vm(leader.as_str(), token, &vm.id)?;
+            (seen.state == VmState::Running && seen.host.as_deref() == Some(lost))
+                .then_some(())
+                .ok_or_else(|| format!("{seen:?}"))
+        });
+    }
+    for name in &others {
+        operator(leader.as_str(), &format!("/v1/hosts/{name}/uncordon"));
+    }
+    phase(&format!("phoenix and stayer running on {lost}"));
+
+    cluster.member(lost).host.netns.set_host_link_up(false);
+    let moved_to = cluster.wait_for(
+        &format!("phoenix restarted away from {lost}"),
+        SETTLE,
+        || {
+            let seen = cluster.vm(leader.as_str(), token, &phoenix.id)?;
+            match seen.host.as_deref() {
+                Some(host) if host != lost && seen.state == VmState::Running => {
+                    Ok(host.to_string())
+                }
+                _ => Err(format!("{seen:?}")),
+            }
+        },
+    );
+    // The lost host paused its copy when it lost the cluster, before the
+    // controller restarted it (two lease TTLs after the host went down).
+    let old = local_state(cluster, dir, lost, &phoenix.id);
+    assert_eq!(
+        old.as_deref(),
+        Some("paused"),
+        "phoenix's copy on the lost host"
+    );
+    let kept = local_state(cluster, dir, lost, &stayer.id);
+    assert_eq!(kept.as_deref(), Some("running"), "stayer on the lost host");
+    let events: Vec<VmEvent> = cluster
+        .member(leader.as_str())
+        .get(&format!("/v1/vms/{}/events", stayer.id), token)
+        .expect("stayer's events");
+    assert!(
+        events.iter().any(|event| event.kind == "host-lost"),
+        "{events:?}"
+    );
+    phase(&format!(
+        "{lost} lost: phoenix restarted on {moved_to}, its old copy paused; stayer waits"
+    ));
+
+    cluster.member(lost).host.netns.set_host_link_up(true);
+    cluster.wait_for(
+        &format!("{lost}'s copy of phoenix fenced off"),
+        SETTLE,
+        || match local_state(cluster, dir, lost, &phoenix.id) {
+            None => Ok(()),
+            Some(state) => Err(state),
+        },
+    );
+    let data_dir = cluster.member(lost).host.data_dir(dir);
+    assert_eq!(vmm_pid(&data_dir, &phoenix.id), None, "phoenix's old VMM");
+    for (vm, host) in [(&phoenix, moved_to.as_str()), (&stayer, lost)] {
+        cluster.wait_for(
+            &format!("{} running on {host}, seen from every host", vm.name),
+            SETTLE,
+            || {
+                for name in &names {
+                    let seen = cluster.vm(name, token, &vm.id)?;
+                    if seen.state != VmState::Running || seen.host.as_deref() != Some(host) {
+                        return Err(format!("through {name}: {seen:?}"));
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
+    for vm in [&phoenix, &stayer] {
+        let reply = cluster.member(leader.as_str()).call(
+            "DELETE",
+            &format!("/v1/vms/{}", vm.id),
+            token,
+            None,
+        );
+        assert_eq!(reply.status, 204, "{reply:?}");
+    }
+    phase(&format!(
+        "{lost} back: its replaced copy fenced off, stayer kept running there"
+    ));
 }
 
 /// What every host must agree on about a VM: id, name, host, state.
@@ -1131,6 +1271,13 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         assert_eq!(vmm_pid(&data_dir, &vm.id), None, "{}'s VMM", vm.name);
     }
     phase("every VM deleted through another host");
+
+    // 7b. A host lost while it still runs: its link cut, a VM that asks
+    // to be restarted elsewhere is, and the copy on the lost host was
+    // paused before (never two running copies); a VM that waits keeps
+    // running there. When the link is back the lost host fences its
+    // replaced copy off (gone) and keeps the other.
+    lost_host_and_back(&cluster, &dir, &acme, &phase);
     // The lan, free of NICs, is deleted through b; every host drops it.
     let reply =
         cluster

@@ -10,10 +10,10 @@
 //! Anti-affinity groups belong to a tenant: tenant A's group "web" and
 //! tenant B's are different groups.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
-use nubis_api::{AntiAffinityScope, DrainPolicy, PlacementStrategy};
+use nubis_api::{AntiAffinityScope, DrainPolicy, HostLossPolicy, PlacementStrategy};
 use nubis_placement::{
     place_batch, AntiAffinity, Decision, GroupMember, HostState, HostView, NetworkReach, Request,
     Resources, Scope, Strategy,
@@ -40,8 +40,11 @@ pub(super) async fn run(cluster: Cluster) {
             return;
         }
         tracing::info!("cluster: placing VMs as the controller");
+        // When this controller first saw each down host down: a new
+        // controller starts counting afresh (never sooner).
+        let mut down_since: HashMap<String, Instant> = HashMap::new();
         loop {
-            let revision = match place_pending(&cluster).await {
+            let revision = match place_pending(&cluster, &mut down_since).await {
                 Ok(revision) => Some(revision),
                 Err(err) => {
                     tracing::warn!("cluster: cannot place the pending VMs: {err}");
@@ -64,27 +67,42 @@ pub(super) async fn run(cluster: Cluster) {
                 }
                 _ = membership.changed() => {}
                 _ = async { drop(leading.wait_for(|leads| !*leads).await) } => break,
-                _ = tokio::time::sleep(RECHECK) => {}
+                _ = tokio::time::sleep(if down_since.is_empty() { RECHECK } else { RETRY }) => {}
             }
         }
     }
 }
 
-/// One pass: places what can be placed, then starts the moves of the
-/// draining hosts' VMs that can start; the revision it read at.
-async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
+/// One pass: places what can be placed, restarts elsewhere the VMs of
+/// lost hosts that ask for it, then starts the moves of the draining
+/// hosts' VMs that can start; the revision it read at.
+async fn place_pending(
+    cluster: &Cluster,
+    down_since: &mut HashMap<String, Instant>,
+) -> Result<i64, ClusterError> {
     let (vms, revision) = cluster.vms().await?;
     let pending: Vec<&ClusterVm> = vms.iter().filter(|vm| vm.record.host.is_none()).collect();
-    let draining = cluster
-        .view()
+    let cached = cluster.view();
+    let draining = cached
         .members
         .iter()
         .any(|member| member.record.drain.is_some());
-    if pending.is_empty() && !draining {
+    let down = cached.members.iter().any(|member| member.alive.is_none());
+    if pending.is_empty() && !draining && !down && down_since.is_empty() {
         return Ok(revision);
     }
     // Read now, not the cached view: a cordon written a moment ago holds.
     let view = super::view::read(&cluster.inner).await?;
+    let now = Instant::now();
+    down_since.retain(|host, _| {
+        view.member(host)
+            .is_some_and(|member| member.alive.is_none())
+    });
+    for member in view.members.iter().filter(|member| member.alive.is_none()) {
+        down_since
+            .entry(member.record.name.to_string())
+            .or_insert(now);
+    }
     let mut hosts = host_views(&view, &vms);
     let mut members = group_members(&vms);
     let requests: Vec<Request> = pending.iter().map(|vm| request(&vm.record)).collect();
@@ -94,7 +112,7 @@ async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
         match decision {
             Decision::Placed { host } => {
                 record.record_event("placed", format!("placed on host {host}"));
-                record.host = Some(host);
+                record.assign_host(host);
             }
             Decision::Unplaceable(explanation) => {
                 let message = explanation.to_string();
@@ -114,8 +132,101 @@ async fn place_pending(cluster: &Cluster) -> Result<i64, ClusterError> {
             tracing::info!(vm = %record.id, "cluster: placement not written (record changed or leadership lost)");
         }
     }
+    let grace = Duration::from_secs(cluster.inner.settings.lease_ttl_s.unsigned_abs() * 2);
+    let lost: Vec<&str> = down_since
+        .iter()
+        .filter(|(_, since)| since.elapsed() >= grace)
+        .map(|(host, _)| host.as_str())
+        .collect();
+    replace_lost(cluster, &lost, &vms, &mut hosts, &mut members).await?;
     start_moves(cluster, &view, &vms, &mut hosts, &mut members).await?;
     Ok(revision)
+}
+
+/// The VMs of `lost` hosts (down for two lease TTLs: a lost host paused
+/// them one TTL after its last renewal): those that ask for it are placed
+/// anew as a new generation and started afresh from their image; the
+/// others say that they wait for their host.
+async fn replace_lost(
+    cluster: &Cluster,
+    lost: &[&str],
+    vms: &[ClusterVm],
+    hosts: &mut [HostView],
+    members: &mut Vec<GroupMember>,
+) -> Result<(), ClusterError> {
+    let stranded: Vec<&ClusterVm> = vms
+        .iter()
+        .filter(|vm| {
+            vm.record
+                .host
+                .as_deref()
+                .is_some_and(|host| lost.contains(&host))
+        })
+        .collect();
+    let (restart, wait): (Vec<&ClusterVm>, Vec<&ClusterVm>) = stranded
+        .into_iter()
+        .partition(|vm| vm.record.spec.placement.on_host_loss == HostLossPolicy::Restart);
+    for vm in wait {
+        let host = vm.record.host.clone().unwrap_or_default();
+        let message = format!("host {host} is lost: the VM waits for it (its disks are there)");
+        write_once(cluster, vm, HOST_LOST_EVENT, message).await?;
+    }
+    if restart.is_empty() {
+        return Ok(());
+    }
+    let requests: Vec<Request> = restart.iter().map(|vm| request(&vm.record)).collect();
+    let decisions = place_batch(hosts, members, &requests);
+    for (vm, decision) in restart.into_iter().zip(decisions) {
+        let lost_host = vm.record.host.clone().unwrap_or_default();
+        match decision {
+            Decision::Placed { host } => {
+                let mut record = vm.record.clone();
+                record.record_event(
+                    HOST_LOST_EVENT,
+                    format!("host {lost_host} is lost: started afresh on host {host} from its image (its disks start empty)"),
+                );
+                record.assign_host(host);
+                record.spec.start = true;
+                record.moving = None;
+                record.failed_moves = 0;
+                if !cluster.place_vm(&record, vm.revision).await? {
+                    tracing::info!(vm = %record.id, "cluster: restart elsewhere not written (record changed or leadership lost)");
+                }
+            }
+            Decision::Unplaceable(explanation) => {
+                let message = format!(
+                    "host {lost_host} is lost and no other host can take the VM: {explanation}"
+                );
+                write_once(cluster, vm, HOST_LOST_EVENT, message).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The event a VM gets when its host is lost.
+const HOST_LOST_EVENT: &str = "host-lost";
+
+/// Adds event `kind: message` to `vm`'s record unless it is the last one
+/// already.
+async fn write_once(
+    cluster: &Cluster,
+    vm: &ClusterVm,
+    kind: &str,
+    message: String,
+) -> Result<(), ClusterError> {
+    let told = vm
+        .record
+        .events
+        .last()
+        .is_some_and(|last| last.kind == kind && last.message == message);
+    if told {
+        return Ok(());
+    }
+    let mut record = vm.record.clone();
+    record.record_event(kind, message);
+    cluster.place_vm(&record, vm.revision).await?;
+    Ok(())
 }
 
 /// Starts moving the draining hosts' VMs that may move now: each gets a
@@ -299,6 +410,7 @@ mod tests {
             storage_mib: 0,
             moving: None,
             failed_moves: 0,
+            generation: 0,
         }
     }
 

@@ -151,6 +151,7 @@ mod tests {
             storage_mib: 0,
             moving: None,
             failed_moves: 0,
+            generation: 1,
         };
         let mut shown = record.pending();
         shown.state = state;

@@ -151,6 +151,9 @@ pub(super) async fn run(inner: Arc<Inner>, first: Session) {
             ))
         });
         keep_alive(&inner, current, &leadership).await;
+        // The lease is gone: this host may be taken for lost until a new
+        // session is up.
+        inner.lapsed.send_replace(true);
         let _ = ended_tx.send(true);
         inner.controller.send_replace(false);
         inner.set_leader_key(None);
@@ -195,6 +198,11 @@ async fn keep_alive(inner: &Inner, mut session: Session, leadership: &Leadership
             }
             leadership.publish(inner);
         }
+        inner.lapsed.send_if_modified(|current| {
+            let changed = *current != lapsed;
+            *current = lapsed;
+            changed
+        });
         if stream.is_none() {
             match inner
                 .etcd

@@ -139,6 +139,13 @@ pub(crate) struct Inner {
     claims_ended: std::sync::atomic::AtomicU64,
     /// This host's inventory as last published (`inventory.rs`).
     published: tokio::sync::Mutex<inventory::Published>,
+    /// Whether no lease renewal got through for a whole TTL: this host may
+    /// be taken for lost (`membership.rs`).
+    lapsed: watch::Sender<bool>,
+    /// This host's VMs that the cluster restarts elsewhere if it is lost,
+    /// and those it paused for that reason (`service/placed.rs`).
+    restartable: Mutex<std::collections::HashSet<String>>,
+    self_fenced: Mutex<std::collections::HashSet<String>>,
     /// The default-bridge subnets of tenants the mirror removed here.
     freed_subnets: tokio::sync::mpsc::UnboundedSender<u8>,
     freed_subnets_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u8>>>,
@@ -202,6 +209,9 @@ impl Cluster {
             claims_in_flight: Default::default(),
             claims_ended: Default::default(),
             published: Default::default(),
+            lapsed: watch::channel(false).0,
+            restartable: Default::default(),
+            self_fenced: Default::default(),
             freed_subnets,
             freed_subnets_rx: Mutex::new(Some(freed_subnets_rx)),
         });
@@ -382,6 +392,31 @@ impl Cluster {
         self.host(name).await
     }
 
+    /// Changes of whether this host's lease renewals have lapsed.
+    pub fn lapses(&self) -> watch::Receiver<bool> {
+        self.inner.lapsed.subscribe()
+    }
+
+    /// This host's VMs that the cluster would restart elsewhere were it
+    /// lost: set by the follow pass, read when the lease lapses.
+    pub fn set_restartable(&self, ids: std::collections::HashSet<String>) {
+        *lock(&self.inner.restartable) = ids;
+    }
+
+    pub fn restartable(&self) -> std::collections::HashSet<String> {
+        lock(&self.inner.restartable).clone()
+    }
+
+    /// VMs paused here because this host lapsed (to resume, or fence off,
+    /// when it is back).
+    pub fn add_self_fenced(&self, id: &str) {
+        lock(&self.inner.self_fenced).insert(id.to_string());
+    }
+
+    pub fn take_self_fenced(&self) -> std::collections::HashSet<String> {
+        std::mem::take(&mut *lock(&self.inner.self_fenced))
+    }
+
     /// Whether an operator drains this host (as the view last read it).
     pub fn is_draining(&self) -> bool {
         self.view()
@@ -423,4 +458,12 @@ impl Cluster {
             }
         }
     }
+}
+
+/// `mutex` locked, even if a panicking holder poisoned it (the sets it
+/// guards stay consistent: each change is one insert, remove or swap).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

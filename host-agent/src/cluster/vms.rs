@@ -66,9 +66,20 @@ pub struct VmRecord {
     /// Moves of it that failed since it last moved.
     #[serde(default)]
     pub failed_moves: u32,
+    /// Its ownership generation: one more each time its host changes. A
+    /// host holding it at an older one was replaced and fences its copy
+    /// off.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl VmRecord {
+    /// Hands the VM to `host`, as a new generation of its ownership.
+    pub fn assign_host(&mut self, host: impl Into<String>) {
+        self.host = Some(host.into());
+        self.generation = self.generation.saturating_add(1);
+    }
+
     /// What the VM counts against its tenant's quota.
     pub fn usage(&self) -> TenantUsage {
         TenantUsage {
@@ -551,6 +562,7 @@ mod tests {
             storage_mib: 0,
             moving: None,
             failed_moves: 0,
+            generation: 0,
         }
     }
 

@@ -5,12 +5,12 @@
 use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
-    DrainPolicy, DrainProgress, ErrorCode, HostDrain, HostIdentity, HostResources, HostState,
-    Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate, Network,
-    NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy, PortForward,
-    PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant, TenantCreate,
-    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement,
-    VmState,
+    DrainPolicy, DrainProgress, ErrorCode, HostDrain, HostIdentity, HostLossPolicy, HostResources,
+    HostState, Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate,
+    Network, NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy,
+    PortForward, PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant,
+    TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate,
+    VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -49,7 +49,7 @@ use super::{
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
-        VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress,
+        VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
     )),
     modifiers(&BearerAuth, &CidrPattern),
     tags(

@@ -240,15 +240,16 @@ pub async fn done(svc: &Services, source: &str, id: &str) -> Result<()> {
     }
     if let Some(cluster) = &svc.cluster {
         let here = cluster.host_name().to_string();
-        cluster
+        let record = cluster
             .update_vm(id, |record| {
-                record.host = Some(here.clone());
+                record.assign_host(here.clone());
                 record.moving = None;
                 record.failed_moves = 0;
                 record.record_event("migrated", format!("now on host {here}"));
                 Ok(())
             })
             .await?;
+        svc.store.set_ownership(id, record.generation)?;
     }
     svc.supervisor.incoming_done(&vm, "its source")?;
     Ok(())

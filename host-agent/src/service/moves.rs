@@ -147,7 +147,7 @@ async fn restart_elsewhere(
                     record.id
                 )));
             }
-            record.host = Some(destination.clone());
+            record.assign_host(destination.clone());
             record.moving = None;
             record.failed_moves = 0;
             record.spec.start = true;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use std::net::Ipv4Addr;
 
-use nubis_api::{Vm, VmCreate, VmNic, VmState};
+use nubis_api::{HostLossPolicy, Vm, VmCreate, VmNic, VmState};
 
 use super::vms::{self, Action};
 use super::{images, Result, Scope, ServiceError, Services};
@@ -71,6 +71,7 @@ pub async fn define(
         storage_mib,
         moving: None,
         failed_moves: 0,
+        generation: 0,
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
     let networks = cluster.networks().await?;
@@ -262,6 +263,15 @@ pub async fn follow(svc: Services, cluster: Cluster) {
         // then what a deletion racing its placement left here.
         let grace = if swept { ORPHAN_GRACE } else { Duration::ZERO };
         sweep(&svc, &vms, &mut absent, grace).await;
+        fence(&svc, &cluster, &vms).await;
+        resume_self_fenced(&svc, &cluster, &vms).await;
+        cluster.set_restartable(
+            vms.iter()
+                .filter(|vm| vm.record.host.as_deref() == Some(cluster.host_name().as_str()))
+                .filter(|vm| vm.record.spec.placement.on_host_loss == HostLossPolicy::Restart)
+                .map(|vm| vm.record.id.clone())
+                .collect(),
+        );
         swept = true;
         // The networks first: the VMs placed here need their bridges.
         if let Err(err) = super::networks::mirror(&svc, &cluster, &vms).await {
@@ -329,7 +339,8 @@ async fn realize(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Result<()
         Some((id, &record.nics)),
     )
     .await?;
-    tracing::info!(vm = %id, "VM placed here defined");
+    svc.store.set_ownership(id, record.generation)?;
+    tracing::info!(vm = %id, generation = record.generation, "VM placed here defined");
     drop(_guard);
     if record.spec.start {
         if let Err(err) = vms::act(svc, Scope::Operator, id, Action::Start).await {
@@ -418,6 +429,7 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             storage_mib: crate::quota::disks_mib(&svc.store, &row)?,
             moving: None,
             failed_moves: 0,
+            generation: 0,
         };
         record.record_event(
             "joined",
@@ -455,6 +467,7 @@ pub async fn publish_here(
         storage_mib: crate::quota::disks_mib(&svc.store, vm)?,
         moving: None,
         failed_moves: 0,
+        generation: 0,
     };
     record.record_event(
         "created",
@@ -635,6 +648,170 @@ async fn publish_host_local(svc: &Services, cluster: &Cluster, synced: &mut Clai
     }
 }
 
+/// What this host does with its copy of a VM, given the VM's record.
+#[derive(Debug, PartialEq, Eq)]
+enum Ownership {
+    /// Its own, at this generation: nothing to do.
+    Owned,
+    /// Its own (a VM published here, or taken over by a migration the
+    /// agent did not live to record): recorded at the record's generation.
+    Adopt(u64),
+    /// Another host holds the VM at a newer generation: this copy was
+    /// replaced (its host lost, then back) and goes.
+    Fence,
+    /// Not this host's to judge: being received, or moving away.
+    Leave,
+}
+
+/// How this host (`me`) stands to its copy of a VM held at `owned` (its
+/// recorded generation, if any), given where its record puts it.
+fn ownership(me: &str, owned: Option<u64>, host: Option<&str>, generation: u64) -> Ownership {
+    match (owned, host) {
+        (None, Some(host)) if host == me => Ownership::Adopt(generation),
+        (Some(owned), Some(host)) if host == me && owned != generation => {
+            Ownership::Adopt(generation)
+        }
+        (Some(owned), Some(host)) if host != me && generation > owned => Ownership::Fence,
+        (Some(_), Some(host)) if host == me => Ownership::Owned,
+        _ => Ownership::Leave,
+    }
+}
+
+/// Pauses, for as long as the agent runs, this host's running VMs that the
+/// cluster restarts elsewhere when it is lost, as soon as no lease
+/// renewal got through for a whole TTL: the controller restarts them only
+/// after two TTLs of the host being down, so the copy here is paused
+/// before another starts. When the host is back they are resumed, or
+/// fenced off if they were restarted elsewhere meanwhile.
+pub async fn self_fence(svc: Services, cluster: Cluster) {
+    let mut lapses = cluster.lapses();
+    loop {
+        if lapses.wait_for(|lapsed| *lapsed).await.is_err() {
+            return;
+        }
+        for id in cluster.restartable() {
+            let running = matches!(
+                svc.store.get_vm(None, &id),
+                Ok(Some(vm)) if vm.state == VmState::Running
+            );
+            if !running {
+                continue;
+            }
+            match vms::pause_here(&svc, &id, true).await {
+                Ok(()) => {
+                    cluster.add_self_fenced(&id);
+                    tracing::warn!(vm = %id, "self-fenced: this host lost the cluster; the VM is paused until it is back (it may be restarted elsewhere)");
+                }
+                Err(err) => {
+                    tracing::warn!(vm = %id, "cannot pause the VM to fence this host: {err}")
+                }
+            }
+        }
+        if lapses.wait_for(|lapsed| !*lapsed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resumes the VMs this host paused when it lapsed, once it is back and
+/// the VM is still its own: the record is touched first, conditioned on
+/// the generation this host holds, so a controller restarting it
+/// elsewhere meanwhile either fails (record changed) or wins (then the
+/// copy here is fenced off, not resumed).
+async fn resume_self_fenced(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
+    if *cluster.lapses().borrow() {
+        return;
+    }
+    let me = cluster.host_name().to_string();
+    for id in cluster.take_self_fenced() {
+        let Some(vm) = vms.iter().find(|vm| vm.record.id == id) else {
+            continue;
+        };
+        let owned = match svc.store.ownership(&id) {
+            Ok(Some(owned)) => owned,
+            _ => continue,
+        };
+        let kept = cluster
+            .update_vm(&id, |record| {
+                if record.host.as_deref() != Some(me.as_str()) || record.generation != owned {
+                    return Err(ClusterError::Raced(format!("VM {}", record.id)));
+                }
+                record.record_event(
+                    "resumed",
+                    format!("host {me} is back: the VM resumes there"),
+                );
+                Ok(())
+            })
+            .await;
+        match kept {
+            Ok(_) => match vms::pause_here(svc, &id, false).await {
+                Ok(()) => tracing::info!(vm = %id, "self-fence lifted: the VM resumes"),
+                Err(err) => tracing::warn!(vm = %id, "cannot resume the VM: {err}"),
+            },
+            Err(ClusterError::Raced(_)) => {
+                tracing::warn!(vm = %id, host = ?vm.record.host, "not resumed: restarted elsewhere; fenced off at the next pass")
+            }
+            Err(err) => {
+                tracing::warn!(vm = %id, "not resumed yet: {err}");
+                cluster.add_self_fenced(&id);
+            }
+        }
+    }
+}
+
+/// [`fence`] with the VM records read now.
+pub async fn fence_now(svc: &Services, cluster: &Cluster) -> Result<()> {
+    let (vms, _) = cluster.vms().await?;
+    fence(svc, cluster, &vms).await;
+    Ok(())
+}
+
+/// Fences off this host's copies of VMs that another host took over at a
+/// newer generation (this host was lost and replaced, then came back):
+/// stopped at once and deleted here, before anything else is done with
+/// them. Records the generation of the VMs this host owns.
+async fn fence(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
+    let me = cluster.host_name().as_str();
+    for vm in vms {
+        let id = &vm.record.id;
+        let owned = match svc.store.get_vm(None, id) {
+            Ok(Some(_)) => match svc.store.ownership(id) {
+                Ok(owned) => owned,
+                Err(err) => {
+                    tracing::warn!(vm = %id, "cannot read the VM's ownership: {err}");
+                    continue;
+                }
+            },
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::warn!(vm = %id, "cannot read the VM: {err}");
+                continue;
+            }
+        };
+        let record = &vm.record;
+        match ownership(me, owned, record.host.as_deref(), record.generation) {
+            Ownership::Adopt(generation) => {
+                if let Err(err) = svc.store.set_ownership(id, generation) {
+                    tracing::warn!(vm = %id, "cannot record the VM's ownership: {err}");
+                }
+            }
+            Ownership::Fence => {
+                tracing::warn!(
+                    vm = %id,
+                    host = record.host.as_deref().unwrap_or_default(),
+                    generation = record.generation,
+                    "fenced: the VM was taken over by another host while this one was lost; its copy here goes"
+                );
+                match vms::delete_here(svc, id).await {
+                    Ok(()) | Err(ServiceError::NotFound { .. }) => {}
+                    Err(err) => tracing::warn!(vm = %id, "cannot fence the VM off: {err}"),
+                }
+            }
+            Ownership::Owned | Ownership::Leave => {}
+        }
+    }
+}
+
 /// Deletes the VMs this host has whose record is gone from the cluster
 /// (deleted through another host while this one was away, or while this
 /// host defined it as placed here), once missing for `grace`.
@@ -675,5 +852,26 @@ async fn sweep(
                 tracing::warn!(vm = %id, "cannot delete a VM the cluster no longer has: {err}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ownership, Ownership};
+
+    #[test]
+    fn a_copy_replaced_at_a_newer_generation_is_fenced_off() {
+        // Owned here at 2; another host took it over at 3.
+        assert_eq!(ownership("a", Some(2), Some("b"), 3), Ownership::Fence);
+        // Moving away (a migration under way): still generation 2.
+        assert_eq!(ownership("a", Some(2), Some("b"), 2), Ownership::Leave);
+        // Being received from b: not owned here yet.
+        assert_eq!(ownership("a", None, Some("b"), 5), Ownership::Leave);
+        // Handed over to this host: owned at the record's generation.
+        assert_eq!(ownership("a", None, Some("a"), 6), Ownership::Adopt(6));
+        assert_eq!(ownership("a", Some(5), Some("a"), 6), Ownership::Adopt(6));
+        assert_eq!(ownership("a", Some(6), Some("a"), 6), Ownership::Owned);
+        // Pending again (no host): not this host's to judge.
+        assert_eq!(ownership("a", Some(6), None, 7), Ownership::Leave);
     }
 }

@@ -465,6 +465,15 @@ pub async fn delete(svc: &Services, scope: Scope<'_>, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Pauses (or resumes) VM `id` of this host's store, without asking the
+/// cluster: what a host that lost the cluster does to fence itself.
+pub(crate) async fn pause_here(svc: &Services, id: &str, paused: bool) -> Result<()> {
+    let _guard = svc.supervisor.lock(id).await;
+    let vm = find(svc, Scope::Operator, id)?;
+    svc.supervisor.pause(&vm, paused).await?;
+    Ok(())
+}
+
 /// Deletes VM `id` of this host's store (see [`delete`]).
 pub(crate) async fn delete_here(svc: &Services, id: &str) -> Result<()> {
     let _guard = svc.supervisor.lock(id).await;

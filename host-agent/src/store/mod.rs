@@ -11,6 +11,7 @@
 mod images;
 mod jail_users;
 mod networks;
+mod ownership;
 mod peers;
 mod port_forwards;
 mod snapshots;
@@ -166,6 +167,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE hosts ADD COLUMN peer_port INTEGER NOT NULL DEFAULT 7443;
      ALTER TABLE hosts ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
      CREATE UNIQUE INDEX hosts_by_fingerprint ON hosts (fingerprint);",
+    // 10: in a cluster, the ownership generation of each VM's record this
+    // host holds it at (fencing).
+    "CREATE TABLE vm_ownership (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL
+     );",
 ];
 
 /// Errors of the store.

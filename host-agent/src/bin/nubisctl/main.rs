@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use nubis_api::{
-    AntiAffinity, AntiAffinityScope, DrainPolicy, HostDrain, ImageCreate, MigrationCreate,
-    NetworkCreate, PlacementStrategy, PortForwardCreate, Protocol, Quota, RateLimit,
-    SnapshotRestore, TenantCreate, VmDisk, VmNicCreate, VmPlacement,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, HostDrain, HostLossPolicy, ImageCreate,
+    MigrationCreate, NetworkCreate, PlacementStrategy, PortForwardCreate, Protocol, Quota,
+    RateLimit, SnapshotRestore, TenantCreate, VmDisk, VmNicCreate, VmPlacement,
 };
 use serde_json::Value;
 
@@ -340,6 +340,10 @@ struct VmCreate {
     /// Cluster: what draining its host does with it while it runs.
     #[arg(long, value_enum, default_value_t = OnDrain::LiveMigrate)]
     on_drain: OnDrain,
+    /// Cluster: start it afresh on another host when its host is lost
+    /// (instead of waiting for the host).
+    #[arg(long)]
+    restart_on_host_loss: bool,
     /// Start the VM once it is defined (on its host, in a cluster).
     #[arg(long)]
     start: bool,
@@ -392,6 +396,11 @@ impl VmCreate {
                 PlacementStrategy::Spread
             },
             on_drain: self.on_drain.into(),
+            on_host_loss: if self.restart_on_host_loss {
+                HostLossPolicy::Restart
+            } else {
+                HostLossPolicy::Wait
+            },
         })
     }
 }
