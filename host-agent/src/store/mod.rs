@@ -351,6 +351,35 @@ pub(crate) fn fixture() -> (Store, String, String) {
     (store, tenant.id, image.id)
 }
 
+/// For other modules' tests: VM `name` of `tenant` from `image` (1 vCPU,
+/// 128 MiB, no disks), with `nics`.
+#[cfg(test)]
+pub(crate) fn fixture_vm(
+    store: &Store,
+    tenant: &str,
+    image: &str,
+    name: &str,
+    nics: Vec<nubis_api::VmNic>,
+) -> VmRow {
+    store
+        .create_vm(
+            &NewVm {
+                tenant_id: tenant.to_string(),
+                name: name.into(),
+                image_id: image.to_string(),
+                vcpus: 1,
+                memory_mib: 128,
+                kernel_args: String::new(),
+                root_rate_limit: nubis_api::RateLimit::default(),
+                disks: vec![],
+                nics,
+                restore_from: None,
+            },
+            nubis_api::Quota::default(),
+        )
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

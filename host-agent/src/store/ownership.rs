@@ -34,29 +34,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::NewVm;
-    use nubis_api::{Quota, RateLimit};
-
     #[test]
     fn ownership_is_kept_per_vm_and_goes_with_it() {
         let (store, tenant, image) = crate::store::fixture();
-        let vm = store
-            .create_vm(
-                &NewVm {
-                    tenant_id: tenant,
-                    name: "web".into(),
-                    image_id: image,
-                    vcpus: 1,
-                    memory_mib: 128,
-                    kernel_args: String::new(),
-                    root_rate_limit: RateLimit::default(),
-                    disks: vec![],
-                    nics: vec![],
-                    restore_from: None,
-                },
-                Quota::default(),
-            )
-            .unwrap();
+        let vm = crate::store::fixture_vm(&store, &tenant, &image, "web", vec![]);
         assert_eq!(store.ownership(&vm.id).unwrap(), None);
         store.set_ownership(&vm.id, 3).unwrap();
         store.set_ownership(&vm.id, 4).unwrap();

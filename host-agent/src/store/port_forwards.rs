@@ -150,29 +150,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NewVm;
-    use nubis_api::{Quota, RateLimit};
 
     #[test]
     fn host_ports_are_unique_per_protocol_and_forwards_go_with_their_vm() {
         let (store, tenant, image) = crate::store::fixture();
-        let vm = store
-            .create_vm(
-                &NewVm {
-                    tenant_id: tenant.clone(),
-                    name: "web".into(),
-                    image_id: image,
-                    vcpus: 1,
-                    memory_mib: 128,
-                    kernel_args: String::new(),
-                    root_rate_limit: RateLimit::default(),
-                    disks: vec![],
-                    nics: vec![],
-                    restore_from: None,
-                },
-                Quota::default(),
-            )
-            .unwrap();
+        let vm = crate::store::fixture_vm(&store, &tenant, &image, "web", vec![]);
         let http = store
             .create_port_forward(
                 &crate::store::new_id("pf").unwrap(),
