@@ -253,32 +253,26 @@ async fn start_moves(
     let requests: Vec<Request> = moving.iter().map(|vm| request(&vm.record)).collect();
     let decisions = place_batch(hosts, members, &requests);
     for (vm, decision) in moving.into_iter().zip(decisions) {
-        let mut record = vm.record.clone();
-        let policy = record.spec.placement.on_drain;
-        match decision {
-            Decision::Placed { host } => {
-                let how = match policy {
-                    DrainPolicy::Restart => "stopped here, started there",
-                    _ => "live migration",
-                };
-                record.record_event("drain", format!("moving to host {host} ({how})"));
-                record.moving = Some(Move {
-                    to: host,
-                    policy,
-                    since: crate::store::now(),
-                });
-            }
+        let host = match decision {
+            Decision::Placed { host } => host,
             Decision::Unplaceable(explanation) => {
                 let message = format!("no other host can take it: {explanation}");
-                let told = record.events.last().is_some_and(|last| {
-                    last.kind == drain::UNPLACEABLE_EVENT && last.message == message
-                });
-                if told {
-                    continue;
-                }
-                record.record_event(drain::UNPLACEABLE_EVENT, message);
+                write_once(cluster, vm, drain::UNPLACEABLE_EVENT, message).await?;
+                continue;
             }
-        }
+        };
+        let mut record = vm.record.clone();
+        let policy = record.spec.placement.on_drain;
+        let how = match policy {
+            DrainPolicy::Restart => "stopped here, started there",
+            _ => "live migration",
+        };
+        record.record_event("drain", format!("moving to host {host} ({how})"));
+        record.moving = Some(Move {
+            to: host,
+            policy,
+            since: crate::store::now(),
+        });
         if !cluster.place_vm(&record, vm.revision).await? {
             tracing::info!(vm = %record.id, "cluster: move not written (record changed or leadership lost)");
         }
