@@ -21,10 +21,18 @@ cluster mode) and measures, through the cluster's REST API:
   (d) host loss: a host's underlay link (its only link to the other hosts and
       to etcd) set down: time until `down` in /v1/hosts through another host,
       with the lease TTL; then the link set up: time until it is `up` again
+  (e) host drain: N idle busybox VMs (1 vCPU, a NIC on a network of the
+      cluster) started on host-a (host-b and host-c cordoned meanwhile), their
+      guests booted; then POST /v1/hosts/host-a/drain with max_parallel 1, 2,
+      4 (a round each): time until the drain is done, per VM the time until it
+      is `running` on its new host, the downtime its live migration reports
+      (GET /v1/vms/{id}/migration, answered by host-a, which drove it), and
+      where the VMs went
 Needs root, /dev/kvm, the release build and guest-images/build.sh's outputs
 (scripts/cluster.sh runs install-deps, the image build and cargo build first).
 Usage: bench/cluster.py [--vms N] [--memory-mib M] [--reads N] [--lease-ttl S]
-                        [--only a|b|c|d ...] [--reuse] [--keep]
+                        [--drain-vms N] [--drain-parallel P,...]
+                        [--only a|b|c|d|e ...] [--reuse] [--keep]
 """
 
 import argparse
@@ -39,7 +47,7 @@ import tempfile
 import threading
 import time
 
-from agent import Api, latency_line, machine_line
+from agent import MARKER, Api, latency_line, machine_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_SH = os.path.join(ROOT, "scripts/cluster.sh")
@@ -221,6 +229,92 @@ def host_loss(env, urls, operator_token):
     return figures
 
 
+def drain_round(urls, token, operator_token, count, memory_mib, max_parallel, index):
+    """(e), one round: `count` VMs started on host-a, then host-a drained."""
+    operator = api_for(urls["a"], operator_token)
+    a = api_for(urls["a"], token)
+    network = f"drain-{index}"
+    a.call("POST", "/v1/networks", {"name": network, "cidr": f"10.73.{index}.0/24"})
+    others = [f"host-{name}" for name in urls if name != "a"]
+    for host in others:
+        operator.call("POST", f"/v1/hosts/{host}/cordon")
+    ids = []
+    try:
+        for n in range(count):
+            ids.append(a.call("POST", "/v1/vms", {
+                "name": f"drain-{index}-{n}", "image": "busybox", "memory_mib": memory_mib,
+                "nics": [{"network": network}], "start": True})["id"])
+        t0 = time.monotonic()
+
+        def all_running_on_a():
+            listed = {vm["id"]: vm for vm in a.call("GET", "/v1/vms")}
+            bad = [listed[i] for i in ids if listed[i]["state"] == "failed"]
+            if bad:
+                raise RuntimeError(f"{bad[0]['name']} failed on {bad[0].get('host')}")
+            return all(listed[i].get("host") == "host-a" and listed[i]["state"] == "running"
+                       for i in ids)
+        wait_until("the drain VMs running on host-a", 300, all_running_on_a)
+        # Idle guests: each one's init printed its marker.
+        wait_until("the drain VMs' guests booted", 900, lambda: all(
+            "\n" + MARKER in a.call("GET", f"/v1/vms/{i}/console") for i in ids))
+        booted = time.monotonic() - t0
+    finally:
+        for host in others:
+            operator.call("POST", f"/v1/hosts/{host}/uncordon")
+
+    seen, drain, downtime = {}, {}, {}
+    try:
+        drain_and_watch(a, operator, ids, max_parallel, seen, drain, downtime)
+    finally:
+        # Cleanup: host-a back in service, the VMs and the network gone.
+        operator.call("POST", "/v1/hosts/host-a/uncordon")
+        for vm_id in ids:
+            try:
+                a.call("DELETE", f"/v1/vms/{vm_id}")
+            except (OSError, RuntimeError) as err:
+                print(f"cleanup (drain): {vm_id}: {err}", file=sys.stderr)
+        wait_until("the drain VMs deleted", 120,
+                   lambda: not any(vm["id"] in ids for vm in a.call("GET", "/v1/vms")))
+
+        def network_deleted():
+            try:
+                a.call("DELETE", f"/v1/networks/{network}")
+                return True
+            except RuntimeError:
+                return False
+        wait_until("the drain network deleted", 60, network_deleted)
+    return {"booted": booted, "drain": drain, "seen": seen, "downtime": downtime, "ids": ids}
+
+
+def drain_and_watch(a, operator, ids, max_parallel, seen, drain, downtime):
+    """Drains host-a, watching through it: the drain's end, each VM running elsewhere."""
+    t0 = time.monotonic()
+    operator.call("POST", "/v1/hosts/host-a/drain", {"max_parallel": max_parallel})
+    deadline = t0 + 900
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for vm in a.call("GET", "/v1/vms"):
+            if vm["id"] in ids and vm["id"] not in seen and vm["state"] == "running" \
+                    and vm.get("host") not in (None, "host-a"):
+                seen[vm["id"]] = (now - t0, vm["host"])
+        if "done" not in drain:
+            progress = operator.call("GET", "/v1/hosts/host-a").get("drain") or {}
+            if progress.get("done"):
+                drain["done"], drain["progress"] = now - t0, progress
+        if "done" in drain and len(seen) == len(ids):
+            break
+        if "done" in drain and now - t0 > drain["done"] + 60:
+            break
+        time.sleep(POLL_S)
+    for vm_id in seen:
+        try:
+            migration = a.call("GET", f"/v1/vms/{vm_id}/migration")
+        except (OSError, RuntimeError):
+            continue
+        if isinstance(migration, dict) and migration.get("downtime_ms") is not None:
+            downtime[vm_id] = migration["downtime_ms"]
+
+
 def start_solo(bin_dir, images, token):
     """A standalone agent in a namespace of its own: (process, Api, data)."""
     subprocess.run(["ip", "netns", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
@@ -306,10 +400,14 @@ def main():
     parser.add_argument("--memory-mib", type=int, default=128)
     parser.add_argument("--reads", type=int, default=300, help="requests per latency figure")
     parser.add_argument("--lease-ttl", type=int, default=10, help="seconds (the agent's default)")
+    parser.add_argument("--drain-vms", type=int, default=4,
+                        help="VMs on host-a drained for (e); the hosts offer 4 GiB each")
+    parser.add_argument("--drain-parallel", default="1,2,4",
+                        help="max_parallel of each drain round of (e), comma-separated")
     parser.add_argument("--reuse", action="store_true",
                         help="use a cluster already up (scripts/cluster.sh up --no-demo)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster up")
-    parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append")
     args = parser.parse_args()
     state = os.environ.get("NUBIS_CLUSTER_DIR", "/var/lib/nubis-cluster")
     up_started = time.monotonic()
@@ -322,7 +420,7 @@ def main():
     urls = {name: env[f"NUBIS_URL_{name.upper()}"] for name in names}
     operator_token = env["NUBIS_OPERATOR_TOKEN"]
     operator = api_for(urls["a"], operator_token)
-    only = set(args.only or "abcd")
+    only = set(args.only or "abcde")
     tenant_id = None
     try:
         tenant_id, token = tenant(operator, f"bench-{int(time.time())}")
@@ -369,6 +467,38 @@ def main():
             start = time.monotonic()
             delete_all(tenant_apis["a"], "burst")
             print(f"  deleted through host-a in {time.monotonic() - start:.1f} s")
+
+        if "e" in only:
+            print(f"host drain: {args.drain_vms} idle VMs (1 vCPU, {args.memory_mib} MiB, busybox, a"
+                  f" NIC on a network of the cluster) started on host-a, then host-a drained"
+                  f" (live migration):")
+            rounds = [int(p) for p in args.drain_parallel.split(",") if p]
+            for index, parallel in enumerate(rounds, start=1):
+                r = drain_round(urls, token, operator_token, args.drain_vms, args.memory_mib,
+                                parallel, index)
+                drain, seen = r["drain"], r["seen"]
+                moved = [t for t, _ in seen.values()]
+                per_host = {}
+                for _, host in seen.values():
+                    per_host[host] = per_host.get(host, 0) + 1
+                done = (f"done after {drain['done']:6.2f} s" if "done" in drain
+                        else "NOT done within the wait")
+                stuck = (drain.get("progress") or {}).get("stuck") or []
+                print(f"  max_parallel {parallel}: drain {done}"
+                      + (f"; stuck {stuck}" if stuck else "")
+                      + f" (guests booted {r['booted']:.0f} s after their creation)")
+                if moved:
+                    print(f"    drain start to running on the new host  median"
+                          f" {statistics.median(moved):6.2f}  max {max(moved):6.2f} s"
+                          f"  ({len(moved)}/{len(r['ids'])} VMs)")
+                if r["downtime"]:
+                    ms = list(r["downtime"].values())
+                    print(f"    migration downtime                      median"
+                          f" {statistics.median(ms):6.0f}  max {max(ms):6.0f} ms"
+                          f"  ({len(ms)} VMs)")
+                else:
+                    print("    migration downtime: not reported")
+                print(f"    moved to {dict(sorted(per_host.items()))}")
 
         if "c" in only:
             print("controller failover (SIGKILL of the controller's agent):")
