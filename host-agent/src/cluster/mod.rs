@@ -306,6 +306,17 @@ impl Cluster {
             .is_some_and(|member| member.record.cordoned)
     }
 
+    /// Whether this host is cordoned, as etcd has it now.
+    pub async fn is_cordoned_now(&self) -> Result<bool, ClusterError> {
+        let key = self.inner.keys.member(&self.inner.settings.host_name);
+        Ok(self
+            .inner
+            .etcd
+            .get::<MemberRecord>(&key)
+            .await?
+            .is_some_and(|member| member.value.cordoned))
+    }
+
     /// Changes of [`Cluster::view`].
     pub fn view_changes(&self) -> watch::Receiver<Arc<View>> {
         self.inner.view.subscribe()

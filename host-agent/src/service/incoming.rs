@@ -91,7 +91,7 @@ pub async fn receive(
 ) -> Result<IncomingReady> {
     let vm = &request.vm;
     check_incoming_vm(svc, vm)?;
-    svc.refuse_if_cordoned()?;
+    svc.refuse_if_cordoned().await?;
     let _hold = svc.hold_tenant(&vm.tenant_id).await?;
     let conflict = ServiceError::Conflict;
     if let Some(known) = svc.store.get_vm(None, &vm.id)? {

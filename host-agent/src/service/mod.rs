@@ -135,15 +135,20 @@ impl Services {
 
 impl Services {
     /// Refuses a new VM here (created, restored or migrating in) while an
-    /// operator has cordoned this host.
-    pub fn refuse_if_cordoned(&self) -> Result<()> {
-        match &self.cluster {
-            Some(cluster) if cluster.is_cordoned() => Err(ServiceError::Conflict(format!(
+    /// operator has cordoned this host. The watched view may lag an
+    /// uncordon the controller already acted on: a cordon it shows is
+    /// checked in etcd.
+    pub async fn refuse_if_cordoned(&self) -> Result<()> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        if cluster.is_cordoned() && cluster.is_cordoned_now().await? {
+            return Err(ServiceError::Conflict(format!(
                 "host {} is cordoned: it takes no new VMs",
                 cluster.host_name()
-            ))),
-            _ => Ok(()),
+            )));
         }
+        Ok(())
     }
 
     /// A VM of this host's store as the API shows it (in a cluster, with

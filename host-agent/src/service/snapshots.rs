@@ -173,7 +173,7 @@ pub async fn restore(
 ) -> Result<Vm> {
     validate::name("name", &request.name, false)?;
     let saved = find(svc, Scope::Tenant(tenant_id), id)?;
-    svc.refuse_if_cordoned()?;
+    svc.refuse_if_cordoned().await?;
     let _hold = svc.hold_tenant(tenant_id).await?;
     if svc
         .store

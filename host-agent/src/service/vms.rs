@@ -139,7 +139,7 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
             "placement constraints need a cluster: this host is standalone",
         ));
     }
-    svc.refuse_if_cordoned()?;
+    svc.refuse_if_cordoned().await?;
     let start = request.start;
     let vm = define_here(svc, tenant_id, request, None).await?;
     if start {

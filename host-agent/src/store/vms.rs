@@ -273,9 +273,12 @@ impl Store {
         usage(&self.conn(), tenant_id)
     }
 
+    /// Records an event of VM `vm_id`; none for a VM that is gone (a
+    /// VMM's exit seen after its VM moved away or was deleted).
     pub fn add_event(&self, vm_id: &str, kind: &str, message: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO vm_events (vm_id, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO vm_events (vm_id, at, kind, message)
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM vms WHERE id = ?1)",
             params![vm_id, now(), kind, message],
         )?;
         Ok(())
@@ -602,5 +605,16 @@ mod tests {
             "one tenant here"
         );
         assert!(host.vms >= 1 && host.vcpus >= 1, "{host:?}");
+    }
+
+    #[test]
+    fn events_of_a_vm_that_is_gone_are_not_kept() {
+        let (store, tenant, image) = crate::store::fixture();
+        let vm = crate::store::fixture_vm(&store, &tenant, &image, "web", vec![]);
+        store.add_event(&vm.id, "started", "pid 7").unwrap();
+        store.delete_vm(&vm.id).unwrap();
+        // A VMM's exit seen after its VM moved away: no error, no event.
+        store.add_event(&vm.id, "exited", "status 0").unwrap();
+        assert!(store.events(&vm.id).unwrap().is_empty());
     }
 }
