@@ -454,4 +454,71 @@ mod tests {
             }]
         );
     }
+
+    fn member(name: &str, up: bool, cordoned: bool) -> super::super::view::Member {
+        use super::super::records::{AliveRecord, MemberRecord};
+        use super::super::settings::Role;
+        super::super::view::Member {
+            record: MemberRecord {
+                name: name.parse().expect("name"),
+                fingerprint: "f".repeat(64),
+                roles: [Role::Compute].into(),
+                labels: Default::default(),
+                joined_at: 1,
+                cordoned,
+                drain: None,
+            },
+            alive: up.then(|| AliveRecord {
+                api_address: "10.0.0.1:8080".parse().expect("address"),
+                underlay_address: None,
+                peer_port: 7443,
+                capacity: nubis_api::HostResources {
+                    vcpus: 8,
+                    memory_mib: 4096,
+                    disk_mib: 10_000,
+                },
+                usage: nubis_api::HostResources::default(),
+                vms: 0,
+                agent_version: "0.1.0".into(),
+                started_at: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_vm_moving_takes_room_on_both_hosts_and_states_follow_the_members() {
+        let view = View {
+            members: vec![
+                member("a", true, true),
+                member("b", true, false),
+                member("c", false, false),
+            ],
+            leader: None,
+            revision: 1,
+        };
+        let mut moving = record("vm-1", "t-1", Some("a"), None);
+        moving.moving = Some(Move {
+            to: "b".into(),
+            policy: DrainPolicy::LiveMigrate,
+            since: 1,
+        });
+        let hosts = host_views(&view, &[cluster_vm(moving)]);
+        let by_name = |name: &str| {
+            hosts
+                .iter()
+                .find(|host| host.name == name)
+                .expect("a host view")
+        };
+        let (a, b, c) = (by_name("a"), by_name("b"), by_name("c"));
+        assert_eq!(
+            (a.state, b.state, c.state),
+            (HostState::Cordoned, HostState::Up, HostState::Down)
+        );
+        // 2 vCPUs, 256 MiB and a 100 MiB disk: on the source and the
+        // destination while it moves.
+        assert_eq!(a.allocated, Resources::new(2, 256, 100));
+        assert_eq!(b.allocated, Resources::new(2, 256, 100));
+        assert_eq!(c.allocated, Resources::ZERO);
+        assert_eq!(c.capacity, Resources::ZERO);
+    }
 }
