@@ -84,6 +84,37 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Resource `id` of one kind (`pick`) as another host holds it, if
+    /// one does and `tenant` (None: any) owns it.
+    pub async fn find_elsewhere<T: HostLocal>(
+        &self,
+        tenant: Option<&str>,
+        pick: fn(Inventory) -> Vec<T>,
+        id: &str,
+    ) -> Result<Option<T>, ClusterError> {
+        Ok(self
+            .held_elsewhere(tenant, pick)
+            .await?
+            .into_iter()
+            .find(|held| held.id() == id))
+    }
+
+    /// The other host that holds resource `id` of one kind (`pick`).
+    pub async fn holder_of<T: HostLocal>(
+        &self,
+        pick: fn(&Inventory) -> &[T],
+        id: &str,
+    ) -> Result<Option<String>, ClusterError> {
+        Ok(self
+            .other_inventories()
+            .await?
+            .into_iter()
+            .find(|(_, inventory)| pick(inventory).iter().any(|held| held.id() == id))
+            .map(|(host, _)| host))
+    }
+}
+
 /// A resource that lives on one host.
 pub trait HostLocal {
     fn id(&self) -> &str;

@@ -174,21 +174,16 @@ async fn destination(
             if matches!(state.store.get_snapshot(None, id), Ok(Some(_))) {
                 return None;
             }
-            let inventories = cluster.other_inventories().await.ok()?;
-            inventories
-                .into_iter()
-                .find(|(_, inventory)| inventory.snapshots.iter().any(|s| s.id == *id))?
-                .0
+            cluster.holder_of(|held| &held.snapshots, id).await.ok()??
         }
         About::PortForward(id) => {
             if matches!(state.store.get_port_forward(None, id), Ok(Some(_))) {
                 return None;
             }
-            let inventories = cluster.other_inventories().await.ok()?;
-            inventories
-                .into_iter()
-                .find(|(_, inventory)| inventory.port_forwards.iter().any(|f| f.id == *id))?
-                .0
+            cluster
+                .holder_of(|held| &held.port_forwards, id)
+                .await
+                .ok()??
         }
     };
     if host == cluster.host_name().as_str() {

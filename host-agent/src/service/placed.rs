@@ -248,6 +248,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     let mut reported: HashMap<String, Vm> = HashMap::new();
     let mut claims_synced = ClaimsSynced::default();
     let mut absent: HashMap<String, std::time::Instant> = HashMap::new();
+    let mut unowned: HashSet<String> = HashSet::new();
     let mut images_seen: HashSet<String> = HashSet::new();
     let mut moves_started = HashSet::new();
     loop {
@@ -262,7 +263,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
         // At the first read, what was deleted while this host was away;
         // then what a deletion racing its placement left here.
         let grace = if swept { ORPHAN_GRACE } else { Duration::ZERO };
-        sweep(&svc, &vms, &mut absent, grace).await;
+        sweep(&svc, &vms, &mut absent, &mut unowned, grace).await;
         fence(&svc, &cluster, &vms).await;
         resume_self_fenced(&svc, &cluster, &vms).await;
         cluster.set_restartable(
@@ -700,6 +701,15 @@ pub async fn self_fence(svc: Services, cluster: Cluster) {
             match vms::pause_here(&svc, &id, true).await {
                 Ok(()) => {
                     cluster.add_self_fenced(&id);
+                    // Kept in the store: an agent restarted meanwhile
+                    // still knows to resume it.
+                    if let Err(err) = svc.store.add_event(
+                        &id,
+                        SELF_FENCED_EVENT,
+                        "paused: this host lost the cluster",
+                    ) {
+                        tracing::warn!(vm = %id, "cannot record the self-fence: {err}");
+                    }
                     tracing::warn!(vm = %id, "self-fenced: this host lost the cluster; the VM is paused until it is back (it may be restarted elsewhere)");
                 }
                 Err(err) => {
@@ -760,11 +770,28 @@ async fn resume_self_fenced(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]
 }
 
 /// [`fence`] with the VM records read now.
+/// At the agent's start, also finds the VMs it paused to fence itself
+/// before it was restarted: the follow pass resumes them (or they were
+/// fenced off here).
 pub async fn fence_now(svc: &Services, cluster: &Cluster) -> Result<()> {
     let (vms, _) = cluster.vms().await?;
     fence(svc, cluster, &vms).await;
+    for vm in svc.store.list_vms(None, None)? {
+        let fenced = vm.state == VmState::Paused
+            && svc
+                .store
+                .events(&vm.id)?
+                .last()
+                .is_some_and(|event| event.kind == SELF_FENCED_EVENT);
+        if fenced {
+            cluster.add_self_fenced(&vm.id);
+        }
+    }
     Ok(())
 }
+
+/// The event of a VM this host paused because it lost the cluster.
+const SELF_FENCED_EVENT: &str = "self-fenced";
 
 /// Fences off this host's copies of VMs that another host took over at a
 /// newer generation (this host was lost and replaced, then came back):
@@ -812,13 +839,15 @@ async fn fence(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
     }
 }
 
-/// Deletes the VMs this host has whose record is gone from the cluster
+/// Deletes the VMs this host held as the cluster's whose record is gone
 /// (deleted through another host while this one was away, or while this
-/// host defined it as placed here), once missing for `grace`.
+/// host defined it as placed here), once missing for `grace`; says once
+/// of each VM it never held as the cluster's (`unowned`) that it keeps it.
 async fn sweep(
     svc: &Services,
     vms: &[ClusterVm],
     absent: &mut HashMap<String, std::time::Instant>,
+    unowned: &mut HashSet<String>,
     grace: Duration,
 ) {
     let known: HashSet<&str> = vms.iter().map(|vm| vm.record.id.as_str()).collect();
@@ -829,11 +858,23 @@ async fn sweep(
             return;
         }
     };
-    let missing: HashSet<String> = rows
-        .iter()
-        .filter(|row| !known.contains(row.id.as_str()))
-        .map(|row| row.id.clone())
-        .collect();
+    // Only VMs this host held as the cluster's (an ownership recorded): a
+    // VM of its standalone past that could not be published (its name
+    // taken in the cluster) is the operator's to deal with, never deleted.
+    let mut missing = HashSet::new();
+    for row in rows.iter().filter(|row| !known.contains(row.id.as_str())) {
+        match svc.store.ownership(&row.id) {
+            Ok(Some(_)) => {
+                missing.insert(row.id.clone());
+            }
+            Ok(None) => {
+                if unowned.insert(row.id.clone()) {
+                    tracing::warn!(vm = %row.id, name = %row.name, "VM not in the cluster and never the cluster's (not published?): kept here");
+                }
+            }
+            Err(err) => tracing::warn!(vm = %row.id, "cannot read the VM's ownership: {err}"),
+        }
+    }
     absent.retain(|id, _| missing.contains(id));
     let now = std::time::Instant::now();
     for id in missing {

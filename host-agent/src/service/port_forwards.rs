@@ -113,10 +113,8 @@ pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<PortForwa
                 return Err(err);
             };
             cluster
-                .held_elsewhere(scope.tenant(), |inventory| inventory.port_forwards)
+                .find_elsewhere(scope.tenant(), |held| held.port_forwards, id)
                 .await?
-                .into_iter()
-                .find(|forward| forward.id == id)
                 .ok_or(err)
         }
     }

@@ -126,10 +126,8 @@ pub async fn get(svc: &Services, scope: Scope<'_>, id: &str) -> Result<Snapshot>
                 return Err(err);
             };
             cluster
-                .held_elsewhere(scope.tenant(), |inventory| inventory.snapshots)
+                .find_elsewhere(scope.tenant(), |held| held.snapshots, id)
                 .await?
-                .into_iter()
-                .find(|snapshot| snapshot.id == id)
                 .ok_or(err)
         }
     }

@@ -755,7 +755,11 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             } => {
                 let path = format!("/v1/hosts/{name}/drain");
                 let mut host = client.send_json("POST", &path, &HostDrain { max_parallel })?;
-                while !no_wait && host["drain"]["done"] != Value::Bool(true) {
+                // Until done, or the drain is gone (uncordoned meanwhile).
+                while !no_wait
+                    && host["drain"].is_object()
+                    && host["drain"]["done"] != Value::Bool(true)
+                {
                     out.progress(&drain_line(&name, &host));
                     std::thread::sleep(Duration::from_millis(500));
                     host = client.call("GET", &format!("/v1/hosts/{name}"), None)?;
