@@ -12,6 +12,7 @@ pub mod host;
 pub mod image;
 pub mod migration;
 pub mod network;
+pub mod service;
 pub mod snapshot;
 pub mod tenant;
 pub mod vm;
@@ -22,6 +23,11 @@ pub use host::{AddressGrant, AddressRequest, HostIdentity, NetworkReplica, Peer,
 pub use image::{Image, ImageCreate};
 pub use migration::{IncomingMigration, IncomingReady, Migration, MigrationCreate};
 pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreate, Protocol};
+pub use service::{
+    FaultDomainSpread, InstanceHealth, Probe, ProbeProtocol, RestartPolicy, Role, RoleRollback,
+    RoleScale, RoleSpec, RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate,
+    ServiceInstance,
+};
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{

@@ -203,6 +203,10 @@ pub struct AntiAffinity {
     /// label; a host without one is a domain of its own).
     #[serde(default)]
     pub scope: AntiAffinityScope,
+    /// Spread as far as the hosts allow, but place anyway when they
+    /// cannot (default false: never two in one host or domain).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preferred: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -291,6 +291,9 @@ async fn serve(
             state.services.clone(),
             cluster.clone(),
         ));
+        tokio::spawn(nubis_agent::service::probes::run(
+            state.services.probes.clone(),
+        ));
         if let Some(mut freed) = cluster.take_freed_subnets() {
             let network = state.services.host_network.clone();
             tokio::spawn(async move {

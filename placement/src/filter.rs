@@ -175,7 +175,11 @@ impl<'a> Filters<'a> {
     }
 
     fn anti_affinity(&self, host: &HostView) -> Option<Reason> {
-        let anti = self.request.anti_affinity.as_ref()?;
+        let anti = self
+            .request
+            .anti_affinity
+            .as_ref()
+            .filter(|anti| !anti.preferred)?;
         let domain = host.fault_domain();
         let (member, _) = self
             .members
@@ -194,6 +198,23 @@ impl<'a> Filters<'a> {
                 _ => None,
             },
         })
+    }
+
+    /// How many other members of the request's group share `host` (or,
+    /// with [`Scope::FaultDomain`], its fault domain): what a preferred
+    /// anti-affinity keeps low.
+    pub(crate) fn crowding(&self, host: &HostView) -> usize {
+        let Some(anti) = &self.request.anti_affinity else {
+            return 0;
+        };
+        let domain = host.fault_domain();
+        self.members
+            .iter()
+            .filter(|(m, member_domain)| match anti.scope {
+                Scope::Host => m.host == host.name,
+                Scope::FaultDomain => *member_domain == domain,
+            })
+            .count()
     }
 
     fn capacity(&self, host: &HostView) -> Option<Reason> {

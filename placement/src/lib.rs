@@ -58,6 +58,9 @@ pub fn place(hosts: &[HostView], members: &[GroupMember], request: &Request) -> 
             }),
         }
     }
+    // A preferred anti-affinity narrows the choice to the least crowded.
+    let least = feasible.iter().map(|host| filters.crowding(host)).min();
+    feasible.retain(|host| Some(filters.crowding(host)) == least);
     match score::choose(&feasible, request.needs, request.strategy) {
         Some(host) => Decision::Placed {
             host: host.name.clone(),

@@ -45,12 +45,16 @@ impl Request {
 }
 
 /// No two VMs of `group` on one host, or, with [`Scope::FaultDomain`], in
-/// one fault domain.
+/// one fault domain; or, when `preferred`, as few as can be: the VM goes
+/// where its group has the fewest members (then as the strategy says),
+/// and a host is never refused for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AntiAffinity {
     pub group: String,
     #[serde(default)]
     pub scope: Scope,
+    #[serde(default)]
+    pub preferred: bool,
 }
 
 /// How far apart the VMs of an anti-affinity group must be.

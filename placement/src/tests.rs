@@ -43,7 +43,15 @@ fn in_group(mut request: Request, vm: &str, group: &str, scope: Scope) -> Reques
     request.anti_affinity = Some(AntiAffinity {
         group: group.to_string(),
         scope,
+        preferred: false,
     });
+    request
+}
+
+fn preferring(mut request: Request) -> Request {
+    if let Some(anti) = &mut request.anti_affinity {
+        anti.preferred = true;
+    }
     request
 }
 
@@ -560,4 +568,67 @@ fn requests_read_from_json_with_defaults() {
     let json = serde_json::to_string(&decision).unwrap();
     assert_eq!(json, r#"{"placed":{"host":"a"}}"#);
     assert_eq!(serde_json::from_str::<Decision>(&json).unwrap(), decision);
+}
+
+#[test]
+fn a_preferred_anti_affinity_spreads_but_never_refuses() {
+    let hosts = [
+        with_labels(host("a", 8, 8192), "fault-domain=1"),
+        with_labels(host("b", 8, 8192), "fault-domain=1"),
+        with_labels(
+            with_allocated(host("c", 8, 8192), 6, 6000, 3),
+            "fault-domain=2",
+        ),
+    ];
+    let members = [member("web-1", "web", "a")];
+    // Domain 2 has none of the group: c, although it is the most loaded.
+    let req = preferring(in_group(
+        request(1, 512),
+        "web-2",
+        "web",
+        Scope::FaultDomain,
+    ));
+    assert_eq!(placed(&hosts, &members, &req), "c");
+    // Every domain has one: the strategy decides among all hosts (a and
+    // b are as empty; the first name).
+    let members = [member("web-1", "web", "a"), member("web-2", "web", "c")];
+    let req = preferring(in_group(
+        request(1, 512),
+        "web-3",
+        "web",
+        Scope::FaultDomain,
+    ));
+    assert_eq!(placed(&hosts, &members, &req), "a");
+    // Per host: b has none.
+    let req = preferring(in_group(request(1, 512), "web-3", "web", Scope::Host));
+    assert_eq!(placed(&hosts, &members, &req), "b");
+    // One host only, already holding a member: placed there anyway.
+    let one = [host("a", 8, 8192)];
+    let members = [member("web-1", "web", "a")];
+    let req = preferring(in_group(request(1, 512), "web-2", "web", Scope::Host));
+    assert_eq!(placed(&one, &members, &req), "a");
+    // A batch of three over two domains: two in one, one in the other.
+    let mut hosts = hosts.to_vec();
+    let mut members = Vec::new();
+    let requests: Vec<Request> = (1..=3)
+        .map(|n| {
+            preferring(in_group(
+                request(1, 256),
+                &format!("db-{n}"),
+                "db",
+                Scope::FaultDomain,
+            ))
+        })
+        .collect();
+    let decisions = place_batch(&mut hosts, &mut members, &requests);
+    let on: Vec<String> = decisions
+        .into_iter()
+        .map(|decision| match decision {
+            Decision::Placed { host } => host,
+            Decision::Unplaceable(why) => panic!("{why}"),
+        })
+        .collect();
+    assert_eq!(on[1], "c", "{on:?}");
+    assert_ne!(on[0], "c", "{on:?}");
+    assert_ne!(on[2], "c", "{on:?}");
 }

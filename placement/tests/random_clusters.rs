@@ -107,10 +107,12 @@ fn request(vm: String, names: Vec<String>) -> impl Strategy<Value = Request> {
         (
             proptest::sample::select(GROUPS.to_vec()),
             prop_oneof![Just(Scope::Host), Just(Scope::FaultDomain)],
+            proptest::bool::weighted(0.25),
         )
-            .prop_map(|(group, scope)| AntiAffinity {
+            .prop_map(|(group, scope, preferred)| AntiAffinity {
                 group: group.to_string(),
                 scope,
+                preferred,
             }),
     );
     let require = (
@@ -224,7 +226,12 @@ fn first_failure(
             return Some(Filter::Network);
         }
     }
-    if let Some(anti) = &request.anti_affinity {
+    // A preferred anti-affinity never excludes a host.
+    if let Some(anti) = request
+        .anti_affinity
+        .as_ref()
+        .filter(|anti| !anti.preferred)
+    {
         let clash = members.iter().any(|m| {
             m.group == anti.group
                 && m.vm != request.vm
@@ -408,7 +415,7 @@ proptest! {
             sum[1] += u128::from(request.needs.memory_mib);
             sum[2] += u128::from(request.needs.disk_mib);
             if let Some(anti) = &request.anti_affinity {
-                for earlier in placed_members.iter().filter(|m| m.group == anti.group) {
+                for earlier in placed_members.iter().filter(|m| m.group == anti.group && !anti.preferred) {
                     let clash = match anti.scope {
                         Scope::Host => earlier.host == *host,
                         Scope::FaultDomain => domain(&hosts, &earlier.host) == domain(&hosts, host),

@@ -618,6 +618,7 @@ fn guest(name: &str, group: Option<&str>, start: bool) -> VmCreate {
             anti_affinity: group.map(|group| AntiAffinity {
                 group: group.to_string(),
                 scope: AntiAffinityScope::Host,
+                preferred: false,
             }),
             ..VmPlacement::default()
         },

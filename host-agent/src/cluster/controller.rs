@@ -7,6 +7,9 @@
 //! gets the reason as an event (once per distinct reason) and is tried
 //! again whenever the records or the membership change.
 //!
+//! Each pass first keeps the services' roles at their count and moves
+//! their rollouts on (`service_control.rs`).
+//!
 //! Anti-affinity groups belong to a tenant: tenant A's group "web" and
 //! tenant B's are different groups.
 
@@ -51,12 +54,10 @@ pub(super) async fn run(cluster: Cluster) {
                     None
                 }
             };
-            let keys = &cluster.inner.keys;
-            let (start, end) = (keys.vms(), super::vms::prefix_end(&keys.vms()));
             tokio::select! {
                 changed = async {
                     match revision {
-                        Some(revision) => cluster.inner.etcd.changed("the VM records", (&start, &end), revision).await,
+                        Some(revision) => cluster.services_or_vms_changed(revision).await,
                         None => { tokio::time::sleep(RETRY).await; Ok(()) }
                     }
                 } => {
@@ -81,8 +82,13 @@ async fn place_pending(
     down_since: &mut HashMap<String, Instant>,
 ) -> Result<i64, ClusterError> {
     let (vms, revision) = cluster.vms().await?;
-    let pending: Vec<&ClusterVm> = vms.iter().filter(|vm| vm.record.host.is_none()).collect();
     let cached = cluster.view();
+    // Services first: what they write (new instances, retirements) wakes
+    // the next pass at once, which places it.
+    if super::service_control::run_pass(cluster, &vms, &cached).await? {
+        return Ok(revision);
+    }
+    let pending: Vec<&ClusterVm> = vms.iter().filter(|vm| vm.record.host.is_none()).collect();
     let draining = cached
         .members
         .iter()
@@ -374,6 +380,7 @@ fn request(record: &VmRecord) -> Request {
             AntiAffinityScope::Host => Scope::Host,
             AntiAffinityScope::FaultDomain => Scope::FaultDomain,
         },
+        preferred: anti.preferred,
     });
     request
 }
@@ -392,6 +399,7 @@ mod tests {
         spec.placement.anti_affinity = group.map(|group| ApiAntiAffinity {
             group: group.to_string(),
             scope: AntiAffinityScope::FaultDomain,
+            preferred: false,
         });
         VmRecord {
             id: id.to_string(),
@@ -405,6 +413,8 @@ mod tests {
             moving: None,
             failed_moves: 0,
             generation: 0,
+            instance: None,
+            retiring: None,
         }
     }
 

@@ -152,6 +152,8 @@ mod tests {
             moving: None,
             failed_moves: 0,
             generation: 1,
+            instance: None,
+            retiring: None,
         };
         let mut shown = record.pending();
         shown.state = state;
@@ -161,6 +163,7 @@ mod tests {
             status: Some(VmStatus {
                 host: host.to_string(),
                 vm: shown,
+                health: None,
             }),
         }
     }

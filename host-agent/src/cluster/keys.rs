@@ -199,6 +199,29 @@ impl Keys {
         format!("{}vm-names/{tenant}/", self.prefix)
     }
 
+    /// `services/{id}`: a service's roles and rollouts.
+    pub fn service(&self, id: &str) -> String {
+        format!("{}services/{id}", self.prefix)
+    }
+
+    pub fn services(&self) -> String {
+        format!("{}services/", self.prefix)
+    }
+
+    /// `service-names/{tenant}/{name}`: keeps a tenant's service names
+    /// unique.
+    pub fn service_name(&self, tenant: &str, name: &str) -> String {
+        format!("{}service-names/{tenant}/{name}", self.prefix)
+    }
+
+    pub fn service_names_of(&self, tenant: &str) -> String {
+        format!("{}service-names/{tenant}/", self.prefix)
+    }
+
+    pub fn service_names(&self) -> String {
+        format!("{}service-names/", self.prefix)
+    }
+
     /// `status/{vm}`: the VM as the host that runs it last saw it.
     /// Written by that host only.
     pub fn vm_status(&self, id: &str) -> String {
@@ -257,6 +280,22 @@ mod tests {
         assert_eq!(keys.claim_host("/nubis/claims/t-1/host-b"), None);
         assert_eq!(keys.claim_host("/nubis/claims/t-1/host-b/x/y"), None);
         assert_eq!(keys.host_of("/nubis/election/controller"), None);
+        // The controller's service pass watches from the service names to
+        // the end of the VM records.
+        let (first, last) = (keys.service_names(), keys.vms());
+        for key in [
+            keys.service("svc-1"),
+            keys.service_name("t-1", "shop"),
+            keys.vm_status("vm-1"),
+            keys.usage("t-1"),
+            keys.vm_name("t-1", "web"),
+            keys.vm("vm-1"),
+        ] {
+            assert!(
+                first <= key && key < format!("{}0", last.trim_end_matches('/')),
+                "{key}"
+            );
+        }
         let (start, end) = keys.tenants_range();
         for key in [
             keys.tenant("t-1"),

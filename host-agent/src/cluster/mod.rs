@@ -20,6 +20,9 @@ pub mod keys;
 mod membership;
 pub mod networks;
 pub mod records;
+pub mod service_control;
+pub mod service_plan;
+pub mod services;
 pub mod settings;
 pub mod tenants;
 pub mod view;
@@ -75,8 +78,17 @@ pub enum ClusterError {
     Held(String),
     #[error("no VM '{0}'")]
     NoSuchVm(String),
+    #[error("no service '{0}'")]
+    NoSuchService(String),
     #[error("quota exceeded: {0}")]
     Quota(String),
+    #[error("nics[{index}]: no network '{name}'")]
+    NoNetwork { index: usize, name: String },
+    #[error("{0}")]
+    AddressesExhausted(String),
+    /// A controller's write found another host leading.
+    #[error("this host no longer leads the cluster")]
+    NotLeading,
     /// Another writer took it first (an address, a VNI): draw again.
     #[error("{0} was taken meanwhile")]
     Raced(String),

@@ -266,3 +266,61 @@ impl Cluster {
             .collect())
     }
 }
+
+impl Cluster {
+    /// The NICs of `spec` with a MAC and a free address on each of the
+    /// cluster's networks they name (checked against `ipam/`; taken for
+    /// good by the transaction that defines the VM). NICs on the tenant's
+    /// default bridge get theirs from the host the VM is placed on.
+    pub async fn assign_nics(
+        &self,
+        tenant_id: &str,
+        spec: &nubis_api::VmCreate,
+        networks: &[NetworkRecord],
+    ) -> Result<Vec<nubis_api::VmNic>, ClusterError> {
+        let mut nics = Vec::with_capacity(spec.nics.len());
+        let mut chosen: std::collections::HashMap<String, HashSet<Ipv4Addr>> =
+            std::collections::HashMap::new();
+        for (index, asked) in spec.nics.iter().enumerate() {
+            let mut nic = nubis_api::VmNic {
+                rate_limit: asked.rate_limit,
+                ..nubis_api::VmNic::default()
+            };
+            if let Some(wanted) = &asked.network {
+                let network = networks
+                    .iter()
+                    .find(|network| network.is(Some(tenant_id), wanted))
+                    .ok_or_else(|| ClusterError::NoNetwork {
+                        index,
+                        name: wanted.clone(),
+                    })?;
+                let cidr: crate::ipv4::Cidr =
+                    network
+                        .cidr
+                        .parse()
+                        .map_err(|reason: String| ClusterError::Corrupt {
+                            key: self.inner.keys.network(&network.id),
+                            reason,
+                        })?;
+                let taken = chosen.entry(network.id.clone()).or_default();
+                let mut used = self.used_addresses(&network.id).await?;
+                used.extend(taken.iter().copied());
+                let address = cidr.allocate(&used).ok_or_else(|| {
+                    ClusterError::AddressesExhausted(format!(
+                        "no free address left in {}",
+                        network.cidr
+                    ))
+                })?;
+                taken.insert(address);
+                nic.network = Some(network.id.clone());
+                nic.address = Some(format!("{address}/{}", cidr.prefix()));
+                let mac = crate::network::random_mac().map_err(|err| {
+                    ClusterError::AddressesExhausted(format!("no random MAC: {err}"))
+                })?;
+                nic.mac = Some(mac.to_string());
+            }
+            nics.push(nic);
+        }
+        Ok(nics)
+    }
+}

@@ -292,6 +292,7 @@ impl Cluster {
         let keys = &self.inner.keys;
         let tenant_key = keys.tenant(id);
         let (holdings, vm_names) = (keys.holdings_of(id), keys.vm_names_of(id));
+        let service_names = keys.service_names_of(id);
         // Tried again when a token or holding changed in between (a host
         // may drop its holding key between the refusal and the look).
         for _ in 0..super::vms::ATTEMPTS {
@@ -321,6 +322,9 @@ impl Cluster {
                     Compare::create_revision(holdings.as_str(), CompareOp::Equal, 0).with_prefix(),
                     // Nor does the cluster have a VM of it (pending ones too).
                     Compare::create_revision(vm_names.as_str(), CompareOp::Equal, 0).with_prefix(),
+                    // Nor a service (which would make VMs again).
+                    Compare::create_revision(service_names.as_str(), CompareOp::Equal, 0)
+                        .with_prefix(),
                 ])
                 .and_then(ops);
             let (done, revision) = self
@@ -330,6 +334,17 @@ impl Cluster {
                 .await?;
             if done {
                 return self.mirrored(revision).await;
+            }
+            let services = self
+                .inner
+                .etcd
+                .list::<serde_json::Value>(&service_names)
+                .await?;
+            if !services.is_empty() {
+                return Err(ClusterError::Held(format!(
+                    "tenant {id} still has {} service(s): delete them first",
+                    services.len()
+                )));
             }
             let vms = self.inner.etcd.list::<serde_json::Value>(&vm_names).await?;
             if !vms.is_empty() {

@@ -71,6 +71,13 @@ pub struct VmRecord {
     /// off.
     #[serde(default)]
     pub generation: u64,
+    /// Set when it is an instance of a service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<super::services::InstanceOf>,
+    /// Why the controller removes it (an instance scaled down, replaced or
+    /// upgraded): its host deletes it, then its record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<String>,
 }
 
 impl VmRecord {
@@ -220,6 +227,9 @@ impl TenantUsage {
 pub struct VmStatus {
     pub host: String,
     pub vm: Vm,
+    /// A service instance's health, as its host's probe finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<nubis_api::InstanceHealth>,
 }
 
 /// A VM as the cluster has it: its record (with the revision it was read
@@ -341,6 +351,35 @@ impl Cluster {
         record: &VmRecord,
         quota: Option<&Quota>,
     ) -> Result<(), ClusterError> {
+        self.define_vm_when(record, quota, None).await
+    }
+
+    /// [`Cluster::define_vm`] as the controller (a service's instance):
+    /// written only while this host leads. Whether it was written.
+    pub(super) async fn define_vm_as_controller(
+        &self,
+        record: &VmRecord,
+        quota: &Quota,
+    ) -> Result<bool, ClusterError> {
+        let Some(leader_key) = self.inner.leader_key() else {
+            return Ok(false);
+        };
+        match self
+            .define_vm_when(record, Some(quota), Some(leader_key))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(ClusterError::NotLeading) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn define_vm_when(
+        &self,
+        record: &VmRecord,
+        quota: Option<&Quota>,
+        leader_key: Option<Vec<u8>>,
+    ) -> Result<(), ClusterError> {
         let keys = &self.inner.keys;
         let tenant = &record.tenant_id;
         let (usage_key, name_key) = (keys.usage(tenant), keys.vm_name(tenant, &record.spec.name));
@@ -374,6 +413,13 @@ impl Cluster {
                 conditions.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
                 puts.push(TxnOp::put(key.as_str(), owner.clone(), None));
             }
+            if let Some(leader_key) = &leader_key {
+                conditions.push(Compare::create_revision(
+                    leader_key.clone(),
+                    CompareOp::Greater,
+                    0,
+                ));
+            }
             let txn = Txn::new().when(conditions).and_then(puts);
             let (done, _) = self
                 .inner
@@ -384,6 +430,12 @@ impl Cluster {
                 return Ok(());
             }
             let etcd = &self.inner.etcd;
+            if let Some(leader_key) = &leader_key {
+                let key = String::from_utf8_lossy(leader_key).into_owned();
+                if etcd.get::<serde_json::Value>(&key).await?.is_none() {
+                    return Err(ClusterError::NotLeading);
+                }
+            }
             self.require_tenant(tenant).await?;
             if etcd.get::<serde_json::Value>(&name_key).await?.is_some() {
                 return Err(ClusterError::Exists(format!(
@@ -497,11 +549,17 @@ impl Cluster {
         Ok(done)
     }
 
-    /// Reports VM `vm` as this host sees it.
-    pub async fn report_vm(&self, vm: &Vm) -> Result<(), ClusterError> {
+    /// Reports VM `vm` as this host sees it (and, for a service instance
+    /// with a probe, its health).
+    pub async fn report_vm(
+        &self,
+        vm: &Vm,
+        health: Option<nubis_api::InstanceHealth>,
+    ) -> Result<(), ClusterError> {
         let status = VmStatus {
             host: self.inner.settings.host_name.to_string(),
             vm: vm.clone(),
+            health,
         };
         let (record_key, status_key) = (
             self.inner.keys.vm(&vm.id),
@@ -563,6 +621,8 @@ mod tests {
             moving: None,
             failed_moves: 0,
             generation: 0,
+            instance: None,
+            retiring: None,
         }
     }
 
@@ -612,6 +672,7 @@ mod tests {
             status: Some(VmStatus {
                 host: "b".into(),
                 vm: reported,
+                health: None,
             }),
         };
         assert_eq!(vm.view().state, VmState::Running);

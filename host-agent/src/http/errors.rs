@@ -98,16 +98,18 @@ fn supervisor_code(error: &SupervisorError) -> ErrorCode {
 
 fn cluster_code(error: &ClusterError) -> ErrorCode {
     match error {
-        ClusterError::NoSuchHost(_) | ClusterError::NoSuchTenant(_) | ClusterError::NoSuchVm(_) => {
-            ErrorCode::NotFound
-        }
-        ClusterError::Quota(_) => ErrorCode::QuotaExceeded,
+        ClusterError::NoSuchHost(_)
+        | ClusterError::NoSuchTenant(_)
+        | ClusterError::NoSuchVm(_)
+        | ClusterError::NoSuchService(_) => ErrorCode::NotFound,
+        ClusterError::Quota(_) | ClusterError::AddressesExhausted(_) => ErrorCode::QuotaExceeded,
+        ClusterError::NoNetwork { .. } => ErrorCode::Unprocessable,
         ClusterError::HostUp(_)
         | ClusterError::NameTaken { .. }
         | ClusterError::Exists(_)
         | ClusterError::Held(_)
         | ClusterError::Raced(_) => ErrorCode::Conflict,
-        ClusterError::Mirror(_) => ErrorCode::Internal,
+        ClusterError::Mirror(_) | ClusterError::NotLeading => ErrorCode::Internal,
         ClusterError::Etcd { .. } | ClusterError::Contended { .. } => ErrorCode::Unavailable,
         ClusterError::Corrupt { .. } | ClusterError::TlsFile { .. } => ErrorCode::Internal,
     }

@@ -28,6 +28,7 @@ mod overlay;
 mod port_forwards;
 mod responses;
 pub mod server;
+mod services;
 mod snapshots;
 mod system;
 mod tenants;
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .merge(hosts::routes())
         .merge(peers::routes())
         .merge(snapshots::routes())
+        .merge(services::routes())
         .merge(migrations::routes())
         .merge(overlay::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })

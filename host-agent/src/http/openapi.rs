@@ -5,19 +5,21 @@
 use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
-    DrainPolicy, DrainProgress, ErrorCode, HostDrain, HostIdentity, HostLossPolicy, HostResources,
-    HostState, Image, ImageCreate, IncomingMigration, IncomingReady, Migration, MigrationCreate,
-    Network, NetworkCreate, NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy,
-    PortForward, PortForwardCreate, Protocol, Quota, RateLimit, Snapshot, SnapshotRestore, Tenant,
-    TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate,
-    VmPlacement, VmState,
+    DrainPolicy, DrainProgress, ErrorCode, FaultDomainSpread, HostDrain, HostIdentity,
+    HostLossPolicy, HostResources, HostState, Image, ImageCreate, IncomingMigration, IncomingReady,
+    InstanceHealth, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
+    Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Probe, ProbeProtocol,
+    Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale, RoleSpec,
+    RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceInstance, Snapshot,
+    SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
+    VmNic, VmNicCreate, VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    hosts, images, migrations, networks, overlay, peers, port_forwards, snapshots, system, tenants,
-    uploads, vms,
+    hosts, images, migrations, networks, overlay, peers, port_forwards, services, snapshots,
+    system, tenants, uploads, vms,
 };
 
 #[derive(OpenApi)]
@@ -41,6 +43,8 @@ use super::{
         peers::create, peers::list, peers::show, peers::remove, peers::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
         snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
+        services::create, services::list, services::show, services::remove,
+        services::scale, services::upgrade, services::rollback,
         migrations::create, migrations::show, migrations::cancel,
         overlay::incoming, overlay::incoming_show, overlay::incoming_done, overlay::incoming_abort, overlay::image_file,
     ),
@@ -50,6 +54,8 @@ use super::{
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
         VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
+        Service, ServiceCreate, RoleSpec, Role, ServiceInstance, InstanceHealth, Rollout, RolloutState,
+        RoleScale, RoleUpgrade, RoleRollback, Probe, ProbeProtocol, FaultDomainSpread, RestartPolicy,
     )),
     modifiers(&BearerAuth, &CidrPattern),
     tags(
@@ -59,6 +65,7 @@ use super::{
         (name = "networks", description = "Tenant virtual networks"),
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
         (name = "snapshots", description = "Snapshots of VMs, restored into new VMs"),
+        (name = "services", description = "Services (cluster mode): roles kept at their instance count through failures, drains and rolling upgrades"),
         (name = "hosts", description = "The cluster's hosts: state, capacity, labels, the controller (operator only)"),
         (name = "peers", description = "Peer hosts that networks span (operator only)"),
         (name = "overlay", description = "Host to host: overlay networks, their addresses and migrations; served to registered peers only, over mutual TLS on the peer port"),

@@ -19,6 +19,8 @@ pub mod moves;
 pub mod networks;
 pub mod placed;
 pub mod port_forwards;
+pub mod probes;
+pub mod services;
 pub mod snapshots;
 pub mod tenants;
 pub mod uploads;
@@ -105,6 +107,8 @@ pub struct Services {
     pub cluster: Option<crate::cluster::Cluster>,
     /// The hosts this one calls and takes calls from.
     pub peer_directory: Arc<crate::peer_directory::PeerDirectory>,
+    /// The health probes of the service instances this host runs.
+    pub probes: Arc<probes::Probes>,
 }
 
 impl Services {
@@ -129,6 +133,7 @@ impl Services {
             local_host: Default::default(),
             cluster: None,
             peer_directory,
+            probes: Default::default(),
         }
     }
 }

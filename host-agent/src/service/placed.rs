@@ -14,8 +14,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use std::net::Ipv4Addr;
-
 use nubis_api::{HostLossPolicy, Vm, VmCreate, VmNic, VmState};
 
 use super::vms::{self, Action};
@@ -25,7 +23,6 @@ use crate::cluster::inventory::Inventory;
 use crate::cluster::networks::NetworkRecord;
 use crate::cluster::vms::{ClusterVm, VmRecord};
 use crate::cluster::{Cluster, ClusterError};
-use crate::ipv4::Cidr;
 use crate::store::{new_id, now};
 
 /// How often this host's VMs are compared with their reports at least.
@@ -72,6 +69,8 @@ pub async fn define(
         moving: None,
         failed_moves: 0,
         generation: 0,
+        instance: None,
+        retiring: None,
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
     let networks = cluster.networks().await?;
@@ -93,55 +92,30 @@ pub async fn define(
 /// one first.
 const ADDRESS_ATTEMPTS: usize = 8;
 
-/// The NICs of `spec` with a MAC and a free address on each of the
-/// cluster's networks they name (checked against `ipam/`; taken for good
-/// by the transaction that defines the VM). NICs on the tenant's default
-/// bridge get theirs from the host the VM is placed on.
+/// The NICs of `spec` (see [`Cluster::assign_nics`]), a network the
+/// tenant lacks or one without a free address refused in the API's terms.
 async fn assign_nics(
     cluster: &Cluster,
     tenant_id: &str,
     spec: &VmCreate,
     networks: &[NetworkRecord],
 ) -> Result<Vec<VmNic>> {
-    let mut nics = Vec::with_capacity(spec.nics.len());
-    let mut chosen: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();
-    for (index, asked) in spec.nics.iter().enumerate() {
-        let mut nic = VmNic {
-            rate_limit: asked.rate_limit,
-            ..VmNic::default()
-        };
-        if let Some(wanted) = &asked.network {
-            let network = networks
-                .iter()
-                .find(|network| network.is(Some(tenant_id), wanted))
-                .ok_or_else(|| {
-                    ServiceError::unprocessable(
-                        format!("nics[{index}].network"),
-                        format!("no network '{wanted}'"),
-                    )
-                })?;
-            let cidr: Cidr = network.cidr.parse().map_err(|err: String| {
-                ServiceError::Internal(format!("network {}: {err}", network.id))
-            })?;
-            let taken = chosen.entry(network.id.clone()).or_default();
-            let mut used = cluster.used_addresses(&network.id).await?;
-            used.extend(taken.iter().copied());
-            let address = cidr.allocate(&used).ok_or_else(|| {
-                ServiceError::Exhausted(format!("no free address left in {}", network.cidr))
-            })?;
-            taken.insert(address);
-            nic.network = Some(network.id.clone());
-            nic.address = Some(format!("{address}/{}", cidr.prefix()));
-            nic.mac = Some(crate::network::random_mac()?.to_string());
-        }
-        nics.push(nic);
-    }
-    Ok(nics)
+    cluster
+        .assign_nics(tenant_id, spec, networks)
+        .await
+        .map_err(|err| match err {
+            ClusterError::NoNetwork { index, name } => ServiceError::unprocessable(
+                format!("nics[{index}].network"),
+                format!("no network '{name}'"),
+            ),
+            ClusterError::AddressesExhausted(message) => ServiceError::Exhausted(message),
+            other => other.into(),
+        })
 }
 
 /// Refuses placement constraints that no host could ever meet because
 /// they are malformed.
-fn check_placement(request: &VmCreate) -> Result<()> {
+pub(crate) fn check_placement(request: &VmCreate) -> Result<()> {
     let placement = &request.placement;
     for (key, value) in &placement.require {
         if !nubis_placement::is_label_key(key) || !nubis_placement::is_label_value(value) {
@@ -245,7 +219,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     // The record revisions this host failed to define, not tried again
     // until the record changes.
     let mut failed: HashSet<(String, i64)> = HashSet::new();
-    let mut reported: HashMap<String, Vm> = HashMap::new();
+    let mut reported = HashMap::new();
     let mut claims_synced = ClaimsSynced::default();
     let mut absent: HashMap<String, std::time::Instant> = HashMap::new();
     let mut unowned: HashSet<String> = HashSet::new();
@@ -284,8 +258,10 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             .filter(|vm| vm.record.host.as_deref() == Some(me))
         {
             let key = (vm.record.id.clone(), vm.revision);
-            // A VM being moved away is not made here again (`moves`).
+            // A VM being moved away is not made here again (`moves`), nor
+            // one that retires.
             if vm.record.moving.is_some()
+                || vm.record.retiring.is_some()
                 || failed.contains(&key)
                 || matches!(svc.store.get_vm(None, &vm.record.id), Ok(Some(_)))
             {
@@ -297,6 +273,8 @@ pub async fn follow(svc: Services, cluster: Cluster) {
                 failed.insert(key);
             }
         }
+        retire(&svc, &cluster, &vms).await;
+        svc.probes.set_targets(probe_targets(&svc, &cluster, &vms));
         report(&svc, &cluster, &vms, &mut reported).await;
         super::moves::carry_out(&svc, &cluster, &vms, &mut moves_started).await;
         publish_host_local(&svc, &cluster, &mut claims_synced).await;
@@ -313,6 +291,63 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             _ = tokio::time::sleep(REPORT_PERIOD) => {}
         }
     }
+}
+
+/// Deletes the service instances placed here that the controller
+/// retires, then their records.
+async fn retire(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
+    let me = cluster.host_name().as_str();
+    for vm in vms
+        .iter()
+        .filter(|vm| vm.record.host.as_deref() == Some(me) && vm.record.retiring.is_some())
+    {
+        let id = &vm.record.id;
+        let deleted = async {
+            let _guard = svc.supervisor.lock(id).await;
+            if svc.store.get_vm(None, id)?.is_some() {
+                vms::delete_here(svc, id).await?;
+            }
+            cluster.delete_vm(id).await?;
+            Ok::<(), ServiceError>(())
+        };
+        match deleted.await {
+            Ok(()) => tracing::info!(vm = %id, "service instance retired"),
+            Err(err) => tracing::warn!(vm = %id, "cannot retire a service instance: {err}"),
+        }
+    }
+}
+
+/// The service instances placed here that have a probe and run, with
+/// their first address.
+fn probe_targets(
+    svc: &Services,
+    cluster: &Cluster,
+    vms: &[ClusterVm],
+) -> HashMap<String, super::probes::Target> {
+    let me = cluster.host_name().as_str();
+    vms.iter()
+        .filter(|vm| vm.record.host.as_deref() == Some(me) && vm.record.retiring.is_none())
+        .filter_map(|vm| {
+            let probe = vm.record.instance.as_ref()?.probe.clone()?;
+            let row = svc.store.get_vm(None, &vm.record.id).ok()??;
+            if row.state != VmState::Running {
+                return None;
+            }
+            let address = row
+                .nics
+                .first()
+                .and_then(|nic| nic.address.as_deref())
+                .and_then(crate::network::nic_address)?;
+            Some((
+                vm.record.id.clone(),
+                super::probes::Target {
+                    probe,
+                    address,
+                    pid: row.pid?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Defines VM `vm`, placed here, in this host's store, and starts it if
@@ -360,7 +395,7 @@ async fn report_failure(cluster: &Cluster, vm: &ClusterVm, err: &ServiceError) {
         "cannot be defined on host {}: {err}",
         cluster.host_name()
     ));
-    if let Err(err) = cluster.report_vm(&shown).await {
+    if let Err(err) = cluster.report_vm(&shown, None).await {
         tracing::warn!(vm = %vm.record.id, "cannot report a VM: {err}");
     }
 }
@@ -370,7 +405,7 @@ async fn report(
     svc: &Services,
     cluster: &Cluster,
     vms: &[ClusterVm],
-    reported: &mut HashMap<String, Vm>,
+    reported: &mut HashMap<String, (Vm, Option<nubis_api::InstanceHealth>)>,
 ) {
     let rows = match svc.store.list_vms(None, None) {
         Ok(rows) => rows,
@@ -390,20 +425,20 @@ async fn report(
         let Some(vm) = placed_here.get(row.id.as_str()) else {
             continue;
         };
-        let shown = svc.vm_view(row);
+        let shown = (svc.vm_view(row), svc.probes.health(&vm.record.id));
         let in_etcd = vm
             .status
             .as_ref()
             .filter(|status| status.host == me)
-            .map(|status| &status.vm);
-        if in_etcd == Some(&shown) && reported.get(&shown.id) == Some(&shown) {
+            .map(|status| (&status.vm, status.health));
+        if in_etcd == Some((&shown.0, shown.1)) && reported.get(&shown.0.id) == Some(&shown) {
             continue;
         }
-        match cluster.report_vm(&shown).await {
+        match cluster.report_vm(&shown.0, shown.1).await {
             Ok(()) => {
-                reported.insert(shown.id.clone(), shown);
+                reported.insert(shown.0.id.clone(), shown);
             }
-            Err(err) => tracing::warn!(vm = %shown.id, "cannot report a VM: {err}"),
+            Err(err) => tracing::warn!(vm = %shown.0.id, "cannot report a VM: {err}"),
         }
     }
 }
@@ -431,6 +466,8 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             moving: None,
             failed_moves: 0,
             generation: 0,
+            instance: None,
+            retiring: None,
         };
         record.record_event(
             "joined",
@@ -469,6 +506,8 @@ pub async fn publish_here(
         moving: None,
         failed_moves: 0,
         generation: 0,
+        instance: None,
+        retiring: None,
     };
     record.record_event(
         "created",

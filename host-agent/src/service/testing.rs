@@ -145,6 +145,7 @@ impl Fixture {
             local_host: Default::default(),
             cluster: None,
             peer_directory,
+            probes: Default::default(),
         };
         let state = AppState {
             store,

@@ -82,7 +82,7 @@ fn check_rate(field: &str, limit: &RateLimit) -> Result<()> {
     Ok(())
 }
 
-fn check(request: &VmCreate) -> Result<()> {
+pub(crate) fn check(request: &VmCreate) -> Result<()> {
     validate::name("name", &request.name, false)?;
     validate::kernel_args("kernel_args", &request.kernel_args)?;
     if !(1..=MAX_VCPUS).contains(&request.vcpus) {

@@ -331,6 +331,10 @@ struct VmCreate {
     /// Cluster: with --anti-affinity, no two in one fault domain instead.
     #[arg(long, requires = "anti_affinity")]
     per_fault_domain: bool,
+    /// Cluster: with --anti-affinity, spread as far as the hosts allow
+    /// but never stay pending for it.
+    #[arg(long, requires = "anti_affinity")]
+    anti_affinity_preferred: bool,
     /// Cluster: the member to run on.
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
@@ -388,6 +392,7 @@ impl VmCreate {
                 } else {
                     AntiAffinityScope::Host
                 },
+                preferred: self.anti_affinity_preferred,
             }),
             host: self.host.clone(),
             strategy: if self.bin_pack {
