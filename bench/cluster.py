@@ -28,11 +28,19 @@ cluster mode) and measures, through the cluster's REST API:
       is `running` on its new host, the downtime its live migration reports
       (GET /v1/vms/{id}/migration, answered by host-a, which drove it), and
       where the VMs went
+  (f) a service behind an endpoint: three busybox httpd instances (HTTP
+      probe), a client opening one connection after another to the
+      endpoint's host port on host-b, from this namespace; the success rate
+      and the answering instances while the host of one instance is drained
+      (live migration), while the role is upgraded one update domain at a
+      time, and when the host of one instance is lost (its underlay link
+      set down): the time until that instance answers again elsewhere
+      (started afresh from its image), and the endpoint's failures meanwhile
 Needs root, /dev/kvm, the release build and guest-images/build.sh's outputs
 (scripts/cluster.sh runs install-deps, the image build and cargo build first).
 Usage: bench/cluster.py [--vms N] [--memory-mib M] [--reads N] [--lease-ttl S]
                         [--drain-vms N] [--drain-parallel P,...]
-                        [--only a|b|c|d|e ...] [--reuse] [--keep]
+                        [--only a|b|c|d|e|f ...] [--reuse] [--keep]
 """
 
 import argparse
@@ -315,6 +323,159 @@ def drain_and_watch(a, operator, ids, max_parallel, seen, drain, downtime):
             downtime[vm_id] = migration["downtime_ms"]
 
 
+SERVING = ("nubis_cmd=\"mkdir -p /w; set -- $(ip -o -4 addr show dev eth0); "
+           "echo {version} $4 > /w/index.html; echo ok > /w/health; httpd -p 80 -h /w; "
+           "echo SERVING; read wait_forever\"")
+HOST_PORT = 30080
+
+
+class EndpointClient:
+    """Opens one connection after another to `address` until stopped; keeps
+    each answer's body (or the error)."""
+
+    def __init__(self, address):
+        self.address, self.answers, self.stopped = address, [], False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        import socket
+        while not self.stopped:
+            t0 = time.monotonic()
+            try:
+                with socket.create_connection(self.address, timeout=15) as conn:
+                    conn.settimeout(15)
+                    conn.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+                    data = b""
+                    while chunk := conn.recv(4096):
+                        data += chunk
+                body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+                self.answers.append((t0, True, body))
+            except (OSError, IndexError) as err:
+                self.answers.append((t0, False, str(err)))
+            time.sleep(0.05)
+
+    def window(self, start, end):
+        return [a for a in self.answers if start <= a[0] < end]
+
+    def stop(self):
+        self.stopped = True
+        self.thread.join(timeout=30)
+
+
+def rate(answers):
+    ok = sum(1 for _, good, _ in answers if good)
+    by = {body.split()[-1] for _, good, body in answers if good}
+    failed = [body for _, good, body in answers if not good]
+    return (f"{ok}/{len(answers)} connections answered"
+            f" ({100.0 * ok / len(answers) if answers else 0:.1f}%) by {len(by)} instances"
+            + (f"; first failure: {failed[0]}" if failed else ""))
+
+
+def service_round(env, urls, token, operator_token, memory_mib):
+    """(f): a service behind an endpoint through a drain, an upgrade and a host loss."""
+    a = api_for(urls["a"], token)
+    operator = api_for(urls["a"], operator_token)
+    with open(os.path.join(env["NUBIS_IMAGES"], "cmdline")) as f:
+        cmdline = f.read().strip()
+    images = env["NUBIS_IMAGES"]
+    a.call("POST", "/v1/images", {
+        "name": "httpd", "kernel": os.path.join(images, "vmlinux"),
+        "rootfs": os.path.join(images, "rootfs.ext4"), "cmdline": f"{cmdline} root=/dev/vda rw"})
+    a.call("POST", "/v1/networks", {"name": "web", "cidr": "10.74.0.0/24"})
+    probe = {"protocol": "http", "port": 80, "path": "/health", "interval_s": 2,
+             "timeout_ms": 5000, "threshold": 2, "start_grace_s": 300}
+    service = a.call("POST", "/v1/services", {"name": "bench", "roles": [{
+        "name": "web", "image": "httpd", "memory_mib": memory_mib, "instances": 3,
+        "networks": ["web"], "kernel_args": SERVING.format(version="v1"), "probe": probe,
+        "endpoints": [{"protocol": "tcp", "port": 80, "host_port": HOST_PORT}]}]})
+    sid = service["id"]
+    figures = {}
+
+    def role():
+        return a.call("GET", f"/v1/services/{sid}")["roles"][0]
+
+    def settled(revision):
+        r = role()
+        live = [i for i in r["instances"] if not i["retiring"]]
+        return len(r["instances"]) == 3 and all(
+            i["health"] == "healthy" and i["revision"] == revision for i in live) and r
+    t0 = time.monotonic()
+    r = wait_until("three healthy instances", 900, lambda: settled(1))
+    figures["healthy"] = time.monotonic() - t0
+    b_reach = urls["b"].removeprefix("http://").partition(":")[0]
+    client = EndpointClient((b_reach, HOST_PORT))
+    try:
+        wait_until("the endpoint answers", 120, lambda: any(g for _, g, _ in client.answers))
+        # Drain the host of one instance (not host-b, which the client uses).
+        drained = next(i["host"] for i in r["instances"] if i["host"] != "host-b")
+        start = time.monotonic()
+        operator.call("POST", f"/v1/hosts/{drained}/drain", {})
+        wait_until("drained", 300, lambda: (operator.call(
+            "GET", f"/v1/hosts/{drained}").get("drain") or {}).get("done"))
+        wait_until("healthy after the drain", 300, lambda: settled(1))
+        time.sleep(5)
+        figures["drain"] = (drained, time.monotonic() - start, rate(client.window(start, time.monotonic())))
+        operator.call("POST", f"/v1/hosts/{drained}/uncordon")
+        # A rolling upgrade.
+        start = time.monotonic()
+        a.call("POST", f"/v1/services/{sid}/upgrade", {
+            "role": "web", "kernel_args": SERVING.format(version="v2")})
+        wait_until("the rollout done", 1200,
+                   lambda: (role().get("rollout") or {}).get("state") == "done")
+        wait_until("healthy after the rollout", 300, lambda: settled(2))
+        done = time.monotonic()
+        time.sleep(5)
+        figures["upgrade"] = (done - start, rate(client.window(start, time.monotonic())))
+        # Lose the host of one instance (not host-b, nor the controller).
+        r = role()
+        leader = controller(operator)
+        lost_instance = next(i for i in r["instances"]
+                             if i["host"] not in ("host-b", leader) and not i["retiring"])
+        lost = lost_instance["host"]
+        port = env[f"NUBIS_UNDERLAY_PORT_{lost.removeprefix('host-').upper()}"]
+        underlay_ns = env["NUBIS_UNDERLAY_NETNS"]
+        start = time.monotonic()
+        subprocess.run(["ip", "-n", underlay_ns, "link", "set", port, "down"], check=True)
+        try:
+            def elsewhere():
+                for i in role()["instances"]:
+                    if i["vm_id"] == lost_instance["vm_id"] and i.get("host") != lost \
+                            and i["health"] == "healthy":
+                        return i
+                return None
+            moved = wait_until("the lost host's instance healthy elsewhere", 600, elsewhere)
+            healthy_at = time.monotonic()
+            address = moved["address"].split("/")[0]
+            wait_until("it answers through the endpoint", 120, lambda: any(
+                g and body.endswith(address) for t, g, body in client.window(healthy_at, time.monotonic())))
+            answered = time.monotonic()
+            down_at = wait_until("the host shown down", 5, lambda: hosts(operator)[lost]["state"] == "down"
+                                 and time.monotonic())
+            figures["loss"] = (lost, moved["host"], down_at - start, healthy_at - start,
+                               answered - start, rate(client.window(start, answered)))
+        finally:
+            subprocess.run(["ip", "-n", underlay_ns, "link", "set", port, "up"], check=True)
+        wait_until(f"{lost} up again", 180, lambda: hosts(operator)[lost]["state"] == "up")
+    finally:
+        client.stop()
+        try:
+            a.call("DELETE", f"/v1/services/{sid}")
+            wait_until("the instances gone", 300, lambda: not a.call("GET", "/v1/vms"))
+            wait_until("the network deleted", 60, lambda: _try(a, "DELETE", "/v1/networks/web"))
+        except (OSError, RuntimeError) as err:
+            print(f"cleanup (service): {err}", file=sys.stderr)
+    return figures
+
+
+def _try(api, method, path):
+    try:
+        api.call(method, path)
+        return True
+    except RuntimeError:
+        return False
+
+
 def start_solo(bin_dir, images, token):
     """A standalone agent in a namespace of its own: (process, Api, data)."""
     subprocess.run(["ip", "netns", "del", SOLO_NETNS], stderr=subprocess.DEVNULL)
@@ -407,7 +568,7 @@ def main():
     parser.add_argument("--reuse", action="store_true",
                         help="use a cluster already up (scripts/cluster.sh up --no-demo)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster up")
-    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append")
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e", "f"], action="append")
     args = parser.parse_args()
     state = os.environ.get("NUBIS_CLUSTER_DIR", "/var/lib/nubis-cluster")
     up_started = time.monotonic()
@@ -420,7 +581,7 @@ def main():
     urls = {name: env[f"NUBIS_URL_{name.upper()}"] for name in names}
     operator_token = env["NUBIS_OPERATOR_TOKEN"]
     operator = api_for(urls["a"], operator_token)
-    only = set(args.only or "abcde")
+    only = set(args.only or "abcdef")
     tenant_id = None
     try:
         tenant_id, token = tenant(operator, f"bench-{int(time.time())}")
@@ -499,6 +660,23 @@ def main():
                 else:
                     print("    migration downtime: not reported")
                 print(f"    moved to {dict(sorted(per_host.items()))}")
+
+        if "f" in only:
+            print("a service behind an endpoint: 3 busybox httpd instances (HTTP probe every 2 s),"
+                  f" a client connecting again and again to host-b:{HOST_PORT} from outside:")
+            f = service_round(env, urls, token, operator_token, args.memory_mib)
+            print(f"  three instances healthy {f['healthy']:.0f} s after the service's creation")
+            if "drain" in f:
+                host, took, answered = f["drain"]
+                print(f"  drain of {host} (its instance live-migrated), {took:.1f} s: {answered}")
+            if "upgrade" in f:
+                took, answered = f["upgrade"]
+                print(f"  rolling upgrade (2 update domains), {took:.0f} s: {answered}")
+            if "loss" in f:
+                lost, to, down, healthy, answered, during = f["loss"]
+                print(f"  {lost} lost (underlay link down): shown down after {down:.1f} s; its"
+                      f" instance healthy on {to} after {healthy:.1f} s, answering through the"
+                      f" endpoint after {answered:.1f} s; meanwhile {during}")
 
         if "c" in only:
             print("controller failover (SIGKILL of the controller's agent):")

@@ -70,6 +70,10 @@ pub struct ClusterHost {
     /// The agent's version (while up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// When its agent process joined, seconds since the epoch (while up):
+    /// a restarted agent shows a later one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
     /// Seconds since the epoch.
     pub joined_at: u64,
     /// While the host is drained (`POST /v1/hosts/{name}/drain`).

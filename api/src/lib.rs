@@ -26,7 +26,7 @@ pub use network::{Network, NetworkCreate, Overlay, PortForward, PortForwardCreat
 pub use service::{
     FaultDomainSpread, InstanceHealth, Probe, ProbeProtocol, RestartPolicy, Role, RoleRollback,
     RoleScale, RoleSpec, RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate,
-    ServiceInstance,
+    ServiceEndpoint, ServiceInstance,
 };
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};

@@ -63,6 +63,46 @@ pub struct RoleSpec {
     /// healthy while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<Probe>,
+    /// Ports load-balanced over the role's healthy instances, at a virtual
+    /// address on its first network (at most 4; fixed at creation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+/// A port of a role's endpoint: new flows to the role's virtual address
+/// (and to `host_port` on every host) go to one of its healthy
+/// instances, wherever it runs; the kernel does it (nftables), on the
+/// host where the flow enters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    pub protocol: crate::network::Protocol,
+    /// The port at the virtual address (1 to 65535).
+    pub port: u16,
+    /// The instances' port (`port` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// A port open on every host (in the hosts' port forward range), as a
+    /// cloud load balancer's public port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+impl ServiceEndpoint {
+    /// A TCP endpoint on `port`, to the same port of the instances.
+    pub fn tcp(port: u16) -> Self {
+        ServiceEndpoint {
+            protocol: crate::network::Protocol::Tcp,
+            port,
+            target_port: None,
+            host_port: None,
+        }
+    }
+
+    /// The instances' port.
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -94,6 +134,7 @@ impl RoleSpec {
             require: BTreeMap::new(),
             restart: RestartPolicy::default(),
             probe: None,
+            endpoints: Vec::new(),
         }
     }
 
@@ -223,6 +264,10 @@ pub struct Role {
     pub rollout: Option<Rollout>,
     /// Whether a rollback can go back to an earlier revision.
     pub can_roll_back: bool,
+    /// The address of its endpoints on its first network (with
+    /// endpoints only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_address: Option<String>,
 }
 
 /// One instance of a role: a VM.

@@ -362,6 +362,20 @@ impl Agent {
         (status, log)
     }
 
+    /// Stops the agent as a service manager does (SIGTERM, then waits for
+    /// it to exit), leaving the VMMs it started running for its next start
+    /// to adopt: (how it exited, its log).
+    pub fn stop_gracefully(self) -> (Option<std::process::ExitStatus>, String) {
+        if let Some(child) = &self.child {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill with the pid of our own child (not yet
+                // waited for, so not reused) and a fixed signal.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        self.crashed()
+    }
+
     /// Starts an agent as another host (see [`RemoteHost`]).
     pub fn start_remote(data_dir: &Path, image_dir: &Path, host: &RemoteHost) -> Self {
         Self::launch_remote(data_dir, image_dir, host, None)

@@ -7,6 +7,7 @@
 //! test fails with a message saying so. It never skips silently.
 
 pub mod agent;
+pub mod cluster;
 pub mod etcd;
 pub mod guest;
 pub mod net;

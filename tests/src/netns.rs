@@ -38,6 +38,18 @@ impl NetNs {
         }
     }
 
+    /// Runs `work` on a thread that has entered this namespace's network
+    /// (see [`enter`]): sockets it opens are the namespace's.
+    pub fn within<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name);
+            work()
+        })
+        .join()
+        .expect("the thread in the namespace")
+    }
+
     /// Joins the namespace to this host with a veth pair: `host_link` with
     /// `host_cidr` here, `inner_cidr` on `eth0` inside.
     pub fn link_to_host(&mut self, host_link: &str, host_cidr: &str, inner_cidr: &str) {
@@ -129,6 +141,24 @@ impl Drop for NetNs {
             .status()
             .ok();
     }
+}
+
+/// Moves the calling thread (only it: setns acts per thread) into the
+/// network of namespace `name`; sockets it opens then are the
+/// namespace's.
+pub fn enter(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let file = std::fs::File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+    // SAFETY: setns on a descriptor of a network namespace file moves only
+    // the calling thread into it; the descriptor is open for the call.
+    let entered =
+        unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(
+        entered,
+        0,
+        "setns into {path}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A simulated host: namespace `name` (made unique per test process) with

@@ -13,10 +13,9 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nubis_api::{
     AntiAffinity, AntiAffinityScope, ClusterHost, HostLossPolicy, HostState, Image, Network,
@@ -25,309 +24,50 @@ use nubis_api::{
 };
 use nubis_tests::agent::{
     busybox_image, console_value, expect_as, jailed_pids, parent_cgroup, tenant_with_quota,
-    vmm_pid, Agent, RemoteHost, Reply, BOOT_GUARD,
+    vmm_pid, Reply, BOOT_GUARD,
+};
+use nubis_tests::cluster::{
+    host_states, tail, Cluster, Host, Layout, Member, Underlay, COMPUTE, MAY_LEAD, SETTLE,
 };
 use nubis_tests::etcd::EtcdCluster;
-use nubis_tests::net::interface_name;
-use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 use serde::Serialize;
 
-const PORT: u16 = 8282;
 /// Seconds of a host's lease: short, so that a dead controller is
 /// replaced quickly.
 const LEASE_TTL_S: u64 = 3;
-/// How long a change may take to show (a placement, a report, a lease
-/// expiring, an election) on a machine busy booting guests. A hang
-/// guard, not a timing assertion.
-const SETTLE: Duration = Duration::from_secs(60);
 /// What each guest prints once its user space runs, then its name.
 const MARKER: &str = "CLUSTER_VM_UP";
-/// The roles of a host that runs VMs and may be the controller.
-const MAY_LEAD: &str = "compute,controller";
-/// The roles of a host that only runs VMs.
-const COMPUTE: &str = "compute";
 /// The guests' memory: small, they only print a line.
 const GUEST_MEMORY_MIB: u64 = 128;
 
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+/// This test's cluster, apart from cluster_services' (same lane, but a
+/// binary's namespaces may outlive it on a crash).
+const LAYOUT: Layout = Layout {
+    prefix: "nbv",
+    underlay_octet: 47,
+    port: 8282,
+    lease_ttl_s: LEASE_TTL_S,
+};
 
-/// The network between the hosts (their peer channel): a bridge in a
-/// namespace of its own, each host plugged into it by a veth pair.
-struct Underlay {
-    netns: NetNs,
-}
-
-impl Underlay {
-    fn new() -> Self {
-        let netns = NetNs::create(&interface_name("nbvs"));
-        ip(&["-n", &netns.name, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &netns.name, "link", "set", "br0", "up"]);
-        Self { netns }
-    }
-
-    /// Plugs `host` in: `under` with `address`/24 there, `port` on the
-    /// bridge here.
-    fn plug(&self, host: &NetNs, port: &str, address: Ipv4Addr) {
-        ip(&[
-            "-n",
-            &host.name,
-            "link",
-            "add",
-            "under",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            &self.netns.name,
-        ]);
-        let cidr = format!("{address}/24");
-        ip(&["-n", &host.name, "addr", "add", &cidr, "dev", "under"]);
-        ip(&["-n", &host.name, "link", "set", "under", "up"]);
-        ip(&[
-            "-n",
-            &self.netns.name,
-            "link",
-            "set",
-            port,
-            "master",
-            "br0",
-            "up",
-        ]);
-    }
-}
-
-/// A simulated host: its namespace, how the test reaches it and how it
-/// joins the cluster.
-struct Host {
-    name: &'static str,
-    netns: NetNs,
-    token: String,
-    reach: Ipv4Addr,
-    underlay: Ipv4Addr,
-    labels: &'static str,
-    roles: &'static str,
-    /// vCPUs and memory (MiB) it offers VMs.
-    capacity: (u32, u64),
-}
-
-impl Host {
-    /// Host `name` in namespace `nbv{name}`, reached over 10.97.`subnet`.x,
-    /// plugged into `underlay` as 10.98.47.`index + 1`.
-    fn new(
-        underlay: &Underlay,
-        index: u8,
-        name: &'static str,
-        subnet: u8,
-        labels: &'static str,
-        roles: &'static str,
-        capacity: (u32, u64),
-    ) -> Self {
-        let netns = simulated_host(&format!("nbv{name}"), subnet);
-        let address = Ipv4Addr::new(10, 98, 47, index + 1);
-        underlay.plug(&netns, &format!("p{name}"), address);
-        Host {
-            name,
-            netns,
-            token: format!("cluster-vms-{name}-operator-token"),
-            reach: Ipv4Addr::new(10, 97, subnet, 2),
-            underlay: address,
-            labels,
-            roles,
-            capacity,
-        }
-    }
-
-    /// Where this host reaches the test's namespace (and etcd).
-    fn gateway(&self) -> Ipv4Addr {
-        let [a, b, c, _] = self.reach.octets();
-        Ipv4Addr::new(a, b, c, 1)
-    }
-
-    fn data_dir(&self, dir: &TestDir) -> PathBuf {
-        dir.join(&format!("agent-{}", self.name))
-    }
-
-    /// Starts this host's agent (again, with the same data directory).
-    fn join(&self, dir: &TestDir, images: &Path, etcd: &EtcdCluster) -> Agent {
-        let (vcpus, memory_mib) = self.capacity;
-        let settings = serde_json::json!({
-            "capacity": {"vcpus": vcpus, "memory_mib": memory_mib, "disk_mib": 10240}
-        });
-        let args: Vec<String> = [
-            "--cluster",
-            &etcd.cluster_arg(self.gateway()),
-            "--host-name",
-            self.name,
-            "--labels",
-            self.labels,
-            "--roles",
-            self.roles,
-            "--lease-ttl",
-            &LEASE_TTL_S.to_string(),
-        ]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-        let remote = RemoteHost {
-            netns: &self.netns.name,
-            port: PORT,
-            reach: self.reach,
-            operator_token: &self.token,
-            underlay: self.underlay,
-        };
-        Agent::start_member(&self.data_dir(dir), images, &remote, &settings, &args)
-    }
-}
-
-/// A host and its agent (stopped: None); the agent goes first on drop,
-/// with its VMMs, then the namespace.
-struct Member {
-    agent: Option<Agent>,
-    host: Host,
-}
-
-impl Member {
-    fn name(&self) -> &'static str {
-        self.host.name
-    }
-
-    fn agent(&self) -> &Agent {
-        self.agent
-            .as_ref()
-            .unwrap_or_else(|| panic!("host {}'s agent is not running", self.name()))
-    }
-
-    fn call(&self, method: &str, path: &str, token: &str, body: Option<&VmCreate>) -> Reply {
-        let body = body.map(nubis_tests::agent::json_body);
-        match self
-            .agent()
-            .call_crashing(method, path, Some(token), body.as_ref())
-        {
-            Some(reply) => reply,
-            None => panic!(
-                "{method} {path}: host {}'s agent closed the connection; its log:\n{}",
-                self.name(),
-                tail(&self.agent().log(), 60)
-            ),
-        }
-    }
-
-    /// `GET path` as `token`: the body if it answered 200.
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str, token: &str) -> Result<T, String> {
-        let reply = self.call("GET", path, token, None);
-        if reply.status != 200 {
-            return Err(format!(
-                "GET {path} on host {}: {} {}",
-                self.name(),
-                reply.status,
-                reply.text
-            ));
-        }
-        serde_json::from_value(reply.body.clone())
-            .map_err(|err| format!("GET {path} on host {}: {err}: {reply:?}", self.name()))
-    }
-
-    fn hosts(&self) -> Result<Vec<ClusterHost>, String> {
-        self.get("/v1/hosts", &self.host.token)
-    }
-}
-
-/// The simulated cluster: its members in the order a, b, c, d.
-struct Cluster {
-    members: Vec<Member>,
-}
-
-impl Cluster {
-    fn member(&self, name: &str) -> &Member {
-        self.members
-            .iter()
-            .find(|member| member.name() == name)
-            .unwrap_or_else(|| panic!("no host {name}"))
-    }
-
-    /// The members whose agent runs.
-    fn running(&self) -> impl Iterator<Item = &Member> {
-        self.members.iter().filter(|member| member.agent.is_some())
-    }
-
-    /// The end of every agent's log, for a failure's message.
-    fn logs(&self) -> String {
-        self.running()
-            .map(|member| {
-                format!(
-                    "--- host {}'s agent log (end) ---\n{}",
-                    member.name(),
-                    tail(&member.agent().log(), 40)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Polls `check` until it holds; panics with `what`, the last view and
-    /// the agents' logs after `guard`.
-    fn wait_for<T>(
+/// What this test checks of the cluster beyond the shared helpers.
+trait VmChecks {
+    fn unplaceable(&self, via: &str, token: &str, id: &str, reason: &str) -> VmEvent;
+    fn same_everywhere(
         &self,
-        what: &str,
-        guard: Duration,
-        mut check: impl FnMut() -> Result<T, String>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            match check() {
-                Ok(value) => return value,
-                Err(last) if start.elapsed() > guard => {
-                    panic!(
-                        "{what} (not within {} s): {last}\n{}",
-                        guard.as_secs(),
-                        self.logs()
-                    )
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
-            }
-        }
-    }
+        token: &str,
+        expected: Option<&BTreeSet<VmShape>>,
+    ) -> BTreeSet<VmShape>;
+    fn race(
+        &self,
+        path: &str,
+        token: &str,
+        bodies: [(&str, impl Serialize); 2],
+        refused: u16,
+    ) -> Vec<Reply>;
+}
 
-    /// `body` created through `via` as `token` (201): the VM, pending.
-    fn create(&self, via: &str, token: &str, body: &VmCreate) -> Vm {
-        let reply = self.member(via).call("POST", "/v1/vms", token, Some(body));
-        if reply.status != 201 {
-            panic!(
-                "creating VM {} through host {via}: {} {}\n{}",
-                body.name,
-                reply.status,
-                reply.text,
-                self.logs()
-            );
-        }
-        expect_as(&reply, 201)
-    }
-
-    /// VM `id` as host `via` shows it.
-    fn vm(&self, via: &str, token: &str, id: &str) -> Result<Vm, String> {
-        self.member(via).get(&format!("/v1/vms/{id}"), token)
-    }
-
-    /// Waits until VM `id`, seen through `via`, is placed on a host: that
-    /// host.
-    fn placed(&self, via: &str, token: &str, id: &str) -> String {
-        self.wait_for(&format!("VM {id} is placed"), SETTLE, || {
-            let vm = self.vm(via, token, id)?;
-            vm.host.clone().ok_or_else(|| format!("{vm:?}"))
-        })
-    }
-
+impl VmChecks for Cluster {
     /// Waits until VM `id`'s events (through `via`) have an `unplaceable`
     /// one that mentions `reason`; checks it is still pending.
     fn unplaceable(&self, via: &str, token: &str, id: &str, reason: &str) -> VmEvent {
@@ -415,24 +155,6 @@ impl Cluster {
         expected.sort();
         assert_eq!(statuses, expected, "{replies:#?}");
         replies
-    }
-
-    /// Waits until one host is the controller and `up` hosts are up, as
-    /// `via` sees it: the controller's name.
-    fn controller(&self, via: &str, up: &[&str]) -> String {
-        self.wait_for("the cluster's hosts and controller", SETTLE, || {
-            let hosts = self.member(via).hosts()?;
-            let controllers: Vec<&ClusterHost> = hosts.iter().filter(|h| h.controller).collect();
-            let all_up = up.iter().all(|name| {
-                hosts
-                    .iter()
-                    .any(|h| h.name == *name && h.state == HostState::Up)
-            });
-            match controllers.as_slice() {
-                [one] if all_up => Ok(one.name.clone()),
-                _ => Err(host_states(&hosts)),
-            }
-        })
     }
 }
 
@@ -588,26 +310,6 @@ fn shape(vm: &Vm) -> VmShape {
     )
 }
 
-fn host_states(hosts: &[ClusterHost]) -> String {
-    hosts
-        .iter()
-        .map(|host| {
-            format!(
-                "{}={}{}",
-                host.name,
-                host.state.as_str(),
-                if host.controller { "*" } else { "" }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn tail(log: &str, lines: usize) -> String {
-    let all: Vec<&str> = log.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// A busybox guest `name` that prints [`MARKER`] and its name, then
 /// waits; in anti-affinity group `group` (per host) if given.
 fn guest(name: &str, group: Option<&str>, start: bool) -> VmCreate {
@@ -672,7 +374,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         .parent()
         .expect("the guest images' directory")
         .to_path_buf();
-    let underlay = Underlay::new();
+    let underlay = Underlay::new(LAYOUT);
     // One member: the cluster's etcd is not what this test is about.
     let etcd = EtcdCluster::start(&dir.join("etcd"), 1, Ipv4Addr::LOCALHOST, None);
     // a and b may lead; c only runs VMs. Each offers 4 vCPUs and 2 GiB.

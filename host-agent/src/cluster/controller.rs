@@ -57,7 +57,7 @@ pub(super) async fn run(cluster: Cluster) {
             tokio::select! {
                 changed = async {
                     match revision {
-                        Some(revision) => cluster.services_or_vms_changed(revision).await,
+                        Some(revision) => cluster.vms_changed(revision).await,
                         None => { tokio::time::sleep(RETRY).await; Ok(()) }
                     }
                 } => {
@@ -389,6 +389,8 @@ fn request(record: &VmRecord) -> Request {
 mod tests {
     use nubis_api::{AntiAffinity as ApiAntiAffinity, VmCreate, VmDisk};
 
+    use super::super::view::test_member;
+
     use super::*;
 
     fn record(id: &str, tenant: &str, host: Option<&str>, group: Option<&str>) -> VmRecord {
@@ -465,43 +467,13 @@ mod tests {
         );
     }
 
-    fn member(name: &str, up: bool, cordoned: bool) -> super::super::view::Member {
-        use super::super::records::{AliveRecord, MemberRecord};
-        use super::super::settings::Role;
-        super::super::view::Member {
-            record: MemberRecord {
-                name: name.parse().expect("name"),
-                fingerprint: "f".repeat(64),
-                roles: [Role::Compute].into(),
-                labels: Default::default(),
-                joined_at: 1,
-                cordoned,
-                drain: None,
-            },
-            alive: up.then(|| AliveRecord {
-                api_address: "10.0.0.1:8080".parse().expect("address"),
-                underlay_address: None,
-                peer_port: 7443,
-                capacity: nubis_api::HostResources {
-                    vcpus: 8,
-                    memory_mib: 4096,
-                    disk_mib: 10_000,
-                },
-                usage: nubis_api::HostResources::default(),
-                vms: 0,
-                agent_version: "0.1.0".into(),
-                started_at: 1,
-            }),
-        }
-    }
-
     #[test]
     fn a_vm_moving_takes_room_on_both_hosts_and_states_follow_the_members() {
         let view = View {
             members: vec![
-                member("a", true, true),
-                member("b", true, false),
-                member("c", false, false),
+                test_member("a", true, true),
+                test_member("b", true, false),
+                test_member("c", false, false),
             ],
             leader: None,
             revision: 1,

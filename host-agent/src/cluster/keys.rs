@@ -222,6 +222,22 @@ impl Keys {
         format!("{}service-names/", self.prefix)
     }
 
+    /// `host-ports/{protocol}/{port}`: a service endpoint's port on every
+    /// host, held by its service.
+    pub fn host_port(&self, protocol: nubis_api::Protocol, port: u16) -> String {
+        format!("{}host-ports/{}/{port}", self.prefix, protocol.as_str())
+    }
+
+    /// `lb-hosts/{network}/{host}`: the address host `host` has on
+    /// `network` to balance flows from (its `ipam/` key is the host's).
+    pub fn lb_host(&self, network: &str, host: &str) -> String {
+        format!("{}lb-hosts/{network}/{host}", self.prefix)
+    }
+
+    pub fn lb_hosts_of(&self, network: &str) -> String {
+        format!("{}lb-hosts/{network}/", self.prefix)
+    }
+
     /// `status/{vm}`: the VM as the host that runs it last saw it.
     /// Written by that host only.
     pub fn vm_status(&self, id: &str) -> String {

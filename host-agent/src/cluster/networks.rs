@@ -205,27 +205,54 @@ impl Cluster {
     }
 
     /// Deletes network `record`, refused while any address of it is a
-    /// VM's.
+    /// VM's or a service's (the hosts' balancing addresses go with it).
     pub async fn delete_network(&self, record: &NetworkRecord) -> Result<(), ClusterError> {
         let keys = &self.inner.keys;
         let key = keys.network(&record.id);
         let usage_key = keys.usage(&record.tenant_id);
         let addresses = keys.addresses_of(&record.id);
+        let lb_hosts = keys.lb_hosts_of(&record.id);
         for _ in 0..ATTEMPTS {
             let (current, seen) = self.usage(&usage_key).await?;
             let usage = current.without(ONE_NETWORK);
+            let (mut held, revision) = self
+                .inner
+                .etcd
+                .get_prefixes_at::<serde_json::Value>(&[&addresses])
+                .await?;
+            let held = held.pop().unwrap_or_default();
+            if held
+                .iter()
+                .any(|(_, stored)| serde_json::from_value::<LbHost>(stored.value.clone()).is_err())
+            {
+                return Err(ClusterError::Held(format!(
+                    "network {} has NICs of VMs or addresses of services in the cluster: delete them first",
+                    record.id
+                )));
+            }
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
-                    Compare::create_revision(addresses.as_str(), CompareOp::Equal, 0).with_prefix(),
+                    // Nothing took an address since the read.
+                    Compare::mod_revision(addresses.as_str(), CompareOp::Less, revision + 1)
+                        .with_prefix(),
                     unchanged(&usage_key, seen),
                 ])
-                .and_then([
-                    TxnOp::delete(key.as_str(), None),
-                    TxnOp::delete(keys.network_name(&record.tenant_id, &record.name), None),
-                    TxnOp::delete(keys.vni(record.vni), None),
-                    TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
-                ]);
+                .and_then(
+                    [
+                        TxnOp::delete(key.as_str(), None),
+                        TxnOp::delete(keys.network_name(&record.tenant_id, &record.name), None),
+                        TxnOp::delete(keys.vni(record.vni), None),
+                        TxnOp::put(usage_key.as_str(), encode(&usage_key, &usage)?, None),
+                        TxnOp::delete(
+                            lb_hosts.as_str(),
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        ),
+                    ]
+                    .into_iter()
+                    .chain(held.into_iter().map(|(key, _)| TxnOp::delete(key, None)))
+                    .collect::<Vec<_>>(),
+                );
             let (done, _) = self
                 .inner
                 .etcd
@@ -242,12 +269,6 @@ impl Cluster {
                 .is_none()
             {
                 return Ok(());
-            }
-            if !self.used_addresses(&record.id).await?.is_empty() {
-                return Err(ClusterError::Held(format!(
-                    "network {} has NICs of VMs in the cluster: delete them first",
-                    record.id
-                )));
             }
         }
         Err(ClusterError::Contended {
@@ -322,5 +343,72 @@ impl Cluster {
             nics.push(nic);
         }
         Ok(nics)
+    }
+}
+
+/// The value of a host's balancing address in `ipam/` (`lb-hosts/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbHost {
+    pub host: String,
+    pub address: Ipv4Addr,
+}
+
+impl Cluster {
+    /// This host's balancing address on network `record` (taken in
+    /// `ipam/` the first time it is asked for): the source of the flows it
+    /// balances to the network's instances, so that their answers come
+    /// back through it.
+    pub async fn lb_address(&self, record: &NetworkRecord) -> Result<Ipv4Addr, ClusterError> {
+        let keys = &self.inner.keys;
+        let me = self.inner.settings.host_name.to_string();
+        let index_key = keys.lb_host(&record.id, &me);
+        if let Some(stored) = self.inner.etcd.get::<LbHost>(&index_key).await? {
+            return Ok(stored.value.address);
+        }
+        let cidr: crate::ipv4::Cidr =
+            record
+                .cidr
+                .parse()
+                .map_err(|reason: String| ClusterError::Corrupt {
+                    key: keys.network(&record.id),
+                    reason,
+                })?;
+        for _ in 0..ATTEMPTS {
+            let used = self.used_addresses(&record.id).await?;
+            let address = cidr.allocate(&used).ok_or_else(|| {
+                ClusterError::AddressesExhausted(format!("no free address left in {}", record.cidr))
+            })?;
+            let value = LbHost {
+                host: me.clone(),
+                address,
+            };
+            let address_key = keys.address(&record.id, address);
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(keys.network(&record.id), CompareOp::Greater, 0),
+                    Compare::create_revision(address_key.as_str(), CompareOp::Equal, 0),
+                    Compare::create_revision(index_key.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(address_key.as_str(), encode(&address_key, &value)?, None),
+                    TxnOp::put(index_key.as_str(), encode(&index_key, &value)?, None),
+                ]);
+            let (done, _) = self
+                .inner
+                .etcd
+                .txn(&format!("take a balancing address on {}", record.id), txn)
+                .await?;
+            if done {
+                return Ok(address);
+            }
+            if let Some(stored) = self.inner.etcd.get::<LbHost>(&index_key).await? {
+                return Ok(stored.value.address);
+            }
+        }
+        Err(ClusterError::Contended {
+            key: index_key,
+            attempts: ATTEMPTS,
+        })
     }
 }

@@ -74,6 +74,7 @@ pub fn cluster_host(
         usage: alive.map(|a| a.usage),
         vms: alive.map(|a| a.vms),
         agent_version: alive.map(|a| a.agent_version.clone()),
+        started_at: alive.map(|a| a.started_at),
         joined_at: member.joined_at,
         drain: None,
     }

@@ -148,6 +148,7 @@ fn instance<'a>(vm: &'a ClusterVm, view: &View) -> Option<Instance<'a>> {
         retiring: vm.record.retiring.is_some(),
         health: instance_health(vm),
         host_down,
+        moving: vm.record.moving.is_some(),
     })
 }
 
@@ -330,6 +331,7 @@ mod tests {
             storage_mib: 12,
             previous: None,
             rollout: None,
+            virtual_address: None,
         };
         let service = ServiceRecord {
             id: "svc-0123456789abcdef".into(),

@@ -35,6 +35,9 @@ pub struct Instance<'a> {
     pub health: InstanceHealth,
     /// Its host is down: its health is not known.
     pub host_down: bool,
+    /// A drain moves it: what its old host reports meanwhile (stopped,
+    /// once handed over) says nothing of its health.
+    pub moving: bool,
 }
 
 /// What to do for one role.
@@ -127,6 +130,7 @@ pub fn plan_role(role: &RoleRecord, instances: &[Instance<'_>], now: u64) -> Rol
             .filter(|(_, instance)| {
                 instance.health == InstanceHealth::Unhealthy
                     && !instance.host_down
+                    && !instance.moving
                     && Some(instance.of.revision) != failed_revision
             })
             .map(|(slot, _)| *slot)
@@ -206,7 +210,8 @@ fn advance_rollout(
             rollout.state = RolloutState::Failed;
             rollout.ended_at = Some(now);
             rollout.message = format!(
-                "update domain {domain}: instance {} of revision {target} is unhealthy; the rollout stopped (roll back, or upgrade again)",
+                "update domain {} of {domains}: instance {} of revision {target} is unhealthy; the rollout stopped (roll back, or upgrade again)",
+                domain + 1,
                 instance.name
             );
             plan.events.push((
@@ -275,6 +280,7 @@ mod tests {
             storage_mib: 10,
             previous: None,
             rollout: None,
+            virtual_address: None,
         }
     }
 
@@ -315,6 +321,7 @@ mod tests {
                     retiring: false,
                     health,
                     host_down: false,
+                    moving: false,
                 })
                 .collect()
         }
@@ -369,6 +376,13 @@ mod tests {
         assert_eq!(plan_role(&never, &instances, 0), RolePlan::default());
         // On a down host: left to the host-loss handling.
         instances[1].host_down = true;
+        assert_eq!(
+            plan_role(&role(2, 2, 1), &instances, 0),
+            RolePlan::default()
+        );
+        // Moving (a drain): its old host's report is not its health.
+        instances[1].host_down = false;
+        instances[1].moving = true;
         assert_eq!(
             plan_role(&role(2, 2, 1), &instances, 0),
             RolePlan::default()

@@ -12,7 +12,7 @@ use nubis_api::{Probe, RoleSpec, Rollout, VmEvent};
 use serde::{Deserialize, Serialize};
 
 use super::etcd::encode;
-use super::vms::{prefix_end, ATTEMPTS};
+use super::vms::ATTEMPTS;
 use super::{typed, Cluster, ClusterError};
 use crate::store::now;
 
@@ -44,6 +44,17 @@ pub struct RoleRecord {
     pub previous: Option<PreviousRevision>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// The address of its endpoints on its first network, taken in
+    /// `ipam/` with the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_address: Option<std::net::Ipv4Addr>,
+}
+
+impl RoleRecord {
+    /// The network its virtual address is on: its first.
+    pub fn endpoint_network(&self) -> Option<&str> {
+        self.spec.networks.first().map(String::as_str)
+    }
 }
 
 /// A role's revision before the current one.
@@ -72,6 +83,24 @@ impl ServiceRecord {
 
     pub fn role_mut(&mut self, name: &str) -> Option<&mut RoleRecord> {
         self.roles.iter_mut().find(|role| role.spec.name == name)
+    }
+
+    /// The keys it holds besides its own: its roles' virtual addresses
+    /// (`ipam/`) and its endpoints' host ports (`host-ports/`).
+    fn held_keys(&self, keys: &super::keys::Keys) -> Vec<String> {
+        let mut held = Vec::new();
+        for role in &self.roles {
+            if let (Some(network), Some(address)) = (role.endpoint_network(), role.virtual_address)
+            {
+                held.push(keys.address(network, address));
+            }
+            for endpoint in &role.spec.endpoints {
+                if let Some(port) = endpoint.host_port {
+                    held.push(keys.host_port(endpoint.protocol, port));
+                }
+            }
+        }
+        held
     }
 
     /// Whether this is service `wanted` (id or name) of `tenant` (any
@@ -160,19 +189,21 @@ impl Cluster {
             keys.service_name(&record.tenant_id, &record.name),
         );
         let tenant_key = keys.tenant(&record.tenant_id);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
-                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(key.as_str(), encode(&key, record)?, None),
-                TxnOp::put(
-                    name_key.as_str(),
-                    encode(&name_key, &ServiceName { id: &record.id })?,
-                    None,
-                ),
-            ]);
+        let owner = encode(&name_key, &ServiceName { id: &record.id })?;
+        let held = record.held_keys(keys);
+        let mut conditions = vec![
+            Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+            Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+        ];
+        let mut puts = vec![
+            TxnOp::put(key.as_str(), encode(&key, record)?, None),
+            TxnOp::put(name_key.as_str(), owner.clone(), None),
+        ];
+        for key in &held {
+            conditions.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+            puts.push(TxnOp::put(key.as_str(), owner.clone(), None));
+        }
+        let txn = Txn::new().when(conditions).and_then(puts);
         let (done, _) = self
             .inner
             .etcd
@@ -182,10 +213,34 @@ impl Cluster {
             return Ok(());
         }
         self.require_tenant(&record.tenant_id).await?;
-        Err(ClusterError::Exists(format!(
-            "a service named '{}' of this tenant",
-            record.name
-        )))
+        if self
+            .inner
+            .etcd
+            .get::<serde_json::Value>(&name_key)
+            .await?
+            .is_some()
+        {
+            return Err(ClusterError::Exists(format!(
+                "a service named '{}' of this tenant",
+                record.name
+            )));
+        }
+        for key in &held {
+            if self
+                .inner
+                .etcd
+                .get::<serde_json::Value>(key)
+                .await?
+                .is_some()
+            {
+                let what = match key.contains("/host-ports/") {
+                    true => "host port",
+                    false => "address",
+                };
+                return Err(ClusterError::Raced(format!("{what} {key}")));
+            }
+        }
+        Err(ClusterError::Contended { key, attempts: 1 })
     }
 
     /// Changes service `id` with `change` (which may refuse), written only
@@ -245,16 +300,21 @@ impl Cluster {
                 return Err(ClusterError::NoSuchService(id.to_string()));
             };
             let record = stored.value;
+            let deletes: Vec<TxnOp> = [
+                key.clone(),
+                keys.service_name(&record.tenant_id, &record.name),
+            ]
+            .into_iter()
+            .chain(record.held_keys(keys))
+            .map(|key| TxnOp::delete(key, None))
+            .collect();
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
                     CompareOp::Equal,
                     stored.mod_revision,
                 )])
-                .and_then([
-                    TxnOp::delete(key.as_str(), None),
-                    TxnOp::delete(keys.service_name(&record.tenant_id, &record.name), None),
-                ]);
+                .and_then(deletes);
             let (done, _) = self
                 .inner
                 .etcd
@@ -270,17 +330,19 @@ impl Cluster {
         })
     }
 
-    /// Returns at the first change of a service, a VM record or a VM's
-    /// report after `revision`: what the controller's service pass reads.
-    pub(super) async fn services_or_vms_changed(&self, revision: i64) -> Result<(), ClusterError> {
-        // "service-names/" < "services/" < "status/" < "usage/" <
-        // "vm-names/" < "vms/".
-        let keys = &self.inner.keys;
-        let (start, end) = (keys.service_names(), prefix_end(&keys.vms()));
-        self.inner
+    /// Whether a service endpoint holds `port` on every host.
+    pub async fn host_port_taken(
+        &self,
+        protocol: nubis_api::Protocol,
+        port: u16,
+    ) -> Result<bool, ClusterError> {
+        let key = self.inner.keys.host_port(protocol, port);
+        Ok(self
+            .inner
             .etcd
-            .changed("the services and VMs", (&start, &end), revision)
-            .await
+            .get::<serde_json::Value>(&key)
+            .await?
+            .is_some())
     }
 }
 

@@ -105,3 +105,35 @@ pub(super) async fn follow(inner: Arc<Inner>) {
         }
     }
 }
+
+/// Member `name` for unit tests: up (with 8 vCPUs, 4 GiB) or down,
+/// cordoned or not.
+#[cfg(test)]
+pub fn test_member(name: &str, up: bool, cordoned: bool) -> Member {
+    use super::settings::Role;
+    Member {
+        record: MemberRecord {
+            name: name.parse().expect("name"),
+            fingerprint: "f".repeat(64),
+            roles: [Role::Compute].into(),
+            labels: Default::default(),
+            joined_at: 1,
+            cordoned,
+            drain: None,
+        },
+        alive: up.then(|| AliveRecord {
+            api_address: "10.0.0.1:8080".parse().expect("address"),
+            underlay_address: None,
+            peer_port: 7443,
+            capacity: nubis_api::HostResources {
+                vcpus: 8,
+                memory_mib: 4096,
+                disk_mib: 10_000,
+            },
+            usage: nubis_api::HostResources::default(),
+            vms: 0,
+            agent_version: "0.1.0".into(),
+            started_at: 1,
+        }),
+    }
+}

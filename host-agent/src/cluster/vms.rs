@@ -328,13 +328,15 @@ impl Cluster {
             .ok_or_else(|| ClusterError::NoSuchVm(wanted.to_string()))
     }
 
-    /// Returns at the first change of a VM record or report after
-    /// `revision`.
+    /// Returns at the first change of a VM record, a report or a service
+    /// after `revision`.
     pub async fn vms_changed(&self, revision: i64) -> Result<(), ClusterError> {
-        // "status/" < "usage/" < "vm-names/" < "vms/": watch from the first
-        // to the end of the last (usage and names change with the records).
+        // "service-names/" < "services/" < "status/" < "usage/" <
+        // "vm-names/" < "vms/": watch from the first to the end of the last
+        // (services change endpoints; usage and names change with the
+        // records).
         let keys = &self.inner.keys;
-        let (start, end) = (keys.vm_statuses(), prefix_end(&keys.vms()));
+        let (start, end) = (keys.service_names(), prefix_end(&keys.vms()));
         self.inner
             .etcd
             .changed("the VMs", (&start, &end), revision)

@@ -6,6 +6,7 @@
 //! address the agent assigned. Names are derived from ids, so a restarted
 //! agent finds what it made.
 
+pub mod balancer;
 pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
@@ -31,6 +32,8 @@ pub enum NetworkError {
     NoUnderlay(std::net::Ipv4Addr),
     #[error("no free address left in {0}")]
     Exhausted(String),
+    #[error("service endpoints: {0}")]
+    Balancer(String),
 }
 
 /// The IPv4 address of a NIC's "A.B.C.D/N".

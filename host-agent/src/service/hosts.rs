@@ -51,6 +51,7 @@ fn standalone(svc: &Services) -> Result<ClusterHost> {
         usage: Some(usage),
         vms: Some(vms),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        started_at: Some(local.started_at),
         joined_at: local.started_at,
         drain: None,
     })

@@ -11,6 +11,7 @@
 //! a VM. The host's networking is reached through [`HostNetwork`], which
 //! tests replace.
 
+pub mod endpoints;
 pub mod hosts;
 pub mod images;
 pub mod incoming;

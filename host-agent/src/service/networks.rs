@@ -240,9 +240,16 @@ async fn create_in_cluster(
 
 /// Carries the cluster's networks on this host: each is a network of this
 /// host's store (its bridge, gateway, DHCP and rules made as for any
-/// network) spanning, over VXLAN, the hosts that have VMs on it; those the
-/// cluster no longer has go (once no VM here uses them).
-pub async fn mirror(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) -> Result<()> {
+/// network) spanning, over VXLAN, the hosts that have VMs on it, or every
+/// host that is up for a network of service endpoints (`balanced`: flows
+/// to them enter anywhere); those the cluster no longer has go (once no
+/// VM here uses them).
+pub async fn mirror(
+    svc: &Services,
+    cluster: &Cluster,
+    vms: &[ClusterVm],
+    balanced: &HashSet<String>,
+) -> Result<()> {
     let Some(local) = svc.host_network.underlay_address() else {
         // Without an underlay this host carries no network of the cluster;
         // its VMs on one fail to be defined, saying so.
@@ -267,6 +274,12 @@ pub async fn mirror(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) -> Res
             })
             .filter_map(|vm| underlay_of(vm.record.host.as_deref()?))
             .chain(std::iter::once(local))
+            .chain(
+                view.members
+                    .iter()
+                    .filter(|_| balanced.contains(&record.id))
+                    .filter_map(|member| member.alive.as_ref()?.underlay_address),
+            )
             .map(|address| address.to_string())
             .collect();
         hosts.sort();

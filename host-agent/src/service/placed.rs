@@ -225,6 +225,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     let mut unowned: HashSet<String> = HashSet::new();
     let mut images_seen: HashSet<String> = HashSet::new();
     let mut moves_started = HashSet::new();
+    let mut endpoints = super::endpoints::Endpoints::default();
     loop {
         let (vms, revision) = match cluster.vms().await {
             Ok(read) => read,
@@ -248,8 +249,19 @@ pub async fn follow(svc: Services, cluster: Cluster) {
                 .collect(),
         );
         swept = true;
+        let services = match cluster.services().await {
+            Ok(services) => Some(services),
+            Err(err) => {
+                tracing::warn!("cluster: cannot read the services: {err}");
+                None
+            }
+        };
+        let balanced = services
+            .as_deref()
+            .map(super::endpoints::balanced_networks)
+            .unwrap_or_default();
         // The networks first: the VMs placed here need their bridges.
-        if let Err(err) = super::networks::mirror(&svc, &cluster, &vms).await {
+        if let Err(err) = super::networks::mirror(&svc, &cluster, &vms, &balanced).await {
             tracing::warn!("cannot carry the cluster's networks: {err}");
         }
         let me = cluster.host_name().as_str();
@@ -274,6 +286,9 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             }
         }
         retire(&svc, &cluster, &vms).await;
+        if let Some(services) = &services {
+            super::endpoints::sync(&svc, &cluster, services, &vms, &mut endpoints).await;
+        }
         svc.probes.set_targets(probe_targets(&svc, &cluster, &vms));
         report(&svc, &cluster, &vms, &mut reported).await;
         super::moves::carry_out(&svc, &cluster, &vms, &mut moves_started).await;
@@ -305,7 +320,7 @@ async fn retire(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
         let deleted = async {
             let _guard = svc.supervisor.lock(id).await;
             if svc.store.get_vm(None, id)?.is_some() {
-                vms::delete_here(svc, id).await?;
+                vms::delete_locked(svc, id).await?;
             }
             cluster.delete_vm(id).await?;
             Ok::<(), ServiceError>(())

@@ -40,6 +40,18 @@ pub async fn create(
             format!("must be in this host's port forward range, {range}"),
         ));
     }
+    if let Some(cluster) = &svc.cluster {
+        if cluster
+            .host_port_taken(request.protocol, request.host_port)
+            .await?
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{} port {} is a service endpoint's on every host",
+                request.protocol.as_str(),
+                request.host_port
+            )));
+        }
+    }
     if request.vm_port == 0 {
         return Err(ServiceError::invalid("vm_port", "must be 1 to 65535"));
     }

@@ -5,6 +5,8 @@
 //! instances are and how rollouts go is read back from the cluster.
 //! A standalone host has no controller: it has no services.
 
+use std::net::Ipv4Addr;
+
 use nubis_api::{
     Role, RoleRollback, RoleScale, RoleSpec, RoleUpgrade, Service, ServiceCreate, ServiceInstance,
     VmCreate, VmNicCreate,
@@ -23,6 +25,8 @@ use crate::store::{new_id, now};
 const MAX_ROLES: usize = 8;
 /// At most this many instances in a role.
 const MAX_INSTANCES: u32 = 64;
+/// At most this many endpoints in a role.
+const MAX_ENDPOINTS: usize = 4;
 /// At most this many update domains in a role.
 const MAX_UPDATE_DOMAINS: u32 = 20;
 /// Service and role names are short: an instance is named
@@ -69,8 +73,10 @@ pub async fn create(svc: &Services, tenant_id: &str, request: ServiceCreate) -> 
             storage_mib,
             previous: None,
             rollout: None,
+            virtual_address: None,
         });
     }
+    check_host_ports(&roles)?;
     let quota = svc
         .store
         .get_tenant(tenant_id)?
@@ -89,7 +95,23 @@ pub async fn create(svc: &Services, tenant_id: &str, request: ServiceCreate) -> 
         "created",
         "service defined; the controller makes its instances",
     );
-    cluster.define_service(&record).await?;
+    let mut attempts = 0;
+    loop {
+        draw_virtual_addresses(cluster, &mut record.roles, &networks).await?;
+        match cluster.define_service(&record).await {
+            Ok(()) => break,
+            // A VM took the address first: draw again.
+            Err(ClusterError::Raced(what)) if what.starts_with("address") && attempts < 8 => {
+                attempts += 1
+            }
+            Err(ClusterError::Raced(what)) => {
+                return Err(ServiceError::Conflict(format!(
+                    "{what} is held by another service"
+                )))
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
     tracing::info!(service = %record.id, tenant = tenant_id, "service defined");
     show(cluster, &record).await
 }
@@ -395,6 +417,7 @@ async fn resolve(
     if let Some(probe) = &spec.probe {
         super::probes::validate(&format!("{field}.probe"), probe)?;
     }
+    check_endpoints(svc, field, &spec)?;
     for (index, wanted) in spec.networks.iter_mut().enumerate() {
         let network = networks
             .iter()
@@ -436,6 +459,105 @@ async fn resolve(
         })?;
     spec.image = image.id;
     Ok((spec, crate::quota::mib_of(image.rootfs_bytes)))
+}
+
+/// Gives each role with endpoints a free address of its first network.
+async fn draw_virtual_addresses(
+    cluster: &Cluster,
+    roles: &mut [RoleRecord],
+    networks: &[NetworkRecord],
+) -> Result<()> {
+    let mut chosen: std::collections::HashMap<String, std::collections::HashSet<Ipv4Addr>> =
+        Default::default();
+    for role in roles.iter_mut() {
+        if role.spec.endpoints.is_empty() {
+            continue;
+        }
+        let Some(network) = role.endpoint_network().map(str::to_string) else {
+            continue;
+        };
+        let record = networks
+            .iter()
+            .find(|record| record.id == network)
+            .ok_or_else(|| ServiceError::Internal(format!("network {network} went away")))?;
+        let cidr: crate::ipv4::Cidr = record
+            .cidr
+            .parse()
+            .map_err(|err: String| ServiceError::Internal(format!("network {network}: {err}")))?;
+        let taken = chosen.entry(network.clone()).or_default();
+        let mut used = cluster.used_addresses(&network).await?;
+        used.extend(taken.iter().copied());
+        let address = cidr.allocate(&used).ok_or_else(|| {
+            ServiceError::Exhausted(format!("no free address left in {}", record.cidr))
+        })?;
+        taken.insert(address);
+        role.virtual_address = Some(address);
+    }
+    Ok(())
+}
+
+/// Refuses two endpoints of the service on one host port.
+fn check_host_ports(roles: &[RoleRecord]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (index, role) in roles.iter().enumerate() {
+        for (at, endpoint) in role.spec.endpoints.iter().enumerate() {
+            if let Some(port) = endpoint.host_port {
+                if !seen.insert((endpoint.protocol, port)) {
+                    return Err(ServiceError::invalid(
+                        format!("roles[{index}].endpoints[{at}].host_port"),
+                        format!("{} port {port} is given twice", endpoint.protocol.as_str()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the endpoints of role `spec` (at `field`).
+fn check_endpoints(svc: &Services, field: &str, spec: &RoleSpec) -> Result<()> {
+    if spec.endpoints.is_empty() {
+        return Ok(());
+    }
+    if spec.endpoints.len() > MAX_ENDPOINTS {
+        return Err(ServiceError::invalid(
+            format!("{field}.endpoints"),
+            format!("at most {MAX_ENDPOINTS} endpoints"),
+        ));
+    }
+    if spec.networks.is_empty() {
+        return Err(ServiceError::invalid(
+            format!("{field}.endpoints"),
+            "endpoints are on the role's first network: give the role a network",
+        ));
+    }
+    let range = svc.supervisor.config().port_forward_range;
+    let mut seen = std::collections::HashSet::new();
+    for (index, endpoint) in spec.endpoints.iter().enumerate() {
+        let at = format!("{field}.endpoints[{index}]");
+        if endpoint.port == 0 || endpoint.target_port == Some(0) {
+            return Err(ServiceError::invalid(at, "ports are 1 to 65535"));
+        }
+        if !seen.insert((endpoint.protocol, endpoint.port)) {
+            return Err(ServiceError::invalid(
+                format!("{at}.port"),
+                format!(
+                    "{} port {} is given twice",
+                    endpoint.protocol.as_str(),
+                    endpoint.port
+                ),
+            ));
+        }
+        if let Some(port) = endpoint.host_port {
+            if !range.contains(port) {
+                return Err(ServiceError::unprocessable(
+                    format!("{at}.host_port"),
+                    format!("must be in the hosts' port forward range, {range}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `err`'s field under `prefix` (`vcpus` of role 0: `roles[0].vcpus`).
@@ -533,6 +655,7 @@ pub fn view(cluster: &Cluster, record: &ServiceRecord, vms: &[ClusterVm]) -> Ser
                 instances,
                 rollout: role.rollout.clone(),
                 can_roll_back: role.previous.is_some(),
+                virtual_address: role.virtual_address.map(|address| address.to_string()),
             }
         })
         .collect();
@@ -560,6 +683,7 @@ mod tests {
             storage_mib: 0,
             previous: None,
             rollout: None,
+            virtual_address: None,
         }
     }
 

@@ -481,7 +481,7 @@ pub(crate) async fn delete_here(svc: &Services, id: &str) -> Result<()> {
 }
 
 /// [`delete_here`], under the VM's lock.
-async fn delete_locked(svc: &Services, id: &str) -> Result<()> {
+pub(crate) async fn delete_locked(svc: &Services, id: &str) -> Result<()> {
     let vm = find(svc, Scope::Operator, id)?;
     if vm.state.has_process() {
         svc.supervisor.stop(&vm, true).await?;

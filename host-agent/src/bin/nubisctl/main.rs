@@ -4,6 +4,8 @@
 
 mod client;
 mod output;
+mod rollout;
+mod services;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -74,6 +76,11 @@ enum Command {
     /// Snapshots of VMs.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Services: roles of identical VMs the controller keeps at their
+    /// count, spread, health-checked and upgraded one update domain at a
+    /// time (cluster).
+    #[command(subcommand)]
+    Service(services::ServiceCommand),
     /// The agent's Prometheus metrics (operator).
     Metrics,
     /// The agent's OpenAPI document.
@@ -179,6 +186,11 @@ enum HostCommand {
     Forget {
         name: String,
     },
+    /// Restarts every host's agent, one update domain at a time, waiting
+    /// after each until its agents, their VMs and the services are healthy
+    /// again (to upgrade the agent; VMs run on across a restart). Refused
+    /// while a host is down (operator).
+    Rollout(rollout::RolloutFlags),
 }
 
 #[derive(Debug, Subcommand)]
@@ -670,6 +682,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             ),
         },
         Command::Vm(command) => vm(&client, &out, command)?,
+        Command::Service(command) => services::run(&client, &out, command)?,
         Command::Upload(command) => match command {
             UploadCommand::Put { name, file } => {
                 let spinner = out.spinner(&format!("uploading {}", file.display()));
@@ -776,6 +789,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &client.call("DELETE", &format!("/v1/hosts/{name}"), None)?,
                 &format!("host {name} forgotten"),
             ),
+            HostCommand::Rollout(flags) => rollout::run(&client, &out, flags)?,
         },
         Command::Peer(command) => match command {
             PeerCommand::Add {

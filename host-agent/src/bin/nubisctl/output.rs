@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nubis_api::ClusterHost;
+use nubis_api::{
+    ClusterHost, Probe, ProbeProtocol, Role, Rollout, RolloutState, Service, ServiceInstance,
+};
 use serde_json::Value;
 
 pub struct Output {
@@ -69,6 +71,183 @@ fn host_row(host: &ClusterHost) -> Vec<String> {
     ]
 }
 
+const SERVICE_COLUMNS: [&str; 4] = ["name", "id", "roles", "rollout"];
+
+/// One service's line under [`SERVICE_COLUMNS`]: each role as
+/// `role=healthy/wanted`, and the roles' last rollouts.
+fn service_row(service: &Service) -> Vec<String> {
+    let roles = service
+        .roles
+        .iter()
+        .map(|role| {
+            format!(
+                "{}={}/{}",
+                role.spec.name, role.healthy, role.spec.instances
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let rollouts = service
+        .roles
+        .iter()
+        .filter_map(|role| {
+            let rollout = role.rollout.as_ref()?;
+            let moved = format!(
+                "{} {}{}->{}",
+                role.spec.name,
+                if rollout.rollback { "rollback " } else { "" },
+                rollout.from_revision,
+                rollout.to_revision
+            );
+            Some(match rollout.state {
+                RolloutState::InProgress => format!(
+                    "{moved} (domain {}/{})",
+                    shown_domain(rollout),
+                    rollout.domains
+                ),
+                state => format!("{moved} {}", state.as_str()),
+            })
+        })
+        .collect::<Vec<_>>();
+    vec![
+        service.name.clone(),
+        service.id.clone(),
+        roles,
+        if rollouts.is_empty() {
+            "-".to_string()
+        } else {
+            rollouts.join(", ")
+        },
+    ]
+}
+
+/// The rollout's update domain counted from 1 (as in its messages).
+fn shown_domain(rollout: &Rollout) -> u32 {
+    (rollout.domain + 1).min(rollout.domains)
+}
+
+/// A probe as `--probe` takes it: `tcp:80`, `http:8080/healthz`.
+pub fn probe_flag(probe: &Probe) -> String {
+    let protocol = match probe.protocol {
+        ProbeProtocol::Tcp => "tcp",
+        ProbeProtocol::Http => "http",
+    };
+    format!(
+        "{protocol}:{}{}",
+        probe.port,
+        probe.path.as_deref().unwrap_or("")
+    )
+}
+
+/// A role's heading in `service show`: revision and health, spec,
+/// placement, probe and rollout.
+fn role_lines(role: &Role) -> Vec<String> {
+    let spec = &role.spec;
+    let mut lines = vec![
+        format!(
+            "role {}: revision {}, {}/{} healthy{}",
+            spec.name,
+            role.revision,
+            role.healthy,
+            spec.instances,
+            if role.can_roll_back {
+                ", can roll back"
+            } else {
+                ""
+            }
+        ),
+        format!(
+            "  image {}, {} vCPU, {} MiB, {} update domains, fault domains {}, restart {}",
+            spec.image,
+            spec.vcpus,
+            spec.memory_mib,
+            spec.update_domains,
+            serde_name(&spec.fault_domains),
+            serde_name(&spec.restart)
+        ),
+    ];
+    if !spec.kernel_args.is_empty() {
+        lines.push(format!("  kernel args: {}", spec.kernel_args));
+    }
+    if !spec.networks.is_empty() {
+        lines.push(format!("  networks: {}", spec.networks.join(", ")));
+    }
+    if !spec.require.is_empty() {
+        let labels: Vec<String> = spec
+            .require
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        lines.push(format!("  requires: {}", labels.join(",")));
+    }
+    lines.push(match &spec.probe {
+        Some(probe) => format!(
+            "  probe: {} every {} s, timeout {} ms, unhealthy after {} failures, {} s start grace",
+            probe_flag(probe),
+            probe.interval_s,
+            probe.timeout_ms,
+            probe.threshold,
+            probe.start_grace_s
+        ),
+        None => "  probe: none (healthy while running)".to_string(),
+    });
+    if let Some(rollout) = &role.rollout {
+        lines.push(format!(
+            "  rollout: {} {} -> {} {} at update domain {}/{}: {}",
+            if rollout.rollback {
+                "rollback"
+            } else {
+                "upgrade"
+            },
+            rollout.from_revision,
+            rollout.to_revision,
+            rollout.state.as_str(),
+            shown_domain(rollout),
+            rollout.domains,
+            rollout.message
+        ));
+    }
+    lines
+}
+
+/// A unit enum's API name (`preferred`, `always`).
+fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+const INSTANCE_COLUMNS: [&str; 10] = [
+    "name",
+    "index",
+    "ud",
+    "rev",
+    "host",
+    "fault-domain",
+    "address",
+    "state",
+    "health",
+    "retiring",
+];
+
+/// One instance's line under [`INSTANCE_COLUMNS`].
+fn instance_row(instance: &ServiceInstance) -> Vec<String> {
+    let or_dash = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
+    vec![
+        instance.name.clone(),
+        instance.index.to_string(),
+        instance.update_domain.to_string(),
+        instance.revision.to_string(),
+        or_dash(&instance.host),
+        or_dash(&instance.fault_domain),
+        or_dash(&instance.address),
+        instance.state.as_str().to_string(),
+        instance.health.as_str().to_string(),
+        if instance.retiring { "yes" } else { "" }.to_string(),
+    ]
+}
+
 impl Output {
     /// The cluster's hosts: one line each, the controller marked with '*'.
     pub fn hosts(&self, value: &Value) -> Result<(), serde_json::Error> {
@@ -79,6 +258,41 @@ impl Output {
         let hosts: Vec<ClusterHost> = serde_json::from_value(value.clone())?;
         let rows = hosts.iter().map(host_row).collect();
         self.rows(&HOST_COLUMNS, rows);
+        Ok(())
+    }
+
+    /// Services: one line each, every role as `role=healthy/wanted`.
+    pub fn services(&self, value: &Value) -> Result<(), serde_json::Error> {
+        if self.json {
+            println!("{value}");
+            return Ok(());
+        }
+        let services: Vec<Service> = serde_json::from_value(value.clone())?;
+        self.rows(&SERVICE_COLUMNS, services.iter().map(service_row).collect());
+        Ok(())
+    }
+
+    /// One service: its fields, then each role's heading and instances.
+    pub fn service(&self, value: &Value) -> Result<(), serde_json::Error> {
+        if self.json {
+            println!("{value}");
+            return Ok(());
+        }
+        let service: Service = serde_json::from_value(value.clone())?;
+        println!("name        {}", service.name);
+        println!("id          {}", service.id);
+        println!("tenant_id   {}", service.tenant_id);
+        println!("created_at  {}", service.created_at);
+        for role in &service.roles {
+            println!();
+            for line in role_lines(role) {
+                println!("{line}");
+            }
+            self.rows(
+                &INSTANCE_COLUMNS,
+                role.instances.iter().map(instance_row).collect(),
+            );
+        }
         Ok(())
     }
 
@@ -223,7 +437,7 @@ impl Spinner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nubis_api::{HostResources, HostState};
+    use nubis_api::{HostResources, HostState, InstanceHealth, RoleSpec, VmState};
 
     fn host(name: &str, up: bool) -> ClusterHost {
         ClusterHost {
@@ -248,6 +462,7 @@ mod tests {
             }),
             vms: up.then_some(1),
             agent_version: None,
+            started_at: None,
             drain: None,
             joined_at: 0,
         }
@@ -284,5 +499,113 @@ mod tests {
             ]
         );
         assert_eq!(HOST_COLUMNS.len(), host_row(&host("a", true)).len());
+    }
+
+    fn web_role() -> Role {
+        let mut spec = RoleSpec::new("web", "img-1", 2);
+        spec.probe = Some(Probe {
+            path: Some("/healthz".into()),
+            ..Probe::new(ProbeProtocol::Http, 8080)
+        });
+        let instance = ServiceInstance {
+            vm_id: "vm-1".into(),
+            name: "shop-web-0-abcd".into(),
+            index: 0,
+            update_domain: 0,
+            revision: 2,
+            host: Some("host-a".into()),
+            fault_domain: None,
+            address: Some("10.0.0.2".into()),
+            state: VmState::Running,
+            health: InstanceHealth::Healthy,
+            retiring: true,
+        };
+        Role {
+            spec,
+            revision: 2,
+            instances: vec![instance],
+            healthy: 1,
+            rollout: Some(Rollout {
+                from_revision: 1,
+                to_revision: 2,
+                rollback: false,
+                state: RolloutState::InProgress,
+                domain: 1,
+                domains: 2,
+                message: "update domain 2 of 2: 0 of 1 instances of revision 2 healthy".into(),
+                started_at: 0,
+                ended_at: None,
+            }),
+            can_roll_back: true,
+            virtual_address: None,
+        }
+    }
+
+    #[test]
+    fn a_service_line_shows_each_roles_health_and_rollout() {
+        let mut service = Service {
+            id: "svc-1".into(),
+            tenant_id: "t-1".into(),
+            name: "shop".into(),
+            roles: vec![web_role()],
+            created_at: 0,
+            events: Vec::new(),
+        };
+        let mut db = web_role();
+        db.spec.name = "db".into();
+        db.spec.instances = 1;
+        db.healthy = 0;
+        db.rollout = None;
+        service.roles.push(db);
+        assert_eq!(
+            service_row(&service),
+            ["shop", "svc-1", "web=1/2,db=0/1", "web 1->2 (domain 2/2)"]
+        );
+        service.roles.truncate(1);
+        if let Some(rollout) = service.roles[0].rollout.as_mut() {
+            rollout.state = RolloutState::Failed;
+            rollout.rollback = true;
+        }
+        assert_eq!(service_row(&service)[3], "web rollback 1->2 failed");
+        service.roles[0].rollout = None;
+        assert_eq!(service_row(&service)[3], "-");
+    }
+
+    #[test]
+    fn a_role_shows_its_spec_rollout_and_instances() {
+        let role = web_role();
+        let lines = role_lines(&role);
+        assert_eq!(lines[0], "role web: revision 2, 1/2 healthy, can roll back");
+        assert_eq!(
+            lines[1],
+            "  image img-1, 1 vCPU, 128 MiB, 2 update domains, fault domains preferred, restart always"
+        );
+        assert!(
+            lines[2].starts_with("  probe: http:8080/healthz every 2 s"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[3].starts_with("  rollout: upgrade 1 -> 2 in_progress at update domain 2/2: "),
+            "{lines:?}"
+        );
+        assert_eq!(
+            instance_row(&role.instances[0]),
+            [
+                "shop-web-0-abcd",
+                "0",
+                "0",
+                "2",
+                "host-a",
+                "-",
+                "10.0.0.2",
+                "running",
+                "healthy",
+                "yes"
+            ]
+        );
+        assert_eq!(
+            INSTANCE_COLUMNS.len(),
+            instance_row(&role.instances[0]).len()
+        );
     }
 }
