@@ -58,7 +58,7 @@ fn probe(grace_s: u32) -> Probe {
     Probe {
         path: Some("/health".into()),
         interval_s: 2,
-        timeout_ms: 5000,
+        timeout_ms: 10_000,
         threshold: 2,
         start_grace_s: grace_s,
         ..Probe::new(ProbeProtocol::Http, 80)
@@ -97,6 +97,13 @@ struct Client {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Seconds since the first call: when things happened, for a failure's
+/// message.
+fn clock() -> f64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
 impl Client {
     /// Connects to `address`, from namespace `netns` (this one: None).
     fn start(address: SocketAddr, netns: Option<&nubis_tests::netns::NetNs>) -> Self {
@@ -105,9 +112,13 @@ impl Client {
         let (flag, log) = (stop.clone(), answers.clone());
         let work = move || {
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                let answer = get(address);
+                let started = clock();
+                let answer = get(address).map_err(|err| format!("at {started:.1} s: {err}"));
                 log.lock().expect("the answers").push(answer);
-                std::thread::sleep(Duration::from_millis(100));
+                // Paced: each request costs a guest a fork of httpd, which
+                // takes a second or more under nested KVM; a client that
+                // saturated the guests would fail their probes.
+                std::thread::sleep(Duration::from_millis(500));
             }
         };
         let thread = match netns {
@@ -631,7 +642,7 @@ fn services_keep_their_instances_through_failures_scaling_and_upgrades() {
             "--probe-interval",
             "2",
             "--probe-timeout",
-            "5000",
+            "10000",
             "--probe-grace",
             "40",
         ],
@@ -779,6 +790,7 @@ fn endpoint_through_drain_and_probe_failure(
     });
 
     // Drain c: its instance moves by live migration, keeping its address.
+    eprintln!("cluster_services: drain of c at {:.1} s", clock());
     let operator = &cluster.member("a").host.token;
     let reply = cluster.member("a").send(
         "POST",
@@ -808,6 +820,12 @@ fn endpoint_through_drain_and_probe_failure(
     );
 
     // b's instance fails its probe (it still serves): out, then replaced.
+    eprintln!(
+        "cluster_services: {} moved, {} made sick at {:.1} s",
+        moved.name,
+        sick.name,
+        clock()
+    );
     let address = instance_address(&sick).expect("an address");
     cluster.member("b").host.netns.within(move || {
         let stream =
@@ -829,6 +847,7 @@ fn endpoint_through_drain_and_probe_failure(
                 .cloned()
         },
     );
+    eprintln!("cluster_services: replacement healthy at {:.1} s", clock());
     let healthy_now: Vec<&ServiceInstance> = first
         .iter()
         .filter(|instance| instance.vm_id != sick.vm_id && instance.vm_id != moved.vm_id)
@@ -859,9 +878,10 @@ fn endpoint_through_drain_and_probe_failure(
             .collect();
         assert!(
             failed.is_empty(),
-            "{} of {} connections to the {name} failed: {failed:?}",
+            "{} of {} connections to the {name} failed: {failed:?}\n{}",
             failed.len(),
-            answers.len()
+            answers.len(),
+            cluster.logs()
         );
         let by: std::collections::BTreeSet<&str> = answers
             .iter()

@@ -372,6 +372,18 @@ fn every_endpoint_keeps_tenants_apart() {
                 ("POST", "/v1/snapshots/{id}/restore") => Some(json_body(&SnapshotRestore {
                     name: "stolen".to_string(),
                 })),
+                ("POST", "/v1/services/{id}/scale") => Some(json_body(&nubis_api::RoleScale {
+                    role: "web".into(),
+                    instances: 1,
+                })),
+                ("POST", "/v1/services/{id}/upgrade") => Some(json_body(&nubis_api::RoleUpgrade {
+                    role: "web".into(),
+                    kernel_args: Some("stolen".into()),
+                    ..Default::default()
+                })),
+                ("POST", "/v1/services/{id}/rollback") => {
+                    Some(json_body(&nubis_api::RoleRollback { role: "web".into() }))
+                }
                 _ => None,
             };
             if method == "PUT" && path == "/v1/uploads/{name}" {

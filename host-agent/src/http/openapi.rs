@@ -10,9 +10,9 @@ use nubis_api::{
     InstanceHealth, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
     Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Probe, ProbeProtocol,
     Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale, RoleSpec,
-    RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceInstance, Snapshot,
-    SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
-    VmNic, VmNicCreate, VmPlacement, VmState,
+    RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceEndpoint, ServiceInstance,
+    Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk,
+    VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -54,7 +54,7 @@ use super::{
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
         VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
-        Service, ServiceCreate, RoleSpec, Role, ServiceInstance, InstanceHealth, Rollout, RolloutState,
+        Service, ServiceCreate, RoleSpec, Role, ServiceInstance, ServiceEndpoint, InstanceHealth, Rollout, RolloutState,
         RoleScale, RoleUpgrade, RoleRollback, Probe, ProbeProtocol, FaultDomainSpread, RestartPolicy,
     )),
     modifiers(&BearerAuth, &CidrPattern),

@@ -281,6 +281,19 @@ async fn remove_stale(balancer: &Balancer) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Forgets what the host knew of `addresses`' link-layer addresses on
+/// `segment`'s balancing veth: an address a new instance took over from
+/// a deleted one must be looked up again, not sent to the old MAC until
+/// the kernel's entry goes stale (which a connection attempt may not
+/// outlast).
+pub async fn forget_neighbors(segment: &Segment, addresses: &[Ipv4Addr]) {
+    for address in addresses {
+        let address = address.to_string();
+        // Nothing known of it is the usual case, and fine.
+        let _ = ip_output(&["neigh", "del", &address, "dev", segment.link().as_str()]).await;
+    }
+}
+
 async fn ensure_routes(balancer: &Balancer) -> Result<(), NetworkError> {
     let table = LB_TABLE.to_string();
     let mark = format!("{LB_MARK:#x}");

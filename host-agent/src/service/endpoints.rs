@@ -79,12 +79,36 @@ pub async fn sync(
     if state.applied.as_ref() == Some(&wanted) {
         return;
     }
+    // Backends new since the last rules: their addresses may have been
+    // another instance's.
+    let before: HashSet<Ipv4Addr> = state
+        .applied
+        .iter()
+        .flat_map(|applied| &applied.frontends)
+        .flat_map(|frontend| frontend.backends.iter().copied())
+        .collect();
+    for segment in &wanted.segments {
+        let added: Vec<Ipv4Addr> = wanted
+            .frontends
+            .iter()
+            .flat_map(|frontend| frontend.backends.iter().copied())
+            .filter(|address| segment.cidr.contains(*address) && !before.contains(address))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        balancer::forget_neighbors(segment, &added).await;
+    }
     match balancer::apply(&wanted).await {
         Ok(()) => {
-            tracing::info!(
-                frontends = wanted.frontends.len(),
-                "service endpoints programmed"
-            );
+            let backends: Vec<String> = wanted
+                .frontends
+                .iter()
+                .map(|frontend| {
+                    let to: Vec<String> = frontend.backends.iter().map(|b| b.to_string()).collect();
+                    format!("{:?} -> [{}]", frontend.entry, to.join(" "))
+                })
+                .collect();
+            tracing::info!("service endpoints programmed: {}", backends.join("; "));
             state.applied = Some(wanted);
         }
         Err(err) => tracing::warn!("cannot program the service endpoints: {err}"),

@@ -308,13 +308,30 @@ pub async fn follow(svc: Services, cluster: Cluster) {
     }
 }
 
+/// How long a retiring instance keeps running once no host sends it new
+/// flows (each host stops at its next pass), so that the connections it
+/// has finish: a load balancer's deregistration delay.
+const RETIRE_DRAIN_S: u64 = 10;
+
 /// Deletes the service instances placed here that the controller
-/// retires, then their records.
+/// retires (once their connections had [`RETIRE_DRAIN_S`] to finish),
+/// then their records.
 async fn retire(svc: &Services, cluster: &Cluster, vms: &[ClusterVm]) {
     let me = cluster.host_name().as_str();
+    let drained = |vm: &&ClusterVm| {
+        let since = vm
+            .record
+            .events
+            .iter()
+            .rev()
+            .find(|event| event.kind == "retiring")
+            .map_or(0, |event| event.at);
+        now().saturating_sub(since) >= RETIRE_DRAIN_S
+    };
     for vm in vms
         .iter()
         .filter(|vm| vm.record.host.as_deref() == Some(me) && vm.record.retiring.is_some())
+        .filter(drained)
     {
         let id = &vm.record.id;
         let deleted = async {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use nubis_api::{
     FaultDomainSpread, InstanceHealth, Probe, ProbeProtocol, RestartPolicy, Role, RoleRollback,
-    RoleScale, RoleSpec, RoleUpgrade, RolloutState, Service, ServiceCreate,
+    RoleScale, RoleSpec, RoleUpgrade, RolloutState, Service, ServiceCreate, ServiceEndpoint,
 };
 use serde_json::Value;
 
@@ -128,6 +128,52 @@ struct RoleFlags {
     /// Whether failed and lost instances are replaced (always by default).
     #[arg(long, value_enum, value_name = "POLICY")]
     restart: Option<Restart>,
+    /// A port balanced over the healthy instances at the role's virtual
+    /// address (on its first network): tcp:PORT or udp:PORT, then
+    /// optionally :TARGET (the instances' port) and @HOSTPORT (open on
+    /// every host), e.g. tcp:80:8080@30080 (repeatable).
+    #[arg(long = "endpoint", value_name = "ENDPOINT", value_parser = parse_endpoint)]
+    endpoints: Vec<ServiceEndpoint>,
+}
+
+/// `--endpoint`: PROTOCOL:PORT[:TARGET][@HOSTPORT].
+fn parse_endpoint(text: &str) -> Result<ServiceEndpoint, String> {
+    let bad =
+        || format!("'{text}': expected tcp:PORT or udp:PORT, then :TARGET and @HOSTPORT if wanted");
+    let (ports, host_port) = match text.split_once('@') {
+        Some((ports, host)) => (ports, Some(host)),
+        None => (text, None),
+    };
+    let port = |text: &str| {
+        Some(text)
+            .filter(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+            .and_then(|text| text.parse::<u16>().ok())
+            .filter(|port| *port != 0)
+    };
+    let mut parts = ports.split(':');
+    let protocol = match parts.next() {
+        Some("tcp") => nubis_api::Protocol::Tcp,
+        Some("udp") => nubis_api::Protocol::Udp,
+        _ => return Err(bad()),
+    };
+    let front = parts.next().and_then(port).ok_or_else(bad)?;
+    let target = match parts.next() {
+        Some(target) => Some(port(target).ok_or_else(bad)?),
+        None => None,
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    let host_port = match host_port {
+        Some(host) => Some(port(host).ok_or_else(bad)?),
+        None => None,
+    };
+    Ok(ServiceEndpoint {
+        protocol,
+        port: front,
+        target_port: target,
+        host_port,
+    })
 }
 
 /// A health probe: `--probe` and its tuning (the API's defaults for what
@@ -308,6 +354,7 @@ impl RoleFlags {
             spec.restart = restart.into();
         }
         spec.probe = probe.probe();
+        spec.endpoints.clone_from(&self.endpoints);
         Ok(spec)
     }
 }
@@ -649,6 +696,36 @@ fn wait_for_scale(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_parse_from_the_command_line() {
+        assert_eq!(parse_endpoint("tcp:80"), Ok(ServiceEndpoint::tcp(80)));
+        assert_eq!(
+            parse_endpoint("udp:53:5353@30053"),
+            Ok(ServiceEndpoint {
+                protocol: nubis_api::Protocol::Udp,
+                port: 53,
+                target_port: Some(5353),
+                host_port: Some(30053),
+            })
+        );
+        assert_eq!(
+            parse_endpoint("tcp:80@30080").map(|e| (e.target_port, e.host_port)),
+            Ok((None, Some(30080)))
+        );
+        for bad in [
+            "",
+            "tcp",
+            "sctp:80",
+            "tcp:0",
+            "tcp:80:",
+            "tcp:80:81:82",
+            "tcp:80@",
+            "tcp:x",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+    }
     use clap::Parser;
     use nubis_api::{Rollout, ServiceInstance, VmState};
 
