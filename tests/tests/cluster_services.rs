@@ -872,17 +872,7 @@ fn endpoint_through_drain_and_probe_failure(
     );
     let (inside, outside) = (inside.stop(), outside.stop());
     for (name, answers) in [("virtual address", &inside), ("host port", &outside)] {
-        let failed: Vec<&String> = answers
-            .iter()
-            .filter_map(|answer| answer.as_ref().err())
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} connections to the {name} failed: {failed:?}\n{}",
-            failed.len(),
-            answers.len(),
-            cluster.logs()
-        );
+        all_answered(cluster, name, answers);
         let by: std::collections::BTreeSet<&str> = answers
             .iter()
             .filter_map(|answer| answer.as_deref().ok())
@@ -904,6 +894,25 @@ fn endpoint_through_drain_and_probe_failure(
         .member("a")
         .call("POST", "/v1/hosts/c/uncordon", operator, None);
     assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+/// Asserts that every connection to `what` was answered.
+fn all_answered(cluster: &Cluster, what: &str, answers: &[Result<String, String>]) {
+    let failed: Vec<&String> = answers
+        .iter()
+        .filter_map(|answer| answer.as_ref().err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections to the {what} failed: {failed:?}\n{}",
+        failed.len(),
+        answers.len(),
+        cluster.logs()
+    );
+    eprintln!(
+        "cluster_services: {} connections to the {what}, all answered",
+        answers.len()
+    );
 }
 
 /// Step 3 of the test (see there). `nubisctl host rollout` restarts each
@@ -992,20 +1001,7 @@ fn agents_restarted_by_update_domain(
     assert_eq!(restarted[2], "b", "{restarted:?}");
     let (inside, outside) = (inside.stop(), outside.stop());
     for (name, answers) in [("virtual address", &inside), ("host port", &outside)] {
-        let failed: Vec<&String> = answers
-            .iter()
-            .filter_map(|answer| answer.as_ref().err())
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "during the rollout, {} of {} connections to the {name} failed: {failed:?}",
-            failed.len(),
-            answers.len()
-        );
-        eprintln!(
-            "cluster_services: {} connections to the {name} during the rollout, all answered",
-            answers.len()
-        );
+        all_answered(cluster, &format!("{name} during the rollout"), answers);
     }
     assert_eq!(pids(cluster), before, "every VM runs on in the same VMM");
 }

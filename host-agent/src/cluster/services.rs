@@ -272,22 +272,10 @@ impl Cluster {
         record: &ServiceRecord,
         revision: i64,
     ) -> Result<bool, ClusterError> {
-        let Some(leader_key) = self.inner.leader_key() else {
-            return Ok(false);
-        };
         let key = self.inner.keys.service(&record.id);
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-                Compare::create_revision(leader_key, CompareOp::Greater, 0),
-            ])
-            .and_then([TxnOp::put(key.as_str(), encode(&key, record)?, None)]);
-        let (done, _) = self
-            .inner
-            .etcd
-            .txn(&format!("update service {}", record.id), txn)
-            .await?;
-        Ok(done)
+        let action = format!("update service {}", record.id);
+        self.put_as_controller(&key, record, revision, &action)
+            .await
     }
 
     /// Deletes service `id` and its name; the controller then retires its

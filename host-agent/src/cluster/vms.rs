@@ -533,21 +533,30 @@ impl Cluster {
         record: &VmRecord,
         revision: i64,
     ) -> Result<bool, ClusterError> {
+        let key = self.inner.keys.vm(&record.id);
+        self.put_as_controller(&key, record, revision, &format!("place VM {}", record.id))
+            .await
+    }
+
+    /// Puts `value` at `key` as the controller: if `key` is still at
+    /// `revision` and this host still leads. Whether it was written.
+    pub(super) async fn put_as_controller<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: i64,
+        action: &str,
+    ) -> Result<bool, ClusterError> {
         let Some(leader_key) = self.inner.leader_key() else {
             return Ok(false);
         };
-        let key = self.inner.keys.vm(&record.id);
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                Compare::mod_revision(key, CompareOp::Equal, revision),
                 Compare::create_revision(leader_key, CompareOp::Greater, 0),
             ])
-            .and_then([TxnOp::put(key.as_str(), encode(&key, record)?, None)]);
-        let (done, _) = self
-            .inner
-            .etcd
-            .txn(&format!("place VM {}", record.id), txn)
-            .await?;
+            .and_then([TxnOp::put(key, encode(key, value)?, None)]);
+        let (done, _) = self.inner.etcd.txn(action, txn).await?;
         Ok(done)
     }
 
