@@ -78,13 +78,16 @@ pub struct RoleSpec {
 pub struct ServiceEndpoint {
     pub protocol: crate::network::Protocol,
     /// The port at the virtual address (1 to 65535).
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// The instances' port (`port` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535)]
     pub target_port: Option<u16>,
     /// A port open on every host (in the hosts' port forward range), as a
     /// cloud load balancer's public port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535)]
     pub host_port: Option<u16>,
 }
 
@@ -175,6 +178,7 @@ pub enum RestartPolicy {
 pub struct Probe {
     pub protocol: ProbeProtocol,
     /// The instance's port (1 to 65535).
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// HTTP only: the path to GET (default "/"); any 2xx or 3xx passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -346,10 +346,25 @@ proptest! {
     /// then first name); bin-pack the highest (then first name).
     #[test]
     fn scores_pick_the_extreme_load((hosts, members, request) in case()) {
-        let feasible: Vec<&HostView> = hosts
+        let mut feasible: Vec<&HostView> = hosts
             .iter()
             .filter(|h| first_failure(&hosts, &members, &request, h).is_none())
             .collect();
+        // A preferred anti-affinity scores only the least crowded hosts.
+        if let Some(anti) = request.anti_affinity.as_ref().filter(|anti| anti.preferred) {
+            let crowding = |host: &HostView| {
+                members
+                    .iter()
+                    .filter(|m| m.group == anti.group && m.vm != request.vm)
+                    .filter(|m| match anti.scope {
+                        Scope::Host => m.host == host.name,
+                        Scope::FaultDomain => domain(&hosts, &m.host) == domain(&hosts, &host.name),
+                    })
+                    .count()
+            };
+            let least = feasible.iter().map(|h| crowding(h)).min();
+            feasible.retain(|h| Some(crowding(h)) == least);
+        }
         let Decision::Placed { host } = place(&hosts, &members, &request) else {
             return Ok(());
         };
