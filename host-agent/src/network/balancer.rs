@@ -225,12 +225,25 @@ async fn ensure_segment(segment: &Segment) -> Result<(), NetworkError> {
     ip(&["link", "set", "dev", port.as_str(), "up"]).await?;
     ip(&["link", "set", "dev", link.as_str(), "up"]).await?;
     // Answers come in here from addresses routed through the bridge.
-    let rp_filter = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", link.as_str());
-    tokio::fs::write(&rp_filter, b"2")
-        .await
-        .map_err(|err| NetworkError::Balancer(format!("write {rp_filter}: {err}")))?;
+    sysctl(&link, "rp_filter", b"2").await?;
+    // Each of the bridge and the veth answers ARP only for its own
+    // addresses (the gateway and virtual addresses, the balancing one):
+    // a guest must never learn the veth's MAC for its gateway, nor the
+    // gateway's (which stays on the host) for the balancing address.
+    for interface in [&link, &segment.bridge] {
+        sysctl(interface, "arp_ignore", b"1").await?;
+        sysctl(interface, "arp_announce", b"2").await?;
+    }
     set_host_addresses(&link, &[segment.lb_address]).await?;
     set_host_addresses(&segment.bridge, &segment.virtual_addresses).await
+}
+
+/// Sets `net.ipv4.conf.{interface}.{name}` to `value`.
+async fn sysctl(interface: &IfName, name: &str, value: &[u8]) -> Result<(), NetworkError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{}/{name}", interface.as_str());
+    tokio::fs::write(&path, value)
+        .await
+        .map_err(|err| NetworkError::Balancer(format!("write {path}: {err}")))
 }
 
 /// Makes `wanted` exactly the /32 addresses of `link` (its other
