@@ -382,10 +382,44 @@ impl Shop<'_> {
     /// Every instance answers `version` and its own address.
     fn answer(&self, instances: &[ServiceInstance], version: &str) {
         for instance in instances {
+            let started = Instant::now();
             let body = self
                 .cluster
                 .wait_for(&format!("{} answers", instance.name), SETTLE, || {
-                    fetch(self.cluster, instance)
+                    fetch(self.cluster, instance).map_err(|err| {
+                        if started.elapsed() + Duration::from_secs(2) < SETTLE {
+                            return err;
+                        }
+                        // What the guest and its host say, for the failure.
+                        let console = self.cluster.member("a").call(
+                            "GET",
+                            &format!("/v1/vms/{}/console", instance.vm_id),
+                            &self.token,
+                            None,
+                        );
+                        let host = instance.host.as_deref().unwrap_or("a");
+                        let netns = &self.cluster.member(host).host.netns;
+                        let mut seen = format!(
+                            "{err}\n--- its console ---\n{}",
+                            nubis_tests::cluster::tail(&console.text, 25)
+                        );
+                        for args in [
+                            &["ip", "neigh"][..],
+                            &["ip", "-o", "-4", "addr"],
+                            &["ip", "route"],
+                            &["bridge", "fdb", "show"],
+                            &["nft", "list", "ruleset"],
+                        ] {
+                            let output = netns.run(args[0], &args[1..]);
+                            seen.push_str(&format!(
+                                "\n--- {host}: {} ---\n{}{}",
+                                args.join(" "),
+                                String::from_utf8_lossy(&output.stdout),
+                                String::from_utf8_lossy(&output.stderr)
+                            ));
+                        }
+                        seen
+                    })
                 });
             let address = instance.address.as_deref().unwrap_or_default();
             assert_eq!(body, format!("{version} {address}"), "{}", instance.name);
