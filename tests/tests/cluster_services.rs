@@ -59,7 +59,7 @@ fn probe(grace_s: u32) -> Probe {
         path: Some("/health".into()),
         interval_s: 2,
         timeout_ms: 10_000,
-        threshold: 2,
+        threshold: 4,
         start_grace_s: grace_s,
         ..Probe::new(ProbeProtocol::Http, 80)
     }
