@@ -7,7 +7,8 @@
 # against the API; etcd (server and etcdctl), whose members the cluster
 # tests start, and protoc with protobuf's own .proto files, which the
 # etcd-client crate's build needs; openssl, with which scripts/cluster.sh
-# makes its etcd certificates) and
+# makes its etcd certificates; dash, the `sh` that `nubisctl host rollout`
+# runs its restart command with, Essential in Debian but named here) and
 # checks for the Rust toolchain. Idempotent: it calls
 # apt only when a package is missing, and pip only when the pinned
 # Schemathesis changed.
@@ -20,6 +21,7 @@ packages=(
     fio iperf3 iproute2 iputils-ping
     nftables
     etcd-server etcd-client protobuf-compiler libprotobuf-dev openssl
+    dash
 )
 
 missing=()

@@ -17,6 +17,7 @@ use nubis_api::{
     VmEvent, VmState,
 };
 use nubis_tests::agent::{expect_as, Agent, RemoteHost};
+use nubis_tests::cluster::host_states;
 use nubis_tests::etcd::{ClientTls, EtcdCluster, Pki};
 use nubis_tests::netns::{simulated_host, NetNs};
 use nubis_tests::TestDir;
@@ -126,21 +127,6 @@ fn wait_for(what: &str, mut check: impl FnMut() -> Result<(), String>) {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-}
-
-fn states(hosts: &[ClusterHost]) -> String {
-    hosts
-        .iter()
-        .map(|host| {
-            format!(
-                "{}={}{}",
-                host.name,
-                host.state.as_str(),
-                if host.controller { "*" } else { "" }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// What every member must agree on (usage and heartbeats aside).
@@ -297,7 +283,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         if up == 3 && controllers(&seen).len() == 1 {
             Ok(())
         } else {
-            Err(states(&seen))
+            Err(host_states(&seen))
         }
     });
     let first = view(0, &agents);
@@ -323,7 +309,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         if dead.state == HostState::Down && new.len() == 1 && new[0] != leader {
             Ok(())
         } else {
-            Err(states(&seen))
+            Err(host_states(&seen))
         }
     });
     let survivors = view(witness, &agents);
@@ -349,7 +335,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         if back.state == HostState::Up && controllers(&seen) == vec![new_leader.clone()] {
             Ok(())
         } else {
-            Err(states(&seen))
+            Err(host_states(&seen))
         }
     });
 
@@ -362,7 +348,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
             assert!(
                 seen.iter().all(|h| h.state == HostState::Up),
                 "after an etcd member died, from host {index}: {}\n{}",
-                states(&seen),
+                host_states(&seen),
                 etcd.logs()
             );
             assert_eq!(controllers(&seen), vec![new_leader.clone()]);
@@ -378,7 +364,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         let c_state = seen.iter().find(|h| h.name == "c").expect("c").state;
         (c_state == HostState::Down)
             .then_some(())
-            .ok_or_else(|| states(&seen))
+            .ok_or_else(|| host_states(&seen))
     });
     c.netns.set_host_link_up(true);
     wait_for("c is up once its link is back", || {
@@ -386,7 +372,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         let c_state = seen.iter().find(|h| h.name == "c").expect("c").state;
         (c_state == HostState::Up)
             .then_some(())
-            .ok_or_else(|| states(&seen))
+            .ok_or_else(|| host_states(&seen))
     });
 
     // A cordon set through one host is seen through another, and lasts
@@ -403,7 +389,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
     assert!(
         seen.iter().any(|h| h.name == "b" && h.cordoned),
         "{}",
-        states(&seen)
+        host_states(&seen)
     );
     // A cordoned host takes no new VMs.
     let agent_b = agents[1].as_ref().expect("b");
@@ -550,7 +536,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
         let b_state = seen.iter().find(|h| h.name == "b").expect("b").state;
         (b_state == HostState::Down)
             .then_some(())
-            .ok_or_else(|| states(&seen))
+            .ok_or_else(|| host_states(&seen))
     });
     let forgotten =
         agents[0]
@@ -559,7 +545,7 @@ fn hosts_join_elect_a_controller_and_survive_failures() {
             .call("DELETE", "/v1/hosts/b", Some(&a.token), None);
     assert_eq!(forgotten.status, 204, "{forgotten:?}");
     let seen = view(2, &agents);
-    assert_eq!(seen.len(), 2, "{}", states(&seen));
+    assert_eq!(seen.len(), 2, "{}", host_states(&seen));
 }
 
 #[test]
@@ -616,7 +602,7 @@ fn hosts_reach_etcd_over_tls_with_client_certificates() {
         let seen = a.hosts(&agent);
         (seen.len() == 1 && seen[0].state == HostState::Up && seen[0].controller)
             .then_some(())
-            .ok_or_else(|| states(&seen))
+            .ok_or_else(|| host_states(&seen))
     });
     let endpoints = etcd
         .cluster_arg(Ipv4Addr::LOCALHOST)

@@ -218,37 +218,23 @@ fn summary(service: &Service) -> String {
 fn fetch(cluster: &Cluster, instance: &ServiceInstance) -> Result<String, String> {
     let host = instance.host.as_deref().ok_or("not placed")?;
     let address = instance_address(instance)?;
-    cluster.member(host).host.netns.within(move || {
-        let mut stream =
-            TcpStream::connect_timeout(&SocketAddr::from((address, 80)), Duration::from_secs(3))
-                .map_err(|err| format!("connect {address}:80: {err}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|err| err.to_string())?;
-        stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-            .map_err(|err| err.to_string())?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .map_err(|err| format!("read from {address}: {err}"))?;
-        let body = answer
-            .split("\r\n\r\n")
-            .nth(1)
-            .ok_or_else(|| format!("no body in {answer:?}"))?;
-        Ok(body.trim().to_string())
-    })
+    cluster
+        .member(host)
+        .host
+        .netns
+        .within(move || get(SocketAddr::from((address, 80))))
 }
 
-/// Kills the HTTP server of `instance` (its guest listens on port 81 for
-/// that).
-fn kill_server(cluster: &Cluster, instance: &ServiceInstance) {
+/// Opens and closes a connection to `port` of `instance`, from its
+/// host: its guest listens on 81 (kills the server) and 82 (removes
+/// `/health`).
+fn poke(cluster: &Cluster, instance: &ServiceInstance, port: u16) {
     let host = instance.host.clone().expect("a placed instance");
     let address = instance_address(instance).expect("an address");
     cluster.member(&host).host.netns.within(move || {
         let stream =
-            TcpStream::connect_timeout(&SocketAddr::from((address, 81)), Duration::from_secs(5))
-                .unwrap_or_else(|err| panic!("connect {address}:81: {err}"));
+            TcpStream::connect_timeout(&SocketAddr::from((address, port)), Duration::from_secs(5))
+                .unwrap_or_else(|err| panic!("connect {address}:{port}: {err}"));
         drop(stream);
     });
 }
@@ -556,7 +542,7 @@ fn services_keep_their_instances_through_failures_scaling_and_upgrades() {
         .find(|instance| instance.index == 1)
         .expect("slot 1")
         .clone();
-    kill_server(&cluster, &victim);
+    poke(&cluster, &victim, 81);
     let replaced = shop.wait_until("slot 1 replaced by a healthy instance", BOOTS, |service| {
         live(service)
             .into_iter()
@@ -860,13 +846,7 @@ fn endpoint_through_drain_and_probe_failure(
         sick.name,
         clock()
     );
-    let address = instance_address(&sick).expect("an address");
-    cluster.member("b").host.netns.within(move || {
-        let stream =
-            TcpStream::connect_timeout(&SocketAddr::from((address, 82)), Duration::from_secs(5))
-                .unwrap_or_else(|err| panic!("connect {address}:82: {err}"));
-        drop(stream);
-    });
+    poke(cluster, &sick, 82);
     let replacement = shop.wait_until(
         &format!("{} replaced by a healthy instance", sick.name),
         BOOTS,

@@ -234,6 +234,10 @@ impl Keys {
         format!("{}lb-hosts/{network}/{host}", self.prefix)
     }
 
+    pub fn lb_hosts(&self) -> String {
+        format!("{}lb-hosts/", self.prefix)
+    }
+
     pub fn lb_hosts_of(&self, network: &str) -> String {
         format!("{}lb-hosts/{network}/", self.prefix)
     }

@@ -465,6 +465,23 @@ impl Cluster {
             .delete_if_absent(&keys.member(name), &keys.alive(name))
             .await?
         {
+            // Its balancing addresses go back to their networks.
+            let held = self
+                .inner
+                .etcd
+                .list::<networks::LbHost>(&keys.lb_hosts())
+                .await?;
+            for (key, lb) in held.into_iter().filter(|(_, lb)| lb.host == name.as_str()) {
+                let network = key
+                    .strip_prefix(&keys.lb_hosts())
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or_default();
+                self.inner
+                    .etcd
+                    .delete(&keys.address(network, lb.address))
+                    .await?;
+                self.inner.etcd.delete(&key).await?;
+            }
             Ok(())
         } else {
             Err(ClusterError::HostUp(name.to_string()))

@@ -248,20 +248,13 @@ impl Cluster {
     pub async fn update_service<F>(
         &self,
         id: &str,
-        mut change: F,
+        change: F,
     ) -> Result<ServiceRecord, ClusterError>
     where
         F: FnMut(&mut ServiceRecord) -> Result<(), ClusterError>,
     {
         let key = self.inner.keys.service(id);
-        self.inner
-            .etcd
-            .update(&key, |current: Option<ServiceRecord>| {
-                let mut record =
-                    current.ok_or_else(|| ClusterError::NoSuchService(id.to_string()))?;
-                change(&mut record)?;
-                Ok(record)
-            })
+        self.update_record(&key, || ClusterError::NoSuchService(id.to_string()), change)
             .await
     }
 

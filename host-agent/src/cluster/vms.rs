@@ -509,15 +509,32 @@ impl Cluster {
 
     /// Changes VM `id`'s record with `change` (which may refuse), written
     /// only if nobody wrote it in between (tried again otherwise).
-    pub async fn update_vm<F>(&self, id: &str, mut change: F) -> Result<VmRecord, ClusterError>
+    pub async fn update_vm<F>(&self, id: &str, change: F) -> Result<VmRecord, ClusterError>
     where
         F: FnMut(&mut VmRecord) -> Result<(), ClusterError>,
     {
         let key = self.inner.keys.vm(id);
+        self.update_record(&key, || ClusterError::NoSuchVm(id.to_string()), change)
+            .await
+    }
+
+    /// Changes the record at `key` with `change` (which may refuse),
+    /// written only if nobody wrote it in between (tried again otherwise);
+    /// `missing` when there is none.
+    pub(super) async fn update_record<T, F>(
+        &self,
+        key: &str,
+        missing: impl Fn() -> ClusterError,
+        mut change: F,
+    ) -> Result<T, ClusterError>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        F: FnMut(&mut T) -> Result<(), ClusterError>,
+    {
         self.inner
             .etcd
-            .update(&key, |current: Option<VmRecord>| {
-                let mut record = current.ok_or_else(|| ClusterError::NoSuchVm(id.to_string()))?;
+            .update(key, |current: Option<T>| {
+                let mut record = current.ok_or_else(&missing)?;
                 change(&mut record)?;
                 Ok(record)
             })
