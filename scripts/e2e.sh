@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the end-to-end test binaries (tests/tests/*.rs) in two lanes at once.
+# Runs the end-to-end test binaries (tests/tests/*.rs) in two lanes at once,
+# then the few that must run alone.
 #
 # Why: a Linux boot here is CPU-bound in KVM's instruction emulator, but many
 # tests spend much of their run waiting (a guest's `sleep`, a migration's
@@ -13,7 +14,11 @@
 # Lane "vmm": every other binary, one after another. They use their own taps
 #   and addresses (172.31.x), never the agent's names or tables.
 # BALANCE names VMM-level binaries that run in the agents lane instead, so
-# that both lanes take about as long (measured here: agents ~26 min, vmm ~25 min).
+# that both lanes take about as long.
+# Alone: the binaries in ALONE run one after another once both lanes are
+#   done. cluster_services keeps four Linux guests serving and probed at
+#   once; with the other lane booting guests beside it, its guests starved
+#   for minutes (a boot took over 240 s) and so did the other lane's.
 #
 # Each binary's output is printed whole when it ends, then a summary with
 # every binary's time; the exit status is 1 if any binary failed.
@@ -68,16 +73,26 @@ BINARY_TIME_LIMIT="${NUBIS_E2E_BINARY_TIME_LIMIT:-1800}"
 AGENT_TESTS="tenant_boundary compromised_vmm"
 BALANCE="nubis_run"
 in_agents_lane() { [[ "$1" == agent_* || " $AGENT_TESTS $BALANCE " == *" $1 "* ]]; }
+ALONE="cluster_services"
+runs_alone() { [[ " $ALONE " == *" $1 "* ]]; }
 agents=()
 others=()
+alone=()
 while read -r name _; do
-    if in_agents_lane "$name"; then agents+=("$name"); else others+=("$name"); fi
+    if runs_alone "$name"; then
+        alone+=("$name")
+    elif in_agents_lane "$name"; then
+        agents+=("$name")
+    else
+        others+=("$name")
+    fi
 done < "$logs/binaries"
 run_lane agents "${agents[@]}" &
 agents_lane=$!
 run_lane vmm "${others[@]}" &
 vmm_lane=$!
 wait "$agents_lane" "$vmm_lane"
+run_lane alone "${alone[@]}"
 
 ran="$(wc -l < "$logs/summary")"
 expected="$(wc -l < "$logs/binaries")"
