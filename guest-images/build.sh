@@ -155,6 +155,10 @@ build_rootfs() {
     musl-gcc -static -Os -Wall -Wextra -Werror -ffile-prefix-map="$here"=. \
         -o "$tree/sbin/dhcp-flood" "$here/rootfs/dhcp-flood.c"
     strip "$tree/sbin/dhcp-flood"
+    # The guest agent on vsock port 52 (see rootfs/nubis-guest-agent.c).
+    musl-gcc -static -Os -Wall -Wextra -Werror -ffile-prefix-map="$here"=. \
+        -o "$tree/sbin/nubis-guest-agent" "$here/rootfs/nubis-guest-agent.c"
+    strip "$tree/sbin/nubis-guest-agent"
     # Reproducible: fixed timestamps and owners, sorted entries.
     find "$tree" -exec touch -h -d @0 {} +
     mkdir -p "$work/out"

@@ -349,6 +349,7 @@ fn plan(
                 file: None,
             })
             .collect(),
+        vsock: None,
         control_socket: Some(control_socket.clone()),
     };
 

@@ -13,6 +13,7 @@ pub mod guest;
 pub mod net;
 pub mod netns;
 pub mod vm;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 

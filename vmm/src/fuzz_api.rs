@@ -295,6 +295,88 @@ pub fn virtio_rng(data: &[u8]) {
     rng.on_event(0);
 }
 
+/// The vsock device: guest RAM (its three queues, descriptors and
+/// packets) from `data`, a host process that connects to guest port 52
+/// and writes, a host listener on port 1024 for the guest's connections,
+/// then notifications and the host sockets' events in turn.
+pub fn virtio_vsock(data: &[u8]) {
+    use crate::devices::virtio::vsock::Vsock;
+    const QUEUES: [Rings; 3] = [
+        Rings {
+            desc_table: 0x0000,
+            avail_ring: 0x0100,
+            used_ring: 0x0200,
+            size: 16,
+        },
+        Rings {
+            desc_table: 0x0400,
+            avail_ring: 0x0500,
+            used_ring: 0x0600,
+            size: 16,
+        },
+        Rings {
+            desc_table: 0x0800,
+            avail_ring: 0x0900,
+            used_ring: 0x0a00,
+            size: 16,
+        },
+    ];
+    thread_local! {
+        static DIR: std::path::PathBuf = {
+            let dir = std::env::temp_dir()
+                .join(format!("nubis-fuzz-vsock-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dir);
+            dir
+        };
+    }
+    let socket = DIR.with(|dir| dir.join("v.sock"));
+    let mut listener_path = socket.clone().into_os_string();
+    listener_path.push("_1024");
+    let _ = std::fs::remove_file(&listener_path);
+    let Ok(listener) = std::os::unix::net::UnixListener::bind(&listener_path) else {
+        return;
+    };
+    let _ = listener.set_nonblocking(true);
+    let Some(interrupt) = interrupt() else {
+        return;
+    };
+    let Ok(mut vsock) = Vsock::new(3, &socket, interrupt) else {
+        return;
+    };
+    let Ok(memory) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]) else {
+        return;
+    };
+    fill_memory(&memory, data);
+    let mut queues = Vec::new();
+    for rings in &QUEUES {
+        match rings.queue() {
+            Some(queue) => queues.push(queue),
+            None => return,
+        }
+    }
+    let activated = vsock.activate(Activation {
+        memory: memory.clone(),
+        queues,
+        acked_features: VIRTIO_F_VERSION_1,
+    });
+    if activated.is_err() {
+        return;
+    }
+    let mut host = UnixStream::connect(&socket).ok();
+    if let Some(host) = host.as_mut() {
+        let _ = host.set_nonblocking(true);
+        let _ = host.write_all(b"CONNECT 52\n");
+        let _ = host.write_all(data.get(..data.len().min(256)).unwrap_or_default());
+    }
+    let mut accepted = Vec::new();
+    for source in [3, 1, 0, 2, 3, 1, 0] {
+        vsock.on_event(source);
+        while let Ok((stream, _)) = listener.accept() {
+            accepted.push(stream);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +453,27 @@ mod tests {
         }
         out.push(("virtio_console", "one-chain", ring.clone()));
         out.push(("virtio_rng", "one-chain", ring[..0x400].to_vec()));
+        // The vsock device's transmit queue (at 0x400) with one chain: a
+        // guest's REQUEST to host port 1024 in the first buffer.
+        let mut vsock = ring.clone();
+        vsock.resize(0x1000, 0);
+        let request = crate::devices::virtio::vsock::packet::Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 5000,
+            dst_port: 1024,
+            len: 0,
+            kind: 1,
+            op: 1,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        };
+        vsock[0xc00..0xc00 + 44].copy_from_slice(&request.to_bytes());
+        vsock[0x400..0x408].copy_from_slice(&0xc00u64.to_le_bytes());
+        vsock[0x408..0x40c].copy_from_slice(&44u32.to_le_bytes());
+        vsock[0x40c..0x410].copy_from_slice(&0u16.to_le_bytes().repeat(2));
+        out.push(("virtio_vsock", "request", vsock));
         out
     }
 
@@ -387,6 +490,7 @@ mod tests {
                 "snapshot_state" => snapshot_state(&bytes),
                 "virtio_console" => virtio_console(&bytes),
                 "virtio_rng" => virtio_rng(&bytes),
+                "virtio_vsock" => virtio_vsock(&bytes),
                 other => panic!("no target {other}"),
             }
             if let Some(dir) = &dir {
@@ -422,6 +526,7 @@ mod tests {
             control_request(input);
             virtio_console(input);
             virtio_rng(input);
+            virtio_vsock(input);
         }
     }
 }

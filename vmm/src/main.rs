@@ -72,6 +72,11 @@ struct Cli {
     /// inherited descriptor (read and written) or a file (appended to).
     #[arg(long, value_name = "fd=N|file=PATH")]
     virtio_console: Vec<String>,
+    /// A virtio-vsock device: the guest's context id, and the Unix socket
+    /// host processes connect to (`CONNECT <port>`); guest connections to
+    /// host port P go to `<socket>_P`.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<String>,
     /// Unix socket for the control protocol.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -133,6 +138,7 @@ fn assemble(cli: Cli) -> Result<VmConfig, String> {
         nets: parse_all(&cli.net)?,
         rng: cli.rng,
         consoles: parse_all(&cli.virtio_console)?,
+        vsock: parse_all(cli.vsock.as_slice())?.pop(),
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,

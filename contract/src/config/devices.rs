@@ -313,9 +313,103 @@ impl ConsoleConfig {
     }
 }
 
+/// The guest's context ids 0-2 are the hypervisor's, the local loopback
+/// and the host's; `u32::MAX` is "any".
+pub const VSOCK_CID_RANGE: std::ops::RangeInclusive<u32> = 3..=u32::MAX - 1;
+/// The longest socket path (`sun_path` less room for `_<port>` and NUL).
+pub const MAX_VSOCK_SOCKET_LEN: usize = 108 - 12;
+
+/// The virtio-vsock device: the guest's context id, and the Unix socket
+/// host processes connect to (`CONNECT <port>`); guest connections to host
+/// port P go to `<socket>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    /// `cid=N,socket=PATH`
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: String| ConfigError::InvalidVsock {
+            value: value.to_string(),
+            reason,
+        };
+        let (mut cid, mut socket) = (None, None);
+        for (key, val) in key_values(value, &invalid)? {
+            match key {
+                "cid" => {
+                    cid = Some(
+                        val.parse()
+                            .map_err(|_| invalid(format!("cid must be a number, got '{val}'")))?,
+                    )
+                }
+                "socket" => socket = Some(PathBuf::from(val)),
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        let vsock = VsockConfig {
+            cid: cid.ok_or_else(|| invalid("cid=N is required".into()))?,
+            socket: socket.ok_or_else(|| invalid("socket=PATH is required".into()))?,
+        };
+        vsock.check().map_err(invalid)?;
+        Ok(vsock)
+    }
+}
+
+impl VsockConfig {
+    /// Checks what does not depend on the rest of the VM.
+    pub fn check(&self) -> Result<(), String> {
+        if !VSOCK_CID_RANGE.contains(&self.cid) {
+            return Err(format!(
+                "cid {} is reserved (a guest's is {} to {})",
+                self.cid,
+                VSOCK_CID_RANGE.start(),
+                VSOCK_CID_RANGE.end()
+            ));
+        }
+        let len = self.socket.as_os_str().len();
+        if len == 0 || len > MAX_VSOCK_SOCKET_LEN {
+            return Err(format!(
+                "the socket path must be 1 to {MAX_VSOCK_SOCKET_LEN} bytes, got {len}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_flag_syntax() {
+        let vsock: VsockConfig = "cid=3,socket=/vm/v.sock".parse().unwrap();
+        assert_eq!(
+            vsock,
+            VsockConfig {
+                cid: 3,
+                socket: "/vm/v.sock".into()
+            }
+        );
+        let long = format!("cid=3,socket=/{}", "x".repeat(MAX_VSOCK_SOCKET_LEN));
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=0,socket=/s",
+            "cid=4294967295,socket=/s",
+            "cid=4294967296,socket=/s",
+            "cid=x,socket=/s",
+            "socket=/s",
+            "cid=3",
+            "cid=3,socket=/s,port=5",
+            long.as_str(),
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn disk_flag_syntax() {

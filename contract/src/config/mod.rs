@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 mod devices;
 pub use devices::{
-    valid_tap_name, ConsoleConfig, DiskConfig, MacAddr, NetConfig, MAX_DISK_ID_LEN, NET_MTU_RANGE,
+    valid_tap_name, ConsoleConfig, DiskConfig, MacAddr, NetConfig, VsockConfig, MAX_DISK_ID_LEN,
+    MAX_VSOCK_SOCKET_LEN, NET_MTU_RANGE, VSOCK_CID_RANGE,
 };
 
 /// The configuration format version this VMM reads and writes.
@@ -81,6 +82,8 @@ pub enum ConfigError {
     InvalidNet { value: String, reason: String },
     #[error("invalid console '{value}': {reason} (expected fd=N|file=PATH)")]
     InvalidConsole { value: String, reason: String },
+    #[error("invalid vsock device '{value}': {reason} (expected cid=N,socket=PATH)")]
+    InvalidVsock { value: String, reason: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
     #[error("disk id '{0}' is longer than {MAX_DISK_ID_LEN} bytes")]
@@ -121,6 +124,9 @@ pub struct VmConfig {
     /// virtio-console ports, in order: the first is /dev/hvc0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consoles: Vec<ConsoleConfig>,
+    /// A virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// Unix socket for the control protocol (see `control`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -227,6 +233,8 @@ pub struct ConfigOverrides {
     pub rng: bool,
     /// Console ports added after the config file's.
     pub consoles: Vec<ConsoleConfig>,
+    /// The vsock device, replacing the config file's.
+    pub vsock: Option<VsockConfig>,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -274,6 +282,7 @@ impl VmConfig {
                 nets: Vec::new(),
                 rng: false,
                 consoles: Vec::new(),
+                vsock: None,
                 control_socket: None,
             },
         };
@@ -299,6 +308,9 @@ impl VmConfig {
         config.nets.extend(flags.nets);
         config.rng |= flags.rng;
         config.consoles.extend(flags.consoles);
+        if let Some(vsock) = flags.vsock {
+            config.vsock = Some(vsock);
+        }
         if let Some(socket) = flags.control_socket {
             config.control_socket = Some(socket);
         }
@@ -340,8 +352,11 @@ impl VmConfig {
         if !self.boot.cmdline.is_ascii() || self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);
         }
-        let devices =
-            self.disks.len() + self.nets.len() + usize::from(self.rng) + self.consoles.len();
+        let devices = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + self.consoles.len()
+            + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -383,6 +398,12 @@ impl VmConfig {
             if let Some(fd) = console.fd.filter(|fd| !fds.insert(*fd)) {
                 return Err(ConfigError::DuplicateFd(fd));
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.check().map_err(|reason| ConfigError::InvalidVsock {
+                value: serde_json::to_string(vsock).unwrap_or_default(),
+                reason,
+            })?;
         }
         Ok(())
     }

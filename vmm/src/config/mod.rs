@@ -7,7 +7,7 @@
 
 pub use nubis_contract::config::{
     disk_id, net_id, valid_tap_name, BootConfig, ConfigError, ConfigOverrides, ConsoleConfig,
-    DiskConfig, HostLimits, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    DiskConfig, HostLimits, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
     CONFIG_VERSION, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_DISK_ID_LEN, MAX_MEMORY_MIB, MAX_VCPUS,
     MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB, NET_MTU_RANGE,
 };

@@ -37,6 +37,8 @@ pub enum DeviceError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::device::VsockError),
     #[error("NIC {id}: {source}")]
     Tap { id: String, source: TapError },
     #[error("NIC {id}: no MAC given and no random one to make: {source}")]

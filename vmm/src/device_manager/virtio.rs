@@ -18,6 +18,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::queue_handler::{DeviceEventHandler, EventDrivenDevice};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{RateLimited, VirtioDevice, VirtioInterrupt};
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::vm::Vm;
@@ -46,6 +47,9 @@ pub fn device_kinds(config: &VmConfig) -> Vec<String> {
         "console".to_string(),
         config.consoles.len(),
     ));
+    if config.vsock.is_some() {
+        kinds.push("vsock".into());
+    }
     kinds
 }
 
@@ -119,7 +123,7 @@ fn open_tap(id: &str, net: &NetConfig) -> Result<Tap, DeviceError> {
 }
 
 /// Attaches `config`'s virtio devices, in slot order: disks, NICs, the
-/// entropy device, the console ports.
+/// entropy device, the console ports, the vsock device.
 pub fn attach_all(
     config: &VmConfig,
     vm: &Vm,
@@ -209,6 +213,18 @@ pub fn attach_all(
             Ok(Arc::new(Mutex::new(console)))
         })?;
         device_handlers.push(handler(&port));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = slots.attach(|interrupt| {
+            let device = Vsock::new(u64::from(vsock.cid), &vsock.socket, interrupt)?;
+            log::info!(
+                "vsock: guest CID {}, host socket {}",
+                vsock.cid,
+                vsock.socket.display()
+            );
+            Ok(Arc::new(Mutex::new(device)))
+        })?;
+        device_handlers.push(handler(&device));
     }
     Ok(VirtioDevices {
         cmdline: slots.cmdline,

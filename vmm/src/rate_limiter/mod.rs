@@ -134,13 +134,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Result<Self, RateLimiterError> {
-        let timer = TimerFd::new().map_err(|err| RateLimiterError::Timer(err.into()))?;
-        // SAFETY: F_SETFL on a descriptor this function owns; no memory is
-        // passed and the result is checked.
-        let ret = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if ret < 0 {
-            return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
-        }
+        let timer = crate::devices::nonblocking_timer().map_err(RateLimiterError::Timer)?;
         let mut limiter = Self {
             limit: RateLimit::default(),
             bytes: None,

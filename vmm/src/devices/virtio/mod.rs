@@ -15,6 +15,7 @@ pub mod queue_handler;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

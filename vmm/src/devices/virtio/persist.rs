@@ -11,6 +11,7 @@ use virtio_queue::QueueState;
 use super::block::persist::{BlockState, BlockStateError};
 use super::console::persist::ConsoleState;
 use super::net::persist::{NetState, NetStateError};
+use super::vsock::persist::VsockState;
 use super::ActivateError;
 use crate::persist::Versioned;
 
@@ -68,6 +69,7 @@ pub enum DeviceState {
     Net(Versioned<NetState>),
     Rng,
     Console(Versioned<ConsoleState>),
+    Vsock(Versioned<VsockState>),
 }
 
 impl DeviceState {
@@ -77,6 +79,7 @@ impl DeviceState {
             DeviceState::Net(_) => "net",
             DeviceState::Rng => "rng",
             DeviceState::Console(_) => "console",
+            DeviceState::Vsock(_) => "vsock",
         }
     }
 
