@@ -31,8 +31,8 @@ pub use service::{
 pub use snapshot::{Snapshot, SnapshotRestore};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{
-    AntiAffinity, AntiAffinityScope, DrainPolicy, HostLossPolicy, PlacementStrategy, RateLimit, Vm,
-    VmCreate, VmDisk, VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, ExecEvent, HostLossPolicy, PlacementStrategy,
+    RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmExec, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 
 /// The API version prefix.

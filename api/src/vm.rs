@@ -411,3 +411,54 @@ mod tests {
         assert_eq!(VmState::parse("zombie"), None);
     }
 }
+
+/// The most characters of a command for the guest agent (at most 64 KiB
+/// of UTF-8, the guest agent's bound).
+pub const MAX_EXEC_COMMAND: usize = 16 * 1024;
+/// The longest a command may run, in seconds.
+pub const MAX_EXEC_TIMEOUT_S: u32 = 3600;
+/// How long a command runs when no timeout is given, in seconds.
+pub const DEFAULT_EXEC_TIMEOUT_S: u32 = 60;
+
+/// `POST /v1/vms/{id}/exec`: a command for the VM's guest agent (the Nubis
+/// images' `nubis-guest-agent`, over vsock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmExec {
+    /// Run with the guest's `/bin/sh -c`, stdin empty: 1 to 16384
+    /// characters, no NUL.
+    #[schema(min_length = 1, max_length = 16384, pattern = r"^[^\x00]+$")]
+    pub command: String,
+    /// Seconds the command may run (1 to 3600; 60 when absent): past
+    /// them the answer ends with an `error` event (the command is left
+    /// to run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_s: Option<u32>,
+}
+
+/// One line of `POST /v1/vms/{id}/exec`'s answer (newline-delimited
+/// JSON), in the order the guest sent them; the last is `exit`, `signal`
+/// or `error`. Output is text (bytes that are not UTF-8 are replaced).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExecEvent {
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// The command exited with this status.
+    Exit {
+        code: i32,
+    },
+    /// A signal ended the command.
+    Signal {
+        number: i32,
+    },
+    /// The command's status will not come: why.
+    Error {
+        message: String,
+    },
+}

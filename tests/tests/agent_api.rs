@@ -228,6 +228,36 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
             .any(|e| e["kind"] == "adopted"),
         "{events:?}"
     );
+    // The guest agent runs a command over vsock (through the adopted
+    // VMM's device): its output and status stream back; another tenant's
+    // request finds nothing.
+    let exec = nubis_api::VmExec {
+        command: "echo out; echo err >&2; exit 3".into(),
+        timeout_s: Some(60),
+    };
+    let ran = agent.send("POST", &format!("/v1/vms/{web}/exec"), Some(&acme), &exec);
+    assert_eq!(ran.status, 200, "{ran:?}");
+    let events: Vec<nubis_api::ExecEvent> = ran
+        .text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{line}: {err}")))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            nubis_api::ExecEvent::Stdout {
+                data: "out\n".into()
+            },
+            nubis_api::ExecEvent::Stderr {
+                data: "err\n".into()
+            },
+            nubis_api::ExecEvent::Exit { code: 3 },
+        ],
+        "{}",
+        ran.text
+    );
+    let foreign = agent.send("POST", &format!("/v1/vms/{web}/exec"), Some(&globex), &exec);
+    assert_eq!(foreign.status, 404, "{foreign:?}");
     // Pause and resume go through the VMM's control socket.
     let paused = agent.call("POST", &format!("/v1/vms/{web}/pause"), Some(&acme), None);
     assert_eq!(expect(&paused, 200)["state"], "paused");
@@ -262,6 +292,12 @@ fn vms_boot_through_the_api_and_survive_an_agent_crash() {
         "the VMM still runs after stop"
     );
     assert!(!link_exists(&web_tap), "the tap outlived the VM's stop");
+    let exec = nubis_api::VmExec {
+        command: "true".into(),
+        timeout_s: None,
+    };
+    let refused = agent.send("POST", &format!("/v1/vms/{web}/exec"), Some(&acme), &exec);
+    assert_eq!((refused.status, refused.code()), (409, "conflict"));
     // The streaming console of a stopped VM returns what there is and ends.
     let followed = agent.call(
         "GET",

@@ -204,7 +204,14 @@ fn vmms_run_jailed_unprivileged_and_limited() {
     // two device nodes; nothing else of the host.
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let listed = tree(&root);
-    let vm_files: BTreeSet<&str> = ["root.raw", "data0.raw", "console.log", "control.sock"].into();
+    let vm_files: BTreeSet<&str> = [
+        "root.raw",
+        "data0.raw",
+        "console.log",
+        "control.sock",
+        "vsock.sock",
+    ]
+    .into();
     for path in &listed {
         let allowed = matches!(
             path.as_str(),
@@ -236,6 +243,7 @@ fn vmms_run_jailed_unprivileged_and_limited() {
         "vm/root.raw",
         "vm/data0.raw",
         "vm/control.sock",
+        "vm/vsock.sock",
     ] {
         assert!(listed.contains(needed), "{needed} is missing: {listed:#?}");
     }

@@ -381,6 +381,10 @@ fn every_endpoint_keeps_tenants_apart() {
                     kernel_args: Some("stolen".into()),
                     ..Default::default()
                 })),
+                ("POST", "/v1/vms/{id}/exec") => Some(json_body(&nubis_api::VmExec {
+                    command: "cat /etc/shadow".into(),
+                    timeout_s: None,
+                })),
                 ("POST", "/v1/services/{id}/rollback") => {
                     Some(json_body(&nubis_api::RoleRollback { role: "web".into() }))
                 }

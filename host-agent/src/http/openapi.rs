@@ -5,14 +5,14 @@
 use nubis_api::error::ErrorBody;
 use nubis_api::{
     AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
-    DrainPolicy, DrainProgress, ErrorCode, FaultDomainSpread, HostDrain, HostIdentity,
+    DrainPolicy, DrainProgress, ErrorCode, ExecEvent, FaultDomainSpread, HostDrain, HostIdentity,
     HostLossPolicy, HostResources, HostState, Image, ImageCreate, IncomingMigration, IncomingReady,
     InstanceHealth, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
     Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Probe, ProbeProtocol,
     Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale, RoleSpec,
     RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceEndpoint, ServiceInstance,
     Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk,
-    VmEvent, VmNic, VmNicCreate, VmPlacement, VmState,
+    VmEvent, VmExec, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -39,6 +39,7 @@ use super::{
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
+        vms::exec,
         hosts::list, hosts::show, hosts::cordon, hosts::uncordon, hosts::drain, hosts::forget,
         peers::create, peers::list, peers::show, peers::remove, peers::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
@@ -50,7 +51,7 @@ use super::{
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent,
+        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent, VmExec, ExecEvent,
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
         VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
@@ -159,6 +160,7 @@ mod tests {
             "/v1/vms/{id}/resume",
             "/v1/vms/{id}/console",
             "/v1/vms/{id}/events",
+            "/v1/vms/{id}/exec",
             "/v1/networks",
             "/v1/networks/{id}",
             "/v1/port-forwards",

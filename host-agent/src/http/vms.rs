@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, ErrorCode, Vm, VmCreate, VmEvent, VmState};
+use nubis_api::{ApiError, ErrorCode, ExecEvent, Vm, VmCreate, VmEvent, VmExec, VmState};
 use serde::Deserialize;
 
 use super::responses::{
@@ -14,6 +14,7 @@ use super::responses::{
 };
 use super::{AppState, Body, Caller, HttpError, Path, Query, Result};
 use crate::service::vms::{self, Action};
+use crate::supervisor::guest_agent::ExecOutput;
 use crate::supervisor::read_console;
 
 pub fn routes() -> Router<AppState> {
@@ -28,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/events", get(events))
+        .route("/v1/vms/{id}/exec", post(exec))
 }
 
 create_handler!(tenant create, "/v1/vms", "vms", VmCreate, 201 "success", Vm, async vms::create,
@@ -215,3 +217,73 @@ pub(crate) async fn console(
 
 show_handler!(caller events, "/v1/vms/{id}/events", "vms", "id" = "id (or name)", "success",
     Vec<VmEvent>, async vms::events, TenantResource);
+
+/// The event a piece of a command's output is.
+fn exec_event(output: ExecOutput) -> ExecEvent {
+    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+    match output {
+        ExecOutput::Stdout(bytes) => ExecEvent::Stdout { data: text(bytes) },
+        ExecOutput::Stderr(bytes) => ExecEvent::Stderr { data: text(bytes) },
+        ExecOutput::Exited(code) => ExecEvent::Exit { code },
+        ExecOutput::Signalled(number) => ExecEvent::Signal { number },
+    }
+}
+
+/// Runs a command in the VM through its guest agent (vsock port 52 in the
+/// Nubis images): the answer streams the command's output and then its
+/// status, one JSON event a line, as the guest sends them.
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/exec",
+    tag = "vms",
+    params(("id" = String, Path, description = "id (or name)")),
+    request_body = VmExec,
+    responses(
+        (status = 200, description = "the command's output, then its status: one ExecEvent a line", body = ExecEvent, content_type = "application/x-ndjson"),
+        Invalid,
+        (status = 409, description = "the VM is not running", body = ApiError),
+        (status = 502, description = "the guest agent did not answer", body = ApiError),
+        TenantResource
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn exec(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(request): Body<VmExec>,
+) -> Result<Response> {
+    let (stream, timeout) =
+        vms::exec(&state.services, caller.service_scope(), &id, &request).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let lines = futures_util::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        let (event, rest) = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Ok(Some(output))) => {
+                let last = matches!(output, ExecOutput::Exited(_) | ExecOutput::Signalled(_));
+                (exec_event(output), (!last).then_some(stream))
+            }
+            Ok(Ok(None)) => return None,
+            Ok(Err(err)) => (
+                ExecEvent::Error {
+                    message: err.to_string(),
+                },
+                None,
+            ),
+            Err(_) => (
+                ExecEvent::Error {
+                    message: format!("no status within {} s", timeout.as_secs()),
+                },
+                None,
+            ),
+        };
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::io::Error>(line), rest))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        ResponseBody::from_stream(lines),
+    )
+        .into_response())
+}

@@ -9,12 +9,14 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmNic, VmState};
+use nubis_api::vm::{DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_COMMAND, MAX_EXEC_TIMEOUT_S};
+use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmExec, VmNic, VmState};
 
 use super::{images, networks, placed, Result, Scope, ServiceError, Services};
 use crate::network;
 use crate::network::nic_address;
 use crate::store::{NetworkRow, NewVm, VmRow};
+use crate::supervisor::guest_agent::ExecStream;
 use crate::validate;
 
 impl From<VmRow> for Vm {
@@ -541,6 +543,50 @@ pub async fn console(svc: &Services, scope: Scope<'_>, id: &str) -> Result<(Vm, 
     let vm = find(svc, scope, id)?;
     let path = svc.supervisor.console_path(&vm.id);
     Ok((vm.into(), path))
+}
+
+/// The guest agent of VM `id` (running, on this host) runs `request`'s
+/// command: its output as the guest sends it, and how long to wait for it.
+pub async fn exec(
+    svc: &Services,
+    scope: Scope<'_>,
+    id: &str,
+    request: &VmExec,
+) -> Result<(ExecStream, std::time::Duration)> {
+    if request.command.is_empty()
+        || request.command.chars().count() > MAX_EXEC_COMMAND
+        || request.command.contains('\0')
+    {
+        return Err(ServiceError::invalid(
+            "command",
+            format!("a command is 1 to {MAX_EXEC_COMMAND} characters without NUL"),
+        ));
+    }
+    let timeout_s = request.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
+    if !(1..=MAX_EXEC_TIMEOUT_S).contains(&timeout_s) {
+        return Err(ServiceError::invalid(
+            "timeout_s",
+            format!("timeout_s is 1 to {MAX_EXEC_TIMEOUT_S} seconds, got {timeout_s}"),
+        ));
+    }
+    if let (Some(cluster), Some((vm, false))) = (&svc.cluster, in_cluster(svc, scope, id).await?) {
+        return Err(placed::not_here(cluster, &vm));
+    }
+    let vm = find(svc, scope, id)?;
+    if vm.state != VmState::Running {
+        return Err(ServiceError::Conflict(format!(
+            "VM {} is {}: only a running VM runs commands",
+            vm.id,
+            vm.state.as_str()
+        )));
+    }
+    let stream = svc
+        .supervisor
+        .guest_agent(&vm.id)
+        .exec(&request.command)
+        .await
+        .map_err(|err| ServiceError::PeerAnswer(format!("VM {}: {err}", vm.id)))?;
+    Ok((stream, std::time::Duration::from_secs(u64::from(timeout_s))))
 }
 
 /// Whether VM `id` has a VMM process (its console may still grow).

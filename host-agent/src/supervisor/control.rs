@@ -218,43 +218,14 @@ fn decode(command: &'static str, answer: &str) -> Result<Response, ControlError>
     })
 }
 
-/// Connects to the socket at `socket`, which is in a directory its jailed
-/// VMM writes: the name is opened without following a link (`O_PATH`),
-/// must be a socket, and is connected to through that descriptor, so that a
-/// VMM cannot point the agent at another VM's socket.
+/// Connects to the VMM's control socket (see [`super::vmfs::connect_socket`]).
 async fn connect(socket: &Path) -> Result<UnixStream, ControlError> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let failed = |source| ControlError::Connect {
-        path: socket.display().to_string(),
-        source,
-    };
-    let c_path = std::ffi::CString::new(socket.as_os_str().as_bytes())
-        .map_err(|_| failed(std::io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: open with a NUL-terminated path and flags; returns a new
-    // descriptor or -1.
-    let fd = unsafe {
-        libc::open(
-            c_path.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(failed(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by open and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let stat = super::vmfs::fstat(&fd, socket)
-        .map_err(|err| failed(std::io::Error::other(err.to_string())))?;
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(failed(std::io::Error::other(
-            "not a socket (a link or another kind of file): refused",
-        )));
-    }
-    let through = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let stream = UnixStream::connect(&through).await.map_err(failed)?;
-    drop(fd);
-    Ok(stream)
+    super::vmfs::connect_socket(socket)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 pub mod console;
 pub mod control;
+pub mod guest_agent;
 pub mod jail;
 pub mod migration;
 mod process;
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use nubis_api::{RateLimit, VmState};
 use nubis_contract::config::{
-    BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
     CONFIG_VERSION,
 };
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -115,6 +116,8 @@ pub struct VmPaths {
     pub vmm_config: PathBuf,
     pub control: PathBuf,
     pub console: PathBuf,
+    /// The vsock device's socket: the agent connects to guest ports here.
+    pub vsock: PathBuf,
     pub vmm_log: PathBuf,
     pub root_disk: PathBuf,
 }
@@ -124,6 +127,10 @@ pub const JAIL_SUBDIR: &str = "vm";
 pub const CONFIG: &str = "vm.json";
 pub const CONTROL: &str = "control.sock";
 pub const CONSOLE: &str = "console.log";
+pub const VSOCK: &str = "vsock.sock";
+/// Every VM's vsock context id: each VM has a device of its own, so the
+/// ids need not differ between VMs (as with Firecracker).
+pub const GUEST_CID: u32 = 3;
 pub const VMM_LOG: &str = "vmm.log";
 
 impl VmPaths {
@@ -139,6 +146,7 @@ impl VmPaths {
             vmm_config: config,
             control: jail.join(CONTROL),
             console: jail.join(CONSOLE),
+            vsock: jail.join(VSOCK),
             vmm_log: dir.join(VMM_LOG),
             root_disk: jail.join(ROOT_DISK),
             jail,
@@ -730,6 +738,11 @@ impl Supervisor {
     pub fn console_path(&self, vm_id: &str) -> PathBuf {
         self.paths(vm_id).console
     }
+
+    /// The guest agent of VM `vm_id`, through its vsock socket.
+    pub fn guest_agent(&self, vm_id: &str) -> guest_agent::GuestAgentClient {
+        guest_agent::GuestAgentClient::new(self.paths(vm_id).vsock)
+    }
 }
 
 /// The VMM's config for `vm`; `networks` are its NICs' networks (None
@@ -826,6 +839,10 @@ fn vmm_config(
         nets,
         rng: true,
         consoles: Vec::new(),
+        vsock: Some(VsockConfig {
+            cid: GUEST_CID,
+            socket: paths.vsock.clone(),
+        }),
         control_socket: Some(paths.control.clone()),
     })
 }
@@ -911,6 +928,7 @@ mod tests {
                      "rate_limit": {"bytes_per_s": 1000}},
                 ],
                 "rng": true,
+                "vsock": {"cid": 3, "socket": "/d/vsock.sock"},
                 "control_socket": "/d/control.sock",
             })
         );

@@ -433,6 +433,36 @@ pub fn open_owned_by_dir(path: &Path) -> Result<Option<File>, VmFsError> {
     }
 }
 
+/// Connects to the Unix socket at `path`, which is in a directory a
+/// jailed VMM writes: the name is opened without following a link
+/// (`O_PATH`), must be a socket, and is connected to through that
+/// descriptor, so that a VMM cannot point the agent at another VM's
+/// socket or a host service's.
+pub async fn connect_socket(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    let c_path = c_path(path).map_err(std::io::Error::other)?;
+    // SAFETY: open with a NUL-terminated path and flags; returns a new
+    // descriptor or -1.
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(last_error());
+    }
+    // SAFETY: `fd` was just returned by open and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let stat = fstat(&fd, path).map_err(std::io::Error::other)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::other(
+            "not a socket (a link or another kind of file): refused",
+        ));
+    }
+    let through = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    tokio::net::UnixStream::connect(&through).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,44 @@ impl Client {
         self.call(method, path, Some(&serde_json::to_value(body)?))
     }
 
+    /// Sends `body` as JSON and hands each line of the answer to `on_line`
+    /// as it arrives (a newline-delimited JSON stream).
+    pub fn stream_lines<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        mut on_line: impl FnMut(&str) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        use std::io::BufRead;
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(body)?);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            return Err(api_error(status, response.text().unwrap_or_default()));
+        }
+        for line in std::io::BufReader::new(response).lines() {
+            let line = line.map_err(|err| ClientError::Unexpected {
+                status,
+                body: format!("the answer broke off: {err}"),
+            })?;
+            if !line.is_empty() {
+                on_line(&line)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Streams a local file as a request body (PUT).
     pub fn upload(&self, path: &str, local: &std::path::Path) -> Result<Value, ClientError> {
         let file = std::fs::File::open(local).map_err(|err| ClientError::Unexpected {

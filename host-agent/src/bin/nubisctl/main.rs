@@ -473,6 +473,18 @@ enum VmCommand {
     Events {
         id: String,
     },
+    /// Runs a command in a running VM through its guest agent (the Nubis
+    /// images' nubis-guest-agent, over vsock); its output is printed as it
+    /// comes, and nubisctl exits with the command's status.
+    Exec {
+        id: String,
+        /// Seconds the command may run.
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// The command and its arguments (run with the guest's /bin/sh -c).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Moves a running VM to another host while it runs; shows progress
     /// and, at the end, the pause the guest saw.
     Migrate {
@@ -1026,8 +1038,54 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
             &client.call("GET", &format!("/v1/vms/{id}/events"), None)?,
             &["at", "kind", "message"],
         ),
+        VmCommand::Exec {
+            id,
+            timeout,
+            command,
+        } => {
+            let request = nubis_api::VmExec {
+                command: command.join(" "),
+                timeout_s: timeout,
+            };
+            let mut status = None;
+            client.stream_lines(&format!("/v1/vms/{id}/exec"), &request, |line| {
+                let event: nubis_api::ExecEvent =
+                    serde_json::from_str(line).map_err(|err| ClientError::Unexpected {
+                        status: 200,
+                        body: format!("{line} ({err})"),
+                    })?;
+                status = exec_output(event).or(status);
+                Ok(())
+            })?;
+            // The command's status is nubisctl's, as with ssh.
+            std::process::exit(status.unwrap_or(1));
+        }
     }
     Ok(())
+}
+
+/// Prints one event of a command running in a VM; its exit status once
+/// known (128 + N for signal N, as a shell reports it).
+fn exec_output(event: nubis_api::ExecEvent) -> Option<i32> {
+    use std::io::Write;
+    match event {
+        nubis_api::ExecEvent::Stdout { data } => {
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(data.as_bytes());
+            let _ = stdout.flush();
+            None
+        }
+        nubis_api::ExecEvent::Stderr { data } => {
+            let _ = std::io::stderr().write_all(data.as_bytes());
+            None
+        }
+        nubis_api::ExecEvent::Exit { code } => Some(code),
+        nubis_api::ExecEvent::Signal { number } => Some(128 + number),
+        nubis_api::ExecEvent::Error { message } => {
+            eprintln!("nubisctl: error: {message}");
+            Some(1)
+        }
+    }
 }
 
 fn usage(message: String) -> ClientError {
@@ -1051,6 +1109,58 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_statuses_are_the_commands_as_a_shell_reports_them() {
+        use nubis_api::ExecEvent;
+        assert_eq!(
+            exec_output(ExecEvent::Stdout {
+                data: String::new()
+            }),
+            None
+        );
+        assert_eq!(
+            exec_output(ExecEvent::Stderr {
+                data: String::new()
+            }),
+            None
+        );
+        assert_eq!(exec_output(ExecEvent::Exit { code: 3 }), Some(3));
+        assert_eq!(exec_output(ExecEvent::Signal { number: 9 }), Some(137));
+        assert_eq!(
+            exec_output(ExecEvent::Error {
+                message: "gone".into()
+            }),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_its_options() {
+        let cli = Cli::try_parse_from([
+            "nubisctl",
+            "vm",
+            "exec",
+            "web",
+            "--timeout",
+            "5",
+            "--",
+            "ls",
+            "-l",
+            "/",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Exec {
+            id,
+            timeout,
+            command,
+        }) = cli.command
+        else {
+            panic!("not vm exec");
+        };
+        assert_eq!((id.as_str(), timeout), ("web", Some(5)));
+        assert_eq!(command, ["ls", "-l", "/"]);
+    }
 
     #[test]
     fn migration_progress_lines_show_phase_bytes_and_rounds() {
