@@ -106,6 +106,16 @@ impl RestoreSource for SnapshotDir<'_> {
     }
 }
 
+/// Makes `config` fit a machine saved before every VM had a vsock device:
+/// such a snapshot (or a migrating VM started then) is restored without
+/// one rather than refused; everything else must match as it is.
+pub fn fit_to_saved(config: &mut VmConfig, saved: &MachineShape) {
+    if config.vsock.is_some() && !saved.devices.iter().any(|kind| kind == "vsock") {
+        log::info!("the saved machine has no vsock device: the VM goes on without one");
+        config.vsock = None;
+    }
+}
+
 /// The shape of the machine `config` describes, as snapshots record it.
 pub fn machine_shape(config: &VmConfig) -> MachineShape {
     MachineShape {
@@ -267,6 +277,8 @@ pub fn build_from_snapshot(
 ) -> Result<BuiltVm, BuildError> {
     let mut core = Core::new(config)?;
     let snapshot = source.load(&core.ram.memory)?;
+    fit_to_saved(&mut core.config, &snapshot.machine);
+    core.shape = machine_shape(&core.config);
     snapshot.machine.check(&core.shape)?;
     if snapshot.vcpus.len() != core.config.machine.vcpus as usize
         || snapshot.devices.len() != core.shape.devices.len()
@@ -300,4 +312,55 @@ pub fn build_from_snapshot(
         vcpu.restore(state)?;
     }
     core.finish(devices, vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigOverrides, DiskConfig, VsockConfig};
+
+    fn config_with_vsock() -> VmConfig {
+        VmConfig::assemble(
+            None,
+            ConfigOverrides {
+                kernel: Some("/k".into()),
+                disks: vec![DiskConfig {
+                    path: "/d".into(),
+                    read_only: false,
+                    id: None,
+                    rate_limit: Default::default(),
+                }],
+                vsock: Some(VsockConfig {
+                    cid: 3,
+                    socket: "/v.sock".into(),
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_machine_saved_without_vsock_is_restored_without_it() {
+        let mut config = config_with_vsock();
+        assert_eq!(machine_shape(&config).devices, ["block", "vsock"]);
+        let saved = MachineShape {
+            vcpus: 1,
+            memory_bytes: 128 << 20,
+            devices: vec!["block".into()],
+        };
+        fit_to_saved(&mut config, &saved);
+        assert_eq!(config.vsock, None);
+        assert!(saved.check(&machine_shape(&config)).is_ok());
+        // A machine saved with one keeps it; nothing else is fitted.
+        let mut config = config_with_vsock();
+        let with = machine_shape(&config);
+        fit_to_saved(&mut config, &with);
+        assert!(config.vsock.is_some());
+        let mut more = saved.clone();
+        more.devices.push("net".into());
+        let mut config = config_with_vsock();
+        fit_to_saved(&mut config, &more);
+        assert!(more.check(&machine_shape(&config)).is_err());
+    }
 }

@@ -486,6 +486,8 @@ pub fn receive_vm(
         )
         .into());
     }
+    let mut config = config;
+    crate::builder::fit_to_saved(&mut config, &hello.machine);
     let shape = crate::builder::machine_shape(&config);
     if let Err(err) = hello.machine.check(&shape) {
         return Err(refuse(&mut stream, err.to_string()).into());
