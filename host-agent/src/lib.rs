@@ -15,6 +15,7 @@ pub mod crash;
 pub mod disks;
 pub mod http;
 pub mod ipv4;
+pub mod metadata;
 pub mod network;
 pub mod peer_directory;
 pub mod peer_tls;
