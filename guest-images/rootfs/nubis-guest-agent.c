@@ -24,20 +24,50 @@
  *                                      BAD) and exits 0 only when every byte
  *                                      came back as sent
  *
+ * First boot ("metadata" step): in its serving mode the agent also forks a
+ * child that fetches the VM's instance metadata from the host (EC2 IMDSv2
+ * layout, http://169.254.169.254:80, reached through the default route)
+ * and exits; the parent serves vsock meanwhile (it ignores SIGCHLD, so the
+ * child is reaped by the kernel; exec's own waitpid is in another process).
+ * The step retries for ~60 s, gets a token (PUT /latest/api/token), then:
+ *   hostname      sethostname() and /etc/hostname
+ *   public-keys   all keys to /root/.ssh/authorized_keys (temp file, then
+ *                 rename); a 404 (no keys) leaves that file alone
+ *   user-data     saved to /var/lib/nubis/user-data; if it starts with `#!`
+ *                 it is run once: the marker /var/lib/nubis/user-data.done
+ *                 is created first, output goes to /var/log/nubis-user-data.log
+ * and prints `nubis-metadata: hostname H, K ssh keys, user-data
+ * none|saved|ran` on the console (`failed` or `?` where a part failed).
+ *   nubis-guest-agent metadata         runs the step in the foreground,
+ *                                      telling what it does; exits 0 when
+ *                                      every part of it worked
+ * Test aids (environment, for running the step on a development host):
+ *   NUBIS_METADATA_ADDR=127.0.0.1:PORT the service's IPv4 address and port
+ *   NUBIS_METADATA_ROOT=/tmp/dir       prefix of every file written (and no
+ *                                      sethostname())
+ *   NUBIS_METADATA_TRIES=N             connection tries (one a second)
+ *
  * Written in C and linked statically with musl, like nubis-run-init: small
  * (the initramfs is unpacked under KVM's instruction emulator on kvm_pvm
  * hosts, ~20 s per MiB) and one fork per request.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define AGENT_PORT 52
@@ -318,16 +348,844 @@ static int send_and_check(unsigned long cid, unsigned long port, unsigned long t
     return good ? 0 : 1;
 }
 
+/* ---- First boot: the instance metadata step ---------------------------- */
+
+#define META_ADDR "169.254.169.254:80"
+#define META_MAX_BODY (64 * 1024)
+#define META_MAX_HEAD (8 * 1024)
+#define META_IO_SECONDS 5         /* connect, SO_RCVTIMEO, SO_SNDTIMEO */
+#define META_REQUEST_MS 15000     /* a whole request, however slow */
+#define META_RETRY_SECONDS 60     /* until the service first answers */
+#define META_MAX_TOKEN 1024
+#define META_MAX_KEYS 100
+#define META_MAX_KEY 16384
+
+static struct {
+    struct sockaddr_in addr;
+    char host[32];        /* the Host header: a.b.c.d[:port] */
+    const char *root;     /* "" or NUBIS_METADATA_ROOT */
+    int verbose;          /* the `metadata` mode tells what it does */
+    int failed;           /* a part of the step failed: exit 1 */
+    char token[META_MAX_TOKEN + 1];
+    char error[320];      /* why the last request failed */
+} meta;
+
+static int console_fd = 2;
+
+/* One line `nubis-metadata: ...` on stderr (the console, from init), or on
+ * /dev/console when stderr is not usable. */
+__attribute__((format(printf, 1, 2))) static void console(const char *format, ...) {
+    char line[512] = "nubis-metadata: ";
+    size_t used = strlen(line);
+    va_list ap;
+    va_start(ap, format);
+    int n = vsnprintf(line + used, sizeof line - used - 1, format, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    used += (size_t)n < sizeof line - used - 1 ? (size_t)n : sizeof line - used - 2;
+    line[used++] = '\n';
+    if (console_fd >= 0 && write_all(console_fd, line, used) == 0)
+        return;
+    if (console_fd == 2) {
+        console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+        if (console_fd >= 0)
+            write_all(console_fd, line, used);
+    }
+}
+
+/* What the `metadata` mode prints about each thing it does. */
+__attribute__((format(printf, 1, 2))) static void note(const char *format, ...) {
+    if (!meta.verbose)
+        return;
+    va_list ap;
+    va_start(ap, format);
+    fputs("  ", stdout);
+    vprintf(format, ap);
+    putchar('\n');
+    va_end(ap);
+}
+
+/* Records why a request failed (meta.error); returns -1. */
+__attribute__((format(printf, 1, 2))) static int fail(const char *format, ...) {
+    va_list ap;
+    va_start(ap, format);
+    vsnprintf(meta.error, sizeof meta.error, format, ap);
+    va_end(ap);
+    return -1;
+}
+
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* poll() for one fd until `deadline` (now_ms() time): 1 ready, 0 timed out,
+ * -1 error. */
+static int wait_fd(int fd, short events, long long deadline) {
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left <= 0)
+            return 0;
+        struct pollfd p = {.fd = fd, .events = events};
+        int n = poll(&p, 1, (int)left);
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n;
+    }
+}
+
+static int meta_connect(void) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return fail("socket: %s", strerror(errno));
+    if (connect(fd, (struct sockaddr *)&meta.addr, sizeof meta.addr) < 0 &&
+        errno != EINPROGRESS && errno != EINTR) {
+        fail("connect to %s: %s", meta.host, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    int ready = wait_fd(fd, POLLOUT, now_ms() + META_IO_SECONDS * 1000);
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (ready < 0)
+        error = errno;
+    else if (ready == 0)
+        error = ETIMEDOUT;
+    else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) < 0)
+        error = errno;
+    struct timeval timeout = {.tv_sec = META_IO_SECONDS};
+    int flags = error ? -1 : fcntl(fd, F_GETFL);
+    if (!error && (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0 ||
+                   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) < 0 ||
+                   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout) < 0))
+        error = errno;
+    if (error) {
+        fail("connect to %s: %s", meta.host, strerror(error));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static char lower(char c) {
+    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+}
+
+static int same_text(const char *a, size_t a_length, const char *b) {
+    size_t i = 0;
+    for (; i < a_length && b[i]; i++)
+        if (lower(a[i]) != lower(b[i]))
+            return 0;
+    return i == a_length && !b[i];
+}
+
+/* The offset just past the blank line that ends the head, or 0. */
+static size_t head_end(const char *buf, size_t used) {
+    for (size_t i = 0; i + 1 < used; i++) {
+        if (buf[i] != '\n')
+            continue;
+        if (buf[i + 1] == '\n')
+            return i + 2;
+        if (i + 2 < used && buf[i + 1] == '\r' && buf[i + 2] == '\n')
+            return i + 3;
+    }
+    return 0;
+}
+
+/* Parses the status line and the headers in buf[0..end). Returns the status;
+ * *content_length is -1 without a Content-Length. */
+static int parse_head(const char *buf, size_t end, long *content_length, int *chunked) {
+    int status = -1;
+    *content_length = -1;
+    *chunked = 0;
+    size_t at = 0;
+    while (at < end) {
+        const char *line = buf + at;
+        const char *newline = memchr(line, '\n', end - at);
+        size_t length = (size_t)(newline - line);
+        at += length + 1;
+        if (length > 0 && line[length - 1] == '\r')
+            length--;
+        if (memchr(line, 0, length))
+            return fail("a NUL byte in the response head");
+        if (status < 0) {
+            /* HTTP/1.x NNN[ reason] */
+            if (length < 12 || memcmp(line, "HTTP/1.", 7) != 0 || (line[7] != '0' && line[7] != '1') ||
+                line[8] != ' ' || (length > 12 && line[12] != ' '))
+                return fail("malformed status line");
+            status = 0;
+            for (int i = 9; i < 12; i++) {
+                if (line[i] < '0' || line[i] > '9')
+                    return fail("malformed status line");
+                status = status * 10 + (line[i] - '0');
+            }
+            if (status < 100 || status > 599)
+                return fail("malformed status line");
+            continue;
+        }
+        if (length == 0)
+            break;
+        const char *colon = memchr(line, ':', length);
+        if (!colon || colon == line || line[0] == ' ' || line[0] == '\t' || colon[-1] == ' ' ||
+            colon[-1] == '\t')
+            return fail("malformed response header");
+        size_t name_length = (size_t)(colon - line);
+        const char *value = colon + 1;
+        size_t value_length = length - name_length - 1;
+        while (value_length > 0 && (*value == ' ' || *value == '\t'))
+            value++, value_length--;
+        while (value_length > 0 && (value[value_length - 1] == ' ' || value[value_length - 1] == '\t'))
+            value_length--;
+        if (same_text(line, name_length, "content-length")) {
+            long n = 0;
+            if (value_length == 0)
+                return fail("malformed Content-Length");
+            for (size_t i = 0; i < value_length; i++) {
+                if (value[i] < '0' || value[i] > '9')
+                    return fail("malformed Content-Length");
+                n = n * 10 + (value[i] - '0');
+                if (n > META_MAX_BODY)
+                    return fail("response body over %d bytes", META_MAX_BODY);
+            }
+            if (*content_length >= 0 && *content_length != n)
+                return fail("conflicting Content-Length headers");
+            *content_length = n;
+        } else if (same_text(line, name_length, "transfer-encoding")) {
+            if (same_text(value, value_length, "chunked"))
+                *chunked = 1;
+            else if (!same_text(value, value_length, "identity"))
+                return fail("unsupported Transfer-Encoding");
+        }
+    }
+    return status;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = lower(c);
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Decodes a chunked body in place; *length becomes the decoded length. */
+static int dechunk(char *body, size_t *length) {
+    size_t in = 0, out = 0, end = *length;
+    for (;;) {
+        size_t size = 0, digits = 0;
+        for (; in < end && hex_digit(body[in]) >= 0; in++, digits++) {
+            size = size * 16 + (size_t)hex_digit(body[in]);
+            if (size > META_MAX_BODY)
+                return fail("response body over %d bytes", META_MAX_BODY);
+        }
+        if (digits == 0)
+            return fail("malformed chunked body");
+        while (in < end && body[in] != '\n') /* chunk extensions, CR */
+            in++;
+        if (in == end)
+            return fail("chunked body ended early");
+        in++;
+        if (size == 0)
+            break; /* trailers, if any, are ignored */
+        if (size > end - in)
+            return fail("chunked body ended early");
+        if (out + size > META_MAX_BODY)
+            return fail("response body over %d bytes", META_MAX_BODY);
+        memmove(body + out, body + in, size);
+        out += size;
+        in += size;
+        if (in < end && body[in] == '\r')
+            in++;
+        if (in == end || body[in] != '\n')
+            return fail("malformed chunked body");
+        in++;
+    }
+    *length = out;
+    return 0;
+}
+
+struct response {
+    char *buf;     /* free() it */
+    char *body;    /* NUL-terminated (bodies may hold NULs: use length) */
+    size_t length;
+};
+
+/* One request on its own connection. Returns the HTTP status, or -1 (and
+ * meta.error) when there was no well-formed response. */
+static int meta_request(const char *method, const char *path, struct response *r) {
+    char request[META_MAX_TOKEN + 512];
+    int n;
+    if (strcmp(method, "PUT") == 0)
+        n = snprintf(request, sizeof request,
+                     "PUT %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: nubis-guest-agent\r\n"
+                     "Connection: close\r\nX-aws-ec2-metadata-token-ttl-seconds: 300\r\n"
+                     "Content-Length: 0\r\n\r\n",
+                     path, meta.host);
+    else
+        n = snprintf(request, sizeof request,
+                     "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: nubis-guest-agent\r\n"
+                     "Connection: close\r\nX-aws-ec2-metadata-token: %s\r\n\r\n",
+                     path, meta.host, meta.token);
+    r->buf = NULL;
+    if (n < 0 || (size_t)n >= sizeof request)
+        return fail("%s %s: request too long", method, path);
+    int fd = meta_connect();
+    if (fd < 0)
+        return -1;
+    int status = -1;
+    size_t capacity = META_MAX_HEAD + META_MAX_BODY, used = 0, end = 0;
+    long content_length = -1;
+    int chunked = 0;
+    char *buf = malloc(capacity + 1);
+    if (!buf) {
+        fail("out of memory");
+        goto out;
+    }
+    if (write_all(fd, request, (size_t)n) < 0) {
+        fail("%s %s: sending: %s", method, path, errno ? strerror(errno) : "closed");
+        goto out;
+    }
+    long long deadline = now_ms() + META_REQUEST_MS;
+    for (;;) {
+        if (end && !chunked && content_length >= 0 && used - end >= (size_t)content_length)
+            break;
+        if (used == capacity) {
+            fail("%s %s: response over %zu bytes", method, path, capacity);
+            goto out;
+        }
+        /* At most META_IO_SECONDS without data, META_REQUEST_MS in all. */
+        long long quiet = now_ms() + META_IO_SECONDS * 1000;
+        int ready = wait_fd(fd, POLLIN, quiet < deadline ? quiet : deadline);
+        if (ready <= 0) {
+            fail("%s %s: %s", method, path, ready ? strerror(errno) : "no response (timed out)");
+            goto out;
+        }
+        ssize_t got = read(fd, buf + used, capacity - used);
+        if (got < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (got < 0) {
+            fail("%s %s: reading: %s", method, path, strerror(errno));
+            goto out;
+        }
+        if (got == 0)
+            break;
+        used += (size_t)got;
+        if (!end) {
+            end = head_end(buf, used);
+            if (end) {
+                status = parse_head(buf, end, &content_length, &chunked);
+                if (status < 0) {
+                    char why[sizeof meta.error];
+                    memcpy(why, meta.error, sizeof why);
+                    fail("%s %s: %s", method, path, why);
+                    goto out;
+                }
+            } else if (used > META_MAX_HEAD) {
+                fail("%s %s: response head over %d bytes", method, path, META_MAX_HEAD);
+                goto out;
+            }
+        }
+    }
+    if (!end) {
+        fail("%s %s: %s", method, path, used ? "response ended in its head" : "connection closed without a response");
+        status = -1;
+        goto out;
+    }
+    size_t length = used - end;
+    if (chunked) {
+        if (dechunk(buf + end, &length) < 0) {
+            char why[sizeof meta.error];
+            memcpy(why, meta.error, sizeof why);
+            fail("%s %s: %s", method, path, why);
+            status = -1;
+            goto out;
+        }
+    } else if (content_length >= 0) {
+        if (length < (size_t)content_length) {
+            fail("%s %s: response body ended early (%zu of %ld bytes)", method, path, length,
+                 content_length);
+            status = -1;
+            goto out;
+        }
+        length = (size_t)content_length;
+    }
+    if (length > META_MAX_BODY) {
+        fail("%s %s: response body over %d bytes", method, path, META_MAX_BODY);
+        status = -1;
+        goto out;
+    }
+    buf[end + length] = 0;
+    r->buf = buf;
+    r->body = buf + end;
+    r->length = length;
+    buf = NULL;
+out:
+    free(buf);
+    close(fd);
+    return r->buf ? status : -1;
+}
+
+/* A GET with the token; a failed connection or a 5xx is tried 3 times. */
+static int meta_get(const char *path, struct response *r) {
+    for (int attempt = 1;; attempt++) {
+        int status = meta_request("GET", path, r);
+        if ((status >= 0 && status < 500) || attempt == 3)
+            return status;
+        if (status >= 0)
+            free(r->buf);
+        sleep(1);
+    }
+}
+
+static void trim_end(struct response *r) {
+    while (r->length > 0 && (r->body[r->length - 1] == '\n' || r->body[r->length - 1] == '\r' ||
+                             r->body[r->length - 1] == ' ' || r->body[r->length - 1] == '\t'))
+        r->body[--r->length] = 0;
+}
+
+/* Waits for the service and gets a token: 0, or -1 with meta.error. */
+static int get_token(unsigned long tries) {
+    long long give_up = now_ms() + META_RETRY_SECONDS * 1000;
+    for (unsigned long attempt = 1;; attempt++) {
+        struct response r;
+        int status = meta_request("PUT", "/latest/api/token", &r);
+        if (status == 200) {
+            trim_end(&r);
+            int good = r.length > 0 && r.length <= META_MAX_TOKEN;
+            for (size_t i = 0; good && i < r.length; i++)
+                good = r.body[i] > ' ' && r.body[i] < 0x7f;
+            if (good)
+                memcpy(meta.token, r.body, r.length + 1);
+            free(r.buf);
+            if (!good)
+                return fail("PUT /latest/api/token: the token is not one printable word");
+            note("token from %s after %lu tr%s", meta.host, attempt, attempt == 1 ? "y" : "ies");
+            return 0;
+        }
+        if (status >= 0) {
+            free(r.buf);
+            fail("PUT /latest/api/token: HTTP %d", status);
+            if (status < 500)
+                return -1; /* an answer, not a service still starting */
+        }
+        if (attempt >= tries || now_ms() >= give_up)
+            return -1;
+        note("try %lu: %s", attempt, meta.error);
+        sleep(1);
+    }
+}
+
+/* root + suffix, into `out` (PATH_MAX bytes). */
+static int root_path(char *out, const char *suffix) {
+    int n = snprintf(out, PATH_MAX, "%s%s", meta.root, suffix);
+    if (n < 0 || n >= PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return 0;
+}
+
+/* mkdir -p; every directory it creates gets `mode`. */
+static int make_dirs(const char *path, mode_t mode) {
+    char buf[PATH_MAX];
+    size_t length = strlen(path);
+    if (length >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, length + 1);
+    for (size_t i = 1; i <= length; i++) {
+        if (buf[i] != '/' && buf[i] != 0)
+            continue;
+        char c = buf[i];
+        buf[i] = 0;
+        int made = mkdir(buf, mode);
+        buf[i] = c;
+        if (made < 0 && errno != EEXIST)
+            return -1;
+    }
+    return 0;
+}
+
+/* Writes path.nubis-tmp, fsyncs it and renames it over path. */
+static int write_file(const char *path, const char *data, size_t length, mode_t mode) {
+    char temporary[PATH_MAX];
+    int n = snprintf(temporary, sizeof temporary, "%s.nubis-tmp", path);
+    if (n < 0 || (size_t)n >= sizeof temporary) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode);
+    if (fd < 0)
+        return -1;
+    errno = EIO;
+    if (fchmod(fd, mode) < 0 || write_all(fd, data, length) < 0 || fsync(fd) < 0) {
+        int error = errno;
+        close(fd);
+        unlink(temporary);
+        errno = error;
+        return -1;
+    }
+    if (close(fd) < 0 || rename(temporary, path) < 0) {
+        int error = errno;
+        unlink(temporary);
+        errno = error;
+        return -1;
+    }
+    return 0;
+}
+
+/* Fills `name` (64 bytes): the hostname, or "?". */
+static void step_hostname(char *name) {
+    strcpy(name, "?");
+    struct response r;
+    int status = meta_get("/latest/meta-data/hostname", &r);
+    if (status != 200) {
+        if (status >= 0) {
+            free(r.buf);
+            fail("GET /latest/meta-data/hostname: HTTP %d", status);
+        }
+        console("hostname: %s", meta.error);
+        meta.failed = 1;
+        return;
+    }
+    trim_end(&r);
+    int good = r.length > 0 && r.length <= 63;
+    for (size_t i = 0; good && i < r.length; i++)
+        good = (r.body[i] >= 'a' && r.body[i] <= 'z') || (r.body[i] >= '0' && r.body[i] <= '9') ||
+               r.body[i] == '-';
+    if (good)
+        memcpy(name, r.body, r.length + 1);
+    free(r.buf);
+    if (!good) {
+        console("hostname: not 1 to 63 of [a-z0-9-]; left as it is");
+        meta.failed = 1;
+        return;
+    }
+    if (*meta.root) {
+        note("hostname %s (no sethostname(): NUBIS_METADATA_ROOT is set)", name);
+    } else if (sethostname(name, strlen(name)) < 0) {
+        console("sethostname(%s): %s", name, strerror(errno));
+        meta.failed = 1;
+    } else {
+        note("hostname %s (sethostname)", name);
+    }
+    char path[PATH_MAX] = "", line[65];
+    int n = snprintf(line, sizeof line, "%s\n", name);
+    /* A read-only root is fine: the error is only reported. */
+    if (root_path(path, "/etc") < 0 || make_dirs(path, 0755) < 0 ||
+        root_path(path, "/etc/hostname") < 0 || write_file(path, line, (size_t)n, 0644) < 0)
+        console("%s: %s (hostname not saved)", path, strerror(errno));
+    else
+        note("wrote %s", path);
+}
+
+/* Returns the number of keys written, or 0. */
+static int step_keys(void) {
+    static char keys[META_MAX_BODY]; /* the new authorized_keys */
+    size_t keys_length = 0;
+    int count = 0, entries = 0;
+    char path[PATH_MAX] = "";
+    struct response list;
+    int status = meta_get("/latest/meta-data/public-keys/", &list);
+    if (status == 404) {
+        free(list.buf);
+        note("no ssh keys (404): authorized_keys left as it is");
+        return 0;
+    }
+    if (status != 200) {
+        if (status >= 0) {
+            free(list.buf);
+            fail("GET /latest/meta-data/public-keys/: HTTP %d", status);
+        }
+        console("ssh keys: %s", meta.error);
+        meta.failed = 1;
+        return 0;
+    }
+    for (size_t at = 0; at < list.length;) {
+        char *line = list.body + at;
+        char *newline = memchr(line, '\n', list.length - at);
+        size_t length = newline ? (size_t)(newline - line) : list.length - at;
+        at += length + 1;
+        if (length > 0 && line[length - 1] == '\r')
+            length--;
+        if (length == 0)
+            continue;
+        line[length] = 0;
+        if (++entries > META_MAX_KEYS) {
+            console("ssh keys: more than %d; the others are left out", META_MAX_KEYS);
+            meta.failed = 1;
+            break;
+        }
+        /* N=name */
+        size_t digits = 0;
+        unsigned long index = 0;
+        while (digits < length && digits < 6 && line[digits] >= '0' && line[digits] <= '9')
+            index = index * 10 + (unsigned long)(line[digits++] - '0');
+        if (digits == 0 || line[digits] != '=' || strlen(line) != length) {
+            console("ssh keys: malformed public-keys line left out");
+            meta.failed = 1;
+            continue;
+        }
+        char key_path[64];
+        snprintf(key_path, sizeof key_path, "/latest/meta-data/public-keys/%lu/openssh-key", index);
+        struct response key;
+        status = meta_get(key_path, &key);
+        if (status != 200) {
+            /* Without every key, the old file stays. */
+            if (status >= 0) {
+                free(key.buf);
+                fail("GET %s: HTTP %d", key_path, status);
+            }
+            console("ssh keys: %s; authorized_keys left as it is", meta.error);
+            meta.failed = 1;
+            free(list.buf);
+            return 0;
+        }
+        while (key.length > 0 && (key.body[key.length - 1] == '\n' || key.body[key.length - 1] == '\r'))
+            key.body[--key.length] = 0;
+        int good = key.length > 0 && key.length <= META_MAX_KEY && !memchr(key.body, '\n', key.length) &&
+                   !memchr(key.body, '\r', key.length) && !memchr(key.body, 0, key.length);
+        if (!good) {
+            console("ssh key %lu (%.64s): empty, too long, or more than one line; left out", index,
+                    line + digits + 1);
+            meta.failed = 1;
+        } else if (key.length + 1 > sizeof keys - keys_length) {
+            console("ssh key %lu (%.64s): over %zu bytes of keys in all; left out", index,
+                    line + digits + 1, sizeof keys);
+            meta.failed = 1;
+        } else {
+            memcpy(keys + keys_length, key.body, key.length);
+            keys_length += key.length;
+            keys[keys_length++] = '\n';
+            count++;
+            note("ssh key %lu (%.64s)", index, line + digits + 1);
+        }
+        free(key.buf);
+    }
+    free(list.buf);
+    if (count == 0) {
+        if (entries > 0)
+            console("ssh keys: none usable; authorized_keys left as it is");
+        else
+            note("no ssh keys (empty list): authorized_keys left as it is");
+        return 0;
+    }
+    if (root_path(path, "/root/.ssh") < 0 || make_dirs(path, 0700) < 0 || chmod(path, 0700) < 0 ||
+        root_path(path, "/root/.ssh/authorized_keys") < 0 ||
+        write_file(path, keys, keys_length, 0600) < 0) {
+        console("%s: %s (ssh keys not written)", path, strerror(errno));
+        meta.failed = 1;
+        return 0;
+    }
+    note("wrote %s (%d key%s)", path, count, count == 1 ? "" : "s");
+    return count;
+}
+
+/* Runs the saved user-data with its output appended to the log; waits. */
+static int run_user_data(const char *program, const char *marker) {
+    char log[PATH_MAX] = "", directory[PATH_MAX];
+    int fd = -1;
+    if (root_path(directory, "/var/log") < 0 || make_dirs(directory, 0755) < 0 ||
+        root_path(log, "/var/log/nubis-user-data.log") < 0 ||
+        (fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600)) < 0) {
+        console("%s: %s (user-data not run)", log, strerror(errno));
+        return -1;
+    }
+    /* The marker first: a crash while it runs does not run it again. */
+    int done = open(marker, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (done < 0) {
+        int already = errno == EEXIST;
+        if (already)
+            note("user-data already ran (%s)", marker);
+        else
+            console("%s: %s (user-data not run)", marker, strerror(errno));
+        close(fd);
+        return already ? 0 : -1;
+    }
+    int synced = fsync(done) == 0;
+    int error = errno;
+    close(done);
+    int dir = -1;
+    if (synced && (root_path(directory, "/var/lib/nubis") < 0 ||
+                   (dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || fsync(dir) < 0)) {
+        synced = 0;
+        error = errno;
+    }
+    if (dir >= 0)
+        close(dir);
+    if (!synced) {
+        /* Not known to be on disk: no marker, no run; the next boot tries. */
+        unlink(marker);
+        console("%s: %s (user-data not run)", marker, strerror(error));
+        close(fd);
+        return -1;
+    }
+    note("running %s (output in %s)", program, log);
+    pid_t child = fork();
+    if (child < 0) {
+        console("user-data: fork: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (child == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        setsid();
+        int null = open("/dev/null", O_RDONLY);
+        if (null < 0 || dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0 || chdir("/") < 0)
+            _exit(127);
+        if (null > 2)
+            close(null);
+        char *argv[] = {(char *)program, NULL};
+        char *envp[] = {"PATH=/sbin:/bin:/usr/sbin:/usr/bin", "HOME=/root", NULL};
+        execve(program, argv, envp);
+        dprintf(2, "nubis-metadata: cannot run %s: %s\n", program, strerror(errno));
+        _exit(127);
+    }
+    close(fd);
+    int status = 0;
+    pid_t waited;
+    while ((waited = waitpid(child, &status, 0)) < 0 && errno == EINTR)
+        ;
+    if (waited < 0)
+        console("user-data: waitpid: %s", strerror(errno));
+    else if (WIFSIGNALED(status))
+        console("user-data killed by signal %d", WTERMSIG(status));
+    else
+        console("user-data exited with %d", WEXITSTATUS(status));
+    return 1;
+}
+
+/* Returns "none", "saved", "ran" or "failed". */
+static const char *step_user_data(void) {
+    char path[PATH_MAX] = "", marker[PATH_MAX];
+    struct response r;
+    int status = meta_get("/latest/user-data", &r);
+    if (status == 404) {
+        free(r.buf);
+        note("no user-data (404)");
+        return "none";
+    }
+    if (status != 200) {
+        if (status >= 0) {
+            free(r.buf);
+            fail("GET /latest/user-data: HTTP %d", status);
+        }
+        console("user-data: %s", meta.error);
+        meta.failed = 1;
+        return "failed";
+    }
+    if (root_path(path, "/var/lib/nubis") < 0 || make_dirs(path, 0755) < 0 ||
+        root_path(path, "/var/lib/nubis/user-data") < 0 || write_file(path, r.body, r.length, 0700) < 0) {
+        console("%s: %s (user-data not saved)", path, strerror(errno));
+        free(r.buf);
+        meta.failed = 1;
+        return "failed";
+    }
+    note("user-data: %zu bytes saved to %s", r.length, path);
+    int script = r.length >= 2 && r.body[0] == '#' && r.body[1] == '!';
+    free(r.buf);
+    if (!script) {
+        note("user-data does not start with #!: not run");
+        return "saved";
+    }
+    if (root_path(marker, "/var/lib/nubis/user-data.done") < 0) {
+        console("user-data: %s", strerror(errno));
+        meta.failed = 1;
+        return "failed";
+    }
+    int ran = run_user_data(path, marker);
+    if (ran < 0) {
+        meta.failed = 1;
+        return "failed";
+    }
+    return ran ? "ran" : "saved";
+}
+
+/* The whole step; returns the exit status (0 when every part worked). */
+static int metadata(int verbose) {
+    memset(&meta, 0, sizeof meta);
+    meta.verbose = verbose;
+    signal(SIGCHLD, SIG_DFL); /* inherited as SIG_IGN from the server */
+    signal(SIGPIPE, SIG_IGN);
+    const char *address = getenv("NUBIS_METADATA_ADDR");
+    if (!address || !*address)
+        address = META_ADDR;
+    const char *colon = strrchr(address, ':');
+    char ip[INET_ADDRSTRLEN] = "";
+    char *end = NULL;
+    unsigned long port = colon ? strtoul(colon + 1, &end, 10) : 0;
+    if (colon && (size_t)(colon - address) < sizeof ip)
+        memcpy(ip, address, (size_t)(colon - address)), ip[colon - address] = 0;
+    meta.addr.sin_family = AF_INET;
+    meta.addr.sin_port = htons((unsigned short)port);
+    if (!colon || !end || *end || end == colon + 1 || port == 0 || port > 65535 ||
+        inet_pton(AF_INET, ip, &meta.addr.sin_addr) != 1) {
+        console("NUBIS_METADATA_ADDR is not IPv4:PORT: %s", address);
+        return 2;
+    }
+    if (port == 80)
+        snprintf(meta.host, sizeof meta.host, "%s", ip);
+    else
+        snprintf(meta.host, sizeof meta.host, "%s:%lu", ip, port);
+    meta.root = getenv("NUBIS_METADATA_ROOT");
+    if (!meta.root)
+        meta.root = "";
+    if (strlen(meta.root) > PATH_MAX / 2) {
+        console("NUBIS_METADATA_ROOT is too long");
+        return 2;
+    }
+    unsigned long tries = META_RETRY_SECONDS;
+    const char *tries_text = getenv("NUBIS_METADATA_TRIES");
+    if (tries_text && *tries_text) {
+        tries = strtoul(tries_text, &end, 10);
+        if (*end || tries == 0 || tries > 1000) {
+            console("NUBIS_METADATA_TRIES is not a number from 1 to 1000: %s", tries_text);
+            return 2;
+        }
+    }
+    if (verbose)
+        printf("nubis-metadata: service %s, files under %s\n", meta.host, *meta.root ? meta.root : "/");
+    if (get_token(tries) < 0) {
+        console("no metadata service (%s)", meta.error);
+        return 1;
+    }
+    char hostname[64];
+    step_hostname(hostname);
+    int keys = step_keys();
+    const char *user_data = step_user_data();
+    console("hostname %s, %d ssh keys, user-data %s", hostname, keys, user_data);
+    return meta.failed;
+}
+
+/* Serving mode: the step in a child, so vsock is served meanwhile. The
+ * server ignores SIGCHLD, so the kernel reaps this child; the exec feature
+ * waits for its own command by pid, in a per-connection child. */
+static void start_metadata(int listener) {
+    pid_t child = fork();
+    if (child == 0) {
+        if (listener >= 0)
+            close(listener);
+        _exit(metadata(0));
+    }
+    if (child < 0)
+        perror("nubis-guest-agent: fork for the metadata step");
+}
+
 static int serve_forever(void) {
     signal(SIGPIPE, SIG_IGN);
     signal(SIGCHLD, SIG_IGN);
     int listener = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct vsock_address a = address(0xffffffffUL, AGENT_PORT);
-    if (listener < 0 || bind(listener, (struct sockaddr *)&a, sizeof a) < 0 ||
-        listen(listener, 16) < 0) {
+    int listening = listener >= 0 && bind(listener, (struct sockaddr *)&a, sizeof a) == 0 &&
+                    listen(listener, 16) == 0;
+    if (!listening)
         perror("nubis-guest-agent: vsock port 52");
+    /* After listen(): vsock is served first; the metadata runs either way. */
+    start_metadata(listener);
+    if (!listening)
         return 1;
-    }
     for (;;) {
         int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
@@ -360,6 +1218,8 @@ int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "send") == 0)
         return send_and_check(strtoul(argv[2], NULL, 10), strtoul(argv[3], NULL, 10),
                               strtoul(argv[4], NULL, 10));
-    fprintf(stderr, "usage: nubis-guest-agent [echo PORT | send CID PORT BYTES]\n");
+    if (argc == 2 && strcmp(argv[1], "metadata") == 0)
+        return metadata(1);
+    fprintf(stderr, "usage: nubis-guest-agent [metadata | echo PORT | send CID PORT BYTES]\n");
     return 2;
 }
