@@ -94,6 +94,13 @@ impl ApiError {
         error.error.field = Some(field.to_string());
         error
     }
+
+    /// Well-formed, but not doable (422), naming `field`.
+    pub fn unprocessable(field: &str, message: impl Into<String>) -> Self {
+        let mut error = Self::new(ErrorCode::Unprocessable, message);
+        error.error.field = Some(field.to_string());
+        error
+    }
 }
 
 #[cfg(test)]

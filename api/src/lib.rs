@@ -14,6 +14,7 @@ pub mod migration;
 pub mod network;
 pub mod service;
 pub mod snapshot;
+pub mod ssh_key;
 pub mod tenant;
 pub mod vm;
 
@@ -29,10 +30,12 @@ pub use service::{
     ServiceEndpoint, ServiceInstance,
 };
 pub use snapshot::{Snapshot, SnapshotRestore};
+pub use ssh_key::{SshKey, SshKeyCreate};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{
-    AntiAffinity, AntiAffinityScope, DrainPolicy, ExecEvent, HostLossPolicy, PlacementStrategy,
-    RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmExec, VmNic, VmNicCreate, VmPlacement, VmState,
+    AntiAffinity, AntiAffinityScope, DrainPolicy, ExecEvent, HostLossPolicy, NamedSshKey,
+    PlacementStrategy, RateLimit, Vm, VmCreate, VmDisk, VmEvent, VmExec, VmMetadata, VmNic,
+    VmNicCreate, VmPlacement, VmState,
 };
 
 /// The API version prefix.

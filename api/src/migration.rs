@@ -110,6 +110,10 @@ impl Migration {
 #[serde(deny_unknown_fields)]
 pub struct IncomingMigration {
     pub vm: Vm,
+    /// What its metadata service tells it (its SSH keys and user data
+    /// are not in `vm`).
+    #[serde(default, skip_serializing_if = "crate::VmMetadata::is_empty")]
+    pub metadata: crate::VmMetadata,
     pub tenant: Tenant,
     pub image: Image,
     /// The source's underlay address.

@@ -114,6 +114,82 @@ pub struct VmCreate {
     /// cloud's "run instance" does); false defines it stopped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub start: bool,
+    /// The tenant's SSH keys (ids or names, see `/v1/ssh-keys`) the
+    /// metadata service gives the guest; at most 10. The VM keeps them as
+    /// they were at its creation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 10)]
+    pub ssh_keys: Vec<String>,
+    /// Labels the guest can read from the metadata service
+    /// (`meta-data/tags/instance/KEY`): at most 32, keys 1 to 128
+    /// characters of letters, digits and `_.:-` (starting with a letter
+    /// or digit), values at most 256 printable ASCII characters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = tags_schema)]
+    pub tags: BTreeMap<String, String>,
+    /// Given to the guest as `/latest/user-data` (base64 of at most 64
+    /// KiB; a script starting with `#!` runs at the first boot of the
+    /// Nubis images, cloud-init reads it on others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 87384,
+        pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+    )]
+    pub user_data: Option<String>,
+}
+
+/// The schema of `VmCreate::tags`: at most 32 properties, their names and
+/// values as [`VmCreate::tags`] says.
+fn tags_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let value = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(MAX_TAG_VALUE))
+        .pattern(Some(r"^[ -~]*$"));
+    let name = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(value))
+        .property_names(Some(name))
+        .max_properties(Some(MAX_VM_TAGS))
+        .build()
+}
+
+/// The most SSH keys, tags and user-data bytes a VM may carry.
+pub const MAX_VM_SSH_KEYS: usize = 10;
+pub const MAX_VM_TAGS: usize = 32;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 256;
+pub const MAX_USER_DATA: usize = 64 * 1024;
+
+/// A key as a VM keeps it: its name and the key line, copied at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedSshKey {
+    pub name: String,
+    pub public_key: String,
+}
+
+/// What the metadata service tells a VM beyond its definition, kept with
+/// the VM (and moved with it between hosts): its tags, its SSH keys as
+/// they were at creation, and its user data (base64).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<NamedSshKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+}
+
+impl VmMetadata {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// Constraints on where a VM runs in a cluster: the controller filters
@@ -249,6 +325,9 @@ impl VmCreate {
             nics: Vec::new(),
             placement: VmPlacement::default(),
             start: false,
+            ssh_keys: Vec::new(),
+            tags: BTreeMap::new(),
+            user_data: None,
         }
     }
 }
@@ -346,6 +425,15 @@ pub struct Vm {
     /// In a cluster: the constraints it was created with.
     #[serde(default, skip_serializing_if = "VmPlacement::is_empty")]
     pub placement: VmPlacement,
+    /// The names of the SSH keys it was created with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Bytes of user data it was given (the data itself is the guest's:
+    /// the metadata service answers it, the API does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_bytes: Option<u64>,
 }
 
 /// One entry of a VM's event log.

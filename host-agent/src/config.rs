@@ -146,6 +146,10 @@ pub struct ConfigFile {
     /// The port of the peer API (mutual TLS) on the underlay address
     /// (default 7443).
     pub peer_port: Option<u16>,
+    /// The port of the metadata service's listener, to which the host's
+    /// rules send each VM's requests to 169.254.169.254:80 (default: any
+    /// free port, chosen at start). Only VMs reach it.
+    pub metadata_port: Option<u16>,
     /// MiB the data directory's filesystem keeps free whatever tenants
     /// ask for (default 1024): room for the database and running VMs.
     pub reserved_disk_mib: Option<u64>,
@@ -213,6 +217,8 @@ pub struct AgentConfig {
     pub reserved_disk_mib: u64,
     pub dhcp_requests_per_s: u32,
     pub capacity: CapacitySettings,
+    /// 0 until the agent listens: any free port.
+    pub metadata_port: u16,
 }
 
 /// How every VMM is sandboxed (see `supervisor/jail.rs`).
@@ -285,6 +291,19 @@ impl AgentConfig {
                 });
             }
         }
+        let metadata_port = file.metadata_port.unwrap_or(0);
+        if metadata_port != 0
+            && (port_forward_range.contains(metadata_port)
+                || migration_port_range.contains(metadata_port)
+                || metadata_port == peer_port
+                || metadata_port == crate::network::vxlan::VXLAN_PORT)
+        {
+            return Err(ConfigError::ReservedPort {
+                forwards: port_forward_range.to_string(),
+                what: "the metadata service's",
+                port: metadata_port,
+            });
+        }
         let egress_deny = file
             .egress_deny
             .iter()
@@ -325,6 +344,7 @@ impl AgentConfig {
                 .dhcp_requests_per_s
                 .unwrap_or(crate::network::dhcp_server::RateLimiter::DEFAULT_NETWORK_PER_SECOND),
             capacity: file.capacity,
+            metadata_port,
         })
     }
 

@@ -180,7 +180,7 @@ fn main() -> ExitCode {
 
 async fn serve(
     listen: SocketAddr,
-    config: AgentConfig,
+    mut config: AgentConfig,
     store: Arc<Store>,
     cluster_settings: Option<ClusterSettings>,
 ) -> Result<(), String> {
@@ -206,6 +206,29 @@ async fn serve(
     let capacity = nubis_agent::capacity::of_host(&config);
     let (underlay_address, peer_port) = (config.underlay_address, config.peer_port);
     let peer_directory = PeerDirectory::new(store.clone());
+    // The metadata service listens before the network's rules are made:
+    // they send VMs' requests to its port.
+    let metadata_listen = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, config.metadata_port));
+    let metadata_listener = tokio::net::TcpListener::bind(metadata_listen)
+        .await
+        .map_err(|err| {
+            format!("cannot listen for the metadata service on {metadata_listen}: {err}")
+        })?;
+    config.metadata_port = metadata_listener
+        .local_addr()
+        .map_err(|err| format!("the metadata service's listener: {err}"))?
+        .port();
+    let zone = cluster_settings
+        .as_ref()
+        .and_then(|settings| settings.labels.get("zone").cloned());
+    tokio::spawn(
+        nubis_agent::metadata::server::MetadataService::new(store.clone(), zone)
+            .serve(metadata_listener),
+    );
+    tracing::info!(
+        "metadata service listening for VMs on port {}",
+        config.metadata_port
+    );
     let network = LinuxNetwork::new(store.clone(), &config, peer_directory.clone());
     let supervisor = Supervisor::new(store.clone(), config, network.clone());
     supervisor

@@ -307,6 +307,16 @@ fn every_endpoint_keeps_tenants_apart() {
         &acme,
         &PortForwardCreate::new("web", 30080, 80),
     );
+    let ssh_key: nubis_api::SshKey = agent.create(
+        "/v1/ssh-keys",
+        &acme,
+        &nubis_api::SshKeyCreate {
+            name: "laptop".into(),
+            public_key:
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"
+                    .into(),
+        },
+    );
     let upload = nubis_tests::agent::http_raw(
         agent.address,
         "PUT",
@@ -351,6 +361,8 @@ fn every_endpoint_keeps_tenants_apart() {
                 snapshot.id.clone()
             } else if path.starts_with("/v1/port-forwards/") {
                 forward.id.clone()
+            } else if path.starts_with("/v1/ssh-keys/") {
+                ssh_key.id.clone()
             } else if path.starts_with("/v1/tenants/") {
                 acme_id.clone()
             } else if path.starts_with("/v1/overlay/migrations/") {
@@ -427,6 +439,12 @@ fn every_endpoint_keeps_tenants_apart() {
     let acmes_vm = PortForwardCreate::new(&vm_id, 30081, 80);
     let reply = agent.send("POST", "/v1/port-forwards", Some(&globex), &acmes_vm);
     assert_unprocessable(&reply, "vm");
+    let acmes_key = VmCreate {
+        ssh_keys: vec![ssh_key.id.clone()],
+        ..VmCreate::new("x", "counter")
+    };
+    let reply = agent.send("POST", "/v1/vms", Some(&globex), &acmes_key);
+    assert_unprocessable(&reply, "ssh_keys[0]");
     images.register(&agent, &globex, "counter", None);
     let reply = agent.send("POST", "/v1/vms", Some(&globex), &on_acmes_network);
     assert_unprocessable(&reply, "nics[0].network");
@@ -437,6 +455,7 @@ fn every_endpoint_keeps_tenants_apart() {
         "/v1/port-forwards",
         "/v1/snapshots",
         "/v1/uploads",
+        "/v1/ssh-keys",
     ] {
         let listed: Vec<Value> = agent.get(path, &globex);
         assert!(listed.is_empty(), "{path}: {listed:?}");

@@ -417,6 +417,7 @@ mod tests {
             generation: 0,
             instance: None,
             retiring: None,
+            ssh_keys: Vec::new(),
         }
     }
 

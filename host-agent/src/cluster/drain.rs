@@ -154,6 +154,7 @@ mod tests {
             generation: 1,
             instance: None,
             retiring: None,
+            ssh_keys: Vec::new(),
         };
         let mut shown = record.pending();
         shown.state = state;

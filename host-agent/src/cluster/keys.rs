@@ -113,6 +113,20 @@ impl Keys {
         format!("{}image-names/{tenant}/{name}", self.prefix)
     }
 
+    /// `ssh-keys/{id}`: a tenant's SSH public key (`nubis_api::SshKey`).
+    pub fn ssh_key(&self, id: &str) -> String {
+        format!("{}ssh-keys/{id}", self.prefix)
+    }
+
+    pub fn ssh_keys(&self) -> String {
+        format!("{}ssh-keys/", self.prefix)
+    }
+
+    /// `ssh-key-names/{tenant}/{name}`: keeps a tenant's key names unique.
+    pub fn ssh_key_name(&self, tenant: &str, name: &str) -> String {
+        format!("{}ssh-key-names/{tenant}/{name}", self.prefix)
+    }
+
     /// `networks/{id}`: a tenant's network (CIDR, gateway, VNI, DHCP,
     /// DNS, MTU): one L2 segment over VXLAN across the hosts with VMs on
     /// it. Written with `network-names/` and `vnis/` by the host that

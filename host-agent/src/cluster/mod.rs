@@ -24,6 +24,7 @@ pub mod service_control;
 pub mod service_plan;
 pub mod services;
 pub mod settings;
+mod ssh_keys;
 pub mod tenants;
 pub mod view;
 pub mod vms;

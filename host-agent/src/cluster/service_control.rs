@@ -295,6 +295,7 @@ pub fn instance_record(
             probe: spec.probe.clone(),
         }),
         retiring: None,
+        ssh_keys: Vec::new(),
     };
     record.record_event(
         "created",

@@ -78,6 +78,9 @@ pub struct VmRecord {
     /// upgraded): its host deletes it, then its record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retiring: Option<String>,
+    /// Its SSH keys (`spec.ssh_keys`) as they were at its creation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<nubis_api::NamedSshKey>,
 }
 
 impl VmRecord {
@@ -156,6 +159,12 @@ impl VmRecord {
             created_at: self.created_at,
             host: self.host.clone(),
             placement: spec.placement.clone(),
+            ssh_keys: self.ssh_keys.iter().map(|key| key.name.clone()).collect(),
+            tags: spec.tags.clone(),
+            user_data_bytes: spec
+                .user_data
+                .as_deref()
+                .map(crate::metadata::inputs::decoded_len),
         }
     }
 }
@@ -651,6 +660,7 @@ mod tests {
             generation: 0,
             instance: None,
             retiring: None,
+            ssh_keys: Vec::new(),
         }
     }
 

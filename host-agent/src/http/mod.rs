@@ -30,6 +30,7 @@ mod responses;
 pub mod server;
 mod services;
 mod snapshots;
+mod ssh_keys;
 mod system;
 mod tenants;
 mod uploads;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(uploads::routes())
         .merge(networks::routes())
         .merge(port_forwards::routes())
+        .merge(ssh_keys::routes())
         .merge(hosts::routes())
         .merge(peers::routes())
         .merge(snapshots::routes())

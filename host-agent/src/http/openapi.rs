@@ -7,19 +7,20 @@ use nubis_api::{
     AddressGrant, AddressRequest, AntiAffinity, AntiAffinityScope, ApiError, ClusterHost,
     DrainPolicy, DrainProgress, ErrorCode, ExecEvent, FaultDomainSpread, HostDrain, HostIdentity,
     HostLossPolicy, HostResources, HostState, Image, ImageCreate, IncomingMigration, IncomingReady,
-    InstanceHealth, Migration, MigrationCreate, Network, NetworkCreate, NetworkReplica, Overlay,
-    Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate, Probe, ProbeProtocol,
-    Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale, RoleSpec,
-    RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceEndpoint, ServiceInstance,
-    Snapshot, SnapshotRestore, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk,
-    VmEvent, VmExec, VmNic, VmNicCreate, VmPlacement, VmState,
+    InstanceHealth, Migration, MigrationCreate, NamedSshKey, Network, NetworkCreate,
+    NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate,
+    Probe, ProbeProtocol, Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale,
+    RoleSpec, RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceEndpoint,
+    ServiceInstance, Snapshot, SnapshotRestore, SshKey, SshKeyCreate, Tenant, TenantCreate,
+    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmExec, VmMetadata, VmNic, VmNicCreate,
+    VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
     hosts, images, migrations, networks, overlay, peers, port_forwards, services, snapshots,
-    system, tenants, uploads, vms,
+    ssh_keys, system, tenants, uploads, vms,
 };
 
 #[derive(OpenApi)]
@@ -37,6 +38,7 @@ use super::{
         uploads::upload, uploads::list, uploads::remove,
         networks::create, networks::list, networks::show, networks::remove,
         port_forwards::create, port_forwards::list, port_forwards::show, port_forwards::remove,
+        ssh_keys::create, ssh_keys::list, ssh_keys::show, ssh_keys::remove,
         vms::create, vms::list, vms::show, vms::remove, vms::start, vms::stop,
         vms::force_stop, vms::reboot, vms::pause, vms::resume, vms::console, vms::events,
         vms::exec,
@@ -51,7 +53,7 @@ use super::{
     ),
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
-        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent, VmExec, ExecEvent,
+        Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent, VmExec, ExecEvent, SshKey, SshKeyCreate, VmMetadata, NamedSshKey,
         Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
         VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
@@ -65,6 +67,7 @@ use super::{
         (name = "vms", description = "microVMs"),
         (name = "networks", description = "Tenant virtual networks"),
         (name = "port-forwards", description = "Host ports forwarded to VMs"),
+        (name = "ssh-keys", description = "SSH public keys, given to VMs by the metadata service"),
         (name = "snapshots", description = "Snapshots of VMs, restored into new VMs"),
         (name = "services", description = "Services (cluster mode): roles kept at their instance count through failures, drains and rolling upgrades"),
         (name = "hosts", description = "The cluster's hosts: state, capacity, labels, the controller (operator only)"),

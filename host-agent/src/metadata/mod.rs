@@ -8,4 +8,6 @@
 //! (see the README's "Metadata service").
 
 pub mod content;
+pub mod inputs;
+pub mod server;
 pub mod tokens;

@@ -33,6 +33,7 @@ use nubis_api::Protocol;
 
 use super::typed::{IfName, MacAddr};
 use crate::ipv4::Cidr;
+use crate::metadata::server::METADATA_ADDRESS;
 
 /// Errors in applying the rules.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,10 @@ pub struct Policy {
     pub forwards: Vec<Forward>,
     /// Destinations NAT egress never reaches (see the module doc).
     pub egress_denied: Vec<Cidr>,
+    /// The metadata service's port on the host: a VM's TCP to
+    /// 169.254.169.254:80 goes to its network's gateway on it, and nothing
+    /// else reaches that port.
+    pub metadata_port: Option<u16>,
 }
 
 impl Policy {
@@ -140,12 +145,23 @@ fn render_inet(policy: &Policy, out: &mut String) {
             segment.bridge, segment.bridge
         );
     }
+    if let Some(port) = policy.metadata_port {
+        // Only VMs reach the metadata service, and only through the DNAT.
+        let _ = writeln!(out, "    tcp dport {port} drop");
+    }
     out.push_str("  }\n");
     for segment in &policy.segments {
         let _ = writeln!(out, "  chain from_{} {{", segment.bridge);
         out.push_str("    ct state established,related accept\n");
         if segment.dhcp {
             out.push_str("    udp sport 68 udp dport 67 accept\n");
+        }
+        if let Some(port) = policy.metadata_port {
+            let _ = writeln!(
+                out,
+                "    ip daddr {} tcp dport {port} ct status dnat accept",
+                segment.gateway
+            );
         }
         let _ = writeln!(
             out,
@@ -194,6 +210,15 @@ fn render_inet(policy: &Policy, out: &mut String) {
     out.push_str(
         "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
     );
+    if let Some(port) = policy.metadata_port {
+        for segment in &policy.segments {
+            let _ = writeln!(
+                out,
+                "    iifname \"{}\" ip daddr {METADATA_ADDRESS} tcp dport 80 dnat ip to {}:{port}",
+                segment.bridge, segment.gateway
+            );
+        }
+    }
     for forward in &policy.forwards {
         let _ = writeln!(
             out,
@@ -363,7 +388,43 @@ mod tests {
                 "169.254.0.0/16".parse().unwrap(),
                 Cidr::of(Ipv4Addr::new(192, 0, 2, 7), 32),
             ],
+            metadata_port: Some(8775),
         }
+    }
+
+    #[test]
+    fn each_network_reaches_the_metadata_service_at_its_own_gateway_only() {
+        let script = render(&policy());
+        let lines = lines(&script);
+        for (bridge, gateway) in [("nbn4096", "10.30.0.1"), ("nbn4097", "10.40.0.1")] {
+            assert!(lines.contains(&&*format!(
+                "iifname \"{bridge}\" ip daddr 169.254.169.254 tcp dport 80 dnat ip to {gateway}:8775"
+            )));
+            let chain = script
+                .split(&format!("chain from_{bridge}"))
+                .nth(1)
+                .unwrap()
+                .split('}')
+                .next()
+                .unwrap();
+            assert!(chain.contains(&format!(
+                "ip daddr {gateway} tcp dport 8775 ct status dnat accept"
+            )));
+        }
+        // From anywhere else the port is closed, after the bridges' jumps.
+        let input = script
+            .split("chain input")
+            .nth(1)
+            .unwrap()
+            .split('}')
+            .next()
+            .unwrap();
+        assert!(input.trim_end().ends_with("tcp dport 8775 drop"));
+        let without = render(&Policy {
+            metadata_port: None,
+            ..policy()
+        });
+        assert!(!without.contains("169.254.169.254"));
     }
 
     fn name(text: &str) -> IfName {
@@ -456,7 +517,12 @@ mod tests {
         let accept_at = lines.iter().position(|l| *l == accept);
         assert!(deny_at.is_some() && deny_at < accept_at, "{script}");
         // A network without NAT reaches nothing outside anyway.
-        assert!(!script.contains("iifname \"nbn4097\" ip daddr"), "{script}");
+        let forward = script.split("chain forward").nth(1).unwrap();
+        let forward = forward.split('}').next().unwrap();
+        assert!(
+            !forward.contains("iifname \"nbn4097\" ip daddr"),
+            "{script}"
+        );
     }
 
     #[test]

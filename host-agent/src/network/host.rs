@@ -70,9 +70,14 @@ fn stored_name(what: &str, text: &str) -> Result<IfName, HostNetworkError> {
 
 /// The segments, guarded NICs and forwards the rules are made of, with the
 /// destinations NAT egress never reaches.
-fn policy(store: &Store, egress_denied: Vec<Cidr>) -> Result<Policy, HostNetworkError> {
+fn policy(
+    store: &Store,
+    egress_denied: Vec<Cidr>,
+    metadata_port: Option<u16>,
+) -> Result<Policy, HostNetworkError> {
     let mut policy = Policy {
         egress_denied,
+        metadata_port,
         ..Policy::default()
     };
     for net in store.list_networks(None)? {
@@ -166,6 +171,8 @@ pub struct LinuxNetwork {
     underlay: Option<Ipv4Addr>,
     /// The operator's `egress_deny`.
     egress_deny: Vec<Cidr>,
+    /// Where the metadata service listens (None before it does).
+    metadata_port: Option<u16>,
     /// Serializes address assignment and bridge creation.
     lock: Arc<tokio::sync::Mutex<()>>,
     /// One DHCP server per network that has DHCP.
@@ -183,6 +190,7 @@ impl LinuxNetwork {
             peers,
             underlay: config.underlay_address,
             egress_deny: config.egress_deny.clone(),
+            metadata_port: Some(config.metadata_port).filter(|port| *port != 0),
             lock: Arc::new(tokio::sync::Mutex::new(())),
             dhcp: DhcpServers::new(
                 Arc::new(StoreLeases(store.clone())),
@@ -332,7 +340,7 @@ impl LinuxNetwork {
             }
         }
         let denied = self.egress_denied().await?;
-        firewall::apply(&policy(&self.store, denied)?).await?;
+        firewall::apply(&policy(&self.store, denied, self.metadata_port)?).await?;
         let served: Vec<(String, String, Ipv4Addr)> = networks
             .iter()
             .filter(|net| net.dhcp)
@@ -564,6 +572,7 @@ mod tests {
                         },
                     ],
                     restore_from: None,
+                    metadata: Default::default(),
                 },
                 Quota::default(),
             )
@@ -586,7 +595,7 @@ mod tests {
     #[test]
     fn the_policy_covers_every_bridge_nic_and_forward() {
         let (store, net, vm) = populated();
-        let policy = policy(&store, vec![]).unwrap();
+        let policy = policy(&store, vec![], None).unwrap();
         let bridges: Vec<&str> = policy.segments.iter().map(|s| s.bridge.as_str()).collect();
         assert_eq!(bridges, [net.bridge.as_str(), "nbr1"]);
         assert!(policy.segments[0].nat && policy.segments[0].dhcp);

@@ -296,6 +296,7 @@ mod tests {
                 probe: Some(nubis_api::Probe::new(nubis_api::ProbeProtocol::Tcp, 8080)),
             }),
             retiring: None,
+            ssh_keys: Vec::new(),
         };
         let mut shown = record.pending();
         shown.state = VmState::Running;

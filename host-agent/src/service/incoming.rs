@@ -168,6 +168,7 @@ pub async fn receive(
             disks: vm.disks.clone(),
             nics: vm.nics.clone(),
             restore_from: None,
+            metadata: request.metadata.clone(),
         },
         quota,
     )?;

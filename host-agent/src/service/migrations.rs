@@ -205,6 +205,7 @@ async fn drive(
             peer,
             &IncomingMigration {
                 vm: vm.clone().into(),
+                metadata: vm.metadata.clone(),
                 tenant: tenant.into(),
                 image: image.into(),
                 source: local.to_string(),

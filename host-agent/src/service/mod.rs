@@ -23,6 +23,7 @@ pub mod port_forwards;
 pub mod probes;
 pub mod services;
 pub mod snapshots;
+pub mod ssh_keys;
 pub mod tenants;
 pub mod uploads;
 pub mod vms;

@@ -51,6 +51,7 @@ pub async fn define(
             ServiceError::unprocessable("image", format!("no image '{}'", request.image))
         })?;
     request.image = image.id;
+    let ssh_keys = super::ssh_keys::resolve(svc, tenant_id, &request.ssh_keys).await?;
     let storage_mib = crate::quota::mib_of(image.rootfs_bytes)
         + request.disks.iter().map(|disk| disk.size_mib).sum::<u64>();
     let tenant = svc
@@ -71,6 +72,7 @@ pub async fn define(
         generation: 0,
         instance: None,
         retiring: None,
+        ssh_keys,
     };
     record.record_event("created", "VM defined in the cluster; waiting to be placed");
     let networks = cluster.networks().await?;
@@ -404,7 +406,11 @@ async fn realize(svc: &Services, cluster: &Cluster, vm: &ClusterVm) -> Result<()
         svc,
         &record.tenant_id,
         record.spec.clone(),
-        Some((id, &record.nics)),
+        Some(vms::Placed {
+            id,
+            nics: &record.nics,
+            ssh_keys: &record.ssh_keys,
+        }),
     )
     .await?;
     svc.store.set_ownership(id, record.generation)?;
@@ -500,6 +506,7 @@ async fn publish_standalone(svc: &Services, cluster: &Cluster) -> Result<()> {
             generation: 0,
             instance: None,
             retiring: None,
+            ssh_keys: row.metadata.ssh_keys.clone(),
         };
         record.record_event(
             "joined",
@@ -540,6 +547,7 @@ pub async fn publish_here(
         generation: 0,
         instance: None,
         retiring: None,
+        ssh_keys: vm.metadata.ssh_keys.clone(),
     };
     record.record_event(
         "created",
@@ -605,6 +613,14 @@ fn spec_of(row: &crate::store::VmRow) -> VmCreate {
             network: nic.network.clone(),
         })
         .collect();
+    spec.ssh_keys = row
+        .metadata
+        .ssh_keys
+        .iter()
+        .map(|key| key.name.clone())
+        .collect();
+    spec.tags = row.metadata.tags.clone();
+    spec.user_data = row.metadata.user_data.clone();
     spec
 }
 

@@ -89,6 +89,9 @@ pub async fn delete(svc: &Services, id: &str) -> Result<()> {
         Some(cluster) => {
             svc.store.check_tenant_empty(id)?;
             cluster.delete_tenant(id).await?;
+            for key in cluster.ssh_keys(Some(id)).await? {
+                cluster.delete_ssh_key(&key).await?;
+            }
         }
         None => {
             svc.store.delete_tenant(id)?;

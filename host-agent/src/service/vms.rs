@@ -9,8 +9,11 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use nubis_api::vm::MAX_VM_SSH_KEYS;
 use nubis_api::vm::{DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_COMMAND, MAX_EXEC_TIMEOUT_S};
-use nubis_api::{Image, Quota, RateLimit, Vm, VmCreate, VmEvent, VmExec, VmNic, VmState};
+use nubis_api::{
+    Image, NamedSshKey, Quota, RateLimit, Vm, VmCreate, VmEvent, VmExec, VmMetadata, VmNic, VmState,
+};
 
 use super::{images, networks, placed, Result, Scope, ServiceError, Services};
 use crate::network;
@@ -39,6 +42,18 @@ impl From<VmRow> for Vm {
             created_at: row.created_at,
             host: None,
             placement: Default::default(),
+            ssh_keys: row
+                .metadata
+                .ssh_keys
+                .iter()
+                .map(|key| key.name.clone())
+                .collect(),
+            tags: row.metadata.tags,
+            user_data_bytes: row
+                .metadata
+                .user_data
+                .as_deref()
+                .map(crate::metadata::inputs::decoded_len),
         }
     }
 }
@@ -62,6 +77,8 @@ impl From<Vm> for VmRow {
             last_exit: vm.last_exit,
             restore_from: vm.restore_from,
             created_at: vm.created_at,
+            // Carried beside the VM (`IncomingMigration::metadata`).
+            metadata: VmMetadata::default(),
         }
     }
 }
@@ -124,7 +141,27 @@ pub(crate) fn check(request: &VmCreate) -> Result<()> {
     for (index, nic) in request.nics.iter().enumerate() {
         check_rate(&format!("nics[{index}].rate_limit"), &nic.rate_limit)?;
     }
+    if request.ssh_keys.len() > MAX_VM_SSH_KEYS {
+        return Err(ServiceError::invalid(
+            "ssh_keys",
+            format!("at most {MAX_VM_SSH_KEYS} SSH keys"),
+        ));
+    }
+    crate::metadata::inputs::tags(&request.tags)?;
+    if let Some(user_data) = &request.user_data {
+        crate::metadata::inputs::user_data(user_data)?;
+    }
     Ok(())
+}
+
+/// A VM the cluster placed on this host: its id, and what the cluster
+/// assigned and kept for it when it was defined.
+pub(crate) struct Placed<'a> {
+    pub id: &'a str,
+    /// MACs and addresses on the cluster's networks.
+    pub nics: &'a [VmNic],
+    /// Its SSH keys as they were at its creation.
+    pub ssh_keys: &'a [NamedSshKey],
 }
 
 /// Defines `request` for `tenant_id`, and starts it if it asks to be
@@ -151,16 +188,19 @@ pub async fn create(svc: &Services, tenant_id: &str, request: VmCreate) -> Resul
 }
 
 /// Defines `request` for `tenant_id` on this host, not started; `placed`
-/// is a VM the cluster placed here: its id and its NICs as the cluster
-/// assigned them (MACs and addresses on the cluster's networks).
+/// is a VM the cluster placed here.
 pub(crate) async fn define_here(
     svc: &Services,
     tenant_id: &str,
     request: VmCreate,
-    placed: Option<(&str, &[VmNic])>,
+    placed: Option<Placed<'_>>,
 ) -> Result<VmRow> {
-    let id = placed.map(|(id, _)| id);
+    let id = placed.as_ref().map(|placed| placed.id);
     check(&request)?;
+    let ssh_keys = match &placed {
+        Some(placed) => placed.ssh_keys.to_vec(),
+        None => super::ssh_keys::resolve(svc, tenant_id, &request.ssh_keys).await?,
+    };
     let _hold = svc.hold_tenant(tenant_id).await?;
     // The NICs as the agent will record them: MAC, address and tap are
     // assigned here, never taken from the request.
@@ -173,8 +213,8 @@ pub(crate) async fn define_here(
             ..VmNic::default()
         })
         .collect();
-    if let Some((_, assigned)) = placed {
-        for (nic, given) in nics.iter_mut().zip(assigned) {
+    if let Some(placed) = &placed {
+        for (nic, given) in nics.iter_mut().zip(placed.nics) {
             if given.address.is_some() {
                 nic.network = given.network.clone();
                 nic.address = given.address.clone();
@@ -217,7 +257,24 @@ pub(crate) async fn define_here(
             nic.tap = None;
         }
     }
-    let created = create_locked(svc, request, nics, tenant_id, &image, tenant.quota, id).await;
+    let metadata = VmMetadata {
+        tags: request.tags.clone(),
+        ssh_keys,
+        user_data: request.user_data.clone(),
+    };
+    let created = create_locked(
+        svc,
+        request,
+        Defined {
+            nics,
+            metadata,
+            tenant_id,
+            image: &image,
+            quota: tenant.quota,
+            id,
+        },
+    )
+    .await;
     if created.is_err() {
         networks::release_remote_addresses(svc, &remote_grants).await;
     }
@@ -236,16 +293,27 @@ fn nic_network(svc: &Services, tenant_id: &str, index: usize, wanted: &str) -> R
         })
 }
 
-/// Assigns this host's addresses and MACs, and records the VM.
-async fn create_locked(
-    svc: &Services,
-    request: VmCreate,
-    mut nics: Vec<VmNic>,
-    tenant_id: &str,
-    image: &Image,
+/// What a VM's definition adds to its request.
+struct Defined<'a> {
+    nics: Vec<VmNic>,
+    metadata: VmMetadata,
+    tenant_id: &'a str,
+    image: &'a Image,
     quota: Quota,
-    id: Option<&str>,
-) -> Result<VmRow> {
+    /// Its id when the cluster gave it one.
+    id: Option<&'a str>,
+}
+
+/// Assigns this host's addresses and MACs, and records the VM.
+async fn create_locked(svc: &Services, request: VmCreate, defined: Defined<'_>) -> Result<VmRow> {
+    let Defined {
+        mut nics,
+        metadata,
+        tenant_id,
+        image,
+        quota,
+        id,
+    } = defined;
     // Addresses and MACs are assigned under one lock, so that concurrent
     // creations never hand out the same address.
     let network_lock = svc.host_network.lock().await;
@@ -270,6 +338,7 @@ async fn create_locked(
         disks: request.disks,
         nics,
         restore_from: None,
+        metadata,
     };
     let vm = match id {
         Some(id) => svc.store.create_vm_with_id(id, &new, quota)?,

@@ -15,6 +15,7 @@ mod ownership;
 mod peers;
 mod port_forwards;
 mod snapshots;
+mod ssh_keys;
 mod tenants;
 mod vms;
 
@@ -172,6 +173,17 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE vm_ownership (
         vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
         generation INTEGER NOT NULL
+     );",
+    // 11: tenants' SSH public keys (standalone; a cluster keeps them in
+    // etcd).
+    "CREATE TABLE ssh_keys (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (tenant_id, name)
      );",
 ];
 
@@ -374,6 +386,7 @@ pub(crate) fn fixture_vm(
                 disks: vec![],
                 nics,
                 restore_from: None,
+                metadata: Default::default(),
             },
             nubis_api::Quota::default(),
         )

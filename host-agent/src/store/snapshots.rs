@@ -66,6 +66,7 @@ fn saved_from_row(row: &Row) -> rusqlite::Result<SavedVm> {
             disks: spec.disks,
             nics: spec.nics,
             restore_from: None,
+            metadata: spec.metadata,
         },
         snapshot,
     })
@@ -98,6 +99,7 @@ impl Store {
             disks: vm.disks.clone(),
             nics: vm.nics.clone(),
             restore_from: None,
+            metadata: vm.metadata.clone(),
         })
         .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))?;
         let snapshot = SnapshotRow {
@@ -195,6 +197,7 @@ mod tests {
                         ..VmNic::default()
                     }],
                     restore_from: None,
+                    metadata: Default::default(),
                 },
                 Quota::default(),
             )

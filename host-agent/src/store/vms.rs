@@ -1,7 +1,7 @@
 //! VMs and their event logs. A VM's devices (disks, NICs, rate limits) are
 //! one JSON column: they are read and written whole, never queried.
 
-use nubis_api::{Quota, RateLimit, VmDisk, VmEvent, VmNic, VmState};
+use nubis_api::{Quota, RateLimit, VmDisk, VmEvent, VmMetadata, VmNic, VmState};
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,8 @@ pub struct NewVm {
     pub nics: Vec<VmNic>,
     /// A snapshot the VM resumes from at its first start.
     pub restore_from: Option<String>,
+    /// What the metadata service tells it beyond its definition.
+    pub metadata: VmMetadata,
 }
 
 /// A VM as this host stores it: its definition, where its life is, and
@@ -46,6 +48,8 @@ pub struct VmRow {
     pub restore_from: Option<String>,
     /// Seconds since the epoch.
     pub created_at: u64,
+    /// What the metadata service tells it beyond its definition.
+    pub metadata: VmMetadata,
 }
 
 /// What a tenant's VMs take of its quota (every defined VM counts: a
@@ -64,6 +68,8 @@ pub(super) struct Spec {
     pub(super) nics: Vec<VmNic>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) restore_from: Option<String>,
+    #[serde(default, skip_serializing_if = "VmMetadata::is_empty")]
+    pub(super) metadata: VmMetadata,
 }
 
 const VM_COLUMNS: &str = "id, tenant_id, name, image_id, state, vcpus, memory_mib, kernel_args, spec, pid, last_exit, created_at";
@@ -93,6 +99,7 @@ fn vm_from_row(row: &Row) -> rusqlite::Result<VmRow> {
         disks: spec.disks,
         nics: spec.nics,
         restore_from: spec.restore_from,
+        metadata: spec.metadata,
         pid: row.get(9)?,
         last_exit: row.get(10)?,
         created_at: row.get(11)?,
@@ -170,6 +177,7 @@ impl Store {
             pid: None,
             last_exit: None,
             restore_from: new.restore_from.clone(),
+            metadata: new.metadata.clone(),
             created_at: now(),
         };
         tx.execute(
@@ -307,6 +315,7 @@ fn spec_json(vm: &VmRow) -> Result<String, StoreError> {
         disks: vm.disks.clone(),
         nics: vm.nics.clone(),
         restore_from: vm.restore_from.clone(),
+        metadata: vm.metadata.clone(),
     })
     .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))
 }
@@ -436,6 +445,7 @@ mod tests {
             }],
             nics: vec![VmNic::default()],
             restore_from: None,
+            metadata: Default::default(),
         }
     }
 
@@ -545,6 +555,7 @@ mod tests {
                 .collect(),
             nics: vec![],
             restore_from: None,
+            metadata: Default::default(),
         }
     }
 

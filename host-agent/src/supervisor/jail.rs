@@ -408,6 +408,7 @@ mod tests {
             pid: None,
             last_exit: None,
             restore_from: None,
+            metadata: Default::default(),
             created_at: 0,
         }
     }

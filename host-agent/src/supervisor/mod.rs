@@ -896,6 +896,7 @@ mod tests {
             pid: None,
             last_exit: None,
             restore_from: None,
+            metadata: Default::default(),
             created_at: 0,
         };
         let config = vmm_config(&vm, &image, &paths, &[]).unwrap();

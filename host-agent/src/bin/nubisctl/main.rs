@@ -54,6 +54,10 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// SSH public keys that VMs are created with (given to the guest by
+    /// the metadata service).
+    #[command(subcommand)]
+    SshKey(SshKeyCommand),
     /// microVMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -282,6 +286,24 @@ enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SshKeyCommand {
+    /// Registers a public key (an OpenSSH `.pub` file's line).
+    Create {
+        name: String,
+        /// The public key file, e.g. ~/.ssh/id_ed25519.pub.
+        #[arg(long, value_name = "FILE")]
+        public_key_file: std::path::PathBuf,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Registers an image from files on the agent's host.
     Create {
@@ -363,6 +385,17 @@ struct VmCreate {
     /// Start the VM once it is defined (on its host, in a cluster).
     #[arg(long)]
     start: bool,
+    /// An SSH key (id or name, see `nubisctl ssh-key`) the guest is given
+    /// (repeatable).
+    #[arg(long, value_name = "KEY")]
+    ssh_key: Vec<String>,
+    /// A tag the guest can read, KEY=VALUE (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    tag: Vec<String>,
+    /// A file the guest reads as its user data (a `#!` script runs at the
+    /// first boot of the Nubis images), at most 64 KiB.
+    #[arg(long, value_name = "FILE")]
+    user_data_file: Option<std::path::PathBuf>,
 }
 
 /// `--on-drain`: [`DrainPolicy`] on the command line.
@@ -424,7 +457,7 @@ impl VmCreate {
 
 #[derive(Debug, Subcommand)]
 enum VmCommand {
-    Create(VmCreate),
+    Create(Box<VmCreate>),
     List {
         #[arg(long)]
         state: Option<String>,
@@ -693,6 +726,32 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &format!("image {id} deleted"),
             ),
         },
+        Command::SshKey(command) => match command {
+            SshKeyCommand::Create {
+                name,
+                public_key_file,
+            } => {
+                let text = std::fs::read_to_string(&public_key_file).map_err(|err| {
+                    usage(format!("cannot read {}: {err}", public_key_file.display()))
+                })?;
+                let body = nubis_api::SshKeyCreate {
+                    name,
+                    public_key: text.trim().to_string(),
+                };
+                out.object(&client.send_json("POST", "/v1/ssh-keys", &body)?)
+            }
+            SshKeyCommand::List => out.table(
+                &client.call("GET", "/v1/ssh-keys", None)?,
+                &["id", "name", "fingerprint"],
+            ),
+            SshKeyCommand::Show { id } => {
+                out.object(&client.call("GET", &format!("/v1/ssh-keys/{id}"), None)?)
+            }
+            SshKeyCommand::Delete { id } => out.done(
+                &client.call("DELETE", &format!("/v1/ssh-keys/{id}"), None)?,
+                &format!("SSH key {id} deleted"),
+            ),
+        },
         Command::Vm(command) => vm(&client, &out, command)?,
         Command::Service(command) => services::run(&client, &out, command)?,
         Command::Upload(command) => match command {
@@ -901,7 +960,26 @@ fn vm(client: &Client, out: &output::Output, command: VmCommand) -> Result<(), C
                 });
             }
             let placement = create.placement().map_err(usage)?;
+            let mut tags = std::collections::BTreeMap::new();
+            for text in &create.tag {
+                let (key, value) = text
+                    .split_once('=')
+                    .ok_or_else(|| usage(format!("--tag '{text}': KEY=VALUE")))?;
+                tags.insert(key.to_string(), value.to_string());
+            }
+            let user_data = match &create.user_data_file {
+                Some(path) => {
+                    use base64::Engine as _;
+                    let data = std::fs::read(path)
+                        .map_err(|err| usage(format!("cannot read {}: {err}", path.display())))?;
+                    Some(base64::engine::general_purpose::STANDARD.encode(data))
+                }
+                None => None,
+            };
             let body = nubis_api::VmCreate {
+                ssh_keys: create.ssh_key,
+                tags,
+                user_data,
                 placement,
                 start: create.start,
                 name: create.name,

@@ -335,6 +335,7 @@ async fn a_peers_vm_definition_is_checked_as_a_tenants() {
     let local = Ipv4Addr::new(10, 0, 0, 1);
     let mut sent = IncomingMigration {
         vm: vm.clone(),
+        metadata: Default::default(),
         tenant: tenant.clone(),
         image: image.into(),
         source: "10.0.0.2".into(),
