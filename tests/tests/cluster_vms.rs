@@ -459,8 +459,40 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         .placement
         .require
         .insert("zone".to_string(), "cloud".to_string());
+    // It takes an SSH key registered through a (the cluster keeps keys
+    // in etcd) and a tag: its host has them for the metadata service.
+    let key: nubis_api::SshKey = cluster.member("a").agent().create(
+        "/v1/ssh-keys",
+        &acme,
+        &nubis_api::SshKeyCreate {
+            name: "laptop".into(),
+            public_key:
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"
+                    .into(),
+        },
+    );
+    zoned.ssh_keys = vec!["laptop".into()];
+    zoned.tags.insert("role".into(), "zoned".into());
     let zoned = cluster.create("b", &acme, &zoned);
     assert_eq!(cluster.placed("a", &acme, &zoned.id), "c");
+    let on_c: Vm = cluster
+        .member("c")
+        .get(&format!("/v1/vms/{}", zoned.id), &acme)
+        .expect("the zoned VM through c");
+    assert_eq!(on_c.ssh_keys, ["laptop"], "{on_c:?}");
+    assert_eq!(on_c.tags["role"], "zoned", "{on_c:?}");
+    let keys: Vec<nubis_api::SshKey> = cluster
+        .member("c")
+        .get("/v1/ssh-keys", &acme)
+        .expect("the keys through c");
+    assert_eq!(keys, std::slice::from_ref(&key));
+    let deleted = cluster.member("b").agent().call(
+        "DELETE",
+        &format!("/v1/ssh-keys/{}", key.id),
+        Some(&acme),
+        None,
+    );
+    assert_eq!(deleted.status, 204, "{deleted:?}");
 
     // 4. A fourth "web" finds every host holding one of its group; a
     // 16-vCPU VM fits no host of 4: both wait, saying why.

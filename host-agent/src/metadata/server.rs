@@ -34,9 +34,11 @@ pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// request gives its token in.
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-/// Requests a second all VMs together may make (each VM a few a second,
-/// with a burst of 8).
-const REQUESTS_PER_SECOND: u32 = 200;
+/// Requests a second all VMs together may make, and one VM's burst and
+/// rate: cloud-init reads some thirty paths at boot.
+const REQUESTS_PER_SECOND: u32 = 500;
+const VM_BURST: f64 = 64.0;
+const VM_PER_SECOND: f64 = 16.0;
 
 /// What the listener answers from.
 pub struct MetadataService {
@@ -60,7 +62,12 @@ impl MetadataService {
             store,
             zone,
             tokens: Mutex::new(Tokens::default()),
-            limiter: Mutex::new(RateLimiter::new(Instant::now(), REQUESTS_PER_SECOND)),
+            limiter: Mutex::new(RateLimiter::with_clients(
+                Instant::now(),
+                REQUESTS_PER_SECOND,
+                VM_BURST,
+                VM_PER_SECOND,
+            )),
         })
     }
 

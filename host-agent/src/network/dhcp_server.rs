@@ -232,6 +232,9 @@ pub struct RateLimiter {
     /// The network's rate (requests per second); its burst is twice that.
     network_per_second: f64,
     clients: HashMap<String, Bucket>,
+    /// One client's burst and rate (requests per second).
+    client_burst: f64,
+    client_per_second: f64,
     /// Requests dropped so far.
     pub dropped: u64,
 }
@@ -249,11 +252,28 @@ impl RateLimiter {
     /// A limiter that answers `network_per_second` requests a second on
     /// the network (at least one), with a burst of twice that.
     pub fn new(now: Instant, network_per_second: u32) -> Self {
+        Self::with_clients(
+            now,
+            network_per_second,
+            Self::CLIENT_BURST,
+            Self::CLIENT_PER_SECOND,
+        )
+    }
+
+    /// [`RateLimiter::new`] with each client's own burst and rate.
+    pub fn with_clients(
+        now: Instant,
+        network_per_second: u32,
+        client_burst: f64,
+        client_per_second: f64,
+    ) -> Self {
         let network_per_second = f64::from(network_per_second.max(1));
         Self {
             network: Bucket::full(2.0 * network_per_second, now),
             network_per_second,
             clients: HashMap::new(),
+            client_burst,
+            client_per_second,
             dropped: 0,
         }
     }
@@ -266,8 +286,8 @@ impl RateLimiter {
         let client = self
             .clients
             .entry(mac.to_string())
-            .or_insert_with(|| Bucket::full(Self::CLIENT_BURST, now));
-        let admitted = client.take(Self::CLIENT_BURST, Self::CLIENT_PER_SECOND, now)
+            .or_insert_with(|| Bucket::full(self.client_burst, now));
+        let admitted = client.take(self.client_burst, self.client_per_second, now)
             && self
                 .network
                 .take(2.0 * self.network_per_second, self.network_per_second, now);
