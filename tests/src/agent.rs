@@ -900,3 +900,19 @@ pub fn counter_vm(name: &str) -> VmCreate {
         ..VmCreate::new(name, "counter")
     }
 }
+
+/// A well-formed ed25519 public key line (its key bytes made up).
+pub const TEST_SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g alice@laptop";
+
+/// Registers [`TEST_SSH_KEY`] as `name` for the tenant of `token`.
+pub fn ssh_key(agent: &Agent, token: &str, name: &str) -> nubis_api::SshKey {
+    agent.create(
+        "/v1/ssh-keys",
+        token,
+        &nubis_api::SshKeyCreate {
+            name: name.into(),
+            public_key: TEST_SSH_KEY.into(),
+        },
+    )
+}

@@ -17,9 +17,7 @@ use nubis_tests::agent::{
 };
 use nubis_tests::{guest_images, require_kvm, TestDir};
 
-/// A well-formed ed25519 public key line (its key bytes made up).
-const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g alice@laptop";
+use nubis_tests::agent::TEST_SSH_KEY as KEY;
 
 /// The user data: a script the first boot runs once.
 const USER_DATA: &str =

@@ -461,16 +461,7 @@ fn vms_are_placed_across_hosts_and_reached_through_any() {
         .insert("zone".to_string(), "cloud".to_string());
     // It takes an SSH key registered through a (the cluster keeps keys
     // in etcd) and a tag: its host has them for the metadata service.
-    let key: nubis_api::SshKey = cluster.member("a").agent().create(
-        "/v1/ssh-keys",
-        &acme,
-        &nubis_api::SshKeyCreate {
-            name: "laptop".into(),
-            public_key:
-                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"
-                    .into(),
-        },
-    );
+    let key = nubis_tests::agent::ssh_key(cluster.member("a").agent(), &acme, "laptop");
     zoned.ssh_keys = vec!["laptop".into()];
     zoned.tags.insert("role".into(), "zoned".into());
     let zoned = cluster.create("b", &acme, &zoned);

@@ -307,16 +307,7 @@ fn every_endpoint_keeps_tenants_apart() {
         &acme,
         &PortForwardCreate::new("web", 30080, 80),
     );
-    let ssh_key: nubis_api::SshKey = agent.create(
-        "/v1/ssh-keys",
-        &acme,
-        &nubis_api::SshKeyCreate {
-            name: "laptop".into(),
-            public_key:
-                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g"
-                    .into(),
-        },
-    );
+    let ssh_key = nubis_tests::agent::ssh_key(&agent, &acme, "laptop");
     let upload = nubis_tests::agent::http_raw(
         agent.address,
         "PUT",

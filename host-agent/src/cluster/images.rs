@@ -6,12 +6,11 @@
 //! checks their hashes before using them (`service::images::ensure`):
 //! content, not a path, is what the cluster agrees on.
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use nubis_api::Image;
 use serde::{Deserialize, Serialize};
 
-use super::etcd::encode;
-use super::{Cluster, ClusterError};
+use super::{Cluster, ClusterError, NamedRecord};
 
 /// The SHA-256 (hex) of an image's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,12 +29,6 @@ pub struct ImageRecord {
     pub sha256: ImageFiles,
     /// The member that has the files.
     pub host: String,
-}
-
-/// `image-names/{tenant}/{name}`.
-#[derive(Serialize)]
-struct ImageName<'a> {
-    id: &'a str,
 }
 
 impl Cluster {
@@ -79,37 +72,17 @@ impl Cluster {
     pub async fn define_image(&self, record: &ImageRecord) -> Result<(), ClusterError> {
         let keys = &self.inner.keys;
         let image = &record.image;
-        let (key, name_key) = (
-            keys.image(&image.id),
-            keys.image_name(&image.tenant_id, &image.name),
-        );
-        let tenant_key = keys.tenant(&image.tenant_id);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
-                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(key.as_str(), encode(&key, record)?, None),
-                TxnOp::put(
-                    name_key.as_str(),
-                    encode(&name_key, &ImageName { id: &image.id })?,
-                    None,
-                ),
-            ]);
-        let (done, _) = self
-            .inner
-            .etcd
-            .txn(&format!("define image {}", image.id), txn)
-            .await?;
-        if done {
-            return Ok(());
-        }
-        self.require_tenant(&image.tenant_id).await?;
-        Err(ClusterError::Exists(format!(
-            "an image named '{}' of this tenant",
-            image.name
-        )))
+        self.define_named(
+            NamedRecord {
+                what: "image",
+                id: &image.id,
+                tenant: &image.tenant_id,
+                name: &image.name,
+            },
+            (&keys.image(&image.id), record),
+            &keys.image_name(&image.tenant_id, &image.name),
+        )
+        .await
     }
 
     /// Deletes image `record` (the caller checked that no VM names it).

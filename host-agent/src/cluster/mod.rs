@@ -194,6 +194,63 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// A tenant's record whose name is unique among the tenant's records of
+/// its kind (an image, an SSH key).
+pub(crate) struct NamedRecord<'a> {
+    /// What it is, for messages ("image").
+    pub what: &'a str,
+    pub id: &'a str,
+    pub tenant: &'a str,
+    pub name: &'a str,
+}
+
+/// The value of a name key: the id of the record that has the name.
+#[derive(serde::Serialize)]
+struct NameOwner<'a> {
+    id: &'a str,
+}
+
+impl Cluster {
+    /// Puts `record` at its key and its name key in one transaction, if
+    /// its tenant exists and the name is free; refused otherwise, saying
+    /// which.
+    pub(crate) async fn define_named<T: serde::Serialize>(
+        &self,
+        named: NamedRecord<'_>,
+        (key, record): (&str, &T),
+        name_key: &str,
+    ) -> Result<(), ClusterError> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let tenant_key = self.inner.keys.tenant(named.tenant);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
+                Compare::create_revision(name_key, CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key, etcd::encode(key, record)?, None),
+                TxnOp::put(
+                    name_key,
+                    etcd::encode(name_key, &NameOwner { id: named.id })?,
+                    None,
+                ),
+            ]);
+        let (done, _) = self
+            .inner
+            .etcd
+            .txn(&format!("define {} {}", named.what, named.id), txn)
+            .await?;
+        if done {
+            return Ok(());
+        }
+        self.require_tenant(named.tenant).await?;
+        Err(ClusterError::Exists(format!(
+            "an {} named '{}' of this tenant",
+            named.what, named.name
+        )))
+    }
+}
+
 impl Cluster {
     /// Joins the cluster: connects to etcd, records this host as a member
     /// and starts its heartbeat (and, for a controller candidate, its

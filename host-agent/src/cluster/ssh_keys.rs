@@ -3,18 +3,10 @@
 //! created through any host can name any of its tenant's keys. They are
 //! few and small: read whole, never mirrored.
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use nubis_api::SshKey;
-use serde::Serialize;
 
-use super::etcd::encode;
-use super::{Cluster, ClusterError};
-
-/// `ssh-key-names/{tenant}/{name}`.
-#[derive(Serialize)]
-struct SshKeyName<'a> {
-    id: &'a str,
-}
+use super::{Cluster, ClusterError, NamedRecord};
 
 impl Cluster {
     /// The keys of `tenant` (every tenant's for None), oldest first.
@@ -43,37 +35,17 @@ impl Cluster {
             )));
         }
         let keys = &self.inner.keys;
-        let (id_key, name_key, tenant_key) = (
-            keys.ssh_key(&key.id),
-            keys.ssh_key_name(&key.tenant_id, &key.name),
-            keys.tenant(&key.tenant_id),
-        );
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(tenant_key.as_str(), CompareOp::Greater, 0),
-                Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(id_key.as_str(), encode(&id_key, key)?, None),
-                TxnOp::put(
-                    name_key.as_str(),
-                    encode(&name_key, &SshKeyName { id: &key.id })?,
-                    None,
-                ),
-            ]);
-        let (done, _) = self
-            .inner
-            .etcd
-            .txn(&format!("define SSH key {}", key.id), txn)
-            .await?;
-        if done {
-            return Ok(());
-        }
-        self.require_tenant(&key.tenant_id).await?;
-        Err(ClusterError::Exists(format!(
-            "an SSH key named '{}' of this tenant",
-            key.name
-        )))
+        self.define_named(
+            NamedRecord {
+                what: "SSH key",
+                id: &key.id,
+                tenant: &key.tenant_id,
+                name: &key.name,
+            },
+            (&keys.ssh_key(&key.id), key),
+            &keys.ssh_key_name(&key.tenant_id, &key.name),
+        )
+        .await
     }
 
     /// Deletes `key`.
