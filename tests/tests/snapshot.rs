@@ -121,6 +121,37 @@ fn a_paused_guest_resumes_in_a_new_process_where_it_was() {
     assert_eq!(status["status"]["vcpus"], 2, "{status}");
     drop(second);
 
+    // Two clones at once from the same memory file, mapped privately: each
+    // goes on with the next value, and the file is as it was.
+    let memory_before = std::fs::read(snapshot.join("memory")).unwrap();
+    let clones: Vec<(std::path::PathBuf, VmProcess)> = ["clone-a", "clone-b"]
+        .iter()
+        .map(|name| {
+            let out = dir.join(&format!("{name}.out"));
+            let serial = format!("file:{}", out.display());
+            let socket = dir.join(&format!("{name}.sock")).display().to_string();
+            let mut args = vmm_args(&kernel, &serial, &socket);
+            args.extend(["--restore", &snapshot_arg, "--restore-memory", "private"]);
+            (out, VmProcess::spawn(args))
+        })
+        .collect();
+    for (out, clone) in &clones {
+        let after = wait_for_output(out, 300, clone);
+        assert_eq!(
+            after[0],
+            last.wrapping_add(1),
+            "a clone printed {} after {last}:\n{}",
+            after[0],
+            clone.stderr()
+        );
+        assert_counts(&after, "in a clone");
+    }
+    drop(clones);
+    assert!(
+        std::fs::read(snapshot.join("memory")).unwrap() == memory_before,
+        "a clone wrote to the snapshot's memory file"
+    );
+
     // Refused: a flipped byte, another format version, another machine.
     let state = std::fs::read(snapshot.join("state")).unwrap();
     let broken = |name: &str, state: &[u8]| {

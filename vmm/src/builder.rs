@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
+use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError};
@@ -72,7 +73,7 @@ pub struct BuiltVm {
     pub kvm: Kvm,
     pub vm: Vm,
     pub memory: GuestMemoryMmap,
-    pub memfd: File,
+    pub backing: crate::memory::RamBacking,
     pub vcpus: Vec<Vcpu>,
     pub devices: DeviceManager,
     pub control_listener: Option<(UnixListener, PathBuf)>,
@@ -83,18 +84,66 @@ pub struct BuiltVm {
 /// Where a restored VM's RAM and state come from: a snapshot directory or
 /// a migration stream. `load` fills guest RAM and returns the state.
 pub trait RestoreSource {
+    /// Guest RAM the source provides itself for `ranges` (mapped from its
+    /// file), or None for fresh RAM that `load` fills.
+    fn ram(
+        &mut self,
+        _ranges: &[(GuestAddress, u64)],
+    ) -> Option<Result<crate::memory::GuestRam, BuildError>> {
+        None
+    }
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError>;
 }
 
+/// How a snapshot's memory becomes the restored VM's RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryRestore {
+    /// Read into fresh RAM of the VM's own.
+    Copy,
+    /// Mapped privately from the memory file: pages copied only when the
+    /// guest writes them, so that clones of one snapshot share the rest.
+    Private,
+}
+
 /// A snapshot directory (see [`crate::snapshot`]).
-pub struct SnapshotDir<'a>(pub &'a Path);
+pub struct SnapshotDir<'a> {
+    pub dir: &'a Path,
+    pub memory: MemoryRestore,
+}
 
 impl RestoreSource for SnapshotDir<'_> {
+    fn ram(
+        &mut self,
+        ranges: &[(GuestAddress, u64)],
+    ) -> Option<Result<crate::memory::GuestRam, BuildError>> {
+        if self.memory != MemoryRestore::Private {
+            return None;
+        }
+        let path = self.dir.join(MEMORY_FILE);
+        log::info!("mapping guest RAM privately from {}", path.display());
+        Some(
+            File::open(&path)
+                .map_err(|source| {
+                    BuildError::Snapshot(SnapshotError::Io {
+                        action: "open",
+                        path: path.clone(),
+                        source,
+                    })
+                })
+                .and_then(|file| Ok(crate::memory::map_guest_ram_privately(ranges, file)?)),
+        )
+    }
+
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError> {
-        log::info!("restoring the VM saved in {}", self.0.display());
-        let snapshot = read_state(&self.0.join(STATE_FILE))?;
+        log::info!("restoring the VM saved in {}", self.dir.display());
+        let snapshot = read_state(&self.dir.join(STATE_FILE))?;
+        if self.memory == MemoryRestore::Private {
+            // Mapped already (`ram`), of the size the VM's config asks:
+            // the state's shape check below compares it with the saved.
+            return Ok(snapshot);
+        }
         // The shape first: RAM of another size is refused by its length.
-        read_memory(&self.0.join(MEMORY_FILE), memory).map_err(|err| match err {
+        read_memory(&self.dir.join(MEMORY_FILE), memory).map_err(|err| match err {
             SnapshotError::MemorySize { .. } => SnapshotError::Mismatch(format!(
                 "it has {} MiB of RAM, the VM {}",
                 snapshot.machine.memory_bytes >> 20,
@@ -138,6 +187,14 @@ struct Core {
 
 impl Core {
     fn new(config: VmConfig) -> Result<Self, BuildError> {
+        Self::with_ram(config, None)
+    }
+
+    /// [`Core::new`] with RAM that `source` provides, if it does.
+    fn with_ram(
+        config: VmConfig,
+        source: Option<&mut dyn RestoreSource>,
+    ) -> Result<Self, BuildError> {
         let kvm = open_kvm()?;
         startup::mark("kvm opened");
         let limits = HostLimits {
@@ -155,7 +212,11 @@ impl Core {
         );
         let shape = machine_shape(&config);
         startup::mark("config checked");
-        let ram = create_guest_ram(&guest_ram_ranges(config.memory_bytes()))?;
+        let ranges = guest_ram_ranges(config.memory_bytes());
+        let ram = match source.and_then(|source| source.ram(&ranges)) {
+            Some(ram) => ram?,
+            None => create_guest_ram(&ranges)?,
+        };
         startup::mark("guest memory");
         let vm = Vm::new(&kvm, &ram.memory)?;
         startup::mark("KVM VM");
@@ -217,7 +278,7 @@ impl Core {
             kvm: self.kvm,
             vm: self.vm,
             memory: self.ram.memory,
-            memfd: self.ram.memfd,
+            backing: self.ram.backing,
             vcpus,
             devices,
             control_listener,
@@ -275,7 +336,7 @@ pub fn build_from_snapshot(
     config: VmConfig,
     source: &mut dyn RestoreSource,
 ) -> Result<BuiltVm, BuildError> {
-    let mut core = Core::new(config)?;
+    let mut core = Core::with_ram(config, Some(&mut *source))?;
     let snapshot = source.load(&core.ram.memory)?;
     fit_to_saved(&mut core.config, &snapshot.machine);
     core.shape = machine_shape(&core.config);

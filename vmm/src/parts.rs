@@ -34,8 +34,8 @@ pub enum CaptureError {
 pub struct VmParts {
     pub vm: Arc<Vm>,
     pub memory: GuestMemoryMmap,
-    /// The memfd behind `memory`: which pages exist at all.
-    pub memfd: std::fs::File,
+    /// What backs `memory`: which pages exist at all.
+    pub backing: crate::memory::RamBacking,
     pub devices: StatefulDevices,
     pub control: Arc<RunControl>,
     pub exit: Arc<ExitNotifier>,

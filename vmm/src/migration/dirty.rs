@@ -96,7 +96,7 @@ mod tests {
             pages_in_bitmap(&vmm_bitmap(region).get_and_reset(), 0).count(),
             0
         );
-        let populated = crate::memory::populated_ranges(&ram.memfd, &ram.memory).unwrap();
+        let populated = ram.backing.populated(&ram.memory).unwrap();
         assert_eq!(pages_of(&populated), [0x3000]);
         assert!(is_zero(&[0; 16]) && !is_zero(&[0, 1]));
     }

@@ -448,7 +448,9 @@ fn copy_rounds(
         sent += send_chunks(stream, disk, 0..chunks, true, migration)?;
     }
     // Round 0: the pages that exist (untouched ones are zero on both sides).
-    let populated = crate::memory::populated_ranges(&parts.memfd, &parts.memory)
+    let populated = parts
+        .backing
+        .populated(&parts.memory)
         .map_err(MigrationError::Memory)?;
     sent += send_pages(stream, parts, &pages_of(&populated), true, migration)?;
     let mut bandwidth = sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);

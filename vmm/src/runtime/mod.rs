@@ -111,7 +111,7 @@ impl VmHandle {
         write_memory(
             &dir.join(MEMORY_FILE),
             &self.parts.memory,
-            &self.parts.memfd,
+            &self.parts.backing,
         )
         .map_err(|err| err.to_string())?;
         write_state(&dir.join(STATE_FILE), &state).map_err(|err| err.to_string())?;
@@ -356,7 +356,7 @@ pub fn run(built: BuiltVm) -> Result<ExitReason, RuntimeError> {
             parts: Arc::new(VmParts {
                 vm: vm.clone(),
                 memory: built.memory.clone(),
-                memfd: built.memfd,
+                backing: built.backing,
                 devices: stateful,
                 control: control.clone(),
                 exit: exit.clone(),

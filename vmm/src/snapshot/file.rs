@@ -161,13 +161,14 @@ pub fn memory_len(memory: &GuestMemoryMmap) -> u64 {
 pub fn write_memory(
     path: &Path,
     memory: &GuestMemoryMmap,
-    memfd: &File,
+    backing: &crate::memory::RamBacking,
 ) -> Result<(), SnapshotError> {
     use std::os::unix::fs::FileExt;
     let file = File::create(path).map_err(io("create", path))?;
     file.set_len(memory_len(memory)).map_err(io("size", path))?;
-    let ranges =
-        crate::memory::populated_ranges(memfd, memory).map_err(io("map the RAM of", path))?;
+    let ranges = backing
+        .populated(memory)
+        .map_err(io("map the RAM of", path))?;
     let mut page = vec![0u8; PAGE];
     for (start, len) in ranges {
         let offset_of = |address: u64| file_offset(memory, address);
@@ -313,7 +314,7 @@ mod tests {
         ram.memory
             .write_obj(0x55_u8, GuestAddress(0x2f_ffff))
             .unwrap();
-        write_memory(&path, &ram.memory, &ram.memfd).unwrap();
+        write_memory(&path, &ram.memory, &ram.backing).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x20_0000);
         let copy = create_guest_ram(&ranges).unwrap();
         read_memory(&path, &copy.memory).unwrap();
