@@ -29,7 +29,7 @@ pub use service::{
     RoleScale, RoleSpec, RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate,
     ServiceEndpoint, ServiceInstance,
 };
-pub use snapshot::{Snapshot, SnapshotRestore};
+pub use snapshot::{Snapshot, SnapshotClones, SnapshotClonesMade, SnapshotRestore};
 pub use ssh_key::{SshKey, SshKeyCreate};
 pub use tenant::{Quota, Tenant, TenantCreate, TokenCreated, TokenInfo};
 pub use vm::{

@@ -11,8 +11,46 @@
  *                         records as it is written, then `exit <code>` or
  *                         `signal <number>`; `error <text>` if it could
  *                         not be run
+ *   identity LEN <lines>  a new identity, after a restore as a clone (see
+ *                         below); answered with one record, `ok <summary>`
+ *                         or `error <what failed, and the value>`
  * Anything else is answered with `error`. Keys are at most 15 bytes, a
  * request at most 64 KiB.
+ *
+ * The identity request: lines `key=value\n` (any order, each key at most
+ * once, no other keys, at most 1 KiB in all; the last newline may be left
+ * out):
+ *   hostname=NAME             [a-z0-9-]{1,63} (required)
+ *   seed=HEX                  64 hex digits: 32 random bytes (required)
+ *   mac=02:4e:42:01:02:03     eth0's new unicast MAC (optional; with it,
+ *   address=10.88.1.5/24      eth0's IPv4 address and prefix (1 to 30) and
+ *   gateway=10.88.1.1         the default gateway, in that subnet, are
+ *                             required; without it, neither is allowed)
+ * Everything is checked before anything changes; then, without running any
+ * program (a fork costs ~1 s on kvm_pvm hosts), in this order:
+ *   1. the seed goes into the kernel's pool, credited as 256 bits
+ *      (RNDADDENTROPY on /dev/urandom), then the CRNG is reseeded
+ *      (RNDRESEEDCRNG; kernels without it, ENOTTY/EINVAL, only seed)
+ *   2. sethostname(), and /etc/hostname (a read-only or missing /etc is
+ *      left alone)
+ *   3. with `mac`: eth0 down, the MAC set, eth0 up (which also drops eth0's
+ *      routes, neighbours and IPv6 addresses: the link-local one comes back
+ *      from the new MAC); every IPv4 address of eth0 removed (aliases
+ *      eth0:N too), the new one and its netmask set, and the default route
+ *      via the gateway added (all with ioctls on an AF_INET socket)
+ * The first step that fails ends the request: `error` names it, the value,
+ * and what was applied before it (a failure after eth0 went down brings it
+ * back up, with its old or new MAC). The agent also prints
+ * `nubis-identity: <summary>` (or `nubis-identity: error: ...`) on the
+ * console. Example summary: `hostname web-3, eth0 02:4e:42:01:02:03
+ * 10.88.1.5/24 via 10.88.1.1, rng reseeded`.
+ *   nubis-guest-agent identity-parse   checks a payload on stdin: prints
+ *                                      the values, or the error (exit 1)
+ *   nubis-guest-agent identity-apply   applies a payload on stdin, as the
+ *                                      request does, and writes the answer
+ *                                      record on stdout (a test aid: run it
+ *                                      in throwaway namespaces, e.g.
+ *                                      `unshare --uts --mount` in a netns)
  *
  * Checks of the vsock path itself (the tests run them):
  *   nubis-guest-agent echo PORT        listen on vsock PORT; echo every
@@ -56,19 +94,38 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <net/route.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+/* musl's include directory has no kernel headers: the two ioctls are
+ * defined here when <linux/random.h> is not there. */
+#if defined(__has_include)
+#if __has_include(<linux/random.h>)
+#include <linux/random.h>
+#endif
+#endif
+#ifndef RNDADDENTROPY
+#define RNDADDENTROPY _IOW('R', 0x03, int[2])
+#endif
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG _IO('R', 0x07)
+#endif
 
 #define AGENT_PORT 52
 #define MAX_KEY 15
@@ -230,6 +287,8 @@ static void exec_command(int fd, const char *command) {
     }
 }
 
+static int identity_request(int fd, const char *data, size_t length);
+
 static void serve(int fd) {
     char key[MAX_KEY + 1];
     long len = read_header(fd, key);
@@ -247,6 +306,8 @@ static void serve(int fd) {
         ping(fd);
     else if (strcmp(key, "exec") == 0 && strlen(data) == (size_t)len && len > 0)
         exec_command(fd, data);
+    else if (strcmp(key, "identity") == 0)
+        identity_request(fd, data, (size_t)len);
     else
         send_text(fd, "error", "unknown request");
     free(data);
@@ -372,15 +433,16 @@ static struct {
 
 static int console_fd = 2;
 
-/* One line `nubis-metadata: ...` on stderr (the console, from init), or on
+/* One line `PREFIX...` on stderr (the console, from init), or on
  * /dev/console when stderr is not usable. */
-__attribute__((format(printf, 1, 2))) static void console(const char *format, ...) {
-    char line[512] = "nubis-metadata: ";
-    size_t used = strlen(line);
-    va_list ap;
-    va_start(ap, format);
+__attribute__((format(printf, 2, 0))) static void console_line(const char *prefix, const char *format,
+                                                               va_list ap) {
+    char line[512];
+    size_t used = strlen(prefix);
+    if (used > 64)
+        return;
+    memcpy(line, prefix, used);
     int n = vsnprintf(line + used, sizeof line - used - 1, format, ap);
-    va_end(ap);
     if (n < 0)
         return;
     used += (size_t)n < sizeof line - used - 1 ? (size_t)n : sizeof line - used - 2;
@@ -392,6 +454,14 @@ __attribute__((format(printf, 1, 2))) static void console(const char *format, ..
         if (console_fd >= 0)
             write_all(console_fd, line, used);
     }
+}
+
+/* One line `nubis-metadata: ...` on the console. */
+__attribute__((format(printf, 1, 2))) static void console(const char *format, ...) {
+    va_list ap;
+    va_start(ap, format);
+    console_line("nubis-metadata: ", format, ap);
+    va_end(ap);
 }
 
 /* What the `metadata` mode prints about each thing it does. */
@@ -776,9 +846,10 @@ static int get_token(unsigned long tries) {
     }
 }
 
-/* root + suffix, into `out` (PATH_MAX bytes). */
+/* root + suffix, into `out` (PATH_MAX bytes); no root outside the
+ * metadata step (the identity request). */
 static int root_path(char *out, const char *suffix) {
-    int n = snprintf(out, PATH_MAX, "%s%s", meta.root, suffix);
+    int n = snprintf(out, PATH_MAX, "%s%s", meta.root ? meta.root : "", suffix);
     if (n < 0 || n >= PATH_MAX) {
         errno = ENAMETOOLONG;
         return -1;
@@ -836,6 +907,29 @@ static int write_file(const char *path, const char *data, size_t length, mode_t 
     return 0;
 }
 
+/* 1 to 63 of [a-z0-9-]. */
+static int valid_hostname(const char *name, size_t length) {
+    int good = length > 0 && length <= 63;
+    for (size_t i = 0; good && i < length; i++)
+        good = (name[i] >= 'a' && name[i] <= 'z') || (name[i] >= '0' && name[i] <= '9') || name[i] == '-';
+    return good;
+}
+
+/* Writes /etc/hostname (under the root); -1 with errno, and `path`
+ * (PATH_MAX bytes) naming the file or directory that failed. */
+static int save_hostname(const char *name, char *path) {
+    char line[65];
+    int n = snprintf(line, sizeof line, "%s\n", name);
+    if (n < 0 || (size_t)n >= sizeof line) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    if (root_path(path, "/etc") < 0 || make_dirs(path, 0755) < 0 ||
+        root_path(path, "/etc/hostname") < 0 || write_file(path, line, (size_t)n, 0644) < 0)
+        return -1;
+    return 0;
+}
+
 /* Fills `name` (64 bytes): the hostname, or "?". */
 static void step_hostname(char *name) {
     strcpy(name, "?");
@@ -851,10 +945,7 @@ static void step_hostname(char *name) {
         return;
     }
     trim_end(&r);
-    int good = r.length > 0 && r.length <= 63;
-    for (size_t i = 0; good && i < r.length; i++)
-        good = (r.body[i] >= 'a' && r.body[i] <= 'z') || (r.body[i] >= '0' && r.body[i] <= '9') ||
-               r.body[i] == '-';
+    int good = valid_hostname(r.body, r.length);
     if (good)
         memcpy(name, r.body, r.length + 1);
     free(r.buf);
@@ -871,11 +962,9 @@ static void step_hostname(char *name) {
     } else {
         note("hostname %s (sethostname)", name);
     }
-    char path[PATH_MAX] = "", line[65];
-    int n = snprintf(line, sizeof line, "%s\n", name);
+    char path[PATH_MAX] = "";
     /* A read-only root is fine: the error is only reported. */
-    if (root_path(path, "/etc") < 0 || make_dirs(path, 0755) < 0 ||
-        root_path(path, "/etc/hostname") < 0 || write_file(path, line, (size_t)n, 0644) < 0)
+    if (save_hostname(name, path) < 0)
         console("%s: %s (hostname not saved)", path, strerror(errno));
     else
         note("wrote %s", path);
@@ -1159,6 +1248,502 @@ static int metadata(int verbose) {
     return meta.failed;
 }
 
+/* ---- After a restore as a clone: the identity request ------------------ */
+
+#define IDENTITY_MAX 1024         /* the request's payload */
+#define IDENTITY_LINE 128         /* one key=value line */
+#define IDENTITY_SEED 32          /* bytes of seed */
+#define IDENTITY_DEVICE "eth0"
+#define IDENTITY_MAX_ADDRESSES 64 /* IPv4 addresses removed from eth0, at most */
+
+struct identity {
+    char hostname[64];
+    int has_mac, has_address, has_gateway;
+    unsigned char mac[6];
+    uint32_t address, gateway; /* host byte order */
+    int prefix;
+    unsigned char seed[IDENTITY_SEED];
+};
+
+/* The kernel's struct rand_pool_info (int entropy_count, int buf_size,
+ * __u32 buf[]) with its flexible buffer sized for the seed. */
+struct seed_pool {
+    int entropy_count;
+    int buf_size;
+    unsigned char buf[IDENTITY_SEED];
+};
+_Static_assert(offsetof(struct seed_pool, buf) == 2 * sizeof(int), "rand_pool_info layout");
+
+/* Strict a.b.c.d: four decimal numbers 0 to 255, no leading zeros. */
+static int parse_ipv4(const char *text, uint32_t *out) {
+    uint32_t value = 0;
+    const char *p = text;
+    for (int part = 0; part < 4; part++) {
+        if (part > 0 && *p++ != '.')
+            return -1;
+        const char *start = p;
+        unsigned int octet = 0;
+        while (*p >= '0' && *p <= '9' && p - start < 3)
+            octet = octet * 10 + (unsigned int)(*p++ - '0');
+        if (p == start || octet > 255 || (p - start > 1 && *start == '0'))
+            return -1;
+        value = value << 8 | octet;
+    }
+    if (*p)
+        return -1;
+    *out = value;
+    return 0;
+}
+
+/* Strict xx:xx:xx:xx:xx:xx (hex digits in either case). */
+static int parse_mac(const char *text, unsigned char *mac) {
+    if (strlen(text) != 17)
+        return -1;
+    for (int i = 0; i < 6; i++) {
+        int high = hex_digit(text[3 * i]), low = hex_digit(text[3 * i + 1]);
+        if (high < 0 || low < 0 || (i < 5 && text[3 * i + 2] != ':'))
+            return -1;
+        mac[i] = (unsigned char)(high << 4 | low);
+    }
+    return 0;
+}
+
+static uint32_t prefix_mask(int prefix) {
+    return prefix <= 0 ? 0 : prefix >= 32 ? 0xffffffffu : 0xffffffffu << (32 - prefix);
+}
+
+static void format_ipv4(uint32_t a, char *out /* 16 bytes */) {
+    snprintf(out, 16, "%u.%u.%u.%u", (unsigned int)(a >> 24), (unsigned int)(a >> 16 & 255),
+             (unsigned int)(a >> 8 & 255), (unsigned int)(a & 255));
+}
+
+static void format_mac(const unsigned char *mac, char *out /* 18 bytes */) {
+    snprintf(out, 18, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+}
+
+/* An address a host may have: not 0/8, 127/8, multicast or class E, and
+ * neither the network nor the broadcast address of its subnet. */
+static const char *host_address_problem(uint32_t a, int prefix) {
+    uint32_t mask = prefix_mask(prefix);
+    if (a >> 24 == 0 || a >> 24 == 127 || a >> 24 >= 224)
+        return "not a unicast host address";
+    if ((a & ~mask) == 0)
+        return "the network address of its subnet";
+    if ((a & ~mask) == ~mask)
+        return "the broadcast address of its subnet";
+    return NULL;
+}
+
+/* Parses and checks the whole payload; 0, or -1 with meta.error. Nothing
+ * is changed here. */
+static int identity_parse(const char *data, size_t length, struct identity *id) {
+    static const char *const keys[] = {"hostname", "mac", "address", "gateway", "seed"};
+    enum { HOSTNAME, MAC, ADDRESS, GATEWAY, SEED, KEYS };
+    int seen[KEYS] = {0};
+    char shown[16];
+    memset(id, 0, sizeof *id);
+    if (length > IDENTITY_MAX)
+        return fail("the request is over %d bytes", IDENTITY_MAX);
+    if (memchr(data, 0, length))
+        return fail("a NUL byte in the request");
+    for (size_t at = 0; at < length;) {
+        const char *start = data + at;
+        const char *newline = memchr(start, '\n', length - at);
+        size_t n = newline ? (size_t)(newline - start) : length - at;
+        at += n + 1;
+        if (n == 0)
+            return fail("an empty line");
+        /* Bytes no value may hold become '?' (shown in errors, and refused). */
+        char line[IDENTITY_LINE + 1];
+        size_t kept = n < IDENTITY_LINE ? n : IDENTITY_LINE;
+        memcpy(line, start, kept);
+        line[kept] = 0;
+        for (size_t i = 0; i < kept; i++)
+            if ((unsigned char)line[i] < 0x20 || (unsigned char)line[i] >= 0x7f)
+                line[i] = '?';
+        if (n > IDENTITY_LINE)
+            return fail("a line over %d bytes: %.40s...", IDENTITY_LINE, line);
+        char *value = strchr(line, '=');
+        if (!value)
+            return fail("not key=value: %.64s", line);
+        *value++ = 0;
+        int key = 0;
+        while (key < KEYS && strcmp(line, keys[key]) != 0)
+            key++;
+        if (key == KEYS)
+            return fail("unknown key: %.32s", line);
+        if (seen[key]++)
+            return fail("%s given twice", keys[key]);
+        switch (key) {
+        case HOSTNAME:
+            if (!valid_hostname(value, strlen(value)))
+                return fail("hostname: not 1 to 63 of [a-z0-9-]: %.64s", value);
+            memcpy(id->hostname, value, strlen(value) + 1);
+            break;
+        case MAC:
+            if (parse_mac(value, id->mac) < 0)
+                return fail("mac: not a MAC like 02:4e:42:01:02:03: %.64s", value);
+            if (id->mac[0] & 1 || !(id->mac[0] | id->mac[1] | id->mac[2] | id->mac[3] | id->mac[4] | id->mac[5]))
+                return fail("mac: %s is not a unicast MAC", value);
+            id->has_mac = 1;
+            break;
+        case ADDRESS: {
+            char *slash = strchr(value, '/');
+            const char *p = slash ? slash + 1 : "";
+            int prefix = 0, digits = 0;
+            while (*p >= '0' && *p <= '9' && digits < 3)
+                prefix = prefix * 10 + (*p++ - '0'), digits++;
+            int good = slash && digits > 0 && !*p && !(digits > 1 && slash[1] == '0');
+            if (good) {
+                *slash = 0;
+                good = parse_ipv4(value, &id->address) == 0;
+                *slash = '/';
+            }
+            if (!good)
+                return fail("address: not IPv4/PREFIX like 10.88.1.5/24: %.64s", value);
+            if (prefix < 1 || prefix > 30)
+                return fail("address: the prefix is not 1 to 30: %.64s", value);
+            id->prefix = prefix;
+            id->has_address = 1;
+            break;
+        }
+        case GATEWAY:
+            if (parse_ipv4(value, &id->gateway) < 0)
+                return fail("gateway: not an IPv4 address like 10.88.1.1: %.64s", value);
+            id->has_gateway = 1;
+            break;
+        case SEED: {
+            /* Not echoed back: it is the guest's new randomness. */
+            size_t digits = strlen(value);
+            int good = digits == 2 * IDENTITY_SEED;
+            for (size_t i = 0; good && i < IDENTITY_SEED; i++) {
+                int high = hex_digit(value[2 * i]), low = hex_digit(value[2 * i + 1]);
+                good = high >= 0 && low >= 0;
+                id->seed[i] = (unsigned char)(high << 4 | low);
+            }
+            if (!good)
+                return fail("seed: not %d hex digits (%zu characters)", 2 * IDENTITY_SEED, digits);
+            break;
+        }
+        }
+    }
+    if (!seen[HOSTNAME])
+        return fail("hostname is missing");
+    if (!seen[SEED])
+        return fail("seed is missing");
+    if (id->has_mac && (!id->has_address || !id->has_gateway))
+        return fail("mac needs address and gateway");
+    if (!id->has_mac && (id->has_address || id->has_gateway))
+        return fail("address and gateway need mac");
+    if (id->has_address) {
+        const char *problem = host_address_problem(id->address, id->prefix);
+        format_ipv4(id->address, shown);
+        if (problem)
+            return fail("address: %s/%d: %s", shown, id->prefix, problem);
+        uint32_t mask = prefix_mask(id->prefix);
+        char gateway[16];
+        format_ipv4(id->gateway, gateway);
+        problem = host_address_problem(id->gateway, id->prefix);
+        if (problem)
+            return fail("gateway: %s: %s", gateway, problem);
+        if ((id->gateway & mask) != (id->address & mask))
+            return fail("gateway: %s is not in %s/%d", gateway, shown, id->prefix);
+        if (id->gateway == id->address)
+            return fail("gateway: %s is the address itself", gateway);
+    }
+    return 0;
+}
+
+/* Step 1: 1 reseeded, 0 seeded only (no RNDRESEEDCRNG), -1 (meta.error). */
+static int identity_rng(const struct identity *id) {
+    const char *device = "/dev/urandom";
+    int fd = open(device, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        device = "/dev/random";
+        fd = open(device, O_WRONLY | O_CLOEXEC);
+    }
+    if (fd < 0)
+        return fail("rng: /dev/urandom, /dev/random: %s", strerror(errno));
+    struct seed_pool pool = {.entropy_count = IDENTITY_SEED * 8, .buf_size = IDENTITY_SEED};
+    memcpy(pool.buf, id->seed, sizeof pool.buf);
+    if (ioctl(fd, RNDADDENTROPY, &pool) < 0) {
+        int error = errno;
+        close(fd);
+        return fail("rng: RNDADDENTROPY on %s: %s", device, strerror(error));
+    }
+    int reseeded = ioctl(fd, RNDRESEEDCRNG) == 0;
+    int error = errno;
+    close(fd);
+    if (!reseeded && error != ENOTTY && error != EINVAL)
+        return fail("rng: RNDRESEEDCRNG on %s: %s", device, strerror(error));
+    return reseeded;
+}
+
+/* Step 2: 0, or -1 (meta.error). */
+static int identity_hostname(const struct identity *id) {
+    if (sethostname(id->hostname, strlen(id->hostname)) < 0)
+        return fail("hostname: sethostname(%s): %s", id->hostname, strerror(errno));
+    char path[PATH_MAX] = "";
+    /* Like the metadata step: a read-only or missing /etc is fine. */
+    if (save_hostname(id->hostname, path) < 0 && errno != EROFS && errno != ENOENT)
+        return fail("hostname: %s set, but %s: %s", id->hostname, path, strerror(errno));
+    return 0;
+}
+
+static void interface_request(struct ifreq *ifr, const char *name) {
+    memset(ifr, 0, sizeof *ifr);
+    snprintf(ifr->ifr_name, sizeof ifr->ifr_name, "%s", name);
+}
+
+static struct sockaddr ipv4_sockaddr(uint32_t a) {
+    struct sockaddr_in in;
+    struct sockaddr out;
+    memset(&in, 0, sizeof in);
+    in.sin_family = AF_INET;
+    in.sin_addr.s_addr = htonl(a);
+    memcpy(&out, &in, sizeof out);
+    return out;
+}
+
+/* An alias of eth0 (`eth0:N`, from SIOCGIFCONF) into `name`, or "". */
+static int find_alias(int s, char *name /* IFNAMSIZ bytes */) {
+    struct ifreq list[64];
+    struct ifconf conf = {.ifc_len = sizeof list, .ifc_req = list};
+    *name = 0;
+    if (ioctl(s, SIOCGIFCONF, &conf) < 0)
+        return fail("eth0: SIOCGIFCONF: %s", strerror(errno));
+    for (size_t i = 0; i < (size_t)conf.ifc_len / sizeof list[0]; i++) {
+        if (strncmp(list[i].ifr_name, IDENTITY_DEVICE ":", strlen(IDENTITY_DEVICE) + 1) == 0) {
+            memcpy(name, list[i].ifr_name, IFNAMSIZ);
+            name[IFNAMSIZ - 1] = 0;
+            break;
+        }
+    }
+    return 0;
+}
+
+/* Every IPv4 address of eth0 goes: SIOCSIFADDR 0.0.0.0 deletes the first
+ * address labelled with the name given (with the secondaries of its subnet,
+ * unless promote_secondaries is set: then one of them is next). */
+static int remove_addresses(int s) {
+    for (int removed = 0; removed < IDENTITY_MAX_ADDRESSES; removed++) {
+        char name[IFNAMSIZ] = IDENTITY_DEVICE;
+        struct ifreq ifr;
+        interface_request(&ifr, name);
+        if (ioctl(s, SIOCGIFADDR, &ifr) < 0) {
+            if (errno != EADDRNOTAVAIL)
+                return fail("eth0: SIOCGIFADDR: %s", strerror(errno));
+            if (find_alias(s, name) < 0)
+                return -1;
+            if (!*name)
+                return 0;
+        }
+        interface_request(&ifr, name);
+        ifr.ifr_addr = ipv4_sockaddr(0);
+        if (ioctl(s, SIOCSIFADDR, &ifr) < 0)
+            return fail("eth0: removing an old address of %s (SIOCSIFADDR 0.0.0.0): %s", name,
+                        strerror(errno));
+    }
+    return fail("eth0: more than %d IPv4 addresses", IDENTITY_MAX_ADDRESSES);
+}
+
+/* Step 3: 0, or -1 (meta.error). A failure after eth0 went down brings it
+ * back up (its old flags). */
+static int identity_network(const struct identity *id) {
+    char mac[18], address[16], gateway[16];
+    format_mac(id->mac, mac);
+    format_ipv4(id->address, address);
+    format_ipv4(id->gateway, gateway);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return fail("eth0: socket: %s", strerror(errno));
+    int result = -1, down = 0;
+    struct ifreq ifr;
+    interface_request(&ifr, IDENTITY_DEVICE);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+        fail("eth0: SIOCGIFFLAGS: %s", strerror(errno));
+        goto out;
+    }
+    short flags = ifr.ifr_flags;
+    ifr.ifr_flags = (short)(flags & ~IFF_UP);
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) {
+        fail("eth0: down (SIOCSIFFLAGS): %s", strerror(errno));
+        goto out;
+    }
+    down = 1;
+    interface_request(&ifr, IDENTITY_DEVICE);
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    memcpy(ifr.ifr_hwaddr.sa_data, id->mac, sizeof id->mac);
+    if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) {
+        fail("eth0: SIOCSIFHWADDR %s: %s", mac, strerror(errno));
+        goto out;
+    }
+    interface_request(&ifr, IDENTITY_DEVICE);
+    ifr.ifr_flags = (short)(flags | IFF_UP);
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) {
+        fail("eth0: up (SIOCSIFFLAGS) with MAC %s: %s", mac, strerror(errno));
+        goto out;
+    }
+    down = 0;
+    if (remove_addresses(s) < 0)
+        goto out;
+    interface_request(&ifr, IDENTITY_DEVICE);
+    ifr.ifr_addr = ipv4_sockaddr(id->address);
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) {
+        fail("eth0: SIOCSIFADDR %s: %s", address, strerror(errno));
+        goto out;
+    }
+    interface_request(&ifr, IDENTITY_DEVICE);
+    ifr.ifr_netmask = ipv4_sockaddr(prefix_mask(id->prefix));
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) {
+        fail("eth0: SIOCSIFNETMASK %s/%d: %s", address, id->prefix, strerror(errno));
+        goto out;
+    }
+    struct rtentry route;
+    char device[IFNAMSIZ] = IDENTITY_DEVICE;
+    memset(&route, 0, sizeof route);
+    route.rt_dst = ipv4_sockaddr(0);
+    route.rt_genmask = ipv4_sockaddr(0);
+    route.rt_gateway = ipv4_sockaddr(id->gateway);
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    route.rt_dev = device;
+    if (ioctl(s, SIOCADDRT, &route) < 0 && errno != EEXIST) {
+        fail("eth0: default route via %s (SIOCADDRT): %s", gateway, strerror(errno));
+        goto out;
+    }
+    result = 0;
+out:
+    if (down) {
+        interface_request(&ifr, IDENTITY_DEVICE);
+        ifr.ifr_flags = flags;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) {
+            size_t used = strlen(meta.error);
+            snprintf(meta.error + used, sizeof meta.error - used, "; eth0 left down: %s", strerror(errno));
+        }
+    }
+    close(s);
+    return result;
+}
+
+/* Adds what was applied before the step that failed to meta.error. */
+static int failed_after(const char *applied) {
+    size_t used = strlen(meta.error);
+    snprintf(meta.error + used, sizeof meta.error - used, " (applied before it: %s)", applied);
+    return -1;
+}
+
+/* The three steps in order; 0 with the summary, or -1 (meta.error). */
+static int identity_apply(const struct identity *id, char *summary, size_t size) {
+    int rng = identity_rng(id);
+    if (rng < 0)
+        return -1;
+    const char *rng_text = rng ? "rng reseeded" : "rng seeded (no RNDRESEEDCRNG)";
+    if (identity_hostname(id) < 0)
+        return failed_after(rng_text);
+    if (id->has_mac && identity_network(id) < 0) {
+        char applied[128];
+        snprintf(applied, sizeof applied, "%s, hostname %s", rng_text, id->hostname);
+        return failed_after(applied);
+    }
+    if (id->has_mac) {
+        char mac[18], address[16], gateway[16];
+        format_mac(id->mac, mac);
+        format_ipv4(id->address, address);
+        format_ipv4(id->gateway, gateway);
+        snprintf(summary, size, "hostname %s, eth0 %s %s/%d via %s, %s", id->hostname, mac, address,
+                 id->prefix, gateway, rng_text);
+    } else {
+        snprintf(summary, size, "hostname %s, eth0 unchanged, %s", id->hostname, rng_text);
+    }
+    return 0;
+}
+
+/* One line `nubis-identity: ...` on the console. */
+__attribute__((format(printf, 1, 2))) static void identity_console(const char *format, ...) {
+    va_list ap;
+    va_start(ap, format);
+    console_line("nubis-identity: ", format, ap);
+    va_end(ap);
+}
+
+/* The request: one `ok` or `error` record back. Returns 0 when ok. */
+static int identity_request(int fd, const char *data, size_t length) {
+    struct identity id;
+    char summary[256];
+    memset(&meta, 0, sizeof meta);
+    signal(SIGPIPE, SIG_IGN);
+    int good = identity_parse(data, length, &id) == 0 && identity_apply(&id, summary, sizeof summary) == 0;
+    if (!good) {
+        identity_console("error: %s", meta.error);
+        send_text(fd, "error", meta.error);
+        return -1;
+    }
+    identity_console("%s", summary);
+    send_text(fd, "ok", summary);
+    return 0;
+}
+
+/* A payload from stdin (at most IDENTITY_MAX + 1 bytes: more is refused by
+ * the parser); NULL on a read error. */
+static char *read_payload(size_t *length) {
+    char *data = malloc(IDENTITY_MAX + 2);
+    size_t used = 0;
+    if (!data)
+        return NULL;
+    while (used < IDENTITY_MAX + 1) {
+        ssize_t n = read(0, data + used, IDENTITY_MAX + 1 - used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            free(data);
+            return NULL;
+        }
+        if (n == 0)
+            break;
+        used += (size_t)n;
+    }
+    data[used] = 0;
+    *length = used;
+    return data;
+}
+
+/* `identity-parse` and `identity-apply`: a payload from stdin. */
+static int identity_test(int apply) {
+    size_t length = 0;
+    char *data = read_payload(&length);
+    if (!data) {
+        perror("nubis-guest-agent: stdin");
+        return 2;
+    }
+    if (apply) {
+        int status = identity_request(1, data, length) == 0 ? 0 : 1;
+        free(data);
+        return status;
+    }
+    struct identity id;
+    memset(&meta, 0, sizeof meta);
+    int status = identity_parse(data, length, &id);
+    free(data);
+    if (status < 0) {
+        printf("error: %s\n", meta.error);
+        return 1;
+    }
+    printf("hostname=%s\n", id.hostname);
+    if (id.has_mac) {
+        char mac[18], address[16], gateway[16];
+        format_mac(id.mac, mac);
+        format_ipv4(id.address, address);
+        format_ipv4(id.gateway, gateway);
+        printf("mac=%s\naddress=%s/%d\nnetmask=%08x\ngateway=%s\n", mac, address, id.prefix,
+               (unsigned int)prefix_mask(id.prefix), gateway);
+    }
+    printf("seed=");
+    for (size_t i = 0; i < sizeof id.seed; i++)
+        printf("%02x", id.seed[i]);
+    putchar('\n');
+    return 0;
+}
+
 /* Serving mode: the step in a child, so vsock is served meanwhile. The
  * server ignores SIGCHLD, so the kernel reaps this child; the exec feature
  * waits for its own command by pid, in a per-connection child. */
@@ -1220,6 +1805,10 @@ int main(int argc, char **argv) {
                               strtoul(argv[4], NULL, 10));
     if (argc == 2 && strcmp(argv[1], "metadata") == 0)
         return metadata(1);
+    if (argc == 2 && strcmp(argv[1], "identity-parse") == 0)
+        return identity_test(0);
+    if (argc == 2 && strcmp(argv[1], "identity-apply") == 0)
+        return identity_test(1);
     fprintf(stderr, "usage: nubis-guest-agent [metadata | echo PORT | send CID PORT BYTES]\n");
     return 2;
 }

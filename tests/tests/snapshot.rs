@@ -131,7 +131,7 @@ fn a_paused_guest_resumes_in_a_new_process_where_it_was() {
             let serial = format!("file:{}", out.display());
             let socket = dir.join(&format!("{name}.sock")).display().to_string();
             let mut args = vmm_args(&kernel, &serial, &socket);
-            args.extend(["--restore", &snapshot_arg, "--restore-memory", "private"]);
+            args.extend(["--restore", &snapshot_arg, "--restore-as", "clone"]);
             (out, VmProcess::spawn(args))
         })
         .collect();

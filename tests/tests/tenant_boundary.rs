@@ -375,6 +375,12 @@ fn every_endpoint_keeps_tenants_apart() {
                 ("POST", "/v1/snapshots/{id}/restore") => Some(json_body(&SnapshotRestore {
                     name: "stolen".to_string(),
                 })),
+                ("POST", "/v1/snapshots/{id}/clones") => {
+                    Some(json_body(&nubis_api::SnapshotClones {
+                        count: 1,
+                        name_prefix: "stolen".to_string(),
+                    }))
+                }
                 ("POST", "/v1/services/{id}/scale") => Some(json_body(&nubis_api::RoleScale {
                     role: "web".into(),
                     instances: 1,

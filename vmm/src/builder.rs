@@ -25,8 +25,9 @@ pub use crate::device_manager::legacy::bind_unix_socket;
 use crate::device_manager::virtio::device_kinds;
 pub use crate::device_manager::SerialInput;
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState, DevicesStateError};
+use crate::devices::virtio::persist::{DeviceState, TransportState};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
-use crate::persist::Persist;
+use crate::persist::{Persist, Versioned};
 use crate::platform::KvmFlavor;
 use crate::snapshot::file::{read_memory, read_state, SnapshotError};
 use crate::snapshot::state::{MachineShape, VmSnapshot};
@@ -95,20 +96,23 @@ pub trait RestoreSource {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError>;
 }
 
-/// How a snapshot's memory becomes the restored VM's RAM.
+/// What a restored VM is to the one that was saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MemoryRestore {
-    /// Read into fresh RAM of the VM's own.
-    Copy,
-    /// Mapped privately from the memory file: pages copied only when the
-    /// guest writes them, so that clones of one snapshot share the rest.
-    Private,
+pub enum RestoreAs {
+    /// The same VM, going on: the snapshot's memory is read into RAM of
+    /// its own, and its NICs keep their MACs.
+    Resume,
+    /// One of possibly many clones: the memory file is mapped privately
+    /// (pages copied only when the guest writes them, so that clones of
+    /// one snapshot share the rest), and its NICs take the config's MACs
+    /// (the host then tells the guest its new identity).
+    Clone,
 }
 
 /// A snapshot directory (see [`crate::snapshot`]).
 pub struct SnapshotDir<'a> {
     pub dir: &'a Path,
-    pub memory: MemoryRestore,
+    pub restore_as: RestoreAs,
 }
 
 impl RestoreSource for SnapshotDir<'_> {
@@ -116,7 +120,7 @@ impl RestoreSource for SnapshotDir<'_> {
         &mut self,
         ranges: &[(GuestAddress, u64)],
     ) -> Option<Result<crate::memory::GuestRam, BuildError>> {
-        if self.memory != MemoryRestore::Private {
+        if self.restore_as != RestoreAs::Clone {
             return None;
         }
         let path = self.dir.join(MEMORY_FILE);
@@ -137,7 +141,7 @@ impl RestoreSource for SnapshotDir<'_> {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError> {
         log::info!("restoring the VM saved in {}", self.dir.display());
         let snapshot = read_state(&self.dir.join(STATE_FILE))?;
-        if self.memory == MemoryRestore::Private {
+        if self.restore_as == RestoreAs::Clone {
             // Mapped already (`ram`), of the size the VM's config asks:
             // the state's shape check below compares it with the saved.
             return Ok(snapshot);
@@ -335,6 +339,7 @@ pub fn build_for_boot(config: VmConfig) -> Result<BuiltVm, BuildError> {
 pub fn build_from_snapshot(
     config: VmConfig,
     source: &mut dyn RestoreSource,
+    restore_as: RestoreAs,
 ) -> Result<BuiltVm, BuildError> {
     let mut core = Core::with_ram(config, Some(&mut *source))?;
     let snapshot = source.load(&core.ram.memory)?;
@@ -357,22 +362,44 @@ pub fn build_from_snapshot(
         machine: _,
         vm,
         vcpus: vcpu_states,
-        devices: virtio,
+        devices: mut virtio,
         serial,
         i8042,
     } = snapshot;
+    if restore_as == RestoreAs::Clone {
+        give_nics_their_macs(&core.config, &mut virtio);
+    }
     let mut devices = core.devices()?;
-    devices.stateful.restore(&DevicesState {
-        devices: virtio,
-        serial,
-        i8042,
-    })?;
     let mut vcpus = core.vcpus(&devices)?;
     core.vm.restore(&vm).map_err(BuildError::VmState)?;
     for (vcpu, state) in vcpus.iter_mut().zip(&vcpu_states) {
         vcpu.restore(state)?;
     }
+    // The devices last: restoring one may raise its interrupt (a vsock
+    // device tells the guest of the transport reset, a running device is
+    // kicked), which the interrupt controllers' and the vCPUs' saved
+    // state would otherwise overwrite, and the guest never hear of.
+    devices.stateful.restore(&DevicesState {
+        devices: virtio,
+        serial,
+        i8042,
+    })?;
     core.finish(devices, vcpus)
+}
+
+/// A clone's NICs take the MACs of its config (the Nth saved NIC the Nth
+/// configured one's, as the devices are built in config order); a frame
+/// the original had read but not delivered is not the clone's.
+fn give_nics_their_macs(config: &VmConfig, saved: &mut [Versioned<TransportState>]) {
+    let mut macs = config.nets.iter().map(|net| net.mac);
+    for transport in saved {
+        if let DeviceState::Net(Versioned(net)) = &mut transport.0.device {
+            if let Some(Some(mac)) = macs.next() {
+                net.mac = mac.0;
+                net.pending_rx_frame.clear();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

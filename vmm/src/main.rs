@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use vmm::builder::{build_for_boot, build_from_snapshot, MemoryRestore, SnapshotDir};
+use vmm::builder::{build_for_boot, build_from_snapshot, RestoreAs, SnapshotDir};
 use vmm::config::{ConfigOverrides, SerialConfig, VmConfig};
 use vmm::logger;
 use vmm::migration::destination::receive_vm;
@@ -85,11 +85,12 @@ struct Cli {
     /// a machine of the same shape and its backends.
     #[arg(long, value_name = "DIR", conflicts_with = "migrate_listen")]
     restore: Option<PathBuf>,
-    /// With --restore: `copy` reads the snapshot's memory into RAM of the
-    /// VM's own; `private` maps the memory file copy-on-write, so that
-    /// clones of one snapshot share the pages they do not write.
-    #[arg(long, value_enum, default_value = "copy", requires = "restore")]
-    restore_memory: MemoryRestore,
+    /// With --restore: `resume` goes on as the saved VM (its memory read
+    /// into RAM of its own, its NICs' MACs kept); `clone` maps the memory
+    /// file copy-on-write (clones of one snapshot share the pages they do
+    /// not write) and gives the NICs the config's MACs.
+    #[arg(long, value_enum, default_value = "resume", requires = "restore")]
+    restore_as: RestoreAs,
     /// Receive a live migration on this address instead of booting; the
     /// token the source must present is NUBIS_MIGRATION_TOKEN, the key that
     /// encrypts and authenticates the stream NUBIS_MIGRATION_KEY (64 hex
@@ -182,7 +183,7 @@ fn main() -> ExitCode {
     }
 
     let restore = cli.restore.clone();
-    let restore_memory = cli.restore_memory;
+    let restore_as = cli.restore_as;
     let migrate_listen = cli.migrate_listen.clone();
     let config = match assemble(cli) {
         Ok(config) => config,
@@ -192,9 +193,9 @@ fn main() -> ExitCode {
         (Some(dir), _) => {
             let mut source = SnapshotDir {
                 dir: &dir,
-                memory: restore_memory,
+                restore_as,
             };
-            build_from_snapshot(config, &mut source).map_err(|err| err.to_string())
+            build_from_snapshot(config, &mut source, restore_as).map_err(|err| err.to_string())
         }
         (None, Some(listen)) => {
             let token = match std::env::var("NUBIS_MIGRATION_TOKEN") {

@@ -11,9 +11,9 @@ use nubis_api::{
     NetworkReplica, Overlay, Peer, PeerCreate, PlacementStrategy, PortForward, PortForwardCreate,
     Probe, ProbeProtocol, Protocol, Quota, RateLimit, RestartPolicy, Role, RoleRollback, RoleScale,
     RoleSpec, RoleUpgrade, Rollout, RolloutState, Service, ServiceCreate, ServiceEndpoint,
-    ServiceInstance, Snapshot, SnapshotRestore, SshKey, SshKeyCreate, Tenant, TenantCreate,
-    TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent, VmExec, VmMetadata, VmNic, VmNicCreate,
-    VmPlacement, VmState,
+    ServiceInstance, Snapshot, SnapshotClones, SnapshotClonesMade, SnapshotRestore, SshKey,
+    SshKeyCreate, Tenant, TenantCreate, TokenCreated, TokenInfo, Vm, VmCreate, VmDisk, VmEvent,
+    VmExec, VmMetadata, VmNic, VmNicCreate, VmPlacement, VmState,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -45,7 +45,7 @@ use super::{
         hosts::list, hosts::show, hosts::cordon, hosts::uncordon, hosts::drain, hosts::forget,
         peers::create, peers::list, peers::show, peers::remove, peers::identity,
         overlay::adopt, overlay::abandon, overlay::grant, overlay::release,
-        snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore,
+        snapshots::create, snapshots::list, snapshots::show, snapshots::remove, snapshots::restore, snapshots::clones,
         services::create, services::list, services::show, services::remove,
         services::scale, services::upgrade, services::rollback,
         migrations::create, migrations::show, migrations::cancel,
@@ -54,7 +54,7 @@ use super::{
     components(schemas(
         ApiError, ErrorBody, ErrorCode, Quota, Tenant, TenantCreate, TokenCreated, TokenInfo,
         Image, ImageCreate, uploads::Upload, Network, NetworkCreate, PortForward, PortForwardCreate, Protocol, RateLimit, Vm, VmCreate, VmDisk, VmNic, VmNicCreate, VmState, VmEvent, VmExec, ExecEvent, SshKey, SshKeyCreate, VmMetadata, NamedSshKey,
-        Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore,
+        Overlay, ClusterHost, HostResources, HostState, Peer, PeerCreate, HostIdentity, NetworkReplica, AddressRequest, AddressGrant, Snapshot, SnapshotRestore, SnapshotClones, SnapshotClonesMade,
         Migration, MigrationCreate, IncomingMigration, IncomingReady,
         VmPlacement, AntiAffinity, AntiAffinityScope, PlacementStrategy, DrainPolicy, HostDrain, DrainProgress, HostLossPolicy,
         Service, ServiceCreate, RoleSpec, Role, ServiceInstance, ServiceEndpoint, InstanceHealth, Rollout, RolloutState,

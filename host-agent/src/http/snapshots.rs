@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nubis_api::{ApiError, Snapshot, SnapshotRestore, Vm};
+use nubis_api::{ApiError, Snapshot, SnapshotClones, SnapshotClonesMade, SnapshotRestore, Vm};
 
 use super::responses::{Authenticated, Invalid, TenantOnly};
 use super::{AppState, Body, Caller, Path, Result};
@@ -18,6 +18,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/snapshots", get(list))
         .route("/v1/snapshots/{id}", get(show).delete(remove))
         .route("/v1/snapshots/{id}/restore", post(restore))
+        .route("/v1/snapshots/{id}/clones", post(clones))
 }
 
 create_handler!(caller create, "/v1/vms/{id}/snapshots", "snapshots",
@@ -48,3 +49,11 @@ create_handler!(tenant restore, "/v1/snapshots/{id}/restore", "snapshots",
     (status = 409, description = "the name exists, or another VM holds the snapshot's MAC or address", body = ApiError),
     (status = 422, description = "the snapshot's image is gone", body = ApiError),
     (status = 429, description = "quota exceeded", body = ApiError));
+
+create_handler!(tenant clones, "/v1/snapshots/{id}/clones", "snapshots",
+    "id" = "the snapshot's id", &SnapshotClones, 201 "the clones, started", SnapshotClonesMade,
+    async snapshots::clones, Invalid, TenantOnly,
+    (status = 404, description = "no such snapshot (or another tenant's)", body = ApiError),
+    (status = 409, description = "a clone's name exists, or the host is cordoned", body = ApiError),
+    (status = 422, description = "the snapshot's image is gone, or a NIC is on a network this host does not hold", body = ApiError),
+    (status = 429, description = "quota exceeded, or no free address left", body = ApiError));

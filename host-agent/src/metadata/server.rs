@@ -26,6 +26,7 @@ use super::tokens::{self, Tokens};
 use crate::http::server::{serve_connection, ConnectionLimit};
 use crate::ipv4::Cidr;
 use crate::network::dhcp_server::RateLimiter;
+use crate::network::nic_cidr;
 use crate::store::{NetworkRow, Store, VmRow};
 
 /// The address guests ask, as on every public cloud.
@@ -267,12 +268,6 @@ impl MetadataService {
             zone: self.zone.clone(),
         })
     }
-}
-
-/// A NIC's address and prefix length from its "ADDRESS/PREFIX".
-fn nic_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
-    let (address, prefix) = text.split_once('/')?;
-    Some((address.parse().ok()?, prefix.parse().ok()?))
 }
 
 fn plain(status: StatusCode, text: &str) -> Response {

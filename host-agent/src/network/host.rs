@@ -572,6 +572,7 @@ mod tests {
                         },
                     ],
                     restore_from: None,
+                    restore_as_clone: false,
                     metadata: Default::default(),
                 },
                 Quota::default(),

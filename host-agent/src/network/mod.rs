@@ -41,6 +41,15 @@ pub fn nic_address(address: &str) -> Option<std::net::Ipv4Addr> {
     address.split('/').next()?.parse().ok()
 }
 
+/// A NIC's address and prefix length from its "ADDRESS/PREFIX".
+pub fn nic_cidr(text: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (address, prefix) = text.split_once('/')?;
+    Some((
+        address.parse().ok()?,
+        prefix.parse().ok().filter(|p| *p <= 32)?,
+    ))
+}
+
 /// The first two octets of every tenant subnet.
 const PREFIX: &str = "10.88";
 

@@ -168,6 +168,7 @@ pub async fn receive(
             disks: vm.disks.clone(),
             nics: vm.nics.clone(),
             restore_from: None,
+            restore_as_clone: false,
             metadata: request.metadata.clone(),
         },
         quota,

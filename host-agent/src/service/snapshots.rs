@@ -4,7 +4,8 @@
 //! of its storage; files written without a record are removed (or swept
 //! at the agent's next start).
 
-use nubis_api::{Quota, Snapshot, SnapshotRestore, Vm};
+use nubis_api::snapshot::MAX_CLONES;
+use nubis_api::{Quota, Snapshot, SnapshotClones, SnapshotClonesMade, SnapshotRestore, Vm, VmNic};
 
 use super::{vms, Result, Scope, ServiceError, Services};
 use crate::cluster::claims::{Claim, ClaimKind};
@@ -173,20 +174,7 @@ pub async fn restore(
     let saved = find(svc, Scope::Tenant(tenant_id), id)?;
     svc.refuse_if_cordoned().await?;
     let _hold = svc.hold_tenant(tenant_id).await?;
-    if svc
-        .store
-        .get_image(tenant_id, &saved.vm.image_id)?
-        .is_none()
-    {
-        return Err(ServiceError::Unprocessable {
-            field: None,
-            message: format!("the snapshot's image {} is gone", saved.vm.image_id),
-        });
-    }
-    let tenant = svc
-        .store
-        .get_tenant(tenant_id)?
-        .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?;
+    let quota = restorable(svc, tenant_id, &saved)?;
     let network_lock = svc.host_network.lock().await;
     let others = svc.store.list_vms(Some(tenant_id), None)?;
     for nic in &saved.vm.nics {
@@ -210,19 +198,172 @@ pub async fn restore(
     let mut new = saved.vm.clone();
     new.name = request.name;
     new.restore_from = Some(id.to_string());
-    let vm = svc.store.create_vm(&new, tenant.quota)?;
+    let vm = svc.store.create_vm(&new, quota)?;
     svc.store
         .add_event(&vm.id, "created", &format!("restored from snapshot {id}"))?;
     drop(network_lock);
-    if let Err(err) = super::placed::publish_here(svc, &vm, &tenant.quota).await {
-        svc.store.delete_vm(&vm.id)?;
-        return Err(err);
+    define_restored(svc, std::slice::from_ref(&vm), &quota).await?;
+    Ok(svc.vm_view(vm))
+}
+
+/// The tenant's quota, once the snapshot's image is known still there.
+fn restorable(svc: &Services, tenant_id: &str, saved: &SavedVm) -> Result<Quota> {
+    if svc
+        .store
+        .get_image(tenant_id, &saved.vm.image_id)?
+        .is_none()
+    {
+        return Err(ServiceError::Unprocessable {
+            field: None,
+            message: format!("the snapshot's image {} is gone", saved.vm.image_id),
+        });
     }
-    if !vm.nics.is_empty() {
-        if let Err(err) = svc.host_network.reconcile().await {
+    Ok(svc
+        .store
+        .get_tenant(tenant_id)?
+        .ok_or_else(|| ServiceError::Unauthorized("the token's tenant is gone".to_string()))?
+        .quota)
+}
+
+/// Publishes VMs just restored here (in a cluster) and guards their NICs;
+/// none is kept if either fails.
+async fn define_restored(svc: &Services, vms: &[VmRow], quota: &Quota) -> Result<()> {
+    let undo = |vms: &[VmRow]| -> Result<()> {
+        for vm in vms {
             svc.store.delete_vm(&vm.id)?;
+        }
+        Ok(())
+    };
+    for vm in vms {
+        if let Err(err) = super::placed::publish_here(svc, vm, quota).await {
+            undo(vms)?;
+            return Err(err);
+        }
+    }
+    if vms.iter().any(|vm| !vm.nics.is_empty()) {
+        if let Err(err) = svc.host_network.reconcile().await {
+            undo(vms)?;
             return Err(err.into());
         }
     }
-    Ok(svc.vm_view(vm))
+    Ok(())
+}
+
+/// `request.count` new VMs of `tenant_id` restored from snapshot `id` at
+/// once and started: each with its own MACs and addresses (this host's
+/// IPAM), named `PREFIX-N`, its memory the snapshot's file mapped
+/// copy-on-write, and a new identity for its guest (hostname, addresses,
+/// RNG seed: `supervisor::give_identity`).
+pub async fn clones(
+    svc: &Services,
+    tenant_id: &str,
+    id: &str,
+    request: &SnapshotClones,
+) -> Result<SnapshotClonesMade> {
+    let arrived = std::time::Instant::now();
+    validate::name("name_prefix", &request.name_prefix, false)?;
+    if request.name_prefix.len() > 59 {
+        return Err(ServiceError::invalid(
+            "name_prefix",
+            "at most 59 characters (the clones' names add '-N')",
+        ));
+    }
+    if !(1..=MAX_CLONES).contains(&request.count) {
+        return Err(ServiceError::invalid(
+            "count",
+            format!("must be 1 to {MAX_CLONES}"),
+        ));
+    }
+    let saved = find(svc, Scope::Tenant(tenant_id), id)?;
+    svc.refuse_if_cordoned().await?;
+    let made = {
+        let _hold = svc.hold_tenant(tenant_id).await?;
+        let quota = restorable(svc, tenant_id, &saved)?;
+        for (index, nic) in saved.vm.nics.iter().enumerate() {
+            let Some(network) = &nic.network else {
+                continue;
+            };
+            let net = svc.store.get_network(Some(tenant_id), network)?;
+            let elsewhere = match &net {
+                Some(net) => super::networks::remote_home(svc, net)?.is_some(),
+                None => true,
+            };
+            if elsewhere || svc.cluster.is_some() {
+                return Err(ServiceError::unprocessable(
+                    format!("nics[{index}].network"),
+                    "clones take their addresses from this host: their NICs must be on the tenant's default bridge or a network of this host",
+                ));
+            }
+        }
+        let network_lock = svc.host_network.lock().await;
+        let mut made: Vec<VmRow> = Vec::new();
+        let undo = |made: &[VmRow]| -> Result<()> {
+            for vm in made {
+                svc.store.delete_vm(&vm.id)?;
+            }
+            Ok(())
+        };
+        for index in 1..=request.count {
+            let mut new = saved.vm.clone();
+            new.name = format!("{}-{index}", request.name_prefix);
+            new.restore_from = Some(id.to_string());
+            new.restore_as_clone = true;
+            new.nics = saved
+                .vm
+                .nics
+                .iter()
+                .map(|nic| VmNic {
+                    rate_limit: nic.rate_limit,
+                    network: nic.network.clone(),
+                    ..VmNic::default()
+                })
+                .collect();
+            let created = vms::assign_addresses(svc, tenant_id, &mut new.nics)
+                .and_then(|()| Ok(svc.store.create_vm(&new, quota)?));
+            match created {
+                Ok(vm) => {
+                    svc.store.add_event(
+                        &vm.id,
+                        "created",
+                        &format!("cloned from snapshot {id}"),
+                    )?;
+                    made.push(vm);
+                }
+                Err(err) => {
+                    undo(&made)?;
+                    return Err(err);
+                }
+            }
+        }
+        drop(network_lock);
+        define_restored(svc, &made, &quota).await?;
+        made
+    };
+    // All at once: starts of different VMs run in parallel.
+    let starts = made.iter().map(|vm| async {
+        let started = vms::act(svc, Scope::Tenant(tenant_id), &vm.id, vms::Action::Start).await;
+        (started, arrived.elapsed())
+    });
+    let mut clones = SnapshotClonesMade {
+        vms: Vec::new(),
+        running_after_ms: Vec::new(),
+    };
+    for ((started, after), vm) in futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .zip(&made)
+    {
+        match started {
+            Ok(view) => clones.vms.push(view),
+            Err(err) => {
+                tracing::warn!(vm = %vm.id, "a clone did not start: {err}");
+                clones
+                    .vms
+                    .push(vms::get(svc, Scope::Tenant(tenant_id), &vm.id).await?);
+            }
+        }
+        clones.running_after_ms.push(after.as_millis() as u64);
+    }
+    tracing::info!(snapshot = id, count = request.count, "clones made");
+    Ok(clones)
 }

@@ -76,6 +76,7 @@ impl From<Vm> for VmRow {
             pid: vm.pid,
             last_exit: vm.last_exit,
             restore_from: vm.restore_from,
+            restore_as_clone: false,
             created_at: vm.created_at,
             // Carried beside the VM (`IncomingMigration::metadata`).
             metadata: VmMetadata::default(),
@@ -338,6 +339,7 @@ async fn create_locked(svc: &Services, request: VmCreate, defined: Defined<'_>) 
         disks: request.disks,
         nics,
         restore_from: None,
+        restore_as_clone: false,
         metadata,
     };
     let vm = match id {
@@ -361,7 +363,7 @@ async fn create_locked(svc: &Services, request: VmCreate, defined: Defined<'_>) 
 /// Gives each NIC without an address (one not granted by its network's
 /// home host) a free address of its network, or of the tenant's default
 /// bridge, and a MAC. The caller holds the network lock.
-fn assign_addresses(svc: &Services, tenant_id: &str, nics: &mut [VmNic]) -> Result<()> {
+pub(crate) fn assign_addresses(svc: &Services, tenant_id: &str, nics: &mut [VmNic]) -> Result<()> {
     let vms = svc.store.list_vms(Some(tenant_id), None)?;
     // Addresses in use, across the tenant's VMs and this request.
     let mut used: HashSet<Ipv4Addr> = vms

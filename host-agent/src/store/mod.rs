@@ -309,6 +309,13 @@ pub fn new_id(prefix: &str) -> Result<String, StoreError> {
 /// on Linux >= 3.17 once the pool is ready; if it does, nothing is made).
 pub fn random_hex(bytes: usize) -> Result<String, StoreError> {
     let mut buf = vec![0u8; bytes];
+    random_fill(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Fills `buf` with random bytes from the kernel (failing closed, as
+/// [`random_hex`]).
+pub fn random_fill(buf: &mut [u8]) -> Result<(), StoreError> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
@@ -324,7 +331,7 @@ pub fn random_hex(bytes: usize) -> Result<String, StoreError> {
             return Err(StoreError::Random(err));
         }
     }
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(())
 }
 
 /// Maps a UNIQUE-constraint failure to [`StoreError::Exists`].
@@ -386,6 +393,7 @@ pub(crate) fn fixture_vm(
                 disks: vec![],
                 nics,
                 restore_from: None,
+                restore_as_clone: false,
                 metadata: Default::default(),
             },
             nubis_api::Quota::default(),

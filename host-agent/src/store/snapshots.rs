@@ -66,6 +66,7 @@ fn saved_from_row(row: &Row) -> rusqlite::Result<SavedVm> {
             disks: spec.disks,
             nics: spec.nics,
             restore_from: None,
+            restore_as_clone: false,
             metadata: spec.metadata,
         },
         snapshot,
@@ -99,6 +100,7 @@ impl Store {
             disks: vm.disks.clone(),
             nics: vm.nics.clone(),
             restore_from: None,
+            restore_as_clone: false,
             metadata: vm.metadata.clone(),
         })
         .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))?;
@@ -197,6 +199,7 @@ mod tests {
                         ..VmNic::default()
                     }],
                     restore_from: None,
+                    restore_as_clone: false,
                     metadata: Default::default(),
                 },
                 Quota::default(),

@@ -21,6 +21,10 @@ pub struct NewVm {
     pub nics: Vec<VmNic>,
     /// A snapshot the VM resumes from at its first start.
     pub restore_from: Option<String>,
+    /// It resumes from `restore_from` as a clone: its memory mapped
+    /// copy-on-write from the snapshot's, then a new identity given to its
+    /// guest.
+    pub restore_as_clone: bool,
     /// What the metadata service tells it beyond its definition.
     pub metadata: VmMetadata,
 }
@@ -46,6 +50,8 @@ pub struct VmRow {
     pub last_exit: Option<String>,
     /// A snapshot the VM resumes from at its next start.
     pub restore_from: Option<String>,
+    /// It resumes from `restore_from` as a clone (see [`NewVm`]).
+    pub restore_as_clone: bool,
     /// Seconds since the epoch.
     pub created_at: u64,
     /// What the metadata service tells it beyond its definition.
@@ -68,6 +74,8 @@ pub(super) struct Spec {
     pub(super) nics: Vec<VmNic>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) restore_from: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) restore_as_clone: bool,
     #[serde(default, skip_serializing_if = "VmMetadata::is_empty")]
     pub(super) metadata: VmMetadata,
 }
@@ -99,6 +107,7 @@ fn vm_from_row(row: &Row) -> rusqlite::Result<VmRow> {
         disks: spec.disks,
         nics: spec.nics,
         restore_from: spec.restore_from,
+        restore_as_clone: spec.restore_as_clone,
         metadata: spec.metadata,
         pid: row.get(9)?,
         last_exit: row.get(10)?,
@@ -177,6 +186,7 @@ impl Store {
             pid: None,
             last_exit: None,
             restore_from: new.restore_from.clone(),
+            restore_as_clone: new.restore_as_clone,
             metadata: new.metadata.clone(),
             created_at: now(),
         };
@@ -315,6 +325,7 @@ fn spec_json(vm: &VmRow) -> Result<String, StoreError> {
         disks: vm.disks.clone(),
         nics: vm.nics.clone(),
         restore_from: vm.restore_from.clone(),
+        restore_as_clone: vm.restore_as_clone,
         metadata: vm.metadata.clone(),
     })
     .map_err(|err| StoreError::Corrupt(format!("cannot encode a VM spec: {err}")))
@@ -445,6 +456,7 @@ mod tests {
             }],
             nics: vec![VmNic::default()],
             restore_from: None,
+            restore_as_clone: false,
             metadata: Default::default(),
         }
     }
@@ -555,6 +567,7 @@ mod tests {
                 .collect(),
             nics: vec![],
             restore_from: None,
+            restore_as_clone: false,
             metadata: Default::default(),
         }
     }

@@ -108,6 +108,45 @@ fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
+/// A new identity for a guest restored as a clone: its hostname, its first
+/// NIC's MAC, address and gateway, and a seed for its kernel's RNG (so that
+/// clones of one snapshot do not draw the same random numbers).
+#[derive(Clone, PartialEq, Eq)]
+pub struct GuestIdentity {
+    pub hostname: String,
+    pub nic: Option<IdentityNic>,
+    pub seed: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityNic {
+    pub mac: crate::network::typed::MacAddr,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+impl GuestIdentity {
+    /// The `identity` request's data: `key=value` lines. Every value is
+    /// typed (a hostname the agent checked as a VM name, a parsed MAC and
+    /// addresses, hex), so a line cannot carry another.
+    pub fn payload(&self) -> String {
+        let mut lines = format!("hostname={}\n", self.hostname);
+        if let Some(nic) = &self.nic {
+            lines.push_str(&format!(
+                "mac={}\naddress={}/{}\ngateway={}\n",
+                nic.mac, nic.address, nic.prefix, nic.gateway
+            ));
+        }
+        lines.push_str("seed=");
+        for byte in self.seed {
+            lines.push_str(&format!("{byte:02x}"));
+        }
+        lines.push('\n');
+        lines
+    }
+}
+
 /// The guest agent of one VM, through its vsock socket.
 #[derive(Debug, Clone)]
 pub struct GuestAgentClient {
@@ -153,19 +192,28 @@ impl GuestAgentClient {
             .map_err(|_| GuestAgentError::Timeout(ANSWER_TIMEOUT))?
     }
 
-    /// Whether the agent answers: its guest's hostname.
-    pub async fn ping(&self) -> Result<String, GuestAgentError> {
+    /// Sends request `key` with `data` and reads the one record that
+    /// answers it, which must be `answer` (or `error`).
+    async fn request(
+        &self,
+        key: &str,
+        data: &[u8],
+        answer: &str,
+    ) -> Result<String, GuestAgentError> {
+        if data.len() > MAX_RECORD {
+            return Err(GuestAgentError::TooLarge);
+        }
         let exchange = async {
             let mut reader = self.open().await?;
             reader
                 .get_mut()
-                .write_all(&encode_record("ping", b""))
+                .write_all(&encode_record(key, data))
                 .await?;
             match read_record(&mut reader).await? {
-                Some((key, data)) if key == "pong" => Ok(text(&data)),
+                Some((key, data)) if key == answer => Ok(text(&data)),
                 Some((key, data)) if key == "error" => Err(GuestAgentError::Refused(text(&data))),
                 Some((key, _)) => Err(GuestAgentError::BadRecord(format!(
-                    "'{key}' where 'pong' was expected"
+                    "'{key}' where '{answer}' was expected"
                 ))),
                 None => Err(GuestAgentError::BadRecord("no answer".into())),
             }
@@ -173,6 +221,18 @@ impl GuestAgentClient {
         tokio::time::timeout(ANSWER_TIMEOUT * 2, exchange)
             .await
             .map_err(|_| GuestAgentError::Timeout(ANSWER_TIMEOUT * 2))?
+    }
+
+    /// Whether the agent answers: its guest's hostname.
+    pub async fn ping(&self) -> Result<String, GuestAgentError> {
+        self.request("ping", b"", "pong").await
+    }
+
+    /// Gives the guest a new identity (see [`GuestIdentity`]): what it
+    /// applied, in its words.
+    pub async fn set_identity(&self, identity: &GuestIdentity) -> Result<String, GuestAgentError> {
+        self.request("identity", identity.payload().as_bytes(), "ok")
+            .await
     }
 
     /// Runs `command` with the guest's `/bin/sh -c`; its output comes from
@@ -243,6 +303,32 @@ impl ExecStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_is_key_value_lines_of_typed_values() {
+        let identity = GuestIdentity {
+            hostname: "web-3".into(),
+            nic: Some(IdentityNic {
+                mac: "02:4e:42:01:02:03".parse().unwrap(),
+                address: std::net::Ipv4Addr::new(10, 88, 1, 5),
+                prefix: 24,
+                gateway: std::net::Ipv4Addr::new(10, 88, 1, 1),
+            }),
+            seed: [0xab; 32],
+        };
+        assert_eq!(
+            identity.payload(),
+            format!(
+                "hostname=web-3\nmac=02:4e:42:01:02:03\naddress=10.88.1.5/24\ngateway=10.88.1.1\nseed={}\n",
+                "ab".repeat(32)
+            )
+        );
+        let bare = GuestIdentity {
+            nic: None,
+            ..identity
+        };
+        assert!(!bare.payload().contains("mac="));
+    }
 
     #[test]
     fn headers_parse_strictly() {

@@ -208,8 +208,8 @@ pub fn command(
     if let Some(initrd) = &image.initrd {
         mount(Path::new(initrd), INITRD, true);
     }
-    if let Launch::Restore(snapshot) = launch {
-        mount(snapshot, RESTORE, true);
+    if let Launch::Restore { dir, .. } = launch {
+        mount(dir, RESTORE, true);
     }
     for limit in cgroup_limits(vm, config.memory_overhead_mib)
         .into_iter()
@@ -230,8 +230,11 @@ pub fn command(
         .arg(inside_paths().vmm_config);
     match launch {
         Launch::Boot => {}
-        Launch::Restore(_) => {
+        Launch::Restore { clone, .. } => {
             command.arg("--restore").arg(RESTORE);
+            if *clone {
+                command.arg("--restore-as").arg("clone");
+            }
         }
         Launch::Receive { listen, token, key } => {
             command
@@ -408,6 +411,7 @@ mod tests {
             pid: None,
             last_exit: None,
             restore_from: None,
+            restore_as_clone: false,
             metadata: Default::default(),
             created_at: 0,
         }
@@ -492,7 +496,10 @@ mod tests {
             &image,
             &paths,
             900_003,
-            &Launch::Restore(&restore),
+            &Launch::Restore {
+                dir: &restore,
+                clone: false,
+            },
         );
         let args = args_of(&command);
         let joined = args.join(" ");

@@ -27,6 +27,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long a clone's guest agent has to take its new identity.
+const IDENTITY_PATIENCE: Duration = Duration::from_secs(60);
+
 use nubis_api::{RateLimit, VmState};
 use nubis_contract::config::{
     BootConfig, DiskConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
@@ -293,7 +296,10 @@ impl Supervisor {
         self.prepare_files(vm, image, &paths, false).await?;
         let restore = vm.restore_from.as_deref().map(|id| self.snapshot_dir(id));
         let launch = match &restore {
-            Some(dir) => process::Launch::Restore(dir),
+            Some(dir) => process::Launch::Restore {
+                dir,
+                clone: vm.restore_as_clone,
+            },
             None => process::Launch::Boot,
         };
         // Recorded first: an agent that stops before the pid is recorded
@@ -322,12 +328,16 @@ impl Supervisor {
                     // Resumed once; from now on the VM boots from its disk.
                     let mut resumed = vm.clone();
                     resumed.restore_from = None;
+                    resumed.restore_as_clone = false;
                     self.store.set_vm_spec(&resumed)?;
                     self.event(
                         &vm.id,
                         "restored",
                         &format!("resumed from snapshot {snapshot}"),
                     );
+                    if vm.restore_as_clone {
+                        self.give_identity(vm)?;
+                    }
                 }
                 Ok(())
             }
@@ -743,6 +753,76 @@ impl Supervisor {
     pub fn guest_agent(&self, vm_id: &str) -> guest_agent::GuestAgentClient {
         guest_agent::GuestAgentClient::new(self.paths(vm_id).vsock)
     }
+
+    /// Gives clone `vm`, just resumed, its own identity through its guest
+    /// agent, in the background (the guest's vsock driver takes the
+    /// transport reset of the restore first): its name as hostname, its
+    /// first NIC's MAC and address, a fresh RNG seed. The VM's events say
+    /// how it went.
+    fn give_identity(self: &Arc<Self>, vm: &VmRow) -> Result<(), SupervisorError> {
+        let nic = match vm.nics.first() {
+            Some(nic) => {
+                let mac = nic.mac.as_deref().and_then(|mac| mac.parse().ok());
+                let cidr = nic.address.as_deref().and_then(network::nic_cidr);
+                match (mac, cidr) {
+                    (Some(mac), Some((address, prefix))) => Some(guest_agent::IdentityNic {
+                        mac,
+                        address,
+                        prefix,
+                        gateway: crate::ipv4::Cidr::of(address, prefix).gateway(),
+                    }),
+                    _ => {
+                        return Err(SupervisorError::Store(StoreError::Corrupt(format!(
+                            "VM {} NIC 0 has no MAC or address",
+                            vm.id
+                        ))))
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut seed = [0u8; 32];
+        crate::store::random_fill(&mut seed)?;
+        let identity = guest_agent::GuestIdentity {
+            hostname: vm.name.clone(),
+            nic,
+            seed,
+        };
+        let (supervisor, vm_id) = (self.clone(), vm.id.clone());
+        tokio::spawn(async move {
+            let agent = supervisor.guest_agent(&vm_id);
+            let started = std::time::Instant::now();
+            let mut last = String::new();
+            while started.elapsed() < IDENTITY_PATIENCE {
+                match agent.set_identity(&identity).await {
+                    Ok(applied) => {
+                        supervisor.event(
+                            &vm_id,
+                            "identity",
+                            &format!("the guest took its identity: {applied}"),
+                        );
+                        return;
+                    }
+                    Err(guest_agent::GuestAgentError::Refused(why)) => {
+                        supervisor.event(
+                            &vm_id,
+                            "identity_failed",
+                            &format!("the guest refused its identity: {why}"),
+                        );
+                        return;
+                    }
+                    Err(err) => last = err.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            supervisor.event(
+                &vm_id,
+                "identity_failed",
+                &format!("no guest agent took the identity within {IDENTITY_PATIENCE:?}: {last}"),
+            );
+        });
+        Ok(())
+    }
 }
 
 /// The VMM's config for `vm`; `networks` are its NICs' networks (None
@@ -896,6 +976,7 @@ mod tests {
             pid: None,
             last_exit: None,
             restore_from: None,
+            restore_as_clone: false,
             metadata: Default::default(),
             created_at: 0,
         };

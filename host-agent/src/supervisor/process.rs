@@ -109,8 +109,9 @@ impl VmmExit {
 pub enum Launch<'a> {
     /// Boots the kernel.
     Boot,
-    /// Resumes a snapshot (`--restore`).
-    Restore(&'a Path),
+    /// Resumes a snapshot (`--restore`); a clone maps its memory file
+    /// privately and takes its own MACs (`--restore-as clone`).
+    Restore { dir: &'a Path, clone: bool },
     /// Receives a live migration (`--migrate-listen`, its token and key in
     /// the environment, never on the command line).
     Receive {

@@ -505,7 +505,7 @@ pub fn receive_vm(
         stream: &mut stream,
         disks,
     };
-    let built = build_from_snapshot(config, &mut incoming);
+    let built = build_from_snapshot(config, &mut incoming, crate::builder::RestoreAs::Resume);
     drop(incoming);
     let built = match built {
         Ok(built) => built,

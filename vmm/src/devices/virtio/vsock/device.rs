@@ -121,9 +121,24 @@ impl Vsock {
         }
     }
 
+    /// Whether the guest took the reset event: it gave the event queue a
+    /// new buffer since. Checked at every chance, not only when the guest
+    /// kicks the event queue: with notifications suppressed (event index)
+    /// it may refill the queue without a kick.
+    fn reset_acknowledged(&mut self) -> bool {
+        if let Some(mark) = self.awaiting_reset_ack {
+            if self.event_queue_avail() == Some(mark) {
+                return false;
+            }
+            self.awaiting_reset_ack = None;
+            log::info!("virtio-vsock: the guest took the transport reset");
+        }
+        true
+    }
+
     /// Fills the guest's receive buffers with the muxer's packets.
     fn process_rx(&mut self) {
-        if self.awaiting_reset_ack.is_some() {
+        if !self.reset_acknowledged() {
             return;
         }
         let Some(active) = self.active.as_mut() else {
@@ -228,15 +243,11 @@ impl EventDrivenDevice for Vsock {
                 self.process_tx();
             }
             EVENTS => {
-                clear_event(&self.queue_events[EVENTS]);
                 // The guest took the reset event when it gives the event
                 // queue a new buffer (a restored transport's first kick is
-                // not that, and Linux keeps several buffers queued).
-                if let Some(mark) = self.awaiting_reset_ack {
-                    if self.event_queue_avail() != Some(mark) {
-                        self.awaiting_reset_ack = None;
-                    }
-                }
+                // not that, and Linux keeps several buffers queued):
+                // `process_rx` checks.
+                clear_event(&self.queue_events[EVENTS]);
             }
             MUXER => self.muxer.process_events(),
             _ => return,
