@@ -156,6 +156,16 @@ enum SnapshotCommand {
         #[arg(long)]
         name: String,
     },
+    /// New VMs restored from the snapshot at once and started, each with
+    /// its own MAC, address, hostname and RNG seed, their memory shared
+    /// copy-on-write; named PREFIX-1 ... PREFIX-N.
+    Clone {
+        id: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, value_name = "PREFIX")]
+        name_prefix: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -825,6 +835,21 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &format!("/v1/snapshots/{id}/restore"),
                 &SnapshotRestore { name },
             )?),
+            SnapshotCommand::Clone {
+                id,
+                count,
+                name_prefix,
+            } => {
+                let made = client.send_json(
+                    "POST",
+                    &format!("/v1/snapshots/{id}/clones"),
+                    &nubis_api::SnapshotClones { count, name_prefix },
+                )?;
+                out.table(
+                    &made["vms"],
+                    &["id", "name", "state", "vcpus", "memory_mib", "pid"],
+                );
+            }
         },
         Command::Host(command) => match command {
             HostCommand::List => out.hosts(&client.call("GET", "/v1/hosts", None)?)?,
