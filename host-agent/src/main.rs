@@ -178,6 +178,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where the agent keeps the metadata service's port when it chose one.
+const METADATA_PORT_FILE: &str = "metadata-port";
+
+/// The metadata service's listener: on the configured port, or else on
+/// the port this agent chose before (so that a restarted agent makes the
+/// same rules), or else on any free port.
+async fn metadata_listener(config: &AgentConfig) -> Result<tokio::net::TcpListener, String> {
+    let bind = |port: u16| {
+        tokio::net::TcpListener::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+    };
+    if config.metadata_port != 0 {
+        return bind(config.metadata_port).await.map_err(|err| {
+            format!(
+                "cannot listen for the metadata service on port {}: {err}",
+                config.metadata_port
+            )
+        });
+    }
+    let before = std::fs::read_to_string(config.data_dir.join(METADATA_PORT_FILE))
+        .ok()
+        .and_then(|text| text.trim().parse::<u16>().ok())
+        .filter(|port| *port != 0);
+    if let Some(port) = before {
+        match bind(port).await {
+            Ok(listener) => return Ok(listener),
+            Err(err) => tracing::warn!(
+                "the metadata service's port {port} is taken now ({err}): choosing another"
+            ),
+        }
+    }
+    bind(0)
+        .await
+        .map_err(|err| format!("cannot listen for the metadata service: {err}"))
+}
+
+/// Records the metadata service's port for the next start.
+fn remember_metadata_port(data_dir: &std::path::Path, port: u16) {
+    if let Err(err) = std::fs::write(data_dir.join(METADATA_PORT_FILE), format!("{port}\n")) {
+        tracing::warn!("cannot record the metadata service's port: {err}");
+    }
+}
+
 async fn serve(
     listen: SocketAddr,
     mut config: AgentConfig,
@@ -208,16 +250,12 @@ async fn serve(
     let peer_directory = PeerDirectory::new(store.clone());
     // The metadata service listens before the network's rules are made:
     // they send VMs' requests to its port.
-    let metadata_listen = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, config.metadata_port));
-    let metadata_listener = tokio::net::TcpListener::bind(metadata_listen)
-        .await
-        .map_err(|err| {
-            format!("cannot listen for the metadata service on {metadata_listen}: {err}")
-        })?;
+    let metadata_listener = metadata_listener(&config).await?;
     config.metadata_port = metadata_listener
         .local_addr()
         .map_err(|err| format!("the metadata service's listener: {err}"))?
         .port();
+    remember_metadata_port(&config.data_dir, config.metadata_port);
     let zone = cluster_settings
         .as_ref()
         .and_then(|settings| settings.labels.get("zone").cloned());
