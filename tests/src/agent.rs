@@ -916,3 +916,36 @@ pub fn ssh_key(agent: &Agent, token: &str, name: &str) -> nubis_api::SshKey {
         },
     )
 }
+
+/// Runs `command` in running VM `vm` through its guest agent
+/// (`POST /v1/vms/{id}/exec`): its stdout, once it exited 0.
+pub fn exec_stdout(agent: &Agent, token: &str, vm: &str, command: &str) -> String {
+    let reply = agent.send(
+        "POST",
+        &format!("/v1/vms/{vm}/exec"),
+        Some(token),
+        &nubis_api::VmExec {
+            command: command.into(),
+            timeout_s: Some(120),
+        },
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let mut stdout = String::new();
+    for line in reply.text.lines() {
+        match serde_json::from_str::<nubis_api::ExecEvent>(line) {
+            Ok(nubis_api::ExecEvent::Stdout { data }) => stdout.push_str(&data),
+            Ok(nubis_api::ExecEvent::Exit { code: 0 }) => return stdout,
+            Ok(nubis_api::ExecEvent::Stderr { .. }) => {}
+            other => panic!("{vm}: {other:?} in {}", reply.text),
+        }
+    }
+    panic!("{vm}: no exit in {}", reply.text)
+}
+
+/// The value of the line of `output` starting with `key=`.
+pub fn keyed_value<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in:\n{output}"))
+}

@@ -7,37 +7,15 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nubis_api::{
-    ExecEvent, Image, ImageCreate, Quota, Snapshot, SnapshotClones, SnapshotClonesMade, Vm,
-    VmCreate, VmEvent, VmExec, VmNicCreate, VmState,
+    Image, ImageCreate, Quota, Snapshot, SnapshotClones, SnapshotClonesMade, Vm, VmCreate, VmEvent,
+    VmNicCreate, VmState,
 };
-use nubis_tests::agent::{host_path, tenant_with_quota, wait_for_console, Agent};
+use nubis_tests::agent::{
+    exec_stdout, host_path, keyed_value, tenant_with_quota, wait_for_console, Agent,
+};
 use nubis_tests::{guest_images, require_kvm, TestDir};
 
 const CLONES: u32 = 10;
-
-/// Runs `command` in `vm` through its guest agent: its stdout.
-fn exec(agent: &Agent, token: &str, vm: &str, command: &str) -> String {
-    let reply = agent.send(
-        "POST",
-        &format!("/v1/vms/{vm}/exec"),
-        Some(token),
-        &VmExec {
-            command: command.into(),
-            timeout_s: Some(120),
-        },
-    );
-    assert_eq!(reply.status, 200, "{reply:?}");
-    let mut stdout = String::new();
-    for line in reply.text.lines() {
-        match serde_json::from_str::<ExecEvent>(line) {
-            Ok(ExecEvent::Stdout { data }) => stdout.push_str(&data),
-            Ok(ExecEvent::Exit { code: 0 }) => return stdout,
-            Ok(ExecEvent::Stderr { .. }) => {}
-            other => panic!("{vm}: {other:?} in {}", reply.text),
-        }
-    }
-    panic!("{vm}: no exit in {}", reply.text)
-}
 
 /// Waits until `vm` has an event of `kind` (or `identity_failed`).
 fn wait_for_event(agent: &Agent, token: &str, vm: &str, kind: &str) -> VmEvent {
@@ -161,19 +139,14 @@ fn ten_clones_of_a_running_guest_each_have_their_own_identity() {
         let event = wait_for_event(&agent, &acme, &vm.id, "identity");
         assert!(event.message.contains(&vm.name), "{event:?}");
         let address = vm.nics[0].address.as_deref().unwrap();
-        let out = exec(
+        let out = exec_stdout(
             &agent,
             &acme,
             &vm.id,
             "echo H=$(hostname); echo R=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
              echo A=$(ip -4 -o addr show dev eth0); echo M=$(cat /sys/class/net/eth0/address)",
         );
-        let value = |key: &str| {
-            out.lines()
-                .find_map(|line| line.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("no {key}= in {out}"))
-                .to_string()
-        };
+        let value = |key: &str| keyed_value(&out, key).to_string();
         assert_eq!(value("H"), vm.name, "{out}");
         assert!(value("A").contains(&format!("inet {address}")), "{out}");
         assert_eq!(Some(value("M")), vm.nics[0].mac, "{out}");
@@ -188,7 +161,7 @@ fn ten_clones_of_a_running_guest_each_have_their_own_identity() {
         );
     }
     // The original runs on as itself.
-    let out = exec(&agent, &acme, &base.id, "hostname");
+    let out = exec_stdout(&agent, &acme, &base.id, "hostname");
     assert_eq!(out.trim(), "base");
 
     for vm in made.vms.iter().chain([&base]) {

@@ -9,11 +9,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use nubis_api::{
-    ExecEvent, Image, ImageCreate, NetworkCreate, SshKey, SshKeyCreate, Vm, VmCreate, VmExec,
-    VmNicCreate,
+    Image, ImageCreate, NetworkCreate, SshKey, SshKeyCreate, Vm, VmCreate, VmNicCreate,
 };
 use nubis_tests::agent::{
-    assert_invalid, assert_unprocessable, host_path, tenant, wait_for_console, Agent,
+    assert_invalid, assert_unprocessable, exec_stdout, host_path, keyed_value, tenant,
+    wait_for_console, Agent,
 };
 use nubis_tests::{guest_images, require_kvm, TestDir};
 
@@ -27,37 +27,6 @@ const USER_DATA: &str =
 /// HTTP/1.0 request to the metadata service and prints the answer's
 /// status line and body.
 const IMDS: &str = r#"imds() { printf "$1 $2 HTTP/1.0\r\n${3:+$3\r\n}\r\n" | nc 169.254.169.254 80 | sed -n '1p;$p' | tr -d '\r' | tr '\n' '|'; echo; }"#;
-
-fn exec(agent: &Agent, token: &str, vm: &str, command: String) -> String {
-    let reply = agent.send(
-        "POST",
-        &format!("/v1/vms/{vm}/exec"),
-        Some(token),
-        &VmExec {
-            command,
-            timeout_s: Some(120),
-        },
-    );
-    assert_eq!(reply.status, 200, "{reply:?}");
-    let mut stdout = String::new();
-    for line in reply.text.lines() {
-        match serde_json::from_str::<ExecEvent>(line) {
-            Ok(ExecEvent::Stdout { data }) => stdout.push_str(&data),
-            Ok(ExecEvent::Exit { code: 0 }) => return stdout,
-            Ok(ExecEvent::Stderr { .. }) => {}
-            other => panic!("{vm}: {other:?} in {}", reply.text),
-        }
-    }
-    panic!("{vm}: no exit in {}", reply.text)
-}
-
-/// The line of `output` starting with `key=`, without it.
-fn value<'a>(output: &'a str, key: &str) -> &'a str {
-    output
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in:\n{output}"))
-}
 
 #[test]
 fn guests_read_only_their_own_metadata_and_only_with_a_token() {
@@ -209,11 +178,11 @@ fn guests_read_only_their_own_metadata_and_only_with_a_token() {
     );
 
     // meta-a: what its first boot applied, and the service's answers.
-    let out = exec(
+    let out = exec_stdout(
         &agent,
         &acme,
         &a.id,
-        format!(
+        &format!(
             r#"{IMDS}
 echo KEYS=$(cat /root/.ssh/authorized_keys)
 echo HOSTNAME=$(hostname)
@@ -226,26 +195,36 @@ echo TAG=$(imds GET /latest/meta-data/tags/instance/env "X-aws-ec2-metadata-toke
 echo PROXIED=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n' | nc 169.254.169.254 80 | head -1 | tr -d '\r')"#
         ),
     );
-    assert_eq!(value(&out, "KEYS"), KEY, "{out}");
-    assert_eq!(value(&out, "HOSTNAME"), "meta-a", "{out}");
-    assert_eq!(value(&out, "PROOF"), "user-data ran as uid 0", "{out}");
-    assert!(value(&out, "NOTOKEN").starts_with("HTTP/1.0 401"), "{out}");
-    let token_a = value(&out, "TOKEN");
+    assert_eq!(keyed_value(&out, "KEYS"), KEY, "{out}");
+    assert_eq!(keyed_value(&out, "HOSTNAME"), "meta-a", "{out}");
+    assert_eq!(
+        keyed_value(&out, "PROOF"),
+        "user-data ran as uid 0",
+        "{out}"
+    );
+    assert!(
+        keyed_value(&out, "NOTOKEN").starts_with("HTTP/1.0 401"),
+        "{out}"
+    );
+    let token_a = keyed_value(&out, "TOKEN");
     assert_eq!(token_a.len(), 64, "{out}");
     assert_eq!(
-        value(&out, "ID"),
+        keyed_value(&out, "ID"),
         format!("HTTP/1.0 200 OK|{}|", a.id),
         "{out}"
     );
-    assert_eq!(value(&out, "TAG"), "HTTP/1.0 200 OK|test|", "{out}");
-    assert!(value(&out, "PROXIED").starts_with("HTTP/1.0 403"), "{out}");
+    assert_eq!(keyed_value(&out, "TAG"), "HTTP/1.0 200 OK|test|", "{out}");
+    assert!(
+        keyed_value(&out, "PROXIED").starts_with("HTTP/1.0 403"),
+        "{out}"
+    );
 
     // meta-b: its own answers; meta-a's token is nothing to it.
-    let out = exec(
+    let out = exec_stdout(
         &agent,
         &acme,
         &b.id,
-        format!(
+        &format!(
             r#"{IMDS}
 T=$(imds PUT /latest/api/token 'X-aws-ec2-metadata-token-ttl-seconds: 300' | cut -d'|' -f2)
 echo HOSTNAME=$(imds GET /latest/meta-data/hostname "X-aws-ec2-metadata-token: $T")
@@ -254,10 +233,23 @@ echo USERDATA=$(imds GET /latest/user-data "X-aws-ec2-metadata-token: $T")
 echo STOLEN=$(imds GET /latest/meta-data/instance-id "X-aws-ec2-metadata-token: {token_a}")"#
         ),
     );
-    assert_eq!(value(&out, "HOSTNAME"), "HTTP/1.0 200 OK|meta-b|", "{out}");
-    assert!(value(&out, "KEYS").starts_with("HTTP/1.0 404"), "{out}");
-    assert!(value(&out, "USERDATA").starts_with("HTTP/1.0 404"), "{out}");
-    assert!(value(&out, "STOLEN").starts_with("HTTP/1.0 401"), "{out}");
+    assert_eq!(
+        keyed_value(&out, "HOSTNAME"),
+        "HTTP/1.0 200 OK|meta-b|",
+        "{out}"
+    );
+    assert!(
+        keyed_value(&out, "KEYS").starts_with("HTTP/1.0 404"),
+        "{out}"
+    );
+    assert!(
+        keyed_value(&out, "USERDATA").starts_with("HTTP/1.0 404"),
+        "{out}"
+    );
+    assert!(
+        keyed_value(&out, "STOLEN").starts_with("HTTP/1.0 401"),
+        "{out}"
+    );
 
     // The host's own processes do not reach the listener: only VMs do,
     // through the rules' DNAT.

@@ -228,23 +228,34 @@ fn restorable(svc: &Services, tenant_id: &str, saved: &SavedVm) -> Result<Quota>
 /// Publishes VMs just restored here (in a cluster) and guards their NICs;
 /// none is kept if either fails.
 async fn define_restored(svc: &Services, vms: &[VmRow], quota: &Quota) -> Result<()> {
-    let undo = |vms: &[VmRow]| -> Result<()> {
-        for vm in vms {
-            svc.store.delete_vm(&vm.id)?;
-        }
-        Ok(())
-    };
-    for vm in vms {
+    for (published, vm) in vms.iter().enumerate() {
         if let Err(err) = super::placed::publish_here(svc, vm, quota).await {
-            undo(vms)?;
+            forget_restored(svc, vms, published).await?;
             return Err(err);
         }
     }
     if vms.iter().any(|vm| !vm.nics.is_empty()) {
         if let Err(err) = svc.host_network.reconcile().await {
-            undo(vms)?;
+            forget_restored(svc, vms, vms.len()).await?;
             return Err(err.into());
         }
+    }
+    Ok(())
+}
+
+/// Undoes VMs just restored here: the cluster's records of the first
+/// `published` (a record left behind would be placed here again), then
+/// this host's rows of all.
+async fn forget_restored(svc: &Services, vms: &[VmRow], published: usize) -> Result<()> {
+    if let Some(cluster) = &svc.cluster {
+        for vm in vms.iter().take(published) {
+            if let Err(err) = cluster.delete_vm(&vm.id).await {
+                tracing::warn!(vm = %vm.id, "cannot remove the record of a VM not made: {err}");
+            }
+        }
+    }
+    for vm in vms {
+        svc.store.delete_vm(&vm.id)?;
     }
     Ok(())
 }
@@ -297,12 +308,6 @@ pub async fn clones(
         }
         let network_lock = svc.host_network.lock().await;
         let mut made: Vec<VmRow> = Vec::new();
-        let undo = |made: &[VmRow]| -> Result<()> {
-            for vm in made {
-                svc.store.delete_vm(&vm.id)?;
-            }
-            Ok(())
-        };
         for index in 1..=request.count {
             let mut new = saved.vm.clone();
             new.name = format!("{}-{index}", request.name_prefix);
@@ -330,7 +335,7 @@ pub async fn clones(
                     made.push(vm);
                 }
                 Err(err) => {
-                    undo(&made)?;
+                    forget_restored(svc, &made, 0).await?;
                     return Err(err);
                 }
             }
