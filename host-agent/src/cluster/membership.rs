@@ -43,6 +43,7 @@ pub(super) async fn register(inner: &Inner) -> Result<MemberRecord, ClusterError
                 joined_at: current.as_ref().map_or_else(now, |m| m.joined_at),
                 cordoned: current.as_ref().is_some_and(|m| m.cordoned),
                 drain: current.and_then(|m| m.drain),
+                underlay_address: inner.local.underlay_address,
             }),
         })
         .await

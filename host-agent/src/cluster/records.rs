@@ -27,6 +27,11 @@ pub struct MemberRecord {
     /// While an operator drains it (cordoned too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<super::drain::DrainRecord>,
+    /// Its underlay address as of its last join: the overlay keeps
+    /// sending to it while its agent restarts (its heartbeat is gone then,
+    /// its VMs are not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_address: Option<Ipv4Addr>,
 }
 
 /// `alive/{host}`: a member's heartbeat, bound to its lease.
@@ -93,6 +98,7 @@ mod tests {
             joined_at: 7,
             cordoned,
             drain: None,
+            underlay_address: None,
         }
     }
 

@@ -403,6 +403,21 @@ impl Cluster {
         Ok(created)
     }
 
+    /// Brings this agent's mirror up to `token` when the cluster knows a
+    /// token this host has not heard of yet (made a moment ago on another
+    /// member); whether it is the cluster's. An unknown token costs one
+    /// point read of etcd, never a wait.
+    pub async fn catch_up_token(&self, token: &str) -> Result<bool, ClusterError> {
+        let key = self.inner.keys.token(&token_hash(token));
+        match self.inner.etcd.get::<TokenRecord>(&key).await? {
+            Some(stored) => {
+                self.mirrored(stored.mod_revision).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Revokes token `token_id` of tenant `tenant_id`; whether it existed.
     pub async fn delete_token(
         &self,

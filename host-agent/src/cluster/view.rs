@@ -8,6 +8,7 @@
 //! its own, so a missed or compacted event cannot leave the view wrong. A
 //! broken watch is opened again after a full read.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,17 @@ impl View {
         self.members
             .iter()
             .find(|member| member.record.name.as_str() == name)
+    }
+}
+
+impl Member {
+    /// Where the overlay reaches it: as its heartbeat says, or while it
+    /// has none (its agent restarting), as it said at its last join.
+    pub fn underlay_address(&self) -> Option<Ipv4Addr> {
+        self.alive
+            .as_ref()
+            .and_then(|alive| alive.underlay_address)
+            .or(self.record.underlay_address)
     }
 }
 
@@ -120,6 +132,7 @@ pub fn test_member(name: &str, up: bool, cordoned: bool) -> Member {
             joined_at: 1,
             cordoned,
             drain: None,
+            underlay_address: None,
         },
         alive: up.then(|| AliveRecord {
             api_address: "10.0.0.1:8080".parse().expect("address"),

@@ -62,6 +62,12 @@ impl From<SpaceError> for HttpError {
     }
 }
 
+impl From<ClusterError> for HttpError {
+    fn from(error: ClusterError) -> Self {
+        Self::new(cluster_code(&error), error.to_string())
+    }
+}
+
 impl From<SupervisorError> for HttpError {
     fn from(error: SupervisorError) -> Self {
         Self::new(supervisor_code(&error), error.to_string())

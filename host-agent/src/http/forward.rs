@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use nubis_api::ErrorCode;
 
 use super::{AppState, HttpError};
-use crate::auth::{authenticate, Principal};
+use crate::auth::Principal;
 use crate::peer_tls::PeerHost;
 use crate::peers::Forwarded;
 
@@ -151,7 +151,9 @@ async fn destination(
 ) -> Option<(crate::store::PeerRow, Principal)> {
     let cluster = state.services.cluster.as_ref()?;
     // An unauthenticated request is refused here, by the handler.
-    let principal = authenticate(&state.operator, &state.store, authorization).ok()?;
+    let principal = super::authenticate_request(state, authorization)
+        .await
+        .ok()?;
     let tenant = match &principal {
         Principal::Operator => None,
         Principal::Tenant(id) => Some(id.as_str()),

@@ -205,12 +205,32 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok());
-        match authenticate(&state.operator, &state.store, header) {
-            Ok(principal) => Ok(Caller(principal)),
-            Err(AuthError::Store(err)) => Err(err.into()),
-            Err(err) => Err(HttpError::new(ErrorCode::Unauthorized, err.to_string())),
+        authenticate_request(state, header).await.map(Caller)
+    }
+}
+
+/// Resolves a request's `Authorization` header. In a cluster, a token
+/// this host has not mirrored yet (made a moment ago through another
+/// member) is looked up in etcd before it is refused, so a tenant's new
+/// token works on every member as soon as its creation returned.
+pub async fn authenticate_request(state: &AppState, header: Option<&str>) -> Result<Principal> {
+    let refused = |err: AuthError| match err {
+        AuthError::Store(err) => HttpError::from(err),
+        err => HttpError::new(ErrorCode::Unauthorized, err.to_string()),
+    };
+    match authenticate(&state.operator, &state.store, header) {
+        Err(AuthError::Unknown) => {}
+        known => return known.map_err(refused),
+    }
+    let token = header
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    if let (Some(cluster), Some(token)) = (state.services.cluster.as_ref(), token) {
+        if cluster.catch_up_token(token).await? {
+            return authenticate(&state.operator, &state.store, header).map_err(refused);
         }
     }
+    Err(refused(AuthError::Unknown))
 }
 
 /// The operator, for operator-only endpoints: a tenant's token is a 403

@@ -29,7 +29,7 @@ use std::process::Stdio;
 use nubis_api::Protocol;
 use tokio::io::AsyncWriteExt;
 
-use super::typed::IfName;
+use super::typed::{IfName, MacAddr};
 use super::{ip, ip_output, link_exists, links_named, NetworkError};
 use crate::ipv4::Cidr;
 
@@ -294,17 +294,45 @@ async fn remove_stale(balancer: &Balancer) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// Forgets what the host knew of `addresses`' link-layer addresses on
-/// `segment`'s balancing veth: an address a new instance took over from
-/// a deleted one must be looked up again, not sent to the old MAC until
-/// the kernel's entry goes stale (which a connection attempt may not
-/// outlast).
-pub async fn forget_neighbors(segment: &Segment, addresses: &[Ipv4Addr]) {
-    for address in addresses {
+/// Forgets what the host knew of backends' link-layer addresses on
+/// `segment`'s balancing veth when it is not their NIC's (`backends`:
+/// address and MAC): an address a new instance took over from a deleted
+/// one must be looked up again, not sent to the old MAC until the
+/// kernel's entry fails (which a connection attempt may not outlast).
+/// Right entries are kept: a lookup is a broadcast, and an agent that
+/// restarts must not make every flow wait for one.
+pub async fn forget_wrong_neighbors(segment: &Segment, backends: &[(Ipv4Addr, MacAddr)]) {
+    let link = segment.link();
+    let listing = match ip_output(&["-4", "neigh", "show", "dev", link.as_str()]).await {
+        Ok(listing) => listing,
+        Err(err) => {
+            tracing::warn!("cannot list the neighbours of {link}: {err}");
+            return;
+        }
+    };
+    for address in wrong_neighbors(&listing, backends) {
         let address = address.to_string();
-        // Nothing known of it is the usual case, and fine.
-        let _ = ip_output(&["neigh", "del", &address, "dev", segment.link().as_str()]).await;
+        // Gone since the listing is fine.
+        let _ = ip_output(&["neigh", "del", &address, "dev", link.as_str()]).await;
     }
+}
+
+/// The entries of `ip -4 neigh show dev X` ("ADDR lladdr MAC STATE", or
+/// "ADDR STATE" while unresolved) that name a backend with another MAC.
+fn wrong_neighbors(listing: &str, backends: &[(Ipv4Addr, MacAddr)]) -> Vec<Ipv4Addr> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let address: Ipv4Addr = words.next()?.parse().ok()?;
+            let (_, mac) = backends.iter().find(|(backend, _)| *backend == address)?;
+            let known = words
+                .skip_while(|word| *word != "lladdr")
+                .nth(1)
+                .and_then(|text| text.parse::<MacAddr>().ok());
+            (known.is_some_and(|known| known != *mac)).then_some(address)
+        })
+        .collect()
 }
 
 async fn ensure_routes(balancer: &Balancer) -> Result<(), NetworkError> {
@@ -461,6 +489,28 @@ mod tests {
                        7: nbn4096    inet 10.71.0.5/32 scope global nbn4096\\       valid_lft forever preferred_lft forever\n";
         assert_eq!(host_addresses(listing), [Ipv4Addr::new(10, 71, 0, 5)]);
         assert!(host_addresses("").is_empty());
+    }
+
+    #[test]
+    fn only_neighbours_with_another_mac_than_the_backends_are_wrong() {
+        let listing = "10.71.0.2 lladdr 52:54:00:00:00:02 REACHABLE\n\
+                       10.71.0.3 lladdr 52:54:00:00:00:99 STALE\n\
+                       10.71.0.4 FAILED\n\
+                       10.71.0.9 lladdr 52:54:00:00:00:09 STALE\n\
+                       garbage\n";
+        let mac = |last: u8| MacAddr::new([0x52, 0x54, 0, 0, 0, last]);
+        let backends = [
+            (Ipv4Addr::new(10, 71, 0, 2), mac(2)),
+            (Ipv4Addr::new(10, 71, 0, 3), mac(3)),
+            (Ipv4Addr::new(10, 71, 0, 4), mac(4)),
+        ];
+        // .2 is right, .3 another instance's, .4 unresolved (looked up
+        // anyway), .9 no backend's.
+        assert_eq!(
+            wrong_neighbors(listing, &backends),
+            [Ipv4Addr::new(10, 71, 0, 3)]
+        );
+        assert!(wrong_neighbors("", &backends).is_empty());
     }
 
     /// The rendered script is what nft takes (checked by nft itself, in

@@ -12,7 +12,6 @@ use std::net::Ipv4Addr;
 
 use nubis_api::InstanceHealth;
 
-use super::Services;
 use crate::cluster::networks::NetworkRecord;
 use crate::cluster::service_control::instance_health;
 use crate::cluster::services::StoredService;
@@ -20,6 +19,7 @@ use crate::cluster::view::View;
 use crate::cluster::vms::ClusterVm;
 use crate::cluster::Cluster;
 use crate::network::balancer::{self, Balancer, Entry, Frontend, Segment};
+use crate::network::typed::MacAddr;
 
 /// What this host balances now, and its balancing addresses.
 #[derive(Default)]
@@ -42,8 +42,8 @@ pub fn balanced_networks(services: &[StoredService]) -> HashSet<String> {
 
 /// Brings this host's balancing in line with the cluster's services.
 pub async fn sync(
-    _svc: &Services,
     cluster: &Cluster,
+    view: &View,
     services: &[StoredService],
     vms: &[ClusterVm],
     state: &mut Endpoints,
@@ -69,34 +69,20 @@ pub async fn sync(
             Err(err) => tracing::warn!(network = %id, "cannot take a balancing address: {err}"),
         }
     }
-    let wanted = desired(
-        services,
-        vms,
-        &cluster.view(),
-        &networks,
-        &state.lb_addresses,
-    );
+    let wanted = desired(services, vms, view, &networks, &state.lb_addresses);
     if state.applied.as_ref() == Some(&wanted) {
         return;
     }
-    // Backends new since the last rules: their addresses may have been
-    // another instance's.
-    let before: HashSet<Ipv4Addr> = state
-        .applied
+    // A backend's address may have been another instance's: the host must
+    // not keep sending its flows to that one's MAC.
+    let backends: HashSet<Ipv4Addr> = wanted
+        .frontends
         .iter()
-        .flat_map(|applied| &applied.frontends)
         .flat_map(|frontend| frontend.backends.iter().copied())
         .collect();
     for segment in &wanted.segments {
-        let added: Vec<Ipv4Addr> = wanted
-            .frontends
-            .iter()
-            .flat_map(|frontend| frontend.backends.iter().copied())
-            .filter(|address| segment.cidr.contains(*address) && !before.contains(address))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        balancer::forget_neighbors(segment, &added).await;
+        let macs = backend_macs(vms, segment, &backends);
+        balancer::forget_wrong_neighbors(segment, &macs).await;
     }
     match balancer::apply(&wanted).await {
         Ok(()) => {
@@ -203,6 +189,26 @@ pub fn desired(
         segments,
         frontends,
     }
+}
+
+/// The MACs of the NICs that have `backends`' addresses on `segment`.
+fn backend_macs(
+    vms: &[ClusterVm],
+    segment: &Segment,
+    backends: &HashSet<Ipv4Addr>,
+) -> Vec<(Ipv4Addr, MacAddr)> {
+    vms.iter()
+        .flat_map(|vm| &vm.record.nics)
+        .filter_map(|nic| {
+            let address = nic
+                .address
+                .as_deref()
+                .and_then(crate::network::nic_address)?;
+            let mac = nic.mac.as_deref()?.parse().ok()?;
+            (segment.cidr.contains(address) && backends.contains(&address))
+                .then_some((address, mac))
+        })
+        .collect()
 }
 
 /// Whether `vm`'s host is up (a lost host's instances get no new flows).

@@ -12,6 +12,7 @@ use nubis_api::{AddressGrant, AddressRequest, Network, NetworkCreate, NetworkRep
 
 use super::{Result, Scope, ServiceError, Services};
 use crate::cluster::networks::NetworkRecord;
+use crate::cluster::view::{Member, View};
 use crate::cluster::vms::ClusterVm;
 use crate::cluster::{Cluster, ClusterError};
 use crate::ipv4::Cidr;
@@ -241,12 +242,15 @@ async fn create_in_cluster(
 /// Carries the cluster's networks on this host: each is a network of this
 /// host's store (its bridge, gateway, DHCP and rules made as for any
 /// network) spanning, over VXLAN, the hosts that have VMs on it, or every
-/// host that is up for a network of service endpoints (`balanced`: flows
-/// to them enter anywhere); those the cluster no longer has go (once no
-/// VM here uses them).
+/// member for a network of service endpoints (`balanced`: flows to them
+/// enter anywhere); those the cluster no longer has go (once no VM here
+/// uses them). A member whose agent restarts stays in the flood lists
+/// (`view` knows its address from its last join): its VMs run on, and a
+/// broadcast that does not reach them is an ARP that fails.
 pub async fn mirror(
     svc: &Services,
     cluster: &Cluster,
+    view: &View,
     vms: &[ClusterVm],
     balanced: &HashSet<String>,
 ) -> Result<()> {
@@ -256,12 +260,7 @@ pub async fn mirror(
         return Ok(());
     };
     let records = cluster.networks().await?;
-    let view = cluster.view();
-    let underlay_of = |host: &str| {
-        view.member(host)
-            .and_then(|member| member.alive.as_ref())
-            .and_then(|alive| alive.underlay_address)
-    };
+    let underlay_of = |host: &str| view.member(host).and_then(Member::underlay_address);
     let mut changed = false;
     for record in &records {
         let mut hosts: Vec<String> = vms
@@ -278,7 +277,7 @@ pub async fn mirror(
                 view.members
                     .iter()
                     .filter(|_| balanced.contains(&record.id))
-                    .filter_map(|member| member.alive.as_ref()?.underlay_address),
+                    .filter_map(Member::underlay_address),
             )
             .map(|address| address.to_string())
             .collect();

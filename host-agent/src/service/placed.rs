@@ -262,8 +262,11 @@ pub async fn follow(svc: Services, cluster: Cluster) {
             .as_deref()
             .map(super::endpoints::balanced_networks)
             .unwrap_or_default();
+        // One view of the members for the pass: the flood lists and the
+        // endpoints' backends agree on which hosts there are.
+        let view = cluster.view();
         // The networks first: the VMs placed here need their bridges.
-        if let Err(err) = super::networks::mirror(&svc, &cluster, &vms, &balanced).await {
+        if let Err(err) = super::networks::mirror(&svc, &cluster, &view, &vms, &balanced).await {
             tracing::warn!("cannot carry the cluster's networks: {err}");
         }
         let me = cluster.host_name().as_str();
@@ -289,7 +292,7 @@ pub async fn follow(svc: Services, cluster: Cluster) {
         }
         retire(&svc, &cluster, &vms).await;
         if let Some(services) = &services {
-            super::endpoints::sync(&svc, &cluster, services, &vms, &mut endpoints).await;
+            super::endpoints::sync(&cluster, &view, services, &vms, &mut endpoints).await;
         }
         svc.probes.set_targets(probe_targets(&svc, &cluster, &vms));
         report(&svc, &cluster, &vms, &mut reported).await;
