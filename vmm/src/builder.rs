@@ -25,6 +25,7 @@ pub use crate::device_manager::legacy::bind_unix_socket;
 use crate::device_manager::virtio::device_kinds;
 pub use crate::device_manager::SerialInput;
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState, DevicesStateError};
+use crate::devices::legacy::vmgenid::{self, VmGenIdError};
 use crate::devices::virtio::persist::{DeviceState, TransportState};
 use crate::memory::{create_guest_ram, GuestMemoryMmap, MemoryError};
 use crate::persist::{Persist, Versioned};
@@ -66,6 +67,8 @@ pub enum BuildError {
     VmState(KvmStateError),
     #[error("cannot probe the vCPUs' MSRs: {0}")]
     MsrProbe(KvmStateError),
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 /// A VM ready to run: everything created and configured, no thread started.
@@ -94,6 +97,12 @@ pub trait RestoreSource {
         None
     }
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError>;
+    /// Whether the restored VM starts a new generation (a new VM
+    /// generation id, the guest told): it may run from a copy of its past,
+    /// as any restore of a snapshot does.
+    fn new_generation(&self) -> bool {
+        true
+    }
 }
 
 /// What a restored VM is to the one that was saved.
@@ -309,6 +318,7 @@ pub fn build_for_boot(config: VmConfig) -> Result<BuiltVm, BuildError> {
     let cmdline_len = boot::write_cmdline(memory, &devices.cmdline)?;
     mptable::setup_mptable(memory, vcpu_count)?;
     let rsdp = acpi::setup_acpi(memory, vcpu_count)?;
+    vmgenid::write_new_id(memory)?;
     let params = boot::build_boot_params(&kernel, cmdline_len, initrd, mem_size, Some(rsdp));
     boot::write_boot_params(memory, &params)?;
     startup::mark("boot data");
@@ -365,6 +375,7 @@ pub fn build_from_snapshot(
         devices: mut virtio,
         serial,
         i8042,
+        acpi_pm,
     } = snapshot;
     if restore_as == RestoreAs::Clone {
         give_nics_their_macs(&core.config, &mut virtio);
@@ -383,7 +394,11 @@ pub fn build_from_snapshot(
         devices: virtio,
         serial,
         i8042,
+        acpi_pm,
     })?;
+    if source.new_generation() {
+        vmgenid::start_new_generation(&core.ram.memory, devices.stateful.acpi_pm())?;
+    }
     core.finish(devices, vcpus)
 }
 

@@ -62,6 +62,7 @@ impl VmParts {
             devices,
             serial,
             i8042,
+            acpi_pm,
         } = held.save()?;
         Ok(VmSnapshot {
             machine: self.shape.clone(),
@@ -70,6 +71,7 @@ impl VmParts {
             devices,
             serial,
             i8042,
+            acpi_pm,
         })
     }
 }

@@ -295,14 +295,24 @@ async fn remove_stale(balancer: &Balancer) -> Result<(), NetworkError> {
 }
 
 /// Forgets what the host knew of backends' link-layer addresses on
-/// `segment`'s balancing veth when it is not their NIC's (`backends`:
-/// address and MAC): an address a new instance took over from a deleted
-/// one must be looked up again, not sent to the old MAC until the
-/// kernel's entry fails (which a connection attempt may not outlast).
-/// Right entries are kept: a lookup is a broadcast, and an agent that
-/// restarts must not make every flow wait for one.
-pub async fn forget_wrong_neighbors(segment: &Segment, backends: &[(Ipv4Addr, MacAddr)]) {
+/// `segment`'s balancing veth: those of `returned` (backends new to this
+/// agent: an address a new instance took over from a deleted one, a VM
+/// back from a move), and any that is not the backend's NIC's (`backends`:
+/// address and MAC). Each is then looked up again rather than sent to the
+/// old MAC or host until the kernel's entry fails (which a connection
+/// attempt may not outlast). Other entries are kept: a lookup is a
+/// broadcast, and an agent that restarts must not make every flow wait
+/// for one.
+pub async fn forget_neighbors(
+    segment: &Segment,
+    backends: &[(Ipv4Addr, MacAddr)],
+    returned: &[Ipv4Addr],
+) {
     let link = segment.link();
+    if !link_exists(&link).await {
+        // Made by this pass: it knows nobody yet.
+        return;
+    }
     let listing = match ip_output(&["-4", "neigh", "show", "dev", link.as_str()]).await {
         Ok(listing) => listing,
         Err(err) => {
@@ -310,9 +320,12 @@ pub async fn forget_wrong_neighbors(segment: &Segment, backends: &[(Ipv4Addr, Ma
             return;
         }
     };
-    for address in wrong_neighbors(&listing, backends) {
+    let mut forgotten: std::collections::BTreeSet<Ipv4Addr> =
+        wrong_neighbors(&listing, backends).into_iter().collect();
+    forgotten.extend(returned);
+    for address in forgotten {
         let address = address.to_string();
-        // Gone since the listing is fine.
+        // Nothing known of it is the usual case, and fine.
         let _ = ip_output(&["neigh", "del", &address, "dev", link.as_str()]).await;
     }
 }

@@ -73,16 +73,35 @@ pub async fn sync(
     if state.applied.as_ref() == Some(&wanted) {
         return;
     }
-    // A backend's address may have been another instance's: the host must
-    // not keep sending its flows to that one's MAC.
+    // A backend's address may have been another instance's, or its VM may
+    // have moved to another host (a live migration takes it out while it
+    // moves): the host must not keep sending its flows to the old MAC or
+    // the old host. What this agent saw come back is looked up afresh (an
+    // ARP broadcast, which also tells the overlay where the VM now is);
+    // after a restart, when it saw nothing, only what names another MAC.
     let backends: HashSet<Ipv4Addr> = wanted
         .frontends
         .iter()
         .flat_map(|frontend| frontend.backends.iter().copied())
         .collect();
+    let before: Option<HashSet<Ipv4Addr>> = state.applied.as_ref().map(|applied| {
+        applied
+            .frontends
+            .iter()
+            .flat_map(|frontend| frontend.backends.iter().copied())
+            .collect()
+    });
     for segment in &wanted.segments {
         let macs = backend_macs(vms, segment, &backends);
-        balancer::forget_wrong_neighbors(segment, &macs).await;
+        let returned: Vec<Ipv4Addr> = match &before {
+            Some(before) => backends
+                .iter()
+                .copied()
+                .filter(|address| segment.cidr.contains(*address) && !before.contains(address))
+                .collect(),
+            None => Vec::new(),
+        };
+        balancer::forget_neighbors(segment, &macs, &returned).await;
     }
     match balancer::apply(&wanted).await {
         Ok(()) => {

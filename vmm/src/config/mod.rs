@@ -22,9 +22,9 @@ pub enum RandomError {
     Short { got: usize, len: usize },
 }
 
-/// A random locally administered unicast address.
-pub fn random_mac() -> Result<MacAddr, RandomError> {
-    let mut bytes = [0u8; 6];
+/// `N` bytes from the kernel's random pool.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
+    let mut bytes = [0u8; N];
     loop {
         // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
         let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -32,25 +32,35 @@ pub fn random_mac() -> Result<MacAddr, RandomError> {
         if got < 0 && err.kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
-        return mac_from_random(got, err, bytes);
+        return checked_random(got, err, bytes);
     }
 }
 
-/// The address from getrandom's result `got` (its error `err` when
-/// negative) and the bytes it wrote.
-fn mac_from_random(
+/// The bytes getrandom wrote, from its result `got` (its error `err` when
+/// negative): all of them or an error.
+fn checked_random<const N: usize>(
     got: isize,
     err: std::io::Error,
-    mut bytes: [u8; 6],
-) -> Result<MacAddr, RandomError> {
-    let len = bytes.len();
+    bytes: [u8; N],
+) -> Result<[u8; N], RandomError> {
     match usize::try_from(got) {
-        Err(_) => return Err(RandomError::Failed { len, source: err }),
-        Ok(got) if got != len => return Err(RandomError::Short { got, len }),
-        Ok(_) => {}
+        Err(_) => Err(RandomError::Failed {
+            len: N,
+            source: err,
+        }),
+        Ok(got) if got != N => Err(RandomError::Short { got, len: N }),
+        Ok(_) => Ok(bytes),
     }
+}
+
+/// A random locally administered unicast address.
+pub fn random_mac() -> Result<MacAddr, RandomError> {
+    random_bytes().map(local_unicast)
+}
+
+fn local_unicast(mut bytes: [u8; 6]) -> MacAddr {
     bytes[0] = (bytes[0] & 0xfc) | 0x02;
-    Ok(MacAddr(bytes))
+    MacAddr(bytes)
 }
 
 /// Reads the host's physical memory from `/proc/meminfo`.
@@ -92,23 +102,23 @@ mod tests {
     }
 
     #[test]
-    fn a_mac_is_never_made_up_when_getrandom_fails() {
-        let failed = mac_from_random(-1, std::io::Error::from_raw_os_error(libc::ENOSYS), [0; 6]);
+    fn nothing_random_is_made_up_when_getrandom_fails() {
+        let failed = checked_random(-1, std::io::Error::from_raw_os_error(libc::ENOSYS), [0; 6]);
         assert!(
             matches!(failed, Err(RandomError::Failed { len: 6, .. })),
             "{failed:?}"
         );
-        let short = mac_from_random(3, std::io::Error::other("unused"), [1; 6]);
+        let short = checked_random(3, std::io::Error::other("unused"), [1; 6]);
         assert!(
             matches!(short, Err(RandomError::Short { got: 3, len: 6 })),
             "{short:?}"
         );
-        let zero = mac_from_random(0, std::io::Error::other("unused"), [1; 6]);
+        let zero = checked_random(0, std::io::Error::other("unused"), [1; 6]);
         assert!(
             matches!(zero, Err(RandomError::Short { got: 0, len: 6 })),
             "{zero:?}"
         );
-        let whole = mac_from_random(6, std::io::Error::other("unused"), [0xff; 6]).unwrap();
-        assert_eq!(whole.to_string(), "fe:ff:ff:ff:ff:ff");
+        let whole = checked_random(6, std::io::Error::other("unused"), [0xff; 6]).unwrap();
+        assert_eq!(local_unicast(whole).to_string(), "fe:ff:ff:ff:ff:ff");
     }
 }

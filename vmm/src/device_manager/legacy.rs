@@ -1,7 +1,7 @@
 //! The legacy PC devices every microVM has, on their buses: the 8250 UART
 //! (with its host side: where output goes, where input comes from), the
-//! i8042 (reset line, Ctrl-Alt-Del), the ACPI power-off/reset port and the
-//! boot-timer page.
+//! i8042 (reset line, Ctrl-Alt-Del), the ACPI power-off/reset ports and
+//! GPE block (with its SCI line) and the boot-timer page.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileTypeExt;
@@ -14,8 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::DeviceError;
 use crate::arch::x86_64::layout::{
-    ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN, BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_KBD_IRQ,
-    SERIAL_IRQ,
+    ACPI_PM1_EVT_PORT, ACPI_PM_PORTS_LEN, ACPI_SCI_IRQ, BOOT_TIMER_SIZE, BOOT_TIMER_START,
+    I8042_KBD_IRQ, SERIAL_IRQ,
 };
 use crate::config::SerialConfig;
 use crate::devices::bus::Bus;
@@ -51,6 +51,7 @@ pub struct LegacyDevices {
     pub i8042: Arc<Mutex<I8042>>,
     pub i8042_reset: EventFd,
     pub acpi_poweroff: EventFd,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
     pub boot_time_us: Arc<AtomicU64>,
 }
 
@@ -155,10 +156,13 @@ impl LegacyDevices {
         )));
 
         let acpi_poweroff = eventfd("the ACPI power-off line")?;
-        let acpi_pm = AcpiPm::new(
+        let sci = irq_line("the ACPI SCI")?;
+        vm.register_irqfd(&sci.0, ACPI_SCI_IRQ)?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
             clone_eventfd(&acpi_poweroff, "the ACPI power-off line")?,
             clone_eventfd(&i8042_reset, "the ACPI reset line")?,
-        );
+            sci,
+        )));
 
         let boot_timer = BootTimer::new();
         let boot_time_us = boot_timer.boot_time();
@@ -166,7 +170,7 @@ impl LegacyDevices {
         io_bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
         io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
         io_bus.insert(
-            Arc::new(Mutex::new(acpi_pm)),
+            acpi_pm.clone(),
             u64::from(ACPI_PM1_EVT_PORT),
             ACPI_PM_PORTS_LEN,
         )?;
@@ -182,6 +186,7 @@ impl LegacyDevices {
             i8042,
             i8042_reset,
             acpi_poweroff,
+            acpi_pm,
             boot_time_us,
         })
     }

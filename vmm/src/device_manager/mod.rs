@@ -104,8 +104,12 @@ impl DeviceManager {
         } = virtio::attach_all(config, vm, memory, &mut mmio_bus)?;
         let mut io_bus = Bus::new();
         let legacy = LegacyDevices::new(&config.serial, vm, &mut io_bus, &mut mmio_bus)?;
-        let stateful =
-            StatefulDevices::new(transports, legacy.serial.clone(), legacy.i8042.clone());
+        let stateful = StatefulDevices::new(
+            transports,
+            legacy.serial.clone(),
+            legacy.i8042.clone(),
+            legacy.acpi_pm.clone(),
+        );
         Ok(Self {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),

@@ -2,13 +2,15 @@
 //! (every device held, transport then device: the order vCPU exits lock
 //! them in, so that the event loop cannot serve a queue halfway through)
 //! and the order of a restore (the virtio devices, which then announce
-//! themselves on their networks, then the UART and the i8042).
+//! themselves on their networks, then the UART, the i8042 and the ACPI
+//! registers).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::devices::bus::lock;
+use crate::devices::legacy::acpi_pm::{AcpiPm, AcpiPmState};
 use crate::devices::legacy::i8042::{I8042State, I8042};
 use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialStateError};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -24,6 +26,9 @@ pub struct DevicesState {
     pub devices: Vec<Versioned<TransportState>>,
     pub serial: Versioned<SerialDeviceState>,
     pub i8042: Versioned<I8042State>,
+    /// Absent from snapshots older than the GPE block: its registers
+    /// start cleared then.
+    pub acpi_pm: Option<Versioned<AcpiPmState>>,
 }
 
 impl crate::persist::VersionedState for DevicesState {
@@ -62,6 +67,7 @@ pub struct StatefulDevices {
     virtio: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
 }
 
 /// Every device locked.
@@ -70,6 +76,7 @@ pub struct HeldDevices<'a> {
     devices: Vec<MutexGuard<'a, dyn VirtioDevice + 'static>>,
     serial: MutexGuard<'a, SerialDevice>,
     i8042: MutexGuard<'a, I8042>,
+    acpi_pm: MutexGuard<'a, AcpiPm>,
 }
 
 impl StatefulDevices {
@@ -77,6 +84,7 @@ impl StatefulDevices {
         transports: Vec<Arc<Mutex<MmioTransport>>>,
         serial: Arc<Mutex<SerialDevice>>,
         i8042: Arc<Mutex<I8042>>,
+        acpi_pm: Arc<Mutex<AcpiPm>>,
     ) -> Self {
         let virtio = transports
             .iter()
@@ -87,7 +95,13 @@ impl StatefulDevices {
             virtio,
             serial,
             i8042,
+            acpi_pm,
         }
+    }
+
+    /// The ACPI registers (a restore raises a GPE through them).
+    pub fn acpi_pm(&self) -> &Mutex<AcpiPm> {
+        &self.acpi_pm
     }
 
     /// The virtio devices, in slot order.
@@ -102,6 +116,7 @@ impl StatefulDevices {
             devices: self.virtio.iter().map(|d| lock(d)).collect(),
             serial: lock(&self.serial),
             i8042: lock(&self.i8042),
+            acpi_pm: lock(&self.acpi_pm),
         }
     }
 }
@@ -123,10 +138,12 @@ impl HeldDevices<'_> {
             .collect::<Result<_, _>>()?;
         let serial = self.serial.save().map_err(DevicesStateError::SaveSerial)?;
         let Ok(i8042) = self.i8042.save();
+        let Ok(acpi_pm) = self.acpi_pm.save();
         Ok(DevicesState {
             devices,
             serial: Versioned(serial),
             i8042: Versioned(i8042),
+            acpi_pm: Some(Versioned(acpi_pm)),
         })
     }
 }
@@ -166,6 +183,9 @@ impl Persist for StatefulDevices {
             .restore(&state.serial)
             .map_err(DevicesStateError::RestoreSerial)?;
         let Ok(()) = lock(&self.i8042).restore(&state.i8042);
+        if let Some(acpi_pm) = &state.acpi_pm {
+            let Ok(()) = lock(&self.acpi_pm).restore(acpi_pm);
+        }
         Ok(())
     }
 }

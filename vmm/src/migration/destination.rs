@@ -380,6 +380,12 @@ impl<S: Read> RestoreSource for Incoming<'_, S> {
     fn load(&mut self, memory: &GuestMemoryMmap) -> Result<VmSnapshot, SnapshotError> {
         receive_ram_and_state(self.stream, memory, &self.disks)
     }
+
+    /// The VM only moved: the source stops as this one starts, and no
+    /// copy of its past runs.
+    fn new_generation(&self) -> bool {
+        false
+    }
 }
 
 /// Takes RAM pages and disk pieces into `memory` and `disks` until the

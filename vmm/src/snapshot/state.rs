@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::file::SnapshotError;
+use crate::devices::legacy::acpi_pm::AcpiPmState;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialDeviceState;
 use crate::devices::virtio::persist::TransportState;
@@ -57,6 +58,10 @@ pub struct VmSnapshot {
     pub devices: Vec<Versioned<TransportState>>,
     pub serial: Versioned<SerialDeviceState>,
     pub i8042: Versioned<I8042State>,
+    /// The ACPI registers; absent from snapshots made before the GPE
+    /// block existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi_pm: Option<Versioned<AcpiPmState>>,
 }
 
 impl VmSnapshot {
@@ -74,6 +79,7 @@ impl VmSnapshot {
             devices: Vec::new(),
             serial: Versioned::default(),
             i8042: Versioned::default(),
+            acpi_pm: None,
         }
     }
 }

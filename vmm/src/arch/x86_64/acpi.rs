@@ -7,15 +7,22 @@
 //! port write that ends the VM. With ACPI on, Linux takes its CPUs and IOAPIC
 //! from the MADT, which therefore mirrors the MP table.
 //!
+//! The DSDT also describes the VM generation id device (`\_SB.VGEN`, the
+//! `VM_GEN_COUNTER` that Hyper-V and QEMU provide, which Linux's `vmgenid`
+//! driver binds): `ADDR` says where its 16 bytes are, and GPE 0 of the
+//! FADT's GPE0 block runs `\_GPE._E00`, which notifies the device, so a
+//! restored guest reads the new id and reseeds its RNG at once.
+//!
 //! Why not a hardware-reduced platform: Linux then drops the legacy PIC and
 //! no longer preallocates ISA IRQs 0-15, and the UART's and the i8042's
 //! interrupts stop working (measured: the i8042 probe fails with -EINVAL).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::aml;
 use super::layout::{
-    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_RESET_PORT, ACPI_SCI_IRQ, ACPI_TABLES_END,
-    ACPI_TABLES_START, APIC_START, IOAPIC_START,
+    ACPI_GPE0_LEN, ACPI_GPE0_PORT, ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_RESET_PORT,
+    ACPI_SCI_IRQ, ACPI_TABLES_START, APIC_START, IOAPIC_START, VMGENID_START,
 };
 use super::mptable::ioapic_id;
 
@@ -42,6 +49,13 @@ const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// Value written to the reset register to reset the machine.
 pub const RESET_VALUE: u8 = 1;
+/// The general-purpose event that tells the guest its generation id
+/// changed (`\_GPE._E00`).
+pub const VMGENID_GPE: u8 = 0;
+/// The notification value `vmgenid` waits for.
+const VMGENID_NOTIFY: u8 = 0x80;
+/// MADT interrupt source override flags: active high, level triggered.
+const ISO_ACTIVE_HIGH_LEVEL: u16 = 0b01 | (0b11 << 2);
 
 /// Errors in building or writing the tables.
 #[derive(Debug, thiserror::Error)]
@@ -98,24 +112,63 @@ fn facs() -> Vec<u8> {
     facs
 }
 
-/// The DSDT's AML: `Name (_S5_, Package (4) { 5, 5, 0, 0 })`.
+/// The DSDT's AML:
+///
+/// ```text
+/// Name (_S5_, Package (4) { 5, 5, 0, 0 })
+/// Scope (\_SB) {
+///     Device (VGEN) {
+///         Name (_HID, "NUBS0001")
+///         Name (_CID, "VM_GEN_COUNTER")
+///         Name (_DDN, "VM_GEN_COUNTER")
+///         Name (ADDR, Package (2) { VMGENID_START, 0 })
+///     }
+/// }
+/// Scope (\_GPE) {
+///     Method (_E00) { Notify (\_SB.VGEN, 0x80) }
+/// }
+/// ```
 fn dsdt_aml() -> Vec<u8> {
-    vec![
-        0x08,
-        b'_',
-        b'S',
-        b'5',
-        b'_', // NameOp "_S5_"
-        0x12,
-        0x08,
-        0x04, // PackageOp, PkgLength 8, 4 elements
-        0x0a,
-        S5_SLEEP_TYPE, // BytePrefix 5 (SLP_TYPa)
-        0x0a,
-        S5_SLEEP_TYPE, // BytePrefix 5 (SLP_TYPb)
-        0x00,
-        0x00, // reserved
-    ]
+    const ZERO_OP: u8 = 0x00;
+    let s5 = aml::name(
+        *b"_S5_",
+        &aml::package(&[
+            aml::byte(S5_SLEEP_TYPE), // SLP_TYPa
+            aml::byte(S5_SLEEP_TYPE), // SLP_TYPb
+            vec![ZERO_OP],            // reserved
+            vec![ZERO_OP],
+        ]),
+    );
+    // The id sits below 4 GiB: its high half is zero.
+    let vmgenid = aml::scope(
+        &aml::root_path(&[*b"_SB_"]),
+        &[aml::device(
+            *b"VGEN",
+            &[
+                aml::name(*b"_HID", &aml::string("NUBS0001")),
+                aml::name(*b"_CID", &aml::string("VM_GEN_COUNTER")),
+                aml::name(*b"_DDN", &aml::string("VM_GEN_COUNTER")),
+                aml::name(
+                    *b"ADDR",
+                    &aml::package(&[aml::dword(VMGENID_START as u32), aml::dword(0)]),
+                ),
+            ],
+        )],
+    );
+    let gpe_method = format!("_E{VMGENID_GPE:02X}");
+    let mut method_name = [0u8; 4];
+    method_name.copy_from_slice(gpe_method.as_bytes());
+    let notify = aml::scope(
+        &aml::root_path(&[*b"_GPE"]),
+        &[aml::method(
+            method_name,
+            &[aml::notify(
+                &aml::root_path(&[*b"_SB_", *b"VGEN"]),
+                VMGENID_NOTIFY,
+            )],
+        )],
+    );
+    [s5, vmgenid, notify].concat()
 }
 
 fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
@@ -127,8 +180,10 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     // SMI_CMD stays 0: the platform is always in ACPI mode.
     body[at(56)..at(60)].copy_from_slice(&u32::from(ACPI_PM1_EVT_PORT).to_le_bytes());
     body[at(64)..at(68)].copy_from_slice(&u32::from(ACPI_PM1_CNT_PORT).to_le_bytes());
+    body[at(80)..at(84)].copy_from_slice(&u32::from(ACPI_GPE0_PORT).to_le_bytes());
     body[at(88)] = PM1_EVT_LEN;
     body[at(89)] = PM1_CNT_LEN;
+    body[at(92)] = ACPI_GPE0_LEN;
     body[at(109)..at(111)]
         .copy_from_slice(&(IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).to_le_bytes());
     let flags = FADT_POWER_BUTTON_ABSENT | FADT_SLEEP_BUTTON_ABSENT | FADT_RESET_REG_SUP;
@@ -140,6 +195,10 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
     body[at(148)..at(160)].copy_from_slice(&io_port_gas(ACPI_PM1_EVT_PORT, PM1_EVT_LEN * 8));
     body[at(172)..at(184)].copy_from_slice(&io_port_gas(ACPI_PM1_CNT_PORT, PM1_CNT_LEN * 8));
+    // X_GPE0_BLK: ACPICA reads and writes its registers a byte at a time.
+    let mut gpe0 = io_port_gas(ACPI_GPE0_PORT, ACPI_GPE0_LEN * 8);
+    gpe0[3] = 1;
+    body[at(220)..at(232)].copy_from_slice(&gpe0);
     body[at(268)..at(276)].copy_from_slice(b"NUBISVMM");
     sdt(b"FACP", 6, &body)
 }
@@ -157,6 +216,11 @@ fn madt(num_cpus: u32) -> Vec<u8> {
     body.extend_from_slice(&[1, 12, ioapic_id(num_cpus), 0]);
     body.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt source override: the SCI is level triggered and active
+    // high (the VMM raises the line to signal it), on ISA bus 0.
+    body.extend_from_slice(&[2, 10, 0, ACPI_SCI_IRQ as u8]);
+    body.extend_from_slice(&ACPI_SCI_IRQ.to_le_bytes());
+    body.extend_from_slice(&ISO_ACTIVE_HIGH_LEVEL.to_le_bytes());
     // Local APIC NMI on LINT1 of every processor.
     body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
     sdt(b"APIC", 5, &body)
@@ -218,7 +282,7 @@ pub fn build(num_cpus: u32, base: u64) -> Result<Vec<u8>, AcpiError> {
 /// Writes the tables at [`ACPI_TABLES_START`]; returns the RSDP's address.
 pub fn setup_acpi<M: GuestMemoryBackend>(mem: &M, num_cpus: u32) -> Result<u64, AcpiError> {
     let image = build(num_cpus, ACPI_TABLES_START)?;
-    let available = ACPI_TABLES_END - ACPI_TABLES_START;
+    let available = VMGENID_START - ACPI_TABLES_START;
     if image.len() as u64 > available {
         return Err(AcpiError::TooLarge {
             size: image.len(),
@@ -284,6 +348,28 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(sum(dsdt), 0);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        for needle in [&b"VM_GEN_COUNTER\0"[..], b"_E00", b"VGEN", b"ADDR"] {
+            assert!(
+                dsdt.windows(needle.len()).any(|w| w == needle),
+                "{needle:?}"
+            );
+        }
+        // ADDR's package: the id's address, then a zero high half.
+        let addr = dsdt.windows(4).position(|w| w == b"ADDR").unwrap() + 4;
+        assert_eq!(&dsdt[addr..addr + 3], [0x12, 0x0c, 0x02]);
+        assert_eq!(dsdt[addr + 3], 0x0c);
+        assert_eq!(u32_at(dsdt, addr + 4), VMGENID_START as u32);
+    }
+
+    #[test]
+    fn fadt_declares_the_gpe0_block() {
+        let image = build(1, ACPI_TABLES_START).unwrap();
+        let fadt = tables(&image, ACPI_TABLES_START).remove(0).1;
+        assert_eq!(u32_at(&fadt, 80), u32::from(ACPI_GPE0_PORT));
+        assert_eq!(fadt[92], ACPI_GPE0_LEN);
+        assert_eq!(fadt[220], 1, "I/O space");
+        assert_eq!(fadt[221], ACPI_GPE0_LEN * 8);
+        assert_eq!(u64_at(&fadt, 224), u64::from(ACPI_GPE0_PORT));
     }
 
     #[test]
@@ -323,11 +409,17 @@ mod tests {
         let mut offset = HEADER_SIZE + 8;
         let mut apic_ids = vec![];
         let mut ioapic = None;
+        let mut overrides = vec![];
         while offset < madt.len() {
             let (kind, len) = (madt[offset], madt[offset + 1] as usize);
             match kind {
                 0 => apic_ids.push(madt[offset + 3]),
                 1 => ioapic = Some((madt[offset + 2], u32_at(&madt, offset + 4))),
+                2 => overrides.push((
+                    madt[offset + 3],
+                    u32_at(&madt, offset + 4),
+                    u16::from_le_bytes([madt[offset + 8], madt[offset + 9]]),
+                )),
                 _ => {}
             }
             offset += len;
@@ -335,11 +427,13 @@ mod tests {
         assert_eq!(offset, madt.len());
         assert_eq!(apic_ids, [0, 1, 2, 3]);
         assert_eq!(ioapic, Some((4, IOAPIC_START as u32)));
+        // The SCI: IRQ 9 on GSI 9, active high, level triggered.
+        assert_eq!(overrides, [(9, 9, 0b1101)]);
     }
 
     #[test]
     fn all_cpus_fit() {
         let image = build(254, ACPI_TABLES_START).unwrap();
-        assert!((image.len() as u64) <= ACPI_TABLES_END - ACPI_TABLES_START);
+        assert!((image.len() as u64) <= VMGENID_START - ACPI_TABLES_START);
     }
 }

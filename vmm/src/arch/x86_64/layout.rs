@@ -6,6 +6,7 @@
 //! 0x0000_8ff0  boot stack top      0x0000_9000  PML4, PDPT, PD (identity map)
 //! 0x0002_0000  kernel command line 0x0009_fc00  MP table (to 0x10_0000: not RAM in e820)
 //! 0x000e_0000  ACPI tables (RSDP, XSDT, FADT, DSDT, MADT)
+//! 0x000f_f000  VM generation id (16 bytes; the DSDT's VGEN device says where)
 //! 0x0010_0000  high memory: kernel, initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO gap (1 GiB): boot timer, virtio-mmio, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above the gap, when the guest has more than 3 GiB
@@ -28,6 +29,10 @@ pub const MPTABLE_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first) in the BIOS area, where Linux also looks for them.
 pub const ACPI_TABLES_START: u64 = 0xe_0000;
 pub const ACPI_TABLES_END: u64 = 0x10_0000;
+/// The VM generation id's 16 bytes, in the last page of the ACPI area
+/// (reserved in e820: the guest maps it, never allocates it).
+pub const VMGENID_START: u64 = ACPI_TABLES_END - 0x1000;
+pub const VMGENID_SIZE: usize = 16;
 /// Start of high memory; the kernel is loaded at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -50,11 +55,15 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// ACPI fixed hardware: the PM1a event block (status, enable), the PM1a
-/// control block and the reset register, as I/O ports.
+/// control block, the reset register and the GPE0 block (one status byte,
+/// one enable byte), as I/O ports.
 pub const ACPI_PM1_EVT_PORT: u16 = 0x3c0;
 pub const ACPI_PM1_CNT_PORT: u16 = 0x3c4;
 pub const ACPI_RESET_PORT: u16 = 0x3c6;
-pub const ACPI_PM_PORTS_LEN: u64 = 8;
+pub const ACPI_GPE0_PORT: u16 = 0x3c8;
+pub const ACPI_GPE0_LEN: u8 = 2;
+pub const ACPI_PM_PORTS_LEN: u64 =
+    (ACPI_GPE0_PORT - ACPI_PM1_EVT_PORT) as u64 + ACPI_GPE0_LEN as u64;
 /// The ACPI SCI line named in the FADT; Linux claims it (level, active low),
 /// so devices must not use it.
 pub const ACPI_SCI_IRQ: u32 = 9;
@@ -73,6 +82,7 @@ const _: () =
     assert!(PDE_START + 0x1000 * super::paging::IDENTITY_MAPPED_GIB as u64 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
 const _: () = assert!(MPTABLE_START < ACPI_TABLES_START && ACPI_TABLES_END <= HIMEM_START);
+const _: () = assert!(ACPI_TABLES_START < VMGENID_START);
 
 /// Where the `index`-th virtio-mmio device lives: its MMIO window base and
 /// its IRQ (5, 6, 7, 8, 10, ... 23: the ACPI SCI is skipped). None when the

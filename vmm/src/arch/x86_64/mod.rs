@@ -4,6 +4,7 @@
 //! table through which an SMP guest finds its CPUs and IOAPIC.
 
 pub mod acpi;
+pub mod aml;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;

@@ -1,11 +1,12 @@
 //! The legacy PC devices a microVM keeps: the 8250 UART console, an i8042
-//! (reset line and Ctrl-Alt-Del), the ACPI power-off/reset port and the
-//! boot-timer page.
+//! (reset line and Ctrl-Alt-Del), the ACPI power-off/reset ports and GPE
+//! block, the VM generation id and the boot-timer page.
 
 pub mod acpi_pm;
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
+pub mod vmgenid;
 
 use std::io;
 
