@@ -1,7 +1,8 @@
 //! Clones from a warm snapshot, end to end: a real guest is snapshotted
 //! while it runs, and ten clones are made of it in one request. Each runs
 //! on its own MAC and address with its own hostname, and their kernels'
-//! RNGs were reseeded apart: no two draw the same `/dev/urandom` bytes.
+//! RNGs were reseeded apart (by the guest agent, and by the kernel on its new
+//! VM generation id): no two draw the same `/dev/urandom` bytes.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -144,10 +145,13 @@ fn ten_clones_of_a_running_guest_each_have_their_own_identity() {
             &acme,
             &vm.id,
             "echo H=$(hostname); echo R=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
-             echo A=$(ip -4 -o addr show dev eth0); echo M=$(cat /sys/class/net/eth0/address)",
+             echo A=$(ip -4 -o addr show dev eth0); echo M=$(cat /sys/class/net/eth0/address); \
+             echo F=$(dmesg | grep -c 'crng reseeded due to virtual machine fork')",
         );
         let value = |key: &str| keyed_value(&out, key).to_string();
         assert_eq!(value("H"), vm.name, "{out}");
+        // The kernel itself reseeded on the new VM generation id.
+        assert_eq!(value("F"), "1", "{out}");
         assert!(value("A").contains(&format!("inet {address}")), "{out}");
         assert_eq!(Some(value("M")), vm.nics[0].mac, "{out}");
         let draw = value("R");
@@ -161,8 +165,13 @@ fn ten_clones_of_a_running_guest_each_have_their_own_identity() {
         );
     }
     // The original runs on as itself.
-    let out = exec_stdout(&agent, &acme, &base.id, "hostname");
-    assert_eq!(out.trim(), "base");
+    let out = exec_stdout(
+        &agent,
+        &acme,
+        &base.id,
+        "hostname; dmesg | grep -c 'virtual machine fork'; true",
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["base", "0"]);
 
     for vm in made.vms.iter().chain([&base]) {
         let stopped = agent.call(

@@ -105,6 +105,8 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
         &format!(
             "i=0; while [ $i -lt {COUNT} ]; do i=$((i+1)); echo $i; echo $i > /mnt/count; sleep 1; done | nc 172.31.4.1 7000"
         ),
+        // A VM that only moved is the same generation: no vmfork reseed.
+        "echo FORKS=$(dmesg | grep -c 'crng reseeded due to virtual machine fork')",
         "echo COUNT_FILE=$(cat /mnt/count); umount /mnt; echo MIGRATION_DONE; read x",
     ]
     .join("; ");
@@ -194,6 +196,7 @@ fn a_linux_guest_moves_with_its_connection_disk_and_address() {
         "nothing was sent after the move"
     );
     assert_console_value(&destination.stdout(), "COUNT_FILE", &COUNT.to_string());
+    assert_console_value(&destination.stdout(), "FORKS", "0");
     assert!(
         destination.stderr().contains("announced on tap"),
         "{}",

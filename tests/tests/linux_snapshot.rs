@@ -53,13 +53,17 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
     let tap = HostTap::create(&interface_name("nbsn"), "172.31.3.1/24");
 
     // Counts once a second until a line arrives on the console, then reads
-    // the disk and pings the host.
+    // the disk and pings the host, and says whether the kernel heard of its
+    // new VM generation (its vmgenid driver bound to the VMM's device at
+    // boot, and reseeded the RNG when notified after the restore).
     let command = [
         "mount -t ext4 /dev/vdb /mnt",
         "echo written-before-the-snapshot > /mnt/before; sync",
+        "echo VMGENID_BOUND=$(ls /sys/bus/acpi/drivers/vmgenid | grep -c NUBS0001)",
         "i=0; while ! read -t 1 line; do i=$((i+1)); echo COUNT=$i; done",
         "echo DISK=$(cat /mnt/before)",
         "ping -c 2 -W 5 172.31.3.1 > /dev/null; echo PING=$?",
+        "echo FORKS=$(dmesg | grep -c 'crng reseeded due to virtual machine fork')",
         "echo SNAPSHOT_DONE; read x",
     ]
     .join("; ");
@@ -102,6 +106,7 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
     let taken = control_request(&first_socket, &request);
     assert_eq!(taken["ok"], true, "{taken}");
     let before = counts(&first.stdout());
+    assert_console_value(&first.stdout(), "VMGENID_BOUND", "1");
     let stopped = control_request(&first_socket, r#"{"command":"stop"}"#);
     assert_eq!(stopped["ok"], true, "{stopped}");
     let outcome = first.wait(GUARD);
@@ -137,6 +142,7 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
     let console = second.stdout();
     assert_console_value(&console, "DISK", "written-before-the-snapshot");
     assert_console_value(&console, "PING", "0");
+    assert_console_value(&console, "FORKS", "1");
     let stopped = control_request(&second_socket, r#"{"command":"stop"}"#);
     assert_eq!(stopped["ok"], true, "{stopped}");
     let outcome = second.wait(GUARD);
