@@ -112,23 +112,71 @@ pub fn copy_file(
     if cloned {
         return Ok(CloneKind::Reflink);
     }
+    // Only the source's data is read (its holes are holes in the copy
+    // too), and of that only the chunks that are not all zeros written: a
+    // 64 MiB image with 9 MiB of files costs 9 MiB of reads and writes.
     let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    while offset < len {
-        let want = CHUNK.min((len - offset) as usize);
-        input.read_exact(&mut buf[..want]).map_err(source_error)?;
-        if buf[..want].iter().all(|b| *b == 0) {
-            output
-                .seek(SeekFrom::Current(want as i64))
-                .map_err(target_error)?;
-        } else {
-            output.write_all(&buf[..want]).map_err(target_error)?;
+    for (start, end) in data_extents(&input, len).map_err(source_error)? {
+        input.seek(SeekFrom::Start(start)).map_err(source_error)?;
+        output.seek(SeekFrom::Start(start)).map_err(target_error)?;
+        let mut offset = start;
+        while offset < end {
+            let want = CHUNK.min((end - offset) as usize);
+            input.read_exact(&mut buf[..want]).map_err(source_error)?;
+            if buf[..want].iter().all(|b| *b == 0) {
+                output
+                    .seek(SeekFrom::Current(want as i64))
+                    .map_err(target_error)?;
+            } else {
+                output.write_all(&buf[..want]).map_err(target_error)?;
+            }
+            offset += want as u64;
         }
-        offset += want as u64;
     }
     output.set_len(len).map_err(target_error)?;
     output.sync_all().map_err(target_error)?;
     Ok(CloneKind::SparseCopy)
+}
+
+/// The `[start, end)` ranges of `file` (of `len` bytes) that hold data,
+/// by `SEEK_DATA`/`SEEK_HOLE`; the whole file where the file system does
+/// not tell holes apart.
+fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor this function borrows; it moves
+        // only the file offset, which every reader here sets before use.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        match std::io::Error::last_os_error() {
+            // No data at or after `offset`.
+            err if err.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            err => Err(err),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut offset = 0;
+    while offset < len {
+        let start = match seek(offset, libc::SEEK_DATA) {
+            Ok(Some(start)) => start,
+            Ok(None) => break,
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) && offset == 0 => {
+                return Ok(vec![(0, len)]);
+            }
+            Err(err) => return Err(err),
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if end <= start {
+            break;
+        }
+        extents.push((start, end));
+        offset = end;
+    }
+    Ok(extents)
 }
 
 /// A new sparse data disk of `size_mib`.
@@ -204,6 +252,36 @@ mod tests {
             meta.blocks()
         );
         assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_data_extents_skip_the_holes() {
+        let dir = std::env::temp_dir().join(format!("nubis-disks-extents-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sparse.raw");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&[1u8; 4096]).unwrap();
+        file.seek(SeekFrom::Start(32 << 20)).unwrap();
+        file.write_all(&[2u8; 4096]).unwrap();
+        file.set_len(64 << 20).unwrap();
+        drop(file);
+        let file = File::open(&path).unwrap();
+        let extents = data_extents(&file, 64 << 20).unwrap();
+        // Every byte written is in an extent, and the holes mostly not.
+        assert!(
+            extents.iter().any(|(s, e)| *s == 0 && *e >= 4096),
+            "{extents:?}"
+        );
+        assert!(
+            extents
+                .iter()
+                .any(|(s, e)| *s <= 32 << 20 && *e >= (32 << 20) + 4096),
+            "{extents:?}"
+        );
+        let covered: u64 = extents.iter().map(|(s, e)| e - s).sum();
+        assert!(covered < 8 << 20, "{extents:?}");
+        assert!(data_extents(&file, 0).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -55,7 +55,8 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
     // Counts once a second until a line arrives on the console, then reads
     // the disk and pings the host, and says whether the kernel heard of its
     // new VM generation (its vmgenid driver bound to the VMM's device at
-    // boot, and reseeded the RNG when notified after the restore).
+    // boot, and reseeded the RNG when notified after the restore; `[ ]`:
+    // the kernel logs its command line, which holds the pattern).
     let command = [
         "mount -t ext4 /dev/vdb /mnt",
         "echo written-before-the-snapshot > /mnt/before; sync",
@@ -63,7 +64,7 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
         "i=0; while ! read -t 1 line; do i=$((i+1)); echo COUNT=$i; done",
         "echo DISK=$(cat /mnt/before)",
         "ping -c 2 -W 5 172.31.3.1 > /dev/null; echo PING=$?",
-        "echo FORKS=$(dmesg | grep -c 'crng reseeded due to virtual machine fork')",
+        "echo FORKS=$(dmesg | grep -c 'crng reseeded due to virtual[ ]machine fork')",
         "echo SNAPSHOT_DONE; read x",
     ]
     .join("; ");
@@ -87,6 +88,9 @@ fn a_linux_guest_resumes_counting_with_its_disk_and_network() {
             data_disk.clone(),
             "--net".into(),
             nic.clone(),
+            // Entropy: the guest's RNG is ready long before the snapshot
+            // (it logs a reseed only then).
+            "--rng".into(),
             "--cmdline".into(),
             cmdline.clone(),
             "--control-socket".into(),

@@ -344,6 +344,12 @@ pub async fn clones(
         define_restored(svc, &made, &quota).await?;
         made
     };
+    tracing::debug!(
+        snapshot = id,
+        "{} clone(s) defined {} ms after the request",
+        made.len(),
+        arrived.elapsed().as_millis()
+    );
     // All at once: starts of different VMs run in parallel.
     let starts = made.iter().map(|vm| async {
         let started = vms::act(svc, Scope::Tenant(tenant_id), &vm.id, vms::Action::Start).await;
