@@ -53,10 +53,18 @@ class Api:
         return data.decode("utf-8", "replace")
 
 
+# The agent's default port-forward range: its API port may not be in it.
+FORWARD_RANGE = range(30000, 40000)
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the agent's port-forward range."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in FORWARD_RANGE:
+            return port
 
 
 def start_agent(bin_dir, images, netns=None, reach="127.0.0.1", port=None, underlay=None,

@@ -282,6 +282,18 @@ impl LinuxNetwork {
         Ok(None)
     }
 
+    /// Brings the packet filter in line with the database when only VMs
+    /// were added on networks the host already carries (clones): their
+    /// anti-spoofing and address rules, without going over every link as
+    /// [`HostNetwork::reconcile`] does (their taps and bridges are made
+    /// when they start).
+    pub async fn refresh_vm_rules(&self) -> Result<(), HostNetworkError> {
+        let _network = self.lock().await;
+        let denied = self.egress_denied().await?;
+        firewall::apply(&policy(&self.store, denied, self.metadata_port)?).await?;
+        Ok(())
+    }
+
     /// Makes the host's bridges, packet filter and DHCP servers match the
     /// database.
     pub async fn reconcile(&self) -> Result<(), HostNetworkError> {
@@ -432,6 +444,10 @@ impl crate::service::HostNetwork for LinuxNetwork {
 
     fn reconcile(&self) -> BoxFuture<'_, Result<(), HostNetworkError>> {
         Box::pin(LinuxNetwork::reconcile(self))
+    }
+
+    fn refresh_vm_rules(&self) -> BoxFuture<'_, Result<(), HostNetworkError>> {
+        Box::pin(LinuxNetwork::refresh_vm_rules(self))
     }
 
     fn shadowed(&self, cidr: Cidr) -> BoxFuture<'_, Result<Option<String>, HostNetworkError>> {

@@ -71,6 +71,11 @@ pub trait HostNetwork: Send + Sync {
     /// Brings the host's bridges, tunnels, rules and DHCP servers in line
     /// with the store.
     fn reconcile(&self) -> BoxFuture<'_, std::result::Result<(), HostNetworkError>>;
+    /// Brings the rules in line with the store when only VMs were added on
+    /// networks the host carries; at worst, all of [`HostNetwork::reconcile`].
+    fn refresh_vm_rules(&self) -> BoxFuture<'_, std::result::Result<(), HostNetworkError>> {
+        self.reconcile()
+    }
     /// Why `cidr` may not be a tenant network here (it shadows one of the
     /// host's own), or None.
     fn shadowed(

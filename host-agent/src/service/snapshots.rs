@@ -235,7 +235,7 @@ async fn define_restored(svc: &Services, vms: &[VmRow], quota: &Quota) -> Result
         }
     }
     if vms.iter().any(|vm| !vm.nics.is_empty()) {
-        if let Err(err) = svc.host_network.reconcile().await {
+        if let Err(err) = svc.host_network.refresh_vm_rules().await {
             forget_restored(svc, vms, vms.len()).await?;
             return Err(err.into());
         }
