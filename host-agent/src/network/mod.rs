@@ -11,6 +11,7 @@ pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
 pub mod host;
+mod tap;
 pub mod typed;
 pub mod vxlan;
 
@@ -34,6 +35,12 @@ pub enum NetworkError {
     Exhausted(String),
     #[error("service endpoints: {0}")]
     Balancer(String),
+    #[error("cannot {action} tap {tap}: {source}")]
+    Tap {
+        tap: String,
+        action: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The IPv4 address of a NIC's "A.B.C.D/N".
@@ -166,7 +173,16 @@ async fn run(program: &'static str, args: &[&str]) -> Result<String, NetworkErro
 }
 
 async fn link_exists(name: &IfName) -> bool {
-    ip(&["link", "show", "dev", name.as_str()]).await.is_ok()
+    link_index(name).is_some()
+}
+
+/// The interface index of `name`, if the interface exists (in this
+/// process's network namespace): asked of the kernel, no program run.
+pub fn link_index(name: &IfName) -> Option<u32> {
+    let name = std::ffi::CString::new(name.as_str()).ok()?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Creates `bridge` with the gateway address `gateway_cidr` (like
@@ -199,18 +215,7 @@ pub async fn create_tap(
     mtu: Option<u16>,
     owner: u32,
 ) -> Result<(), NetworkError> {
-    delete_link(tap).await?;
-    let (tap, bridge) = (tap.as_str(), bridge.as_str());
-    let owner = owner.to_string();
-    ip(&[
-        "tuntap", "add", "dev", tap, "mode", "tap", "user", &owner, "group", &owner,
-    ])
-    .await?;
-    if let Some(mtu) = mtu {
-        ip(&["link", "set", "dev", tap, "mtu", &mtu.to_string()]).await?;
-    }
-    ip(&["link", "set", "dev", tap, "master", bridge]).await?;
-    ip(&["link", "set", "dev", tap, "up"]).await
+    tap::create(tap, bridge, mtu, owner).await
 }
 
 /// The host's bridges whose names start with `prefix`.
