@@ -11,7 +11,7 @@ pub mod dhcp;
 pub mod dhcp_server;
 pub mod firewall;
 pub mod host;
-mod tap;
+mod netdev;
 pub mod typed;
 pub mod vxlan;
 
@@ -199,6 +199,13 @@ pub async fn ensure_bridge(
         ip(&["link", "add", "name", name, "type", "bridge"]).await?;
         let gateway_cidr = format!("{gateway}/{prefix}");
         ip(&["addr", "add", &gateway_cidr, "dev", name]).await?;
+    } else if let Ok(settings) = netdev::link_settings(bridge) {
+        // Ready as it is (the usual case as a VM starts): nothing to run.
+        let identity_kept =
+            identity.is_none_or(|(mac, mtu)| settings.mac == mac.octets() && settings.mtu == mtu);
+        if settings.up && identity_kept {
+            return Ok(());
+        }
     }
     if let Some((mac, mtu)) = identity {
         let (mac, mtu) = (mac.to_string(), mtu.to_string());
@@ -215,7 +222,7 @@ pub async fn create_tap(
     mtu: Option<u16>,
     owner: u32,
 ) -> Result<(), NetworkError> {
-    tap::create(tap, bridge, mtu, owner).await
+    netdev::create_tap(tap, bridge, mtu, owner).await
 }
 
 /// The host's bridges whose names start with `prefix`.
