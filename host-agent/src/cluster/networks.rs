@@ -4,7 +4,8 @@
 //! VNI space (`vnis/{vni}`). No host is a network's home: every host
 //! carries the networks (`service::placed` mirrors them into its store,
 //! where the bridges, DHCP and rules are made as for any network), and a
-//! network's VXLAN flood list is the hosts that have VMs on it.
+//! network's VXLAN flood list is the hosts that have VMs on it (every
+//! member for a network of service endpoints).
 //!
 //! Two networks of the cluster may not overlap (each host routes every
 //! network's gateway): a creation is checked against the networks the
