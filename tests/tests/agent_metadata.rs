@@ -226,12 +226,18 @@ echo PROXIED=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-toke
         &b.id,
         &format!(
             r#"{IMDS}
-T=$(imds PUT /latest/api/token 'X-aws-ec2-metadata-token-ttl-seconds: 300' | cut -d'|' -f2)
+R=$(imds PUT /latest/api/token 'X-aws-ec2-metadata-token-ttl-seconds: 300')
+echo PUT=$R
+T=$(echo "$R" | cut -d'|' -f2)
 echo HOSTNAME=$(imds GET /latest/meta-data/hostname "X-aws-ec2-metadata-token: $T")
 echo KEYS=$(imds GET /latest/meta-data/public-keys/ "X-aws-ec2-metadata-token: $T")
 echo USERDATA=$(imds GET /latest/user-data "X-aws-ec2-metadata-token: $T")
 echo STOLEN=$(imds GET /latest/meta-data/instance-id "X-aws-ec2-metadata-token: {token_a}")"#
         ),
+    );
+    assert!(
+        keyed_value(&out, "PUT").starts_with("HTTP/1.0 200 OK|"),
+        "meta-b's token request: {out}"
     );
     assert_eq!(
         keyed_value(&out, "HOSTNAME"),
