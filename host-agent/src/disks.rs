@@ -236,10 +236,16 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// A fresh directory for one test (removed by the test when it passes).
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        dir
+    }
+
     #[test]
     fn an_empty_disk_is_allocated_up_front_and_reads_as_zeros() {
-        let dir = std::env::temp_dir().join(format!("nubis-disks-alloc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("nubis-disks-alloc");
         let path = dir.join("data.raw");
         let file = File::create(&path).unwrap();
         size_file(&file, &path, 4).unwrap();
@@ -257,8 +263,7 @@ mod tests {
 
     #[test]
     fn the_data_extents_skip_the_holes() {
-        let dir = std::env::temp_dir().join(format!("nubis-disks-extents-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("nubis-disks-extents");
         let path = dir.join("sparse.raw");
         let mut file = File::create(&path).unwrap();
         file.write_all(&[1u8; 4096]).unwrap();
@@ -287,8 +292,7 @@ mod tests {
 
     #[test]
     fn a_clone_has_the_same_bytes_and_stays_sparse() {
-        let dir = std::env::temp_dir().join(format!("nubis-disks-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("nubis-disks");
         let source = dir.join("image.raw");
         let mut file = File::create(&source).unwrap();
         file.write_all(b"boot sector").unwrap();

@@ -12,6 +12,7 @@ pub mod dhcp_server;
 pub mod firewall;
 pub mod host;
 mod netdev;
+pub use netdev::create_tap;
 pub mod typed;
 pub mod vxlan;
 
@@ -212,17 +213,6 @@ pub async fn ensure_bridge(
         ip(&["link", "set", "dev", name, "address", &mac, "mtu", &mtu]).await?;
     }
     ip(&["link", "set", "dev", name, "up"]).await
-}
-
-/// Creates a NIC's tap on `bridge` (replacing a stale one), with `mtu`
-/// when given, owned by user and group `owner` (a jailed VMM's).
-pub async fn create_tap(
-    tap: &IfName,
-    bridge: &IfName,
-    mtu: Option<u16>,
-    owner: u32,
-) -> Result<(), NetworkError> {
-    netdev::create_tap(tap, bridge, mtu, owner).await
 }
 
 /// The host's bridges whose names start with `prefix`.
